@@ -1,0 +1,95 @@
+"""The daemon: the state that QMP commands, CLI options and exports share.
+
+One :class:`Daemon` lives on the main asyncio loop. The QMP monitors call :meth:`execute`;
+the command line calls the same path for ``--blockdev``, ``--export`` and ``--object``, so an
+option and its QMP command cannot drift apart. Events go to every negotiated monitor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from qsd_py.block.graph import BlockGraph
+from qsd_py.commands import HANDLERS, load_handlers
+from qsd_py.errors import QMPError
+from qsd_py.export.registry import ExportRegistry
+from qsd_py.objects.registry import ObjectRegistry
+
+if TYPE_CHECKING:
+    from qsd_py.qapi.schema import QAPISchema
+
+log = logging.getLogger("qsd_py")
+
+
+class EventSink(Protocol):
+    """What a monitor offers the daemon: a way to receive events."""
+
+    def send_event(self, event: dict[str, Any]) -> None: ...
+
+
+class Daemon:
+    """Block graph, exports, objects and monitors of one qsd-py process."""
+
+    def __init__(self) -> None:
+        from qsd_py.qapi.schema import load_schema
+
+        self.schema: QAPISchema = load_schema()
+        self.graph = BlockGraph()
+        self.exports = ExportRegistry(self)
+        self.objects = ObjectRegistry()
+        self.monitors: set[EventSink] = set()
+        self.closers: list[Any] = []  # chardev servers/clients to close at shutdown
+        self._shutdown: asyncio.Event | None = None
+        load_handlers()
+
+    # --- commands -------------------------------------------------------------------------
+    async def execute(self, name: str, args: dict[str, Any] | None) -> Any:
+        """Validate ``args`` against the schema of command ``name`` and run its handler."""
+        handler = HANDLERS.get(name)
+        if handler is None or not self.schema.has_command(name):
+            raise QMPError(f"The command {name} has not been found", "CommandNotFound")
+        checked = self.schema.check_command_args(name, args)
+        return await handler(self, checked)
+
+    # --- events ---------------------------------------------------------------------------
+    def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
+        """Send event ``name`` with a QMP timestamp to every monitor."""
+        now = time.time()
+        event: dict[str, Any] = {
+            "timestamp": {"seconds": int(now), "microseconds": int(now % 1 * 1_000_000)},
+            "event": name,
+        }
+        if data is not None:
+            event["data"] = data
+        for monitor in list(self.monitors):
+            monitor.send_event(event)
+
+    # --- shutdown -------------------------------------------------------------------------
+    @property
+    def shutdown_event(self) -> asyncio.Event:
+        if self._shutdown is None:
+            self._shutdown = asyncio.Event()
+        return self._shutdown
+
+    def request_shutdown(self) -> None:
+        """Ask the main loop to shut down (QMP quit, SIGTERM/SIGINT/SIGHUP)."""
+        self.shutdown_event.set()
+
+    async def wait_for_shutdown(self) -> None:
+        await self.shutdown_event.wait()
+
+    async def close(self) -> None:
+        """Delete every export (unmounting), close nodes, stop iothreads, close monitors."""
+        try:
+            await self.exports.delete_all()
+        finally:
+            self.graph.close_all()
+            self.objects.stop_all()
+            for closer in reversed(self.closers):
+                try:
+                    await closer()
+                except Exception:  # noqa: BLE001 - shutdown must go on
+                    log.exception("error while closing a monitor")

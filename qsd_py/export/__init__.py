@@ -1,0 +1,1 @@
+"""Block exports: the registry and the export types (``fuse``)."""

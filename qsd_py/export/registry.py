@@ -1,0 +1,122 @@
+"""The registry of block exports and the base class every export type derives from.
+
+QEMU keeps exports in a list that ``query-block-exports`` reports newest first; ids are
+unique across types. The registry owns that list and the QEMU error texts about it; the
+export types own mounting, serving and tearing down.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qsd_py.errors import QMPError
+
+if TYPE_CHECKING:
+    from qsd_py.block.node import BlockNode
+    from qsd_py.daemon import Daemon
+
+
+class BlockExport:
+    """One export of a block node. Subclasses implement :meth:`start` and :meth:`stop`."""
+
+    type: ClassVar[str]
+
+    def __init__(self, daemon: Daemon, opts: dict[str, Any], node: BlockNode) -> None:
+        self.daemon = daemon
+        self.opts = opts
+        self.id: str = opts["id"]
+        self.node = node
+        self.shutting_down = False
+
+    async def start(self) -> None:
+        """Make the export reachable (mount, listen...). Raise QMPError on failure,
+        leaving nothing behind."""
+        raise NotImplementedError
+
+    async def stop(self, mode: str) -> None:
+        """Tear the export down. ``mode`` is ``safe`` or ``hard`` (block-export-del).
+
+        ``safe`` raises QMPError (``export 'ID' still in use``) if requests are in flight;
+        ``hard`` aborts them. Either way, once it returns nothing of the export remains.
+        """
+        raise NotImplementedError
+
+    def in_use(self) -> bool:
+        """True while requests are in flight (``safe`` deletion refuses then)."""
+        return False
+
+    def info(self) -> dict[str, Any]:
+        """The ``BlockExportInfo`` answer of ``query-block-exports``."""
+        return {
+            "type": self.type,
+            "id": self.id,
+            "node-name": self.node.node_name,
+            "shutting-down": self.shutting_down,
+        }
+
+
+def export_types() -> dict[str, type[BlockExport]]:
+    """The export types by QAPI name, imported on first use."""
+    from qsd_py.export.fuse.export import FuseExport
+
+    return {"fuse": FuseExport}
+
+
+class ExportRegistry:
+    """All exports of a daemon, in creation order."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._exports: dict[str, BlockExport] = {}
+
+    def __iter__(self):
+        return iter(list(self._exports.values()))
+
+    def __len__(self) -> int:
+        return len(self._exports)
+
+    def get(self, export_id: str) -> BlockExport:
+        try:
+            return self._exports[export_id]
+        except KeyError:
+            raise QMPError(f"Export '{export_id}' is not found") from None
+
+    async def add(self, opts: dict[str, Any]) -> BlockExport:
+        """Create and start an export from validated ``BlockExportOptions``."""
+        export_id = opts["id"]
+        if export_id in self._exports:
+            raise QMPError(f"Block export id '{export_id}' is already in use")
+        node = self.daemon.graph.lookup(opts["node-name"])
+        cls = export_types()[opts["type"]]
+        export = cls(self.daemon, opts, node)
+        self._exports[export_id] = export
+        try:
+            await export.start()
+        except BaseException:
+            del self._exports[export_id]
+            raise
+        return export
+
+    async def delete(self, export_id: str, mode: str = "safe") -> None:
+        """Stop an export, drop it and send ``BLOCK_EXPORT_DELETED`` (before the command's
+        return, as QEMU does for FUSE)."""
+        export = self.get(export_id)
+        if mode == "safe" and export.in_use():
+            raise QMPError(f"export '{export_id}' still in use")
+        export.shutting_down = True
+        try:
+            await export.stop(mode)
+        except BaseException:
+            export.shutting_down = False
+            raise
+        del self._exports[export_id]
+        self.daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": export_id})
+
+    async def delete_all(self) -> None:
+        """Delete every export, newest first (quit, signals, failed start-up)."""
+        for export in reversed(list(self._exports.values())):
+            await self.delete(export.id, "hard")
+
+    def query(self) -> list[dict[str, Any]]:
+        """``query-block-exports``: newest first, like QEMU."""
+        return [e.info() for e in reversed(list(self._exports.values()))]

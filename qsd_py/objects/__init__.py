@@ -1,0 +1,1 @@
+"""QOM-like user-creatable objects (``--object`` / ``object-add``): iothreads."""
