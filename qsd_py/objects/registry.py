@@ -18,7 +18,9 @@ class ObjectRegistry:
     def add(self, opts: dict[str, Any]) -> IOThread:
         obj_id = opts["id"]
         if obj_id in self._objects:
-            raise QMPError(f"attempt to add duplicate property '{obj_id}' to object (type 'container')")
+            raise QMPError(
+                f"attempt to add duplicate property '{obj_id}' to object (type 'container')"
+            )
         obj = IOThread(obj_id, opts)
         self._objects[obj_id] = obj
         return obj

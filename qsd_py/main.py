@@ -1,0 +1,159 @@
+"""The ``qsd-py`` command: qemu-storage-daemon's command line, applied in order.
+
+Options are applied one by one as QEMU does, through the same code paths as their QMP
+commands (``--blockdev`` is ``blockdev-add``, ``--export`` is ``block-export-add``,
+``--object`` is ``object-add``). When an option fails, what earlier options set up is torn
+down again (QEMU leaves its FUSE mounts dead behind it; we unmount them) and we exit 1.
+The pidfile is written once everything is up, since test harnesses wait for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from typing import Any
+
+PROG = "qsd-py"
+
+
+def error(message: str) -> None:
+    """Print an error line in QEMU's format."""
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+class StartupError(Exception):
+    """An option failed; the message is already in QEMU's ``<option>: <desc>`` form."""
+
+
+async def apply_option(daemon: Any, chardevs: dict[str, Any], opt: Any) -> None:
+    """Apply one parsed command-line option to the daemon."""
+    from qsd_py.cli.options import convert_option
+    from qsd_py.errors import QMPError
+    from qsd_py.qmp.chardev import add_monitor, create_chardev
+
+    try:
+        if opt.name in ("blockdev", "export", "object"):
+            command, args = convert_option(daemon.schema, opt.name, opt.arg)
+            await daemon.execute(command, args)
+        elif opt.name == "chardev":
+            _, args = convert_option(daemon.schema, opt.name, opt.arg)
+            if args["id"] in chardevs:
+                # QEMU 11.1 says "duplicate yank instance" here, an internal detail;
+                # QemuOpts' own wording says what is wrong.
+                raise QMPError(f"Duplicate ID '{args['id']}' for chardev")
+            chardevs[args["id"]] = await create_chardev(daemon, args)
+        elif opt.name == "monitor":
+            _, args = convert_option(daemon.schema, opt.name, opt.arg)
+            chardev = chardevs.get(args["chardev"])
+            if chardev is None:
+                raise QMPError(f'chardev "{args["chardev"]}" not found')
+            await add_monitor(daemon, chardev, bool(args.get("pretty", False)))
+    except QMPError as err:
+        raise StartupError(f"{opt.given}: {err.desc}") from None
+
+
+def write_pidfile(path: str) -> None:
+    """Write our pid atomically, so a waiting harness never reads a partial file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def install_signal_handlers(daemon: Any) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(sig, daemon.request_shutdown)
+
+
+async def run(options: list[Any], ready_fd: int | None) -> int:
+    """Build the daemon from ``options``, serve until shutdown, tear everything down."""
+    from qsd_py.daemon import Daemon
+
+    daemon = Daemon()
+    install_signal_handlers(daemon)
+    chardevs: dict[str, Any] = {}
+    pidfile: str | None = None
+    try:
+        for opt in options:
+            if opt.name == "pidfile":
+                pidfile = opt.arg
+            elif opt.name != "daemonize":
+                await apply_option(daemon, chardevs, opt)
+        if pidfile is not None:
+            write_pidfile(pidfile)
+        if ready_fd is not None:
+            finish_daemonize(ready_fd)
+        await daemon.wait_for_shutdown()
+        return 0
+    except StartupError as err:
+        error(str(err))
+        return 1
+    finally:
+        await daemon.close()
+        if pidfile is not None:
+            try:
+                os.unlink(pidfile)
+            except FileNotFoundError:
+                pass
+
+
+def daemonize() -> int | None:
+    """Fork; the parent exits once the child says it is ready (or with its failure).
+
+    Returns the fd the child writes its readiness byte to.
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(wfd)
+        ready = os.read(rfd, 1)
+        if ready:
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        os._exit(os.waitstatus_to_exitcode(status) or 1)
+    os.close(rfd)
+    os.setsid()
+    return wfd
+
+
+def finish_daemonize(ready_fd: int) -> None:
+    """Tell the waiting parent we are up, then let go of the terminal and the cwd.
+
+    This comes after the options are applied, so relative paths in them still work.
+    """
+    os.write(ready_fd, b"\0")
+    os.close(ready_fd)
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``qsd-py`` and ``python -m qsd_py``."""
+    from qsd_py.cli.options import HELP_TEXT, CliError, iter_options, version_text
+
+    argv = sys.argv[1:] if argv is None else argv
+    options = []
+    try:
+        for opt in iter_options(argv):
+            if opt.name == "help":
+                print(HELP_TEXT, end="")
+                return 0
+            if opt.name == "version":
+                print(version_text(), end="")
+                return 0
+            options.append(opt)
+    except CliError as err:
+        error(str(err))
+        return 1
+    ready_fd = daemonize() if any(o.name == "daemonize" for o in options) else None
+    return asyncio.run(run(options, ready_fd))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
