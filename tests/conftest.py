@@ -1,0 +1,59 @@
+"""Shared fixtures: daemon processes, mount clean-up and the io_uring knob."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from support import REQUIRE_URING, URING_KNOB, Qsd, skip_or_fail, umount_all_under
+
+
+@pytest.fixture
+def qsd(tmp_path: Path) -> Iterator[Callable[..., Qsd]]:
+    """Start qsd-py daemons in ``tmp_path``: ``qsd(*args)`` returns a ready :class:`Qsd`.
+
+    At the end every daemon is killed and every FUSE mount under tmp_path unmounted.
+    """
+    started: list[Qsd] = []
+
+    def start(*args: str, qmp: bool = True, wait: bool = True) -> Qsd:
+        daemon = Qsd(tmp_path, list(args), qmp=qmp)
+        started.append(daemon)
+        if wait:
+            daemon.wait_ready()
+        return daemon
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            daemon.kill()
+        umount_all_under(tmp_path)
+
+
+@pytest.fixture
+def uring_knob() -> Iterator[Path]:
+    """FUSE-over-io_uring switched on for the test, restored as found afterwards."""
+    if not URING_KNOB.exists():
+        skip_or_fail("kernel without FUSE-over-io_uring (no enable_uring parameter)")
+    before = URING_KNOB.read_text().strip()
+    try:
+        URING_KNOB.write_text("Y")
+    except OSError as err:
+        skip_or_fail(f"cannot turn on {URING_KNOB}: {err}")
+    try:
+        yield URING_KNOB
+    finally:
+        URING_KNOB.write_text(before)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """With QSD_TEST_REQUIRE_URING=1 (CI) a skipped test counts as failed, except the
+    comparisons with QEMU's real daemon, which CI never has."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_URING and report.skipped and item.get_closest_marker("realqsd") is None:
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but QSD_TEST_REQUIRE_URING=1 forbids skips: {report.longrepr}"
