@@ -1,0 +1,207 @@
+"""Samples, their medians, the ratios against the reference daemon, and the text/JSON outputs.
+
+Pure data handling (no processes, no plotting) so it is tested on canned input and can
+re-render the reports of an earlier run (``scripts/bench --report results.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+FIGURES = (
+    "iops",
+    "mbps",
+    "lat_mean_us",
+    "lat_p99_us",
+    "daemon_cpu_us_per_io",
+    "daemon_util",
+    "fio_cpu_pct",
+)
+
+NAN = float("nan")
+
+
+@dataclass
+class Sample:
+    """One fio run of one job against one target on one backend."""
+
+    backend: str
+    job: str
+    target: str
+    round: int
+    iops: float = NAN
+    mbps: float = NAN
+    lat_mean_us: float = NAN
+    lat_p99_us: float = NAN
+    total_ios: int = 0
+    daemon_cpu_us_per_io: float = NAN  # daemon CPU (utime+stime) per I/O; NaN: no daemon
+    daemon_util: float = NAN  # daemon cores busy during the run
+    fio_cpu_pct: float = NAN
+    error: str = ""
+
+
+def _median(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(values) if values else NAN
+
+
+def summarise(samples: list[Sample]) -> list[dict]:
+    """Median of every figure per (backend, job, target), in first-seen order; errors skipped."""
+    groups: dict[tuple[str, str, str], list[Sample]] = {}
+    for s in samples:
+        groups.setdefault((s.backend, s.job, s.target), []).append(s)
+    summary = []
+    for (backend, job, target), runs in groups.items():
+        good = [r for r in runs if not r.error]
+        row: dict = {"backend": backend, "job": job, "target": target, "n": len(good)}
+        row["failed"] = len(runs) - len(good)
+        for name in FIGURES:
+            row[name] = _median([getattr(r, name) for r in good])
+        summary.append(row)
+    return summary
+
+
+def ratios(summary: list[dict], reference: str) -> list[dict]:
+    """Per (backend, job): each target's median IOPS and CPU/IO over the reference target's.
+
+    ``iops_ratio`` > 1 means faster than the reference; ``cpu_ratio`` < 1 means cheaper.
+    """
+    refs = {(r["backend"], r["job"]): r for r in summary if r["target"] == reference}
+    out = []
+    for row in summary:
+        ref = refs.get((row["backend"], row["job"]))
+        if row["target"] == reference or ref is None:
+            continue
+        out.append(
+            {
+                "backend": row["backend"],
+                "job": row["job"],
+                "target": row["target"],
+                "reference": reference,
+                "iops_ratio": _div(row["iops"], ref["iops"]),
+                "cpu_ratio": _div(row["daemon_cpu_us_per_io"], ref["daemon_cpu_us_per_io"]),
+            }
+        )
+    return out
+
+
+def _div(a: float, b: float) -> float:
+    if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
+        return NAN
+    return a / b
+
+
+def summarise_startup(runs: dict[str, list[float]]) -> dict[str, dict]:
+    """Median (and spread) of the start-to-mounted times per target, in milliseconds."""
+    return {
+        target: {
+            "runs_ms": [round(t * 1e3, 3) for t in times],
+            "median_ms": _median([t * 1e3 for t in times]),
+            "min_ms": min(times) * 1e3 if times else NAN,
+            "max_ms": max(times) * 1e3 if times else NAN,
+        }
+        for target, times in runs.items()
+    }
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, int):
+        return str(value)
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+COLUMNS = (
+    ("backend", "backend", 7),
+    ("job", "job", 16),
+    ("target", "target", 17),
+    ("iops", "IOPS", 9),
+    ("mbps", "MB/s", 7),
+    ("lat_mean_us", "lat us", 8),
+    ("lat_p99_us", "p99 us", 8),
+    ("daemon_cpu_us_per_io", "CPU us/IO", 9),
+    ("daemon_util", "cores", 5),
+    ("n", "n", 2),
+)
+
+
+def format_table(
+    summary: list[dict], ratio_rows: list[dict], startup: dict[str, dict], reference: str
+) -> str:
+    """The text table printed at the end of a run (and saved next to the JSON)."""
+    by_key = {(r["backend"], r["job"], r["target"]): r for r in ratio_rows}
+    header = [
+        f"{title:>{w}}" if i > 2 else f"{title:<{w}}" for i, (_, title, w) in enumerate(COLUMNS)
+    ]
+    lines = ["  ".join(header) + f"  {'x ' + reference:>8}  {'CPU x':>6}"]
+    previous = None
+    for row in summary:
+        if previous is not None and (row["backend"], row["job"]) != previous:
+            lines.append("")
+        previous = (row["backend"], row["job"])
+        cells = []
+        for i, (key, _, width) in enumerate(COLUMNS):
+            value = row[key]
+            text = (
+                value if isinstance(value, str) else _fmt(value, 2 if key == "daemon_util" else 1)
+            )
+            if key == "n" and row.get("failed"):
+                text = f"{value}!{row['failed']}"
+            cells.append(f"{text:<{width}}" if i <= 2 else f"{text:>{width}}")
+        rat = by_key.get((row["backend"], row["job"], row["target"]))
+        ratio_text = _fmt(rat["iops_ratio"], 2) if rat else ""
+        cpu_text = _fmt(rat["cpu_ratio"], 2) if rat else ""
+        lines.append("  ".join(cells) + f"  {ratio_text:>8}  {cpu_text:>6}")
+    if startup:
+        lines += ["", "start-up, process start to mounted export (median, min-max, ms):"]
+        for target, s in startup.items():
+            lines.append(
+                f"  {target:<17} {_fmt(s['median_ms'], 1):>8}   "
+                f"({_fmt(s['min_ms'], 1)}-{_fmt(s['max_ms'], 1)}, n={len(s['runs_ms'])})"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _clean(value: object) -> object:
+    """JSON has no NaN: write null instead, recursively."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(
+    path: Path, meta: dict, startup: dict, samples: list[Sample], reference: str
+) -> dict:
+    """Write the full results (raw samples included) and return the document written."""
+    summary = summarise(samples)
+    doc = {
+        "meta": meta,
+        "reference": reference,
+        "startup": startup,
+        "summary": summary,
+        "ratios": ratios(summary, reference),
+        "samples": [asdict(s) for s in samples],
+    }
+    path.write_text(json.dumps(_clean(doc), indent=1) + "\n")
+    return doc
+
+
+def load_samples(doc: dict) -> list[Sample]:
+    """Rebuild Sample objects from a results document (nulls back to NaN)."""
+    names = {f.name for f in fields(Sample)}
+    samples = []
+    for raw in doc["samples"]:
+        values = {k: (NAN if v is None else v) for k, v in raw.items() if k in names}
+        samples.append(Sample(**values))
+    return samples

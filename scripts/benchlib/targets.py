@@ -1,0 +1,194 @@
+"""Launching the two daemons with the same command line, and knowing when their export is up.
+
+qsd-py and QEMU's qemu-storage-daemon take identical options, so one function builds the
+arguments and only the program in front differs: ``python -m qsd_py`` on the host, or QEMU's
+binary inside the real-qsd chroot (entered with chroot(8) directly, as ``real-qsd run`` does, so
+start-up timing is not charged for the wrapper script). The chroot shares our mount namespace:
+its FUSE mount at ``/tmp/qsd-cmp/X`` is visible on the host under the chroot root.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchlib.cleanup import lazy_umount
+from benchlib.matrix import IMAGE_SIZE, Backend, Target
+
+REPO = Path(__file__).resolve().parents[2]
+REAL_QSD = Path(os.environ.get("QSD_REAL_QSD", REPO.parent / "shared" / "tools" / "real-qsd"))
+CHROOT_ENV = ["/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"]
+POLL_S = 0.0005
+
+
+class DaemonFailed(RuntimeError):
+    """The daemon exited or did not mount its export in time; carries its log's tail."""
+
+
+def daemon_args(
+    target: Target,
+    backend: Backend,
+    image: str,
+    mountpoint: str,
+    pidfile: str,
+    file_opts: str = "",
+) -> list[str]:
+    """qemu-storage-daemon options exporting ``backend`` at ``mountpoint`` as ``target`` wants.
+
+    ``file_opts`` (e.g. ``,aio=io_uring``) is appended to the file node's options.
+    """
+    args: list[str] = []
+    for i in range(target.iothreads):
+        args += ["--object", f"iothread,id=bench-t{i}"]
+    if backend.kind == "null":
+        # null-co's size is an integer in the schema: keyval does not take "1G" here.
+        args += ["--blockdev", f"driver=null-co,node-name=d0,size={IMAGE_SIZE}"]
+    else:
+        file_node = f"driver=file,node-name=f0,filename={image},cache.direct=on{file_opts}"
+        args += ["--blockdev", file_node, "--blockdev", "driver=raw,node-name=d0,file=f0"]
+    export = f"type=fuse,id=e0,node-name=d0,mountpoint={mountpoint},writable=on"
+    if target.uring:
+        export += ",io_uring=on"
+    export += "".join(f",iothread.{i}=bench-t{i}" for i in range(target.iothreads))
+    return args + ["--export", export, "--pidfile", pidfile]
+
+
+@dataclass(frozen=True)
+class StartTimes:
+    """Seconds from just before fork to: the export serving ``stat``; the pidfile existing."""
+
+    mounted_s: float
+    pidfile_s: float
+
+
+class Daemon:
+    """One running daemon with one FUSE export that the host's fio reads at ``fio_path``."""
+
+    def __init__(self, argv: list[str], fio_path: str, pidfile: str, log: Path, cwd: str) -> None:
+        self.argv, self.fio_path, self.pidfile, self.log, self.cwd = (
+            argv,
+            fio_path,
+            pidfile,
+            log,
+            cwd,
+        )
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float) -> StartTimes:
+        """Fork the daemon and wait until its export answers; raise DaemonFailed otherwise."""
+        dev0 = os.stat(self.fio_path).st_dev
+        Path(self.pidfile).unlink(missing_ok=True)
+        with open(self.log, "ab") as log:
+            t0 = time.perf_counter()
+            # Own session: a Ctrl-C at the terminal reaches only us; we stop daemons in order.
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=log, cwd=self.cwd, start_new_session=True
+            )
+        pidfile_s = float("nan")
+        while True:
+            now = time.perf_counter() - t0
+            if pidfile_s != pidfile_s and os.path.exists(self.pidfile):
+                pidfile_s = now
+            if self.proc.poll() is not None:
+                raise DaemonFailed(f"exited with {self.proc.returncode}: {self.log_tail()}")
+            if os.stat(self.fio_path).st_dev != dev0:
+                return StartTimes(now, pidfile_s)
+            if now > timeout:
+                self.stop()
+                raise DaemonFailed(f"no mount after {timeout:g} s: {self.log_tail()}")
+            time.sleep(POLL_S)
+
+    def stop(self) -> None:
+        """SIGTERM (the daemon unmounts and exits 0), SIGKILL if it hangs, then lazy umount."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        lazy_umount(self.fio_path)
+        Path(self.pidfile).unlink(missing_ok=True)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log.read_text(errors="replace").strip().splitlines()
+        except FileNotFoundError:
+            return "(no log)"
+        return " | ".join(text[-lines:]) or "(empty log)"
+
+
+class RealQsd:
+    """QEMU's daemon in the real-qsd chroot; ``note`` says why it is unavailable, if it is."""
+
+    def __init__(self, tool: Path = REAL_QSD) -> None:
+        self.tool = tool
+        self.root = ""
+        self.version = ""
+        self.note = ""
+
+    def probe(self) -> bool:
+        if not self.tool.exists():
+            self.note = f"{self.tool} not found"
+            return False
+        out = subprocess.run([str(self.tool), "host-path", "/"], capture_output=True, text=True)
+        self.root = out.stdout.strip().rstrip("/")
+        if not os.access(f"{self.root}/usr/bin/qemu-storage-daemon", os.X_OK):
+            self.note = f"real-qsd is not set up (no daemon under {self.root}); run: real-qsd setup"
+            return False
+        # `run` bind-mounts /dev, /dev/shm, /proc, /tmp/qsd-cmp... into the chroot if needed.
+        ver = subprocess.run(
+            [str(self.tool), "run", "qemu-storage-daemon", "--version"],
+            capture_output=True,
+            text=True,
+        )
+        if ver.returncode != 0:
+            self.note = f"real-qsd run failed: {ver.stderr.strip()}"
+            return False
+        self.version = ver.stdout.splitlines()[0].strip()
+        return True
+
+    def argv(self, args: list[str]) -> list[str]:
+        return ["chroot", self.root, *CHROOT_ENV, "qemu-storage-daemon", *args]
+
+    def host_path(self, path: str) -> str:
+        return self.root + path
+
+
+class QsdPy:
+    """qsd-py run from the repository with the benchmark's own interpreter (the venv's)."""
+
+    def __init__(self, python: str = sys.executable) -> None:
+        self.python = python
+        self.note = ""
+
+    def probe(self) -> bool:
+        try:
+            out = subprocess.run(
+                [self.python, "-m", "qsd_py", "--help"],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+                timeout=60,
+            )
+        except subprocess.TimeoutExpired:
+            self.note = "python -m qsd_py --help did not finish in 60 s"
+            return False
+        if out.returncode != 0:
+            last = (out.stderr.strip().splitlines() or ["(no output)"])[-1]
+            self.note = f"python -m qsd_py --help failed ({out.returncode}): {last}"
+            return False
+        return True
+
+    def argv(self, args: list[str]) -> list[str]:
+        return [self.python, "-m", "qsd_py", *args]
