@@ -1,0 +1,430 @@
+"""io_uring bound to an asyncio loop: batched submission, eventfd wake-ups, slot dispatch.
+
+One :class:`AsyncRing` per asyncio loop (the main loop or an iothread's loop) carries every
+io_uring request made on that loop: FUSE URING_CMDs and the ``file`` driver's reads and writes,
+so a backend read and the COMMIT_AND_FETCH that follows it share one ``io_uring_enter``.
+
+Why it is shaped this way (the hot path must stay cheap in Python):
+
+* Requests are identified by a *slot* index used as ``user_data``; slots live in preallocated
+  lists and are recycled through a free list, so completing a request allocates nothing.
+* SQEs prepared during a loop turn are submitted by one ``io_uring_enter`` scheduled once per
+  turn (``call_soon``), or earlier when the SQ fills.
+* The ring signals an eventfd watched with ``loop.add_reader``. While we submit ourselves the
+  eventfd is switched off (``IORING_CQ_EVENTFD_DISABLED``): completions that happen inline in
+  the submission are reaped right after it without a wake-up.
+* Default ring flags: SINGLE_ISSUER | DEFER_TASKRUN | TASKRUN_FLAG (completions are produced
+  only when we enter with GETEVENTS, which we do once per wake-up anyway, and the kernel never
+  interrupts the loop thread to run io_uring work). Hence a ring must be created on its loop's
+  thread (use :func:`ring_for_loop` from a coroutine running on that loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import os
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from qsd_py.uring import abi
+from qsd_py.uring.ring import Ring, check_available
+
+#: Flags of rings made by :class:`AsyncRing` (see the module docstring).
+ASYNC_RING_FLAGS = (
+    abi.SETUP_SQE128
+    | abi.SETUP_SUBMIT_ALL
+    | abi.SETUP_SINGLE_ISSUER
+    | abi.SETUP_DEFER_TASKRUN
+    | abi.SETUP_TASKRUN_FLAG
+)
+#: user_data of internal requests whose completion nobody waits for (cancellations).
+IGNORED_USER_DATA = (1 << 64) - 1
+#: Largest transfer one SQE asks for (``len`` is 32-bit; stay well clear of it).
+MAX_RW_CHUNK = 1 << 30
+
+_CQE_F_MORE = abi.CQE_F_MORE
+_OP_READ = abi.OP_READ
+_OP_WRITE = abi.OP_WRITE
+
+Buffer = memoryview | bytearray | bytes
+Callback = Callable[[int], object]
+
+
+class _PyBuffer(ctypes.Structure):
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_GetBuffer = ctypes.pythonapi.PyObject_GetBuffer
+_GetBuffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+_ReleaseBuffer = ctypes.pythonapi.PyBuffer_Release
+_ReleaseBuffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+_c_char_from_buffer = ctypes.c_char.from_buffer
+_addressof = ctypes.addressof
+
+
+def buffer_address(buf: Buffer, writable: bool = False) -> int:
+    """Address of a C-contiguous buffer's first byte. The caller keeps ``buf`` alive (and
+    unresized) for as long as the kernel may touch the memory."""
+    try:
+        return _addressof(_c_char_from_buffer(buf))
+    except TypeError:
+        if writable:
+            raise
+    pb = _PyBuffer()
+    _GetBuffer(buf, ctypes.byref(pb), 0)  # PyBUF_SIMPLE: contiguous, read-only allowed
+    try:
+        return pb.buf or 0
+    finally:
+        _ReleaseBuffer(ctypes.byref(pb))
+
+
+def _nbytes(buf: Buffer) -> int:
+    return buf.nbytes if type(buf) is memoryview else len(buf)
+
+
+def _error(res: int) -> OSError:
+    return OSError(-res, os.strerror(-res))
+
+
+class AsyncRing:
+    """An io_uring serving the running asyncio loop. Create it on that loop's thread.
+
+    Low-level API (callbacks, for the FUSE transport): :meth:`submit_uring_cmd`,
+    :meth:`submit_rw`; each takes ``callback(res)`` that runs on the loop once the CQE arrives.
+    Awaitable API (for block drivers): :meth:`read`, :meth:`write`, :meth:`readv`,
+    :meth:`writev`, :meth:`fsync`, :meth:`fallocate`, :meth:`nop`; they raise ``OSError``.
+    """
+
+    def __init__(self, entries: int = 256, flags: int = ASYNC_RING_FLAGS, cq_entries: int = 0):
+        self.loop = asyncio.get_running_loop()
+        self.ring = Ring(entries, flags, cq_entries or 4 * entries)
+        self._defer = bool(self.ring.flags & abi.SETUP_DEFER_TASKRUN)
+        self._efd = -1
+        try:
+            self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self.ring.register_eventfd(self._efd)
+            self.loop.add_reader(self._efd, self._on_eventfd)
+        except BaseException:
+            self._release()
+            raise
+        n = self.ring.cq_entries
+        self._cbs: list[Callback | None] = [None] * n
+        self._futs: list[asyncio.Future[int] | None] = [None] * n
+        self._keep: list[object] = [None] * n
+        self._free: list[int] = list(range(n - 1, -1, -1))
+        self._inflight = 0
+        self._scheduled = False
+        self.closed = False
+        #: Counters for tests and ``query-*`` introspection.
+        self.stats = {"submit_calls": 0, "wakeups": 0, "completions": 0}
+
+    # --- slots -----------------------------------------------------------------------------
+    def _grow(self) -> None:
+        """More requests in flight than slots: double the tables (rare, allocation is fine)."""
+        n = len(self._cbs)
+        self._cbs.extend([None] * n)
+        self._futs.extend([None] * n)
+        self._keep.extend([None] * n)
+        self._free.extend(range(2 * n - 1, n - 1, -1))
+
+    def _slot(self) -> int:
+        if self.closed:
+            raise OSError(errno.EBADF, "io_uring ring is closed")
+        if not self._free:
+            self._grow()
+        self._inflight += 1
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._flush)
+        return self._free.pop()
+
+    def _future(self, keep: object) -> tuple[int, asyncio.Future[int]]:
+        slot = self._slot()
+        fut = self.loop.create_future()
+        self._futs[slot] = fut
+        self._keep[slot] = keep
+        return slot, fut
+
+    # --- low-level callback API -------------------------------------------------------------
+    def submit_rw(
+        self,
+        op: int,
+        fd: int,
+        addr: int,
+        length: int,
+        off: int,
+        callback: Callback,
+        op_flags: int = 0,
+        sqe_flags: int = 0,
+        buf_index: int = 0,
+    ) -> None:
+        """Queue a read/write-shaped SQE (see :meth:`Ring.prep_rw`); ``callback(res)`` later.
+        The memory at ``addr`` must stay valid until the callback ran."""
+        slot = self._slot()
+        self._cbs[slot] = callback
+        self.ring.prep_rw(op, fd, addr, length, off, slot, op_flags, sqe_flags, buf_index)
+
+    def submit_uring_cmd(
+        self,
+        fd: int,
+        cmd_op: int,
+        cmd: bytes | bytearray | memoryview | None,
+        addr: int,
+        length: int,
+        callback: Callback,
+        sqe_flags: int = 0,
+    ) -> int:
+        """Queue an IORING_OP_URING_CMD; ``callback(res)`` runs on the loop at completion.
+
+        Returns the byte offset of the SQE's command area in ``self.ring.sqes``: pass
+        ``cmd=None`` and pack the command there (before control returns to the loop) to avoid
+        building a bytes object per request.
+        """
+        slot = self._slot()
+        self._cbs[slot] = callback
+        return self.ring.prep_uring_cmd(fd, cmd_op, cmd, addr, length, slot, sqe_flags)
+
+    def flush(self) -> None:
+        """Submit now instead of at the end of this loop turn."""
+        self._flush()
+
+    # --- submission and completion ------------------------------------------------------------
+    def _flush(self) -> None:
+        """Submit everything queued (one io_uring_enter), then reap and dispatch."""
+        self._scheduled = False
+        if self.closed:
+            return
+        ring = self.ring
+        ring.set_eventfd_enabled(False)
+        try:
+            ring.submit(getevents=self._defer)
+            self.stats["submit_calls"] += 1
+        finally:
+            ring.set_eventfd_enabled(True)
+        ring.reap(self._dispatch)
+        if ring.pending() and not self._scheduled:
+            # The kernel pushed back (EAGAIN/EBUSY): try again next turn, after reaping.
+            self._scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _on_eventfd(self) -> None:
+        try:
+            os.eventfd_read(self._efd)
+        except BlockingIOError:
+            pass
+        self.stats["wakeups"] += 1
+        if self._defer or self.ring.needs_enter():
+            self._flush()
+        else:
+            self.ring.reap(self._dispatch)
+
+    def _dispatch(self, slot: int, res: int, flags: int) -> None:
+        cbs = self._cbs
+        if slot >= len(cbs):
+            return  # IGNORED_USER_DATA
+        self.stats["completions"] += 1
+        cb = cbs[slot]
+        if flags & _CQE_F_MORE:  # multishot: the slot stays busy
+            if cb is not None:
+                cb(res)
+            return
+        self._inflight -= 1
+        if cb is not None:
+            cbs[slot] = None
+            self._free.append(slot)
+            cb(res)
+            return
+        fut = self._futs[slot]
+        self._futs[slot] = None
+        self._keep[slot] = None
+        self._free.append(slot)
+        if fut is not None and not fut.done():
+            fut.set_result(res)
+
+    # --- awaitable API ---------------------------------------------------------------------------
+    def _rw_once(
+        self, op: int, fd: int, addr: int, length: int, off: int, keep: object
+    ) -> asyncio.Future[int]:
+        slot, fut = self._future(keep)
+        self.ring.prep_rw(op, fd, addr, length, off, slot)
+        return fut
+
+    async def _rw(self, op: int, fd: int, buf: Buffer, offset: int, writable: bool) -> int:
+        n = _nbytes(buf)
+        if n == 0:
+            return 0
+        addr = buffer_address(buf, writable)
+        done = 0
+        while done < n:
+            res = await self._rw_once(
+                op, fd, addr + done, min(n - done, MAX_RW_CHUNK), offset + done, buf
+            )
+            if res <= 0:
+                if res == 0:
+                    break
+                if res == -errno.EINTR or res == -errno.EAGAIN:
+                    continue
+                raise _error(res)
+            done += res
+        return done
+
+    async def read(self, fd: int, buf: Buffer, offset: int) -> int:
+        """pread into ``buf`` (writable, C-contiguous); short reads are continued, so a result
+        below ``len(buf)`` means end of file. Returns the byte count."""
+        return await self._rw(_OP_READ, fd, buf, offset, True)
+
+    async def write(self, fd: int, buf: Buffer, offset: int) -> int:
+        """pwrite all of ``buf``; a write that makes no progress raises OSError(EIO)."""
+        n = await self._rw(_OP_WRITE, fd, buf, offset, False)
+        if n < _nbytes(buf):
+            raise OSError(errno.EIO, "short write")
+        return n
+
+    async def _rwv(self, op: int, fd: int, bufs: Sequence[Buffer], offset: int, wr: bool) -> int:
+        sizes = [_nbytes(b) for b in bufs]
+        total = sum(sizes)
+        if total == 0:
+            return 0
+        iov = (abi.IoVec * len(bufs))(
+            *[abi.IoVec(buffer_address(b, wr), s) for b, s in zip(bufs, sizes, strict=True)]
+        )
+        res = await self._rw_once(op, fd, ctypes.addressof(iov), len(bufs), offset, (iov, bufs))
+        if res < 0:
+            raise _error(res)
+        if res == total or res == 0:
+            return res
+        # Short transfer: finish segment by segment with plain reads/writes.
+        single = _OP_READ if op == abi.OP_READV else _OP_WRITE
+        done, pos = res, 0
+        for b, s in zip(bufs, sizes, strict=True):
+            if pos + s <= done:
+                pos += s
+                continue
+            skip = max(0, done - pos)
+            part = memoryview(b).cast("B")[skip:]
+            n = await self._rw(single, fd, part, offset + pos + skip, wr)
+            done += n
+            pos += s
+            if n < s - skip:
+                break
+        return done
+
+    async def readv(self, fd: int, bufs: Sequence[Buffer], offset: int) -> int:
+        """preadv into several buffers; short reads continued. Returns the byte count."""
+        return await self._rwv(abi.OP_READV, fd, bufs, offset, True)
+
+    async def writev(self, fd: int, bufs: Sequence[Buffer], offset: int) -> int:
+        """pwritev all of ``bufs``; a write that makes no progress raises OSError(EIO)."""
+        n = await self._rwv(abi.OP_WRITEV, fd, bufs, offset, False)
+        if n < sum(_nbytes(b) for b in bufs):
+            raise OSError(errno.EIO, "short write")
+        return n
+
+    async def _simple(self, op: int, fd: int, addr: int, length: int, off: int, fl: int) -> int:
+        slot, fut = self._future(None)
+        self.ring.prep_rw(op, fd, addr, length, off, slot, fl)
+        res = await fut
+        if res < 0:
+            raise _error(res)
+        return res
+
+    async def fsync(self, fd: int, datasync: bool = False) -> None:
+        """fsync (or fdatasync with ``datasync``)."""
+        await self._simple(abi.OP_FSYNC, fd, 0, 0, 0, abi.FSYNC_DATASYNC if datasync else 0)
+
+    async def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) with ``mode`` (FALLOC_FL_* bits)."""
+        await self._simple(abi.OP_FALLOCATE, fd, length, mode, offset, 0)
+
+    async def nop(self) -> int:
+        """A no-op round trip (tests, benchmarks)."""
+        return await self._simple(abi.OP_NOP, -1, 0, 0, 0, 0)
+
+    # --- teardown --------------------------------------------------------------------------------
+    @property
+    def inflight(self) -> int:
+        return self._inflight
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Cancel what is in flight, wait (bounded) for it, fail leftovers with ECANCELED, and
+        release the ring and the eventfd. Call on the loop's thread."""
+        if self.closed:
+            return
+        ring = self.ring
+        if self._inflight:
+            ring.prep_cancel(0, IGNORED_USER_DATA, abi.ASYNC_CANCEL_ANY)
+            ring.set_eventfd_enabled(False)
+            try:
+                while self._inflight and ring.wait(1, timeout):
+                    ring.reap(self._dispatch)
+            except OSError:
+                pass
+        self.closed = True
+        for slot, cb in enumerate(self._cbs):
+            if cb is not None:
+                self._cbs[slot] = None
+                cb(-errno.ECANCELED)
+        for slot, fut in enumerate(self._futs):
+            if fut is not None and not fut.done():
+                fut.set_exception(OSError(errno.ECANCELED, "io_uring ring closed"))
+            self._futs[slot] = None
+        if self._inflight:
+            # The kernel may still own these buffers: never let them be freed and reused.
+            _LEAKED_AT_CLOSE.extend(k for k in self._keep if k is not None)
+        self._inflight = 0
+        self._release()
+
+    def _release(self) -> None:
+        if self._efd >= 0:
+            try:
+                self.loop.remove_reader(self._efd)
+            except (RuntimeError, ValueError):
+                pass
+            os.close(self._efd)
+            self._efd = -1
+        self.ring.close()
+        if _RINGS.get(self.loop) is self:
+            del _RINGS[self.loop]
+
+
+_LEAKED_AT_CLOSE: list[object] = []
+_RINGS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncRing] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def ring_for_loop(**kwargs: Any) -> AsyncRing:
+    """The :class:`AsyncRing` of the running loop, created on first use (call from a coroutine
+    or callback running on that loop). ``close_loop_ring`` releases it."""
+    loop = asyncio.get_running_loop()
+    ring = _RINGS.get(loop)
+    if ring is None or ring.closed:
+        ring = _RINGS[loop] = AsyncRing(**kwargs)
+    return ring
+
+
+def close_loop_ring(loop: asyncio.AbstractEventLoop | None = None) -> None:
+    """Close the running (or given) loop's ring if it has one (on that loop's thread)."""
+    ring = _RINGS.pop(loop or asyncio.get_running_loop(), None)
+    if ring is not None:
+        ring.close()
+
+
+def uring_unavailable_reason() -> str | None:
+    """None if io_uring (SQE128 rings) works for this process, else why not and how to fix it."""
+    return check_available()
