@@ -1,0 +1,1 @@
+"""FUSE block exports: protocol engine, /dev/fuse transport, mounting."""

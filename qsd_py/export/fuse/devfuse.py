@@ -1,0 +1,230 @@
+"""The /dev/fuse transport: one queue = one /dev/fuse fd served on one asyncio loop.
+
+The fd is non-blocking and watched with ``loop.add_reader``. Each readable event drains the
+device: every request lands in a preallocated slot (request buffer + reply buffer) and becomes
+a task that awaits the engine, so many requests are in flight at once and each reply is
+written as soon as its backend I/O completes, in any order. The kernel matches replies by
+``unique`` on the fd the request was read from, which is why a queue never hands a request
+to another queue.
+
+Device errors: ``ENOENT`` on read or write means the kernel dropped an interrupted request
+(nothing to do); ``ENODEV`` on read means the file system was unmounted (the queue stops).
+FORGET/BATCH_FORGET and INTERRUPT are consumed without a reply: block I/O cannot be
+cancelled half-way, so an interrupted request simply completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import mmap
+import os
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from qsd_py.export.fuse import proto as p
+from qsd_py.export.fuse.engine import FuseEngine, QueueStats
+
+log = logging.getLogger("qsd_py.export.fuse")
+
+_LEN_OP_UNIQUE = struct.Struct("<IIQ")  # the part of fuse_in_header dispatch needs
+_HDR = p.IN_HEADER.size
+_OUT = p.OUT_HEADER.size
+_GONE = (errno.ENODEV, errno.ENOTCONN, errno.ECONNABORTED, errno.EBADF)
+DRAIN_BATCH = 64  # requests read per readable event before yielding to the loop
+DEFAULT_MAX_SLOTS = 256
+
+
+class _Slot:
+    """Buffers for one request in flight. mmap: page aligned and committed only when touched,
+    so a 1 MiB slot used for 4 KiB requests costs 4 KiB of memory."""
+
+    __slots__ = ("req", "rep", "req_mv", "rep_mv", "iov", "hdr", "out", "task")
+
+    def __init__(self, req_size: int, rep_size: int) -> None:
+        self.req = mmap.mmap(-1, req_size)
+        self.rep = mmap.mmap(-1, rep_size)
+        self.req_mv = memoryview(self.req)
+        self.rep_mv = memoryview(self.rep)
+        self.iov = [self.req_mv]
+        self.hdr = self.req_mv[:_HDR]
+        self.out = self.rep_mv[_OUT:]
+        self.task: asyncio.Task[None] | None = None
+
+
+class DevFuseQueue:
+    """Serves one /dev/fuse fd (the session fd or a FUSE_DEV_IOC_CLONE of it) on ``loop``.
+
+    :meth:`start` and :meth:`aclose` must run on ``loop``'s thread; :meth:`run_on_loop`
+    helps callers living on another loop.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        engine: FuseEngine,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        name: str = "q0",
+        max_slots: int = DEFAULT_MAX_SLOTS,
+        on_gone: Callable[[DevFuseQueue], None] | None = None,
+    ) -> None:
+        self.fd = fd
+        self.engine = engine
+        self.loop = loop
+        self.name = name
+        self.stats = QueueStats()
+        self.max_slots = max_slots
+        self.on_gone = on_gone
+        self.gone = False
+        self._req_size = engine.request_buffer_size
+        self._rep_size = engine.reply_buffer_size
+        self._free: list[_Slot] = []
+        self._busy: set[_Slot] = set()
+        self._nslots = 0
+        self._reading = False
+        self._closing = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        os.set_blocking(self.fd, False)
+        for _ in range(4):
+            self._free.append(self._new_slot())
+        self._resume()
+
+    async def aclose(self, abort: bool) -> None:
+        """Stop reading; then wait for the requests in flight or, with ``abort``, cancel them
+        (their callers get ECONNABORTED once the fd is closed). The fd stays open: the owner
+        closes it after every queue has stopped, so no reply can hit a reused fd number."""
+        self._closing = True
+        self._pause()
+        tasks = [s.task for s in self._busy if s.task is not None]
+        if abort:
+            for task in tasks:
+                task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def run_on_loop(self, coro_fn: Callable[[], Any]) -> Any:
+        """Run ``coro_fn()`` on this queue's loop from whatever loop the caller is on."""
+        if asyncio.get_running_loop() is self.loop:
+            return await coro_fn()
+        fut = asyncio.run_coroutine_threadsafe(coro_fn(), self.loop)
+        return await asyncio.wrap_future(fut)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, "transport": "dev-fuse", **self.stats.as_dict()}
+
+    # --- reading ---------------------------------------------------------------------------
+    def _new_slot(self) -> _Slot:
+        self._nslots += 1
+        return _Slot(self._req_size, self._rep_size)
+
+    def _resume(self) -> None:
+        if not self._reading and not self._closing and not self.gone:
+            self.loop.add_reader(self.fd, self._on_readable)
+            self._reading = True
+
+    def _pause(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.fd)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        for _ in range(DRAIN_BATCH):
+            if self._free:
+                slot = self._free.pop()
+            elif self._nslots < self.max_slots:
+                slot = self._new_slot()
+            else:
+                self._pause()  # back-pressure: resumed when a slot comes back
+                return
+            try:
+                n = os.readv(self.fd, slot.iov)
+            except BlockingIOError:
+                self._free.append(slot)
+                return
+            except InterruptedError:
+                self._free.append(slot)
+                continue
+            except OSError as err:
+                self._free.append(slot)
+                if err.errno == errno.ENOENT:
+                    continue  # the request was interrupted before we got it
+                self._lost(err)
+                return
+            self._dispatch(slot, n)
+
+    def _dispatch(self, slot: _Slot, n: int) -> None:
+        stats = self.stats
+        stats.requests += 1
+        if n < _HDR:
+            self._free.append(slot)
+            self._halt(f"short request of {n} bytes")
+            return
+        length, opcode, unique = _LEN_OP_UNIQUE.unpack_from(slot.req)
+        if opcode in p.NO_REPLY_OPS:
+            if opcode == p.INTERRUPT:
+                stats.interrupts += 1
+            self._free.append(slot)
+            return
+        if length != n:
+            log.warning("%s: request %d says %d bytes but has %d", self.name, unique, length, n)
+            self._free.append(slot)
+            self._reply(slot, unique, -errno.EINVAL)
+            return
+        slot.task = self.loop.create_task(self._serve(slot, n, unique))
+        self._busy.add(slot)
+
+    async def _serve(self, slot: _Slot, n: int, unique: int) -> None:
+        stats = self.stats
+        stats.in_flight += 1
+        try:
+            res = await self.engine.handle(slot.hdr, slot.req_mv[_HDR:n], None, slot.out, stats)
+            if res is not None:
+                self._reply(slot, unique, res)
+        finally:
+            stats.in_flight -= 1
+            slot.task = None
+            self._busy.discard(slot)
+            self._free.append(slot)
+            if not self._reading:
+                self._resume()
+
+    # --- replying --------------------------------------------------------------------------
+    def _reply(self, slot: _Slot, unique: int, res: int) -> None:
+        if self.gone:
+            return
+        if res < 0:
+            p.OUT_HEADER.pack_into(slot.rep, 0, _OUT, res, unique)
+            size = _OUT
+        else:
+            size = _OUT + res
+            p.OUT_HEADER.pack_into(slot.rep, 0, size, 0, unique)
+        try:
+            os.write(self.fd, slot.rep_mv[:size])
+        except OSError as err:
+            if err.errno == errno.ENOENT:
+                return  # interrupted and already answered by the kernel
+            if err.errno in _GONE:
+                self._lost(err)
+                return
+            log.error("%s: reply to request %d failed: %s", self.name, unique, err)
+
+    # --- the end of the connection ---------------------------------------------------------
+    def _lost(self, err: OSError) -> None:
+        if self.gone:
+            return
+        if err.errno not in _GONE:
+            log.error("%s: /dev/fuse failed: %s", self.name, err)
+        self.gone = True
+        self._pause()
+        if self.on_gone is not None:
+            self.on_gone(self)
+
+    def _halt(self, reason: str) -> None:
+        """A request that cannot even be framed: stop serving this export, say why."""
+        log.error("%s: halting the FUSE export: %s", self.name, reason)
+        self._lost(OSError(errno.EPROTO, reason))

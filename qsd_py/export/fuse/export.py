@@ -1,0 +1,238 @@
+"""``type=fuse`` block exports: checks, mount, FUSE_INIT, transports, teardown.
+
+The export owns the pieces and their order; the engine owns the protocol semantics and the
+transports own the device. Start-up runs the checks in QEMU's order (iothreads, node
+permissions, mountpoint), mounts, answers FUSE_INIT on the session fd and then starts one
+queue per iothread (``FUSE_DEV_IOC_CLONE`` for all but the first). Any failure undoes what was
+done, so a failed ``block-export-add`` leaves no mount behind.
+
+The io_uring transport (issue 4) plugs in at :meth:`FuseExport._start_transport`: it asks
+the engine for ``FUSE_OVER_IO_URING`` through ``FuseEngine.init(want=...)`` and serves the
+same engine from ring entries instead of :class:`DevFuseQueue`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import struct
+from typing import TYPE_CHECKING, Any
+
+from qsd_py.errors import QMPError
+from qsd_py.export.fuse import mount as fmount
+from qsd_py.export.fuse import proto as p
+from qsd_py.export.fuse.devfuse import DevFuseQueue
+from qsd_py.export.fuse.engine import MAX_READ, FuseEngine
+from qsd_py.export.registry import BlockExport
+
+if TYPE_CHECKING:
+    from qsd_py.block.node import BlockNode
+    from qsd_py.daemon import Daemon
+    from qsd_py.objects.iothread import IOThread
+
+log = logging.getLogger("qsd_py.export.fuse")
+
+INIT_TIMEOUT_S = 10.0
+
+# Mountpoints of live exports in this process, checked *before* any stat(): stat() on a FUSE
+# file served by the calling loop would wait for itself forever.
+_MOUNTPOINTS: dict[str, FuseExport] = {}
+
+
+def _opt(opts: dict[str, Any], *names: str, default: Any = None) -> Any:
+    for name in names:
+        if name in opts:
+            return opts[name]
+    return default
+
+
+class FuseExport(BlockExport):
+    """One FUSE export: a regular file over ``mountpoint`` serving the node's bytes."""
+
+    type = "fuse"
+
+    def __init__(self, daemon: Daemon, opts: dict[str, Any], node: BlockNode) -> None:
+        super().__init__(daemon, opts, node)
+        self.mountpoint: str = opts["mountpoint"]
+        self.key = os.path.abspath(self.mountpoint)
+        self.writable: bool = bool(opts.get("writable", False))
+        self.growable: bool = bool(opts.get("growable", False))
+        self.writethrough: bool = bool(opts.get("writethrough", False))
+        self.allow_other: str = opts.get("allow-other", "auto")
+        self.io_uring: bool = bool(_opt(opts, "io_uring", "io-uring", default=False))
+        self.engine: FuseEngine | None = None
+        self.mounted: fmount.Mounted | None = None
+        self.queues: list[DevFuseQueue] = []
+        self.clone_fds: list[int] = []
+        self._iothreads: list[IOThread] = []
+        self._held_iothreads: list[str] = []
+        self._user_added = False
+
+    # --- start -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        try:
+            self._take_iothreads()
+            self.node.add_user(self.id, self.writable)
+            self._user_added = True
+            if self.io_uring:
+                raise QMPError("io_uring=on is not supported yet")
+            if self.key in _MOUNTPOINTS:
+                raise QMPError(f"There already is a FUSE export on '{self.mountpoint}'")
+            fmount.check_mountpoint(self.mountpoint)
+            self.engine = FuseEngine(
+                self.node,
+                writable=self.writable,
+                growable=self.growable,
+                writethrough=self.writethrough,
+            )
+            self.mounted = fmount.mount(
+                self.mountpoint,
+                read_only=not self.writable,
+                allow_other=self.allow_other,
+                max_read=MAX_READ,
+            )
+            _MOUNTPOINTS[self.key] = self
+            self.engine.allow_other = self.mounted.allow_other
+            await self._serve_init(self.mounted.fd)
+            self._start_transport()
+        except BaseException:
+            await self._teardown(abort=True)
+            raise
+
+    def _take_iothreads(self) -> None:
+        """QEMU's rules: a list means one queue per iothread (not with fixed-iothread)."""
+        spec = self.opts.get("iothread")
+        if spec is None:
+            return
+        names = [spec] if isinstance(spec, str) else list(spec)
+        if not isinstance(spec, str):
+            if not names:
+                raise QMPError("The set of I/O threads must not be empty")
+            if self.opts.get("fixed-iothread", False):
+                raise QMPError("Cannot use fixed-iothread for a multi-threaded export")
+        threads = [self.daemon.objects.iothread(name) for name in names]
+        for name in names:
+            self.daemon.objects.hold(name)
+            self._held_iothreads.append(name)
+        self._iothreads = threads
+
+    async def _serve_init(self, fd: int) -> None:
+        """Answer the FUSE_INIT the kernel queued at mount time."""
+        assert self.engine is not None
+        os.set_blocking(fd, False)
+        buf = bytearray(self.engine.request_buffer_size)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + INIT_TIMEOUT_S
+        while True:
+            try:
+                n = os.readv(fd, [buf])
+                break
+            except BlockingIOError:
+                if loop.time() > deadline:
+                    raise QMPError("FUSE_INIT did not arrive from the kernel") from None
+                await _readable(loop, fd, deadline - loop.time())
+        mv = memoryview(buf)
+        _len, opcode, unique = struct.unpack_from("<IIQ", mv)
+        if opcode != p.INIT:
+            raise QMPError(f"FUSE: expected FUSE_INIT, got opcode {opcode}")
+        out = bytearray(p.OUT_HEADER.size + p.INIT_OUT.size)
+        res = self.engine.init(mv[p.IN_HEADER.size : n], memoryview(out)[p.OUT_HEADER.size :])
+        if res < 0:
+            p.OUT_HEADER.pack_into(out, 0, p.OUT_HEADER.size, res, unique)
+            os.write(fd, out[: p.OUT_HEADER.size])
+            raise QMPError(f"FUSE_INIT failed: {os.strerror(-res)}")
+        p.OUT_HEADER.pack_into(out, 0, p.OUT_HEADER.size + res, 0, unique)
+        os.write(fd, out[: p.OUT_HEADER.size + res])
+
+    def _start_transport(self) -> None:
+        """One /dev/fuse queue per iothread (or one on the main loop)."""
+        assert self.engine is not None and self.mounted is not None
+        if not self._iothreads:
+            placements: list[tuple[asyncio.AbstractEventLoop, str]] = [
+                (asyncio.get_running_loop(), "main")
+            ]
+        else:
+            placements = [(t.loop, t.id) for t in self._iothreads]
+        for i, (loop, where) in enumerate(placements):
+            fd = self.mounted.fd if i == 0 else self._clone_fd(self.mounted.fd)
+            queue = DevFuseQueue(fd, self.engine, loop, name=f"{self.id}/q{i}@{where}")
+            self.queues.append(queue)
+            if loop is asyncio.get_running_loop():
+                queue.start()
+            else:
+                loop.call_soon_threadsafe(queue.start)
+
+    def _clone_fd(self, session_fd: int) -> int:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(fd, p.FUSE_DEV_IOC_CLONE, struct.pack("<I", session_fd))
+        except OSError:
+            os.close(fd)
+            raise
+        self.clone_fds.append(fd)
+        return fd
+
+    # --- stop ------------------------------------------------------------------------------
+    def in_use(self) -> bool:
+        return any(q.stats.in_flight for q in self.queues)
+
+    async def stop(self, mode: str) -> None:
+        if mode == "safe" and self.in_use():
+            raise QMPError(f"export '{self.id}' still in use")
+        await self._teardown(abort=mode == "hard")
+
+    async def _teardown(self, abort: bool) -> None:
+        """Stop the queues, unmount, close the fds (callers still holding the file then get
+        ENOTCONN, callers mid-request ECONNABORTED) and give back node and iothreads."""
+        for queue in self.queues:
+            try:
+                await queue.run_on_loop(lambda q=queue: q.aclose(abort))
+            except Exception:  # noqa: BLE001 - teardown goes on
+                log.exception("stopping FUSE queue %s", queue.name)
+        if self.mounted is not None:
+            fmount.unmount(self.mounted.path, self.mounted.privileged)
+            for fd in [*self.clone_fds, self.mounted.fd]:
+                _close_quietly(fd)
+            if _MOUNTPOINTS.get(self.key) is self:
+                del _MOUNTPOINTS[self.key]
+            self.mounted = None
+        self.clone_fds.clear()
+        self.queues.clear()
+        if self._user_added:
+            self.node.remove_user(self.id)
+            self._user_added = False
+        for name in self._held_iothreads:
+            self.daemon.objects.release(name)
+        self._held_iothreads.clear()
+
+    # --- introspection ---------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Per-queue counters for ``x-`` introspection and tests (issue 4's visible proof)."""
+        return {
+            "id": self.id,
+            "transport": "dev-fuse",
+            "negotiated": self.engine.describe() if self.engine else {},
+            "queues": [q.info() for q in self.queues],
+        }
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> None:
+    fut: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await asyncio.wait_for(fut, max(timeout, 0.001))
+    except TimeoutError:
+        pass
+    finally:
+        loop.remove_reader(fd)
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError as err:
+        if err.errno != errno.EBADF:
+            log.warning("closing fd %d: %s", fd, err)
