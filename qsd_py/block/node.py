@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from qsd_py.block.perm import PERM_ALL, NodeUser, Perm, perm_names
+from qsd_py.errors import QMPError
+
 if TYPE_CHECKING:
     from qsd_py.block.graph import BlockGraph
 
@@ -39,6 +42,11 @@ class BlockNode:
         self.read_only: bool = bool(opts.get("read-only", False))
         # discard=unmap lets write_zeroes(unmap=True)/discard deallocate; ignore (default) zeroes.
         self.discard_unmap: bool = opts.get("discard", "ignore") == "unmap"
+        self.users: dict[str, NodeUser] = {}
+        # Child nodes by role ("file"); implicit ones were created from an inline dict and
+        # are deleted with this node.
+        self.children: dict[str, BlockNode] = {}
+        self.implicit = False
 
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
@@ -48,14 +56,96 @@ class BlockNode:
         """Release files, locks and children."""
 
     # --- permissions ----------------------------------------------------------------------
-    def add_user(self, user: str, write: bool) -> None:
-        """Register a user (an export id or a parent node). ``write`` asks for the write
-        permission: a read-only node raises QMPError. The graph refuses to delete a node that
-        has users (``Node X is in use``)."""
-        raise NotImplementedError
+    def add_user(self, user: str, write: bool, resize: bool | None = None) -> None:
+        """Register a user (an export id or a command). ``write`` asks for the write
+        permission: a read-only node raises QMPError (``Block node is read-only``).
+        ``resize`` (default: same as ``write``, as QEMU's writable FUSE exports) asks for the
+        resize permission. The graph refuses to delete a node that has users
+        (``Node X is in use``). Like QEMU's exports, the user shares every permission."""
+        perm = Perm.CONSISTENT_READ
+        if write:
+            perm |= Perm.WRITE
+        if write if resize is None else resize:
+            perm |= Perm.RESIZE
+        desc = f"an unnamed block device (uses node '{self.node_name}' as 'root' child)"
+        self.set_user(NodeUser(user, perm, PERM_ALL, desc))
 
     def remove_user(self, user: str) -> None:
-        raise NotImplementedError
+        if self.users.pop(user, None) is not None:
+            self.refresh_perms()
+
+    def set_user(self, new: NodeUser) -> None:
+        """Add or update a user, refusing conflicts with QEMU's texts; on failure the node's
+        users and permissions (and its children's, and their locks) stay as they were."""
+        old = self.users.get(new.key)
+        self._check_conflicts(new)
+        if self.read_only and new.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED):
+            raise QMPError("Block node is read-only")
+        self.users[new.key] = new
+        try:
+            self.refresh_perms()
+        except BaseException:
+            if old is None:
+                del self.users[new.key]
+            else:
+                self.users[new.key] = old
+            self.refresh_perms()
+            raise
+
+    def _check_conflicts(self, new: NodeUser) -> None:
+        """QEMU checks every pair of users; the newest user comes first in its list."""
+        others = [u for k, u in reversed(self.users.items()) if k != new.key]
+        for other in others:
+            self._raise_if_conflict(required_by=other, unshared_by=new)
+        for other in others:
+            self._raise_if_conflict(required_by=new, unshared_by=other)
+
+    def _raise_if_conflict(self, required_by: NodeUser, unshared_by: NodeUser) -> None:
+        both = required_by.perm & ~unshared_by.shared & PERM_ALL
+        if both:
+            raise QMPError(
+                f"Permission conflict on node '{self.node_name}': permissions "
+                f"'{perm_names(Perm(both))}' are both required by {required_by.description} "
+                f"and unshared by {unshared_by.description}."
+            )
+
+    def cumulative_perms(self) -> tuple[Perm, Perm]:
+        """The union of the users' permissions and the intersection of what they share."""
+        perm, shared = Perm(0), PERM_ALL
+        for user in self.users.values():
+            perm |= user.perm
+            shared &= user.shared
+        return perm, shared
+
+    def refresh_perms(self) -> None:
+        """Recompute the cumulative permissions and hand them to :meth:`apply_perms`."""
+        self.apply_perms(*self.cumulative_perms())
+
+    def apply_perms(self, perm: Perm, shared: Perm) -> None:
+        """Driver hook: pass permissions on to children (raw) or into lock bytes (file).
+        Raise QMPError to refuse; the caller restores the previous state."""
+
+    def attach_child(self, role: str, child: BlockNode, perm: Perm, shared: Perm) -> None:
+        """Become a parent of ``child`` (as QEMU's ``file`` child, say) with permissions."""
+        desc = f"node '{self.node_name}' (uses node '{child.node_name}' as '{role}' child)"
+        # Recorded first: if the child refuses, closing this node still releases it.
+        self.children[role] = child
+        child.set_user(NodeUser(f"node:{self.node_name}", perm, shared, desc, is_parent=True))
+
+    def detach_children(self) -> None:
+        for child in self.children.values():
+            child.remove_user(f"node:{self.node_name}")
+        self.children.clear()
+
+    def in_use_error(self) -> str | None:
+        """Why blockdev-del must refuse this node (QEMU's texts, in QEMU's order), or None."""
+        if any(not u.is_parent for u in self.users.values()):
+            return f"Node {self.node_name} is in use"
+        if self.implicit:
+            return f"Node {self.node_name} is not owned by the monitor"
+        if self.users:
+            return f"Block device {self.node_name} is in use"
+        return None
 
     # --- size -----------------------------------------------------------------------------
     def length(self) -> int:
@@ -97,6 +187,68 @@ class BlockNode:
         raise NotImplementedError
 
     # --- introspection --------------------------------------------------------------------
-    def info(self) -> dict[str, Any]:
-        """The ``BlockDeviceInfo`` entry of ``query-named-block-nodes``."""
+    format_name: ClassVar[str]
+
+    def filename(self) -> str:
+        """QEMU's ``file``/``image.filename``: a path, a protocol URL or ``json:{...}``."""
         raise NotImplementedError
+
+    def allocated_size_now(self) -> int:
+        """Synchronous allocated size for ``info()`` (an fstat, never slow); 0 if unknown."""
+        return 0
+
+    def limits(self) -> dict[str, int]:
+        """``image.limits``: the alignment this node really needs from its callers."""
+        return {
+            "request-alignment": 1,
+            "min-mem-alignment": 1,
+            "opt-mem-alignment": 4096,
+            "max-iov": 1024,
+        }
+
+    def image_extra(self) -> dict[str, Any]:
+        """Driver-specific ``ImageInfo`` members (``format-specific``, ``dirty-flag``)."""
+        return {}
+
+    def info(self) -> dict[str, Any]:
+        """The ``BlockDeviceInfo`` entry of ``query-named-block-nodes``.
+
+        Only what qsd-py really has: no throttling, encryption or backing chains, so those
+        members are the zeroes and ``false`` QEMU reports for nodes without them."""
+        cache = self.opts.get("cache", {})
+        filename = self.filename()
+        image = {
+            "filename": filename,
+            "format": self.format_name,
+            "virtual-size": self.length(),
+            "actual-size": self.allocated_size_now(),
+            "limits": self.limits(),
+            **self.image_extra(),
+        }
+        return {
+            "file": filename,
+            "node-name": self.node_name,
+            "ro": self.read_only,
+            "drv": self.driver,
+            "backing_file_depth": 0,
+            "children": [
+                {"child": role, "node-name": child.node_name}
+                for role, child in self.children.items()
+            ],
+            "active": True,
+            "encrypted": False,
+            "detect_zeroes": "off",
+            "bps": 0,
+            "bps_rd": 0,
+            "bps_wr": 0,
+            "iops": 0,
+            "iops_rd": 0,
+            "iops_wr": 0,
+            "image": image,
+            "cache": {
+                "writeback": True,
+                "direct": bool(cache.get("direct", False)),
+                "no-flush": bool(cache.get("no-flush", False)),
+            },
+            "write_threshold": 0,
+        }

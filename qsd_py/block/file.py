@@ -1,0 +1,331 @@
+"""The ``file`` driver: a host file (or block device) behind an I/O backend.
+
+Requests go to the ``aio=`` backend (qsd_py/block/aio.py) straight from and into the
+caller's buffer. With ``cache.direct`` (O_DIRECT) a request whose offset, length or buffer
+address is not aligned goes through an aligned bounce buffer instead, as QEMU does.
+Permissions become OFD lock bytes at QEMU's offsets, so QEMU and qsd-py see each other.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import stat
+import struct
+import threading
+from typing import TYPE_CHECKING, Any
+
+from qsd_py.block import aio
+from qsd_py.block.node import BlockNode, Buffer
+from qsd_py.block.perm import PERM_NAMES, Perm
+from qsd_py.errors import QMPError
+
+if TYPE_CHECKING:
+    from qsd_py.block.graph import BlockGraph
+
+# QEMU's lock layout: byte 100+bit means "I use perm bit", 200+bit "I do not share it".
+LOCK_PERM_BASE = 100
+LOCK_SHARED_BASE = 200
+F_OFD_GETLK = 36
+F_OFD_SETLK = 37
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
+
+# Unaligned O_DIRECT requests are bounced; the zero-writing fallback reuses one zero buffer.
+_ZERO_CHUNK = 1 << 20
+_zero_buf = mmap.mmap(-1, _ZERO_CHUNK)
+
+
+def _lock_byte(fd: int, cmd: int, kind: int, byte: int) -> int:
+    """One OFD lock call on a single byte; returns the ``l_type`` the kernel answered."""
+    res = fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0))
+    return _FLOCK.unpack(res)[0]
+
+
+def _address(buf: memoryview) -> int | None:
+    """The address of a writable buffer (None for read-only ones: they get bounced)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    except TypeError:
+        return None
+
+
+class FileNode(BlockNode):
+    driver = "file"
+    format_name = "file"
+
+    def __init__(self, graph: BlockGraph, opts: dict[str, Any]) -> None:
+        super().__init__(graph, opts)
+        self.path: str = opts["filename"]
+        cache = opts.get("cache", {})
+        self.direct = bool(cache.get("direct", False))
+        self.no_flush = bool(cache.get("no-flush", False))
+        self.aio_mode: str = opts.get("aio", "threads")
+        self.use_lock = opts.get("locking", "auto") != "off"
+        self.fd = -1
+        self.backend: aio.IOBackend | None = None
+        self.align = 1
+        self.mem_align = 1
+        self._length = 0
+        self._locked: set[int] = set()
+        self._rmw_lock = threading.Lock()  # serialises read-modify-write of O_DIRECT sectors
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def open(self) -> None:
+        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
+        if self.direct:
+            flags |= os.O_DIRECT
+        try:
+            self.fd = os.open(self.path, flags)
+        except OSError as e:
+            raise QMPError(f"Could not open '{self.path}': {os.strerror(e.errno)}") from None
+        if self.aio_mode == "native" and not self.direct:
+            raise QMPError(
+                "aio=native was specified, but it requires cache.direct=on, "
+                "which was not specified."
+            )
+        self.backend = aio.get_backend(self.aio_mode)
+        if self.backend is None:
+            raise QMPError(
+                f"aio={self.aio_mode} was specified, but is not supported in this build."
+            )
+        st = os.fstat(self.fd)
+        if stat.S_ISBLK(st.st_mode):
+            self._length = os.lseek(self.fd, 0, os.SEEK_END)
+        else:
+            self._length = st.st_size
+        if self.direct:
+            self.align, self.mem_align = self._probe_alignment()
+
+    def _probe_alignment(self) -> tuple[int, int]:
+        """Find the O_DIRECT request and memory alignment by trying reads, as QEMU does."""
+        with mmap.mmap(-1, 2 * 4096) as m:
+            mv = memoryview(m)
+            try:
+                align = next((a for a in (512, 1024, 2048, 4096) if self._try_read(mv[:a])), 4096)
+                mem = next(
+                    (a for a in (512, 1024, 2048) if self._try_read(mv[a : a + align])), 4096
+                )
+            finally:
+                mv.release()
+        return align, mem
+
+    def _try_read(self, buf: memoryview) -> bool:
+        try:
+            os.preadv(self.fd, (buf,), 0)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # drops every OFD lock of this description too
+            self.fd = -1
+            self._locked.clear()
+
+    # --- permissions as lock bytes --------------------------------------------------------
+    def apply_perms(self, perm: Perm, shared: Perm) -> None:
+        """Hold a shared lock on 100+bit for each permission used and on 200+bit for each
+        one not shared, then test the other side's bytes; undo on conflict."""
+        if not self.use_lock or self.fd < 0:
+            return
+        want = {LOCK_PERM_BASE + i for i, (bit, _) in enumerate(PERM_NAMES) if perm & bit}
+        want |= {LOCK_SHARED_BASE + i for i, (bit, _) in enumerate(PERM_NAMES) if not shared & bit}
+        old = set(self._locked)
+        try:
+            self._set_locks(want)
+            self._check_locks(perm, shared)
+        except BaseException:
+            self._set_locks(old)
+            raise
+
+    def _set_locks(self, want: set[int]) -> None:
+        for byte in sorted(want - self._locked):
+            try:
+                _lock_byte(self.fd, F_OFD_SETLK, fcntl.F_RDLCK, byte)
+            except OSError:
+                raise QMPError(f"Failed to lock byte {byte}") from None
+            self._locked.add(byte)
+        for byte in sorted(self._locked - want):
+            _lock_byte(self.fd, F_OFD_SETLK, fcntl.F_UNLCK, byte)
+            self._locked.discard(byte)
+
+    def _check_locks(self, perm: Perm, shared: Perm) -> None:
+        for i, (bit, name) in enumerate(PERM_NAMES):
+            if perm & bit and self._held_by_other(LOCK_SHARED_BASE + i):
+                raise QMPError(f'Failed to get "{name}" lock')
+        for i, (bit, name) in enumerate(PERM_NAMES):
+            if not shared & bit and self._held_by_other(LOCK_PERM_BASE + i):
+                raise QMPError(f'Failed to get shared "{name}" lock')
+
+    def _held_by_other(self, byte: int) -> bool:
+        """Our own OFD locks never conflict with a test through the same description."""
+        return _lock_byte(self.fd, F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
+
+    # --- size -----------------------------------------------------------------------------
+    def length(self) -> int:
+        return self._length
+
+    async def truncate(self, length: int) -> None:
+        if self.read_only:
+            raise OSError(errno.EACCES, "Image is read-only")
+        assert self.backend is not None
+        try:
+            await self.backend.run(os.ftruncate, self.fd, length)
+        except OSError as e:
+            raise OSError(e.errno, f"Failed to resize file: {os.strerror(e.errno)}") from None
+        self._length = length
+
+    async def allocated_size(self) -> int:
+        assert self.backend is not None
+        st = await self.backend.run(os.fstat, self.fd)
+        return st.st_blocks * 512
+
+    def allocated_size_now(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512 if self.fd >= 0 else 0
+
+    # --- I/O ------------------------------------------------------------------------------
+    def _needs_bounce(self, offset: int, buf: memoryview) -> bool:
+        if not self.direct:
+            return False
+        if offset % self.align or len(buf) % self.align:
+            return True
+        addr = _address(buf)
+        return addr is None or addr % self.mem_align != 0
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        assert self.backend is not None
+        if not buf:
+            return
+        if self._needs_bounce(offset, buf):
+            await self.backend.run(self._bounce_read, offset, buf)
+        else:
+            await self.backend.read(self.fd, buf, offset)
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        assert self.backend is not None
+        buf = data if isinstance(data, memoryview) else memoryview(data)
+        if not buf:
+            return
+        if self.read_only:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        if self._needs_bounce(offset, buf):
+            await self.backend.run(self._bounce_write, offset, buf)
+        else:
+            await self.backend.write(self.fd, buf, offset)
+
+    def _aligned_span(self, offset: int, length: int) -> tuple[int, int]:
+        start = offset - offset % self.align
+        end = -(-(offset + length) // self.align) * self.align
+        return start, end
+
+    def _bounce_read(self, offset: int, buf: memoryview) -> None:
+        """Runs in a pool thread: read the aligned span, copy out the caller's part."""
+        start, end = self._aligned_span(offset, len(buf))
+        with mmap.mmap(-1, end - start) as m:
+            mv = memoryview(m)
+            try:
+                aio.pread_full(self.fd, mv, start)
+                buf[:] = mv[offset - start : offset - start + len(buf)]
+            finally:
+                mv.release()
+
+    def _bounce_write(self, offset: int, buf: memoryview) -> None:
+        """Runs in a pool thread: read-modify-write of the aligned span. The lock keeps two
+        unaligned writes sharing a sector from losing each other's bytes; a span that
+        reaches past EOF is cut back to the node's length afterwards."""
+        start, end = self._aligned_span(offset, len(buf))
+        with self._rmw_lock, mmap.mmap(-1, end - start) as m:
+            mv = memoryview(m)
+            try:
+                if start != offset or end != offset + len(buf):
+                    aio.pread_full(self.fd, mv, start)
+                mv[offset - start : offset - start + len(buf)] = buf
+                aio.pwrite_full(self.fd, mv, start)
+            finally:
+                mv.release()
+            if end > self._length:
+                os.ftruncate(self.fd, self._length)
+
+    async def flush(self) -> None:
+        assert self.backend is not None
+        if not self.no_flush:
+            await self.backend.fdatasync(self.fd)
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        """Punch a hole when allowed to unmap, else ZERO_RANGE, else write zeroes (QEMU's
+        order of attempts)."""
+        assert self.backend is not None
+        if self.read_only:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        if length <= 0:
+            return
+        if unmap and self.discard_unmap:
+            mode = aio.FALLOC_FL_PUNCH_HOLE | aio.FALLOC_FL_KEEP_SIZE
+            if await self._try_fallocate(mode, offset, length):
+                return
+        if await self._try_fallocate(aio.FALLOC_FL_ZERO_RANGE, offset, length):
+            return
+        await self._write_zero_buffers(offset, length)
+
+    async def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
+        assert self.backend is not None
+        try:
+            await self.backend.fallocate(self.fd, mode, offset, length)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return False
+            raise
+        return True
+
+    async def _write_zero_buffers(self, offset: int, length: int) -> None:
+        zeroes = memoryview(_zero_buf)
+        end = offset + length
+        while offset < end:
+            n = min(_ZERO_CHUNK, end - offset)
+            await self.write(offset, zeroes[:n])
+            offset += n
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Deallocate with discard=unmap; filesystems that cannot are ignored, as QEMU does
+        (discard is advisory)."""
+        if self.discard_unmap and length > 0 and not self.read_only:
+            await self._try_fallocate(
+                aio.FALLOC_FL_PUNCH_HOLE | aio.FALLOC_FL_KEEP_SIZE, offset, length
+            )
+
+    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
+        assert self.backend is not None
+        return await self.backend.run(self._seek_status, offset, length)
+
+    def _seek_status(self, offset: int, length: int) -> tuple[bool, int]:
+        """SEEK_DATA/SEEK_HOLE around ``offset``; without support everything is data."""
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after offset: a hole up to EOF
+                return False, length
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+                return True, length
+            raise
+        if data > offset:
+            return False, min(data - offset, length)
+        hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        return True, max(1, min(hole - offset, length))
+
+    # --- introspection --------------------------------------------------------------------
+    def filename(self) -> str:
+        return self.path
+
+    def limits(self) -> dict[str, int]:
+        limits = super().limits()
+        limits["request-alignment"] = self.align
+        limits["min-mem-alignment"] = self.mem_align
+        return limits
+
+    def image_extra(self) -> dict[str, Any]:
+        return {"format-specific": {"type": "file", "data": {}}, "dirty-flag": False}

@@ -1,0 +1,187 @@
+"""The block graph: every node by name, how nodes are created, looked up and deleted.
+
+Nodes are kept in creation order; ``query-named-block-nodes`` lists them newest first, as
+QEMU does. An inline child (raw's ``file`` given as a dict) becomes an implicit node with a
+generated ``#blockNNN`` name, owned by its parent and deleted with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+from qsd_py.block.node import BlockNode
+from qsd_py.errors import QMPError
+
+log = logging.getLogger(__name__)
+
+# QEMU's id_wellformed(): a letter, then letters, digits, '-', '.', '_'; names are < 32 bytes.
+_NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
+NODE_NAME_MAX = 31
+
+# Options an inline child takes from its parent unless it sets them itself (QEMU's rules).
+_INHERITED = ("read-only", "auto-read-only", "discard")
+_INHERITED_CACHE = ("direct", "no-flush")
+
+
+def driver_classes() -> dict[str, type[BlockNode]]:
+    """The drivers by QAPI name, imported on first use (start-up time)."""
+    from qsd_py.block.file import FileNode
+    from qsd_py.block.null import NullNode
+    from qsd_py.block.raw import RawNode
+
+    return {cls.driver: cls for cls in (FileNode, RawNode, NullNode)}
+
+
+def check_node_name(name: str) -> None:
+    """Raise QEMU's error for a malformed name (the duplicate check is the graph's)."""
+    if not _NODE_NAME.match(name):
+        raise QMPError(f"Invalid node-name: '{name}'")
+
+
+def inherit_options(child: dict[str, Any], parent: dict[str, Any]) -> dict[str, Any]:
+    """The options of an inline child: its own, plus what it inherits from ``parent``."""
+    opts = dict(child)
+    for key in _INHERITED:
+        if key not in opts and key in parent:
+            opts[key] = parent[key]
+    # Lower layers unmap by default: the parent's own discard setting filters requests.
+    opts.setdefault("discard", "unmap")
+    cache = dict(opts.get("cache", {}))
+    for key in _INHERITED_CACHE:
+        if key not in cache and key in parent.get("cache", {}):
+            cache[key] = parent["cache"][key]
+    if cache:
+        opts["cache"] = cache
+    return opts
+
+
+class BlockGraph:
+    """All block nodes of a daemon."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, BlockNode] = {}
+        self._next_id = 0
+
+    def __iter__(self):
+        return iter(list(self._nodes.values()))
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._nodes
+
+    # --- creation -------------------------------------------------------------------------
+    async def add(self, opts: dict[str, Any]) -> BlockNode:
+        """Create, open and register a node from validated ``BlockdevOptions``
+        (blockdev-add, --blockdev). Its inline children are created first."""
+        if "node-name" not in opts:
+            raise QMPError("'node-name' must be specified for the root node")
+        return await self._create(opts, implicit=False)
+
+    async def open_child(self, parent: BlockNode, ref: str | dict[str, Any]) -> BlockNode:
+        """Resolve a ``BlockdevRef``: an existing node's name, or an inline dict that
+        becomes an implicit node. The parent attaches itself to the result."""
+        if isinstance(ref, str):
+            node = self._nodes.get(ref)
+            if node is None:
+                raise QMPError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+            return node
+        return await self._create(inherit_options(ref, parent.opts), implicit=True)
+
+    async def _create(self, opts: dict[str, Any], implicit: bool) -> BlockNode:
+        name = opts.get("node-name")
+        if name is None:
+            name = self._generate_name()
+        else:
+            self._check_new_name(name)
+        cls = driver_classes().get(opts["driver"])
+        if cls is None:
+            raise QMPError(f"Unknown driver '{opts['driver']}'")
+        node = cls(self, {**opts, "node-name": name})
+        node.implicit = implicit
+        try:
+            await node.open()
+            if name in self._nodes:  # a child may have taken it meanwhile
+                raise QMPError(f"Duplicate nodes with node-name='{name}'")
+        except BaseException:
+            self._dispose(node)
+            raise
+        self._nodes[name] = node
+        return node
+
+    def _check_new_name(self, name: str) -> None:
+        check_node_name(name)
+        if name in self._nodes:
+            raise QMPError(f"Duplicate nodes with node-name='{name}'")
+        if len(name.encode()) > NODE_NAME_MAX:
+            raise QMPError("Node name too long")
+
+    def _generate_name(self) -> str:
+        """QEMU's generated names: ``#block`` and a counter (never a valid user name)."""
+        while True:
+            name = f"#block{self._next_id:03d}"
+            self._next_id += 1
+            if name not in self._nodes:
+                return name
+
+    # --- lookup ---------------------------------------------------------------------------
+    def find(self, name: str) -> BlockNode | None:
+        return self._nodes.get(name)
+
+    def lookup(self, name: str) -> BlockNode:
+        """The node called ``name`` (exports, commands), or QEMU's error."""
+        node = self._nodes.get(name)
+        if node is None:
+            raise QMPError(f"Cannot find device='' nor node-name='{name}'")
+        return node
+
+    def lookup_device_or_node(self, device: str | None, node_name: str | None) -> BlockNode:
+        """QEMU's lookup by ``device`` (qsd has no devices) or ``node-name``."""
+        node = self._nodes.get(node_name) if node_name is not None else None
+        if node is None:
+            raise QMPError(f"Cannot find device='{device or ''}' nor node-name='{node_name or ''}'")
+        return node
+
+    # --- deletion -------------------------------------------------------------------------
+    def delete(self, name: str) -> None:
+        """blockdev-del: refuse nodes in use, else close the node and its implicit children."""
+        node = self._nodes.get(name)
+        if node is None:
+            raise QMPError(f"Failed to find node with node-name='{name}'")
+        err = node.in_use_error()
+        if err is not None:
+            raise QMPError(err)
+        self._remove(node)
+
+    def _remove(self, node: BlockNode) -> None:
+        self._nodes.pop(node.node_name, None)
+        self._dispose(node)
+
+    def _dispose(self, node: BlockNode) -> None:
+        """Close ``node``, let go of its children and remove the implicit ones."""
+        children = list(node.children.values())
+        try:
+            node.close()
+        finally:
+            node.detach_children()
+        for child in children:
+            if child.implicit and not child.users:
+                self._remove(child)
+
+    def close_all(self) -> None:
+        """Shutdown: close every node, parents before their children."""
+        for node in reversed(list(self._nodes.values())):
+            if node.node_name not in self._nodes:
+                continue
+            try:
+                self._remove(node)
+            except Exception:  # noqa: BLE001 - shutdown must go on
+                log.exception("error while closing node %s", node.node_name)
+
+    # --- introspection --------------------------------------------------------------------
+    def query(self) -> list[dict[str, Any]]:
+        """query-named-block-nodes: ``BlockDeviceInfo`` of every node, newest first."""
+        return [node.info() for node in reversed(list(self._nodes.values()))]

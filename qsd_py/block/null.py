@@ -1,0 +1,78 @@
+"""The ``null-co`` driver: a device of a given size that discards writes.
+
+Reads leave the caller's buffer as it is unless ``read-zeroes`` (QEMU 11.1's default is
+off); ``latency-ns`` delays every request, for benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+from typing import TYPE_CHECKING, Any
+
+from qsd_py.block.node import BlockNode, Buffer
+
+if TYPE_CHECKING:
+    from qsd_py.block.graph import BlockGraph
+
+DEFAULT_SIZE = 1 << 30
+_ZEROES = bytes(1 << 16)
+
+
+class NullNode(BlockNode):
+    driver = "null-co"
+    format_name = "null-co"
+
+    def __init__(self, graph: BlockGraph, opts: dict[str, Any]) -> None:
+        super().__init__(graph, opts)
+        self.size: int = opts.get("size", DEFAULT_SIZE)
+        self.read_zeroes: bool = opts.get("read-zeroes", False)
+        self.latency: float = opts.get("latency-ns", 0) / 1e9
+
+    async def _delay(self) -> None:
+        if self.latency:
+            await asyncio.sleep(self.latency)
+
+    def length(self) -> int:
+        return self.size
+
+    async def truncate(self, length: int) -> None:
+        if self.read_only:
+            raise OSError(errno.EACCES, "Image is read-only")
+        raise OSError(errno.ENOTSUP, "Image format driver does not support resize")
+
+    async def allocated_size(self) -> int:
+        return 0
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        await self._delay()
+        if self.read_zeroes:
+            zeroes = memoryview(_ZEROES)
+            for pos in range(0, len(buf), len(_ZEROES)):
+                n = min(len(_ZEROES), len(buf) - pos)
+                buf[pos : pos + n] = zeroes[:n]
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        await self._delay()
+
+    async def flush(self) -> None:
+        await self._delay()
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        await self._delay()
+
+    async def discard(self, offset: int, length: int) -> None:
+        await self._delay()
+
+    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
+        """Zeroes are a hole; unknown contents count as data (QEMU says neither zero nor
+        data, which SEEK_DATA treats as data)."""
+        return not self.read_zeroes, length
+
+    def filename(self) -> str:
+        desc = {k: self.opts[k] for k in ("read-zeroes",) if k in self.opts}
+        desc["driver"] = "null-co"
+        if "size" in self.opts:
+            desc["size"] = self.opts["size"]
+        return "json:" + json.dumps(desc) if len(desc) > 1 else "null-co://"

@@ -1,0 +1,125 @@
+"""The ``raw`` format driver: its ``file`` child as is, or a fixed window of it.
+
+``offset``/``size`` select a window; a node with a window cannot be resized and denies
+its child's other users the resize permission (QEMU's rule, so the window stays valid).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from typing import TYPE_CHECKING, Any
+
+from qsd_py.block.node import BlockNode, Buffer
+from qsd_py.block.perm import PERM_ALL, Perm
+from qsd_py.errors import QMPError
+
+if TYPE_CHECKING:
+    from qsd_py.block.graph import BlockGraph
+
+SECTOR = 512
+
+
+class RawNode(BlockNode):
+    driver = "raw"
+    format_name = "raw"
+
+    def __init__(self, graph: BlockGraph, opts: dict[str, Any]) -> None:
+        super().__init__(graph, opts)
+        self.offset: int = opts.get("offset", 0)
+        self.size: int | None = opts.get("size")
+        self.fixed = self.offset != 0 or self.size is not None
+
+    @property
+    def file(self) -> BlockNode:
+        return self.children["file"]
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def open(self) -> None:
+        child = await self.graph.open_child(self, self.opts["file"])
+        self.attach_child("file", child, *self._child_perms(Perm(0), PERM_ALL))
+        self._check_window(child.length())
+
+    def _check_window(self, file_len: int) -> None:
+        if self.offset > file_len:
+            raise QMPError(
+                f"Offset ({self.offset}) cannot be greater than size of the containing file "
+                f"({file_len})"
+            )
+        if self.size is None:
+            return
+        if self.offset + self.size > file_len:
+            raise QMPError(
+                f"The sum of offset ({self.offset}) and size ({self.size}) has to be smaller "
+                f"or equal to the  actual size of the containing file ({file_len})"
+            )
+        if self.size % SECTOR:
+            raise QMPError(f"Specified size is not multiple of {SECTOR}")
+
+    # --- permissions ----------------------------------------------------------------------
+    def _child_perms(self, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        """Pass the users' permissions through; a window never shares resize."""
+        return perm, (shared & ~Perm.RESIZE) if self.fixed else shared
+
+    def apply_perms(self, perm: Perm, shared: Perm) -> None:
+        if "file" in self.children:
+            self.attach_child("file", self.file, *self._child_perms(perm, shared))
+
+    # --- size -----------------------------------------------------------------------------
+    def length(self) -> int:
+        if self.size is not None:
+            return self.size
+        return max(0, self.file.length() - self.offset)
+
+    async def truncate(self, length: int) -> None:
+        if self.read_only:
+            raise OSError(errno.EACCES, "Image is read-only")
+        if self.size is not None:
+            raise OSError(errno.ENOTSUP, "Cannot resize fixed-size raw disks")
+        await self.file.truncate(length + self.offset)
+
+    async def allocated_size(self) -> int:
+        return await self.file.allocated_size()
+
+    def allocated_size_now(self) -> int:
+        return self.file.allocated_size_now()
+
+    # --- I/O ------------------------------------------------------------------------------
+    async def read(self, offset: int, buf: memoryview) -> None:
+        await self.file.read(offset + self.offset, buf)
+
+    async def write(self, offset: int, data: Buffer) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, "Block node is read-only")
+        await self.file.write(offset + self.offset, data)
+
+    async def flush(self) -> None:
+        await self.file.flush()
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, "Block node is read-only")
+        await self.file.write_zeroes(offset + self.offset, length, unmap and self.discard_unmap)
+
+    async def discard(self, offset: int, length: int) -> None:
+        if self.discard_unmap and not self.read_only:
+            await self.file.discard(offset + self.offset, length)
+
+    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
+        return await self.file.block_status(offset + self.offset, length)
+
+    # --- introspection --------------------------------------------------------------------
+    def filename(self) -> str:
+        if not self.fixed:
+            return self.file.filename()
+        desc: dict[str, Any] = {}
+        if self.offset:
+            desc["offset"] = self.offset
+        desc["driver"] = "raw"
+        if self.size is not None:
+            desc["size"] = self.size
+        desc["file"] = {"driver": self.file.driver, "filename": self.file.filename()}
+        return "json:" + json.dumps(desc)
+
+    def image_extra(self) -> dict[str, Any]:
+        return {"dirty-flag": False}
