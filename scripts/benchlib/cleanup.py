@@ -26,7 +26,8 @@ class Janitor:
         self._undo: list[tuple[str, Callable[[], None]]] = []
 
     def __enter__(self) -> Janitor:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
+        # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python keeps that.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, _interrupt)
         return self
 

@@ -9,6 +9,8 @@ total latency (submission + completion), which is what an application waits for.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,23 @@ def fio_command(job: Job, path: str, runtime: float, ramp: float, output: str) -
     if job.mix is not None:
         argv.append(f"--rwmixread={job.mix}")
     return argv
+
+
+def run_fio(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run fio in its own process group, so an interrupt kills its forked job workers too."""
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def parse_fio_json(data: dict) -> FioFigures:

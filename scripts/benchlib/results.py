@@ -111,8 +111,6 @@ def summarise_startup(runs: dict[str, list[float]]) -> dict[str, dict]:
 def _fmt(value: float | None, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if isinstance(value, int):
-        return str(value)
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     return f"{value:.{digits}f}"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib.cleanup import Janitor, set_uring_knob
-from benchlib.fio import fio_command, load_fio_json, parse_fio_json
+from benchlib.fio import fio_command, load_fio_json, parse_fio_json, run_fio
 from benchlib.matrix import BACKENDS, IMAGE_SIZE, Backend, Job, Target, applies
 from benchlib.procstat import CpuSampler
 from benchlib.results import Sample
@@ -164,12 +164,8 @@ class Runner:
             sampler = CpuSampler(daemon.pid, o.ramp + 0.3, max(o.runtime - 0.6, o.runtime / 2))
             sampler.start()
         try:
-            proc = subprocess.run(
-                fio_command(job, path, o.runtime, o.ramp, str(out)),
-                capture_output=True,
-                text=True,
-                timeout=o.ramp + o.runtime + 120,
-            )
+            argv = fio_command(job, path, o.runtime, o.ramp, str(out))
+            proc = run_fio(argv, timeout=o.ramp + o.runtime + 120)
             if proc.returncode != 0:
                 raise RuntimeError(f"fio exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
             fig = parse_fio_json(load_fio_json(out))
