@@ -31,7 +31,7 @@ LOCK_PERM_BASE = 100
 LOCK_SHARED_BASE = 200
 F_OFD_GETLK = 36
 F_OFD_SETLK = 37
-_FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
+FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
 
 # Unaligned O_DIRECT requests are bounced; the zero-writing fallback reuses one zero buffer.
 _ZERO_CHUNK = 1 << 20
@@ -40,8 +40,8 @@ _zero_buf = mmap.mmap(-1, _ZERO_CHUNK)
 
 def _lock_byte(fd: int, cmd: int, kind: int, byte: int) -> int:
     """One OFD lock call on a single byte; returns the ``l_type`` the kernel answered."""
-    res = fcntl.fcntl(fd, cmd, _FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0))
-    return _FLOCK.unpack(res)[0]
+    res = fcntl.fcntl(fd, cmd, FLOCK.pack(kind, os.SEEK_SET, byte, 1, 0))
+    return FLOCK.unpack(res)[0]
 
 
 def _address(buf: memoryview) -> int | None:
