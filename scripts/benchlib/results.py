@@ -147,11 +147,12 @@ def format_table(
         cells = []
         for i, (key, _, width) in enumerate(COLUMNS):
             value = row[key]
-            text = (
-                value if isinstance(value, str) else _fmt(value, 2 if key == "daemon_util" else 1)
-            )
-            if key == "n" and row.get("failed"):
-                text = f"{value}!{row['failed']}"
+            if isinstance(value, str):
+                text = value
+            elif key == "n":  # good runs, then "!failed" when some runs failed
+                text = f"{value}!{row['failed']}" if row.get("failed") else str(value)
+            else:
+                text = _fmt(value, 2 if key == "daemon_util" else 1)
             cells.append(f"{text:<{width}}" if i <= 2 else f"{text:>{width}}")
         rat = by_key.get((row["backend"], row["job"], row["target"]))
         ratio_text = _fmt(rat["iops_ratio"], 2) if rat else ""

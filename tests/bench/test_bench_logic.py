@@ -166,7 +166,7 @@ def test_table_text() -> None:
     lines = table.splitlines()
     assert "x qemu" in lines[0] and "CPU us/IO" in lines[0]
     qsd = next(line for line in lines if " qsd-py " in line and "randread" in line)
-    assert "16,000" in qsd and "1.45" in qsd and "0.60" in qsd
+    assert "16,000" in qsd and "1.45" in qsd and "0.60" in qsd and qsd.split()[-3] == "3"
     assert "1!1" in next(line for line in lines if " file " in line)  # 1 good run, 1 failed
     assert any(line.split()[:2] == ["qemu", "5.0"] for line in lines)
 
