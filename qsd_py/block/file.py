@@ -74,13 +74,7 @@ class FileNode(BlockNode):
 
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
-        flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
-        if self.direct:
-            flags |= os.O_DIRECT
-        try:
-            self.fd = os.open(self.path, flags)
-        except OSError as e:
-            raise QMPError(f"Could not open '{self.path}': {os.strerror(e.errno)}") from None
+        self.fd = self._open_fd()
         if self.aio_mode == "native" and not self.direct:
             raise QMPError(
                 "aio=native was specified, but it requires cache.direct=on, "
@@ -98,6 +92,22 @@ class FileNode(BlockNode):
             self._length = st.st_size
         if self.direct:
             self.align, self.mem_align = self._probe_alignment()
+
+    def _open_fd(self) -> int:
+        """Open read-write, or read-only when asked; with auto-read-only, fall back to
+        read-only where writing is refused (QEMU's rule)."""
+        extra = os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
+        try:
+            try:
+                return os.open(self.path, (os.O_RDONLY if self.read_only else os.O_RDWR) | extra)
+            except OSError as e:
+                auto = self.opts.get("auto-read-only", False)
+                if self.read_only or not auto or e.errno not in (errno.EACCES, errno.EROFS):
+                    raise
+                self.read_only = True
+                return os.open(self.path, os.O_RDONLY | extra)
+        except OSError as e:
+            raise QMPError(f"Could not open '{self.path}': {os.strerror(e.errno)}") from None
 
     def _probe_alignment(self) -> tuple[int, int]:
         """Find the O_DIRECT request and memory alignment by trying reads, as QEMU does."""

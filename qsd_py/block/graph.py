@@ -40,6 +40,21 @@ def check_node_name(name: str) -> None:
         raise QMPError(f"Invalid node-name: '{name}'")
 
 
+def check_base_options(opts: dict[str, Any]) -> None:
+    """Options every driver shares, refused as QEMU refuses them (or, for detect-zeroes,
+    which qsd-py does not implement, refused rather than silently ignored)."""
+    if opts.get("force-share") and not opts.get("read-only"):
+        raise QMPError("force-share=on can only be used with read-only images")
+    detect = opts.get("detect-zeroes", "off")
+    if detect == "unmap" and opts.get("discard") != "unmap":
+        raise QMPError(
+            "setting detect-zeroes to unmap is not allowed without setting discard "
+            "operation to unmap"
+        )
+    if detect != "off":
+        raise QMPError(f"detect-zeroes={detect} is not supported by qsd-py")
+
+
 def inherit_options(child: dict[str, Any], parent: dict[str, Any]) -> dict[str, Any]:
     """The options of an inline child: its own, plus what it inherits from ``parent``."""
     opts = dict(child)
@@ -97,6 +112,7 @@ class BlockGraph:
             name = self._generate_name()
         else:
             self._check_new_name(name)
+        check_base_options(opts)
         cls = driver_classes().get(opts["driver"])
         if cls is None:
             raise QMPError(f"Unknown driver '{opts['driver']}'")

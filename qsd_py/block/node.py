@@ -42,6 +42,7 @@ class BlockNode:
         self.read_only: bool = bool(opts.get("read-only", False))
         # discard=unmap lets write_zeroes(unmap=True)/discard deallocate; ignore (default) zeroes.
         self.discard_unmap: bool = opts.get("discard", "ignore") == "unmap"
+        self.force_share: bool = bool(opts.get("force-share", False))
         self.users: dict[str, NodeUser] = {}
         # Child nodes by role ("file"); implicit ones were created from an inline dict and
         # are deleted with this node.
@@ -115,6 +116,8 @@ class BlockNode:
         for user in self.users.values():
             perm |= user.perm
             shared &= user.shared
+        if self.force_share:  # a read-only node that never locks others out
+            shared = PERM_ALL
         return perm, shared
 
     def refresh_perms(self) -> None:
