@@ -118,16 +118,6 @@ def loadavg() -> str:
         return " ".join(f.read().split()[:3])
 
 
-def estimate_s(opts: Options) -> float:
-    runs = sum(
-        len(opts.jobs) * opts.rounds
-        for b in opts.backends
-        for t in opts.targets
-        if matrix.applies(t, b)
-    )
-    return runs * (opts.runtime + opts.ramp + 0.4) + 3 * len(opts.backends)
-
-
 def render(doc: dict, out: Path) -> None:
     """Print and save the table, draw the plot, from a results document."""
     summary = summarise(load_samples(doc))
@@ -161,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         say(str(exc))
         return 2
-    say(f"about {estimate_s(opts) / 60:.1f} min; output in {opts.out}")
+    say(f"output in {opts.out}")
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": shlex.join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)]),

@@ -217,12 +217,22 @@ class Runner:
 
     def run(self) -> Outcome:
         targets = self.usable_targets()
+        say(f"about {estimate_s(self.opts, targets) / 60:.1f} min")
         self.setup_workspace(self.opts.backends)
         if self.opts.startup_runs > 0:
             self.measure_startup(targets)
         for backend in self.opts.backends:
             self.run_backend(backend, targets)
         return self.outcome
+
+
+def estimate_s(opts: Options, targets: list[Target]) -> float:
+    """Rough duration: fio runs plus image filling; start-up timing is negligible."""
+    runs = sum(
+        len(opts.jobs) * opts.rounds for b in opts.backends for t in targets if applies(t, b)
+    )
+    files = sum(b.kind == "file" for b in opts.backends)
+    return runs * (opts.runtime + opts.ramp + 0.4) + 5 * files
 
 
 def _fill(path: str) -> None:
