@@ -147,7 +147,7 @@ def iter_options(argv: list[str]) -> Iterator[CliOption]:
             return
         if arg.startswith("--"):
             body, eq, value = arg[2:].partition("=")
-            name = _match_long(body, arg[: 2 + len(body)] if eq else arg)
+            name = _match_long(body, arg)
             takes_arg = LONG_OPTIONS[name][0]
             if eq:
                 if not takes_arg:

@@ -222,6 +222,8 @@ class _Builder:
             self.define(e)
         for e in self.exprs:
             self.check(e)
+        for name, array in self.arrays.items():
+            self.types.setdefault(name, array)
         return Model(self.types, self.commands, self.events, self.cli, self.empty, self.order)
 
     # pass 1

@@ -1,0 +1,182 @@
+"""The schema files, their parser and model, the derived JSON Schema and introspection."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from qsd_py.qapi.jsonschema import type_schema
+from qsd_py.qapi.model import QAPISemError, build_model
+from qsd_py.qapi.parser import QAPIParseError, parse_schema
+from qsd_py.qapi.schema import load_schema
+
+COMMANDS = {
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "query-qmp-schema",
+    "quit",
+    "blockdev-add",
+    "blockdev-del",
+    "query-named-block-nodes",
+    "block_resize",
+    "object-add",
+    "object-del",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
+}
+
+
+def test_exactly_the_supported_commands() -> None:
+    schema = load_schema()
+    assert set(schema.command_names()) == COMMANDS
+    assert all(schema.has_command(c) for c in COMMANDS)
+    assert not schema.has_command("nbd-server-start")
+    assert set(schema.event_names()) == {"SHUTDOWN", "BLOCK_EXPORT_DELETED"}
+
+
+def test_load_is_cached_and_fast() -> None:
+    load_schema.cache_clear()
+    start = time.perf_counter()
+    schema = load_schema()
+    elapsed = time.perf_counter() - start
+    assert load_schema() is schema
+    assert elapsed < 0.05, f"loading the schema took {elapsed * 1000:.1f} ms"
+
+
+def test_introspection_lists_every_command_and_event() -> None:
+    info = load_schema().introspect()
+    commands = {e["name"]: e for e in info if e["meta-type"] == "command"}
+    assert set(commands) == COMMANDS
+    events = {e["name"] for e in info if e["meta-type"] == "event"}
+    assert events == {"SHUTDOWN", "BLOCK_EXPORT_DELETED"}
+    names = {e["name"] for e in info}
+    for entry in info:  # every type named anywhere is described
+        for key in ("arg-type", "ret-type", "element-type"):
+            if key in entry:
+                assert entry[key] in names
+        for m in entry.get("members", []):
+            if "type" in m:
+                assert m["type"] in names
+        for v in entry.get("variants", []):
+            assert v["type"] in names
+
+
+def test_introspection_masks_type_names_like_qemu() -> None:
+    info = load_schema().introspect()
+    by_name = {e["name"]: e for e in info}
+    for entry in info:
+        if entry["meta-type"] in ("enum", "object", "alternate"):
+            assert entry["name"].isdigit()
+    assert by_name["int"] == {"name": "int", "meta-type": "builtin", "json-type": "int"}
+    assert "ChardevOptions" not in by_name and "MonitorOptions" not in by_name
+    add = by_name[by_name["block-export-add"]["arg-type"]]
+    assert add["tag"] == "type"
+    members = {m["name"]: m for m in add["members"]}
+    assert "default" in members["iothread"] and "default" not in members["id"]
+    alternate = by_name[members["iothread"]["type"]]
+    assert alternate["meta-type"] == "alternate"
+    assert [m["type"] for m in alternate["members"]] == ["str", "[str]"]
+    fuse = by_name[add["variants"][0]["type"]]
+    assert [m["name"] for m in fuse["members"]] == [
+        "mountpoint",
+        "growable",
+        "allow-other",
+        "io_uring",
+        "queue-depth",
+    ]
+    # commands without arguments or result use the one empty object
+    quit_cmd = by_name["quit"]
+    assert by_name[quit_cmd["arg-type"]] == {
+        "name": quit_cmd["arg-type"],
+        "meta-type": "object",
+        "members": [],
+    }
+
+
+def test_introspection_answer_validates_against_schema_info() -> None:
+    schema = load_schema()
+    schema.check_type_value("SchemaInfoList", schema.introspect())
+
+
+def test_json_schema_of_a_union() -> None:
+    doc = load_schema().json_schema("blockdev-add")
+    assert doc["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    options = doc["$defs"]["BlockdevOptions"]
+    assert options["unevaluatedProperties"] is False
+    assert {c["if"]["properties"]["driver"]["const"] for c in options["allOf"]} == {
+        "file",
+        "null-co",
+        "raw",
+    }
+    assert doc["$defs"]["BlockdevRef"] == {
+        "anyOf": [{"$ref": "#/$defs/BlockdevOptions"}, {"type": "string"}]
+    }
+
+
+def test_json_schema_rejects_a_member_of_another_variant() -> None:
+    from jsonschema import Draft202012Validator
+
+    schema = load_schema()
+    v = Draft202012Validator(type_schema(schema.command("blockdev-add").arg_type))
+    assert v.is_valid({"driver": "file", "filename": "/x"})
+    assert not v.is_valid({"driver": "null-co", "filename": "/x"})
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "s.json"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{ 'enum': 'E', 'data': [ 'a' ] }\n{ 'struct': 'S' 'data': {} }", "s.json:2:17: expected"),
+        ("{ 'enum': 'E',\n  'data': [ 'a ] }", "s.json:2:13: missing terminating"),
+        ("{ 'enum': 'E', 'data': [ 1 ] }", "s.json:1:26: stray '1'"),
+        ("{ 'enum': 'E', 'enum': 'F' }", "s.json:1:16: duplicate key 'enum'"),
+    ],
+)
+def test_parse_errors_name_file_line_and_column(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(QAPIParseError) as err:
+        parse_schema(_write(tmp_path, text))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("\n{ 'struct': 'S', 'data': { 'a': 'Nope' } }", ":2: member 'a' of 'S' uses unknown type"),
+        ("{ 'struct': 'S', 'data': {} }\n{ 'struct': 'S', 'data': {} }", ":2: type 'S' is already"),
+        (
+            "{ 'alternate': 'A', 'data': { 'x': 'int', 'y': 'number' } }",
+            ":1: alternate 'A' has ambiguous branches",
+        ),
+        (
+            "{ 'enum': 'E', 'data': ['a'] }\n{ 'struct': 'B', 'data': {} }\n"
+            "{ 'union': 'U', 'base': { 'k': 'E' }, 'discriminator': 'k', 'data': { 'b': 'B' } }",
+            ":3: branch 'b' is not a value of E",
+        ),
+        (
+            "{ 'struct': 'S', 'data': { 'a': 'int' }, 'aliases': { 'b': 'c' } }",
+            ":1: alias 'b' must name a member",
+        ),
+        ("{ 'struct': 'S', 'data': {}, 'bogus': true }", ":1: struct has unknown key 'bogus'"),
+    ],
+)
+def test_model_errors_name_file_and_line(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(QAPISemError) as err:
+        build_model(parse_schema(_write(tmp_path, text)))
+    assert message in str(err.value)
+
+
+def test_include_reads_each_file_once(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text("{ 'include': 'b.json' }\n{ 'enum': 'A', 'data': ['x'] }")
+    (tmp_path / "b.json").write_text("# comment\n{ 'enum': 'B', 'data': ['y'] }")
+    top = _write(tmp_path, "{ 'include': 'a.json' }\n{ 'include': 'b.json' }")
+    model = build_model(parse_schema(top))
+    assert "A" in model.types and "B" in model.types
