@@ -6,9 +6,10 @@ permissions, mountpoint), mounts, answers FUSE_INIT on the session fd and then s
 queue per iothread (``FUSE_DEV_IOC_CLONE`` for all but the first). Any failure undoes what was
 done, so a failed ``block-export-add`` leaves no mount behind.
 
-The io_uring transport (issue 4) plugs in at :meth:`FuseExport._start_transport`: it asks
-the engine for ``FUSE_OVER_IO_URING`` through ``FuseEngine.init(want=...)`` and serves the
-same engine from ring entries instead of :class:`DevFuseQueue`.
+With ``io_uring=on`` the INIT reply asks for ``FUSE_OVER_IO_URING`` (``FuseEngine.init(want=
+...)``; refused before mounting or before replying when the kernel cannot, never a silent
+fallback), then :class:`~qsd_py.export.fuse.uring.UringTransport` serves the same engine from
+ring entries, and a single :class:`DevFuseQueue` on the session fd takes FORGET/INTERRUPT.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from qsd_py.errors import QMPError
 from qsd_py.export.fuse import mount as fmount
 from qsd_py.export.fuse import proto as p
+from qsd_py.export.fuse import uring as furing
 from qsd_py.export.fuse.devfuse import DevFuseQueue
 from qsd_py.export.fuse.engine import MAX_READ, FuseEngine
 from qsd_py.export.registry import BlockExport
@@ -63,6 +65,7 @@ class FuseExport(BlockExport):
         self.writethrough: bool = bool(opts.get("writethrough", False))
         self.allow_other: str = opts.get("allow-other", "auto")
         self.io_uring: bool = bool(_opt(opts, "io_uring", "io-uring", default=False))
+        self.uring: furing.UringTransport | None = None
         self.engine: FuseEngine | None = None
         self.mounted: fmount.Mounted | None = None
         self.queues: list[DevFuseQueue] = []
@@ -78,7 +81,9 @@ class FuseExport(BlockExport):
             self.node.add_user(self.id, self.writable)
             self._user_added = True
             if self.io_uring:
-                raise QMPError("io_uring=on is not supported yet")
+                self._check_uring()
+            elif "queue-depth" in self.opts:
+                raise QMPError("queue-depth is only valid with io_uring=on")
             if self.key in _MOUNTPOINTS:
                 raise QMPError(f"There already is a FUSE export on '{self.mountpoint}'")
             fmount.check_mountpoint(self.mountpoint)
@@ -97,6 +102,8 @@ class FuseExport(BlockExport):
             _MOUNTPOINTS[self.key] = self
             self.engine.allow_other = self.mounted.allow_other
             await self._serve_init(self.mounted.fd)
+            if self.io_uring:
+                await self._start_uring()
             self._start_transport()
         except BaseException:
             await self._teardown(abort=True)
@@ -139,7 +146,10 @@ class FuseExport(BlockExport):
         if opcode != p.INIT:
             raise QMPError(f"FUSE: expected FUSE_INIT, got opcode {opcode}")
         out = bytearray(p.OUT_HEADER.size + p.INIT_OUT.size)
-        res = self.engine.init(mv[p.IN_HEADER.size : n], memoryview(out)[p.OUT_HEADER.size :])
+        want = p.OVER_IO_URING if self.io_uring else 0
+        res = self.engine.init(mv[p.IN_HEADER.size : n], memoryview(out)[p.OUT_HEADER.size :], want)
+        if res >= 0 and self.io_uring:
+            furing.check_negotiated(self.engine)  # refuse before replying: no silent fallback
         if res < 0:
             p.OUT_HEADER.pack_into(out, 0, p.OUT_HEADER.size, res, unique)
             os.write(fd, out[: p.OUT_HEADER.size])
@@ -148,9 +158,10 @@ class FuseExport(BlockExport):
         os.write(fd, out[: p.OUT_HEADER.size + res])
 
     def _start_transport(self) -> None:
-        """One /dev/fuse queue per iothread (or one on the main loop)."""
+        """One /dev/fuse queue per iothread (or one on the main loop). With io_uring, one
+        reader of the session fd on the main loop, for FORGET and INTERRUPT."""
         assert self.engine is not None and self.mounted is not None
-        if not self._iothreads:
+        if not self._iothreads or self.uring is not None:
             placements: list[tuple[asyncio.AbstractEventLoop, str]] = [
                 (asyncio.get_running_loop(), "main")
             ]
@@ -165,6 +176,44 @@ class FuseExport(BlockExport):
             else:
                 loop.call_soon_threadsafe(queue.start)
 
+    # --- FUSE-over-io_uring ------------------------------------------------------------------
+    def _check_uring(self) -> None:
+        """Before mounting: the kernel can do it and the options make sense."""
+        furing.queue_depth(self.opts)
+        reason = furing.unavailable_reason()
+        if reason is not None:
+            raise QMPError(reason)
+
+    async def _start_uring(self) -> None:
+        """After the INIT reply: register entries on every CPU's queue, spread round-robin
+        over the iothreads (default: the main loop serves all)."""
+        assert self.engine is not None and self.mounted is not None
+        loops = [(t.loop, t.id) for t in self._iothreads] or [(asyncio.get_running_loop(), "main")]
+        self.uring = furing.UringTransport(
+            self.mounted.fd,
+            self.engine,
+            loops,
+            depth=furing.queue_depth(self.opts),
+            name=self.id,
+        )
+        await self.uring.start()
+
+    async def _stop_uring(self, abort: bool) -> None:
+        """Stop answering, abort the connection (parked entries then complete), wait for every
+        entry and free the buffers; the rest of the teardown is the /dev/fuse one."""
+        assert self.uring is not None
+        try:
+            await self.uring.stop_serving(abort)
+        except Exception:  # noqa: BLE001 - teardown goes on
+            log.exception("stopping FUSE io_uring queues of %s", self.id)
+        mounted = self.mounted
+        if mounted is not None and not furing.abort_connection(mounted.path, mounted.privileged):
+            # No way to abort: the connection ends once the lazily detached mount is unused.
+            fmount.unmount(mounted.path, mounted.privileged)
+        if not await self.uring.drain_and_release():
+            log.error("%s: FUSE io_uring entries still held by the kernel", self.id)
+        self.uring = None
+
     def _clone_fd(self, session_fd: int) -> int:
         fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -177,6 +226,8 @@ class FuseExport(BlockExport):
 
     # --- stop ------------------------------------------------------------------------------
     def in_use(self) -> bool:
+        if self.uring is not None and self.uring.in_flight():
+            return True
         return any(q.stats.in_flight for q in self.queues)
 
     async def stop(self, mode: str) -> None:
@@ -187,6 +238,8 @@ class FuseExport(BlockExport):
     async def _teardown(self, abort: bool) -> None:
         """Stop the queues, unmount, close the fds (callers still holding the file then get
         ENOTCONN, callers mid-request ECONNABORTED) and give back node and iothreads."""
+        if self.uring is not None:
+            await self._stop_uring(abort)
         for queue in self.queues:
             try:
                 await queue.run_on_loop(lambda q=queue: q.aclose(abort))
@@ -213,9 +266,10 @@ class FuseExport(BlockExport):
         """Per-queue counters for ``x-`` introspection and tests (issue 4's visible proof)."""
         return {
             "id": self.id,
-            "transport": "dev-fuse",
+            "transport": "io_uring" if self.uring is not None else "dev-fuse",
             "negotiated": self.engine.describe() if self.engine else {},
             "queues": [q.info() for q in self.queues],
+            "uring-queues": self.uring.info() if self.uring is not None else [],
         }
 
 

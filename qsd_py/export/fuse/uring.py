@@ -1,0 +1,480 @@
+"""The FUSE-over-io_uring transport: FUSE requests as io_uring completions, replies by
+COMMIT_AND_FETCH.
+
+How the kernel wants it (6.18, see ../shared/reference/fuse-over-io_uring.md):
+
+* FUSE_INIT still arrives on /dev/fuse; the export answers it with ``FUSE_OVER_IO_URING``
+  (:func:`check_negotiated` refuses to go on when the kernel did not grant it).
+* Only after that reply is written may entries be registered (earlier: ``-EAGAIN``), and the
+  kernel uses the ring only once *every* possible CPU's queue has an entry: until then new
+  requests wait in the kernel. A REGISTER that fails drops the connection back to /dev/fuse,
+  which is why :class:`UringTransport` validates buffer sizes before sending any.
+* A registered entry completes (CQE ``res == 0``) when the kernel put a request in it: the
+  in-header at byte 0 of the entry's 288-byte header buffer, the first argument at 128,
+  ``commit_id``/``payload_sz`` at 264/272, further arguments (write data) in the payload.
+  The reply goes to the same places and one COMMIT_AND_FETCH both answers and re-arms.
+* FORGET and INTERRUPT keep coming on /dev/fuse, so the export keeps one /dev/fuse reader.
+* When the connection ends (unmount, abort) every parked entry completes with ``-ENOTCONN``.
+
+Why it is shaped this way: each queue serves one kernel queue (one ``qid``) from the
+:class:`~qsd_py.uring.aio.AsyncRing` of the loop it was placed on, shared with the ``file``
+driver's ``aio=io_uring`` requests so a backend read and the COMMIT_AND_FETCH after it go out
+in one ``io_uring_enter``. Every entry is built once: its slices of the queue's header and
+payload mmaps, its ``iovec[2]``, the memoryviews the engine gets, and the bound callback the
+ring calls. A request then costs the engine's coroutine and a task, nothing else; replies
+are packed in place in the entry header and in the SQE's command area.
+
+Teardown cannot rely on closing /dev/fuse (parked commands hold a reference to it) nor on
+closing the ring (it is shared): :func:`abort_connection` aborts the FUSE connection, which
+completes every parked entry, and the transport waits for that before releasing buffers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import struct
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from qsd_py.errors import QMPError
+from qsd_py.export.fuse import proto as p
+from qsd_py.export.fuse.engine import QueueStats
+from qsd_py.export.fuse.mount import MNT_DETACH, _c, _unescape
+from qsd_py.uring import abi
+from qsd_py.uring.aio import AsyncRing, buffer_address, ring_for_loop, uring_unavailable_reason
+
+if TYPE_CHECKING:
+    from qsd_py.export.fuse.engine import FuseEngine
+
+log = logging.getLogger("qsd_py.export.fuse")
+
+ENABLE_URING_KNOB = "/sys/module/fuse/parameters/enable_uring"
+FUSECTL_DIR = "/sys/fs/fuse/connections"
+DEFAULT_QUEUE_DEPTH = 64
+MAX_QUEUE_DEPTH = 1024
+DRAIN_TIMEOUT_S = 5.0
+MNT_FORCE = 1
+
+HEADER_SIZE = p.URING_REQ_HEADER_SZ  # what the kernel requires of iov[0]
+HEADER_STRIDE = 320  # 288 rounded up to whole cache lines: entries never share a line
+_ARG = p.URING_ARG_OFFSET
+_UNIQUE = struct.Struct("<Q")  # fuse_in_header.unique at 8
+_COMMIT_ID = struct.Struct("<Q")  # ent_in_out.commit_id at 264
+_PAYLOAD_SZ = struct.Struct("<I")  # ent_in_out.payload_sz at 272
+_COMMIT_ID_AT = p.URING_ENT_OFFSET + 8
+_PAYLOAD_SZ_AT = p.URING_ENT_OFFSET + 16
+_OUT_HEADER = p.OUT_HEADER
+_CMD_REQ = p.URING_CMD_REQ
+_REGISTER = p.URING_CMD_REGISTER
+_COMMIT_AND_FETCH = p.URING_CMD_COMMIT_AND_FETCH
+_GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV, errno.EBADF)
+
+# Buffers of entries the kernel may still write to (a drain that timed out): never freed.
+_KERNEL_OWNED: list[object] = []
+
+
+# --- availability ---------------------------------------------------------------------------
+def possible_cpus() -> int:
+    """The kernel's queue count: one per *possible* CPU (qid 0..n-1)."""
+    return max(1, os.sysconf("SC_NPROCESSORS_CONF"))
+
+
+def unavailable_reason() -> str | None:
+    """Why FUSE-over-io_uring cannot work here (cause and fix), or None. Checked before
+    mounting so a refused export leaves nothing behind."""
+    try:
+        with open(ENABLE_URING_KNOB) as f:
+            knob = f.read().strip()
+    except FileNotFoundError:
+        return (
+            "FUSE-over-io_uring is not supported by this kernel (no "
+            f"{ENABLE_URING_KNOB}): it needs Linux 6.14 or later built with "
+            "CONFIG_FUSE_IO_URING; export without io_uring"
+        )
+    except OSError as err:
+        return f"cannot read {ENABLE_URING_KNOB}: {err.strerror}"
+    if knob not in ("Y", "1"):
+        return (
+            "FUSE-over-io_uring is not enabled in the kernel "
+            f"({ENABLE_URING_KNOB} is {knob}): run 'echo Y > {ENABLE_URING_KNOB}' "
+            "as root, or export without io_uring"
+        )
+    return uring_unavailable_reason()
+
+
+def check_negotiated(engine: FuseEngine) -> None:
+    """After ``engine.init(want=OVER_IO_URING)``: refuse (before the INIT reply is written)
+    when the kernel did not grant the flag; never fall back to /dev/fuse silently."""
+    if not engine.flags & p.OVER_IO_URING:
+        raise QMPError(
+            "FUSE-over-io_uring was not offered by the kernel in FUSE_INIT (is "
+            f"{ENABLE_URING_KNOB} Y? run 'echo Y > {ENABLE_URING_KNOB}' as root), "
+            "or export without io_uring"
+        )
+
+
+def queue_depth(opts: dict[str, Any]) -> int:
+    """``queue-depth`` with its default, range-checked."""
+    depth = opts.get("queue-depth", DEFAULT_QUEUE_DEPTH)
+    if not 1 <= depth <= MAX_QUEUE_DEPTH:
+        raise QMPError(f"Parameter 'queue-depth' expects a value between 1 and {MAX_QUEUE_DEPTH}")
+    return depth
+
+
+# --- one entry ---------------------------------------------------------------------------------
+class _Entry:
+    """One ring entry: buffers, iovec and views built once, reused for every request."""
+
+    __slots__ = (
+        "queue",
+        "hdr",
+        "in_hdr",
+        "arg",
+        "payload",
+        "iov",
+        "iov_addr",
+        "live",
+        "task",
+        "on_cqe",
+    )
+
+    def __init__(self, queue: UringQueue, hdr: memoryview, payload: memoryview) -> None:
+        self.queue = queue
+        self.hdr = hdr
+        self.in_hdr = hdr[: p.IN_HEADER.size]
+        self.arg = hdr[_ARG : _ARG + p.URING_OP_IN_OUT_SZ]
+        self.payload = payload
+        self.iov = (abi.IoVec * 2)(
+            abi.IoVec(buffer_address(hdr, True), HEADER_SIZE),
+            abi.IoVec(buffer_address(payload, True), len(payload)),
+        )
+        self.iov_addr = ctypes.addressof(self.iov)
+        self.live = False  # the kernel holds this entry (registered or committed)
+        self.task: asyncio.Task[None] | None = None
+        self.on_cqe: Callable[[int], None] = self._on_cqe
+
+    def _on_cqe(self, res: int) -> None:
+        queue = self.queue
+        self.live = False  # the command completed: the entry is ours until the next commit
+        queue.live -= 1
+        if res == 0:
+            queue._request(self)
+        else:
+            queue._ended(self, res)
+        if queue.live == 0 and queue.closing:
+            queue._drained.set()
+
+
+# --- one kernel queue --------------------------------------------------------------------------
+class UringQueue:
+    """Kernel queue ``qid``: ``depth`` entries served on ``loop`` through its AsyncRing.
+
+    :meth:`start`, :meth:`aclose` and :meth:`release` run on ``loop``'s thread.
+    """
+
+    def __init__(
+        self,
+        qid: int,
+        fd: int,
+        engine: FuseEngine,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        depth: int,
+        payload_size: int,
+        name: str,
+    ) -> None:
+        self.qid = qid
+        self.fd = fd
+        self.engine = engine
+        self.loop = loop
+        self.depth = depth
+        self.payload_size = payload_size
+        self.name = name
+        self.stats = QueueStats()
+        self.ring: AsyncRing | None = None
+        self.entries: list[_Entry] = []
+        self.live = 0
+        self.failure: int = 0  # first error a REGISTER/COMMIT got while connected (-errno)
+        self.closing = False
+        self._drained = asyncio.Event()  # set when nothing is left in the kernel at close
+        self._hdr_map: mmap.mmap | None = None
+        self._pay_map: mmap.mmap | None = None
+
+    # --- start -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Build the entries and queue one REGISTER each (submitted at the end of the turn)."""
+        self.ring = ring = ring_for_loop()
+        # One mapping per kind: page aligned, committed only where the kernel writes.
+        self._hdr_map = mmap.mmap(-1, self.depth * HEADER_STRIDE)
+        self._pay_map = mmap.mmap(-1, self.depth * self.payload_size)
+        hdrs, pays = memoryview(self._hdr_map), memoryview(self._pay_map)
+        for i in range(self.depth):
+            h = i * HEADER_STRIDE
+            pay = i * self.payload_size
+            entry = _Entry(self, hdrs[h : h + HEADER_SIZE], pays[pay : pay + self.payload_size])
+            self.entries.append(entry)
+        for entry in self.entries:
+            off = ring.submit_uring_cmd(self.fd, _REGISTER, None, entry.iov_addr, 2, entry.on_cqe)
+            _CMD_REQ.pack_into(ring.ring.sqes, off, 0, 0, self.qid)
+            entry.live = True
+            self.live += 1
+
+    # --- serving -----------------------------------------------------------------------------
+    def _request(self, entry: _Entry) -> None:
+        stats = self.stats
+        stats.requests += 1
+        if self.closing:
+            return  # hard teardown: the connection is being aborted, do not answer
+        entry.task = self.loop.create_task(self._serve(entry))
+
+    async def _serve(self, entry: _Entry) -> None:
+        stats = self.stats
+        hdr = entry.hdr
+        unique = _UNIQUE.unpack_from(hdr, 8)[0]
+        commit_id = _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0]
+        stats.in_flight += 1
+        try:
+            res = await self.engine.handle(
+                entry.in_hdr, entry.arg, entry.payload, entry.payload, stats
+            )
+        finally:
+            stats.in_flight -= 1
+            entry.task = None
+        if res is None:
+            res = 0  # no-reply opcodes never come through the ring; answer anyway to re-arm
+        self._commit(entry, unique, commit_id, res)
+
+    def _commit(self, entry: _Entry, unique: int, commit_id: int, res: int) -> None:
+        ring = self.ring
+        if ring is None or ring.closed:
+            return
+        hdr = entry.hdr
+        if res < 0:
+            _OUT_HEADER.pack_into(hdr, 0, _OUT_HEADER.size, res, unique)
+            _PAYLOAD_SZ.pack_into(hdr, _PAYLOAD_SZ_AT, 0)
+        else:
+            _OUT_HEADER.pack_into(hdr, 0, _OUT_HEADER.size + res, 0, unique)
+            _PAYLOAD_SZ.pack_into(hdr, _PAYLOAD_SZ_AT, res)
+        off = ring.submit_uring_cmd(self.fd, _COMMIT_AND_FETCH, None, 0, 0, entry.on_cqe)
+        _CMD_REQ.pack_into(ring.ring.sqes, off, 0, commit_id, self.qid)
+        entry.live = True
+        self.live += 1
+
+    def _ended(self, entry: _Entry, res: int) -> None:
+        """An entry came back with an error: the connection is gone (expected at teardown) or
+        the kernel refused a command (the entry is lost to the kernel queue)."""
+        if -res not in _GONE or not self.closing:
+            if not self.failure:
+                self.failure = res
+            if -res not in _GONE:
+                self.stats.errors += 1
+                log.error("%s: io_uring entry failed: %s", self.name, os.strerror(-res))
+
+    # --- stop --------------------------------------------------------------------------------
+    async def stop_serving(self, abort: bool) -> None:
+        """Take no new request from now on; with ``abort`` cancel the requests in flight, else
+        let them finish and reply (their commits re-arm entries that the abort then ends).
+        A request that arrives now stays unanswered until the abort ends it (ECONNABORTED)."""
+        self.closing = True
+        tasks = [e.task for e in self.entries if e.task is not None]
+        if abort:
+            for task in tasks:
+                task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def wait_drained(self, timeout: float) -> bool:
+        """Wait until the kernel gave back every entry (after the connection was aborted)."""
+        if self.live and self.ring is not None:
+            self.ring.flush()  # commits queued this turn must reach the kernel first
+        if self.live:
+            self._drained.clear()
+            try:
+                await asyncio.wait_for(self._drained.wait(), timeout)
+            except TimeoutError:
+                pass
+        return self.live == 0
+
+    def release(self) -> None:
+        """Drop buffers; if the kernel may still write into them, keep them alive forever."""
+        if self.live:
+            log.error("%s: %d io_uring entries never came back; leaking them", self.name, self.live)
+            _KERNEL_OWNED.append((self._hdr_map, self._pay_map, self.entries))
+        else:
+            for entry in self.entries:
+                for view in (entry.in_hdr, entry.arg, entry.hdr, entry.payload):
+                    view.release()
+            for m in (self._hdr_map, self._pay_map):
+                if m is not None:
+                    try:
+                        m.close()
+                    except BufferError:  # a cancelled thread-pool read may still hold a view
+                        pass
+        self.entries = []
+        self._hdr_map = self._pay_map = None
+        self.ring = None
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "transport": "io_uring",
+            "qid": self.qid,
+            "depth": self.depth,
+            "registered": self.live,
+            **self.stats.as_dict(),
+        }
+
+
+# --- all queues of one export -------------------------------------------------------------------
+class UringTransport:
+    """Every kernel queue of one FUSE connection, placed round-robin over ``loops``."""
+
+    def __init__(
+        self,
+        fd: int,
+        engine: FuseEngine,
+        loops: list[tuple[asyncio.AbstractEventLoop, str]],
+        *,
+        depth: int,
+        name: str,
+    ) -> None:
+        self.fd = fd
+        self.engine = engine
+        self.depth = depth
+        payload = engine.payload_size
+        self.queues = [
+            UringQueue(
+                qid,
+                fd,
+                engine,
+                loops[qid % len(loops)][0],
+                depth=depth,
+                payload_size=payload,
+                name=f"{name}/uring-q{qid}@{loops[qid % len(loops)][1]}",
+            )
+            for qid in range(possible_cpus())
+        ]
+
+    def _by_loop(self) -> dict[asyncio.AbstractEventLoop, list[UringQueue]]:
+        groups: dict[asyncio.AbstractEventLoop, list[UringQueue]] = {}
+        for q in self.queues:
+            groups.setdefault(q.loop, []).append(q)
+        return groups
+
+    def validate(self) -> None:
+        """What the kernel would refuse, refused before any REGISTER (a failed REGISTER
+        silently turns the connection back to /dev/fuse)."""
+        need = self.engine.payload_size
+        for q in self.queues:
+            if q.payload_size < need or HEADER_SIZE < p.URING_REQ_HEADER_SZ:
+                raise QMPError(
+                    f"FUSE-over-io_uring: payload buffer {q.payload_size} is smaller than "
+                    f"the negotiated {need} bytes"
+                )
+            if not 0 <= q.qid < possible_cpus():
+                raise QMPError(f"FUSE-over-io_uring: queue {q.qid} out of range")
+
+    async def start(self) -> None:
+        """Register every entry of every queue (call only after the INIT reply is written);
+        raise QMPError naming the kernel's answer if any REGISTER fails."""
+        self.validate()
+        for loop, queues in self._by_loop().items():
+            await _on_loop(loop, lambda qs=queues: _start_queues(qs))
+        failed = next((q for q in self.queues if q.failure), None)
+        if failed is not None:
+            err = -failed.failure
+            raise QMPError(
+                f"FUSE-over-io_uring: registering queue {failed.qid} failed: "
+                f"{os.strerror(err)}"
+                + (f" (is {ENABLE_URING_KNOB} still Y?)" if err == errno.EOPNOTSUPP else "")
+            )
+
+    def in_flight(self) -> int:
+        return sum(q.stats.in_flight for q in self.queues)
+
+    async def stop_serving(self, abort: bool) -> None:
+        for loop, queues in self._by_loop().items():
+            await _on_loop(loop, lambda qs=queues: _gather(q.stop_serving(abort) for q in qs))
+
+    async def drain_and_release(self, timeout: float = DRAIN_TIMEOUT_S) -> bool:
+        """After the connection was aborted: wait for every entry, free the buffers. Returns
+        False if some entry never came back (its buffers are then kept alive)."""
+        ok = True
+        for loop, queues in self._by_loop().items():
+
+            async def one(qs: list[UringQueue] = queues) -> bool:
+                done = await _gather(q.wait_drained(timeout) for q in qs)
+                for q in qs:
+                    q.release()
+                return all(done)
+
+            ok &= await _on_loop(loop, one)
+        return ok
+
+    def info(self) -> list[dict[str, Any]]:
+        return [q.info() for q in self.queues]
+
+
+async def _start_queues(queues: list[UringQueue]) -> None:
+    """On the queues' loop: queue every REGISTER, submit them now and reap the immediate
+    refusals (a valid REGISTER completes only when a request arrives)."""
+    for q in queues:
+        q.start()
+    ring = queues[0].ring
+    assert ring is not None
+    ring.flush()
+    await asyncio.sleep(0)
+    ring.flush()
+
+
+async def _gather(coros: Any) -> list[Any]:
+    return list(await asyncio.gather(*coros))
+
+
+async def _on_loop(loop: asyncio.AbstractEventLoop, coro_fn: Callable[[], Any]) -> Any:
+    """Run ``coro_fn()`` on ``loop`` (the caller may be on another loop)."""
+    if asyncio.get_running_loop() is loop:
+        return await coro_fn()
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro_fn(), loop))
+
+
+# --- ending the connection ----------------------------------------------------------------------
+def _mount_device(path: str) -> int | None:
+    """The FUSE connection number (the mount's device minor) from /proc/self/mountinfo,
+    read without stat(): a stat() on our own mount from the serving loop would deadlock."""
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if _unescape(fields[4]) == path and fields[sep + 1].startswith("fuse"):
+                    found = int(fields[2].split(":")[1])  # the last (topmost) one wins
+    except (OSError, ValueError, IndexError):
+        return None
+    return found
+
+
+def abort_connection(path: str, privileged: bool) -> bool:
+    """Abort the FUSE connection mounted at ``path`` so parked ring entries complete
+    (-ENOTCONN) and waiting callers get ECONNABORTED. Closing /dev/fuse would not do it:
+    every parked URING_CMD holds a reference to the file. Returns True if it was aborted."""
+    minor = _mount_device(path)
+    if minor is not None:
+        try:
+            with open(f"{FUSECTL_DIR}/{minor}/abort", "w") as f:
+                f.write("1")
+            return True
+        except OSError:
+            pass  # fusectl not mounted, or not ours
+    if minor is not None and privileged:
+        # MNT_FORCE calls the file system's umount_begin, which for FUSE aborts the connection.
+        if _c().umount2(os.fsencode(path), MNT_FORCE | MNT_DETACH) == 0:
+            return True
+        log.warning("forced unmount of '%s' failed: %s", path, os.strerror(ctypes.get_errno()))
+    return False
