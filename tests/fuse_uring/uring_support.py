@@ -1,0 +1,165 @@
+"""Helpers for FUSE-over-io_uring tests: the in-process export host, direct I/O on a mount
+and the export's counters.
+
+:class:`UringServer` hosts exports on an asyncio loop in a thread of the test process (the
+daemon's side, with a real BlockGraph over image files under tmp_path); the test thread does
+the file I/O through the real mount, or runs fio/dd subprocesses, so the serving loop never
+touches the mount.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import mmap
+import os
+import threading
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from qsd_py.block.graph import BlockGraph
+from qsd_py.export.fuse.export import FuseExport
+from qsd_py.objects.registry import ObjectRegistry
+from qsd_py.uring.aio import close_loop_ring
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+class _Daemon:
+    """What an export needs from the daemon: the object registry (iothreads) and the graph."""
+
+    def __init__(self) -> None:
+        self.objects = ObjectRegistry()
+        self.graph = BlockGraph()
+
+
+class UringServer:
+    """An asyncio loop in its own thread, hosting file-backed FUSE exports."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fuse-uring-server")
+        self.thread.start()
+        self.daemon = _Daemon()
+        self.exports: list[FuseExport] = []
+        self._nodes = 0
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def image(self, size: int = 8 << 20, data: bytes = b"", name: str | None = None) -> Path:
+        """A raw image file under tmp_path."""
+        path = self.tmp_path / (name or f"img{self._nodes}.raw")
+        with open(path, "wb") as f:
+            f.write(data)
+            f.truncate(size)
+        return path
+
+    def node(self, image: Path, **opts: Any) -> Any:
+        """A ``raw`` node over a ``file`` node on ``image``."""
+        self._nodes += 1
+        spec = {
+            "driver": "raw",
+            "node-name": f"n{self._nodes}",
+            "file": {"driver": "file", "filename": str(image), **opts},
+        }
+        return self.run(self.daemon.graph.add(spec))
+
+    def iothread(self, name: str) -> Any:
+        return self.daemon.objects.add({"qom-type": "iothread", "id": name})
+
+    def export(self, node: Any, mountpoint: Path, **opts: Any) -> FuseExport:
+        mountpoint.touch()
+        full = {
+            "type": "fuse",
+            "id": f"e{len(self.exports)}-{mountpoint.name}",
+            "node-name": node.node_name,
+            "mountpoint": str(mountpoint),
+            **opts,
+        }
+        exp = FuseExport(self.daemon, full, node)  # type: ignore[arg-type]
+        self.run(exp.start())
+        self.exports.append(exp)
+        return exp
+
+    def delete(self, exp: FuseExport, mode: str = "safe", timeout: float = 30.0) -> None:
+        self.run(exp.stop(mode), timeout)
+        self.exports.remove(exp)
+
+    def close(self) -> None:
+        for exp in reversed(self.exports):
+            try:
+                self.run(exp.stop("hard"))
+            except Exception:  # noqa: BLE001 - clean up as much as possible
+                pass
+        self.exports.clear()
+
+        async def finish() -> None:
+            self.daemon.graph.close_all()
+            close_loop_ring()
+
+        try:
+            self.run(finish())
+        finally:
+            self.daemon.objects.stop_all()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+
+
+def aligned(size: int) -> mmap.mmap:
+    """A page-aligned buffer, as O_DIRECT wants."""
+    return mmap.mmap(-1, max(size, mmap.PAGESIZE))
+
+
+def pread_direct(path: Path, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = aligned(size)
+        n = os.preadv(fd, [memoryview(buf)[:size]], offset)
+        return bytes(buf[:n])
+    finally:
+        os.close(fd)
+
+
+def pwrite_direct(path: Path, offset: int, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        buf = aligned(len(data))
+        buf[: len(data)] = data
+        assert os.pwritev(fd, [memoryview(buf)[: len(data)]], offset) == len(data)
+    finally:
+        os.close(fd)
+
+
+def fallocate(path: Path, mode: int, offset: int, length: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if _libc.fallocate(fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+def uring_totals(stats: dict[str, Any]) -> dict[str, int]:
+    """Sums of the io_uring queues' counters."""
+    keys = ("requests", "bytes-read", "bytes-written", "in-flight", "errors")
+    return {k: sum(q[k] for q in stats["uring-queues"]) for k in keys}
+
+
+def devfuse_totals(stats: dict[str, Any]) -> dict[str, int]:
+    """Sums of the /dev/fuse queues' counters."""
+    keys = ("requests", "bytes-read", "bytes-written")
+    return {k: sum(q[k] for q in stats["queues"]) for k in keys}
+
+
+def fuse_fds() -> int:
+    """Open fds of this process (for leak checks)."""
+    return len(os.listdir("/proc/self/fd"))
