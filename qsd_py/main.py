@@ -31,27 +31,40 @@ async def apply_option(daemon: Any, chardevs: dict[str, Any], opt: Any) -> None:
     """Apply one parsed command-line option to the daemon."""
     from qsd_py.cli.options import convert_option
     from qsd_py.errors import QMPError
-    from qsd_py.qmp.chardev import add_monitor, create_chardev
 
     try:
-        if opt.name in ("blockdev", "export", "object"):
-            command, args = convert_option(daemon.schema, opt.name, opt.arg)
+        if opt.name == "argument":
+            raise StartupError(f"{opt.arg}: Unexpected argument")
+        command, args = convert_option(daemon.schema, opt.name, opt.arg)
+        if command is not None:
             await daemon.execute(command, args)
         elif opt.name == "chardev":
-            _, args = convert_option(daemon.schema, opt.name, opt.arg)
-            if args["id"] in chardevs:
-                # QEMU 11.1 says "duplicate yank instance" here, an internal detail;
-                # QemuOpts' own wording says what is wrong.
-                raise QMPError(f"Duplicate ID '{args['id']}' for chardev")
-            chardevs[args["id"]] = await create_chardev(daemon, args)
+            await add_chardev(daemon, chardevs, args)
         elif opt.name == "monitor":
-            _, args = convert_option(daemon.schema, opt.name, opt.arg)
-            chardev = chardevs.get(args["chardev"])
-            if chardev is None:
-                raise QMPError(f'chardev "{args["chardev"]}" not found')
-            await add_monitor(daemon, chardev, bool(args.get("pretty", False)))
+            await add_monitor(daemon, chardevs, args)
     except QMPError as err:
         raise StartupError(f"{opt.given}: {err.desc}") from None
+
+
+async def add_chardev(daemon: Any, chardevs: dict[str, Any], args: dict[str, Any]) -> None:
+    from qsd_py.errors import QMPError
+    from qsd_py.qmp.chardev import create_chardev
+
+    if args["id"] in chardevs:
+        # QEMU 11.1 says "duplicate yank instance" here, an internal detail;
+        # QemuOpts' own wording says what is wrong.
+        raise QMPError(f"Duplicate ID '{args['id']}' for chardev")
+    chardevs[args["id"]] = await create_chardev(daemon, args)
+
+
+async def add_monitor(daemon: Any, chardevs: dict[str, Any], args: dict[str, Any]) -> None:
+    from qsd_py.errors import QMPError
+    from qsd_py.qmp import chardev
+
+    char = chardevs.get(args["chardev"])
+    if char is None:
+        raise QMPError(f'chardev "{args["chardev"]}" not found')
+    await chardev.add_monitor(daemon, char, bool(args.get("pretty", False)))
 
 
 def write_pidfile(path: str) -> None:
@@ -77,7 +90,8 @@ async def run(options: list[Any], ready_fd: int | None) -> int:
     chardevs: dict[str, Any] = {}
     pidfile: str | None = None
     try:
-        for opt in options:
+        # getopt order: every option in turn, then complaints about stray arguments.
+        for opt in sorted(options, key=lambda o: o.name == "argument"):
             if opt.name == "pidfile":
                 pidfile = opt.arg
             elif opt.name != "daemonize":
@@ -135,7 +149,7 @@ def finish_daemonize(ready_fd: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``qsd-py`` and ``python -m qsd_py``."""
-    from qsd_py.cli.options import HELP_TEXT, CliError, iter_options, version_text
+    from qsd_py.cli.options import HELP_TEXT, CliError, CliHelp, iter_options, version_text
 
     argv = sys.argv[1:] if argv is None else argv
     options = []
@@ -152,7 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         error(str(err))
         return 1
     ready_fd = daemonize() if any(o.name == "daemonize" for o in options) else None
-    return asyncio.run(run(options, ready_fd))
+    try:
+        return asyncio.run(run(options, ready_fd))
+    except CliHelp as shown:
+        print(shown.text, end="")
+        return 0
 
 
 if __name__ == "__main__":

@@ -133,17 +133,17 @@ def _match_long(name: str, raw: str) -> str:
 def iter_options(argv: list[str]) -> Iterator[CliOption]:
     """Yield the options of ``argv`` (without the program name) in order.
 
-    Raises :class:`CliError` with getopt's or QEMU's text at the first bad argument; the
-    options before it have been yielded already, so callers that apply options as they go
-    behave like QEMU.
+    Raises :class:`CliError` with getopt's text at the first bad option. An argument that is
+    not an option is yielded as ``CliOption("argument", arg, arg)``: QEMU reports it
+    (``<arg>: Unexpected argument``) only after applying every option.
     """
     i = 0
     while i < len(argv):
         arg = argv[i]
         i += 1
         if arg == "--":
-            if i < len(argv):
-                raise CliError(f"{argv[i]}: Unexpected argument")
+            for rest in argv[i:]:
+                yield CliOption("argument", rest, rest)
             return
         if arg.startswith("--"):
             body, eq, value = arg[2:].partition("=")
@@ -167,7 +167,9 @@ def iter_options(argv: list[str]) -> Iterator[CliOption]:
                     raise CliError(f"invalid option -- '{letter}'")
                 yield CliOption(name, None, f"-{letter}")
         else:
-            raise CliError(f"{arg}: Unexpected argument")
+            # getopt moves arguments that are no options to the end; QEMU complains about
+            # them only after applying every option, so the caller decides when to fail.
+            yield CliOption("argument", arg, arg)
 
 
 # --- converting ----------------------------------------------------------------------------

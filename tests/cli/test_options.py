@@ -26,6 +26,10 @@ CLI_ERRORS: list[tuple[list[str], str]] = [
     (["--blockdev"], "option '--blockdev' requires an argument"),
     (["-x"], "invalid option -- 'x'"),
     (["foo"], "foo: Unexpected argument"),
+    (
+        ["--blockdev", "bad", "foo"],
+        "--blockdev bad: Parameter 'driver' does not accept value 'bad'",
+    ),
     (["--blockdev=node-name=x"], "--blockdev=node-name=x: Parameter 'driver' is missing"),
     (["--blockdev", "node-name=x"], "--blockdev node-name=x: Parameter 'driver' is missing"),
     (["--block", "node-name=x"], "--block node-name=x: Parameter 'driver' is missing"),
@@ -291,20 +295,24 @@ CLI_ERRORS: list[tuple[list[str], str]] = [
 
 
 def first_error(argv: list[str]) -> str | None:
-    """Scan and convert argv like main does, and return the error line (or None)."""
+    """Scan, then convert argv in order like main does, and return the error line (or None)."""
     schema = load_schema()
     try:
-        for opt in iter_options(argv):
-            if opt.arg is None or opt.name == "pidfile":
-                continue
-            try:
-                command, args = convert_option(schema, opt.name, opt.arg)
-                if command is not None:
-                    schema.check_command_args(command, args)
-            except QMPError as err:
-                return f"{opt.given}: {err.desc}"
+        options = list(iter_options(argv))
     except CliError as err:
         return str(err)
+    for opt in options:
+        if opt.arg is None or opt.name in ("pidfile", "argument"):
+            continue
+        try:
+            command, args = convert_option(schema, opt.name, opt.arg)
+            if command is not None:
+                schema.check_command_args(command, args)
+        except QMPError as err:
+            return f"{opt.given}: {err.desc}"
+    for opt in options:
+        if opt.name == "argument":
+            return f"{opt.arg}: Unexpected argument"
     return None
 
 
