@@ -17,6 +17,7 @@ from qsd_py.commands import HANDLERS, load_handlers
 from qsd_py.errors import QMPError
 from qsd_py.export.registry import ExportRegistry
 from qsd_py.objects.registry import ObjectRegistry
+from qsd_py.uring.aio import close_loop_ring
 
 if TYPE_CHECKING:
     from qsd_py.qapi.schema import QAPISchema
@@ -87,7 +88,8 @@ class Daemon:
             await self.exports.delete_all()
         finally:
             self.graph.close_all()
-            self.objects.stop_all()
+            self.objects.stop_all()  # each iothread closes its own io_uring ring
+            close_loop_ring()  # the main loop's ring (aio=io_uring, FUSE-over-io_uring)
             for closer in reversed(self.closers):
                 try:
                     await closer()

@@ -2,9 +2,9 @@
 
 A backend is one shared object per ``aio=`` mode. The file node calls it from whatever
 asyncio loop it runs on (the main loop or an iothread's). ``aio=threads`` is
-:class:`ThreadPoolBackend`; the io_uring backend (qsd_py/uring/) plugs in with
-:func:`register_backend` ("io_uring") and the file node picks it up by name, nothing else
-changes. Backends move data straight between the fd and the caller's buffer: no copies.
+:class:`ThreadPoolBackend`; ``aio=io_uring`` is qsd_py/block/uring_aio.py, registered by
+name like any other (:func:`register_backend`) and imported on first use. Backends move data
+straight between the fd and the caller's buffer: no copies.
 """
 
 from __future__ import annotations
@@ -76,6 +76,10 @@ class IOBackend(Protocol):
         """Any other blocking call (ftruncate, lseek, fstat, bounce-buffer paths)."""
         ...
 
+    def check_usable(self) -> str | None:
+        """Called on the opening node's loop: None if usable, else the error for the user."""
+        ...
+
 
 class ThreadPoolBackend:
     """``aio=threads``: each request runs its whole syscall loop in one pool thread."""
@@ -98,9 +102,22 @@ class ThreadPoolBackend:
     async def fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
         await self.run(fallocate, fd, mode, offset, length)
 
+    def check_usable(self) -> str | None:
+        return None
+
+
+def _io_uring_backend() -> IOBackend:
+    """Imported on first use: processes that never ask for aio=io_uring never load it."""
+    from qsd_py.block.uring_aio import IoUringBackend
+
+    return IoUringBackend()
+
 
 # --- backend registry: the seam for aio=io_uring (and native) ------------------------------
-_factories: dict[str, Callable[[], IOBackend]] = {"threads": ThreadPoolBackend}
+_factories: dict[str, Callable[[], IOBackend]] = {
+    "threads": ThreadPoolBackend,
+    "io_uring": _io_uring_backend,
+}
 _backends: dict[str, IOBackend] = {}
 _lock = threading.Lock()
 

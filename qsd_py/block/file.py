@@ -85,6 +85,9 @@ class FileNode(BlockNode):
             raise QMPError(
                 f"aio={self.aio_mode} was specified, but is not supported in this build."
             )
+        unusable = self.backend.check_usable()
+        if unusable is not None:
+            raise QMPError(unusable)
         st = os.fstat(self.fd)
         if stat.S_ISBLK(st.st_mode):
             self._length = os.lseek(self.fd, 0, os.SEEK_END)

@@ -13,6 +13,8 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from qsd_py.uring.aio import close_loop_ring
+
 T = TypeVar("T")
 
 
@@ -31,8 +33,12 @@ class IOThread:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(self._ready.set)
-        self.loop.run_forever()
-        self.loop.close()
+        try:
+            self.loop.run_forever()
+        finally:
+            # io_uring rings are per loop and must be closed on their own thread.
+            close_loop_ring(self.loop)
+            self.loop.close()
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Run ``coro`` on this thread's loop; returns a thread-safe future."""
