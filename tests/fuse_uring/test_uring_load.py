@@ -22,6 +22,7 @@ def _fio(mnt: Path, *args: str, timeout: float = 120) -> subprocess.CompletedPro
         text=True,
         timeout=timeout,
         check=False,
+        cwd=mnt.parent,  # fio drops verify state files in its cwd
     )
 
 
@@ -77,6 +78,7 @@ def _start_load(mnt: Path, seconds: int = 30) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        cwd=mnt.parent,
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from qsd_py.block.graph import BlockGraph
 from qsd_py.export.fuse.export import FuseExport
+from qsd_py.export.registry import ExportRegistry
 from qsd_py.objects.registry import ObjectRegistry
 from qsd_py.uring.aio import close_loop_ring
 
@@ -32,11 +33,16 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 
 class _Daemon:
-    """What an export needs from the daemon: the object registry (iothreads) and the graph."""
+    """What an export needs from the daemon: iothreads, the graph, the export registry."""
 
     def __init__(self) -> None:
         self.objects = ObjectRegistry()
         self.graph = BlockGraph()
+        self.exports = ExportRegistry(self)  # type: ignore[arg-type]
+        self.events: list[tuple[str, Any]] = []
+
+    def emit_event(self, name: str, data: Any) -> None:
+        self.events.append((name, data))
 
 
 class UringServer:

@@ -27,6 +27,7 @@ COMMANDS = {
     "block-export-add",
     "block-export-del",
     "query-block-exports",
+    "x-query-fuse-queues",  # qsd-py extension (issue 4: per-queue FUSE counters)
 }
 
 
