@@ -22,8 +22,14 @@ Two APIs over one state machine (:class:`UringTransfer`):
     address: nothing is allocated per request. A transfer runs one request at a time; the
     memory at ``addr`` must stay valid until ``callback`` ran.
 
-  The callback never runs synchronously inside ``submit_*``/``t.read``; it runs from the
-  ring's completion dispatch (or, for an empty request, from ``loop.call_soon``).
+  ``t.read``/``t.write`` take ``ring=`` (the loop's :class:`AsyncRing`, which the FUSE
+  transport already holds) to skip the per-call ring lookup. The callback never runs
+  synchronously inside ``submit_*``/``t.read``; it runs from the ring's completion dispatch
+  (or, for an empty request, from ``loop.call_soon``). Starting a request on a closed ring
+  raises ``OSError(EBADF)``. The fast path works at fd level: a caller serving a
+  :class:`~qsd_py.block.file.FileNode` uses ``node.fd`` only where the node would not bounce
+  (``not node.direct``, or offset/length/address aligned to ``node.align``/``node.mem_align``)
+  and falls back to ``await node.read(...)`` otherwise.
 
 When io_uring cannot be used, opening a node with ``aio=io_uring`` fails with QEMU 11.1's text
 (:data:`UNAVAILABLE`), and the precise cause (sysctl, seccomp, missing kernel support) goes to
@@ -44,7 +50,7 @@ from typing import Any, TypeVar
 
 from qsd_py.block import aio
 from qsd_py.uring import abi
-from qsd_py.uring.aio import MAX_RW_CHUNK, AsyncRing, buffer_address, ring_for_loop
+from qsd_py.uring.aio import MAX_RW_CHUNK, AsyncRing, Buffer, buffer_address, ring_for_loop
 
 T = TypeVar("T")
 log = logging.getLogger("qsd_py.block.uring_aio")
@@ -190,6 +196,10 @@ class UringTransfer:
             cb(res)
 
 
+def _nbytes(buf: Buffer) -> int:
+    return buf.nbytes if type(buf) is memoryview else len(buf)
+
+
 def _error(res: int) -> OSError:
     return OSError(-res, os.strerror(-res))
 
@@ -244,15 +254,18 @@ class IoUringBackend:
     async def run(self, func: Callable[..., T], *args: Any) -> T:
         return await self._pool().run(func, *args)
 
-    async def _transfer(self, op: int, fd: int, buf: memoryview, offset: int) -> int:
+    async def _transfer(self, op: int, fd: int, buf: Buffer, offset: int) -> int:
         ring = self.ring()
         if ring is None:
             fn = aio.pread_full if op == _OP_READ else aio.pwrite_full
             await self._pool().run(fn, fd, buf, offset)
             return len(buf)
+        n = _nbytes(buf)
+        if n == 0:
+            return 0
         t = UringTransfer()
         fut = t._fut = ring.loop.create_future()
-        t._start(ring, op, fd, buffer_address(buf, op == _OP_READ), buf.nbytes, offset, buf)
+        t._start(ring, op, fd, buffer_address(buf, op == _OP_READ), n, offset, buf)
         res = await fut
         if res < 0:
             raise _error(res)
@@ -287,17 +300,17 @@ class IoUringBackend:
         """A reusable :class:`UringTransfer` reporting to ``callback`` (one per slot)."""
         return UringTransfer(callback)
 
-    def submit_read(self, fd: int, buf: memoryview, offset: int, callback: Callback) -> None:
+    def submit_read(self, fd: int, buf: Buffer, offset: int, callback: Callback) -> None:
         """Read into ``buf`` through the running loop's ring; ``callback(res)`` later."""
-        t = UringTransfer(callback)
-        t._start(
-            self._ring_or_raise(), _OP_READ, fd, buffer_address(buf, True), buf.nbytes, offset, buf
-        )
+        n = _nbytes(buf)
+        addr = buffer_address(buf, True) if n else 0
+        UringTransfer(callback)._start(self._ring_or_raise(), _OP_READ, fd, addr, n, offset, buf)
 
-    def submit_write(self, fd: int, buf: memoryview, offset: int, callback: Callback) -> None:
+    def submit_write(self, fd: int, buf: Buffer, offset: int, callback: Callback) -> None:
         """Write ``buf`` through the running loop's ring; ``callback(res)`` later."""
-        t = UringTransfer(callback)
-        t._start(self._ring_or_raise(), _OP_WRITE, fd, buffer_address(buf), buf.nbytes, offset, buf)
+        n = _nbytes(buf)
+        addr = buffer_address(buf) if n else 0
+        UringTransfer(callback)._start(self._ring_or_raise(), _OP_WRITE, fd, addr, n, offset, buf)
 
     def _ring_or_raise(self) -> AsyncRing:
         ring = self.ring()

@@ -287,22 +287,44 @@ async def test_daemon_close_closes_main_ring(image) -> None:
     assert ring.closed and len(daemon.graph) == 0
 
 
-_NO_URING_SCRIPT = textwrap.dedent(
+_SECCOMP_NO_URING = textwrap.dedent(
     """
-    import asyncio, ctypes, json, os, struct, sys
-    # seccomp: io_uring_setup (425 on every architecture) fails with the given errno.
-    ins = lambda code, k, jt=0, jf=0: struct.pack("HBBI", code, jt, jf, k)
-    prog = (ins(0x20, 0) + ins(0x15, 425, 0, 1) + ins(0x06, 0x00050000 | int(sys.argv[2]))
-            + ins(0x06, 0x7FFF0000))
-    buf = ctypes.create_string_buffer(prog)
-    class Fprog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-    fprog = Fprog(len(prog) // 8, ctypes.addressof(buf))
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
-    assert libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0  # PR_SET_SECCOMP, FILTER
+    import ctypes, struct
+
+    def forbid_io_uring_setup(err):
+        # seccomp: io_uring_setup (425 on every architecture) fails with ``err``; threads
+        # started afterwards inherit the filter.
+        ins = lambda code, k, jt=0, jf=0: struct.pack("HBBI", code, jt, jf, k)
+        prog = (ins(0x20, 0) + ins(0x15, 425, 0, 1) + ins(0x06, 0x00050000 | err)
+                + ins(0x06, 0x7FFF0000))
+        buf = ctypes.create_string_buffer(prog)
+        class Fprog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+        fprog = Fprog(len(prog) // 8, ctypes.addressof(buf))
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
+        assert libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) == 0  # PR_SET_SECCOMP, FILTER
+    """
+)
+
+
+def run_script(body: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``body`` (after the seccomp helper) in a fresh interpreter; its last stdout line
+    is JSON."""
+    script = _SECCOMP_NO_URING + textwrap.dedent(body)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+_OPEN_FAILS = """
+    import asyncio, json, os, sys
     from qsd_py.block.graph import BlockGraph
     from qsd_py.errors import QMPError
+
+    forbid_io_uring_setup(int(sys.argv[2]))
 
     async def main():
         graph = BlockGraph()
@@ -320,22 +342,106 @@ _NO_URING_SCRIPT = textwrap.dedent(
         print(json.dumps({"desc": desc, "leaked": len(after) - len(before), "nodes": len(graph)}))
 
     asyncio.run(main())
-    """
-)
+"""
 
 
 @pytest.mark.parametrize("err", [errno.EPERM, errno.ENOSYS])
 def test_unusable_io_uring_fails_blockdev_add(image, err: int) -> None:
-    path = image(MiB)
-    proc = subprocess.run(
-        [sys.executable, "-c", _NO_URING_SCRIPT, str(path), str(err)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = run_script(_OPEN_FAILS, str(image(MiB)), str(err))
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"desc": UNAVAILABLE, "leaked": 0, "nodes": 0}
     # The precise cause goes to the log (stderr).
     causes = ("not permitted", "io_uring_disabled") if err == errno.EPERM else ("kernel lacks",)
     assert any(c in proc.stderr for c in causes), proc.stderr
+
+
+_IOTHREAD_FALLS_BACK = """
+    import asyncio, errno, json, sys
+    from qsd_py.block.graph import BlockGraph
+    from qsd_py.objects.iothread import IOThread
+
+    async def main():
+        graph = BlockGraph()
+        args = {"driver": "file", "node-name": "u", "filename": sys.argv[1], "aio": "io_uring"}
+        node = await graph.add(args)  # the main loop's ring is made here
+        forbid_io_uring_setup(errno.EPERM)
+        thread = IOThread("io0")  # inherits the filter: its loop gets no ring
+
+        async def io():
+            await node.write(512, b"pool")
+            buf = bytearray(4)
+            await node.read(512, memoryview(buf))
+            await node.flush()
+            await node.write_zeroes(0, 512)
+            return bytes(buf), node.backend.ring() is None
+
+        data, fell_back = await thread.run(io())
+        thread.stop()
+        await node.write(1024, b"main")  # the main loop keeps its ring
+        main_ring = node.backend.ring() is not None
+        graph.close_all()
+        print(json.dumps({"data": data.decode(), "fell_back": fell_back, "main": main_ring}))
+
+    asyncio.run(main())
+"""
+
+
+def test_loop_without_ring_falls_back_to_thread_pool(image) -> None:
+    path = image(MiB, data=b"x" * 2048)
+    proc = run_script(_IOTHREAD_FALLS_BACK, str(path))
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"data": "pool", "fell_back": True, "main": True}
+    assert "falling back to thread pool" in proc.stderr
+    data = path.read_bytes()
+    assert data[:512] == bytes(512) and data[512:516] == b"pool" and data[1024:1028] == b"main"
+
+
+# --- short transfers ---------------------------------------------------------------------------
+async def test_short_reads_are_continued() -> None:
+    r, w = os.pipe()  # a pipe hands out what is there: the first completion is short
+    try:
+        buf = bytearray(b"?" * 10)
+        task = asyncio.ensure_future(backend().read(r, memoryview(buf), 0))
+        await asyncio.sleep(0.05)
+        os.write(w, b"abcd")
+        await asyncio.sleep(0.05)
+        assert not task.done()  # 4 of 10 bytes: the read was resubmitted for the rest
+        os.write(w, b"efghij")
+        await asyncio.wait_for(task, 5)
+        assert buf == b"abcdefghij"
+        os.close(w)
+        w = -1
+        await backend().read(r, memoryview(buf), 0)  # EOF at once: all zeroes
+        assert buf == bytes(10)
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+
+
+_SHORT_WRITE = """
+    import asyncio, json, os, resource, signal, sys
+    from qsd_py.block import aio
+
+    async def main():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10000, resource.RLIM_INFINITY))
+        fd = os.open(sys.argv[1], os.O_RDWR)
+        try:
+            await aio.get_backend("io_uring").write(fd, memoryview(b"w" * 16384), 0)
+            err = None
+        except OSError as e:
+            err = e.errno
+        print(json.dumps({"errno": err, "size": os.fstat(fd).st_size}))
+
+    asyncio.run(main())
+"""
+
+
+def test_short_write_is_continued_then_fails_with_errno(image) -> None:
+    path = image(0)
+    proc = run_script(_SHORT_WRITE, str(path))
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # The first SQE wrote up to the 10000-byte limit; the continuation got EFBIG.
+    assert out == {"errno": errno.EFBIG, "size": 10000}
+    assert path.read_bytes() == b"w" * 10000
