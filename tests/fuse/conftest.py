@@ -80,9 +80,21 @@ def server(tmp_path: Path) -> Iterator[Server]:
         assert not fuse_mounts_under(tmp_path)
 
 
+@pytest.fixture(params=["dev-fuse", "io_uring"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every test using ``mounted`` runs over both transports; io_uring switches the kernel
+    knob on for the test (restored afterwards, see tests/conftest.py's ``uring_knob``)."""
+    if request.param == "io_uring":
+        request.getfixturevalue("uring_knob")
+    return request.param
+
+
 @pytest.fixture
-def mounted(server: Server, tmp_path: Path) -> Callable[..., tuple[MemNode, Path, FuseExport]]:
-    """``mounted(size, **export_opts)``: a MemNode exported at tmp_path/mnt."""
+def mounted(
+    server: Server, tmp_path: Path, transport: str
+) -> Callable[..., tuple[MemNode, Path, FuseExport]]:
+    """``mounted(size, **export_opts)``: a MemNode exported at tmp_path/mnt, over
+    ``transport``."""
 
     def make(
         size: int = 1 << 20, *, node: MemNode | None = None, name: str = "mnt", **opts: Any
@@ -90,6 +102,8 @@ def mounted(server: Server, tmp_path: Path) -> Callable[..., tuple[MemNode, Path
         node = node or MemNode(size)
         mnt = tmp_path / name
         mnt.touch()
+        if transport == "io_uring":
+            opts.setdefault("io_uring", True)
         exp = server.export(node, mnt, **opts)
         return node, mnt, exp
 
