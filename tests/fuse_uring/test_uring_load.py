@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import json
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from support import fuse_mounts_under
+from support import fuse_mounts_under, umount_all_under
 from uring_support import UringServer, fuse_fds, pread_direct, uring_totals
 
 FIO = "fio"
@@ -160,3 +162,47 @@ def test_add_del_cycles_leak_no_fds(userver: UringServer, tmp_path: Path):
     from qsd_py.export.fuse import uring
 
     assert uring._KERNEL_OWNED == []  # every entry came back from the kernel
+
+
+def _serve_in_subprocess(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    img = tmp_path / "img.raw"
+    with open(img, "wb") as f:
+        f.truncate(16 << 20)
+    mnt, ready = tmp_path / "mnt", tmp_path / "ready"
+    mnt.touch()
+    helper = Path(__file__).with_name("serve_export.py")
+    proc = subprocess.Popen(
+        [sys.executable, str(helper), str(img), str(mnt), str(ready)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 15
+    while not ready.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the export never came up"
+        time.sleep(0.02)
+    return proc, mnt
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_signal_under_load(uring_knob, tmp_path: Path, sig: int):
+    """SIGTERM: clean teardown, exit 0, no mount. SIGKILL: the kernel ends the connection
+    with the process; the load fails instead of hanging."""
+    proc, mnt = _serve_in_subprocess(tmp_path)
+    load = _start_load(mnt)
+    try:
+        time.sleep(1)
+        assert load.poll() is None, load.communicate()[1]
+        proc.send_signal(sig)
+        status = proc.wait(20)
+        load.wait(20)
+        if sig == signal.SIGTERM:
+            assert status == 0, proc.communicate()[1]
+            assert not fuse_mounts_under(tmp_path)
+    finally:
+        for p in (proc, load):
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        umount_all_under(tmp_path)
