@@ -165,7 +165,7 @@ def format_table(
                 f"  {target:<17} {_fmt(s['median_ms'], 1):>8}   "
                 f"({_fmt(s['min_ms'], 1)}-{_fmt(s['max_ms'], 1)}, n={len(s['runs_ms'])})"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(line.rstrip() for line in lines) + "\n"
 
 
 def _clean(value: object) -> object:
