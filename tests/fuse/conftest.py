@@ -59,6 +59,8 @@ class Server:
         self.exports.remove(exp)
 
     def close(self) -> None:
+        if not self.thread.is_alive():
+            return
         for exp in reversed(self.exports):
             try:
                 self.run(exp.stop("hard"))
