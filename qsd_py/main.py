@@ -13,6 +13,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 from typing import Any
 
 PROG = "qsd-py"
@@ -37,7 +38,7 @@ async def apply_option(daemon: Any, chardevs: dict[str, Any], opt: Any) -> None:
             raise StartupError(f"{opt.arg}: Unexpected argument")
         command, args = convert_option(daemon.schema, opt.name, opt.arg)
         if command is not None:
-            await daemon.execute(command, args)
+            await daemon.execute(command, args, from_cli=True)
         elif opt.name == "chardev":
             await add_chardev(daemon, chardevs, args)
         elif opt.name == "monitor":
@@ -100,6 +101,7 @@ async def run(options: list[Any], ready_fd: int | None) -> int:
             write_pidfile(pidfile)
         if ready_fd is not None:
             finish_daemonize(ready_fd)
+        threading.Thread(target=daemon.schema.warm_up, name="schema-warm-up", daemon=True).start()
         await daemon.wait_for_shutdown()
         return 0
     except StartupError as err:

@@ -202,7 +202,7 @@ def convert_option(schema: QAPISchema, name: str, arg: str) -> tuple[str | None,
         raise CliHelp(_help_text(option, parsed.tree))
     args = Visitor(keyval=True).visit(option.arg_type, parsed.tree, "", None)
     if option.command is None:
-        return None, schema.check_type_value(option.arg_type, args)
+        return None, schema.check_type_value(option.arg_type, args, json_schema=False)
     return option.command.name, args
 
 
@@ -234,7 +234,7 @@ def _convert_qemu_opts(
     tag_type = typ.member(tag).type if tag and typ.member(tag) else None
     if isinstance(tag_type, EnumType) and args[tag] not in tag_type.values:
         raise QMPError(f"'{args[tag]}' is not a valid char driver name")
-    return schema.check_type_value(typ, args)
+    return schema.check_type_value(typ, args, json_schema=False)
 
 
 def _help_text(option: OptionDecl, tree: dict[str, Any]) -> str:

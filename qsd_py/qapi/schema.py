@@ -50,19 +50,31 @@ class QAPISchema:
     def event_names(self) -> list[str]:
         return list(self.model.events)
 
-    def check_command_args(self, name: str, args: dict[str, Any] | None) -> dict[str, Any]:
+    def check_command_args(
+        self, name: str, args: dict[str, Any] | None, *, json_schema: bool = True
+    ) -> dict[str, Any]:
         """Validate ``args`` of command ``name``; return them with aliases normalised.
 
         Raises :class:`QMPError` with QEMU's text for the first problem QEMU would report.
-        Defaults are not filled in: handlers apply them.
+        Defaults are not filled in: handlers apply them. ``json_schema=False`` skips the
+        ``jsonschema`` half (start-up options, see :meth:`check_type_value`).
         """
-        return self.check_type_value(self.model.commands[name].arg_type, args or {})
+        typ = self.model.commands[name].arg_type
+        return self.check_type_value(typ, args or {}, json_schema=json_schema)
 
-    def check_type_value(self, typ: QAPIType | str, value: Any) -> Any:
-        """Validate ``value`` against a type (object or its name); return it normalised."""
+    def check_type_value(self, typ: QAPIType | str, value: Any, *, json_schema: bool = True) -> Any:
+        """Validate ``value`` against a type (object or its name); return it normalised.
+
+        The walk alone rejects everything the schema forbids; the ``jsonschema`` pass checks
+        the same rules a second way. Importing ``jsonschema`` costs ~60 ms, so command-line
+        options applied before the first mount skip it (``json_schema=False``) and
+        :meth:`warm_up` builds the validators once the daemon is up.
+        """
         if isinstance(typ, str):
             typ = self.model.types[typ]
         normalised = self._qmp.visit(typ, value, "", None)
+        if not json_schema:
+            return normalised
         validator = self.validator(typ)
         if not validator.is_valid(normalised):
             # The walk found nothing but the JSON Schema objects: report what it says.
@@ -81,6 +93,12 @@ class QAPISchema:
             v = Draft202012Validator(type_schema(typ))
             self._validators[typ.name] = v
         return v
+
+    def warm_up(self) -> None:
+        """Build every command's validator now (from a background thread after start-up),
+        so the first QMP command does not pay for importing ``jsonschema``."""
+        for command in list(self.model.commands.values()):
+            self.validator(command.arg_type)
 
     def json_schema(self, name: str) -> dict[str, Any]:
         """The JSON Schema document of command ``name``'s arguments."""
