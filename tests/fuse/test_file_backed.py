@@ -69,6 +69,7 @@ def test_fio_crc32c_verify(file_export, server, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=tmp_path,  # fio leaves its verify state files in the cwd
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "err= 0" in out.stdout
@@ -94,6 +95,7 @@ def test_fio_crc32c_verify(file_export, server, tmp_path):
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
