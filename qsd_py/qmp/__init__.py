@@ -1,0 +1,1 @@
+"""The QMP server: QEMU's JSON dialect, sessions, socket chardevs and the core commands."""

@@ -1,0 +1,233 @@
+"""Socket chardevs as QEMU's ``--chardev socket,...``, carrying QMP monitors.
+
+``server=on`` listens (on a UNIX socket, created mode 0600 so only our user can talk to
+the daemon, or on TCP with ``host=``/``port=``) and serves one client at a time, as QEMU's
+socket chardev does: a second client is accepted by the kernel but waits, unanswered, until
+the first one leaves.  With ``wait=on`` (the default for a server) the daemon waits for the
+first client before it goes on with the command line.  Without ``server=on`` the daemon
+connects to the socket itself: QEMU's iotests listen and let the daemon come to them.
+
+A stale socket file at the path is replaced, as QEMU does; unlike QEMU, any other kind of
+file there is left alone and the bind fails, since deleting a user's file over a typo in a
+path is worse than an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import stat
+import sys
+from typing import Any
+
+from qsd_py.errors import QMPError
+from qsd_py.qmp.protocol import QMPSession
+
+LISTEN_BACKLOG = 8
+
+
+def _flag(value: Any, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value == "on"
+    return bool(value)
+
+
+class Chardev:
+    """A chardev that a monitor can be attached to (one monitor per chardev, as QEMU)."""
+
+    def __init__(self, chardev_id: str) -> None:
+        self.id = chardev_id
+        self.in_use = False
+        self.session: QMPSession | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def attach(self, daemon: Any, pretty: bool) -> None:
+        self.in_use = True
+        self._task = asyncio.create_task(self._run(daemon, pretty), name=f"chardev-{self.id}")
+
+    async def _run(self, daemon: Any, pretty: bool) -> None:
+        raise NotImplementedError
+
+    async def _serve(self, daemon: Any, sock: socket.socket, pretty: bool) -> None:
+        reader, writer = await asyncio.open_connection(sock=sock)
+        self.session = QMPSession(daemon, reader, writer, pretty)
+        try:
+            await self.session.serve()
+        finally:
+            self.session = None
+
+    async def close(self) -> None:
+        """Flush and close the current client, stop serving, release the socket."""
+        if self.session is not None:
+            await self.session.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+class ServerChardev(Chardev):
+    """``server=on``: a listening socket, one client at a time."""
+
+    def __init__(self, chardev_id: str, listener: socket.socket, path: str | None) -> None:
+        super().__init__(chardev_id)
+        self.listener = listener
+        self.path = path
+        self._inode = os.stat(path).st_ino if path else None
+        self._first: socket.socket | None = None
+
+    async def wait_for_client(self, description: str) -> None:
+        """``wait=on``: block the command line until a client is there, saying so like QEMU."""
+        print(
+            f"qsd-py: info: QEMU waiting for connection on: {description},server=on",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._first, _ = await asyncio.get_running_loop().sock_accept(self.listener)
+
+    async def _run(self, daemon: Any, pretty: bool) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, self._first = self._first, None
+            if sock is None:
+                sock, _ = await loop.sock_accept(self.listener)
+            await self._serve(daemon, sock, pretty)
+
+    async def close(self) -> None:
+        await super().close()
+        if self._first is not None:
+            self._first.close()
+        self.listener.close()
+        if self.path is not None:
+            # Remove our socket, not one a successor may have bound at the same path.
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == self._inode:
+                    os.unlink(self.path)
+
+
+class ClientChardev(Chardev):
+    """Without ``server=on``: the daemon connected out to a listening client."""
+
+    def __init__(self, chardev_id: str, sock: socket.socket) -> None:
+        super().__init__(chardev_id)
+        self.sock = sock
+
+    async def _run(self, daemon: Any, pretty: bool) -> None:
+        await self._serve(daemon, self.sock, pretty)
+
+    async def close(self) -> None:
+        await super().close()
+        self.sock.close()
+
+
+# --- creation ------------------------------------------------------------------------------
+def _resolve(host: str, port: str) -> list[Any]:
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise QMPError(f"address resolution failed for {host}:{port}: {err.strerror}") from None
+
+
+def _listen_unix(path: str) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # a stale socket, as QEMU replaces it
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # the socket file is created 0600
+    try:
+        sock.bind(path)
+    except OSError as err:
+        sock.close()
+        raise QMPError(f"Failed to bind socket to {path}: {os.strerror(err.errno or 0)}") from None
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
+def _listen_tcp(host: str, port: str) -> socket.socket:
+    last: OSError | None = None
+    for family, kind, proto, _, address in _resolve(host, port):
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+            return sock
+        except OSError as err:
+            sock.close()
+            last = err
+    reason = os.strerror(last.errno or 0) if last else "no address"
+    raise QMPError(f"Failed to find an available port: {reason}")
+
+
+async def _connect(path: str | None, host: str | None, port: str | None) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    if path is not None:
+        targets = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, path)]
+        where = path
+    else:
+        assert host is not None and port is not None
+        targets = [(f, k, p, a) for f, k, p, _, a in _resolve(host, port)]
+        where = f"{host}:{port}"
+    error = 0
+    for family, kind, proto, address in targets:
+        sock = socket.socket(family, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address)
+            return sock
+        except OSError as err:
+            sock.close()
+            error = err.errno or 0
+    raise QMPError(f"Failed to connect to '{where}': {os.strerror(error)}")
+
+
+def _check_options(opts: dict[str, Any]) -> None:
+    """QEMU's checks of a socket chardev's options, with its texts."""
+    backend = opts.get("backend")
+    if backend != "socket":
+        raise QMPError(f"'{backend}' is not a valid char driver name")
+    path, host = opts.get("path"), opts.get("host")
+    if path is not None and host is not None:
+        raise QMPError("None or one of 'path', 'fd' or 'host' option required.")
+    if path is None and host is None:
+        raise QMPError("Unable to parse FD number ")
+    if not _flag(opts.get("server"), False) and opts.get("wait") is not None:
+        raise QMPError("'wait' option is incompatible with socket in client connect mode")
+    if host is not None and opts.get("port") is None:
+        raise QMPError("chardev: socket: no port given")
+
+
+async def create_chardev(daemon: Any, opts: dict[str, Any]) -> Chardev:
+    """Create the chardev ``opts`` describes (keys id, backend, path, server, wait, host, port).
+
+    Raises :class:`QMPError` with QEMU's text.  The chardev is closed by ``daemon.close()``,
+    which also removes a listening socket's file.
+    """
+    _check_options(opts)
+    path, host = opts.get("path"), opts.get("host")
+    port = None if opts.get("port") is None else str(opts["port"])
+    chardev: Chardev
+    if _flag(opts.get("server"), False):
+        listener = _listen_unix(path) if path is not None else _listen_tcp(host, port)  # type: ignore[arg-type]
+        listener.listen(LISTEN_BACKLOG)
+        listener.setblocking(False)
+        chardev = ServerChardev(opts["id"], listener, path)
+        daemon.closers.append(chardev.close)
+        if _flag(opts.get("wait"), True):
+            where = f"unix:{path}" if path is not None else f"tcp:{host}:{port}"
+            await chardev.wait_for_client(f"disconnected:{where}")
+    else:
+        chardev = ClientChardev(opts["id"], await _connect(path, host, port))
+        daemon.closers.append(chardev.close)
+    return chardev
+
+
+async def add_monitor(daemon: Any, chardev: Chardev, pretty: bool) -> None:
+    """Serve QMP on ``chardev`` (``--monitor chardev=X[,pretty=on]``)."""
+    if chardev.in_use:
+        raise QMPError(f"chardev '{chardev.id}' is already in use")
+    chardev.attach(daemon, pretty)
