@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import stat
@@ -24,6 +25,8 @@ from typing import Any
 
 from qsd_py.errors import QMPError
 from qsd_py.qmp.protocol import QMPSession
+
+log = logging.getLogger("qsd_py.qmp")
 
 LISTEN_BACKLOG = 8
 
@@ -57,6 +60,8 @@ class Chardev:
         self.session = QMPSession(daemon, reader, writer, pretty)
         try:
             await self.session.serve()
+        except Exception:  # noqa: BLE001 - one broken session must not stop the chardev
+            log.exception("QMP session on chardev %s failed", self.id)
         finally:
             self.session = None
 

@@ -162,9 +162,12 @@ def _number(text: bytes) -> int | float:
     """QEMU's number model: int64, else uint64, else double."""
     if b"." in text or b"e" in text or b"E" in text:
         return float(text)
-    value = int(text)
-    if -(1 << 63) <= value < (1 << 64):
-        return value
+    if len(text) > 320:  # beyond any double: skip float()'s slow exact conversion
+        return float("-inf") if text[0] == 0x2D else float("inf")
+    if len(text) <= 21:  # longer ones are out of range anyway (and int() has a digit limit)
+        value = int(text)
+        if -(1 << 63) <= value < (1 << 64):
+            return value
     return float(text)
 
 

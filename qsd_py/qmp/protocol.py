@@ -153,7 +153,12 @@ class QMPSession:
                 return
             if not data:
                 return
-            for item in stream.feed(data):
+            try:
+                items = stream.feed(data)
+            except Exception:  # noqa: BLE001 - a parser bug ends this session only
+                log.exception("QMP input could not be parsed; closing the connection")
+                return
+            for item in items:
                 if self.oob and isinstance(item, dict) and "exec-oob" in item:
                     await self._respond(item)  # out of band: overtakes the queue
                 else:
