@@ -181,14 +181,17 @@ class DevFuseQueue:
     async def _serve(self, slot: _Slot, n: int, unique: int) -> None:
         stats = self.stats
         stats.in_flight += 1
+        res = None
         try:
             res = await self.engine.handle(slot.hdr, slot.req_mv[_HDR:n], None, slot.out, stats)
-            if res is not None:
-                self._reply(slot, unique, res)
         finally:
+            # Count the request done before answering: a caller that has its reply must
+            # find the export idle (a safe block-export-del right after it succeeds).
             stats.in_flight -= 1
             slot.task = None
             self._busy.discard(slot)
+            if res is not None:
+                self._reply(slot, unique, res)
             self._free.append(slot)
             if not self._reading:
                 self._resume()
