@@ -60,8 +60,9 @@ class _SyntaxError(Exception):
 # Bytes QEMU's lexer accepts inside a string: everything from space to 0xFD.  Control
 # characters and 0xFE/0xFF end the string with a lexical error; bad UTF-8 is the parser's.
 _STR_OK = rb"\x20-\xfd"
-_DQ_BODY = re.compile(rb"(?:[\x20\x21\x23-\x5b\x5d-\xfd]|\\[%s])*" % _STR_OK)
-_SQ_BODY = re.compile(rb"(?:[\x20-\x26\x28-\x5b\x5d-\xfd]|\\[%s])*" % _STR_OK)
+# Possessive quantifiers: the plain form backtracks and turns superlinear on long strings.
+_DQ_BODY = re.compile(rb"(?:[\x20\x21\x23-\x5b\x5d-\xfd]++|\\[%s])*+" % _STR_OK)
+_SQ_BODY = re.compile(rb"(?:[\x20-\x26\x28-\x5b\x5d-\xfd]++|\\[%s])*+" % _STR_OK)
 _WS = re.compile(rb"[ \t\r\n]*")
 _KEYWORD = re.compile(rb"[a-z]*")
 _FRACTION_EXP = rb"\.[0-9]+(?:[eE][-+]?[0-9]+)?"
