@@ -1,0 +1,426 @@
+"""Harness for qsd-py's iotests: scenario scripts whose filtered output is compared with a
+hand-written reference file (``NNN.out``), in the style of QEMU's own iotests.
+
+A scenario imports this module, starts daemons with :class:`Daemon`, drives them with QMP and
+ordinary tools, and prints everything through :func:`log` so that run-dependent text (the
+test directory, timestamps, pids, timings, versions) is filtered out. The runner
+(``check.py``) says where to work and which daemon to run through environment variables, so
+the same scenario runs against qsd-py over /dev/fuse, over io_uring, or against QEMU's own
+daemon (which is how the reference outputs were checked).
+
+Environment (set by the runner; defaults suit a scenario run by hand):
+
+- ``QSD_IOTESTS_TEST_DIR``: an empty scratch directory for this run;
+- ``QSD_IOTESTS_QSD_PROG``: the daemon command, shell-split (default: ``python -m qsd_py``);
+- ``QSD_IOTESTS_TRANSPORT``: ``fuse`` (default) or ``io_uring``. With ``io_uring`` every FUSE
+  export the scenario creates gets ``io_uring=on`` added on the way out, invisibly to the
+  logged output, so both transports share one reference file.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+Filter = Callable[[str], str]
+
+TEST_DIR = os.path.realpath(
+    os.environ.get("QSD_IOTESTS_TEST_DIR") or tempfile.mkdtemp(prefix="qsd-iotest-")
+)
+QSD_PROG = shlex.split(os.environ.get("QSD_IOTESTS_QSD_PROG", "")) or [
+    sys.executable,
+    "-m",
+    "qsd_py",
+]
+TRANSPORT = os.environ.get("QSD_IOTESTS_TRANSPORT", "fuse")
+QEMU_IMG = "qemu-img"
+QEMU_IO = "qemu-io"
+URING_KNOB = "/sys/module/fuse/parameters/enable_uring"
+
+# --- filters ------------------------------------------------------------------------------
+
+_PROG_RE = re.compile(r"^(?:qsd-py|qemu-storage-daemon|\S*/python3?[\d.]*(?: -m qsd_py)?): ", re.M)
+_QEMU_IO_TIMING_RE = re.compile(r"[\d.]+ [KMGT]?i?B, \d+ ops; [\d:.]+ sec \([^)]*\)", re.M)
+_IMG_PROG_RE = re.compile(r"^(qemu-img|qemu-io): ", re.M)
+
+
+def filter_test_dir(text: str) -> str:
+    """The scratch directory changes every run; the reference says TEST_DIR."""
+    return text.replace(TEST_DIR, "TEST_DIR")
+
+
+def filter_prog(text: str) -> str:
+    """Error lines start with the daemon's name: QSD_PROG, whichever daemon ran."""
+    return _PROG_RE.sub("QSD_PROG: ", text)
+
+
+def filter_qemu_io(text: str) -> str:
+    """qemu-io's throughput lines hold timings."""
+    return _QEMU_IO_TIMING_RE.sub("X ops; XX:XX:XX.X (XXX YYY/sec and XXX ops/sec)", text)
+
+
+def filter_img_map(text: str) -> str:
+    """qemu-img map --output=json: newer qemu-img adds "compressed", older lacks it; the
+    reference follows the older tool (Debian 12's)."""
+    return text.replace(', "compressed": false', "")
+
+
+def filter_pid(text: str) -> str:
+    return re.sub(r"\bpid \d+", "pid PID", text)
+
+
+DEFAULT_FILTERS: tuple[Filter, ...] = (
+    filter_test_dir,
+    filter_prog,
+    filter_qemu_io,
+    filter_img_map,
+    filter_pid,
+)
+
+
+def apply_filters(text: str, filters: Iterable[Filter] = DEFAULT_FILTERS) -> str:
+    for f in filters:
+        text = f(text)
+    return text
+
+
+def filter_qmp(obj: Any) -> Any:
+    """Make a QMP message run-independent: timestamps, QEMU version, paths."""
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            if key == "timestamp" and isinstance(value, dict):
+                value = {"microseconds": "USECS", "seconds": "SECS"}
+            elif key == "QMP" and isinstance(value, dict) and "version" in value:
+                value = {**value, "version": "VERSION"}
+            else:
+                value = filter_qmp(value)
+            out[key] = value
+        return out
+    if isinstance(obj, list):
+        return [filter_qmp(v) for v in obj]
+    if isinstance(obj, str):
+        return filter_test_dir(obj)
+    return obj
+
+
+def log(msg: Any = "", filters: Iterable[Filter] = DEFAULT_FILTERS) -> None:
+    """Print one line (dicts and lists as sorted JSON, as QEMU's iotests do), filtered."""
+    if isinstance(msg, (dict, list)):
+        msg = json.dumps(filter_qmp(msg), sort_keys=True)
+    print(apply_filters(str(msg), filters), flush=True)
+
+
+# --- tools ---------------------------------------------------------------------------------
+
+
+def run(argv: Sequence[str], *, quiet: bool = False, user: str | None = None) -> str:
+    """Run a tool, print its filtered output (unless ``quiet``) and return it.
+
+    A non-zero exit status is printed too, since it is part of what a scenario checks.
+    ``user`` runs the tool as that user (util-linux ``setpriv``), for permission checks.
+    """
+    if user is not None:
+        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *argv]
+    proc = subprocess.run(
+        list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120
+    )
+    out = apply_filters(proc.stdout)
+    if not quiet:
+        print(out, end="", flush=True)
+        if proc.returncode != 0:
+            log(f"[exit status {proc.returncode}]")
+    return out
+
+
+def qemu_img(*args: str, quiet: bool = False) -> str:
+    return run([QEMU_IMG, *args], quiet=quiet)
+
+
+def qemu_io(*args: str, quiet: bool = False, user: str | None = None) -> str:
+    return run([QEMU_IO, *args], quiet=quiet, user=user)
+
+
+def path(name: str) -> str:
+    """A path in the scratch directory."""
+    return os.path.join(TEST_DIR, name)
+
+
+def create_file(name: str, size: int = 0) -> str:
+    """An (empty or sparse) regular file in TEST_DIR: a mountpoint or a raw image."""
+    p = path(name)
+    with open(p, "wb") as f:
+        f.truncate(size)
+    return p
+
+
+def os_call(label: str, func: Callable[[], Any]) -> Any:
+    """Log ``label: result`` or ``label: ErrnoName`` for one system call."""
+    try:
+        result = func()
+    except OSError as err:
+        log(f"{label}: {errno_name(err)}")
+        return None
+    log(f"{label}: {result}" if result is not None else f"{label}: ok")
+    return result
+
+
+def errno_name(err: OSError) -> str:
+    import errno
+
+    return errno.errorcode.get(err.errno or 0, str(err.errno))
+
+
+def fuse_mounts() -> list[str]:
+    """FUSE mount points under TEST_DIR, from /proc/self/mountinfo."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            mnt = fields[4].encode().decode("unicode_escape")
+            if fstype.startswith("fuse") and (mnt == TEST_DIR or mnt.startswith(TEST_DIR + "/")):
+                found.append(mnt)
+    return found
+
+
+def mount_options(mountpoint: str) -> list[str]:
+    """The mount options of the FUSE mount at ``mountpoint`` (empty if not mounted)."""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") == mountpoint:
+                sep = fields.index("-")
+                return fields[5].split(",") + fields[sep + 3].split(",")
+    return []
+
+
+def unmount_all() -> None:
+    """Lazily unmount every FUSE mount left under TEST_DIR (clean-up, even after failure)."""
+    for mnt in reversed(fuse_mounts()):
+        subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
+
+
+# --- transport -------------------------------------------------------------------------------
+
+
+def _add_uring_cli(arg: str) -> str:
+    """``--export fuse,...`` with ``io_uring=on`` appended when the run asks for io_uring."""
+    parts = arg.split(",")
+    is_fuse = parts[0] == "fuse" or "type=fuse" in parts
+    if (
+        TRANSPORT != "io_uring"
+        or not is_fuse
+        or any(p.split("=")[0] in ("io_uring", "io-uring") for p in parts)
+    ):
+        return arg
+    return arg + ",io_uring=on"
+
+
+def _add_uring_qmp(cmd: str, args: dict[str, Any]) -> dict[str, Any]:
+    if TRANSPORT == "io_uring" and cmd == "block-export-add" and args.get("type") == "fuse":
+        if "io_uring" not in args and "io-uring" not in args:
+            return {**args, "io_uring": True}
+    return args
+
+
+# --- the daemon ------------------------------------------------------------------------------
+
+_DAEMONS: list[Daemon] = []
+
+
+class Daemon:
+    """One storage daemon, started as QEMU's iotests start it.
+
+    ``qmp="client"`` (the default) is QEMU's harness contract: the test listens on a socket and
+    the daemon connects to it (``--chardev socket,...`` without ``server=on``).
+    ``qmp="server"`` makes the daemon listen (``server=on,wait=off``), for raw-socket
+    scenarios. ``qmp=None`` starts it without a monitor. Start-up waits for the pidfile.
+    """
+
+    def __init__(
+        self,
+        *args: str,
+        qmp: str | None = "client",
+        name: str = "qsd",
+        uring: bool = True,
+    ) -> None:
+        self.pidfile = path(f"{name}.pid")
+        self.qmp_path = path(f"{name}-qmp.sock")
+        self.mountpoints: list[str] = []
+        self.monitor: Any = None
+        self.uring = uring
+        args = self._rewrite(args)
+        argv = [*QSD_PROG, *args, "--pidfile", self.pidfile]
+        if qmp == "client":
+            from qemu.qmp.legacy import QEMUMonitorProtocol
+
+            self.monitor = QEMUMonitorProtocol(self.qmp_path, server=True)
+            argv += ["--chardev", f"socket,id=qmp-sock,path={self.qmp_path}"]
+            argv += ["--monitor", "qmp-sock"]
+        elif qmp == "server":
+            argv += ["--chardev", f"socket,id=qmp-sock,path={self.qmp_path},server=on,wait=off"]
+            argv += ["--monitor", "qmp-sock"]
+        self.stderr_path = path(f"{name}.stderr")
+        self._stderr = open(self.stderr_path, "w+")  # noqa: SIM115 - closed in stop()
+        _DAEMONS.append(self)
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr
+        )
+        if qmp == "client":
+            self.monitor.accept(20.0)
+        self.wait_pidfile()
+        self.pid = self.proc.pid
+
+    def _rewrite(self, args: Sequence[str]) -> list[str]:
+        """Note the mountpoints (to clean up) and add io_uring=on for an io_uring run."""
+        out = list(args)
+        for i, arg in enumerate(out):
+            if i > 0 and out[i - 1] == "--export":
+                if self.uring:
+                    out[i] = _add_uring_cli(arg)
+                m = re.search(r"(?:^|,)mountpoint=([^,]*)", arg)
+                if m:
+                    self.mountpoints.append(m.group(1))
+        return out
+
+    def wait_pidfile(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.pidfile):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}: {self.output()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("daemon did not write its pidfile")
+            time.sleep(0.002)
+
+    def output(self) -> str:
+        """What the daemon printed so far (stdout and stderr)."""
+        self._stderr.flush()
+        with open(self.stderr_path) as f:
+            return f.read()
+
+    # QMP ------------------------------------------------------------------------------------
+    def qmp(self, cmd: str, arguments: dict[str, Any] | None = None, **args: Any) -> dict[str, Any]:
+        """Send one command, return the raw reply (``return`` or ``error``).
+
+        Arguments come as a dict (names with dashes) and/or as keywords.
+        """
+        args = {**(arguments or {}), **args}
+        args = _add_uring_qmp(cmd, args) if self.uring else args
+        if cmd == "block-export-add" and "mountpoint" in args:
+            self.mountpoints.append(args["mountpoint"])
+        return self.monitor.cmd_obj({"execute": cmd, "arguments": args})
+
+    def qmp_log(
+        self, cmd: str, arguments: dict[str, Any] | None = None, **args: Any
+    ) -> dict[str, Any]:
+        """Log the command as given (without transport options) and its reply."""
+        args = {**(arguments or {}), **args}
+        log({"execute": cmd, "arguments": args} if args else {"execute": cmd})
+        reply = self.qmp(cmd, args)
+        log(reply)
+        return reply
+
+    def log_events(self, wait: float = 0.0) -> None:
+        """Log (and forget) the events received so far, after waiting up to ``wait`` for one."""
+        if wait:
+            self.monitor.pull_event(wait=wait)
+        for ev in self.monitor.get_events():
+            log(ev)
+        self.monitor.clear_events()
+
+    # stopping ---------------------------------------------------------------------------------
+    def check_transport(self) -> None:
+        """Say so (and so fail the comparison) if an export is not served by the transport
+        this run asked for. qsd-py only: QEMU has no x-query-fuse-queues and is skipped."""
+        if self.monitor is None or self.proc.poll() is not None:
+            return
+        reply = self.monitor.cmd_obj({"execute": "x-query-fuse-queues"})
+        want = "io_uring" if TRANSPORT == "io_uring" and self.uring else None
+        for exp in reply.get("return", []):
+            if want and exp["transport"] != want:
+                log(f"[{TRANSPORT} run, but export {exp['id']} is served by {exp['transport']}]")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Signal the daemon, wait for it, unmount (``umount -l``) what it left behind."""
+        self.check_transport()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.close()
+        return rc
+
+    def left_mounted(self) -> list[str]:
+        """Which of this daemon's mountpoints are still FUSE mounts."""
+        mounts = fuse_mounts()
+        return [m for m in self.mountpoints if os.path.realpath(m) in mounts]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.monitor is not None:
+            try:
+                self.monitor.close()
+            except Exception:  # noqa: BLE001 - the daemon may be long gone
+                pass
+            self.monitor = None
+        for mnt in self.mountpoints:
+            subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
+        self._stderr.close()
+        if self in _DAEMONS:
+            _DAEMONS.remove(self)
+
+
+def run_daemon(*args: str, timeout: float = 10.0) -> int | None:
+    """Run the daemon to completion (for start-up errors): log its output and exit status.
+
+    A daemon that starts fine would serve forever: after ``timeout`` it is killed and
+    logged as still running.
+    """
+    try:
+        proc = subprocess.run(
+            [*QSD_PROG, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        log("[still running: killed]")
+        unmount_all()
+        return None
+    if proc.stdout:
+        log(proc.stdout.rstrip("\n"))
+    log(f"[exit status {proc.returncode}]")
+    return proc.returncode
+
+
+def qmp_raw_connect(sock_path: str) -> socket.socket:
+    """A plain socket to a daemon's QMP server, for scenarios about the wire format."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10.0)
+    s.connect(sock_path)
+    return s
+
+
+@atexit.register
+def _cleanup() -> None:
+    for daemon in list(_DAEMONS):
+        daemon.close()
+    unmount_all()
