@@ -382,6 +382,8 @@ class FuseEngine:
         valid, size, mode, uid, gid = fields[0], fields[3], fields[11], fields[13], fields[14]
         if valid & ~SETATTR_SUPPORTED:
             return -errno.ENOTSUP  # times (utime/touch) and the rest
+        if valid & (p.FATTR_UID | p.FATTR_GID) and not self.allow_other:
+            return -errno.ENOTSUP  # QEMU 11.1: ownership changes need allow-other
         if valid & p.FATTR_MODE:
             if not self.allow_other and mode & (stat.S_IRWXG | stat.S_IRWXO):
                 return -errno.EPERM  # nobody else can reach the file anyway
@@ -404,7 +406,11 @@ class FuseEngine:
         flags = p.OPEN_IN.unpack_from(arg)[0]
         if not self.writable and flags & os.O_ACCMODE != os.O_RDONLY:
             return -errno.EROFS
-        # O_TRUNC is ignored (FUSE_ATOMIC_O_TRUNC): opening must never wipe the image.
+        # FUSE_ATOMIC_O_TRUNC hands O_TRUNC to us: as in QEMU 11.1, a growable export is
+        # truncated to 0, a non-growable one keeps its size (its image must not be wiped).
+        if flags & os.O_TRUNC and self.growable and self.writable:
+            async with self.resize_lock:
+                await self.node.truncate(0)
         p.OPEN_OUT.pack_into(out, 0, 0, p.FOPEN_DIRECT_IO | p.FOPEN_PARALLEL_DIRECT_WRITES, 0)
         return p.OPEN_OUT.size
 
