@@ -78,14 +78,14 @@ def read_groups(p: Path) -> list[str]:
 
 
 def select(names: list[str], groups: list[str], exclude: list[str]) -> list[Scenario]:
+    """The scenarios named or in one of the groups (all when neither is given)."""
     every = discover()
-    chosen = [s for s in every if not names or s.name in names]
     unknown = set(names) - {s.name for s in every}
     if unknown:
         raise SystemExit(f"no such iotest: {', '.join(sorted(unknown))}")
-    if groups:
-        chosen = [s for s in chosen if set(groups) & set(s.groups)]
-    return [s for s in chosen if not set(exclude) & set(s.groups)]
+    if names or groups:
+        every = [s for s in every if s.name in names or set(groups) & set(s.groups)]
+    return [s for s in every if not set(exclude) & set(s.groups)]
 
 
 def leftover_mounts(prefix: str) -> list[str]:

@@ -20,6 +20,7 @@ Environment (set by the runner; defaults suit a scenario run by hand):
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -279,9 +280,35 @@ class Daemon:
             argv, stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr
         )
         if qmp == "client":
-            self.monitor.accept(20.0)
+            try:
+                self._accept()
+            except Exception as err:
+                self.close()
+                raise RuntimeError(f"daemon never connected to QMP: {self.output()}") from err
         self.wait_pidfile()
         self.pid = self.proc.pid
+
+    def _accept(self, timeout: float = 20.0) -> None:
+        """Wait for the daemon to connect to our QMP socket; a daemon that exits first
+        would leave accept() waiting for the timeout, so a watcher pokes the socket."""
+        import threading
+
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.01):
+                if self.proc.poll() is not None:
+                    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+                        s.connect(self.qmp_path)  # accept() then fails on the missing greeting
+                    return
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            self.monitor.accept(timeout)
+        finally:
+            done.set()
+            watcher.join()
 
     def _rewrite(self, args: Sequence[str]) -> list[str]:
         """Note the mountpoints (to clean up) and add io_uring=on for an io_uring run."""
@@ -306,7 +333,6 @@ class Daemon:
 
     def output(self) -> str:
         """What the daemon printed so far (stdout and stderr)."""
-        self._stderr.flush()
         with open(self.stderr_path) as f:
             return f.read()
 
@@ -382,7 +408,8 @@ class Daemon:
             self.monitor = None
         for mnt in self.mountpoints:
             subprocess.run(["umount", "-l", mnt], capture_output=True, check=False)
-        self._stderr.close()
+        if not self._stderr.closed:
+            self._stderr.close()
         if self in _DAEMONS:
             _DAEMONS.remove(self)
 
