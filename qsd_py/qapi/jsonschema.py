@@ -85,3 +85,18 @@ def type_schema(typ: QAPIType) -> dict[str, Any]:
     if defs:
         doc["$defs"] = defs
     return doc
+
+
+def validator_class() -> Any:
+    """Draft 2020-12 with QMP's notion of an integer.
+
+    JSON Schema counts ``1000.0`` as an integer; QMP's parser keeps ``1000`` and ``1000.0``
+    apart and QEMU refuses the float for an ``int`` member, so our checker does too.
+    """
+    from jsonschema import Draft202012Validator, validators
+
+    def is_integer(_checker: Any, value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    checker = Draft202012Validator.TYPE_CHECKER.redefine("integer", is_integer)
+    return validators.extend(Draft202012Validator, type_checker=checker)

@@ -86,11 +86,9 @@ class QAPISchema:
         """The jsonschema validator of ``typ``, built on first use."""
         v = self._validators.get(typ.name)
         if v is None:
-            from jsonschema import Draft202012Validator
+            from qsd_py.qapi.jsonschema import type_schema, validator_class
 
-            from qsd_py.qapi.jsonschema import type_schema
-
-            v = Draft202012Validator(type_schema(typ))
+            v = validator_class()(type_schema(typ))
             self._validators[typ.name] = v
         return v
 
