@@ -45,6 +45,7 @@ class Chardev:
     def __init__(self, chardev_id: str) -> None:
         self.id = chardev_id
         self.in_use = False
+        self.closing = False
         self.session: QMPSession | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -67,6 +68,7 @@ class Chardev:
 
     async def close(self) -> None:
         """Flush and close the current client, stop serving, release the socket."""
+        self.closing = True
         if self.session is not None:
             await self.session.close()
         if self._task is not None:
@@ -96,7 +98,7 @@ class ServerChardev(Chardev):
 
     async def _run(self, daemon: Any, pretty: bool) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self.closing:
             sock, self._first = self._first, None
             if sock is None:
                 sock, _ = await loop.sock_accept(self.listener)

@@ -84,15 +84,15 @@ class QMPSession:
             self._send(greeting())
             self._dispatcher = asyncio.create_task(self._dispatch_loop())
             self._reader_task = asyncio.create_task(self._read_loop())
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader_task
+            # asyncio.wait, not await: a cancelled child must end the wait, while a
+            # cancellation of serve() itself must still propagate.
+            await asyncio.wait([self._reader_task])
             # The client left (or we are closing): forget queued requests, but let a
             # running command finish so the daemon's state stays consistent.
             self._drop_queued()
             with contextlib.suppress(asyncio.QueueFull):
                 self._queue.put_nowait(_STOP)
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
+            await asyncio.wait([self._dispatcher])
         finally:
             self.daemon.monitors.discard(self)
             await self._close_transport()
