@@ -287,44 +287,61 @@ class FuseEngine:
             log.exception("FUSE opcode %d failed", opcode)
             return -errno.EIO
 
-    # --- the fast path ---------------------------------------------------------------------
-    async def _read(self, arg: memoryview, out: memoryview, stats: QueueStats) -> int:
+    # --- READ/WRITE rules, shared by the coroutine path and the transports' fast paths ----
+    def read_extent(self, arg: memoryview, room: int) -> tuple[int, int]:
+        """Decode a READ: ``(offset, size)`` with ``size`` clipped at EOF (0 past it), or
+        ``(offset, -errno)``. ``room`` is what the reply buffer can hold. Plain function: the
+        io_uring fast path calls it without a coroutine, so the rules live only here."""
         _fh, offset, size, _rf, _lo, _fl, _pad = p.READ_IN.unpack_from(arg)
-        if size > len(out):
-            return -errno.EINVAL
+        if size > room:
+            return offset, -errno.EINVAL
         length = self.node.length()
         if offset >= length:
-            return 0
+            return offset, 0
         if size > length - offset:  # short read at EOF
             size = length - offset
-        await self.node.read(offset, out[:size])
-        stats.bytes_read += size
+        return offset, size
+
+    def write_extent(self, arg: memoryview, avail: int) -> tuple[int, int, bool]:
+        """Decode a WRITE: ``(offset, size, grow)``; ``size`` is what to write after the EOF
+        rules (0: the writer sees ENOSPC) or ``-errno``; ``grow`` says the node must first
+        grow to ``offset + size`` (growable exports). ``avail``: bytes of data present."""
+        _fh, offset, size, _wf, _lo, _fl, _pad = p.WRITE_IN.unpack_from(arg)
+        if avail < size or size > self.max_write:
+            return offset, -errno.EINVAL, False
+        if not self.writable:
+            return offset, -errno.EACCES, False
+        length = self.node.length()
+        if offset + size > length:
+            if self.growable:
+                return offset, size, True
+            if offset >= length:
+                return offset, 0, False
+            return offset, length - offset, False
+        return offset, size, False
+
+    # --- the coroutine path ----------------------------------------------------------------
+    async def _read(self, arg: memoryview, out: memoryview, stats: QueueStats) -> int:
+        offset, size = self.read_extent(arg, len(out))
+        if size > 0:
+            await self.node.read(offset, out[:size])
+            stats.bytes_read += size
         return size
 
     async def _write(
         self, arg: memoryview, payload: memoryview | None, out: memoryview, stats: QueueStats
     ) -> int:
-        _fh, offset, size, _wf, _lo, _fl, _pad = p.WRITE_IN.unpack_from(arg)
         if payload is None:
-            start = p.WRITE_IN.size
-            data = arg[start : start + size]
+            data = arg[p.WRITE_IN.size :]
         else:
-            data = payload[:size]
-        if len(data) != size or size > self.max_write:
-            return -errno.EINVAL
-        if not self.writable:
-            return -errno.EACCES
-        length = self.node.length()
-        if offset + size > length:
-            if self.growable:
-                await self._grow_to(offset + size)
-            elif offset >= length:
-                size = 0  # the writer sees ENOSPC
-            else:
-                size = length - offset
-                data = data[:size]
+            data = payload
+        offset, size, grow = self.write_extent(arg, len(data))
+        if size < 0:
+            return size
+        if grow:
+            await self._grow_to(offset + size)
         if size:
-            await self.node.write(offset, data)
+            await self.node.write(offset, data[:size])
             if self.writethrough:
                 await self.node.flush()
         stats.bytes_written += size

@@ -21,8 +21,17 @@ Why it is shaped this way: each queue serves one kernel queue (one ``qid``) from
 driver's ``aio=io_uring`` requests so a backend read and the COMMIT_AND_FETCH after it go out
 in one ``io_uring_enter``. Every entry is built once: its slices of the queue's header and
 payload mmaps, its ``iovec[2]``, the memoryviews the engine gets, and the bound callback the
-ring calls. A request then costs the engine's coroutine and a task, nothing else; replies
-are packed in place in the entry header and in the SQE's command area.
+ring calls. Replies are packed in place in the entry header and in the SQE's command area.
+
+READ and WRITE take a fast path when the export's node chain allows it
+(qsd_py/export/fuse/fastpath.py): the CQE callback decodes the request with the engine's own
+plain helpers (:meth:`FuseEngine.read_extent`/:meth:`~FuseEngine.write_extent`), answers
+null-co inline, or queues the backend read/write straight into/out of the entry's payload on
+the same ring through the entry's reusable :class:`~qsd_py.block.uring_aio.UringTransfer`;
+its completion packs the reply and queues the COMMIT_AND_FETCH, which leaves with the next
+batch. No Task, coroutine or Future per request. Every other request (and a READ/WRITE the
+plan cannot take: growing, writethrough, unaligned O_DIRECT) costs a Task running
+:meth:`FuseEngine.handle`.
 
 Teardown cannot rely on closing /dev/fuse (parked commands hold a reference to it) nor on
 closing the ring (it is shared): :func:`abort_connection` aborts the FUSE connection, which
@@ -42,6 +51,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.errors import QMPError
+from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse.engine import QueueStats
 from qsd_py.export.fuse.mount import MNT_DETACH, _c, _unescape
@@ -72,6 +82,12 @@ _OUT_HEADER = p.OUT_HEADER
 _CMD_REQ = p.URING_CMD_REQ
 _REGISTER = p.URING_CMD_REGISTER
 _COMMIT_AND_FETCH = p.URING_CMD_COMMIT_AND_FETCH
+_OP = struct.Struct("<I")  # fuse_in_header.opcode at 4
+_READ = p.READ
+_WRITE = p.WRITE
+_WRITE_OUT = p.WRITE_OUT
+_NULL = fastpath.NULL
+_memset = ctypes.memset
 _GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV, errno.EBADF)
 
 # Buffers of entries the kernel may still write to (a drain that timed out): never freed.
@@ -138,9 +154,15 @@ class _Entry:
         "payload",
         "iov",
         "iov_addr",
+        "pay_addr",
         "live",
         "task",
         "on_cqe",
+        "xfer",
+        "unique",
+        "commit_id",
+        "size",
+        "writing",
     )
 
     def __init__(self, queue: UringQueue, hdr: memoryview, payload: memoryview) -> None:
@@ -154,9 +176,16 @@ class _Entry:
             abi.IoVec(buffer_address(payload, True), len(payload)),
         )
         self.iov_addr = ctypes.addressof(self.iov)
+        self.pay_addr: int = self.iov[1].iov_base
         self.live = False  # the kernel holds this entry (registered or committed)
         self.task: asyncio.Task[None] | None = None
         self.on_cqe: Callable[[int], None] = self._on_cqe
+        # fast path state: the request being served by a backend SQE
+        self.xfer: Any = None  # UringTransfer reporting to _io_done, made once per entry
+        self.unique = 0
+        self.commit_id = 0
+        self.size = 0
+        self.writing = False
 
     def _on_cqe(self, res: int) -> None:
         queue = self.queue
@@ -168,6 +197,9 @@ class _Entry:
             queue._ended(self, res)
         if queue.live == 0 and queue.closing:
             queue._drained.set()
+
+    def _io_done(self, res: int) -> None:
+        self.queue._fast_done(self, res)
 
 
 # --- one kernel queue --------------------------------------------------------------------------
@@ -204,6 +236,8 @@ class UringQueue:
         self._drained = asyncio.Event()  # set when nothing is left in the kernel at close
         self._hdr_map: mmap.mmap | None = None
         self._pay_map: mmap.mmap | None = None
+        self.plan: fastpath.FastPlan | None = None
+        self.fast_busy = 0  # fast-path requests waiting for their backend SQE
 
     # --- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -218,6 +252,10 @@ class UringQueue:
             pay = i * self.payload_size
             entry = _Entry(self, hdrs[h : h + HEADER_SIZE], pays[pay : pay + self.payload_size])
             self.entries.append(entry)
+        self.plan = plan = fastpath.plan_for(self.engine.node)
+        if plan is not None and plan.backend is not None:
+            for entry in self.entries:
+                entry.xfer = plan.backend.transfer(entry._io_done)
         for entry in self.entries:
             off = ring.submit_uring_cmd(self.fd, _REGISTER, None, entry.iov_addr, 2, entry.on_cqe)
             _CMD_REQ.pack_into(ring.ring.sqes, off, 0, 0, self.qid)
@@ -230,7 +268,99 @@ class UringQueue:
         stats.requests += 1
         if self.closing:
             return  # hard teardown: the connection is being aborted, do not answer
+        plan = self.plan
+        if plan is not None:
+            op = _OP.unpack_from(entry.hdr, 4)[0]
+            if op == _READ:
+                if self._fast_read(entry, plan):
+                    return
+            elif op == _WRITE and self._fast_write(entry, plan):
+                return
         entry.task = self.loop.create_task(self._serve(entry))
+
+    # --- the READ/WRITE fast path (see the module docstring) ------------------------------------
+    def _fast_read(self, entry: _Entry, plan: fastpath.FastPlan) -> bool:
+        """Serve a READ without the engine coroutine; False = take the engine path."""
+        offset, size = self.engine.read_extent(entry.arg, self.payload_size)
+        hdr = entry.hdr
+        if size <= 0 or plan.kind == _NULL:
+            if size > 0:
+                self.stats.bytes_read += size
+                if plan.read_zeroes:
+                    _memset(entry.pay_addr, 0, size)
+            self._commit(
+                entry,
+                _UNIQUE.unpack_from(hdr, 8)[0],
+                _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0],
+                size,
+            )
+            return True
+        pos = offset + plan.base
+        if (pos | size) & plan.align_mask:
+            return False  # O_DIRECT would bounce: the node knows how
+        self._fast_start(entry, size, False)
+        try:
+            entry.xfer.read(plan.fd, entry.pay_addr, size, pos, self.ring)
+        except OSError as err:  # the ring is closing
+            self._fast_done(entry, -(err.errno or errno.EBADF))
+        return True
+
+    def _fast_write(self, entry: _Entry, plan: fastpath.FastPlan) -> bool:
+        """Serve a WRITE without the engine coroutine; False = take the engine path."""
+        engine = self.engine
+        if not plan.writable or engine.writethrough:
+            return False
+        offset, size, grow = engine.write_extent(entry.arg, self.payload_size)
+        if grow:
+            return False  # resizing takes the engine's lock
+        hdr = entry.hdr
+        if size <= 0 or plan.kind == _NULL:
+            if size >= 0:
+                self.stats.bytes_written += size
+                _WRITE_OUT.pack_into(entry.payload, 0, size, 0)
+                size = _WRITE_OUT.size
+            self._commit(
+                entry,
+                _UNIQUE.unpack_from(hdr, 8)[0],
+                _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0],
+                size,
+            )
+            return True
+        pos = offset + plan.base
+        if (pos | size) & plan.align_mask:
+            return False
+        self._fast_start(entry, size, True)
+        try:
+            entry.xfer.write(plan.fd, entry.pay_addr, size, pos, self.ring)
+        except OSError as err:  # the ring is closing
+            self._fast_done(entry, -(err.errno or errno.EBADF))
+        return True
+
+    def _fast_start(self, entry: _Entry, size: int, writing: bool) -> None:
+        hdr = entry.hdr
+        entry.unique = _UNIQUE.unpack_from(hdr, 8)[0]
+        entry.commit_id = _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0]
+        entry.size = size
+        entry.writing = writing
+        self.stats.in_flight += 1
+        self.fast_busy += 1
+
+    def _fast_done(self, entry: _Entry, res: int) -> None:
+        """The backend SQE of a fast-path request completed: reply and re-arm the entry."""
+        stats = self.stats
+        stats.in_flight -= 1
+        self.fast_busy -= 1
+        size = entry.size
+        if res < 0:
+            stats.errors += 1
+        elif entry.writing:
+            stats.bytes_written += size
+            _WRITE_OUT.pack_into(entry.payload, 0, size, 0)
+            res = _WRITE_OUT.size
+        else:
+            stats.bytes_read += size
+            res = size  # a read short at EOF was zero-filled, as the node's read does
+        self._commit(entry, entry.unique, entry.commit_id, res)
 
     async def _serve(self, entry: _Entry) -> None:
         stats = self.stats
@@ -287,6 +417,8 @@ class UringQueue:
                 task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        while self.fast_busy and self.ring is not None and not self.ring.closed:
+            await asyncio.sleep(0.001)  # backend SQEs cannot be taken back: let them finish
 
     async def wait_drained(self, timeout: float) -> bool:
         """Wait until the kernel gave back every entry (after the connection was aborted)."""

@@ -1,0 +1,90 @@
+"""Which block-node chains a transport may serve READ/WRITE for without a coroutine.
+
+A FUSE request normally costs an asyncio Task running :meth:`FuseEngine.handle`, which awaits
+the node's coroutines. For the two hot opcodes that is most of the CPU a request costs, yet
+for the commonest chains the node methods do nothing but map the offset and hand the buffer to
+a syscall. :func:`plan_for` looks at the export's node chain once and says whether a transport
+may skip them:
+
+* ``null-co`` without ``latency-ns``: answered inline (reads zero the buffer with
+  ``read-zeroes``, writes are dropped), as :class:`~qsd_py.block.null.NullNode` does;
+* ``file`` with ``aio=io_uring``, alone or under a ``raw`` node (its ``offset`` window adds a
+  constant): the read or write goes as an SQE straight between the fd and the request's
+  buffer, as :class:`~qsd_py.block.file.FileNode` does, provided the request would not be
+  bounced (O_DIRECT needs offset and length aligned to the node's ``align``; the transports'
+  buffers are page aligned, which covers ``mem_align``).
+
+Everything else (other drivers, ``aio=threads``, unaligned O_DIRECT, growing writes,
+writethrough) keeps going through the engine. The EOF, growable and read-only rules are not
+here: the fast paths call :meth:`FuseEngine.read_extent`/:meth:`FuseEngine.write_extent`,
+the same functions the coroutine path uses.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qsd_py.block.node import BlockNode
+    from qsd_py.block.uring_aio import IoUringBackend
+
+NULL = 1  #: answered inline
+URING = 2  #: one SQE on the loop's ring
+
+
+class FastPlan:
+    """How to serve READ/WRITE of one export without the node coroutines."""
+
+    __slots__ = ("kind", "fd", "base", "align_mask", "read_zeroes", "writable", "backend")
+
+    def __init__(
+        self,
+        kind: int,
+        *,
+        fd: int = -1,
+        base: int = 0,
+        align: int = 1,
+        read_zeroes: bool = False,
+        writable: bool = True,
+        backend: IoUringBackend | None = None,
+    ) -> None:
+        self.kind = kind
+        self.fd = fd
+        self.base = base  # node offset + base = file offset (raw's window)
+        self.align_mask = align - 1  # offsets/lengths with these bits set would bounce
+        self.read_zeroes = read_zeroes
+        self.writable = writable  # False: writes take the engine path (which refuses them)
+        self.backend = backend
+
+
+def plan_for(node: BlockNode) -> FastPlan | None:
+    """The fast plan for ``node``'s chain, or None when every request needs the engine."""
+    from qsd_py.block.file import FileNode
+    from qsd_py.block.null import NullNode
+    from qsd_py.block.raw import RawNode
+
+    base = 0
+    writable = not node.read_only
+    if type(node) is RawNode:
+        base = node.offset
+        node = node.file
+        writable = writable and not node.read_only
+    if type(node) is NullNode:
+        if node.latency:
+            return None
+        return FastPlan(NULL, read_zeroes=node.read_zeroes, writable=writable)
+    if type(node) is FileNode and node.aio_mode == "io_uring" and node.fd >= 0:
+        from qsd_py.block.uring_aio import IoUringBackend
+
+        backend = node.backend
+        if not isinstance(backend, IoUringBackend):
+            return None
+        return FastPlan(
+            URING,
+            fd=node.fd,
+            base=base,
+            align=node.align if node.direct else 1,
+            writable=writable,
+            backend=backend,
+        )
+    return None

@@ -1,0 +1,161 @@
+"""The io_uring transport's READ/WRITE fast path (no Task per request): which node chains
+take it, and that it keeps the engine's semantics (EOF, windows, O_DIRECT alignment,
+growing, null-co) with real I/O checked against the backing image."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from uring_support import UringServer, pread_direct, pwrite_direct, uring_totals
+
+from qsd_py.export.fuse import fastpath
+
+MiB = 1 << 20
+
+
+def _plans(exp) -> set[int | None]:
+    return {None if q.plan is None else q.plan.kind for q in exp.uring.queues}
+
+
+def _graph_add(userver: UringServer, spec: dict):
+    return userver.run(userver.daemon.graph.add(spec))
+
+
+def _file(image: Path, **opts) -> dict:
+    return {"driver": "file", "filename": str(image), "aio": "io_uring", **opts}
+
+
+def test_plan_by_chain(userver: UringServer, tmp_path: Path):
+    img = userver.image(MiB)
+    fast = userver.node(img, aio="io_uring")
+    slow = userver.node(userver.image(MiB, name="b.raw"))  # aio=threads
+    e1 = userver.export(fast, tmp_path / "m1", writable=True, io_uring=True)
+    e2 = userver.export(slow, tmp_path / "m2", writable=True, io_uring=True)
+    assert _plans(e1) == {fastpath.URING}
+    assert _plans(e2) == {None}
+
+
+@pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
+def test_fio_verify_direct_file(userver: UringServer, tmp_path: Path):
+    img = userver.image(32 * MiB)
+    node = userver.node(img, aio="io_uring", cache={"direct": True})
+    mnt = tmp_path / "mnt"
+    exp = userver.export(node, mnt, writable=True, io_uring=True)
+    assert _plans(exp) == {fastpath.URING}
+    out = subprocess.run(
+        [
+            "fio",
+            "--name=verify",
+            f"--filename={mnt}",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=16",
+            "--numjobs=2",
+            "--size=16M",
+            "--offset_increment=16M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--group_reporting",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    totals = uring_totals(exp.stats())
+    assert totals["bytes-written"] >= 32 * MiB
+    assert totals["bytes-read"] >= 32 * MiB
+    assert totals["in-flight"] == 0
+    # what went through the ring is in the image
+    off = 5 * MiB + 4096
+    assert pread_direct(mnt, off, 65536) == img.read_bytes()[off : off + 65536]
+
+
+def test_raw_window(userver: UringServer, tmp_path: Path):
+    data = os.urandom(8 * MiB)
+    img = userver.image(8 * MiB, data)
+    node = _graph_add(
+        userver,
+        {"driver": "raw", "node-name": "w", "offset": MiB, "size": 2 * MiB, "file": _file(img)},
+    )
+    mnt = tmp_path / "mnt"
+    exp = userver.export(node, mnt, writable=True, io_uring=True)
+    assert _plans(exp) == {fastpath.URING}
+    assert pread_direct(mnt, 0, 8192) == data[MiB : MiB + 8192]
+    assert pread_direct(mnt, 2 * MiB - 4096, 65536) == data[3 * MiB - 4096 : 3 * MiB]  # EOF
+    assert pread_direct(mnt, 2 * MiB, 4096) == b""
+    new = os.urandom(8192)
+    pwrite_direct(mnt, 4096, new)
+    assert img.read_bytes()[MiB + 4096 : MiB + 4096 + 8192] == new
+    # a write crossing the window's end is cut there; one past it writes nothing
+    fd = os.open(mnt, os.O_WRONLY)
+    try:
+        assert os.pwrite(fd, b"z" * 8192, 2 * MiB - 4096) == 4096
+        assert os.pwrite(fd, b"z" * 4096, 2 * MiB) == 0
+    finally:
+        os.close(fd)
+    image = img.read_bytes()
+    assert image[3 * MiB - 4096 : 3 * MiB] == b"z" * 4096
+    assert image[3 * MiB : 3 * MiB + 4096] == data[3 * MiB : 3 * MiB + 4096]
+
+
+def test_unaligned_direct_falls_back(userver: UringServer, tmp_path: Path):
+    """O_DIRECT node, requests not aligned to its sectors: the node's bounce path serves."""
+    data = os.urandom(2 * MiB)
+    img = userver.image(2 * MiB, data)
+    node = userver.node(img, aio="io_uring", cache={"direct": True})
+    mnt = tmp_path / "mnt"
+    exp = userver.export(node, mnt, writable=True, io_uring=True)
+    assert _plans(exp) == {fastpath.URING}
+    fd = os.open(mnt, os.O_RDWR)  # no O_DIRECT here: FUSE passes the odd offsets through
+    try:
+        assert os.pread(fd, 300, 100) == data[100:400]
+        assert os.pwrite(fd, b"q" * 777, 1000) == 777
+        assert os.pread(fd, 4096, 0) == data[:1000] + b"q" * 777 + data[1777:4096]
+    finally:
+        os.close(fd)
+    assert img.read_bytes()[1000:1777] == b"q" * 777
+
+
+def test_growable_write_grows(userver: UringServer, tmp_path: Path):
+    img = userver.image(MiB)
+    node = userver.node(img, aio="io_uring")
+    mnt = tmp_path / "mnt"
+    userver.export(node, mnt, writable=True, growable=True, io_uring=True)
+    tail = os.urandom(4096)
+    pwrite_direct(mnt, 2 * MiB, tail)
+    assert os.path.getsize(img) == 2 * MiB + 4096
+    assert img.read_bytes()[2 * MiB :] == tail
+
+
+@pytest.mark.parametrize("read_zeroes", [True, False])
+def test_null_co_inline(userver: UringServer, tmp_path: Path, read_zeroes: bool):
+    node = _graph_add(
+        userver,
+        {"driver": "null-co", "node-name": "z", "size": 4 * MiB, "read-zeroes": read_zeroes},
+    )
+    mnt = tmp_path / "mnt"
+    exp = userver.export(node, mnt, writable=True, io_uring=True)
+    assert _plans(exp) == {fastpath.NULL}
+    before = uring_totals(exp.stats())
+    for _ in range(8):  # leave data in the entries' payloads
+        pwrite_direct(mnt, 0, b"\xee" * 65536)
+    got = pread_direct(mnt, 0, 65536)
+    assert len(got) == 65536
+    if read_zeroes:
+        assert got == bytes(65536)
+    tail = pread_direct(mnt, 4 * MiB - 4096, 65536)  # short at EOF
+    assert len(tail) == 4096
+    if read_zeroes:
+        assert tail == bytes(4096)
+    after = uring_totals(exp.stats())
+    assert after["bytes-written"] - before["bytes-written"] == 8 * 65536
+    assert after["bytes-read"] - before["bytes-read"] >= 65536 + 4096
