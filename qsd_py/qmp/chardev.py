@@ -87,14 +87,27 @@ class ServerChardev(Chardev):
         self._inode = os.stat(path).st_ino if path else None
         self._first: socket.socket | None = None
 
-    async def wait_for_client(self, description: str) -> None:
-        """``wait=on``: block the command line until a client is there, saying so like QEMU."""
+    async def wait_for_client(self, daemon: Any, description: str) -> None:
+        """``wait=on``: hold the command line until a client is there, saying so like QEMU.
+
+        Unlike QEMU, a shutdown request (SIGTERM) ends the wait: the daemon then goes
+        through the rest of its start-up straight into shutdown.
+        """
         print(
             f"qsd-py: info: QEMU waiting for connection on: {description},server=on",
             file=sys.stderr,
             flush=True,
         )
-        self._first, _ = await asyncio.get_running_loop().sock_accept(self.listener)
+        accept = asyncio.ensure_future(asyncio.get_running_loop().sock_accept(self.listener))
+        waits: set[asyncio.Future[Any]] = {accept}
+        shutdown = getattr(daemon, "shutdown_event", None)
+        if shutdown is not None:
+            waits.add(asyncio.ensure_future(shutdown.wait()))
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for future in pending:
+            future.cancel()
+        if accept in done:
+            self._first, _ = accept.result()
 
     async def _run(self, daemon: Any, pretty: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -226,7 +239,7 @@ async def create_chardev(daemon: Any, opts: dict[str, Any]) -> Chardev:
         daemon.closers.append(chardev.close)
         if _flag(opts.get("wait"), True):
             where = f"unix:{path}" if path is not None else f"tcp:{host}:{port}"
-            await chardev.wait_for_client(f"disconnected:{where}")
+            await chardev.wait_for_client(daemon, f"disconnected:{where}")
     else:
         chardev = ClientChardev(opts["id"], await _connect(path, host, port))
         daemon.closers.append(chardev.close)
