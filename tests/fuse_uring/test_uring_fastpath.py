@@ -26,26 +26,35 @@ def _graph_add(userver: UringServer, spec: dict):
 
 
 def _file(image: Path, **opts) -> dict:
-    return {"driver": "file", "filename": str(image), "aio": "io_uring", **opts}
+    return {"driver": "file", "filename": str(image), **opts}
+
+
+AIO = {"io_uring": fastpath.URING, "threads": fastpath.THREADS}
 
 
 def test_plan_by_chain(userver: UringServer, tmp_path: Path):
-    img = userver.image(MiB)
-    fast = userver.node(img, aio="io_uring")
-    slow = userver.node(userver.image(MiB, name="b.raw"))  # aio=threads
-    e1 = userver.export(fast, tmp_path / "m1", writable=True, io_uring=True)
-    e2 = userver.export(slow, tmp_path / "m2", writable=True, io_uring=True)
+    ring = userver.node(userver.image(MiB), aio="io_uring")
+    pool = userver.node(userver.image(MiB, name="b.raw"))  # aio=threads
+    slow = _graph_add(
+        userver, {"driver": "null-co", "node-name": "lat", "size": MiB, "latency-ns": 1000}
+    )
+    e1 = userver.export(ring, tmp_path / "m1", writable=True, io_uring=True)
+    e2 = userver.export(pool, tmp_path / "m2", writable=True, io_uring=True)
+    e3 = userver.export(slow, tmp_path / "m3", writable=True, io_uring=True)
     assert _plans(e1) == {fastpath.URING}
-    assert _plans(e2) == {None}
+    assert _plans(e2) == {fastpath.THREADS}
+    assert _plans(e3) == {None}
+    assert len(pread_direct(tmp_path / "m3", 0, 4096)) == 4096  # the engine path serves it
 
 
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
-def test_fio_verify_direct_file(userver: UringServer, tmp_path: Path):
+@pytest.mark.parametrize("aio", AIO)
+def test_fio_verify_direct_file(userver: UringServer, tmp_path: Path, aio: str):
     img = userver.image(32 * MiB)
-    node = userver.node(img, aio="io_uring", cache={"direct": True})
+    node = userver.node(img, aio=aio, cache={"direct": True})
     mnt = tmp_path / "mnt"
     exp = userver.export(node, mnt, writable=True, io_uring=True)
-    assert _plans(exp) == {fastpath.URING}
+    assert _plans(exp) == {AIO[aio]}
     out = subprocess.run(
         [
             "fio",
@@ -79,16 +88,15 @@ def test_fio_verify_direct_file(userver: UringServer, tmp_path: Path):
     assert pread_direct(mnt, off, 65536) == img.read_bytes()[off : off + 65536]
 
 
-def test_raw_window(userver: UringServer, tmp_path: Path):
+@pytest.mark.parametrize("aio", AIO)
+def test_raw_window(userver: UringServer, tmp_path: Path, aio: str):
     data = os.urandom(8 * MiB)
     img = userver.image(8 * MiB, data)
-    node = _graph_add(
-        userver,
-        {"driver": "raw", "node-name": "w", "offset": MiB, "size": 2 * MiB, "file": _file(img)},
-    )
+    spec = {"driver": "raw", "node-name": "w", "offset": MiB, "size": 2 * MiB}
+    node = _graph_add(userver, {**spec, "file": _file(img, aio=aio)})
     mnt = tmp_path / "mnt"
     exp = userver.export(node, mnt, writable=True, io_uring=True)
-    assert _plans(exp) == {fastpath.URING}
+    assert _plans(exp) == {AIO[aio]}
     assert pread_direct(mnt, 0, 8192) == data[MiB : MiB + 8192]
     assert pread_direct(mnt, 2 * MiB - 4096, 65536) == data[3 * MiB - 4096 : 3 * MiB]  # EOF
     assert pread_direct(mnt, 2 * MiB, 4096) == b""
@@ -107,14 +115,15 @@ def test_raw_window(userver: UringServer, tmp_path: Path):
     assert image[3 * MiB : 3 * MiB + 4096] == data[3 * MiB : 3 * MiB + 4096]
 
 
-def test_unaligned_direct_falls_back(userver: UringServer, tmp_path: Path):
+@pytest.mark.parametrize("aio", AIO)
+def test_unaligned_direct_falls_back(userver: UringServer, tmp_path: Path, aio: str):
     """O_DIRECT node, requests not aligned to its sectors: the node's bounce path serves."""
     data = os.urandom(2 * MiB)
     img = userver.image(2 * MiB, data)
-    node = userver.node(img, aio="io_uring", cache={"direct": True})
+    node = userver.node(img, aio=aio, cache={"direct": True})
     mnt = tmp_path / "mnt"
     exp = userver.export(node, mnt, writable=True, io_uring=True)
-    assert _plans(exp) == {fastpath.URING}
+    assert _plans(exp) == {AIO[aio]}
     fd = os.open(mnt, os.O_RDWR)  # no O_DIRECT here: FUSE passes the odd offsets through
     try:
         assert os.pread(fd, 300, 100) == data[100:400]

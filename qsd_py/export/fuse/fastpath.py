@@ -10,12 +10,14 @@ may skip them:
   ``read-zeroes``, writes are dropped), as :class:`~qsd_py.block.null.NullNode` does;
 * ``file`` with ``aio=io_uring``, alone or under a ``raw`` node (its ``offset`` window adds a
   constant): the read or write goes as an SQE straight between the fd and the request's
-  buffer, as :class:`~qsd_py.block.file.FileNode` does, provided the request would not be
-  bounced (O_DIRECT needs offset and length aligned to the node's ``align``; the transports'
-  buffers are page aligned, which covers ``mem_align``).
+  buffer, as :class:`~qsd_py.block.file.FileNode` does; with ``aio=threads`` it goes to the
+  pool as a reusable :class:`~qsd_py.block.aio.ThreadTransfer` (the loop never blocks), in
+  both cases provided the request would not be bounced (O_DIRECT needs offset and length
+  aligned to the node's ``align``; the transports' buffers are page aligned, which covers
+  ``mem_align``).
 
-Everything else (other drivers, ``aio=threads``, unaligned O_DIRECT, growing writes,
-writethrough) keeps going through the engine. The EOF, growable and read-only rules are not
+Everything else (other drivers, unaligned O_DIRECT, growing writes, writethrough) keeps
+going through the engine. The EOF, growable and read-only rules are not
 here: the fast paths call :meth:`FuseEngine.read_extent`/:meth:`FuseEngine.write_extent`,
 the same functions the coroutine path uses.
 """
@@ -25,11 +27,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from qsd_py.block.aio import ThreadPoolBackend
     from qsd_py.block.node import BlockNode
     from qsd_py.block.uring_aio import IoUringBackend
 
 NULL = 1  #: answered inline
 URING = 2  #: one SQE on the loop's ring
+THREADS = 3  #: one ThreadTransfer in the aio=threads pool
 
 
 class FastPlan:
@@ -46,7 +50,7 @@ class FastPlan:
         align: int = 1,
         read_zeroes: bool = False,
         writable: bool = True,
-        backend: IoUringBackend | None = None,
+        backend: IoUringBackend | ThreadPoolBackend | None = None,
     ) -> None:
         self.kind = kind
         self.fd = fd
@@ -73,6 +77,20 @@ def plan_for(node: BlockNode) -> FastPlan | None:
         if node.latency:
             return None
         return FastPlan(NULL, read_zeroes=node.read_zeroes, writable=writable)
+    if type(node) is FileNode and node.aio_mode == "threads" and node.fd >= 0:
+        from qsd_py.block.aio import ThreadPoolBackend
+
+        pool = node.backend
+        if not isinstance(pool, ThreadPoolBackend):
+            return None
+        return FastPlan(
+            THREADS,
+            fd=node.fd,
+            base=base,
+            align=node.align if node.direct else 1,
+            writable=writable,
+            backend=pool,
+        )
     if type(node) is FileNode and node.aio_mode == "io_uring" and node.fd >= 0:
         from qsd_py.block.uring_aio import IoUringBackend
 
