@@ -1,4 +1,4 @@
-"""The io_uring transport's READ/WRITE fast path (no Task per request): which node chains
+"""The READ/WRITE fast path of both transports (no Task per request): which node chains
 take it, and that it keeps the engine's semantics (EOF, windows, O_DIRECT alignment,
 growing, null-co) with real I/O checked against the backing image."""
 
@@ -18,7 +18,16 @@ MiB = 1 << 20
 
 
 def _plans(exp) -> set[int | None]:
-    return {None if q.plan is None else q.plan.kind for q in exp.uring.queues}
+    queues = exp.uring.queues if exp.uring is not None else exp.queues
+    return {None if q.plan is None else q.plan.kind for q in queues}
+
+
+def _totals(exp) -> dict[str, int]:
+    st = exp.stats()
+    if exp.uring is not None:
+        return uring_totals(st)
+    keys = ("bytes-read", "bytes-written", "in-flight")
+    return {k: sum(q[k] for q in st["queues"]) for k in keys}
 
 
 def _graph_add(userver: UringServer, spec: dict):
@@ -48,12 +57,13 @@ def test_plan_by_chain(userver: UringServer, tmp_path: Path):
 
 
 @pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
+@pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "dev-fuse"])
 @pytest.mark.parametrize("aio", AIO)
-def test_fio_verify_direct_file(userver: UringServer, tmp_path: Path, aio: str):
+def test_fio_verify_direct_file(userver: UringServer, tmp_path: Path, aio: str, uring: bool):
     img = userver.image(32 * MiB)
     node = userver.node(img, aio=aio, cache={"direct": True})
     mnt = tmp_path / "mnt"
-    exp = userver.export(node, mnt, writable=True, io_uring=True)
+    exp = userver.export(node, mnt, writable=True, io_uring=uring)
     assert _plans(exp) == {AIO[aio]}
     out = subprocess.run(
         [
@@ -79,7 +89,7 @@ def test_fio_verify_direct_file(userver: UringServer, tmp_path: Path, aio: str):
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    totals = uring_totals(exp.stats())
+    totals = _totals(exp)
     assert totals["bytes-written"] >= 32 * MiB
     assert totals["bytes-read"] >= 32 * MiB
     assert totals["in-flight"] == 0
@@ -88,14 +98,15 @@ def test_fio_verify_direct_file(userver: UringServer, tmp_path: Path, aio: str):
     assert pread_direct(mnt, off, 65536) == img.read_bytes()[off : off + 65536]
 
 
+@pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "dev-fuse"])
 @pytest.mark.parametrize("aio", AIO)
-def test_raw_window(userver: UringServer, tmp_path: Path, aio: str):
+def test_raw_window(userver: UringServer, tmp_path: Path, aio: str, uring: bool):
     data = os.urandom(8 * MiB)
     img = userver.image(8 * MiB, data)
     spec = {"driver": "raw", "node-name": "w", "offset": MiB, "size": 2 * MiB}
     node = _graph_add(userver, {**spec, "file": _file(img, aio=aio)})
     mnt = tmp_path / "mnt"
-    exp = userver.export(node, mnt, writable=True, io_uring=True)
+    exp = userver.export(node, mnt, writable=True, io_uring=uring)
     assert _plans(exp) == {AIO[aio]}
     assert pread_direct(mnt, 0, 8192) == data[MiB : MiB + 8192]
     assert pread_direct(mnt, 2 * MiB - 4096, 65536) == data[3 * MiB - 4096 : 3 * MiB]  # EOF
@@ -115,14 +126,15 @@ def test_raw_window(userver: UringServer, tmp_path: Path, aio: str):
     assert image[3 * MiB : 3 * MiB + 4096] == data[3 * MiB : 3 * MiB + 4096]
 
 
+@pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "dev-fuse"])
 @pytest.mark.parametrize("aio", AIO)
-def test_unaligned_direct_falls_back(userver: UringServer, tmp_path: Path, aio: str):
+def test_unaligned_direct_falls_back(userver: UringServer, tmp_path: Path, aio: str, uring: bool):
     """O_DIRECT node, requests not aligned to its sectors: the node's bounce path serves."""
     data = os.urandom(2 * MiB)
     img = userver.image(2 * MiB, data)
     node = userver.node(img, aio=aio, cache={"direct": True})
     mnt = tmp_path / "mnt"
-    exp = userver.export(node, mnt, writable=True, io_uring=True)
+    exp = userver.export(node, mnt, writable=True, io_uring=uring)
     assert _plans(exp) == {AIO[aio]}
     fd = os.open(mnt, os.O_RDWR)  # no O_DIRECT here: FUSE passes the odd offsets through
     try:
@@ -145,16 +157,17 @@ def test_growable_write_grows(userver: UringServer, tmp_path: Path):
     assert img.read_bytes()[2 * MiB :] == tail
 
 
+@pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "dev-fuse"])
 @pytest.mark.parametrize("read_zeroes", [True, False])
-def test_null_co_inline(userver: UringServer, tmp_path: Path, read_zeroes: bool):
+def test_null_co_inline(userver: UringServer, tmp_path: Path, read_zeroes: bool, uring: bool):
     node = _graph_add(
         userver,
         {"driver": "null-co", "node-name": "z", "size": 4 * MiB, "read-zeroes": read_zeroes},
     )
     mnt = tmp_path / "mnt"
-    exp = userver.export(node, mnt, writable=True, io_uring=True)
+    exp = userver.export(node, mnt, writable=True, io_uring=uring)
     assert _plans(exp) == {fastpath.NULL}
-    before = uring_totals(exp.stats())
+    before = _totals(exp)
     for _ in range(8):  # leave data in the entries' payloads
         pwrite_direct(mnt, 0, b"\xee" * 65536)
     got = pread_direct(mnt, 0, 65536)
@@ -165,6 +178,6 @@ def test_null_co_inline(userver: UringServer, tmp_path: Path, read_zeroes: bool)
     assert len(tail) == 4096
     if read_zeroes:
         assert tail == bytes(4096)
-    after = uring_totals(exp.stats())
+    after = _totals(exp)
     assert after["bytes-written"] - before["bytes-written"] == 8 * 65536
     assert after["bytes-read"] - before["bytes-read"] >= 65536 + 4096

@@ -3,7 +3,10 @@
 The fd is non-blocking and watched with ``loop.add_reader``. Each readable event drains the
 device: every request lands in a preallocated slot (request buffer + reply buffer) and becomes
 a task that awaits the engine, so many requests are in flight at once and each reply is
-written as soon as its backend I/O completes, in any order. The kernel matches replies by
+written as soon as its backend I/O completes, in any order. READ and WRITE skip the task
+when the export's node chain allows it (qsd_py/export/fuse/fastpath.py, decoded by the
+engine's own plain helpers): the slot's reusable transfer moves the data between the fd and
+the slot's page-aligned buffer, and its callback writes the reply. The kernel matches replies by
 ``unique`` on the fd the request was read from, which is why a queue never hands a request
 to another queue.
 
@@ -16,6 +19,7 @@ cancelled half-way, so an interrupted request simply completes.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
 import logging
 import mmap
@@ -24,6 +28,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse.engine import FuseEngine, QueueStats
 
@@ -35,6 +40,11 @@ _OUT = p.OUT_HEADER.size
 _GONE = (errno.ENODEV, errno.ENOTCONN, errno.ECONNABORTED, errno.EBADF)
 _WRITE_DATA_AT = _HDR + p.WRITE_IN.size
 _PAGE = mmap.PAGESIZE
+_READ = p.READ
+_WRITE = p.WRITE
+_WRITE_OUT = p.WRITE_OUT
+_NULL = fastpath.NULL
+_memset = ctypes.memset
 DRAIN_BATCH = 64  # requests read per readable event before yielding to the loop
 DEFAULT_MAX_SLOTS = 256
 
@@ -48,17 +58,49 @@ class _Slot:
     16-byte out-header). An O_DIRECT node then reads and writes it in place instead of
     bouncing every request through an aligned copy."""
 
-    __slots__ = ("req", "rep", "req_mv", "rep_mv", "iov", "hdr", "out", "task")
+    __slots__ = (
+        "req",
+        "rep",
+        "req_mv",
+        "rep_mv",
+        "iov",
+        "hdr",
+        "arg",
+        "out",
+        "task",
+        "queue",
+        "out_addr",
+        "data_addr",
+        "xfer",
+        "unique",
+        "size",
+        "writing",
+    )
 
-    def __init__(self, req_size: int, rep_size: int) -> None:
+    def __init__(self, queue: DevFuseQueue, req_size: int, rep_size: int) -> None:
         self.req = mmap.mmap(-1, req_size + _PAGE)
         self.rep = mmap.mmap(-1, rep_size + _PAGE)
         self.req_mv = memoryview(self.req)[_PAGE - _WRITE_DATA_AT :]
         self.rep_mv = memoryview(self.rep)[_PAGE - _OUT :]
         self.iov = [self.req_mv]
         self.hdr = self.req_mv[:_HDR]
+        self.arg = self.req_mv[_HDR:]
         self.out = self.rep_mv[_OUT:]
         self.task: asyncio.Task[None] | None = None
+        # fast path: page-aligned addresses of the READ reply data and of the WRITE data
+        self.queue = queue
+        self.out_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.rep)) + _PAGE
+        self.data_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.req)) + _PAGE
+        plan = queue.plan
+        self.xfer: Any = (
+            None if plan is None or plan.backend is None else (plan.backend.transfer(self._io_done))
+        )
+        self.unique = 0
+        self.size = 0
+        self.writing = False
+
+    def _io_done(self, res: int) -> None:
+        self.queue._fast_done(self, res)
 
 
 class DevFuseQueue:
@@ -93,10 +135,16 @@ class DevFuseQueue:
         self._nslots = 0
         self._reading = False
         self._closing = False
+        self.plan: fastpath.FastPlan | None = None
+        self.fast_busy = 0
+        self._ring: Any = None  # the loop's AsyncRing, for a URING plan
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         os.set_blocking(self.fd, False)
+        self.plan = fastpath.plan_for(self.engine.node)
+        if self.plan is not None and self.plan.kind == fastpath.URING:
+            self._ring = self.plan.backend.ring()  # type: ignore[union-attr]
         for _ in range(4):
             self._free.append(self._new_slot())
         self._resume()
@@ -113,6 +161,8 @@ class DevFuseQueue:
                 task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        while self.fast_busy:
+            await asyncio.sleep(0.001)  # fast-path transfers cannot be taken back
 
     async def run_on_loop(self, coro_fn: Callable[[], Any]) -> Any:
         """Run ``coro_fn()`` on this queue's loop from whatever loop the caller is on."""
@@ -127,7 +177,7 @@ class DevFuseQueue:
     # --- reading ---------------------------------------------------------------------------
     def _new_slot(self) -> _Slot:
         self._nslots += 1
-        return _Slot(self._req_size, self._rep_size)
+        return _Slot(self, self._req_size, self._rep_size)
 
     def _resume(self) -> None:
         if not self._reading and not self._closing and not self.gone:
@@ -182,8 +232,80 @@ class DevFuseQueue:
             self._free.append(slot)
             self._reply(slot, unique, -errno.EINVAL)
             return
+        plan = self.plan
+        if plan is not None and (opcode == _READ or opcode == _WRITE):
+            if self._fast(slot, n, opcode, unique, plan):
+                return
         slot.task = self.loop.create_task(self._serve(slot, n, unique))
         self._busy.add(slot)
+
+    # --- the READ/WRITE fast path (see qsd_py/export/fuse/fastpath.py) --------------------------
+    def _fast(self, slot: _Slot, n: int, opcode: int, unique: int, plan: fastpath.FastPlan) -> bool:
+        """Serve a READ or WRITE without a task; False = take the engine path."""
+        engine = self.engine
+        if opcode == _READ:
+            offset, size = engine.read_extent(slot.arg, len(slot.out))
+            if size > 0 and plan.kind == _NULL:
+                self.stats.bytes_read += size
+                if plan.read_zeroes:
+                    _memset(slot.out_addr, 0, size)
+            addr = slot.out_addr
+        else:
+            if not plan.writable or engine.writethrough:
+                return False
+            offset, size, grow = engine.write_extent(slot.arg, n - _WRITE_DATA_AT)
+            if grow:
+                return False  # resizing takes the engine's lock
+            if size >= 0 and (size == 0 or plan.kind == _NULL):
+                self.stats.bytes_written += size
+                _WRITE_OUT.pack_into(slot.out, 0, size, 0)
+                size = _WRITE_OUT.size
+                self._reply(slot, unique, size)
+                self._free.append(slot)
+                return True
+            addr = slot.data_addr
+        if size <= 0 or plan.kind == _NULL:
+            self._reply(slot, unique, size)
+            self._free.append(slot)
+            return True
+        pos = offset + plan.base
+        if (pos | size) & plan.align_mask:
+            return False  # O_DIRECT would bounce: the node knows how
+        slot.unique = unique
+        slot.size = size
+        slot.writing = opcode == _WRITE
+        self.stats.in_flight += 1
+        self.fast_busy += 1
+        self._busy.add(slot)
+        try:
+            if opcode == _READ:
+                slot.xfer.read(plan.fd, addr, size, pos, self._ring)
+            else:
+                slot.xfer.write(plan.fd, addr, size, pos, self._ring)
+        except OSError as err:  # the loop's ring is closing
+            self._fast_done(slot, -(err.errno or errno.EBADF))
+        return True
+
+    def _fast_done(self, slot: _Slot, res: int) -> None:
+        """A fast-path transfer completed: reply and recycle the slot."""
+        stats = self.stats
+        stats.in_flight -= 1
+        self.fast_busy -= 1
+        self._busy.discard(slot)
+        size = slot.size
+        if res < 0:
+            stats.errors += 1
+        elif slot.writing:
+            stats.bytes_written += size
+            _WRITE_OUT.pack_into(slot.out, 0, size, 0)
+            res = _WRITE_OUT.size
+        else:
+            stats.bytes_read += size
+            res = size  # a read short at EOF was zero-filled, as the node's read does
+        self._reply(slot, slot.unique, res)
+        self._free.append(slot)
+        if not self._reading:
+            self._resume()
 
     async def _serve(self, slot: _Slot, n: int, unique: int) -> None:
         stats = self.stats
