@@ -19,7 +19,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block import aio
-from qsd_py.block.node import BlockNode, Buffer
+from qsd_py.block.node import BlockNode, Buffer, round_to_sectors
 from qsd_py.block.perm import PERM_NAMES, Perm
 from qsd_py.errors import QMPError
 
@@ -90,9 +90,11 @@ class FileNode(BlockNode):
             raise QMPError(unusable)
         st = os.fstat(self.fd)
         if stat.S_ISBLK(st.st_mode):
-            self._length = os.lseek(self.fd, 0, os.SEEK_END)
+            size = os.lseek(self.fd, 0, os.SEEK_END)
         else:
-            self._length = st.st_size
+            size = st.st_size
+        # The backends read past the file's end as zeroes, which fills the last sector.
+        self._length = round_to_sectors(size)
         if self.direct:
             self.align, self.mem_align = self._probe_alignment()
 
@@ -191,7 +193,7 @@ class FileNode(BlockNode):
             await self.backend.run(os.ftruncate, self.fd, length)
         except OSError as e:
             raise OSError(e.errno, f"Failed to resize file: {os.strerror(e.errno)}") from None
-        self._length = length
+        self._length = round_to_sectors(length)
 
     async def allocated_size(self) -> int:
         assert self.backend is not None
@@ -250,9 +252,11 @@ class FileNode(BlockNode):
     def _bounce_write(self, offset: int, buf: memoryview) -> None:
         """Runs in a pool thread: read-modify-write of the aligned span. The lock keeps two
         unaligned writes sharing a sector from losing each other's bytes; a span that
-        reaches past EOF is cut back to the node's length afterwards."""
+        reaches past the file's end is cut back to the end of the caller's data (the file
+        grows as far as a buffered write would take it, never to the alignment)."""
         start, end = self._aligned_span(offset, len(buf))
         with self._rmw_lock, mmap.mmap(-1, end - start) as m:
+            size = os.fstat(self.fd).st_size
             mv = memoryview(m)
             try:
                 if start != offset or end != offset + len(buf):
@@ -261,8 +265,8 @@ class FileNode(BlockNode):
                 aio.pwrite_full(self.fd, mv, start)
             finally:
                 mv.release()
-            if end > self._length:
-                os.ftruncate(self.fd, self._length)
+            if end > size:
+                os.ftruncate(self.fd, max(size, offset + len(buf)))
 
     async def flush(self) -> None:
         assert self.backend is not None

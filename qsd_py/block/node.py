@@ -10,6 +10,9 @@ CONTRACT (exports rely on it; drivers implement it):
 * ``read`` fills the whole caller-provided buffer; ``write`` writes the whole buffer. A short
   transfer from the OS is retried or becomes an ``OSError``.
 * Errors are raised as ``OSError`` with a meaningful errno (exports turn them into -errno).
+* ``length()`` is a whole number of 512-byte sectors, as everywhere in QEMU's block layer: a
+  file of 1 MiB + 1 byte is a node of 1 MiB + 512, and the bytes past the file's real end
+  read as zeroes (a write there extends the file). :func:`round_to_sectors` does the rounding.
 """
 
 from __future__ import annotations
@@ -23,6 +26,14 @@ if TYPE_CHECKING:
     from qsd_py.block.graph import BlockGraph
 
 Buffer = memoryview | bytearray | bytes
+
+SECTOR_SIZE = 512
+
+
+def round_to_sectors(nbytes: int) -> int:
+    """``nbytes`` rounded up to whole sectors: QEMU counts every length in sectors, so every
+    user (query-named-block-nodes, an export's size, reads of the tail) sees this length."""
+    return -(-nbytes // SECTOR_SIZE) * SECTOR_SIZE
 
 
 class BlockNode:
@@ -152,11 +163,13 @@ class BlockNode:
 
     # --- size -----------------------------------------------------------------------------
     def length(self) -> int:
-        """Current length in bytes (cached; updated by truncate)."""
+        """Current length in bytes, a multiple of :data:`SECTOR_SIZE` (cached; updated by
+        truncate)."""
         raise NotImplementedError
 
     async def truncate(self, length: int) -> None:
-        """Grow (new range reads zeroes) or shrink the node."""
+        """Grow (new range reads zeroes) or shrink the node. ``length`` need not be aligned:
+        the file gets exactly that size, :meth:`length` then says it rounded up."""
         raise NotImplementedError
 
     async def allocated_size(self) -> int:

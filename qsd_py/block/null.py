@@ -11,7 +11,7 @@ import errno
 import json
 from typing import TYPE_CHECKING, Any
 
-from qsd_py.block.node import BlockNode, Buffer
+from qsd_py.block.node import BlockNode, Buffer, round_to_sectors
 
 if TYPE_CHECKING:
     from qsd_py.block.graph import BlockGraph
@@ -26,7 +26,8 @@ class NullNode(BlockNode):
 
     def __init__(self, graph: BlockGraph, opts: dict[str, Any]) -> None:
         super().__init__(graph, opts)
-        self.size: int = opts.get("size", DEFAULT_SIZE)
+        # An unaligned size= is rounded up to whole sectors, as QEMU does.
+        self.size: int = round_to_sectors(opts.get("size", DEFAULT_SIZE))
         self.read_zeroes: bool = opts.get("read-zeroes", False)
         self.latency: float = opts.get("latency-ns", 0) / 1e9
 

@@ -10,14 +10,12 @@ import errno
 import json
 from typing import TYPE_CHECKING, Any
 
-from qsd_py.block.node import BlockNode, Buffer
+from qsd_py.block.node import SECTOR_SIZE, BlockNode, Buffer, round_to_sectors
 from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
     from qsd_py.block.graph import BlockGraph
-
-SECTOR = 512
 
 
 class RawNode(BlockNode):
@@ -53,8 +51,8 @@ class RawNode(BlockNode):
                 f"The sum of offset ({self.offset}) and size ({self.size}) has to be smaller "
                 f"or equal to the  actual size of the containing file ({file_len})"
             )
-        if self.size % SECTOR:
-            raise QMPError(f"Specified size is not multiple of {SECTOR}")
+        if self.size % SECTOR_SIZE:
+            raise QMPError(f"Specified size is not multiple of {SECTOR_SIZE}")
 
     # --- permissions ----------------------------------------------------------------------
     def _child_perms(self, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
@@ -67,9 +65,11 @@ class RawNode(BlockNode):
 
     # --- size -----------------------------------------------------------------------------
     def length(self) -> int:
+        """The window, or the child past ``offset``; an unaligned offset leaves a partial
+        last sector, which counts as a whole one (QEMU's rounding, reads beyond are zero)."""
         if self.size is not None:
             return self.size
-        return max(0, self.file.length() - self.offset)
+        return round_to_sectors(max(0, self.file.length() - self.offset))
 
     async def truncate(self, length: int) -> None:
         if self.read_only:
