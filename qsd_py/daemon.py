@@ -17,7 +17,7 @@ from qsd_py.commands import HANDLERS, load_handlers
 from qsd_py.errors import QMPError
 from qsd_py.export.registry import ExportRegistry
 from qsd_py.objects.registry import ObjectRegistry
-from qsd_py.uring.aio import close_loop_ring
+from qsd_py.uring import close_loop_ring
 
 if TYPE_CHECKING:
     from qsd_py.qapi.schema import QAPISchema

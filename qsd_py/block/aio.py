@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import os
 import threading
 import weakref
@@ -35,7 +34,9 @@ MAX_WORKERS = 64
 # aio=io_uring instead.
 CALLBACK_WORKERS = max(4, 2 * (os.cpu_count() or 1))
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+# The process's own symbols (libc among them), as mount.py and ring.py do: find_library would
+# import ctypes.util and run ldconfig at every start-up.
+_libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 _libc.fallocate.restype = ctypes.c_int
 

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from qsd_py.uring.aio import close_loop_ring
+from qsd_py.uring import close_loop_ring
 
 T = TypeVar("T")
 

@@ -9,9 +9,9 @@ into Python values and remembers where each expression came from, so that the mo
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 # One token at a time: skip blanks and comments, then one of the punctuation characters,
@@ -53,9 +53,10 @@ class Expression:
 class _Reader:
     """Recursive-descent parser over the token stream of one file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
-        self.text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            self.text = f.read()
         self.pos = 0
         self.tok: str | None = None  # punctuation char, "'" for strings, "w" for words, "" at end
         self.val: Any = None
@@ -154,16 +155,19 @@ class _Reader:
         return out
 
 
-def parse_schema(path: Path) -> list[Expression]:
-    """Read ``path`` and every file it includes, in order, each file once."""
-    seen: set[Path] = set()
+def parse_schema(path: str | os.PathLike[str]) -> list[Expression]:
+    """Read ``path`` and every file it includes, in order, each file once.
+
+    Plain ``os.path`` rather than pathlib: this runs at every start-up, and pathlib's import
+    alone costs a few milliseconds of it."""
+    seen: set[str] = set()
     result: list[Expression] = []
-    _parse_file(path.resolve(), seen, result, include_info=None)
+    _parse_file(os.path.realpath(path), seen, result, include_info=None)
     return result
 
 
 def _parse_file(
-    path: Path, seen: set[Path], out: list[Expression], include_info: SourceInfo | None
+    path: str, seen: set[str], out: list[Expression], include_info: SourceInfo | None
 ) -> None:
     if path in seen:
         return
@@ -174,11 +178,12 @@ def _parse_file(
         where = f"{include_info}: " if include_info else ""
         raise QAPIParseError(f"{where}can't read file '{path}': {exc.strerror}") from exc
     for expr, line in reader.expressions():
-        info = SourceInfo(str(path), line)
+        info = SourceInfo(path, line)
         if "include" in expr:
             if len(expr) != 1 or not isinstance(expr["include"], str):
                 raise QAPIParseError(f"{info}: invalid 'include' directive")
-            _parse_file((path.parent / expr["include"]).resolve(), seen, out, info)
+            included = os.path.join(os.path.dirname(path), expr["include"])
+            _parse_file(os.path.realpath(included), seen, out, info)
         elif "pragma" in expr:
             continue  # naming-rule exceptions and the like: qsd-py enforces none of them
         else:

@@ -11,7 +11,7 @@ normalised arguments (aliases resolved).
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+import os
 from typing import Any
 
 from qsd_py.errors import QMPError
@@ -19,7 +19,7 @@ from qsd_py.qapi.model import CliOption, Command, Model, QAPIType, build_model
 from qsd_py.qapi.parser import parse_schema
 from qsd_py.qapi.visit import Visitor
 
-SCHEMA_DIR = Path(__file__).parents[2] / "qapi"
+SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "qapi")
 SCHEMA_FILE = "qapi-schema.json"
 
 
@@ -127,7 +127,7 @@ def _best_error(validator: Any, value: Any) -> str:
 
 
 @functools.cache
-def load_schema(directory: Path | None = None) -> QAPISchema:
+def load_schema(directory: str | os.PathLike[str] | None = None) -> QAPISchema:
     """Read and check the schema files (once per process and directory)."""
-    root = (directory or SCHEMA_DIR) / SCHEMA_FILE
+    root = os.path.join(directory or SCHEMA_DIR, SCHEMA_FILE)
     return QAPISchema(build_model(parse_schema(root)))

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from qsd_py import QEMU_VERSION, __version__
 from qsd_py.commands import qmp_command
 from qsd_py.errors import QMPError
-from qsd_py.qmp.protocol import ALREADY_NEGOTIATED
 
 if TYPE_CHECKING:
     from qsd_py.daemon import Daemon
@@ -20,6 +19,8 @@ if TYPE_CHECKING:
 
 @qmp_command("qmp_capabilities")
 async def qmp_capabilities(daemon: Daemon, args: dict[str, Any]) -> Any:
+    from qsd_py.qmp.protocol import ALREADY_NEGOTIATED  # a monitor exists: already loaded
+
     raise QMPError(ALREADY_NEGOTIATED, "CommandNotFound")
 
 

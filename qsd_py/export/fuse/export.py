@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 from qsd_py.errors import QMPError
 from qsd_py.export.fuse import mount as fmount
 from qsd_py.export.fuse import proto as p
-from qsd_py.export.fuse import uring as furing
 from qsd_py.export.fuse.devfuse import DevFuseQueue
 from qsd_py.export.fuse.engine import MAX_READ, FuseEngine
 from qsd_py.export.registry import BlockExport
@@ -33,6 +32,7 @@ from qsd_py.export.registry import BlockExport
 if TYPE_CHECKING:
     from qsd_py.block.node import BlockNode
     from qsd_py.daemon import Daemon
+    from qsd_py.export.fuse import uring as furing
     from qsd_py.objects.iothread import IOThread
 
 log = logging.getLogger("qsd_py.export.fuse")
@@ -149,6 +149,8 @@ class FuseExport(BlockExport):
         want = p.OVER_IO_URING if self.io_uring else 0
         res = self.engine.init(mv[p.IN_HEADER.size : n], memoryview(out)[p.OUT_HEADER.size :], want)
         if res >= 0 and self.io_uring:
+            from qsd_py.export.fuse import uring as furing  # io_uring exports only: start-up
+
             furing.check_negotiated(self.engine)  # refuse before replying: no silent fallback
         if res < 0:
             p.OUT_HEADER.pack_into(out, 0, p.OUT_HEADER.size, res, unique)
@@ -178,7 +180,12 @@ class FuseExport(BlockExport):
 
     # --- FUSE-over-io_uring ------------------------------------------------------------------
     def _check_uring(self) -> None:
-        """Before mounting: the kernel can do it and the options make sense."""
+        """Before mounting: the kernel can do it and the options make sense.
+
+        The io_uring modules are imported here, by the first export that asks for io_uring:
+        the others never pay for them at start-up."""
+        from qsd_py.export.fuse import uring as furing
+
         furing.queue_depth(self.opts)
         reason = furing.unavailable_reason()
         if reason is not None:
@@ -187,6 +194,8 @@ class FuseExport(BlockExport):
     async def _start_uring(self) -> None:
         """After the INIT reply: register entries on every CPU's queue, spread round-robin
         over the iothreads (default: the main loop serves all)."""
+        from qsd_py.export.fuse import uring as furing
+
         assert self.engine is not None and self.mounted is not None
         loops = [(t.loop, t.id) for t in self._iothreads] or [(asyncio.get_running_loop(), "main")]
         self.uring = furing.UringTransport(
@@ -201,6 +210,8 @@ class FuseExport(BlockExport):
     async def _stop_uring(self, abort: bool) -> None:
         """Stop answering, abort the connection (parked entries then complete), wait for every
         entry and free the buffers; the rest of the teardown is the /dev/fuse one."""
+        from qsd_py.export.fuse import uring as furing
+
         assert self.uring is not None
         try:
             await self.uring.stop_serving(abort)

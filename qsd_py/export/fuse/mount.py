@@ -16,7 +16,6 @@ import ctypes
 import errno
 import logging
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -156,8 +155,15 @@ def _mount_syscall(path: str, read_only: bool, allow_other: bool, max_read: int)
     return Mounted(path, fd, allow_other, True)
 
 
+def _fusermount() -> str | None:
+    """The fusermount3 helper's path; shutil is imported only by unprivileged daemons."""
+    import shutil
+
+    return shutil.which(FUSERMOUNT)
+
+
 def _mount_fusermount(path: str, read_only: bool, allow_other: bool, max_read: int) -> Mounted:
-    tool = shutil.which(FUSERMOUNT)
+    tool = _fusermount()
     if tool is None:
         raise OSError(errno.ENOENT, f"{FUSERMOUNT} not found (needed without root)")
     opts = mount_options(read_only, allow_other, max_read)
@@ -195,7 +201,7 @@ def unmount(path: str, privileged_mount: bool) -> None:
             if err not in (errno.EINVAL, errno.ENOENT):
                 log.warning("unmounting '%s' failed: %s", path, os.strerror(err))
         return
-    tool = shutil.which(FUSERMOUNT) or FUSERMOUNT
+    tool = _fusermount() or FUSERMOUNT
     proc = subprocess.run([tool, "-u", "-z", "--", path], capture_output=True, check=False)
     if proc.returncode != 0 and is_fuse_mount(path):
         log.warning("unmounting '%s' failed: %s", path, proc.stderr.decode().strip())
