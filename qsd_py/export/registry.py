@@ -87,6 +87,11 @@ class ExportRegistry:
         if export_id in self._exports:
             raise QMPError(f"Block export id '{export_id}' is already in use")
         node = self.daemon.graph.lookup(opts["node-name"])
+        if opts.get("writable", False) and node.read_only:
+            # QEMU checks the exported node itself first, before iothreads and mountpoints;
+            # a writable export of a read-write node over a read-only child fails later, on
+            # the child's permissions ("Block node is read-only").
+            raise QMPError("Cannot export read-only node as writable")
         cls = export_types()[opts["type"]]
         export = cls(self.daemon, opts, node)
         self._exports[export_id] = export
