@@ -3,6 +3,7 @@ behind, over both transports."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +68,7 @@ def test_200_export_cycles_do_not_grow(
     assert after["Threads"] <= before["Threads"], (before, after)
     assert after["VmRSS"] - before["VmRSS"] < 4 * 1024, (before, after)  # KiB
     qmp.cmd("quit")
-    qmp.close()
+    with contextlib.suppress(EOFError):  # the daemon may hang up first, as QEMU does
+        qmp.close()
     assert daemon.wait() == 0
     assert image.read_bytes()[4096:4100] == (199).to_bytes(4, "little")
