@@ -25,6 +25,7 @@ import asyncio
 import ctypes
 import errno
 import os
+import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -45,7 +46,11 @@ IGNORED_USER_DATA = (1 << 64) - 1
 #: Largest transfer one SQE asks for (``len`` is 32-bit; stay well clear of it).
 MAX_RW_CHUNK = 1 << 30
 
+#: Default busy-poll budget of :meth:`AsyncRing.enable_polling` (0 turns polling off).
+POLL_NS = int(os.environ.get("QSD_URING_POLL_NS", 50_000))
+
 _CQE_F_MORE = abi.CQE_F_MORE
+_monotonic_ns = time.monotonic_ns
 _OP_READ = abi.OP_READ
 _OP_WRITE = abi.OP_WRITE
 
@@ -131,7 +136,12 @@ class AsyncRing:
         self._scheduled = False
         self.closed = False
         #: Counters for tests and ``query-*`` introspection.
-        self.stats = {"submit_calls": 0, "wakeups": 0, "completions": 0}
+        self.stats = {"submit_calls": 0, "wakeups": 0, "completions": 0, "polled": 0}
+        #: Busy-poll budget after a flush that left requests in flight (0: never poll);
+        #: users raise it with :meth:`enable_polling`.
+        self.poll_ns = 0
+        # The loop's queue of due callbacks (asyncio's BaseEventLoop); without it, no polling.
+        self._loop_ready = getattr(self.loop, "_ready", None)
 
     # --- slots -----------------------------------------------------------------------------
     def _grow(self) -> None:
@@ -199,28 +209,71 @@ class AsyncRing:
         self._cbs[slot] = callback
         return self.ring.prep_uring_cmd(fd, cmd_op, cmd, addr, length, slot, sqe_flags)
 
+    def enable_polling(self, poll_ns: int = -1) -> None:
+        """Poll up to ``poll_ns`` (default :data:`POLL_NS`) after each flush; see :meth:`_poll`."""
+        if self._loop_ready is not None:
+            self.poll_ns = max(self.poll_ns, POLL_NS if poll_ns < 0 else poll_ns)
+
     def flush(self) -> None:
         """Submit now instead of at the end of this loop turn."""
         self._flush()
 
     # --- submission and completion ------------------------------------------------------------
     def _flush(self) -> None:
-        """Submit everything queued (one io_uring_enter), then reap and dispatch."""
+        """Submit everything queued (one io_uring_enter), then reap and dispatch; when that
+        left nothing to do but requests are in flight, poll briefly (see :attr:`poll_ns`)."""
         self._scheduled = False
         if self.closed:
             return
         ring = self.ring
-        ring.set_eventfd_enabled(False)
-        try:
-            ring.submit(getevents=self._defer)
-            self.stats["submit_calls"] += 1
-        finally:
-            ring.set_eventfd_enabled(True)
-        ring.reap(self._dispatch)
+        while True:
+            ring.set_eventfd_enabled(False)
+            try:
+                ring.submit(getevents=self._defer)
+                self.stats["submit_calls"] += 1
+                ring.reap(self._dispatch)
+                polled = (
+                    self.poll_ns > 0
+                    and self._defer
+                    and not self._scheduled
+                    and self._inflight > 0
+                    and not self.closed
+                    and self._poll()
+                )
+            finally:
+                if not self.closed:
+                    ring.set_eventfd_enabled(True)
+            if not polled:
+                break
+        if self.closed:
+            return
+        if ring.needs_enter() and not self._scheduled:
+            # work arrived between the poll's end and re-enabling the eventfd
+            self._scheduled = True
+            self.loop.call_soon(self._flush)
         if ring.pending() and not self._scheduled:
             # The kernel pushed back (EAGAIN/EBUSY): try again next turn, after reaping.
             self._scheduled = True
             self.loop.call_soon(self._flush)
+
+    def _poll(self) -> bool:
+        """Spin up to ``poll_ns`` for the kernel to flag new completions (deferred task work)
+        instead of going back to epoll: waking an idle loop costs far more than a short spin
+        when requests come one at a time (QEMU's iothreads poll for the same reason; measured
+        here, FUSE-over-io_uring on null-co at QD1: 14.6k IOPS without, 29.3k with 50 us).
+        The spin holds the GIL: a thread pool's completions wait for its end, which is why
+        only users without one (the FUSE fast path on null-co or aio=io_uring) turn it on."""
+        ring = self.ring
+        loop_ready = self._loop_ready
+        needs, ready, now = ring.needs_enter, ring.cq_ready, _monotonic_ns
+        end = now() + self.poll_ns
+        while now() < end:
+            if needs() or ready():
+                self.stats["polled"] += 1
+                return True
+            if loop_ready:  # other callbacks are due: go run them
+                return False
+        return False
 
     def _on_eventfd(self) -> None:
         try:

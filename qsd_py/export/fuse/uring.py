@@ -256,6 +256,8 @@ class UringQueue:
         if plan is not None and plan.backend is not None:
             for entry in self.entries:
                 entry.xfer = plan.backend.transfer(entry._io_done)
+        if plan is not None and plan.kind != fastpath.THREADS:
+            ring.enable_polling()  # nothing on this path waits for a pool thread
         for entry in self.entries:
             off = ring.submit_uring_cmd(self.fd, _REGISTER, None, entry.iov_addr, 2, entry.on_cqe)
             _CMD_REQ.pack_into(ring.ring.sqes, off, 0, 0, self.qid)
