@@ -292,16 +292,7 @@ class DevFuseQueue:
         stats.in_flight -= 1
         self.fast_busy -= 1
         self._busy.discard(slot)
-        size = slot.size
-        if res < 0:
-            stats.errors += 1
-        elif slot.writing:
-            stats.bytes_written += size
-            _WRITE_OUT.pack_into(slot.out, 0, size, 0)
-            res = _WRITE_OUT.size
-        else:
-            stats.bytes_read += size
-            res = size  # a read short at EOF was zero-filled, as the node's read does
+        res = fastpath.finish(stats, res, slot.size, slot.writing, slot.out)
         self._reply(slot, slot.unique, res)
         self._free.append(slot)
         if not self._reading:

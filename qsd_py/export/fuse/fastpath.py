@@ -26,10 +26,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from qsd_py.export.fuse import proto as p
+
 if TYPE_CHECKING:
     from qsd_py.block.aio import ThreadPoolBackend
     from qsd_py.block.node import BlockNode
     from qsd_py.block.uring_aio import IoUringBackend
+    from qsd_py.export.fuse.engine import QueueStats
 
 NULL = 1  #: answered inline
 URING = 2  #: one SQE on the loop's ring
@@ -106,3 +109,20 @@ def plan_for(node: BlockNode) -> FastPlan | None:
             backend=backend,
         )
     return None
+
+
+def finish(stats: QueueStats, res: int, size: int, writing: bool, out: memoryview) -> int:
+    """Account a finished fast-path transfer and return its reply length (or ``-errno``).
+
+    A write's reply is a ``fuse_write_out`` packed into ``out``; a read short at EOF was
+    zero-filled, as the node's own read does, so it answers the full ``size``.
+    """
+    if res < 0:
+        stats.errors += 1
+        return res
+    if writing:
+        stats.bytes_written += size
+        p.WRITE_OUT.pack_into(out, 0, size, 0)
+        return p.WRITE_OUT.size
+    stats.bytes_read += size
+    return size

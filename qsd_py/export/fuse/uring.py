@@ -284,18 +284,12 @@ class UringQueue:
     def _fast_read(self, entry: _Entry, plan: fastpath.FastPlan) -> bool:
         """Serve a READ without the engine coroutine; False = take the engine path."""
         offset, size = self.engine.read_extent(entry.arg, self.payload_size)
-        hdr = entry.hdr
         if size <= 0 or plan.kind == _NULL:
             if size > 0:
                 self.stats.bytes_read += size
                 if plan.read_zeroes:
                     _memset(entry.pay_addr, 0, size)
-            self._commit(
-                entry,
-                _UNIQUE.unpack_from(hdr, 8)[0],
-                _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0],
-                size,
-            )
+            self._commit_inline(entry, size)
             return True
         pos = offset + plan.base
         if (pos | size) & plan.align_mask:
@@ -315,18 +309,12 @@ class UringQueue:
         offset, size, grow = engine.write_extent(entry.arg, self.payload_size)
         if grow:
             return False  # resizing takes the engine's lock
-        hdr = entry.hdr
         if size <= 0 or plan.kind == _NULL:
             if size >= 0:
                 self.stats.bytes_written += size
                 _WRITE_OUT.pack_into(entry.payload, 0, size, 0)
                 size = _WRITE_OUT.size
-            self._commit(
-                entry,
-                _UNIQUE.unpack_from(hdr, 8)[0],
-                _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0],
-                size,
-            )
+            self._commit_inline(entry, size)
             return True
         pos = offset + plan.base
         if (pos | size) & plan.align_mask:
@@ -352,16 +340,7 @@ class UringQueue:
         stats = self.stats
         stats.in_flight -= 1
         self.fast_busy -= 1
-        size = entry.size
-        if res < 0:
-            stats.errors += 1
-        elif entry.writing:
-            stats.bytes_written += size
-            _WRITE_OUT.pack_into(entry.payload, 0, size, 0)
-            res = _WRITE_OUT.size
-        else:
-            stats.bytes_read += size
-            res = size  # a read short at EOF was zero-filled, as the node's read does
+        res = fastpath.finish(stats, res, entry.size, entry.writing, entry.payload)
         self._commit(entry, entry.unique, entry.commit_id, res)
 
     async def _serve(self, entry: _Entry) -> None:
@@ -380,6 +359,12 @@ class UringQueue:
         if res is None:
             res = 0  # no-reply opcodes never come through the ring; answer anyway to re-arm
         self._commit(entry, unique, commit_id, res)
+
+    def _commit_inline(self, entry: _Entry, res: int) -> None:
+        """Answer a request served without a backend SQE (ids still in the header)."""
+        hdr = entry.hdr
+        unique = _UNIQUE.unpack_from(hdr, 8)[0]
+        self._commit(entry, unique, _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0], res)
 
     def _commit(self, entry: _Entry, unique: int, commit_id: int, res: int) -> None:
         ring = self.ring
