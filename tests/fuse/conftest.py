@@ -7,68 +7,20 @@ Every mount made here is lazily unmounted at the end, even on failure.
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from export_host import ExportHost
 from memnode import MemNode
 from support import fuse_mounts_under, umount_all_under
 
 from qsd_py.export.fuse.export import FuseExport
-from qsd_py.objects.registry import ObjectRegistry
 
 
-class StubDaemon:
-    """What an export needs from the daemon: the object registry (iothreads)."""
-
-    def __init__(self) -> None:
-        self.objects = ObjectRegistry()
-
-
-class Server:
-    """An asyncio loop in its own thread, hosting exports like the daemon's main loop."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fuse-server")
-        self.thread.start()
-        self.daemon = StubDaemon()
-        self.exports: list[FuseExport] = []
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def export(self, node: MemNode, mountpoint: Path, **opts: Any) -> FuseExport:
-        full = {
-            "type": "fuse",
-            "id": f"e{len(self.exports)}",
-            "node-name": node.node_name,
-            "mountpoint": str(mountpoint),
-            **opts,
-        }
-        exp = FuseExport(self.daemon, full, node)  # type: ignore[arg-type]
-        self.run(exp.start())
-        self.exports.append(exp)
-        return exp
-
-    def delete(self, exp: FuseExport, mode: str = "safe") -> None:
-        self.run(exp.stop(mode))
-        self.exports.remove(exp)
-
-    def close(self) -> None:
-        if not self.thread.is_alive():
-            return
-        for exp in reversed(self.exports):
-            try:
-                self.run(exp.stop("hard"))
-            except Exception:  # noqa: BLE001
-                pass
-        self.daemon.objects.stop_all()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+class Server(ExportHost):
+    """The export host of these tests (see :mod:`export_host`)."""
 
 
 @pytest.fixture

@@ -14,12 +14,12 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from uring_support import _Daemon  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from export_host import HostDaemon  # noqa: E402
 
 
 async def main(image: str, mountpoint: str, ready: str) -> int:
-    daemon = _Daemon()
+    daemon = HostDaemon()
     await daemon.graph.add(
         {"driver": "raw", "node-name": "d0", "file": {"driver": "file", "filename": image}}
     )

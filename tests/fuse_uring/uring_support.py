@@ -9,20 +9,13 @@ touches the mount.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import mmap
 import os
-import threading
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from qsd_py.block.graph import BlockGraph
-from qsd_py.export.fuse.export import FuseExport
-from qsd_py.export.registry import ExportRegistry
-from qsd_py.objects.registry import ObjectRegistry
-from qsd_py.uring.aio import close_loop_ring
+from export_host import ExportHost
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -32,33 +25,13 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 
-class _Daemon:
-    """What an export needs from the daemon: iothreads, the graph, the export registry."""
-
-    def __init__(self) -> None:
-        self.objects = ObjectRegistry()
-        self.graph = BlockGraph()
-        self.exports = ExportRegistry(self)  # type: ignore[arg-type]
-        self.events: list[tuple[str, Any]] = []
-
-    def emit_event(self, name: str, data: Any) -> None:
-        self.events.append((name, data))
-
-
-class UringServer:
-    """An asyncio loop in its own thread, hosting file-backed FUSE exports."""
+class UringServer(ExportHost):
+    """The export host, plus image files and file-backed nodes under tmp_path."""
 
     def __init__(self, tmp_path: Path) -> None:
+        super().__init__("fuse-uring-server")
         self.tmp_path = tmp_path
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="fuse-uring-server")
-        self.thread.start()
-        self.daemon = _Daemon()
-        self.exports: list[FuseExport] = []
         self._nodes = 0
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def image(self, size: int = 8 << 20, data: bytes = b"", name: str | None = None) -> Path:
         """A raw image file under tmp_path."""
@@ -77,46 +50,6 @@ class UringServer:
             "file": {"driver": "file", "filename": str(image), **opts},
         }
         return self.run(self.daemon.graph.add(spec))
-
-    def iothread(self, name: str) -> Any:
-        return self.daemon.objects.add({"qom-type": "iothread", "id": name})
-
-    def export(self, node: Any, mountpoint: Path, **opts: Any) -> FuseExport:
-        mountpoint.touch()
-        full = {
-            "type": "fuse",
-            "id": f"e{len(self.exports)}-{mountpoint.name}",
-            "node-name": node.node_name,
-            "mountpoint": str(mountpoint),
-            **opts,
-        }
-        exp = FuseExport(self.daemon, full, node)  # type: ignore[arg-type]
-        self.run(exp.start())
-        self.exports.append(exp)
-        return exp
-
-    def delete(self, exp: FuseExport, mode: str = "safe", timeout: float = 30.0) -> None:
-        self.run(exp.stop(mode), timeout)
-        self.exports.remove(exp)
-
-    def close(self) -> None:
-        for exp in reversed(self.exports):
-            try:
-                self.run(exp.stop("hard"))
-            except Exception:  # noqa: BLE001 - clean up as much as possible
-                pass
-        self.exports.clear()
-
-        async def finish() -> None:
-            self.daemon.graph.close_all()
-            close_loop_ring()
-
-        try:
-            self.run(finish())
-        finally:
-            self.daemon.objects.stop_all()
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
 
 
 def aligned(size: int) -> mmap.mmap:
