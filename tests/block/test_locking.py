@@ -7,7 +7,6 @@ second process would). qemu-io (Debian's qemu-utils) checks interoperability wit
 from __future__ import annotations
 
 import fcntl
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -99,10 +98,6 @@ async def test_locking_off(graph: BlockGraph, other: BlockGraph, image) -> None:
     assert locked_bytes(path) == {203}
 
 
-needs_qemu_io = pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-utils")
-
-
-@needs_qemu_io
 async def test_qemu_img_refused_while_we_write(graph: BlockGraph, image) -> None:
     """qemu-img convert reads a consistent image: it does not share write."""
     path = image()
@@ -117,7 +112,6 @@ async def test_qemu_img_refused_while_we_write(graph: BlockGraph, image) -> None
     assert res.returncode == 0, res.stderr
 
 
-@needs_qemu_io
 async def test_we_are_refused_while_qemu_io_holds_a_window(graph: BlockGraph, image) -> None:
     """qemu-io on a raw window holds write and unshares resize, as our raw node does."""
     path = image()

@@ -6,7 +6,6 @@ process; the tools run as subprocesses."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,6 @@ def file_export(server, tmp_path: Path):
     graph.close_all()
 
 
-@pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
 def test_fio_crc32c_verify(file_export, server, tmp_path):
     image = tmp_path / "img"
     image.write_bytes(b"")
@@ -121,7 +119,6 @@ def test_punch_hole_on_file_with_discard_unmap(file_export, tmp_path):
         os.close(fd)
 
 
-@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-utils not installed")
 def test_qcow2_file_through_export(file_export, tmp_path):
     image = tmp_path / "disk.qcow2"
     subprocess.run(

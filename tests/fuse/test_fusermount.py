@@ -8,17 +8,12 @@ root, and the kernel, the fd passing and the unmount are all real.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 from support import fuse_mounts_under
 
 from qsd_py.export.fuse import mount as fmount
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("fusermount3") is None, reason="fusermount3 (Debian fuse3) is not installed"
-)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ growing, null-co) with real I/O checked against the backing image."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -56,7 +55,6 @@ def test_plan_by_chain(userver: UringServer, tmp_path: Path):
     assert len(pread_direct(tmp_path / "m3", 0, 4096)) == 4096  # the engine path serves it
 
 
-@pytest.mark.skipif(shutil.which("fio") is None, reason="fio not installed")
 @pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "dev-fuse"])
 @pytest.mark.parametrize("aio", AIO)
 def test_fio_verify_direct_file(userver: UringServer, tmp_path: Path, aio: str, uring: bool):
