@@ -54,11 +54,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     comparisons with QEMU's real daemon, which CI never has."""
     outcome = yield
     report = outcome.get_result()
-    if (
-        REQUIRE_URING
-        and report.skipped
-        and not hasattr(report, "wasxfail")  # a known difference (xfail), not a skip
-        and item.get_closest_marker("realqsd") is None
-    ):
+    if REQUIRE_URING and report.skipped and item.get_closest_marker("realqsd") is None:
         report.outcome = "failed"
         report.longrepr = f"skipped, but QSD_TEST_REQUIRE_URING=1 forbids skips: {report.longrepr}"

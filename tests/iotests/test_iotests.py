@@ -14,10 +14,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import check  # noqa: E402 - the runner lives beside this file
 
-# Where qsd-py differs from QEMU 11.1 and the reference (QEMU's behaviour) stays as it is:
-# strict, so the mark must go once qsd-py is fixed.
-KNOWN_DIFFERENCES: dict[str, str] = {}
-
 
 def cases() -> list[pytest.param]:
     params = []
@@ -27,10 +23,6 @@ def cases() -> list[pytest.param]:
             marks = [pytest.mark.uring] if transport == "io_uring" else []
             if "fuse-uring" in scenario.groups:
                 marks.append(pytest.mark.uring)
-            if scenario.name in KNOWN_DIFFERENCES:
-                marks.append(
-                    pytest.mark.xfail(reason=KNOWN_DIFFERENCES[scenario.name], strict=True)
-                )
             label = scenario.name if transport == "fuse" else f"{scenario.name}-io_uring"
             params.append(pytest.param(scenario, transport, id=label, marks=marks))
     return params
