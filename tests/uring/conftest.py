@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
+from support import skip_or_fail
 
 from qsd_py.uring.ring import check_available
 
@@ -13,8 +12,5 @@ from qsd_py.uring.ring import check_available
 @pytest.fixture(autouse=True)
 def _need_uring() -> None:
     reason = check_available()
-    if reason is None:
-        return
-    if os.environ.get("QSD_TEST_REQUIRE_URING") == "1":
-        pytest.fail(f"io_uring required but unusable: {reason}")
-    pytest.skip(reason)
+    if reason is not None:
+        skip_or_fail(f"io_uring is unusable: {reason}")
