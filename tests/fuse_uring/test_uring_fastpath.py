@@ -40,6 +40,11 @@ def _file(image: Path, **opts) -> dict:
 AIO = {"io_uring": fastpath.URING, "threads": fastpath.THREADS}
 
 
+def _expected_plan(aio: str, uring: bool) -> int:
+    """FUSE-over-io_uring queues do a file's I/O on their ring whatever its aio mode."""
+    return fastpath.URING if uring else AIO[aio]
+
+
 def test_plan_by_chain(userver: UringServer, tmp_path: Path):
     ring = userver.node(userver.image(MiB), aio="io_uring")
     pool = userver.node(userver.image(MiB, name="b.raw"))  # aio=threads
@@ -49,9 +54,11 @@ def test_plan_by_chain(userver: UringServer, tmp_path: Path):
     e1 = userver.export(ring, tmp_path / "m1", writable=True, io_uring=True)
     e2 = userver.export(pool, tmp_path / "m2", writable=True, io_uring=True)
     e3 = userver.export(slow, tmp_path / "m3", writable=True, io_uring=True)
+    e4 = userver.export(pool, tmp_path / "m4", writable=True, io_uring=False)
     assert _plans(e1) == {fastpath.URING}
-    assert _plans(e2) == {fastpath.THREADS}
+    assert _plans(e2) == {fastpath.URING}  # aio=threads, yet the queue's ring does the I/O
     assert _plans(e3) == {None}
+    assert _plans(e4) == {fastpath.THREADS}  # /dev/fuse keeps the pool
     assert len(pread_direct(tmp_path / "m3", 0, 4096)) == 4096  # the engine path serves it
 
 
@@ -62,7 +69,7 @@ def test_fio_verify_direct_file(userver: UringServer, tmp_path: Path, aio: str, 
     node = userver.node(img, aio=aio, cache={"direct": True})
     mnt = tmp_path / "mnt"
     exp = userver.export(node, mnt, writable=True, io_uring=uring)
-    assert _plans(exp) == {AIO[aio]}
+    assert _plans(exp) == {_expected_plan(aio, uring)}
     out = subprocess.run(
         [
             "fio",
@@ -105,7 +112,7 @@ def test_raw_window(userver: UringServer, tmp_path: Path, aio: str, uring: bool)
     node = _graph_add(userver, {**spec, "file": _file(img, aio=aio)})
     mnt = tmp_path / "mnt"
     exp = userver.export(node, mnt, writable=True, io_uring=uring)
-    assert _plans(exp) == {AIO[aio]}
+    assert _plans(exp) == {_expected_plan(aio, uring)}
     assert pread_direct(mnt, 0, 8192) == data[MiB : MiB + 8192]
     assert pread_direct(mnt, 2 * MiB - 4096, 65536) == data[3 * MiB - 4096 : 3 * MiB]  # EOF
     assert pread_direct(mnt, 2 * MiB, 4096) == b""
@@ -133,7 +140,7 @@ def test_unaligned_direct_falls_back(userver: UringServer, tmp_path: Path, aio: 
     node = userver.node(img, aio=aio, cache={"direct": True})
     mnt = tmp_path / "mnt"
     exp = userver.export(node, mnt, writable=True, io_uring=uring)
-    assert _plans(exp) == {AIO[aio]}
+    assert _plans(exp) == {_expected_plan(aio, uring)}
     fd = os.open(mnt, os.O_RDWR)  # no O_DIRECT here: FUSE passes the odd offsets through
     try:
         assert os.pread(fd, 300, 100) == data[100:400]

@@ -64,8 +64,14 @@ class FastPlan:
         self.backend = backend
 
 
-def plan_for(node: BlockNode) -> FastPlan | None:
-    """The fast plan for ``node``'s chain, or None when every request needs the engine."""
+def plan_for(node: BlockNode, ring_io: bool = False) -> FastPlan | None:
+    """The fast plan for ``node``'s chain, or None when every request needs the engine.
+
+    ``ring_io``: the caller serves FUSE from an io_uring ring (FUSE-over-io_uring), so a
+    ``file`` node's reads and writes go on that ring whatever its ``aio`` mode. The queue
+    already depends on io_uring, and a backend op that would block is carried out by the
+    kernel's own worker threads (io-wq), which is what ``aio=threads`` asks for; the pool
+    hop it saves is most of a 4 KiB request's cost (docs/benchmarks.rst)."""
     from qsd_py.block.file import FileNode
     from qsd_py.block.null import NullNode
     from qsd_py.block.raw import RawNode
@@ -80,6 +86,17 @@ def plan_for(node: BlockNode) -> FastPlan | None:
         if node.latency:
             return None
         return FastPlan(NULL, read_zeroes=node.read_zeroes, writable=writable)
+    if type(node) is FileNode and ring_io and node.fd >= 0:
+        from qsd_py.block import aio
+
+        return FastPlan(
+            URING,
+            fd=node.fd,
+            base=base,
+            align=node.align if node.direct else 1,
+            writable=writable,
+            backend=aio.get_backend("io_uring"),  # type: ignore[arg-type]
+        )
     if type(node) is FileNode and node.aio_mode == "threads" and node.fd >= 0:
         from qsd_py.block.aio import ThreadPoolBackend
 

@@ -252,7 +252,7 @@ class UringQueue:
             pay = i * self.payload_size
             entry = _Entry(self, hdrs[h : h + HEADER_SIZE], pays[pay : pay + self.payload_size])
             self.entries.append(entry)
-        self.plan = plan = fastpath.plan_for(self.engine.node)
+        self.plan = plan = fastpath.plan_for(self.engine.node, ring_io=True)
         if plan is not None and plan.backend is not None:
             for entry in self.entries:
                 entry.xfer = plan.backend.transfer(entry._io_done)
