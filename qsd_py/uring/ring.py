@@ -203,6 +203,10 @@ class Ring:
             self._refresh_head()
         return self.sq_entries - (self._tail - self._head)
 
+    def unpublished(self) -> int:
+        """SQEs prepared since the last :meth:`submit` (not yet visible to the kernel)."""
+        return self._tail - self._flushed
+
     def pending(self) -> int:
         """SQEs prepared but not yet consumed by the kernel."""
         self._refresh_head()
