@@ -56,6 +56,7 @@ _CQE_F_MORE = abi.CQE_F_MORE
 _monotonic_ns = time.monotonic_ns
 _OP_READ = abi.OP_READ
 _OP_WRITE = abi.OP_WRITE
+_SQE_LINK = abi.SQE_IO_LINK
 
 Buffer = memoryview | bytearray | bytes
 Callback = Callable[[int], object]
@@ -211,6 +212,22 @@ class AsyncRing:
         slot = self._slot()
         self._cbs[slot] = callback
         return self.ring.prep_uring_cmd(fd, cmd_op, cmd, addr, length, slot, sqe_flags)
+
+    def link_rw(self, op: int, fd: int, addr: int, length: int, off: int) -> None:
+        """Queue a read/write that the *next* SQE queued on this ring waits for (IO_LINK).
+
+        Nobody waits for its own completion (its CQE carries :data:`IGNORED_USER_DATA`): the
+        next request is its completion. If it fails or moves fewer than ``length`` bytes,
+        the next request is not started and completes with ``-ECANCELED`` instead, and the
+        caller redoes the transfer. (CQE_SKIP_SUCCESS would save that CQE, but the kernel
+        then also swallows the ``-ECANCELED`` of the request linked to a failed one.) Queue
+        the next SQE before control returns to the loop; the memory at ``addr`` must stay
+        valid until the next request completed."""
+        if self.closed:
+            raise OSError(errno.EBADF, "io_uring ring is closed")
+        ring = self.ring
+        ring.reserve(2)
+        ring.prep_rw(op, fd, addr, length, off, IGNORED_USER_DATA, 0, _SQE_LINK)
 
     def enable_polling(self, poll_ns: int = -1) -> None:
         """Poll up to ``poll_ns`` (default :data:`POLL_NS`) after each flush; see :meth:`_poll`."""

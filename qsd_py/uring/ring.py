@@ -203,6 +203,12 @@ class Ring:
             self._refresh_head()
         return self.sq_entries - (self._tail - self._head)
 
+    def reserve(self, n: int) -> None:
+        """Make room for ``n`` SQEs that must reach the kernel in one submission (a link
+        chain split over two io_uring_enter calls would start its second half at once)."""
+        while self.sq_space() < n:
+            self.submit()
+
     def unpublished(self) -> int:
         """SQEs prepared since the last :meth:`submit` (not yet visible to the kernel)."""
         return self._tail - self._flushed

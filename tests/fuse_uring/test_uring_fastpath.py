@@ -98,6 +98,10 @@ def test_fio_verify_direct_file(userver: UringServer, tmp_path: Path, aio: str, 
     assert totals["bytes-written"] >= 32 * MiB
     assert totals["bytes-read"] >= 32 * MiB
     assert totals["in-flight"] == 0
+    if uring:  # reads went as a read SQE linked to their commit, none had to be redone
+        queues = exp.stats()["uring-queues"]
+        assert sum(q["linked-reads"] for q in queues) >= 32 * MiB // 4096
+        assert sum(q["link-breaks"] for q in queues) == 0
     # what went through the ring is in the image
     off = 5 * MiB + 4096
     assert pread_direct(mnt, off, 65536) == img.read_bytes()[off : off + 65536]
@@ -149,6 +153,25 @@ def test_unaligned_direct_falls_back(userver: UringServer, tmp_path: Path, aio: 
     finally:
         os.close(fd)
     assert img.read_bytes()[1000:1777] == b"q" * 777
+
+
+@pytest.mark.parametrize("aio", AIO)
+def test_linked_read_short_at_file_end(userver: UringServer, tmp_path: Path, aio: str):
+    """A file of 1000 bytes is a 1024-byte node (whole sectors, as QEMU): the linked read of
+    the last sector comes up short, the kernel cancels the commit linked to it, and the
+    read is redone and zero-filled before the reply; the next reads link again."""
+    data = os.urandom(1000)
+    img = userver.image(1000, data)
+    node = userver.node(img, aio=aio)
+    mnt = tmp_path / "mnt"
+    exp = userver.export(node, mnt, writable=True, io_uring=True)
+    assert pread_direct(mnt, 0, 4096) == data + bytes(24)
+    assert pread_direct(mnt, 0, 512) == data[:512]  # whole: stays linked
+    queues = exp.stats()["uring-queues"]
+    assert sum(q["link-breaks"] for q in queues) == 1
+    assert sum(q["linked-reads"] for q in queues) == 2
+    assert sum(q["bytes-read"] for q in queues) == 1024 + 512
+    assert sum(q["in-flight"] for q in queues) == 0
 
 
 def test_growable_write_grows(userver: UringServer, tmp_path: Path):

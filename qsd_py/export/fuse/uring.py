@@ -87,6 +87,8 @@ _READ = p.READ
 _WRITE = p.WRITE
 _WRITE_OUT = p.WRITE_OUT
 _NULL = fastpath.NULL
+_OP_READ_SQE = abi.OP_READ
+_ECANCELED = -errno.ECANCELED
 _memset = ctypes.memset
 _GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV, errno.EBADF)
 
@@ -163,6 +165,8 @@ class _Entry:
         "commit_id",
         "size",
         "writing",
+        "pos",
+        "linked",
     )
 
     def __init__(self, queue: UringQueue, hdr: memoryview, payload: memoryview) -> None:
@@ -186,11 +190,18 @@ class _Entry:
         self.commit_id = 0
         self.size = 0
         self.writing = False
+        self.pos = 0  # file offset of a linked read (to redo it if the link breaks)
+        self.linked = False  # the pending commit waits for a linked backend read
 
     def _on_cqe(self, res: int) -> None:
         queue = self.queue
         self.live = False  # the command completed: the entry is ours until the next commit
         queue.live -= 1
+        if self.linked:
+            self.linked = False
+            if res == _ECANCELED and not queue.closing:
+                queue._read_again(self)  # the linked read came up short or failed
+                return
         if res == 0:
             queue._request(self)
         else:
@@ -238,6 +249,9 @@ class UringQueue:
         self._pay_map: mmap.mmap | None = None
         self.plan: fastpath.FastPlan | None = None
         self.fast_busy = 0  # fast-path requests waiting for their backend SQE
+        self.link_reads = False  # READs go as a read SQE linked to their commit
+        self.linked_reads = 0
+        self.link_breaks = 0
 
     # --- start -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -258,6 +272,7 @@ class UringQueue:
                 entry.xfer = plan.backend.transfer(entry._io_done)
         if plan is not None and plan.kind != fastpath.THREADS:
             ring.enable_polling()  # nothing on this path waits for a pool thread
+        self.link_reads = plan is not None and plan.kind == fastpath.URING
         for entry in self.entries:
             off = ring.submit_uring_cmd(self.fd, _REGISTER, None, entry.iov_addr, 2, entry.on_cqe)
             _CMD_REQ.pack_into(ring.ring.sqes, off, 0, 0, self.qid)
@@ -294,6 +309,9 @@ class UringQueue:
         pos = offset + plan.base
         if (pos | size) & plan.align_mask:
             return False  # O_DIRECT would bounce: the node knows how
+        if self.link_reads:
+            self._linked_read(entry, plan.fd, pos, size)
+            return True
         self._fast_start(entry, size, False)
         try:
             entry.xfer.read(plan.fd, entry.pay_addr, size, pos, self.ring)
@@ -325,6 +343,45 @@ class UringQueue:
         except OSError as err:  # the ring is closing
             self._fast_done(entry, -(err.errno or errno.EBADF))
         return True
+
+    def _linked_read(self, entry: _Entry, fd: int, pos: int, size: int) -> None:
+        """Read and answer with one trip through the kernel: the read SQE is linked to the
+        COMMIT_AND_FETCH, whose reply (header only: the data is the read's) is packed
+        before the data exists. The kernel starts the commit once the read moved all
+        ``size`` bytes; a short read (a file shorter than the node's sector-rounded length)
+        or an error cancels the commit, and :meth:`_read_again` redoes the read the
+        ordinary way. The read's own completion is ignored."""
+        hdr = entry.hdr
+        unique = _UNIQUE.unpack_from(hdr, 8)[0]
+        commit_id = _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0]
+        entry.unique = unique
+        entry.commit_id = commit_id
+        entry.size = size
+        entry.pos = pos
+        entry.writing = False
+        ring = self.ring
+        assert ring is not None
+        try:
+            ring.link_rw(_OP_READ_SQE, fd, entry.pay_addr, size, pos)
+        except OSError:
+            return  # the ring is closing: the request is ended with the connection
+        entry.linked = True
+        self.linked_reads += 1
+        self.stats.bytes_read += size  # taken back by _read_again if the link breaks
+        self._commit(entry, unique, commit_id, size)
+
+    def _read_again(self, entry: _Entry) -> None:
+        """A linked read's commit was cancelled: read through the transfer, then commit."""
+        plan = self.plan
+        assert plan is not None
+        self.link_breaks += 1
+        self.stats.bytes_read -= entry.size
+        self.stats.in_flight += 1
+        self.fast_busy += 1
+        try:
+            entry.xfer.read(plan.fd, entry.pay_addr, entry.size, entry.pos, self.ring)
+        except OSError as err:  # the ring is closing
+            self._fast_done(entry, -(err.errno or errno.EBADF))
 
     def _fast_start(self, entry: _Entry, size: int, writing: bool) -> None:
         hdr = entry.hdr
@@ -446,6 +503,8 @@ class UringQueue:
             "depth": self.depth,
             "registered": self.live,
             **self.stats.as_dict(),
+            "linked-reads": self.linked_reads,
+            "link-breaks": self.link_breaks,
         }
 
 
