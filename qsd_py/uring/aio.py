@@ -43,6 +43,8 @@ ASYNC_RING_FLAGS = (
 )
 #: user_data of internal requests whose completion nobody waits for (cancellations).
 IGNORED_USER_DATA = (1 << 64) - 1
+#: user_data of pinned requests (:meth:`AsyncRing.pin`) start here, far above any slot.
+PINNED_BASE = 1 << 56
 #: Largest transfer one SQE asks for (``len`` is 32-bit; stay well clear of it).
 MAX_RW_CHUNK = 1 << 30
 
@@ -136,6 +138,9 @@ class AsyncRing:
         self._futs: list[asyncio.Future[int] | None] = [None] * n
         self._keep: list[object] = [None] * n
         self._free: list[int] = list(range(n - 1, -1, -1))
+        self._pinned: list[Callback | None] = []  # callbacks of pinned user_data
+        self._pinned_busy = bytearray()  # 1 while a pinned request is in the kernel
+        self._pinned_free: list[int] = []
         self._inflight = 0
         self._scheduled = False
         self.closed = False
@@ -212,6 +217,41 @@ class AsyncRing:
         slot = self._slot()
         self._cbs[slot] = callback
         return self.ring.prep_uring_cmd(fd, cmd_op, cmd, addr, length, slot, sqe_flags)
+
+    # --- pinned requests: one user_data for life, SQE built once --------------------------------
+    def pin(self, callback: Callback) -> int:
+        """A user_data of its own for a request that is submitted again and again (a FUSE ring
+        entry's REGISTER/COMMIT_AND_FETCH), so its whole SQE can be built once and copied
+        (:meth:`submit_prebuilt`); ``callback(res)`` runs at each completion. Slot tables,
+        free list and argument packing are skipped on every trip. :meth:`unpin` it when
+        done."""
+        if self._pinned_free:
+            idx = self._pinned_free.pop()
+            self._pinned[idx] = callback
+        else:
+            idx = len(self._pinned)
+            self._pinned.append(callback)
+            self._pinned_busy.append(0)
+        return PINNED_BASE + idx
+
+    def unpin(self, user_data: int) -> None:
+        """Give back a pinned user_data (its request must not be in the kernel)."""
+        idx = user_data - PINNED_BASE
+        self._pinned[idx] = None
+        self._pinned_free.append(idx)
+
+    def submit_prebuilt(self, sqe: bytes, user_data: int) -> int:
+        """Queue a copy of ``sqe``, a complete SQE carrying the pinned ``user_data``; returns
+        its byte offset in ``self.ring.sqes`` to patch per-request fields (before control
+        returns to the loop)."""
+        if self.closed:
+            raise OSError(errno.EBADF, "io_uring ring is closed")
+        self._inflight += 1
+        self._pinned_busy[user_data - PINNED_BASE] = 1
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._flush)
+        return self.ring.prep_copy(sqe)
 
     def link_rw(self, op: int, fd: int, addr: int, length: int, off: int) -> None:
         """Queue a read/write that the *next* SQE queued on this ring waits for (IO_LINK).
@@ -319,7 +359,9 @@ class AsyncRing:
     def _dispatch(self, slot: int, res: int, flags: int) -> None:
         cbs = self._cbs
         if slot >= len(cbs):
-            return  # IGNORED_USER_DATA
+            if slot != IGNORED_USER_DATA and slot >= PINNED_BASE:
+                self._pinned_done(slot - PINNED_BASE, res, flags)
+            return
         self.stats["completions"] += 1
         cb = cbs[slot]
         if flags & _CQE_F_MORE:  # multishot: the slot stays busy
@@ -338,6 +380,15 @@ class AsyncRing:
         self._free.append(slot)
         if fut is not None and not fut.done():
             fut.set_result(res)
+
+    def _pinned_done(self, idx: int, res: int, flags: int) -> None:
+        self.stats["completions"] += 1
+        if not flags & _CQE_F_MORE:
+            self._inflight -= 1
+            self._pinned_busy[idx] = 0
+        cb = self._pinned[idx]
+        if cb is not None:
+            cb(res)
 
     # --- awaitable API ---------------------------------------------------------------------------
     def _rw_once(
@@ -461,6 +512,11 @@ class AsyncRing:
         for slot, cb in enumerate(self._cbs):
             if cb is not None:
                 self._cbs[slot] = None
+                cb(-errno.ECANCELED)
+        for idx, busy in enumerate(self._pinned_busy):
+            cb = self._pinned[idx]
+            if busy and cb is not None:
+                self._pinned_busy[idx] = 0
                 cb(-errno.ECANCELED)
         for slot, fut in enumerate(self._futs):
             if fut is not None and not fut.done():

@@ -253,3 +253,46 @@ async def test_close_releases_fds() -> None:
         await r.nop()
         r.close()
     assert fds() == before
+
+
+def _prebuilt_read(fd: int, addr: int, length: int, user_data: int) -> bytes:
+    """A whole IORING_OP_READ SQE (read at the current position) carrying ``user_data``."""
+    return abi.SQE.pack(
+        abi.OP_READ, 0, 0, fd, abi.OFF_CURRENT, addr, length, 0, user_data, 0, 0, 0, 0, 0
+    )
+
+
+async def test_pinned_request_resubmitted_from_a_prebuilt_sqe(aring: AsyncRing) -> None:
+    """One pinned user_data carries a request again and again from one prebuilt SQE; its
+    callback runs at each completion, and close() ends one still in the kernel."""
+    r, w = os.pipe()
+    buf = bytearray(4)
+    got: list[int] = []
+    ud = aring.pin(got.append)
+    sqe = _prebuilt_read(r, buffer_address(buf, True), 4, ud)
+    try:
+        for word in (b"one!", b"two!"):
+            os.write(w, word)
+            aring.submit_prebuilt(sqe, ud)
+            for _ in range(100):
+                await asyncio.sleep(0.005)
+                if len(got) == (1 if word == b"one!" else 2):
+                    break
+            assert buf == word
+        assert got == [4, 4]
+        assert aring.inflight == 0
+        aring.submit_prebuilt(sqe, ud)  # nothing to read: stays in the kernel
+        await asyncio.sleep(0.02)
+        assert aring.inflight == 1 and got == [4, 4]
+        aring.close()
+        assert got == [4, 4, -errno.ECANCELED]
+        other = AsyncRing(entries=4)
+        try:  # an unpinned user_data is handed out again
+            first = other.pin(got.append)
+            other.unpin(first)
+            assert other.pin(got.append) == first
+        finally:
+            other.close()
+    finally:
+        os.close(r)
+        os.close(w)

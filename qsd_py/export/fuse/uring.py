@@ -88,6 +88,8 @@ _WRITE = p.WRITE
 _WRITE_OUT = p.WRITE_OUT
 _NULL = fastpath.NULL
 _OP_READ_SQE = abi.OP_READ
+_SQE_COMMIT_ID = struct.Struct("<Q")  # fuse_uring_cmd_req.commit_id, in the SQE's command area
+_SQE_COMMIT_ID_AT = abi.SQE_CMD_OFFSET + 8
 _ECANCELED = -errno.ECANCELED
 _memset = ctypes.memset
 _GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV, errno.EBADF)
@@ -144,6 +146,15 @@ def queue_depth(opts: dict[str, Any]) -> int:
     return depth
 
 
+def _cmd_sqe(fd: int, cmd_op: int, addr: int, length: int, user_data: int, qid: int) -> bytes:
+    """A whole URING_CMD SQE for a FUSE ring entry, its fuse_uring_cmd_req with commit_id 0
+    (a COMMIT_AND_FETCH patches it at :data:`_SQE_COMMIT_ID_AT`)."""
+    head = abi.SQE_CMD_HEAD.pack(
+        abi.OP_URING_CMD, 0, 0, fd, cmd_op, 0, addr, length, 0, user_data, 0, 0, 0
+    )
+    return head + _CMD_REQ.pack(0, 0, qid)
+
+
 # --- one entry ---------------------------------------------------------------------------------
 class _Entry:
     """One ring entry: buffers, iovec and views built once, reused for every request."""
@@ -167,6 +178,8 @@ class _Entry:
         "writing",
         "pos",
         "linked",
+        "ud",
+        "commit_sqe",
     )
 
     def __init__(self, queue: UringQueue, hdr: memoryview, payload: memoryview) -> None:
@@ -192,6 +205,8 @@ class _Entry:
         self.writing = False
         self.pos = 0  # file offset of a linked read (to redo it if the link breaks)
         self.linked = False  # the pending commit waits for a linked backend read
+        self.ud = 0  # the entry's pinned user_data on its ring
+        self.commit_sqe = b""  # its COMMIT_AND_FETCH, built once; commit_id patched per reply
 
     def _on_cqe(self, res: int) -> None:
         queue = self.queue
@@ -274,8 +289,9 @@ class UringQueue:
             ring.enable_polling()  # nothing on this path waits for a pool thread
         self.link_reads = plan is not None and plan.kind == fastpath.URING
         for entry in self.entries:
-            off = ring.submit_uring_cmd(self.fd, _REGISTER, None, entry.iov_addr, 2, entry.on_cqe)
-            _CMD_REQ.pack_into(ring.ring.sqes, off, 0, 0, self.qid)
+            entry.ud = ud = ring.pin(entry.on_cqe)
+            entry.commit_sqe = _cmd_sqe(self.fd, _COMMIT_AND_FETCH, 0, 0, ud, self.qid)
+            ring.submit_prebuilt(_cmd_sqe(self.fd, _REGISTER, entry.iov_addr, 2, ud, self.qid), ud)
             entry.live = True
             self.live += 1
 
@@ -434,8 +450,8 @@ class UringQueue:
         else:
             _OUT_HEADER.pack_into(hdr, 0, _OUT_HEADER.size + res, 0, unique)
             _PAYLOAD_SZ.pack_into(hdr, _PAYLOAD_SZ_AT, res)
-        off = ring.submit_uring_cmd(self.fd, _COMMIT_AND_FETCH, None, 0, 0, entry.on_cqe)
-        _CMD_REQ.pack_into(ring.ring.sqes, off, 0, commit_id, self.qid)
+        off = ring.submit_prebuilt(entry.commit_sqe, entry.ud)
+        _SQE_COMMIT_ID.pack_into(ring.ring.sqes, off + _SQE_COMMIT_ID_AT, commit_id)
         entry.live = True
         self.live += 1
 
@@ -483,6 +499,8 @@ class UringQueue:
             _KERNEL_OWNED.append((self._hdr_map, self._pay_map, self.entries))
         else:
             for entry in self.entries:
+                if self.ring is not None and entry.ud:
+                    self.ring.unpin(entry.ud)
                 for view in (entry.in_hdr, entry.arg, entry.hdr, entry.payload):
                     view.release()
             for m in (self._hdr_map, self._pay_map):
