@@ -11,8 +11,9 @@ may skip them:
 * ``file`` with ``aio=io_uring``, alone or under a ``raw`` node (its ``offset`` window adds a
   constant): the read or write goes as an SQE straight between the fd and the request's
   buffer, as :class:`~qsd_py.block.file.FileNode` does; with ``aio=threads`` it goes to the
-  pool as a reusable :class:`~qsd_py.block.aio.ThreadTransfer` (the loop never blocks), in
-  both cases provided the request would not be bounced (O_DIRECT needs offset and length
+  pool as a reusable :class:`~qsd_py.block.aio.ThreadTransfer` (the loop never blocks),
+  except for FUSE-over-io_uring queues (``ring_io``), which use their ring in both modes; in
+  all cases provided the request would not be bounced (O_DIRECT needs offset and length
   aligned to the node's ``align``; the transports' buffers are page aligned, which covers
   ``mem_align``).
 

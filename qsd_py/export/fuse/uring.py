@@ -26,12 +26,14 @@ ring calls. Replies are packed in place in the entry header and in the SQE's com
 READ and WRITE take a fast path when the export's node chain allows it
 (qsd_py/export/fuse/fastpath.py): the CQE callback decodes the request with the engine's own
 plain helpers (:meth:`FuseEngine.read_extent`/:meth:`~FuseEngine.write_extent`), answers
-null-co inline, or queues the backend read/write straight into/out of the entry's payload on
-the same ring through the entry's reusable :class:`~qsd_py.block.uring_aio.UringTransfer`;
-its completion packs the reply and queues the COMMIT_AND_FETCH, which leaves with the next
-batch. No Task, coroutine or Future per request. Every other request (and a READ/WRITE the
-plan cannot take: growing, writethrough, unaligned O_DIRECT) costs a Task running
-:meth:`FuseEngine.handle`.
+null-co inline, or queues the backend I/O on the same ring (for a ``file`` node whatever its
+``aio`` mode: io-wq is the thread pool). A READ's read SQE is linked to the COMMIT_AND_FETCH
+that answers it (:meth:`UringQueue._linked_read`); a WRITE goes through the entry's reusable
+:class:`~qsd_py.block.uring_aio.UringTransfer`, whose completion packs the reply and queues
+the COMMIT_AND_FETCH. Each entry's commit SQE is built once under a pinned ``user_data``
+(:meth:`AsyncRing.pin`). No Task, coroutine or Future per request. Every other request
+(and a READ/WRITE the plan cannot take: growing, writethrough, unaligned O_DIRECT) costs a
+Task running :meth:`FuseEngine.handle`.
 
 Teardown cannot rely on closing /dev/fuse (parked commands hold a reference to it) nor on
 closing the ring (it is shared): :func:`abort_connection` aborts the FUSE connection, which
