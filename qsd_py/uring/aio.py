@@ -253,21 +253,23 @@ class AsyncRing:
             self.loop.call_soon(self._flush)
         return self.ring.prep_copy(sqe)
 
-    def link_rw(self, op: int, fd: int, addr: int, length: int, off: int) -> None:
+    def link_rw(self, op: int, fd: int, addr: int, length: int, off: int, user_data: int) -> None:
         """Queue a read/write that the *next* SQE queued on this ring waits for (IO_LINK).
 
-        Nobody waits for its own completion (its CQE carries :data:`IGNORED_USER_DATA`): the
-        next request is its completion. If it fails or moves fewer than ``length`` bytes,
-        the next request is not started and completes with ``-ECANCELED`` instead, and the
-        caller redoes the transfer. (CQE_SKIP_SUCCESS would save that CQE, but the kernel
-        then also swallows the ``-ECANCELED`` of the request linked to a failed one.) Queue
-        the next SQE before control returns to the loop; the memory at ``addr`` must stay
-        valid until the next request completed."""
+        ``user_data`` is pinned (:meth:`pin`); its callback gets this request's result. If
+        it fails or moves fewer than ``length`` bytes, the next request is not started and
+        completes with ``-ECANCELED`` instead, and the caller redoes the transfer.
+        (CQE_SKIP_SUCCESS would save this completion, but the kernel then also swallows
+        the ``-ECANCELED`` of the request linked to a failed one.) Queue the next SQE before
+        control returns to the loop; the memory at ``addr`` must stay valid until both
+        completed."""
         if self.closed:
             raise OSError(errno.EBADF, "io_uring ring is closed")
         ring = self.ring
-        ring.reserve(2)
-        ring.prep_rw(op, fd, addr, length, off, IGNORED_USER_DATA, 0, _SQE_LINK)
+        ring.reserve(2)  # both in one submission, or the second would not wait
+        self._inflight += 1
+        self._pinned_busy[user_data - PINNED_BASE] = 1
+        ring.prep_rw(op, fd, addr, length, off, user_data, 0, _SQE_LINK)
 
     def enable_polling(self, poll_ns: int = -1) -> None:
         """Poll up to ``poll_ns`` (default :data:`POLL_NS`) after each flush; see :meth:`_poll`."""

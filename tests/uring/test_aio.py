@@ -296,3 +296,27 @@ async def test_pinned_request_resubmitted_from_a_prebuilt_sqe(aring: AsyncRing) 
     finally:
         os.close(r)
         os.close(w)
+
+
+async def test_link_rw_starts_the_next_request_only_after_a_full_transfer(
+    aring: AsyncRing, tmp_path: Path
+) -> None:
+    """A linked read reports to its pinned callback; the SQE queued after it runs only once
+    the read moved every byte asked for, and completes -ECANCELED after a short one."""
+    path = tmp_path / "short"
+    path.write_bytes(b"x" * 1000)
+    f = os.open(path, os.O_RDONLY)
+    buf = bytearray(4096)
+    reads: list[int] = []
+    ud = aring.pin(reads.append)
+    try:
+        for length, then in ((512, 0), (4096, -errno.ECANCELED)):
+            nxt = asyncio.get_running_loop().create_future()
+            aring.link_rw(abi.OP_READ, f, buffer_address(buf, True), length, 0, ud)
+            aring.submit_rw(abi.OP_NOP, -1, 0, 0, 0, nxt.set_result)
+            assert await asyncio.wait_for(nxt, 5) == then
+        assert reads == [512, 1000]
+        assert buf[:1000] == b"x" * 1000
+        assert aring.inflight == 0
+    finally:
+        os.close(f)

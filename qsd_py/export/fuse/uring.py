@@ -182,6 +182,7 @@ class _Entry:
         "linked",
         "ud",
         "commit_sqe",
+        "read_ud",
     )
 
     def __init__(self, queue: UringQueue, hdr: memoryview, payload: memoryview) -> None:
@@ -209,6 +210,7 @@ class _Entry:
         self.linked = False  # the pending commit waits for a linked backend read
         self.ud = 0  # the entry's pinned user_data on its ring
         self.commit_sqe = b""  # its COMMIT_AND_FETCH, built once; commit_id patched per reply
+        self.read_ud = 0  # pinned user_data of its linked backend reads
 
     def _on_cqe(self, res: int) -> None:
         queue = self.queue
@@ -225,6 +227,15 @@ class _Entry:
             queue._ended(self, res)
         if queue.live == 0 and queue.closing:
             queue._drained.set()
+
+    def _linked_read_done(self, res: int) -> None:
+        """The linked read finished; a full one already started the commit after it."""
+        queue = self.queue
+        queue.stats.in_flight -= 1
+        queue.fast_busy -= 1
+        if res == self.size:
+            queue.stats.bytes_read += res
+        # else the commit completes -ECANCELED next and _on_cqe has the read redone
 
     def _io_done(self, res: int) -> None:
         self.queue._fast_done(self, res)
@@ -292,6 +303,7 @@ class UringQueue:
         self.link_reads = plan is not None and plan.kind == fastpath.URING
         for entry in self.entries:
             entry.ud = ud = ring.pin(entry.on_cqe)
+            entry.read_ud = ring.pin(entry._linked_read_done)
             entry.commit_sqe = _cmd_sqe(self.fd, _COMMIT_AND_FETCH, 0, 0, ud, self.qid)
             ring.submit_prebuilt(_cmd_sqe(self.fd, _REGISTER, entry.iov_addr, 2, ud, self.qid), ud)
             entry.live = True
@@ -368,7 +380,8 @@ class UringQueue:
         before the data exists. The kernel starts the commit once the read moved all
         ``size`` bytes; a short read (a file shorter than the node's sector-rounded length)
         or an error cancels the commit, and :meth:`_read_again` redoes the read the
-        ordinary way. The read's own completion is ignored."""
+        ordinary way. The read's own completion only ends its in-flight count, so a
+        ``safe`` delete still sees it."""
         hdr = entry.hdr
         unique = _UNIQUE.unpack_from(hdr, 8)[0]
         commit_id = _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0]
@@ -380,12 +393,13 @@ class UringQueue:
         ring = self.ring
         assert ring is not None
         try:
-            ring.link_rw(_OP_READ_SQE, fd, entry.pay_addr, size, pos)
+            ring.link_rw(_OP_READ_SQE, fd, entry.pay_addr, size, pos, entry.read_ud)
         except OSError:
             return  # the ring is closing: the request is ended with the connection
         entry.linked = True
         self.linked_reads += 1
-        self.stats.bytes_read += size  # taken back by _read_again if the link breaks
+        self.stats.in_flight += 1  # until the read's own completion
+        self.fast_busy += 1
         self._commit(entry, unique, commit_id, size)
 
     def _read_again(self, entry: _Entry) -> None:
@@ -393,7 +407,6 @@ class UringQueue:
         plan = self.plan
         assert plan is not None
         self.link_breaks += 1
-        self.stats.bytes_read -= entry.size
         self.stats.in_flight += 1
         self.fast_busy += 1
         try:
@@ -503,6 +516,7 @@ class UringQueue:
             for entry in self.entries:
                 if self.ring is not None and entry.ud:
                     self.ring.unpin(entry.ud)
+                    self.ring.unpin(entry.read_ud)
                 for view in (entry.in_hdr, entry.arg, entry.hdr, entry.payload):
                     view.release()
             for m in (self._hdr_map, self._pay_map):
