@@ -382,25 +382,17 @@ class UringQueue:
         or an error cancels the commit, and :meth:`_read_again` redoes the read the
         ordinary way. The read's own completion only ends its in-flight count, so a
         ``safe`` delete still sees it."""
-        hdr = entry.hdr
-        unique = _UNIQUE.unpack_from(hdr, 8)[0]
-        commit_id = _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0]
-        entry.unique = unique
-        entry.commit_id = commit_id
-        entry.size = size
-        entry.pos = pos
-        entry.writing = False
         ring = self.ring
         assert ring is not None
         try:
             ring.link_rw(_OP_READ_SQE, fd, entry.pay_addr, size, pos, entry.read_ud)
         except OSError:
             return  # the ring is closing: the request is ended with the connection
+        self._fast_start(entry, size, False)  # in flight until the read's own completion
+        entry.pos = pos
         entry.linked = True
         self.linked_reads += 1
-        self.stats.in_flight += 1  # until the read's own completion
-        self.fast_busy += 1
-        self._commit(entry, unique, commit_id, size)
+        self._commit(entry, entry.unique, entry.commit_id, size)
 
     def _read_again(self, entry: _Entry) -> None:
         """A linked read's commit was cancelled: read through the transfer, then commit."""
