@@ -243,12 +243,7 @@ class Ring:
         """Queue a copy of a complete, prebuilt SQE (its first ``len(sqe)`` bytes; the rest of
         the slot keeps stale contents) and return its byte offset in :attr:`sqes`, for the
         caller to patch the fields that change per request."""
-        tail = self._tail
-        if tail - self._head >= self.sq_entries:
-            self._make_room()
-            tail = self._tail
-        self._tail = tail + 1
-        off = (tail & self._sq_mask) << self._sqe_shift
+        off = self.get_sqe()
         self.sqes[off : off + len(sqe)] = sqe
         return off
 
