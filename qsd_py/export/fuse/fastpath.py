@@ -25,12 +25,13 @@ the same functions the coroutine path uses.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from qsd_py.export.fuse import proto as p
 
 if TYPE_CHECKING:
     from qsd_py.block.aio import ThreadPoolBackend
+    from qsd_py.block.file import FileNode
     from qsd_py.block.node import BlockNode
     from qsd_py.block.uring_aio import IoUringBackend
     from qsd_py.export.fuse.engine import QueueStats
@@ -87,46 +88,37 @@ def plan_for(node: BlockNode, ring_io: bool = False) -> FastPlan | None:
         if node.latency:
             return None
         return FastPlan(NULL, read_zeroes=node.read_zeroes, writable=writable)
-    if type(node) is FileNode and ring_io and node.fd >= 0:
-        from qsd_py.block import aio
+    if type(node) is not FileNode or node.fd < 0:
+        return None
+    kind, backend = _file_backend(node, ring_io)
+    if backend is None:
+        return None
+    return FastPlan(
+        kind,
+        fd=node.fd,
+        base=base,
+        align=node.align if node.direct else 1,
+        writable=writable,
+        backend=backend,
+    )
 
-        return FastPlan(
-            URING,
-            fd=node.fd,
-            base=base,
-            align=node.align if node.direct else 1,
-            writable=writable,
-            backend=aio.get_backend("io_uring"),  # type: ignore[arg-type]
-        )
-    if type(node) is FileNode and node.aio_mode == "threads" and node.fd >= 0:
-        from qsd_py.block.aio import ThreadPoolBackend
 
-        pool = node.backend
-        if not isinstance(pool, ThreadPoolBackend):
-            return None
-        return FastPlan(
-            THREADS,
-            fd=node.fd,
-            base=base,
-            align=node.align if node.direct else 1,
-            writable=writable,
-            backend=pool,
-        )
-    if type(node) is FileNode and node.aio_mode == "io_uring" and node.fd >= 0:
-        from qsd_py.block.uring_aio import IoUringBackend
+def _file_backend(node: FileNode, ring_io: bool) -> tuple[int, Any]:
+    """How a file node's fast-path I/O is carried: ``(URING, IoUringBackend)`` or
+    ``(THREADS, ThreadPoolBackend)``; backend None when the node's backend is another."""
+    from qsd_py.block import aio
 
-        backend = node.backend
-        if not isinstance(backend, IoUringBackend):
-            return None
-        return FastPlan(
-            URING,
-            fd=node.fd,
-            base=base,
-            align=node.align if node.direct else 1,
-            writable=writable,
-            backend=backend,
-        )
-    return None
+    if ring_io:
+        return URING, aio.get_backend("io_uring")
+    backend = node.backend
+    if node.aio_mode == "threads" and isinstance(backend, aio.ThreadPoolBackend):
+        return THREADS, backend
+    if node.aio_mode == "io_uring":
+        from qsd_py.block.uring_aio import IoUringBackend  # only loaded when in use
+
+        if isinstance(backend, IoUringBackend):
+            return URING, backend
+    return 0, None
 
 
 def finish(stats: QueueStats, res: int, size: int, writing: bool, out: memoryview) -> int:
