@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gc
 import json
+import mmap
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -140,6 +143,51 @@ def test_safe_delete_refuses_while_busy_then_hard(userver: UringServer, tmp_path
         if load.poll() is None:
             load.kill()
         load.wait()
+
+
+def test_safe_delete_refuses_while_a_linked_read_runs(qsd, userver: UringServer, tmp_path: Path):
+    """A READ served as a read SQE linked to its commit is in flight until the read itself
+    completed. The backing file here is a FUSE export of another qsd-py whose null-co node
+    takes 300 ms per request, so the read is surely still running when ``safe`` deletion is
+    asked: it must be refused, the reader must get its data, and then ``safe`` succeeds."""
+    from qsd_py.errors import QMPError
+
+    slow = tmp_path / "slow.raw"
+    slow.touch()
+    qsd(
+        "--blockdev",
+        "driver=null-co,node-name=z,size=16777216,read-zeroes=on,latency-ns=300000000",
+        "--export",
+        f"type=fuse,id=s,node-name=z,mountpoint={slow},writable=on",
+        qmp=False,
+    )
+    mnt = tmp_path / "mnt"
+    exp = userver.export(userver.node(slow), mnt, writable=True, io_uring=True)
+    fd = os.open(mnt, os.O_RDONLY | os.O_DIRECT)  # opened first: only READs come now
+    bufs = [mmap.mmap(-1, 4096) for _ in range(2)]
+    try:
+        assert os.preadv(fd, [bufs[0]], 0) == 4096  # warm-up: the first READ and its GETATTRs
+        reader = threading.Thread(target=os.preadv, args=(fd, [bufs[1]], 4096))
+        reader.start()
+        try:
+            deadline = time.monotonic() + 10
+            while uring_totals(exp.stats())["in-flight"] == 0:
+                assert time.monotonic() < deadline, "the read never reached the ring"
+                time.sleep(0.002)
+            with pytest.raises(QMPError) as err:
+                userver.delete(exp, "safe")
+            assert err.value.desc == f"export '{exp.id}' still in use"
+        finally:
+            reader.join(20)
+        assert bufs[1][:] == bytes(4096)
+    finally:
+        os.close(fd)
+    queues = exp.stats()["uring-queues"]
+    assert sum(q["linked-reads"] for q in queues) == 2
+    assert sum(q["link-breaks"] for q in queues) == 0
+    assert uring_totals(exp.stats())["in-flight"] == 0
+    userver.delete(exp, "safe")
+    assert not exp.mounted
 
 
 def test_add_del_cycles_leak_no_fds(userver: UringServer, tmp_path: Path):
