@@ -5,11 +5,17 @@ growing, null-co) with real I/O checked against the backing image."""
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
-from uring_support import UringServer, pread_direct, pwrite_direct, uring_totals
+from uring_support import (
+    FIO_VERIFY_32M,
+    UringServer,
+    pread_direct,
+    pwrite_direct,
+    run_fio,
+    uring_totals,
+)
 
 from qsd_py.export.fuse import fastpath
 
@@ -70,29 +76,7 @@ def test_fio_verify_direct_file(userver: UringServer, tmp_path: Path, aio: str, 
     mnt = tmp_path / "mnt"
     exp = userver.export(node, mnt, writable=True, io_uring=uring)
     assert _plans(exp) == {_expected_plan(aio, uring)}
-    out = subprocess.run(
-        [
-            "fio",
-            "--name=verify",
-            f"--filename={mnt}",
-            "--direct=1",
-            "--ioengine=io_uring",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--iodepth=16",
-            "--numjobs=2",
-            "--size=16M",
-            "--offset_increment=16M",
-            "--verify=crc32c",
-            "--do_verify=1",
-            "--verify_fatal=1",
-            "--group_reporting",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
+    out = run_fio(mnt, *FIO_VERIFY_32M, "--group_reporting")
     assert out.returncode == 0, out.stdout + out.stderr
     totals = _totals(exp)
     assert totals["bytes-written"] >= 32 * MiB

@@ -15,20 +15,15 @@ from pathlib import Path
 
 import pytest
 from support import fuse_mounts_under, umount_all_under
-from uring_support import UringServer, fuse_fds, pread_direct, uring_totals
-
-FIO = "fio"
-
-
-def _fio(mnt: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [FIO, "--name=j", f"--filename={mnt}", "--direct=1", "--ioengine=io_uring", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=mnt.parent,  # fio drops verify state files in its cwd
-    )
+from uring_support import (
+    FIO_VERIFY_32M,
+    UringServer,
+    fio_argv,
+    fuse_fds,
+    pread_direct,
+    run_fio,
+    uring_totals,
+)
 
 
 @pytest.mark.parametrize("iothreads", [0, 2])
@@ -40,19 +35,7 @@ def test_fio_randwrite_verify(userver: UringServer, tmp_path: Path, iothreads: i
     img = userver.image(32 << 20)
     opts = {"iothread": names} if names else {}
     exp = userver.export(userver.node(img), tmp_path / "mnt", writable=True, io_uring=True, **opts)
-    res = _fio(
-        tmp_path / "mnt",
-        "--rw=randwrite",
-        "--bs=4k",
-        "--iodepth=16",
-        "--numjobs=2",
-        "--size=16M",
-        "--offset_increment=16M",
-        "--verify=crc32c",
-        "--do_verify=1",
-        "--verify_fatal=1",
-        "--output-format=json",
-    )
+    res = run_fio(tmp_path / "mnt", *FIO_VERIFY_32M, "--output-format=json", timeout=120)
     assert res.returncode == 0, res.stderr
     jobs = json.loads(res.stdout[res.stdout.index("{") :])["jobs"]
     assert all(j["error"] == 0 for j in jobs)
@@ -66,12 +49,8 @@ def test_fio_randwrite_verify(userver: UringServer, tmp_path: Path, iothreads: i
 
 def _start_load(mnt: Path, seconds: int = 30) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [
-            FIO,
-            "--name=j",
-            f"--filename={mnt}",
-            "--direct=1",
-            "--ioengine=io_uring",
+        fio_argv(
+            mnt,
             "--rw=randrw",
             "--bs=4k",
             "--iodepth=16",
@@ -79,7 +58,7 @@ def _start_load(mnt: Path, seconds: int = 30) -> subprocess.Popen[str]:
             "--time_based",
             f"--runtime={seconds}",
             "--size=16M",
-        ],
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,38 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+
+
+#: 4 KiB random writes at QD16 x 2 jobs, each on its own 16 MiB half, then crc32c verification.
+FIO_VERIFY_32M = (
+    "--rw=randwrite",
+    "--bs=4k",
+    "--iodepth=16",
+    "--numjobs=2",
+    "--size=16M",
+    "--offset_increment=16M",
+    "--verify=crc32c",
+    "--do_verify=1",
+    "--verify_fatal=1",
+)
+
+
+def fio_argv(mnt: Path, *args: str) -> list[str]:
+    """fio with direct I/O through io_uring on the file ``mnt``, plus ``args``."""
+    return ["fio", "--name=j", f"--filename={mnt}", "--direct=1", "--ioengine=io_uring", *args]
+
+
+def run_fio(mnt: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run :func:`fio_argv` to completion in ``mnt``'s directory (fio drops verify state
+    files in its cwd)."""
+    return subprocess.run(
+        fio_argv(mnt, *args),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=mnt.parent,
+    )
 
 
 class UringServer(ExportHost):

@@ -341,12 +341,8 @@ class UringQueue:
             return False  # O_DIRECT would bounce: the node knows how
         if self.link_reads:
             self._linked_read(entry, plan.fd, pos, size)
-            return True
-        self._fast_start(entry, size, False)
-        try:
-            entry.xfer.read(plan.fd, entry.pay_addr, size, pos, self.ring)
-        except OSError as err:  # the ring is closing
-            self._fast_done(entry, -(err.errno or errno.EBADF))
+        else:
+            self._fast_transfer(entry, plan, pos, size, False)
         return True
 
     def _fast_write(self, entry: _Entry, plan: fastpath.FastPlan) -> bool:
@@ -367,12 +363,20 @@ class UringQueue:
         pos = offset + plan.base
         if (pos | size) & plan.align_mask:
             return False
-        self._fast_start(entry, size, True)
+        self._fast_transfer(entry, plan, pos, size, True)
+        return True
+
+    def _fast_transfer(
+        self, entry: _Entry, plan: fastpath.FastPlan, pos: int, size: int, writing: bool
+    ) -> None:
+        """Start the backend read/write of a fast-path request through the entry's transfer;
+        its completion (:meth:`_fast_done`) replies."""
+        self._fast_start(entry, size, writing)
+        start = entry.xfer.write if writing else entry.xfer.read
         try:
-            entry.xfer.write(plan.fd, entry.pay_addr, size, pos, self.ring)
+            start(plan.fd, entry.pay_addr, size, pos, self.ring)
         except OSError as err:  # the ring is closing
             self._fast_done(entry, -(err.errno or errno.EBADF))
-        return True
 
     def _linked_read(self, entry: _Entry, fd: int, pos: int, size: int) -> None:
         """Read and answer with one trip through the kernel: the read SQE is linked to the
@@ -396,15 +400,9 @@ class UringQueue:
 
     def _read_again(self, entry: _Entry) -> None:
         """A linked read's commit was cancelled: read through the transfer, then commit."""
-        plan = self.plan
-        assert plan is not None
+        assert self.plan is not None
         self.link_breaks += 1
-        self.stats.in_flight += 1
-        self.fast_busy += 1
-        try:
-            entry.xfer.read(plan.fd, entry.pay_addr, entry.size, entry.pos, self.ring)
-        except OSError as err:  # the ring is closing
-            self._fast_done(entry, -(err.errno or errno.EBADF))
+        self._fast_transfer(entry, self.plan, entry.pos, entry.size, False)
 
     def _fast_start(self, entry: _Entry, size: int, writing: bool) -> None:
         hdr = entry.hdr
