@@ -372,9 +372,11 @@ class UringQueue:
         """Start the backend read/write of a fast-path request through the entry's transfer;
         its completion (:meth:`_fast_done`) replies."""
         self._fast_start(entry, size, writing)
-        start = entry.xfer.write if writing else entry.xfer.read
         try:
-            start(plan.fd, entry.pay_addr, size, pos, self.ring)
+            if writing:
+                entry.xfer.write(plan.fd, entry.pay_addr, size, pos, self.ring)
+            else:
+                entry.xfer.read(plan.fd, entry.pay_addr, size, pos, self.ring)
         except OSError as err:  # the ring is closing
             self._fast_done(entry, -(err.errno or errno.EBADF))
 
