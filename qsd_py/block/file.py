@@ -37,6 +37,11 @@ FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
 _ZERO_CHUNK = 1 << 20
 _zero_buf = mmap.mmap(-1, _ZERO_CHUNK)
 
+# File systems whose files are page cache only (statfs f_type): tmpfs (/dev/shm), ramfs.
+MEMORY_FS_MAGIC = (0x01021994, 0x858458F6)
+_STATFS_SIZE = 120  # struct statfs on 64-bit Linux; f_type is its first long
+_libc = ctypes.CDLL(None, use_errno=True)
+
 
 def _lock_byte(fd: int, cmd: int, kind: int, byte: int) -> int:
     """One OFD lock call on a single byte; returns the ``l_type`` the kernel answered."""
@@ -50,6 +55,18 @@ def _address(buf: memoryview) -> int | None:
         return ctypes.addressof(ctypes.c_char.from_buffer(buf))
     except TypeError:
         return None
+
+
+def held_in_memory(fd: int) -> bool:
+    """Whether ``fd``'s file lives on tmpfs or ramfs: reading or writing it is a copy to or
+    from pages already in memory (with no swap configured it never waits for a device),
+    while io_uring hands every request on such a file to an io-wq worker thread, because
+    these file systems cannot do non-blocking I/O (measured on 6.18: 40 us per 4 KiB read
+    at QD1 against 1.3 us for a plain pread)."""
+    buf = ctypes.create_string_buffer(_STATFS_SIZE)
+    if _libc.fstatfs(fd, buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value in MEMORY_FS_MAGIC
 
 
 class FileNode(BlockNode):
@@ -69,6 +86,7 @@ class FileNode(BlockNode):
         self.align = 1
         self.mem_align = 1
         self._length = 0
+        self.in_memory = False  # on tmpfs/ramfs: see held_in_memory()
         self._locked: set[int] = set()
         self._rmw_lock = threading.Lock()  # serialises read-modify-write of O_DIRECT sectors
 
@@ -97,6 +115,7 @@ class FileNode(BlockNode):
         self._length = round_to_sectors(size)
         if self.direct:
             self.align, self.mem_align = self._probe_alignment()
+        self.in_memory = stat.S_ISREG(st.st_mode) and held_in_memory(self.fd)
 
     def _open_fd(self) -> int:
         """Open read-write, or read-only when asked; with auto-read-only, fall back to

@@ -67,6 +67,7 @@ class _Slot:
         "hdr",
         "arg",
         "out",
+        "data",
         "task",
         "queue",
         "out_addr",
@@ -86,6 +87,7 @@ class _Slot:
         self.hdr = self.req_mv[:_HDR]
         self.arg = self.req_mv[_HDR:]
         self.out = self.rep_mv[_OUT:]
+        self.data = self.req_mv[_WRITE_DATA_AT:]  # a WRITE's data, page aligned
         self.task: asyncio.Task[None] | None = None
         # fast path: page-aligned addresses of the READ reply data and of the WRITE data
         self.queue = queue
@@ -271,17 +273,24 @@ class DevFuseQueue:
         pos = offset + plan.base
         if (pos | size) & plan.align_mask:
             return False  # O_DIRECT would bounce: the node knows how
+        writing = opcode == _WRITE
+        if size <= plan.inline_max:  # a file held in memory: copy now
+            buf = slot.data if writing else slot.out
+            res = fastpath.inline_io(plan.fd, buf, size, pos, writing)
+            self._reply(slot, unique, fastpath.finish(self.stats, res, size, writing, slot.out))
+            self._free.append(slot)
+            return True
         slot.unique = unique
         slot.size = size
-        slot.writing = opcode == _WRITE
+        slot.writing = writing
         self.stats.in_flight += 1
         self.fast_busy += 1
         self._busy.add(slot)
         try:
-            if opcode == _READ:
-                slot.xfer.read(plan.fd, addr, size, pos, self._ring)
-            else:
+            if writing:
                 slot.xfer.write(plan.fd, addr, size, pos, self._ring)
+            else:
+                slot.xfer.read(plan.fd, addr, size, pos, self._ring)
         except OSError as err:  # the loop's ring is closing
             self._fast_done(slot, -(err.errno or errno.EBADF))
         return True

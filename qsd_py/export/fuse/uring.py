@@ -25,15 +25,15 @@ ring calls. Replies are packed in place in the entry header and in the SQE's com
 
 READ and WRITE take a fast path when the export's node chain allows it
 (qsd_py/export/fuse/fastpath.py): the CQE callback decodes the request with the engine's own
-plain helpers (:meth:`FuseEngine.read_extent`/:meth:`~FuseEngine.write_extent`), answers
-null-co inline, or queues the backend I/O on the same ring (for a ``file`` node whatever its
-``aio`` mode: io-wq is the thread pool). A READ's read SQE is linked to the COMMIT_AND_FETCH
-that answers it (:meth:`UringQueue._linked_read`); a WRITE goes through the entry's reusable
-:class:`~qsd_py.block.uring_aio.UringTransfer`, whose completion packs the reply and queues
-the COMMIT_AND_FETCH. Each entry's commit SQE is built once under a pinned ``user_data``
-(:meth:`AsyncRing.pin`). No Task, coroutine or Future per request. Every other request
-(and a READ/WRITE the plan cannot take: growing, writethrough, unaligned O_DIRECT) costs a
-Task running :meth:`FuseEngine.handle`.
+plain helpers (:meth:`FuseEngine.read_extent`/:meth:`~FuseEngine.write_extent`), answers null-co
+and small requests on a file held in memory (tmpfs) inline, or queues the backend I/O on the
+same ring (for a ``file`` node whatever its ``aio`` mode: io-wq is the thread pool). A READ's
+read SQE is linked to the COMMIT_AND_FETCH that answers it (:meth:`UringQueue._linked_read`); a
+WRITE goes through the entry's reusable :class:`~qsd_py.block.uring_aio.UringTransfer`, whose
+completion packs the reply and queues the COMMIT_AND_FETCH. Each entry's commit SQE is built
+once under a pinned ``user_data`` (:meth:`AsyncRing.pin`). No Task, coroutine or Future per
+request. Every other request (and a READ/WRITE the plan cannot take: growing, writethrough,
+unaligned O_DIRECT) costs a Task running :meth:`FuseEngine.handle`.
 
 Teardown cannot rely on closing /dev/fuse (parked commands hold a reference to it) nor on
 closing the ring (it is shared): :func:`abort_connection` aborts the FUSE connection, which
@@ -339,7 +339,9 @@ class UringQueue:
         pos = offset + plan.base
         if (pos | size) & plan.align_mask:
             return False  # O_DIRECT would bounce: the node knows how
-        if self.link_reads:
+        if size <= plan.inline_max:
+            self._inline(entry, plan, pos, size, False)
+        elif self.link_reads:
             self._linked_read(entry, plan.fd, pos, size)
         else:
             self._fast_transfer(entry, plan, pos, size, False)
@@ -363,8 +365,18 @@ class UringQueue:
         pos = offset + plan.base
         if (pos | size) & plan.align_mask:
             return False
-        self._fast_transfer(entry, plan, pos, size, True)
+        if size <= plan.inline_max:
+            self._inline(entry, plan, pos, size, True)
+        else:
+            self._fast_transfer(entry, plan, pos, size, True)
         return True
+
+    def _inline(
+        self, entry: _Entry, plan: fastpath.FastPlan, pos: int, size: int, writing: bool
+    ) -> None:
+        """Serve a fast-path request on a file held in memory with a copy, and answer."""
+        res = fastpath.inline_io(plan.fd, entry.payload, size, pos, writing)
+        self._commit_inline(entry, fastpath.finish(self.stats, res, size, writing, entry.payload))
 
     def _fast_transfer(
         self, entry: _Entry, plan: fastpath.FastPlan, pos: int, size: int, writing: bool
