@@ -240,10 +240,11 @@ class AsyncRing:
         self._pinned[idx] = None
         self._pinned_free.append(idx)
 
-    def submit_prebuilt(self, sqe: bytes, user_data: int) -> int:
-        """Queue a copy of ``sqe``, a complete SQE carrying the pinned ``user_data``; returns
-        its byte offset in ``self.ring.sqes`` to patch per-request fields (before control
-        returns to the loop)."""
+    def submit_prebuilt(self, sqe: bytes, user_data: int, patch_at: int = 0, patch: int = 0) -> int:
+        """Queue a copy of ``sqe``, a complete SQE carrying the pinned ``user_data``, with the
+        64-bit field at byte ``patch_at`` (if given) set to ``patch`` (a FUSE commit's
+        ``commit_id``); returns its byte offset in ``self.ring.sqes`` for any other patch
+        (before control returns to the loop)."""
         if self.closed:
             raise OSError(errno.EBADF, "io_uring ring is closed")
         self._inflight += 1
@@ -251,7 +252,7 @@ class AsyncRing:
         if not self._scheduled:
             self._scheduled = True
             self.loop.call_soon(self._flush)
-        return self.ring.prep_copy(sqe)
+        return self.ring.prep_copy(sqe, patch_at, patch)
 
     def link_rw(self, op: int, fd: int, addr: int, length: int, off: int, user_data: int) -> None:
         """Queue a read/write that the *next* SQE queued on this ring waits for (IO_LINK).
@@ -359,12 +360,18 @@ class AsyncRing:
             self.ring.reap(self._dispatch)
 
     def _dispatch(self, slot: int, res: int, flags: int) -> None:
+        self.stats["completions"] += 1
         cbs = self._cbs
         if slot >= len(cbs):
-            if slot != IGNORED_USER_DATA and slot >= PINNED_BASE:
-                self._pinned_done(slot - PINNED_BASE, res, flags)
+            if slot >= PINNED_BASE and slot != IGNORED_USER_DATA:  # a pinned request
+                idx = slot - PINNED_BASE
+                if not flags & _CQE_F_MORE:
+                    self._inflight -= 1
+                    self._pinned_busy[idx] = 0
+                cb = self._pinned[idx]
+                if cb is not None:
+                    cb(res)
             return
-        self.stats["completions"] += 1
         cb = cbs[slot]
         if flags & _CQE_F_MORE:  # multishot: the slot stays busy
             if cb is not None:
@@ -382,15 +389,6 @@ class AsyncRing:
         self._free.append(slot)
         if fut is not None and not fut.done():
             fut.set_result(res)
-
-    def _pinned_done(self, idx: int, res: int, flags: int) -> None:
-        self.stats["completions"] += 1
-        if not flags & _CQE_F_MORE:
-            self._inflight -= 1
-            self._pinned_busy[idx] = 0
-        cb = self._pinned[idx]
-        if cb is not None:
-            cb(res)
 
     # --- awaitable API ---------------------------------------------------------------------------
     def _rw_once(

@@ -75,12 +75,13 @@ MNT_FORCE = 1
 HEADER_SIZE = p.URING_REQ_HEADER_SZ  # what the kernel requires of iov[0]
 HEADER_STRIDE = 320  # 288 rounded up to whole cache lines: entries never share a line
 _ARG = p.URING_ARG_OFFSET
-_UNIQUE = struct.Struct("<Q")  # fuse_in_header.unique at 8
 _COMMIT_ID = struct.Struct("<Q")  # ent_in_out.commit_id at 264
+# A reply's fuse_out_header: len and error; its unique (at 8) is the request's, still there.
+_LEN_ERROR = struct.Struct("<Ii")
+_OUT_HEADER_SIZE = p.OUT_HEADER.size
 _PAYLOAD_SZ = struct.Struct("<I")  # ent_in_out.payload_sz at 272
 _COMMIT_ID_AT = p.URING_ENT_OFFSET + 8
 _PAYLOAD_SZ_AT = p.URING_ENT_OFFSET + 16
-_OUT_HEADER = p.OUT_HEADER
 _CMD_REQ = p.URING_CMD_REQ
 _REGISTER = p.URING_CMD_REGISTER
 _COMMIT_AND_FETCH = p.URING_CMD_COMMIT_AND_FETCH
@@ -90,8 +91,7 @@ _WRITE = p.WRITE
 _WRITE_OUT = p.WRITE_OUT
 _NULL = fastpath.NULL
 _OP_READ_SQE = abi.OP_READ
-_SQE_COMMIT_ID = struct.Struct("<Q")  # fuse_uring_cmd_req.commit_id, in the SQE's command area
-_SQE_COMMIT_ID_AT = abi.SQE_CMD_OFFSET + 8
+_SQE_COMMIT_ID_AT = abi.SQE_CMD_OFFSET + 8  # fuse_uring_cmd_req.commit_id, in the SQE
 _ECANCELED = -errno.ECANCELED
 _memset = ctypes.memset
 _GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV, errno.EBADF)
@@ -174,8 +174,6 @@ class _Entry:
         "task",
         "on_cqe",
         "xfer",
-        "unique",
-        "commit_id",
         "size",
         "writing",
         "pos",
@@ -202,8 +200,6 @@ class _Entry:
         self.on_cqe: Callable[[int], None] = self._on_cqe
         # fast path state: the request being served by a backend SQE
         self.xfer: Any = None  # UringTransfer reporting to _io_done, made once per entry
-        self.unique = 0
-        self.commit_id = 0
         self.size = 0
         self.writing = False
         self.pos = 0  # file offset of a linked read (to redo it if the link breaks)
@@ -334,7 +330,7 @@ class UringQueue:
                 self.stats.bytes_read += size
                 if plan.read_zeroes:
                     _memset(entry.pay_addr, 0, size)
-            self._commit_inline(entry, size)
+            self._commit(entry, size)
             return True
         pos = offset + plan.base
         if (pos | size) & plan.align_mask:
@@ -360,7 +356,7 @@ class UringQueue:
                 self.stats.bytes_written += size
                 _WRITE_OUT.pack_into(entry.payload, 0, size, 0)
                 size = _WRITE_OUT.size
-            self._commit_inline(entry, size)
+            self._commit(entry, size)
             return True
         pos = offset + plan.base
         if (pos | size) & plan.align_mask:
@@ -376,7 +372,7 @@ class UringQueue:
     ) -> None:
         """Serve a fast-path request on a file held in memory with a copy, and answer."""
         res = fastpath.inline_io(plan.fd, entry.payload, size, pos, writing)
-        self._commit_inline(entry, fastpath.finish(self.stats, res, size, writing, entry.payload))
+        self._commit(entry, fastpath.finish(self.stats, res, size, writing, entry.payload))
 
     def _fast_transfer(
         self, entry: _Entry, plan: fastpath.FastPlan, pos: int, size: int, writing: bool
@@ -410,7 +406,7 @@ class UringQueue:
         entry.pos = pos
         entry.linked = True
         self.linked_reads += 1
-        self._commit(entry, entry.unique, entry.commit_id, size)
+        self._commit(entry, size)
 
     def _read_again(self, entry: _Entry) -> None:
         """A linked read's commit was cancelled: read through the transfer, then commit."""
@@ -419,9 +415,6 @@ class UringQueue:
         self._fast_transfer(entry, self.plan, entry.pos, entry.size, False)
 
     def _fast_start(self, entry: _Entry, size: int, writing: bool) -> None:
-        hdr = entry.hdr
-        entry.unique = _UNIQUE.unpack_from(hdr, 8)[0]
-        entry.commit_id = _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0]
         entry.size = size
         entry.writing = writing
         self.stats.in_flight += 1
@@ -433,13 +426,10 @@ class UringQueue:
         stats.in_flight -= 1
         self.fast_busy -= 1
         res = fastpath.finish(stats, res, entry.size, entry.writing, entry.payload)
-        self._commit(entry, entry.unique, entry.commit_id, res)
+        self._commit(entry, res)
 
     async def _serve(self, entry: _Entry) -> None:
         stats = self.stats
-        hdr = entry.hdr
-        unique = _UNIQUE.unpack_from(hdr, 8)[0]
-        commit_id = _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0]
         stats.in_flight += 1
         try:
             res = await self.engine.handle(
@@ -450,27 +440,25 @@ class UringQueue:
             entry.task = None
         if res is None:
             res = 0  # no-reply opcodes never come through the ring; answer anyway to re-arm
-        self._commit(entry, unique, commit_id, res)
+        self._commit(entry, res)
 
-    def _commit_inline(self, entry: _Entry, res: int) -> None:
-        """Answer a request served without a backend SQE (ids still in the header)."""
-        hdr = entry.hdr
-        unique = _UNIQUE.unpack_from(hdr, 8)[0]
-        self._commit(entry, unique, _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0], res)
-
-    def _commit(self, entry: _Entry, unique: int, commit_id: int, res: int) -> None:
+    def _commit(self, entry: _Entry, res: int) -> None:
+        """Answer the entry's request (``res``: reply length in the payload, or ``-errno``)
+        and re-arm the entry, with its prebuilt COMMIT_AND_FETCH. The request's header is
+        still in the entry (the kernel wrote it; nothing of ours overwrites it), so its
+        ``unique`` is already where the reply's goes and its ``commit_id`` is read from it."""
         ring = self.ring
         if ring is None or ring.closed:
             return
         hdr = entry.hdr
         if res < 0:
-            _OUT_HEADER.pack_into(hdr, 0, _OUT_HEADER.size, res, unique)
+            _LEN_ERROR.pack_into(hdr, 0, _OUT_HEADER_SIZE, res)
             _PAYLOAD_SZ.pack_into(hdr, _PAYLOAD_SZ_AT, 0)
         else:
-            _OUT_HEADER.pack_into(hdr, 0, _OUT_HEADER.size + res, 0, unique)
+            _LEN_ERROR.pack_into(hdr, 0, _OUT_HEADER_SIZE + res, 0)
             _PAYLOAD_SZ.pack_into(hdr, _PAYLOAD_SZ_AT, res)
-        off = ring.submit_prebuilt(entry.commit_sqe, entry.ud)
-        _SQE_COMMIT_ID.pack_into(ring.ring.sqes, off + _SQE_COMMIT_ID_AT, commit_id)
+        commit_id = _COMMIT_ID.unpack_from(hdr, _COMMIT_ID_AT)[0]
+        ring.submit_prebuilt(entry.commit_sqe, entry.ud, _SQE_COMMIT_ID_AT, commit_id)
         entry.live = True
         self.live += 1
 
