@@ -302,7 +302,7 @@ class AsyncRing:
                 try:
                     ring.submit(getevents=self._defer)
                     self.stats["submit_calls"] += 1
-                    ring.reap(self._dispatch)
+                    self.stats["completions"] += ring.reap(self._dispatch)
                     if ring.unpublished() and rounds < FLUSH_ROUNDS and not self.closed:
                         rounds += 1
                         continue
@@ -357,10 +357,9 @@ class AsyncRing:
         if self._defer or self.ring.needs_enter():
             self._flush()
         else:
-            self.ring.reap(self._dispatch)
+            self.stats["completions"] += self.ring.reap(self._dispatch)
 
     def _dispatch(self, slot: int, res: int, flags: int) -> None:
-        self.stats["completions"] += 1
         cbs = self._cbs
         if slot >= len(cbs):
             if slot >= PINNED_BASE and slot != IGNORED_USER_DATA:  # a pinned request

@@ -60,6 +60,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 SEEK_DATA = 3
 SEEK_HOLE = 4
+_IO_EXTENT = p.IO_EXTENT
 
 # What the engine asks for in INIT (masked with what the kernel offers).
 WANT_FLAGS = (
@@ -292,7 +293,7 @@ class FuseEngine:
         """Decode a READ: ``(offset, size)`` with ``size`` clipped at EOF (0 past it), or
         ``(offset, -errno)``. ``room`` is what the reply buffer can hold. Plain function: the
         io_uring fast path calls it without a coroutine, so the rules live only here."""
-        _fh, offset, size, _rf, _lo, _fl, _pad = p.READ_IN.unpack_from(arg)
+        offset, size = _IO_EXTENT.unpack_from(arg)
         if size > room:
             return offset, -errno.EINVAL
         length = self.node.length()
@@ -306,7 +307,7 @@ class FuseEngine:
         """Decode a WRITE: ``(offset, size, grow)``; ``size`` is what to write after the EOF
         rules (0: the writer sees ENOSPC) or ``-errno``; ``grow`` says the node must first
         grow to ``offset + size`` (growable exports). ``avail``: bytes of data present."""
-        _fh, offset, size, _wf, _lo, _fl, _pad = p.WRITE_IN.unpack_from(arg)
+        offset, size = _IO_EXTENT.unpack_from(arg)
         if avail < size or size > self.max_write:
             return offset, -errno.EINVAL, False
         if not self.writable:

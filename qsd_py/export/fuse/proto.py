@@ -149,6 +149,9 @@ FLUSH_IN = struct.Struct("<QIIQ")
 READ_IN = struct.Struct("<QQIIQII")
 # fuse_write_in: fh, offset, size, write_flags, lock_owner, flags, padding
 WRITE_IN = struct.Struct("<QQIIQII")
+# offset and size of a fuse_read_in or fuse_write_in (both begin fh, offset, size): all the
+# fast paths read of them
+IO_EXTENT = struct.Struct("<8xQI")
 # fuse_write_out: size, padding
 WRITE_OUT = struct.Struct("<II")
 # fuse_statfs_out (fuse_kstatfs): blocks, bfree, bavail, files, ffree, bsize, namelen,
