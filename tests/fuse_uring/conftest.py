@@ -6,7 +6,8 @@ is restored as it was found (the ``uring_knob`` fixture of tests/conftest.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,25 @@ def userver(tmp_path: Path, uring_knob: Path) -> Iterator[UringServer]:
         srv.close()
         umount_all_under(tmp_path)
         assert not fuse_mounts_under(tmp_path)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``tmpfs(size)``: a tmpfs of its own under tmp_path (a test may fill it up), mounted on
+    demand and lazily unmounted at the end."""
+    mounted: list[Path] = []
+
+    def mount(size: str = "64M") -> Path:
+        path = tmp_path / f"shm{len(mounted)}"
+        path.mkdir()
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True
+        )
+        mounted.append(path)
+        return path
+
+    try:
+        yield mount
+    finally:
+        for path in mounted:
+            subprocess.run(["umount", "-l", str(path)], check=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -199,18 +199,6 @@ def test_null_co_inline(userver: UringServer, tmp_path: Path, read_zeroes: bool,
 
 
 # --- files held in memory (tmpfs): small requests are copied on the loop ----------------------
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs of its own (so it can run full), unmounted afterwards."""
-    path = tmp_path / "shm"
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def _fs_type(path: Path) -> str:
     """The file system's name as coreutils' stat sees it (not our own probe)."""
     return subprocess.run(
@@ -225,16 +213,17 @@ def _inline_max(exp) -> set[int]:
 
 @pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "dev-fuse"])
 def test_inline_only_for_files_in_memory(
-    userver: UringServer, tmp_path: Path, small_tmpfs: Path, uring: bool
+    userver: UringServer, tmp_path: Path, tmpfs: Callable[[str], Path], uring: bool
 ):
     """A file on tmpfs gets small requests served inline, a file on the disk never does; the
     data moves either way."""
+    shm = tmpfs("2M")
     data = os.urandom(MiB)
     on_disk = userver.node(userver.image(MiB, data), aio="io_uring", cache={"direct": True})
-    in_memory = userver.node(userver.image(MiB, data, name="shm/m.raw"), cache={"direct": True})
+    in_memory = userver.node(userver.image(MiB, data, name="shm0/m.raw"), cache={"direct": True})
     e1 = userver.export(on_disk, tmp_path / "m1", writable=True, io_uring=uring)
     e2 = userver.export(in_memory, tmp_path / "m2", writable=True, io_uring=uring)
-    assert _fs_type(small_tmpfs) == "tmpfs"
+    assert _fs_type(shm) == "tmpfs"
     assert _inline_max(e1) == {0 if _fs_type(tmp_path) != "tmpfs" else fastpath.INLINE_MAX}
     assert _inline_max(e2) == {fastpath.INLINE_MAX}
     for mnt in (tmp_path / "m1", tmp_path / "m2"):
@@ -242,15 +231,16 @@ def test_inline_only_for_files_in_memory(
         new = os.urandom(65536)
         pwrite_direct(mnt, 65536, new)
         assert pread_direct(mnt, 65536, 65536) == new
-    assert (small_tmpfs / "m.raw").read_bytes()[65536 : 2 * 65536] == new
+    assert (shm / "m.raw").read_bytes()[65536 : 2 * 65536] == new
 
 
 def test_inline_reads_skip_the_ring_big_ones_do_not(
-    userver: UringServer, tmp_path: Path, small_tmpfs: Path
+    userver: UringServer, tmp_path: Path, tmpfs: Callable[[str], Path]
 ):
     """On tmpfs, fio's verified 4 KiB I/O is served inline (no read SQE is linked), while a
     request above INLINE_MAX still goes through the ring."""
-    img = userver.image(MiB + 512 * 1024, name="shm/m.raw")
+    tmpfs("2M")
+    img = userver.image(MiB + 512 * 1024, name="shm0/m.raw")
     node = userver.node(img, cache={"direct": True})
     mnt = tmp_path / "mnt"
     exp = userver.export(node, mnt, writable=True, io_uring=True)
@@ -270,12 +260,13 @@ def test_inline_reads_skip_the_ring_big_ones_do_not(
 
 @pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "dev-fuse"])
 def test_inline_read_short_at_file_end(
-    userver: UringServer, tmp_path: Path, small_tmpfs: Path, uring: bool
+    userver: UringServer, tmp_path: Path, tmpfs: Callable[[str], Path], uring: bool
 ):
     """A 1000-byte file on tmpfs is a 1024-byte node: the inline read of the last sector
     stops at the file's end and the rest is zeroes."""
+    tmpfs("2M")
     data = os.urandom(1000)
-    node = userver.node(userver.image(1000, data, name="shm/m.raw"))
+    node = userver.node(userver.image(1000, data, name="shm0/m.raw"))
     mnt = tmp_path / "mnt"
     userver.export(node, mnt, writable=True, io_uring=uring)
     assert pread_direct(mnt, 0, 4096) == data + bytes(24)
@@ -283,11 +274,12 @@ def test_inline_read_short_at_file_end(
 
 @pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "dev-fuse"])
 def test_inline_write_to_full_tmpfs(
-    userver: UringServer, tmp_path: Path, small_tmpfs: Path, uring: bool
+    userver: UringServer, tmp_path: Path, tmpfs: Callable[[str], Path], uring: bool
 ):
     """A sparse 8 MiB image on a 2 MiB tmpfs: writes past what fits fail with ENOSPC, what
     was written stays readable, and the export keeps serving."""
-    img = userver.image(8 * MiB, name="shm/m.raw")
+    tmpfs("2M")
+    img = userver.image(8 * MiB, name="shm0/m.raw")
     node = userver.node(img)
     mnt = tmp_path / "mnt"
     exp = userver.export(node, mnt, writable=True, io_uring=uring)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -73,15 +74,24 @@ def _wait_for_requests(exp, minimum: int = 1000, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize("in_memory", [False, True], ids=["disk", "tmpfs"])
 @pytest.mark.parametrize("iothreads", [0, 2])
-def test_hard_delete_under_load(userver: UringServer, tmp_path: Path, iothreads: int):
+def test_hard_delete_under_load(
+    userver: UringServer, tmp_path: Path, tmpfs: Callable[[str], Path], iothreads: int,
+    in_memory: bool,
+):  # fmt: skip
+    """A hard delete while fio hammers the export ends it at once; on tmpfs the requests are
+    copied inline, on the disk they go through the ring."""
     names = [f"io{i}" for i in range(iothreads)]
     for name in names:
         userver.iothread(name)
-    img = userver.image(16 << 20)
+    if in_memory:
+        tmpfs("32M")
+    img = userver.image(16 << 20, name="shm0/img.raw" if in_memory else None)
     opts = {"iothread": names} if names else {}
     mnt = tmp_path / "mnt"
     exp = userver.export(userver.node(img), mnt, writable=True, io_uring=True, **opts)
+    assert {bool(q.plan.inline_max) for q in exp.uring.queues} == {in_memory}
     load = _start_load(mnt)
     try:
         _wait_for_requests(exp)
