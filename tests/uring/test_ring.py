@@ -50,6 +50,16 @@ def test_nop_round_trip(ring: Ring) -> None:
     assert ring.cq_ready() == 0
 
 
+def test_prep_copy_queues_a_prebuilt_sqe_with_one_field_patched(ring: Ring) -> None:
+    """A prebuilt NOP goes out as built, or with its user_data (byte 32) patched per copy."""
+    nop = abi.SQE.pack(abi.OP_NOP, 0, 0, -1, 0, 0, 0, 0, 7, 0, 0, 0, 0, 0)
+    ring.prep_copy(nop)
+    ring.prep_copy(nop, 32, 99)
+    ring.prep_copy(nop, 32, 1 << 60)
+    assert ring.submit(wait_nr=3) == 3
+    assert _reap_all(ring) == {7: 0, 99: 0, 1 << 60: 0}
+
+
 def test_read_write_into_memoryview(ring: Ring, datafile: int) -> None:
     buf = bytearray(100)
     mv = memoryview(buf)[10:60]
