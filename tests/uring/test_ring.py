@@ -11,7 +11,7 @@ import pytest
 
 from qsd_py.uring import abi
 from qsd_py.uring.aio import buffer_address
-from qsd_py.uring.ring import Ring
+from qsd_py.uring.ring import DEFAULT_FLAGS, Ring
 
 
 def _reap_all(ring: Ring) -> dict[int, int]:
@@ -58,6 +58,25 @@ def test_prep_copy_queues_a_prebuilt_sqe_with_one_field_patched(ring: Ring) -> N
     ring.prep_copy(nop, 32, 1 << 60)
     assert ring.submit(wait_nr=3) == 3
     assert _reap_all(ring) == {7: 0, 99: 0, 1 << 60: 0}
+
+
+@pytest.mark.parametrize("cqe32", [False, True], ids=["cqe16", "cqe32"])
+def test_reap_across_the_ring_end(cqe32: bool) -> None:
+    """CQEs are unpacked in batches up to the ring's end: 3 rounds of 5 NOPs on an 8-entry
+    CQ wrap twice and each CQE still reaches the callback once, in order (both CQE sizes)."""
+    flags = DEFAULT_FLAGS | (abi.SETUP_CQE32 if cqe32 else 0)
+    ring = Ring(8, flags, cq_entries=8)
+    try:
+        assert ring.cqe_size == (32 if cqe32 else 16)
+        seen: list[tuple[int, int]] = []
+        for batch in range(3):
+            for i in range(5):
+                ring.prep_nop(batch * 10 + i)
+            assert ring.submit(wait_nr=5) == 5
+            assert ring.reap(lambda ud, res, fl: seen.append((ud, res))) == 5
+        assert seen == [(b * 10 + i, 0) for b in range(3) for i in range(5)]
+    finally:
+        ring.close()
 
 
 def test_read_write_into_memoryview(ring: Ring, datafile: int) -> None:
