@@ -168,8 +168,6 @@ class Ring:
         self.sqes = self._mmap(p.sq_entries * self.sqe_size, abi.OFF_SQES)
         self._sq32 = self._view(sq_map, "I")
         self._cq32 = self._view(cq_map, "I")
-        self._cqi32 = self._view(cq_map, "i")
-        self._cq64 = self._view(cq_map, "Q")
         self._sq_head_i = sq.head >> 2
         self._sq_tail_i = sq.tail >> 2
         self._sq_flags_i = sq.flags >> 2
@@ -179,10 +177,6 @@ class Ring:
         self._cq_flags_i = cq.flags >> 2
         self._cq_overflow_i = cq.overflow >> 2
         self._cq_mask = self._cq32[cq.ring_mask >> 2]
-        if cq.cqes % 8 or self.cqe_size % 8:
-            raise OSError(errno.EINVAL, "unexpected CQ layout")
-        self._cqes_q = cq.cqes >> 3  # index of CQE 0's user_data in the u64 view
-        self._cqe_q_stride = self.cqe_size >> 3
         # The CQE array as bytes, and the struct one CQE unpacks with (CQE32: 16 more bytes).
         self._cqes = self._view(cq_map, "B")[cq.cqes : cq_len]
         self._views.append(self._cqes)
