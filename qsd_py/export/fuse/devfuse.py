@@ -276,8 +276,8 @@ class DevFuseQueue:
         writing = opcode == _WRITE
         if size <= plan.inline_max:  # a file held in memory: copy now
             buf = slot.data if writing else slot.out
-            res = fastpath.inline_io(plan.fd, buf, size, pos, writing)
-            self._reply(slot, unique, fastpath.finish(self.stats, res, size, writing, slot.out))
+            res = fastpath.inline_io(plan.fd, self.stats, buf, slot.out, size, pos, writing)
+            self._reply(slot, unique, res)
             self._free.append(slot)
             return True
         slot.unique = unique

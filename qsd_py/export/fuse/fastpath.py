@@ -146,11 +146,19 @@ def _file_backend(node: FileNode, ring_io: bool) -> tuple[int, Any]:
     return 0, None
 
 
-def inline_io(fd: int, buf: memoryview, size: int, pos: int, writing: bool) -> int:
-    """Read or write ``size`` bytes at file offset ``pos`` from or into ``buf`` right now
-    (only for files held in memory, see :data:`INLINE_MAX`). Returns what a transfer's
-    completion would: ``size`` (a read short at EOF zero-fills the rest, as the node's read
-    does), ``-ENOSPC`` for a write that stopped short, or ``-errno``."""
+def inline_io(
+    fd: int,
+    stats: QueueStats,
+    buf: memoryview,
+    out: memoryview,
+    size: int,
+    pos: int,
+    writing: bool,
+) -> int:
+    """Read or write ``size`` bytes at file offset ``pos`` into or from ``buf`` right now
+    (only for files held in memory, see :data:`INLINE_MAX`), and return the reply length or
+    ``-errno`` as :func:`finish` does for a transfer. A read short at EOF zero-fills the
+    rest, as the node's read does; a write that stops short is ``-ENOSPC``."""
     op = os.pwritev if writing else os.preadv
     done = 0
     try:
@@ -160,12 +168,12 @@ def inline_io(fd: int, buf: memoryview, size: int, pos: int, writing: bool) -> i
                 break
             done += n
     except OSError as err:
-        return -(err.errno or errno.EIO)
+        return finish(stats, -(err.errno or errno.EIO), size, writing, out)
     if done < size:
         if writing:
-            return -errno.ENOSPC
+            return finish(stats, -errno.ENOSPC, size, writing, out)
         buf[done:size] = bytes(size - done)
-    return size
+    return finish(stats, size, size, writing, out)
 
 
 def finish(stats: QueueStats, res: int, size: int, writing: bool, out: memoryview) -> int:

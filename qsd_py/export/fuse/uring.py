@@ -335,8 +335,9 @@ class UringQueue:
         pos = offset + plan.base
         if (pos | size) & plan.align_mask:
             return False  # O_DIRECT would bounce: the node knows how
-        if size <= plan.inline_max:
-            self._inline(entry, plan, pos, size, False)
+        if size <= plan.inline_max:  # a file held in memory: copy now
+            pay = entry.payload
+            self._commit(entry, fastpath.inline_io(plan.fd, self.stats, pay, pay, size, pos, False))
         elif self.link_reads:
             self._linked_read(entry, plan.fd, pos, size)
         else:
@@ -361,18 +362,12 @@ class UringQueue:
         pos = offset + plan.base
         if (pos | size) & plan.align_mask:
             return False
-        if size <= plan.inline_max:
-            self._inline(entry, plan, pos, size, True)
+        if size <= plan.inline_max:  # a file held in memory: copy now
+            pay = entry.payload
+            self._commit(entry, fastpath.inline_io(plan.fd, self.stats, pay, pay, size, pos, True))
         else:
             self._fast_transfer(entry, plan, pos, size, True)
         return True
-
-    def _inline(
-        self, entry: _Entry, plan: fastpath.FastPlan, pos: int, size: int, writing: bool
-    ) -> None:
-        """Serve a fast-path request on a file held in memory with a copy, and answer."""
-        res = fastpath.inline_io(plan.fd, entry.payload, size, pos, writing)
-        self._commit(entry, fastpath.finish(self.stats, res, size, writing, entry.payload))
 
     def _fast_transfer(
         self, entry: _Entry, plan: fastpath.FastPlan, pos: int, size: int, writing: bool
