@@ -25,6 +25,15 @@ def process_usage(pid: int) -> dict[str, int]:
     return usage
 
 
+def thread_names(pid: int) -> list[str]:
+    """The names of a process's threads (for the message of a failed assertion)."""
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/task/{tid}/comm") as f:
+            names.append(f.read().strip())
+    return sorted(names)
+
+
 @pytest.fixture(params=["dev-fuse", "io_uring"])
 def transport(request: pytest.FixtureRequest) -> str:
     if request.param == "io_uring":
@@ -61,11 +70,13 @@ def test_200_export_cycles_do_not_grow(
     for i in range(20):  # warm up: thread pools, rings, allocator arenas
         cycle(i)
     before = process_usage(daemon.proc.pid)
+    names_before = thread_names(daemon.proc.pid)
     for i in range(200):
         cycle(i)
     after = process_usage(daemon.proc.pid)
     assert after["fds"] <= before["fds"], (before, after)
-    assert after["Threads"] <= before["Threads"], (before, after)
+    names_after = thread_names(daemon.proc.pid)
+    assert after["Threads"] <= before["Threads"], (names_before, names_after)
     assert after["VmRSS"] - before["VmRSS"] < 4 * 1024, (before, after)  # KiB
     qmp.cmd("quit")
     with contextlib.suppress(EOFError):  # the daemon may hang up first, as QEMU does

@@ -16,7 +16,6 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from queue import SimpleQueue
 from typing import Any, Protocol, TypeVar
 
@@ -169,10 +168,10 @@ class _Completions:
     def __init__(self, pool: _CallbackPool, loop: asyncio.AbstractEventLoop) -> None:
         self.pool = pool
         self.loop = loop
-        self.done: deque[ThreadTransfer] = deque()
+        self.done: deque[ThreadTransfer | _Call] = deque()
         self.signalled = False
 
-    def push(self, t: ThreadTransfer) -> None:
+    def push(self, t: ThreadTransfer | _Call) -> None:
         """In a pool thread. Wake the loop only if no wake-up is pending already."""
         self.done.append(t)
         if not self.signalled:
@@ -192,13 +191,13 @@ class _Completions:
 
 
 class _CallbackPool:
-    """Worker threads serving :class:`ThreadTransfer` objects (the ``aio=threads`` fast
-    path). Workers are added while every one is busy, up to ``max_workers``, as QEMU's pool
-    grows; they live as long as the process (daemon threads)."""
+    """Worker threads serving :class:`ThreadTransfer` and :class:`_Call` work items. Workers
+    are added while every one is busy, up to ``max_workers``, as QEMU's pool grows; they live
+    as long as the process (daemon threads)."""
 
     def __init__(self, max_workers: int) -> None:
         self.max_workers = max_workers
-        self._queue: SimpleQueue[ThreadTransfer] = SimpleQueue()
+        self._queue: SimpleQueue[ThreadTransfer | _Call] = SimpleQueue()
         self._workers = 0
         self._idle = 0
         self._mutex = threading.Lock()
@@ -213,7 +212,7 @@ class _CallbackPool:
                 c = self._loops[loop] = _Completions(self, loop)
             return c
 
-    def put(self, t: ThreadTransfer) -> None:
+    def put(self, t: ThreadTransfer | _Call) -> None:
         with self._mutex:
             spawn = self._idle <= 0 and self._workers < self.max_workers
             if spawn:
@@ -235,11 +234,53 @@ class _CallbackPool:
             t._done_q.push(t)
 
 
+class _Call:
+    """``func(*args)`` in a pool thread as a work item of :class:`_CallbackPool`, its result
+    or exception handed to an asyncio future on the loop that asked (see
+    :meth:`ThreadPoolBackend.run`)."""
+
+    __slots__ = ("_done_q", "_func", "_args", "_fut", "res", "_exc")
+
+    def __init__(
+        self, pool: _CallbackPool, func: Callable[..., Any], args: tuple[Any, ...]
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self._done_q = pool.completions_for(loop)
+        self._func = func
+        self._args = args
+        self._fut: asyncio.Future[Any] = loop.create_future()
+        self.res: Any = None
+        self._exc: BaseException | None = None
+
+    def run(self) -> None:
+        """In a pool thread."""
+        try:
+            self.res = self._func(*self._args)
+        except BaseException as e:  # handed to the awaiting coroutine, as an executor would
+            self._exc = e
+
+    def callback(self, res: Any) -> None:
+        """On the loop. A cancelled waiter no longer wants the result."""
+        fut = self._fut
+        if fut.cancelled():
+            return
+        if self._exc is not None:
+            fut.set_exception(self._exc)
+        else:
+            fut.set_result(res)
+
+
 class ThreadPoolBackend:
-    """``aio=threads``: each request runs its whole syscall loop in one pool thread."""
+    """``aio=threads``: each request runs its whole syscall loop in one pool thread.
+
+    Two pools of the same kind: one grows to QEMU's 64 workers for the coroutine calls
+    (flushes, truncates, bounce buffers: they may block for long), one stays small for the
+    FUSE fast path's :class:`ThreadTransfer` objects. A pool counts a worker idle before it
+    hands a result over, so sequential calls always reuse one worker (a
+    ``ThreadPoolExecutor`` may start another when the caller is quicker than its worker)."""
 
     def __init__(self, max_workers: int = MAX_WORKERS) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="qsd-aio")
+        self._call_pool = _CallbackPool(max_workers)
         self._cb_pool: _CallbackPool | None = None
 
     def transfer(self, callback: Callable[[int], object]) -> ThreadTransfer:
@@ -251,7 +292,9 @@ class ThreadPoolBackend:
         return ThreadTransfer(pool, callback)
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, func, *args)
+        call = _Call(self._call_pool, func, args)
+        self._call_pool.put(call)
+        return await call._fut
 
     async def read(self, fd: int, buf: memoryview, offset: int) -> None:
         await self.run(pread_full, fd, buf, offset)
