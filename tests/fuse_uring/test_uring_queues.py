@@ -1,5 +1,6 @@
-"""Queues: requests from every CPU are served by that CPU's queue, queues spread over
-iothreads, and a shallow queue never hangs a deeper load."""
+"""Queues: requests from every CPU are served by that CPU's queue, on a thread bound to that
+CPU unless an iothread list says otherwise, queues spread over iothreads, and a shallow queue
+never hangs a deeper load."""
 
 from __future__ import annotations
 
@@ -56,6 +57,27 @@ def test_every_cpu_is_served_by_its_queue(userver: UringServer, tmp_path: Path, 
         assert after[cpu] - before[cpu] >= 50, f"queue {cpu} did not serve CPU {cpu}"
 
 
+def test_each_queue_has_a_thread_bound_to_its_cpu(userver: UringServer, tmp_path: Path, image_data):
+    """Without an iothread list, queue N is served by a thread of the export's own that runs
+    only on CPU N; the threads end with the export."""
+    cpus = _online_cpus()
+    img = userver.image(len(image_data), image_data)
+    exp = userver.export(userver.node(img), tmp_path / "mnt", io_uring=True)
+    queues = {q["qid"]: q for q in exp.stats()["uring-queues"]}
+    assert sorted(queues) == list(range(NCPU))
+    for cpu in cpus:
+        q = queues[cpu]
+        assert q["name"].endswith(f"/uring-q{cpu}@cpu{cpu}"), q["name"]
+        assert os.sched_getaffinity(q["thread-id"]) == {cpu}
+    tids = {q["thread-id"] for q in queues.values()}
+    assert len(tids) == len(cpus)
+    assert threading.get_native_id() not in tids
+    assert _pinned_reads(tmp_path / "mnt", image_data, cpus) == []
+    userver.delete(exp)
+    alive = set(map(int, os.listdir("/proc/self/task")))
+    assert not tids & alive, "the queue threads outlived their export"
+
+
 def test_queues_spread_over_iothreads(userver: UringServer, tmp_path: Path, image_data):
     userver.iothread("io0")
     userver.iothread("io1")
@@ -67,6 +89,8 @@ def test_queues_spread_over_iothreads(userver: UringServer, tmp_path: Path, imag
     assert [q["name"].rsplit("@", 1)[1] for q in queues] == [
         ("io0", "io1")[qid % 2] for qid in range(NCPU)
     ]
+    iothreads = [userver.daemon.objects.iothread(n).thread.native_id for n in ("io0", "io1")]
+    assert [q["thread-id"] for q in queues] == [iothreads[qid % 2] for qid in range(NCPU)]
     assert len(exp.stats()["queues"]) == 1  # one /dev/fuse reader, for FORGET/INTERRUPT
     assert _pinned_reads(tmp_path / "mnt", image_data, _online_cpus()) == []
     assert uring_totals(exp.stats())["bytes-read"] >= 50 * 4096 * len(_online_cpus())

@@ -20,6 +20,7 @@ import fcntl
 import logging
 import os
 import struct
+import sys
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.errors import QMPError
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("qsd_py.export.fuse")
 
 INIT_TIMEOUT_S = 10.0
+# How often a thread holding the GIL is made to hand it to a waiting one (CPython's default is
+# 5 ms). With one FUSE-over-io_uring queue thread per CPU, both busy at depth, 0.5 ms measured
+# 138-141k IOPS of 4 KiB reads from tmpfs against 121-124k (null-co: the same, ~230k).
+QUEUE_THREAD_SWITCH_S = 0.0005
 
 # Mountpoints of live exports in this process, checked *before* any stat(): stat() on a FUSE
 # file served by the calling loop would wait for itself forever.
@@ -72,6 +77,7 @@ class FuseExport(BlockExport):
         self.clone_fds: list[int] = []
         self._iothreads: list[IOThread] = []
         self._held_iothreads: list[str] = []
+        self._queue_threads: list[IOThread] = []
         self._user_added = False
 
     # --- start -----------------------------------------------------------------------------
@@ -193,11 +199,15 @@ class FuseExport(BlockExport):
 
     async def _start_uring(self) -> None:
         """After the INIT reply: register entries on every CPU's queue, spread round-robin
-        over the iothreads (default: the main loop serves all)."""
+        over the iothreads (default: each on a thread of its own CPU, see
+        :meth:`_start_queue_threads`)."""
         from qsd_py.export.fuse import uring as furing
 
         assert self.engine is not None and self.mounted is not None
-        loops = [(t.loop, t.id) for t in self._iothreads] or [(asyncio.get_running_loop(), "main")]
+        if self._iothreads:
+            loops = [(t.loop, t.id) for t in self._iothreads]
+        else:
+            loops = self._start_queue_threads(furing.possible_cpus())
         self.uring = furing.UringTransport(
             self.mounted.fd,
             self.engine,
@@ -206,6 +216,30 @@ class FuseExport(BlockExport):
             name=self.id,
         )
         await self.uring.start()
+
+    def _start_queue_threads(self, queues: int) -> list[tuple[asyncio.AbstractEventLoop, str]]:
+        """One thread bound to each CPU this process may run on, serving that CPU's queue;
+        the placement of each of the ``queues`` kernel queues.
+
+        Why: the kernel puts a request on the queue of the CPU that issued it. Served by a
+        thread on that CPU, the completion that wakes the server and the reply that wakes the
+        issuer stay on one CPU; from one thread for all queues, every request crosses CPUs
+        twice, and a cross-CPU wake-up costs tens of microseconds on a VM (4 KiB reads at QD1
+        here: null-co 29k -> 110k IOPS, tmpfs 22k -> 84k, disk 118-129 -> 86-98 us). Queues
+        of CPUs outside the set (offline, or not in the process's affinity) go round-robin."""
+        from qsd_py.objects.iothread import IOThread
+
+        cpus = sorted(os.sched_getaffinity(0))
+        threads = [IOThread(f"{self.id}/cpu{cpu}", cpu=cpu) for cpu in cpus]
+        self._queue_threads = threads
+        if len(threads) > 1:
+            sys.setswitchinterval(min(sys.getswitchinterval(), QUEUE_THREAD_SWITCH_S))
+        by_cpu = dict(zip(cpus, threads, strict=True))
+        placements = []
+        for qid in range(queues):
+            t = by_cpu.get(qid) or threads[qid % len(threads)]
+            placements.append((t.loop, f"cpu{t.cpu}"))
+        return placements
 
     async def _stop_uring(self, abort: bool) -> None:
         """Stop answering, abort the connection (parked entries then complete), wait for every
@@ -251,6 +285,9 @@ class FuseExport(BlockExport):
         ENOTCONN, callers mid-request ECONNABORTED) and give back node and iothreads."""
         if self.uring is not None:
             await self._stop_uring(abort)
+        for thread in self._queue_threads:  # after the drain: it runs on them
+            thread.stop()
+        self._queue_threads.clear()
         for queue in self.queues:
             try:
                 await queue.run_on_loop(lambda q=queue: q.aclose(abort))

@@ -49,6 +49,7 @@ import logging
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -276,11 +277,13 @@ class UringQueue:
         self.link_reads = False  # READs go as a read SQE linked to their commit
         self.linked_reads = 0
         self.link_breaks = 0
+        self.thread_id = 0  # the serving thread's, known once started
 
     # --- start -------------------------------------------------------------------------------
     def start(self) -> None:
         """Build the entries and queue one REGISTER each (submitted at the end of the turn)."""
         self.ring = ring = ring_for_loop()
+        self.thread_id = threading.get_native_id()
         # One mapping per kind: page aligned, committed only where the kernel writes.
         self._hdr_map = mmap.mmap(-1, self.depth * HEADER_STRIDE)
         self._pay_map = mmap.mmap(-1, self.depth * self.payload_size)
@@ -521,6 +524,7 @@ class UringQueue:
             "name": self.name,
             "transport": "io_uring",
             "qid": self.qid,
+            "thread-id": self.thread_id,
             "depth": self.depth,
             "registered": self.live,
             **self.stats.as_dict(),
