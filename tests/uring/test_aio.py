@@ -320,3 +320,39 @@ async def test_link_rw_starts_the_next_request_only_after_a_full_transfer(
         assert aring.inflight == 0
     finally:
         os.close(f)
+
+
+async def test_polling_gives_way_to_another_threads_ring(aring: AsyncRing) -> None:
+    """A spinning ring holds the GIL: it stops as soon as another thread's polling ring has
+    completions waiting (that thread cannot take them while the spin goes on), and it still
+    catches its own completions while the other has none."""
+    from qsd_py.objects.iothread import IOThread
+
+    async def make_ring() -> AsyncRing:
+        ring = AsyncRing(entries=16)
+        ring.enable_polling(1_000_000)
+        return ring
+
+    thread = IOThread("poll-peer")
+    try:
+        peer = await thread.run(make_ring())
+        aring.enable_polling(2_000_000_000)  # a 2 s budget: only a completion ends it early
+        waiting = 0
+        asked: list[int] = []
+
+        def peer_ready() -> int:
+            asked.append(waiting)
+            return waiting
+
+        peer.ring.cq_ready = peer_ready  # type: ignore[method-assign]
+        waiting = 1  # as if the peer's thread were held up with a CQE in its ring
+        assert aring._poll() is False
+        assert asked == [1] and aring.stats["polled"] == 0
+        waiting = 0
+        aring.ring.prep_nop(7)  # a completion of its own: the spin catches it
+        aring.ring.submit()
+        assert aring._poll() is True
+        assert aring.stats["polled"] == 1
+        aring.ring.reap(lambda *_: None)
+    finally:
+        thread.stop()
