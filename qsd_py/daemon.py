@@ -59,7 +59,11 @@ class Daemon:
         if handler is None or not self.schema.has_command(name):
             raise QMPError(f"The command {name} has not been found", "CommandNotFound")
         checked = self.schema.check_command_args(name, args, json_schema=not from_cli)
-        return await handler(self, checked)
+        try:
+            return await handler(self, checked)
+        finally:
+            for export in self.exports:
+                export.after_command()
 
     # --- events ---------------------------------------------------------------------------
     def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:

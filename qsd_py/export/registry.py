@@ -45,6 +45,9 @@ class BlockExport:
         """True while requests are in flight (``safe`` deletion refuses then)."""
         return False
 
+    def after_command(self) -> None:
+        """Called after every QMP command (one may have changed the node)."""
+
     def info(self) -> dict[str, Any]:
         """The ``BlockExportInfo`` answer of ``query-block-exports``."""
         return {

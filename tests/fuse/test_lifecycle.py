@@ -44,9 +44,16 @@ def _serving(exp) -> list:
     return exp.uring.queues if exp.uring is not None else exp.queues
 
 
+def _in_flight(exp) -> int:
+    """Requests in flight on the serving queues, as x-query-fuse-queues counts them (queue
+    worker processes included)."""
+    st = exp.stats()
+    return sum(q["in-flight"] for q in st["uring-queues"] or st["queues"])
+
+
 def _wait_in_flight(exp, n: int = 1, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
-    while sum(q.stats.in_flight for q in _serving(exp)) < n:
+    while _in_flight(exp) < n:
         assert time.monotonic() < deadline, "request never reached the export"
         time.sleep(0.01)
 

@@ -9,6 +9,7 @@ import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from uring_support import (
@@ -25,9 +26,16 @@ from qsd_py.export.fuse import fastpath
 MiB = 1 << 20
 
 
+KINDS = {name: kind for kind, name in fastpath.KIND_NAMES.items()}
+
+
+def _queues(exp) -> list[dict[str, Any]]:
+    """The export's serving queues as x-query-fuse-queues reports them."""
+    return exp.stats()["uring-queues" if exp.uring is not None else "queues"]
+
+
 def _plans(exp) -> set[int | None]:
-    queues = exp.uring.queues if exp.uring is not None else exp.queues
-    return {None if q.plan is None else q.plan.kind for q in queues}
+    return {KINDS.get(q["fast-path"]) for q in _queues(exp)}
 
 
 def _totals(exp) -> dict[str, int]:
@@ -207,8 +215,7 @@ def _fs_type(path: Path) -> str:
 
 
 def _inline_max(exp) -> set[int]:
-    queues = exp.uring.queues if exp.uring is not None else exp.queues
-    return {q.plan.inline_max for q in queues}
+    return {q["inline-max"] for q in _queues(exp)}
 
 
 @pytest.mark.parametrize("uring", [True, False], ids=["io_uring", "dev-fuse"])

@@ -91,7 +91,7 @@ def test_hard_delete_under_load(
     opts = {"iothread": names} if names else {}
     mnt = tmp_path / "mnt"
     exp = userver.export(userver.node(img), mnt, writable=True, io_uring=True, **opts)
-    assert {bool(q.plan.inline_max) for q in exp.uring.queues} == {in_memory}
+    assert {bool(q["inline-max"]) for q in exp.stats()["uring-queues"]} == {in_memory}
     load = _start_load(mnt)
     try:
         _wait_for_requests(exp)

@@ -174,7 +174,12 @@ class DevFuseQueue:
         return await asyncio.wrap_future(fut)
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "transport": "dev-fuse", **self.stats.as_dict()}
+        return {
+            "name": self.name,
+            "transport": "dev-fuse",
+            **self.stats.as_dict(),
+            **fastpath.describe(self.plan),
+        }
 
     # --- reading ---------------------------------------------------------------------------
     def _new_slot(self) -> _Slot:

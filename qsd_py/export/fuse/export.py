@@ -20,7 +20,6 @@ import fcntl
 import logging
 import os
 import struct
-import sys
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.errors import QMPError
@@ -34,15 +33,12 @@ if TYPE_CHECKING:
     from qsd_py.block.node import BlockNode
     from qsd_py.daemon import Daemon
     from qsd_py.export.fuse import uring as furing
+    from qsd_py.export.fuse.workers import WorkerTransport
     from qsd_py.objects.iothread import IOThread
 
 log = logging.getLogger("qsd_py.export.fuse")
 
 INIT_TIMEOUT_S = 10.0
-# How often a thread holding the GIL is made to hand it to a waiting one (CPython's default is
-# 5 ms). With one FUSE-over-io_uring queue thread per CPU, both busy at depth, 0.5 ms measured
-# 138-141k IOPS of 4 KiB reads from tmpfs against 121-124k (null-co: the same, ~230k).
-QUEUE_THREAD_SWITCH_S = 0.0005
 
 # Mountpoints of live exports in this process, checked *before* any stat(): stat() on a FUSE
 # file served by the calling loop would wait for itself forever.
@@ -70,14 +66,13 @@ class FuseExport(BlockExport):
         self.writethrough: bool = bool(opts.get("writethrough", False))
         self.allow_other: str = opts.get("allow-other", "auto")
         self.io_uring: bool = bool(_opt(opts, "io_uring", "io-uring", default=False))
-        self.uring: furing.UringTransport | None = None
+        self.uring: furing.UringTransport | WorkerTransport | None = None
         self.engine: FuseEngine | None = None
         self.mounted: fmount.Mounted | None = None
         self.queues: list[DevFuseQueue] = []
         self.clone_fds: list[int] = []
         self._iothreads: list[IOThread] = []
         self._held_iothreads: list[str] = []
-        self._queue_threads: list[IOThread] = []
         self._user_added = False
 
     # --- start -----------------------------------------------------------------------------
@@ -199,47 +194,33 @@ class FuseExport(BlockExport):
 
     async def _start_uring(self) -> None:
         """After the INIT reply: register entries on every CPU's queue, spread round-robin
-        over the iothreads (default: each on a thread of its own CPU, see
-        :meth:`_start_queue_threads`)."""
+        over the iothreads, or (default) each served by a worker process bound to its CPU
+        (qsd_py/export/fuse/workers.py says why)."""
         from qsd_py.export.fuse import uring as furing
 
         assert self.engine is not None and self.mounted is not None
+        depth = furing.queue_depth(self.opts)
         if self._iothreads:
-            loops = [(t.loop, t.id) for t in self._iothreads]
+            self.uring = furing.UringTransport(
+                self.mounted.fd,
+                self.engine,
+                [(t.loop, t.id) for t in self._iothreads],
+                depth=depth,
+                name=self.id,
+            )
         else:
-            loops = self._start_queue_threads(furing.possible_cpus())
-        self.uring = furing.UringTransport(
-            self.mounted.fd,
-            self.engine,
-            loops,
-            depth=furing.queue_depth(self.opts),
-            name=self.id,
-        )
+            from qsd_py.export.fuse.workers import WorkerTransport
+
+            mounted = self.mounted
+            self.uring = WorkerTransport(
+                mounted.fd,
+                self.engine,
+                depth=depth,
+                name=self.id,
+                abort=lambda: furing.abort_connection(mounted.path, mounted.privileged),
+                queues=furing.possible_cpus(),
+            )
         await self.uring.start()
-
-    def _start_queue_threads(self, queues: int) -> list[tuple[asyncio.AbstractEventLoop, str]]:
-        """One thread bound to each CPU this process may run on, serving that CPU's queue;
-        the placement of each of the ``queues`` kernel queues.
-
-        Why: the kernel puts a request on the queue of the CPU that issued it. Served by a
-        thread on that CPU, the completion that wakes the server and the reply that wakes the
-        issuer stay on one CPU; from one thread for all queues, every request crosses CPUs
-        twice, and a cross-CPU wake-up costs tens of microseconds on a VM (4 KiB reads at QD1
-        here: null-co 29k -> 110k IOPS, tmpfs 22k -> 84k, disk 118-129 -> 86-98 us). Queues
-        of CPUs outside the set (offline, or not in the process's affinity) go round-robin."""
-        from qsd_py.objects.iothread import IOThread
-
-        cpus = sorted(os.sched_getaffinity(0))
-        threads = [IOThread(f"{self.id}/cpu{cpu}", cpu=cpu) for cpu in cpus]
-        self._queue_threads = threads
-        if len(threads) > 1:
-            sys.setswitchinterval(min(sys.getswitchinterval(), QUEUE_THREAD_SWITCH_S))
-        by_cpu = dict(zip(cpus, threads, strict=True))
-        placements = []
-        for qid in range(queues):
-            t = by_cpu.get(qid) or threads[qid % len(threads)]
-            placements.append((t.loop, f"cpu{t.cpu}"))
-        return placements
 
     async def _stop_uring(self, abort: bool) -> None:
         """Stop answering, abort the connection (parked entries then complete), wait for every
@@ -269,6 +250,11 @@ class FuseExport(BlockExport):
         self.clone_fds.append(fd)
         return fd
 
+    def after_command(self) -> None:
+        """A QMP command may have resized the node: queue workers need its new length."""
+        if self.uring is not None:
+            self.uring.refresh_length()
+
     # --- stop ------------------------------------------------------------------------------
     def in_use(self) -> bool:
         if self.uring is not None and self.uring.in_flight():
@@ -285,9 +271,6 @@ class FuseExport(BlockExport):
         ENOTCONN, callers mid-request ECONNABORTED) and give back node and iothreads."""
         if self.uring is not None:
             await self._stop_uring(abort)
-        for thread in self._queue_threads:  # after the drain: it runs on them
-            thread.stop()
-        self._queue_threads.clear()
         for queue in self.queues:
             try:
                 await queue.run_on_loop(lambda q=queue: q.aclose(abort))

@@ -48,6 +48,8 @@ if TYPE_CHECKING:
 NULL = 1  #: answered inline
 URING = 2  #: one SQE on the loop's ring
 THREADS = 3  #: one ThreadTransfer in the aio=threads pool
+#: How ``x-query-fuse-queues`` names them ("none": every request takes the engine).
+KIND_NAMES = {NULL: "null", URING: "uring", THREADS: "threads"}
 
 #: Largest request served inline from a file held in memory (see the module docstring):
 #: at 128 KiB inline and io-wq measured the same, at 1 MiB io-wq was 25% faster (tmpfs, QD4).
@@ -126,6 +128,13 @@ def plan_for(node: BlockNode, ring_io: bool = False) -> FastPlan | None:
         backend=backend,
         inline_max=INLINE_MAX if node.in_memory else 0,
     )
+
+
+def describe(plan: FastPlan | None) -> dict[str, Any]:
+    """A queue's plan as ``x-query-fuse-queues`` shows it."""
+    if plan is None:
+        return {"fast-path": "none", "inline-max": 0}
+    return {"fast-path": KIND_NAMES[plan.kind], "inline-max": plan.inline_max}
 
 
 def _file_backend(node: FileNode, ring_io: bool) -> tuple[int, Any]:

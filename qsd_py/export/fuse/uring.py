@@ -50,7 +50,7 @@ import mmap
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.errors import QMPError
@@ -430,15 +430,18 @@ class UringQueue:
         stats = self.stats
         stats.in_flight += 1
         try:
-            res = await self.engine.handle(
-                entry.in_hdr, entry.arg, entry.payload, entry.payload, stats
-            )
+            res = await self.handle(entry)
         finally:
             stats.in_flight -= 1
             entry.task = None
         if res is None:
             res = 0  # no-reply opcodes never come through the ring; answer anyway to re-arm
         self._commit(entry, res)
+
+    def handle(self, entry: _Entry) -> Awaitable[int | None]:
+        """The engine's answer to the entry's request, in its payload (a queue worker
+        process sends the request to the daemon's engine instead: workers.py)."""
+        return self.engine.handle(entry.in_hdr, entry.arg, entry.payload, entry.payload, self.stats)
 
     def _commit(self, entry: _Entry, res: int) -> None:
         """Answer the entry's request (``res``: reply length in the payload, or ``-errno``)
@@ -530,6 +533,7 @@ class UringQueue:
             **self.stats.as_dict(),
             "linked-reads": self.linked_reads,
             "link-breaks": self.link_breaks,
+            **fastpath.describe(self.plan),
         }
 
 
@@ -587,15 +591,13 @@ class UringTransport:
         raise QMPError naming the kernel's answer if any REGISTER fails."""
         self.validate()
         for loop, queues in self._by_loop().items():
-            await _on_loop(loop, lambda qs=queues: _start_queues(qs))
+            await _on_loop(loop, lambda qs=queues: start_queues(qs))
         failed = next((q for q in self.queues if q.failure), None)
         if failed is not None:
-            err = -failed.failure
-            raise QMPError(
-                f"FUSE-over-io_uring: registering queue {failed.qid} failed: "
-                f"{os.strerror(err)}"
-                + (f" (is {ENABLE_URING_KNOB} still Y?)" if err == errno.EOPNOTSUPP else "")
-            )
+            raise QMPError(register_failure(failed.qid, -failed.failure))
+
+    def refresh_length(self) -> None:
+        """Nothing to publish: queues in this process read the node itself."""
 
     def in_flight(self) -> int:
         return sum(q.stats.in_flight for q in self.queues)
@@ -623,7 +625,13 @@ class UringTransport:
         return [q.info() for q in self.queues]
 
 
-async def _start_queues(queues: list[UringQueue]) -> None:
+def register_failure(qid: int, err: int) -> str:
+    """The error of a refused REGISTER (``err``: the errno)."""
+    hint = f" (is {ENABLE_URING_KNOB} still Y?)" if err == errno.EOPNOTSUPP else ""
+    return f"FUSE-over-io_uring: registering queue {qid} failed: {os.strerror(err)}{hint}"
+
+
+async def start_queues(queues: list[UringQueue]) -> None:
     """On the queues' loop: queue every REGISTER, submit them now and reap the immediate
     refusals (a valid REGISTER completes only when a request arrives)."""
     for q in queues:

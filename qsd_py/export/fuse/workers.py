@@ -1,0 +1,476 @@
+"""FUSE-over-io_uring queues served by worker processes, one per CPU.
+
+Why processes: a queue served on the CPU that issued the request keeps both wake-ups on that
+CPU (docs/design.rst, *Threads and loops*), but threads of one process share the GIL, and at
+depth handing it between CPUs cost more than the parallel work won (``scripts/gil-probe``:
+two single-CPU daemons served 2.5-2.8x what one daemon's two queue threads did). A worker is a
+``fork`` of the daemon taken once the export answered FUSE_INIT: it holds the FUSE fd, the
+backing file's fd and a copy of the engine, binds itself to its CPU, and serves its queues with
+the same :class:`~qsd_py.export.fuse.uring.UringQueue` as a thread would.
+
+What stays in the daemon: the block graph. A worker answers only READ and WRITE on the fast
+path (fastpath.py) itself; every other request (GETATTR, SETATTR, FLUSH, a growing write, ...)
+is sent as bytes to the daemon, whose engine answers it (bytes in, bytes out), and the reply
+bytes come back. The node's length, which the fast path's EOF rules need, lives in a shared
+page that the daemon rewrites after every request it answers and every QMP command
+(:func:`refresh_lengths`). A worker that dies makes the daemon abort the connection: callers
+get an error instead of a queue nobody serves.
+
+The wire between daemon and worker (a stream socket pair): frames of ``length, kind, tag``
+and a body. A second, blocking socket pair carries the synchronous counter queries of
+``x-query-fuse-queues`` and safe deletes, answered from the worker's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import json
+import logging
+import mmap
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+import traceback
+import weakref
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from qsd_py.errors import QMPError
+from qsd_py.export.fuse import fastpath
+from qsd_py.export.fuse import proto as p
+from qsd_py.export.fuse.engine import QueueStats
+
+if TYPE_CHECKING:
+    from qsd_py.export.fuse.engine import FuseEngine
+    from qsd_py.export.fuse.uring import UringQueue
+
+log = logging.getLogger("qsd_py.export.fuse")
+
+START_TIMEOUT_S = 10.0
+STATS_TIMEOUT_S = 2.0
+EXIT_TIMEOUT_S = 5.0
+
+_FRAME = struct.Struct("<IBI")  # body length, kind, tag
+_READY, _REQ, _REP, _STOP, _STOPPED = 1, 2, 3, 4, 5
+_REPLY = struct.Struct("<iQQQQ")  # res, then the stats the daemon's engine counted
+_LENGTH = struct.Struct("<Q")  # the node's length at byte 0 of the shared page
+_HEADER = p.URING_REQ_HEADER_SZ
+_ARG = p.URING_ARG_OFFSET
+_ARG_END = _ARG + p.URING_OP_IN_OUT_SZ
+_PAYLOAD_SZ = struct.Struct("<I")
+_PAYLOAD_SZ_AT = p.URING_ENT_OFFSET + 16
+_PR_SET_PDEATHSIG = 1
+_OPCODE = struct.Struct("<I")  # fuse_in_header.opcode at 4
+# Requests whose answer depends on no state of the daemon: the worker's copy of the engine
+# answers them (RELEASE comes after every close, and nobody waits for its reply).
+_STATELESS = frozenset({p.RELEASE})
+
+# Transports whose workers read a node length from shared memory.
+_LIVE: weakref.WeakSet[WorkerTransport] = weakref.WeakSet()
+
+
+def refresh_lengths() -> None:
+    """Publish every served node's current length to its workers (after anything that may
+    have changed it: a request the daemon answered, a QMP command)."""
+    for transport in list(_LIVE):
+        transport.refresh_length()
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
+    size, kind, tag = _FRAME.unpack(await reader.readexactly(_FRAME.size))
+    return kind, tag, await reader.readexactly(size) if size else b""
+
+
+def _frame(kind: int, tag: int, *parts: bytes | memoryview) -> bytes:
+    return b"".join((_FRAME.pack(sum(len(x) for x in parts), kind, tag), *parts))
+
+
+# --- the daemon's side -----------------------------------------------------------------------
+class _Worker:
+    """The daemon's handle on one worker process."""
+
+    def __init__(self, cpu: int | None, qids: list[int]) -> None:
+        self.cpu = cpu
+        self.qids = qids
+        self.pid = 0
+        self.writer: asyncio.StreamWriter | None = None
+        self.stats_sock: socket.socket | None = None
+        self.stats_lock = threading.Lock()
+        self.last_info: list[dict[str, Any]] = []
+        self.ready: asyncio.Future[list[dict[str, Any]]] | None = None
+        self.stopped: asyncio.Future[None] | None = None
+        self.reader_task: asyncio.Task[None] | None = None
+        self.exit_status: int | None = None
+
+
+class WorkerTransport:
+    """Every kernel queue of one FUSE connection, served by a worker process per CPU this
+    daemon may run on (queues of other possible CPUs go round-robin over them). Same
+    interface as :class:`~qsd_py.export.fuse.uring.UringTransport`."""
+
+    def __init__(
+        self, fd: int, engine: FuseEngine, *, depth: int, name: str, abort: Any, queues: int
+    ) -> None:
+        self.fd = fd
+        self.engine = engine
+        self.depth = depth
+        self.name = name
+        self._abort = abort  # callable: end the FUSE connection (a worker died)
+        self.stopping = False
+        self.shm = mmap.mmap(-1, mmap.PAGESIZE)  # MAP_SHARED: the workers see our writes
+        cpus = sorted(os.sched_getaffinity(0))
+        qids: dict[int, list[int]] = {cpu: [] for cpu in cpus}
+        for qid in range(queues):
+            qids[qid if qid in qids else cpus[qid % len(cpus)]].append(qid)
+        self.workers = [_Worker(cpu, q) for cpu, q in qids.items()]
+        self._tasks: set[asyncio.Task[None]] = set()
+        _LIVE.add(self)
+
+    def refresh_length(self) -> None:
+        if not self.shm.closed:
+            _LENGTH.pack_into(self.shm, 0, self.engine.node.length())
+
+    # --- start ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Fork the workers (call after the INIT reply); each registers its queues' entries.
+        Raise QMPError naming the kernel's answer if a REGISTER failed."""
+        self.refresh_length()
+        plan = fastpath.plan_for(self.engine.node, ring_io=True)
+        keep = {self.fd} | ({plan.fd} if plan is not None and plan.fd >= 0 else set())
+        for w in self.workers:
+            self._fork(w, keep)
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                ready = [await w.ready for w in self.workers if w.ready is not None]
+        except TimeoutError:
+            raise QMPError("FUSE-over-io_uring: a queue worker did not start") from None
+        from qsd_py.export.fuse.uring import register_failure  # loaded by the caller already
+
+        for report in ready:
+            for q in report:
+                if q["failure"]:
+                    raise QMPError(register_failure(q["qid"], -q["failure"]))
+
+    def _fork(self, w: _Worker, keep: set[int]) -> None:
+        loop = asyncio.get_running_loop()
+        ctl, ctl_child = socket.socketpair()
+        stats, stats_child = socket.socketpair()
+        w.ready = loop.create_future()
+        w.stopped = loop.create_future()
+        pid = os.fork()
+        if pid == 0:  # the worker: never returns
+            ctl.close()
+            stats.close()
+            _worker_main(self, w, keep | {ctl_child.fileno(), stats_child.fileno()},
+                         ctl_child, stats_child)  # fmt: skip
+        w.pid = pid
+        ctl_child.close()
+        stats_child.close()
+        stats.settimeout(STATS_TIMEOUT_S)
+        w.stats_sock = stats
+        w.reader_task = loop.create_task(self._serve_worker(w, ctl))
+
+    async def _serve_worker(self, w: _Worker, sock: socket.socket) -> None:
+        """Read the worker's frames: its start report, requests to answer, its stop ack.
+        End of stream without a stop: the worker died, so the connection is aborted."""
+        reader, w.writer = await asyncio.open_unix_connection(sock=sock)
+        try:
+            while True:
+                kind, tag, body = await _read_frame(reader)
+                if kind == _READY and w.ready is not None and not w.ready.done():
+                    w.ready.set_result(json.loads(body))
+                elif kind == _REQ:
+                    task = asyncio.get_running_loop().create_task(self._answer(w, tag, body))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                elif kind == _STOPPED and w.stopped is not None and not w.stopped.done():
+                    w.stopped.set_result(None)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        self._reap(w)
+        for fut in (w.ready, w.stopped):
+            if fut is not None and not fut.done():
+                fut.set_exception(QMPError("FUSE-over-io_uring: a queue worker ended"))
+        if not self.stopping:
+            log.error("%s: queue worker %d (CPU %s) ended (status %s): aborting the FUSE "
+                      "connection", self.name, w.pid, w.cpu, w.exit_status)  # fmt: skip
+            self._abort()
+
+    async def _answer(self, w: _Worker, tag: int, body: bytes) -> None:
+        """Answer a forwarded request with the daemon's engine; reply with its bytes."""
+        hdr = memoryview(bytearray(body[:_HEADER]))
+        payload = bytearray(self.engine.payload_size)
+        data = memoryview(body)[_HEADER:]
+        payload[: len(data)] = data
+        out = memoryview(payload)
+        stats = QueueStats()
+        res = await self.engine.handle(hdr[: p.IN_HEADER.size], hdr[_ARG:_ARG_END], out, out, stats)
+        res = 0 if res is None else res
+        refresh_lengths()
+        reply = _REPLY.pack(res, stats.errors, stats.bytes_read, stats.bytes_written,
+                            stats.interrupts)  # fmt: skip
+        if w.writer is not None and not w.writer.is_closing():
+            w.writer.write(_frame(_REP, tag, reply, out[: max(res, 0)]))
+
+    def _reap(self, w: _Worker, block: bool = False) -> bool:
+        if w.exit_status is None and w.pid:
+            try:
+                pid, status = os.waitpid(w.pid, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                pid, status = w.pid, 0
+            if pid:
+                w.exit_status = os.waitstatus_to_exitcode(status)
+        return w.exit_status is not None
+
+    # --- counters --------------------------------------------------------------------------
+    def _query(self, w: _Worker) -> list[dict[str, Any]]:
+        """The worker's queue counters now (a blocking round trip; the last ones known if
+        the worker is gone)."""
+        sock = w.stats_sock
+        if sock is None or w.exit_status is not None:
+            return w.last_info
+        with w.stats_lock:
+            try:
+                sock.sendall(b"?")
+                buf = b""
+                while not buf.endswith(b"\n"):
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        return w.last_info
+                    buf += chunk
+            except OSError:
+                return w.last_info
+        w.last_info = json.loads(buf)
+        return w.last_info
+
+    def info(self) -> list[dict[str, Any]]:
+        queues = [q for w in self.workers for q in self._query(w)]
+        return sorted(queues, key=lambda q: q["qid"])
+
+    def in_flight(self) -> int:
+        return sum(q["in-flight"] for q in self.info())
+
+    # --- stop ------------------------------------------------------------------------------
+    async def stop_serving(self, abort: bool) -> None:
+        """Tell every worker to take no new request (``abort``: cancel what runs) and wait
+        until each has done so."""
+        self.stopping = True
+        for w in self.workers:
+            if w.writer is not None and not w.writer.is_closing():
+                w.writer.write(_frame(_STOP, int(abort)))
+        for w in self.workers:
+            if w.stopped is not None:
+                with contextlib.suppress(QMPError, TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(w.stopped), EXIT_TIMEOUT_S)
+
+    async def drain_and_release(self, timeout: float = EXIT_TIMEOUT_S) -> bool:
+        """After the connection was aborted: wait for every worker to get its entries back
+        and exit (killed if it does not); False if one had to be killed."""
+        self.stopping = True
+        clean = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for w in self.workers:
+            while not self._reap(w) and loop.time() < deadline:
+                await asyncio.sleep(0.005)
+            if not self._reap(w):
+                clean = False
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGKILL)
+                self._reap(w, block=True)
+            clean &= w.exit_status == 0
+        for w in self.workers:
+            if w.reader_task is not None:
+                with contextlib.suppress(BaseException):
+                    await w.reader_task
+            if w.writer is not None:
+                w.writer.close()
+            if w.stats_sock is not None:
+                w.stats_sock.close()
+        for task in list(self._tasks):
+            task.cancel()
+        _LIVE.discard(self)
+        self.shm.close()
+        return clean
+
+
+# --- the worker's side -------------------------------------------------------------------------
+def _worker_main(
+    t: WorkerTransport, w: _Worker, keep: set[int], ctl: socket.socket, stats: socket.socket
+) -> NoReturn:
+    """In the forked child: leave the daemon behind, serve the queues, exit."""
+    code = 1
+    try:
+        _detach(keep, w.cpu)
+        code = asyncio.run(_serve(t, w, ctl, stats))
+    except BaseException:  # noqa: BLE001 - a worker reports and exits, whatever happened
+        traceback.print_exc()
+    finally:
+        with contextlib.suppress(BaseException):
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _detach(keep: set[int], cpu: int | None) -> None:
+    """Of the daemon keep only what serving needs: the listed fds (and stdio), no signal
+    handlers or wake-up fd of its loop, no rings of its loops. Die with the daemon."""
+    from qsd_py.block import aio
+    from qsd_py.uring import aio as uring_aio
+
+    fd_max = max(keep) + 1
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(max(low, fd_max), os.sysconf("SC_OPEN_MAX"))
+    asyncio.events._set_running_loop(None)  # forked inside the daemon's running loop
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the daemon's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:
+        os._exit(1)  # the daemon died before the line above took effect
+    uring_aio._POLLERS.clear()  # the daemon's rings, mapped but not ours
+    aio._backends.clear()  # pools whose threads stayed behind in the daemon
+    if cpu is not None:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {cpu})
+
+
+class _Forwarder:
+    """Requests the worker cannot answer itself, sent to the daemon's engine as bytes: the
+    entry's 288-byte header (in-header, argument, payload size) and its payload; the reply's
+    bytes come back into the entry's payload."""
+
+    def __init__(self) -> None:
+        self.writer: asyncio.StreamWriter | None = None
+        self.pending: dict[int, asyncio.Future[bytes]] = {}
+        self.next_tag = 0
+
+    async def forward(self, header: memoryview, payload: memoryview, stats: QueueStats) -> int:
+        size = _PAYLOAD_SZ.unpack_from(header, _PAYLOAD_SZ_AT)[0]
+        if self.writer is None or self.writer.is_closing():
+            return -errno.ENOTCONN
+        self.next_tag += 1
+        tag = self.next_tag
+        fut = self.pending[tag] = asyncio.get_running_loop().create_future()
+        try:
+            self.writer.write(_frame(_REQ, tag, header, payload[:size]))
+            body = await fut
+        finally:
+            self.pending.pop(tag, None)
+        res, errors, nread, nwritten, interrupts = _REPLY.unpack_from(body)
+        stats.errors += errors
+        stats.bytes_read += nread
+        stats.bytes_written += nwritten
+        stats.interrupts += interrupts
+        if res > 0:
+            payload[:res] = memoryview(body)[_REPLY.size : _REPLY.size + res]
+        return res
+
+    def reply(self, tag: int, body: bytes) -> None:
+        fut = self.pending.get(tag)
+        if fut is not None and not fut.done():
+            fut.set_result(body)
+
+    def fail_all(self) -> None:
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_result(_REPLY.pack(-errno.ENOTCONN, 0, 0, 0, 0))
+
+
+def _worker_queue(fwd: _Forwarder) -> type[UringQueue]:
+    """A :class:`UringQueue` whose engine requests go to the daemon through ``fwd``."""
+    from qsd_py.export.fuse.uring import UringQueue
+
+    class WorkerQueue(UringQueue):
+        def handle(self, entry: Any) -> Awaitable[int | None]:
+            if _OPCODE.unpack_from(entry.hdr, 4)[0] in _STATELESS:
+                return super().handle(entry)  # this copy of the engine answers as well
+            return fwd.forward(entry.hdr, entry.payload, self.stats)
+
+    return WorkerQueue
+
+
+async def _serve(t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: socket.socket) -> int:
+    """The worker's loop: register, report, serve; stop when told, exit once drained."""
+    from qsd_py.export.fuse.uring import start_queues
+
+    loop = asyncio.get_running_loop()
+    engine = t.engine
+    shm, unpack = t.shm, _LENGTH.unpack_from
+    # This copy of the node is frozen at the fork: its length is the daemon's, published.
+    engine.node.length = lambda: unpack(shm, 0)[0]  # type: ignore[method-assign]
+    fwd = _Forwarder()
+    reader, fwd.writer = await asyncio.open_unix_connection(sock=ctl)
+    queue_type = _worker_queue(fwd)
+    queues = [
+        queue_type(
+            qid,
+            t.fd,
+            engine,
+            loop,
+            depth=t.depth,
+            payload_size=engine.payload_size,
+            name=f"{t.name}/uring-q{qid}@cpu{w.cpu}",
+        )  # fmt: skip
+        for qid in w.qids
+    ]
+    await start_queues(queues)
+    report = [{"qid": q.qid, "live": q.live, "failure": -q.failure} for q in queues]
+    fwd.writer.write(_frame(_READY, 0, json.dumps(report).encode()))
+    stats.setblocking(False)
+    loop.add_reader(stats.fileno(), _answer_stats, stats, queues)
+    try:
+        while True:
+            kind, tag, body = await _read_frame(reader)
+            if kind == _REP:
+                fwd.reply(tag, body)
+            elif kind == _STOP:
+                await asyncio.gather(*(q.stop_serving(bool(tag)) for q in queues))
+                fwd.writer.write(_frame(_STOPPED, 0))
+                break
+    except (asyncio.IncompleteReadError, ConnectionError):  # the daemon is gone
+        fwd.fail_all()
+        for q in queues:
+            q.closing = True
+        return 1
+    # Keep answering forwarded replies while the daemon aborts the connection.
+    drain = asyncio.gather(*(q.wait_drained(EXIT_TIMEOUT_S) for q in queues))
+    pump = loop.create_task(_pump(reader, fwd))
+    drained = all(await drain)
+    pump.cancel()
+    loop.remove_reader(stats.fileno())
+    for q in queues:
+        q.release()
+    return 0 if drained else 1
+
+
+async def _pump(reader: asyncio.StreamReader, fwd: _Forwarder) -> None:
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        while True:
+            kind, tag, body = await _read_frame(reader)
+            if kind == _REP:
+                fwd.reply(tag, body)
+
+
+def _answer_stats(sock: socket.socket, queues: list[UringQueue]) -> None:
+    """On the worker's loop: a counter query from the daemon; answer with one JSON line."""
+    try:
+        if not sock.recv(64):
+            return
+        info = [q.info() for q in queues]
+        sock.setblocking(True)
+        sock.sendall(json.dumps(info).encode() + b"\n")
+        sock.setblocking(False)
+    except OSError:
+        pass
