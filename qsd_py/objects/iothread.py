@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import logging
-import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -19,21 +17,13 @@ from qsd_py.uring import close_loop_ring
 
 T = TypeVar("T")
 
-log = logging.getLogger("qsd_py.objects")
-
 
 class IOThread:
-    """A named thread with an asyncio loop, started at creation, stopped by :meth:`stop`.
+    """A named thread with an asyncio loop, started at creation, stopped by :meth:`stop`."""
 
-    ``cpu``: the thread binds itself to that CPU before its loop runs (the per-CPU threads
-    of a FUSE-over-io_uring export, not the user's iothread objects)."""
-
-    def __init__(
-        self, obj_id: str, opts: dict[str, Any] | None = None, cpu: int | None = None
-    ) -> None:
+    def __init__(self, obj_id: str, opts: dict[str, Any] | None = None) -> None:
         self.id = obj_id
         self.opts = opts or {}
-        self.cpu = cpu
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"iothread-{obj_id}", daemon=True)
@@ -41,11 +31,6 @@ class IOThread:
         self._ready.wait()
 
     def _run(self) -> None:
-        if self.cpu is not None:
-            try:
-                os.sched_setaffinity(0, {self.cpu})  # 0: the calling thread
-            except OSError as err:  # offline, or outside a cpuset: run unbound
-                log.warning("%s: cannot bind to CPU %d: %s", self.id, self.cpu, err.strerror)
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(self._ready.set)
         try:

@@ -1,6 +1,6 @@
-"""Queues: requests from every CPU are served by that CPU's queue, on a thread bound to that
-CPU unless an iothread list says otherwise, queues spread over iothreads, and a shallow queue
-never hangs a deeper load."""
+"""Queues: requests from every CPU are served by that CPU's queue, queues spread over
+iothreads, and a shallow queue never hangs a deeper load (queue worker processes:
+test_uring_workers.py)."""
 
 from __future__ import annotations
 
@@ -55,27 +55,6 @@ def test_every_cpu_is_served_by_its_queue(userver: UringServer, tmp_path: Path, 
     after = {q["qid"]: q["requests"] for q in exp.stats()["uring-queues"]}
     for cpu in cpus:
         assert after[cpu] - before[cpu] >= 50, f"queue {cpu} did not serve CPU {cpu}"
-
-
-def test_each_queue_has_a_thread_bound_to_its_cpu(userver: UringServer, tmp_path: Path, image_data):
-    """Without an iothread list, queue N is served by a thread of the export's own that runs
-    only on CPU N; the threads end with the export."""
-    cpus = _online_cpus()
-    img = userver.image(len(image_data), image_data)
-    exp = userver.export(userver.node(img), tmp_path / "mnt", io_uring=True)
-    queues = {q["qid"]: q for q in exp.stats()["uring-queues"]}
-    assert sorted(queues) == list(range(NCPU))
-    for cpu in cpus:
-        q = queues[cpu]
-        assert q["name"].endswith(f"/uring-q{cpu}@cpu{cpu}"), q["name"]
-        assert os.sched_getaffinity(q["thread-id"]) == {cpu}
-    tids = {q["thread-id"] for q in queues.values()}
-    assert len(tids) == len(cpus)
-    assert threading.get_native_id() not in tids
-    assert _pinned_reads(tmp_path / "mnt", image_data, cpus) == []
-    userver.delete(exp)
-    alive = set(map(int, os.listdir("/proc/self/task")))
-    assert not tids & alive, "the queue threads outlived their export"
 
 
 def test_queues_spread_over_iothreads(userver: UringServer, tmp_path: Path, image_data):

@@ -659,6 +659,7 @@ def _mount_device(path: str) -> int | None:
     """The FUSE connection number (the mount's device minor) from /proc/self/mountinfo,
     read without stat(): a stat() on our own mount from the serving loop would deadlock."""
     found = None
+    path = os.path.abspath(path)  # mountinfo has absolute paths; a mountpoint may be relative
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:

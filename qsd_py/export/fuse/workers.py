@@ -107,6 +107,7 @@ class _Worker:
         self.stopped: asyncio.Future[None] | None = None
         self.reader_task: asyncio.Task[None] | None = None
         self.exit_status: int | None = None
+        self.died = False  # ended before the daemon asked it to stop
 
 
 class WorkerTransport:
@@ -198,6 +199,7 @@ class WorkerTransport:
             if fut is not None and not fut.done():
                 fut.set_exception(QMPError("FUSE-over-io_uring: a queue worker ended"))
         if not self.stopping:
+            w.died = True
             log.error("%s: queue worker %d (CPU %s) ended (status %s): aborting the FUSE "
                       "connection", self.name, w.pid, w.cpu, w.exit_status)  # fmt: skip
             self._abort()
@@ -284,7 +286,7 @@ class WorkerTransport:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(w.pid, signal.SIGKILL)
                 self._reap(w, block=True)
-            clean &= w.exit_status == 0
+            clean &= w.exit_status == 0 or w.died  # a dead worker's entries died with it
         for w in self.workers:
             if w.reader_task is not None:
                 with contextlib.suppress(BaseException):
@@ -430,24 +432,17 @@ async def _serve(t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: sock
     fwd.writer.write(_frame(_READY, 0, json.dumps(report).encode()))
     stats.setblocking(False)
     loop.add_reader(stats.fileno(), _answer_stats, stats, queues)
-    try:
-        while True:
-            kind, tag, body = await _read_frame(reader)
-            if kind == _REP:
-                fwd.reply(tag, body)
-            elif kind == _STOP:
-                await asyncio.gather(*(q.stop_serving(bool(tag)) for q in queues))
-                fwd.writer.write(_frame(_STOPPED, 0))
-                break
-    except (asyncio.IncompleteReadError, ConnectionError):  # the daemon is gone
-        fwd.fail_all()
+    stop: asyncio.Future[bool | None] = loop.create_future()
+    pump = loop.create_task(_pump(reader, fwd, stop))
+    abort = await stop
+    if abort is None:  # the daemon closed the wire without a stop: nothing to serve for
         for q in queues:
             q.closing = True
         return 1
-    # Keep answering forwarded replies while the daemon aborts the connection.
-    drain = asyncio.gather(*(q.wait_drained(EXIT_TIMEOUT_S) for q in queues))
-    pump = loop.create_task(_pump(reader, fwd))
-    drained = all(await drain)
+    await asyncio.gather(*(q.stop_serving(abort) for q in queues))
+    fwd.writer.write(_frame(_STOPPED, 0))
+    # The daemon now aborts the connection; every entry comes back, then we are done.
+    drained = all(await asyncio.gather(*(q.wait_drained(EXIT_TIMEOUT_S) for q in queues)))
     pump.cancel()
     loop.remove_reader(stats.fileno())
     for q in queues:
@@ -455,12 +450,22 @@ async def _serve(t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: sock
     return 0 if drained else 1
 
 
-async def _pump(reader: asyncio.StreamReader, fwd: _Forwarder) -> None:
-    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+async def _pump(
+    reader: asyncio.StreamReader, fwd: _Forwarder, stop: asyncio.Future[bool | None]
+) -> None:
+    """The worker's reader of the daemon's frames: replies to forwarded requests, and the
+    stop (its ``abort`` flag in the tag). End of stream: ``stop`` gets None."""
+    try:
         while True:
             kind, tag, body = await _read_frame(reader)
             if kind == _REP:
                 fwd.reply(tag, body)
+            elif kind == _STOP and not stop.done():
+                stop.set_result(bool(tag))
+    except (asyncio.IncompleteReadError, ConnectionError):
+        fwd.fail_all()
+        if not stop.done():
+            stop.set_result(None)
 
 
 def _answer_stats(sock: socket.socket, queues: list[UringQueue]) -> None:
