@@ -52,9 +52,15 @@ def _in_flight(exp) -> int:
 
 
 def _wait_in_flight(exp, n: int = 1, timeout: float = 5.0) -> None:
+    """Until ``n`` requests stay in flight for 50 ms: the slow READs, not the OPEN or
+    GETATTR before them (a queue worker sends those to the daemon, which takes a moment)."""
     deadline = time.monotonic() + timeout
-    while _in_flight(exp) < n:
+    while True:
         assert time.monotonic() < deadline, "request never reached the export"
+        if _in_flight(exp) >= n:
+            time.sleep(0.05)
+            if _in_flight(exp) >= n:
+                return
         time.sleep(0.01)
 
 

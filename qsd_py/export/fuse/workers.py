@@ -293,6 +293,8 @@ class WorkerTransport:
                     await w.reader_task
             if w.writer is not None:
                 w.writer.close()
+                with contextlib.suppress(OSError):
+                    await w.writer.wait_closed()  # the fd is gone when we return
             if w.stats_sock is not None:
                 w.stats_sock.close()
         for task in list(self._tasks):
