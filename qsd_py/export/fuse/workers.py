@@ -155,8 +155,8 @@ class WorkerTransport:
 
         for report in ready:
             for q in report:
-                if q["failure"]:
-                    raise QMPError(register_failure(q["qid"], -q["failure"]))
+                if q["failure"]:  # an errno
+                    raise QMPError(register_failure(q["qid"], q["failure"]))
 
     def _fork(self, w: _Worker, keep: set[int]) -> None:
         loop = asyncio.get_running_loop()
@@ -327,13 +327,12 @@ def _detach(keep: set[int], cpu: int | None) -> None:
     from qsd_py.block import aio
     from qsd_py.uring import aio as uring_aio
 
-    fd_max = max(keep) + 1
-    low = 3
+    low = 3  # stdio stays
     for fd in sorted(keep):
         if fd >= low:
             os.closerange(low, fd)
             low = fd + 1
-    os.closerange(max(low, fd_max), os.sysconf("SC_OPEN_MAX"))
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
     asyncio.events._set_running_loop(None)  # forked inside the daemon's running loop
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is the daemon's to handle
