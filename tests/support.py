@@ -129,3 +129,19 @@ def run_qsd(args: list[str], timeout: float = 20.0) -> subprocess.CompletedProce
         text=True,
         timeout=timeout,
     )
+
+
+def raw_image(
+    tmp_path: Path, fill: bytes = b"\xa5", size: int = 1 << 20
+) -> tuple[Path, Path, list[str]]:
+    """A raw image of ``size`` bytes of ``fill`` under ``tmp_path``, an empty file to mount
+    on, and the daemon arguments for nodes ``f0`` (file) and ``d0`` (raw) over the image."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(fill * size)
+    mnt = tmp_path / "disk.raw"
+    mnt.touch()
+    args = [
+        "--blockdev", f"driver=file,node-name=f0,filename={image}",
+        "--blockdev", "driver=raw,node-name=d0,file=f0",
+    ]  # fmt: skip
+    return image, mnt, args

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import Qsd, fuse_mounts_under
+from support import Qsd, fuse_mounts_under, raw_image
 
 MiB = 1 << 20
 
@@ -44,14 +44,8 @@ def transport(request: pytest.FixtureRequest) -> str:
 def test_200_export_cycles_do_not_grow(
     qsd: Callable[..., Qsd], tmp_path: Path, transport: str
 ) -> None:
-    image = tmp_path / "disk.img"
-    image.write_bytes(b"\xa5" * MiB)
-    mnt = tmp_path / "disk.raw"
-    mnt.touch()
-    daemon = qsd(
-        "--blockdev", f"driver=file,node-name=f0,filename={image}",
-        "--blockdev", "driver=raw,node-name=d0,file=f0",
-    )  # fmt: skip
+    image, mnt, nodes = raw_image(tmp_path)
+    daemon = qsd(*nodes)
     qmp = daemon.qmp()
     args = {"type": "fuse", "id": "e0", "node-name": "d0", "mountpoint": str(mnt),
             "writable": True, "io_uring": transport == "io_uring"}  # fmt: skip

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import fuse_mounts_under
+from support import fuse_mounts_under, raw_image
 from uring_support import UringServer, aligned, pread_direct, pwrite_direct
 
 MiB = 1 << 20
@@ -46,6 +46,37 @@ def _pread_fd(fd: int, offset: int, size: int = 4096) -> bytes:
     buf = aligned(size)
     n = os.preadv(fd, [memoryview(buf)[:size]], offset)
     return bytes(buf[:n])
+
+
+@pytest.mark.parametrize("values", [(1 << 30,), (1 << 30, (1 << 40) - 512)])
+def test_shared_length_is_never_seen_half_written(values: tuple[int, ...]):
+    """A forked process publishes the length over and over (the same one, as the daemon
+    does after every command, or two in turn) while this one reads it as a worker does:
+    every read is one of the published values. With struct.pack_into a reader saw 0 in
+    about a third of its reads."""
+    from qsd_py.export.fuse.workers import SharedLength
+
+    shared = SharedLength()
+    shared.publish(values[0])
+    pid = os.fork()
+    if pid == 0:  # the publisher
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            for v in values:
+                shared.publish(v)
+        os._exit(0)
+    seen: dict[int, int] = {}
+    try:
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            for _ in range(1000):
+                v = shared.read()
+                seen[v] = seen.get(v, 0) + 1
+    finally:
+        os.waitpid(pid, 0)
+        shared.close()
+    assert set(seen) <= set(values), seen
+    assert sum(seen.values()) > 10_000
 
 
 def test_one_worker_process_per_cpu(userver: UringServer, tmp_path: Path):
@@ -110,13 +141,9 @@ def test_fast_path_sees_a_truncate_through_the_mount(userver: UringServer, tmp_p
 def test_block_resize_reaches_the_workers(qsd, uring_knob, tmp_path: Path):
     """A QMP block_resize changes the length under the workers without any FUSE request in
     between: the next fast-path READ past the new end must see EOF, not zeroes."""
-    image = tmp_path / "disk.img"
-    image.write_bytes(b"\xa5" * MiB)
-    mnt = tmp_path / "disk.raw"
-    mnt.touch()
+    image, mnt, args = raw_image(tmp_path)
     daemon = qsd(
-        "--blockdev", f"driver=file,node-name=f0,filename={image}",
-        "--blockdev", "driver=raw,node-name=d0,file=f0",
+        *args,
         "--export", f"type=fuse,id=e0,node-name=d0,mountpoint={mnt},writable=on,io_uring=on",
     )  # fmt: skip
     qmp = daemon.qmp()
@@ -175,6 +202,39 @@ def test_a_worker_that_dies_ends_the_connection(
     userver.delete(exp, "hard")
     assert "entries still held" not in caplog.text
     _wait_gone(set(pids.values()))
+
+
+def test_a_refused_register_fails_the_export(
+    userver: UringServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A worker whose REGISTER the kernel refuses (here: one queue id past the last CPU's)
+    makes block-export-add fail with the kernel's answer, and nothing is left behind: no
+    mount, no worker process, no user of the node."""
+    from qsd_py.errors import QMPError
+    from qsd_py.export.fuse import uring, workers
+
+    start = workers.WorkerTransport.start
+    forked: list[int] = []
+
+    async def start_with_a_bad_queue(self: workers.WorkerTransport) -> None:
+        self.workers[-1].qids.append(uring.possible_cpus())
+        try:
+            await start(self)
+        finally:
+            forked.extend(w.pid for w in self.workers)
+
+    monkeypatch.setattr(workers.WorkerTransport, "start", start_with_a_bad_queue)
+    node = userver.node(userver.image(MiB))
+    with pytest.raises(QMPError) as err:
+        userver.export(node, tmp_path / "mnt", io_uring=True)
+    bad = uring.possible_cpus()
+    assert err.value.desc == (
+        f"FUSE-over-io_uring: registering queue {bad} failed: {os.strerror(errno.EINVAL)}"
+    )
+    assert not fuse_mounts_under(tmp_path)
+    assert not userver.exports and not node.users
+    assert forked and all(forked)
+    _wait_gone(set(forked))
 
 
 def test_workers_die_with_the_daemon(qsd, uring_knob, tmp_path: Path):

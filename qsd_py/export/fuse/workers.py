@@ -12,9 +12,9 @@ What stays in the daemon: the block graph. A worker answers only READ and WRITE 
 path (fastpath.py) itself; every other request (GETATTR, SETATTR, FLUSH, a growing write, ...)
 is sent as bytes to the daemon, whose engine answers it (bytes in, bytes out), and the reply
 bytes come back. The node's length, which the fast path's EOF rules need, lives in a shared
-page that the daemon rewrites after every request it answers and every QMP command
-(:func:`refresh_lengths`). A worker that dies makes the daemon abort the connection: callers
-get an error instead of a queue nobody serves.
+page (:class:`SharedLength`) that the daemon updates after every request it answers and every
+QMP command (:func:`refresh_lengths`). A worker that dies makes the daemon abort the
+connection: callers get an error instead of a queue nobody serves.
 
 The wire between daemon and worker (a stream socket pair): frames of ``length, kind, tag``
 and a body. A second, blocking socket pair carries the synchronous counter queries of
@@ -59,7 +59,6 @@ EXIT_TIMEOUT_S = 5.0
 _FRAME = struct.Struct("<IBI")  # body length, kind, tag
 _READY, _REQ, _REP, _STOP, _STOPPED = 1, 2, 3, 4, 5
 _REPLY = struct.Struct("<iQQQQ")  # res, then the stats the daemon's engine counted
-_LENGTH = struct.Struct("<Q")  # the node's length at byte 0 of the shared page
 _HEADER = p.URING_REQ_HEADER_SZ
 _ARG = p.URING_ARG_OFFSET
 _ARG_END = _ARG + p.URING_OP_IN_OUT_SZ
@@ -73,6 +72,31 @@ _STATELESS = frozenset({p.RELEASE})
 
 # Transports whose workers read a node length from shared memory.
 _LIVE: weakref.WeakSet[WorkerTransport] = weakref.WeakSet()
+
+
+class SharedLength:
+    """The node's length in a page shared with the workers (``MAP_SHARED``, inherited by
+    the fork). One aligned 8-byte load or store through ctypes, so a worker never reads a
+    half-written value; ``struct.pack_into`` would not do: it zeroes its bytes before it
+    writes them, and a worker reading meanwhile saw length 0 (a write answered as short,
+    which the application gets as EIO)."""
+
+    def __init__(self) -> None:
+        self._page = mmap.mmap(-1, mmap.PAGESIZE)
+        self._cell: ctypes.c_uint64 | None = ctypes.c_uint64.from_buffer(self._page)
+
+    def publish(self, length: int) -> None:
+        cell = self._cell
+        if cell is not None and cell.value != length:  # unchanged: no store at all
+            cell.value = length
+
+    def read(self) -> int:
+        assert self._cell is not None
+        return self._cell.value
+
+    def close(self) -> None:
+        self._cell = None  # the page cannot be unmapped while ctypes holds it
+        self._page.close()
 
 
 def refresh_lengths() -> None:
@@ -124,18 +148,19 @@ class WorkerTransport:
         self.name = name
         self._abort = abort  # callable: end the FUSE connection (a worker died)
         self.stopping = False
-        self.shm = mmap.mmap(-1, mmap.PAGESIZE)  # MAP_SHARED: the workers see our writes
+        self.length = SharedLength()
         cpus = sorted(os.sched_getaffinity(0))
         qids: dict[int, list[int]] = {cpu: [] for cpu in cpus}
         for qid in range(queues):
             qids[qid if qid in qids else cpus[qid % len(cpus)]].append(qid)
         self.workers = [_Worker(cpu, q) for cpu, q in qids.items()]
         self._tasks: set[asyncio.Task[None]] = set()
+        # Payload buffers of forwarded requests, reused: one per request answered at once.
+        self._buffers: list[bytearray] = []
         _LIVE.add(self)
 
     def refresh_length(self) -> None:
-        if not self.shm.closed:
-            _LENGTH.pack_into(self.shm, 0, self.engine.node.length())
+        self.length.publish(self.engine.node.length())
 
     # --- start ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -207,7 +232,7 @@ class WorkerTransport:
     async def _answer(self, w: _Worker, tag: int, body: bytes) -> None:
         """Answer a forwarded request with the daemon's engine; reply with its bytes."""
         hdr = memoryview(bytearray(body[:_HEADER]))
-        payload = bytearray(self.engine.payload_size)
+        payload = self._buffers.pop() if self._buffers else bytearray(self.engine.payload_size)
         data = memoryview(body)[_HEADER:]
         payload[: len(data)] = data
         out = memoryview(payload)
@@ -218,7 +243,8 @@ class WorkerTransport:
         reply = _REPLY.pack(res, stats.errors, stats.bytes_read, stats.bytes_written,
                             stats.interrupts)  # fmt: skip
         if w.writer is not None and not w.writer.is_closing():
-            w.writer.write(_frame(_REP, tag, reply, out[: max(res, 0)]))
+            w.writer.write(_frame(_REP, tag, reply, out[: max(res, 0)]))  # a copy is sent
+        self._buffers.append(payload)  # answered: nothing refers to it any more
 
     def _reap(self, w: _Worker, block: bool = False) -> bool:
         if w.exit_status is None and w.pid:
@@ -300,7 +326,7 @@ class WorkerTransport:
         for task in list(self._tasks):
             task.cancel()
         _LIVE.discard(self)
-        self.shm.close()
+        self.length.close()
         return clean
 
 
@@ -410,9 +436,8 @@ async def _serve(t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: sock
 
     loop = asyncio.get_running_loop()
     engine = t.engine
-    shm, unpack = t.shm, _LENGTH.unpack_from
     # This copy of the node is frozen at the fork: its length is the daemon's, published.
-    engine.node.length = lambda: unpack(shm, 0)[0]  # type: ignore[method-assign]
+    engine.node.length = t.length.read  # type: ignore[method-assign]
     fwd = _Forwarder()
     reader, fwd.writer = await asyncio.open_unix_connection(sock=ctl)
     queue_type = _worker_queue(fwd)
