@@ -131,13 +131,11 @@ def run_qsd(args: list[str], timeout: float = 20.0) -> subprocess.CompletedProce
     )
 
 
-def raw_image(
-    tmp_path: Path, fill: bytes = b"\xa5", size: int = 1 << 20
-) -> tuple[Path, Path, list[str]]:
-    """A raw image of ``size`` bytes of ``fill`` under ``tmp_path``, an empty file to mount
-    on, and the daemon arguments for nodes ``f0`` (file) and ``d0`` (raw) over the image."""
+def raw_image(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """A 1 MiB raw image of 0xa5 bytes under ``tmp_path``, an empty file to mount on, and
+    the daemon arguments for nodes ``f0`` (file) and ``d0`` (raw) over the image."""
     image = tmp_path / "disk.img"
-    image.write_bytes(fill * size)
+    image.write_bytes(b"\xa5" * (1 << 20))
     mnt = tmp_path / "disk.raw"
     mnt.touch()
     args = [
