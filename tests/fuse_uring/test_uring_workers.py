@@ -204,6 +204,57 @@ def test_a_worker_that_dies_ends_the_connection(
     _wait_gone(set(pids.values()))
 
 
+def _read_on_cpu(fd: int, cpu: int, offset: int) -> bytes:
+    """pread from a thread bound to ``cpu``: the request goes to that CPU's queue."""
+    out: list[bytes] = []
+
+    def reader() -> None:
+        os.sched_setaffinity(0, {cpu})
+        out.append(_pread_fd(fd, offset))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    t.join(10)
+    assert out, "the read did not come back"
+    return out[0]
+
+
+def test_counters_of_a_stopped_worker(userver: UringServer, tmp_path: Path):
+    """A worker that cannot answer (SIGSTOP) costs a counter query its timeout once, for
+    all workers together, and the query answers with the counters last known; once the
+    worker runs again, the next query has its current counters, not the late answer to
+    the query that timed out."""
+    from qsd_py.export.fuse.workers import STATS_TIMEOUT_S
+
+    data = os.urandom(MiB)
+    mnt = tmp_path / "mnt"
+    exp = userver.export(userver.node(userver.image(MiB, data)), mnt, io_uring=True)
+    pids = _workers(exp.stats())
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    fd = os.open(mnt, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert _read_on_cpu(fd, cpu, 0) == data[:4096]
+        before = exp.stats()["uring-queues"][cpu]["bytes-read"]
+        os.kill(pids[cpu], signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            stale = exp.stats()["uring-queues"]
+            waited = time.monotonic() - t0
+        finally:
+            os.kill(pids[cpu], signal.SIGCONT)
+        assert STATS_TIMEOUT_S * 0.9 < waited < STATS_TIMEOUT_S + 1.5
+        assert [q["qid"] for q in stale] == sorted(pids)
+        assert stale[cpu]["bytes-read"] == before
+        assert _read_on_cpu(fd, cpu, 8192) == data[8192:12288]
+        t0 = time.monotonic()
+        fresh = exp.stats()["uring-queues"]
+        assert time.monotonic() - t0 < STATS_TIMEOUT_S * 0.9
+        assert fresh[cpu]["bytes-read"] == before + 4096
+    finally:
+        os.close(fd)
+    userver.delete(exp)
+
+
 def test_a_refused_register_fails_the_export(
     userver: UringServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

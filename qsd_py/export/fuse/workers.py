@@ -36,6 +36,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 import weakref
 from collections.abc import Awaitable
@@ -55,6 +56,7 @@ log = logging.getLogger("qsd_py.export.fuse")
 START_TIMEOUT_S = 10.0
 STATS_TIMEOUT_S = 2.0
 EXIT_TIMEOUT_S = 5.0
+REAP_WAIT_S = 1.0
 
 _FRAME = struct.Struct("<IBI")  # body length, kind, tag
 _READY, _REQ, _REP, _STOP, _STOPPED = 1, 2, 3, 4, 5
@@ -125,7 +127,8 @@ class _Worker:
         self.pid = 0
         self.writer: asyncio.StreamWriter | None = None
         self.stats_sock: socket.socket | None = None
-        self.stats_lock = threading.Lock()
+        self.stats_seq = 0  # the tag of the last counter query sent
+        self.stats_buf = b""  # what was read of the answers and not yet taken
         self.last_info: list[dict[str, Any]] = []
         self.ready: asyncio.Future[list[dict[str, Any]]] | None = None
         self.stopped: asyncio.Future[None] | None = None
@@ -157,6 +160,7 @@ class WorkerTransport:
         self._tasks: set[asyncio.Task[None]] = set()
         # Payload buffers of forwarded requests, reused: one per request answered at once.
         self._buffers: list[bytearray] = []
+        self._stats_lock = threading.Lock()  # one counter query at a time, from any thread
         _LIVE.add(self)
 
     def refresh_length(self) -> None:
@@ -198,7 +202,6 @@ class WorkerTransport:
         w.pid = pid
         ctl_child.close()
         stats_child.close()
-        stats.settimeout(STATS_TIMEOUT_S)
         w.stats_sock = stats
         w.reader_task = loop.create_task(self._serve_worker(w, ctl))
 
@@ -219,15 +222,24 @@ class WorkerTransport:
                     w.stopped.set_result(None)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
-        self._reap(w)
         for fut in (w.ready, w.stopped):
             if fut is not None and not fut.done():
                 fut.set_exception(QMPError("FUSE-over-io_uring: a queue worker ended"))
         if not self.stopping:
             w.died = True
+            self._abort()
+            await self._wait_reaped(w, REAP_WAIT_S)
             log.error("%s: queue worker %d (CPU %s) ended (status %s): aborting the FUSE "
                       "connection", self.name, w.pid, w.cpu, w.exit_status)  # fmt: skip
-            self._abort()
+        else:
+            self._reap(w)
+
+    async def _wait_reaped(self, w: _Worker, timeout: float) -> None:
+        """Its socket closes while the worker exits, a moment before it can be reaped: wait
+        that moment, so that the log says how it ended."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self._reap(w) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.001)
 
     async def _answer(self, w: _Worker, tag: int, body: bytes) -> None:
         """Answer a forwarded request with the daemon's engine; reply with its bytes."""
@@ -257,28 +269,51 @@ class WorkerTransport:
         return w.exit_status is not None
 
     # --- counters --------------------------------------------------------------------------
-    def _query(self, w: _Worker) -> list[dict[str, Any]]:
-        """The worker's queue counters now (a blocking round trip; the last ones known if
-        the worker is gone)."""
+    def _ask(self, w: _Worker) -> int:
+        """Send ``w`` a counter query tagged with a new number; 0 if it cannot be asked."""
         sock = w.stats_sock
         if sock is None or w.exit_status is not None:
-            return w.last_info
-        with w.stats_lock:
+            return 0
+        w.stats_seq += 1
+        try:
+            sock.sendall(b"%d\n" % w.stats_seq)
+        except OSError:
+            return 0
+        return w.stats_seq
+
+    def _collect(self, w: _Worker, seq: int, deadline: float) -> list[dict[str, Any]]:
+        """The answer to query ``seq``, read until ``deadline`` (time.monotonic). Answers to
+        older queries that timed out arrive first and are dropped: without the tags, every
+        answer after one timeout would have been the one before it. No answer in time: the
+        last counters known."""
+        sock = w.stats_sock
+        while sock is not None and seq:
+            line, nl, rest = w.stats_buf.partition(b"\n")
+            if nl:
+                w.stats_buf = rest
+                tag, _, body = line.partition(b" ")
+                if int(tag) == seq:
+                    w.last_info = json.loads(body)
+                    break
+                continue
             try:
-                sock.sendall(b"?")
-                buf = b""
-                while not buf.endswith(b"\n"):
-                    chunk = sock.recv(65536)
-                    if not chunk:
-                        return w.last_info
-                    buf += chunk
-            except OSError:
-                return w.last_info
-        w.last_info = json.loads(buf)
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                chunk = sock.recv(65536)
+            except OSError:  # timed out, or the worker is gone
+                break
+            if not chunk:
+                break
+            w.stats_buf += chunk
         return w.last_info
 
     def info(self) -> list[dict[str, Any]]:
-        queues = [q for w in self.workers for q in self._query(w)]
+        """Every worker's queue counters now: a blocking round trip with all workers at
+        once, :data:`STATS_TIMEOUT_S` at most in all (a stopped worker's are the last
+        known). Blocking, so that any thread may ask (tests ask from theirs)."""
+        with self._stats_lock:
+            asked = [(w, self._ask(w)) for w in self.workers]
+            deadline = time.monotonic() + STATS_TIMEOUT_S
+            queues = [q for w, seq in asked for q in self._collect(w, seq, deadline)]
         return sorted(queues, key=lambda q: q["qid"])
 
     def in_flight(self) -> int:
@@ -495,13 +530,16 @@ async def _pump(
 
 
 def _answer_stats(sock: socket.socket, queues: list[UringQueue]) -> None:
-    """On the worker's loop: a counter query from the daemon; answer with one JSON line."""
+    """On the worker's loop: counter queries from the daemon, one tag a line; answer the
+    newest (older ones were given up on) with one line: its tag, then the JSON."""
     try:
-        if not sock.recv(64):
+        data = sock.recv(4096)
+        if not data:
             return
+        tag = data.rstrip(b"\n").rpartition(b"\n")[2]
         info = [q.info() for q in queues]
         sock.setblocking(True)
-        sock.sendall(json.dumps(info).encode() + b"\n")
+        sock.sendall(tag + b" " + json.dumps(info).encode() + b"\n")
         sock.setblocking(False)
     except OSError:
         pass
