@@ -143,3 +143,8 @@ def raw_image(tmp_path: Path) -> tuple[Path, Path, list[str]]:
         "--blockdev", "driver=raw,node-name=d0,file=f0",
     ]  # fmt: skip
     return image, mnt, args
+
+
+def extent(status: Any) -> tuple[bool, int]:
+    """A block status as ``(is_data, length)``: what SEEK_DATA/SEEK_HOLE see of it."""
+    return status.is_data, status.length

@@ -11,6 +11,7 @@ import logging
 import re
 from typing import Any
 
+from qsd_py.block.drivers import driver_class
 from qsd_py.block.node import BlockNode
 from qsd_py.errors import QMPError
 
@@ -23,15 +24,6 @@ NODE_NAME_MAX = 31
 # Options an inline child takes from its parent unless it sets them itself (QEMU's rules).
 _INHERITED = ("read-only", "auto-read-only", "discard")
 _INHERITED_CACHE = ("direct", "no-flush")
-
-
-def driver_classes() -> dict[str, type[BlockNode]]:
-    """The drivers by QAPI name, imported on first use (start-up time)."""
-    from qsd_py.block.file import FileNode
-    from qsd_py.block.null import NullNode
-    from qsd_py.block.raw import RawNode
-
-    return {cls.driver: cls for cls in (FileNode, RawNode, NullNode)}
 
 
 def check_node_name(name: str) -> None:
@@ -113,10 +105,7 @@ class BlockGraph:
         else:
             self._check_new_name(name)
         check_base_options(opts)
-        cls = driver_classes().get(opts["driver"])
-        if cls is None:
-            raise QMPError(f"Unknown driver '{opts['driver']}'")
-        node = cls(self, {**opts, "node-name": name})
+        node = driver_class(opts["driver"])(self, {**opts, "node-name": name})
         node.implicit = implicit
         try:
             await node.open()
@@ -172,20 +161,24 @@ class BlockGraph:
             raise QMPError(err)
         self._remove(node)
 
+    def drop_orphan(self, node: BlockNode) -> None:
+        """Close an implicit node once no parent uses it (after a child was replaced)."""
+        if node.implicit and not node.users and node.node_name in self._nodes:
+            self._remove(node)
+
     def _remove(self, node: BlockNode) -> None:
         self._nodes.pop(node.node_name, None)
         self._dispose(node)
 
     def _dispose(self, node: BlockNode) -> None:
         """Close ``node``, let go of its children and remove the implicit ones."""
-        children = list(node.children.values())
+        children = [child.node for child in node.children.values()]
         try:
             node.close()
         finally:
             node.detach_children()
         for child in children:
-            if child.implicit and not child.users:
-                self._remove(child)
+            self.drop_orphan(child)
 
     def close_all(self) -> None:
         """Shutdown: close every node, parents before their children."""

@@ -13,12 +13,22 @@ CONTRACT (exports rely on it; drivers implement it):
 * ``length()`` is a whole number of 512-byte sectors, as everywhere in QEMU's block layer: a
   file of 1 MiB + 1 byte is a node of 1 MiB + 512, and the bytes past the file's real end
   read as zeroes (a write there extends the file). :func:`round_to_sectors` does the rounding.
+
+Callers use the public methods (``read``, ``write``, ...); drivers implement the ``do_*``
+methods behind them. The public ones count the request in flight (so a node can be drained,
+drain.py) and hold the rules every driver shares, as QEMU's generic block layer does around
+its drivers' callbacks. A node reaches the nodes below it only through its children
+(child.py): ``self.children[role].node``.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+from qsd_py.block.child import Child
+from qsd_py.block.drain import InFlight
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm, perm_names
 from qsd_py.errors import QMPError
 
@@ -28,6 +38,31 @@ if TYPE_CHECKING:
 Buffer = memoryview | bytearray | bytes
 
 SECTOR_SIZE = 512
+
+
+# Block status flags, QEMU's BDRV_BLOCK_* values.
+STATUS_DATA = 0x01  #: the range holds data (reads come from storage)
+STATUS_ZERO = 0x02  #: the range reads as zeroes
+STATUS_OFFSET_VALID = 0x04  #: ``map_node``/``map_offset`` say where the bytes lie
+STATUS_ALLOCATED = 0x10  #: this layer answers reads of the range (no fall-through to backing)
+
+
+class BlockStatus(NamedTuple):
+    """What a range of a node is: ``flags`` (``STATUS_*``) for the ``length`` bytes from the
+    offset asked about, where they lie (``map_node`` at ``map_offset``, with
+    ``STATUS_OFFSET_VALID``), and ``depth``: 1 when this node holds the range, 2 its backing
+    node, and so on; 0 when no node of the chain holds it (set by ``block_status_above``)."""
+
+    flags: int
+    length: int
+    map_node: BlockNode | None = None
+    map_offset: int = 0
+    depth: int = 0
+
+    @property
+    def is_data(self) -> bool:
+        """What SEEK_DATA stops at: data, or a range not known to read as zeroes."""
+        return bool(self.flags & STATUS_DATA) or not self.flags & STATUS_ZERO
 
 
 def round_to_sectors(nbytes: int) -> int:
@@ -45,6 +80,9 @@ class BlockNode:
     """
 
     driver: ClassVar[str]
+    #: Whether the format has a backing chain: unallocated ranges read from the ``backing``
+    #: child, or as zeroes without one (QEMU's ``supports_backing``).
+    supports_backing: ClassVar[bool] = False
 
     def __init__(self, graph: BlockGraph, opts: dict[str, Any]) -> None:
         self.graph = graph
@@ -55,10 +93,11 @@ class BlockNode:
         self.discard_unmap: bool = opts.get("discard", "ignore") == "unmap"
         self.force_share: bool = bool(opts.get("force-share", False))
         self.users: dict[str, NodeUser] = {}
-        # Child nodes by role ("file"); implicit ones were created from an inline dict and
-        # are deleted with this node.
-        self.children: dict[str, BlockNode] = {}
+        # Links to child nodes by role ("file", "backing"); implicit children were created
+        # from an inline dict and are deleted with this node.
+        self.children: dict[str, Child] = {}
         self.implicit = False
+        self.in_flight = InFlight()
 
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
@@ -139,17 +178,73 @@ class BlockNode:
         """Driver hook: pass permissions on to children (raw) or into lock bytes (file).
         Raise QMPError to refuse; the caller restores the previous state."""
 
-    def attach_child(self, role: str, child: BlockNode, perm: Perm, shared: Perm) -> None:
-        """Become a parent of ``child`` (as QEMU's ``file`` child, say) with permissions."""
-        desc = f"node '{self.node_name}' (uses node '{child.node_name}' as '{role}' child)"
-        # Recorded first: if the child refuses, closing this node still releases it.
-        self.children[role] = child
-        child.set_user(NodeUser(f"node:{self.node_name}", perm, shared, desc, is_parent=True))
+    def attach_child(self, role: str, node: BlockNode, perm: Perm, shared: Perm) -> Child:
+        """Become a parent of ``node`` in ``role`` (``file``, ``backing``) with permissions;
+        attaching a role again updates its permissions."""
+        child = self.children.get(role)
+        if child is None or child.node is not node:
+            # Recorded first: if the node refuses, closing this node still releases it.
+            child = self.children[role] = Child(self, role, node)
+        child.set_perms(perm, shared)
+        return child
+
+    def replace_child(self, role: str, new: BlockNode) -> None:
+        """Point the ``role`` child at ``new`` (a pivot; drain around it). An implicit node
+        nobody uses any more afterwards is closed, as it was this node's own."""
+        old = self.children[role].replace(new)
+        self.graph.drop_orphan(old)
+
+    def child_node(self, role: str) -> BlockNode | None:
+        child = self.children.get(role)
+        return None if child is None else child.node
 
     def detach_children(self) -> None:
         for child in self.children.values():
-            child.remove_user(f"node:{self.node_name}")
+            child.detach()
         self.children.clear()
+
+    def parents(self) -> list[BlockNode]:
+        """The nodes that have this one as a child (from its users)."""
+        found = []
+        for node in self.graph:
+            if any(c.node is self for c in node.children.values()):
+                found.append(node)
+        return found
+
+    # --- drain ----------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def drained(self) -> AsyncIterator[None]:
+        """Wait until no request is in flight on this node or any node above it, and keep
+        it so while the body runs (a pivot, a metadata change under the users).
+
+        The users that start requests (exports, jobs) are asked to pause through their
+        :class:`~qsd_py.block.perm.NodeUser` ``quiesce`` hook first, then the in-flight
+        counts are waited for from the top down. Requests the body itself issues pass."""
+        above = self._nodes_above()
+        resumes = []
+        try:
+            for node in above:
+                for user in list(node.users.values()):
+                    if user.quiesce is not None:
+                        resumes.append(await user.quiesce())
+            for node in above:
+                await node.in_flight.wait_idle()
+            yield
+        finally:
+            for resume in reversed(resumes):
+                resume()
+
+    def _nodes_above(self) -> list[BlockNode]:
+        """This node and every node that reaches it through children, parents first."""
+        order: list[BlockNode] = []
+        todo = [self]
+        while todo:
+            node = todo.pop()
+            if node in order:
+                continue
+            order.append(node)
+            todo.extend(node.parents())
+        return list(reversed(order))
 
     def in_use_error(self) -> str | None:
         """Why blockdev-del must refuse this node (QEMU's texts, in QEMU's order), or None."""
@@ -170,36 +265,122 @@ class BlockNode:
     async def truncate(self, length: int) -> None:
         """Grow (new range reads zeroes) or shrink the node. ``length`` need not be aligned:
         the file gets exactly that size, :meth:`length` then says it rounded up."""
-        raise NotImplementedError
+        self.in_flight.enter()
+        try:
+            await self.do_truncate(length)
+        finally:
+            self.in_flight.leave()
 
     async def allocated_size(self) -> int:
-        """Bytes allocated on the host for this node (st_blocks * 512 for files); 0 if unknown."""
-        raise NotImplementedError
+        """Bytes allocated on the host for this node and the nodes it stores data in (its
+        ``file`` and ``data-file`` children; st_blocks * 512 for files); 0 if unknown."""
+        return await self.do_allocated_size()
 
     # --- I/O ------------------------------------------------------------------------------
     async def read(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with ``len(buf)`` bytes from ``offset``."""
-        raise NotImplementedError
+        self.in_flight.enter()
+        try:
+            await self.do_read(offset, buf)
+        finally:
+            self.in_flight.leave()
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write all of ``data`` at ``offset``."""
-        raise NotImplementedError
+        self.in_flight.enter()
+        try:
+            await self.do_write(offset, data)
+        finally:
+            self.in_flight.leave()
 
     async def flush(self) -> None:
-        """Make written data stable (fdatasync unless cache.no-flush)."""
-        raise NotImplementedError
+        """Make written data stable (fdatasync unless cache.no-flush), children included."""
+        self.in_flight.enter()
+        try:
+            await self.do_flush()
+        finally:
+            self.in_flight.leave()
 
     async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         """Zero a range; deallocate it too when ``unmap`` and the node has discard=unmap."""
-        raise NotImplementedError
+        self.in_flight.enter()
+        try:
+            await self.do_write_zeroes(offset, length, unmap)
+        finally:
+            self.in_flight.leave()
 
     async def discard(self, offset: int, length: int) -> None:
         """Deallocate a range if discard=unmap, else do nothing (QEMU's discard=ignore)."""
+        self.in_flight.enter()
+        try:
+            await self.do_discard(offset, length)
+        finally:
+            self.in_flight.leave()
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        """The status of ``[offset, offset + n)`` in this node alone (``0 < n <= length``).
+
+        The generic rules on top of the driver's answer, as QEMU's: data or zeroes count as
+        allocated here; an unallocated range of a format with a backing chain reads as
+        zeroes when there is no backing node, or lies past the backing node's end."""
+        self.in_flight.enter()
+        try:
+            st = await self.do_block_status(offset, length)
+        finally:
+            self.in_flight.leave()
+        flags = st.flags
+        if flags & (STATUS_DATA | STATUS_ZERO):
+            flags |= STATUS_ALLOCATED
+        elif self.supports_backing:
+            backing = self.child_node("backing")
+            if backing is None or offset >= backing.length():
+                flags |= STATUS_ZERO
+        if flags == st.flags:
+            return st
+        return st._replace(flags=flags)
+
+    async def block_status_above(self, offset: int, length: int) -> BlockStatus:
+        """The status through the backing chain: the first node (from this one down) that
+        holds the range answers, with its ``depth``; ``depth`` 0 when none does."""
+        node: BlockNode | None = self
+        depth = 1
+        while node is not None:
+            st = await node.block_status(offset, length)
+            if st.flags & STATUS_ALLOCATED:
+                return st._replace(depth=depth)
+            backing = node.child_node("backing") if node.supports_backing else None
+            if backing is None or offset >= backing.length():
+                return st._replace(depth=0)
+            length = st.length  # what the next node says is cut to this node's extent
+            node = backing
+            depth += 1
+        raise AssertionError("unreachable")
+
+    # --- what drivers implement -----------------------------------------------------------
+    async def do_truncate(self, length: int) -> None:
         raise NotImplementedError
 
-    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
-        """Allocation at ``offset``: ``(is_data, n)`` where ``n`` (>0, <= length) bytes from
-        ``offset`` share that status. Holes are ``is_data=False`` (read as zeroes)."""
+    async def do_allocated_size(self) -> int:
+        raise NotImplementedError
+
+    async def do_read(self, offset: int, buf: memoryview) -> None:
+        raise NotImplementedError
+
+    async def do_write(self, offset: int, data: Buffer) -> None:
+        raise NotImplementedError
+
+    async def do_flush(self) -> None:
+        raise NotImplementedError
+
+    async def do_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        raise NotImplementedError
+
+    async def do_discard(self, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    async def do_block_status(self, offset: int, length: int) -> BlockStatus:
+        """This layer's answer: ``STATUS_DATA``/``STATUS_ZERO`` where it holds the range
+        (neither: unallocated here), and where the bytes lie when it knows."""
         raise NotImplementedError
 
     # --- introspection --------------------------------------------------------------------
@@ -248,7 +429,7 @@ class BlockNode:
             "drv": self.driver,
             "backing_file_depth": 0,
             "children": [
-                {"child": role, "node-name": child.node_name}
+                {"child": role, "node-name": child.node.node_name}
                 for role, child in self.children.items()
             ],
             "active": True,

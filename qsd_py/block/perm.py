@@ -8,6 +8,7 @@ QEMU processes opening one image see each other's permissions.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntFlag
 
@@ -45,6 +46,8 @@ class NodeUser:
     ``is_parent`` tells a parent node (QEMU: another BlockDriverState, whose presence makes
     blockdev-del say ``Block device X is in use``) from a block backend such as an export or a
     command (``Node X is in use``). ``description`` is QEMU's phrase for conflict messages.
+    ``quiesce``, for users that start requests of their own (an export): pause them, and
+    return the function that lets them go on; :meth:`BlockNode.drained` calls it.
     """
 
     key: str
@@ -52,3 +55,4 @@ class NodeUser:
     shared: Perm
     description: str
     is_parent: bool = False
+    quiesce: Callable[[], Awaitable[Callable[[], None]]] | None = None

@@ -6,12 +6,12 @@ So a backend read made while serving a FUSE-over-io_uring entry shares the ring,
 ``io_uring_enter``, of the COMMIT_AND_FETCH that answers it. Data moves straight between the
 fd and the caller's buffer; short transfers are continued, bytes past EOF read as zeroes (the
 same contract as ``aio=threads``). Anything else blocking (ftruncate, lseek, fstat, the
-O_DIRECT bounce paths of qsd_py/block/file.py) goes to the shared ``aio=threads`` pool.
+O_DIRECT bounce paths of qsd_py/block/drivers/file.py) goes to the shared ``aio=threads`` pool.
 
 Two APIs over one state machine (:class:`UringTransfer`):
 
 * the :class:`~qsd_py.block.aio.IOBackend` coroutines (``read``, ``write``, ``fdatasync``,
-  ``fallocate``, ``run``), used by :class:`~qsd_py.block.file.FileNode`;
+  ``fallocate``, ``run``), used by :class:`~qsd_py.block.drivers.file.FileNode`;
 * a callback fast path for the FUSE transport, with no Future, Task or coroutine per request:
 
   - ``backend.submit_read(fd, buf, off, callback)`` / ``submit_write(...)``: queue the SQE on
@@ -27,7 +27,7 @@ Two APIs over one state machine (:class:`UringTransfer`):
   synchronously inside ``submit_*``/``t.read``; it runs from the ring's completion dispatch
   (or, for an empty request, from ``loop.call_soon``). Starting a request on a closed ring
   raises ``OSError(EBADF)``. The fast path works at fd level: a caller serving a
-  :class:`~qsd_py.block.file.FileNode` uses ``node.fd`` only where the node would not bounce
+  :class:`~qsd_py.block.drivers.file.FileNode` uses ``node.fd`` only where the node would not bounce
   (``not node.direct``, or offset/length/address aligned to ``node.align``/``node.mem_align``)
   and falls back to ``await node.read(...)`` otherwise.
 

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support import extent
 
-from qsd_py.block.file import FileNode
+from qsd_py.block.drivers.file import FileNode
 from qsd_py.block.graph import BlockGraph
 from qsd_py.errors import QMPError
 
@@ -46,10 +47,10 @@ async def test_sparse_file_block_status(graph: BlockGraph, image) -> None:
     path = image(4 * MiB)
     node = await add_file(graph, path)
     await node.write(MiB, b"d" * 65536)
-    assert await node.block_status(0, 4 * MiB) == (False, MiB)
-    is_data, n = await node.block_status(MiB, 4 * MiB)
+    assert extent(await node.block_status(0, 4 * MiB)) == (False, MiB)
+    is_data, n = extent(await node.block_status(MiB, 4 * MiB))
     assert is_data and n >= 65536 and MiB + n <= 4 * MiB
-    assert await node.block_status(3 * MiB, 4096) == (False, 4096)
+    assert extent(await node.block_status(3 * MiB, 4096)) == (False, 4096)
     assert await node.allocated_size() >= 65536
 
 
@@ -69,7 +70,7 @@ async def test_write_zeroes_unmap_deallocates_only_with_discard_unmap(
     assert buf == bytes(len(buf))
     if discard == "unmap":
         assert after <= before - 512 * 1024
-        assert await node.block_status(MiB, MiB) == (False, 512 * 1024)
+        assert extent(await node.block_status(MiB, MiB)) == (False, 512 * 1024)
     else:
         assert after == before  # zeroed in place (ZERO_RANGE or written): still allocated
     assert path.stat().st_size == 2 * MiB
@@ -81,7 +82,7 @@ async def test_discard(graph: BlockGraph, image) -> None:
     await ign.discard(0, MiB)
     await unm.discard(0, MiB)
     assert (Path(ign.path).read_bytes()) == b"y" * MiB  # discard=ignore: untouched
-    assert await unm.block_status(0, MiB) == (False, MiB)
+    assert extent(await unm.block_status(0, MiB)) == (False, MiB)
     assert await unm.allocated_size() == 0
 
 
@@ -93,7 +94,7 @@ async def test_truncate_grow_and_shrink(graph: BlockGraph, image) -> None:
     buf = bytearray(4096)
     await node.read(2 * MiB, memoryview(buf))
     assert buf == bytes(4096)
-    assert await node.block_status(MiB, 2 * MiB) == (False, 2 * MiB)
+    assert extent(await node.block_status(MiB, 2 * MiB)) == (False, 2 * MiB)
     await node.truncate(1000)
     assert path.stat().st_size == 1000
     assert node.length() == 1024  # whole sectors, as in QEMU

@@ -66,7 +66,7 @@ async def test_lookup_errors(graph: BlockGraph) -> None:
 
 async def test_implicit_child_lives_and_dies_with_parent(graph: BlockGraph, image) -> None:
     raw = await graph.add({"driver": "raw", "node-name": "r0", "file": file_opts(image(), None)})
-    child = raw.children["file"]
+    child = raw.children["file"].node
     assert child.node_name.startswith("#block")
     # Newest first; the implicit child was registered before its parent, as in QEMU.
     assert [n["node-name"] for n in graph.query()] == ["r0", child.node_name]
@@ -95,7 +95,7 @@ async def test_inline_child_inherits_options(graph: BlockGraph, image) -> None:
             "file": file_opts(image(), None),
         }
     )
-    child = raw.children["file"]
+    child = raw.children["file"].node
     assert child.read_only and child.no_flush
     assert child.discard_unmap  # lower layers unmap by default; raw filters it
     assert not raw.discard_unmap

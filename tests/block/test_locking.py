@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from qsd_py.block.file import F_OFD_GETLK, FLOCK
+from qsd_py.block.drivers.file import F_OFD_GETLK, FLOCK
 from qsd_py.block.graph import BlockGraph
 from qsd_py.errors import QMPError
 

@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+from support import extent
 
 from qsd_py.block.graph import BlockGraph
 from qsd_py.errors import QMPError
@@ -53,7 +54,7 @@ async def test_raw_offset_follows_file_length(graph: BlockGraph, image) -> None:
     await raw.truncate(2 * MiB)
     assert raw.length() == 2 * MiB and path.stat().st_size == 2 * MiB + 512
     await raw.write(0, b"x" * 512)
-    is_data, n = await raw.block_status(0, 8192)  # the file's extent, shifted by the offset
+    is_data, n = extent(await raw.block_status(0, 8192))  # the file's extent, shifted by the offset
     assert is_data and 512 <= n <= 8192 - 512
 
 
@@ -69,7 +70,7 @@ async def test_raw_write_zeroes_respects_its_own_discard(graph: BlockGraph, imag
             }
         )
         await raw.write_zeroes(0, 65536, unmap=True)
-        is_data, _ = await raw.block_status(0, 65536)
+        is_data, _ = extent(await raw.block_status(0, 65536))
         allocated = await raw.allocated_size()
         if discard == "unmap":
             assert not is_data and allocated <= MiB - 65536
@@ -111,7 +112,7 @@ async def test_null_co_defaults(graph: BlockGraph) -> None:
     buf = bytearray(b"\xab" * 4096)
     await node.read(0, memoryview(buf))
     assert buf == b"\xab" * 4096  # QEMU 11.1: read-zeroes is off, the buffer is left alone
-    assert await node.block_status(0, 4096) == (True, 4096)
+    assert extent(await node.block_status(0, 4096)) == (True, 4096)
     assert node.info()["file"] == "null-co://"
     with pytest.raises(OSError, match="Image format driver does not support resize$"):
         await node.truncate(4096)
@@ -124,7 +125,7 @@ async def test_null_co_read_zeroes_and_size(graph: BlockGraph) -> None:
     buf = bytearray(b"\xab" * 200000)
     await node.read(0, memoryview(buf))
     assert buf == bytes(200000)
-    assert await node.block_status(0, 4096) == (False, 4096)
+    assert extent(await node.block_status(0, 4096)) == (False, 4096)
     await node.write(0, b"ignored")
     assert node.length() == 200192  # rounded up to whole sectors, as in QEMU
     assert node.info()["file"] == 'json:{"read-zeroes": true, "driver": "null-co", "size": 200000}'

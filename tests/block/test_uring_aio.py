@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import skip_or_fail
+from support import extent, skip_or_fail
 
 from qsd_py.block import aio
-from qsd_py.block.file import FileNode
+from qsd_py.block.drivers.file import FileNode
 from qsd_py.block.graph import BlockGraph
 from qsd_py.block.uring_aio import UNAVAILABLE, IoUringBackend, UringTransfer
 from qsd_py.objects.iothread import IOThread
@@ -93,13 +93,13 @@ async def test_write_zeroes_block_status_truncate(graph: BlockGraph, image) -> N
     path = image(4 * MiB)
     node = await add_file(graph, path, discard="unmap")
     await node.write(MiB, b"d" * (2 * MiB))
-    is_data, n = await node.block_status(MiB, 2 * MiB)
+    is_data, n = extent(await node.block_status(MiB, 2 * MiB))
     assert is_data and n == 2 * MiB
     before = completions()
     await node.write_zeroes(MiB, MiB, unmap=True)  # PUNCH_HOLE through IORING_OP_FALLOCATE
     await node.write_zeroes(2 * MiB + 100, 1000)  # ZERO_RANGE (data stays allocated)
     assert completions() - before == 2
-    assert await node.block_status(0, 4 * MiB) == (False, 2 * MiB)
+    assert extent(await node.block_status(0, 4 * MiB)) == (False, 2 * MiB)
     data = path.read_bytes()
     assert data[MiB : 2 * MiB] == bytes(MiB)
     assert data[2 * MiB : 2 * MiB + 100] == b"d" * 100

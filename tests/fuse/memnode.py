@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from qsd_py.block.node import BlockNode
+from qsd_py.block.node import STATUS_DATA, STATUS_ZERO, BlockNode, BlockStatus
 from qsd_py.errors import QMPError
 
 CLUSTER = 4096
@@ -40,37 +40,37 @@ class MemNode(BlockNode):
     def length(self) -> int:
         return len(self.data)
 
-    async def truncate(self, length: int) -> None:
+    async def do_truncate(self, length: int) -> None:
         if length < len(self.data):
             del self.data[length:]
             self.allocated = {c for c in self.allocated if c * CLUSTER < length}
         else:
             self.data.extend(bytes(length - len(self.data)))
 
-    async def allocated_size(self) -> int:
+    async def do_allocated_size(self) -> int:
         return len(self.allocated) * CLUSTER
 
     def _check(self, offset: int, n: int) -> None:
         if offset < 0 or offset + n > len(self.data):
             raise OSError(22, "out of range")
 
-    async def read(self, offset: int, buf: memoryview) -> None:
+    async def do_read(self, offset: int, buf: memoryview) -> None:
         self._check(offset, len(buf))
         if self.delay:
             await asyncio.sleep(self.delay)
         buf[:] = self.data[offset : offset + len(buf)]
 
-    async def write(self, offset: int, data: Any) -> None:
+    async def do_write(self, offset: int, data: Any) -> None:
         self._check(offset, len(data))
         if self.delay:
             await asyncio.sleep(self.delay)
         self.data[offset : offset + len(data)] = data
         self.allocated.update(range(offset // CLUSTER, (offset + len(data) - 1) // CLUSTER + 1))
 
-    async def flush(self) -> None:
+    async def do_flush(self) -> None:
         self.flushes += 1
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+    async def do_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         self._check(offset, length)
         self.data[offset : offset + length] = bytes(length)
         first, last = offset // CLUSTER, (offset + length - 1) // CLUSTER
@@ -81,18 +81,18 @@ class MemNode(BlockNode):
         else:
             self.allocated.update(range(first, last + 1))
 
-    async def discard(self, offset: int, length: int) -> None:
+    async def do_discard(self, offset: int, length: int) -> None:
         if self.discard_unmap:
-            await self.write_zeroes(offset, length, unmap=True)
+            await self.do_write_zeroes(offset, length, unmap=True)
 
-    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
+    async def do_block_status(self, offset: int, length: int) -> BlockStatus:
         c = offset // CLUSTER
         is_data = c in self.allocated
         end = offset + length
         pos = (c + 1) * CLUSTER
         while pos < end and ((pos // CLUSTER) in self.allocated) == is_data:
             pos += CLUSTER
-        return is_data, min(pos, end) - offset
+        return BlockStatus(STATUS_DATA if is_data else STATUS_ZERO, min(pos, end) - offset)
 
     def info(self) -> dict[str, Any]:
         return {"node-name": self.node_name}

@@ -477,8 +477,9 @@ class FuseEngine:
         length = self.node.length()
         want_data = whence == SEEK_DATA
         while offset < length:
-            is_data, n = await self.node.block_status(offset, length - offset)
-            if is_data == want_data:
+            st = await self.node.block_status_above(offset, length - offset)
+            n = st.length
+            if st.is_data == want_data:
                 p.LSEEK_OUT.pack_into(out, 0, offset)
                 return p.LSEEK_OUT.size
             if n <= 0:

@@ -7,16 +7,16 @@ a syscall. :func:`plan_for` looks at the export's node chain once and says wheth
 may skip them:
 
 * ``null-co`` without ``latency-ns``: answered inline (reads zero the buffer with
-  ``read-zeroes``, writes are dropped), as :class:`~qsd_py.block.null.NullNode` does;
+  ``read-zeroes``, writes are dropped), as :class:`~qsd_py.block.drivers.null_co.NullNode` does;
 * ``file`` with ``aio=io_uring``, alone or under a ``raw`` node (its ``offset`` window adds a
   constant): the read or write goes as an SQE straight between the fd and the request's
-  buffer, as :class:`~qsd_py.block.file.FileNode` does; with ``aio=threads`` it goes to the
+  buffer, as :class:`~qsd_py.block.drivers.file.FileNode` does; with ``aio=threads`` it goes to the
   pool as a reusable :class:`~qsd_py.block.aio.ThreadTransfer` (the loop never blocks),
   except for FUSE-over-io_uring queues (``ring_io``), which use their ring in both modes; in
   all cases provided the request would not be bounced (O_DIRECT needs offset and length
   aligned to the node's ``align``; the transports' buffers are page aligned, which covers
   ``mem_align``);
-* ``file`` on tmpfs or ramfs (:func:`~qsd_py.block.file.held_in_memory`): requests up to
+* ``file`` on tmpfs or ramfs (:func:`~qsd_py.block.drivers.file.held_in_memory`): requests up to
   :data:`INLINE_MAX` bytes are a ``preadv``/``pwritev`` on the loop (:func:`inline_io`), a
   copy between page cache and the request's buffer that costs about a microsecond for
   4 KiB. On these file systems io_uring cannot do non-blocking I/O and hands each request
@@ -40,7 +40,7 @@ from qsd_py.export.fuse import proto as p
 
 if TYPE_CHECKING:
     from qsd_py.block.aio import ThreadPoolBackend
-    from qsd_py.block.file import FileNode
+    from qsd_py.block.drivers.file import FileNode
     from qsd_py.block.node import BlockNode
     from qsd_py.block.uring_aio import IoUringBackend
     from qsd_py.export.fuse.engine import QueueStats
@@ -100,9 +100,9 @@ def plan_for(node: BlockNode, ring_io: bool = False) -> FastPlan | None:
     already depends on io_uring, and a backend op that would block is carried out by the
     kernel's own worker threads (io-wq), which is what ``aio=threads`` asks for; the pool
     hop it saves is most of a 4 KiB request's cost (docs/benchmarks.rst)."""
-    from qsd_py.block.file import FileNode
-    from qsd_py.block.null import NullNode
-    from qsd_py.block.raw import RawNode
+    from qsd_py.block.drivers.file import FileNode
+    from qsd_py.block.drivers.null_co import NullNode
+    from qsd_py.block.drivers.raw import RawNode
 
     base = 0
     writable = not node.read_only

@@ -19,7 +19,15 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block import aio
-from qsd_py.block.node import BlockNode, Buffer, round_to_sectors
+from qsd_py.block.node import (
+    STATUS_DATA,
+    STATUS_OFFSET_VALID,
+    STATUS_ZERO,
+    BlockNode,
+    BlockStatus,
+    Buffer,
+    round_to_sectors,
+)
 from qsd_py.block.perm import PERM_NAMES, Perm
 from qsd_py.errors import QMPError
 
@@ -204,7 +212,7 @@ class FileNode(BlockNode):
     def length(self) -> int:
         return self._length
 
-    async def truncate(self, length: int) -> None:
+    async def do_truncate(self, length: int) -> None:
         if self.read_only:
             raise OSError(errno.EACCES, "Image is read-only")
         assert self.backend is not None
@@ -214,7 +222,7 @@ class FileNode(BlockNode):
             raise OSError(e.errno, f"Failed to resize file: {os.strerror(e.errno)}") from None
         self._length = round_to_sectors(length)
 
-    async def allocated_size(self) -> int:
+    async def do_allocated_size(self) -> int:
         assert self.backend is not None
         st = await self.backend.run(os.fstat, self.fd)
         return st.st_blocks * 512
@@ -231,7 +239,7 @@ class FileNode(BlockNode):
         addr = _address(buf)
         return addr is None or addr % self.mem_align != 0
 
-    async def read(self, offset: int, buf: memoryview) -> None:
+    async def do_read(self, offset: int, buf: memoryview) -> None:
         assert self.backend is not None
         if not buf:
             return
@@ -240,7 +248,7 @@ class FileNode(BlockNode):
         else:
             await self.backend.read(self.fd, buf, offset)
 
-    async def write(self, offset: int, data: Buffer) -> None:
+    async def do_write(self, offset: int, data: Buffer) -> None:
         assert self.backend is not None
         buf = data if isinstance(data, memoryview) else memoryview(data)
         if not buf:
@@ -287,12 +295,12 @@ class FileNode(BlockNode):
             if end > size:
                 os.ftruncate(self.fd, max(size, offset + len(buf)))
 
-    async def flush(self) -> None:
+    async def do_flush(self) -> None:
         assert self.backend is not None
         if not self.no_flush:
             await self.backend.fdatasync(self.fd)
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+    async def do_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         """Punch a hole when allowed to unmap, else ZERO_RANGE, else write zeroes (QEMU's
         order of attempts)."""
         assert self.backend is not None
@@ -323,10 +331,10 @@ class FileNode(BlockNode):
         end = offset + length
         while offset < end:
             n = min(_ZERO_CHUNK, end - offset)
-            await self.write(offset, zeroes[:n])
+            await self.do_write(offset, zeroes[:n])
             offset += n
 
-    async def discard(self, offset: int, length: int) -> None:
+    async def do_discard(self, offset: int, length: int) -> None:
         """Deallocate with discard=unmap; filesystems that cannot are ignored, as QEMU does
         (discard is advisory)."""
         if self.discard_unmap and length > 0 and not self.read_only:
@@ -334,9 +342,12 @@ class FileNode(BlockNode):
                 aio.FALLOC_FL_PUNCH_HOLE | aio.FALLOC_FL_KEEP_SIZE, offset, length
             )
 
-    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
+    async def do_block_status(self, offset: int, length: int) -> BlockStatus:
+        """Data or a hole (reads as zeroes), at the same offset of this file."""
         assert self.backend is not None
-        return await self.backend.run(self._seek_status, offset, length)
+        is_data, n = await self.backend.run(self._seek_status, offset, length)
+        flags = (STATUS_DATA if is_data else STATUS_ZERO) | STATUS_OFFSET_VALID
+        return BlockStatus(flags, n, self, offset)
 
     def _seek_status(self, offset: int, length: int) -> tuple[bool, int]:
         """SEEK_DATA/SEEK_HOLE around ``offset``; without support everything is data."""
@@ -365,3 +376,6 @@ class FileNode(BlockNode):
 
     def image_extra(self) -> dict[str, Any]:
         return {"format-specific": {"type": "file", "data": {}}, "dirty-flag": False}
+
+
+NODE = FileNode

@@ -10,7 +10,7 @@ import errno
 import json
 from typing import TYPE_CHECKING, Any
 
-from qsd_py.block.node import SECTOR_SIZE, BlockNode, Buffer, round_to_sectors
+from qsd_py.block.node import SECTOR_SIZE, BlockNode, BlockStatus, Buffer, round_to_sectors
 from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.errors import QMPError
 
@@ -30,7 +30,7 @@ class RawNode(BlockNode):
 
     @property
     def file(self) -> BlockNode:
-        return self.children["file"]
+        return self.children["file"].node
 
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
@@ -71,41 +71,42 @@ class RawNode(BlockNode):
             return self.size
         return round_to_sectors(max(0, self.file.length() - self.offset))
 
-    async def truncate(self, length: int) -> None:
+    async def do_truncate(self, length: int) -> None:
         if self.read_only:
             raise OSError(errno.EACCES, "Image is read-only")
         if self.size is not None:
             raise OSError(errno.ENOTSUP, "Cannot resize fixed-size raw disks")
         await self.file.truncate(length + self.offset)
 
-    async def allocated_size(self) -> int:
+    async def do_allocated_size(self) -> int:
         return await self.file.allocated_size()
 
     def allocated_size_now(self) -> int:
         return self.file.allocated_size_now()
 
     # --- I/O ------------------------------------------------------------------------------
-    async def read(self, offset: int, buf: memoryview) -> None:
+    async def do_read(self, offset: int, buf: memoryview) -> None:
         await self.file.read(offset + self.offset, buf)
 
-    async def write(self, offset: int, data: Buffer) -> None:
+    async def do_write(self, offset: int, data: Buffer) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "Block node is read-only")
         await self.file.write(offset + self.offset, data)
 
-    async def flush(self) -> None:
+    async def do_flush(self) -> None:
         await self.file.flush()
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+    async def do_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "Block node is read-only")
         await self.file.write_zeroes(offset + self.offset, length, unmap and self.discard_unmap)
 
-    async def discard(self, offset: int, length: int) -> None:
+    async def do_discard(self, offset: int, length: int) -> None:
         if self.discard_unmap and not self.read_only:
             await self.file.discard(offset + self.offset, length)
 
-    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
+    async def do_block_status(self, offset: int, length: int) -> BlockStatus:
+        """The file's status at the same place (QEMU's BDRV_BLOCK_RAW, resolved here)."""
         return await self.file.block_status(offset + self.offset, length)
 
     # --- introspection --------------------------------------------------------------------
@@ -123,3 +124,6 @@ class RawNode(BlockNode):
 
     def image_extra(self) -> dict[str, Any]:
         return {"dirty-flag": False}
+
+
+NODE = RawNode

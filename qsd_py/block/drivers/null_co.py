@@ -11,7 +11,14 @@ import errno
 import json
 from typing import TYPE_CHECKING, Any
 
-from qsd_py.block.node import BlockNode, Buffer, round_to_sectors
+from qsd_py.block.node import (
+    STATUS_OFFSET_VALID,
+    STATUS_ZERO,
+    BlockNode,
+    BlockStatus,
+    Buffer,
+    round_to_sectors,
+)
 
 if TYPE_CHECKING:
     from qsd_py.block.graph import BlockGraph
@@ -38,15 +45,15 @@ class NullNode(BlockNode):
     def length(self) -> int:
         return self.size
 
-    async def truncate(self, length: int) -> None:
+    async def do_truncate(self, length: int) -> None:
         if self.read_only:
             raise OSError(errno.EACCES, "Image is read-only")
         raise OSError(errno.ENOTSUP, "Image format driver does not support resize")
 
-    async def allocated_size(self) -> int:
+    async def do_allocated_size(self) -> int:
         return 0
 
-    async def read(self, offset: int, buf: memoryview) -> None:
+    async def do_read(self, offset: int, buf: memoryview) -> None:
         await self._delay()
         if self.read_zeroes:
             zeroes = memoryview(_ZEROES)
@@ -54,22 +61,23 @@ class NullNode(BlockNode):
                 n = min(len(_ZEROES), len(buf) - pos)
                 buf[pos : pos + n] = zeroes[:n]
 
-    async def write(self, offset: int, data: Buffer) -> None:
+    async def do_write(self, offset: int, data: Buffer) -> None:
         await self._delay()
 
-    async def flush(self) -> None:
+    async def do_flush(self) -> None:
         await self._delay()
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+    async def do_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         await self._delay()
 
-    async def discard(self, offset: int, length: int) -> None:
+    async def do_discard(self, offset: int, length: int) -> None:
         await self._delay()
 
-    async def block_status(self, offset: int, length: int) -> tuple[bool, int]:
-        """Zeroes are a hole; unknown contents count as data (QEMU says neither zero nor
-        data, which SEEK_DATA treats as data)."""
-        return not self.read_zeroes, length
+    async def do_block_status(self, offset: int, length: int) -> BlockStatus:
+        """Zeroes with ``read-zeroes``; otherwise neither data nor zero (QEMU's answer: the
+        contents are unknown, which SEEK_DATA treats as data)."""
+        flags = STATUS_OFFSET_VALID | (STATUS_ZERO if self.read_zeroes else 0)
+        return BlockStatus(flags, length, self, offset)
 
     def filename(self) -> str:
         desc = {k: self.opts[k] for k in ("read-zeroes",) if k in self.opts}
@@ -77,3 +85,6 @@ class NullNode(BlockNode):
         if "size" in self.opts:
             desc["size"] = self.opts["size"]
         return "json:" + json.dumps(desc) if len(desc) > 1 else "null-co://"
+
+
+NODE = NullNode
