@@ -39,6 +39,7 @@ class Daemon:
 
         self.schema: QAPISchema = load_schema()
         self.graph = BlockGraph()
+        self.graph.emit_event = self.emit_event
         self.exports = ExportRegistry(self)
         self.objects = ObjectRegistry()
         self.monitors: set[EventSink] = set()
@@ -97,7 +98,7 @@ class Daemon:
         try:
             await self.exports.delete_all()
         finally:
-            self.graph.close_all()
+            await self.graph.close_all()
             self.objects.stop_all()  # each iothread closes its own io_uring ring
             close_loop_ring()  # the main loop's ring (aio=io_uring, FUSE-over-io_uring)
             for closer in reversed(self.closers):

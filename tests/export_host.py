@@ -89,7 +89,7 @@ class ExportHost:
         self.exports.clear()
 
         async def finish() -> None:
-            self.daemon.graph.close_all()
+            await self.daemon.graph.close_all()
             close_loop_ring()
 
         try:

@@ -23,7 +23,7 @@ async def blockdev_add(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
 @qmp_command("blockdev-del")
 async def blockdev_del(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    daemon.graph.delete(args["node-name"])
+    await daemon.graph.delete(args["node-name"])
     return {}
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any
 
 from qsd_py.block.drivers import driver_class
@@ -70,6 +71,8 @@ class BlockGraph:
     def __init__(self) -> None:
         self._nodes: dict[str, BlockNode] = {}
         self._next_id = 0
+        # How nodes send QMP events (BLOCK_IMAGE_CORRUPTED); the daemon sets its emitter.
+        self.emit_event: Callable[[str, dict[str, Any]], None] = lambda name, data: None
 
     def __iter__(self):
         return iter(list(self._nodes.values()))
@@ -112,7 +115,7 @@ class BlockGraph:
             if name in self._nodes:  # a child may have taken it meanwhile
                 raise QMPError(f"Duplicate nodes with node-name='{name}'")
         except BaseException:
-            self._dispose(node)
+            await self._dispose(node)
             raise
         self._nodes[name] = node
         return node
@@ -151,7 +154,7 @@ class BlockGraph:
         return node
 
     # --- deletion -------------------------------------------------------------------------
-    def delete(self, name: str) -> None:
+    async def delete(self, name: str) -> None:
         """blockdev-del: refuse nodes in use, else close the node and its implicit children."""
         node = self._nodes.get(name)
         if node is None:
@@ -159,34 +162,39 @@ class BlockGraph:
         err = node.in_use_error()
         if err is not None:
             raise QMPError(err)
-        self._remove(node)
+        await self._remove(node)
 
-    def drop_orphan(self, node: BlockNode) -> None:
+    async def drop_orphan(self, node: BlockNode) -> None:
         """Close an implicit node once no parent uses it (after a child was replaced)."""
         if node.implicit and not node.users and node.node_name in self._nodes:
-            self._remove(node)
+            await self._remove(node)
 
-    def _remove(self, node: BlockNode) -> None:
+    async def _remove(self, node: BlockNode) -> None:
         self._nodes.pop(node.node_name, None)
-        self._dispose(node)
+        await self._dispose(node)
 
-    def _dispose(self, node: BlockNode) -> None:
-        """Close ``node``, let go of its children and remove the implicit ones."""
+    async def _dispose(self, node: BlockNode) -> None:
+        """Write back what ``node`` caches, close it, let go of its children and remove the
+        implicit ones."""
         children = [child.node for child in node.children.values()]
+        try:
+            await node.prepare_close()
+        except Exception:  # noqa: BLE001 - the node is closed all the same, as in QEMU
+            log.exception("error while writing back node %s", node.node_name)
         try:
             node.close()
         finally:
             node.detach_children()
         for child in children:
-            self.drop_orphan(child)
+            await self.drop_orphan(child)
 
-    def close_all(self) -> None:
+    async def close_all(self) -> None:
         """Shutdown: close every node, parents before their children."""
         for node in reversed(list(self._nodes.values())):
             if node.node_name not in self._nodes:
                 continue
             try:
-                self._remove(node)
+                await self._remove(node)
             except Exception:  # noqa: BLE001 - shutdown must go on
                 log.exception("error while closing node %s", node.node_name)
 

@@ -103,6 +103,9 @@ class BlockNode:
     async def open(self) -> None:
         """Open files and children. Raise QMPError with QEMU's text on failure."""
 
+    async def prepare_close(self) -> None:
+        """Write back what the node caches (metadata), before :meth:`close`."""
+
     def close(self) -> None:
         """Release files, locks and children."""
 
@@ -188,11 +191,11 @@ class BlockNode:
         child.set_perms(perm, shared)
         return child
 
-    def replace_child(self, role: str, new: BlockNode) -> None:
+    async def replace_child(self, role: str, new: BlockNode) -> None:
         """Point the ``role`` child at ``new`` (a pivot; drain around it). An implicit node
         nobody uses any more afterwards is closed, as it was this node's own."""
         old = self.children[role].replace(new)
-        self.graph.drop_orphan(old)
+        await self.graph.drop_orphan(old)
 
     def child_node(self, role: str) -> BlockNode | None:
         child = self.children.get(role)

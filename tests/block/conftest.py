@@ -17,7 +17,7 @@ async def graph() -> AsyncIterator[BlockGraph]:
     try:
         yield g
     finally:
-        g.close_all()
+        await g.close_all()
 
 
 @pytest.fixture

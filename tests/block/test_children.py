@@ -61,7 +61,7 @@ async def test_replace_moves_permissions(graph: BlockGraph, image) -> None:
     raw.add_user("export", write=True)
     child = raw.children["file"]
     old = raw.file
-    raw.replace_child("file", other)
+    await raw.replace_child("file", other)
     assert child.node is other and raw.file is other
     assert child.key in other.users and child.key not in old.users
     assert other.users[child.key].perm & Perm.WRITE  # the export's write went along
@@ -74,7 +74,7 @@ async def test_replace_refused_keeps_the_link(graph: BlockGraph, image) -> None:
     raw.add_user("export", write=True)
     other.set_user(NodeUser("blocker", Perm(0), PERM_ALL & ~Perm.WRITE, "a blocker"))
     with pytest.raises(QMPError, match="Permission conflict on node 'f1'"):
-        raw.replace_child("file", other)
+        await raw.replace_child("file", other)
     assert raw.file.node_name == "f0"
     assert raw.children["file"].key not in other.users
 

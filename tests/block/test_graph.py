@@ -59,7 +59,7 @@ async def test_lookup_errors(graph: BlockGraph) -> None:
     with pytest.raises(QMPError, match=r"^Cannot find device='' nor node-name='nope'$"):
         graph.lookup("nope")
     with pytest.raises(QMPError, match=r"^Failed to find node with node-name='nope'$"):
-        graph.delete("nope")
+        await graph.delete("nope")
     with pytest.raises(QMPError, match=r"^Cannot find device='nope' nor node-name='nope'$"):
         await graph.add({"driver": "raw", "node-name": "r", "file": "nope"})
 
@@ -71,9 +71,9 @@ async def test_implicit_child_lives_and_dies_with_parent(graph: BlockGraph, imag
     # Newest first; the implicit child was registered before its parent, as in QEMU.
     assert [n["node-name"] for n in graph.query()] == ["r0", child.node_name]
     with pytest.raises(QMPError) as exc:
-        graph.delete(child.node_name)
+        await graph.delete(child.node_name)
     assert exc.value.desc == f"Node {child.node_name} is not owned by the monitor"
-    graph.delete("r0")
+    await graph.delete("r0")
     assert len(graph) == 0
     assert child.fd == -1  # closed
 
@@ -105,13 +105,13 @@ async def test_delete_in_use(graph: BlockGraph, image) -> None:
     f0 = await graph.add(file_opts(image()))
     await graph.add({"driver": "raw", "node-name": "r0", "file": "f0"})
     with pytest.raises(QMPError, match="^Block device f0 is in use$"):
-        graph.delete("f0")
+        await graph.delete("f0")
     graph.lookup("r0").add_user("export0", write=False)
     with pytest.raises(QMPError, match="^Node r0 is in use$"):
-        graph.delete("r0")
+        await graph.delete("r0")
     graph.lookup("r0").remove_user("export0")
-    graph.delete("r0")
-    graph.delete("f0")
+    await graph.delete("r0")
+    await graph.delete("f0")
     assert f0.fd == -1 and len(graph) == 0
 
 
@@ -164,5 +164,5 @@ async def test_close_all_releases_everything(image) -> None:
     f0 = await g.add(file_opts(image()))
     await g.add({"driver": "raw", "node-name": "r0", "file": "f0"})
     g.lookup("r0").add_user("e0", write=True)
-    g.close_all()
+    await g.close_all()
     assert len(g) == 0 and f0.fd == -1

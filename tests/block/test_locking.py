@@ -37,7 +37,7 @@ def file_opts(path: Path, name: str = "f0", **extra: object) -> dict[str, object
 async def other() -> BlockGraph:
     g = BlockGraph()
     yield g
-    g.close_all()
+    await g.close_all()
 
 
 async def test_lock_bytes_follow_users(graph: BlockGraph, image) -> None:

@@ -186,7 +186,7 @@ async def test_errors_carry_errno(graph: BlockGraph, image) -> None:
     path = image(MiB)
     node = await add_file(graph, path)
     fd = node.fd
-    graph.delete("f0")
+    await graph.delete("f0")
     buf = memoryview(bytearray(4096))
     with pytest.raises(OSError) as exc:
         await node.read(0, buf)  # closed node: fd -1
@@ -215,7 +215,7 @@ async def test_no_fd_leak_over_open_close_cycles(graph: BlockGraph, image) -> No
         node = await add_file(graph, path, f"n{i}")
         await node.write(i * 512, b"z" * 512)
         await node.read(0, memoryview(bytearray(512)))
-        graph.delete(f"n{i}")
+        await graph.delete(f"n{i}")
     assert sorted(os.listdir("/proc/self/fd")) == before
 
 
@@ -339,7 +339,7 @@ _OPEN_FAILS = """
         after = sorted(os.listdir("/proc/self/fd"))
         node = await graph.add(args | {"aio": "threads"})  # the same file still opens
         await node.write(0, b"ok")
-        graph.close_all()
+        await graph.close_all()
         print(json.dumps({"desc": desc, "leaked": len(after) - len(before), "nodes": len(graph)}))
 
     asyncio.run(main())
@@ -380,7 +380,7 @@ _IOTHREAD_FALLS_BACK = """
         thread.stop()
         await node.write(1024, b"main")  # the main loop keeps its ring
         main_ring = node.backend.ring() is not None
-        graph.close_all()
+        await graph.close_all()
         print(json.dumps({"data": data.decode(), "fell_back": fell_back, "main": main_ring}))
 
     asyncio.run(main())

@@ -5,6 +5,7 @@ process; the tools run as subprocesses."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 from pathlib import Path
@@ -38,7 +39,7 @@ def file_export(server, tmp_path: Path):
 
     yield make
     server.close()  # exports first, then the nodes (on the server's loop)
-    graph.close_all()
+    asyncio.run(graph.close_all())  # file nodes: no loop of their own needed
 
 
 def test_fio_crc32c_verify(file_export, server, tmp_path):

@@ -30,7 +30,7 @@ async def main(image: str, mountpoint: str, ready: str) -> int:
     Path(ready).touch()
     await stop.wait()
     await daemon.exports.delete_all()
-    daemon.graph.close_all()
+    await daemon.graph.close_all()
     return 0 if daemon.events == [("BLOCK_EXPORT_DELETED", {"id": "e0"})] else 1
 
 
