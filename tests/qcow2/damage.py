@@ -1,0 +1,818 @@
+"""Damaged qcow2 images: a valid image from the host's qemu-img, then a few bytes edited.
+
+Each damage is a function ``make(directory) -> image path`` registered in ``DAMAGES`` under an
+id, with a kind that says what its QEMU expectation covers:
+
+- ``header``: refused or accepted by QEMU's open on the header cluster alone; qsd-py's
+  ``parse_header`` must give QEMU's text (read-write and read-only),
+- ``snapshot``: the same for the snapshot table (``parse_snapshot_table``),
+- ``open``: an open outcome decided elsewhere (backing chain, refcounts); recorded for the driver,
+- ``runtime``: the image opens; the damage shows when a cluster is read or written, recorded
+  with QEMU's qemu-io (its messages, and whether QEMU marked the image corrupt).
+
+What QEMU 11.1 does with each is checked in as ``data/qemu-11.1-open.json``, made by
+``scripts/qcow2-corpus-expectations`` (or ``--real-qsd`` ``test_corpus_realqsd.py``).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import images
+
+# Header fields: (offset, struct format).
+FIELDS: dict[str, tuple[int, str]] = {
+    "magic": (0, ">I"),
+    "version": (4, ">I"),
+    "backing_file_offset": (8, ">Q"),
+    "backing_file_size": (16, ">I"),
+    "cluster_bits": (20, ">I"),
+    "size": (24, ">Q"),
+    "crypt_method": (32, ">I"),
+    "l1_size": (36, ">I"),
+    "l1_table_offset": (40, ">Q"),
+    "refcount_table_offset": (48, ">Q"),
+    "refcount_table_clusters": (56, ">I"),
+    "nb_snapshots": (60, ">I"),
+    "snapshots_offset": (64, ">Q"),
+    "incompatible_features": (72, ">Q"),
+    "compatible_features": (80, ">Q"),
+    "autoclear_features": (88, ">Q"),
+    "refcount_order": (96, ">I"),
+    "header_length": (100, ">I"),
+    "compression_type": (104, ">B"),
+}
+
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_CRYPTO_HEADER = 0x0537BE77
+EXT_BITMAPS = 0x23852875
+EXT_DATA_FILE = 0x44415441
+COPIED = 1 << 63
+COMPRESSED = 1 << 62
+OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
+
+
+@dataclass(frozen=True)
+class Damage:
+    id: str
+    kind: str  # header, snapshot, open, runtime
+    make: Callable[[Path], Path]
+    doc: str
+    io: tuple[str, ...] = ()  # qemu-io commands for runtime damages
+    # More blockdev-add arguments for the qcow2 node; "$DIR" stands for the image's directory.
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+DAMAGES: dict[str, Damage] = {}
+
+
+def damage(
+    kind: str, *io: str, options: dict[str, Any] | None = None
+) -> Callable[[Callable[[Path], Path]], Callable[[Path], Path]]:
+    """Register ``make`` under its name with dashes (``bad_magic`` -> ``bad-magic``)."""
+
+    def register(make: Callable[[Path], Path]) -> Callable[[Path], Path]:
+        did = make.__name__.replace("_", "-")
+        doc = (make.__doc__ or "").strip()
+        DAMAGES[did] = Damage(did, kind, make, doc, io, options or {})
+        return make
+
+    return register
+
+
+# --- byte editing -------------------------------------------------------------------------------
+
+
+def get(img: Path, name: str) -> int:
+    offset, fmt = FIELDS[name]
+    with open(img, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+
+def put(img: Path, name: str, value: int) -> None:
+    offset, fmt = FIELDS[name]
+    poke(img, offset, struct.pack(fmt, value))
+
+
+def poke(img: Path, offset: int, data: bytes) -> None:
+    with open(img, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def peek_u64(img: Path, offset: int) -> int:
+    with open(img, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(">Q", f.read(8))[0]
+
+
+def poke_u64(img: Path, offset: int, value: int) -> None:
+    poke(img, offset, struct.pack(">Q", value))
+
+
+def extensions(img: Path) -> list[tuple[int, bytes]]:
+    """The header extensions of an image (without backing file), in file order."""
+    data = img.read_bytes()
+    offset = get(img, "header_length") if get(img, "version") == 3 else 72
+    exts = []
+    while True:
+        ext_type, length = struct.unpack_from(">II", data, offset)
+        if ext_type == 0:
+            return exts
+        exts.append((ext_type, data[offset + 8 : offset + 8 + length]))
+        offset += 8 + ((length + 7) & ~7)
+
+
+def set_extensions(img: Path, exts: list[tuple[int, bytes]], raw: bytes = b"") -> None:
+    """Rewrite the extension area: ``exts``, the end marker (unless ``raw`` replaces it all)."""
+    start = get(img, "header_length") if get(img, "version") == 3 else 72
+    area = bytearray()
+    for ext_type, data in exts:
+        area += struct.pack(">II", ext_type, len(data)) + data + bytes(-len(data) % 8)
+    area += raw or bytes(8)
+    cluster = 1 << get(img, "cluster_bits")
+    poke(img, start, bytes(area) + bytes(max(0, cluster - start - len(area))))
+
+
+def l1_entry(img: Path, index: int = 0) -> int:
+    return peek_u64(img, get(img, "l1_table_offset") + 8 * index)
+
+
+def l2_entry_offset(img: Path, index: int = 0, l1_index: int = 0) -> int:
+    """File offset of an L2 entry of the first L2 table (standard 8-byte entries)."""
+    return (l1_entry(img, l1_index) & OFFSET_MASK) + 8 * index
+
+
+# --- base images --------------------------------------------------------------------------------
+
+
+def base(d: Path, name: str = "img.qcow2", **opts: object) -> Path:
+    """4 MiB, 64 KiB clusters, v3; the first cluster written (0x11), so an L2 table exists."""
+    img = images.create(d / name, "4M", **opts)
+    images.write(img, 0, 65536, 0x11)
+    return img
+
+
+def compressed(d: Path, name: str = "img.qcow2") -> Path:
+    """Two compressed clusters (qemu-img convert -c) of text-like data."""
+    raw = images.raw_file(d / "src.raw", images.compressible_data(131072), 1 << 20)
+    return images.convert_compressed(raw, d / name)
+
+
+# --- header damages -----------------------------------------------------------------------------
+
+
+@damage("header")
+def valid(d: Path) -> Path:
+    """The undamaged base image."""
+    return base(d)
+
+
+@damage("header")
+def empty_file(d: Path) -> Path:
+    """A file of 0 bytes."""
+    img = d / "img.qcow2"
+    img.write_bytes(b"")
+    return img
+
+
+@damage("header")
+def truncated_in_header(d: Path) -> Path:
+    """The file cut after 50 bytes (QEMU reads the rest of the header as zeroes)."""
+    img = base(d)
+    with open(img, "r+b") as f:
+        f.truncate(50)
+    return img
+
+
+@damage("header")
+def truncated_after_header(d: Path) -> Path:
+    """The file cut after the header cluster: tables read as zeroes."""
+    img = base(d)
+    with open(img, "r+b") as f:
+        f.truncate(65536)
+    return img
+
+
+@damage("header")
+def bad_magic(d: Path) -> Path:
+    """Magic QFI\\xfa."""
+    img = base(d)
+    put(img, "magic", 0x514649FA)
+    return img
+
+
+@damage("header")
+def version_1(d: Path) -> Path:
+    """Version 1 (qcow, not qcow2)."""
+    img = base(d)
+    put(img, "version", 1)
+    return img
+
+
+@damage("header")
+def version_4(d: Path) -> Path:
+    """Version 4."""
+    img = base(d)
+    put(img, "version", 4)
+    return img
+
+
+@damage("header")
+def cluster_bits_8(d: Path) -> Path:
+    """256-byte clusters."""
+    img = base(d)
+    put(img, "cluster_bits", 8)
+    return img
+
+
+@damage("header")
+def cluster_bits_22(d: Path) -> Path:
+    """4 MiB clusters."""
+    img = base(d)
+    put(img, "cluster_bits", 22)
+    return img
+
+
+@damage("header")
+def header_length_short(d: Path) -> Path:
+    """header_length 100 (< 104)."""
+    img = base(d)
+    put(img, "header_length", 100)
+    return img
+
+
+@damage("header")
+def header_length_104(d: Path) -> Path:
+    """header_length 104: no compression type byte (zlib assumed); extensions start at 104."""
+    img = base(d)
+    exts = extensions(img)
+    put(img, "header_length", 104)
+    set_extensions(img, exts)
+    return img
+
+
+@damage("header")
+def header_length_odd(d: Path) -> Path:
+    """header_length 105, extensions moved there: QEMU reads them at an odd offset."""
+    img = base(d)
+    exts = extensions(img)
+    put(img, "header_length", 105)
+    set_extensions(img, exts)
+    return img
+
+
+@damage("header")
+def header_length_unknown_fields(d: Path) -> Path:
+    """header_length 120: 8 unknown header bytes (kept by QEMU) before the extensions."""
+    img = base(d)
+    exts = extensions(img)
+    put(img, "header_length", 120)
+    poke(img, 112, b"UNKNOWN!")
+    set_extensions(img, exts)
+    return img
+
+
+@damage("header")
+def header_length_over_cluster(d: Path) -> Path:
+    """header_length larger than the cluster."""
+    img = base(d)
+    put(img, "header_length", 65536 + 8)
+    return img
+
+
+@damage("header")
+def refcount_order_7(d: Path) -> Path:
+    """128-bit refcounts."""
+    img = base(d)
+    put(img, "refcount_order", 7)
+    return img
+
+
+@damage("header")
+def backing_offset_past_cluster(d: Path) -> Path:
+    """Backing file name offset beyond the header cluster."""
+    img = base(d)
+    put(img, "backing_file_offset", 65536 + 512)
+    put(img, "backing_file_size", 4)
+    return img
+
+
+@damage("header")
+def compression_type_2(d: Path) -> Path:
+    """Compression type 2 (unknown), with the compression type bit."""
+    img = base(d)
+    put(img, "compression_type", 2)
+    put(img, "incompatible_features", 1 << 3)
+    return img
+
+
+@damage("header")
+def zlib_with_compression_bit(d: Path) -> Path:
+    """zlib compression type with the compression type bit set."""
+    img = base(d)
+    put(img, "incompatible_features", 1 << 3)
+    return img
+
+
+@damage("header")
+def zstd_without_compression_bit(d: Path) -> Path:
+    """zstd compression type without the compression type bit."""
+    img = base(d, compression_type="zstd")
+    put(img, "incompatible_features", 0)
+    return img
+
+
+@damage("header")
+def unknown_incompat_bit(d: Path) -> Path:
+    """Incompatible bit 5, not in the feature table."""
+    img = base(d)
+    put(img, "incompatible_features", 1 << 5)
+    return img
+
+
+@damage("header")
+def unknown_incompat_named(d: Path) -> Path:
+    """Incompatible bits 9 and 40 and 63; the feature table names 40 and 9 (in that order)."""
+    img = base(d)
+    exts = [
+        (
+            EXT_FEATURE_TABLE,
+            bytes([0, 40]) + b"future feature".ljust(46, b"\0")
+            + bytes([1, 9]) + b"compatible nine".ljust(46, b"\0")
+            + bytes([0, 9]) + b"incompatible nine".ljust(46, b"\0"),
+        )
+    ]  # fmt: skip
+    set_extensions(img, exts)
+    put(img, "incompatible_features", (1 << 9) | (1 << 40) | (1 << 63))
+    return img
+
+
+@damage("header")
+def unknown_incompat_table_after_bad_ext(d: Path) -> Path:
+    """Unknown bit 6 named in a feature table that follows a too-long backing format ext."""
+    img = base(d)
+    exts = [
+        (EXT_BACKING_FORMAT, b"x" * 20),
+        (EXT_FEATURE_TABLE, bytes([0, 6]) + b"six".ljust(46, b"\0")),
+    ]
+    set_extensions(img, exts)
+    put(img, "incompatible_features", 1 << 6)
+    return img
+
+
+@damage("header")
+def corrupt_bit(d: Path) -> Path:
+    """The corrupt bit set."""
+    img = base(d)
+    put(img, "incompatible_features", 1 << 1)
+    return img
+
+
+@damage("header")
+def dirty_bit(d: Path) -> Path:
+    """The dirty bit set (QEMU repairs the refcounts on a read-write open)."""
+    img = base(d)
+    put(img, "incompatible_features", 1 << 0)
+    return img
+
+
+@damage("header")
+def dirty_bit_lazy_refcounts(d: Path) -> Path:
+    """lazy_refcounts=on with the dirty bit set and a refcount dropped to 0, as after a crash."""
+    img = base(d, lazy_refcounts=True)
+    put(img, "incompatible_features", 1 << 0)
+    data_cluster = peek_u64(img, l2_entry_offset(img)) & OFFSET_MASK
+    refblock = peek_u64(img, get(img, "refcount_table_offset")) & OFFSET_MASK
+    poke(img, refblock + 2 * (data_cluster >> 16), b"\0\0")
+    return img
+
+
+@damage("header")
+def dirty_bit_v2(d: Path) -> Path:
+    """A v2 image with byte 79 set: v2 has no feature bits, so QEMU does not look."""
+    img = base(d, compat="0.10")
+    put(img, "incompatible_features", 1 << 0)
+    return img
+
+
+@damage("header")
+def extended_l2_4k_clusters(d: Path) -> Path:
+    """The extended L2 bit on an image with 4 KiB clusters (128-byte subclusters)."""
+    img = base(d, cluster_size=4096)
+    put(img, "incompatible_features", 1 << 4)
+    return img
+
+
+@damage("header")
+def refcount_table_clusters_0(d: Path) -> Path:
+    """No refcount table."""
+    img = base(d)
+    put(img, "refcount_table_clusters", 0)
+    return img
+
+
+@damage("header")
+def refcount_table_too_large(d: Path) -> Path:
+    """A refcount table of 129 clusters (over QEMU's 8 MiB)."""
+    img = base(d)
+    put(img, "refcount_table_clusters", 129)
+    return img
+
+
+@damage("header")
+def refcount_table_unaligned(d: Path) -> Path:
+    """Refcount table offset not cluster-aligned."""
+    img = base(d)
+    put(img, "refcount_table_offset", get(img, "refcount_table_offset") + 512)
+    return img
+
+
+@damage("header")
+def refcount_table_at_header(d: Path) -> Path:
+    """Refcount table at offset 0: the header read as refcount table (QEMU opens it)."""
+    img = base(d)
+    put(img, "refcount_table_offset", 0)
+    return img
+
+
+@damage("header")
+def refcount_table_overflow(d: Path) -> Path:
+    """Refcount table offset so high that offset + size passes INT64_MAX."""
+    img = base(d)
+    put(img, "refcount_table_offset", (1 << 63) - 65536)
+    return img
+
+
+@damage("header")
+def snapshot_table_unaligned(d: Path) -> Path:
+    """Snapshot table offset not aligned (no snapshots)."""
+    img = base(d)
+    put(img, "snapshots_offset", 0x10200)
+    return img
+
+
+@damage("header")
+def snapshot_count_huge(d: Path) -> Path:
+    """70000 snapshots (over QEMU's 65536)."""
+    img = base(d)
+    put(img, "nb_snapshots", 70000)
+    put(img, "snapshots_offset", 0x100000)
+    return img
+
+
+@damage("header")
+def l1_unaligned(d: Path) -> Path:
+    """L1 table offset not cluster-aligned."""
+    img = base(d)
+    put(img, "l1_table_offset", get(img, "l1_table_offset") + 8)
+    return img
+
+
+@damage("header")
+def l1_at_zero(d: Path) -> Path:
+    """L1 table at offset 0: the header read as L1 table (QEMU opens it)."""
+    img = base(d)
+    put(img, "l1_table_offset", 0)
+    return img
+
+
+@damage("header")
+def l1_past_eof(d: Path) -> Path:
+    """L1 table beyond the end of the file (QEMU reads zeroes: everything unallocated)."""
+    img = base(d)
+    put(img, "l1_table_offset", 1 << 40)
+    return img
+
+
+@damage("header")
+def l1_size_huge(d: Path) -> Path:
+    """l1_size of 5 million entries (over QEMU's 32 MiB)."""
+    img = base(d)
+    put(img, "l1_size", 5_000_000)
+    return img
+
+
+@damage("header")
+def l1_too_small(d: Path) -> Path:
+    """l1_size 0 for a 4 MiB disk."""
+    img = base(d)
+    put(img, "l1_size", 0)
+    return img
+
+
+@damage("header")
+def size_huge(d: Path) -> Path:
+    """Virtual size 2^62: more L1 entries than an int."""
+    img = base(d)
+    put(img, "size", 1 << 62)
+    return img
+
+
+@damage("header")
+def size_unaligned(d: Path) -> Path:
+    """Virtual size 4 MiB + 100 bytes (QEMU rounds down to sectors)."""
+    img = base(d)
+    put(img, "size", (4 << 20) + 100)
+    return img
+
+
+@damage("header")
+def crypt_method_aes(d: Path) -> Path:
+    """crypt_method 1 (AES) set on a plain image."""
+    img = base(d)
+    put(img, "crypt_method", 1)
+    return img
+
+
+@damage("header")
+def crypt_method_luks_no_ext(d: Path) -> Path:
+    """crypt_method 2 (LUKS) without the encryption header extension."""
+    img = base(d)
+    put(img, "crypt_method", 2)
+    return img
+
+
+@damage("header")
+def crypt_method_3(d: Path) -> Path:
+    """crypt_method 3 (unknown)."""
+    img = base(d)
+    put(img, "crypt_method", 3)
+    return img
+
+
+@damage("header")
+def luks_without_key(d: Path) -> Path:
+    """LUKS crypt method with a well-formed encryption header extension (no key given)."""
+    img = base(d)
+    put(img, "crypt_method", 2)
+    set_extensions(img, [(EXT_CRYPTO_HEADER, struct.pack(">QQ", 0x100000, 4096))])
+    return img
+
+
+@damage("header")
+def crypto_ext_unencrypted(d: Path) -> Path:
+    """An encryption header extension in an unencrypted image."""
+    img = base(d)
+    set_extensions(img, [(EXT_CRYPTO_HEADER, struct.pack(">QQ", 0x100000, 4096))])
+    return img
+
+
+@damage("header")
+def crypto_ext_bad_size(d: Path) -> Path:
+    """LUKS crypt method with a 12-byte encryption header extension."""
+    img = base(d)
+    put(img, "crypt_method", 2)
+    set_extensions(img, [(EXT_CRYPTO_HEADER, bytes(12))])
+    return img
+
+
+@damage("header")
+def crypto_ext_unaligned(d: Path) -> Path:
+    """LUKS crypt method with the encryption header at an unaligned offset."""
+    img = base(d)
+    put(img, "crypt_method", 2)
+    set_extensions(img, [(EXT_CRYPTO_HEADER, struct.pack(">QQ", 0x100200, 4096))])
+    return img
+
+
+@damage("header")
+def extension_too_large(d: Path) -> Path:
+    """An extension whose length runs past the header cluster."""
+    img = base(d)
+    set_extensions(img, [], raw=struct.pack(">II", 0x12345678, 70000))
+    return img
+
+
+@damage("header")
+def extension_at_cluster_end(d: Path) -> Path:
+    """The last 8 bytes of the cluster hold an extension header with 1 byte of data."""
+    img = base(d)
+    set_extensions(img, [(0x12345678, bytes(65536 - 112 - 16))], raw=struct.pack(">II", 7, 1))
+    return img
+
+
+@damage("header")
+def backing_format_too_long(d: Path) -> Path:
+    """A backing format name of 16 bytes."""
+    img = base(d)
+    set_extensions(img, [(EXT_BACKING_FORMAT, b"q" * 16)])
+    return img
+
+
+@damage("header")
+def unknown_extensions(d: Path) -> Path:
+    """Two unknown extensions (QEMU keeps them, in reverse order, when it rewrites)."""
+    img = base(d)
+    set_extensions(img, [*extensions(img), (0x11111111, b"first"), (0x22222222, b"second!!x")])
+    return img
+
+
+@damage("header")
+def unknown_autoclear_bit(d: Path) -> Path:
+    """Autoclear bit 7 set (a read-write open clears it)."""
+    img = base(d)
+    put(img, "autoclear_features", 1 << 7)
+    return img
+
+
+@damage("header")
+def bitmaps_ext_bad_length(d: Path) -> Path:
+    """A bitmaps extension of 16 bytes."""
+    img = base(d)
+    set_extensions(img, [(EXT_BITMAPS, bytes(16))])
+    put(img, "autoclear_features", 1)
+    return img
+
+
+@damage("header")
+def bitmaps_ext_without_autoclear(d: Path) -> Path:
+    """A bitmaps extension without the bitmaps autoclear bit (left by an old program)."""
+    img = base(d)
+    set_extensions(img, [(EXT_BITMAPS, struct.pack(">IIQQ", 1, 0, 64, 0x200000))])
+    return img
+
+
+@damage("header")
+def bitmaps_ext_zero_bitmaps(d: Path) -> Path:
+    """A bitmaps extension (autoclear bit set) counting zero bitmaps."""
+    img = base(d)
+    set_extensions(img, [(EXT_BITMAPS, struct.pack(">IIQQ", 0, 0, 64, 0x200000))])
+    put(img, "autoclear_features", 1)
+    return img
+
+
+@damage("header")
+def bitmaps_ext_reserved(d: Path) -> Path:
+    """A bitmaps extension with its reserved field set."""
+    img = base(d)
+    set_extensions(img, [(EXT_BITMAPS, struct.pack(">IIQQ", 1, 7, 64, 0x200000))])
+    put(img, "autoclear_features", 1)
+    return img
+
+
+@damage("header")
+def bitmaps_ext_too_many(d: Path) -> Path:
+    """A bitmaps extension counting 65536 bitmaps."""
+    img = base(d)
+    set_extensions(img, [(EXT_BITMAPS, struct.pack(">IIQQ", 65536, 0, 64, 0x200000))])
+    put(img, "autoclear_features", 1)
+    return img
+
+
+@damage("header")
+def bitmaps_ext_dir_unaligned(d: Path) -> Path:
+    """A bitmaps extension with an unaligned bitmap directory."""
+    img = base(d)
+    set_extensions(img, [(EXT_BITMAPS, struct.pack(">IIQQ", 1, 0, 64, 0x200008))])
+    put(img, "autoclear_features", 1)
+    return img
+
+
+@damage("header")
+def bitmaps_ext_dir_too_big(d: Path) -> Path:
+    """A bitmaps extension with a bitmap directory over QEMU's 64 MiB."""
+    img = base(d)
+    set_extensions(img, [(EXT_BITMAPS, struct.pack(">IIQQ", 1, 0, 1 << 27, 0x200000))])
+    put(img, "autoclear_features", 1)
+    return img
+
+
+@damage("header")
+def data_file_bit_without_name(d: Path) -> Path:
+    """The external data file bit set, no data file name."""
+    img = base(d)
+    put(img, "incompatible_features", 1 << 2)
+    return img
+
+
+@damage("header")
+def data_file_raw_without_data_file(d: Path) -> Path:
+    """The raw external data autoclear bit without an external data file."""
+    img = base(d)
+    put(img, "autoclear_features", 1 << 1)
+    return img
+
+
+@damage("header")
+def data_file_name_without_bit(d: Path) -> Path:
+    """A data file name extension without the external data file bit (QEMU ignores it)."""
+    img = base(d)
+    set_extensions(img, [(EXT_DATA_FILE, b"data.raw"), *extensions(img)])
+    return img
+
+
+@damage("header")
+def backing_name_too_long(d: Path) -> Path:
+    """A backing file name length of 2000."""
+    img = base(d)
+    put(img, "backing_file_offset", 0x1000)
+    put(img, "backing_file_size", 2000)
+    return img
+
+
+@damage("header")
+def backing_name_past_cluster(d: Path) -> Path:
+    """A 600-byte backing file name starting 512 bytes before the end of the cluster."""
+    img = base(d)
+    put(img, "backing_file_offset", 65536 - 512)
+    put(img, "backing_file_size", 600)
+    return img
+
+
+@damage("header")
+def backing_name_1023_in_4k_cluster(d: Path) -> Path:
+    """A 1023-byte backing file name (QEMU's maximum) of zero bytes at 0xc00 in a 4 KiB cluster."""
+    img = base(d, cluster_size=4096)
+    put(img, "backing_file_offset", 0xC00)
+    put(img, "backing_file_size", 1023)
+    return img
+
+
+# --- header rewrites: an unknown autoclear bit makes QEMU rewrite the header on open ------------
+
+
+def with_rewrite(img: Path) -> Path:
+    """Set autoclear bit 7: a read-write open clears it by rewriting the whole header cluster."""
+    put(img, "autoclear_features", get(img, "autoclear_features") | 1 << 7)
+    return img
+
+
+@damage("header")
+def rewrite_plain(d: Path) -> Path:
+    """The base image, rewritten."""
+    return with_rewrite(base(d))
+
+
+@damage("header")
+def rewrite_unknown_extensions(d: Path) -> Path:
+    """Two unknown extensions, rewritten (QEMU writes them back in reverse order)."""
+    return with_rewrite(unknown_extensions(d))
+
+
+@damage("header")
+def rewrite_unknown_header_fields(d: Path) -> Path:
+    """header_length 120 with unknown fields, rewritten."""
+    return with_rewrite(header_length_unknown_fields(d))
+
+
+@damage("header")
+def rewrite_header_length_104(d: Path) -> Path:
+    """header_length 104, rewritten (QEMU writes its 112-byte header)."""
+    return with_rewrite(header_length_104(d))
+
+
+@damage("header")
+def rewrite_size_unaligned(d: Path) -> Path:
+    """Virtual size not a multiple of 512, rewritten."""
+    return with_rewrite(size_unaligned(d))
+
+
+@damage("header")
+def rewrite_backing(d: Path) -> Path:
+    """An overlay with backing file and format, rewritten."""
+    base(d, "base.qcow2")
+    img = images.create(d / "img.qcow2", backing="base.qcow2", backing_fmt="qcow2")
+    return with_rewrite(img)
+
+
+DATA_FILE_OPTION = {"data-file": {"driver": "file", "filename": "$DIR/img.raw"}}
+
+
+@damage("header", options=DATA_FILE_OPTION)
+def rewrite_data_file(d: Path) -> Path:
+    """An image with an external raw data file (given as option), rewritten."""
+    img = images.create(d / "img.qcow2", data_file="img.raw", data_file_raw=True)
+    return with_rewrite(img)
+
+
+@damage("header")
+def rewrite_extended_l2_zstd(d: Path) -> Path:
+    """Extended L2 entries and zstd compression, rewritten."""
+    return with_rewrite(base(d, extended_l2=True, compression_type="zstd"))
+
+
+@damage("header")
+def rewrite_4k_clusters(d: Path) -> Path:
+    """4 KiB clusters (QEMU writes no feature table), rewritten."""
+    return with_rewrite(base(d, cluster_size=4096))
+
+
+@damage("header")
+def rewrite_v2_stale_bitmaps(d: Path) -> Path:
+    """A v2 image with a backing file and a bitmaps extension: QEMU drops the extension."""
+    base(d, "base.qcow2")
+    img = images.create(d / "img.qcow2", backing="base.qcow2", backing_fmt="qcow2", compat="0.10")
+    exts = extensions(img)
+    name = img.read_bytes()[get(img, "backing_file_offset") :][: get(img, "backing_file_size")]
+    set_extensions(img, [*exts, (EXT_BITMAPS, struct.pack(">IIQQ", 1, 0, 64, 0x200000))])
+    start = 72 + sum(8 + ((len(data) + 7) & ~7) for _, data in exts) + 8 + 24 + 8
+    poke(img, start, name)
+    put(img, "backing_file_offset", start)
+    return img
