@@ -46,6 +46,7 @@ from qsd_py.errors import QMPError
 from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse.engine import QueueStats
+from qsd_py.export.fuse.uring_checks import register_failure
 
 if TYPE_CHECKING:
     from qsd_py.export.fuse.engine import FuseEngine
@@ -180,8 +181,6 @@ class WorkerTransport:
                 ready = [await w.ready for w in self.workers if w.ready is not None]
         except TimeoutError:
             raise QMPError("FUSE-over-io_uring: a queue worker did not start") from None
-        from qsd_py.export.fuse.uring import register_failure  # loaded by the caller already
-
         for report in ready:
             for q in report:
                 if q["failure"]:  # an errno
