@@ -54,7 +54,7 @@ def test_shared_length_is_never_seen_half_written(values: tuple[int, ...]):
     does after every command, or two in turn) while this one reads it as a worker does:
     every read is one of the published values. With struct.pack_into a reader saw 0 in
     about a third of its reads."""
-    from qsd_py.export.fuse.workers import SharedLength
+    from qsd_py.export.fuse.shared_length import SharedLength
 
     shared = SharedLength()
     shared.publish(values[0])
