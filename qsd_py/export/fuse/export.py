@@ -138,9 +138,9 @@ class FuseExport(BlockExport):
             try:
                 n = os.readv(fd, [buf])
                 break
-            except BlockingIOError:
+            except BlockingIOError as err:
                 if loop.time() > deadline:
-                    raise QMPError("FUSE_INIT did not arrive from the kernel") from None
+                    raise QMPError("FUSE_INIT did not arrive from the kernel") from err
                 await _readable(loop, fd, deadline - loop.time())
         mv = memoryview(buf)
         _len, opcode, unique = struct.unpack_from("<IIQ", mv)

@@ -77,9 +77,9 @@ def check_mountpoint(path: str) -> None:
             try:
                 st = os.stat(path)
             except OSError as err2:
-                raise QMPError(f"Failed to stat '{path}': {err2.strerror}") from None
+                raise QMPError(f"Failed to stat '{path}': {err2.strerror}") from err2
         else:
-            raise QMPError(f"Failed to stat '{path}': {err.strerror}") from None
+            raise QMPError(f"Failed to stat '{path}': {err.strerror}") from err
     if not stat.S_ISREG(st.st_mode):
         raise QMPError(f"'{path}' is not a regular file")
 

@@ -140,8 +140,8 @@ class WorkerTransport:
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
                 ready = [await w.ready for w in self.workers if w.ready is not None]
-        except TimeoutError:
-            raise QMPError("FUSE-over-io_uring: a queue worker did not start") from None
+        except TimeoutError as err:
+            raise QMPError("FUSE-over-io_uring: a queue worker did not start") from err
         for report in ready:
             for q in report:
                 if q["failure"]:  # an errno
