@@ -44,7 +44,7 @@ async def apply_option(daemon: Any, chardevs: dict[str, Any], opt: Any) -> None:
         elif opt.name == "monitor":
             await add_monitor(daemon, chardevs, args)
     except QMPError as err:
-        raise StartupError(f"{opt.given}: {err.desc}") from None
+        raise StartupError(f"{opt.given}: {err.desc}") from err
 
 
 async def add_chardev(daemon: Any, chardevs: dict[str, Any], args: dict[str, Any]) -> None:

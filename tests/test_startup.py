@@ -44,6 +44,7 @@ NOT_BEFORE_MOUNT = [
     "qsd_py.uring.aio",
     "qsd_py.uring.ring",
     "qsd_py.export.fuse.uring",
+    "qsd_py.export.fuse.uring_checks",
     "qsd_py.block.uring_aio",
     "qsd_py.qmp.protocol",
     "qsd_py.qmp.jsonstream",

@@ -81,8 +81,8 @@ class ExportRegistry:
     def get(self, export_id: str) -> BlockExport:
         try:
             return self._exports[export_id]
-        except KeyError:
-            raise QMPError(f"Export '{export_id}' is not found") from None
+        except KeyError as err:
+            raise QMPError(f"Export '{export_id}' is not found") from err
 
     async def add(self, opts: dict[str, Any]) -> BlockExport:
         """Create and start an export from validated ``BlockExportOptions``."""

@@ -207,8 +207,8 @@ class Visitor:
         if jt == "number":
             try:
                 return float(text)
-            except ValueError:
-                raise QMPError(f"Parameter '{path}' expects number") from None
+            except ValueError as err:
+                raise QMPError(f"Parameter '{path}' expects number") from err
         if jt == "null":
             if text != "":
                 raise QMPError(f"Parameter '{path}' expects null")

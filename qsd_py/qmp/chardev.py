@@ -149,7 +149,7 @@ def _resolve(host: str, port: str) -> list[Any]:
     try:
         return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as err:
-        raise QMPError(f"address resolution failed for {host}:{port}: {err.strerror}") from None
+        raise QMPError(f"address resolution failed for {host}:{port}: {err.strerror}") from err
 
 
 def _listen_unix(path: str) -> socket.socket:
@@ -162,7 +162,7 @@ def _listen_unix(path: str) -> socket.socket:
         sock.bind(path)
     except OSError as err:
         sock.close()
-        raise QMPError(f"Failed to bind socket to {path}: {os.strerror(err.errno or 0)}") from None
+        raise QMPError(f"Failed to bind socket to {path}: {os.strerror(err.errno or 0)}") from err
     finally:
         os.umask(old_umask)
     return sock

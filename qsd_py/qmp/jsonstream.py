@@ -110,8 +110,8 @@ def _decode_raw(raw: bytes) -> str:
     except UnicodeDecodeError:
         try:
             text = raw.replace(b"\xc0\x80", b"\x00").decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError("invalid UTF-8 sequence in string") from None
+        except UnicodeDecodeError as err:
+            raise ValueError("invalid UTF-8 sequence in string") from err
     if not text.isascii() and _NONCHAR.search(text):
         raise ValueError("invalid UTF-8 sequence in string")
     return text
@@ -491,7 +491,7 @@ class JSONStream:
         try:
             return decode_string(text)  # type: ignore[arg-type]
         except ValueError as err:
-            raise _SyntaxError(str(err), start) from None
+            raise _SyntaxError(str(err), start) from err
 
     def _complete(self, value: Any, start: int) -> None:
         """A value is complete: return it at top level or store it in its container."""

@@ -24,7 +24,7 @@ import errno
 import mmap
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from qsd_py.uring import abi
 
@@ -52,11 +52,6 @@ DEFAULT_FLAGS = abi.SETUP_SQE128 | abi.SETUP_SUBMIT_ALL
 
 class RingSetupError(OSError):
     """io_uring_setup() failed; ``str()`` says why and what to do about it."""
-
-
-def _raise_errno(what: str) -> None:
-    err = _get_errno()
-    raise OSError(err, f"{what}: {os.strerror(err)}")
 
 
 def io_uring_disabled_sysctl() -> int | None:
@@ -496,9 +491,6 @@ class Ring:
         op = abi.REGISTER_EVENTFD_ASYNC if async_only else abi.REGISTER_EVENTFD
         self._register(op, ctypes.byref(ctypes.c_int(efd)), 1)
 
-    def unregister_eventfd(self) -> None:
-        self._register(abi.UNREGISTER_EVENTFD, None, 0)
-
     def register_files(self, fds: Sequence[int]) -> None:
         """Register a fixed-file table; use index i with ``sqe_flags=abi.SQE_FIXED_FILE``.
         -1 entries are empty slots for :meth:`update_files`."""
@@ -513,15 +505,6 @@ class Ring:
 
     def unregister_files(self) -> None:
         self._register(abi.UNREGISTER_FILES, None, 0)
-
-    def register_buffers(self, buffers: Iterable[tuple[int, int]]) -> None:
-        """Register ``(address, length)`` buffers for READ_FIXED/WRITE_FIXED (``buf_index``)."""
-        bufs = list(buffers)
-        iov = (abi.IoVec * len(bufs))(*[abi.IoVec(a, n) for a, n in bufs])
-        self._register(abi.REGISTER_BUFFERS, iov, len(bufs))
-
-    def unregister_buffers(self) -> None:
-        self._register(abi.UNREGISTER_BUFFERS, None, 0)
 
     def enable(self) -> None:
         """Enable a ring created with IORING_SETUP_R_DISABLED (from the thread that will submit)."""

@@ -54,7 +54,7 @@ def test_shared_length_is_never_seen_half_written(values: tuple[int, ...]):
     does after every command, or two in turn) while this one reads it as a worker does:
     every read is one of the published values. With struct.pack_into a reader saw 0 in
     about a third of its reads."""
-    from qsd_py.export.fuse.workers import SharedLength
+    from qsd_py.export.fuse.shared_length import SharedLength
 
     shared = SharedLength()
     shared.publish(values[0])
@@ -262,13 +262,13 @@ def test_a_refused_register_fails_the_export(
     makes block-export-add fail with the kernel's answer, and nothing is left behind: no
     mount, no worker process, no user of the node."""
     from qsd_py.errors import QMPError
-    from qsd_py.export.fuse import uring, workers
+    from qsd_py.export.fuse import uring_checks, workers
 
     start = workers.WorkerTransport.start
     forked: list[int] = []
 
     async def start_with_a_bad_queue(self: workers.WorkerTransport) -> None:
-        self.workers[-1].qids.append(uring.possible_cpus())
+        self.workers[-1].qids.append(uring_checks.possible_cpus())
         try:
             await start(self)
         finally:
@@ -278,7 +278,7 @@ def test_a_refused_register_fails_the_export(
     node = userver.node(userver.image(MiB))
     with pytest.raises(QMPError) as err:
         userver.export(node, tmp_path / "mnt", io_uring=True)
-    bad = uring.possible_cpus()
+    bad = uring_checks.possible_cpus()
     assert err.value.desc == (
         f"FUSE-over-io_uring: registering queue {bad} failed: {os.strerror(errno.EINVAL)}"
     )

@@ -128,7 +128,6 @@ class FuseEngine:
         self.uid = os.getuid()
         self.gid = os.getgid()
         # negotiated by INIT
-        self.initialized = False
         self.proto_minor = 0
         self.flags = 0
         self.max_write = MIN_MAX_WRITE
@@ -206,7 +205,6 @@ class FuseEngine:
             0,  # max_stack_depth
             0,  # request_timeout
         )
-        self.initialized = True
         return p.INIT_OUT.size
 
     # --- dispatch --------------------------------------------------------------------------

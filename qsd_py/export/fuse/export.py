@@ -138,9 +138,9 @@ class FuseExport(BlockExport):
             try:
                 n = os.readv(fd, [buf])
                 break
-            except BlockingIOError:
+            except BlockingIOError as err:
                 if loop.time() > deadline:
-                    raise QMPError("FUSE_INIT did not arrive from the kernel") from None
+                    raise QMPError("FUSE_INIT did not arrive from the kernel") from err
                 await _readable(loop, fd, deadline - loop.time())
         mv = memoryview(buf)
         _len, opcode, unique = struct.unpack_from("<IIQ", mv)
@@ -150,9 +150,9 @@ class FuseExport(BlockExport):
         want = p.OVER_IO_URING if self.io_uring else 0
         res = self.engine.init(mv[p.IN_HEADER.size : n], memoryview(out)[p.OUT_HEADER.size :], want)
         if res >= 0 and self.io_uring:
-            from qsd_py.export.fuse import uring as furing  # io_uring exports only: start-up
+            from qsd_py.export.fuse import uring_checks  # io_uring exports only: start-up
 
-            furing.check_negotiated(self.engine)  # refuse before replying: no silent fallback
+            uring_checks.check_negotiated(self.engine)  # refuse before replying: no silent fallback
         if res < 0:
             p.OUT_HEADER.pack_into(out, 0, p.OUT_HEADER.size, res, unique)
             os.write(fd, out[: p.OUT_HEADER.size])
@@ -185,10 +185,10 @@ class FuseExport(BlockExport):
 
         The io_uring modules are imported here, by the first export that asks for io_uring:
         the others never pay for them at start-up."""
-        from qsd_py.export.fuse import uring as furing
+        from qsd_py.export.fuse import uring_checks
 
-        furing.queue_depth(self.opts)
-        reason = furing.unavailable_reason()
+        uring_checks.queue_depth(self.opts)
+        reason = uring_checks.unavailable_reason()
         if reason is not None:
             raise QMPError(reason)
 
@@ -197,9 +197,10 @@ class FuseExport(BlockExport):
         over the iothreads, or (default) each served by a worker process bound to its CPU
         (qsd_py/export/fuse/workers.py says why)."""
         from qsd_py.export.fuse import uring as furing
+        from qsd_py.export.fuse import uring_checks
 
         assert self.engine is not None and self.mounted is not None
-        depth = furing.queue_depth(self.opts)
+        depth = uring_checks.queue_depth(self.opts)
         if self._iothreads:
             self.uring = furing.UringTransport(
                 self.mounted.fd,
@@ -217,23 +218,21 @@ class FuseExport(BlockExport):
                 self.engine,
                 depth=depth,
                 name=self.id,
-                abort=lambda: furing.abort_connection(mounted.path, mounted.privileged),
-                queues=furing.possible_cpus(),
+                abort=lambda: fmount.abort_connection(mounted.path, mounted.privileged),
+                queues=uring_checks.possible_cpus(),
             )
         await self.uring.start()
 
     async def _stop_uring(self, abort: bool) -> None:
         """Stop answering, abort the connection (parked entries then complete), wait for every
         entry and free the buffers; the rest of the teardown is the /dev/fuse one."""
-        from qsd_py.export.fuse import uring as furing
-
         assert self.uring is not None
         try:
             await self.uring.stop_serving(abort)
         except Exception:  # noqa: BLE001 - teardown goes on
             log.exception("stopping FUSE io_uring queues of %s", self.id)
         mounted = self.mounted
-        if mounted is not None and not furing.abort_connection(mounted.path, mounted.privileged):
+        if mounted is not None and not fmount.abort_connection(mounted.path, mounted.privileged):
             # No way to abort: the connection ends once the lazily detached mount is unused.
             fmount.unmount(mounted.path, mounted.privileged)
         if not await self.uring.drain_and_release():

@@ -6,8 +6,9 @@ default_permissions[,allow_other],max_read=`` data), which is both the fastest p
 what ``/proc/self/mountinfo`` shows for QEMU. Without privileges it runs ``fusermount3``,
 which mounts and passes the /dev/fuse fd back over a socket (``_FUSE_COMMFD``).
 
-Also here: the mountpoint checks with QEMU's texts, and the clean-up of a dead FUSE mount
-(ENOTCONN) that a crashed daemon left on the mountpoint.
+Also here: the mountpoint checks with QEMU's texts, the clean-up of a dead FUSE mount
+(ENOTCONN) that a crashed daemon left on the mountpoint, and the abort of a live mount's FUSE
+connection (the io_uring transport's teardown).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ MS_RDONLY = 1
 MS_NOSUID = 2
 MS_NODEV = 4
 MS_NOATIME = 1024
+MNT_FORCE = 1
 MNT_DETACH = 2
 ROOTMODE_REGULAR = 0o100000
 FUSERMOUNT = "fusermount3"
+FUSECTL_DIR = "/sys/fs/fuse/connections"
 
 _libc: ctypes.CDLL | None = None
 
@@ -74,9 +77,9 @@ def check_mountpoint(path: str) -> None:
             try:
                 st = os.stat(path)
             except OSError as err2:
-                raise QMPError(f"Failed to stat '{path}': {err2.strerror}") from None
+                raise QMPError(f"Failed to stat '{path}': {err2.strerror}") from err2
         else:
-            raise QMPError(f"Failed to stat '{path}': {err.strerror}") from None
+            raise QMPError(f"Failed to stat '{path}': {err.strerror}") from err
     if not stat.S_ISREG(st.st_mode):
         raise QMPError(f"'{path}' is not a regular file")
 
@@ -205,3 +208,41 @@ def unmount(path: str, privileged_mount: bool) -> None:
     proc = subprocess.run([tool, "-u", "-z", "--", path], capture_output=True, check=False)
     if proc.returncode != 0 and is_fuse_mount(path):
         log.warning("unmounting '%s' failed: %s", path, proc.stderr.decode().strip())
+
+
+# --- ending the connection ----------------------------------------------------------------------
+def _mount_device(path: str) -> int | None:
+    """The FUSE connection number (the mount's device minor) from /proc/self/mountinfo,
+    read without stat(): a stat() on our own mount from the serving loop would deadlock."""
+    found = None
+    path = os.path.abspath(path)  # mountinfo has absolute paths; a mountpoint may be relative
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                if _unescape(fields[4]) == path and fields[sep + 1].startswith("fuse"):
+                    found = int(fields[2].split(":")[1])  # the last (topmost) one wins
+    except (OSError, ValueError, IndexError):
+        return None
+    return found
+
+
+def abort_connection(path: str, privileged: bool) -> bool:
+    """Abort the FUSE connection mounted at ``path`` so parked ring entries complete
+    (-ENOTCONN) and waiting callers get ECONNABORTED. Closing /dev/fuse would not do it:
+    every parked URING_CMD holds a reference to the file. Returns True if it was aborted."""
+    minor = _mount_device(path)
+    if minor is not None:
+        try:
+            with open(f"{FUSECTL_DIR}/{minor}/abort", "w") as f:
+                f.write("1")
+            return True
+        except OSError:
+            pass  # fusectl not mounted, or not ours
+    if minor is not None and privileged:
+        # MNT_FORCE calls the file system's umount_begin, which for FUSE aborts the connection.
+        if _c().umount2(os.fsencode(path), MNT_FORCE | MNT_DETACH) == 0:
+            return True
+        log.warning("forced unmount of '%s' failed: %s", path, os.strerror(ctypes.get_errno()))
+    return False

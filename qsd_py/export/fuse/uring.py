@@ -4,7 +4,8 @@ COMMIT_AND_FETCH.
 How the kernel wants it (6.18, see ../shared/reference/fuse-over-io_uring.md):
 
 * FUSE_INIT still arrives on /dev/fuse; the export answers it with ``FUSE_OVER_IO_URING``
-  (:func:`check_negotiated` refuses to go on when the kernel did not grant it).
+  (:func:`~qsd_py.export.fuse.uring_checks.check_negotiated` refuses to go on when the
+  kernel did not grant it).
 * Only after that reply is written may entries be registered (earlier: ``-EAGAIN``), and the
   kernel uses the ring only once *every* possible CPU's queue has an entry: until then new
   requests wait in the kernel. A REGISTER that fails drops the connection back to /dev/fuse,
@@ -36,8 +37,9 @@ request. Every other request (and a READ/WRITE the plan cannot take: growing, wr
 unaligned O_DIRECT) costs a Task running :meth:`FuseEngine.handle`.
 
 Teardown cannot rely on closing /dev/fuse (parked commands hold a reference to it) nor on
-closing the ring (it is shared): :func:`abort_connection` aborts the FUSE connection, which
-completes every parked entry, and the transport waits for that before releasing buffers.
+closing the ring (it is shared): :func:`~qsd_py.export.fuse.mount.abort_connection` aborts the
+FUSE connection, which completes every parked entry, and the transport waits for that before
+releasing buffers.
 """
 
 from __future__ import annotations
@@ -57,21 +59,16 @@ from qsd_py.errors import QMPError
 from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse.engine import QueueStats
-from qsd_py.export.fuse.mount import MNT_DETACH, _c, _unescape
+from qsd_py.export.fuse.uring_checks import possible_cpus, register_failure
 from qsd_py.uring import abi
-from qsd_py.uring.aio import AsyncRing, buffer_address, ring_for_loop, uring_unavailable_reason
+from qsd_py.uring.aio import AsyncRing, buffer_address, ring_for_loop
 
 if TYPE_CHECKING:
     from qsd_py.export.fuse.engine import FuseEngine
 
 log = logging.getLogger("qsd_py.export.fuse")
 
-ENABLE_URING_KNOB = "/sys/module/fuse/parameters/enable_uring"
-FUSECTL_DIR = "/sys/fs/fuse/connections"
-DEFAULT_QUEUE_DEPTH = 64
-MAX_QUEUE_DEPTH = 1024
 DRAIN_TIMEOUT_S = 5.0
-MNT_FORCE = 1
 
 HEADER_SIZE = p.URING_REQ_HEADER_SZ  # what the kernel requires of iov[0]
 HEADER_STRIDE = 320  # 288 rounded up to whole cache lines: entries never share a line
@@ -99,54 +96,6 @@ _GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV, errn
 
 # Buffers of entries the kernel may still write to (a drain that timed out): never freed.
 _KERNEL_OWNED: list[object] = []
-
-
-# --- availability ---------------------------------------------------------------------------
-def possible_cpus() -> int:
-    """The kernel's queue count: one per *possible* CPU (qid 0..n-1)."""
-    return max(1, os.sysconf("SC_NPROCESSORS_CONF"))
-
-
-def unavailable_reason() -> str | None:
-    """Why FUSE-over-io_uring cannot work here (cause and fix), or None. Checked before
-    mounting so a refused export leaves nothing behind."""
-    try:
-        with open(ENABLE_URING_KNOB) as f:
-            knob = f.read().strip()
-    except FileNotFoundError:
-        return (
-            "FUSE-over-io_uring is not supported by this kernel (no "
-            f"{ENABLE_URING_KNOB}): it needs Linux 6.14 or later built with "
-            "CONFIG_FUSE_IO_URING; export without io_uring"
-        )
-    except OSError as err:
-        return f"cannot read {ENABLE_URING_KNOB}: {err.strerror}"
-    if knob not in ("Y", "1"):
-        return (
-            "FUSE-over-io_uring is not enabled in the kernel "
-            f"({ENABLE_URING_KNOB} is {knob}): run 'echo Y > {ENABLE_URING_KNOB}' "
-            "as root, or export without io_uring"
-        )
-    return uring_unavailable_reason()
-
-
-def check_negotiated(engine: FuseEngine) -> None:
-    """After ``engine.init(want=OVER_IO_URING)``: refuse (before the INIT reply is written)
-    when the kernel did not grant the flag; never fall back to /dev/fuse silently."""
-    if not engine.flags & p.OVER_IO_URING:
-        raise QMPError(
-            "FUSE-over-io_uring was not offered by the kernel in FUSE_INIT (is "
-            f"{ENABLE_URING_KNOB} Y? run 'echo Y > {ENABLE_URING_KNOB}' as root), "
-            "or export without io_uring"
-        )
-
-
-def queue_depth(opts: dict[str, Any]) -> int:
-    """``queue-depth`` with its default, range-checked."""
-    depth = opts.get("queue-depth", DEFAULT_QUEUE_DEPTH)
-    if not 1 <= depth <= MAX_QUEUE_DEPTH:
-        raise QMPError(f"Parameter 'queue-depth' expects a value between 1 and {MAX_QUEUE_DEPTH}")
-    return depth
 
 
 def _cmd_sqe(fd: int, cmd_op: int, addr: int, length: int, user_data: int, qid: int) -> bytes:
@@ -625,12 +574,6 @@ class UringTransport:
         return [q.info() for q in self.queues]
 
 
-def register_failure(qid: int, err: int) -> str:
-    """The error of a refused REGISTER (``err``: the errno)."""
-    hint = f" (is {ENABLE_URING_KNOB} still Y?)" if err == errno.EOPNOTSUPP else ""
-    return f"FUSE-over-io_uring: registering queue {qid} failed: {os.strerror(err)}{hint}"
-
-
 async def start_queues(queues: list[UringQueue]) -> None:
     """On the queues' loop: queue every REGISTER, submit them now and reap the immediate
     refusals (a valid REGISTER completes only when a request arrives)."""
@@ -652,41 +595,3 @@ async def _on_loop(loop: asyncio.AbstractEventLoop, coro_fn: Callable[[], Any]) 
     if asyncio.get_running_loop() is loop:
         return await coro_fn()
     return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro_fn(), loop))
-
-
-# --- ending the connection ----------------------------------------------------------------------
-def _mount_device(path: str) -> int | None:
-    """The FUSE connection number (the mount's device minor) from /proc/self/mountinfo,
-    read without stat(): a stat() on our own mount from the serving loop would deadlock."""
-    found = None
-    path = os.path.abspath(path)  # mountinfo has absolute paths; a mountpoint may be relative
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                if _unescape(fields[4]) == path and fields[sep + 1].startswith("fuse"):
-                    found = int(fields[2].split(":")[1])  # the last (topmost) one wins
-    except (OSError, ValueError, IndexError):
-        return None
-    return found
-
-
-def abort_connection(path: str, privileged: bool) -> bool:
-    """Abort the FUSE connection mounted at ``path`` so parked ring entries complete
-    (-ENOTCONN) and waiting callers get ECONNABORTED. Closing /dev/fuse would not do it:
-    every parked URING_CMD holds a reference to the file. Returns True if it was aborted."""
-    minor = _mount_device(path)
-    if minor is not None:
-        try:
-            with open(f"{FUSECTL_DIR}/{minor}/abort", "w") as f:
-                f.write("1")
-            return True
-        except OSError:
-            pass  # fusectl not mounted, or not ours
-    if minor is not None and privileged:
-        # MNT_FORCE calls the file system's umount_begin, which for FUSE aborts the connection.
-        if _c().umount2(os.fsencode(path), MNT_FORCE | MNT_DETACH) == 0:
-            return True
-        log.warning("forced unmount of '%s' failed: %s", path, os.strerror(ctypes.get_errno()))
-    return False

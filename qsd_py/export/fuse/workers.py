@@ -12,12 +12,12 @@ What stays in the daemon: the block graph. A worker answers only READ and WRITE 
 path (fastpath.py) itself; every other request (GETATTR, SETATTR, FLUSH, a growing write, ...)
 is sent as bytes to the daemon, whose engine answers it (bytes in, bytes out), and the reply
 bytes come back. The node's length, which the fast path's EOF rules need, lives in a shared
-page (:class:`SharedLength`) that the daemon updates after every request it answers and every
-QMP command (:func:`refresh_lengths`). A worker that dies makes the daemon abort the
-connection: callers get an error instead of a queue nobody serves.
+page (:class:`~qsd_py.export.fuse.shared_length.SharedLength`) that the daemon updates after
+every request it answers and every QMP command (:func:`refresh_lengths`). A worker that dies
+makes the daemon abort the connection: callers get an error instead of a queue nobody serves.
 
-The wire between daemon and worker (a stream socket pair): frames of ``length, kind, tag``
-and a body. A second, blocking socket pair carries the synchronous counter queries of
+The requests, replies and stop go over a stream socket pair in frames (worker_wire.py). A
+second, blocking socket pair carries the synchronous counter queries of
 ``x-query-fuse-queues`` and safe deletes, answered from the worker's loop.
 """
 
@@ -26,10 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
 import json
 import logging
-import mmap
 import os
 import signal
 import socket
@@ -45,7 +43,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from qsd_py.errors import QMPError
 from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import proto as p
+from qsd_py.export.fuse import worker_wire as wire
 from qsd_py.export.fuse.engine import QueueStats
+from qsd_py.export.fuse.shared_length import SharedLength
+from qsd_py.export.fuse.uring_checks import register_failure
 
 if TYPE_CHECKING:
     from qsd_py.export.fuse.engine import FuseEngine
@@ -58,14 +59,9 @@ STATS_TIMEOUT_S = 2.0
 EXIT_TIMEOUT_S = 5.0
 REAP_WAIT_S = 1.0
 
-_FRAME = struct.Struct("<IBI")  # body length, kind, tag
-_READY, _REQ, _REP, _STOP, _STOPPED = 1, 2, 3, 4, 5
-_REPLY = struct.Struct("<iQQQQ")  # res, then the stats the daemon's engine counted
 _HEADER = p.URING_REQ_HEADER_SZ
 _ARG = p.URING_ARG_OFFSET
 _ARG_END = _ARG + p.URING_OP_IN_OUT_SZ
-_PAYLOAD_SZ = struct.Struct("<I")
-_PAYLOAD_SZ_AT = p.URING_ENT_OFFSET + 16
 _PR_SET_PDEATHSIG = 1
 _OPCODE = struct.Struct("<I")  # fuse_in_header.opcode at 4
 # Requests whose answer depends on no state of the daemon: the worker's copy of the engine
@@ -76,45 +72,11 @@ _STATELESS = frozenset({p.RELEASE})
 _LIVE: weakref.WeakSet[WorkerTransport] = weakref.WeakSet()
 
 
-class SharedLength:
-    """The node's length in a page shared with the workers (``MAP_SHARED``, inherited by
-    the fork). One aligned 8-byte load or store through ctypes, so a worker never reads a
-    half-written value; ``struct.pack_into`` would not do: it zeroes its bytes before it
-    writes them, and a worker reading meanwhile saw length 0 (a write answered as short,
-    which the application gets as EIO)."""
-
-    def __init__(self) -> None:
-        self._page = mmap.mmap(-1, mmap.PAGESIZE)
-        self._cell: ctypes.c_uint64 | None = ctypes.c_uint64.from_buffer(self._page)
-
-    def publish(self, length: int) -> None:
-        cell = self._cell
-        if cell is not None and cell.value != length:  # unchanged: no store at all
-            cell.value = length
-
-    def read(self) -> int:
-        assert self._cell is not None
-        return self._cell.value
-
-    def close(self) -> None:
-        self._cell = None  # the page cannot be unmapped while ctypes holds it
-        self._page.close()
-
-
 def refresh_lengths() -> None:
     """Publish every served node's current length to its workers (after anything that may
     have changed it: a request the daemon answered, a QMP command)."""
     for transport in list(_LIVE):
         transport.refresh_length()
-
-
-async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
-    size, kind, tag = _FRAME.unpack(await reader.readexactly(_FRAME.size))
-    return kind, tag, await reader.readexactly(size) if size else b""
-
-
-def _frame(kind: int, tag: int, *parts: bytes | memoryview) -> bytes:
-    return b"".join((_FRAME.pack(sum(len(x) for x in parts), kind, tag), *parts))
 
 
 # --- the daemon's side -----------------------------------------------------------------------
@@ -178,10 +140,8 @@ class WorkerTransport:
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
                 ready = [await w.ready for w in self.workers if w.ready is not None]
-        except TimeoutError:
-            raise QMPError("FUSE-over-io_uring: a queue worker did not start") from None
-        from qsd_py.export.fuse.uring import register_failure  # loaded by the caller already
-
+        except TimeoutError as err:
+            raise QMPError("FUSE-over-io_uring: a queue worker did not start") from err
         for report in ready:
             for q in report:
                 if q["failure"]:  # an errno
@@ -211,14 +171,14 @@ class WorkerTransport:
         reader, w.writer = await asyncio.open_unix_connection(sock=sock)
         try:
             while True:
-                kind, tag, body = await _read_frame(reader)
-                if kind == _READY and w.ready is not None and not w.ready.done():
+                kind, tag, body = await wire.read_frame(reader)
+                if kind == wire.READY and w.ready is not None and not w.ready.done():
                     w.ready.set_result(json.loads(body))
-                elif kind == _REQ:
+                elif kind == wire.REQ:
                     task = asyncio.get_running_loop().create_task(self._answer(w, tag, body))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
-                elif kind == _STOPPED and w.stopped is not None and not w.stopped.done():
+                elif kind == wire.STOPPED and w.stopped is not None and not w.stopped.done():
                     w.stopped.set_result(None)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -252,10 +212,8 @@ class WorkerTransport:
         res = await self.engine.handle(hdr[: p.IN_HEADER.size], hdr[_ARG:_ARG_END], out, out, stats)
         res = 0 if res is None else res
         refresh_lengths()
-        reply = _REPLY.pack(res, stats.errors, stats.bytes_read, stats.bytes_written,
-                            stats.interrupts)  # fmt: skip
         if w.writer is not None and not w.writer.is_closing():
-            w.writer.write(_frame(_REP, tag, reply, out[: max(res, 0)]))  # a copy is sent
+            w.writer.write(wire.reply_frame(tag, res, stats, out[: max(res, 0)]))  # a copy is sent
         self._buffers.append(payload)  # answered: nothing refers to it any more
 
     def _reap(self, w: _Worker, block: bool = False) -> bool:
@@ -326,7 +284,7 @@ class WorkerTransport:
         self.stopping = True
         for w in self.workers:
             if w.writer is not None and not w.writer.is_closing():
-                w.writer.write(_frame(_STOP, int(abort)))
+                w.writer.write(wire.frame(wire.STOP, int(abort)))
         for w in self.workers:
             if w.stopped is not None:
                 with contextlib.suppress(QMPError, TimeoutError):
@@ -410,49 +368,7 @@ def _detach(keep: set[int], cpu: int | None) -> None:
             os.sched_setaffinity(0, {cpu})
 
 
-class _Forwarder:
-    """Requests the worker cannot answer itself, sent to the daemon's engine as bytes: the
-    entry's 288-byte header (in-header, argument, payload size) and its payload; the reply's
-    bytes come back into the entry's payload."""
-
-    def __init__(self) -> None:
-        self.writer: asyncio.StreamWriter | None = None
-        self.pending: dict[int, asyncio.Future[bytes]] = {}
-        self.next_tag = 0
-
-    async def forward(self, header: memoryview, payload: memoryview, stats: QueueStats) -> int:
-        size = _PAYLOAD_SZ.unpack_from(header, _PAYLOAD_SZ_AT)[0]
-        if self.writer is None or self.writer.is_closing():
-            return -errno.ENOTCONN
-        self.next_tag += 1
-        tag = self.next_tag
-        fut = self.pending[tag] = asyncio.get_running_loop().create_future()
-        try:
-            self.writer.write(_frame(_REQ, tag, header, payload[:size]))
-            body = await fut
-        finally:
-            self.pending.pop(tag, None)
-        res, errors, nread, nwritten, interrupts = _REPLY.unpack_from(body)
-        stats.errors += errors
-        stats.bytes_read += nread
-        stats.bytes_written += nwritten
-        stats.interrupts += interrupts
-        if res > 0:
-            payload[:res] = memoryview(body)[_REPLY.size : _REPLY.size + res]
-        return res
-
-    def reply(self, tag: int, body: bytes) -> None:
-        fut = self.pending.get(tag)
-        if fut is not None and not fut.done():
-            fut.set_result(body)
-
-    def fail_all(self) -> None:
-        for fut in self.pending.values():
-            if not fut.done():
-                fut.set_result(_REPLY.pack(-errno.ENOTCONN, 0, 0, 0, 0))
-
-
-def _worker_queue(fwd: _Forwarder) -> type[UringQueue]:
+def _worker_queue(fwd: wire.Forwarder) -> type[UringQueue]:
     """A :class:`UringQueue` whose engine requests go to the daemon through ``fwd``."""
     from qsd_py.export.fuse.uring import UringQueue
 
@@ -473,7 +389,7 @@ async def _serve(t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: sock
     engine = t.engine
     # This copy of the node is frozen at the fork: its length is the daemon's, published.
     engine.node.length = t.length.read  # type: ignore[method-assign]
-    fwd = _Forwarder()
+    fwd = wire.Forwarder()
     reader, fwd.writer = await asyncio.open_unix_connection(sock=ctl)
     queue_type = _worker_queue(fwd)
     queues = [
@@ -490,7 +406,7 @@ async def _serve(t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: sock
     ]
     await start_queues(queues)
     report = [{"qid": q.qid, "live": q.live, "failure": -q.failure} for q in queues]
-    fwd.writer.write(_frame(_READY, 0, json.dumps(report).encode()))
+    fwd.writer.write(wire.frame(wire.READY, 0, json.dumps(report).encode()))
     stats.setblocking(False)
     loop.add_reader(stats.fileno(), _answer_stats, stats, queues)
     stop: asyncio.Future[bool | None] = loop.create_future()
@@ -501,7 +417,7 @@ async def _serve(t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: sock
             q.closing = True
         return 1
     await asyncio.gather(*(q.stop_serving(abort) for q in queues))
-    fwd.writer.write(_frame(_STOPPED, 0))
+    fwd.writer.write(wire.frame(wire.STOPPED, 0))
     # The daemon now aborts the connection; every entry comes back, then we are done.
     drained = all(await asyncio.gather(*(q.wait_drained(EXIT_TIMEOUT_S) for q in queues)))
     pump.cancel()
@@ -512,16 +428,16 @@ async def _serve(t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: sock
 
 
 async def _pump(
-    reader: asyncio.StreamReader, fwd: _Forwarder, stop: asyncio.Future[bool | None]
+    reader: asyncio.StreamReader, fwd: wire.Forwarder, stop: asyncio.Future[bool | None]
 ) -> None:
     """The worker's reader of the daemon's frames: replies to forwarded requests, and the
     stop (its ``abort`` flag in the tag). End of stream: ``stop`` gets None."""
     try:
         while True:
-            kind, tag, body = await _read_frame(reader)
-            if kind == _REP:
+            kind, tag, body = await wire.read_frame(reader)
+            if kind == wire.REP:
                 fwd.reply(tag, body)
-            elif kind == _STOP and not stop.done():
+            elif kind == wire.STOP and not stop.done():
                 stop.set_result(bool(tag))
     except (asyncio.IncompleteReadError, ConnectionError):
         fwd.fail_all()
