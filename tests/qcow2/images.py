@@ -20,7 +20,10 @@ QEMU_IO = shutil.which("qemu-io") or "/usr/bin/qemu-io"
 
 
 def run(argv: list[str], cwd: Path | None = None) -> str:
-    """Run a tool; raise with its stderr if it fails; return its stdout."""
+    """Run a tool; raise with its stderr if it fails; return its stdout.
+
+    QEMU opens an image's external data file relative to its working directory (backing files
+    are relative to the image), so the helpers run the tools in the image's directory."""
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=cwd)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
@@ -58,45 +61,48 @@ def create(
 
 def write(path: Path, offset: int, length: int, pattern: int, *, fmt: str = "qcow2") -> None:
     """Fill ``length`` bytes at ``offset`` with the byte ``pattern`` (qemu-io write -P)."""
-    run([QEMU_IO, "-f", fmt, "-c", f"write -P {pattern} {offset} {length}", str(path)])
+    run([QEMU_IO, "-f", fmt, "-c", f"write -P {pattern} {offset} {length}", str(path)], path.parent)
 
 
 def write_zeroes(path: Path, offset: int, length: int, *, unmap: bool = False) -> None:
     """qemu-io write -z (with -u: zero clusters that may drop their allocation)."""
     flag = "-z -u" if unmap else "-z"
-    run([QEMU_IO, "-f", "qcow2", "-c", f"write {flag} {offset} {length}", str(path)])
+    run([QEMU_IO, "-f", "qcow2", "-c", f"write {flag} {offset} {length}", str(path)], path.parent)
 
 
 def discard(path: Path, offset: int, length: int) -> None:
-    run([QEMU_IO, "-f", "qcow2", "-c", f"discard {offset} {length}", str(path)])
+    run([QEMU_IO, "-f", "qcow2", "-c", f"discard {offset} {length}", str(path)], path.parent)
 
 
 def snapshot(path: Path, name: str) -> None:
     """An internal snapshot (qemu-img snapshot -c)."""
-    run([QEMU_IMG, "snapshot", "-c", name, str(path)])
+    run([QEMU_IMG, "snapshot", "-c", name, str(path)], path.parent)
 
 
 def convert_compressed(src: Path, dst: Path, *, src_fmt: str = "raw", **opts: Any) -> Path:
     """``qemu-img convert -c``: every cluster that compresses is stored compressed."""
     argv = [QEMU_IMG, "convert", "-c", "-f", src_fmt, "-O", "qcow2", *_options(opts)]
-    run([*argv, str(src), str(dst)])
+    run([*argv, str(src), str(dst)], dst.parent)
     return dst
 
 
 def to_raw(path: Path, dst: Path) -> bytes:
     """The guest view of an image (qemu-img convert -O raw), as bytes."""
-    run([QEMU_IMG, "convert", "-O", "raw", str(path), str(dst)])
+    run([QEMU_IMG, "convert", "-O", "raw", str(path), str(dst)], path.parent)
     return dst.read_bytes()
 
 
 def info(path: Path) -> dict[str, Any]:
-    return json.loads(run([QEMU_IMG, "info", "--output=json", str(path)]))
+    return json.loads(run([QEMU_IMG, "info", "--output=json", str(path)], path.parent))
 
 
 def check(path: Path) -> tuple[int, dict[str, Any]]:
     """qemu-img check: (exit code: 0 clean, 2 corrupt, 3 leaks; its JSON report)."""
     done = subprocess.run(
-        [QEMU_IMG, "check", "--output=json", str(path)], capture_output=True, text=True
+        [QEMU_IMG, "check", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=path.parent,
     )
     return done.returncode, json.loads(done.stdout or "{}")
 
