@@ -1,0 +1,147 @@
+"""Guest clusters to L2 entries: the L1 table (in memory, written through) and the L2
+tables (through the L2 cache, in slices of ``l2-cache-entry-size``).
+
+Reading an entry never changes the image. Changing one first makes its L2 table writable:
+a table that is absent is allocated, one shared with an internal snapshot (its L1 entry
+lacks the COPIED flag) is copied. Either way the new table reaches the disk, with its
+refcount, before the L1 entry that points at it, so a crash leaves at worst a leaked cluster.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING
+
+from qsd_py.block.qcow2.cache import MetaCache
+from qsd_py.block.qcow2.entries import L1E_OFFSET_MASK, OFLAG_COPIED
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from qsd_py.block.node import BlockNode
+    from qsd_py.block.qcow2.refcount import Refcounts
+
+_U64 = struct.Struct(">Q")
+_U64X2 = struct.Struct(">QQ")
+
+
+class MappingError(Exception):
+    """Metadata that cannot be right (the driver marks the image corrupt)."""
+
+
+class ClusterMap:
+    """The L1/L2 structure of one image (the active one, not its snapshots)."""
+
+    def __init__(
+        self,
+        file: Callable[[], BlockNode],
+        cluster_bits: int,
+        extended: bool,
+        l1_offset: int,
+        l1: list[int],
+        cache: MetaCache,
+        refcounts: Refcounts,
+    ) -> None:
+        self._file = file
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.extended = extended
+        self.entry_size = 16 if extended else 8
+        self.l2_entries = self.cluster_size // self.entry_size  # entries per L2 table
+        self.l2_bits = self.l2_entries.bit_length() - 1
+        self.slice_entries = cache.entry_size // self.entry_size
+        self.l1_offset = l1_offset
+        self.l1 = l1
+        self.cache = cache
+        self.refcounts = refcounts
+
+    # --- where an entry lives -----------------------------------------------------------
+    def _split(self, guest_cluster: int) -> tuple[int, int]:
+        return guest_cluster >> self.l2_bits, guest_cluster & (self.l2_entries - 1)
+
+    def _slice_at(self, table: int, l2_index: int) -> tuple[int, int]:
+        """Host offset of the slice holding ``l2_index`` and the entry's byte offset in it."""
+        first = l2_index - l2_index % self.slice_entries
+        slice_off = table + first * self.entry_size
+        return slice_off, (l2_index - first) * self.entry_size
+
+    def l2_table(self, guest_cluster: int) -> int:
+        """Host offset of the L2 table of ``guest_cluster`` (0: none)."""
+        l1_index = guest_cluster >> self.l2_bits
+        if l1_index >= len(self.l1):
+            return 0
+        return self.l1[l1_index] & L1E_OFFSET_MASK
+
+    # --- reading ------------------------------------------------------------------------
+    async def entry(self, guest_cluster: int) -> tuple[int, int]:
+        """``(l2_entry, subcluster_bitmap)`` of a guest cluster (bitmap 0 without
+        extended L2); ``(0, 0)`` where no L2 table exists."""
+        table = self.l2_table(guest_cluster)
+        if not table:
+            return 0, 0
+        l2_index = guest_cluster & (self.l2_entries - 1)
+        slice_off, at = self._slice_at(table, l2_index)
+        buf = await self.cache.get(slice_off)
+        if self.extended:
+            return _U64X2.unpack_from(buf, at)
+        return _U64.unpack_from(buf, at)[0], 0
+
+    def peek(self, guest_cluster: int) -> tuple[int, int] | None:
+        """The entry if its slice is cached (no I/O, no await), else None."""
+        table = self.l2_table(guest_cluster)
+        if not table:
+            return 0, 0
+        slice_off, at = self._slice_at(table, guest_cluster & (self.l2_entries - 1))
+        buf = self.cache.peek(slice_off)
+        if buf is None:
+            return None
+        if self.extended:
+            return _U64X2.unpack_from(buf, at)
+        return _U64.unpack_from(buf, at)[0], 0
+
+    # --- changing -----------------------------------------------------------------------
+    async def set_entry(self, guest_cluster: int, l2_entry: int, bitmap: int = 0) -> None:
+        """Change the entry (in the cache: written back later, after the refcounts)."""
+        table = await self._writable_table(guest_cluster >> self.l2_bits)
+        slice_off, at = self._slice_at(table, guest_cluster & (self.l2_entries - 1))
+        buf = await self.cache.get(slice_off)
+        if self.extended:
+            _U64X2.pack_into(buf, at, l2_entry, bitmap)
+        else:
+            _U64.pack_into(buf, at, l2_entry)
+        self.cache.mark_dirty(slice_off)
+
+    async def _writable_table(self, l1_index: int) -> int:
+        if l1_index >= len(self.l1):
+            raise MappingError(f"L1 index {l1_index} past the L1 table ({len(self.l1)})")
+        l1e = self.l1[l1_index]
+        old = l1e & L1E_OFFSET_MASK
+        if old and l1e & OFLAG_COPIED:
+            return old
+        content = await self._table_bytes(old) if old else bytes(self.cluster_size)
+        new = await self.refcounts.allocate(self.cluster_size)
+        file = self._file()
+        # Order: the new table's refcount, then the table, then the L1 entry.
+        await self.refcounts.cache.flush()
+        await file.write(new, content)
+        await file.flush()
+        await self.write_l1(l1_index, new | OFLAG_COPIED)
+        for i in range(0, self.cluster_size, self.cache.entry_size):
+            await self.cache.put(new + i, content[i : i + self.cache.entry_size], dirty=False)
+        if old:
+            # The L1 entry must not point at the old table any more before its count drops.
+            await file.flush()
+            self.cache.discard(old, old + self.cluster_size)
+            await self.refcounts.free(old, self.cluster_size)
+        return new
+
+    async def _table_bytes(self, table: int) -> bytes:
+        """A whole L2 table as it is now (cached slices included)."""
+        step = self.cache.entry_size
+        parts = [bytes(await self.cache.get(table + i)) for i in range(0, self.cluster_size, step)]
+        return b"".join(parts)
+
+    async def write_l1(self, l1_index: int, value: int) -> None:
+        """Set an L1 entry and write it through."""
+        self.l1[l1_index] = value
+        await self._file().write(self.l1_offset + 8 * l1_index, _U64.pack(value))

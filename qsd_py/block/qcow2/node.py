@@ -1,0 +1,1012 @@
+"""The ``qcow2`` format driver: QEMU's copy-on-write image format, read and written.
+
+A guest offset maps through the L1 and L2 tables (mapping.py) to a host cluster of the
+image file (or of the external data file), reads as zeroes, is compressed, or is not
+allocated here and reads from the ``backing`` child. Writes go in place where the cluster
+belongs to this image alone (its L2 entry has the COPIED flag); elsewhere a new cluster is
+allocated (refcount.py), the untouched parts of the cluster are copied into it from where
+they read now, and only then does the L2 entry point at it.
+
+Two locks, always taken in this order: ``_change_lock`` serialises everything that changes
+the mapping (allocating writes, discards, zeroing, resize), so two writes to one unallocated
+cluster cannot both allocate; ``_meta_lock`` guards the caches and tables, held only for
+lookups and updates, never across data I/O. Reads and in-place writes take only the second,
+briefly, and run in parallel. Data clusters with I/O in flight are marked busy in the
+refcounts so that a discard cannot free one into another guest range's hands meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qsd_py.block.lock import CrossLoopLock
+from qsd_py.block.node import (
+    STATUS_DATA,
+    STATUS_OFFSET_VALID,
+    STATUS_ZERO,
+    BlockNode,
+    BlockStatus,
+    Buffer,
+)
+from qsd_py.block.perm import PERM_ALL, Perm
+from qsd_py.block.qcow2 import header as hdr
+from qsd_py.block.qcow2.cache import MetaCache
+from qsd_py.block.qcow2.entries import (
+    L2E_OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    compressed_range,
+)
+from qsd_py.block.qcow2.mapping import ClusterMap, MappingError
+from qsd_py.block.qcow2.options import Qcow2Options, parse_options
+from qsd_py.block.qcow2.refcount import Refcounts
+from qsd_py.errors import QMPError
+
+if TYPE_CHECKING:
+    from qsd_py.block.graph import BlockGraph
+
+log = logging.getLogger(__name__)
+
+_U64 = struct.Struct(">Q")
+_INCOMPAT_AT = 72  # incompatible_features in the header
+_SIZE_AT = 24
+_L1_HEADER = struct.Struct(">IQ")  # l1_size, l1_table_offset
+_L1_HEADER_AT = 36
+
+# What a range of the guest reads from.
+UNALLOC, ZERO, DATA, COMPRESSED = range(4)
+_ZEROES = bytes(1 << 16)
+
+# Subcluster bitmaps of extended L2 entries: 32 "allocated" bits, then 32 "zero" bits.
+SUBCLUSTERS = 32
+ALL_ZERO_BITMAP = 0xFFFFFFFF << 32
+
+# Discard pass-through types (QEMU's QCOW2_DISCARD_*).
+DISCARD_REQUEST, DISCARD_SNAPSHOT, DISCARD_OTHER, DISCARD_ALWAYS = range(4)
+
+
+@dataclass(slots=True)
+class Run:
+    """A piece of a request that reads from one place: ``kind``, ``n`` bytes at guest
+    ``offset``, from ``host`` (DATA: a host offset; COMPRESSED: the L2 entry)."""
+
+    kind: int
+    offset: int
+    n: int
+    host: int = 0
+
+
+class CorruptImage(OSError):
+    """Metadata found wrong while serving a request: the image is marked corrupt."""
+
+
+class Qcow2Node(BlockNode):
+    driver = "qcow2"
+    format_name = "qcow2"
+    supports_backing: ClassVar[bool] = True
+
+    def __init__(self, graph: BlockGraph, opts: dict[str, Any]) -> None:
+        super().__init__(graph, opts)
+        self.header: hdr.Qcow2Header | None = None
+        self.options: Qcow2Options | None = None
+        self.map: ClusterMap | None = None
+        self.refcounts: Refcounts | None = None
+        self.cluster_bits = 16
+        self.cluster_size = 1 << 16
+        self.size = 0
+        self.corrupt = False  # found corrupt while open: every request fails from now on
+        self._change_lock = CrossLoopLock()
+        self._meta_lock = CrossLoopLock()
+        self._decompressed: tuple[int, bytes] | None = None  # (L2 entry, cluster) cache
+        self._dirty_marked = False  # lazy refcounts: the dirty bit is set in the file
+
+    # --- children -------------------------------------------------------------------------
+    @property
+    def file(self) -> BlockNode:
+        return self.children["file"].node
+
+    @property
+    def data_node(self) -> BlockNode:
+        """Where data clusters live: the external data file, or the image file."""
+        child = self.children.get("data-file")
+        return (child or self.children["file"]).node
+
+    @property
+    def backing(self) -> BlockNode | None:
+        return self.child_node("backing")
+
+    def _file_node(self) -> BlockNode:
+        return self.children["file"].node
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def open(self) -> None:
+        file = await self.graph.open_child(self, self.opts["file"])
+        self.attach_child("file", file, *self._storage_perms(Perm(0), PERM_ALL))
+        self.read_only = self.read_only or file.read_only
+        first = bytearray(min(file.length(), 1 << hdr.MAX_CLUSTER_BITS))
+        if first:
+            await file.read(0, memoryview(first))
+        try:
+            h = hdr.parse_header(
+                first, read_only=self.read_only, data_file_given="data-file" in self.opts
+            )
+        except hdr.Qcow2Error as err:
+            raise QMPError(str(err)) from err
+        self.header = h
+        self.cluster_bits, self.cluster_size = h.cluster_bits, h.cluster_size
+        self.size = h.size
+        entry_size = 16 if h.extended_l2 else 8
+        self.options = parse_options(
+            self.opts, cluster_size=h.cluster_size, virtual_size=h.size, l2_entry_size=entry_size
+        )
+        if self.options.lazy_refcounts and h.version < 3:
+            raise QMPError(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+            )
+        await self._open_data_file(h)
+        await self._load_tables(h)
+        await self._open_backing(h)
+        if not self.read_only:
+            await self._open_for_writing(h)
+
+    async def _open_data_file(self, h: hdr.Qcow2Header) -> None:
+        ref = self.opts.get("data-file")
+        if ref is None and h.has_data_file:
+            if h.data_file is None:
+                raise QMPError(
+                    "Image has an external data file but no data-file option was given"
+                )
+            ref = {"driver": "file", "filename": self._relative(h.data_file)}
+        if ref is None:
+            return
+        if not h.has_data_file:
+            raise QMPError("'data-file' can only be set for images with an external data file")
+        node = await self.graph.open_child(self, ref)
+        self.attach_child("data-file", node, *self._data_perms(Perm(0), PERM_ALL))
+
+    async def _load_tables(self, h: hdr.Qcow2Header) -> None:
+        file = self.file
+        opts = self.options
+        assert opts is not None
+        l1 = await self._read_table(h.l1_table_offset, h.l1_size)
+        ref_entries = (h.refcount_table_clusters << h.cluster_bits) // 8
+        reftable = await self._read_table(h.refcount_table_offset, ref_entries)
+        refcache = MetaCache(
+            "refcount", self._file_node, h.cluster_size, opts.refcount_cache_size // h.cluster_size
+        )
+        l2cache = MetaCache(
+            "l2",
+            self._file_node,
+            opts.l2_cache_entry_size,
+            opts.l2_cache_size // opts.l2_cache_entry_size,
+        )
+        self.refcounts = Refcounts(
+            self._file_node, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
+            reftable, refcache,
+        )  # fmt: skip
+        self.refcounts.high_water = -(-file.length() // h.cluster_size)
+        self.refcounts.on_free = self._discard_freed
+        self.map = ClusterMap(
+            self._file_node, h.cluster_bits, h.extended_l2, h.l1_table_offset, l1, l2cache,
+            self.refcounts,
+        )  # fmt: skip
+
+    async def _read_table(self, offset: int, entries: int) -> list[int]:
+        if not entries:
+            return []
+        buf = bytearray(entries * 8)
+        await self.file.read(offset, memoryview(buf))
+        return [v for (v,) in _U64.iter_unpack(buf)]
+
+    async def _open_backing(self, h: hdr.Qcow2Header) -> None:
+        """``backing``: a node, null (none), or absent: the header's backing file, opened
+        read-only as an implicit node (format from the header, else probed)."""
+        if "backing" in self.opts:
+            ref = self.opts["backing"]
+            if ref is None:
+                return
+        elif h.backing_file is None:
+            return
+        else:
+            ref = {
+                "driver": h.backing_format or await self._probe(self._relative(h.backing_file)),
+                "read-only": True,
+                "file": {"driver": "file", "filename": self._relative(h.backing_file)},
+            }
+            if ref["driver"] == "file":
+                ref = {**ref["file"], "read-only": True}
+        node = await self.graph.open_child(self, ref)
+        self.attach_child("backing", node, *self._cow_perms(Perm(0), PERM_ALL))
+
+    async def _probe(self, path: str) -> str:
+        """The format of a backing file named without one: qcow2 by its magic, else raw."""
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as err:
+            raise QMPError(
+                f"Could not open backing file: Could not open '{path}': {os.strerror(err.errno)}"
+            ) from err
+        return "qcow2" if magic == b"QFI\xfb" else "raw"
+
+    def _relative(self, name: str) -> str:
+        """A file name from the header, relative to the image's directory (QEMU's rule)."""
+        if os.path.isabs(name):
+            return name
+        base = self.file.filename()
+        return os.path.join(os.path.dirname(base), name)
+
+    async def _open_for_writing(self, h: hdr.Qcow2Header) -> None:
+        if h.needs_rewrite:
+            await self._write_header()
+        if h.dirty:
+            log.warning("qcow2 image '%s' is dirty: rebuilding its refcounts", self.filename())
+            from qsd_py.block.qcow2.repair import rebuild_refcounts
+
+            await rebuild_refcounts(self)
+            await self._set_incompatible(h.incompatible_features & ~hdr.INCOMPAT_DIRTY)
+
+    def close(self) -> None:
+        """Metadata is written back by :meth:`aclose` (the graph's shutdown awaits it);
+        here only what must happen synchronously."""
+
+    async def prepare_close(self) -> None:
+        """Write back the caches and clear the dirty bit of lazy refcounts."""
+        if self.read_only or self.map is None or self.corrupt:
+            return
+        await self.do_flush()
+        if self._dirty_marked:
+            assert self.header is not None
+            await self._set_incompatible(self.header.incompatible_features & ~hdr.INCOMPAT_DIRTY)
+            await self.file.flush()
+            self._dirty_marked = False
+
+    # --- permissions ----------------------------------------------------------------------
+    def _storage_perms(self, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        """The ``file`` child holds data and metadata: QEMU's rule for storage children."""
+        passthrough = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+        perm = (perm & passthrough) | Perm.CONSISTENT_READ
+        shared = (shared & passthrough) | Perm.WRITE_UNCHANGED
+        if not self.read_only:
+            perm |= Perm.WRITE | Perm.RESIZE
+        return perm, shared & ~(Perm.WRITE | Perm.RESIZE)
+
+    def _data_perms(self, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        passthrough = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+        perm = (perm & passthrough) | Perm.CONSISTENT_READ
+        if not self.read_only:
+            perm |= Perm.WRITE | Perm.RESIZE
+        return perm, ((shared & passthrough) | Perm.WRITE_UNCHANGED) & ~Perm.RESIZE
+
+    @staticmethod
+    def _cow_perms(perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        """The ``backing`` child is only read; others may not write it unless our users
+        share writes (QEMU's rule for COW children)."""
+        new_shared = (Perm.WRITE | Perm.RESIZE) if shared & Perm.WRITE else Perm(0)
+        new_shared |= Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+        return perm & Perm.CONSISTENT_READ, new_shared
+
+    def apply_perms(self, perm: Perm, shared: Perm) -> None:
+        rules = {"file": self._storage_perms, "data-file": self._data_perms,
+                 "backing": self._cow_perms}  # fmt: skip
+        for role, child in list(self.children.items()):
+            child.set_perms(*rules[role](perm, shared))
+
+    # --- header writes --------------------------------------------------------------------
+    async def _set_incompatible(self, bits: int) -> None:
+        assert self.header is not None
+        self.header.incompatible_features = bits
+        await self.file.write(_INCOMPAT_AT, _U64.pack(bits))
+
+    async def _write_header(self) -> None:
+        assert self.header is not None
+        await self.file.write(0, hdr.serialize_header(self.header))
+        await self.file.flush()
+
+    async def _mark_dirty(self) -> None:
+        """Lazy refcounts: set the dirty bit (on disk) before the first unordered write."""
+        if self._dirty_marked or not self._lazy():
+            return
+        assert self.header is not None
+        await self._set_incompatible(self.header.incompatible_features | hdr.INCOMPAT_DIRTY)
+        await self.file.flush()
+        self._dirty_marked = True
+
+    def _lazy(self) -> bool:
+        assert self.header is not None and self.options is not None
+        lazy = self.options.lazy_refcounts
+        return self.header.lazy_refcounts if lazy is None else lazy
+
+    async def _signal_corruption(self, msg: str, offset: int = -1, size: int = -1) -> None:
+        """QEMU's reaction to metadata found wrong at run time: report, set the corrupt bit,
+        emit BLOCK_IMAGE_CORRUPTED, and fail every request from now on."""
+        if not self.corrupt:
+            log.error(
+                "qcow2: Marking image as corrupt: %s; further corruption events will be "
+                "suppressed",
+                msg,
+            )
+            self.corrupt = True
+            data: dict[str, Any] = {"device": "", "node-name": self.node_name, "msg": msg}
+            if offset >= 0:
+                data["offset"] = offset
+            if size >= 0:
+                data["size"] = size
+            data["fatal"] = True
+            self.graph.emit_event("BLOCK_IMAGE_CORRUPTED", data)
+            if not self.read_only and self.header is not None:
+                try:
+                    await self._set_incompatible(
+                        self.header.incompatible_features | hdr.INCOMPAT_CORRUPT
+                    )
+                    await self.file.flush()
+                except OSError:
+                    log.exception("qcow2: could not set the corrupt bit")
+
+    def _check_usable(self) -> None:
+        if self.corrupt:
+            raise OSError(errno.EIO, "Image is corrupt")
+
+    # --- size -----------------------------------------------------------------------------
+    def length(self) -> int:
+        return self.size
+
+    async def do_allocated_size(self) -> int:
+        total = await self.file.allocated_size()
+        if "data-file" in self.children:
+            total += await self.children["data-file"].node.allocated_size()
+        return total
+
+    def allocated_size_now(self) -> int:
+        total = self.file.allocated_size_now()
+        if "data-file" in self.children:
+            total += self.children["data-file"].node.allocated_size_now()
+        return total
+
+    # --- mapping --------------------------------------------------------------------------
+    async def _runs(self, offset: int, length: int) -> list[Run]:
+        """What ``[offset, offset + length)`` reads from, as merged runs (metadata lock
+        held by the caller)."""
+        assert self.map is not None
+        runs: list[Run] = []
+        pos, end = offset, offset + length
+        cs = self.cluster_size
+        while pos < end:
+            guest_cluster = pos >> self.cluster_bits
+            l2e, bitmap = await self.map.entry(guest_cluster)
+            in_cluster = pos & (cs - 1)
+            n = min(end - pos, cs - in_cluster)
+            for kind, host, piece in self._classify(guest_cluster, l2e, bitmap, in_cluster, n):
+                _append_run(runs, kind, pos, piece, host)
+                pos += piece
+        return runs
+
+    def _classify(
+        self, guest_cluster: int, l2e: int, bitmap: int, in_cluster: int, n: int
+    ) -> list[tuple[int, int, int]]:
+        """``(kind, host, bytes)`` pieces of one cluster's ``[in_cluster, +n)``."""
+        if l2e & OFLAG_COMPRESSED:
+            return [(COMPRESSED, l2e, n)]
+        offset = l2e & L2E_OFFSET_MASK
+        if offset & (self.cluster_size - 1):
+            raise MappingError(
+                f"Cluster allocation offset {offset:#x} unaligned (guest offset "
+                f"{guest_cluster << self.cluster_bits:#x})"
+            )
+        if self.map is not None and not self.map.extended:
+            if l2e & OFLAG_ZERO:
+                return [(ZERO, 0, n)]
+            if offset:
+                return [(DATA, offset + in_cluster, n)]
+            return [(UNALLOC, 0, n)]
+        return self._classify_subclusters(l2e, bitmap, offset, in_cluster, n)
+
+    def _classify_subclusters(
+        self, l2e: int, bitmap: int, offset: int, in_cluster: int, n: int
+    ) -> list[tuple[int, int, int]]:
+        sc_size = self.cluster_size // SUBCLUSTERS
+        pieces: list[tuple[int, int, int]] = []
+        pos, end = in_cluster, in_cluster + n
+        while pos < end:
+            sc = pos // sc_size
+            alloc, zero = bitmap >> sc & 1, bitmap >> (32 + sc) & 1
+            if alloc and zero:
+                raise MappingError("Subcluster both allocated and zero")
+            if zero:
+                kind, host = ZERO, 0
+            elif alloc:
+                if not offset:
+                    raise MappingError("Allocated subcluster in an unallocated cluster")
+                kind, host = DATA, offset + pos
+            else:
+                kind, host = UNALLOC, 0
+            piece = min(end, (sc + 1) * sc_size) - pos
+            pieces.append((kind, host, piece))
+            pos += piece
+        return pieces
+
+    async def _lookup(self, offset: int, length: int) -> list[Run]:
+        """The runs of a request, with its data clusters marked busy (release them with
+        :meth:`_release`). A wrong table entry marks the image corrupt (EIO)."""
+        self._check_usable()
+        async with self._meta_lock:
+            try:
+                runs = await self._runs(offset, length)
+            except MappingError as err:
+                await self._signal_corruption(str(err))
+                raise OSError(errno.EIO, str(err)) from err
+            self._hold(runs)
+        return runs
+
+    def _hold(self, runs: list[Run]) -> None:
+        assert self.refcounts is not None
+        for run in runs:
+            if run.kind == DATA:
+                for index in self._host_clusters(run.host, run.n):
+                    self.refcounts.hold(index)
+
+    def _release(self, runs: list[Run]) -> None:
+        assert self.refcounts is not None
+        for run in runs:
+            if run.kind == DATA:
+                for index in self._host_clusters(run.host, run.n):
+                    self.refcounts.release(index)
+
+    def _host_clusters(self, host: int, n: int) -> range:
+        return range(host >> self.cluster_bits, ((host + n - 1) >> self.cluster_bits) + 1)
+
+    # --- read -----------------------------------------------------------------------------
+    async def do_read(self, offset: int, buf: memoryview) -> None:
+        runs = await self._lookup(offset, len(buf))
+        try:
+            for run in runs:
+                part = buf[run.offset - offset : run.offset - offset + run.n]
+                await self._read_run(run, part)
+        finally:
+            self._release(runs)
+
+    async def _read_run(self, run: Run, part: memoryview) -> None:
+        if run.kind == DATA:
+            await self.data_node.read(run.host, part)
+        elif run.kind == ZERO:
+            _zero(part)
+        elif run.kind == UNALLOC:
+            await self._read_backing(run.offset, part)
+        else:
+            cluster = await self._decompress(run.host)
+            start = run.offset & (self.cluster_size - 1)
+            part[:] = cluster[start : start + run.n]
+
+    async def _read_backing(self, offset: int, part: memoryview) -> None:
+        """Unallocated here: the backing node's bytes, zeroes past its end or without one."""
+        backing = self.backing
+        n = 0
+        if backing is not None:
+            n = max(0, min(len(part), backing.length() - offset))
+            if n:
+                await backing.read(offset, part[:n])
+        if n < len(part):
+            _zero(part[n:])
+
+    async def _decompress(self, l2e: int) -> bytes:
+        cached = self._decompressed
+        if cached is not None and cached[0] == l2e:
+            return cached[1]
+        from qsd_py.block.qcow2.compress import decompress_cluster
+
+        assert self.header is not None
+        host, nbytes = compressed_range(l2e, self.cluster_bits)
+        nbytes = max(0, min(nbytes, self.file.length() - host))
+        raw = bytearray(nbytes)
+        if nbytes:
+            await self.file.read(host, memoryview(raw))
+        try:
+            data = decompress_cluster(bytes(raw), self.cluster_size, self.header.compression_type)
+        except Exception as err:  # noqa: BLE001 - any decoder failure is EIO
+            raise OSError(errno.EIO, f"Could not decompress cluster at {host:#x}") from err
+        self._decompressed = (l2e, data)
+        return data
+
+    # --- write ----------------------------------------------------------------------------
+    async def do_write(self, offset: int, data: Buffer) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, "Block node is read-only")
+        buf = data if isinstance(data, memoryview) else memoryview(data)
+        self._check_usable()
+        pending: list[tuple[int, int]] = []  # (offset, n) of clusters needing allocation
+        async with self._meta_lock:
+            plan = await self._write_plan(offset, len(buf), pending)
+            self._hold(plan)
+        try:
+            for run in plan:
+                part = buf[run.offset - offset : run.offset - offset + run.n]
+                await self._write_in_place(run.host, part)
+        finally:
+            self._release(plan)
+        for start, n in pending:
+            await self._allocating_write(start, buf[start - offset : start - offset + n])
+
+    async def _write_plan(
+        self, offset: int, length: int, pending: list[tuple[int, int]]
+    ) -> list[Run]:
+        """Split a write into in-place runs (returned) and clusters that need allocation
+        or copy-on-write (appended to ``pending``)."""
+        assert self.map is not None
+        runs: list[Run] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            guest_cluster = pos >> self.cluster_bits
+            in_cluster = pos & (self.cluster_size - 1)
+            n = min(end - pos, self.cluster_size - in_cluster)
+            l2e, bitmap = await self.map.entry(guest_cluster)
+            host = self._in_place_host(l2e, bitmap, in_cluster, n)
+            if host:
+                _append_run(runs, DATA, pos, n, host)
+            else:
+                pending.append((pos, n))
+            pos += n
+        return runs
+
+    def _in_place_host(self, l2e: int, bitmap: int, in_cluster: int, n: int) -> int:
+        """The host offset to write ``[in_cluster, +n)`` of a cluster to without changing
+        metadata, or 0: only a normal cluster of this image alone (COPIED), and with
+        extended L2 only where every touched subcluster is allocated."""
+        if l2e & OFLAG_COMPRESSED or not l2e & OFLAG_COPIED:
+            return 0
+        offset = l2e & L2E_OFFSET_MASK
+        if not offset or offset & (self.cluster_size - 1):
+            return 0
+        assert self.map is not None
+        if self.map.extended:
+            mask = _subcluster_mask(in_cluster, n, self.cluster_size)
+            if bitmap & mask != mask or (bitmap >> 32) & mask:
+                return 0
+        elif l2e & OFLAG_ZERO:
+            return 0
+        return offset + in_cluster
+
+    async def _write_in_place(self, host: int, part: memoryview) -> None:
+        self._check_overlap(host, len(part))
+        await self.data_node.write(host, part)
+
+    def _check_overlap(self, host: int, n: int) -> None:
+        """Data must never land on the image's own metadata (QEMU's overlap check)."""
+        if "data-file" in self.children:
+            return
+        assert self.header is not None and self.refcounts is not None and self.map is not None
+        h = self.header
+        end = host + n
+        regions = [
+            (0, self.cluster_size, "header"),
+            (self.map.l1_offset, len(self.map.l1) * 8, "active L1 table"),
+            (self.refcounts.table_offset, len(self.refcounts.table) * 8, "refcount table"),
+        ]
+        if h.nb_snapshots:
+            regions.append((h.snapshots_offset, 1, "snapshot table"))
+        for start, size, what in regions:
+            if host < start + size and start < end:
+                raise CorruptImage(
+                    errno.EIO, f"Preventing invalid write on metadata (overlaps with {what})"
+                )
+
+    async def _allocating_write(self, offset: int, part: memoryview) -> None:
+        """Write into one cluster that needs metadata changes: serialised, looked up again
+        (an earlier write may have allocated it meanwhile)."""
+        async with self._change_lock:
+            async with self._meta_lock:
+                await self._mark_dirty()
+                assert self.map is not None
+                guest_cluster = offset >> self.cluster_bits
+                in_cluster = offset & (self.cluster_size - 1)
+                l2e, bitmap = await self.map.entry(guest_cluster)
+                host = self._in_place_host(l2e, bitmap, in_cluster, len(part))
+            if host:
+                await self._write_in_place(host, part)
+                return
+            await self._cow_write(guest_cluster, l2e, bitmap, in_cluster, part)
+
+    async def _cow_write(
+        self, guest_cluster: int, l2e: int, bitmap: int, in_cluster: int, part: memoryview
+    ) -> None:
+        """Allocate (or reuse, for a subcluster of a cluster of ours) a host cluster, fill
+        it from where the cluster reads now around the new data, then point the L2 entry at
+        it and drop the old cluster's reference."""
+        assert self.map is not None and self.refcounts is not None
+        cs = self.cluster_size
+        extended = self.map.extended
+        own = (
+            extended
+            and l2e & OFLAG_COPIED
+            and not l2e & OFLAG_COMPRESSED
+            and l2e & L2E_OFFSET_MASK
+        )
+        # The span to write: the whole cluster, or (extended L2) whole subclusters.
+        if extended:
+            sc = cs // SUBCLUSTERS
+            lo = in_cluster - in_cluster % sc
+            hi = -(-(in_cluster + len(part)) // sc) * sc
+            if not own and l2e & OFLAG_COMPRESSED:
+                lo, hi = 0, cs  # a compressed cluster is copied whole
+            elif not own and bitmap & 0xFFFFFFFF and l2e & L2E_OFFSET_MASK:
+                lo, hi = 0, cs  # a shared cluster with data: copied whole
+        else:
+            lo, hi = 0, cs
+        guest_base = guest_cluster << self.cluster_bits
+        async with self._meta_lock:
+            # Fresh: past every cluster ever used, so it reads as zeroes already.
+            never_used = self.refcounts.high_water
+            if own:
+                new_host = l2e & L2E_OFFSET_MASK
+            elif "data-file" in self.children:
+                new_host = guest_base  # an external data file maps guest = host offsets
+                never_used = 1 << 62
+            else:
+                new_host = await self.refcounts.allocate(cs)
+            fresh = not own and (new_host >> self.cluster_bits) >= never_used
+            self.refcounts.hold(new_host >> self.cluster_bits)
+        try:
+            span = bytearray(hi - lo)
+            view = memoryview(span)
+            head = in_cluster - lo
+            tail = head + len(part)
+            skip_zero_cow = fresh and self._reads_zero_everywhere(l2e, bitmap)
+            if not skip_zero_cow:
+                if head:
+                    await self._read_old(guest_base + lo, l2e, bitmap, view[:head])
+                if tail < len(span):
+                    await self._read_old(guest_base + lo + tail, l2e, bitmap, view[tail:])
+                view[head:tail] = part
+                self._check_overlap(new_host + lo, len(span))
+                await self.data_node.write(new_host + lo, view)
+            else:
+                self._check_overlap(new_host + in_cluster, len(part))
+                await self.data_node.write(new_host + in_cluster, part)
+            async with self._meta_lock:
+                await self._link(guest_cluster, l2e, bitmap, new_host, lo, hi, own)
+        finally:
+            self.refcounts.release(new_host >> self.cluster_bits)
+
+    def _reads_zero_everywhere(self, l2e: int, bitmap: int) -> bool:
+        """Whether the cluster's old content is all zeroes without reading anything."""
+        if l2e & OFLAG_COMPRESSED:
+            return False
+        if self.map is not None and self.map.extended:
+            if bitmap & 0xFFFFFFFF:
+                return False
+            if bitmap >> 32 == 0xFFFFFFFF:
+                return True
+        elif l2e & OFLAG_ZERO:
+            return True
+        elif l2e & L2E_OFFSET_MASK:
+            return False
+        return self.backing is None
+
+    async def _read_old(self, offset: int, l2e: int, bitmap: int, out: memoryview) -> None:
+        """What ``out``'s range of the guest reads now (copy-on-write source)."""
+        in_cluster = offset & (self.cluster_size - 1)
+        guest_cluster = offset >> self.cluster_bits
+        pos = 0
+        for kind, host, n in self._classify(guest_cluster, l2e, bitmap, in_cluster, len(out)):
+            await self._read_run(Run(kind, offset + pos, n, host), out[pos : pos + n])
+            pos += n
+
+    async def _link(
+        self,
+        guest_cluster: int,
+        old: int,
+        bitmap: int,
+        new_host: int,
+        lo: int,
+        hi: int,
+        own: bool,
+    ) -> None:
+        """Point the entry at the new cluster (after its refcount: the L2 cache depends on
+        the refcount cache), then drop the old cluster's reference."""
+        assert self.map is not None and self.refcounts is not None
+        new_bitmap = 0
+        if self.map.extended:
+            mask = _subcluster_mask(lo, hi - lo, self.cluster_size)
+            new_bitmap = (bitmap | mask) & ~(mask << 32)
+            if not own and (lo, hi) == (0, self.cluster_size):
+                new_bitmap = 0xFFFFFFFF
+            elif not own:
+                new_bitmap = mask | (bitmap & ~mask & (0xFFFFFFFF << 32))
+        if not self._lazy():
+            await self.map.cache.depend_on(self.refcounts.cache)
+        await self.map.set_entry(guest_cluster, new_host | OFLAG_COPIED, new_bitmap)
+        if not own:
+            await self._free_entry(old, DISCARD_OTHER)
+
+    async def _free_entry(self, l2e: int, discard_type: int) -> None:
+        """Drop the reference an old L2 entry held (data or compressed clusters); the L2
+        update must reach the disk first (the refcount cache depends on the L2 cache)."""
+        assert self.map is not None and self.refcounts is not None
+        if l2e & OFLAG_COMPRESSED:
+            host, nbytes = compressed_range(l2e, self.cluster_bits)
+            start, n = host & ~511, nbytes
+        else:
+            start, n = l2e & L2E_OFFSET_MASK, self.cluster_size
+            if not start or "data-file" in self.children:
+                return  # nothing allocated, or data clusters are not refcounted
+        if not self._lazy():
+            await self.refcounts.cache.depend_on(self.map.cache)
+        await self.refcounts.free(start, n, discard_type)
+
+    async def _discard_freed(self, offset: int, nbytes: int, kind: int) -> None:
+        """A cluster's last reference went: pass the discard to the file if allowed."""
+        opts = self.options
+        assert opts is not None
+        allowed = {
+            DISCARD_REQUEST: opts.pass_discard_request,
+            DISCARD_SNAPSHOT: opts.pass_discard_snapshot,
+            DISCARD_OTHER: opts.pass_discard_other,
+            DISCARD_ALWAYS: True,
+        }[kind]
+        if allowed:
+            await self.file.discard(offset, nbytes)
+
+    # --- flush ----------------------------------------------------------------------------
+    async def do_flush(self) -> None:
+        if self.map is not None and not self.read_only and not self.corrupt:
+            assert self.refcounts is not None
+            async with self._meta_lock:
+                await self.map.cache.write_back()
+                await self.refcounts.cache.write_back()
+        if "data-file" in self.children:
+            await self.children["data-file"].node.flush()
+        await self.file.flush()
+
+    # --- zeroes and discard ----------------------------------------------------------------
+    async def do_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        if self.read_only:
+            raise OSError(errno.EROFS, "Block node is read-only")
+        self._check_usable()
+        assert self.header is not None
+        unmap = unmap and self.discard_unmap
+        grain = self._grain()
+        if self.header.version < 3:
+            await self._write_zero_buffers(offset, length)
+            return
+        start = -(-offset // grain) * grain
+        end = (offset + length) // grain * grain
+        if offset + length == self.size:
+            end = self.size if start <= self.size else end
+        if start >= end:
+            await self._write_zero_buffers(offset, length)
+            return
+        if start > offset:
+            await self._write_zero_buffers(offset, start - offset)
+        await self._zero_clusters(start, end - start, unmap)
+        if offset + length > end:
+            await self._write_zero_buffers(end, offset + length - end)
+
+    def _grain(self) -> int:
+        assert self.map is not None
+        return self.cluster_size // SUBCLUSTERS if self.map.extended else self.cluster_size
+
+    async def _write_zero_buffers(self, offset: int, length: int) -> None:
+        """Zeroes written as data (QEMU's fallback for what zero flags cannot express)."""
+        zeroes = memoryview(_ZEROES)
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZEROES), end - offset)
+            await self.do_write(offset, zeroes[:n])
+            offset += n
+
+    async def _zero_clusters(self, offset: int, length: int, unmap: bool) -> None:
+        """Set the zero flag on whole clusters (subclusters); deallocate with ``unmap``."""
+        assert self.map is not None
+        async with self._change_lock, self._meta_lock:
+            await self._mark_dirty()
+            pos, end = offset, offset + length
+            while pos < end:
+                guest_cluster = pos >> self.cluster_bits
+                in_cluster = pos & (self.cluster_size - 1)
+                n = min(end - pos, self.cluster_size - in_cluster)
+                old, bitmap = await self.map.entry(guest_cluster)
+                if self.map.extended:
+                    await self._zero_subclusters(guest_cluster, old, bitmap, in_cluster, n, unmap)
+                else:
+                    await self._zero_cluster(guest_cluster, old, unmap)
+                pos += n
+
+    async def _zero_cluster(self, guest_cluster: int, old: int, unmap: bool) -> None:
+        assert self.map is not None
+        offset = old & L2E_OFFSET_MASK
+        keep = (
+            not unmap
+            and offset
+            and old & OFLAG_COPIED
+            and not old & OFLAG_COMPRESSED
+        )
+        new = (old | OFLAG_ZERO) if keep else OFLAG_ZERO
+        if new == old:
+            return
+        await self.map.set_entry(guest_cluster, new)
+        if not keep:
+            await self._free_entry(old, DISCARD_REQUEST)
+
+    async def _zero_subclusters(
+        self, guest_cluster: int, old: int, bitmap: int, in_cluster: int, n: int, unmap: bool
+    ) -> None:
+        assert self.map is not None
+        mask = _subcluster_mask(in_cluster, n, self.cluster_size)
+        whole = mask == 0xFFFFFFFF
+        if old & OFLAG_COMPRESSED or (old & L2E_OFFSET_MASK and not old & OFLAG_COPIED):
+            if not whole:
+                # A shared or compressed cluster cannot be zeroed in part by flags alone.
+                guest = (guest_cluster << self.cluster_bits) + in_cluster
+                self._change_lock_held = True
+                await self._cow_zero(guest, n)
+                return
+            await self.map.set_entry(guest_cluster, 0, ALL_ZERO_BITMAP)
+            await self._free_entry(old, DISCARD_REQUEST)
+            return
+        if whole and unmap and old & L2E_OFFSET_MASK:
+            await self.map.set_entry(guest_cluster, 0, ALL_ZERO_BITMAP)
+            await self._free_entry(old, DISCARD_REQUEST)
+            return
+        new_bitmap = (bitmap & ~mask) | (mask << 32)
+        if new_bitmap != bitmap:
+            await self.map.set_entry(guest_cluster, old, new_bitmap)
+
+    async def _cow_zero(self, offset: int, n: int) -> None:
+        raise OSError(errno.ENOTSUP, "partial zeroing of a shared cluster")
+
+    async def do_discard(self, offset: int, length: int) -> None:
+        """Whole clusters (subclusters) only, as QEMU's generic layer aligns discards; the
+        entry becomes unallocated, or reads as zero where a backing node would show
+        through (v3), and the cluster's reference is dropped unless ``discard-no-unref``."""
+        if not self.discard_unmap or self.read_only:
+            return
+        self._check_usable()
+        assert self.map is not None and self.options is not None
+        grain = self._grain()
+        start = -(-offset // grain) * grain
+        end = (offset + length) // grain * grain
+        if offset + length >= self.size:
+            end = self.size
+        if start >= end:
+            return
+        async with self._change_lock, self._meta_lock:
+            pos = start
+            while pos < end:
+                guest_cluster = pos >> self.cluster_bits
+                in_cluster = pos & (self.cluster_size - 1)
+                n = min(end - pos, self.cluster_size - in_cluster)
+                old, bitmap = await self.map.entry(guest_cluster)
+                await self._discard_cluster(guest_cluster, old, bitmap, in_cluster, n)
+                pos += n
+
+    async def _discard_cluster(
+        self, guest_cluster: int, old: int, bitmap: int, in_cluster: int, n: int
+    ) -> None:
+        assert self.map is not None and self.header is not None and self.options is not None
+        allocated = bool(old & L2E_OFFSET_MASK) or bool(old & OFLAG_COMPRESSED)
+        if self.map.extended and n < self.cluster_size:
+            mask = _subcluster_mask(in_cluster, n, self.cluster_size)
+            new_bitmap = (bitmap & ~mask) | ((mask << 32) if self.backing is not None else 0)
+            if not old & OFLAG_COMPRESSED and new_bitmap != bitmap:
+                await self.map.set_entry(guest_cluster, old, new_bitmap)
+            return
+        if self.backing is not None or allocated:
+            if self.map.extended:
+                new, new_bitmap = 0, ALL_ZERO_BITMAP
+            else:
+                new, new_bitmap = (OFLAG_ZERO if self.header.version >= 3 else 0), 0
+        else:
+            new, new_bitmap = 0, 0
+        if self.options.discard_no_unref and allocated and not old & OFLAG_COMPRESSED:
+            # Keep the cluster (and its reference): only say it reads as zeroes.
+            if self.map.extended:
+                new, new_bitmap = old, ALL_ZERO_BITMAP
+            else:
+                new = old | OFLAG_ZERO
+            if (new, new_bitmap) != (old, bitmap):
+                await self.map.set_entry(guest_cluster, new, new_bitmap)
+            return
+        if (new, new_bitmap) == (old, bitmap):
+            return
+        await self.map.set_entry(guest_cluster, new, new_bitmap)
+        if allocated:
+            await self._free_entry(old, DISCARD_REQUEST)
+
+    # --- block status -----------------------------------------------------------------------
+    async def do_block_status(self, offset: int, length: int) -> BlockStatus:
+        self._check_usable()
+        async with self._meta_lock:
+            try:
+                runs = await self._runs(offset, min(length, 64 * self.cluster_size))
+            except MappingError as err:
+                raise OSError(errno.EIO, str(err)) from err
+        first = runs[0]
+        if first.kind == DATA:
+            flags = STATUS_DATA | STATUS_OFFSET_VALID
+            return BlockStatus(flags, first.n, self.data_node, first.host)
+        if first.kind == ZERO:
+            return BlockStatus(STATUS_ZERO, first.n)
+        if first.kind == COMPRESSED:
+            return BlockStatus(STATUS_DATA, first.n)
+        return BlockStatus(0, first.n)
+
+    # --- resize ---------------------------------------------------------------------------
+    async def do_truncate(self, length: int) -> None:
+        if self.read_only:
+            raise OSError(errno.EACCES, "Image is read-only")
+        self._check_usable()
+        assert self.header is not None and self.map is not None
+        if length % 512:
+            raise OSError(errno.EINVAL, "The new size must be a multiple of 512")
+        if length < self.size:
+            raise OSError(errno.ENOTSUP, "qcow2 doesn't support shrinking images yet")
+        old = self.size
+        async with self._change_lock, self._meta_lock:
+            need = -(-length // (self.cluster_size << self.map.l2_bits))
+            if need > len(self.map.l1):
+                await self._grow_l1(need)
+            await self.file.write(_SIZE_AT, _U64.pack(length))
+            await self.file.flush()
+            self.size = self.header.size = length
+        backing = self.backing
+        if backing is not None and backing.length() > old and length > old:
+            # The new range must read as zeroes, not as the backing file's data.
+            await self.do_write_zeroes(old, min(length, backing.length()) - old, False)
+
+    async def _grow_l1(self, entries: int) -> None:
+        """A new L1 table of ``entries`` (copied, written, flushed), the header switched to
+        it in one write, then the old one freed."""
+        assert self.map is not None and self.refcounts is not None
+        nbytes = -(-entries * 8 // self.cluster_size) * self.cluster_size
+        new = await self.refcounts.allocate(nbytes)
+        grown = self.map.l1 + [0] * (entries - len(self.map.l1))
+        table = b"".join(_U64.pack(e) for e in grown)
+        await self.refcounts.cache.flush()
+        await self.file.write(new, table + bytes(nbytes - len(table)))
+        await self.file.flush()
+        await self.file.write(_L1_HEADER_AT, _L1_HEADER.pack(entries, new))
+        await self.file.flush()
+        old_offset, old_bytes = self.map.l1_offset, len(self.map.l1) * 8
+        self.map.l1 = grown
+        self.map.l1_offset = new
+        assert self.header is not None
+        self.header.l1_size, self.header.l1_table_offset = entries, new
+        if old_bytes:
+            await self.refcounts.free(old_offset, old_bytes)
+
+    # --- introspection ----------------------------------------------------------------------
+    def filename(self) -> str:
+        return self.file.filename()
+
+
+def _zero(view: memoryview) -> None:
+    zeroes = memoryview(_ZEROES)
+    for pos in range(0, len(view), len(_ZEROES)):
+        n = min(len(_ZEROES), len(view) - pos)
+        view[pos : pos + n] = zeroes[:n]
+
+
+def _append_run(runs: list[Run], kind: int, offset: int, n: int, host: int) -> None:
+    """Add a piece, merged into the last run when it continues it."""
+    if runs:
+        last = runs[-1]
+        if last.kind == kind and last.offset + last.n == offset:
+            if kind in (ZERO, UNALLOC) or (kind == DATA and last.host + last.n == host):
+                last.n += n
+                return
+    runs.append(Run(kind, offset, n, host))
+
+
+def _subcluster_mask(in_cluster: int, n: int, cluster_size: int) -> int:
+    """The bits of the subclusters that ``[in_cluster, +n)`` touches."""
+    sc = cluster_size // SUBCLUSTERS
+    first = in_cluster // sc
+    last = (in_cluster + n - 1) // sc
+    return ((1 << (last - first + 1)) - 1) << first
+
+
