@@ -33,6 +33,7 @@ from qsd_py.block.perm import PERM_ALL, NodeUser, Perm, perm_names
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
+    from qsd_py.block.fast_map import FastTarget
     from qsd_py.block.graph import BlockGraph
 
 Buffer = memoryview | bytearray | bytes
@@ -385,6 +386,12 @@ class BlockNode:
         """This layer's answer: ``STATUS_DATA``/``STATUS_ZERO`` where it holds the range
         (neither: unallocated here), and where the bytes lie when it knows."""
         raise NotImplementedError
+
+    # --- the exports' fast path -------------------------------------------------------------
+    def fast_target(self) -> FastTarget | None:
+        """What this node's bytes are on the host, for exports that read and write them
+        without the node's coroutines (qsd_py/block/fast_map.py); None: always ask the node."""
+        return None
 
     # --- introspection --------------------------------------------------------------------
     format_name: ClassVar[str]

@@ -203,7 +203,7 @@ async def test_snapshot_clusters_are_copied_before_a_write(
     await graph.delete("q")
     assert check(img)[0] == 0
     now = to_raw(img, tmp_path / "now.raw")
-    assert now[4 * KiB : 8 * KiB] == b"\x22" * 4 * KiB and now[:4 * KiB] == b"\x11" * 4 * KiB
+    assert now[4 * KiB : 8 * KiB] == b"\x22" * 4 * KiB and now[: 4 * KiB] == b"\x11" * 4 * KiB
     run([QEMU_IMG, "snapshot", "-a", "before", str(img)])
     assert to_raw(img, tmp_path / "old.raw") == b"\x11" * MiB
 

@@ -19,6 +19,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block import aio
+from qsd_py.block.fast_map import FastTarget
 from qsd_py.block.node import (
     STATUS_DATA,
     STATUS_OFFSET_VALID,
@@ -363,6 +364,11 @@ class FileNode(BlockNode):
             return False, min(data - offset, length)
         hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
         return True, max(1, min(hole - offset, length))
+
+    def fast_target(self) -> FastTarget | None:
+        if self.fd < 0:
+            return None
+        return FastTarget(file=self, writable=not self.read_only)
 
     # --- introspection --------------------------------------------------------------------
     def filename(self) -> str:

@@ -11,6 +11,7 @@ import errno
 import json
 from typing import TYPE_CHECKING, Any
 
+from qsd_py.block.fast_map import FastTarget
 from qsd_py.block.node import (
     STATUS_OFFSET_VALID,
     STATUS_ZERO,
@@ -78,6 +79,11 @@ class NullNode(BlockNode):
         contents are unknown, which SEEK_DATA treats as data)."""
         flags = STATUS_OFFSET_VALID | (STATUS_ZERO if self.read_zeroes else 0)
         return BlockStatus(flags, length, self, offset)
+
+    def fast_target(self) -> FastTarget | None:
+        if self.latency:
+            return None  # the delay is the node's to keep
+        return FastTarget(null=True, read_zeroes=self.read_zeroes, writable=not self.read_only)
 
     def filename(self) -> str:
         desc = {k: self.opts[k] for k in ("read-zeroes",) if k in self.opts}

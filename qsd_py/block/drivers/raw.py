@@ -15,6 +15,7 @@ from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
+    from qsd_py.block.fast_map import FastTarget
     from qsd_py.block.graph import BlockGraph
 
 
@@ -108,6 +109,15 @@ class RawNode(BlockNode):
     async def do_block_status(self, offset: int, length: int) -> BlockStatus:
         """The file's status at the same place (QEMU's BDRV_BLOCK_RAW, resolved here)."""
         return await self.file.block_status(offset + self.offset, length)
+
+    def fast_target(self) -> FastTarget | None:
+        """The file's target shifted by the window (a window over a format's mapping would
+        need the shift before the lookup: not offered)."""
+        target = self.file.fast_target()
+        if target is None or (target.table is not None and self.offset):
+            return None
+        writable = target.writable and not self.read_only
+        return target._replace(base=target.base + self.offset, writable=writable)
 
     # --- introspection --------------------------------------------------------------------
     def filename(self) -> str:

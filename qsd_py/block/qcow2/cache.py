@@ -45,6 +45,9 @@ class MetaCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, offset: object) -> bool:
+        return offset in self._entries
+
     @property
     def dirty(self) -> bool:
         return bool(self._dirty)

@@ -54,6 +54,8 @@ class ClusterMap:
         self.l1 = l1
         self.cache = cache
         self.refcounts = refcounts
+        # Told every entry it learns or changes: (guest cluster, l2 entry, bitmap).
+        self.publish: Callable[[int, int, int], None] | None = None
 
     # --- where an entry lives -----------------------------------------------------------
     def _split(self, guest_cluster: int) -> tuple[int, int]:
@@ -81,10 +83,24 @@ class ClusterMap:
             return 0, 0
         l2_index = guest_cluster & (self.l2_entries - 1)
         slice_off, at = self._slice_at(table, l2_index)
+        loaded = slice_off in self.cache
         buf = await self.cache.get(slice_off)
+        if not loaded and self.publish is not None:
+            self._publish_slice(guest_cluster - at // self.entry_size, buf)
         if self.extended:
             return _U64X2.unpack_from(buf, at)
         return _U64.unpack_from(buf, at)[0], 0
+
+    def _publish_slice(self, first_cluster: int, buf: bytearray) -> None:
+        """Tell ``publish`` every entry of a slice just read from the image."""
+        publish = self.publish
+        assert publish is not None
+        if self.extended:
+            for i, (l2e, bitmap) in enumerate(_U64X2.iter_unpack(buf)):
+                publish(first_cluster + i, l2e, bitmap)
+        else:
+            for i, (l2e,) in enumerate(_U64.iter_unpack(buf)):
+                publish(first_cluster + i, l2e, 0)
 
     def peek(self, guest_cluster: int) -> tuple[int, int] | None:
         """The entry if its slice is cached (no I/O, no await), else None."""
@@ -110,6 +126,8 @@ class ClusterMap:
         else:
             _U64.pack_into(buf, at, l2_entry)
         self.cache.mark_dirty(slice_off)
+        if self.publish is not None:
+            self.publish(guest_cluster, l2_entry, bitmap)
 
     async def _writable_table(self, l1_index: int) -> int:
         if l1_index >= len(self.l1):

@@ -24,6 +24,8 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from qsd_py.block import fast_map
+from qsd_py.block.fast_map import ClusterTable, FastTarget
 from qsd_py.block.lock import CrossLoopLock
 from qsd_py.block.node import (
     STATUS_DATA,
@@ -67,6 +69,8 @@ _ZEROES = bytes(1 << 16)
 SUBCLUSTERS = 32
 ALL_ZERO_BITMAP = 0xFFFFFFFF << 32
 
+_FAST_ZEROES = fast_map.ZERO | fast_map.VALID
+
 # Discard pass-through types (QEMU's QCOW2_DISCARD_*).
 DISCARD_REQUEST, DISCARD_SNAPSHOT, DISCARD_OTHER, DISCARD_ALWAYS = range(4)
 
@@ -104,6 +108,7 @@ class Qcow2Node(BlockNode):
         self._change_lock = CrossLoopLock()
         self._meta_lock = CrossLoopLock()
         self._decompressed: tuple[int, bytes] | None = None  # (L2 entry, cluster) cache
+        self.table: ClusterTable | None = None  # what exports' fast paths may use
         self._dirty_marked = False  # lazy refcounts: the dirty bit is set in the file
 
     # --- children -------------------------------------------------------------------------
@@ -159,9 +164,7 @@ class Qcow2Node(BlockNode):
         ref = self.opts.get("data-file")
         if ref is None and h.has_data_file:
             if h.data_file is None:
-                raise QMPError(
-                    "Image has an external data file but no data-file option was given"
-                )
+                raise QMPError("Image has an external data file but no data-file option was given")
             ref = {"driver": "file", "filename": self._relative(h.data_file)}
         if ref is None:
             return
@@ -196,6 +199,8 @@ class Qcow2Node(BlockNode):
             self._file_node, h.cluster_bits, h.extended_l2, h.l1_table_offset, l1, l2cache,
             self.refcounts,
         )  # fmt: skip
+        self.table = ClusterTable(h.cluster_bits, -(-h.size // h.cluster_size))
+        self.map.publish = self._publish
 
     async def _read_table(self, offset: int, entries: int) -> list[int]:
         if not entries:
@@ -253,8 +258,10 @@ class Qcow2Node(BlockNode):
             await self._set_incompatible(h.incompatible_features & ~hdr.INCOMPAT_DIRTY)
 
     def close(self) -> None:
-        """Metadata is written back by :meth:`aclose` (the graph's shutdown awaits it);
-        here only what must happen synchronously."""
+        """Metadata was written back by :meth:`prepare_close`; drop the fast-path table."""
+        if self.table is not None:
+            self.table.close()
+            self.table = None
 
     async def prepare_close(self) -> None:
         """Write back the caches and clear the dirty bit of lazy refcounts."""
@@ -328,11 +335,12 @@ class Qcow2Node(BlockNode):
         emit BLOCK_IMAGE_CORRUPTED, and fail every request from now on."""
         if not self.corrupt:
             log.error(
-                "qcow2: Marking image as corrupt: %s; further corruption events will be "
-                "suppressed",
+                "qcow2: Marking image as corrupt: %s; further corruption events will be suppressed",
                 msg,
             )
             self.corrupt = True
+            if self.table is not None:
+                self.table.clear_all()
             data: dict[str, Any] = {"device": "", "node-name": self.node_name, "msg": msg}
             if offset >= 0:
                 data["offset"] = offset
@@ -621,10 +629,7 @@ class Qcow2Node(BlockNode):
         cs = self.cluster_size
         extended = self.map.extended
         own = (
-            extended
-            and l2e & OFLAG_COPIED
-            and not l2e & OFLAG_COMPRESSED
-            and l2e & L2E_OFFSET_MASK
+            extended and l2e & OFLAG_COPIED and not l2e & OFLAG_COMPRESSED and l2e & L2E_OFFSET_MASK
         )
         # The span to write: the whole cluster, or (extended L2) whole subclusters.
         if extended:
@@ -736,6 +741,9 @@ class Qcow2Node(BlockNode):
                 return  # nothing allocated, or data clusters are not refcounted
         if not self._lazy():
             await self.refcounts.cache.depend_on(self.map.cache)
+        if self.table is not None and not await self.table.barrier():
+            log.error("qcow2: leaking cluster %#x: a fast-path request still uses it", start)
+            return
         await self.refcounts.free(start, n, discard_type)
 
     async def _discard_freed(self, offset: int, nbytes: int, kind: int) -> None:
@@ -819,12 +827,7 @@ class Qcow2Node(BlockNode):
     async def _zero_cluster(self, guest_cluster: int, old: int, unmap: bool) -> None:
         assert self.map is not None
         offset = old & L2E_OFFSET_MASK
-        keep = (
-            not unmap
-            and offset
-            and old & OFLAG_COPIED
-            and not old & OFLAG_COMPRESSED
-        )
+        keep = not unmap and offset and old & OFLAG_COPIED and not old & OFLAG_COMPRESSED
         new = (old | OFLAG_ZERO) if keep else OFLAG_ZERO
         if new == old:
             return
@@ -979,6 +982,45 @@ class Qcow2Node(BlockNode):
         if old_bytes:
             await self.refcounts.free(old_offset, old_bytes)
 
+    # --- the exports' fast path ---------------------------------------------------------------
+    def fast_target(self) -> FastTarget | None:
+        """The data file's target, mapped through the cluster table."""
+        if self.table is None or self.corrupt:
+            return None
+        target = self.data_node.fast_target()
+        if target is None or target.file is None or target.table is not None or target.null:
+            return None
+        writable = target.writable and not self.read_only
+        return FastTarget(file=target.file, base=target.base, table=self.table, writable=writable)
+
+    def _publish(self, guest_cluster: int, l2e: int, bitmap: int) -> None:
+        """Put what an L2 entry says into the cluster table (see qsd_py/block/fast_map.py):
+        a host cluster (written in place only when it is this image's alone), zeroes, or
+        0 for anything only the node can serve (backing data, compression, partial
+        subclusters)."""
+        assert self.table is not None and self.map is not None
+        self.table.publish(guest_cluster, self._fast_value(l2e, bitmap))
+
+    def _fast_value(self, l2e: int, bitmap: int) -> int:
+        if l2e & OFLAG_COMPRESSED:
+            return 0
+        offset = l2e & L2E_OFFSET_MASK
+        if offset & (self.cluster_size - 1):
+            return 0  # corrupt: the slow road finds and reports it
+        assert self.map is not None
+        if self.map.extended:
+            if bitmap == ALL_ZERO_BITMAP:
+                return _FAST_ZEROES
+            if bitmap != 0xFFFFFFFF:
+                return _FAST_ZEROES if bitmap == 0 and self.backing is None else 0
+        elif l2e & OFLAG_ZERO:
+            return _FAST_ZEROES
+        if not offset:
+            return _FAST_ZEROES if self.backing is None else 0
+        if l2e & OFLAG_COPIED and not self.read_only:
+            return offset | fast_map.VALID | fast_map.WRITABLE
+        return offset | fast_map.VALID
+
     # --- introspection ----------------------------------------------------------------------
     def filename(self) -> str:
         return self.file.filename()
@@ -1008,5 +1050,3 @@ def _subcluster_mask(in_cluster: int, n: int, cluster_size: int) -> int:
     first = in_cluster // sc
     last = (in_cluster + n - 1) // sc
     return ((1 << (last - first + 1)) - 1) << first
-
-

@@ -43,7 +43,9 @@ _PAGE = mmap.PAGESIZE
 _READ = p.READ
 _WRITE = p.WRITE
 _WRITE_OUT = p.WRITE_OUT
-_NULL = fastpath.NULL
+_decide = fastpath.decide
+_TRANSFER, _INLINE, _FILL = fastpath.TRANSFER, fastpath.INLINE, fastpath.FILL
+_ACCEPT, _REPLY = fastpath.ACCEPT, fastpath.REPLY
 _memset = ctypes.memset
 DRAIN_BATCH = 64  # requests read per readable event before yielding to the loop
 DEFAULT_MAX_SLOTS = 256
@@ -165,6 +167,8 @@ class DevFuseQueue:
             await asyncio.gather(*tasks, return_exceptions=True)
         while self.fast_busy:
             await asyncio.sleep(0.001)  # fast-path transfers cannot be taken back
+        if self.plan is not None:
+            self.plan.release()
 
     async def run_on_loop(self, coro_fn: Callable[[], Any]) -> Any:
         """Run ``coro_fn()`` on this queue's loop from whatever loop the caller is on."""
@@ -248,43 +252,44 @@ class DevFuseQueue:
 
     # --- the READ/WRITE fast path (see qsd_py/export/fuse/fastpath.py) --------------------------
     def _fast(self, slot: _Slot, n: int, opcode: int, unique: int, plan: fastpath.FastPlan) -> bool:
-        """Serve a READ or WRITE without a task; False = take the engine path."""
-        engine = self.engine
-        if opcode == _READ:
-            offset, size = engine.read_extent(slot.arg, len(slot.out))
-            if size > 0 and plan.kind == _NULL:
-                self.stats.bytes_read += size
-                if plan.read_zeroes:
-                    _memset(slot.out_addr, 0, size)
-            addr = slot.out_addr
-        else:
-            if not plan.writable or engine.writethrough:
-                return False
-            offset, size, grow = engine.write_extent(slot.arg, n - _WRITE_DATA_AT)
-            if grow:
-                return False  # resizing takes the engine's lock
-            if size >= 0 and (size == 0 or plan.kind == _NULL):
-                self.stats.bytes_written += size
-                _WRITE_OUT.pack_into(slot.out, 0, size, 0)
-                size = _WRITE_OUT.size
-                self._reply(slot, unique, size)
-                self._free.append(slot)
-                return True
-            addr = slot.data_addr
-        if size <= 0 or plan.kind == _NULL:
-            self._reply(slot, unique, size)
-            self._free.append(slot)
-            return True
-        pos = offset + plan.base
-        if (pos | size) & plan.align_mask:
-            return False  # O_DIRECT would bounce: the node knows how
+        """Serve a READ or WRITE as :func:`fastpath.decide` says; False = take the engine."""
         writing = opcode == _WRITE
-        if size <= plan.inline_max:  # a file held in memory: copy now
-            buf = slot.data if writing else slot.out
-            res = fastpath.inline_io(plan.fd, self.stats, buf, slot.out, size, pos, writing)
-            self._reply(slot, unique, res)
-            self._free.append(slot)
+        avail = n - _WRITE_DATA_AT if writing else len(slot.out)
+        action, a, b = _decide(self.engine, plan, slot.arg, avail, writing)
+        if action == _TRANSFER:
+            self._fast_transfer(slot, plan, unique, a, b, writing)
             return True
+        if action == _INLINE:  # a file held in memory: copy now
+            buf = slot.data if writing else slot.out
+            res = fastpath.inline_io(plan.fd, self.stats, buf, slot.out, b, a, writing)
+            plan.done()
+        elif action == _FILL:
+            self.stats.bytes_read += a
+            if b:
+                _memset(slot.out_addr, 0, a)
+            res = a
+        elif action == _ACCEPT:
+            self.stats.bytes_written += a
+            _WRITE_OUT.pack_into(slot.out, 0, a, 0)
+            res = _WRITE_OUT.size
+        elif action == _REPLY:
+            res = a
+        else:
+            return False
+        self._reply(slot, unique, res)
+        self._free.append(slot)
+        return True
+
+    def _fast_transfer(
+        self,
+        slot: _Slot,
+        plan: fastpath.FastPlan,
+        unique: int,
+        pos: int,
+        size: int,
+        writing: bool,
+    ) -> None:
+        """Start the backend I/O of a fast-path request; :meth:`_fast_done` replies."""
         slot.unique = unique
         slot.size = size
         slot.writing = writing
@@ -293,12 +298,11 @@ class DevFuseQueue:
         self._busy.add(slot)
         try:
             if writing:
-                slot.xfer.write(plan.fd, addr, size, pos, self._ring)
+                slot.xfer.write(plan.fd, slot.data_addr, size, pos, self._ring)
             else:
-                slot.xfer.read(plan.fd, addr, size, pos, self._ring)
+                slot.xfer.read(plan.fd, slot.out_addr, size, pos, self._ring)
         except OSError as err:  # the loop's ring is closing
             self._fast_done(slot, -(err.errno or errno.EBADF))
-        return True
 
     def _fast_done(self, slot: _Slot, res: int) -> None:
         """A fast-path transfer completed: reply and recycle the slot."""
@@ -306,6 +310,7 @@ class DevFuseQueue:
         stats.in_flight -= 1
         self.fast_busy -= 1
         self._busy.discard(slot)
+        self.plan.done()  # type: ignore[union-attr]
         res = fastpath.finish(stats, res, slot.size, slot.writing, slot.out)
         self._reply(slot, slot.unique, res)
         self._free.append(slot)

@@ -87,7 +87,9 @@ _OP = struct.Struct("<I")  # fuse_in_header.opcode at 4
 _READ = p.READ
 _WRITE = p.WRITE
 _WRITE_OUT = p.WRITE_OUT
-_NULL = fastpath.NULL
+_decide = fastpath.decide
+_TRANSFER, _INLINE, _FILL = fastpath.TRANSFER, fastpath.INLINE, fastpath.FILL
+_ACCEPT, _REPLY = fastpath.ACCEPT, fastpath.REPLY
 _OP_READ_SQE = abi.OP_READ
 _SQE_COMMIT_ID_AT = abi.SQE_CMD_OFFSET + 8  # fuse_uring_cmd_req.commit_id, in the SQE
 _ECANCELED = -errno.ECANCELED
@@ -181,6 +183,7 @@ class _Entry:
         queue.fast_busy -= 1
         if res == self.size:
             queue.stats.bytes_read += res
+            queue.plan.done()  # type: ignore[union-attr]
         # else the commit completes -ECANCELED next and _on_cqe has the read redone
 
     def _io_done(self, res: int) -> None:
@@ -222,6 +225,7 @@ class UringQueue:
         self._hdr_map: mmap.mmap | None = None
         self._pay_map: mmap.mmap | None = None
         self.plan: fastpath.FastPlan | None = None
+        self.reader: int | None = None  # a cluster-table reader slot claimed by the daemon
         self.fast_busy = 0  # fast-path requests waiting for their backend SQE
         self.link_reads = False  # READs go as a read SQE linked to their commit
         self.linked_reads = 0
@@ -242,7 +246,7 @@ class UringQueue:
             pay = i * self.payload_size
             entry = _Entry(self, hdrs[h : h + HEADER_SIZE], pays[pay : pay + self.payload_size])
             self.entries.append(entry)
-        self.plan = plan = fastpath.plan_for(self.engine.node, ring_io=True)
+        self.plan = plan = fastpath.plan_for(self.engine.node, ring_io=True, reader=self.reader)
         if plan is not None and plan.backend is not None:
             for entry in self.entries:
                 entry.xfer = plan.backend.transfer(entry._io_done)
@@ -266,59 +270,37 @@ class UringQueue:
         plan = self.plan
         if plan is not None:
             op = _OP.unpack_from(entry.hdr, 4)[0]
-            if op == _READ:
-                if self._fast_read(entry, plan):
-                    return
-            elif op == _WRITE and self._fast_write(entry, plan):
+            if (op == _READ or op == _WRITE) and self._fast(entry, plan, op == _WRITE):
                 return
         entry.task = self.loop.create_task(self._serve(entry))
 
     # --- the READ/WRITE fast path (see the module docstring) ------------------------------------
-    def _fast_read(self, entry: _Entry, plan: fastpath.FastPlan) -> bool:
-        """Serve a READ without the engine coroutine; False = take the engine path."""
-        offset, size = self.engine.read_extent(entry.arg, self.payload_size)
-        if size <= 0 or plan.kind == _NULL:
-            if size > 0:
-                self.stats.bytes_read += size
-                if plan.read_zeroes:
-                    _memset(entry.pay_addr, 0, size)
-            self._commit(entry, size)
-            return True
-        pos = offset + plan.base
-        if (pos | size) & plan.align_mask:
-            return False  # O_DIRECT would bounce: the node knows how
-        if size <= plan.inline_max:  # a file held in memory: copy now
+    def _fast(self, entry: _Entry, plan: fastpath.FastPlan, writing: bool) -> bool:
+        """Serve a READ or WRITE as :func:`fastpath.decide` says; False = take the engine."""
+        action, a, b = _decide(self.engine, plan, entry.arg, self.payload_size, writing)
+        if action == _TRANSFER:
+            if writing or not self.link_reads:
+                self._fast_transfer(entry, plan, a, b, writing)
+            else:
+                self._linked_read(entry, plan, a, b)
+        elif action == _INLINE:  # a file held in memory: copy now
             pay = entry.payload
-            self._commit(entry, fastpath.inline_io(plan.fd, self.stats, pay, pay, size, pos, False))
-        elif self.link_reads:
-            self._linked_read(entry, plan.fd, pos, size)
+            res = fastpath.inline_io(plan.fd, self.stats, pay, pay, b, a, writing)
+            plan.done()
+            self._commit(entry, res)
+        elif action == _FILL:
+            self.stats.bytes_read += a
+            if b:
+                _memset(entry.pay_addr, 0, a)
+            self._commit(entry, a)
+        elif action == _ACCEPT:
+            self.stats.bytes_written += a
+            _WRITE_OUT.pack_into(entry.payload, 0, a, 0)
+            self._commit(entry, _WRITE_OUT.size)
+        elif action == _REPLY:
+            self._commit(entry, a)
         else:
-            self._fast_transfer(entry, plan, pos, size, False)
-        return True
-
-    def _fast_write(self, entry: _Entry, plan: fastpath.FastPlan) -> bool:
-        """Serve a WRITE without the engine coroutine; False = take the engine path."""
-        engine = self.engine
-        if not plan.writable or engine.writethrough:
             return False
-        offset, size, grow = engine.write_extent(entry.arg, self.payload_size)
-        if grow:
-            return False  # resizing takes the engine's lock
-        if size <= 0 or plan.kind == _NULL:
-            if size >= 0:
-                self.stats.bytes_written += size
-                _WRITE_OUT.pack_into(entry.payload, 0, size, 0)
-                size = _WRITE_OUT.size
-            self._commit(entry, size)
-            return True
-        pos = offset + plan.base
-        if (pos | size) & plan.align_mask:
-            return False
-        if size <= plan.inline_max:  # a file held in memory: copy now
-            pay = entry.payload
-            self._commit(entry, fastpath.inline_io(plan.fd, self.stats, pay, pay, size, pos, True))
-        else:
-            self._fast_transfer(entry, plan, pos, size, True)
         return True
 
     def _fast_transfer(
@@ -335,7 +317,7 @@ class UringQueue:
         except OSError as err:  # the ring is closing
             self._fast_done(entry, -(err.errno or errno.EBADF))
 
-    def _linked_read(self, entry: _Entry, fd: int, pos: int, size: int) -> None:
+    def _linked_read(self, entry: _Entry, plan: fastpath.FastPlan, pos: int, size: int) -> None:
         """Read and answer with one trip through the kernel: the read SQE is linked to the
         COMMIT_AND_FETCH, whose reply (header only: the data is the read's) is packed
         before the data exists. The kernel starts the commit once the read moved all
@@ -346,8 +328,9 @@ class UringQueue:
         ring = self.ring
         assert ring is not None
         try:
-            ring.link_rw(_OP_READ_SQE, fd, entry.pay_addr, size, pos, entry.read_ud)
+            ring.link_rw(_OP_READ_SQE, plan.fd, entry.pay_addr, size, pos, entry.read_ud)
         except OSError:
+            plan.done()
             return  # the ring is closing: the request is ended with the connection
         self._fast_start(entry, size, False)  # in flight until the read's own completion
         entry.pos = pos
@@ -372,6 +355,7 @@ class UringQueue:
         stats = self.stats
         stats.in_flight -= 1
         self.fast_busy -= 1
+        self.plan.done()  # type: ignore[union-attr]
         res = fastpath.finish(stats, res, entry.size, entry.writing, entry.payload)
         self._commit(entry, res)
 
@@ -470,6 +454,8 @@ class UringQueue:
         self.entries = []
         self._hdr_map = self._pay_map = None
         self.ring = None
+        if self.plan is not None and self.reader is None:
+            self.plan.release()
 
     def info(self) -> dict[str, Any]:
         return {

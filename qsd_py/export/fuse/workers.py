@@ -40,8 +40,8 @@ import weakref
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from qsd_py.block.fast_map import register_reader_process
 from qsd_py.errors import QMPError
-from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse import worker_wire as wire
 from qsd_py.export.fuse.engine import QueueStats
@@ -49,6 +49,7 @@ from qsd_py.export.fuse.shared_length import SharedLength
 from qsd_py.export.fuse.uring_checks import register_failure
 
 if TYPE_CHECKING:
+    from qsd_py.block.fast_map import ClusterTable
     from qsd_py.export.fuse.engine import FuseEngine
     from qsd_py.export.fuse.uring import UringQueue
 
@@ -97,6 +98,7 @@ class _Worker:
         self.reader_task: asyncio.Task[None] | None = None
         self.exit_status: int | None = None
         self.died = False  # ended before the daemon asked it to stop
+        self.reader = -1  # its slot among the node's cluster-table readers (qcow2)
 
 
 class WorkerTransport:
@@ -122,7 +124,8 @@ class WorkerTransport:
         self._tasks: set[asyncio.Task[None]] = set()
         # Payload buffers of forwarded requests, reused: one per request answered at once.
         self._buffers: list[bytearray] = []
-        self._stats_lock = threading.Lock()  # one counter query at a time, from any thread
+        self._stats_lock = threading.Lock()
+        self._table: ClusterTable | None = None  # one counter query at a time, from any thread
         _LIVE.add(self)
 
     def refresh_length(self) -> None:
@@ -133,9 +136,14 @@ class WorkerTransport:
         """Fork the workers (call after the INIT reply); each registers its queues' entries.
         Raise QMPError naming the kernel's answer if a REGISTER failed."""
         self.refresh_length()
-        plan = fastpath.plan_for(self.engine.node, ring_io=True)
-        keep = {self.fd} | ({plan.fd} if plan is not None and plan.fd >= 0 else set())
+        target = self.engine.node.fast_target()
+        keep = {self.fd}
+        if target is not None and target.file is not None and target.file.fd >= 0:
+            keep.add(target.file.fd)
+        self._table = target.table if target is not None else None
         for w in self.workers:
+            if self._table is not None:
+                w.reader = self._table.claim()  # claimed here: the table's readers are ours
             self._fork(w, keep)
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
@@ -320,6 +328,10 @@ class WorkerTransport:
             task.cancel()
         _LIVE.discard(self)
         self.length.close()
+        for w in self.workers:
+            if self._table is not None and w.reader >= 0:
+                self._table.unclaim(w.reader)
+                w.reader = -1
         return clean
 
 
@@ -404,6 +416,10 @@ async def _serve(t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: sock
         )  # fmt: skip
         for qid in w.qids
     ]
+    if w.reader >= 0:
+        register_reader_process()  # the daemon's barriers must reach this process
+    for q in queues:
+        q.reader = w.reader  # one slot for the process: its queues share one thread
     await start_queues(queues)
     report = [{"qid": q.qid, "live": q.live, "failure": -q.failure} for q in queues]
     fwd.writer.write(wire.frame(wire.READY, 0, json.dumps(report).encode()))
