@@ -70,8 +70,7 @@ def _cache_sizes(
     if combined is not None:
         if l2 is not None and refcount is not None:
             raise QMPError(
-                "cache-size, l2-cache-size and refcount-cache-size may not be set at the "
-                "same time"
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
             )
         if l2 is not None and l2 > combined:
             raise QMPError("l2-cache-size may not exceed cache-size")

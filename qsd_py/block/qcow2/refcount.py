@@ -91,8 +91,7 @@ class Refcounts:
         value = get_refcount(block, cell, self.order) + addend
         if value < 0 or value > self.max_refcount:
             raise RefcountError(
-                f"refcount of cluster {index} would become {value} (width "
-                f"{1 << self.order} bits)"
+                f"refcount of cluster {index} would become {value} (width {1 << self.order} bits)"
             )
         set_refcount(block, cell, self.order, value)
         self.cache.mark_dirty(block_off)
