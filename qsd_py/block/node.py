@@ -266,12 +266,14 @@ class BlockNode:
         truncate)."""
         raise NotImplementedError
 
-    async def truncate(self, length: int) -> None:
+    async def truncate(self, length: int, prealloc: str = "off") -> None:
         """Grow (new range reads zeroes) or shrink the node. ``length`` need not be aligned:
-        the file gets exactly that size, :meth:`length` then says it rounded up."""
+        the file gets exactly that size, :meth:`length` then says it rounded up.
+        ``prealloc`` (QEMU's PreallocMode: ``off``, ``falloc``, ``full``) allocates the new
+        range on the host too (a FUSE fallocate past the end asks for ``falloc``)."""
         self.in_flight.enter()
         try:
-            await self.do_truncate(length)
+            await self.do_truncate(length, prealloc)
         finally:
             self.in_flight.leave()
 
@@ -361,7 +363,7 @@ class BlockNode:
         raise AssertionError("unreachable")
 
     # --- what drivers implement -----------------------------------------------------------
-    async def do_truncate(self, length: int) -> None:
+    async def do_truncate(self, length: int, prealloc: str) -> None:
         raise NotImplementedError
 
     async def do_allocated_size(self) -> int:

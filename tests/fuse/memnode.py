@@ -40,7 +40,7 @@ class MemNode(BlockNode):
     def length(self) -> int:
         return len(self.data)
 
-    async def do_truncate(self, length: int) -> None:
+    async def do_truncate(self, length: int, prealloc: str) -> None:
         if length < len(self.data):
             del self.data[length:]
             self.allocated = {c for c in self.allocated if c * CLUSTER < length}

@@ -6,6 +6,7 @@ and checked by the host's qemu-img (QEMU 7.2)."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -216,3 +217,22 @@ async def test_grow(graph: BlockGraph, tmp_path: Path) -> None:
     await graph.delete("q")
     assert check(img)[0] == 0
     assert info(img)["virtual-size"] == 300 * MiB
+
+
+async def test_grow_with_preallocation(graph: BlockGraph, tmp_path: Path) -> None:
+    """A FUSE fallocate past the end asks for this (QEMU's export does the same): the new
+    clusters are allocated, read as zeroes, and the host file covers them."""
+    base = create(tmp_path / "base.qcow2", "2M")
+    write(base, 0, 2 * MiB, 0x66)
+    img = create(tmp_path / "p.qcow2", "1M", backing="base.qcow2")
+    node = await graph.add(qcow2_opts(img))
+    await node.truncate(4 * MiB, "falloc")
+    data = bytearray(4 * MiB)
+    await node.read(0, memoryview(data))
+    assert data[: 1 * MiB] == b"\x66" * MiB and data[MiB:] == bytes(3 * MiB)
+    await graph.delete("q")
+    assert check(img)[0] == 0
+    mapped = json.loads(run([QEMU_IMG, "map", "--output=json", str(img)], tmp_path))
+    top = [m for m in mapped if m["depth"] == 0 and m["start"] >= MiB]
+    assert sum(m["length"] for m in top) == 3 * MiB  # allocated in the image itself
+    assert img.stat().st_blocks * 512 >= 3 * MiB

@@ -213,15 +213,28 @@ class FileNode(BlockNode):
     def length(self) -> int:
         return self._length
 
-    async def do_truncate(self, length: int) -> None:
+    async def do_truncate(self, length: int, prealloc: str) -> None:
+        """ftruncate; growing with ``falloc`` allocates the new range (fallocate), with
+        ``full`` writes zeroes into it, as QEMU's file driver does."""
         if self.read_only:
             raise OSError(errno.EACCES, "Image is read-only")
         assert self.backend is not None
+        old = (await self.backend.run(os.fstat, self.fd)).st_size
         try:
             await self.backend.run(os.ftruncate, self.fd, length)
         except OSError as e:
-            raise OSError(e.errno, f"Failed to resize file: {os.strerror(e.errno)}") from None
+            raise OSError(e.errno, f"Failed to resize file: {os.strerror(e.errno)}") from e
         self._length = round_to_sectors(length)
+        if length <= old or prealloc == "off":
+            return
+        try:
+            if prealloc == "falloc":
+                await self.backend.fallocate(self.fd, 0, old, length - old)
+            else:
+                await self._write_zero_buffers(old, length - old)
+        except OSError as e:
+            msg = f"Could not preallocate new data: {os.strerror(e.errno)}"
+            raise OSError(e.errno, msg) from e
 
     async def do_allocated_size(self) -> int:
         assert self.backend is not None

@@ -46,7 +46,7 @@ class NullNode(BlockNode):
     def length(self) -> int:
         return self.size
 
-    async def do_truncate(self, length: int) -> None:
+    async def do_truncate(self, length: int, prealloc: str) -> None:
         if self.read_only:
             raise OSError(errno.EACCES, "Image is read-only")
         raise OSError(errno.ENOTSUP, "Image format driver does not support resize")

@@ -72,12 +72,12 @@ class RawNode(BlockNode):
             return self.size
         return round_to_sectors(max(0, self.file.length() - self.offset))
 
-    async def do_truncate(self, length: int) -> None:
+    async def do_truncate(self, length: int, prealloc: str) -> None:
         if self.read_only:
             raise OSError(errno.EACCES, "Image is read-only")
         if self.size is not None:
             raise OSError(errno.ENOTSUP, "Cannot resize fixed-size raw disks")
-        await self.file.truncate(length + self.offset)
+        await self.file.truncate(length + self.offset, prealloc)
 
     async def do_allocated_size(self) -> int:
         return await self.file.allocated_size()

@@ -939,7 +939,7 @@ class Qcow2Node(BlockNode):
         return BlockStatus(0, first.n)
 
     # --- resize ---------------------------------------------------------------------------
-    async def do_truncate(self, length: int) -> None:
+    async def do_truncate(self, length: int, prealloc: str) -> None:
         if self.read_only:
             raise OSError(errno.EACCES, "Image is read-only")
         self._check_usable()
@@ -956,10 +956,37 @@ class Qcow2Node(BlockNode):
             await self.file.write(_SIZE_AT, _U64.pack(length))
             await self.file.flush()
             self.size = self.header.size = length
+            if prealloc != "off" and length > old:
+                await self._preallocate(old, length, prealloc)
         backing = self.backing
         if backing is not None and backing.length() > old and length > old:
             # The new range must read as zeroes, not as the backing file's data.
             await self.do_write_zeroes(old, min(length, backing.length()) - old, False)
+
+    async def _preallocate(self, start: int, end: int, mode: str) -> None:
+        """Give the unallocated clusters of ``[start, end)`` host clusters (reading as
+        zeroes), then preallocate the host file up to them (QEMU's preallocate_co)."""
+        assert self.map is not None and self.refcounts is not None
+        cs = self.cluster_size
+        host_end = 0
+        if "data-file" not in self.children:
+            for guest_cluster in range(start >> self.cluster_bits, -(-end // cs)):
+                l2e, _ = await self.map.entry(guest_cluster)
+                partial = guest_cluster << self.cluster_bits < start
+                if l2e & (L2E_OFFSET_MASK | OFLAG_COMPRESSED) or (partial and self.backing):
+                    continue  # allocated, or the old part reads from the backing node
+                never_used = self.refcounts.high_water
+                host = await self.refcounts.allocate(cs)
+                if host >> self.cluster_bits < never_used:
+                    await self.data_node.write_zeroes(host, cs, False)  # a reused cluster
+                await self.map.cache.depend_on(self.refcounts.cache)
+                await self.map.set_entry(guest_cluster, host | OFLAG_COPIED, 0xFFFFFFFF)
+                host_end = max(host_end, host + cs)
+        else:
+            host_end = end
+        data = self.data_node
+        if host_end > data.length():
+            await data.truncate(host_end, mode)
 
     async def _grow_l1(self, entries: int) -> None:
         """A new L1 table of ``entries`` (copied, written, flushed), the header switched to

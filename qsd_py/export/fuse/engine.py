@@ -306,11 +306,11 @@ class FuseEngine:
         p.WRITE_OUT.pack_into(out, 0, size, 0)
         return p.WRITE_OUT.size
 
-    async def _grow_to(self, end: int) -> None:
+    async def _grow_to(self, end: int, prealloc: str = "off") -> None:
         """Make the node at least ``end`` bytes long; never shrinks (concurrent growers)."""
         async with self.resize_lock:
             if self.node.length() < end:
-                await self.node.truncate(end)
+                await self.node.truncate(end, prealloc)
 
     # --- metadata --------------------------------------------------------------------------
     async def _nothing(self, arg: memoryview, payload: memoryview | None, out: memoryview) -> int:
@@ -423,7 +423,9 @@ class FuseEngine:
         if mode == 0:
             if offset < node_len:
                 return -errno.EOPNOTSUPP  # no preallocation inside the image, as QEMU
-            await self._grow_to(offset + length)  # even when not growable, like QEMU
+            # Even when not growable, like QEMU: up to the offset plainly, then allocated.
+            await self._grow_to(offset)
+            await self._grow_to(offset + length, "falloc")
             return 0
         return -errno.EOPNOTSUPP  # KEEP_SIZE alone
 
