@@ -236,3 +236,58 @@ async def test_grow_with_preallocation(graph: BlockGraph, tmp_path: Path) -> Non
     top = [m for m in mapped if m["depth"] == 0 and m["start"] >= MiB]
     assert sum(m["length"] for m in top) == 3 * MiB  # allocated in the image itself
     assert img.stat().st_blocks * 512 >= 3 * MiB
+
+
+@pytest.mark.parametrize("ctype", ["zlib", "zstd"])
+async def test_compressed_clusters(graph: BlockGraph, tmp_path: Path, ctype: str) -> None:
+    """Reads decompress; a write into a compressed cluster copies it into a new one."""
+    from images import compressible_data, convert_compressed, raw_file
+
+    src = raw_file(tmp_path / "src.raw", compressible_data(2 * MiB))
+    img = convert_compressed(src, tmp_path / "c.qcow2", compression_type=ctype)
+    expect = to_raw(img, tmp_path / "expect.raw")
+    node = await graph.add(qcow2_opts(img))
+    assert await read_all(node) == expect
+    model = Model(expect)
+    await node.write(70 * KiB, b"\x77" * 1000)
+    model.write(70 * KiB, b"\x77" * 1000)
+    await node.write_zeroes(256 * KiB, 64 * KiB)
+    model.zero(256 * KiB, 64 * KiB)
+    assert await read_all(node) == bytes(model.data)
+    await graph.delete("q")
+    assert check(img)[0] == 0
+    assert to_raw(img, tmp_path / "after.raw") == bytes(model.data)
+
+
+@pytest.mark.parametrize("raw", [False, True])
+async def test_external_data_file(graph: BlockGraph, tmp_path: Path, raw: bool) -> None:
+    img = create(tmp_path / "d.qcow2", "2M", data_file="d.data", data_file_raw=raw)
+    write(img, 0, 64 * KiB, 0x12)
+    model = Model(to_raw(img, tmp_path / "before.raw"))
+    node = await graph.add(qcow2_opts(img, discard="unmap"))
+    assert node.child_node("data-file") is not None
+    rng = random.Random(11)
+    await random_requests(node, model, rng, 150, node.cluster_size)
+    assert await read_all(node) == bytes(model.data)
+    await graph.delete("q")
+    assert check(img)[0] == 0
+    assert to_raw(img, tmp_path / "after.raw") == bytes(model.data)
+    if raw:  # the data file is the guest's disk itself
+        data = (tmp_path / "d.data").read_bytes()
+        assert data.ljust(2 * MiB, b"\0")[: 2 * MiB] == bytes(model.data)
+
+
+async def test_backing_given_or_refused(graph: BlockGraph, tmp_path: Path) -> None:
+    base = create(tmp_path / "base.qcow2", "1M")
+    write(base, 0, MiB, 0x21)
+    top = create(tmp_path / "top.qcow2", "1M", backing="base.qcow2")
+    node = await graph.add(qcow2_opts(top, backing=None, **{"read-only": True}))
+    assert node.child_node("backing") is None
+    assert await read_all(node) == bytes(MiB)  # nothing shows through
+    await graph.delete("q")
+    other = create(tmp_path / "other.qcow2", "1M")
+    write(other, 0, MiB, 0x31)
+    await graph.add(qcow2_opts(other, "b", **{"read-only": True}))
+    node = await graph.add(qcow2_opts(top, backing="b"))
+    assert node.child_node("backing") is graph.lookup("b")
+    assert await read_all(node) == b"\x31" * MiB

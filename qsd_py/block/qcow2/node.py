@@ -129,6 +129,16 @@ class Qcow2Node(BlockNode):
     def _file_node(self) -> BlockNode:
         return self.children["file"].node
 
+    def _allocated(self, l2e: int) -> bool:
+        """Whether an entry points at a host cluster. Offset 0 means unallocated, except
+        with an external data file, where 0 is a real offset and COPIED (always set there:
+        data clusters are not shared) tells them apart, as QEMU does."""
+        if l2e & OFLAG_COMPRESSED:
+            return False
+        if l2e & L2E_OFFSET_MASK:
+            return True
+        return bool(l2e & OFLAG_COPIED) and "data-file" in self.children
+
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
         file = await self.graph.open_child(self, self.opts["file"])
@@ -410,13 +420,13 @@ class Qcow2Node(BlockNode):
         if self.map is not None and not self.map.extended:
             if l2e & OFLAG_ZERO:
                 return [(ZERO, 0, n)]
-            if offset:
+            if self._allocated(l2e):
                 return [(DATA, offset + in_cluster, n)]
             return [(UNALLOC, 0, n)]
-        return self._classify_subclusters(l2e, bitmap, offset, in_cluster, n)
+        return self._classify_subclusters(bitmap, offset, self._allocated(l2e), in_cluster, n)
 
     def _classify_subclusters(
-        self, l2e: int, bitmap: int, offset: int, in_cluster: int, n: int
+        self, bitmap: int, offset: int, allocated: bool, in_cluster: int, n: int
     ) -> list[tuple[int, int, int]]:
         sc_size = self.cluster_size // SUBCLUSTERS
         pieces: list[tuple[int, int, int]] = []
@@ -429,7 +439,7 @@ class Qcow2Node(BlockNode):
             if zero:
                 kind, host = ZERO, 0
             elif alloc:
-                if not offset:
+                if not allocated:
                     raise MappingError("Allocated subcluster in an unallocated cluster")
                 kind, host = DATA, offset + pos
             else:
@@ -554,7 +564,7 @@ class Qcow2Node(BlockNode):
             n = min(end - pos, self.cluster_size - in_cluster)
             l2e, bitmap = await self.map.entry(guest_cluster)
             host = self._in_place_host(l2e, bitmap, in_cluster, n)
-            if host:
+            if host >= 0:
                 _append_run(runs, DATA, pos, n, host)
             else:
                 pending.append((pos, n))
@@ -563,20 +573,20 @@ class Qcow2Node(BlockNode):
 
     def _in_place_host(self, l2e: int, bitmap: int, in_cluster: int, n: int) -> int:
         """The host offset to write ``[in_cluster, +n)`` of a cluster to without changing
-        metadata, or 0: only a normal cluster of this image alone (COPIED), and with
+        metadata, or -1: only a normal cluster of this image alone (COPIED), and with
         extended L2 only where every touched subcluster is allocated."""
-        if l2e & OFLAG_COMPRESSED or not l2e & OFLAG_COPIED:
-            return 0
+        if not l2e & OFLAG_COPIED or not self._allocated(l2e):
+            return -1
         offset = l2e & L2E_OFFSET_MASK
-        if not offset or offset & (self.cluster_size - 1):
-            return 0
+        if offset & (self.cluster_size - 1):
+            return -1
         assert self.map is not None
         if self.map.extended:
             mask = _subcluster_mask(in_cluster, n, self.cluster_size)
             if bitmap & mask != mask or (bitmap >> 32) & mask:
-                return 0
+                return -1
         elif l2e & OFLAG_ZERO:
-            return 0
+            return -1
         return offset + in_cluster
 
     async def _write_in_place(self, host: int, part: memoryview) -> None:
@@ -614,7 +624,7 @@ class Qcow2Node(BlockNode):
                 in_cluster = offset & (self.cluster_size - 1)
                 l2e, bitmap = await self.map.entry(guest_cluster)
                 host = self._in_place_host(l2e, bitmap, in_cluster, len(part))
-            if host:
+            if host >= 0:
                 await self._write_in_place(host, part)
                 return
             await self._cow_write(guest_cluster, l2e, bitmap, in_cluster, part)
@@ -629,7 +639,7 @@ class Qcow2Node(BlockNode):
         cs = self.cluster_size
         extended = self.map.extended
         own = (
-            extended and l2e & OFLAG_COPIED and not l2e & OFLAG_COMPRESSED and l2e & L2E_OFFSET_MASK
+            extended and l2e & OFLAG_COPIED and self._allocated(l2e)
         )
         # The span to write: the whole cluster, or (extended L2) whole subclusters.
         if extended:
@@ -638,7 +648,7 @@ class Qcow2Node(BlockNode):
             hi = -(-(in_cluster + len(part)) // sc) * sc
             if not own and l2e & OFLAG_COMPRESSED:
                 lo, hi = 0, cs  # a compressed cluster is copied whole
-            elif not own and bitmap & 0xFFFFFFFF and l2e & L2E_OFFSET_MASK:
+            elif not own and bitmap & 0xFFFFFFFF and self._allocated(l2e):
                 lo, hi = 0, cs  # a shared cluster with data: copied whole
         else:
             lo, hi = 0, cs
@@ -688,7 +698,7 @@ class Qcow2Node(BlockNode):
                 return True
         elif l2e & OFLAG_ZERO:
             return True
-        elif l2e & L2E_OFFSET_MASK:
+        elif self._allocated(l2e):
             return False
         return self.backing is None
 
@@ -777,6 +787,9 @@ class Qcow2Node(BlockNode):
         self._check_usable()
         assert self.header is not None
         unmap = unmap and self.discard_unmap
+        if self.header.data_file_raw:
+            # A raw data file is the guest's disk itself: it must read as zeroes too.
+            await self.data_node.write_zeroes(offset, length, unmap)
         grain = self._grain()
         if self.header.version < 3:
             await self._write_zero_buffers(offset, length)
@@ -841,7 +854,7 @@ class Qcow2Node(BlockNode):
         assert self.map is not None
         mask = _subcluster_mask(in_cluster, n, self.cluster_size)
         whole = mask == 0xFFFFFFFF
-        if old & OFLAG_COMPRESSED or (old & L2E_OFFSET_MASK and not old & OFLAG_COPIED):
+        if old & OFLAG_COMPRESSED or (self._allocated(old) and not old & OFLAG_COPIED):
             if not whole:
                 # A shared or compressed cluster cannot be zeroed in part by flags alone.
                 guest = (guest_cluster << self.cluster_bits) + in_cluster
@@ -851,7 +864,7 @@ class Qcow2Node(BlockNode):
             await self.map.set_entry(guest_cluster, 0, ALL_ZERO_BITMAP)
             await self._free_entry(old, DISCARD_REQUEST)
             return
-        if whole and unmap and old & L2E_OFFSET_MASK:
+        if whole and unmap and self._allocated(old):
             await self.map.set_entry(guest_cluster, 0, ALL_ZERO_BITMAP)
             await self._free_entry(old, DISCARD_REQUEST)
             return
@@ -877,6 +890,9 @@ class Qcow2Node(BlockNode):
             end = self.size
         if start >= end:
             return
+        assert self.header is not None
+        if self.header.data_file_raw:
+            await self.data_node.write_zeroes(start, end - start, True)
         async with self._change_lock, self._meta_lock:
             pos = start
             while pos < end:
@@ -891,7 +907,7 @@ class Qcow2Node(BlockNode):
         self, guest_cluster: int, old: int, bitmap: int, in_cluster: int, n: int
     ) -> None:
         assert self.map is not None and self.header is not None and self.options is not None
-        allocated = bool(old & L2E_OFFSET_MASK) or bool(old & OFLAG_COMPRESSED)
+        allocated = self._allocated(old) or bool(old & OFLAG_COMPRESSED)
         if self.map.extended and n < self.cluster_size:
             mask = _subcluster_mask(in_cluster, n, self.cluster_size)
             new_bitmap = (bitmap & ~mask) | ((mask << 32) if self.backing is not None else 0)
@@ -973,7 +989,7 @@ class Qcow2Node(BlockNode):
             for guest_cluster in range(start >> self.cluster_bits, -(-end // cs)):
                 l2e, _ = await self.map.entry(guest_cluster)
                 partial = guest_cluster << self.cluster_bits < start
-                if l2e & (L2E_OFFSET_MASK | OFLAG_COMPRESSED) or (partial and self.backing):
+                if self._allocated(l2e) or l2e & OFLAG_COMPRESSED or (partial and self.backing):
                     continue  # allocated, or the old part reads from the backing node
                 never_used = self.refcounts.high_water
                 host = await self.refcounts.allocate(cs)
@@ -1042,7 +1058,7 @@ class Qcow2Node(BlockNode):
                 return _FAST_ZEROES if bitmap == 0 and self.backing is None else 0
         elif l2e & OFLAG_ZERO:
             return _FAST_ZEROES
-        if not offset:
+        if not self._allocated(l2e):
             return _FAST_ZEROES if self.backing is None else 0
         if l2e & OFLAG_COPIED and not self.read_only:
             return offset | fast_map.VALID | fast_map.WRITABLE
