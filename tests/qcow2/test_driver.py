@@ -6,6 +6,7 @@ and checked by the host's qemu-img (QEMU 7.2)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections.abc import AsyncIterator
@@ -291,3 +292,14 @@ async def test_backing_given_or_refused(graph: BlockGraph, tmp_path: Path) -> No
     node = await graph.add(qcow2_opts(top, backing="b"))
     assert node.child_node("backing") is graph.lookup("b")
     assert await read_all(node) == b"\x31" * MiB
+
+
+async def test_cache_clean_interval(graph: BlockGraph, tmp_path: Path) -> None:
+    """An idle image gives back the cache pieces nobody used since the last tick."""
+    img = create(tmp_path / "c.qcow2", "4M", cluster_size=4096)
+    write(img, 0, 4 * MiB, 0x42)
+    node = await graph.add(qcow2_opts(img, **{"cache-clean-interval": 1}))
+    await read_all(node)
+    assert len(node.map.cache) > 1
+    await asyncio.sleep(2.3)  # one tick marks them unused, the next drops them
+    assert len(node.map.cache) == 0

@@ -37,6 +37,7 @@ class MetaCache:
         self.capacity = max(1, capacity)
         self._entries: OrderedDict[int, bytearray] = OrderedDict()
         self._dirty: set[int] = set()
+        self._used: set[int] = set()  # looked at since the last clean_unused()
         self.depends: MetaCache | None = None  # written (and the file flushed) before us
         self.flush_file_first = False  # a flush of the file must come before our writes
         self.before_write: Callable[[int, int], None] | None = None  # overlap check hook
@@ -54,6 +55,7 @@ class MetaCache:
 
     async def get(self, offset: int) -> bytearray:
         """The piece at host ``offset`` (a multiple of the entry size), read if absent."""
+        self._used.add(offset)
         buf = self._entries.get(offset)
         if buf is not None:
             self._entries.move_to_end(offset)
@@ -136,8 +138,11 @@ class MetaCache:
             await self._file().flush()
 
     def clean_unused(self) -> int:
-        """Drop the pieces that are not dirty (``cache-clean-interval``); returns how many."""
-        clean = [o for o in self._entries if o not in self._dirty]
-        for off in clean:
+        """Drop the clean pieces nobody looked at since the last call (QEMU's
+        ``cache-clean-interval``: an idle image gives its cache memory back); returns how
+        many went."""
+        unused = [o for o in self._entries if o not in self._dirty and o not in self._used]
+        for off in unused:
             del self._entries[off]
-        return len(clean)
+        self._used.clear()
+        return len(unused)

@@ -17,6 +17,7 @@ refcounts so that a discard cannot free one into another guest range's hands mea
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -109,6 +110,7 @@ class Qcow2Node(BlockNode):
         self._meta_lock = CrossLoopLock()
         self._decompressed: tuple[int, bytes] | None = None  # (L2 entry, cluster) cache
         self.table: ClusterTable | None = None  # what exports' fast paths may use
+        self._cleaner: asyncio.TimerHandle | None = None
         self._dirty_marked = False  # lazy refcounts: the dirty bit is set in the file
 
     # --- children -------------------------------------------------------------------------
@@ -211,6 +213,22 @@ class Qcow2Node(BlockNode):
         )  # fmt: skip
         self.table = ClusterTable(h.cluster_bits, -(-h.size // h.cluster_size))
         self.map.publish = self._publish
+        if opts.cache_clean_interval:
+            loop = asyncio.get_running_loop()
+            self._cleaner = loop.call_later(opts.cache_clean_interval, self._clean_caches)
+
+    def _clean_caches(self) -> None:
+        """Every ``cache-clean-interval`` seconds: drop cache pieces unused since last time."""
+        assert self.options is not None and self.map is not None
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._clean_caches_now())
+        self._cleaner = loop.call_later(self.options.cache_clean_interval, self._clean_caches)
+
+    async def _clean_caches_now(self) -> None:
+        assert self.map is not None and self.refcounts is not None
+        async with self._meta_lock:
+            self.map.cache.clean_unused()
+            self.refcounts.cache.clean_unused()
 
     async def _read_table(self, offset: int, entries: int) -> list[int]:
         if not entries:
@@ -269,6 +287,9 @@ class Qcow2Node(BlockNode):
 
     def close(self) -> None:
         """Metadata was written back by :meth:`prepare_close`; drop the fast-path table."""
+        if self._cleaner is not None:
+            self._cleaner.cancel()
+            self._cleaner = None
         if self.table is not None:
             self.table.close()
             self.table = None
