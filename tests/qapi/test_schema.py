@@ -111,6 +111,7 @@ def test_json_schema_of_a_union() -> None:
     assert {c["if"]["properties"]["driver"]["const"] for c in options["allOf"]} == {
         "file",
         "null-co",
+        "qcow2",
         "raw",
     }
     assert doc["$defs"]["BlockdevRef"] == {
