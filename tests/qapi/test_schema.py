@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
 
+from qsd_py.errors import QMPError
 from qsd_py.qapi.jsonschema import type_schema
 from qsd_py.qapi.model import QAPISemError, build_model
 from qsd_py.qapi.parser import QAPIParseError, parse_schema
@@ -182,3 +184,25 @@ def test_include_reads_each_file_once(tmp_path: Path) -> None:
     top = _write(tmp_path, "{ 'include': 'a.json' }\n{ 'include': 'b.json' }")
     model = build_model(parse_schema(top))
     assert "A" in model.types and "B" in model.types
+
+
+# query-named-block-nodes answers recorded from QEMU 11.1's daemon (a backing chain, internal
+# snapshots, persistent bitmaps): the schema must describe every member QEMU sends.
+QEMU_NODE_INFO = json.loads((Path(__file__).parent / "qemu_node_info.json").read_text())
+
+
+def test_qemu_node_info_fits_the_schema() -> None:
+    schema = load_schema()
+    top = QEMU_NODE_INFO["chain-top"]
+    assert schema.check_type_value("BlockDeviceInfo", top) == top
+    base = top["image"]["backing-image"]["backing-image"]
+    assert base["filename"].endswith("base.qcow2")
+    assert schema.check_type_value("ImageInfo", base) == base
+    image = QEMU_NODE_INFO["snapshot-image"]
+    assert schema.check_type_value("ImageInfo", image) == image
+
+
+def test_node_info_without_format_specific_type_is_refused() -> None:
+    image = dict(QEMU_NODE_INFO["snapshot-image"], **{"format-specific": {"data": {}}})
+    with pytest.raises(QMPError, match="'format-specific.type' is missing"):
+        load_schema().check_type_value("ImageInfo", image)
