@@ -33,12 +33,15 @@ COMMANDS = {
 }
 
 
+EVENTS = {"SHUTDOWN", "BLOCK_EXPORT_DELETED", "BLOCK_IMAGE_CORRUPTED"}
+
+
 def test_exactly_the_supported_commands() -> None:
     schema = load_schema()
     assert set(schema.command_names()) == COMMANDS
     assert all(schema.has_command(c) for c in COMMANDS)
     assert not schema.has_command("nbd-server-start")
-    assert set(schema.event_names()) == {"SHUTDOWN", "BLOCK_EXPORT_DELETED"}
+    assert set(schema.event_names()) == EVENTS
 
 
 def test_load_is_cached_and_fast() -> None:
@@ -55,7 +58,7 @@ def test_introspection_lists_every_command_and_event() -> None:
     commands = {e["name"]: e for e in info if e["meta-type"] == "command"}
     assert set(commands) == COMMANDS
     events = {e["name"] for e in info if e["meta-type"] == "event"}
-    assert events == {"SHUTDOWN", "BLOCK_EXPORT_DELETED"}
+    assert events == EVENTS
     names = {e["name"] for e in info}
     for entry in info:  # every type named anywhere is described
         for key in ("arg-type", "ret-type", "element-type"):
