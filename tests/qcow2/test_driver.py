@@ -18,6 +18,7 @@ from images import QEMU_IMG, check, create, info, run, snapshot, to_raw, write, 
 
 from qsd_py.block.graph import BlockGraph
 from qsd_py.block.node import STATUS_DATA, STATUS_ZERO, BlockNode
+from qsd_py.errors import QMPError
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -303,3 +304,39 @@ async def test_cache_clean_interval(graph: BlockGraph, tmp_path: Path) -> None:
     assert len(node.map.cache) > 1
     await asyncio.sleep(2.3)  # one tick marks them unused, the next drops them
     assert len(node.map.cache) == 0
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+async def test_backing_loop_is_refused(graph: BlockGraph, tmp_path: Path, read_only: bool) -> None:
+    """QEMU refuses a read-write loop by the image's own lock and never returns from a
+    read-only one; both are errors here."""
+    a = create(tmp_path / "a.qcow2", "1M")
+    create(tmp_path / "b.qcow2", "1M", backing="a.qcow2")
+    run([QEMU_IMG, "rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", str(a)], tmp_path)
+    with pytest.raises(QMPError) as exc:
+        await asyncio.wait_for(graph.add(qcow2_opts(a, **{"read-only": read_only})), 10)
+    if read_only:
+        assert exc.value.desc.startswith("Could not open backing file: Could not open backing")
+        assert "a loop" in exc.value.desc
+    else:
+        assert exc.value.desc == (
+            "Could not open backing file: Could not open backing file: "
+            'Failed to get shared "write" lock'
+        )
+    assert len(graph) == 0
+
+
+async def test_backing_errors_name_the_backing_file(graph: BlockGraph, tmp_path: Path) -> None:
+    img = create(tmp_path / "m.qcow2", "1M")
+    run([QEMU_IMG, "rebase", "-u", "-b", "nonexistent.qcow2", "-F", "qcow2", str(img)], tmp_path)
+    with pytest.raises(QMPError) as exc:
+        await graph.add(qcow2_opts(img))
+    missing = tmp_path / "nonexistent.qcow2"
+    assert exc.value.desc == (
+        f"Could not open backing file: Could not open '{missing}': No such file or directory"
+    )
+    with pytest.raises(QMPError) as exc:
+        await graph.add(qcow2_opts(img, backing="nosuch"))
+    assert exc.value.desc == (
+        "Could not open backing file: Cannot find device='nosuch' nor node-name='nosuch'"
+    )

@@ -18,6 +18,7 @@ refcounts so that a discard cannot free one into another guest range's hands mea
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import logging
 import os
@@ -61,6 +62,11 @@ _INCOMPAT_AT = 72  # incompatible_features in the header
 _SIZE_AT = 24
 _L1_HEADER = struct.Struct(">IQ")  # l1_size, l1_table_offset
 _L1_HEADER_AT = 36
+
+# The qcow2 nodes whose backing chain is being opened (to find loops).
+_OPENING: contextvars.ContextVar[tuple[Qcow2Node, ...]] = contextvars.ContextVar(
+    "qcow2_opening", default=()
+)
 
 # What a range of the guest reads from.
 UNALLOC, ZERO, DATA, COMPRESSED = range(4)
@@ -254,8 +260,29 @@ class Qcow2Node(BlockNode):
             }
             if ref["driver"] == "file":
                 ref = {**ref["file"], "read-only": True}
-        node = await self.graph.open_child(self, ref)
-        self.attach_child("backing", node, *self._cow_perms(Perm(0), PERM_ALL))
+        token = _OPENING.set((*_OPENING.get(), self))
+        try:
+            if isinstance(ref, dict):
+                self._refuse_loop(ref)
+            node = await self.graph.open_child(self, ref)
+            self.attach_child("backing", node, *self._cow_perms(Perm(0), PERM_ALL))
+        except QMPError as err:
+            raise QMPError(f"Could not open backing file: {err.desc}") from err
+        finally:
+            _OPENING.reset(token)
+
+    def _refuse_loop(self, ref: dict[str, Any]) -> None:
+        """A backing file that is already an image above it in the chain being opened.
+        Opened read-write, the image's own lock refuses it (as in QEMU); read-only, QEMU
+        would open the chain forever, so the loop is refused here."""
+        file = ref.get("file", ref)
+        path = file.get("filename") if isinstance(file, dict) else None
+        if path is None:
+            return
+        real = os.path.realpath(path)
+        for node in _OPENING.get():
+            if node.read_only and os.path.realpath(node.file.filename()) == real:
+                raise QMPError(f"Backing file '{path}' is already in the chain: a loop")
 
     async def _probe(self, path: str) -> str:
         """The format of a backing file named without one: qcow2 by its magic, else raw."""

@@ -32,13 +32,17 @@ def parse_options(
     opts: dict[str, Any], *, cluster_size: int, virtual_size: int, l2_entry_size: int
 ) -> Qcow2Options:
     """The options of a qcow2 node for an image with these geometry facts, or QMPError."""
-    entry_size = opts.get("l2-cache-entry-size", cluster_size)
+    l2, refcount = _cache_sizes(opts, cluster_size, virtual_size, l2_entry_size)
+    covers_disk = l2 >= _l2_covering(cluster_size, virtual_size, l2_entry_size)
+    # Whole tables when the cache holds every one of them, else 4 KiB slices (QEMU's rule).
+    entry_size = opts.get(
+        "l2-cache-entry-size", cluster_size if covers_disk else min(cluster_size, 4096)
+    )
     if entry_size < 512 or entry_size > cluster_size or entry_size & (entry_size - 1):
         raise QMPError(
             "L2 cache entry size must be a power of two between 512 and the cluster size "
             f"({cluster_size})"
         )
-    l2, refcount = _cache_sizes(opts, cluster_size, virtual_size, l2_entry_size)
     l2 = max(l2, MIN_L2_CACHE_ENTRIES * entry_size)
     refcount = max(refcount, MIN_REFCOUNT_CACHE_ENTRIES * cluster_size)
     interval = opts.get("cache-clean-interval", DEFAULT_CACHE_CLEAN_INTERVAL)
@@ -65,7 +69,7 @@ def _cache_sizes(
     combined = opts.get("cache-size")
     l2 = opts.get("l2-cache-size")
     refcount = opts.get("refcount-cache-size")
-    l2_max = _round_up(-(-virtual_size // cluster_size) * l2_entry_size, cluster_size)
+    l2_max = _l2_covering(cluster_size, virtual_size, l2_entry_size)
     default_refcount = MIN_REFCOUNT_CACHE_ENTRIES * cluster_size
     if combined is not None:
         if l2 is not None and refcount is not None:
@@ -88,6 +92,11 @@ def _cache_sizes(
     if refcount is None:
         refcount = default_refcount
     return l2, refcount
+
+
+def _l2_covering(cluster_size: int, virtual_size: int, l2_entry_size: int) -> int:
+    """Bytes of L2 tables that map the whole virtual disk."""
+    return _round_up(-(-virtual_size // cluster_size) * l2_entry_size, cluster_size)
 
 
 def _round_up(n: int, to: int) -> int:
