@@ -29,8 +29,7 @@ async def blockdev_del(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
 @qmp_command("query-named-block-nodes")
 async def query_named_block_nodes(daemon: Daemon, args: dict[str, Any]) -> list[dict[str, Any]]:
-    # 'flat' only drops the nested backing-image chain, which qsd-py nodes never have.
-    return daemon.graph.query()
+    return daemon.graph.query(bool(args.get("flat", False)))
 
 
 @qmp_command("block_resize")

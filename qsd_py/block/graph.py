@@ -112,13 +112,24 @@ class BlockGraph:
         node.implicit = implicit
         try:
             await node.open()
-            if name in self._nodes:  # a child may have taken it meanwhile
-                raise QMPError(f"Duplicate nodes with node-name='{name}'")
+            self.register(node)
         except BaseException:
+            if self._nodes.get(name) is node:
+                del self._nodes[name]
             await self._dispose(node)
             raise
-        self._nodes[name] = node
         return node
+
+    def register(self, node: BlockNode) -> None:
+        """List ``node`` among the graph's nodes. A node is listed once open, or earlier if
+        its driver says so: QEMU names a format node after its file child and before its
+        backing chain, and ``query-named-block-nodes`` shows that order."""
+        other = self._nodes.get(node.node_name)
+        if other is node:
+            return
+        if other is not None:  # a child may have taken the name meanwhile
+            raise QMPError(f"Duplicate nodes with node-name='{node.node_name}'")
+        self._nodes[node.node_name] = node
 
     def _check_new_name(self, name: str) -> None:
         check_node_name(name)
@@ -199,6 +210,6 @@ class BlockGraph:
                 log.exception("error while closing node %s", node.node_name)
 
     # --- introspection --------------------------------------------------------------------
-    def query(self) -> list[dict[str, Any]]:
+    def query(self, flat: bool = False) -> list[dict[str, Any]]:
         """query-named-block-nodes: ``BlockDeviceInfo`` of every node, newest first."""
-        return [node.info() for node in reversed(list(self._nodes.values()))]
+        return [node.info(flat) for node in reversed(list(self._nodes.values()))]

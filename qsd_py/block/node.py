@@ -416,48 +416,78 @@ class BlockNode:
         }
 
     def image_extra(self) -> dict[str, Any]:
-        """Driver-specific ``ImageInfo`` members (``format-specific``, ``dirty-flag``)."""
+        """Driver-specific ``ImageInfo`` members: ``dirty-flag``, ``cluster-size``, the
+        backing file names of the image's header, ``snapshots``, ``format-specific``."""
         return {}
 
-    def info(self) -> dict[str, Any]:
-        """The ``BlockDeviceInfo`` entry of ``query-named-block-nodes``.
+    def image_info(self, flat: bool = False) -> dict[str, Any]:
+        """The ``ImageInfo`` of this node, members in the schema's order; with its backing
+        node's nested as ``backing-image`` unless ``flat``."""
+        extra = self.image_extra()
+        image: dict[str, Any] = {"filename": self.filename(), "format": self.format_name}
+        if "dirty-flag" in extra:
+            image["dirty-flag"] = extra.pop("dirty-flag")
+        image["actual-size"] = self.allocated_size_now()
+        image["virtual-size"] = self.length()
+        specific = extra.pop("format-specific", None)
+        image.update(extra)
+        image["limits"] = self.limits()
+        if specific is not None:
+            image["format-specific"] = specific
+        backing = self.child_node("backing")
+        if backing is not None and not flat:
+            image["backing-image"] = backing.image_info()
+        return image
 
-        Only what qsd-py really has: no throttling, encryption or backing chains, so those
-        members are the zeroes and ``false`` QEMU reports for nodes without them."""
+    def backing_depth(self) -> int:
+        """How many backing nodes lie below this one."""
+        depth, node = 0, self.child_node("backing")
+        while node is not None:
+            depth += 1
+            node = node.child_node("backing")
+        return depth
+
+    def info(self, flat: bool = False) -> dict[str, Any]:
+        """The ``BlockDeviceInfo`` entry of ``query-named-block-nodes`` (``flat``: no
+        nested backing images, and every depth 0, as QEMU answers).
+
+        No throttling or encryption, so those members are the zeroes and ``false`` QEMU
+        reports for nodes without them."""
         cache = self.opts.get("cache", {})
-        filename = self.filename()
-        image = {
-            "filename": filename,
-            "format": self.format_name,
-            "virtual-size": self.length(),
-            "actual-size": self.allocated_size_now(),
-            "limits": self.limits(),
-            **self.image_extra(),
-        }
-        return {
-            "file": filename,
+        image = self.image_info(flat)
+        entry: dict[str, Any] = {
+            "file": image["filename"],
             "node-name": self.node_name,
             "ro": self.read_only,
             "drv": self.driver,
-            "backing_file_depth": 0,
-            "children": [
-                {"child": role, "node-name": child.node.node_name}
-                for role, child in self.children.items()
-            ],
-            "active": True,
-            "encrypted": False,
-            "detect_zeroes": "off",
-            "bps": 0,
-            "bps_rd": 0,
-            "bps_wr": 0,
-            "iops": 0,
-            "iops_rd": 0,
-            "iops_wr": 0,
-            "image": image,
-            "cache": {
-                "writeback": True,
-                "direct": bool(cache.get("direct", False)),
-                "no-flush": bool(cache.get("no-flush", False)),
-            },
-            "write_threshold": 0,
         }
+        backing = self.child_node("backing")
+        if backing is not None:
+            entry["backing_file"] = backing.filename()
+        entry["backing_file_depth"] = 0 if flat else self.backing_depth()
+        # Newest link first, as QEMU lists them (a format's backing before its file).
+        entry["children"] = [
+            {"child": role, "node-name": child.node.node_name}
+            for role, child in reversed(self.children.items())
+        ]
+        entry.update(
+            {
+                "active": True,
+                "encrypted": False,
+                "detect_zeroes": "off",
+                "bps": 0,
+                "bps_rd": 0,
+                "bps_wr": 0,
+                "iops": 0,
+                "iops_rd": 0,
+                "iops_wr": 0,
+                "image": image,
+                "cache": {
+                    "writeback": True,
+                    "direct": bool(cache.get("direct", False)),
+                    "no-flush": bool(cache.get("no-flush", False)),
+                },
+                "write_threshold": 0,
+            }
+        )
+        return entry

@@ -94,5 +94,5 @@ class MemNode(BlockNode):
             pos += CLUSTER
         return BlockStatus(STATUS_DATA if is_data else STATUS_ZERO, min(pos, end) - offset)
 
-    def info(self) -> dict[str, Any]:
+    def info(self, flat: bool = False) -> dict[str, Any]:
         return {"node-name": self.node_name}

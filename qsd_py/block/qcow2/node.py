@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import errno
+import json
 import logging
 import os
 import struct
@@ -50,6 +51,7 @@ from qsd_py.block.qcow2.entries import (
 from qsd_py.block.qcow2.mapping import ClusterMap, MappingError
 from qsd_py.block.qcow2.options import Qcow2Options, parse_options
 from qsd_py.block.qcow2.refcount import Refcounts
+from qsd_py.block.qcow2.snapshots import NO_ICOUNT, SnapshotTableShort, parse_snapshot_table
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
@@ -116,6 +118,7 @@ class Qcow2Node(BlockNode):
         self._meta_lock = CrossLoopLock()
         self._decompressed: tuple[int, bytes] | None = None  # (L2 entry, cluster) cache
         self.table: ClusterTable | None = None  # what exports' fast paths may use
+        self.snapshots: list[Any] = []
         self._cleaner: asyncio.TimerHandle | None = None
         self._dirty_marked = False  # lazy refcounts: the dirty bit is set in the file
 
@@ -173,7 +176,9 @@ class Qcow2Node(BlockNode):
                 "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
             )
         await self._open_data_file(h)
+        await self._load_snapshots(h)
         await self._load_tables(h)
+        self.graph.register(self)  # after its files, before its backing chain (QEMU's order)
         await self._open_backing(h)
         if not self.read_only:
             await self._open_for_writing(h)
@@ -235,6 +240,24 @@ class Qcow2Node(BlockNode):
         async with self._meta_lock:
             self.map.cache.clean_unused()
             self.refcounts.cache.clean_unused()
+
+    async def _load_snapshots(self, h: hdr.Qcow2Header) -> None:
+        """The internal snapshot table, checked as QEMU checks it on open."""
+        if not h.nb_snapshots:
+            return
+        size = 4096
+        while True:
+            buf = bytearray(size)
+            n = max(0, min(size, self.file.length() - h.snapshots_offset))
+            if n:
+                await self.file.read(h.snapshots_offset, memoryview(buf)[:n])
+            try:
+                self.snapshots = parse_snapshot_table(buf, h.nb_snapshots, h.size & ~511)
+                return
+            except SnapshotTableShort as short:
+                size = max(2 * size, short.needed)
+            except hdr.Qcow2Error as err:
+                raise QMPError(str(err)) from err
 
     async def _read_table(self, offset: int, entries: int) -> list[int]:
         if not entries:
@@ -1114,7 +1137,86 @@ class Qcow2Node(BlockNode):
 
     # --- introspection ----------------------------------------------------------------------
     def filename(self) -> str:
-        return self.file.filename()
+        """The image file's name, or QEMU's ``json:`` description once the backing node is
+        not the one the header names (given by reference, or null over a named one)."""
+        assert self.header is not None
+        overridden = "backing" in self.opts
+        if not overridden or (self.backing is None and self.header.backing_file is None):
+            return self.file.filename()
+        return "json:" + json.dumps(self.full_options(), sort_keys=True)
+
+    def full_options(self) -> dict[str, Any]:
+        """What reopens this node as it is (QEMU's full_open_options), for ``json:``."""
+        opts: dict[str, Any] = {"driver": "qcow2"}
+        backing = self.backing
+        if backing is not None:
+            opts["backing"] = _full_options(backing)
+        elif "backing" in self.opts and self.header and self.header.backing_file is not None:
+            opts["backing"] = None  # null over the one the header names
+        opts["file"] = _full_options(self.file)
+        return opts
+
+    def limits(self) -> dict[str, int]:
+        """The file's alignment, and discards and zeroes in whole (sub)clusters."""
+        limits = self.file.limits()
+        limits["discard-alignment"] = self.cluster_size
+        limits["write-zeroes-alignment"] = self._grain()
+        return limits
+
+    def image_extra(self) -> dict[str, Any]:
+        assert self.header is not None
+        h = self.header
+        extra: dict[str, Any] = {"dirty-flag": h.dirty, "cluster-size": self.cluster_size}
+        if h.backing_file is not None:
+            extra["backing-filename"] = h.backing_file
+            extra["full-backing-filename"] = self._relative(h.backing_file)
+            if h.backing_format is not None:
+                extra["backing-filename-format"] = h.backing_format
+        if self.snapshots:
+            extra["snapshots"] = [_snapshot_info(sn) for sn in self.snapshots]
+        extra["format-specific"] = {"type": "qcow2", "data": self._format_specific()}
+        return extra
+
+    def _format_specific(self) -> dict[str, Any]:
+        """ImageInfoSpecificQCow2, members in the schema's order."""
+        assert self.header is not None
+        h = self.header
+        ctype = "zstd" if h.compression_type == hdr.COMPRESSION_ZSTD else "zlib"
+        if h.version < 3:
+            return {"compat": "0.10", "refcount-bits": h.refcount_bits, "compression-type": ctype}
+        data: dict[str, Any] = {"compat": "1.1"}
+        if h.has_data_file:
+            data["data-file"] = self.children["data-file"].node.filename()
+            data["data-file-raw"] = h.data_file_raw
+        data["extended-l2"] = h.extended_l2
+        data["lazy-refcounts"] = self._lazy()
+        data["corrupt"] = h.corrupt
+        data["refcount-bits"] = h.refcount_bits
+        data["compression-type"] = ctype
+        return data
+
+
+def _full_options(node: BlockNode) -> dict[str, Any]:
+    full = getattr(node, "full_options", None)
+    if full is not None:
+        return full()
+    return {"driver": node.driver, "filename": node.filename()}
+
+
+def _snapshot_info(sn: Any) -> dict[str, Any]:
+    """SnapshotInfo of one internal snapshot."""
+    info = {
+        "id": sn.id,
+        "name": sn.name,
+        "vm-state-size": sn.vm_state_size,
+        "date-sec": sn.date_sec,
+        "date-nsec": sn.date_nsec,
+        "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000,
+        "vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000,
+    }
+    if sn.icount != NO_ICOUNT:
+        info["icount"] = sn.icount
+    return info
 
 
 def _zero(view: memoryview) -> None:
