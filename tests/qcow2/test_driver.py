@@ -340,3 +340,38 @@ async def test_backing_errors_name_the_backing_file(graph: BlockGraph, tmp_path:
     assert exc.value.desc == (
         "Could not open backing file: Cannot find device='nosuch' nor node-name='nosuch'"
     )
+
+
+@pytest.mark.parametrize("new_size", [0, 512 * KiB, 700 * KiB + 512, 3 * MiB])
+async def test_shrink_then_grow(graph: BlockGraph, tmp_path: Path, new_size: int) -> None:
+    """QMP's block_resize shrinks a qcow2 node in QEMU: what lay past the new end is gone,
+    and reads as zeroes when the node grows again."""
+    img = create(tmp_path / "s.qcow2", "8M", cluster_size=512 * KiB)
+    write(img, 0, 8 * MiB, 0x5C)
+    node = await graph.add(qcow2_opts(img))
+    await node.truncate(new_size)
+    assert node.length() == new_size
+    await node.truncate(8 * MiB)
+    data = await read_all(node)
+    assert data == b"\x5c" * new_size + bytes(8 * MiB - new_size)
+    await graph.delete("q")
+    code, report = check(img)
+    assert code == 0, report
+    assert to_raw(img, tmp_path / "after.raw") == data
+
+
+async def test_v2_with_snapshots_is_not_resized(graph: BlockGraph, tmp_path: Path) -> None:
+    img = create(tmp_path / "v2.qcow2", "1M", compat="0.10")
+    snapshot(img, "s")
+    node = await graph.add(qcow2_opts(img))
+    for size in (2 * MiB, 512 * KiB):
+        with pytest.raises(OSError, match="^.*Can't resize a v2 image which has snapshots"):
+            await node.truncate(size)
+
+
+async def test_grow_beyond_the_l1_limit(graph: BlockGraph, tmp_path: Path) -> None:
+    node = await graph.add(qcow2_opts(create(tmp_path / "h.qcow2", "1M")))
+    with pytest.raises(OSError) as exc:
+        await node.truncate(1 << 60)
+    assert exc.value.strerror == "Failed to grow the L1 table: File too large"
+    assert node.length() == MiB

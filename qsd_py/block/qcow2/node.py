@@ -42,6 +42,7 @@ from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.block.qcow2 import header as hdr
 from qsd_py.block.qcow2.cache import MetaCache
 from qsd_py.block.qcow2.entries import (
+    L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
@@ -1033,11 +1034,17 @@ class Qcow2Node(BlockNode):
         assert self.header is not None and self.map is not None
         if length % 512:
             raise OSError(errno.EINVAL, "The new size must be a multiple of 512")
-        if length < self.size:
-            raise OSError(errno.ENOTSUP, "qcow2 doesn't support shrinking images yet")
+        if self.header.version < 3 and self.snapshots:
+            raise OSError(errno.ENOTSUP, "Can't resize a v2 image which has snapshots")
         old = self.size
+        if length < old:
+            await self._shrink(length)
+            return
         async with self._change_lock, self._meta_lock:
             need = -(-length // (self.cluster_size << self.map.l2_bits))
+            if need * 8 > hdr.MAX_L1_SIZE:
+                msg = f"Failed to grow the L1 table: {os.strerror(errno.EFBIG)}"
+                raise OSError(errno.EFBIG, msg)
             if need > len(self.map.l1):
                 await self._grow_l1(need)
             await self.file.write(_SIZE_AT, _U64.pack(length))
@@ -1049,6 +1056,44 @@ class Qcow2Node(BlockNode):
         if backing is not None and backing.length() > old and length > old:
             # The new range must read as zeroes, not as the backing file's data.
             await self.do_write_zeroes(old, min(length, backing.length()) - old, False)
+
+    async def _shrink(self, length: int) -> None:
+        """Drop everything past ``length``, as QMP's block_resize does to a qcow2 node in
+        QEMU: the tail of the last cluster zeroed, the clusters after it discarded (their
+        references dropped), the L2 tables past the end freed, then the new size."""
+        assert self.map is not None and self.refcounts is not None and self.header is not None
+        cs = self.cluster_size
+        first_gone = -(-length // cs)
+        if length % cs:
+            await self.do_write_zeroes(length, min(first_gone * cs, self.size) - length, False)
+        async with self._change_lock, self._meta_lock:
+            for guest_cluster in range(first_gone, -(-self.size // cs)):
+                if not self.map.l2_table(guest_cluster):
+                    continue
+                old, bitmap = await self.map.entry(guest_cluster)
+                if old or bitmap:
+                    await self.map.set_entry(guest_cluster, 0, 0)
+                    if self._allocated(old) or old & OFLAG_COMPRESSED:
+                        await self._free_entry(old, DISCARD_ALWAYS)
+            await self.flush_metadata()
+            tables_kept = (first_gone + self.map.l2_entries - 1) >> self.map.l2_bits
+            for l1_index in range(tables_kept, len(self.map.l1)):
+                table = self.map.l1[l1_index] & L1E_OFFSET_MASK
+                if not table:
+                    continue
+                await self.map.write_l1(l1_index, 0)
+                await self.file.flush()  # the L1 entry is gone on disk before the table is
+                self.map.cache.discard(table, table + cs)
+                await self.refcounts.free(table, cs, DISCARD_ALWAYS)
+            await self.file.write(_SIZE_AT, _U64.pack(length))
+            await self.file.flush()
+            self.size = self.header.size = length
+
+    async def flush_metadata(self) -> None:
+        """Write back both caches (metadata lock held)."""
+        assert self.map is not None and self.refcounts is not None
+        await self.map.cache.write_back()
+        await self.refcounts.cache.write_back()
 
     async def _preallocate(self, start: int, end: int, mode: str) -> None:
         """Give the unallocated clusters of ``[start, end)`` host clusters (reading as
