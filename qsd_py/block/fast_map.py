@@ -27,6 +27,7 @@ import logging
 import mmap
 import threading
 import time
+from array import array
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
@@ -108,6 +109,20 @@ class ClusterTable:
         if old & VALID and (value & old != old or (value ^ old) & OFFSET_MASK):
             self.dirty = True  # not just more rights on the same place
         self.entries[cluster] = value
+
+    def publish_range(self, first: int, count: int, value: int) -> None:
+        """Set ``count`` entries from ``first`` that are still 0 (unknown) to ``value``: only
+        ever raises entries (a range the node learned in one go, e.g. with no L2 table)."""
+        end = min(first + count, self.capacity)
+        if end <= first:
+            return
+        entries = self.entries
+        if not any(entries[first:end].tobytes()):
+            self._map[first * 8 : end * 8] = array("Q", [value]).tobytes() * (end - first)
+            return
+        for cluster in range(first, end):
+            if not entries[cluster]:
+                entries[cluster] = value
 
     def clear_all(self) -> None:
         """Forget everything (the node's mapping changed wholesale: a new backing node)."""

@@ -135,3 +135,27 @@ async def test_discard_waits_for_a_fast_reader(
     code, report = check(img)
     assert code in (0, 3), report  # 3: leaked clusters only
     assert report.get("leaks", 0) <= 1 and not report.get("corruptions")
+
+
+async def test_a_fresh_image_reads_zeroes_on_the_fast_path(
+    graph: BlockGraph, tmp_path: Path
+) -> None:
+    """Ranges with no L2 table yet read as zeroes without the node (nothing to load)."""
+    node = await open_qcow2(graph, create(tmp_path / "f.qcow2", "1G"))
+    engine = FuseEngine(node, writable=True)
+    plan = fastpath.plan_for(node)
+    assert plan is not None
+    for offset in (0, 700 * MiB, (1 << 30) - 4096):
+        assert fastpath.decide(engine, plan, request(offset, 4096), MiB, False) == (
+            fastpath.FILL,
+            4096,
+            1,
+        )
+        assert fastpath.decide(engine, plan, request(offset, 4096), MiB, True)[0] == (
+            fastpath.ENGINE
+        )
+    await node.write(700 * MiB, b"\x01" * 4096)  # allocates: the entry rises to data
+    action, pos, _ = fastpath.decide(engine, plan, request(700 * MiB, 4096), MiB, False)
+    assert (action, pos) == (fastpath.TRANSFER, await host_offset(node, 700 * MiB))
+    plan.done()
+    plan.release()

@@ -181,6 +181,7 @@ class Qcow2Node(BlockNode):
         await self._load_tables(h)
         self.graph.register(self)  # after its files, before its backing chain (QEMU's order)
         await self._open_backing(h)
+        self._publish_missing_tables()
         if not self.read_only:
             await self._open_for_writing(h)
 
@@ -1151,6 +1152,17 @@ class Qcow2Node(BlockNode):
             return None
         writable = target.writable and not self.read_only
         return FastTarget(file=target.file, base=target.base, table=self.table, writable=writable)
+
+    def _publish_missing_tables(self) -> None:
+        """Ranges without an L2 table are unallocated: without a backing node they read as
+        zeroes, which the fast path can answer without asking (a fresh image's reads)."""
+        assert self.map is not None and self.table is not None
+        if self.backing is not None:
+            return
+        span = self.map.l2_entries
+        for l1_index, l1e in enumerate(self.map.l1):
+            if not l1e & L1E_OFFSET_MASK:
+                self.table.publish_range(l1_index * span, span, _FAST_ZEROES)
 
     def _publish(self, guest_cluster: int, l2e: int, bitmap: int) -> None:
         """Put what an L2 entry says into the cluster table (see qsd_py/block/fast_map.py):
