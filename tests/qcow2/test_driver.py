@@ -375,3 +375,26 @@ async def test_grow_beyond_the_l1_limit(graph: BlockGraph, tmp_path: Path) -> No
         await node.truncate(1 << 60)
     assert exc.value.strerror == "Failed to grow the L1 table: File too large"
     assert node.length() == MiB
+
+
+async def test_concurrent_allocating_writes(graph: BlockGraph, tmp_path: Path) -> None:
+    """Writes to the same fresh clusters at once: each cluster is allocated once, no
+    write is lost, the refcounts stay right."""
+    base = create(tmp_path / "base.qcow2", "4M")
+    write(base, 0, 4 * MiB, 0x3C)
+    img = create(tmp_path / "c.qcow2", "4M", backing="base.qcow2")
+    model = Model(b"\x3c" * 4 * MiB)
+    node = await graph.add(qcow2_opts(img, discard="unmap"))
+    rng = random.Random(5)
+    chunks = list(range(0, 4 * MiB, 4 * KiB))
+    rng.shuffle(chunks)
+    writes = []
+    for i, pos in enumerate(chunks[:600]):
+        payload = bytes([i % 250 + 1]) * 4 * KiB
+        model.write(pos, payload)
+        writes.append(node.write(pos, payload))
+    await asyncio.gather(*writes)
+    assert await read_all(node) == bytes(model.data)
+    await graph.delete("q")
+    assert check(img)[0] == 0
+    assert to_raw(img, tmp_path / "after.raw") == bytes(model.data)

@@ -46,6 +46,11 @@ FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
 _ZERO_CHUNK = 1 << 20
 _zero_buf = mmap.mmap(-1, _ZERO_CHUNK)
 
+#: Largest request copied right away on the calling loop from or to a file held in memory
+#: (see held_in_memory): at 128 KiB the copy and io-wq measured the same, at 1 MiB io-wq was
+#: 25% faster (tmpfs, QD4). The exports' fast path uses the same bound.
+INLINE_MAX = 128 * 1024
+
 # File systems whose files are page cache only (statfs f_type): tmpfs (/dev/shm), ramfs.
 MEMORY_FS_MAGIC = (0x01021994, 0x858458F6)
 _STATFS_SIZE = 120  # struct statfs on 64-bit Linux; f_type is its first long
@@ -259,6 +264,8 @@ class FileNode(BlockNode):
             return
         if self._needs_bounce(offset, buf):
             await self.backend.run(self._bounce_read, offset, buf)
+        elif self.in_memory and len(buf) <= INLINE_MAX:
+            aio.pread_full(self.fd, buf, offset)  # a copy from memory: no thread, no SQE
         else:
             await self.backend.read(self.fd, buf, offset)
 
@@ -271,6 +278,8 @@ class FileNode(BlockNode):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         if self._needs_bounce(offset, buf):
             await self.backend.run(self._bounce_write, offset, buf)
+        elif self.in_memory and len(buf) <= INLINE_MAX:
+            aio.pwrite_full(self.fd, buf, offset)
         else:
             await self.backend.write(self.fd, buf, offset)
 

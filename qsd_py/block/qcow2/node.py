@@ -7,27 +7,32 @@ belongs to this image alone (its L2 entry has the COPIED flag); elsewhere a new 
 allocated (refcount.py), the untouched parts of the cluster are copied into it from where
 they read now, and only then does the L2 entry point at it.
 
-Two locks, always taken in this order: ``_change_lock`` serialises everything that changes
-the mapping (allocating writes, discards, zeroing, resize), so two writes to one unallocated
-cluster cannot both allocate; ``_meta_lock`` guards the caches and tables, held only for
-lookups and updates, never across data I/O. Reads and in-place writes take only the second,
-briefly, and run in parallel. Data clusters with I/O in flight are marked busy in the
-refcounts so that a discard cannot free one into another guest range's hands meanwhile.
+Concurrency: ``_meta_lock`` guards the caches and tables, held only for lookups and updates,
+never across data I/O. An allocating write registers its guest cluster (a second write to
+the same cluster waits for it, then looks again) and runs its copy and data write unlocked,
+so allocations of different clusters overlap. Changes of many entries at once (discard,
+zeroing, resize) take ``_change_lock`` and wait until no allocation is in flight; allocations
+take it only to register. Reads and in-place writes take only the metadata lock, briefly.
+Data clusters with I/O in flight are marked busy in the refcounts so that a discard cannot
+free one into another guest range's hands meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import errno
 import json
 import logging
 import os
 import struct
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from qsd_py.block import fast_map
+from qsd_py.block.drain import InFlight
 from qsd_py.block.fast_map import ClusterTable, FastTarget
 from qsd_py.block.lock import CrossLoopLock
 from qsd_py.block.node import (
@@ -116,6 +121,8 @@ class Qcow2Node(BlockNode):
         self.size = 0
         self.corrupt = False  # found corrupt while open: every request fails from now on
         self._change_lock = CrossLoopLock()
+        self._allocating: dict[int, InFlight] = {}  # guest cluster -> its allocation
+        self._allocations = InFlight()  # allocating writes in flight
         self._meta_lock = CrossLoopLock()
         self._decompressed: tuple[int, bytes] | None = None  # (L2 entry, cluster) cache
         self.table: ClusterTable | None = None  # what exports' fast paths may use
@@ -687,20 +694,50 @@ class Qcow2Node(BlockNode):
                 )
 
     async def _allocating_write(self, offset: int, part: memoryview) -> None:
-        """Write into one cluster that needs metadata changes: serialised, looked up again
-        (an earlier write may have allocated it meanwhile)."""
-        async with self._change_lock:
-            async with self._meta_lock:
-                await self._mark_dirty()
-                assert self.map is not None
-                guest_cluster = offset >> self.cluster_bits
-                in_cluster = offset & (self.cluster_size - 1)
-                l2e, bitmap = await self.map.entry(guest_cluster)
-                host = self._in_place_host(l2e, bitmap, in_cluster, len(part))
-            if host >= 0:
+        """Write into one cluster that needs metadata changes. One allocation per guest
+        cluster at a time: a second write to it waits, then looks again (the first may
+        have made it writable in place). Allocations of different clusters run in parallel;
+        discards, zeroing and resizes wait until none is in flight (``_exclusive``)."""
+        assert self.map is not None and self.refcounts is not None
+        guest_cluster = offset >> self.cluster_bits
+        in_cluster = offset & (self.cluster_size - 1)
+        while True:
+            async with self._change_lock, self._meta_lock:
+                other = self._allocating.get(guest_cluster)
+                if other is None:
+                    await self._mark_dirty()
+                    l2e, bitmap = await self.map.entry(guest_cluster)
+                    host = self._in_place_host(l2e, bitmap, in_cluster, len(part))
+                    if host >= 0:
+                        self.refcounts.hold(host >> self.cluster_bits)
+                    else:
+                        mine = self._allocating[guest_cluster] = InFlight()
+                        mine.enter()
+                        self._allocations.enter()
+            if other is None:
+                break
+            await other.wait_idle()
+        if host >= 0:
+            try:
                 await self._write_in_place(host, part)
-                return
+            finally:
+                self.refcounts.release(host >> self.cluster_bits)
+            return
+        try:
             await self._cow_write(guest_cluster, l2e, bitmap, in_cluster, part)
+        finally:
+            del self._allocating[guest_cluster]
+            mine.leave()
+            self._allocations.leave()
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """For changes of many entries at once (discard, zeroing, resize): no allocation in
+        flight, none starting, and the metadata lock held."""
+        async with self._change_lock:
+            await self._allocations.wait_idle()
+            async with self._meta_lock:
+                yield
 
     async def _cow_write(
         self, guest_cluster: int, l2e: int, bitmap: int, in_cluster: int, part: memoryview
@@ -896,7 +933,8 @@ class Qcow2Node(BlockNode):
     async def _zero_clusters(self, offset: int, length: int, unmap: bool) -> None:
         """Set the zero flag on whole clusters (subclusters); deallocate with ``unmap``."""
         assert self.map is not None
-        async with self._change_lock, self._meta_lock:
+        as_data: list[tuple[int, int]] = []  # what flags cannot zero: written as zeroes after
+        async with self._exclusive():
             await self._mark_dirty()
             pos, end = offset, offset + length
             while pos < end:
@@ -904,16 +942,19 @@ class Qcow2Node(BlockNode):
                 in_cluster = pos & (self.cluster_size - 1)
                 n = min(end - pos, self.cluster_size - in_cluster)
                 old, bitmap = await self.map.entry(guest_cluster)
-                if self.map.extended:
-                    await self._zero_subclusters(guest_cluster, old, bitmap, in_cluster, n, unmap)
-                else:
+                if not self.map.extended:
                     await self._zero_cluster(guest_cluster, old, unmap)
+                elif not await self._zero_subclusters(
+                    guest_cluster, old, bitmap, in_cluster, n, unmap
+                ):
+                    as_data.append((pos, n))
                 pos += n
+        for pos, n in as_data:
+            await self._write_zero_buffers(pos, n)
 
     async def _zero_cluster(self, guest_cluster: int, old: int, unmap: bool) -> None:
         assert self.map is not None
-        offset = old & L2E_OFFSET_MASK
-        keep = not unmap and offset and old & OFLAG_COPIED and not old & OFLAG_COMPRESSED
+        keep = not unmap and old & OFLAG_COPIED and self._allocated(old)
         new = (old | OFLAG_ZERO) if keep else OFLAG_ZERO
         if new == old:
             return
@@ -923,30 +964,26 @@ class Qcow2Node(BlockNode):
 
     async def _zero_subclusters(
         self, guest_cluster: int, old: int, bitmap: int, in_cluster: int, n: int, unmap: bool
-    ) -> None:
+    ) -> bool:
+        """Zero subclusters by their bits; False where flags cannot do it (part of a shared
+        or compressed cluster: the caller writes zeroes, which copies the cluster)."""
         assert self.map is not None
         mask = _subcluster_mask(in_cluster, n, self.cluster_size)
         whole = mask == 0xFFFFFFFF
         if old & OFLAG_COMPRESSED or (self._allocated(old) and not old & OFLAG_COPIED):
             if not whole:
-                # A shared or compressed cluster cannot be zeroed in part by flags alone.
-                guest = (guest_cluster << self.cluster_bits) + in_cluster
-                self._change_lock_held = True
-                await self._cow_zero(guest, n)
-                return
+                return False
             await self.map.set_entry(guest_cluster, 0, ALL_ZERO_BITMAP)
             await self._free_entry(old, DISCARD_REQUEST)
-            return
+            return True
         if whole and unmap and self._allocated(old):
             await self.map.set_entry(guest_cluster, 0, ALL_ZERO_BITMAP)
             await self._free_entry(old, DISCARD_REQUEST)
-            return
+            return True
         new_bitmap = (bitmap & ~mask) | (mask << 32)
         if new_bitmap != bitmap:
             await self.map.set_entry(guest_cluster, old, new_bitmap)
-
-    async def _cow_zero(self, offset: int, n: int) -> None:
-        raise OSError(errno.ENOTSUP, "partial zeroing of a shared cluster")
+        return True
 
     async def do_discard(self, offset: int, length: int) -> None:
         """Whole clusters (subclusters) only, as QEMU's generic layer aligns discards; the
@@ -966,7 +1003,7 @@ class Qcow2Node(BlockNode):
         assert self.header is not None
         if self.header.data_file_raw:
             await self.data_node.write_zeroes(start, end - start, True)
-        async with self._change_lock, self._meta_lock:
+        async with self._exclusive():
             pos = start
             while pos < end:
                 guest_cluster = pos >> self.cluster_bits
@@ -1041,7 +1078,7 @@ class Qcow2Node(BlockNode):
         if length < old:
             await self._shrink(length)
             return
-        async with self._change_lock, self._meta_lock:
+        async with self._exclusive():
             need = -(-length // (self.cluster_size << self.map.l2_bits))
             if need * 8 > hdr.MAX_L1_SIZE:
                 msg = f"Failed to grow the L1 table: {os.strerror(errno.EFBIG)}"
@@ -1067,7 +1104,7 @@ class Qcow2Node(BlockNode):
         first_gone = -(-length // cs)
         if length % cs:
             await self.do_write_zeroes(length, min(first_gone * cs, self.size) - length, False)
-        async with self._change_lock, self._meta_lock:
+        async with self._exclusive():
             for guest_cluster in range(first_gone, -(-self.size // cs)):
                 if not self.map.l2_table(guest_cluster):
                     continue

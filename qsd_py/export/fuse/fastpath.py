@@ -41,6 +41,7 @@ import errno
 import os
 from typing import TYPE_CHECKING, Any
 
+from qsd_py.block.drivers.file import INLINE_MAX
 from qsd_py.block.fast_map import OFFSET_MASK, VALID, WRITABLE, ZERO
 from qsd_py.export.fuse import proto as p
 
@@ -58,9 +59,6 @@ THREADS = 3  #: one ThreadTransfer in the aio=threads pool
 #: How ``x-query-fuse-queues`` names them ("none": every request takes the engine).
 KIND_NAMES = {NULL: "null", URING: "uring", THREADS: "threads"}
 
-#: Largest request served inline from a file held in memory (see the module docstring):
-#: at 128 KiB inline and io-wq measured the same, at 1 MiB io-wq was 25% faster (tmpfs, QD4).
-INLINE_MAX = 128 * 1024
 
 # What :func:`decide` makes of a READ or WRITE: (action, a, b).
 ENGINE = 0  #: take the engine's coroutine
