@@ -395,6 +395,11 @@ class BlockNode:
         without the node's coroutines (qsd_py/block/fast_map.py); None: always ask the node."""
         return None
 
+    async def prepare_fast_write(self, offset: int, length: int) -> bool:
+        """Make ``[offset, +length)`` writable in place through :meth:`fast_target` if that
+        needs no data copied (fresh clusters of a format); False: write through the node."""
+        return False
+
     # --- introspection --------------------------------------------------------------------
     format_name: ClassVar[str]
 

@@ -159,3 +159,32 @@ async def test_a_fresh_image_reads_zeroes_on_the_fast_path(
     assert (action, pos) == (fastpath.TRANSFER, await host_offset(node, 700 * MiB))
     plan.done()
     plan.release()
+
+
+async def test_prepare_fast_write(graph: BlockGraph, tmp_path: Path) -> None:
+    """What a queue worker asks for a write into fresh clusters: host clusters of zeroes,
+    writable in place; refused where data would have to be copied (a backing file)."""
+    img = create(tmp_path / "p.qcow2", "4M")
+    node = await open_qcow2(graph, img)
+    engine = FuseEngine(node, writable=True)
+    plan = fastpath.plan_for(node)
+    assert plan is not None
+    assert fastpath.all_zeroes(plan, 100 * KiB, 64 * KiB)
+    assert await node.prepare_fast_write(100 * KiB, 64 * KiB)  # two clusters
+    assert not fastpath.all_zeroes(plan, 100 * KiB, 64 * KiB)
+    action, pos, size = fastpath.decide(engine, plan, request(100 * KiB, 60 * KiB), MiB, True)
+    assert (action, pos) == (fastpath.TRANSFER, await host_offset(node, 100 * KiB))
+    plan.done()
+    data = bytearray(128 * KiB)
+    await node.read(64 * KiB, memoryview(data))
+    assert data == bytes(128 * KiB)
+    plan.release()
+    await graph.delete("q")
+    assert check(img)[0] == 0
+    base = create(tmp_path / "b.qcow2", "4M")
+    top = create(tmp_path / "t.qcow2", "4M", backing="b.qcow2")
+    node = await graph.add(
+        {"driver": "qcow2", "node-name": "t", "file": {"driver": "file", "filename": str(top)}}
+    )
+    assert not await node.prepare_fast_write(0, 4096)
+    assert base.exists()

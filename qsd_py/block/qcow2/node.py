@@ -694,41 +694,81 @@ class Qcow2Node(BlockNode):
                 )
 
     async def _allocating_write(self, offset: int, part: memoryview) -> None:
-        """Write into one cluster that needs metadata changes. One allocation per guest
-        cluster at a time: a second write to it waits, then looks again (the first may
-        have made it writable in place). Allocations of different clusters run in parallel;
-        discards, zeroing and resizes wait until none is in flight (``_exclusive``)."""
-        assert self.map is not None and self.refcounts is not None
+        """Write into one cluster that needs metadata changes (looked up again: an earlier
+        write may have made it writable in place meanwhile)."""
+        assert self.refcounts is not None
         guest_cluster = offset >> self.cluster_bits
         in_cluster = offset & (self.cluster_size - 1)
-        while True:
-            async with self._change_lock, self._meta_lock:
-                other = self._allocating.get(guest_cluster)
-                if other is None:
-                    await self._mark_dirty()
-                    l2e, bitmap = await self.map.entry(guest_cluster)
-                    host = self._in_place_host(l2e, bitmap, in_cluster, len(part))
-                    if host >= 0:
-                        self.refcounts.hold(host >> self.cluster_bits)
-                    else:
-                        mine = self._allocating[guest_cluster] = InFlight()
-                        mine.enter()
-                        self._allocations.enter()
-            if other is None:
-                break
-            await other.wait_idle()
-        if host >= 0:
+        l2e, bitmap = await self._begin_allocation(guest_cluster)
+        try:
+            host = self._in_place_host(l2e, bitmap, in_cluster, len(part))
+            if host < 0:
+                await self._cow_write(guest_cluster, l2e, bitmap, in_cluster, part)
+                return
+            self.refcounts.hold(host >> self.cluster_bits)
             try:
                 await self._write_in_place(host, part)
             finally:
                 self.refcounts.release(host >> self.cluster_bits)
-            return
-        try:
-            await self._cow_write(guest_cluster, l2e, bitmap, in_cluster, part)
         finally:
-            del self._allocating[guest_cluster]
-            mine.leave()
-            self._allocations.leave()
+            self._end_allocation(guest_cluster)
+
+    async def _begin_allocation(self, guest_cluster: int) -> tuple[int, int]:
+        """Become the one allocation of ``guest_cluster`` (a second write to it waits for
+        the first, allocations of other clusters run in parallel; discards, zeroing and
+        resizes wait until none is in flight, see ``_exclusive``). Returns the entry, which
+        nobody else changes until :meth:`_end_allocation`."""
+        assert self.map is not None
+        while True:
+            async with self._change_lock, self._meta_lock:
+                other = self._allocating.get(guest_cluster)
+                if other is None:
+                    mine = self._allocating[guest_cluster] = InFlight()
+                    mine.enter()
+                    self._allocations.enter()
+                    await self._mark_dirty()
+                    return await self.map.entry(guest_cluster)
+            await other.wait_idle()
+
+    def _end_allocation(self, guest_cluster: int) -> None:
+        self._allocating.pop(guest_cluster).leave()
+        self._allocations.leave()
+
+    async def prepare_fast_write(self, offset: int, length: int) -> bool:
+        """For queue workers: give the fresh clusters of a write (no host cluster, reading as
+        zeroes) host clusters of zeroes, so the worker writes the data in place itself. No
+        data passes through the daemon; False where a cluster needs its data copied."""
+        if self.read_only or self.corrupt or self.map is None or "data-file" in self.children:
+            return False
+        first, last = offset >> self.cluster_bits, (offset + length - 1) >> self.cluster_bits
+        for guest_cluster in range(first, last + 1):
+            if not await self._allocate_fresh(guest_cluster):
+                return False
+        return True
+
+    async def _allocate_fresh(self, guest_cluster: int) -> bool:
+        assert self.refcounts is not None
+        cs = self.cluster_size
+        l2e, bitmap = await self._begin_allocation(guest_cluster)
+        try:
+            if self._in_place_host(l2e, bitmap, 0, cs) >= 0:
+                return True  # an earlier write got there first
+            if self._allocated(l2e) or not self._reads_zero_everywhere(l2e, bitmap):
+                return False
+            async with self._meta_lock:
+                never_used = self.refcounts.high_water
+                host = await self.refcounts.allocate(cs)
+                self.refcounts.hold(host >> self.cluster_bits)
+            try:
+                if host >> self.cluster_bits < never_used:  # a reused cluster: zero it
+                    await self.data_node.write_zeroes(host, cs, False)
+                async with self._meta_lock:
+                    await self._link(guest_cluster, l2e, bitmap, host, 0, cs, False)
+            finally:
+                self.refcounts.release(host >> self.cluster_bits)
+            return True
+        finally:
+            self._end_allocation(guest_cluster)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:

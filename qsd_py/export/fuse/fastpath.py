@@ -219,6 +219,20 @@ def decide(
 
 _SLOW = -1
 _ZEROES = -2
+_FRESH = _VALID | _ZERO
+
+
+def all_zeroes(plan: FastPlan, offset: int, size: int) -> bool:
+    """Whether the table says every cluster of ``[offset, +size)`` reads as zeroes and has
+    no host cluster: a write there only needs clusters allocated (no data to copy)."""
+    entries = plan.entries
+    if entries is None:
+        return False
+    bits = plan.cluster_bits
+    last = (offset + size - 1) >> bits
+    if last >= plan.capacity:
+        return False
+    return all(entries[c] == _FRESH for c in range(offset >> bits, last + 1))
 
 
 def _map(plan: FastPlan, offset: int, size: int, writing: bool) -> int:

@@ -96,6 +96,10 @@ _ECANCELED = -errno.ECANCELED
 _memset = ctypes.memset
 _GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV, errno.EBADF)
 
+#: What :meth:`UringQueue.handle` returns when it passed the request to the fast path after
+#: all (a queue worker's fresh-cluster write), which then answers it itself.
+HANDLED = object()
+
 # Buffers of entries the kernel may still write to (a drain that timed out): never freed.
 _KERNEL_OWNED: list[object] = []
 
@@ -367,11 +371,13 @@ class UringQueue:
         finally:
             stats.in_flight -= 1
             entry.task = None
+        if res is HANDLED:
+            return  # handed to the fast path, which answers it
         if res is None:
             res = 0  # no-reply opcodes never come through the ring; answer anyway to re-arm
-        self._commit(entry, res)
+        self._commit(entry, res)  # type: ignore[arg-type]
 
-    def handle(self, entry: _Entry) -> Awaitable[int | None]:
+    def handle(self, entry: _Entry) -> Awaitable[int | object | None]:
         """The engine's answer to the entry's request, in its payload (a queue worker
         process sends the request to the daemon's engine instead: workers.py)."""
         return self.engine.handle(entry.in_hdr, entry.arg, entry.payload, entry.payload, self.stats)

@@ -9,6 +9,10 @@ carrying frames of ``length, kind, tag`` and a body.
   counters the daemon's engine counted for it, and the reply's bytes.
 * ``STOP``, daemon to worker: take no new request (the tag is the ``abort`` flag);
   ``STOPPED`` is the worker's answer once it has done so.
+* ``PREPARE``, worker to daemon: a WRITE of ``length`` bytes at ``offset`` met clusters that
+  read as zeroes and have no host cluster yet (a fresh qcow2 image): make them writable in
+  place, so the worker writes the data itself. The ``REP`` of the same tag says 1 (done: the
+  cluster table now maps them) or 0 (forward the request).
 
 The counter queries of ``x-query-fuse-queues`` go over a second, blocking socket pair of
 their own (workers.py).
@@ -23,7 +27,8 @@ import struct
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse.engine import QueueStats
 
-READY, REQ, REP, STOP, STOPPED = 1, 2, 3, 4, 5
+READY, REQ, REP, STOP, STOPPED, PREPARE = 1, 2, 3, 4, 5, 6
+_RANGE = struct.Struct("<QI")  # PREPARE: offset, length
 _FRAME = struct.Struct("<IBI")  # body length, kind, tag
 _REPLY = struct.Struct("<iQQQQ")  # res, then the stats the daemon's engine counted
 _PAYLOAD_SZ = struct.Struct("<I")
@@ -39,6 +44,11 @@ async def read_frame(reader: asyncio.StreamReader) -> tuple[int, int, bytes]:
 def frame(kind: int, tag: int, *parts: bytes | memoryview) -> bytes:
     """A frame whose body is ``parts`` one after the other."""
     return b"".join((_FRAME.pack(sum(len(x) for x in parts), kind, tag), *parts))
+
+
+def unpack_range(body: bytes) -> tuple[int, int]:
+    """A ``PREPARE`` body: ``(offset, length)``."""
+    return _RANGE.unpack_from(body)
 
 
 def reply_frame(tag: int, res: int, stats: QueueStats, data: bytes | memoryview) -> bytes:
@@ -79,6 +89,20 @@ class Forwarder:
         if res > 0:
             payload[:res] = memoryview(body)[_REPLY.size : _REPLY.size + res]
         return res
+
+    async def prepare(self, offset: int, length: int) -> bool:
+        """Ask the daemon to make ``[offset, +length)`` writable in place (``PREPARE``)."""
+        if self.writer is None or self.writer.is_closing():
+            return False
+        self.next_tag += 1
+        tag = self.next_tag
+        fut = self.pending[tag] = asyncio.get_running_loop().create_future()
+        try:
+            self.writer.write(frame(PREPARE, tag, _RANGE.pack(offset, length)))
+            body = await fut
+        finally:
+            self.pending.pop(tag, None)
+        return _REPLY.unpack_from(body)[0] == 1
 
     def reply(self, tag: int, body: bytes) -> None:
         """The daemon's ``REP`` body for request ``tag``."""

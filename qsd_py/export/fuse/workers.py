@@ -182,8 +182,9 @@ class WorkerTransport:
                 kind, tag, body = await wire.read_frame(reader)
                 if kind == wire.READY and w.ready is not None and not w.ready.done():
                     w.ready.set_result(json.loads(body))
-                elif kind == wire.REQ:
-                    task = asyncio.get_running_loop().create_task(self._answer(w, tag, body))
+                elif kind in (wire.REQ, wire.PREPARE):
+                    answer = self._answer if kind == wire.REQ else self._prepare
+                    task = asyncio.get_running_loop().create_task(answer(w, tag, body))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
                 elif kind == wire.STOPPED and w.stopped is not None and not w.stopped.done():
@@ -223,6 +224,16 @@ class WorkerTransport:
         if w.writer is not None and not w.writer.is_closing():
             w.writer.write(wire.reply_frame(tag, res, stats, out[: max(res, 0)]))  # a copy is sent
         self._buffers.append(payload)  # answered: nothing refers to it any more
+
+    async def _prepare(self, w: _Worker, tag: int, body: bytes) -> None:
+        """A worker's PREPARE: ask the node to make the range writable in place."""
+        offset, length = wire.unpack_range(body)
+        try:
+            ok = await self.engine.node.prepare_fast_write(offset, length)
+        except OSError:
+            ok = False  # the forwarded write will meet the error and report it
+        if w.writer is not None and not w.writer.is_closing():
+            w.writer.write(wire.reply_frame(tag, int(ok), QueueStats(), b""))
 
     def _reap(self, w: _Worker, block: bool = False) -> bool:
         if w.exit_status is None and w.pid:
@@ -382,13 +393,29 @@ def _detach(keep: set[int], cpu: int | None) -> None:
 
 def _worker_queue(fwd: wire.Forwarder) -> type[UringQueue]:
     """A :class:`UringQueue` whose engine requests go to the daemon through ``fwd``."""
-    from qsd_py.export.fuse.uring import UringQueue
+    from qsd_py.export.fuse import fastpath
+    from qsd_py.export.fuse.uring import HANDLED, UringQueue
 
     class WorkerQueue(UringQueue):
-        def handle(self, entry: Any) -> Awaitable[int | None]:
-            if _OPCODE.unpack_from(entry.hdr, 4)[0] in _STATELESS:
+        def handle(self, entry: Any) -> Awaitable[int | object | None]:
+            op = _OPCODE.unpack_from(entry.hdr, 4)[0]
+            if op in _STATELESS:
                 return super().handle(entry)  # this copy of the engine answers as well
+            if op == p.WRITE and self.plan is not None and self.plan.table is not None:
+                return self._write_fresh(entry)
             return fwd.forward(entry.hdr, entry.payload, self.stats)
+
+        async def _write_fresh(self, entry: Any) -> int | object:
+            """A WRITE the fast path refused: where it meets fresh clusters (zeroes with no
+            host cluster), have the daemon allocate them and write the data here; the
+            rest is forwarded whole."""
+            plan = self.plan
+            assert plan is not None
+            offset, size = p.IO_EXTENT.unpack_from(entry.arg)
+            fresh = fastpath.all_zeroes(plan, offset, size)
+            if fresh and await fwd.prepare(offset, size) and self._fast(entry, plan, True):
+                return HANDLED
+            return await fwd.forward(entry.hdr, entry.payload, self.stats)
 
     return WorkerQueue
 
