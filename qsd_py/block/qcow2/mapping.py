@@ -129,6 +129,11 @@ class ClusterMap:
         if self.publish is not None:
             self.publish(guest_cluster, l2_entry, bitmap)
 
+    async def prepare_table(self, guest_cluster: int) -> None:
+        """Make the L2 table of ``guest_cluster`` writable now, before the data cluster is
+        allocated (so consecutive data clusters stay consecutive on the host, as in QEMU)."""
+        await self._writable_table(guest_cluster >> self.l2_bits)
+
     async def _writable_table(self, l1_index: int) -> int:
         if l1_index >= len(self.l1):
             raise MappingError(f"L1 index {l1_index} past the L1 table ({len(self.l1)})")

@@ -226,6 +226,7 @@ class Qcow2Node(BlockNode):
             reftable, refcache,
         )  # fmt: skip
         self.refcounts.high_water = -(-file.length() // h.cluster_size)
+        self.refcounts.file_end = file.length()
         self.refcounts.on_free = self._discard_freed
         self.map = ClusterMap(
             self._file_node, h.cluster_bits, h.extended_l2, h.l1_table_offset, l1, l2cache,
@@ -747,7 +748,7 @@ class Qcow2Node(BlockNode):
         return True
 
     async def _allocate_fresh(self, guest_cluster: int) -> bool:
-        assert self.refcounts is not None
+        assert self.refcounts is not None and self.map is not None
         cs = self.cluster_size
         l2e, bitmap = await self._begin_allocation(guest_cluster)
         try:
@@ -756,6 +757,7 @@ class Qcow2Node(BlockNode):
             if self._allocated(l2e) or not self._reads_zero_everywhere(l2e, bitmap):
                 return False
             async with self._meta_lock:
+                await self.map.prepare_table(guest_cluster)
                 never_used = self.refcounts.high_water
                 host = await self.refcounts.allocate(cs)
                 self.refcounts.hold(host >> self.cluster_bits)
@@ -804,6 +806,7 @@ class Qcow2Node(BlockNode):
             lo, hi = 0, cs
         guest_base = guest_cluster << self.cluster_bits
         async with self._meta_lock:
+            await self.map.prepare_table(guest_cluster)
             # Fresh: past every cluster ever used, so it reads as zeroes already.
             never_used = self.refcounts.high_water
             if own:
@@ -1174,29 +1177,26 @@ class Qcow2Node(BlockNode):
         await self.refcounts.cache.write_back()
 
     async def _preallocate(self, start: int, end: int, mode: str) -> None:
-        """Give the unallocated clusters of ``[start, end)`` host clusters (reading as
-        zeroes), then preallocate the host file up to them (QEMU's preallocate_co)."""
+        """Give the unallocated clusters of ``[start, end)`` host clusters reading as zeroes,
+        allocated on the host too (``falloc``: zero ranges; ``full``: zeroes written), as
+        QEMU's preallocate_co does."""
         assert self.map is not None and self.refcounts is not None
-        cs = self.cluster_size
-        host_end = 0
-        if "data-file" not in self.children:
-            for guest_cluster in range(start >> self.cluster_bits, -(-end // cs)):
-                l2e, _ = await self.map.entry(guest_cluster)
-                partial = guest_cluster << self.cluster_bits < start
-                if self._allocated(l2e) or l2e & OFLAG_COMPRESSED or (partial and self.backing):
-                    continue  # allocated, or the old part reads from the backing node
-                never_used = self.refcounts.high_water
-                host = await self.refcounts.allocate(cs)
-                if host >> self.cluster_bits < never_used:
-                    await self.data_node.write_zeroes(host, cs, False)  # a reused cluster
-                await self.map.cache.depend_on(self.refcounts.cache)
-                await self.map.set_entry(guest_cluster, host | OFLAG_COPIED, 0xFFFFFFFF)
-                host_end = max(host_end, host + cs)
-        else:
-            host_end = end
         data = self.data_node
-        if host_end > data.length():
-            await data.truncate(host_end, mode)
+        if "data-file" in self.children:
+            if end > data.length():
+                await data.truncate(end, mode)
+            return
+        cs = self.cluster_size
+        for guest_cluster in range(start >> self.cluster_bits, -(-end // cs)):
+            l2e, _ = await self.map.entry(guest_cluster)
+            partial = guest_cluster << self.cluster_bits < start
+            if self._allocated(l2e) or l2e & OFLAG_COMPRESSED or (partial and self.backing):
+                continue  # allocated, or the old part reads from the backing node
+            await self.map.prepare_table(guest_cluster)
+            host = await self.refcounts.allocate(cs)
+            await data.write_zeroes(host, cs, False)  # allocates it on the host, zeroed
+            await self.map.cache.depend_on(self.refcounts.cache)
+            await self.map.set_entry(guest_cluster, host | OFLAG_COPIED, 0xFFFFFFFF)
 
     async def _grow_l1(self, entries: int) -> None:
         """A new L1 table of ``entries`` (copied, written, flushed), the header switched to

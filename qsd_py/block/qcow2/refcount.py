@@ -62,6 +62,7 @@ class Refcounts:
         self.cache = cache
         self.free_hint = 0  # no free cluster below this index
         self.high_water = 0  # no cluster at or past this index is in use (set at open)
+        self.file_end = 0  # bytes the image file has at least (set at open)
         self.busy: dict[int, int] = {}  # host cluster index -> data requests in flight
         # Called with (offset, bytes, discard type) for clusters whose count went to 0.
         self.on_free: Callable[[int, int, int], Awaitable[None]] | None = None
@@ -125,6 +126,7 @@ class Refcounts:
             self.release(index)
         self.high_water = max(self.high_water, index + 1)
         offset = index << self.cluster_bits
+        await self._cover(index + 1)
         # The block reaches the disk before the table entry that points at it.
         file = self._file()
         await self.cache.flush()
@@ -167,6 +169,7 @@ class Refcounts:
             else:
                 await self.update(index, 1)  # a block that exists already
         self.high_water = start + table_clusters + len(new_slots)
+        await self._cover(self.high_water)
         file = self._file()
         await self.cache.flush()
         for slot, buf in blocks.items():
@@ -219,7 +222,21 @@ class Refcounts:
         self.high_water = max(self.high_water, start + count)
         if count == 1:
             self.free_hint = start + 1
+        await self._cover(start + count)
         return start << self.cluster_bits
+
+    async def _cover(self, end_index: int) -> None:
+        """Make the file reach past cluster ``end_index - 1``: a refcount or L2 entry must
+        never point past the end of the file (qemu-img check calls that corruption), and a
+        fresh cluster may stay unwritten a while. The file grows in steps of 1 MiB (at
+        least a cluster) so that this costs a truncate per step, not per cluster."""
+        end = end_index << self.cluster_bits
+        if end <= self.file_end:
+            return
+        step = max(self.cluster_size, 1 << 20)
+        new_end = -(-end // step) * step
+        await self._file().truncate(new_end)
+        self.file_end = new_end
 
     async def free(self, offset: int, nbytes: int, discard_type: int = 0) -> None:
         """Drop one reference of every cluster in ``[offset, offset + nbytes)``; clusters
