@@ -2,29 +2,34 @@
 
 Per backend, every target is brought up at once (one image each, since each daemon locks its
 image), then each job runs round by round over all targets in the same order (A/B/A/B...), so
-slow drift of the machine hits every target alike. Start-up is timed separately, on null-co,
-alternating the daemons the same way.
+slow drift of the machine hits every target alike; a fresh qcow2 image instead gets a new
+image and daemon for every run (the order is schedule.py's). Start-up is timed separately, on
+null-co, alternating the daemons the same way.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib.cleanup import Janitor, set_uring_knob
 from benchlib.fio import fio_command, load_fio_json, parse_fio_json, run_fio
+from benchlib.images import copy_image, make_image, qemu_img_version
 from benchlib.matrix import BACKENDS, IMAGE_SIZE, Backend, Job, Target, applies
 from benchlib.procstat import CpuSampler
 from benchlib.results import Sample
+from benchlib.schedule import FIO, IMAGE, START, STOP, Step, steps
 from benchlib.targets import REPO, Daemon, DaemonFailed, QsdPy, RealQsd, daemon_args
 
 # Under /tmp/qsd-cmp so QEMU's chrooted daemon sees the same mountpoints and disk images.
 WORK = Path("/tmp/qsd-cmp/qsd-bench")
-FILL_CHUNK = 1 << 20
+# A fresh-image run also makes the image and starts and stops a daemon (for the estimate).
+FRESH_EXTRA_S = 0.5
 
 
 @dataclass
@@ -89,6 +94,18 @@ class Runner:
 
     # --- workspace ----------------------------------------------------------------------
 
+    def usable_backends(self) -> list[Backend]:
+        """Drop the qcow2 backends (with a note) when there is no qemu-img to make images."""
+        backends = self.opts.backends
+        if any(b.fmt == "qcow2" for b in backends):
+            version = qemu_img_version()
+            if version:
+                self.outcome.versions["qemu-img"] = version
+            else:
+                self.note("qcow2 backends skipped: no qemu-img on the host (Debian: qemu-utils)")
+                backends = [b for b in backends if b.fmt != "qcow2"]
+        return backends
+
     def setup_workspace(self, backends: list[Backend]) -> None:
         for sub in ("mnt", "run"):
             (WORK / sub).mkdir(parents=True, exist_ok=True)
@@ -99,23 +116,25 @@ class Runner:
                 root.mkdir(parents=True, exist_ok=True)
                 self.janitor.push(f"remove {root}", lambda r=root: shutil.rmtree(r, True))
 
-    def make_images(self, backend: Backend, targets: list[Target]) -> dict[str, str]:
-        """One filled 1 GiB raw image per target (data, not holes: reads must touch storage)."""
+    def image_paths(self, backend: Backend, targets: list[Target]) -> dict[str, str]:
+        """Where each target's image goes (the daemons lock their image: one each)."""
         if backend.kind != "file":
             return {}
-        root = Path(backend.root)
-        paths = {t.name: str(root / f"{t.name}.img") for t in targets}
-        first = None
-        for path in paths.values():
-            if first is None:
-                _fill(path)
-                first = path
-            else:
-                shutil.copyfile(first, path)
-                _sync(path)
-            self.janitor.push(f"remove {path}", lambda p=path: Path(p).unlink(missing_ok=True))
-        say(f"{backend.name}: {len(paths)} image(s) of {IMAGE_SIZE >> 20} MiB in {root}")
-        return paths
+        suffix = "qcow2" if backend.fmt == "qcow2" else "img"
+        return {t.name: str(Path(backend.root) / f"{t.name}.{suffix}") for t in targets}
+
+    def make_target_image(self, backend: Backend, images: dict[str, str], target: str) -> None:
+        """A fresh image is made anew each time; any other the first time, then copied."""
+        path = images[target]
+        first = next(iter(images.values()))
+        if backend.fresh or path == first:
+            t0 = time.perf_counter()
+            make_image(backend, path)
+            if not backend.fresh:
+                say(f"{backend.name}: image of {IMAGE_SIZE >> 20} MiB made in "
+                    f"{time.perf_counter() - t0:.1f} s ({path})")  # fmt: skip
+        else:
+            copy_image(first, path)
 
     def make_daemon(self, target: Target, backend: Backend, image: str, tag: str) -> Daemon:
         mountpoint = WORK / "mnt" / target.name
@@ -133,25 +152,45 @@ class Runner:
 
     def run_backend(self, backend: Backend, targets: list[Target]) -> None:
         targets = [t for t in targets if applies(t, backend)]
+        by_name = {t.name: t for t in targets}
+        images = self.image_paths(backend, targets)
+        live: dict[str, Daemon] = {}
+        failed: set[str] = set()
         with self.janitor.scope():
-            images = self.make_images(backend, targets)
-            live: dict[str, tuple[str, Daemon | None]] = {}
-            for t in targets:
-                if t.daemon is None:
-                    live[t.name] = (images[t.name], None)
+            self.janitor.push(f"{backend.name} images", lambda: _remove(images.values()))
+            self.janitor.push(f"{backend.name} daemons", lambda: _stop_all(live))
+            for step in steps(backend, targets, self.opts.jobs, self.opts.rounds):
+                if step.target in failed:
                     continue
-                daemon = self.make_daemon(t, backend, images.get(t.name, ""), backend.name)
-                self.janitor.push(f"stop {t.name}", daemon.stop)
                 try:
-                    daemon.start(self.opts.mount_timeout)
-                except DaemonFailed as exc:
-                    self.note(f"{backend.name}: {t.name} did not start: {exc}")
-                    continue
-                live[t.name] = (daemon.fio_path, daemon)
-            for job in self.opts.jobs:
-                for rnd in range(self.opts.rounds):
-                    for name, (path, daemon) in live.items():
-                        self.run_one(backend, job, rnd, name, path, daemon)
+                    self.do(step, backend, by_name[step.target], images, live)
+                except (DaemonFailed, RuntimeError, OSError) as exc:
+                    self.note(f"{backend.name}: {step.action} of {step.target} failed: {exc}")
+                    failed.add(step.target)
+
+    def do(
+        self,
+        step: Step,
+        backend: Backend,
+        target: Target,
+        images: dict[str, str],
+        live: dict[str, Daemon],
+    ) -> None:
+        """Carry out one step of the backend's schedule."""
+        name = target.name
+        if step.action == IMAGE:
+            self.make_target_image(backend, images, name)
+        elif step.action == START:
+            daemon = self.make_daemon(target, backend, images.get(name, ""), backend.name)
+            live[name] = daemon  # stopped on the way out even if it fails to start
+            daemon.start(self.opts.mount_timeout)
+        elif step.action == STOP:
+            live.pop(name).stop()
+        elif step.action == FIO:
+            job = next(j for j in self.opts.jobs if j.name == step.job)
+            daemon = live.get(name)
+            path = daemon.fio_path if daemon is not None else images[name]
+            self.run_one(backend, job, step.round, name, path, daemon)
 
     def run_one(
         self, backend: Backend, job: Job, rnd: int, target: str, path: str, daemon: Daemon | None
@@ -187,7 +226,7 @@ class Runner:
         self.outcome.samples.append(sample)
         cpu = sample.daemon_cpu_us_per_io
         say(
-            f"{backend.name:6} {job.name:17} {target:17} r{rnd}: {fig.iops:9.0f} IOPS "
+            f"{backend.name:21} {job.name:17} {target:17} r{rnd}: {fig.iops:9.0f} IOPS "
             f"{fig.mbps:7.1f} MB/s p99 {fig.lat_p99_us:8.1f} us"
             + (f"  daemon {cpu:6.1f} us/IO" if cpu == cpu else "")
         )
@@ -217,37 +256,32 @@ class Runner:
 
     def run(self) -> Outcome:
         targets = self.usable_targets()
-        say(f"about {estimate_s(self.opts, targets) / 60:.1f} min")
-        self.setup_workspace(self.opts.backends)
+        backends = self.usable_backends()
+        say(f"about {estimate_s(self.opts, targets, backends) / 60:.1f} min")
+        self.setup_workspace(backends)
         if self.opts.startup_runs > 0:
             self.measure_startup(targets)
-        for backend in self.opts.backends:
+        for backend in backends:
             self.run_backend(backend, targets)
         return self.outcome
 
 
-def estimate_s(opts: Options, targets: list[Target]) -> float:
-    """Rough duration: fio runs plus image filling; start-up timing is negligible."""
-    runs = sum(
-        len(opts.jobs) * opts.rounds for b in opts.backends for t in targets if applies(t, b)
-    )
-    files = sum(b.kind == "file" for b in opts.backends)
-    return runs * (opts.runtime + opts.ramp + 0.4) + 5 * files
+def estimate_s(opts: Options, targets: list[Target], backends: list[Backend]) -> float:
+    """Rough duration: fio runs, fresh images' restarts, image filling; start-up timing is
+    negligible."""
+    total = 0.0
+    for b in backends:
+        runs = len(opts.jobs) * opts.rounds * sum(applies(t, b) for t in targets)
+        per_run = opts.runtime + opts.ramp + 0.4 + (FRESH_EXTRA_S if b.fresh else 0.0)
+        total += runs * per_run + (5 if b.kind == "file" and not b.fresh else 0)
+    return total
 
 
-def _fill(path: str) -> None:
-    """Write IMAGE_SIZE bytes of non-zero data and push them to storage before measuring."""
-    chunk = os.urandom(FILL_CHUNK)
-    with open(path, "wb") as f:
-        for _ in range(IMAGE_SIZE // FILL_CHUNK):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+def _stop_all(live: dict[str, Daemon]) -> None:
+    while live:
+        live.popitem()[1].stop()
 
 
-def _sync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _remove(paths: Iterable[str]) -> None:
+    for path in list(paths):
+        Path(path).unlink(missing_ok=True)

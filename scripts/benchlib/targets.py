@@ -50,7 +50,9 @@ def daemon_args(
         args += ["--blockdev", f"driver=null-co,node-name=d0,size={IMAGE_SIZE}"]
     else:
         file_node = f"driver=file,node-name=f0,filename={image},cache.direct=on{file_opts}"
-        args += ["--blockdev", file_node, "--blockdev", "driver=raw,node-name=d0,file=f0"]
+        # The format node on top is the one exported: raw, or qcow2 with its own defaults.
+        format_node = f"driver={backend.fmt},node-name=d0,file=f0"
+        args += ["--blockdev", file_node, "--blockdev", format_node]
     export = f"type=fuse,id=e0,node-name=d0,mountpoint={mountpoint},writable=on"
     if target.uring:
         export += ",io_uring=on"
