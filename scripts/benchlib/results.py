@@ -20,6 +20,7 @@ FIGURES = (
     "lat_p99_us",
     "daemon_cpu_us_per_io",
     "daemon_util",
+    "daemon_main_util",
     "fio_cpu_pct",
 )
 
@@ -41,8 +42,13 @@ class Sample:
     total_ios: int = 0
     daemon_cpu_us_per_io: float = NAN  # daemon CPU (utime+stime) per I/O; NaN: no daemon
     daemon_util: float = NAN  # daemon cores busy during the run
+    daemon_main_util: float = NAN  # of which its first process (qsd-py: not its queue workers)
     fio_cpu_pct: float = NAN
     error: str = ""
+    # qsd-py io_uring exports: its queues' counters over the run (x-query-fuse-queues)
+    fast_path: str = ""  # the queues' fast-path kinds ("uring", "threads", "none"...)
+    queue_requests: int = 0  # FUSE requests the io_uring queues took
+    linked_reads: int = 0  # READs answered by a read SQE linked to the commit (fast path)
 
 
 def _median(values: list[float]) -> float:

@@ -9,6 +9,7 @@ null-co, alternating the daemons the same way.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from benchlib.fio import fio_command, load_fio_json, parse_fio_json, run_fio
 from benchlib.images import copy_image, make_image, qemu_img_version
 from benchlib.matrix import BACKENDS, IMAGE_SIZE, Backend, Job, Target, applies
 from benchlib.procstat import CpuSampler
+from benchlib.qmp import QmpError, qmp_command
 from benchlib.results import Sample
 from benchlib.schedule import FIO, IMAGE, START, STOP, Step, steps
 from benchlib.targets import REPO, Daemon, DaemonFailed, QsdPy, RealQsd, daemon_args
@@ -66,6 +68,7 @@ class Runner:
         self.outcome = Outcome()
         (opts.out / "logs").mkdir(parents=True, exist_ok=True)
         (opts.out / "fio").mkdir(parents=True, exist_ok=True)
+        (opts.out / "queues").mkdir(parents=True, exist_ok=True)
 
     def note(self, text: str) -> None:
         say(text)
@@ -140,13 +143,17 @@ class Runner:
         mountpoint = WORK / "mnt" / target.name
         mountpoint.touch()
         pidfile = str(WORK / "run" / f"{target.name}.pid")
-        args = daemon_args(target, backend, image, str(mountpoint), pidfile, self.opts.file_opts)
+        qmp = str(WORK / "run" / f"{target.name}.qmp")
+        args = daemon_args(
+            target, backend, image, str(mountpoint), pidfile, self.opts.file_opts, qmp
+        )
         log = self.opts.out / "logs" / f"{target.name}-{tag}.log"
         if target.daemon == "qemu":
             argv, fio_path = self.real.argv(args), self.real.host_path(str(mountpoint))
+            qmp = self.real.host_path(qmp)
         else:
             argv, fio_path = self.qsdpy.argv(args), str(mountpoint)
-        return Daemon(argv, fio_path, pidfile, log, cwd=str(REPO))
+        return Daemon(argv, fio_path, pidfile, log, cwd=str(REPO), qmp=qmp)
 
     # --- the matrix ---------------------------------------------------------------------
 
@@ -190,14 +197,25 @@ class Runner:
             job = next(j for j in self.opts.jobs if j.name == step.job)
             daemon = live.get(name)
             path = daemon.fio_path if daemon is not None else images[name]
-            self.run_one(backend, job, step.round, name, path, daemon)
+            counters = daemon is not None and target.daemon == "qsd-py" and target.uring
+            self.run_one(backend, job, step.round, name, path, daemon, counters)
 
     def run_one(
-        self, backend: Backend, job: Job, rnd: int, target: str, path: str, daemon: Daemon | None
+        self,
+        backend: Backend,
+        job: Job,
+        rnd: int,
+        target: str,
+        path: str,
+        daemon: Daemon | None,
+        counters: bool = False,
     ) -> Sample:
+        """One fio run; ``counters``: also take qsd-py's queue counters before and after."""
         o = self.opts
-        out = o.out / "fio" / f"{backend.name}-{job.name}-{target}-r{rnd}.json"
+        run_name = f"{backend.name}-{job.name}-{target}-r{rnd}"
+        out = o.out / "fio" / f"{run_name}.json"
         sample = Sample(backend.name, job.name, target, rnd)
+        before = self.queue_counters(daemon) if counters and daemon is not None else None
         sampler = None
         if daemon is not None:
             sampler = CpuSampler(daemon.pid, o.ramp + 0.3, max(o.runtime - 0.6, o.runtime / 2))
@@ -221,16 +239,36 @@ class Runner:
         if sampler is not None:
             window = sampler.finish()
             sample.daemon_util = window.utilisation
+            sample.daemon_main_util = window.main_utilisation
             if fig.iops > 0:
                 sample.daemon_cpu_us_per_io = window.utilisation / fig.iops * 1e6
+        queues = ""
+        if before is not None and daemon is not None:
+            after = self.queue_counters(daemon)
+            if after is not None:
+                (o.out / "queues" / f"{run_name}.json").write_text(
+                    json.dumps({"before": before, "after": after}, indent=1) + "\n"
+                )
+                queues = count_queues(sample, before, after)
         self.outcome.samples.append(sample)
         cpu = sample.daemon_cpu_us_per_io
-        say(
+        text = (
             f"{backend.name:21} {job.name:17} {target:17} r{rnd}: {fig.iops:9.0f} IOPS "
             f"{fig.mbps:7.1f} MB/s p99 {fig.lat_p99_us:8.1f} us"
-            + (f"  daemon {cpu:6.1f} us/IO" if cpu == cpu else "")
         )
+        if cpu == cpu:
+            text += f"  daemon {cpu:6.1f} us/IO, {sample.daemon_util:.2f} cores"
+            text += f" ({sample.daemon_main_util:.2f} in its first process)"
+        say(text + queues)
         return sample
+
+    def queue_counters(self, daemon: Daemon) -> list[dict] | None:
+        """qsd-py's ``x-query-fuse-queues`` answer, or None (with a note) if it failed."""
+        try:
+            return qmp_command(daemon.qmp, "x-query-fuse-queues")
+        except (OSError, QmpError, ValueError) as exc:
+            self.note(f"x-query-fuse-queues on {daemon.qmp} failed: {exc}")
+            return None
 
     def measure_startup(self, targets: list[Target]) -> None:
         """Time process start to a serving export, null-co backend, daemons alternated."""
@@ -275,6 +313,26 @@ def estimate_s(opts: Options, targets: list[Target], backends: list[Backend]) ->
         per_run = opts.runtime + opts.ramp + 0.4 + (FRESH_EXTRA_S if b.fresh else 0.0)
         total += runs * per_run + (5 if b.kind == "file" and not b.fresh else 0)
     return total
+
+
+def count_queues(sample: Sample, before: list[dict], after: list[dict]) -> str:
+    """Put the io_uring queues' counters over the run into ``sample``; return them as text.
+
+    Counters are cumulative, so the run's share is ``after`` less ``before``, queue by queue
+    (matched by name)."""
+    old = {q["name"]: q for export in before for q in export.get("uring-queues", [])}
+    kinds: dict[str, None] = {}
+    for export in after:
+        for q in export.get("uring-queues", []):
+            prev = old.get(q["name"], {})
+            sample.queue_requests += q["requests"] - prev.get("requests", 0)
+            sample.linked_reads += q.get("linked-reads", 0) - prev.get("linked-reads", 0)
+            kinds[q.get("fast-path", "?")] = None
+    sample.fast_path = ",".join(kinds)
+    return (
+        f"  queues: fast-path {sample.fast_path or '-'}, {sample.queue_requests} requests, "
+        f"{sample.linked_reads} linked reads"
+    )
 
 
 def _stop_all(live: dict[str, Daemon]) -> None:

@@ -37,10 +37,12 @@ def daemon_args(
     mountpoint: str,
     pidfile: str,
     file_opts: str = "",
+    qmp: str = "",
 ) -> list[str]:
     """qemu-storage-daemon options exporting ``backend`` at ``mountpoint`` as ``target`` wants.
 
-    ``file_opts`` (e.g. ``,aio=io_uring``) is appended to the file node's options.
+    ``file_opts`` (e.g. ``,aio=io_uring``) is appended to the file node's options; ``qmp``
+    is a socket path for a QMP monitor (idle unless asked, between runs).
     """
     args: list[str] = []
     for i in range(target.iothreads):
@@ -57,7 +59,11 @@ def daemon_args(
     if target.uring:
         export += ",io_uring=on"
     export += "".join(f",iothread.{i}=bench-t{i}" for i in range(target.iothreads))
-    return args + ["--export", export, "--pidfile", pidfile]
+    args += ["--export", export, "--pidfile", pidfile]
+    if qmp:
+        args += ["--chardev", f"socket,id=bench-qmp,path={qmp},server=on,wait=off"]
+        args += ["--monitor", "chardev=bench-qmp"]
+    return args
 
 
 @dataclass(frozen=True)
@@ -71,7 +77,9 @@ class StartTimes:
 class Daemon:
     """One running daemon with one FUSE export that the host's fio reads at ``fio_path``."""
 
-    def __init__(self, argv: list[str], fio_path: str, pidfile: str, log: Path, cwd: str) -> None:
+    def __init__(
+        self, argv: list[str], fio_path: str, pidfile: str, log: Path, cwd: str, qmp: str = ""
+    ) -> None:
         self.argv, self.fio_path, self.pidfile, self.log, self.cwd = (
             argv,
             fio_path,
@@ -79,6 +87,7 @@ class Daemon:
             log,
             cwd,
         )
+        self.qmp = qmp  # its QMP socket as the host sees it ("" without one)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -121,6 +130,8 @@ class Daemon:
                 self.proc.wait()
         lazy_umount(self.fio_path)
         Path(self.pidfile).unlink(missing_ok=True)
+        if self.qmp:
+            Path(self.qmp).unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 5) -> str:
         try:
