@@ -22,6 +22,26 @@ from qsd_py.qapi.schema import load_schema
 
 # (argv, the error line after "qsd-py: ")
 CLI_ERRORS: list[tuple[list[str], str]] = [
+    (
+        ["--blockdev", "driver=qcow2,node-name=q"],
+        "--blockdev driver=qcow2,node-name=q: Parameter 'file' is missing",
+    ),
+    (
+        ["--blockdev", "qcow2,node-name=q,file=f,cache-size=1M"],
+        "--blockdev qcow2,node-name=q,file=f,cache-size=1M: Parameter 'cache-size' expects integer",
+    ),
+    (
+        ["--blockdev", "qcow2,node-name=q,file=f,lazy-refcounts=maybe"],
+        "--blockdev qcow2,node-name=q,file=f,lazy-refcounts=maybe: Parameter 'lazy-refcounts' expects 'on' or 'off'",
+    ),
+    (
+        ["--blockdev", "qcow2,node-name=q,file=f,overlap-check=bogus"],
+        "--blockdev qcow2,node-name=q,file=f,overlap-check=bogus: Parameter 'overlap-check' does not accept value 'bogus'",
+    ),
+    (
+        ["--blockdev", "qcow2,node-name=q,file=f,overlap-check.template=bogus"],
+        "--blockdev qcow2,node-name=q,file=f,overlap-check.template=bogus: Parameter 'template' does not accept value 'bogus'",
+    ),
     (["--bogus"], "unrecognized option '--bogus'"),
     (["--blockdev"], "option '--blockdev' requires an argument"),
     (["-x"], "invalid option -- 'x'"),
@@ -374,6 +394,34 @@ CONVERSIONS: list[tuple[str, str, str | None, dict[str, Any]]] = [
         "null-co,node-name=n,size=-1,read-zeroes=yes",
         "blockdev-add",
         {"driver": "null-co", "node-name": "n", "size": -1, "read-zeroes": True},
+    ),
+    (
+        "blockdev",
+        "qcow2,node-name=q,file=f,backing=b,overlap-check=none,cache-size=1048576,"
+        "encrypt.format=luks,encrypt.key-secret=s0",
+        "blockdev-add",
+        {
+            "driver": "qcow2",
+            "node-name": "q",
+            "file": "f",
+            "backing": "b",
+            "overlap-check": "none",
+            "cache-size": 1048576,
+            "encrypt": {"format": "luks", "key-secret": "s0"},
+        },
+    ),
+    (
+        "blockdev",
+        "qcow2,node-name=q,file=f,backing=null,overlap-check.template=all,"
+        "overlap-check.active-l2=off",
+        "blockdev-add",
+        {
+            "driver": "qcow2",
+            "node-name": "q",
+            "file": "f",
+            "backing": "null",
+            "overlap-check": {"template": "all", "active-l2": False},
+        },
     ),
     (
         "export",

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
 
+from qsd_py.errors import QMPError
 from qsd_py.qapi.jsonschema import type_schema
 from qsd_py.qapi.model import QAPISemError, build_model
 from qsd_py.qapi.parser import QAPIParseError, parse_schema
@@ -31,12 +33,15 @@ COMMANDS = {
 }
 
 
+EVENTS = {"SHUTDOWN", "BLOCK_EXPORT_DELETED", "BLOCK_IMAGE_CORRUPTED"}
+
+
 def test_exactly_the_supported_commands() -> None:
     schema = load_schema()
     assert set(schema.command_names()) == COMMANDS
     assert all(schema.has_command(c) for c in COMMANDS)
     assert not schema.has_command("nbd-server-start")
-    assert set(schema.event_names()) == {"SHUTDOWN", "BLOCK_EXPORT_DELETED"}
+    assert set(schema.event_names()) == EVENTS
 
 
 def test_load_is_cached_and_fast() -> None:
@@ -53,7 +58,7 @@ def test_introspection_lists_every_command_and_event() -> None:
     commands = {e["name"]: e for e in info if e["meta-type"] == "command"}
     assert set(commands) == COMMANDS
     events = {e["name"] for e in info if e["meta-type"] == "event"}
-    assert events == {"SHUTDOWN", "BLOCK_EXPORT_DELETED"}
+    assert events == EVENTS
     names = {e["name"] for e in info}
     for entry in info:  # every type named anywhere is described
         for key in ("arg-type", "ret-type", "element-type"):
@@ -111,6 +116,7 @@ def test_json_schema_of_a_union() -> None:
     assert {c["if"]["properties"]["driver"]["const"] for c in options["allOf"]} == {
         "file",
         "null-co",
+        "qcow2",
         "raw",
     }
     assert doc["$defs"]["BlockdevRef"] == {
@@ -181,3 +187,25 @@ def test_include_reads_each_file_once(tmp_path: Path) -> None:
     top = _write(tmp_path, "{ 'include': 'a.json' }\n{ 'include': 'b.json' }")
     model = build_model(parse_schema(top))
     assert "A" in model.types and "B" in model.types
+
+
+# query-named-block-nodes answers recorded from QEMU 11.1's daemon (a backing chain, internal
+# snapshots, persistent bitmaps): the schema must describe every member QEMU sends.
+QEMU_NODE_INFO = json.loads((Path(__file__).parent / "qemu_node_info.json").read_text())
+
+
+def test_qemu_node_info_fits_the_schema() -> None:
+    schema = load_schema()
+    top = QEMU_NODE_INFO["chain-top"]
+    assert schema.check_type_value("BlockDeviceInfo", top) == top
+    base = top["image"]["backing-image"]["backing-image"]
+    assert base["filename"].endswith("base.qcow2")
+    assert schema.check_type_value("ImageInfo", base) == base
+    image = QEMU_NODE_INFO["snapshot-image"]
+    assert schema.check_type_value("ImageInfo", image) == image
+
+
+def test_node_info_without_format_specific_type_is_refused() -> None:
+    image = dict(QEMU_NODE_INFO["snapshot-image"], **{"format-specific": {"data": {}}})
+    with pytest.raises(QMPError, match="'format-specific.type' is missing"):
+        load_schema().check_type_value("ImageInfo", image)
