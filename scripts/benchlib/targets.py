@@ -42,9 +42,14 @@ def daemon_args(
     """qemu-storage-daemon options exporting ``backend`` at ``mountpoint`` as ``target`` wants.
 
     ``file_opts`` (e.g. ``,aio=io_uring``) is appended to the file node's options; ``qmp``
-    is a socket path for a QMP monitor (idle unless asked, between runs).
+    is a socket path for a QMP monitor (idle unless asked, between runs). Both daemons
+    carry out their options in order: the monitor comes first, so that its socket is there by
+    the time the export is mounted.
     """
     args: list[str] = []
+    if qmp:
+        args += ["--chardev", f"socket,id=bench-qmp,path={qmp},server=on,wait=off"]
+        args += ["--monitor", "chardev=bench-qmp"]
     for i in range(target.iothreads):
         args += ["--object", f"iothread,id=bench-t{i}"]
     if backend.kind == "null":
@@ -59,11 +64,7 @@ def daemon_args(
     if target.uring:
         export += ",io_uring=on"
     export += "".join(f",iothread.{i}=bench-t{i}" for i in range(target.iothreads))
-    args += ["--export", export, "--pidfile", pidfile]
-    if qmp:
-        args += ["--chardev", f"socket,id=bench-qmp,path={qmp},server=on,wait=off"]
-        args += ["--monitor", "chardev=bench-qmp"]
-    return args
+    return args + ["--export", export, "--pidfile", pidfile]
 
 
 @dataclass(frozen=True)

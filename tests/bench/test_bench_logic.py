@@ -253,7 +253,7 @@ def test_queue_counters_count_the_run_only() -> None:
 
 def test_daemon_args_with_qmp_monitor() -> None:
     args = daemon_args(matrix.TARGETS["qemu"], matrix.BACKENDS["null"], "", "/m", "/p", qmp="/s")
-    assert args[-4:] == [
+    assert args[:4] == [
         "--chardev",
         "socket,id=bench-qmp,path=/s,server=on,wait=off",
         "--monitor",
