@@ -16,7 +16,14 @@ from benchlib import matrix
 from benchlib.cleanup import Janitor
 from benchlib.fio import fio_version
 from benchlib.plot import plot_ratios
-from benchlib.results import format_table, load_samples, summarise, summarise_startup, write_json
+from benchlib.results import (
+    format_table,
+    load_samples,
+    raw_ratios,
+    summarise,
+    summarise_startup,
+    write_json,
+)
 from benchlib.runner import Options, Runner, say
 from benchlib.targets import REPO
 
@@ -122,7 +129,11 @@ def render(doc: dict, out: Path) -> None:
     """Print and save the table, draw the plot, from a results document."""
     summary = summarise(load_samples(doc))
     startup = doc.get("startup", {})
-    table = format_table(summary, doc["ratios"], startup, doc["reference"])
+    # Results written before qcow2 backends existed have no raw ratios: work them out.
+    raw = doc.get("raw_ratios")
+    if raw is None:
+        raw = raw_ratios(summary, matrix.raw_peers())
+    table = format_table(summary, doc["ratios"], startup, doc["reference"], raw)
     (out / "table.txt").write_text(table)
     print(table)
     meta = doc["meta"]
@@ -188,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         summarise_startup(outcome.startup),
         outcome.samples,
         args.reference,
+        matrix.raw_peers(),
     )
     say(f"results: {opts.out / 'results.json'}")
     render(doc, opts.out)

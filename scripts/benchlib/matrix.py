@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IMAGE_SIZE = 1 << 30  # 1 GiB, as the issue asks; null-co gets the same length
+IMAGE_SIZE = 1 << 30  # 1 GiB, as the issue asks; null-co gets the same length and qcow2 too
+QCOW2_CLUSTER = 64 << 10  # QEMU's default cluster size, named in the issue
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,26 @@ class Job:
 
 @dataclass(frozen=True)
 class Backend:
-    """Where the exported data lives. ``kind``: ``file`` (raw image in ``root``) or ``null``."""
+    """Where the exported data lives. ``kind``: ``file`` (an image in ``root``) or ``null``.
+
+    A file backend's image is raw, or qcow2 (``fmt``) in one of two states (``state``):
+    ``allocated`` (every cluster allocated and referenced once, so writes go in place) or
+    ``fresh`` (empty: every first write of a cluster allocates it; re-made before every fio
+    run, so that every target and round starts from the same empty image). ``raw`` names the
+    raw backend on the same storage, whose IOPS the qcow2 ones are compared with.
+    """
 
     name: str
     kind: str
     root: str = ""
+    fmt: str = "raw"
+    state: str = ""
+    raw: str = ""
+
+    @property
+    def fresh(self) -> bool:
+        """A fresh image is used once: every fio run gets a new one and a new daemon."""
+        return self.state == "fresh"
 
 
 @dataclass(frozen=True)
@@ -69,12 +85,18 @@ JOBS: dict[str, Job] = {
 # The disk backend must not be tmpfs: /tmp here is ext4 on the root disk, and it is what the
 # real-qsd chroot shares (bind mount), so one image path works on both sides.
 # The tmpfs backend uses /dev/shm, which real-qsd also bind-mounts into its chroot.
+DISK_ROOT = "/tmp/qsd-cmp/qsd-bench/disk"
+TMPFS_ROOT = "/dev/shm/qsd-bench"
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("disk", "file", "/tmp/qsd-cmp/qsd-bench/disk"),
-        Backend("tmpfs", "file", "/dev/shm/qsd-bench"),
+        Backend("disk", "file", DISK_ROOT),
+        Backend("tmpfs", "file", TMPFS_ROOT),
         Backend("null", "null"),
+        Backend("qcow2-disk-allocated", "file", DISK_ROOT, "qcow2", "allocated", "disk"),
+        Backend("qcow2-disk-fresh", "file", DISK_ROOT, "qcow2", "fresh", "disk"),
+        Backend("qcow2-tmpfs-allocated", "file", TMPFS_ROOT, "qcow2", "allocated", "tmpfs"),
+        Backend("qcow2-tmpfs-fresh", "file", TMPFS_ROOT, "qcow2", "fresh", "tmpfs"),
     )
 }
 
@@ -92,7 +114,7 @@ TARGETS: dict[str, Target] = {
 }
 
 DEFAULT_TARGETS = ("file", "qsd-py", "qsd-py-uring", "qemu", "qemu-iot2")
-DEFAULT_BACKENDS = ("disk", "tmpfs", "null")
+DEFAULT_BACKENDS = tuple(BACKENDS)
 DEFAULT_JOBS = tuple(JOBS)
 
 # --quick: a ~2-minute development subset (one small-block and one large-block job).
@@ -113,5 +135,11 @@ def pick(names: str | None, table: dict, default: tuple[str, ...]) -> list:
 
 
 def applies(target: Target, backend: Backend) -> bool:
-    """The bare-file baseline has nothing to read on null-co; everything else applies."""
-    return not (target.daemon is None and backend.kind == "null")
+    """Every daemon serves every backend; the bare file only a raw image (on null-co there is
+    nothing to read, and a qcow2 file read as it is would be its metadata and clusters)."""
+    return target.daemon is not None or (backend.kind == "file" and backend.fmt == "raw")
+
+
+def raw_peers(backends: dict[str, Backend] = BACKENDS) -> dict[str, str]:
+    """Each qcow2 backend's raw backend on the same storage, by name."""
+    return {b.name: b.raw for b in backends.values() if b.raw}

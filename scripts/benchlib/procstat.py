@@ -56,17 +56,32 @@ def tree_cpu_seconds(root: int) -> float:
     return total / CLK_TCK
 
 
+def own_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid``'s threads alone (children not counted until reaped)."""
+    st = _read_stat(pid)
+    return float("nan") if st is None else (st[1] + st[2]) / CLK_TCK
+
+
 @dataclass
 class CpuWindow:
-    """CPU seconds a daemon spent over a wall-clock window, and the window's length."""
+    """CPU seconds a daemon spent over a wall-clock window, and the window's length.
+
+    ``main_cpu_s`` is the daemon's first process alone: with qsd-py's queue worker processes,
+    what the daemon itself did (its engine answering the requests the workers handed over).
+    """
 
     cpu_s: float = float("nan")
     wall_s: float = float("nan")
+    main_cpu_s: float = float("nan")
 
     @property
     def utilisation(self) -> float:
         """Cores kept busy on average (1.0 = one core at 100%)."""
         return self.cpu_s / self.wall_s if self.wall_s > 0 else float("nan")
+
+    @property
+    def main_utilisation(self) -> float:
+        return self.main_cpu_s / self.wall_s if self.wall_s > 0 else float("nan")
 
 
 class CpuSampler:
@@ -90,11 +105,11 @@ class CpuSampler:
     def _run(self) -> None:
         if self._stop.wait(self.delay):
             return
-        t0, c0 = time.monotonic(), tree_cpu_seconds(self.pid)
+        t0, c0, m0 = time.monotonic(), tree_cpu_seconds(self.pid), own_cpu_seconds(self.pid)
         if self._stop.wait(self.length):
             return
-        t1, c1 = time.monotonic(), tree_cpu_seconds(self.pid)
-        self.window = CpuWindow(c1 - c0, t1 - t0)
+        t1, c1, m1 = time.monotonic(), tree_cpu_seconds(self.pid), own_cpu_seconds(self.pid)
+        self.window = CpuWindow(c1 - c0, t1 - t0, m1 - m0)
 
     def finish(self) -> CpuWindow:
         """Wait for the window to close (fio has exited by then) and return it."""

@@ -1,4 +1,5 @@
-"""Samples, their medians, the ratios against the reference daemon, and the text/JSON outputs.
+"""Samples, their medians, the ratios against the reference daemon (and, for qcow2, against
+the raw image on the same storage), and the text/JSON outputs.
 
 Pure data handling (no processes, no plotting) so it is tested on canned input and can
 re-render the reports of an earlier run (``scripts/bench --report results.json``).
@@ -19,6 +20,7 @@ FIGURES = (
     "lat_p99_us",
     "daemon_cpu_us_per_io",
     "daemon_util",
+    "daemon_main_util",
     "fio_cpu_pct",
 )
 
@@ -40,8 +42,13 @@ class Sample:
     total_ios: int = 0
     daemon_cpu_us_per_io: float = NAN  # daemon CPU (utime+stime) per I/O; NaN: no daemon
     daemon_util: float = NAN  # daemon cores busy during the run
+    daemon_main_util: float = NAN  # of which its first process (qsd-py: not its queue workers)
     fio_cpu_pct: float = NAN
     error: str = ""
+    # qsd-py io_uring exports: its queues' counters over the run (x-query-fuse-queues)
+    fast_path: str = ""  # the queues' fast-path kinds ("uring", "threads", "none"...)
+    queue_requests: int = 0  # FUSE requests the io_uring queues took
+    linked_reads: int = 0  # READs answered by a read SQE linked to the commit (fast path)
 
 
 def _median(values: list[float]) -> float:
@@ -89,6 +96,32 @@ def ratios(summary: list[dict], reference: str) -> list[dict]:
     return out
 
 
+def raw_ratios(summary: list[dict], peers: dict[str, str]) -> list[dict]:
+    """Per (backend, job, target) of a qcow2 backend: its median IOPS over the same target's on
+    the same job on the raw backend of the same storage (``peers``: backend -> raw backend).
+
+    What qcow2's mapping costs the daemon that serves it, in the same run: ``raw_ratio`` 1.0
+    means as fast as the raw image. Rows whose raw counterpart was not measured are left out.
+    """
+    by_key = {(r["backend"], r["job"], r["target"]): r for r in summary}
+    out = []
+    for row in summary:
+        peer = peers.get(row["backend"], "")
+        raw = by_key.get((peer, row["job"], row["target"]))
+        if raw is None:
+            continue
+        out.append(
+            {
+                "backend": row["backend"],
+                "job": row["job"],
+                "target": row["target"],
+                "raw_backend": peer,
+                "raw_ratio": _div(row["iops"], raw["iops"]),
+            }
+        )
+    return out
+
+
 def _div(a: float, b: float) -> float:
     if a is None or b is None or math.isnan(a) or math.isnan(b) or b == 0:
         return NAN
@@ -117,7 +150,7 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 COLUMNS = (
-    ("backend", "backend", 7),
+    ("backend", "backend", 21),  # qcow2-tmpfs-allocated
     ("job", "job", 16),
     ("target", "target", 17),
     ("iops", "IOPS", 9),
@@ -131,14 +164,24 @@ COLUMNS = (
 
 
 def format_table(
-    summary: list[dict], ratio_rows: list[dict], startup: dict[str, dict], reference: str
+    summary: list[dict],
+    ratio_rows: list[dict],
+    startup: dict[str, dict],
+    reference: str,
+    raw_rows: list[dict] | None = None,
 ) -> str:
-    """The text table printed at the end of a run (and saved next to the JSON)."""
+    """The text table printed at the end of a run (and saved next to the JSON).
+
+    With ``raw_rows`` (qcow2 backends and their raw ones measured), a last column ``x raw``
+    gives each qcow2 row's IOPS over the raw image's, same target and job."""
     by_key = {(r["backend"], r["job"], r["target"]): r for r in ratio_rows}
+    raw_by_key = {(r["backend"], r["job"], r["target"]): r for r in raw_rows or []}
     header = [
         f"{title:>{w}}" if i > 2 else f"{title:<{w}}" for i, (_, title, w) in enumerate(COLUMNS)
     ]
     lines = ["  ".join(header) + f"  {'x ' + reference:>8}  {'CPU x':>6}"]
+    if raw_by_key:
+        lines[0] += f"  {'x raw':>6}"
     previous = None
     for row in summary:
         if previous is not None and (row["backend"], row["job"]) != previous:
@@ -157,7 +200,11 @@ def format_table(
         rat = by_key.get((row["backend"], row["job"], row["target"]))
         ratio_text = _fmt(rat["iops_ratio"], 2) if rat else ""
         cpu_text = _fmt(rat["cpu_ratio"], 2) if rat else ""
-        lines.append("  ".join(cells) + f"  {ratio_text:>8}  {cpu_text:>6}")
+        line = "  ".join(cells) + f"  {ratio_text:>8}  {cpu_text:>6}"
+        if raw_by_key:
+            raw = raw_by_key.get((row["backend"], row["job"], row["target"]))
+            line += f"  {_fmt(raw['raw_ratio'], 2) if raw else '':>6}"
+        lines.append(line)
     if startup:
         lines += ["", "start-up, process start to mounted export (median, min-max, ms):"]
         for target, s in startup.items():
@@ -180,9 +227,16 @@ def _clean(value: object) -> object:
 
 
 def write_json(
-    path: Path, meta: dict, startup: dict, samples: list[Sample], reference: str
+    path: Path,
+    meta: dict,
+    startup: dict,
+    samples: list[Sample],
+    reference: str,
+    peers: dict[str, str] | None = None,
 ) -> dict:
-    """Write the full results (raw samples included) and return the document written."""
+    """Write the full results (raw samples included) and return the document written.
+
+    ``peers`` maps qcow2 backends to their raw ones (``raw_ratios``)."""
     summary = summarise(samples)
     doc = {
         "meta": meta,
@@ -190,6 +244,7 @@ def write_json(
         "startup": startup,
         "summary": summary,
         "ratios": ratios(summary, reference),
+        "raw_ratios": raw_ratios(summary, peers or {}),
         "samples": [asdict(s) for s in samples],
     }
     path.write_text(json.dumps(_clean(doc), indent=1) + "\n")

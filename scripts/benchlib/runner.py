@@ -2,29 +2,36 @@
 
 Per backend, every target is brought up at once (one image each, since each daemon locks its
 image), then each job runs round by round over all targets in the same order (A/B/A/B...), so
-slow drift of the machine hits every target alike. Start-up is timed separately, on null-co,
-alternating the daemons the same way.
+slow drift of the machine hits every target alike; a fresh qcow2 image instead gets a new
+image and daemon for every run (the order is schedule.py's). Start-up is timed separately, on
+null-co, alternating the daemons the same way.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib.cleanup import Janitor, set_uring_knob
 from benchlib.fio import fio_command, load_fio_json, parse_fio_json, run_fio
+from benchlib.images import copy_image, make_image, qemu_img_version
 from benchlib.matrix import BACKENDS, IMAGE_SIZE, Backend, Job, Target, applies
 from benchlib.procstat import CpuSampler
+from benchlib.qmp import QmpError, qmp_command
 from benchlib.results import Sample
+from benchlib.schedule import FIO, IMAGE, START, STOP, Step, steps
 from benchlib.targets import REPO, Daemon, DaemonFailed, QsdPy, RealQsd, daemon_args
 
 # Under /tmp/qsd-cmp so QEMU's chrooted daemon sees the same mountpoints and disk images.
 WORK = Path("/tmp/qsd-cmp/qsd-bench")
-FILL_CHUNK = 1 << 20
+# A fresh-image run also makes the image and starts and stops a daemon (for the estimate).
+FRESH_EXTRA_S = 0.5
 
 
 @dataclass
@@ -61,6 +68,7 @@ class Runner:
         self.outcome = Outcome()
         (opts.out / "logs").mkdir(parents=True, exist_ok=True)
         (opts.out / "fio").mkdir(parents=True, exist_ok=True)
+        (opts.out / "queues").mkdir(parents=True, exist_ok=True)
 
     def note(self, text: str) -> None:
         say(text)
@@ -89,6 +97,18 @@ class Runner:
 
     # --- workspace ----------------------------------------------------------------------
 
+    def usable_backends(self) -> list[Backend]:
+        """Drop the qcow2 backends (with a note) when there is no qemu-img to make images."""
+        backends = self.opts.backends
+        if any(b.fmt == "qcow2" for b in backends):
+            version = qemu_img_version()
+            if version:
+                self.outcome.versions["qemu-img"] = version
+            else:
+                self.note("qcow2 backends skipped: no qemu-img on the host (Debian: qemu-utils)")
+                backends = [b for b in backends if b.fmt != "qcow2"]
+        return backends
+
     def setup_workspace(self, backends: list[Backend]) -> None:
         for sub in ("mnt", "run"):
             (WORK / sub).mkdir(parents=True, exist_ok=True)
@@ -99,66 +119,103 @@ class Runner:
                 root.mkdir(parents=True, exist_ok=True)
                 self.janitor.push(f"remove {root}", lambda r=root: shutil.rmtree(r, True))
 
-    def make_images(self, backend: Backend, targets: list[Target]) -> dict[str, str]:
-        """One filled 1 GiB raw image per target (data, not holes: reads must touch storage)."""
+    def image_paths(self, backend: Backend, targets: list[Target]) -> dict[str, str]:
+        """Where each target's image goes (the daemons lock their image: one each)."""
         if backend.kind != "file":
             return {}
-        root = Path(backend.root)
-        paths = {t.name: str(root / f"{t.name}.img") for t in targets}
-        first = None
-        for path in paths.values():
-            if first is None:
-                _fill(path)
-                first = path
-            else:
-                shutil.copyfile(first, path)
-                _sync(path)
-            self.janitor.push(f"remove {path}", lambda p=path: Path(p).unlink(missing_ok=True))
-        say(f"{backend.name}: {len(paths)} image(s) of {IMAGE_SIZE >> 20} MiB in {root}")
-        return paths
+        suffix = "qcow2" if backend.fmt == "qcow2" else "img"
+        return {t.name: str(Path(backend.root) / f"{t.name}.{suffix}") for t in targets}
+
+    def make_target_image(self, backend: Backend, images: dict[str, str], target: str) -> None:
+        """A fresh image is made anew each time; any other the first time, then copied."""
+        path = images[target]
+        first = next(iter(images.values()))
+        if backend.fresh or path == first:
+            t0 = time.perf_counter()
+            make_image(backend, path)
+            if not backend.fresh:
+                say(f"{backend.name}: image of {IMAGE_SIZE >> 20} MiB made in "
+                    f"{time.perf_counter() - t0:.1f} s ({path})")  # fmt: skip
+        else:
+            copy_image(first, path)
 
     def make_daemon(self, target: Target, backend: Backend, image: str, tag: str) -> Daemon:
         mountpoint = WORK / "mnt" / target.name
         mountpoint.touch()
         pidfile = str(WORK / "run" / f"{target.name}.pid")
-        args = daemon_args(target, backend, image, str(mountpoint), pidfile, self.opts.file_opts)
+        qmp = str(WORK / "run" / f"{target.name}.qmp")
+        args = daemon_args(
+            target, backend, image, str(mountpoint), pidfile, self.opts.file_opts, qmp
+        )
         log = self.opts.out / "logs" / f"{target.name}-{tag}.log"
         if target.daemon == "qemu":
             argv, fio_path = self.real.argv(args), self.real.host_path(str(mountpoint))
+            qmp = self.real.host_path(qmp)
         else:
             argv, fio_path = self.qsdpy.argv(args), str(mountpoint)
-        return Daemon(argv, fio_path, pidfile, log, cwd=str(REPO))
+        return Daemon(argv, fio_path, pidfile, log, cwd=str(REPO), qmp=qmp)
 
     # --- the matrix ---------------------------------------------------------------------
 
     def run_backend(self, backend: Backend, targets: list[Target]) -> None:
         targets = [t for t in targets if applies(t, backend)]
+        by_name = {t.name: t for t in targets}
+        images = self.image_paths(backend, targets)
+        live: dict[str, Daemon] = {}
+        failed: set[str] = set()
         with self.janitor.scope():
-            images = self.make_images(backend, targets)
-            live: dict[str, tuple[str, Daemon | None]] = {}
-            for t in targets:
-                if t.daemon is None:
-                    live[t.name] = (images[t.name], None)
+            self.janitor.push(f"{backend.name} images", lambda: _remove(images.values()))
+            self.janitor.push(f"{backend.name} daemons", lambda: _stop_all(live))
+            for step in steps(backend, targets, self.opts.jobs, self.opts.rounds):
+                if step.target in failed:
                     continue
-                daemon = self.make_daemon(t, backend, images.get(t.name, ""), backend.name)
-                self.janitor.push(f"stop {t.name}", daemon.stop)
                 try:
-                    daemon.start(self.opts.mount_timeout)
-                except DaemonFailed as exc:
-                    self.note(f"{backend.name}: {t.name} did not start: {exc}")
-                    continue
-                live[t.name] = (daemon.fio_path, daemon)
-            for job in self.opts.jobs:
-                for rnd in range(self.opts.rounds):
-                    for name, (path, daemon) in live.items():
-                        self.run_one(backend, job, rnd, name, path, daemon)
+                    self.do(step, backend, by_name[step.target], images, live)
+                except (DaemonFailed, RuntimeError, OSError) as exc:
+                    self.note(f"{backend.name}: {step.action} of {step.target} failed: {exc}")
+                    failed.add(step.target)
+
+    def do(
+        self,
+        step: Step,
+        backend: Backend,
+        target: Target,
+        images: dict[str, str],
+        live: dict[str, Daemon],
+    ) -> None:
+        """Carry out one step of the backend's schedule."""
+        name = target.name
+        if step.action == IMAGE:
+            self.make_target_image(backend, images, name)
+        elif step.action == START:
+            daemon = self.make_daemon(target, backend, images.get(name, ""), backend.name)
+            live[name] = daemon  # stopped on the way out even if it fails to start
+            daemon.start(self.opts.mount_timeout)
+        elif step.action == STOP:
+            live.pop(name).stop()
+        elif step.action == FIO:
+            job = next(j for j in self.opts.jobs if j.name == step.job)
+            daemon = live.get(name)
+            path = daemon.fio_path if daemon is not None else images[name]
+            counters = daemon is not None and target.daemon == "qsd-py" and target.uring
+            self.run_one(backend, job, step.round, name, path, daemon, counters)
 
     def run_one(
-        self, backend: Backend, job: Job, rnd: int, target: str, path: str, daemon: Daemon | None
+        self,
+        backend: Backend,
+        job: Job,
+        rnd: int,
+        target: str,
+        path: str,
+        daemon: Daemon | None,
+        counters: bool = False,
     ) -> Sample:
+        """One fio run; ``counters``: also take qsd-py's queue counters before and after."""
         o = self.opts
-        out = o.out / "fio" / f"{backend.name}-{job.name}-{target}-r{rnd}.json"
+        run_name = f"{backend.name}-{job.name}-{target}-r{rnd}"
+        out = o.out / "fio" / f"{run_name}.json"
         sample = Sample(backend.name, job.name, target, rnd)
+        before = self.queue_counters(daemon) if counters and daemon is not None else None
         sampler = None
         if daemon is not None:
             sampler = CpuSampler(daemon.pid, o.ramp + 0.3, max(o.runtime - 0.6, o.runtime / 2))
@@ -182,16 +239,36 @@ class Runner:
         if sampler is not None:
             window = sampler.finish()
             sample.daemon_util = window.utilisation
+            sample.daemon_main_util = window.main_utilisation
             if fig.iops > 0:
                 sample.daemon_cpu_us_per_io = window.utilisation / fig.iops * 1e6
+        queues = ""
+        if before is not None and daemon is not None:
+            after = self.queue_counters(daemon)
+            if after is not None:
+                (o.out / "queues" / f"{run_name}.json").write_text(
+                    json.dumps({"before": before, "after": after}, indent=1) + "\n"
+                )
+                queues = count_queues(sample, before, after)
         self.outcome.samples.append(sample)
         cpu = sample.daemon_cpu_us_per_io
-        say(
-            f"{backend.name:6} {job.name:17} {target:17} r{rnd}: {fig.iops:9.0f} IOPS "
+        text = (
+            f"{backend.name:21} {job.name:17} {target:17} r{rnd}: {fig.iops:9.0f} IOPS "
             f"{fig.mbps:7.1f} MB/s p99 {fig.lat_p99_us:8.1f} us"
-            + (f"  daemon {cpu:6.1f} us/IO" if cpu == cpu else "")
         )
+        if cpu == cpu:
+            text += f"  daemon {cpu:6.1f} us/IO, {sample.daemon_util:.2f} cores"
+            text += f" ({sample.daemon_main_util:.2f} in its first process)"
+        say(text + queues)
         return sample
+
+    def queue_counters(self, daemon: Daemon) -> list[dict] | None:
+        """qsd-py's ``x-query-fuse-queues`` answer, or None (with a note) if it failed."""
+        try:
+            return qmp_command(daemon.qmp, "x-query-fuse-queues")
+        except (OSError, QmpError, ValueError) as exc:
+            self.note(f"x-query-fuse-queues on {daemon.qmp} failed: {exc}")
+            return None
 
     def measure_startup(self, targets: list[Target]) -> None:
         """Time process start to a serving export, null-co backend, daemons alternated."""
@@ -217,37 +294,52 @@ class Runner:
 
     def run(self) -> Outcome:
         targets = self.usable_targets()
-        say(f"about {estimate_s(self.opts, targets) / 60:.1f} min")
-        self.setup_workspace(self.opts.backends)
+        backends = self.usable_backends()
+        say(f"about {estimate_s(self.opts, targets, backends) / 60:.1f} min")
+        self.setup_workspace(backends)
         if self.opts.startup_runs > 0:
             self.measure_startup(targets)
-        for backend in self.opts.backends:
+        for backend in backends:
             self.run_backend(backend, targets)
         return self.outcome
 
 
-def estimate_s(opts: Options, targets: list[Target]) -> float:
-    """Rough duration: fio runs plus image filling; start-up timing is negligible."""
-    runs = sum(
-        len(opts.jobs) * opts.rounds for b in opts.backends for t in targets if applies(t, b)
+def estimate_s(opts: Options, targets: list[Target], backends: list[Backend]) -> float:
+    """Rough duration: fio runs, fresh images' restarts, image filling; start-up timing is
+    negligible."""
+    total = 0.0
+    for b in backends:
+        runs = len(opts.jobs) * opts.rounds * sum(applies(t, b) for t in targets)
+        per_run = opts.runtime + opts.ramp + 0.4 + (FRESH_EXTRA_S if b.fresh else 0.0)
+        total += runs * per_run + (5 if b.kind == "file" and not b.fresh else 0)
+    return total
+
+
+def count_queues(sample: Sample, before: list[dict], after: list[dict]) -> str:
+    """Put the io_uring queues' counters over the run into ``sample``; return them as text.
+
+    Counters are cumulative, so the run's share is ``after`` less ``before``, queue by queue
+    (matched by name)."""
+    old = {q["name"]: q for export in before for q in export.get("uring-queues", [])}
+    kinds: dict[str, None] = {}
+    for export in after:
+        for q in export.get("uring-queues", []):
+            prev = old.get(q["name"], {})
+            sample.queue_requests += q["requests"] - prev.get("requests", 0)
+            sample.linked_reads += q.get("linked-reads", 0) - prev.get("linked-reads", 0)
+            kinds[q.get("fast-path", "?")] = None
+    sample.fast_path = ",".join(kinds)
+    return (
+        f"  queues: fast-path {sample.fast_path or '-'}, {sample.queue_requests} requests, "
+        f"{sample.linked_reads} linked reads"
     )
-    files = sum(b.kind == "file" for b in opts.backends)
-    return runs * (opts.runtime + opts.ramp + 0.4) + 5 * files
 
 
-def _fill(path: str) -> None:
-    """Write IMAGE_SIZE bytes of non-zero data and push them to storage before measuring."""
-    chunk = os.urandom(FILL_CHUNK)
-    with open(path, "wb") as f:
-        for _ in range(IMAGE_SIZE // FILL_CHUNK):
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+def _stop_all(live: dict[str, Daemon]) -> None:
+    while live:
+        live.popitem()[1].stop()
 
 
-def _sync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _remove(paths: Iterable[str]) -> None:
+    for path in list(paths):
+        Path(path).unlink(missing_ok=True)

@@ -37,12 +37,19 @@ def daemon_args(
     mountpoint: str,
     pidfile: str,
     file_opts: str = "",
+    qmp: str = "",
 ) -> list[str]:
     """qemu-storage-daemon options exporting ``backend`` at ``mountpoint`` as ``target`` wants.
 
-    ``file_opts`` (e.g. ``,aio=io_uring``) is appended to the file node's options.
+    ``file_opts`` (e.g. ``,aio=io_uring``) is appended to the file node's options; ``qmp``
+    is a socket path for a QMP monitor (idle unless asked, between runs). Both daemons
+    carry out their options in order: the monitor comes first, so that its socket is there by
+    the time the export is mounted.
     """
     args: list[str] = []
+    if qmp:
+        args += ["--chardev", f"socket,id=bench-qmp,path={qmp},server=on,wait=off"]
+        args += ["--monitor", "chardev=bench-qmp"]
     for i in range(target.iothreads):
         args += ["--object", f"iothread,id=bench-t{i}"]
     if backend.kind == "null":
@@ -50,7 +57,9 @@ def daemon_args(
         args += ["--blockdev", f"driver=null-co,node-name=d0,size={IMAGE_SIZE}"]
     else:
         file_node = f"driver=file,node-name=f0,filename={image},cache.direct=on{file_opts}"
-        args += ["--blockdev", file_node, "--blockdev", "driver=raw,node-name=d0,file=f0"]
+        # The format node on top is the one exported: raw, or qcow2 with its own defaults.
+        format_node = f"driver={backend.fmt},node-name=d0,file=f0"
+        args += ["--blockdev", file_node, "--blockdev", format_node]
     export = f"type=fuse,id=e0,node-name=d0,mountpoint={mountpoint},writable=on"
     if target.uring:
         export += ",io_uring=on"
@@ -69,7 +78,9 @@ class StartTimes:
 class Daemon:
     """One running daemon with one FUSE export that the host's fio reads at ``fio_path``."""
 
-    def __init__(self, argv: list[str], fio_path: str, pidfile: str, log: Path, cwd: str) -> None:
+    def __init__(
+        self, argv: list[str], fio_path: str, pidfile: str, log: Path, cwd: str, qmp: str = ""
+    ) -> None:
         self.argv, self.fio_path, self.pidfile, self.log, self.cwd = (
             argv,
             fio_path,
@@ -77,6 +88,7 @@ class Daemon:
             log,
             cwd,
         )
+        self.qmp = qmp  # its QMP socket as the host sees it ("" without one)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -119,6 +131,8 @@ class Daemon:
                 self.proc.wait()
         lazy_umount(self.fio_path)
         Path(self.pidfile).unlink(missing_ok=True)
+        if self.qmp:
+            Path(self.qmp).unlink(missing_ok=True)
 
     def log_tail(self, lines: int = 5) -> str:
         try:

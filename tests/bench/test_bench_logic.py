@@ -29,6 +29,7 @@ from benchlib.results import (
     summarise_startup,
     write_json,
 )
+from benchlib.runner import count_queues
 from benchlib.targets import daemon_args
 
 CANNED = Path(__file__).parent / "data" / "fio-randrw-mixed.json"
@@ -230,3 +231,31 @@ def test_janitor_undoes_in_reverse_even_after_failure() -> None:
     assert done == ["fail", "b"]
     jan.close()
     assert done == ["fail", "b", "a"]
+
+
+def _queues(requests: tuple[int, int], linked: tuple[int, int]) -> list[dict]:
+    """x-query-fuse-queues as qsd-py answers it (one export, a /dev/fuse queue, two rings)."""
+    uring = [
+        {"name": f"e0/uring-q{i}@cpu{i}", "requests": r, "linked-reads": n, "fast-path": "uring"}
+        for i, (r, n) in enumerate(zip(requests, linked, strict=True))
+    ]
+    devfuse = [{"name": "e0/q0@main", "requests": 5, "fast-path": "threads"}]
+    return [{"id": "e0", "transport": "io_uring", "queues": devfuse, "uring-queues": uring}]
+
+
+def test_queue_counters_count_the_run_only() -> None:
+    sample = Sample("disk", "randread-qd1", "qsd-py-uring", 0)
+    text = count_queues(sample, _queues((100, 10), (40, 0)), _queues((1100, 510), (940, 480)))
+    assert (sample.queue_requests, sample.linked_reads) == (1500, 1380)
+    assert sample.fast_path == "uring"  # the /dev/fuse queue of an io_uring export is left out
+    assert "1500 requests" in text and "1380 linked reads" in text
+
+
+def test_daemon_args_with_qmp_monitor() -> None:
+    args = daemon_args(matrix.TARGETS["qemu"], matrix.BACKENDS["null"], "", "/m", "/p", qmp="/s")
+    assert args[:4] == [
+        "--chardev",
+        "socket,id=bench-qmp,path=/s,server=on,wait=off",
+        "--monitor",
+        "chardev=bench-qmp",
+    ]
