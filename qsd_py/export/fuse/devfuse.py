@@ -320,6 +320,7 @@ class DevFuseQueue:
     async def _serve(self, slot: _Slot, n: int, unique: int) -> None:
         stats = self.stats
         stats.in_flight += 1
+        stats.engine_requests += 1
         res = None
         try:
             res = await self.engine.handle(slot.hdr, slot.req_mv[_HDR:n], None, slot.out, stats)

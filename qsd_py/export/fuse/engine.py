@@ -81,7 +81,15 @@ class QueueStats:
     """Per-queue counters (one per /dev/fuse fd or io_uring queue): the visible proof of
     which transport carried the I/O. Plain ints: each queue is touched by one thread."""
 
-    __slots__ = ("requests", "in_flight", "bytes_read", "bytes_written", "errors", "interrupts")
+    __slots__ = (
+        "requests",
+        "in_flight",
+        "bytes_read",
+        "bytes_written",
+        "errors",
+        "interrupts",
+        "engine_requests",
+    )
 
     def __init__(self) -> None:
         self.requests = 0
@@ -90,6 +98,7 @@ class QueueStats:
         self.bytes_written = 0
         self.errors = 0
         self.interrupts = 0
+        self.engine_requests = 0  # served by the engine's coroutine (not the fast path)
 
     def as_dict(self) -> dict[str, int]:
         return {name.replace("_", "-"): getattr(self, name) for name in self.__slots__}

@@ -366,6 +366,7 @@ class UringQueue:
     async def _serve(self, entry: _Entry) -> None:
         stats = self.stats
         stats.in_flight += 1
+        stats.engine_requests += 1
         try:
             res = await self.handle(entry)
         finally:
