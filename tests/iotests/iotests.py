@@ -52,7 +52,9 @@ URING_KNOB = "/sys/module/fuse/parameters/enable_uring"
 # --- filters ------------------------------------------------------------------------------
 
 _PROG_RE = re.compile(r"^(?:qsd-py|qemu-storage-daemon|\S*/python3?[\d.]*(?: -m qsd_py)?): ", re.M)
-_QEMU_IO_TIMING_RE = re.compile(r"[\d.]+ [KMGT]?i?B, \d+ ops; [\d:.]+ sec \([^)]*\)", re.M)
+_QEMU_IO_TIMING_RE = re.compile(
+    r"[\d.]+ (?:[KMGT]?i?B|bytes), \d+ ops; [\d:.]+ sec \([^)]*\)", re.M
+)
 _IMG_PROG_RE = re.compile(r"^(qemu-img|qemu-io): ", re.M)
 
 
@@ -81,12 +83,28 @@ def filter_pid(text: str) -> str:
     return re.sub(r"\bpid \d+", "pid PID", text)
 
 
+_NODE_NAME_RE = re.compile(r"#block\d+")
+_NODE_NAMES: dict[str, str] = {}
+
+
+def filter_node_names(text: str) -> str:
+    """Implicit node names are ``#block`` + a counter + two random digits, never the same twice.
+    Each distinct one becomes ``#block-1``, ``#block-2``, ... in the order it first shows up in
+    the scenario's output, so a child reference still says which listed node it is."""
+
+    def rename(m: re.Match[str]) -> str:
+        return _NODE_NAMES.setdefault(m.group(0), f"#block-{len(_NODE_NAMES) + 1}")
+
+    return _NODE_NAME_RE.sub(rename, text)
+
+
 DEFAULT_FILTERS: tuple[Filter, ...] = (
     filter_test_dir,
     filter_prog,
     filter_qemu_io,
     filter_img_map,
     filter_pid,
+    filter_node_names,
 )
 
 
@@ -116,10 +134,25 @@ def filter_qmp(obj: Any) -> Any:
     return obj
 
 
-def log(msg: Any = "", filters: Iterable[Filter] = DEFAULT_FILTERS) -> None:
-    """Print one line (dicts and lists as sorted JSON, as QEMU's iotests do), filtered."""
+def filter_qmp_values(obj: Any, replace: dict[str, str]) -> Any:
+    """Replace the values of the keys in ``replace`` wherever they occur (at any depth): for
+    numbers that depend on the host file system, such as ``actual-size``."""
+    if isinstance(obj, dict):
+        return {
+            k: replace[k] if k in replace else filter_qmp_values(v, replace) for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [filter_qmp_values(v, replace) for v in obj]
+    return obj
+
+
+def log(
+    msg: Any = "", filters: Iterable[Filter] = DEFAULT_FILTERS, indent: int | None = None
+) -> None:
+    """Print one line (dicts and lists as sorted JSON, as QEMU's iotests do), filtered.
+    ``indent`` spreads a long JSON answer over lines, so that a diff points at the key."""
     if isinstance(msg, (dict, list)):
-        msg = json.dumps(filter_qmp(msg), sort_keys=True)
+        msg = json.dumps(filter_qmp(msg), sort_keys=True, indent=indent)
     print(apply_filters(str(msg), filters), flush=True)
 
 
@@ -175,6 +208,23 @@ def os_call(label: str, func: Callable[[], Any]) -> Any:
         return None
     log(f"{label}: {result}" if result is not None else f"{label}: ok")
     return result
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (punch-hole, zero-range, keep-size), which
+    os.posix_fallocate cannot pass."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
 
 
 def errno_name(err: OSError) -> str:
