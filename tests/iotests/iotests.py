@@ -227,6 +227,30 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
 
+def fresh_size(file: str) -> int:
+    """The size of ``file`` asked of its file system now: statx(AT_STATX_FORCE_SYNC) makes
+    FUSE fetch the attributes again instead of answering from its attribute cache (QEMU's
+    export lets the kernel keep them for a second, so a plain stat right after a
+    block_resize may still show the old size). The kernel keeps what it fetched, so a tool
+    that opens the file next sees the same size."""
+    import ctypes
+
+    at_fdcwd, at_statx_force_sync, statx_size = -100, 0x2000, 0x200
+    buf = ctypes.create_string_buffer(256)  # struct statx; stx_size is the u64 at byte 40
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.statx.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+    ]
+    if libc.statx(at_fdcwd, os.fsencode(file), at_statx_force_sync, statx_size, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), file)
+    return int.from_bytes(buf.raw[40:48], sys.byteorder)
+
+
 def errno_name(err: OSError) -> str:
     import errno
 
