@@ -295,6 +295,28 @@ async def test_backing_given_or_refused(graph: BlockGraph, tmp_path: Path) -> No
     assert await read_all(node) == b"\x31" * MiB
 
 
+@pytest.mark.parametrize("explicit", [False, True])
+async def test_block_resize_of_a_backing_node_is_busy(
+    graph: BlockGraph, tmp_path: Path, explicit: bool
+) -> None:
+    """QEMU 11.1's answer (iotests 016): the blocker's text, not the read-only error."""
+    from qsd_py.block import commands
+
+    base = create(tmp_path / "base.qcow2", "1M")
+    top = create(tmp_path / "top.qcow2", "1M", backing="base.qcow2")
+    if explicit:
+        await graph.add(qcow2_opts(base, "b"))
+        await graph.add(qcow2_opts(top, "t", backing="b"))
+    else:
+        await graph.add(qcow2_opts(top, "t"))
+    name = graph.lookup("t").child_node("backing").node_name
+    daemon = type("Daemon", (), {"graph": graph})()
+    with pytest.raises(QMPError) as exc:
+        await commands.block_resize(daemon, {"node-name": name, "size": 2 * MiB})
+    assert exc.value.desc == f"Node '{name}' is busy: node is used as backing hd of 't'"
+    assert graph.lookup(name).length() == MiB
+
+
 async def test_cache_clean_interval(graph: BlockGraph, tmp_path: Path) -> None:
     """An idle image gives back the cache pieces nobody used since the last tick."""
     img = create(tmp_path / "c.qcow2", "4M", cluster_size=4096)
