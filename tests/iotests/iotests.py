@@ -19,6 +19,7 @@ Environment (set by the runner; defaults suit a scenario run by hand):
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import json
@@ -432,13 +433,21 @@ class Daemon:
         log(reply)
         return reply
 
-    def log_events(self, wait: float = 0.0) -> None:
-        """Log (and forget) the events received so far, after waiting up to ``wait`` for one."""
+    def log_events(self, wait: float = 0.0, sync: bool = False) -> None:
+        """Log (and forget) the events received so far, after waiting up to ``wait`` for one
+        (none may come). ``sync`` first makes a QMP round trip (query-version, not logged):
+        an event the daemon sent before it answered is then here, so that "no event" means
+        none was sent."""
+        events = []
+        if sync:
+            self.monitor.cmd_obj({"execute": "query-version"})
         if wait:
-            self.monitor.pull_event(wait=wait)
-        for ev in self.monitor.get_events():
-            log(ev)
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                events.append(self.monitor.pull_event(wait=float(wait)))
+        events += self.monitor.get_events()
         self.monitor.clear_events()
+        for ev in events:
+            log(ev)
 
     # stopping ---------------------------------------------------------------------------------
     def check_transport(self) -> None:
