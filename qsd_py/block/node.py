@@ -307,11 +307,16 @@ class BlockNode:
         finally:
             self.in_flight.leave()
 
-    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
-        """Zero a range; deallocate it too when ``unmap`` and the node has discard=unmap."""
+    async def write_zeroes(
+        self, offset: int, length: int, unmap: bool = False, no_fallback: bool = False
+    ) -> None:
+        """Zero a range; deallocate it too when ``unmap`` and the node has discard=unmap.
+
+        ``no_fallback`` (QEMU's BDRV_REQ_NO_FALLBACK, as a FUSE punch-hole asks): where the
+        zeroes could only be written as data, fail with ENOTSUP instead of writing them."""
         self.in_flight.enter()
         try:
-            await self.do_write_zeroes(offset, length, unmap)
+            await self.do_write_zeroes(offset, length, unmap, no_fallback)
         finally:
             self.in_flight.leave()
 
@@ -378,7 +383,9 @@ class BlockNode:
     async def do_flush(self) -> None:
         raise NotImplementedError
 
-    async def do_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def do_write_zeroes(
+        self, offset: int, length: int, unmap: bool, no_fallback: bool = False
+    ) -> None:
         raise NotImplementedError
 
     async def do_discard(self, offset: int, length: int) -> None:

@@ -70,7 +70,9 @@ class MemNode(BlockNode):
     async def do_flush(self) -> None:
         self.flushes += 1
 
-    async def do_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def do_write_zeroes(
+        self, offset: int, length: int, unmap: bool, no_fallback: bool = False
+    ) -> None:
         self._check(offset, length)
         self.data[offset : offset + length] = bytes(length)
         first, last = offset // CLUSTER, (offset + length - 1) // CLUSTER

@@ -30,7 +30,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 URING_KNOB = Path("/sys/module/fuse/parameters/enable_uring")
-REAL_QSD = REPO.parent / "shared" / "tools" / "real-qsd"
+# The main checkout has ../shared beside it; a worktree under /work/wt finds the same tool in
+# /work/shared (the same candidates as tests/realqsd_support.py).
+REAL_QSD_CANDIDATES = (
+    REPO.parent / "shared" / "tools" / "real-qsd",
+    Path("/work/shared/tools/real-qsd"),
+)
+REAL_QSD = next((p for p in REAL_QSD_CANDIDATES if p.exists()), REAL_QSD_CANDIDATES[0])
 REAL_SHARE = Path("/tmp/qsd-cmp/qsd-iotests")
 TIMEOUT = 120.0
 TRANSPORTS = ("fuse", "io_uring")

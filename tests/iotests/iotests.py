@@ -19,6 +19,7 @@ Environment (set by the runner; defaults suit a scenario run by hand):
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import json
@@ -52,7 +53,9 @@ URING_KNOB = "/sys/module/fuse/parameters/enable_uring"
 # --- filters ------------------------------------------------------------------------------
 
 _PROG_RE = re.compile(r"^(?:qsd-py|qemu-storage-daemon|\S*/python3?[\d.]*(?: -m qsd_py)?): ", re.M)
-_QEMU_IO_TIMING_RE = re.compile(r"[\d.]+ [KMGT]?i?B, \d+ ops; [\d:.]+ sec \([^)]*\)", re.M)
+_QEMU_IO_TIMING_RE = re.compile(
+    r"[\d.]+ (?:[KMGT]?i?B|bytes), \d+ ops; [\d:.]+ sec \([^)]*\)", re.M
+)
 _IMG_PROG_RE = re.compile(r"^(qemu-img|qemu-io): ", re.M)
 
 
@@ -81,12 +84,28 @@ def filter_pid(text: str) -> str:
     return re.sub(r"\bpid \d+", "pid PID", text)
 
 
+_NODE_NAME_RE = re.compile(r"#block\d+")
+_NODE_NAMES: dict[str, str] = {}
+
+
+def filter_node_names(text: str) -> str:
+    """Implicit node names are ``#block`` + a counter + two random digits, never the same twice.
+    Each distinct one becomes ``#block-1``, ``#block-2``, ... in the order it first shows up in
+    the scenario's output, so a child reference still says which listed node it is."""
+
+    def rename(m: re.Match[str]) -> str:
+        return _NODE_NAMES.setdefault(m.group(0), f"#block-{len(_NODE_NAMES) + 1}")
+
+    return _NODE_NAME_RE.sub(rename, text)
+
+
 DEFAULT_FILTERS: tuple[Filter, ...] = (
     filter_test_dir,
     filter_prog,
     filter_qemu_io,
     filter_img_map,
     filter_pid,
+    filter_node_names,
 )
 
 
@@ -116,10 +135,25 @@ def filter_qmp(obj: Any) -> Any:
     return obj
 
 
-def log(msg: Any = "", filters: Iterable[Filter] = DEFAULT_FILTERS) -> None:
-    """Print one line (dicts and lists as sorted JSON, as QEMU's iotests do), filtered."""
+def filter_qmp_values(obj: Any, replace: dict[str, str]) -> Any:
+    """Replace the values of the keys in ``replace`` wherever they occur (at any depth): for
+    numbers that depend on the host file system, such as ``actual-size``."""
+    if isinstance(obj, dict):
+        return {
+            k: replace[k] if k in replace else filter_qmp_values(v, replace) for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [filter_qmp_values(v, replace) for v in obj]
+    return obj
+
+
+def log(
+    msg: Any = "", filters: Iterable[Filter] = DEFAULT_FILTERS, indent: int | None = None
+) -> None:
+    """Print one line (dicts and lists as sorted JSON, as QEMU's iotests do), filtered.
+    ``indent`` spreads a long JSON answer over lines, so that a diff points at the key."""
     if isinstance(msg, (dict, list)):
-        msg = json.dumps(filter_qmp(msg), sort_keys=True)
+        msg = json.dumps(filter_qmp(msg), sort_keys=True, indent=indent)
     print(apply_filters(str(msg), filters), flush=True)
 
 
@@ -175,6 +209,47 @@ def os_call(label: str, func: Callable[[], Any]) -> Any:
         return None
     log(f"{label}: {result}" if result is not None else f"{label}: ok")
     return result
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (punch-hole, zero-range, keep-size), which
+    os.posix_fallocate cannot pass."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+
+def fresh_size(file: str) -> int:
+    """The size of ``file`` asked of its file system now: statx(AT_STATX_FORCE_SYNC) makes
+    FUSE fetch the attributes again instead of answering from its attribute cache (QEMU's
+    export lets the kernel keep them for a second, so a plain stat right after a
+    block_resize may still show the old size). The kernel keeps what it fetched, so a tool
+    that opens the file next sees the same size."""
+    import ctypes
+
+    at_fdcwd, at_statx_force_sync, statx_size = -100, 0x2000, 0x200
+    buf = ctypes.create_string_buffer(256)  # struct statx; stx_size is the u64 at byte 40
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.statx.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+    ]
+    if libc.statx(at_fdcwd, os.fsencode(file), at_statx_force_sync, statx_size, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), file)
+    return int.from_bytes(buf.raw[40:48], sys.byteorder)
 
 
 def errno_name(err: OSError) -> str:
@@ -358,13 +433,21 @@ class Daemon:
         log(reply)
         return reply
 
-    def log_events(self, wait: float = 0.0) -> None:
-        """Log (and forget) the events received so far, after waiting up to ``wait`` for one."""
+    def log_events(self, wait: float = 0.0, sync: bool = False) -> None:
+        """Log (and forget) the events received so far, after waiting up to ``wait`` for one
+        (none may come). ``sync`` first makes a QMP round trip (query-version, not logged):
+        an event the daemon sent before it answered is then here, so that "no event" means
+        none was sent."""
+        events = []
+        if sync:
+            self.monitor.cmd_obj({"execute": "query-version"})
         if wait:
-            self.monitor.pull_event(wait=wait)
-        for ev in self.monitor.get_events():
-            log(ev)
+            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+                events.append(self.monitor.pull_event(wait=float(wait)))
+        events += self.monitor.get_events()
         self.monitor.clear_events()
+        for ev in events:
+            log(ev)
 
     # stopping ---------------------------------------------------------------------------------
     def check_transport(self) -> None:

@@ -7,6 +7,7 @@ and checked by the host's qemu-img (QEMU 7.2)."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import random
 from collections.abc import AsyncIterator
@@ -261,6 +262,37 @@ async def test_compressed_clusters(graph: BlockGraph, tmp_path: Path, ctype: str
     assert to_raw(img, tmp_path / "after.raw") == bytes(model.data)
 
 
+async def test_zeroing_part_of_a_cluster(graph: BlockGraph, tmp_path: Path) -> None:
+    """As QEMU 11.1 (iotests 015): part of a cluster holding no data, whose rest reads as
+    zeroes, makes the whole cluster a zero one (nothing allocated); part of a data cluster,
+    or of one the backing file fills, gets zeroes written as data, which ``no_fallback``
+    (a FUSE punch-hole) refuses with ENOTSUP, changing nothing."""
+    base = create(tmp_path / "base.qcow2", "4M")
+    write(base, 0, MiB, 0x11)
+    top = create(tmp_path / "top.qcow2", "4M", backing="base.qcow2")
+    write(top, 2 * MiB, 64 * KiB, 0x22)
+    node = await graph.add(qcow2_opts(top))
+    await node.write_zeroes(3 * MiB + 4 * KiB, 4 * KiB)
+    await node.write_zeroes(3 * MiB + 132 * KiB, 4 * KiB, unmap=True, no_fallback=True)
+    for offset in (2 * MiB + 4 * KiB, 32 * KiB):
+        with pytest.raises(OSError) as exc:
+            await node.write_zeroes(offset, 4 * KiB, unmap=True, no_fallback=True)
+        assert exc.value.errno == errno.ENOTSUP
+    assert await read_all(node) == (
+        b"\x11" * MiB + bytes(MiB) + b"\x22" * 64 * KiB + bytes(2 * MiB - 64 * KiB)
+    )
+    await node.write_zeroes(32 * KiB, 4 * KiB)  # copy-on-write of the backing file's data
+    await graph.delete("q")
+    assert check(top)[0] == 0
+    extents = {e["start"]: e for e in json.loads(run([QEMU_IMG, "map", "--output=json", str(top)]))}
+    zero_cluster = {"length": 64 * KiB, "depth": 0, "present": True, "zero": True, "data": False}
+    for start in (3 * MiB, 3 * MiB + 128 * KiB):
+        assert {k: extents[start].get(k) for k in zero_cluster} == zero_cluster
+        assert "offset" not in extents[start]
+    assert extents[0]["depth"] == 0 and extents[0]["data"] and extents[0]["length"] == 64 * KiB
+    assert extents[2 * MiB]["data"] and extents[2 * MiB]["length"] == 64 * KiB
+
+
 @pytest.mark.parametrize("raw", [False, True])
 async def test_external_data_file(graph: BlockGraph, tmp_path: Path, raw: bool) -> None:
     img = create(tmp_path / "d.qcow2", "2M", data_file="d.data", data_file_raw=raw)
@@ -293,6 +325,28 @@ async def test_backing_given_or_refused(graph: BlockGraph, tmp_path: Path) -> No
     node = await graph.add(qcow2_opts(top, backing="b"))
     assert node.child_node("backing") is graph.lookup("b")
     assert await read_all(node) == b"\x31" * MiB
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+async def test_block_resize_of_a_backing_node_is_busy(
+    graph: BlockGraph, tmp_path: Path, explicit: bool
+) -> None:
+    """QEMU 11.1's answer (iotests 016): the blocker's text, not the read-only error."""
+    from qsd_py.block import commands
+
+    base = create(tmp_path / "base.qcow2", "1M")
+    top = create(tmp_path / "top.qcow2", "1M", backing="base.qcow2")
+    if explicit:
+        await graph.add(qcow2_opts(base, "b"))
+        await graph.add(qcow2_opts(top, "t", backing="b"))
+    else:
+        await graph.add(qcow2_opts(top, "t"))
+    name = graph.lookup("t").child_node("backing").node_name
+    daemon = type("Daemon", (), {"graph": graph})()
+    with pytest.raises(QMPError) as exc:
+        await commands.block_resize(daemon, {"node-name": name, "size": 2 * MiB})
+    assert exc.value.desc == f"Node '{name}' is busy: node is used as backing hd of 't'"
+    assert graph.lookup(name).length() == MiB
 
 
 async def test_cache_clean_interval(graph: BlockGraph, tmp_path: Path) -> None:

@@ -323,9 +323,11 @@ class FileNode(BlockNode):
         if not self.no_flush:
             await self.backend.fdatasync(self.fd)
 
-    async def do_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def do_write_zeroes(
+        self, offset: int, length: int, unmap: bool, no_fallback: bool = False
+    ) -> None:
         """Punch a hole when allowed to unmap, else ZERO_RANGE, else write zeroes (QEMU's
-        order of attempts)."""
+        order of attempts; the last one not with ``no_fallback``)."""
         assert self.backend is not None
         if self.read_only:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
@@ -337,6 +339,8 @@ class FileNode(BlockNode):
                 return
         if await self._try_fallocate(aio.FALLOC_FL_ZERO_RANGE, offset, length):
             return
+        if no_fallback:
+            raise OSError(errno.ENOTSUP, "the file system cannot zero without writing")
         await self._write_zero_buffers(offset, length)
 
     async def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:

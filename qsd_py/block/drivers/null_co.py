@@ -68,7 +68,9 @@ class NullNode(BlockNode):
     async def do_flush(self) -> None:
         await self._delay()
 
-    async def do_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def do_write_zeroes(
+        self, offset: int, length: int, unmap: bool, no_fallback: bool = False
+    ) -> None:
         await self._delay()
 
     async def do_discard(self, offset: int, length: int) -> None:

@@ -97,10 +97,13 @@ class RawNode(BlockNode):
     async def do_flush(self) -> None:
         await self.file.flush()
 
-    async def do_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def do_write_zeroes(
+        self, offset: int, length: int, unmap: bool, no_fallback: bool = False
+    ) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "Block node is read-only")
-        await self.file.write_zeroes(offset + self.offset, length, unmap and self.discard_unmap)
+        unmap = unmap and self.discard_unmap
+        await self.file.write_zeroes(offset + self.offset, length, unmap, no_fallback)
 
     async def do_discard(self, offset: int, length: int) -> None:
         if self.discard_unmap and not self.read_only:

@@ -52,7 +52,13 @@ from qsd_py.block.qcow2.entries import (
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
+    SUBCLUSTER_UNALLOCATED_ALLOC,
+    SUBCLUSTER_UNALLOCATED_PLAIN,
+    SUBCLUSTER_ZERO_ALLOC,
+    SUBCLUSTER_ZERO_PLAIN,
     compressed_range,
+    subcluster_index,
+    subcluster_type,
 )
 from qsd_py.block.qcow2.mapping import ClusterMap, MappingError
 from qsd_py.block.qcow2.options import Qcow2Options, parse_options
@@ -83,6 +89,15 @@ _ZEROES = bytes(1 << 16)
 # Subcluster bitmaps of extended L2 entries: 32 "allocated" bits, then 32 "zero" bits.
 SUBCLUSTERS = 32
 ALL_ZERO_BITMAP = 0xFFFFFFFF << 32
+# Grains that hold no data of their own: zeroing part of one may flag the whole grain zero.
+_WITHOUT_DATA = frozenset(
+    {
+        SUBCLUSTER_UNALLOCATED_PLAIN,
+        SUBCLUSTER_UNALLOCATED_ALLOC,
+        SUBCLUSTER_ZERO_PLAIN,
+        SUBCLUSTER_ZERO_ALLOC,
+    }
+)
 
 _FAST_ZEROES = fast_map.ZERO | fast_map.VALID
 
@@ -934,7 +949,9 @@ class Qcow2Node(BlockNode):
         await self.file.flush()
 
     # --- zeroes and discard ----------------------------------------------------------------
-    async def do_write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+    async def do_write_zeroes(
+        self, offset: int, length: int, unmap: bool, no_fallback: bool = False
+    ) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "Block node is read-only")
         self._check_usable()
@@ -942,23 +959,74 @@ class Qcow2Node(BlockNode):
         unmap = unmap and self.discard_unmap
         if self.header.data_file_raw:
             # A raw data file is the guest's disk itself: it must read as zeroes too.
-            await self.data_node.write_zeroes(offset, length, unmap)
+            await self.data_node.write_zeroes(offset, length, unmap, no_fallback)
+        end = offset + length
+        if self.header.version < 3:  # no zero flag: only zeroes written as data will do
+            await self._zeroes_as_data(offset, end, no_fallback)
+            return
+        # As QEMU's generic layer splits it: the part of a grain at the head, whole grains
+        # (the image's last one counts as whole), the part of a grain at the tail.
         grain = self._grain()
-        if self.header.version < 3:
-            await self._write_zero_buffers(offset, length)
-            return
-        start = -(-offset // grain) * grain
-        end = (offset + length) // grain * grain
-        if offset + length == self.size:
-            end = self.size if start <= self.size else end
-        if start >= end:
-            await self._write_zero_buffers(offset, length)
-            return
-        if start > offset:
-            await self._write_zero_buffers(offset, start - offset)
-        await self._zero_clusters(start, end - start, unmap)
-        if offset + length > end:
-            await self._write_zero_buffers(end, offset + length - end)
+        head_end = min(-(-offset // grain) * grain, end)
+        tail_start = end if end == self.size else max(end // grain * grain, head_end)
+        if head_end > offset:
+            await self._zero_part_of_grain(offset, head_end, unmap, no_fallback)
+        if tail_start > head_end:
+            await self._zero_clusters(head_end, tail_start - head_end, unmap)
+        if end > tail_start:
+            await self._zero_part_of_grain(tail_start, end, unmap, no_fallback)
+
+    async def _zero_part_of_grain(
+        self, start: int, end: int, unmap: bool, no_fallback: bool
+    ) -> None:
+        """Zeroes for part of one grain. As in QEMU, the whole grain becomes a zero one when
+        the rest of it reads as zeroes already and it holds no data here (zeroing 4 KiB of an
+        unallocated cluster allocates nothing); otherwise the zeroes are written as data."""
+        grain = self._grain()
+        first = start // grain * grain
+        last = min(first + grain, self.size)
+        if await self._reads_as_zeroes(first, start) and await self._reads_as_zeroes(end, last):
+            if await self._zero_grain_without_data(first, last - first, unmap):
+                return
+        await self._zeroes_as_data(start, end, no_fallback)
+
+    async def _reads_as_zeroes(self, start: int, end: int) -> bool:
+        """Whether ``[start, end)`` reads as zeroes by block status through the backing
+        chain (QEMU's test: zero clusters and unallocated ranges count, data does not)."""
+        while start < end:
+            st = await self.block_status_above(start, end - start)
+            if not st.flags & STATUS_ZERO or st.length <= 0:
+                return False
+            start += st.length
+        return True
+
+    async def _zero_grain_without_data(self, offset: int, n: int, unmap: bool) -> bool:
+        """Flag the grain at ``offset`` zero if it is unallocated or zero here, checked
+        under the locks (a write may have allocated it since the caller looked)."""
+        assert self.map is not None
+        async with self._change_lock, self._meta_lock:
+            guest_cluster = offset >> self.cluster_bits
+            old, bitmap = await self.map.entry(guest_cluster)
+            index = subcluster_index(offset, self.cluster_bits) if self.map.extended else 0
+            has_data_file = "data-file" in self.children
+            kind = subcluster_type(old, bitmap, index, self.map.extended, has_data_file)
+            shared = self._allocated(old) and not old & OFLAG_COPIED
+            if kind not in _WITHOUT_DATA or (shared and self.map.extended):
+                return False  # a shared cluster's subcluster is zeroed by copy-on-write
+            await self._mark_dirty()
+            if self.map.extended:
+                in_cluster = offset & (self.cluster_size - 1)
+                await self._zero_subclusters(guest_cluster, old, bitmap, in_cluster, n, unmap)
+            else:
+                await self._zero_cluster(guest_cluster, old, unmap)
+        return True
+
+    async def _zeroes_as_data(self, start: int, end: int, no_fallback: bool) -> None:
+        """QEMU's generic fallback: the driver could not express these zeroes by flags, so
+        they are written; a caller that asked for no fallback gets ENOTSUP instead."""
+        if no_fallback:
+            raise OSError(errno.ENOTSUP, "zeroing this range would write zeroes as data")
+        await self._write_zero_buffers(start, end - start)
 
     def _grain(self) -> int:
         assert self.map is not None

@@ -419,7 +419,9 @@ class FuseEngine:
                 return -errno.EINVAL
             end = min(offset + length, node_len)
             if end > offset:  # deallocates only where the node has discard=unmap
-                await self.node.write_zeroes(offset, end - offset, unmap=True)
+                # QEMU's export asks for no fallback: what could only be done by writing
+                # zeroes as data (part of a qcow2 cluster holding data) is EOPNOTSUPP.
+                await self.node.write_zeroes(offset, end - offset, unmap=True, no_fallback=True)
             return 0
         if mode & FALLOC_FL_ZERO_RANGE:
             end = offset + length
