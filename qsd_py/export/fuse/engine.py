@@ -426,8 +426,10 @@ class FuseEngine:
         if mode & FALLOC_FL_ZERO_RANGE:
             end = offset + length
             if not mode & FALLOC_FL_KEEP_SIZE and end > node_len:
-                await self._grow_to(end)  # the grown range already reads as zeroes
-            end = min(end, node_len)
+                await self._grow_to(end)
+            # Zeroes written over the whole range, the grown part too, as QEMU does (a qcow2
+            # node marks those clusters zero in its own layer).
+            end = min(end, self.node.length())
             if end > offset:
                 await self.node.write_zeroes(offset, end - offset)
             return 0
