@@ -10,7 +10,6 @@ from qsd_py.commands import qmp_command
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
-    from qsd_py.block.node import BlockNode
     from qsd_py.daemon import Daemon
 
 _resize_ids = itertools.count()
@@ -41,7 +40,9 @@ async def block_resize(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     size = args["size"]
     if size < 0:
         raise QMPError("Parameter 'size' expects a >0 size")
-    _refuse_backing_node(node)
+    blocker = node.backing_blocker()  # before the driver could say it is read-only
+    if blocker is not None:
+        raise QMPError(blocker)
     desc = f"an unnamed block device (uses node '{node.node_name}' as 'root' child)"
     key = f"qmp:block_resize:{next(_resize_ids)}"
     node.set_user(NodeUser(key, Perm.RESIZE, PERM_ALL, desc))
@@ -52,15 +53,3 @@ async def block_resize(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     finally:
         node.remove_user(key)
     return {}
-
-
-def _refuse_backing_node(node: BlockNode) -> None:
-    """A node some other node reads through as its backing file must keep its size (QEMU
-    blocks resizing it, before the driver could say anything, such as that it is
-    read-only)."""
-    for parent in node.parents():
-        if parent.child_node("backing") is node:
-            raise QMPError(
-                f"Node '{node.node_name}' is busy: node is used as backing hd of "
-                f"'{parent.node_name}'"
-            )

@@ -250,10 +250,24 @@ class BlockNode:
             todo.extend(node.parents())
         return list(reversed(order))
 
+    def backing_blocker(self) -> str | None:
+        """QEMU's op blocker text when another node reads through this one as its backing
+        file (it may then be neither resized nor deleted), or None."""
+        for parent in self.parents():
+            if parent.child_node("backing") is self:
+                return (
+                    f"Node '{self.node_name}' is busy: node is used as backing hd of "
+                    f"'{parent.node_name}'"
+                )
+        return None
+
     def in_use_error(self) -> str | None:
         """Why blockdev-del must refuse this node (QEMU's texts, in QEMU's order), or None."""
         if any(not u.is_parent for u in self.users.values()):
             return f"Node {self.node_name} is in use"
+        blocker = self.backing_blocker()
+        if blocker is not None:
+            return blocker
         if self.implicit:
             return f"Node {self.node_name} is not owned by the monitor"
         if self.users:

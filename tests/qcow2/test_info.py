@@ -171,3 +171,20 @@ async def test_data_file_in_info(graph: BlockGraph, tmp_path: Path) -> None:
     sizes = {n["node-name"]: n["image"]["actual-size"] for n in nodes}
     files = [name for name in sizes if name != "q"]
     assert q["image"]["actual-size"] == sum(sizes[f] for f in files)
+
+
+async def test_a_backing_node_is_busy(graph: BlockGraph, tmp_path: Path) -> None:
+    """blockdev-del of a node another reads through: QEMU's blocker text comes before the
+    monitor-ownership one."""
+    from qsd_py.errors import QMPError
+
+    top = chain(tmp_path)
+    await graph.add({"driver": "qcow2", "node-name": "top",
+                     "file": {"driver": "file", "filename": str(top)}})  # fmt: skip
+    mid = graph.lookup("top").child_node("backing")
+    assert mid is not None
+    with pytest.raises(QMPError) as exc:
+        await graph.delete(mid.node_name)
+    assert exc.value.desc == (
+        f"Node '{mid.node_name}' is busy: node is used as backing hd of 'top'"
+    )
