@@ -110,6 +110,11 @@ def proc_io(pid: int) -> dict[str, int]:
         return {k: int(v) for k, v in (line.split(": ") for line in f)}
 
 
+def _extra(opts: str) -> str:
+    """Options appended to a ``key=value,...`` argument."""
+    return f",{opts}" if opts else ""
+
+
 class ExportDaemon:
     """qsd-py serving one qcow2 image (``file`` node ``f0``, ``qcow2`` node ``q0``) at
     ``mnt`` over ``transport`` ("dev-fuse" or "io_uring"), with a QMP socket."""
@@ -130,13 +135,12 @@ class ExportDaemon:
         self.pidfile = workdir / "qsd.pid"
         self.log_path = workdir / "qsd.log"
         uring = "on" if transport == "io_uring" else "off"
-        extra = lambda opts: f",{opts}" if opts else ""  # noqa: E731
         self.argv = [
             sys.executable, "-m", "qsd_py",
-            "--blockdev", f"driver=file,node-name=f0,filename={image}{extra(file_opts)}",
-            "--blockdev", f"driver=qcow2,node-name=q0,file=f0{extra(qcow2_opts)}",
+            "--blockdev", f"driver=file,node-name=f0,filename={image}{_extra(file_opts)}",
+            "--blockdev", f"driver=qcow2,node-name=q0,file=f0{_extra(qcow2_opts)}",
             "--export", f"type=fuse,id=e0,node-name=q0,mountpoint={mnt},writable=on,"
-                        f"io_uring={uring}{extra(export_opts)}",
+                        f"io_uring={uring}{_extra(export_opts)}",
             "--chardev", f"socket,id=qmp0,path={self.qmp_path},server=on,wait=off",
             "--monitor", "chardev=qmp0",
             "--pidfile", str(self.pidfile),
