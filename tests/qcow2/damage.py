@@ -816,3 +816,99 @@ def rewrite_v2_stale_bitmaps(d: Path) -> Path:
     poke(img, start, name)
     put(img, "backing_file_offset", start)
     return img
+
+
+# --- snapshot table damages ---------------------------------------------------------------------
+
+
+def with_snapshots(d: Path) -> Path:
+    """The base image with two internal snapshots."""
+    img = base(d)
+    images.snapshot(img, "one")
+    images.write(img, 0, 4096, 0x22)
+    images.snapshot(img, "second")
+    return img
+
+
+def snapshot_entry_offsets(img: Path) -> list[int]:
+    """File offsets of the snapshot table entries."""
+    offset = get(img, "snapshots_offset")
+    found = []
+    for _ in range(get(img, "nb_snapshots")):
+        offset = (offset + 7) & ~7
+        found.append(offset)
+        with open(img, "rb") as f:
+            f.seek(offset + 12)
+            id_size, name_size = struct.unpack(">HH", f.read(4))
+            f.seek(offset + 36)
+            (extra,) = struct.unpack(">I", f.read(4))
+        offset += 40 + extra + id_size + name_size
+    return found
+
+
+@damage("snapshot")
+def snapshots_valid(d: Path) -> Path:
+    """Two snapshots, as qemu-img made them."""
+    return with_snapshots(d)
+
+
+@damage("snapshot")
+def snapshot_extra_too_large(d: Path) -> Path:
+    """The second snapshot's extra data size is 1025 (over QEMU's 1024)."""
+    img = with_snapshots(d)
+    poke(img, snapshot_entry_offsets(img)[1] + 36, struct.pack(">I", 1025))
+    return img
+
+
+@damage("snapshot")
+def snapshot_extra_unknown(d: Path) -> Path:
+    """A single snapshot whose entry carries 16 bytes of extra data QEMU does not know."""
+    img = base(d)
+    images.snapshot(img, "one")
+    entry = snapshot_entry_offsets(img)[0]
+    raw = img.read_bytes()[entry:]
+    id_size, name_size = struct.unpack_from(">HH", raw, 12)
+    tail = raw[64 : 64 + id_size + name_size]
+    poke(img, entry + 36, struct.pack(">I", 40))
+    poke(img, entry + 64, b"UNKNOWN EXTRA 16" + tail)
+    return img
+
+
+@damage("snapshot")
+def snapshot_table_past_eof(d: Path) -> Path:
+    """One snapshot, table beyond the end of the file (QEMU reads a zeroed entry)."""
+    img = base(d)
+    put(img, "nb_snapshots", 1)
+    put(img, "snapshots_offset", 1 << 30)
+    return img
+
+
+@damage("snapshot")
+def snapshot_count_beyond_table(d: Path) -> Path:
+    """nb_snapshots 3 for a table of two: the third entry is what follows the table."""
+    img = with_snapshots(d)
+    put(img, "nb_snapshots", 3)
+    return img
+
+
+@damage("snapshot")
+def snapshot_table_too_big(d: Path) -> Path:
+    """520 entries with 1024 bytes of extra data and 64 KiB ids and names: over 64 MiB."""
+    img = base(d)
+    entry = struct.pack(">QIHHIIQII", 0, 0, 65535, 65535, 0, 0, 0, 0, 1024)
+    stride = (40 + 1024 + 2 * 65535 + 7) & ~7
+    table = 1 << 20
+    for i in range(520):
+        poke(img, table + i * stride, entry)
+    put(img, "nb_snapshots", 520)
+    put(img, "snapshots_offset", table)
+    return img
+
+
+@damage("snapshot")
+def snapshot_l1_unaligned(d: Path) -> Path:
+    """A snapshot whose L1 table offset is unaligned (QEMU checks it only when used)."""
+    img = with_snapshots(d)
+    entry = snapshot_entry_offsets(img)[0]
+    poke_u64(img, entry, peek_u64(img, entry) + 8)
+    return img

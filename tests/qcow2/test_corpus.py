@@ -14,7 +14,8 @@ import damage
 import expectations
 import pytest
 
-from qsd_py.block.qcow2.header import Qcow2Error, parse_header, serialize_header
+from qsd_py.block.qcow2.header import Qcow2Error, Qcow2Header, parse_header, serialize_header
+from qsd_py.block.qcow2.snapshots import Qcow2Snapshot, SnapshotTableShort, parse_snapshot_table
 
 EXPECTED = expectations.load()["damages"]
 MODES = [("read-write", False), ("read-only", True)]
@@ -30,13 +31,30 @@ def first_cluster(img: Path) -> bytes:
 
 
 def open_outcome(did: str, img: Path, read_only: bool) -> str:
-    """"ok" or the error text of qsd-py's header checks."""
+    """"ok" or the error text of qsd-py's header checks, then its snapshot table's."""
     given = "data-file" in damage.DAMAGES[did].options
     try:
-        parse_header(first_cluster(img), read_only=read_only, data_file_given=given)
+        h = parse_header(first_cluster(img), read_only=read_only, data_file_given=given)
+        read_snapshot_table(img, h)
     except Qcow2Error as err:
         return str(err)
     return "ok"
+
+
+def read_snapshot_table(img: Path, h: Qcow2Header) -> list[Qcow2Snapshot]:
+    """The table read as a driver would: more bytes each time the parser asks, zeroes past
+    the end of the file."""
+    needed = 512
+    with open(img, "rb") as f:
+        while True:
+            f.seek(h.snapshots_offset)
+            data = f.read(needed)
+            data += bytes(needed - len(data))
+            try:
+                return parse_snapshot_table(data, h.nb_snapshots, h.size & ~511)
+            except SnapshotTableShort as short:
+                assert short.needed > needed
+                needed = max(short.needed, 2 * needed)
 
 
 def test_every_damage_has_an_expectation() -> None:
@@ -45,9 +63,9 @@ def test_every_damage_has_an_expectation() -> None:
         assert record["kind"] == damage.DAMAGES[did].kind
 
 
-@pytest.mark.parametrize("did", ids_of("header"))
+@pytest.mark.parametrize("did", ids_of("header", "snapshot"))
 @pytest.mark.parametrize(("mode", "read_only"), MODES)
-def test_header_checks_give_qemus_text(
+def test_open_checks_give_qemus_text(
     did: str, mode: str, read_only: bool, tmp_path: Path
 ) -> None:
     img = damage.DAMAGES[did].make(tmp_path)
