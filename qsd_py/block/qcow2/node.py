@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -35,15 +36,19 @@ from qsd_py.block.node import (
 )
 from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.block.qcow2 import header as hdr
+from qsd_py.block.qcow2 import overlap as ol
 from qsd_py.block.qcow2.cache import MetaCache
 from qsd_py.block.qcow2.entries import (
     L2E_OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
+    c_hex,
     compressed_range,
 )
+from qsd_py.block.qcow2.entry_checks import EntryChecks
 from qsd_py.block.qcow2.mapping import ClusterMap, MappingError
+from qsd_py.block.qcow2.metadata import Metadata, load_metadata
 from qsd_py.block.qcow2.options import Qcow2Options, parse_options
 from qsd_py.block.qcow2.refcount import Refcounts
 from qsd_py.errors import QMPError
@@ -101,6 +106,10 @@ class Qcow2Node(BlockNode):
         self.cluster_size = 1 << 16
         self.size = 0
         self.corrupt = False  # found corrupt while open: every request fails from now on
+        self._corruption_signaled = False  # QEMU reports one corruption (or one fatal)
+        self.metadata: Metadata | None = None  # snapshots, bitmap directory (metadata.py)
+        self.overlap: ol.OverlapCheck | None = None  # keeps writes off metadata (overlap.py)
+        self.checks: EntryChecks | None = None  # what a lookup refuses (entry_checks.py)
         self._change_lock = CrossLoopLock()
         self._meta_lock = CrossLoopLock()
         self._decompressed: tuple[int, bytes] | None = None  # (L2 entry, cluster) cache
@@ -150,6 +159,7 @@ class Qcow2Node(BlockNode):
                 "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
             )
         await self._open_data_file(h)
+        await self._load_metadata(h)
         await self._load_tables(h)
         await self._open_backing(h)
         if not self.read_only:
@@ -178,24 +188,59 @@ class Qcow2Node(BlockNode):
         ref_entries = (h.refcount_table_clusters << h.cluster_bits) // 8
         reftable = await self._read_table(h.refcount_table_offset, ref_entries)
         refcache = MetaCache(
-            "refcount", self._file_node, h.cluster_size, opts.refcount_cache_size // h.cluster_size
+            "refcount",
+            self._guarded(ol.ROLE_REFCOUNT_CACHE),
+            h.cluster_size,
+            opts.refcount_cache_size // h.cluster_size,
         )
         l2cache = MetaCache(
             "l2",
-            self._file_node,
+            self._guarded(ol.ROLE_L2_CACHE),
             opts.l2_cache_entry_size,
             opts.l2_cache_size // opts.l2_cache_entry_size,
         )
         self.refcounts = Refcounts(
-            self._file_node, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
-            reftable, refcache,
+            self._guarded(ol.ROLE_REFCOUNTS), h.cluster_bits, h.refcount_order,
+            h.refcount_table_offset, reftable, refcache,
         )  # fmt: skip
         self.refcounts.high_water = -(-file.length() // h.cluster_size)
         self.refcounts.on_free = self._discard_freed
         self.map = ClusterMap(
-            self._file_node, h.cluster_bits, h.extended_l2, h.l1_table_offset, l1, l2cache,
-            self.refcounts,
+            self._guarded(ol.ROLE_MAP), h.cluster_bits, h.extended_l2, h.l1_table_offset, l1,
+            l2cache, self.refcounts,
         )  # fmt: skip
+        self.map.on_corruption = self._signal_corruption
+
+    async def _load_metadata(self, h: hdr.Qcow2Header) -> None:
+        """Snapshots and bitmaps (an unreadable snapshot table refuses the open, as in
+        QEMU), the overlap checks, and the checks of L2 entries on lookups."""
+        try:
+            self.metadata = await load_metadata(self.file, h)
+        except hdr.Qcow2Error as err:
+            raise QMPError(str(err)) from err
+        checks = ol.parse_overlap_check(self.opts)
+        bitmaps = bool(h.autoclear_features & hdr.AUTOCLEAR_BITMAPS)
+        self.overlap = ol.OverlapCheck(
+            checks, h.cluster_bits, self._overlap_state, self.metadata, bitmaps
+        )
+        await self.overlap.load_inactive_l2(self.file)
+        self.checks = EntryChecks(
+            h.cluster_bits, h.extended_l2, h.version, h.has_data_file,
+            lambda guest_cluster: self.map.l2_table(guest_cluster) if self.map else 0,
+        )  # fmt: skip
+
+    def _overlap_state(self) -> tuple[int, list[int], int, list[int]]:
+        assert self.map is not None and self.refcounts is not None
+        return self.map.l1_offset, self.map.l1, self.refcounts.table_offset, self.refcounts.table
+
+    def _guarded(self, role: str) -> Any:
+        """The ``file`` child for the metadata code in ``role``: writes overlap-checked."""
+        guarded = ol.GuardedFile(self._file_node, lambda: self.overlap, role, self._overlapping)
+        return lambda: guarded
+
+    async def _overlapping(self, msg: str, offset: int, size: int) -> OSError:
+        await self._signal_corruption(msg, offset, size)
+        return CorruptImage(errno.EIO, msg)
 
     async def _read_table(self, offset: int, entries: int) -> list[int]:
         if not entries:
@@ -323,35 +368,54 @@ class Qcow2Node(BlockNode):
         lazy = self.options.lazy_refcounts
         return self.header.lazy_refcounts if lazy is None else lazy
 
-    async def _signal_corruption(self, msg: str, offset: int = -1, size: int = -1) -> None:
-        """QEMU's reaction to metadata found wrong at run time: report, set the corrupt bit,
-        emit BLOCK_IMAGE_CORRUPTED, and fail every request from now on."""
-        if not self.corrupt:
-            log.error(
-                "qcow2: Marking image as corrupt: %s; further corruption events will be "
-                "suppressed",
-                msg,
-            )
-            self.corrupt = True
-            data: dict[str, Any] = {"device": "", "node-name": self.node_name, "msg": msg}
-            if offset >= 0:
-                data["offset"] = offset
-            if size >= 0:
-                data["size"] = size
-            data["fatal"] = True
-            self.graph.emit_event("BLOCK_IMAGE_CORRUPTED", data)
-            if not self.read_only and self.header is not None:
-                try:
-                    await self._set_incompatible(
-                        self.header.incompatible_features | hdr.INCOMPAT_CORRUPT
-                    )
-                    await self.file.flush()
-                except OSError:
-                    log.exception("qcow2: could not set the corrupt bit")
+    async def _signal_corruption(
+        self, msg: str, offset: int = -1, size: int = -1, fatal: bool = True
+    ) -> None:
+        """QEMU's reaction to metadata found wrong at run time: report, emit
+        BLOCK_IMAGE_CORRUPTED and, when fatal on a writable node, set the corrupt bit and
+        fail every request from now on. A read-only node only reports (fatal: false) and
+        goes on. After the first report only a fatal one on a node not yet marked is told."""
+        fatal = fatal and not self.read_only
+        if self._corruption_signaled and (not fatal or self.corrupt):
+            return
+        self._corruption_signaled = True
+        if fatal:
+            line = f"Marking image as corrupt: {msg}; further corruption events"
+        else:
+            line = f"Image is corrupt: {msg}; further non-fatal corruption events"
+        print(f"qcow2: {line} will be suppressed", file=sys.stderr, flush=True)  # as QEMU
+        data: dict[str, Any] = {"device": "", "node-name": self.node_name, "msg": msg}
+        if offset >= 0:
+            data["offset"] = offset
+            data["size"] = size
+        data["fatal"] = fatal
+        self.graph.emit_event("BLOCK_IMAGE_CORRUPTED", data)
+        if not fatal:
+            return
+        self.corrupt = True
+        if self.header is not None and self.header.version >= 3:
+            try:
+                await self._set_incompatible(
+                    self.header.incompatible_features | hdr.INCOMPAT_CORRUPT
+                )
+                await self.file.flush()
+            except OSError:
+                log.exception("qcow2: could not set the corrupt bit")
+
+    async def _corruption(self, msg: str) -> MappingError:
+        """Report ``msg`` (fatal) and return the error the request fails with."""
+        await self._signal_corruption(msg)
+        return MappingError(msg)
 
     def _check_usable(self) -> None:
+        """QEMU takes the driver away from an image marked corrupt: ENOMEDIUM from then on."""
         if self.corrupt:
-            raise OSError(errno.EIO, "Image is corrupt")
+            raise OSError(errno.ENOMEDIUM, os.strerror(errno.ENOMEDIUM))
+
+    def info(self) -> dict[str, Any]:
+        if self.corrupt:
+            raise QMPError(f"Block device {self.node_name} is ejected")
+        return super().info()
 
     # --- size -----------------------------------------------------------------------------
     def length(self) -> int:
@@ -391,19 +455,18 @@ class Qcow2Node(BlockNode):
         self, guest_cluster: int, l2e: int, bitmap: int, in_cluster: int, n: int
     ) -> list[tuple[int, int, int]]:
         """``(kind, host, bytes)`` pieces of one cluster's ``[in_cluster, +n)``."""
+        checks = self.checks
+        problem = checks.on_read(guest_cluster, l2e, bitmap, in_cluster) if checks else None
+        if problem is not None:
+            raise MappingError(problem)
         if l2e & OFLAG_COMPRESSED:
             return [(COMPRESSED, l2e, n)]
         offset = l2e & L2E_OFFSET_MASK
-        if offset & (self.cluster_size - 1):
-            raise MappingError(
-                f"Cluster allocation offset {offset:#x} unaligned (guest offset "
-                f"{guest_cluster << self.cluster_bits:#x})"
-            )
         if self.map is not None and not self.map.extended:
             if l2e & OFLAG_ZERO:
                 return [(ZERO, 0, n)]
-            if offset:
-                return [(DATA, offset + in_cluster, n)]
+            if offset or (l2e & OFLAG_COPIED and "data-file" in self.children):
+                return [(DATA, offset + in_cluster, n)]  # a data file's offset 0 is real
             return [(UNALLOC, 0, n)]
         return self._classify_subclusters(l2e, bitmap, offset, in_cluster, n)
 
@@ -440,7 +503,7 @@ class Qcow2Node(BlockNode):
                 runs = await self._runs(offset, length)
             except MappingError as err:
                 await self._signal_corruption(str(err))
-                raise OSError(errno.EIO, str(err)) from err
+                raise
             self._hold(runs)
         return runs
 
@@ -545,6 +608,7 @@ class Qcow2Node(BlockNode):
             in_cluster = pos & (self.cluster_size - 1)
             n = min(end - pos, self.cluster_size - in_cluster)
             l2e, bitmap = await self.map.entry(guest_cluster)
+            await self._check_write_entry(pos, l2e, bitmap)
             host = self._in_place_host(l2e, bitmap, in_cluster, n)
             if host:
                 _append_run(runs, DATA, pos, n, host)
@@ -571,29 +635,24 @@ class Qcow2Node(BlockNode):
             return 0
         return offset + in_cluster
 
+    async def _check_write_entry(self, guest_offset: int, l2e: int, bitmap: int) -> None:
+        """QEMU's checks of the entry a write meets (entry_checks.py)."""
+        problem = self.checks.on_write(guest_offset, l2e, bitmap) if self.checks else None
+        if problem is not None:
+            raise await self._corruption(problem)
+
     async def _write_in_place(self, host: int, part: memoryview) -> None:
-        self._check_overlap(host, len(part))
+        await self._check_overlap(host, len(part))
         await self.data_node.write(host, part)
 
-    def _check_overlap(self, host: int, n: int) -> None:
-        """Data must never land on the image's own metadata (QEMU's overlap check)."""
-        if "data-file" in self.children:
+    async def _check_overlap(self, host: int, n: int) -> None:
+        """Data must never land on the image's own metadata (QEMU's overlap check, as the
+        ``overlap-check`` option says); a data file holds no metadata."""
+        if "data-file" in self.children or self.overlap is None:
             return
-        assert self.header is not None and self.refcounts is not None and self.map is not None
-        h = self.header
-        end = host + n
-        regions = [
-            (0, self.cluster_size, "header"),
-            (self.map.l1_offset, len(self.map.l1) * 8, "active L1 table"),
-            (self.refcounts.table_offset, len(self.refcounts.table) * 8, "refcount table"),
-        ]
-        if h.nb_snapshots:
-            regions.append((h.snapshots_offset, 1, "snapshot table"))
-        for start, size, what in regions:
-            if host < start + size and start < end:
-                raise CorruptImage(
-                    errno.EIO, f"Preventing invalid write on metadata (overlaps with {what})"
-                )
+        kind = self.overlap.find(host, n)
+        if kind:
+            raise await self._overlapping(ol.overlap_text(kind), host, n)
 
     async def _allocating_write(self, offset: int, part: memoryview) -> None:
         """Write into one cluster that needs metadata changes: serialised, looked up again
@@ -605,6 +664,7 @@ class Qcow2Node(BlockNode):
                 guest_cluster = offset >> self.cluster_bits
                 in_cluster = offset & (self.cluster_size - 1)
                 l2e, bitmap = await self.map.entry(guest_cluster)
+                await self._check_write_entry(offset, l2e, bitmap)
                 host = self._in_place_host(l2e, bitmap, in_cluster, len(part))
             if host:
                 await self._write_in_place(host, part)
@@ -662,10 +722,10 @@ class Qcow2Node(BlockNode):
                 if tail < len(span):
                     await self._read_old(guest_base + lo + tail, l2e, bitmap, view[tail:])
                 view[head:tail] = part
-                self._check_overlap(new_host + lo, len(span))
+                await self._check_overlap(new_host + lo, len(span))
                 await self.data_node.write(new_host + lo, view)
             else:
-                self._check_overlap(new_host + in_cluster, len(part))
+                await self._check_overlap(new_host + in_cluster, len(part))
                 await self.data_node.write(new_host + in_cluster, part)
             async with self._meta_lock:
                 await self._link(guest_cluster, l2e, bitmap, new_host, lo, hi, own)
@@ -692,7 +752,11 @@ class Qcow2Node(BlockNode):
         in_cluster = offset & (self.cluster_size - 1)
         guest_cluster = offset >> self.cluster_bits
         pos = 0
-        for kind, host, n in self._classify(guest_cluster, l2e, bitmap, in_cluster, len(out)):
+        try:
+            pieces = self._classify(guest_cluster, l2e, bitmap, in_cluster, len(out))
+        except MappingError as err:
+            raise await self._corruption(str(err)) from err
+        for kind, host, n in pieces:
             await self._read_run(Run(kind, offset + pos, n, host), out[pos : pos + n])
             pos += n
 
@@ -734,6 +798,10 @@ class Qcow2Node(BlockNode):
             start, n = l2e & L2E_OFFSET_MASK, self.cluster_size
             if not start or "data-file" in self.children:
                 return  # nothing allocated, or data clusters are not refcounted
+            if start & (self.cluster_size - 1):
+                text = f"Cannot free unaligned cluster {c_hex(start)}"
+                await self._signal_corruption(text, fatal=False)
+                return
         if not self._lazy():
             await self.refcounts.cache.depend_on(self.map.cache)
         await self.refcounts.free(start, n, discard_type)
@@ -753,7 +821,8 @@ class Qcow2Node(BlockNode):
 
     # --- flush ----------------------------------------------------------------------------
     async def do_flush(self) -> None:
-        if self.map is not None and not self.read_only and not self.corrupt:
+        self._check_usable()
+        if self.map is not None and not self.read_only:
             assert self.refcounts is not None
             async with self._meta_lock:
                 await self.map.cache.write_back()
@@ -924,7 +993,8 @@ class Qcow2Node(BlockNode):
             try:
                 runs = await self._runs(offset, min(length, 64 * self.cluster_size))
             except MappingError as err:
-                raise OSError(errno.EIO, str(err)) from err
+                await self._signal_corruption(str(err))
+                raise
         first = runs[0]
         if first.kind == DATA:
             flags = STATUS_DATA | STATUS_OFFSET_VALID

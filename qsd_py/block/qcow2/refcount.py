@@ -15,7 +15,10 @@ switch leaves only leaked clusters.
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -34,8 +37,12 @@ _REFTABLE_HEADER = struct.Struct(">QI")  # refcount_table_offset, refcount_table
 REFTABLE_HEADER_AT = 48
 
 
-class RefcountError(Exception):
-    """A refcount that cannot be right (the driver marks the image corrupt)."""
+class RefcountError(OSError):
+    """A refcount that would go below 0 or past its width: QEMU's EINVAL (the request
+    fails; freeing reports it and leaks the clusters, see :meth:`Refcounts.free`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EINVAL, message)
 
 
 class Refcounts:
@@ -225,11 +232,28 @@ class Refcounts:
     async def free(self, offset: int, nbytes: int, discard_type: int = 0) -> None:
         """Drop one reference of every cluster in ``[offset, offset + nbytes)``; clusters
         that become free are reported to ``on_free`` with ``discard_type`` (whether to pass
-        the discard on to the file is the format's policy)."""
+        the discard on to the file is the format's policy). A count already 0 is QEMU's
+        "qcow2_free_clusters failed": the counts dropped so far are restored and the
+        clusters stay leaked."""
         first = offset >> self.cluster_bits
         last = (offset + nbytes - 1) >> self.cluster_bits
+        freed = []
         for index in range(first, last + 1):
-            if await self.update(index, -1) == 0 and self.on_free is not None:
+            try:
+                value = await self.update(index, -1)
+            except RefcountError:
+                for done in range(first, index):
+                    await self.update(done, 1)
+                print(
+                    f"qcow2_free_clusters failed: {os.strerror(errno.EINVAL)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return
+            if value == 0:
+                freed.append(index)
+        if self.on_free is not None:
+            for index in freed:
                 await self.on_free(index << self.cluster_bits, self.cluster_size, discard_type)
 
     # --- in-flight data -----------------------------------------------------------------
