@@ -107,6 +107,7 @@ class Qcow2Node(BlockNode):
         self.size = 0
         self.corrupt = False  # found corrupt while open: every request fails from now on
         self._corruption_signaled = False  # QEMU reports one corruption (or one fatal)
+        self._opened = False  # a node whose open failed writes nothing back on close
         self.metadata: Metadata | None = None  # snapshots, bitmap directory (metadata.py)
         self.overlap: ol.OverlapCheck | None = None  # keeps writes off metadata (overlap.py)
         self.checks: EntryChecks | None = None  # what a lookup refuses (entry_checks.py)
@@ -164,6 +165,7 @@ class Qcow2Node(BlockNode):
         await self._open_backing(h)
         if not self.read_only:
             await self._open_for_writing(h)
+        self._opened = True
 
     async def _open_data_file(self, h: hdr.Qcow2Header) -> None:
         ref = self.opts.get("data-file")
@@ -242,6 +244,11 @@ class Qcow2Node(BlockNode):
         await self._signal_corruption(msg, offset, size)
         return CorruptImage(errno.EIO, msg)
 
+    async def reload_tables(self) -> None:
+        """Read the tables again after the repair rewrote them behind the caches' backs."""
+        assert self.header is not None
+        await self._load_tables(self.header)
+
     async def _read_table(self, offset: int, entries: int) -> list[int]:
         if not entries:
             return []
@@ -291,11 +298,10 @@ class Qcow2Node(BlockNode):
         if h.needs_rewrite:
             await self._write_header()
         if h.dirty:
-            log.warning("qcow2 image '%s' is dirty: rebuilding its refcounts", self.filename())
             from qsd_py.block.qcow2.repair import rebuild_refcounts
 
-            await rebuild_refcounts(self)
-            await self._set_incompatible(h.incompatible_features & ~hdr.INCOMPAT_DIRTY)
+            if await rebuild_refcounts(self):
+                await self._set_incompatible(h.incompatible_features & ~hdr.INCOMPAT_DIRTY)
 
     def close(self) -> None:
         """Metadata is written back by :meth:`aclose` (the graph's shutdown awaits it);
@@ -303,11 +309,11 @@ class Qcow2Node(BlockNode):
 
     async def prepare_close(self) -> None:
         """Write back the caches and clear the dirty bit of lazy refcounts."""
-        if self.read_only or self.map is None or self.corrupt:
+        if self.read_only or self.map is None or self.corrupt or not self._opened:
             return
         await self.do_flush()
-        if self._dirty_marked:
-            assert self.header is not None
+        assert self.header is not None
+        if self._dirty_marked or self.header.dirty:  # QEMU marks the image clean on close
             await self._set_incompatible(self.header.incompatible_features & ~hdr.INCOMPAT_DIRTY)
             await self.file.flush()
             self._dirty_marked = False
