@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,9 +38,12 @@ if TYPE_CHECKING:
 FIX_LEAKS = 1
 FIX_ERRORS = 2
 
-# The largest in-memory tally the scan builds (clusters): past it, growing the file for a
-# refcount block far away is refused as QEMU's allocation of such an array would fail.
-MAX_TALLY = 1 << 27
+_TYPECODES = {3: "B", 4: "H", 5: "I", 6: "Q"}  # cells of 8, 16, 32, 64 bits
+
+# How far the file may be grown to reach a refcount block lying past its end: QEMU grows it
+# to any length; here a block further than this (past twice the file, or 1 GiB beyond it)
+# counts as a resize failure, so a wild offset cannot make a huge sparse file and tally.
+GROW_LIMIT = 1 << 30
 
 
 class ScanError(OSError):
@@ -64,10 +68,12 @@ class CheckResult:
 
 class Tally:
     """Reference counts from the metadata, one per host cluster (QEMU's in-memory refcount
-    table); clusters past its length count 0."""
+    table, as compact: an array of the refcount width rounded up to a byte); clusters past
+    its length count 0."""
 
-    def __init__(self, clusters: int) -> None:
-        self.counts = [0] * clusters
+    def __init__(self, clusters: int, refcount_order: int) -> None:
+        self.counts = array(_TYPECODES[max(3, refcount_order)])
+        self.grow(clusters)
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -80,10 +86,13 @@ class Tally:
         self.counts[index] = value
 
     def grow(self, clusters: int) -> None:
-        if clusters > MAX_TALLY:
-            raise ScanError(12)  # ENOMEM, as QEMU's realloc would fail
-        if clusters > len(self.counts):
-            self.counts.extend([0] * (clusters - len(self.counts)))
+        more = clusters - len(self.counts)
+        if more <= 0:
+            return
+        try:
+            self.counts.frombytes(bytes(more * self.counts.itemsize))
+        except (MemoryError, OverflowError) as err:
+            raise ScanError(12) from err  # ENOMEM, as QEMU's realloc would fail
 
 
 @dataclass
@@ -127,7 +136,7 @@ class ReferenceScan:
         self.extended = self.h.extended_l2
         self.data_file = self.h.has_data_file
         self.max_refcount = e.refcount_max(self.h.refcount_order)
-        self.tally = Tally(-(-file_length // self.cs))
+        self.tally = Tally(-(-file_length // self.cs), self.h.refcount_order)
         self.rebuild = False
 
     # --- counting -----------------------------------------------------------------------
@@ -394,7 +403,7 @@ class ReferenceScan:
             return
         new_length = offset + self.cs
         try:
-            if new_length >> self.cb > MAX_TALLY:
+            if new_length > max(2 * self.file_length, self.file_length + GROW_LIMIT):
                 raise OSError(27, os.strerror(27))  # EFBIG
             await self.file.truncate(new_length)
         except OSError as err:
