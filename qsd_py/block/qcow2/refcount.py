@@ -35,6 +35,10 @@ if TYPE_CHECKING:
 _U64 = struct.Struct(">Q")
 _REFTABLE_HEADER = struct.Struct(">QI")  # refcount_table_offset, refcount_table_clusters
 REFTABLE_HEADER_AT = 48
+MAX_REFTABLE_ENTRIES = (8 << 20) // 8  # QEMU's QCOW_MAX_REFTABLE_SIZE
+# Metadata freed (old tables) is QEMU's QCOW2_DISCARD_OTHER (the node's DISCARD_OTHER): passed
+# to the file only with pass-discard-other.
+DISCARD_OTHER = 2
 
 
 class RefcountError(OSError):
@@ -111,6 +115,8 @@ class Refcounts:
         """The refcount block covering ``index``, allocated (and the table grown) if needed."""
         slot = index >> self.block_bits
         if slot >= len(self.table):
+            if slot >= MAX_REFTABLE_ENTRIES:
+                raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))  # as QEMU refuses
             await self._grow_table(slot)
         block_off = self.table[slot] & REFT_OFFSET_MASK
         if not block_off:
@@ -159,7 +165,7 @@ class Refcounts:
                 for s in range(start >> self.block_bits, ((area_end - 1) >> self.block_bits) + 1)
                 if s >= len(self.table) or not self.table[s] & REFT_OFFSET_MASK
             ]
-            if len(wanted) == len(new_slots) and wanted[-1] < entries:
+            if len(wanted) == len(new_slots) and (not wanted or wanted[-1] < entries):
                 break
             new_slots = wanted
             entries = max(entries, wanted[-1] + 1)
@@ -229,7 +235,7 @@ class Refcounts:
             self.free_hint = start + 1
         return start << self.cluster_bits
 
-    async def free(self, offset: int, nbytes: int, discard_type: int = 0) -> None:
+    async def free(self, offset: int, nbytes: int, discard_type: int = DISCARD_OTHER) -> None:
         """Drop one reference of every cluster in ``[offset, offset + nbytes)``; clusters
         that become free are reported to ``on_free`` with ``discard_type`` (whether to pass
         the discard on to the file is the format's policy). A count already 0 is QEMU's
@@ -241,20 +247,24 @@ class Refcounts:
         for index in range(first, last + 1):
             try:
                 value = await self.update(index, -1)
-            except RefcountError:
-                for done in range(first, index):
-                    await self.update(done, 1)
-                print(
-                    f"qcow2_free_clusters failed: {os.strerror(errno.EINVAL)}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            except OSError as err:
+                await self._undo_free(first, index)
+                reason = os.strerror(err.errno or errno.EIO)
+                print(f"qcow2_free_clusters failed: {reason}", file=sys.stderr, flush=True)
                 return
             if value == 0:
                 freed.append(index)
         if self.on_free is not None:
             for index in freed:
                 await self.on_free(index << self.cluster_bits, self.cluster_size, discard_type)
+
+    async def _undo_free(self, first: int, end: int) -> None:
+        """Give back the references a failed free dropped already (best effort, as QEMU)."""
+        try:
+            for index in range(first, end):
+                await self.update(index, 1)
+        except OSError:
+            pass
 
     # --- in-flight data -----------------------------------------------------------------
     def hold(self, index: int) -> None:

@@ -197,7 +197,11 @@ class ReferenceScan:
         return self.tally
 
     async def _read(self, offset: int, size: int, what: str) -> bytes:
+        """File bytes; past its end zeroes (what a read gives, without asking for it:
+        a damaged table may name a great many places far out)."""
         buf = bytearray(size)
+        if offset >= self.file_length:
+            return bytes(buf)
         try:
             await self.file.read(offset, memoryview(buf))
         except OSError as err:
@@ -230,10 +234,13 @@ class ReferenceScan:
 
     async def l2(self, l2_offset: int, active: bool) -> None:
         table = await self._read(l2_offset, self.cs, "check_refcounts_l2")
-        step = 16 if self.extended else 8
-        for index in range(self.cs // step):
-            entry = e.read_l2_entry(table, index, self.extended)
-            bitmap = e.read_l2_bitmap(table, index) if self.extended else 0
+        if table.count(0) == len(table):
+            return  # nothing allocated (nor wrong) in an all-zero table
+        pairs = struct.iter_unpack(">QQ" if self.extended else ">Q", table)
+        for index, (entry, *rest) in enumerate(pairs):
+            bitmap = rest[0] if rest else 0
+            if not (entry or bitmap):
+                continue
             if not await self.l2_entry(l2_offset, index, entry, bitmap, active):
                 return
 

@@ -395,11 +395,14 @@ class Checker:
         h = self.h
         table = bytearray(self.cs)
         try:
-            await self.node.file.read(l2_offset, memoryview(table))
+            if l2_offset < self.file_length:  # past the end: zeroes, not asked for
+                await self.node.file.read(l2_offset, memoryview(table))
         except OSError as err:
             report(f"ERROR: Could not read L2 table: {_strerror(err)}")
             res.check_errors += 1
             raise
+        if table.count(0) == len(table):
+            return  # no allocated entry to look at
         dirty = 0
         for index in range(self.cs // (16 if h.extended_l2 else 8)):
             entry = e.read_l2_entry(table, index, h.extended_l2)
