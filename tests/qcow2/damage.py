@@ -912,3 +912,293 @@ def snapshot_l1_unaligned(d: Path) -> Path:
     entry = snapshot_entry_offsets(img)[0]
     poke_u64(img, entry, peek_u64(img, entry) + 8)
     return img
+
+
+# --- run-time damages: the image opens; reading or writing a cluster meets the damage ---------
+
+READ = "read 0 64k"
+WRITE = "write -P 0x55 0 64k"
+ALLOCATE = "write -P 0x55 1M 64k"  # a cluster not allocated yet
+
+
+def data_cluster(img: Path) -> int:
+    """Host offset of the base image's first data cluster."""
+    return peek_u64(img, l2_entry_offset(img)) & OFFSET_MASK
+
+
+@damage("runtime", READ, WRITE)
+def l1_entry_unaligned(d: Path) -> Path:
+    """L1[0] points 512 bytes into its L2 table's cluster."""
+    img = base(d)
+    poke_u64(img, get(img, "l1_table_offset"), l1_entry(img) + 512)
+    return img
+
+
+@damage("runtime", READ, WRITE)
+def l1_entry_past_eof(d: Path) -> Path:
+    """L1[0] points beyond the end of the file (the L2 table reads as zeroes)."""
+    img = base(d)
+    poke_u64(img, get(img, "l1_table_offset"), COPIED | 1 << 40)
+    return img
+
+
+@damage("runtime", READ, WRITE)
+def l2_table_at_l1(d: Path) -> Path:
+    """L1[0] points at the L1 table itself: L1 and L2 tables overlap."""
+    img = base(d)
+    l1 = get(img, "l1_table_offset")
+    poke_u64(img, l1, COPIED | l1)
+    return img
+
+
+@damage("runtime", READ, WRITE)
+def l2_entry_unaligned(d: Path) -> Path:
+    """L2[0] points 512 bytes into a cluster."""
+    img = base(d)
+    poke_u64(img, l2_entry_offset(img), COPIED | (data_cluster(img) + 512))
+    return img
+
+
+@damage("runtime", READ, WRITE)
+def l2_entry_past_eof(d: Path) -> Path:
+    """L2[0] points beyond the end of the file."""
+    img = base(d)
+    poke_u64(img, l2_entry_offset(img), COPIED | 1 << 40)
+    return img
+
+
+@damage("runtime", READ, WRITE)
+def l2_entry_at_refcount_table(d: Path) -> Path:
+    """L2[0] points at the refcount table: guest data over metadata."""
+    img = base(d)
+    poke_u64(img, l2_entry_offset(img), COPIED | get(img, "refcount_table_offset"))
+    return img
+
+
+@damage("runtime", READ, WRITE)
+def l2_entry_at_header(d: Path) -> Path:
+    """L2[0] is offset 0 with the copied flag: without a data file that reads as unallocated."""
+    img = base(d)
+    poke_u64(img, l2_entry_offset(img), COPIED)
+    return img
+
+
+@damage("runtime", READ, WRITE)
+def l2_entry_at_own_table(d: Path) -> Path:
+    """L2[0] points at its own L2 table."""
+    img = base(d)
+    poke_u64(img, l2_entry_offset(img), COPIED | (l1_entry(img) & OFFSET_MASK))
+    return img
+
+
+@damage("runtime", READ, WRITE)
+def l2_entry_reserved_bits(d: Path) -> Path:
+    """L2[0] with reserved bits 56 and 1 set (QEMU looks at them only in qemu-img check)."""
+    img = base(d)
+    poke_u64(img, l2_entry_offset(img), COPIED | 1 << 56 | 2 | data_cluster(img))
+    return img
+
+
+@damage("runtime", READ, WRITE)
+def zero_cluster_unaligned(d: Path) -> Path:
+    """L2[0] a preallocated zero cluster 512 bytes into a cluster."""
+    img = base(d)
+    poke_u64(img, l2_entry_offset(img), COPIED | 1 | (data_cluster(img) + 512))
+    return img
+
+
+@damage("runtime", READ, WRITE)
+def zero_cluster_in_v2(d: Path) -> Path:
+    """A v2 image with the zero flag in L2[0] (v2 has no zero clusters)."""
+    img = base(d, compat="0.10")
+    poke_u64(img, l2_entry_offset(img), COPIED | 1 | data_cluster(img))
+    return img
+
+
+def extended(d: Path) -> Path:
+    img = images.create(d / "img.qcow2", "4M", extended_l2=True)
+    images.write(img, 0, 65536, 0x11)
+    return img
+
+
+@damage("runtime", READ, WRITE)
+def extended_l2_alloc_and_zero(d: Path) -> Path:
+    """An extended L2 bitmap marking subcluster 3 both allocated and zero."""
+    img = extended(d)
+    poke_u64(img, l2_entry_offset(img) + 8, 0xFFFF_FFFF | 1 << 35)
+    return img
+
+
+@damage("runtime", READ, WRITE)
+def extended_l2_alloc_without_cluster(d: Path) -> Path:
+    """An extended L2 entry without a cluster whose bitmap marks subclusters allocated."""
+    img = extended(d)
+    poke_u64(img, l2_entry_offset(img), 0)
+    return img
+
+
+def compressed_entry_offset(img: Path, index: int = 0) -> int:
+    return l2_entry_offset(img, index)
+
+
+@damage("runtime", READ, WRITE)
+def compressed_garbage(d: Path) -> Path:
+    """The first compressed cluster's bytes overwritten with non-deflate bytes."""
+    img = compressed(d)
+    entry = peek_u64(img, compressed_entry_offset(img))
+    poke(img, entry & ((1 << 54) - 1), bytes(range(7, 256)) * 8)
+    return img
+
+
+@damage("runtime", READ)
+def compressed_past_eof(d: Path) -> Path:
+    """A compressed descriptor pointing beyond the end of the file."""
+    img = compressed(d)
+    poke_u64(img, compressed_entry_offset(img), COMPRESSED | 3 << 54 | 1 << 40)
+    return img
+
+
+@damage("runtime", READ)
+def compressed_truncated(d: Path) -> Path:
+    """A compressed descriptor counting 2 sectors fewer than the stream needs."""
+    img = compressed(d)
+    entry = peek_u64(img, compressed_entry_offset(img))
+    sectors = (entry >> 54) & 0xFF
+    poke_u64(img, compressed_entry_offset(img), entry & ~(0xFF << 54) | (sectors - 2) << 54)
+    return img
+
+
+@damage("runtime", READ)
+def compressed_zstd_garbage(d: Path) -> Path:
+    """A zstd image whose first compressed cluster starts with a bad frame magic."""
+    raw = images.raw_file(d / "src.raw", images.compressible_data(131072), 1 << 20)
+    img = images.convert_compressed(raw, d / "img.qcow2", compression_type="zstd")
+    entry = peek_u64(img, compressed_entry_offset(img))
+    poke(img, entry & ((1 << 54) - 1), b"\x00\x11\x22\x33")
+    return img
+
+
+def with_data_file(d: Path) -> Path:
+    img = images.create(d / "img.qcow2", "4M", data_file=str(d / "img.raw"))
+    images.write(img, 0, 65536, 0x11)
+    images.write(img, 65536, 65536, 0x22)
+    return img
+
+
+@damage("runtime", READ)
+def compressed_in_data_file_image(d: Path) -> Path:
+    """A compressed descriptor in an image with an external data file."""
+    img = with_data_file(d)
+    poke_u64(img, l2_entry_offset(img), COMPRESSED | 0x50000)
+    return img
+
+
+@damage("runtime", READ, WRITE)
+def data_file_offset_mismatch(d: Path) -> Path:
+    """L2[0] of an external data file image pointing at the data of guest cluster 1."""
+    img = with_data_file(d)
+    poke_u64(img, l2_entry_offset(img), COPIED | 0x10000)
+    return img
+
+
+def first_refblock(img: Path) -> int:
+    return peek_u64(img, get(img, "refcount_table_offset")) & OFFSET_MASK
+
+
+@damage("runtime", READ, ALLOCATE)
+def reftable_entry_unaligned(d: Path) -> Path:
+    """The refcount table's first entry points 512 bytes into its refcount block."""
+    img = base(d)
+    poke_u64(img, get(img, "refcount_table_offset"), first_refblock(img) + 512)
+    return img
+
+
+@damage("runtime", READ, ALLOCATE)
+def refblock_past_eof(d: Path) -> Path:
+    """The first refcount block beyond the end of the file (all refcounts read as 0)."""
+    img = base(d)
+    poke_u64(img, get(img, "refcount_table_offset"), 1 << 40)
+    return img
+
+
+@damage("runtime", READ, ALLOCATE)
+def refcount_of_data_cluster_zero(d: Path) -> Path:
+    """The refcount of the first data cluster dropped to 0 (its L2 entry keeps the copied flag)."""
+    img = base(d)
+    poke(img, first_refblock(img) + 2 * (data_cluster(img) >> 16), b"\0\0")
+    return img
+
+
+@damage("runtime", READ, WRITE, ALLOCATE)
+def refcount_table_at_header_io(d: Path) -> Path:
+    """Refcount table at offset 0 (the header read as refcount table), then I/O."""
+    return refcount_table_at_header(d)
+
+
+@damage("runtime", READ, WRITE, ALLOCATE)
+def l1_at_zero_io(d: Path) -> Path:
+    """L1 table at offset 0 (the header read as L1 table), then I/O."""
+    return l1_at_zero(d)
+
+
+# --- open damages decided outside the header: backing chains, data files ---------------------
+
+
+@damage("open")
+def backing_missing(d: Path) -> Path:
+    """The backing file does not exist (any more)."""
+    base(d, "gone.qcow2")
+    img = images.create(d / "img.qcow2", backing="gone.qcow2", backing_fmt="qcow2")
+    (d / "gone.qcow2").unlink()
+    return img
+
+
+def set_backing(img: Path, name: bytes) -> None:
+    """Point the image at another backing file name (stored at offset 0x1000 of the header)."""
+    poke(img, 0x1000, name)
+    put(img, "backing_file_offset", 0x1000)
+    put(img, "backing_file_size", len(name))
+
+
+@damage("open")
+def backing_loop(d: Path) -> Path:
+    """img.qcow2 backed by other.qcow2, backed by img.qcow2."""
+    base(d, "other.qcow2")
+    img = images.create(d / "img.qcow2", backing="other.qcow2", backing_fmt="qcow2")
+    set_backing(d / "other.qcow2", b"img.qcow2")
+    return img
+
+
+@damage("open")
+def backing_self(d: Path) -> Path:
+    """An image backed by itself."""
+    img = base(d)
+    set_backing(img, b"img.qcow2")
+    return img
+
+
+@damage("open")
+def backing_format_unknown(d: Path) -> Path:
+    """A backing format extension naming no driver."""
+    base(d, "base.qcow2")
+    img = images.create(d / "img.qcow2", backing="base.qcow2", backing_fmt="qcow2")
+    exts = [(t, b"nosuchfmt" if t == EXT_BACKING_FORMAT else data) for t, data in extensions(img)]
+    name = b"base.qcow2"
+    set_extensions(img, exts)
+    set_backing(img, name)
+    return img
+
+
+@damage("open")
+def backing_format_mismatch(d: Path) -> Path:
+    """A qcow2 backing file whose format is given as raw (QEMU opens it raw, as told)."""
+    base(d, "base.qcow2")
+    return images.create(d / "img.qcow2", backing="base.qcow2", backing_fmt="raw")
+
+
+@damage("open")
+def data_file_missing(d: Path) -> Path:
+    """The external data file named in the header does not exist."""
+    img = with_data_file(d)
+    (d / "img.raw").unlink()
+    return img

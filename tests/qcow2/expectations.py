@@ -25,6 +25,7 @@ from typing import Any
 import damage
 
 SHARE = Path("/tmp/qsd-cmp")
+OPEN_TIMEOUT = 10  # seconds: QEMU loops (and grows) forever on a backing file loop
 JSON_PATH = Path(__file__).with_name("data") / "qemu-11.1-open.json"
 REPO = Path(__file__).resolve().parents[2]
 TOOL_CANDIDATES = [Path("/work/shared/tools/real-qsd"), REPO.parent / "shared/tools/real-qsd"]
@@ -63,28 +64,42 @@ def open_with_qsd(
         {"execute": "quit"},
     ]
     stdin = "".join(json.dumps(c) + "\n" for c in commands)
-    done = subprocess.run(
-        [str(tool), "run", "qemu-storage-daemon", "--chardev", "stdio,id=c", "--monitor", "c"],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    for line in done.stdout.splitlines():
+    argv = [str(tool), "run", "qemu-storage-daemon", "--chardev", "stdio,id=c", "--monitor", "c"]
+    code, stdout, stderr = run_bounded(argv, stdin)
+    if code is None:
+        return HANG, stderr.splitlines()
+    for line in stdout.splitlines():
         reply = json.loads(line)
         if reply.get("id") == "add":
             outcome = reply["error"]["desc"] if "error" in reply else "ok"
-            return outcome, done.stderr.splitlines()
-    raise RuntimeError(f"no blockdev-add reply: {done.stdout!r} {done.stderr!r}")
+            return outcome, stderr.splitlines()
+    raise RuntimeError(f"no blockdev-add reply: {stdout!r} {stderr!r}")
+
+
+HANG = f"no reply within {OPEN_TIMEOUT} s"
+
+
+def run_bounded(argv: list[str], stdin: str = "") -> tuple[int | None, str, str]:
+    """Run a tool (real-qsd execs it: the child is the tool); kill it (SIGKILL: a daemon busy
+    opening does not see SIGTERM) when it runs longer than OPEN_TIMEOUT. (exit code or None,
+    stdout, stderr)."""
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        out, err = proc.communicate(stdin, timeout=OPEN_TIMEOUT)
+        return proc.returncode, out, err
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        return None, out, err
 
 
 def run_qemu_io(tool: Path, img: Path, command: str, read_only: bool) -> list[str]:
     """QEMU's qemu-io running one command; its output without the timing lines."""
     argv = [str(tool), "run", "qemu-io", "-f", "qcow2", *(["-r"] if read_only else [])]
-    done = subprocess.run(
-        [*argv, "-c", command, str(img)], capture_output=True, text=True, timeout=60
-    )
-    lines = (done.stdout + done.stderr).splitlines()
+    code, out, err = run_bounded([*argv, "-c", command, str(img)])
+    lines = (out + err).splitlines() + ([HANG] if code is None else [])
     return [line for line in lines if " ops; " not in line]
 
 
@@ -125,7 +140,8 @@ def gather_one(tool: Path, dmg: damage.Damage, workdir: Path) -> dict[str, Any]:
         if after != before:
             record[f"{mode} features after"] = after
     for command in dmg.io:
-        for suffix, read_only in (("", False), (" -r", True)):
+        modes = (("", False), (" -r", True)) if command.startswith("read") else (("", False),)
+        for suffix, read_only in modes:
             img = fresh(dmg, workdir)
             out = run_qemu_io(tool, img, command, read_only)
             record[f"qemu-io{suffix} {command}"] = {

@@ -185,3 +185,38 @@ class Image:
                 if bool(entry & e.OFLAG_COPIED) != one:
                     wrong.append(f"L2[{i}][{idx}]")
         return wrong
+
+    # --- QEMU's checks on the read path -------------------------------------------------------
+
+    def read_problem(self, guest: int) -> str | None:
+        """The corruption text QEMU's lookup (qcow2_get_host_offset) gives for reading the
+        cluster at ``guest``, in QEMU's order of checks; None when the entry is sound."""
+        cb = self.h.cluster_bits
+        l1 = self.l1_table()
+        index = e.l1_index(guest, cb, self.ext)
+        l2_offset = e.l1_l2_offset(l1[index]) if index < len(l1) else 0
+        if not l2_offset:
+            return None
+        if l2_offset & (self.cs - 1):
+            return e.l2_table_unaligned_text(l2_offset, index)
+        l2 = self.l2_table(l2_offset)
+        idx = e.l2_index(guest, cb, self.ext)
+        entry = e.read_l2_entry(l2, idx, self.ext)
+        bitmap = e.read_l2_bitmap(l2, idx) if self.ext else 0
+        sc = e.subcluster_index(guest, cb) if self.ext else 0
+        stype = e.subcluster_type(entry, bitmap, sc, self.ext, self.h.has_data_file)
+        if self.h.version < 3 and stype in (e.SUBCLUSTER_ZERO_PLAIN, e.SUBCLUSTER_ZERO_ALLOC):
+            return e.zero_in_v2_text(l2_offset, idx)
+        if stype == e.SUBCLUSTER_COMPRESSED and self.h.has_data_file:
+            return e.compressed_with_data_file_text(l2_offset, idx)
+        allocated = (e.SUBCLUSTER_NORMAL, e.SUBCLUSTER_ZERO_ALLOC, e.SUBCLUSTER_UNALLOCATED_ALLOC)
+        if stype in allocated:
+            host = e.l2_host_offset(entry)
+            if host & (self.cs - 1):
+                return e.cluster_unaligned_text(host, l2_offset, idx)
+            cluster_start = guest & ~(self.cs - 1)
+            if self.h.has_data_file and host != cluster_start:
+                return e.data_file_offset_mismatch_text(host, cluster_start, idx)
+        if stype == e.SUBCLUSTER_INVALID:
+            return e.invalid_entry_text(l2_offset, idx)
+        return None

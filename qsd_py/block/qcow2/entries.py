@@ -364,3 +364,71 @@ def invalid_entry_text(l2_offset: int, l2_index: int) -> str:
         f"Invalid cluster entry found  (L2 offset: {c_hex(l2_offset)}, "
         f"L2 index: {c_hex(l2_index)})"
     )
+
+
+# The texts of the write path (qcow2_alloc_host_offset and the allocator) differ from the read
+# path's: guest offsets instead of L2 positions, and one space in "found (L2".
+
+
+def data_cluster_unaligned_text(host_offset: int, guest_offset: int) -> str:
+    return (
+        f"Data cluster offset {c_hex(host_offset)} unaligned "
+        f"(guest offset: {c_hex(guest_offset)})"
+    )
+
+
+def zero_cluster_unaligned_text(host_offset: int, guest_offset: int) -> str:
+    return (
+        f"Preallocated zero cluster offset {c_hex(host_offset)} unaligned "
+        f"(guest offset: {c_hex(guest_offset)})"
+    )
+
+
+def invalid_entry_on_write_text(l2_offset: int, l2_index: int) -> str:
+    return (
+        f"Invalid cluster entry found (L2 offset: {c_hex(l2_offset)}, "
+        f"L2 index: {c_hex(l2_index)})"
+    )
+
+
+def refblock_unaligned_text(refblock_offset: int, reftable_index: int) -> str:
+    return (
+        f"Refblock offset {c_hex(refblock_offset)} unaligned "
+        f"(reftable index: {c_hex(reftable_index)})"
+    )
+
+
+# What QEMU's overlap check names the metadata a write would have hit.
+OVERLAP_NAMES = (
+    "qcow2_header",
+    "active L1 table",
+    "active L2 table",
+    "refcount table",
+    "refcount block",
+    "snapshot table",
+    "inactive L1 table",
+    "inactive L2 table",
+    "bitmap directory",
+)
+
+
+def overlap_text(metadata: str) -> str:
+    """A write refused because it would overwrite metadata (one of OVERLAP_NAMES)."""
+    return f"Preventing invalid write on metadata (overlaps with {metadata})"
+
+
+def corruption_report(text: str, writable: bool) -> str:
+    """The line QEMU prints on stderr (and the BLOCK_IMAGE_CORRUPTED event carries the text).
+
+    On a writable node the corruption is fatal: QEMU sets the corrupt bit and the node fails
+    all further I/O; read-only, it only reports.
+    """
+    if writable:
+        return (
+            f"qcow2: Marking image as corrupt: {text}; "
+            "further corruption events will be suppressed"
+        )
+    return (
+        f"qcow2: Image is corrupt: {text}; "
+        "further non-fatal corruption events will be suppressed"
+    )
