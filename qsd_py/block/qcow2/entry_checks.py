@@ -68,26 +68,21 @@ class EntryChecks:
                 return e.data_file_offset_mismatch_text(host, guest, self._where(guest_cluster)[1])
         return None
 
-    def on_write(self, guest_offset: int, l2e: int, bitmap: int) -> str | None:
-        """The problem a write at ``guest_offset`` meets in its cluster's entry."""
+    def on_write(self, guest_offset: int, l2e: int, bitmap: int, partial: bool) -> str | None:
+        """The problem a write at ``guest_offset`` meets in its cluster's entry; ``partial``:
+        the write leaves part of the cluster to be read (copy-on-write)."""
         ctype = e.cluster_type(l2e, self.extended, self.data_file)
         host = l2e & e.L2E_OFFSET_MASK
         in_place = ctype in (e.CLUSTER_NORMAL, e.CLUSTER_ZERO_ALLOC) and l2e & e.OFLAG_COPIED
         if in_place and host & self.mask:
-            what = "Preallocated zero" if l2e & e.OFLAG_ZERO else "Data"
-            return (
-                f"{what} cluster offset {e.c_hex(host)} unaligned "
-                f"(guest offset: {e.c_hex(guest_offset)})"
-            )
+            if l2e & e.OFLAG_ZERO:
+                return e.zero_cluster_unaligned_text(host, guest_offset)
+            return e.data_cluster_unaligned_text(host, guest_offset)
         guest_cluster = guest_offset >> self.cluster_bits
         if self.extended and e.subcluster_type(l2e, bitmap, 0, True, self.data_file) == (
             e.SUBCLUSTER_INVALID
         ):
-            l2_offset, l2_index = self._where(guest_cluster)
-            return (
-                f"Invalid cluster entry found (L2 offset: {e.c_hex(l2_offset)}, "
-                f"L2 index: {e.c_hex(l2_index)})"
-            )
-        if self.v2 and not self.extended and l2e & e.OFLAG_ZERO:
-            return e.zero_in_v2_text(*self._where(guest_cluster))
+            return e.invalid_entry_on_write_text(*self._where(guest_cluster))
+        if partial and self.v2 and not self.extended and l2e & e.OFLAG_ZERO:
+            return e.zero_in_v2_text(*self._where(guest_cluster))  # from the read of the rest
         return None

@@ -45,6 +45,7 @@ from qsd_py.block.qcow2.entries import (
     OFLAG_ZERO,
     c_hex,
     compressed_range,
+    corruption_report,
 )
 from qsd_py.block.qcow2.entry_checks import EntryChecks
 from qsd_py.block.qcow2.mapping import ClusterMap, MappingError
@@ -212,6 +213,7 @@ class Qcow2Node(BlockNode):
             l2cache, self.refcounts,
         )  # fmt: skip
         self.map.on_corruption = self._signal_corruption
+        self.refcounts.on_corruption = self._signal_corruption
 
     async def _load_metadata(self, h: hdr.Qcow2Header) -> None:
         """Snapshots and bitmaps (an unreadable snapshot table refuses the open, as in
@@ -385,11 +387,7 @@ class Qcow2Node(BlockNode):
         if self._corruption_signaled and (not fatal or self.corrupt):
             return
         self._corruption_signaled = True
-        if fatal:
-            line = f"Marking image as corrupt: {msg}; further corruption events"
-        else:
-            line = f"Image is corrupt: {msg}; further non-fatal corruption events"
-        print(f"qcow2: {line} will be suppressed", file=sys.stderr, flush=True)  # as QEMU
+        print(corruption_report(msg, fatal), file=sys.stderr, flush=True)  # QEMU's fprintf
         data: dict[str, Any] = {"device": "", "node-name": self.node_name, "msg": msg}
         if offset >= 0:
             data["offset"] = offset
@@ -614,7 +612,7 @@ class Qcow2Node(BlockNode):
             in_cluster = pos & (self.cluster_size - 1)
             n = min(end - pos, self.cluster_size - in_cluster)
             l2e, bitmap = await self.map.entry(guest_cluster)
-            await self._check_write_entry(pos, l2e, bitmap)
+            await self._check_write_entry(pos, l2e, bitmap, n)
             host = self._in_place_host(l2e, bitmap, in_cluster, n)
             if host:
                 _append_run(runs, DATA, pos, n, host)
@@ -641,9 +639,11 @@ class Qcow2Node(BlockNode):
             return 0
         return offset + in_cluster
 
-    async def _check_write_entry(self, guest_offset: int, l2e: int, bitmap: int) -> None:
-        """QEMU's checks of the entry a write meets (entry_checks.py)."""
-        problem = self.checks.on_write(guest_offset, l2e, bitmap) if self.checks else None
+    async def _check_write_entry(self, guest_offset: int, l2e: int, bitmap: int, n: int) -> None:
+        """QEMU's checks of the entry a write of ``n`` bytes meets (entry_checks.py)."""
+        partial = n < self.cluster_size
+        checks = self.checks
+        problem = checks.on_write(guest_offset, l2e, bitmap, partial) if checks else None
         if problem is not None:
             raise await self._corruption(problem)
 
@@ -670,7 +670,7 @@ class Qcow2Node(BlockNode):
                 guest_cluster = offset >> self.cluster_bits
                 in_cluster = offset & (self.cluster_size - 1)
                 l2e, bitmap = await self.map.entry(guest_cluster)
-                await self._check_write_entry(offset, l2e, bitmap)
+                await self._check_write_entry(offset, l2e, bitmap, len(part))
                 host = self._in_place_host(l2e, bitmap, in_cluster, len(part))
             if host:
                 await self._write_in_place(host, part)

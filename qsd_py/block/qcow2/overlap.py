@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from qsd_py.block.qcow2 import entries
 from qsd_py.block.qcow2.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
 from qsd_py.block.qcow2.header import Qcow2Error
 from qsd_py.block.qcow2.snapshots import validate_snapshot_l1
@@ -37,17 +38,7 @@ INACTIVE_L1 = 1 << 6
 INACTIVE_L2 = 1 << 7
 BITMAP_DIRECTORY = 1 << 8
 
-NAMES = {
-    MAIN_HEADER: "qcow2_header",
-    ACTIVE_L1: "active L1 table",
-    ACTIVE_L2: "active L2 table",
-    REFCOUNT_TABLE: "refcount table",
-    REFCOUNT_BLOCK: "refcount block",
-    SNAPSHOT_TABLE: "snapshot table",
-    INACTIVE_L1: "inactive L1 table",
-    INACTIVE_L2: "inactive L2 table",
-    BITMAP_DIRECTORY: "bitmap directory",
-}
+NAMES = {1 << bit: name for bit, name in enumerate(entries.OVERLAP_NAMES)}
 # The boolean options of Qcow2OverlapCheckFlags, each overriding its bit of the template.
 OPTION_BITS = {
     "main-header": MAIN_HEADER,
@@ -74,14 +65,13 @@ def parse_overlap_check(opts: dict[str, Any]) -> int:
     an optional ``template`` (default ``cached``) and booleans overriding single kinds."""
     value = opts.get("overlap-check", "cached")
     flags: dict[str, Any] = {}
+    name = "overlap-check"
     if isinstance(value, dict):
         flags = value
         value = value.get("template", "cached")
-    if value not in TEMPLATES:
-        raise QMPError(
-            f"Unsupported value '{value}' for qcow2 option 'overlap-check'. Allowed are any "
-            "of the following: none, constant, cached, all"
-        )
+        name = "template"
+    if value not in TEMPLATES:  # the QAPI schema's refusal
+        raise QMPError(f"Parameter '{name}' does not accept value '{value}'")
     checks = TEMPLATES[value]
     for key, bit in OPTION_BITS.items():
         if key in flags:
@@ -202,7 +192,7 @@ class OverlapCheck:
 
 
 def overlap_text(kind: int) -> str:
-    return f"Preventing invalid write on metadata (overlaps with {NAMES[kind]})"
+    return entries.overlap_text(NAMES[kind])
 
 
 # Who writes through a guarded file, and what it may legitimately overwrite.

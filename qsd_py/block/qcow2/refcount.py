@@ -26,6 +26,7 @@ from qsd_py.block.qcow2.cache import MetaCache
 from qsd_py.block.qcow2.entries import (
     REFT_OFFSET_MASK,
     get_refcount,
+    refblock_unaligned_text,
     set_refcount,
 )
 
@@ -76,6 +77,8 @@ class Refcounts:
         self.busy: dict[int, int] = {}  # host cluster index -> data requests in flight
         # Called with (offset, bytes, discard type) for clusters whose count went to 0.
         self.on_free: Callable[[int, int, int], Awaitable[None]] | None = None
+        # Told about a refcount block found misplaced before the access fails (EIO).
+        self.on_corruption: Callable[[str], Awaitable[None]] | None = None
 
     # --- reading ------------------------------------------------------------------------
     def _block_of(self, index: int) -> tuple[int, int]:
@@ -89,8 +92,17 @@ class Refcounts:
         block_off = self.table[slot] & REFT_OFFSET_MASK
         if not block_off:
             return 0
+        if block_off & (self.cluster_size - 1):
+            raise await self._misplaced(block_off, slot)
         block = await self.cache.get(block_off)
         return get_refcount(block, cell, self.order)
+
+    async def _misplaced(self, block_off: int, slot: int) -> OSError:
+        """A refcount block not at a cluster boundary (QEMU marks the image corrupt)."""
+        text = refblock_unaligned_text(block_off, slot)
+        if self.on_corruption is not None:
+            await self.on_corruption(text)
+        return OSError(errno.EIO, text)
 
     # --- changing -----------------------------------------------------------------------
     async def update(self, index: int, addend: int) -> int:
@@ -121,6 +133,8 @@ class Refcounts:
         block_off = self.table[slot] & REFT_OFFSET_MASK
         if not block_off:
             block_off = await self._new_block(slot)
+        elif block_off & (self.cluster_size - 1):
+            raise await self._misplaced(block_off, slot)
         return block_off
 
     async def _new_block(self, slot: int) -> int:

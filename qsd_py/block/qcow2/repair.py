@@ -104,8 +104,7 @@ class StoredRefcounts:
         if not offset:
             return None
         if offset & ((1 << self.cb) - 1):
-            text = f"Refblock offset {e.c_hex(offset)} unaligned (reftable index: {e.c_hex(slot)})"
-            await self.node._signal_corruption(text)
+            await self.node._signal_corruption(e.refblock_unaligned_text(offset, slot))
             raise OSError(5, os.strerror(5))
         raw = bytearray(1 << self.cb)
         await self.node.file.read(offset, memoryview(raw))
