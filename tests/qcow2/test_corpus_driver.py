@@ -17,6 +17,7 @@ import expectations
 import pytest
 
 from qsd_py.block.graph import BlockGraph
+from qsd_py.errors import QMPError
 
 EXPECTED = expectations.load()["damages"]
 SIZES = {"k": 1 << 10, "M": 1 << 20}
@@ -83,3 +84,32 @@ async def test_runtime_damage_as_in_qemu(
     printed = capsys.readouterr().err.splitlines()
     assert [first, *printed] == record["output"]
     assert expectations.feature_bits(img).get("incompatible") == record["incompatible after"]
+
+
+SNAPSHOT_DAMAGES = [did for did, record in EXPECTED.items() if record["kind"] == "snapshot"]
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["read-write", "read-only"])
+@pytest.mark.parametrize("did", SNAPSHOT_DAMAGES)
+async def test_snapshot_table_read_at_open_as_in_qemu(
+    did: str, read_only: bool, tmp_path: Path
+) -> None:
+    """The driver reads the snapshot table when it opens an image, and refuses a table
+    QEMU refuses, with its text."""
+    img = damage.DAMAGES[did].make(tmp_path)
+    graph = BlockGraph()
+    try:
+        await graph.add(
+            {
+                "driver": "qcow2",
+                "node-name": "q",
+                "file": {"driver": "file", "filename": str(img)},
+                "read-only": read_only,
+            }
+        )
+        outcome = "ok"
+    except QMPError as err:
+        outcome = err.desc
+    finally:
+        await graph.close_all()
+    assert outcome == EXPECTED[did]["read-only" if read_only else "read-write"]
