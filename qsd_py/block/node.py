@@ -24,6 +24,7 @@ its drivers' callbacks. A node reaches the nodes below it only through its child
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 Buffer = memoryview | bytearray | bytes
 
 SECTOR_SIZE = 512
+MAX_OFFSET = (1 << 63) - 1  # no request reaches past this byte (QEMU's int64 offsets)
 
 
 # Block status flags, QEMU's BDRV_BLOCK_* values.
@@ -299,6 +301,7 @@ class BlockNode:
     # --- I/O ------------------------------------------------------------------------------
     async def read(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` with ``len(buf)`` bytes from ``offset``."""
+        _check_range(offset, len(buf))
         self.in_flight.enter()
         try:
             await self.do_read(offset, buf)
@@ -307,6 +310,7 @@ class BlockNode:
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write all of ``data`` at ``offset``."""
+        _check_range(offset, len(data))
         self.in_flight.enter()
         try:
             await self.do_write(offset, data)
@@ -328,6 +332,7 @@ class BlockNode:
 
         ``no_fallback`` (QEMU's BDRV_REQ_NO_FALLBACK, as a FUSE punch-hole asks): where the
         zeroes could only be written as data, fail with ENOTSUP instead of writing them."""
+        _check_range(offset, length)
         self.in_flight.enter()
         try:
             await self.do_write_zeroes(offset, length, unmap, no_fallback)
@@ -336,6 +341,7 @@ class BlockNode:
 
     async def discard(self, offset: int, length: int) -> None:
         """Deallocate a range if discard=unmap, else do nothing (QEMU's discard=ignore)."""
+        _check_range(offset, length)
         self.in_flight.enter()
         try:
             await self.do_discard(offset, length)
@@ -517,3 +523,10 @@ class BlockNode:
             }
         )
         return entry
+
+
+def _check_range(offset: int, length: int) -> None:
+    """A request outside what a 64-bit signed offset can say fails as in QEMU (EIO) before
+    it reaches a syscall that could not take it (a damaged image's table can ask for one)."""
+    if offset < 0 or length < 0 or offset > MAX_OFFSET - length:
+        raise OSError(errno.EIO, f"request at {offset:#x} (+{length}) out of range")

@@ -9,14 +9,15 @@ refcount, before the L1 entry that points at it, so a crash leaves at worst a le
 
 from __future__ import annotations
 
+import errno
 import struct
 from typing import TYPE_CHECKING
 
 from qsd_py.block.qcow2.cache import MetaCache
-from qsd_py.block.qcow2.entries import L1E_OFFSET_MASK, OFLAG_COPIED
+from qsd_py.block.qcow2.entries import L1E_OFFSET_MASK, OFLAG_COPIED, l2_table_unaligned_text
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from qsd_py.block.node import BlockNode
     from qsd_py.block.qcow2.refcount import Refcounts
@@ -25,8 +26,15 @@ _U64 = struct.Struct(">Q")
 _U64X2 = struct.Struct(">QQ")
 
 
-class MappingError(Exception):
-    """Metadata that cannot be right (the driver marks the image corrupt)."""
+class MappingError(OSError):
+    """Metadata that cannot be right (the driver marks the image corrupt): an EIO whose
+    text is the corruption message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EIO, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 class ClusterMap:
@@ -56,6 +64,8 @@ class ClusterMap:
         self.refcounts = refcounts
         # Told every entry it learns or changes: (guest cluster, l2 entry, bitmap).
         self.publish: Callable[[int, int, int], None] | None = None
+        # Told about a table found misplaced before the lookup fails (marks the image corrupt).
+        self.on_corruption: Callable[[str], Awaitable[None]] | None = None
 
     # --- where an entry lives -----------------------------------------------------------
     def _split(self, guest_cluster: int) -> tuple[int, int]:
@@ -74,6 +84,13 @@ class ClusterMap:
             return 0
         return self.l1[l1_index] & L1E_OFFSET_MASK
 
+    async def _misplaced(self, table: int, l1_index: int) -> MappingError:
+        """An L2 table not at a cluster boundary: report it, and the error to raise."""
+        text = l2_table_unaligned_text(table, l1_index)
+        if self.on_corruption is not None:
+            await self.on_corruption(text)
+        return MappingError(text)
+
     # --- reading ------------------------------------------------------------------------
     async def entry(self, guest_cluster: int) -> tuple[int, int]:
         """``(l2_entry, subcluster_bitmap)`` of a guest cluster (bitmap 0 without
@@ -81,6 +98,8 @@ class ClusterMap:
         table = self.l2_table(guest_cluster)
         if not table:
             return 0, 0
+        if table & (self.cluster_size - 1):
+            raise await self._misplaced(table, guest_cluster >> self.l2_bits)
         l2_index = guest_cluster & (self.l2_entries - 1)
         slice_off, at = self._slice_at(table, l2_index)
         loaded = slice_off in self.cache
@@ -107,6 +126,8 @@ class ClusterMap:
         table = self.l2_table(guest_cluster)
         if not table:
             return 0, 0
+        if table & (self.cluster_size - 1):
+            return None  # misplaced: entry() reports it
         slice_off, at = self._slice_at(table, guest_cluster & (self.l2_entries - 1))
         buf = self.cache.peek(slice_off)
         if buf is None:
@@ -139,6 +160,8 @@ class ClusterMap:
             raise MappingError(f"L1 index {l1_index} past the L1 table ({len(self.l1)})")
         l1e = self.l1[l1_index]
         old = l1e & L1E_OFFSET_MASK
+        if old & (self.cluster_size - 1):
+            raise await self._misplaced(old, l1_index)
         if old and l1e & OFLAG_COPIED:
             return old
         content = await self._table_bytes(old) if old else bytes(self.cluster_size)

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import struct
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -45,6 +46,7 @@ from qsd_py.block.node import (
 )
 from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.block.qcow2 import header as hdr
+from qsd_py.block.qcow2 import overlap as ol
 from qsd_py.block.qcow2.cache import MetaCache
 from qsd_py.block.qcow2.entries import (
     L1E_OFFSET_MASK,
@@ -56,14 +58,18 @@ from qsd_py.block.qcow2.entries import (
     SUBCLUSTER_UNALLOCATED_PLAIN,
     SUBCLUSTER_ZERO_ALLOC,
     SUBCLUSTER_ZERO_PLAIN,
+    c_hex,
     compressed_range,
+    corruption_report,
     subcluster_index,
     subcluster_type,
 )
+from qsd_py.block.qcow2.entry_checks import EntryChecks
 from qsd_py.block.qcow2.mapping import ClusterMap, MappingError
+from qsd_py.block.qcow2.metadata import Metadata, load_metadata
 from qsd_py.block.qcow2.options import Qcow2Options, parse_options
 from qsd_py.block.qcow2.refcount import Refcounts
-from qsd_py.block.qcow2.snapshots import NO_ICOUNT, SnapshotTableShort, parse_snapshot_table
+from qsd_py.block.qcow2.snapshots import NO_ICOUNT
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
@@ -135,15 +141,24 @@ class Qcow2Node(BlockNode):
         self.cluster_size = 1 << 16
         self.size = 0
         self.corrupt = False  # found corrupt while open: every request fails from now on
+        self._corruption_signaled = False  # QEMU reports one corruption (or one fatal)
+        self._opened = False  # a node whose open failed writes nothing back on close
+        self.metadata: Metadata | None = None  # snapshots, bitmap directory (metadata.py)
+        self.overlap: ol.OverlapCheck | None = None  # keeps writes off metadata (overlap.py)
+        self.checks: EntryChecks | None = None  # what a lookup refuses (entry_checks.py)
         self._change_lock = CrossLoopLock()
         self._allocating: dict[int, InFlight] = {}  # guest cluster -> its allocation
         self._allocations = InFlight()  # allocating writes in flight
         self._meta_lock = CrossLoopLock()
         self._decompressed: tuple[int, bytes] | None = None  # (L2 entry, cluster) cache
         self.table: ClusterTable | None = None  # what exports' fast paths may use
-        self.snapshots: list[Any] = []
         self._cleaner: asyncio.TimerHandle | None = None
         self._dirty_marked = False  # lazy refcounts: the dirty bit is set in the file
+
+    @property
+    def snapshots(self) -> list[Any]:
+        """The internal snapshots (read and checked on open)."""
+        return self.metadata.snapshots if self.metadata is not None else []
 
     # --- children -------------------------------------------------------------------------
     @property
@@ -199,13 +214,14 @@ class Qcow2Node(BlockNode):
                 "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
             )
         await self._open_data_file(h)
-        await self._load_snapshots(h)
+        await self._load_metadata(h)
         await self._load_tables(h)
         self.graph.register(self)  # after its files, before its backing chain (QEMU's order)
         await self._open_backing(h)
         self._publish_missing_tables()
         if not self.read_only:
             await self._open_for_writing(h)
+        self._opened = True
 
     async def _open_data_file(self, h: hdr.Qcow2Header) -> None:
         ref = self.opts.get("data-file")
@@ -228,30 +244,35 @@ class Qcow2Node(BlockNode):
         ref_entries = (h.refcount_table_clusters << h.cluster_bits) // 8
         reftable = await self._read_table(h.refcount_table_offset, ref_entries)
         refcache = MetaCache(
-            "refcount", self._file_node, h.cluster_size, opts.refcount_cache_size // h.cluster_size
+            "refcount",
+            self._guarded(ol.ROLE_REFCOUNT_CACHE),
+            h.cluster_size,
+            opts.refcount_cache_size // h.cluster_size,
         )
         l2cache = MetaCache(
             "l2",
-            self._file_node,
+            self._guarded(ol.ROLE_L2_CACHE),
             opts.l2_cache_entry_size,
             opts.l2_cache_size // opts.l2_cache_entry_size,
         )
         self.refcounts = Refcounts(
-            self._file_node, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
-            reftable, refcache,
+            self._guarded(ol.ROLE_REFCOUNTS), h.cluster_bits, h.refcount_order,
+            h.refcount_table_offset, reftable, refcache,
         )  # fmt: skip
         self.refcounts.high_water = -(-file.length() // h.cluster_size)
         self.refcounts.file_end = file.length()
         self.refcounts.on_free = self._discard_freed
         self.map = ClusterMap(
-            self._file_node, h.cluster_bits, h.extended_l2, h.l1_table_offset, l1, l2cache,
-            self.refcounts,
+            self._guarded(ol.ROLE_MAP), h.cluster_bits, h.extended_l2, h.l1_table_offset, l1,
+            l2cache, self.refcounts,
         )  # fmt: skip
         self.table = ClusterTable(h.cluster_bits, -(-h.size // h.cluster_size))
         self.map.publish = self._publish
         if opts.cache_clean_interval:
             loop = asyncio.get_running_loop()
             self._cleaner = loop.call_later(opts.cache_clean_interval, self._clean_caches)
+        self.map.on_corruption = self._signal_corruption
+        self.refcounts.on_corruption = self._signal_corruption
 
     def _clean_caches(self) -> None:
         """Every ``cache-clean-interval`` seconds: drop cache pieces unused since last time."""
@@ -266,23 +287,41 @@ class Qcow2Node(BlockNode):
             self.map.cache.clean_unused()
             self.refcounts.cache.clean_unused()
 
-    async def _load_snapshots(self, h: hdr.Qcow2Header) -> None:
-        """The internal snapshot table, checked as QEMU checks it on open."""
-        if not h.nb_snapshots:
-            return
-        size = 4096
-        while True:
-            buf = bytearray(size)
-            n = max(0, min(size, self.file.length() - h.snapshots_offset))
-            if n:
-                await self.file.read(h.snapshots_offset, memoryview(buf)[:n])
-            try:
-                self.snapshots = parse_snapshot_table(buf, h.nb_snapshots, h.size & ~511)
-                return
-            except SnapshotTableShort as short:
-                size = max(2 * size, short.needed)
-            except hdr.Qcow2Error as err:
-                raise QMPError(str(err)) from err
+    async def _load_metadata(self, h: hdr.Qcow2Header) -> None:
+        """Snapshots and bitmaps (an unreadable snapshot table refuses the open, as in
+        QEMU), the overlap checks, and the checks of L2 entries on lookups."""
+        try:
+            self.metadata = await load_metadata(self.file, h)
+        except hdr.Qcow2Error as err:
+            raise QMPError(str(err)) from err
+        checks = ol.parse_overlap_check(self.opts)
+        bitmaps = bool(h.autoclear_features & hdr.AUTOCLEAR_BITMAPS)
+        self.overlap = ol.OverlapCheck(
+            checks, h.cluster_bits, self._overlap_state, self.metadata, bitmaps
+        )
+        await self.overlap.load_inactive_l2(self.file)
+        self.checks = EntryChecks(
+            h.cluster_bits, h.extended_l2, h.version, h.has_data_file,
+            lambda guest_cluster: self.map.l2_table(guest_cluster) if self.map else 0,
+        )  # fmt: skip
+
+    def _overlap_state(self) -> tuple[int, list[int], int, list[int]]:
+        assert self.map is not None and self.refcounts is not None
+        return self.map.l1_offset, self.map.l1, self.refcounts.table_offset, self.refcounts.table
+
+    def _guarded(self, role: str) -> Any:
+        """The ``file`` child for the metadata code in ``role``: writes overlap-checked."""
+        guarded = ol.GuardedFile(self._file_node, lambda: self.overlap, role, self._overlapping)
+        return lambda: guarded
+
+    async def _overlapping(self, msg: str, offset: int, size: int) -> OSError:
+        await self._signal_corruption(msg, offset, size)
+        return CorruptImage(errno.EIO, msg)
+
+    async def reload_tables(self) -> None:
+        """Read the tables again after the repair rewrote them behind the caches' backs."""
+        assert self.header is not None
+        await self._load_tables(self.header)
 
     async def _read_table(self, offset: int, entries: int) -> list[int]:
         if not entries:
@@ -354,11 +393,10 @@ class Qcow2Node(BlockNode):
         if h.needs_rewrite:
             await self._write_header()
         if h.dirty:
-            log.warning("qcow2 image '%s' is dirty: rebuilding its refcounts", self.filename())
             from qsd_py.block.qcow2.repair import rebuild_refcounts
 
-            await rebuild_refcounts(self)
-            await self._set_incompatible(h.incompatible_features & ~hdr.INCOMPAT_DIRTY)
+            if await rebuild_refcounts(self):
+                await self._set_incompatible(h.incompatible_features & ~hdr.INCOMPAT_DIRTY)
 
     def close(self) -> None:
         """Metadata was written back by :meth:`prepare_close`; drop the fast-path table."""
@@ -371,11 +409,11 @@ class Qcow2Node(BlockNode):
 
     async def prepare_close(self) -> None:
         """Write back the caches and clear the dirty bit of lazy refcounts."""
-        if self.read_only or self.map is None or self.corrupt:
+        if self.read_only or self.map is None or self.corrupt or not self._opened:
             return
         await self.do_flush()
-        if self._dirty_marked:
-            assert self.header is not None
+        assert self.header is not None
+        if self._dirty_marked or self.header.dirty:  # QEMU marks the image clean on close
             await self._set_incompatible(self.header.incompatible_features & ~hdr.INCOMPAT_DIRTY)
             await self.file.flush()
             self._dirty_marked = False
@@ -436,36 +474,52 @@ class Qcow2Node(BlockNode):
         lazy = self.options.lazy_refcounts
         return self.header.lazy_refcounts if lazy is None else lazy
 
-    async def _signal_corruption(self, msg: str, offset: int = -1, size: int = -1) -> None:
-        """QEMU's reaction to metadata found wrong at run time: report, set the corrupt bit,
-        emit BLOCK_IMAGE_CORRUPTED, and fail every request from now on."""
-        if not self.corrupt:
-            log.error(
-                "qcow2: Marking image as corrupt: %s; further corruption events will be suppressed",
-                msg,
-            )
-            self.corrupt = True
-            if self.table is not None:
-                self.table.clear_all()
-            data: dict[str, Any] = {"device": "", "node-name": self.node_name, "msg": msg}
-            if offset >= 0:
-                data["offset"] = offset
-            if size >= 0:
-                data["size"] = size
-            data["fatal"] = True
-            self.graph.emit_event("BLOCK_IMAGE_CORRUPTED", data)
-            if not self.read_only and self.header is not None:
-                try:
-                    await self._set_incompatible(
-                        self.header.incompatible_features | hdr.INCOMPAT_CORRUPT
-                    )
-                    await self.file.flush()
-                except OSError:
-                    log.exception("qcow2: could not set the corrupt bit")
+    async def _signal_corruption(
+        self, msg: str, offset: int = -1, size: int = -1, fatal: bool = True
+    ) -> None:
+        """QEMU's reaction to metadata found wrong at run time: report, emit
+        BLOCK_IMAGE_CORRUPTED and, when fatal on a writable node, set the corrupt bit and
+        fail every request from now on. A read-only node only reports (fatal: false) and
+        goes on. After the first report only a fatal one on a node not yet marked is told."""
+        fatal = fatal and not self.read_only
+        if self._corruption_signaled and (not fatal or self.corrupt):
+            return
+        self._corruption_signaled = True
+        print(corruption_report(msg, fatal), file=sys.stderr, flush=True)  # QEMU's fprintf
+        data: dict[str, Any] = {"device": "", "node-name": self.node_name, "msg": msg}
+        if offset >= 0:
+            data["offset"] = offset
+            data["size"] = size
+        data["fatal"] = fatal
+        self.graph.emit_event("BLOCK_IMAGE_CORRUPTED", data)
+        if not fatal:
+            return
+        self.corrupt = True
+        if self.table is not None:
+            self.table.clear_all()  # the fast path asks the node, which refuses
+        if self.header is not None and self.header.version >= 3:
+            try:
+                await self._set_incompatible(
+                    self.header.incompatible_features | hdr.INCOMPAT_CORRUPT
+                )
+                await self.file.flush()
+            except OSError:
+                log.exception("qcow2: could not set the corrupt bit")
+
+    async def _corruption(self, msg: str) -> MappingError:
+        """Report ``msg`` (fatal) and return the error the request fails with."""
+        await self._signal_corruption(msg)
+        return MappingError(msg)
 
     def _check_usable(self) -> None:
+        """QEMU takes the driver away from an image marked corrupt: ENOMEDIUM from then on."""
         if self.corrupt:
-            raise OSError(errno.EIO, "Image is corrupt")
+            raise OSError(errno.ENOMEDIUM, os.strerror(errno.ENOMEDIUM))
+
+    def info(self, flat: bool = False) -> dict[str, Any]:
+        if self.corrupt:
+            raise QMPError(f"Block device {self.node_name} is ejected")
+        return super().info(flat)
 
     # --- size -----------------------------------------------------------------------------
     def length(self) -> int:
@@ -505,14 +559,13 @@ class Qcow2Node(BlockNode):
         self, guest_cluster: int, l2e: int, bitmap: int, in_cluster: int, n: int
     ) -> list[tuple[int, int, int]]:
         """``(kind, host, bytes)`` pieces of one cluster's ``[in_cluster, +n)``."""
+        checks = self.checks
+        problem = checks.on_read(guest_cluster, l2e, bitmap, in_cluster) if checks else None
+        if problem is not None:
+            raise MappingError(problem)
         if l2e & OFLAG_COMPRESSED:
             return [(COMPRESSED, l2e, n)]
         offset = l2e & L2E_OFFSET_MASK
-        if offset & (self.cluster_size - 1):
-            raise MappingError(
-                f"Cluster allocation offset {offset:#x} unaligned (guest offset "
-                f"{guest_cluster << self.cluster_bits:#x})"
-            )
         if self.map is not None and not self.map.extended:
             if l2e & OFLAG_ZERO:
                 return [(ZERO, 0, n)]
@@ -554,7 +607,7 @@ class Qcow2Node(BlockNode):
                 runs = await self._runs(offset, length)
             except MappingError as err:
                 await self._signal_corruption(str(err))
-                raise OSError(errno.EIO, str(err)) from err
+                raise
             self._hold(runs)
         return runs
 
@@ -659,6 +712,7 @@ class Qcow2Node(BlockNode):
             in_cluster = pos & (self.cluster_size - 1)
             n = min(end - pos, self.cluster_size - in_cluster)
             l2e, bitmap = await self.map.entry(guest_cluster)
+            await self._check_write_entry(pos, l2e, bitmap, n)
             host = self._in_place_host(l2e, bitmap, in_cluster, n)
             if host >= 0:
                 _append_run(runs, DATA, pos, n, host)
@@ -685,29 +739,26 @@ class Qcow2Node(BlockNode):
             return -1
         return offset + in_cluster
 
+    async def _check_write_entry(self, guest_offset: int, l2e: int, bitmap: int, n: int) -> None:
+        """QEMU's checks of the entry a write of ``n`` bytes meets (entry_checks.py)."""
+        partial = n < self.cluster_size
+        checks = self.checks
+        problem = checks.on_write(guest_offset, l2e, bitmap, partial) if checks else None
+        if problem is not None:
+            raise await self._corruption(problem)
+
     async def _write_in_place(self, host: int, part: memoryview) -> None:
-        self._check_overlap(host, len(part))
+        await self._check_overlap(host, len(part))
         await self.data_node.write(host, part)
 
-    def _check_overlap(self, host: int, n: int) -> None:
-        """Data must never land on the image's own metadata (QEMU's overlap check)."""
-        if "data-file" in self.children:
+    async def _check_overlap(self, host: int, n: int) -> None:
+        """Data must never land on the image's own metadata (QEMU's overlap check, as the
+        ``overlap-check`` option says); a data file holds no metadata."""
+        if "data-file" in self.children or self.overlap is None:
             return
-        assert self.header is not None and self.refcounts is not None and self.map is not None
-        h = self.header
-        end = host + n
-        regions = [
-            (0, self.cluster_size, "header"),
-            (self.map.l1_offset, len(self.map.l1) * 8, "active L1 table"),
-            (self.refcounts.table_offset, len(self.refcounts.table) * 8, "refcount table"),
-        ]
-        if h.nb_snapshots:
-            regions.append((h.snapshots_offset, 1, "snapshot table"))
-        for start, size, what in regions:
-            if host < start + size and start < end:
-                raise CorruptImage(
-                    errno.EIO, f"Preventing invalid write on metadata (overlaps with {what})"
-                )
+        kind = self.overlap.find(host, n)
+        if kind:
+            raise await self._overlapping(ol.overlap_text(kind), host, n)
 
     async def _allocating_write(self, offset: int, part: memoryview) -> None:
         """Write into one cluster that needs metadata changes (looked up again: an earlier
@@ -717,6 +768,7 @@ class Qcow2Node(BlockNode):
         in_cluster = offset & (self.cluster_size - 1)
         l2e, bitmap = await self._begin_allocation(guest_cluster)
         try:
+            await self._check_write_entry(offset, l2e, bitmap, len(part))
             host = self._in_place_host(l2e, bitmap, in_cluster, len(part))
             if host < 0:
                 await self._cow_write(guest_cluster, l2e, bitmap, in_cluster, part)
@@ -845,10 +897,10 @@ class Qcow2Node(BlockNode):
                 if tail < len(span):
                     await self._read_old(guest_base + lo + tail, l2e, bitmap, view[tail:])
                 view[head:tail] = part
-                self._check_overlap(new_host + lo, len(span))
+                await self._check_overlap(new_host + lo, len(span))
                 await self.data_node.write(new_host + lo, view)
             else:
-                self._check_overlap(new_host + in_cluster, len(part))
+                await self._check_overlap(new_host + in_cluster, len(part))
                 await self.data_node.write(new_host + in_cluster, part)
             async with self._meta_lock:
                 await self._link(guest_cluster, l2e, bitmap, new_host, lo, hi, own)
@@ -875,7 +927,11 @@ class Qcow2Node(BlockNode):
         in_cluster = offset & (self.cluster_size - 1)
         guest_cluster = offset >> self.cluster_bits
         pos = 0
-        for kind, host, n in self._classify(guest_cluster, l2e, bitmap, in_cluster, len(out)):
+        try:
+            pieces = self._classify(guest_cluster, l2e, bitmap, in_cluster, len(out))
+        except MappingError as err:
+            raise await self._corruption(str(err)) from err
+        for kind, host, n in pieces:
             await self._read_run(Run(kind, offset + pos, n, host), out[pos : pos + n])
             pos += n
 
@@ -917,6 +973,10 @@ class Qcow2Node(BlockNode):
             start, n = l2e & L2E_OFFSET_MASK, self.cluster_size
             if not start or "data-file" in self.children:
                 return  # nothing allocated, or data clusters are not refcounted
+            if start & (self.cluster_size - 1):
+                text = f"Cannot free unaligned cluster {c_hex(start)}"
+                await self._signal_corruption(text, fatal=False)
+                return
         if not self._lazy():
             await self.refcounts.cache.depend_on(self.map.cache)
         if self.table is not None and not await self.table.barrier():
@@ -939,7 +999,8 @@ class Qcow2Node(BlockNode):
 
     # --- flush ----------------------------------------------------------------------------
     async def do_flush(self) -> None:
-        if self.map is not None and not self.read_only and not self.corrupt:
+        self._check_usable()
+        if self.map is not None and not self.read_only:
             assert self.refcounts is not None
             async with self._meta_lock:
                 await self.map.cache.write_back()
@@ -1164,7 +1225,8 @@ class Qcow2Node(BlockNode):
             try:
                 runs = await self._runs(offset, min(length, 64 * self.cluster_size))
             except MappingError as err:
-                raise OSError(errno.EIO, str(err)) from err
+                await self._signal_corruption(str(err))
+                raise
         first = runs[0]
         if first.kind == DATA:
             flags = STATUS_DATA | STATUS_OFFSET_VALID
@@ -1315,7 +1377,14 @@ class Qcow2Node(BlockNode):
         0 for anything only the node can serve (backing data, compression, partial
         subclusters)."""
         assert self.table is not None and self.map is not None
-        self.table.publish(guest_cluster, self._fast_value(l2e, bitmap))
+        value = self._fast_value(l2e, bitmap)
+        checks = self.checks
+        if value and checks is not None and checks.on_read(guest_cluster, l2e, bitmap, 0):
+            value = 0  # an entry a lookup refuses: the node reports it, never the fast path
+        if value & fast_map.WRITABLE and self.overlap is not None:
+            if self.overlap.find(value & fast_map.OFFSET_MASK, self.cluster_size):
+                value &= ~fast_map.WRITABLE  # writes there are the overlap check's to refuse
+        self.table.publish(guest_cluster, value)
 
     def _fast_value(self, l2e: int, bitmap: int) -> int:
         if l2e & OFLAG_COMPRESSED:

@@ -15,7 +15,10 @@ switch leaves only leaked clusters.
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
+import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -23,6 +26,7 @@ from qsd_py.block.qcow2.cache import MetaCache
 from qsd_py.block.qcow2.entries import (
     REFT_OFFSET_MASK,
     get_refcount,
+    refblock_unaligned_text,
     set_refcount,
 )
 
@@ -32,10 +36,18 @@ if TYPE_CHECKING:
 _U64 = struct.Struct(">Q")
 _REFTABLE_HEADER = struct.Struct(">QI")  # refcount_table_offset, refcount_table_clusters
 REFTABLE_HEADER_AT = 48
+MAX_REFTABLE_ENTRIES = (8 << 20) // 8  # QEMU's QCOW_MAX_REFTABLE_SIZE
+# Metadata freed (old tables) is QEMU's QCOW2_DISCARD_OTHER (the node's DISCARD_OTHER): passed
+# to the file only with pass-discard-other.
+DISCARD_OTHER = 2
 
 
-class RefcountError(Exception):
-    """A refcount that cannot be right (the driver marks the image corrupt)."""
+class RefcountError(OSError):
+    """A refcount that would go below 0 or past its width: QEMU's EINVAL (the request
+    fails; freeing reports it and leaks the clusters, see :meth:`Refcounts.free`)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EINVAL, message)
 
 
 class Refcounts:
@@ -66,6 +78,8 @@ class Refcounts:
         self.busy: dict[int, int] = {}  # host cluster index -> data requests in flight
         # Called with (offset, bytes, discard type) for clusters whose count went to 0.
         self.on_free: Callable[[int, int, int], Awaitable[None]] | None = None
+        # Told about a refcount block found misplaced before the access fails (EIO).
+        self.on_corruption: Callable[[str], Awaitable[None]] | None = None
 
     # --- reading ------------------------------------------------------------------------
     def _block_of(self, index: int) -> tuple[int, int]:
@@ -79,8 +93,17 @@ class Refcounts:
         block_off = self.table[slot] & REFT_OFFSET_MASK
         if not block_off:
             return 0
+        if block_off & (self.cluster_size - 1):
+            raise await self._misplaced(block_off, slot)
         block = await self.cache.get(block_off)
         return get_refcount(block, cell, self.order)
+
+    async def _misplaced(self, block_off: int, slot: int) -> OSError:
+        """A refcount block not at a cluster boundary (QEMU marks the image corrupt)."""
+        text = refblock_unaligned_text(block_off, slot)
+        if self.on_corruption is not None:
+            await self.on_corruption(text)
+        return OSError(errno.EIO, text)
 
     # --- changing -----------------------------------------------------------------------
     async def update(self, index: int, addend: int) -> int:
@@ -104,10 +127,14 @@ class Refcounts:
         """The refcount block covering ``index``, allocated (and the table grown) if needed."""
         slot = index >> self.block_bits
         if slot >= len(self.table):
+            if slot >= MAX_REFTABLE_ENTRIES:
+                raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))  # as QEMU refuses
             await self._grow_table(slot)
         block_off = self.table[slot] & REFT_OFFSET_MASK
         if not block_off:
             block_off = await self._new_block(slot)
+        elif block_off & (self.cluster_size - 1):
+            raise await self._misplaced(block_off, slot)
         return block_off
 
     async def _new_block(self, slot: int) -> int:
@@ -153,7 +180,7 @@ class Refcounts:
                 for s in range(start >> self.block_bits, ((area_end - 1) >> self.block_bits) + 1)
                 if s >= len(self.table) or not self.table[s] & REFT_OFFSET_MASK
             ]
-            if len(wanted) == len(new_slots) and wanted[-1] < entries:
+            if len(wanted) == len(new_slots) and (not wanted or wanted[-1] < entries):
                 break
             new_slots = wanted
             entries = max(entries, wanted[-1] + 1)
@@ -238,15 +265,36 @@ class Refcounts:
         await self._file().truncate(new_end)
         self.file_end = new_end
 
-    async def free(self, offset: int, nbytes: int, discard_type: int = 0) -> None:
+    async def free(self, offset: int, nbytes: int, discard_type: int = DISCARD_OTHER) -> None:
         """Drop one reference of every cluster in ``[offset, offset + nbytes)``; clusters
         that become free are reported to ``on_free`` with ``discard_type`` (whether to pass
-        the discard on to the file is the format's policy)."""
+        the discard on to the file is the format's policy). A count already 0 is QEMU's
+        "qcow2_free_clusters failed": the counts dropped so far are restored and the
+        clusters stay leaked."""
         first = offset >> self.cluster_bits
         last = (offset + nbytes - 1) >> self.cluster_bits
+        freed = []
         for index in range(first, last + 1):
-            if await self.update(index, -1) == 0 and self.on_free is not None:
+            try:
+                value = await self.update(index, -1)
+            except OSError as err:
+                await self._undo_free(first, index)
+                reason = os.strerror(err.errno or errno.EIO)
+                print(f"qcow2_free_clusters failed: {reason}", file=sys.stderr, flush=True)
+                return
+            if value == 0:
+                freed.append(index)
+        if self.on_free is not None:
+            for index in freed:
                 await self.on_free(index << self.cluster_bits, self.cluster_size, discard_type)
+
+    async def _undo_free(self, first: int, end: int) -> None:
+        """Give back the references a failed free dropped already (best effort, as QEMU)."""
+        try:
+            for index in range(first, end):
+                await self.update(index, 1)
+        except OSError:
+            pass
 
     # --- in-flight data -----------------------------------------------------------------
     def hold(self, index: int) -> None:

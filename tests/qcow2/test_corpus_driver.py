@@ -1,0 +1,115 @@
+"""The driver against QEMU 11.1 on the corpus' run-time damages (damage.py, recorded in
+data/qemu-11.1-open.json): each qemu-io command QEMU ran on a fresh copy of a damaged image is
+run here through a qcow2 node on a fresh copy too; the request must succeed or fail as it did
+in QEMU, the driver must print the lines QEMU printed besides qemu-io's own, and the image's
+incompatible feature bits must end up the same (the corrupt bit above all)."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import damage
+import expectations
+import pytest
+
+from qsd_py.block.graph import BlockGraph
+from qsd_py.errors import QMPError
+
+EXPECTED = expectations.load()["damages"]
+SIZES = {"k": 1 << 10, "M": 1 << 20}
+
+
+def runs() -> Iterator[tuple[str, str]]:
+    for did, record in EXPECTED.items():
+        if record["kind"] == "runtime":
+            for key in record:
+                if key.startswith("qemu-io "):
+                    yield did, key
+
+
+def number(text: str) -> int:
+    if text[-1] in SIZES:
+        return int(text[:-1]) * SIZES[text[-1]]
+    return int(text, 0)
+
+
+def options(did: str, d: Path) -> dict[str, Any]:
+    """The damage's extra node options, "$DIR" standing for the image's directory."""
+    text = repr(damage.DAMAGES[did].options).replace("$DIR", str(d))
+    return eval(text)  # noqa: S307 - our own literal dicts of strings
+
+
+async def run_command(node: Any, command: str) -> str:
+    """qemu-io's first line for the command (``read``/``write [-P n]``), our way."""
+    words = command.split()
+    op, offset, length = words[0], number(words[-2]), number(words[-1])
+    try:
+        if op == "read":
+            await node.read(offset, memoryview(bytearray(length)))
+            return f"read {length}/{length} bytes at offset {offset}"
+        pattern = number(words[2]) if words[1] == "-P" else 0xCD
+        await node.write(offset, bytes([pattern]) * length)
+        return f"wrote {length}/{length} bytes at offset {offset}"
+    except OSError as err:
+        return f"{op} failed: {os.strerror(err.errno or errno.EIO)}"
+
+
+@pytest.mark.parametrize(("did", "key"), list(runs()))
+async def test_runtime_damage_as_in_qemu(
+    did: str, key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record = EXPECTED[did][key]
+    read_only = key.startswith("qemu-io -r ")
+    command = key.removeprefix("qemu-io -r ").removeprefix("qemu-io ")
+    img = damage.DAMAGES[did].make(tmp_path)
+    graph = BlockGraph()
+    capsys.readouterr()
+    try:
+        node = await graph.add(
+            {
+                "driver": "qcow2",
+                "node-name": "q",
+                "file": {"driver": "file", "filename": str(img)},
+                "read-only": read_only,
+                **options(did, tmp_path),
+            }
+        )
+        first = await run_command(node, command)
+    finally:
+        await graph.close_all()
+    printed = capsys.readouterr().err.splitlines()
+    assert [first, *printed] == record["output"]
+    assert expectations.feature_bits(img).get("incompatible") == record["incompatible after"]
+
+
+SNAPSHOT_DAMAGES = [did for did, record in EXPECTED.items() if record["kind"] == "snapshot"]
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["read-write", "read-only"])
+@pytest.mark.parametrize("did", SNAPSHOT_DAMAGES)
+async def test_snapshot_table_read_at_open_as_in_qemu(
+    did: str, read_only: bool, tmp_path: Path
+) -> None:
+    """The driver reads the snapshot table when it opens an image, and refuses a table
+    QEMU refuses, with its text."""
+    img = damage.DAMAGES[did].make(tmp_path)
+    graph = BlockGraph()
+    try:
+        await graph.add(
+            {
+                "driver": "qcow2",
+                "node-name": "q",
+                "file": {"driver": "file", "filename": str(img)},
+                "read-only": read_only,
+            }
+        )
+        outcome = "ok"
+    except QMPError as err:
+        outcome = err.desc
+    finally:
+        await graph.close_all()
+    assert outcome == EXPECTED[did]["read-only" if read_only else "read-write"]
