@@ -6,6 +6,7 @@ incompatible feature bits must end up the same (the corrupt bit above all)."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from collections.abc import Iterator
@@ -86,30 +87,50 @@ async def test_runtime_damage_as_in_qemu(
     assert expectations.feature_bits(img).get("incompatible") == record["incompatible after"]
 
 
-SNAPSHOT_DAMAGES = [did for did, record in EXPECTED.items() if record["kind"] == "snapshot"]
+# Where qsd-py answers otherwise than QEMU 11.1 on purpose. QEMU opens a read-only backing
+# chain that loops back on itself without end (no reply, memory growing: its record is
+# expectations.HANG); read-write, the image's own lock stops it. qsd-py refuses the loop with
+# an error that names it.
+LOOP = "Backing file '$DIR/img.qcow2' is already in the chain: a loop"
+DELIBERATE = {
+    ("backing-loop", "read-only"): "Could not open backing file: Could not open backing file: "
+    + LOOP,
+    ("backing-self", "read-only"): "Could not open backing file: " + LOOP,
+}
 
 
-@pytest.mark.parametrize("read_only", [False, True], ids=["read-write", "read-only"])
-@pytest.mark.parametrize("did", SNAPSHOT_DAMAGES)
-async def test_snapshot_table_read_at_open_as_in_qemu(
-    did: str, read_only: bool, tmp_path: Path
-) -> None:
-    """The driver reads the snapshot table when it opens an image, and refuses a table
-    QEMU refuses, with its text."""
-    img = damage.DAMAGES[did].make(tmp_path)
+async def open_outcome(did: str, d: Path, read_only: bool) -> str:
+    """blockdev-add of the damage's image as a qcow2 node over a file node: "ok" or the
+    error's text ("$DIR" for ``d``); an open that does not end is cut off as QEMU's was."""
+    img = damage.DAMAGES[did].make(d)
     graph = BlockGraph()
+    opts = {
+        "driver": "qcow2",
+        "node-name": "q",
+        "file": {"driver": "file", "filename": str(img)},
+        "read-only": read_only,
+        **options(did, d),
+    }
     try:
-        await graph.add(
-            {
-                "driver": "qcow2",
-                "node-name": "q",
-                "file": {"driver": "file", "filename": str(img)},
-                "read-only": read_only,
-            }
-        )
-        outcome = "ok"
+        await asyncio.wait_for(graph.add(opts), expectations.OPEN_TIMEOUT)
+        return "ok"
     except QMPError as err:
-        outcome = err.desc
+        return err.desc.replace(str(d), "$DIR")
+    except TimeoutError:
+        return expectations.HANG
     finally:
         await graph.close_all()
-    assert outcome == EXPECTED[did]["read-only" if read_only else "read-write"]
+
+
+@pytest.mark.parametrize("mode", ["read-write", "read-only"])
+@pytest.mark.parametrize("did", list(EXPECTED))
+async def test_open_as_in_qemu(did: str, mode: str, tmp_path: Path) -> None:
+    """Every damage of the corpus opened through the driver: it opens where QEMU's did, and
+    fails with QEMU's text where QEMU's failed (header, snapshot table, backing chain, data
+    file), except for the DELIBERATE differences."""
+    outcome = await open_outcome(did, tmp_path, read_only=mode == "read-only")
+    if (did, mode) in DELIBERATE:
+        assert EXPECTED[did][mode] == expectations.HANG
+        assert outcome == DELIBERATE[did, mode]
+    else:
+        assert outcome == EXPECTED[did][mode]

@@ -188,3 +188,25 @@ async def test_a_backing_node_is_busy(graph: BlockGraph, tmp_path: Path) -> None
     assert exc.value.desc == (
         f"Node '{mid.node_name}' is busy: node is used as backing hd of 'top'"
     )
+
+
+@pytest.mark.parametrize("backing", ["absent", None])
+async def test_an_empty_backing_name_names_none(
+    graph: BlockGraph, tmp_path: Path, backing: str | None
+) -> None:
+    """A backing file offset over a name of NUL bytes: QEMU 11.1 opens no backing file, shows
+    no backing names, and ``backing: null`` overrides nothing (the plain file name stays)."""
+    import damage
+
+    img = damage.DAMAGES["backing-name-1023-in-4k-cluster"].make(tmp_path)
+    opts: dict[str, Any] = {"driver": "qcow2", "node-name": "q",
+                            "file": {"driver": "file", "filename": str(img)}}  # fmt: skip
+    if backing is None:
+        opts["backing"] = None
+    await graph.add(opts)
+    node = by_name(graph.query())["q"]
+    assert [c["child"] for c in node["children"]] == ["file"]
+    assert node["file"] == node["image"]["filename"] == str(img)
+    names = {"backing_file", "backing-filename", "full-backing-filename", "backing-image"}
+    assert not names & {*node, *node["image"]}
+    assert damage.get(img, "backing_file_offset") == 0xC00

@@ -153,6 +153,13 @@ class Qcow2Header:
         return 1 << self.cluster_bits
 
     @property
+    def backing_name(self) -> str | None:
+        """The backing file the image names. An empty name (offset set, or a name of NUL
+        bytes) names none: QEMU opens no backing file for it and shows no backing names, yet
+        keeps the name as it is when it rewrites the header."""
+        return self.backing_file or None
+
+    @property
     def refcount_bits(self) -> int:
         return 1 << self.refcount_order
 

@@ -337,13 +337,14 @@ class Qcow2Node(BlockNode):
             ref = self.opts["backing"]
             if ref is None:
                 return
-        elif h.backing_file is None:
+        elif h.backing_name is None:
             return
         else:
+            path = self._relative(h.backing_name)
             ref = {
-                "driver": h.backing_format or await self._probe(self._relative(h.backing_file)),
+                "driver": h.backing_format or await self._probe(path),
                 "read-only": True,
-                "file": {"driver": "file", "filename": self._relative(h.backing_file)},
+                "file": {"driver": "file", "filename": path},
             }
             if ref["driver"] == "file":
                 ref = {**ref["file"], "read-only": True}
@@ -1412,7 +1413,7 @@ class Qcow2Node(BlockNode):
         not the one the header names (given by reference, or null over a named one)."""
         assert self.header is not None
         overridden = "backing" in self.opts
-        if not overridden or (self.backing is None and self.header.backing_file is None):
+        if not overridden or (self.backing is None and self.header.backing_name is None):
             return self.file.filename()
         return "json:" + json.dumps(self.full_options(), sort_keys=True)
 
@@ -1422,7 +1423,7 @@ class Qcow2Node(BlockNode):
         backing = self.backing
         if backing is not None:
             opts["backing"] = _full_options(backing)
-        elif "backing" in self.opts and self.header and self.header.backing_file is not None:
+        elif "backing" in self.opts and self.header and self.header.backing_name is not None:
             opts["backing"] = None  # null over the one the header names
         opts["file"] = _full_options(self.file)
         return opts
@@ -1438,9 +1439,9 @@ class Qcow2Node(BlockNode):
         assert self.header is not None
         h = self.header
         extra: dict[str, Any] = {"dirty-flag": h.dirty, "cluster-size": self.cluster_size}
-        if h.backing_file is not None:
-            extra["backing-filename"] = h.backing_file
-            extra["full-backing-filename"] = self._relative(h.backing_file)
+        if h.backing_name is not None:
+            extra["backing-filename"] = h.backing_name
+            extra["full-backing-filename"] = self._relative(h.backing_name)
             if h.backing_format is not None:
                 extra["backing-filename-format"] = h.backing_format
         if self.snapshots:
