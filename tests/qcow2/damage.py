@@ -1178,6 +1178,33 @@ def backing_self(d: Path) -> Path:
 
 
 @damage("open")
+def backing_self_by_symlink(d: Path) -> Path:
+    """An image backed by a symbolic link to itself."""
+    img = base(d)
+    (d / "sym.qcow2").symlink_to("img.qcow2")
+    set_backing(img, b"sym.qcow2")
+    return img
+
+
+@damage("open")
+def backing_self_by_hardlink(d: Path) -> Path:
+    """An image backed by a second name (a hard link) of its own file."""
+    img = base(d)
+    (d / "link.qcow2").hardlink_to(img)
+    set_backing(img, b"link.qcow2")
+    return img
+
+
+@damage("open")
+def backing_self_as_raw(d: Path) -> Path:
+    """An image backed by itself read as raw: no loop (a raw node has no backing file)."""
+    img = base(d)
+    set_extensions(img, [(EXT_BACKING_FORMAT, b"raw"), *extensions(img)])
+    set_backing(img, b"img.qcow2")
+    return img
+
+
+@damage("open")
 def backing_format_unknown(d: Path) -> Path:
     """A backing format extension naming no driver."""
     base(d, "base.qcow2")

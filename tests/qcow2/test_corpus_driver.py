@@ -90,12 +90,17 @@ async def test_runtime_damage_as_in_qemu(
 # Where qsd-py answers otherwise than QEMU 11.1 on purpose. QEMU opens a read-only backing
 # chain that loops back on itself without end (no reply, memory growing: its record is
 # expectations.HANG); read-write, the image's own lock stops it. qsd-py refuses the loop with
-# an error that names it.
-LOOP = "Backing file '$DIR/img.qcow2' is already in the chain: a loop"
+# an error that names it, whatever name the chain gives the file again.
+def loop(name: str) -> str:
+    return f"Backing file '$DIR/{name}' is already in the chain: a loop"
+
+
 DELIBERATE = {
-    ("backing-loop", "read-only"): "Could not open backing file: Could not open backing file: "
-    + LOOP,
-    ("backing-self", "read-only"): "Could not open backing file: " + LOOP,
+    ("backing-loop", "read-only"): "Could not open backing file: " * 2 + loop("img.qcow2"),
+    ("backing-self", "read-only"): "Could not open backing file: " + loop("img.qcow2"),
+    ("backing-self-by-symlink", "read-only"): "Could not open backing file: " + loop("sym.qcow2"),
+    ("backing-self-by-hardlink", "read-only"): "Could not open backing file: "
+    + loop("link.qcow2"),
 }
 
 

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from qsd_py.block import fast_map
 from qsd_py.block.drain import InFlight
+from qsd_py.block.drivers import driver_class
 from qsd_py.block.fast_map import ClusterTable, FastTarget
 from qsd_py.block.lock import CrossLoopLock
 from qsd_py.block.node import (
@@ -360,16 +361,19 @@ class Qcow2Node(BlockNode):
             _OPENING.reset(token)
 
     def _refuse_loop(self, ref: dict[str, Any]) -> None:
-        """A backing file that is already an image above it in the chain being opened.
-        Opened read-write, the image's own lock refuses it (as in QEMU); read-only, QEMU
-        would open the chain forever, so the loop is refused here."""
-        file = ref.get("file", ref)
+        """A backing file that is an image above it in the chain being opened, read-only,
+        and would open its backing file again: QEMU opens such a chain forever, so the loop
+        is refused here. Opened read-write, the image's own lock refuses it (QEMU's text);
+        a raw node over the same file opens nothing further and is no loop. The file is
+        compared by identity, so a symbolic or hard link to it counts as the file."""
+        if not _opens_backing(ref.get("driver")):
+            return
+        file = ref.get("file")
         path = file.get("filename") if isinstance(file, dict) else None
         if path is None:
             return
-        real = os.path.realpath(path)
         for node in _OPENING.get():
-            if node.read_only and os.path.realpath(node.file.filename()) == real:
+            if node.read_only and _same_file(node.file.filename(), path):
                 raise QMPError(f"Backing file '{path}' is already in the chain: a loop")
 
     async def _probe(self, path: str) -> str:
@@ -1466,6 +1470,23 @@ class Qcow2Node(BlockNode):
         data["refcount-bits"] = h.refcount_bits
         data["compression-type"] = ctype
         return data
+
+
+def _opens_backing(driver: Any) -> bool:
+    """Whether a node of ``driver`` opens a backing file of its own (an unknown driver
+    opens nothing: its open fails with QEMU's text)."""
+    try:
+        return isinstance(driver, str) and driver_class(driver).supports_backing
+    except QMPError:
+        return False
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two names are one file (a name that cannot be looked up is no file)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _full_options(node: BlockNode) -> dict[str, Any]:
