@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 
 from qsd_py.block.graph import BlockGraph
 from qsd_py.errors import QMPError
+from qsd_py.main import PROG
 
 EXPECTED = expectations.load()["damages"]
 SIZES = {"k": 1 << 10, "M": 1 << 20}
@@ -104,10 +106,11 @@ DELIBERATE = {
 }
 
 
-async def open_outcome(did: str, d: Path, read_only: bool) -> str:
-    """blockdev-add of the damage's image as a qcow2 node over a file node: "ok" or the
-    error's text ("$DIR" for ``d``); an open that does not end is cut off as QEMU's was."""
-    img = damage.DAMAGES[did].make(d)
+async def open_outcome(did: str, img: Path, read_only: bool) -> str:
+    """blockdev-add of the damage's image as a qcow2 node over a file node, closed again:
+    "ok" or the error's text ("$DIR" for the image's directory); an open that does not end
+    is cut off as QEMU's was."""
+    d = img.parent
     graph = BlockGraph()
     opts = {
         "driver": "qcow2",
@@ -127,15 +130,41 @@ async def open_outcome(did: str, d: Path, read_only: bool) -> str:
         await graph.close_all()
 
 
+def traces(img: Path, header: bytes, features: dict[str, int], stderr: str) -> dict[str, Any]:
+    """What an open left behind, as the expectations record it: the lines on stderr (QEMU's
+    program name for ours), the header cluster if it changed, the feature bits if they did."""
+    found: dict[str, Any] = {}
+    lines = [line.replace(str(img.parent), "$DIR") for line in stderr.splitlines()]
+    lines = [line.replace(f"{PROG}: ", "qemu-storage-daemon: ", 1) for line in lines]
+    if any(line.strip() for line in lines):
+        found["stderr"] = [line for line in lines if line.strip()]
+    written = expectations.first_cluster(img)
+    if written != header:
+        found["rewrote header"] = hashlib.sha256(written).hexdigest()
+    if expectations.feature_bits(img) != features:
+        found["features after"] = expectations.feature_bits(img)
+    return found
+
+
 @pytest.mark.parametrize("mode", ["read-write", "read-only"])
 @pytest.mark.parametrize("did", list(EXPECTED))
-async def test_open_as_in_qemu(did: str, mode: str, tmp_path: Path) -> None:
+async def test_open_as_in_qemu(
+    did: str, mode: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Every damage of the corpus opened through the driver: it opens where QEMU's did, and
     fails with QEMU's text where QEMU's failed (header, snapshot table, backing chain, data
-    file), except for the DELIBERATE differences."""
-    outcome = await open_outcome(did, tmp_path, read_only=mode == "read-only")
+    file), except for the DELIBERATE differences. It prints what QEMU printed (warnings, the
+    repair of a dirty image) and leaves the header as QEMU did (rewritten, repaired, as is)."""
+    img = damage.DAMAGES[did].make(tmp_path)
+    header, features = expectations.first_cluster(img), expectations.feature_bits(img)
+    capsys.readouterr()
+    outcome = await open_outcome(did, img, read_only=mode == "read-only")
+    record = EXPECTED[did]
     if (did, mode) in DELIBERATE:
-        assert EXPECTED[did][mode] == expectations.HANG
+        assert record[mode] == expectations.HANG
         assert outcome == DELIBERATE[did, mode]
     else:
-        assert outcome == EXPECTED[did][mode]
+        assert outcome == record[mode]
+    left = traces(img, header, features, capsys.readouterr().err)
+    prefix = f"{mode} "
+    assert left == {k.removeprefix(prefix): v for k, v in record.items() if k.startswith(prefix)}

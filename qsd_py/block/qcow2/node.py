@@ -203,6 +203,7 @@ class Qcow2Node(BlockNode):
             )
         except hdr.Qcow2Error as err:
             raise QMPError(str(err)) from err
+        _print_warnings(h)
         self.header = h
         self.cluster_bits, self.cluster_size = h.cluster_bits, h.cluster_size
         self.size = h.size
@@ -1470,6 +1471,16 @@ class Qcow2Node(BlockNode):
         data["refcount-bits"] = h.refcount_bits
         data["compression-type"] = ctype
         return data
+
+
+def _print_warnings(h: hdr.Qcow2Header) -> None:
+    """QEMU's warnings about the header on stderr, read-only or not (a stale bitmaps
+    extension: its bitmaps are dropped, their clusters may be leaked). QEMU ends its
+    advice without a newline; here the line is ended."""
+    from qsd_py.main import PROG
+
+    for text in h.warnings:
+        print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)
 
 
 def _opens_backing(driver: Any) -> bool:
