@@ -167,4 +167,12 @@ async def test_open_as_in_qemu(
         assert outcome == record[mode]
     left = traces(img, header, features, capsys.readouterr().err)
     prefix = f"{mode} "
-    assert left == {k.removeprefix(prefix): v for k, v in record.items() if k.startswith(prefix)}
+    qemus = {k.removeprefix(prefix): v for k, v in record.items() if k.startswith(prefix)}
+    if mode == "read-write" and did in UNSTORED_BITMAPS:
+        assert qemus.pop("rewrote header")
+    assert left == qemus
+
+
+# QEMU stores the bitmaps it tracked when it closes a read-write image: in a new directory,
+# so the header changes. qsd-py tracks none: it leaves the directory where it was.
+UNSTORED_BITMAPS = {"bitmaps-two", "bitmap-in-use"}
