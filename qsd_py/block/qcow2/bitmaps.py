@@ -1,8 +1,12 @@
 """Persistent dirty bitmaps as QEMU's open meets them: the bitmap directory read and checked,
-and each bitmap's table checked.
+each bitmap's table checked, and the in-use flags set when the image is opened read-write.
 
-qsd-py does not track dirty bitmaps (yet): it keeps what the directory says, and refuses the
-images QEMU refuses.
+qsd-py does not track dirty bitmaps (yet): it keeps what the directory says, to show it in
+``query-named-block-nodes`` (``format-specific``'s ``bitmaps``) and to refuse the images QEMU
+refuses. A read-write open sets the in-use flag of every bitmap, as QEMU does; QEMU clears it
+again when it stores the bitmap it tracked on close. qsd-py tracked nothing, and its writes
+are in no bitmap, so the flag stays: QEMU then loads such a bitmap as inconsistent, which it
+is, rather than trusting a bitmap that misses writes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ if TYPE_CHECKING:
 _BITMAPS_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size, offset
 # Directory entry: table offset and size, flags, type, granularity bits, name and extra size.
 _ENTRY = struct.Struct(">QIIBBHI")
+_FLAGS_AT = 12  # the flags field inside an entry
+_FLAGS = struct.Struct(">I")
 
 FLAG_IN_USE = 1 << 0  # not saved cleanly, or open read-write somewhere: not to be trusted
 FLAG_AUTO = 1 << 1  # records every write to the image
@@ -48,6 +54,12 @@ class PersistentBitmap:
     table_offset: int
     table_size: int  # entries (8 bytes each)
     entry_offset: int  # where the entry lies in the image file
+
+    def info(self) -> dict[str, object]:
+        """Qcow2BitmapInfo: the flags QEMU names, in-use first."""
+        flags = [name for bit, name in ((FLAG_IN_USE, "in-use"), (FLAG_AUTO, "auto"))
+                 if self.flags & bit]  # fmt: skip
+        return {"name": self.name, "granularity": 1 << self.granularity_bits, "flags": flags}
 
 
 async def load_bitmaps(file: BlockNode, h: Qcow2Header) -> list[PersistentBitmap]:
@@ -165,6 +177,24 @@ def bitmap_entry_valid(entry: int, cluster_size: int) -> bool:
     if entry & BITMAP_TABLE_RESERVED_MASK or offset & (cluster_size - 1):
         return False
     return not (offset and entry & BITMAP_TABLE_ALL_ONES)
+
+
+async def mark_in_use(file: BlockNode, bitmaps: list[PersistentBitmap]) -> None:
+    """Set the in-use flag of every bitmap that lacks it, in the file and here. Each flag
+    is a 4-byte field that no sector boundary cuts: a crash leaves every entry either as
+    it was or flagged, and both are valid (QEMU rewrites the whole directory in place
+    and so drops the extension's autoclear bit meanwhile; setting a flag needs no such
+    care)."""
+    changed = False
+    for bitmap in bitmaps:
+        if bitmap.flags & FLAG_IN_USE:
+            continue
+        flags = bitmap.flags | FLAG_IN_USE
+        await file.write(bitmap.entry_offset + _FLAGS_AT, _FLAGS.pack(flags))
+        bitmap.flags = flags
+        changed = True
+    if changed:
+        await file.flush()
 
 
 def _c_string(data: bytes | bytearray) -> str:

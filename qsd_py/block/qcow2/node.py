@@ -48,6 +48,7 @@ from qsd_py.block.node import (
 from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.block.qcow2 import header as hdr
 from qsd_py.block.qcow2 import overlap as ol
+from qsd_py.block.qcow2.bitmaps import mark_in_use
 from qsd_py.block.qcow2.cache import MetaCache
 from qsd_py.block.qcow2.entries import (
     L1E_OFFSET_MASK,
@@ -398,6 +399,8 @@ class Qcow2Node(BlockNode):
     async def _open_for_writing(self, h: hdr.Qcow2Header) -> None:
         if h.needs_rewrite:
             await self._write_header()
+        assert self.metadata is not None
+        await mark_in_use(self.file, self.metadata.bitmaps)  # bitmaps.py says why
         if h.dirty:
             from qsd_py.block.qcow2.repair import rebuild_refcounts
 
@@ -1469,6 +1472,8 @@ class Qcow2Node(BlockNode):
         data["lazy-refcounts"] = self._lazy()
         data["corrupt"] = h.corrupt
         data["refcount-bits"] = h.refcount_bits
+        if self.metadata is not None and self.metadata.bitmaps:
+            data["bitmaps"] = [bitmap.info() for bitmap in self.metadata.bitmaps]
         data["compression-type"] = ctype
         return data
 
