@@ -1178,6 +1178,33 @@ def backing_self(d: Path) -> Path:
 
 
 @damage("open")
+def backing_self_by_symlink(d: Path) -> Path:
+    """An image backed by a symbolic link to itself."""
+    img = base(d)
+    (d / "sym.qcow2").symlink_to("img.qcow2")
+    set_backing(img, b"sym.qcow2")
+    return img
+
+
+@damage("open")
+def backing_self_by_hardlink(d: Path) -> Path:
+    """An image backed by a second name (a hard link) of its own file."""
+    img = base(d)
+    (d / "link.qcow2").hardlink_to(img)
+    set_backing(img, b"link.qcow2")
+    return img
+
+
+@damage("open")
+def backing_self_as_raw(d: Path) -> Path:
+    """An image backed by itself read as raw: no loop (a raw node has no backing file)."""
+    img = base(d)
+    set_extensions(img, [(EXT_BACKING_FORMAT, b"raw"), *extensions(img)])
+    set_backing(img, b"img.qcow2")
+    return img
+
+
+@damage("open")
 def backing_format_unknown(d: Path) -> Path:
     """A backing format extension naming no driver."""
     base(d, "base.qcow2")
@@ -1201,4 +1228,239 @@ def data_file_missing(d: Path) -> Path:
     """The external data file named in the header does not exist."""
     img = with_data_file(d)
     (d / "img.raw").unlink()
+    return img
+
+
+# --- bitmap directories: QEMU loads every persistent bitmap on open ----------------------------
+
+BITMAP_ENTRY = struct.Struct(">QIIBBHI")  # table offset, size, flags, type, granularity bits,
+# name size, extra data size; the name follows
+
+
+def with_bitmaps(d: Path) -> Path:
+    """Two bitmaps: bm0 (recording, 64 KiB granularity) that saw a write, bm1 (disabled,
+    1 MiB): bm0's table points at a data cluster."""
+    img = base(d)
+    images.add_bitmap(img, "bm0")
+    images.add_bitmap(img, "bm1", granularity=1 << 20, disabled=True)
+    images.write(img, 65536, 65536, 0x22)
+    return img
+
+
+def bitmaps_ext_fields(img: Path) -> tuple[int, int, int]:
+    """(number of bitmaps, directory size, directory offset) of the bitmaps extension."""
+    data = dict(extensions(img))[EXT_BITMAPS]
+    nb, _, size, offset = struct.unpack(">IIQQ", data)
+    return nb, size, offset
+
+
+def set_bitmaps_ext(img: Path, nb: int, size: int, offset: int) -> None:
+    exts = [
+        (t, struct.pack(">IIQQ", nb, 0, size, offset) if t == EXT_BITMAPS else data)
+        for t, data in extensions(img)
+    ]
+    set_extensions(img, exts)
+
+
+def bitmap_entries(img: Path) -> list[int]:
+    """The file offsets of the bitmap directory's entries."""
+    nb, size, offset = bitmaps_ext_fields(img)
+    raw = img.read_bytes()[offset : offset + size]
+    starts, pos = [], 0
+    while pos < size:
+        starts.append(offset + pos)
+        fields = BITMAP_ENTRY.unpack_from(raw, pos)
+        pos += (BITMAP_ENTRY.size + fields[5] + fields[6] + 7) & ~7
+    return starts
+
+
+def edit_bitmap_entry(img: Path, index: int, **changes: int) -> None:
+    """Change fields of a directory entry (table_offset, table_size, flags, type,
+    granularity_bits, name_size, extra_size)."""
+    names = ["table_offset", "table_size", "flags", "type", "granularity_bits", "name_size",
+             "extra_size"]  # fmt: skip
+    at = bitmap_entries(img)[index]
+    with open(img, "rb") as f:
+        f.seek(at)
+        fields = dict(zip(names, BITMAP_ENTRY.unpack(f.read(BITMAP_ENTRY.size)), strict=True))
+    fields.update(changes)
+    poke(img, at, BITMAP_ENTRY.pack(*(fields[n] for n in names)))
+
+
+@damage("open")
+def bitmaps_two(d: Path) -> Path:
+    """Two valid bitmaps (no damage): QEMU opens the image and loads them."""
+    return with_bitmaps(d)
+
+
+@damage("open")
+def bitmap_in_use(d: Path) -> Path:
+    """bm0 marked in use (not saved cleanly) over a table entry with reserved bits: QEMU
+    does not read the table of an inconsistent bitmap."""
+    img = with_bitmaps(d)
+    edit_bitmap_entry(img, 0, flags=3)
+    table = peek_u64(img, bitmap_entries(img)[0])
+    poke_u64(img, table, peek_u64(img, table) | 2)
+    return img
+
+
+@damage("open")
+def bitmap_dir_size_zero(d: Path) -> Path:
+    """A bitmaps extension with a directory of 0 bytes."""
+    img = with_bitmaps(d)
+    nb, _, offset = bitmaps_ext_fields(img)
+    set_bitmaps_ext(img, nb, 0, offset)
+    return img
+
+
+@damage("open")
+def bitmap_dir_entry_cut(d: Path) -> Path:
+    """A directory of 16 bytes: shorter than one entry."""
+    img = with_bitmaps(d)
+    nb, _, offset = bitmaps_ext_fields(img)
+    set_bitmaps_ext(img, nb, 16, offset)
+    return img
+
+
+@damage("open")
+def bitmap_name_past_directory(d: Path) -> Path:
+    """The first entry's name size reaches past the directory."""
+    img = with_bitmaps(d)
+    edit_bitmap_entry(img, 0, name_size=60000)
+    return img
+
+
+@damage("open")
+def bitmap_more_than_counted(d: Path) -> Path:
+    """Two entries, the extension counts one."""
+    img = with_bitmaps(d)
+    _, size, offset = bitmaps_ext_fields(img)
+    set_bitmaps_ext(img, 1, size, offset)
+    return img
+
+
+@damage("open")
+def bitmap_fewer_than_counted(d: Path) -> Path:
+    """Two entries, the extension counts three."""
+    img = with_bitmaps(d)
+    _, size, offset = bitmaps_ext_fields(img)
+    set_bitmaps_ext(img, 3, size, offset)
+    return img
+
+
+@damage("open")
+def bitmap_extra_data(d: Path) -> Path:
+    """The first entry claims 8 bytes of extra data (its name moves into them)."""
+    img = with_bitmaps(d)
+    edit_bitmap_entry(img, 0, extra_size=8)
+    return img
+
+
+@damage("open")
+def bitmap_reserved_flag(d: Path) -> Path:
+    """bm1 with a reserved flag bit."""
+    img = with_bitmaps(d)
+    edit_bitmap_entry(img, 1, flags=1 << 4)
+    return img
+
+
+@damage("open")
+def bitmap_granularity_too_big(d: Path) -> Path:
+    """bm0's granularity 2^32."""
+    img = with_bitmaps(d)
+    edit_bitmap_entry(img, 0, granularity_bits=32)
+    return img
+
+
+@damage("open")
+def bitmap_granularity_too_small(d: Path) -> Path:
+    """bm1's granularity 256 bytes."""
+    img = with_bitmaps(d)
+    edit_bitmap_entry(img, 1, granularity_bits=8)
+    return img
+
+
+@damage("open")
+def bitmap_type_unknown(d: Path) -> Path:
+    """bm0 of type 2 (only 1, dirty tracking, exists)."""
+    img = with_bitmaps(d)
+    edit_bitmap_entry(img, 0, type=2)
+    return img
+
+
+@damage("open")
+def bitmap_table_unaligned(d: Path) -> Path:
+    """bm1's table offset not on a cluster boundary."""
+    img = with_bitmaps(d)
+    table = peek_u64(img, bitmap_entries(img)[1])
+    edit_bitmap_entry(img, 1, table_offset=table + 512)
+    return img
+
+
+@damage("open")
+def bitmap_table_size_zero(d: Path) -> Path:
+    """bm0 with a table of no entries."""
+    img = with_bitmaps(d)
+    edit_bitmap_entry(img, 0, table_size=0)
+    return img
+
+
+@damage("open")
+def bitmap_table_too_large(d: Path) -> Path:
+    """bm1's table counting 2^27 + 1 entries (QEMU's maximum is 2^27)."""
+    img = with_bitmaps(d)
+    edit_bitmap_entry(img, 1, table_size=(1 << 27) + 1)
+    return img
+
+
+@damage("open")
+def bitmap_table_covers_too_little(d: Path) -> Path:
+    """bm0 at 512-byte granularity: its one-cluster table covers 256 MiB, the image is larger
+    (the virtual size grown in the header; the L1 table still suffices)."""
+    img = with_bitmaps(d)
+    edit_bitmap_entry(img, 0, granularity_bits=9)
+    put(img, "size", 512 << 20)
+    return img
+
+
+@damage("open")
+def bitmap_table_longer_than_needed(d: Path) -> Path:
+    """bm0's table counting 2 entries where the image needs 1."""
+    img = with_bitmaps(d)
+    edit_bitmap_entry(img, 0, table_size=2)
+    return img
+
+
+@damage("open")
+def bitmap_table_entry_reserved(d: Path) -> Path:
+    """bm0's table entry with a reserved bit set."""
+    img = with_bitmaps(d)
+    table = peek_u64(img, bitmap_entries(img)[0])
+    poke_u64(img, table, peek_u64(img, table) | 2)
+    return img
+
+
+@damage("open")
+def bitmap_table_entry_unaligned(d: Path) -> Path:
+    """bm0's table entry pointing into the middle of a cluster."""
+    img = with_bitmaps(d)
+    table = peek_u64(img, bitmap_entries(img)[0])
+    poke_u64(img, table, peek_u64(img, table) + 512)
+    return img
+
+
+@damage("open")
+def bitmap_table_entry_all_ones_with_offset(d: Path) -> Path:
+    """bm0's table entry with both a cluster and the all-ones flag."""
+    img = with_bitmaps(d)
+    table = peek_u64(img, bitmap_entries(img)[0])
+    poke_u64(img, table, peek_u64(img, table) | 1)
+    return img
+
+
+@damage("open")
+def bitmap_same_name_twice(d: Path) -> Path:
+    """Two bitmaps named bm0."""
+    img = with_bitmaps(d)
+    poke(img, bitmap_entries(img)[1] + BITMAP_ENTRY.size, b"bm0")
     return img

@@ -79,6 +79,18 @@ def snapshot(path: Path, name: str) -> None:
     run([QEMU_IMG, "snapshot", "-c", name, str(path)], path.parent)
 
 
+def add_bitmap(
+    path: Path, name: str, *, granularity: int | None = None, disabled: bool = False
+) -> None:
+    """A persistent dirty bitmap (qemu-img bitmap --add), recording writes unless disabled."""
+    argv = [QEMU_IMG, "bitmap", "--add"]
+    if granularity is not None:
+        argv += ["-g", str(granularity)]
+    if disabled:
+        argv.append("--disable")
+    run([*argv, str(path), name], path.parent)
+
+
 def convert_compressed(src: Path, dst: Path, *, src_fmt: str = "raw", **opts: Any) -> Path:
     """``qemu-img convert -c``: every cluster that compresses is stored compressed."""
     argv = [QEMU_IMG, "convert", "-c", "-f", src_fmt, "-O", "qcow2", *_options(opts)]

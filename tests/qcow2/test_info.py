@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from images import check as images_check
 from images import create, write
+from images import info as images_info
 
 from qsd_py.block.graph import BlockGraph
 
@@ -188,3 +190,75 @@ async def test_a_backing_node_is_busy(graph: BlockGraph, tmp_path: Path) -> None
     assert exc.value.desc == (
         f"Node '{mid.node_name}' is busy: node is used as backing hd of 'top'"
     )
+
+
+@pytest.mark.parametrize("backing", ["absent", None])
+async def test_an_empty_backing_name_names_none(
+    graph: BlockGraph, tmp_path: Path, backing: str | None
+) -> None:
+    """A backing file offset over a name of NUL bytes: QEMU 11.1 opens no backing file, shows
+    no backing names, and ``backing: null`` overrides nothing (the plain file name stays)."""
+    import damage
+
+    img = damage.DAMAGES["backing-name-1023-in-4k-cluster"].make(tmp_path)
+    opts: dict[str, Any] = {"driver": "qcow2", "node-name": "q",
+                            "file": {"driver": "file", "filename": str(img)}}  # fmt: skip
+    if backing is None:
+        opts["backing"] = None
+    await graph.add(opts)
+    node = by_name(graph.query())["q"]
+    assert [c["child"] for c in node["children"]] == ["file"]
+    assert node["file"] == node["image"]["filename"] == str(img)
+    names = {"backing_file", "backing-filename", "full-backing-filename", "backing-image"}
+    assert not names & {*node, *node["image"]}
+    assert damage.get(img, "backing_file_offset") == 0xC00
+
+
+def bitmap_infos(node: dict[str, Any]) -> list[dict[str, Any]] | None:
+    return node["image"]["format-specific"]["data"].get("bitmaps")
+
+
+@pytest.mark.parametrize("read_only", [True, False], ids=["read-only", "read-write"])
+async def test_persistent_bitmaps_in_format_specific(
+    graph: BlockGraph, tmp_path: Path, read_only: bool
+) -> None:
+    """ImageInfoSpecificQCow2's bitmaps, as QEMU 11.1 shows them (facts 1.9): what the
+    directory says, in directory order. A read-write open marks every bitmap in use in the
+    file (QEMU does, and qsd-py, which does not track them, leaves the mark on close)."""
+    import damage
+
+    img = damage.DAMAGES["bitmaps-two"].make(tmp_path)
+    opts = {"driver": "qcow2", "node-name": "q", "read-only": read_only,
+            "file": {"driver": "file", "filename": str(img)}}  # fmt: skip
+    await graph.add(opts)
+    node = by_name(graph.query())["q"]
+    in_use = [] if read_only else ["in-use"]
+    assert bitmap_infos(node) == [
+        {"name": "bm0", "granularity": 65536, "flags": [*in_use, "auto"]},
+        {"name": "bm1", "granularity": 1 << 20, "flags": in_use},
+    ]
+    data = node["image"]["format-specific"]["data"]
+    assert list(data)[-2:] == ["bitmaps", "compression-type"]  # the schema's order
+    await graph.close_all()
+    listed = images_info(img)["format-specific"]["data"]["bitmaps"]
+    assert [b["flags"] for b in listed] == [[*in_use, "auto"], in_use]
+    assert images_check(img)[0] == 0
+
+
+async def test_bitmap_in_use_on_disk_shows_read_only(graph: BlockGraph, tmp_path: Path) -> None:
+    """A bitmap not saved cleanly shows in-use even read-only; its table is not read."""
+    import damage
+
+    img = damage.DAMAGES["bitmap-in-use"].make(tmp_path)
+    await graph.add({"driver": "qcow2", "node-name": "q", "read-only": True,
+                     "file": {"driver": "file", "filename": str(img)}})  # fmt: skip
+    flags = [b["flags"] for b in bitmap_infos(by_name(graph.query())["q"]) or []]
+    assert flags == [["in-use", "auto"], []]
+
+
+async def test_no_bitmaps_no_member(graph: BlockGraph, tmp_path: Path) -> None:
+    img = create(tmp_path / "plain.qcow2", "64M")
+    await graph.add(
+        {"driver": "qcow2", "node-name": "q", "file": {"driver": "file", "filename": str(img)}}
+    )
+    assert bitmap_infos(by_name(graph.query())["q"]) is None

@@ -142,15 +142,23 @@ class Qcow2Header:
     crypto_header: tuple[int, int] | None = None
     # Extensions QEMU does not know, as (type, data) in file order.
     unknown_extensions: list[tuple[int, bytes]] = field(default_factory=list)
-    # What QEMU prints as warnings on open, and whether it rewrites the header on a
-    # read-write open (unknown autoclear bits, a bitmaps extension left by a program
-    # without bitmap support); parse_header already applied the change in memory.
+    # What QEMU prints as warnings on open (each after "<program>: warning: ", its advice
+    # on a second line included), and whether it rewrites the header on a read-write open
+    # (unknown autoclear bits, a bitmaps extension left by a program without bitmap
+    # support); parse_header already applied the change in memory.
     warnings: list[str] = field(default_factory=list)
     needs_rewrite: bool = False
 
     @property
     def cluster_size(self) -> int:
         return 1 << self.cluster_bits
+
+    @property
+    def backing_name(self) -> str | None:
+        """The backing file the image names. An empty name (offset set, or a name of NUL
+        bytes) names none: QEMU opens no backing file for it and shows no backing names, yet
+        keeps the name as it is when it rewrites the header."""
+        return self.backing_file or None
 
     @property
     def refcount_bits(self) -> int:
@@ -416,6 +424,11 @@ def _crypto_header(data: bytes, h: Qcow2Header) -> tuple[int, int]:
     raise Qcow2Error(NO_KEY_TEXT)  # QEMU opens the LUKS header here and needs the key
 
 
+# QEMU's advice after its warning about bitmaps a program without bitmap support may have
+# changed: the bitmaps are dropped with the extension, their clusters stay allocated.
+LEAKED_ADVICE = "Some clusters may be leaked, run 'qemu-img check -r' on the image file to fix."
+
+
 def _bitmaps_ext(data: bytes, h: Qcow2Header) -> None:
     if len(data) != BITMAPS_EXT_SIZE:
         raise Qcow2Error("bitmaps_ext: Invalid extension length")
@@ -431,6 +444,7 @@ def _bitmaps_ext(data: bytes, h: Qcow2Header) -> None:
                 "a program lacking bitmap support modified this file, so all bitmaps are now "
                 "considered inconsistent"
             )
+        h.warnings[-1] += "\n" + LEAKED_ADVICE
         h.needs_rewrite = True
         return
     nb_bitmaps, reserved, dir_size, dir_offset = _BITMAPS.unpack(data)

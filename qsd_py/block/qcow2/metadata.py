@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from qsd_py.block.qcow2.bitmaps import PersistentBitmap, load_bitmaps
 from qsd_py.block.qcow2.header import Qcow2Header
 from qsd_py.block.qcow2.snapshots import (
     ENTRY_HEADER,
@@ -27,9 +28,6 @@ if TYPE_CHECKING:
 _BITMAPS_EXT = struct.Struct(">IIQQ")  # nb_bitmaps, reserved, directory size, offset
 # Bitmap directory entry: table offset and size, flags, type, granularity, name and extra size.
 _BITMAP_ENTRY = struct.Struct(">QIIBBHI")
-BITMAP_TABLE_OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
-BITMAP_TABLE_RESERVED_MASK = 0xFF00_0000_0000_01FE
-BITMAP_TABLE_ALL_ONES = 1
 
 
 class BitmapDirectoryError(Exception):
@@ -51,12 +49,13 @@ class Metadata:
     snapshots_offset: int = 0
     snapshots_size: int = 0  # bytes of the table as stored (QEMU's snapshots_size)
     bitmap_directory: tuple[int, int] | None = None  # (offset, size) when bitmaps are in use
+    bitmaps: list[PersistentBitmap] = field(default_factory=list)  # its entries (bitmaps.py)
     crypto_header: tuple[int, int] | None = None
 
 
 async def load_metadata(file: BlockNode, h: Qcow2Header) -> Metadata:
-    """Read the snapshot table (Qcow2Error with QEMU's text when it is broken) and note
-    where the bitmap directory and the LUKS header are."""
+    """Read the snapshot table, then the bitmap directory (Qcow2Error with QEMU's text
+    when either is broken), and note where the LUKS header is."""
     meta = Metadata(snapshots_offset=h.snapshots_offset, crypto_header=h.crypto_header)
     if h.nb_snapshots:
         raw = await _read_snapshot_table(file, h)
@@ -65,6 +64,7 @@ async def load_metadata(file: BlockNode, h: Qcow2Header) -> Metadata:
     if h.bitmaps_ext is not None:
         _, _, dir_size, dir_offset = _BITMAPS_EXT.unpack(h.bitmaps_ext)
         meta.bitmap_directory = (dir_offset, dir_size)
+        meta.bitmaps = await load_bitmaps(file, h)
     return meta
 
 
@@ -125,12 +125,3 @@ async def read_bitmap_table(file: BlockNode, bitmap: Bitmap, cluster_size: int) 
     if raw:
         await file.read(bitmap.table_offset, memoryview(raw))
     return [v for (v,) in struct.iter_unpack(">Q", raw)]
-
-
-def bitmap_entry_valid(entry: int, cluster_size: int) -> bool:
-    """QEMU's check of a bitmap table entry: no reserved bits, an aligned cluster, and the
-    all-ones flag only on entries without a cluster."""
-    offset = entry & BITMAP_TABLE_OFFSET_MASK
-    if entry & BITMAP_TABLE_RESERVED_MASK or offset & (cluster_size - 1):
-        return False
-    return not (offset and entry & BITMAP_TABLE_ALL_ONES)

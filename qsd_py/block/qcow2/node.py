@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from qsd_py.block import fast_map
 from qsd_py.block.drain import InFlight
+from qsd_py.block.drivers import driver_class
 from qsd_py.block.fast_map import ClusterTable, FastTarget
 from qsd_py.block.lock import CrossLoopLock
 from qsd_py.block.node import (
@@ -47,6 +48,7 @@ from qsd_py.block.node import (
 from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.block.qcow2 import header as hdr
 from qsd_py.block.qcow2 import overlap as ol
+from qsd_py.block.qcow2.bitmaps import mark_in_use
 from qsd_py.block.qcow2.cache import MetaCache
 from qsd_py.block.qcow2.entries import (
     L1E_OFFSET_MASK,
@@ -202,6 +204,7 @@ class Qcow2Node(BlockNode):
             )
         except hdr.Qcow2Error as err:
             raise QMPError(str(err)) from err
+        _print_warnings(h)
         self.header = h
         self.cluster_bits, self.cluster_size = h.cluster_bits, h.cluster_size
         self.size = h.size
@@ -337,13 +340,14 @@ class Qcow2Node(BlockNode):
             ref = self.opts["backing"]
             if ref is None:
                 return
-        elif h.backing_file is None:
+        elif h.backing_name is None:
             return
         else:
+            path = self._relative(h.backing_name)
             ref = {
-                "driver": h.backing_format or await self._probe(self._relative(h.backing_file)),
+                "driver": h.backing_format or await self._probe(path),
                 "read-only": True,
-                "file": {"driver": "file", "filename": self._relative(h.backing_file)},
+                "file": {"driver": "file", "filename": path},
             }
             if ref["driver"] == "file":
                 ref = {**ref["file"], "read-only": True}
@@ -359,16 +363,19 @@ class Qcow2Node(BlockNode):
             _OPENING.reset(token)
 
     def _refuse_loop(self, ref: dict[str, Any]) -> None:
-        """A backing file that is already an image above it in the chain being opened.
-        Opened read-write, the image's own lock refuses it (as in QEMU); read-only, QEMU
-        would open the chain forever, so the loop is refused here."""
-        file = ref.get("file", ref)
+        """A backing file that is an image above it in the chain being opened, read-only,
+        and would open its backing file again: QEMU opens such a chain forever, so the loop
+        is refused here. Opened read-write, the image's own lock refuses it (QEMU's text);
+        a raw node over the same file opens nothing further and is no loop. The file is
+        compared by identity, so a symbolic or hard link to it counts as the file."""
+        if not _opens_backing(ref.get("driver")):
+            return
+        file = ref.get("file")
         path = file.get("filename") if isinstance(file, dict) else None
         if path is None:
             return
-        real = os.path.realpath(path)
         for node in _OPENING.get():
-            if node.read_only and os.path.realpath(node.file.filename()) == real:
+            if node.read_only and _same_file(node.file.filename(), path):
                 raise QMPError(f"Backing file '{path}' is already in the chain: a loop")
 
     async def _probe(self, path: str) -> str:
@@ -392,6 +399,8 @@ class Qcow2Node(BlockNode):
     async def _open_for_writing(self, h: hdr.Qcow2Header) -> None:
         if h.needs_rewrite:
             await self._write_header()
+        assert self.metadata is not None
+        await mark_in_use(self.file, self.metadata.bitmaps)  # bitmaps.py says why
         if h.dirty:
             from qsd_py.block.qcow2.repair import rebuild_refcounts
 
@@ -1412,7 +1421,7 @@ class Qcow2Node(BlockNode):
         not the one the header names (given by reference, or null over a named one)."""
         assert self.header is not None
         overridden = "backing" in self.opts
-        if not overridden or (self.backing is None and self.header.backing_file is None):
+        if not overridden or (self.backing is None and self.header.backing_name is None):
             return self.file.filename()
         return "json:" + json.dumps(self.full_options(), sort_keys=True)
 
@@ -1422,7 +1431,7 @@ class Qcow2Node(BlockNode):
         backing = self.backing
         if backing is not None:
             opts["backing"] = _full_options(backing)
-        elif "backing" in self.opts and self.header and self.header.backing_file is not None:
+        elif "backing" in self.opts and self.header and self.header.backing_name is not None:
             opts["backing"] = None  # null over the one the header names
         opts["file"] = _full_options(self.file)
         return opts
@@ -1438,9 +1447,9 @@ class Qcow2Node(BlockNode):
         assert self.header is not None
         h = self.header
         extra: dict[str, Any] = {"dirty-flag": h.dirty, "cluster-size": self.cluster_size}
-        if h.backing_file is not None:
-            extra["backing-filename"] = h.backing_file
-            extra["full-backing-filename"] = self._relative(h.backing_file)
+        if h.backing_name is not None:
+            extra["backing-filename"] = h.backing_name
+            extra["full-backing-filename"] = self._relative(h.backing_name)
             if h.backing_format is not None:
                 extra["backing-filename-format"] = h.backing_format
         if self.snapshots:
@@ -1463,8 +1472,37 @@ class Qcow2Node(BlockNode):
         data["lazy-refcounts"] = self._lazy()
         data["corrupt"] = h.corrupt
         data["refcount-bits"] = h.refcount_bits
+        if self.metadata is not None and self.metadata.bitmaps:
+            data["bitmaps"] = [bitmap.info() for bitmap in self.metadata.bitmaps]
         data["compression-type"] = ctype
         return data
+
+
+def _print_warnings(h: hdr.Qcow2Header) -> None:
+    """QEMU's warnings about the header on stderr, read-only or not (a stale bitmaps
+    extension: its bitmaps are dropped, their clusters may be leaked). QEMU ends its
+    advice without a newline; here the line is ended."""
+    from qsd_py.main import PROG
+
+    for text in h.warnings:
+        print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _opens_backing(driver: Any) -> bool:
+    """Whether a node of ``driver`` opens a backing file of its own (an unknown driver
+    opens nothing: its open fails with QEMU's text)."""
+    try:
+        return isinstance(driver, str) and driver_class(driver).supports_backing
+    except QMPError:
+        return False
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Whether two names are one file (a name that cannot be looked up is no file)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _full_options(node: BlockNode) -> dict[str, Any]:

@@ -22,12 +22,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qsd_py.block.qcow2 import entries as e
+from qsd_py.block.qcow2.bitmaps import BITMAP_TABLE_OFFSET_MASK, bitmap_entry_valid
 from qsd_py.block.qcow2.header import MAX_L1_SIZE, Qcow2Header
 from qsd_py.block.qcow2.metadata import (
-    BITMAP_TABLE_OFFSET_MASK,
     BitmapDirectoryError,
     Metadata,
-    bitmap_entry_valid,
     read_bitmap_directory,
     read_bitmap_table,
 )
