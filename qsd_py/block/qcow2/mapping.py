@@ -60,6 +60,7 @@ class ClusterMap:
         self.slice_entries = cache.entry_size // self.entry_size
         self.l1_offset = l1_offset
         self.l1 = l1
+        self.l1_version = 0  # bumped whenever the L1 table changes (overlap checks cache by it)
         self.cache = cache
         self.refcounts = refcounts
         # Told every entry it learns or changes: (guest cluster, l2 entry, bitmap).
@@ -190,4 +191,5 @@ class ClusterMap:
     async def write_l1(self, l1_index: int, value: int) -> None:
         """Set an L1 entry and write it through."""
         self.l1[l1_index] = value
+        self.l1_version += 1
         await self._file().write(self.l1_offset + 8 * l1_index, _U64.pack(value))

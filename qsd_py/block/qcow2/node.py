@@ -308,9 +308,12 @@ class Qcow2Node(BlockNode):
             lambda guest_cluster: self.map.l2_table(guest_cluster) if self.map else 0,
         )  # fmt: skip
 
-    def _overlap_state(self) -> tuple[int, list[int], int, list[int]]:
+    def _overlap_state(self) -> ol.TableState:
         assert self.map is not None and self.refcounts is not None
-        return self.map.l1_offset, self.map.l1, self.refcounts.table_offset, self.refcounts.table
+        m, r = self.map, self.refcounts
+        return ol.TableState(
+            m.l1_offset, m.l1, (id(m), m.l1_version), r.table_offset, r.table, (id(r), r.version)
+        )
 
     def _guarded(self, role: str) -> Any:
         """The ``file`` child for the metadata code in ``role``: writes overlap-checked."""
@@ -1352,6 +1355,7 @@ class Qcow2Node(BlockNode):
         await self.file.flush()
         old_offset, old_bytes = self.map.l1_offset, len(self.map.l1) * 8
         self.map.l1 = grown
+        self.map.l1_version += 1
         self.map.l1_offset = new
         assert self.header is not None
         self.header.l1_size, self.header.l1_table_offset = entries, new

@@ -16,7 +16,7 @@ snapshots' L1 tables), ``all`` adds the snapshots' L2 tables (read once, at open
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from qsd_py.block.qcow2 import entries
 from qsd_py.block.qcow2.entries import L1E_OFFSET_MASK, REFT_OFFSET_MASK
@@ -79,19 +79,31 @@ def parse_overlap_check(opts: dict[str, Any]) -> int:
     return checks
 
 
+class TableState(NamedTuple):
+    """The active tables as they are now; ``*_key`` changes whenever the table does."""
+
+    l1_offset: int
+    l1: list[int]
+    l1_key: tuple[int, int]
+    reftable_offset: int
+    reftable: list[int]
+    reftable_key: tuple[int, int]
+
+
 class OverlapCheck:
     """Which metadata a range of the image file overlaps, as QEMU's
     qcow2_check_metadata_overlap answers: the first kind found, in QEMU's order.
 
     The active tables are read live from the driver's objects (``state`` returns the L1
     offset and entries, the refcount table offset and entries); the cluster sets built from
-    their entries are rebuilt only when the entries changed (a list comparison)."""
+    their entries are rebuilt only when the tables changed (their owners' version numbers:
+    comparing the tables themselves cost a data write tens of microseconds)."""
 
     def __init__(
         self,
         checks: int,
         cluster_bits: int,
-        state: Callable[[], tuple[int, list[int], int, list[int]]],
+        state: Callable[[], TableState],
         meta: Metadata,
         bitmaps_in_use: bool,
     ) -> None:
@@ -102,9 +114,9 @@ class OverlapCheck:
         self.meta = meta
         self.bitmaps_in_use = bitmaps_in_use
         self.inactive_l2: set[int] = set()  # clusters of the snapshots' L2 tables
-        self._l1_seen: list[int] | None = None
+        self._l1_seen: tuple[int, int] | None = None  # (whose, version) the set is of
         self._l2_clusters: set[int] = set()
-        self._reftable_seen: list[int] | None = None
+        self._reftable_seen: tuple[int, int] | None = None
         self._refblock_clusters: set[int] = set()
 
     async def load_inactive_l2(self, file: BlockNode) -> None:
@@ -135,7 +147,10 @@ class OverlapCheck:
         mask = self.cluster_size - 1
         start = offset & ~mask
         end = (offset + size + mask) & ~mask
-        l1_offset, l1, reftable_offset, reftable = self.state()
+        state = self.state()
+        l1_offset, l1, reftable_offset, reftable = (
+            state.l1_offset, state.l1, state.reftable_offset, state.reftable
+        )
         meta = self.meta
         ranges = [
             (ACTIVE_L1, l1_offset, 8 * len(l1)),
@@ -146,9 +161,11 @@ class OverlapCheck:
         for kind, first, length in ranges:
             if chk & kind and length and first < end and start < first + length:
                 return kind
-        if chk & ACTIVE_L2 and self._hits(start, end, self._active_l2(l1)):
+        if chk & ACTIVE_L2 and self._hits(start, end, self._active_l2(l1, state.l1_key)):
             return ACTIVE_L2
-        if chk & REFCOUNT_BLOCK and self._hits(start, end, self._refblocks(reftable)):
+        if chk & REFCOUNT_BLOCK and self._hits(
+            start, end, self._refblocks(reftable, state.reftable_key)
+        ):
             return REFCOUNT_BLOCK
         if chk & INACTIVE_L2 and self._hits(start, end, self.inactive_l2):
             return INACTIVE_L2
@@ -168,9 +185,9 @@ class OverlapCheck:
         """The clusters a (possibly unaligned) table of ``length`` bytes touches."""
         return range(offset >> self.cluster_bits, (offset + length - 1 >> self.cluster_bits) + 1)
 
-    def _active_l2(self, l1: list[int]) -> set[int]:
-        if l1 != self._l1_seen:
-            self._l1_seen = list(l1)
+    def _active_l2(self, l1: list[int], key: tuple[int, int]) -> set[int]:
+        if key != self._l1_seen:
+            self._l1_seen = key
             self._l2_clusters = set()
             for entry in l1:
                 if entry & L1E_OFFSET_MASK:
@@ -179,9 +196,9 @@ class OverlapCheck:
                     )
         return self._l2_clusters
 
-    def _refblocks(self, reftable: list[int]) -> set[int]:
-        if reftable != self._reftable_seen:
-            self._reftable_seen = list(reftable)
+    def _refblocks(self, reftable: list[int], key: tuple[int, int]) -> set[int]:
+        if key != self._reftable_seen:
+            self._reftable_seen = key
             self._refblock_clusters = set()
             for entry in reftable:
                 if entry & REFT_OFFSET_MASK:
@@ -236,7 +253,9 @@ class GuardedFile:
             return ACTIVE_L2
         if self.role == ROLE_REFCOUNT_CACHE:
             return REFCOUNT_BLOCK
-        l1_offset, l1, reftable_offset, reftable = check.state()
+        state = check.state()
+        l1_offset, l1 = state.l1_offset, state.l1
+        reftable_offset, reftable = state.reftable_offset, state.reftable
         end = offset + size
         if self.role == ROLE_MAP:
             inside_l1 = l1_offset <= offset and end <= l1_offset + 8 * len(l1)

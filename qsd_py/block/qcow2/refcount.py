@@ -71,6 +71,7 @@ class Refcounts:
         self.block_bits = cluster_bits + 3 - refcount_order
         self.table_offset = table_offset
         self.table = table
+        self.version = 0  # bumped whenever the table changes (the overlap checks cache by it)
         self.cache = cache
         self.free_hint = 0  # no free cluster below this index
         self.high_water = 0  # no cluster at or past this index is in use (set at open)
@@ -160,6 +161,7 @@ class Refcounts:
         await file.write(offset, block)
         await file.flush()
         self.table[slot] = offset
+        self.version += 1
         await file.write(self.table_offset + 8 * slot, _U64.pack(offset))
         await file.flush()
         await self.cache.put(offset, block, dirty=False)
@@ -211,6 +213,7 @@ class Refcounts:
         old_offset = self.table_offset
         old_bytes = len(self.table) * 8
         self.table, self.table_offset = new_table, new_offset
+        self.version += 1
         for slot, buf in blocks.items():
             await self.cache.put(new_table[slot], buf, dirty=False)
         await self.free(old_offset, old_bytes)
