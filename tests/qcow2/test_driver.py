@@ -10,7 +10,6 @@ import asyncio
 import errno
 import json
 import random
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,6 @@ from qsd_py.block.node import STATUS_DATA, STATUS_ZERO, BlockNode
 from qsd_py.errors import QMPError
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-@pytest.fixture
-async def graph() -> AsyncIterator[BlockGraph]:
-    g = BlockGraph()
-    try:
-        yield g
-    finally:
-        await g.close_all()
 
 
 def qcow2_opts(path: Path, name: str = "q", **extra: Any) -> dict[str, Any]:

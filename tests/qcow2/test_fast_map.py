@@ -5,7 +5,6 @@ a fast-path reader may still use it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,6 @@ from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse.engine import FuseEngine
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-@pytest.fixture
-async def graph() -> AsyncIterator[BlockGraph]:
-    g = BlockGraph()
-    try:
-        yield g
-    finally:
-        await g.close_all()
 
 
 async def open_qcow2(graph: BlockGraph, path: Path, **extra) -> BlockNode:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,6 @@ from images import info as images_info
 from qsd_py.block.graph import BlockGraph
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-async def graph() -> AsyncIterator[BlockGraph]:
-    g = BlockGraph()
-    try:
-        yield g
-    finally:
-        await g.close_all()
 
 
 def chain(tmp_path: Path) -> Path:

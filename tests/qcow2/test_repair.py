@@ -12,7 +12,6 @@ which also left byte-identical files).
 from __future__ import annotations
 
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import damage
@@ -37,15 +36,6 @@ from qsd_py.errors import QMPError
 
 KiB, MiB = 1 << 10, 1 << 20
 OFFSET_MASK = 0x00FF_FFFF_FFFF_FE00
-
-
-@pytest.fixture
-async def graph() -> AsyncIterator[BlockGraph]:
-    g = BlockGraph()
-    try:
-        yield g
-    finally:
-        await g.close_all()
 
 
 def crash_after(img: Path, *commands: str) -> None:
