@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import contextvars
 import errno
+import itertools
 import json
 import logging
 import os
@@ -699,8 +700,23 @@ class Qcow2Node(BlockNode):
         buf = data if isinstance(data, memoryview) else memoryview(data)
         self._check_usable()
         pending: list[tuple[int, int]] = []  # (offset, n) of clusters needing allocation
+        await self._write_planned(offset, buf, offset, len(buf), pending)
+        if len(pending) > 1 and await self._prepare_run(pending):
+            # Fresh clusters, now allocated as one run: the data goes in place, in one go.
+            start = pending[0][0]
+            end = pending[-1][0] + pending[-1][1]
+            pending = []
+            await self._write_planned(offset, buf, start, end - start, pending)
+        for start, n in pending:
+            await self._allocating_write(start, buf[start - offset : start - offset + n])
+
+    async def _write_planned(
+        self, offset: int, buf: memoryview, start: int, n: int, pending: list[tuple[int, int]]
+    ) -> None:
+        """Write ``[start, +n)`` of a request (``buf`` at ``offset``) where it can go in
+        place; the clusters that need allocating are appended to ``pending``."""
         async with self._meta_lock:
-            plan = await self._write_plan(offset, len(buf), pending)
+            plan = await self._write_plan(start, n, pending)
             self._hold(plan)
         try:
             for run in plan:
@@ -708,8 +724,15 @@ class Qcow2Node(BlockNode):
                 await self._write_in_place(run.host, part)
         finally:
             self._release(plan)
-        for start, n in pending:
-            await self._allocating_write(start, buf[start - offset : start - offset + n])
+
+    async def _prepare_run(self, pending: list[tuple[int, int]]) -> bool:
+        """Whether the clusters a write must allocate are consecutive, fresh, and were
+        allocated together (:meth:`prepare_fast_write`)."""
+        for (start, n), (after, _) in itertools.pairwise(pending):
+            if start + n != after:
+                return False
+        start = pending[0][0]
+        return await self.prepare_fast_write(start, pending[-1][0] + pending[-1][1] - start)
 
     async def _write_plan(
         self, offset: int, length: int, pending: list[tuple[int, int]]
@@ -815,41 +838,68 @@ class Qcow2Node(BlockNode):
         self._allocations.leave()
 
     async def prepare_fast_write(self, offset: int, length: int) -> bool:
-        """For queue workers: give the fresh clusters of a write (no host cluster, reading as
-        zeroes) host clusters of zeroes, so the worker writes the data in place itself. No
-        data passes through the daemon; False where a cluster needs its data copied."""
+        """Give the fresh clusters of a write (no host cluster, reading as zeroes) host
+        clusters of zeroes, allocated as one run, so that the data can go in place in one
+        request (a queue worker writes it itself: no data passes through the daemon).
+        False where a cluster needs its data copied, or another write is allocating it."""
         if self.read_only or self.corrupt or self.map is None or "data-file" in self.children:
             return False
-        first, last = offset >> self.cluster_bits, (offset + length - 1) >> self.cluster_bits
-        for guest_cluster in range(first, last + 1):
-            if not await self._allocate_fresh(guest_cluster):
-                return False
-        return True
-
-    async def _allocate_fresh(self, guest_cluster: int) -> bool:
-        assert self.refcounts is not None and self.map is not None
-        cs = self.cluster_size
-        l2e, bitmap = await self._begin_allocation(guest_cluster)
+        bits = self.cluster_bits
+        clusters = range(offset >> bits, ((offset + length - 1) >> bits) + 1)
+        entries = await self._begin_allocations(clusters)
+        if entries is None:
+            return False
         try:
-            if self._in_place_host(l2e, bitmap, 0, cs) >= 0:
-                return True  # an earlier write got there first
-            if self._allocated(l2e) or not self._reads_zero_everywhere(l2e, bitmap):
-                return False
-            async with self._meta_lock:
-                await self.map.prepare_table(guest_cluster)
-                never_used = self.refcounts.high_water
-                host = await self.refcounts.allocate(cs)
-                self.refcounts.hold(host >> self.cluster_bits)
-            try:
-                if host >> self.cluster_bits < never_used:  # a reused cluster: zero it
-                    await self.data_node.write_zeroes(host, cs, False)
-                async with self._meta_lock:
-                    await self._link(guest_cluster, l2e, bitmap, host, 0, cs, False)
-            finally:
-                self.refcounts.release(host >> self.cluster_bits)
+            fresh = []
+            for guest_cluster, (l2e, bitmap) in zip(clusters, entries, strict=True):
+                if self._in_place_host(l2e, bitmap, 0, self.cluster_size) >= 0:
+                    continue  # an earlier write got there first
+                if self._allocated(l2e) or not self._reads_zero_everywhere(l2e, bitmap):
+                    return False
+                fresh.append((guest_cluster, l2e, bitmap))
+            if fresh:
+                await self._allocate_fresh(fresh)
             return True
         finally:
-            self._end_allocation(guest_cluster)
+            for guest_cluster in clusters:
+                self._end_allocation(guest_cluster)
+
+    async def _begin_allocations(self, clusters: range) -> list[tuple[int, int]] | None:
+        """:meth:`_begin_allocation` of several clusters at once; None (nothing registered)
+        if one of them is being allocated already."""
+        assert self.map is not None
+        async with self._change_lock, self._meta_lock:
+            if any(c in self._allocating for c in clusters):
+                return None
+            for guest_cluster in clusters:
+                mine = self._allocating[guest_cluster] = InFlight()
+                mine.enter()
+                self._allocations.enter()
+            await self._mark_dirty()
+            return [await self.map.entry(c) for c in clusters]
+
+    async def _allocate_fresh(self, fresh: list[tuple[int, int, int]]) -> None:
+        """Consecutive host clusters of zeroes for ``fresh`` (guest cluster, entry, bitmap),
+        linked in order."""
+        assert self.refcounts is not None and self.map is not None
+        cs = self.cluster_size
+        async with self._meta_lock:
+            for guest_cluster, _, _ in fresh:
+                await self.map.prepare_table(guest_cluster)
+            never_used = self.refcounts.high_water
+            host = await self.refcounts.allocate(len(fresh) * cs)
+        held = range(host >> self.cluster_bits, (host >> self.cluster_bits) + len(fresh))
+        for index in held:
+            self.refcounts.hold(index)
+        try:
+            if held.start < never_used:  # reused clusters: zero them
+                await self.data_node.write_zeroes(host, len(fresh) * cs, False)
+            async with self._meta_lock:
+                for i, (guest_cluster, l2e, bitmap) in enumerate(fresh):
+                    await self._link(guest_cluster, l2e, bitmap, host + i * cs, 0, cs, False)
+        finally:
+            for index in held:
+                self.refcounts.release(index)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self) -> AsyncIterator[None]:

@@ -223,17 +223,19 @@ class Refcounts:
         """The first index of ``count`` consecutive free clusters (first fit from the hint;
         past the last used cluster everything is free)."""
         index = start = self.free_hint
+        first_free = -1
         run = 0
         while run < count:
             if index not in self.busy and (index >= self.high_water or await self.get(index) == 0):
                 if run == 0:
                     start = index
+                if first_free < 0:
+                    first_free = index
                 run += 1
             else:
                 run = 0
             index += 1
-        if count == 1:
-            self.free_hint = start
+        self.free_hint = first_free  # nothing free below the first free index met
         return start
 
     async def allocate(self, nbytes: int) -> int:
@@ -250,8 +252,8 @@ class Refcounts:
             for index in held:
                 self.release(index)
         self.high_water = max(self.high_water, start + count)
-        if count == 1:
-            self.free_hint = start + 1
+        if self.free_hint == start:
+            self.free_hint = start + count
         await self._cover(start + count)
         return start << self.cluster_bits
 
