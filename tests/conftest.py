@@ -71,10 +71,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
     """With QSD_TEST_REQUIRE_URING=1 (CI) a skipped test counts as failed: the only skips
-    left are for a kernel without io_uring or FUSE-over-io_uring. An expected failure
-    (xfail, reported as skipped too) is no such skip."""
+    left are for a kernel without io_uring or FUSE-over-io_uring."""
     outcome = yield
     report = outcome.get_result()
-    if REQUIRE_URING and report.skipped and not hasattr(report, "wasxfail"):
+    if REQUIRE_URING and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"skipped, but QSD_TEST_REQUIRE_URING=1 forbids skips: {report.longrepr}"

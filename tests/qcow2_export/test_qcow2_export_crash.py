@@ -5,19 +5,14 @@ scripts/qcow2-crash-loop runs the same rounds 50 times)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 from pathlib import Path
 
-import pytest
 from crash_harness import cleanup_round, crash_round
 from support import fuse_mounts_under
 
 ROUNDS = 5
-#: Another branch adds the repair of dirty images; until it is merged, opening a dirty
-#: image read-write fails (node.py imports a module that is not there).
-REPAIR_MISSING = importlib.util.find_spec("qsd_py.block.qcow2.repair") is None
 
 
 def _rounds(tmp_path: Path, transport: str, rounds: int, lazy: bool) -> None:
@@ -40,13 +35,6 @@ def test_sigkill_during_allocating_writes(tmp_path: Path, transport: str):
     _rounds(tmp_path, transport, ROUNDS, lazy=False)
 
 
-@pytest.mark.xfail(
-    REPAIR_MISSING,
-    raises=RuntimeError,  # the daemon refuses to start on the dirty image
-    strict=True,
-    reason="opening the dirty image read-write needs the refcount repair "
-    "(qsd_py/block/qcow2/repair.py, branch 'repair'), not merged here",
-)
 def test_sigkill_with_lazy_refcounts_repaired_on_open(tmp_path: Path, transport: str):
     """Lazy refcounts leave the image dirty after the kill; the next read-write open in
     qsd-py must rebuild the refcounts (then check is clean and the data are there)."""
