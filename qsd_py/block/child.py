@@ -17,9 +17,6 @@ from qsd_py.block.perm import NodeUser, Perm
 if TYPE_CHECKING:
     from qsd_py.block.node import BlockNode
 
-#: The roles a child may have, as QEMU names them in ``query-named-block-nodes``.
-ROLES = ("file", "backing", "data-file")
-
 
 class Child:
     """``parent`` uses ``node`` in ``role`` with permissions ``perm``, sharing ``shared``."""

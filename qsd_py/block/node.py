@@ -434,6 +434,11 @@ class BlockNode:
         """QEMU's ``file``/``image.filename``: a path, a protocol URL or ``json:{...}``."""
         raise NotImplementedError
 
+    def full_options(self) -> dict[str, Any]:
+        """What reopens this node as it is (QEMU's full_open_options), for the ``json:``
+        filenames of the formats above it."""
+        return {"driver": self.driver, "filename": self.filename()}
+
     def allocated_size_now(self) -> int:
         """Synchronous allocated size for ``info()`` (an fstat, never slow); 0 if unknown."""
         return 0

@@ -224,13 +224,15 @@ class FileNode(BlockNode):
         if self.read_only:
             raise OSError(errno.EACCES, "Image is read-only")
         assert self.backend is not None
-        old = (await self.backend.run(os.fstat, self.fd)).st_size
+        old = length  # only preallocation needs the old size: no fstat otherwise
+        if prealloc != "off":
+            old = (await self.backend.run(os.fstat, self.fd)).st_size
         try:
             await self.backend.run(os.ftruncate, self.fd, length)
         except OSError as e:
             raise OSError(e.errno, f"Failed to resize file: {os.strerror(e.errno)}") from e
         self._length = round_to_sectors(length)
-        if length <= old or prealloc == "off":
+        if length <= old:
             return
         try:
             if prealloc == "falloc":

@@ -19,7 +19,7 @@ cycle. All methods run under the node's metadata lock.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ class MetaCache:
         self.depends: MetaCache | None = None  # written (and the file flushed) before us
         self.flush_file_first = False  # a flush of the file must come before our writes
         self.before_write: Callable[[int, int], None] | None = None  # overlap check hook
-        self.on_write_error: Callable[[OSError], Awaitable[None]] | None = None
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -52,6 +52,8 @@ from qsd_py.block.qcow2 import overlap as ol
 from qsd_py.block.qcow2.bitmaps import mark_in_use
 from qsd_py.block.qcow2.cache import MetaCache
 from qsd_py.block.qcow2.entries import (
+    BITMAP_ALL_ALLOC,
+    BITMAP_ALL_ZEROES,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     OFLAG_COMPRESSED,
@@ -61,6 +63,8 @@ from qsd_py.block.qcow2.entries import (
     SUBCLUSTER_UNALLOCATED_PLAIN,
     SUBCLUSTER_ZERO_ALLOC,
     SUBCLUSTER_ZERO_PLAIN,
+    SUBCLUSTERS,
+    alloc_range,
     c_hex,
     compressed_range,
     corruption_report,
@@ -95,9 +99,6 @@ _OPENING: contextvars.ContextVar[tuple[Qcow2Node, ...]] = contextvars.ContextVar
 UNALLOC, ZERO, DATA, COMPRESSED = range(4)
 _ZEROES = bytes(1 << 16)
 
-# Subcluster bitmaps of extended L2 entries: 32 "allocated" bits, then 32 "zero" bits.
-SUBCLUSTERS = 32
-ALL_ZERO_BITMAP = 0xFFFFFFFF << 32
 # Grains that hold no data of their own: zeroing part of one may flag the whole grain zero.
 _WITHOUT_DATA = frozenset(
     {
@@ -929,7 +930,7 @@ class Qcow2Node(BlockNode):
             hi = -(-(in_cluster + len(part)) // sc) * sc
             if not own and l2e & OFLAG_COMPRESSED:
                 lo, hi = 0, cs  # a compressed cluster is copied whole
-            elif not own and bitmap & 0xFFFFFFFF and self._allocated(l2e):
+            elif not own and bitmap & BITMAP_ALL_ALLOC and self._allocated(l2e):
                 lo, hi = 0, cs  # a shared cluster with data: copied whole
         else:
             lo, hi = 0, cs
@@ -974,9 +975,9 @@ class Qcow2Node(BlockNode):
         if l2e & OFLAG_COMPRESSED:
             return False
         if self.map is not None and self.map.extended:
-            if bitmap & 0xFFFFFFFF:
+            if bitmap & BITMAP_ALL_ALLOC:
                 return False
-            if bitmap >> 32 == 0xFFFFFFFF:
+            if bitmap >> 32 == BITMAP_ALL_ALLOC:
                 return True
         elif l2e & OFLAG_ZERO:
             return True
@@ -1015,9 +1016,9 @@ class Qcow2Node(BlockNode):
             mask = _subcluster_mask(lo, hi - lo, self.cluster_size)
             new_bitmap = (bitmap | mask) & ~(mask << 32)
             if not own and (lo, hi) == (0, self.cluster_size):
-                new_bitmap = 0xFFFFFFFF
+                new_bitmap = BITMAP_ALL_ALLOC
             elif not own:
-                new_bitmap = mask | (bitmap & ~mask & (0xFFFFFFFF << 32))
+                new_bitmap = mask | (bitmap & ~mask & BITMAP_ALL_ZEROES)
         if not self._lazy():
             await self.map.cache.depend_on(self.refcounts.cache)
         await self.map.set_entry(guest_cluster, new_host | OFLAG_COPIED, new_bitmap)
@@ -1203,15 +1204,15 @@ class Qcow2Node(BlockNode):
         or compressed cluster: the caller writes zeroes, which copies the cluster)."""
         assert self.map is not None
         mask = _subcluster_mask(in_cluster, n, self.cluster_size)
-        whole = mask == 0xFFFFFFFF
+        whole = mask == BITMAP_ALL_ALLOC
         if old & OFLAG_COMPRESSED or (self._allocated(old) and not old & OFLAG_COPIED):
             if not whole:
                 return False
-            await self.map.set_entry(guest_cluster, 0, ALL_ZERO_BITMAP)
+            await self.map.set_entry(guest_cluster, 0, BITMAP_ALL_ZEROES)
             await self._free_entry(old, DISCARD_REQUEST)
             return True
         if whole and unmap and self._allocated(old):
-            await self.map.set_entry(guest_cluster, 0, ALL_ZERO_BITMAP)
+            await self.map.set_entry(guest_cluster, 0, BITMAP_ALL_ZEROES)
             await self._free_entry(old, DISCARD_REQUEST)
             return True
         new_bitmap = (bitmap & ~mask) | (mask << 32)
@@ -1260,7 +1261,7 @@ class Qcow2Node(BlockNode):
             return
         if self.backing is not None or allocated:
             if self.map.extended:
-                new, new_bitmap = 0, ALL_ZERO_BITMAP
+                new, new_bitmap = 0, BITMAP_ALL_ZEROES
             else:
                 new, new_bitmap = (OFLAG_ZERO if self.header.version >= 3 else 0), 0
         else:
@@ -1268,7 +1269,7 @@ class Qcow2Node(BlockNode):
         if self.options.discard_no_unref and allocated and not old & OFLAG_COMPRESSED:
             # Keep the cluster (and its reference): only say it reads as zeroes.
             if self.map.extended:
-                new, new_bitmap = old, ALL_ZERO_BITMAP
+                new, new_bitmap = old, BITMAP_ALL_ZEROES
             else:
                 new = old | OFLAG_ZERO
             if (new, new_bitmap) != (old, bitmap):
@@ -1388,7 +1389,7 @@ class Qcow2Node(BlockNode):
             host = await self.refcounts.allocate(cs)
             await data.write_zeroes(host, cs, False)  # allocates it on the host, zeroed
             await self.map.cache.depend_on(self.refcounts.cache)
-            await self.map.set_entry(guest_cluster, host | OFLAG_COPIED, 0xFFFFFFFF)
+            await self.map.set_entry(guest_cluster, host | OFLAG_COPIED, BITMAP_ALL_ALLOC)
 
     async def _grow_l1(self, entries: int) -> None:
         """A new L1 table of ``entries`` (copied, written, flushed), the header switched to
@@ -1457,9 +1458,9 @@ class Qcow2Node(BlockNode):
             return 0  # corrupt: the slow road finds and reports it
         assert self.map is not None
         if self.map.extended:
-            if bitmap == ALL_ZERO_BITMAP:
+            if bitmap == BITMAP_ALL_ZEROES:
                 return _FAST_ZEROES
-            if bitmap != 0xFFFFFFFF:
+            if bitmap != BITMAP_ALL_ALLOC:
                 return _FAST_ZEROES if bitmap == 0 and self.backing is None else 0
         elif l2e & OFLAG_ZERO:
             return _FAST_ZEROES
@@ -1480,14 +1481,13 @@ class Qcow2Node(BlockNode):
         return "json:" + json.dumps(self.full_options(), sort_keys=True)
 
     def full_options(self) -> dict[str, Any]:
-        """What reopens this node as it is (QEMU's full_open_options), for ``json:``."""
         opts: dict[str, Any] = {"driver": "qcow2"}
         backing = self.backing
         if backing is not None:
-            opts["backing"] = _full_options(backing)
+            opts["backing"] = backing.full_options()
         elif "backing" in self.opts and self.header and self.header.backing_name is not None:
             opts["backing"] = None  # null over the one the header names
-        opts["file"] = _full_options(self.file)
+        opts["file"] = self.file.full_options()
         return opts
 
     def limits(self) -> dict[str, int]:
@@ -1559,13 +1559,6 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def _full_options(node: BlockNode) -> dict[str, Any]:
-    full = getattr(node, "full_options", None)
-    if full is not None:
-        return full()
-    return {"driver": node.driver, "filename": node.filename()}
-
-
 def _snapshot_info(sn: Any) -> dict[str, Any]:
     """SnapshotInfo of one internal snapshot."""
     info = {
@@ -1603,6 +1596,4 @@ def _append_run(runs: list[Run], kind: int, offset: int, n: int, host: int) -> N
 def _subcluster_mask(in_cluster: int, n: int, cluster_size: int) -> int:
     """The bits of the subclusters that ``[in_cluster, +n)`` touches."""
     sc = cluster_size // SUBCLUSTERS
-    first = in_cluster // sc
-    last = (in_cluster + n - 1) // sc
-    return ((1 << (last - first + 1)) - 1) << first
+    return alloc_range(in_cluster // sc, (in_cluster + n - 1) // sc + 1)
