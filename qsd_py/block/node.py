@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -66,6 +67,19 @@ class BlockStatus(NamedTuple):
     def is_data(self) -> bool:
         """What SEEK_DATA stops at: data, or a range not known to read as zeroes."""
         return bool(self.flags & STATUS_DATA) or not self.flags & STATUS_ZERO
+
+
+# Zeroes to copy or write from: page aligned (an mmap), so O_DIRECT files take them as is.
+ZERO_CHUNK = 1 << 20
+_zero_chunk = mmap.mmap(-1, ZERO_CHUNK)
+
+
+def fill_zeroes(view: memoryview) -> None:
+    """Zero a caller's buffer (reads of holes, zero clusters, null-co's read-zeroes)."""
+    zeroes = memoryview(_zero_chunk)
+    for pos in range(0, len(view), ZERO_CHUNK):
+        n = min(ZERO_CHUNK, len(view) - pos)
+        view[pos : pos + n] = zeroes[:n]
 
 
 def round_to_sectors(nbytes: int) -> int:
@@ -390,6 +404,16 @@ class BlockNode:
     # --- what drivers implement -----------------------------------------------------------
     async def do_truncate(self, length: int, prealloc: str) -> None:
         raise NotImplementedError
+
+    async def write_zero_buffers(self, offset: int, length: int) -> None:
+        """Zeroes written as data through the driver's own ``do_write`` (what a driver falls
+        back to where it cannot zero a range otherwise)."""
+        zeroes = memoryview(_zero_chunk)
+        end = offset + length
+        while offset < end:
+            n = min(ZERO_CHUNK, end - offset)
+            await self.do_write(offset, zeroes[:n])
+            offset += n
 
     async def do_allocated_size(self) -> int:
         raise NotImplementedError

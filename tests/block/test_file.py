@@ -154,7 +154,7 @@ async def test_direct_io_aligned_and_unaligned(graph: BlockGraph, image) -> None
 async def test_direct_write_zeroes_fallback_is_aligned(graph: BlockGraph, image) -> None:
     path = image(MiB, data=b"q" * MiB)
     node = await add_file(graph, path, cache={"direct": True})
-    await node._write_zero_buffers(100, 5000)  # the path used when fallocate cannot zero
+    await node.write_zero_buffers(100, 5000)  # the path used when fallocate cannot zero
     data = path.read_bytes()
     assert data[100:5100] == bytes(5000) and data[:100] == b"q" * 100 and data[5100] == ord("q")
 

@@ -43,8 +43,6 @@ F_OFD_SETLK = 37
 FLOCK = struct.Struct("hhqqi4x")  # struct flock: type, whence, start, len, pid
 
 # Unaligned O_DIRECT requests are bounced; the zero-writing fallback reuses one zero buffer.
-_ZERO_CHUNK = 1 << 20
-_zero_buf = mmap.mmap(-1, _ZERO_CHUNK)
 
 #: Largest request copied right away on the calling loop from or to a file held in memory
 #: (see held_in_memory): at 128 KiB the copy and io-wq measured the same, at 1 MiB io-wq was
@@ -238,7 +236,7 @@ class FileNode(BlockNode):
             if prealloc == "falloc":
                 await self.backend.fallocate(self.fd, 0, old, length - old)
             else:
-                await self._write_zero_buffers(old, length - old)
+                await self.write_zero_buffers(old, length - old)
         except OSError as e:
             msg = f"Could not preallocate new data: {os.strerror(e.errno)}"
             raise OSError(e.errno, msg) from e
@@ -343,7 +341,7 @@ class FileNode(BlockNode):
             return
         if no_fallback:
             raise OSError(errno.ENOTSUP, "the file system cannot zero without writing")
-        await self._write_zero_buffers(offset, length)
+        await self.write_zero_buffers(offset, length)
 
     async def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
         assert self.backend is not None
@@ -354,14 +352,6 @@ class FileNode(BlockNode):
                 return False
             raise
         return True
-
-    async def _write_zero_buffers(self, offset: int, length: int) -> None:
-        zeroes = memoryview(_zero_buf)
-        end = offset + length
-        while offset < end:
-            n = min(_ZERO_CHUNK, end - offset)
-            await self.do_write(offset, zeroes[:n])
-            offset += n
 
     async def do_discard(self, offset: int, length: int) -> None:
         """Deallocate with discard=unmap; filesystems that cannot are ignored, as QEMU does

@@ -18,6 +18,7 @@ from qsd_py.block.node import (
     BlockNode,
     BlockStatus,
     Buffer,
+    fill_zeroes,
     round_to_sectors,
 )
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from qsd_py.block.graph import BlockGraph
 
 DEFAULT_SIZE = 1 << 30
-_ZEROES = bytes(1 << 16)
 
 
 class NullNode(BlockNode):
@@ -57,10 +57,7 @@ class NullNode(BlockNode):
     async def do_read(self, offset: int, buf: memoryview) -> None:
         await self._delay()
         if self.read_zeroes:
-            zeroes = memoryview(_ZEROES)
-            for pos in range(0, len(buf), len(_ZEROES)):
-                n = min(len(_ZEROES), len(buf) - pos)
-                buf[pos : pos + n] = zeroes[:n]
+            fill_zeroes(buf)
 
     async def do_write(self, offset: int, data: Buffer) -> None:
         await self._delay()

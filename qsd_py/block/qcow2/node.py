@@ -45,6 +45,7 @@ from qsd_py.block.node import (
     BlockNode,
     BlockStatus,
     Buffer,
+    fill_zeroes,
 )
 from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.block.qcow2 import header as hdr
@@ -97,7 +98,6 @@ _OPENING: contextvars.ContextVar[tuple[Qcow2Node, ...]] = contextvars.ContextVar
 
 # What a range of the guest reads from.
 UNALLOC, ZERO, DATA, COMPRESSED = range(4)
-_ZEROES = bytes(1 << 16)
 
 # Grains that hold no data of their own: zeroing part of one may flag the whole grain zero.
 _WITHOUT_DATA = frozenset(
@@ -656,7 +656,7 @@ class Qcow2Node(BlockNode):
         if run.kind == DATA:
             await self.data_node.read(run.host, part)
         elif run.kind == ZERO:
-            _zero(part)
+            fill_zeroes(part)
         elif run.kind == UNALLOC:
             await self._read_backing(run.offset, part)
         else:
@@ -673,7 +673,7 @@ class Qcow2Node(BlockNode):
             if n:
                 await backing.read(offset, part[:n])
         if n < len(part):
-            _zero(part[n:])
+            fill_zeroes(part[n:])
 
     async def _decompress(self, l2e: int) -> bytes:
         cached = self._decompressed
@@ -1150,20 +1150,11 @@ class Qcow2Node(BlockNode):
         they are written; a caller that asked for no fallback gets ENOTSUP instead."""
         if no_fallback:
             raise OSError(errno.ENOTSUP, "zeroing this range would write zeroes as data")
-        await self._write_zero_buffers(start, end - start)
+        await self.write_zero_buffers(start, end - start)
 
     def _grain(self) -> int:
         assert self.map is not None
         return self.cluster_size // SUBCLUSTERS if self.map.extended else self.cluster_size
-
-    async def _write_zero_buffers(self, offset: int, length: int) -> None:
-        """Zeroes written as data (QEMU's fallback for what zero flags cannot express)."""
-        zeroes = memoryview(_ZEROES)
-        end = offset + length
-        while offset < end:
-            n = min(len(_ZEROES), end - offset)
-            await self.do_write(offset, zeroes[:n])
-            offset += n
 
     async def _zero_clusters(self, offset: int, length: int, unmap: bool) -> None:
         """Set the zero flag on whole clusters (subclusters); deallocate with ``unmap``."""
@@ -1185,7 +1176,7 @@ class Qcow2Node(BlockNode):
                     as_data.append((pos, n))
                 pos += n
         for pos, n in as_data:
-            await self._write_zero_buffers(pos, n)
+            await self.write_zero_buffers(pos, n)
 
     async def _zero_cluster(self, guest_cluster: int, old: int, unmap: bool) -> None:
         assert self.map is not None
@@ -1573,13 +1564,6 @@ def _snapshot_info(sn: Any) -> dict[str, Any]:
     if sn.icount != NO_ICOUNT:
         info["icount"] = sn.icount
     return info
-
-
-def _zero(view: memoryview) -> None:
-    zeroes = memoryview(_ZEROES)
-    for pos in range(0, len(view), len(_ZEROES)):
-        n = min(len(_ZEROES), len(view) - pos)
-        view[pos : pos + n] = zeroes[:n]
 
 
 def _append_run(runs: list[Run], kind: int, offset: int, n: int, host: int) -> None:
