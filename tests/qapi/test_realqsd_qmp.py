@@ -180,6 +180,16 @@ def test_qcow2_options_are_qemus(introspections: tuple[Introspection, Introspect
     assert qcow2 == theirs.driver("qcow2")
 
 
+def test_nbd_options_are_qemus(introspections: tuple[Introspection, Introspection]) -> None:
+    """The nbd driver's members, and down in ``server`` a part of QEMU's SocketAddress
+    (keep-alive-count/-idle/-interval are QEMU's, not ours)."""
+    ours, theirs = introspections
+    nbd, real = ours.driver("nbd"), theirs.driver("nbd")
+    assert nbd["members"][1:] == real["members"][1:]
+    assert [m[0] for m in nbd["members"]] == [m[0] for m in real["members"]]
+    assert _fits(nbd, real)
+
+
 def test_block_image_corrupted_is_qemus(
     introspections: tuple[Introspection, Introspection],
 ) -> None:

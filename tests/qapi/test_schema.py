@@ -115,6 +115,7 @@ def test_json_schema_of_a_union() -> None:
     assert options["unevaluatedProperties"] is False
     assert {c["if"]["properties"]["driver"]["const"] for c in options["allOf"]} == {
         "file",
+        "nbd",
         "null-co",
         "qcow2",
         "raw",

@@ -1,0 +1,326 @@
+"""One NBD client connection on an asyncio loop: the socket, TLS, and the engine's events.
+
+:func:`connect` opens a stream to a QAPI ``SocketAddress``, runs the
+:class:`~qsd_py.nbd.client.Handshake` over it (upgrading to TLS when the engine asks), and
+hands the transport to an :class:`NbdConnection`, an ``asyncio.BufferedProtocol`` that lets
+the :class:`~qsd_py.nbd.client.Transmission` place read payloads straight into callers'
+buffers. Reconnecting is the session's business (client_session.py), not this module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+from qsd_py.nbd.client import (
+    NEED_DATA,
+    START_TLS,
+    ExportInfo,
+    Handshake,
+    ProtocolError,
+    Request,
+    Transmission,
+)
+from qsd_py.nbd.constants import Cmd
+
+#: Requests one connection keeps in flight; more wait (bounds the memory of queued writes).
+MAX_IN_FLIGHT = 64
+READ_CHUNK = 64 * 1024
+
+
+class ConnectError(Exception):
+    """Connecting or negotiating failed; the text is what blockdev-add reports."""
+
+
+class ConnectionLost(OSError):
+    """The connection broke before the request's reply arrived (it may be sent again on
+    another connection). ``protocol`` tells a server that broke the protocol from one
+    that went away."""
+
+    def __init__(self, reason: str, protocol: bool = False) -> None:
+        super().__init__(errno.EIO, reason)
+        self.protocol = protocol
+
+
+# --- sockets --------------------------------------------------------------------------------
+async def open_stream(addr: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to a ``SocketAddress`` (flat form: ``type`` and its members), with QEMU's
+    error texts."""
+    kind = addr["type"]
+    if kind == "unix":
+        return await _connect_unix(addr)
+    if kind == "inet":
+        return await _connect_inet(addr)
+    sock = _fd_socket(addr) if kind == "fd" else _vsock_socket(addr)
+    try:
+        return await asyncio.open_connection(sock=sock)
+    except OSError:
+        sock.close()
+        raise
+
+
+async def _connect_unix(addr: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    path = addr["path"]
+    target = "\0" + path if addr.get("abstract") else path
+    try:
+        return await asyncio.open_unix_connection(target)
+    except OSError as err:
+        raise ConnectError(f"Failed to connect to '{path}': {_strerror(err)}") from err
+
+
+async def _connect_inet(addr: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = addr["host"], addr["port"]
+    family = socket.AF_UNSPEC
+    if addr.get("ipv4") and not addr.get("ipv6"):
+        family = socket.AF_INET
+    elif addr.get("ipv6") and not addr.get("ipv4"):
+        family = socket.AF_INET6
+    flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV if addr.get("numeric") else 0
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(
+            host, port, family=family, type=socket.SOCK_STREAM, flags=flags
+        )
+    except socket.gaierror as err:
+        raise ConnectError(f"address resolution failed for {host}:{port}: {err.strerror}") from err
+    last: OSError | None = None
+    for fam, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(fam, kind, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, sockaddr)
+        except OSError as err:
+            sock.close()
+            last = err
+            continue
+        if addr.get("keep-alive"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        return await asyncio.open_connection(sock=sock)
+    assert last is not None
+    raise ConnectError(f"Failed to connect to '{host}:{port}': {_strerror(last)}") from last
+
+
+def _fd_socket(addr: dict[str, Any]) -> socket.socket:
+    """A socket file descriptor the daemon inherited (given by number)."""
+    name = addr["str"]
+    if not name.isdigit():
+        raise ConnectError(f"File descriptor named '{name}' has not been found")
+    try:
+        return socket.socket(fileno=os.dup(int(name)))
+    except OSError as err:
+        raise ConnectError(f"Failed to use file descriptor {name}: {_strerror(err)}") from err
+
+
+def _vsock_socket(addr: dict[str, Any]) -> socket.socket:
+    cid, port = addr["cid"], addr["port"]
+    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        sock.connect((int(cid), int(port)))
+    except (OSError, ValueError) as err:
+        sock.close()
+        reason = _strerror(err) if isinstance(err, OSError) else str(err)
+        raise ConnectError(f"Failed to connect to '{cid}:{port}': {reason}") from err
+    return sock
+
+
+def _strerror(err: OSError) -> str:
+    return os.strerror(err.errno) if err.errno else str(err)
+
+
+# --- handshake ------------------------------------------------------------------------------
+async def negotiate(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    hs: Handshake,
+    tls: ssl.SSLContext | None,
+    hostname: str | None,
+) -> ExportInfo:
+    """Run ``hs`` over the stream until the export is negotiated."""
+    while True:
+        try:
+            event = hs.next_event()
+        except ProtocolError:
+            writer.write(hs.data_to_send())  # the polite abort, if any
+            raise
+        out = hs.data_to_send()
+        if out:
+            writer.write(out)
+            await writer.drain()
+        if event is NEED_DATA:
+            hs.receive_data(await reader.read(READ_CHUNK))
+        elif event is START_TLS:
+            assert tls is not None
+            await writer.start_tls(tls, server_hostname=hostname)
+            hs.tls_started()
+        else:
+            assert isinstance(event, ExportInfo)
+            return event
+
+
+async def connect(
+    addr: dict[str, Any],
+    export: str,
+    *,
+    tls: ssl.SSLContext | None = None,
+    hostname: str | None = None,
+    meta_contexts: Sequence[str] = (),
+) -> NbdConnection:
+    """A negotiated connection to ``export`` at ``addr``. Failures raise
+    :class:`ConnectError` (socket, TLS) or :class:`ProtocolError` (negotiation)."""
+    reader, writer = await open_stream(addr)
+    hs = Handshake(export, tls=tls is not None, meta_contexts=meta_contexts)
+    try:
+        info = await negotiate(reader, writer, hs, tls, hostname)
+    except ssl.SSLError as err:
+        writer.close()
+        raise ConnectError(f"TLS handshake failed: {err.reason or err}") from err
+    except OSError as err:
+        writer.close()
+        raise ConnectError(f"Failed to read data: {_strerror(err)}") from err
+    except BaseException:
+        writer.close()
+        raise
+    conn = NbdConnection(Transmission(info))
+    conn.stream_writer = writer  # its __del__ would close the transport
+    transport = writer.transport
+    transport.set_protocol(conn)
+    conn.connection_made(transport)
+    trailing = hs.trailing_data()
+    if trailing:
+        conn.feed(trailing)
+    return conn
+
+
+# --- transmission ---------------------------------------------------------------------------
+class NbdConnection(asyncio.BufferedProtocol):
+    """Requests out, replies in, on the loop that made the connection."""
+
+    def __init__(self, engine: Transmission) -> None:
+        self.engine = engine
+        self.info = engine.info
+        self.transport: asyncio.Transport | None = None
+        self.stream_writer: asyncio.StreamWriter | None = None  # of the handshake
+        self.lost: ConnectionLost | None = None  # why the connection is over, once it is
+        self._waiters: dict[int, asyncio.Future[Request]] = {}
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._closed = asyncio.get_running_loop().create_future()
+
+    # --- the caller's side ----------------------------------------------------------------
+    async def submit(
+        self,
+        cmd: int,
+        offset: int,
+        length: int,
+        flags: int = 0,
+        buf: memoryview | None = None,
+        payload: memoryview | bytes | None = None,
+    ) -> Request:
+        """Send one request and wait for its reply; raises :class:`ConnectionLost` if the
+        connection breaks first."""
+        async with self._slots:
+            await self._can_write.wait()
+            if self.lost is not None:
+                raise self.lost
+            req, header = self.engine.request(cmd, offset, length, flags, buf)
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters[req.cookie] = fut
+            assert self.transport is not None
+            self.transport.write(header)
+            if payload is not None:
+                self.transport.write(payload)
+            try:
+                return await fut
+            except asyncio.CancelledError:
+                self.engine.abandon(req)
+                raise
+            finally:
+                self._waiters.pop(req.cookie, None)
+
+    def disconnect(self) -> None:
+        """Say goodbye (NBD_CMD_DISC) and close; requests in flight fail."""
+        if self.lost is None and self.transport is not None:
+            _, header = self.engine.request(Cmd.DISC, 0, 0)
+            self.transport.write(header)
+        self.close("connection closed by the client")
+
+    def close(self, reason: str) -> None:
+        self._fail(ConnectionLost(reason))
+        if self.transport is not None:
+            self.transport.close()
+
+    async def wait_closed(self) -> ConnectionLost:
+        """Return (the reason) once the connection is over."""
+        return await asyncio.shield(self._closed)
+
+    def feed(self, data: bytes) -> None:
+        """Bytes that arrived before this protocol took over the transport."""
+        try:
+            self.engine.receive_data(data)
+        except ProtocolError as err:
+            self._protocol_error(err)
+            return
+        self._deliver()
+
+    # --- asyncio's side -------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.engine.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            self.engine.buffer_updated(nbytes)
+        except ProtocolError as err:
+            self._protocol_error(err)
+            return
+        self._deliver()
+
+    def eof_received(self) -> bool:
+        self._fail(ConnectionLost("server closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = "connection lost" if exc is None else f"connection lost: {exc}"
+        self._fail(ConnectionLost(reason))
+        self._can_write.set()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # --- internals ------------------------------------------------------------------------
+    def _deliver(self) -> None:
+        while True:
+            req = self.engine.next_event()
+            if not isinstance(req, Request):
+                return
+            fut = self._waiters.get(req.cookie)
+            if fut is not None and not fut.done():
+                fut.set_result(req)
+
+    def _protocol_error(self, err: ProtocolError) -> None:
+        self._fail(ConnectionLost(f"protocol error: {err}", protocol=True))
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _fail(self, lost: ConnectionLost) -> None:
+        """End the connection: every waiter gets ``lost`` (the first reason stays)."""
+        if self.lost is None:
+            self.lost = lost
+            self._closed.set_result(lost)
+        for fut in self._waiters.values():
+            if not fut.done():
+                fut.set_exception(self.lost)
+        self._waiters.clear()
+        self._can_write.set()
