@@ -4,10 +4,12 @@ server that goes away while the daemon serves other exports."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import random
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -115,6 +117,49 @@ def test_qcow2_over_an_nbd_node(
     same = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(qcow2),
                            str(raw)], capture_output=True, text=True)  # fmt: skip
     assert same.returncode == 0, same.stdout + same.stderr
+
+
+def test_lost_server_fails_its_export_but_the_daemon_serves_others(
+    qsd: Callable[..., Qsd], nbd_server: ServerFactory, tmp_path: Path
+) -> None:
+    image = tmp_path / "remote.img"
+    image.write_bytes(b"R" * MiB)
+    local = tmp_path / "local.img"
+    local.write_bytes(b"L" * MiB)
+    srv = nbd_server("qemu-nbd", str(image))
+    remote_mnt, local_mnt = tmp_path / "remote", tmp_path / "local"
+    daemon = qsd(
+        *nbd_blockdev(srv, extra=",reconnect-delay=1"), *fuse_export("n0", remote_mnt),
+        "--blockdev", f"driver=file,node-name=f0,filename={local}",
+        *fuse_export("f0", local_mnt, "e1"),
+    )  # fmt: skip
+    assert direct_read(remote_mnt, 0, 4096) == b"R" * 4096
+    srv.kill()
+    start = time.monotonic()
+    try:
+        direct_read(remote_mnt, 4096, 4096)
+    except OSError as err:
+        assert err.errno == errno.EIO
+    else:
+        raise AssertionError("read of a lost server's export succeeded")
+    assert time.monotonic() - start < 10
+    assert direct_read(local_mnt, 0, 4096) == b"L" * 4096  # the other export goes on
+    client = daemon.qmp()
+    try:
+        names = [n["node-name"] for n in client.cmd("query-named-block-nodes")]
+        assert sorted(names) == ["f0", "n0"]
+    finally:
+        client.close()
+    srv.start()  # back: the export serves again once the node has reconnected
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            assert direct_read(remote_mnt, 8192, 4096) == b"R" * 4096
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "export did not recover"
+            time.sleep(0.1)
+    quit_daemon(daemon)
 
 
 def test_blockdev_add_errors(qsd: Callable[..., Qsd], nbd_server: ServerFactory,

@@ -214,6 +214,73 @@ async def test_open_timeout_waits_for_a_late_server(
     assert buf == b"LLLL"
 
 
+async def test_server_killed_and_back_within_reconnect_delay_loses_nothing(
+    graph: BlockGraph, nbd_server: ServerFactory, tmp_path: Path, transport: str
+) -> None:
+    image = tmp_path / "re.img"
+    image.write_bytes(bytes(4 * MiB))
+    srv = nbd_server("qemu-nbd", str(image), transport=transport)
+    node = await graph.add(nbd_opts(srv, **{"reconnect-delay": 10}))
+    await node.write(0, b"before")
+    srv.kill()
+    blocks = [pattern(64 * KiB, i) for i in range(32)]
+    writes = asyncio.gather(*(node.write(i * 64 * KiB, b) for i, b in enumerate(blocks)))
+    await asyncio.sleep(0.3)
+    assert not writes.done()  # waiting for the server, not failed
+    srv.start()
+    await asyncio.wait_for(writes, 20)
+    await node.flush()
+    data = image.read_bytes()
+    assert data[: 32 * 64 * KiB] == b"".join(blocks)
+
+
+async def test_server_killed_mid_io_requests_are_resent(
+    graph: BlockGraph, nbd_server: ServerFactory, tmp_path: Path
+) -> None:
+    """Requests in flight when the server dies (held up by nbdkit's delay filter) are sent
+    again to the restarted server."""
+    state = tmp_path / "state.img"
+    state.write_bytes(bytes(MiB))
+    srv = nbd_server("nbdkit", "--filter=delay", "file", str(state), "wdelay=200ms")
+    node = await graph.add(nbd_opts(srv, **{"reconnect-delay": 10}))
+    writes = asyncio.gather(*(node.write(i * 4096, bytes([i + 1]) * 4096) for i in range(16)))
+    await asyncio.sleep(0.05)  # all sent, none answered
+    srv.restart()
+    await asyncio.wait_for(writes, 20)
+    await node.flush()
+    data = state.read_bytes()
+    assert all(data[i * 4096 : (i + 1) * 4096] == bytes([i + 1]) * 4096 for i in range(16))
+
+
+async def test_server_that_stays_away_fails_requests_with_eio(
+    graph: BlockGraph, nbd_server: ServerFactory, tmp_path: Path
+) -> None:
+    image = tmp_path / "gone.img"
+    image.write_bytes(bytes(MiB))
+    srv = nbd_server("qemu-nbd", str(image))
+    node = await graph.add(nbd_opts(srv, **{"reconnect-delay": 1}))
+    srv.kill()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(OSError) as err:
+        await asyncio.wait_for(node.read(0, memoryview(bytearray(512))), 10)
+    assert err.value.errno == errno.EIO
+    assert 0.8 < loop.time() - start < 5
+    start = loop.time()
+    with pytest.raises(OSError) as err:  # after the delay: at once
+        await node.read(0, memoryview(bytearray(512)))
+    assert loop.time() - start < 0.5
+    srv.start()  # back later: the node works again once reconnected
+    for _ in range(100):
+        try:
+            await node.read(0, memoryview(bytearray(512)))
+            break
+        except OSError:
+            await asyncio.sleep(0.1)
+    else:
+        pytest.fail("node did not reconnect")
+
+
 async def test_without_reconnect_delay_a_lost_server_fails_at_once(
     graph: BlockGraph, nbd_server: ServerFactory, tmp_path: Path
 ) -> None:
