@@ -1,6 +1,6 @@
 """One NBD client connection on an asyncio loop: the socket, TLS, and the engine's events.
 
-:func:`connect` opens a stream to a QAPI ``SocketAddress``, runs the
+:func:`connect` opens a stream to a QAPI ``SocketAddress`` (qsd_py/sockets.py), runs the
 :class:`~qsd_py.nbd.client.Handshake` over it (upgrading to TLS when the engine asks), and
 hands the transport to an :class:`NbdConnection`, an ``asyncio.BufferedProtocol`` that lets
 the :class:`~qsd_py.nbd.client.Transmission` place read payloads straight into callers'
@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import socket
 import ssl
 from collections.abc import Sequence
 from typing import Any
 
+from qsd_py import sockets
+from qsd_py.errors import QMPError
 from qsd_py.nbd.client import (
     NEED_DATA,
     START_TLS,
@@ -49,83 +50,16 @@ class ConnectionLost(OSError):
 
 # --- sockets --------------------------------------------------------------------------------
 async def open_stream(addr: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect to a ``SocketAddress`` (flat form: ``type`` and its members), with QEMU's
-    error texts."""
-    kind = addr["type"]
-    if kind == "unix":
-        return await _connect_unix(addr)
-    if kind == "inet":
-        return await _connect_inet(addr)
-    sock = _fd_socket(addr) if kind == "fd" else _vsock_socket(addr)
+    """Connect to a ``SocketAddress`` through the daemon's socket layer (QEMU's texts)."""
+    try:
+        sock = await sockets.connect(addr)
+    except QMPError as err:
+        raise ConnectError(err.desc) from err
     try:
         return await asyncio.open_connection(sock=sock)
     except OSError:
         sock.close()
         raise
-
-
-async def _connect_unix(addr: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    path = addr["path"]
-    target = "\0" + path if addr.get("abstract") else path
-    try:
-        return await asyncio.open_unix_connection(target)
-    except OSError as err:
-        raise ConnectError(f"Failed to connect to '{path}': {_strerror(err)}") from err
-
-
-async def _connect_inet(addr: dict[str, Any]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    host, port = addr["host"], addr["port"]
-    family = socket.AF_UNSPEC
-    if addr.get("ipv4") and not addr.get("ipv6"):
-        family = socket.AF_INET
-    elif addr.get("ipv6") and not addr.get("ipv4"):
-        family = socket.AF_INET6
-    flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV if addr.get("numeric") else 0
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(
-            host, port, family=family, type=socket.SOCK_STREAM, flags=flags
-        )
-    except socket.gaierror as err:
-        raise ConnectError(f"address resolution failed for {host}:{port}: {err.strerror}") from err
-    last: OSError | None = None
-    for fam, kind, proto, _, sockaddr in infos:
-        sock = socket.socket(fam, kind, proto)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, sockaddr)
-        except OSError as err:
-            sock.close()
-            last = err
-            continue
-        if addr.get("keep-alive"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        return await asyncio.open_connection(sock=sock)
-    assert last is not None
-    raise ConnectError(f"Failed to connect to '{host}:{port}': {_strerror(last)}") from last
-
-
-def _fd_socket(addr: dict[str, Any]) -> socket.socket:
-    """A socket file descriptor the daemon inherited (given by number)."""
-    name = addr["str"]
-    if not name.isdigit():
-        raise ConnectError(f"File descriptor named '{name}' has not been found")
-    try:
-        return socket.socket(fileno=os.dup(int(name)))
-    except OSError as err:
-        raise ConnectError(f"Failed to use file descriptor {name}: {_strerror(err)}") from err
-
-
-def _vsock_socket(addr: dict[str, Any]) -> socket.socket:
-    cid, port = addr["cid"], addr["port"]
-    sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
-    try:
-        sock.connect((int(cid), int(port)))
-    except (OSError, ValueError) as err:
-        sock.close()
-        reason = _strerror(err) if isinstance(err, OSError) else str(err)
-        raise ConnectError(f"Failed to connect to '{cid}:{port}': {reason}") from err
-    return sock
 
 
 def _strerror(err: OSError) -> str:
