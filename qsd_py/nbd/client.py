@@ -338,10 +338,12 @@ class Handshake:
         self._out += _option(opt, payload)
 
     def _option_reply(
-        self, opt: int, errors: bool = True
+        self, opt: int, strict: bool = True
     ) -> Generator[_Read, bytes | None, _OptionReply]:
-        """One reply to ``opt``: its type and payload. With ``errors``, error replies
-        raise, except ``ERR_UNSUP``, which callers take as "fall back"."""
+        """One reply to ``opt``: its type and payload. Error replies raise when ``strict``,
+        except ``ERR_UNSUP``, which callers take as "fall back"; options that only ask for
+        an extension are not strict (any error means "go on without it", as in QEMU: a
+        server that wants TLS first refuses them, and then says so to OPT_GO)."""
         magic, got, rep, length = wire.OPTION_REPLY.unpack((yield _Read(20, "option reply")))
         if magic != OPT_REPLY_MAGIC:
             raise ProtocolError("Unexpected option reply magic")
@@ -350,17 +352,17 @@ class Handshake:
         if length > MAX_OPTION_REPLY:
             raise ProtocolError(f"server's reply to option {option_label(opt)} is too long")
         payload = (yield _Read(length, "option reply payload")) if length else b""
-        if errors and rep & REP_FLAG_ERROR and rep != Rep.ERR_UNSUP:
+        if strict and rep & REP_FLAG_ERROR and rep != Rep.ERR_UNSUP:
             text = _REP_ERROR_TEXTS.get(rep, "Unknown error code when asking for option {}")
             message = payload.decode(errors="replace")
             raise OptionError(text.format(option_label(opt)), rep, message)
         return rep, payload
 
     def _simple_option(self, opt: int) -> Generator[_Read, bytes | None, bool]:
-        """An option without data whose answer is ACK (True) or ERR_UNSUP (False)."""
+        """An extension without data: ACK (True) or any error reply (False)."""
         self._send_option(opt)
-        rep, payload = yield from self._option_reply(opt)
-        if rep == Rep.ERR_UNSUP:
+        rep, payload = yield from self._option_reply(opt, strict=False)
+        if rep & REP_FLAG_ERROR:
             return False
         if rep != Rep.ACK:
             raise ProtocolError(
@@ -374,7 +376,7 @@ class Handshake:
 
     def _starttls(self) -> Generator[_Read | StartTLS, bytes | None, None]:
         self._send_option(Opt.STARTTLS)
-        rep, payload = yield from self._option_reply(Opt.STARTTLS, errors=False)
+        rep, payload = yield from self._option_reply(Opt.STARTTLS)
         if rep != Rep.ACK:
             raise ProtocolError(f"Server rejected request to start TLS {rep:x}")
         if payload:
@@ -401,8 +403,8 @@ class Handshake:
         self._send_option(Opt.SET_META_CONTEXT, payload)
         contexts: dict[str, int] = {}
         while True:
-            rep, data = yield from self._option_reply(Opt.SET_META_CONTEXT)
-            if rep == Rep.ERR_UNSUP:
+            rep, data = yield from self._option_reply(Opt.SET_META_CONTEXT, strict=False)
+            if rep & REP_FLAG_ERROR:
                 return {}
             if rep == Rep.ACK:
                 if data:

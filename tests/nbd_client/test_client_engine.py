@@ -180,15 +180,17 @@ def test_unknown_export_is_an_option_error_and_aborts() -> None:
         hs.next_event()
 
 
-def test_tls_required_names_the_option() -> None:
-    hs = Handshake("x")
+def test_tls_required_fails_at_go_not_at_an_extension() -> None:
+    """A server that wants TLS first refuses every option: the extensions are done
+    without, and OPT_GO's refusal is the error (QEMU's order and text)."""
+    hs = Handshake("x", meta_contexts=["base:allocation"])
     start(hs)
-    hs.receive_data(reply(Opt.EXTENDED_HEADERS, Rep.ERR_TLS_REQD))
-    with pytest.raises(
-        OptionError,
-        match=r"^TLS negotiation required before option 11 "
-        r"\(extended headers\)$",
-    ):
+    event, sent = step(hs, reply(Opt.EXTENDED_HEADERS, Rep.ERR_TLS_REQD))
+    assert sent == [(Opt.STRUCTURED_REPLY, b"")]
+    event, sent = step(hs, reply(Opt.STRUCTURED_REPLY, Rep.ERR_TLS_REQD))
+    assert sent == [(Opt.GO, go_payload("x"))]
+    hs.receive_data(reply(Opt.GO, Rep.ERR_TLS_REQD))
+    with pytest.raises(OptionError, match=r"^TLS negotiation required before option 7 \(go\)$"):
         hs.next_event()
 
 
@@ -206,7 +208,8 @@ def test_starttls_event_pauses_until_the_stream_is_upgraded() -> None:
 @pytest.mark.parametrize(
     ("server", "text"),
     [
-        (reply(Opt.STARTTLS, Rep.ERR_POLICY), "Server rejected request to start TLS 80000002"),
+        (reply(Opt.STARTTLS, Rep.ERR_POLICY), r"Denied by server for option 5 \(starttls\)"),
+        (reply(Opt.STARTTLS, Rep.ERR_UNSUP), "Server rejected request to start TLS 80000001"),
         (reply(Opt.STARTTLS, Rep.ACK, b"x"), "Start TLS response was not zero 1"),
     ],
 )
