@@ -31,6 +31,9 @@ from qsd_py.nbd.constants import Cmd
 
 #: Requests one connection keeps in flight; more wait (bounds the memory of queued writes).
 MAX_IN_FLIGHT = 64
+#: Requests of one loop iteration go out in one send; payloads larger than this are sent
+#: from the caller's buffer instead of being copied into the batch.
+BATCH_PAYLOAD_MAX = 64 * 1024
 READ_CHUNK = 64 * 1024
 
 
@@ -144,7 +147,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._can_write = asyncio.Event()
         self._can_write.set()
-        self._closed = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
+        self._batch = bytearray()  # requests waiting for the end of the loop iteration
 
     # --- the caller's side ----------------------------------------------------------------
     async def submit(
@@ -165,10 +170,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             req, header = self.engine.request(cmd, offset, length, flags, buf)
             fut = asyncio.get_running_loop().create_future()
             self._waiters[req.cookie] = fut
-            assert self.transport is not None
-            self.transport.write(header)
-            if payload is not None:
-                self.transport.write(payload)
+            self._queue(header, payload)
             try:
                 return await fut
             except asyncio.CancelledError:
@@ -177,11 +179,32 @@ class NbdConnection(asyncio.BufferedProtocol):
             finally:
                 self._waiters.pop(req.cookie, None)
 
+    def _queue(self, header: bytes, payload: memoryview | bytes | None) -> None:
+        """Send a request: batched with the others of this loop iteration (one send for
+        many small requests), large payloads straight from the caller's buffer."""
+        assert self.transport is not None
+        if payload is not None and len(payload) > BATCH_PAYLOAD_MAX:
+            self._flush()
+            self.transport.write(header)
+            self.transport.write(payload)
+            return
+        if not self._batch:
+            self._loop.call_soon(self._flush)
+        self._batch += header
+        if payload is not None:
+            self._batch += payload
+
+    def _flush(self) -> None:
+        if self._batch and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(self._batch)
+        self._batch = bytearray()
+
     def disconnect(self) -> None:
         """Say goodbye (NBD_CMD_DISC) and close; requests in flight fail."""
         if self.lost is None and self.transport is not None:
             _, header = self.engine.request(Cmd.DISC, 0, 0)
-            self.transport.write(header)
+            self._batch += header
+            self._flush()
         self.close("connection closed by the client")
 
     def close(self, reason: str) -> None:

@@ -233,6 +233,9 @@ class NbdNode(BlockNode):
     async def _write(self, offset: int, data: memoryview) -> None:
         """Aligned writes go as they are; others become read-modify-write of the blocks
         they touch, with no other write overlapping meanwhile."""
+        if self.align == 1:  # nothing to read-modify-write, nothing to keep apart
+            await self._write_pieces(offset, data)
+            return
         start, end = self._aligned(offset, len(data))
         if (start, end) == (offset, offset + len(data)):
             async with self._ranges.hold(start, end, exclusive=False):
@@ -397,7 +400,12 @@ NODE = NbdNode
 
 async def _all(coros: Any) -> None:
     """Run requests concurrently; the first failure is raised once all have ended (no
-    request is left running with a buffer the caller takes back)."""
+    request is left running with a buffer the caller takes back). One request (the common
+    case) is simply awaited: no task for it."""
+    coros = list(coros)
+    if len(coros) == 1:
+        await coros[0]
+        return
     results = await asyncio.gather(*coros, return_exceptions=True)
     for res in results:
         if isinstance(res, BaseException):
