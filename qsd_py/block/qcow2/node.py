@@ -7,8 +7,9 @@ belongs to this image alone (its L2 entry has the COPIED flag); elsewhere a new 
 allocated (refcount.py), the untouched parts of the cluster are copied into it from where
 they read now, and only then does the L2 entry point at it.
 
-Allocation and copy-on-write (allocate.py) and the reaction to corruption (corruption.py)
-live beside this module, in functions that take the node.
+Allocation and copy-on-write (allocate.py), write-zeroes and discard (zeroing.py), resize
+(resize.py) and the reaction to corruption (corruption.py) live beside this module, in
+functions that take the node.
 
 Concurrency: ``meta_lock`` guards the caches and tables, held only for lookups and updates,
 never across data I/O. An allocating write registers its guest cluster (a second write to
@@ -47,7 +48,7 @@ from qsd_py.block.node import (
     fill_zeroes,
 )
 from qsd_py.block.perm import PERM_ALL, Perm
-from qsd_py.block.qcow2 import allocate
+from qsd_py.block.qcow2 import allocate, resize, zeroing
 from qsd_py.block.qcow2 import header as hdr
 from qsd_py.block.qcow2 import overlap as ol
 from qsd_py.block.qcow2.bitmaps import mark_in_use
@@ -61,15 +62,9 @@ from qsd_py.block.qcow2.entries import (
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
-    SUBCLUSTER_UNALLOCATED_ALLOC,
-    SUBCLUSTER_UNALLOCATED_PLAIN,
-    SUBCLUSTER_ZERO_ALLOC,
-    SUBCLUSTER_ZERO_PLAIN,
     SUBCLUSTERS,
     compressed_range,
-    subcluster_index,
     subcluster_mask,
-    subcluster_type,
 )
 from qsd_py.block.qcow2.entry_checks import EntryChecks
 from qsd_py.block.qcow2.mapping import (
@@ -84,7 +79,7 @@ from qsd_py.block.qcow2.mapping import (
 )
 from qsd_py.block.qcow2.metadata import Metadata, load_metadata
 from qsd_py.block.qcow2.options import Qcow2Options, parse_options
-from qsd_py.block.qcow2.refcount import DISCARD_ALWAYS, DISCARD_REQUEST, Refcounts
+from qsd_py.block.qcow2.refcount import Refcounts
 from qsd_py.block.qcow2.snapshots import NO_ICOUNT
 from qsd_py.errors import QMPError
 
@@ -93,23 +88,10 @@ if TYPE_CHECKING:
 
 _U64 = struct.Struct(">Q")
 _INCOMPAT_AT = 72  # incompatible_features in the header
-_SIZE_AT = 24
-_L1_HEADER = struct.Struct(">IQ")  # l1_size, l1_table_offset
-_L1_HEADER_AT = 36
 
 # The qcow2 nodes whose backing chain is being opened (to find loops).
 _OPENING: contextvars.ContextVar[tuple[Qcow2Node, ...]] = contextvars.ContextVar(
     "qcow2_opening", default=()
-)
-
-# Grains that hold no data of their own: zeroing part of one may flag the whole grain zero.
-_WITHOUT_DATA = frozenset(
-    {
-        SUBCLUSTER_UNALLOCATED_PLAIN,
-        SUBCLUSTER_UNALLOCATED_ALLOC,
-        SUBCLUSTER_ZERO_PLAIN,
-        SUBCLUSTER_ZERO_ALLOC,
-    }
 )
 
 _FAST_ZEROES = fast_map.ZERO | fast_map.VALID
@@ -751,205 +733,20 @@ class Qcow2Node(BlockNode):
         await self.map.cache.write_back()
         await self.refcounts.cache.write_back()
 
-    # --- zeroes and discard ----------------------------------------------------------------
+    # --- zeroes and discard (zeroing.py) ---------------------------------------------------
     async def do_write_zeroes(
         self, offset: int, length: int, unmap: bool, no_fallback: bool = False
     ) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "Block node is read-only")
         self._check_usable()
-        assert self.header is not None
-        unmap = unmap and self.discard_unmap
-        if self.header.data_file_raw:
-            # A raw data file is the guest's disk itself: it must read as zeroes too.
-            await self.data_node.write_zeroes(offset, length, unmap, no_fallback)
-        end = offset + length
-        if self.header.version < 3:  # no zero flag: only zeroes written as data will do
-            await self._zeroes_as_data(offset, end, no_fallback)
-            return
-        # As QEMU's generic layer splits it: the part of a grain at the head, whole grains
-        # (the image's last one counts as whole), the part of a grain at the tail.
-        grain = self._grain()
-        head_end = min(-(-offset // grain) * grain, end)
-        tail_start = end if end == self.size else max(end // grain * grain, head_end)
-        if head_end > offset:
-            await self._zero_part_of_grain(offset, head_end, unmap, no_fallback)
-        if tail_start > head_end:
-            await self._zero_clusters(head_end, tail_start - head_end, unmap)
-        if end > tail_start:
-            await self._zero_part_of_grain(tail_start, end, unmap, no_fallback)
-
-    async def _zero_part_of_grain(
-        self, start: int, end: int, unmap: bool, no_fallback: bool
-    ) -> None:
-        """Zeroes for part of one grain. As in QEMU, the whole grain becomes a zero one when
-        the rest of it reads as zeroes already and it holds no data here (zeroing 4 KiB of an
-        unallocated cluster allocates nothing); otherwise the zeroes are written as data."""
-        grain = self._grain()
-        first = start // grain * grain
-        last = min(first + grain, self.size)
-        if await self._reads_as_zeroes(first, start) and await self._reads_as_zeroes(end, last):
-            if await self._zero_grain_without_data(first, last - first, unmap):
-                return
-        await self._zeroes_as_data(start, end, no_fallback)
-
-    async def _reads_as_zeroes(self, start: int, end: int) -> bool:
-        """Whether ``[start, end)`` reads as zeroes by block status through the backing
-        chain (QEMU's test: zero clusters and unallocated ranges count, data does not)."""
-        while start < end:
-            st = await self.block_status_above(start, end - start)
-            if not st.flags & STATUS_ZERO or st.length <= 0:
-                return False
-            start += st.length
-        return True
-
-    async def _zero_grain_without_data(self, offset: int, n: int, unmap: bool) -> bool:
-        """Flag the grain at ``offset`` zero if it is unallocated or zero here, checked
-        under the locks (a write may have allocated it since the caller looked)."""
-        assert self.map is not None
-        async with self.allocations.change_lock, self.meta_lock:
-            guest_cluster = offset >> self.cluster_bits
-            old, bitmap = await self.map.entry(guest_cluster)
-            index = subcluster_index(offset, self.cluster_bits) if self.map.extended else 0
-            has_data_file = "data-file" in self.children
-            kind = subcluster_type(old, bitmap, index, self.map.extended, has_data_file)
-            shared = self.allocated(old) and not old & OFLAG_COPIED
-            if kind not in _WITHOUT_DATA or (shared and self.map.extended):
-                return False  # a shared cluster's subcluster is zeroed by copy-on-write
-            await self.mark_dirty()
-            if self.map.extended:
-                in_cluster = offset & (self.cluster_size - 1)
-                await self._zero_subclusters(guest_cluster, old, bitmap, in_cluster, n, unmap)
-            else:
-                await self._zero_cluster(guest_cluster, old, unmap)
-        return True
-
-    async def _zeroes_as_data(self, start: int, end: int, no_fallback: bool) -> None:
-        """QEMU's generic fallback: the driver could not express these zeroes by flags, so
-        they are written; a caller that asked for no fallback gets ENOTSUP instead."""
-        if no_fallback:
-            raise OSError(errno.ENOTSUP, "zeroing this range would write zeroes as data")
-        await self.write_zero_buffers(start, end - start)
-
-    def _grain(self) -> int:
-        assert self.map is not None
-        return self.cluster_size // SUBCLUSTERS if self.map.extended else self.cluster_size
-
-    async def _zero_clusters(self, offset: int, length: int, unmap: bool) -> None:
-        """Set the zero flag on whole clusters (subclusters); deallocate with ``unmap``."""
-        assert self.map is not None
-        as_data: list[tuple[int, int]] = []  # what flags cannot zero: written as zeroes after
-        async with allocate.exclusive(self):
-            await self.mark_dirty()
-            pos, end = offset, offset + length
-            while pos < end:
-                guest_cluster = pos >> self.cluster_bits
-                in_cluster = pos & (self.cluster_size - 1)
-                n = min(end - pos, self.cluster_size - in_cluster)
-                old, bitmap = await self.map.entry(guest_cluster)
-                if not self.map.extended:
-                    await self._zero_cluster(guest_cluster, old, unmap)
-                elif not await self._zero_subclusters(
-                    guest_cluster, old, bitmap, in_cluster, n, unmap
-                ):
-                    as_data.append((pos, n))
-                pos += n
-        for pos, n in as_data:
-            await self.write_zero_buffers(pos, n)
-
-    async def _zero_cluster(self, guest_cluster: int, old: int, unmap: bool) -> None:
-        assert self.map is not None
-        keep = not unmap and old & OFLAG_COPIED and self.allocated(old)
-        new = (old | OFLAG_ZERO) if keep else OFLAG_ZERO
-        if new == old:
-            return
-        await self.map.set_entry(guest_cluster, new)
-        if not keep:
-            await allocate.free_entry(self, old, DISCARD_REQUEST)
-
-    async def _zero_subclusters(
-        self, guest_cluster: int, old: int, bitmap: int, in_cluster: int, n: int, unmap: bool
-    ) -> bool:
-        """Zero subclusters by their bits; False where flags cannot do it (part of a shared
-        or compressed cluster: the caller writes zeroes, which copies the cluster)."""
-        assert self.map is not None
-        mask = subcluster_mask(in_cluster, n, self.cluster_size)
-        whole = mask == BITMAP_ALL_ALLOC
-        if old & OFLAG_COMPRESSED or (self.allocated(old) and not old & OFLAG_COPIED):
-            if not whole:
-                return False
-            await self.map.set_entry(guest_cluster, 0, BITMAP_ALL_ZEROES)
-            await allocate.free_entry(self, old, DISCARD_REQUEST)
-            return True
-        if whole and unmap and self.allocated(old):
-            await self.map.set_entry(guest_cluster, 0, BITMAP_ALL_ZEROES)
-            await allocate.free_entry(self, old, DISCARD_REQUEST)
-            return True
-        new_bitmap = (bitmap & ~mask) | (mask << 32)
-        if new_bitmap != bitmap:
-            await self.map.set_entry(guest_cluster, old, new_bitmap)
-        return True
+        await zeroing.write_zeroes(self, offset, length, unmap, no_fallback)
 
     async def do_discard(self, offset: int, length: int) -> None:
-        """Whole clusters (subclusters) only, as QEMU's generic layer aligns discards; the
-        entry becomes unallocated, or reads as zero where a backing node would show
-        through (v3), and the cluster's reference is dropped unless ``discard-no-unref``."""
         if not self.discard_unmap or self.read_only:
             return
         self._check_usable()
-        assert self.map is not None and self.options is not None
-        grain = self._grain()
-        start = -(-offset // grain) * grain
-        end = (offset + length) // grain * grain
-        if offset + length >= self.size:
-            end = self.size
-        if start >= end:
-            return
-        assert self.header is not None
-        if self.header.data_file_raw:
-            await self.data_node.write_zeroes(start, end - start, True)
-        async with allocate.exclusive(self):
-            pos = start
-            while pos < end:
-                guest_cluster = pos >> self.cluster_bits
-                in_cluster = pos & (self.cluster_size - 1)
-                n = min(end - pos, self.cluster_size - in_cluster)
-                old, bitmap = await self.map.entry(guest_cluster)
-                await self._discard_cluster(guest_cluster, old, bitmap, in_cluster, n)
-                pos += n
-
-    async def _discard_cluster(
-        self, guest_cluster: int, old: int, bitmap: int, in_cluster: int, n: int
-    ) -> None:
-        assert self.map is not None and self.header is not None and self.options is not None
-        allocated = self.allocated(old) or bool(old & OFLAG_COMPRESSED)
-        if self.map.extended and n < self.cluster_size:
-            mask = subcluster_mask(in_cluster, n, self.cluster_size)
-            new_bitmap = (bitmap & ~mask) | ((mask << 32) if self.backing is not None else 0)
-            if not old & OFLAG_COMPRESSED and new_bitmap != bitmap:
-                await self.map.set_entry(guest_cluster, old, new_bitmap)
-            return
-        if self.backing is not None or allocated:
-            if self.map.extended:
-                new, new_bitmap = 0, BITMAP_ALL_ZEROES
-            else:
-                new, new_bitmap = (OFLAG_ZERO if self.header.version >= 3 else 0), 0
-        else:
-            new, new_bitmap = 0, 0
-        if self.options.discard_no_unref and allocated and not old & OFLAG_COMPRESSED:
-            # Keep the cluster (and its reference): only say it reads as zeroes.
-            if self.map.extended:
-                new, new_bitmap = old, BITMAP_ALL_ZEROES
-            else:
-                new = old | OFLAG_ZERO
-            if (new, new_bitmap) != (old, bitmap):
-                await self.map.set_entry(guest_cluster, new, new_bitmap)
-            return
-        if (new, new_bitmap) == (old, bitmap):
-            return
-        await self.map.set_entry(guest_cluster, new, new_bitmap)
-        if allocated:
-            await allocate.free_entry(self, old, DISCARD_REQUEST)
+        await zeroing.discard(self, offset, length)
 
     # --- block status -----------------------------------------------------------------------
     async def do_block_status(self, offset: int, length: int) -> BlockStatus:
@@ -970,113 +767,12 @@ class Qcow2Node(BlockNode):
             return BlockStatus(STATUS_DATA, first.n)
         return BlockStatus(0, first.n)
 
-    # --- resize ---------------------------------------------------------------------------
+    # --- resize (resize.py) ----------------------------------------------------------------
     async def do_truncate(self, length: int, prealloc: str) -> None:
         if self.read_only:
             raise OSError(errno.EACCES, "Image is read-only")
         self._check_usable()
-        assert self.header is not None and self.map is not None
-        if length % 512:
-            raise OSError(errno.EINVAL, "The new size must be a multiple of 512")
-        if self.header.version < 3 and self.snapshots:
-            raise OSError(errno.ENOTSUP, "Can't resize a v2 image which has snapshots")
-        old = self.size
-        if length < old:
-            await self._shrink(length)
-            return
-        async with allocate.exclusive(self):
-            need = -(-length // (self.cluster_size << self.map.l2_bits))
-            if need * 8 > hdr.MAX_L1_SIZE:
-                msg = f"Failed to grow the L1 table: {os.strerror(errno.EFBIG)}"
-                raise OSError(errno.EFBIG, msg)
-            if need > len(self.map.l1):
-                await self._grow_l1(need)
-            await self.file.write(_SIZE_AT, _U64.pack(length))
-            await self.file.flush()
-            self.size = self.header.size = length
-            if prealloc != "off" and length > old:
-                await self._preallocate(old, length, prealloc)
-        backing = self.backing
-        if backing is not None and backing.length() > old and length > old:
-            # The new range must read as zeroes, not as the backing file's data.
-            await self.do_write_zeroes(old, min(length, backing.length()) - old, False)
-
-    async def _shrink(self, length: int) -> None:
-        """Drop everything past ``length``, as QMP's block_resize does to a qcow2 node in
-        QEMU: the tail of the last cluster zeroed, the clusters after it discarded (their
-        references dropped), the L2 tables past the end freed, then the new size."""
-        assert self.map is not None and self.refcounts is not None and self.header is not None
-        cs = self.cluster_size
-        first_gone = -(-length // cs)
-        if length % cs:
-            await self.do_write_zeroes(length, min(first_gone * cs, self.size) - length, False)
-        async with allocate.exclusive(self):
-            for guest_cluster in range(first_gone, -(-self.size // cs)):
-                if not self.map.l2_table(guest_cluster):
-                    continue
-                old, bitmap = await self.map.entry(guest_cluster)
-                if old or bitmap:
-                    await self.map.set_entry(guest_cluster, 0, 0)
-                    if self.allocated(old) or old & OFLAG_COMPRESSED:
-                        await allocate.free_entry(self, old, DISCARD_ALWAYS)
-            await self.flush_metadata()
-            tables_kept = (first_gone + self.map.l2_entries - 1) >> self.map.l2_bits
-            for l1_index in range(tables_kept, len(self.map.l1)):
-                table = self.map.l1[l1_index] & L1E_OFFSET_MASK
-                if not table:
-                    continue
-                await self.map.write_l1(l1_index, 0)
-                await self.file.flush()  # the L1 entry is gone on disk before the table is
-                self.map.cache.discard(table, table + cs)
-                await self.refcounts.free(table, cs, DISCARD_ALWAYS)
-            await self.file.write(_SIZE_AT, _U64.pack(length))
-            await self.file.flush()
-            self.size = self.header.size = length
-
-
-    async def _preallocate(self, start: int, end: int, mode: str) -> None:
-        """Give the unallocated clusters of ``[start, end)`` host clusters reading as zeroes,
-        allocated on the host too (``falloc``: zero ranges; ``full``: zeroes written), as
-        QEMU's preallocate_co does."""
-        assert self.map is not None and self.refcounts is not None
-        data = self.data_node
-        if "data-file" in self.children:
-            if end > data.length():
-                await data.truncate(end, mode)
-            return
-        cs = self.cluster_size
-        for guest_cluster in range(start >> self.cluster_bits, -(-end // cs)):
-            l2e, _ = await self.map.entry(guest_cluster)
-            partial = guest_cluster << self.cluster_bits < start
-            if self.allocated(l2e) or l2e & OFLAG_COMPRESSED or (partial and self.backing):
-                continue  # allocated, or the old part reads from the backing node
-            await self.map.prepare_table(guest_cluster)
-            host = await self.refcounts.allocate(cs)
-            await data.write_zeroes(host, cs, False)  # allocates it on the host, zeroed
-            await self.map.cache.depend_on(self.refcounts.cache)
-            await self.map.set_entry(guest_cluster, host | OFLAG_COPIED, BITMAP_ALL_ALLOC)
-
-    async def _grow_l1(self, entries: int) -> None:
-        """A new L1 table of ``entries`` (copied, written, flushed), the header switched to
-        it in one write, then the old one freed."""
-        assert self.map is not None and self.refcounts is not None
-        nbytes = -(-entries * 8 // self.cluster_size) * self.cluster_size
-        new = await self.refcounts.allocate(nbytes)
-        grown = self.map.l1 + [0] * (entries - len(self.map.l1))
-        table = b"".join(_U64.pack(e) for e in grown)
-        await self.refcounts.cache.flush()
-        await self.file.write(new, table + bytes(nbytes - len(table)))
-        await self.file.flush()
-        await self.file.write(_L1_HEADER_AT, _L1_HEADER.pack(entries, new))
-        await self.file.flush()
-        old_offset, old_bytes = self.map.l1_offset, len(self.map.l1) * 8
-        self.map.l1 = grown
-        self.map.l1_version += 1
-        self.map.l1_offset = new
-        assert self.header is not None
-        self.header.l1_size, self.header.l1_table_offset = entries, new
-        if old_bytes:
-            await self.refcounts.free(old_offset, old_bytes)
+        await resize.truncate(self, length, prealloc)
 
     # --- the exports' fast path ---------------------------------------------------------------
     def fast_target(self) -> FastTarget | None:
@@ -1159,7 +855,7 @@ class Qcow2Node(BlockNode):
         """The file's alignment, and discards and zeroes in whole (sub)clusters."""
         limits = self.file.limits()
         limits["discard-alignment"] = self.cluster_size
-        limits["write-zeroes-alignment"] = self._grain()
+        limits["write-zeroes-alignment"] = zeroing.grain(self)
         return limits
 
     def image_extra(self) -> dict[str, Any]:
