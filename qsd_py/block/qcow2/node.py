@@ -7,9 +7,12 @@ belongs to this image alone (its L2 entry has the COPIED flag); elsewhere a new 
 allocated (refcount.py), the untouched parts of the cluster are copied into it from where
 they read now, and only then does the L2 entry point at it.
 
-Allocation and copy-on-write (allocate.py), write-zeroes and discard (zeroing.py), resize
-(resize.py) and the reaction to corruption (corruption.py) live beside this module, in
-functions that take the node.
+This module holds the node's life cycle (open, close, children, permissions) and the request
+paths through clusters already mapped, which every read and in-place write takes. The rest
+lives beside it, in functions that take the node: allocation and copy-on-write
+(allocate.py), write-zeroes and discard (zeroing.py), resize (resize.py), the exports'
+cluster table (fast_table.py), the reaction to corruption (corruption.py), and what the node
+tells about itself (introspect.py).
 
 Concurrency: ``meta_lock`` guards the caches and tables, held only for lookups and updates,
 never across data I/O. An allocating write registers its guest cluster (a second write to
@@ -28,13 +31,11 @@ import asyncio
 import contextvars
 import errno
 import functools
-import json
 import os
 import struct
 import sys
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from qsd_py.block import fast_map
 from qsd_py.block.drivers import driver_class
 from qsd_py.block.fast_map import ClusterTable, FastTarget
 from qsd_py.block.lock import CrossLoopLock
@@ -48,16 +49,13 @@ from qsd_py.block.node import (
     fill_zeroes,
 )
 from qsd_py.block.perm import PERM_ALL, Perm
-from qsd_py.block.qcow2 import allocate, resize, zeroing
+from qsd_py.block.qcow2 import allocate, fast_table, introspect, resize, zeroing
 from qsd_py.block.qcow2 import header as hdr
 from qsd_py.block.qcow2 import overlap as ol
 from qsd_py.block.qcow2.bitmaps import mark_in_use
 from qsd_py.block.qcow2.cache import MetaCache
 from qsd_py.block.qcow2.corruption import corruption_error, overlap_error, signal_corruption
 from qsd_py.block.qcow2.entries import (
-    BITMAP_ALL_ALLOC,
-    BITMAP_ALL_ZEROES,
-    L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
@@ -80,7 +78,6 @@ from qsd_py.block.qcow2.mapping import (
 from qsd_py.block.qcow2.metadata import Metadata, load_metadata
 from qsd_py.block.qcow2.options import Qcow2Options, parse_options
 from qsd_py.block.qcow2.refcount import Refcounts
-from qsd_py.block.qcow2.snapshots import NO_ICOUNT
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
@@ -93,8 +90,6 @@ _INCOMPAT_AT = 72  # incompatible_features in the header
 _OPENING: contextvars.ContextVar[tuple[Qcow2Node, ...]] = contextvars.ContextVar(
     "qcow2_opening", default=()
 )
-
-_FAST_ZEROES = fast_map.ZERO | fast_map.VALID
 
 
 class Qcow2Node(BlockNode):
@@ -188,7 +183,7 @@ class Qcow2Node(BlockNode):
         await self._load_tables(h)
         self.graph.register(self)  # after its files, before its backing chain (QEMU's order)
         await self._open_backing(h)
-        self._publish_missing_tables()
+        fast_table.publish_missing_tables(self)
         if not self.read_only:
             await self._open_for_writing(h)
         self._opened = True
@@ -237,7 +232,7 @@ class Qcow2Node(BlockNode):
             l2cache, self.refcounts,
         )  # fmt: skip
         self.table = ClusterTable(h.cluster_bits, -(-h.size // h.cluster_size))
-        self.map.publish = self._publish
+        self.map.publish = functools.partial(fast_table.publish, self)
         if opts.cache_clean_interval:
             loop = asyncio.get_running_loop()
             self._cleaner = loop.call_later(opts.cache_clean_interval, self._clean_caches)
@@ -774,123 +769,23 @@ class Qcow2Node(BlockNode):
         self._check_usable()
         await resize.truncate(self, length, prealloc)
 
-    # --- the exports' fast path ---------------------------------------------------------------
+    # --- the exports' fast path (fast_table.py) ---------------------------------------------
     def fast_target(self) -> FastTarget | None:
-        """The data file's target, mapped through the cluster table."""
-        if self.table is None or self.corrupt:
-            return None
-        target = self.data_node.fast_target()
-        if target is None or target.file is None or target.table is not None or target.null:
-            return None
-        writable = target.writable and not self.read_only
-        return FastTarget(file=target.file, base=target.base, table=self.table, writable=writable)
+        return fast_table.fast_target(self)
 
-    def _publish_missing_tables(self) -> None:
-        """Ranges without an L2 table are unallocated: without a backing node they read as
-        zeroes, which the fast path can answer without asking (a fresh image's reads)."""
-        assert self.map is not None and self.table is not None
-        if self.backing is not None:
-            return
-        span = self.map.l2_entries
-        for l1_index, l1e in enumerate(self.map.l1):
-            if not l1e & L1E_OFFSET_MASK:
-                self.table.publish_range(l1_index * span, span, _FAST_ZEROES)
-
-    def _publish(self, guest_cluster: int, l2e: int, bitmap: int) -> None:
-        """Put what an L2 entry says into the cluster table (see qsd_py/block/fast_map.py):
-        a host cluster (written in place only when it is this image's alone), zeroes, or
-        0 for anything only the node can serve (backing data, compression, partial
-        subclusters)."""
-        assert self.table is not None and self.map is not None
-        value = self._fast_value(l2e, bitmap)
-        checks = self.checks
-        if value and checks is not None and checks.on_read(guest_cluster, l2e, bitmap, 0):
-            value = 0  # an entry a lookup refuses: the node reports it, never the fast path
-        if value & fast_map.WRITABLE and self.overlap is not None:
-            if self.overlap.find(value & fast_map.OFFSET_MASK, self.cluster_size):
-                value &= ~fast_map.WRITABLE  # writes there are the overlap check's to refuse
-        self.table.publish(guest_cluster, value)
-
-    def _fast_value(self, l2e: int, bitmap: int) -> int:
-        if l2e & OFLAG_COMPRESSED:
-            return 0
-        offset = l2e & L2E_OFFSET_MASK
-        if offset & (self.cluster_size - 1):
-            return 0  # corrupt: the slow road finds and reports it
-        assert self.map is not None
-        if self.map.extended:
-            if bitmap == BITMAP_ALL_ZEROES:
-                return _FAST_ZEROES
-            if bitmap != BITMAP_ALL_ALLOC:
-                return _FAST_ZEROES if bitmap == 0 and self.backing is None else 0
-        elif l2e & OFLAG_ZERO:
-            return _FAST_ZEROES
-        if not self.allocated(l2e):
-            return _FAST_ZEROES if self.backing is None else 0
-        if l2e & OFLAG_COPIED and not self.read_only:
-            return offset | fast_map.VALID | fast_map.WRITABLE
-        return offset | fast_map.VALID
-
-    # --- introspection ----------------------------------------------------------------------
+    # --- introspection (introspect.py) ------------------------------------------------------
     def filename(self) -> str:
-        """The image file's name, or QEMU's ``json:`` description once the backing node is
-        not the one the header names (given by reference, or null over a named one)."""
-        assert self.header is not None
-        overridden = "backing" in self.opts
-        if not overridden or (self.backing is None and self.header.backing_name is None):
-            return self.file.filename()
-        return "json:" + json.dumps(self.full_options(), sort_keys=True)
+        return introspect.filename(self)
 
     def full_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"driver": "qcow2"}
-        backing = self.backing
-        if backing is not None:
-            opts["backing"] = backing.full_options()
-        elif "backing" in self.opts and self.header and self.header.backing_name is not None:
-            opts["backing"] = None  # null over the one the header names
-        opts["file"] = self.file.full_options()
-        return opts
+        return introspect.full_options(self)
 
     def limits(self) -> dict[str, int]:
-        """The file's alignment, and discards and zeroes in whole (sub)clusters."""
-        limits = self.file.limits()
-        limits["discard-alignment"] = self.cluster_size
-        limits["write-zeroes-alignment"] = zeroing.grain(self)
-        return limits
+        return introspect.limits(self)
 
     def image_extra(self) -> dict[str, Any]:
-        assert self.header is not None
-        h = self.header
-        extra: dict[str, Any] = {"dirty-flag": h.dirty, "cluster-size": self.cluster_size}
-        if h.backing_name is not None:
-            extra["backing-filename"] = h.backing_name
-            extra["full-backing-filename"] = self.relative(h.backing_name)
-            if h.backing_format is not None:
-                extra["backing-filename-format"] = h.backing_format
-        if self.snapshots:
-            extra["snapshots"] = [_snapshot_info(sn) for sn in self.snapshots]
-        extra["format-specific"] = {"type": "qcow2", "data": self._format_specific()}
-        return extra
+        return introspect.image_extra(self)
 
-    def _format_specific(self) -> dict[str, Any]:
-        """ImageInfoSpecificQCow2, members in the schema's order."""
-        assert self.header is not None
-        h = self.header
-        ctype = "zstd" if h.compression_type == hdr.COMPRESSION_ZSTD else "zlib"
-        if h.version < 3:
-            return {"compat": "0.10", "refcount-bits": h.refcount_bits, "compression-type": ctype}
-        data: dict[str, Any] = {"compat": "1.1"}
-        if h.has_data_file:
-            data["data-file"] = self.children["data-file"].node.filename()
-            data["data-file-raw"] = h.data_file_raw
-        data["extended-l2"] = h.extended_l2
-        data["lazy-refcounts"] = self.lazy_refcounts()
-        data["corrupt"] = h.corrupt
-        data["refcount-bits"] = h.refcount_bits
-        if self.metadata is not None and self.metadata.bitmaps:
-            data["bitmaps"] = [bitmap.info() for bitmap in self.metadata.bitmaps]
-        data["compression-type"] = ctype
-        return data
 
 def _print_warnings(h: hdr.Qcow2Header) -> None:
     """QEMU's warnings about the header on stderr, read-only or not (a stale bitmaps
@@ -917,19 +812,3 @@ def _same_file(a: str, b: str) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def _snapshot_info(sn: Any) -> dict[str, Any]:
-    """SnapshotInfo of one internal snapshot."""
-    info = {
-        "id": sn.id,
-        "name": sn.name,
-        "vm-state-size": sn.vm_state_size,
-        "date-sec": sn.date_sec,
-        "date-nsec": sn.date_nsec,
-        "vm-clock-sec": sn.vm_clock_nsec // 1_000_000_000,
-        "vm-clock-nsec": sn.vm_clock_nsec % 1_000_000_000,
-    }
-    if sn.icount != NO_ICOUNT:
-        info["icount"] = sn.icount
-    return info
