@@ -329,3 +329,22 @@ async def test_x_dirty_bitmap_reads_the_bitmap_through_block_status(
     ]
     with pytest.raises(QMPError, match="^Could not open image: Invalid argument$"):
         await graph.add(nbd_opts(srv, "n1", **{"x-dirty-bitmap": "b0", "read-only": True}))
+
+
+async def test_raw_window_over_an_nbd_node(
+    graph: BlockGraph, nbd_server: ServerFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "raw.img"
+    data = pattern(MiB, 4)
+    path.write_bytes(data)
+    srv = nbd_server("qemu-nbd", str(path))
+    raw = await graph.add({"driver": "raw", "node-name": "r0", "offset": 65536, "size": 131072,
+                           "file": nbd_opts(srv) | {"node-name": "n0"}})  # fmt: skip
+    assert raw.length() == 131072
+    buf = bytearray(131072)
+    await raw.read(0, memoryview(buf))
+    assert buf == data[65536 : 65536 + 131072]
+    await raw.write(10, b"window")
+    await raw.flush()
+    assert path.read_bytes()[65546:65552] == b"window"
+    assert raw.info()["file"].startswith("json:")
