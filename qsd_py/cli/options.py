@@ -17,7 +17,7 @@ from typing import Any
 
 from qsd_py import QEMU_VERSION, __version__
 from qsd_py.errors import QMPError
-from qsd_py.qapi.model import BuiltinType, EnumType, ObjectType
+from qsd_py.qapi.model import ArrayType, BuiltinType, EnumType, ObjectType
 from qsd_py.qapi.model import CliOption as OptionDecl
 from qsd_py.qapi.schema import QAPISchema
 from qsd_py.qapi.visit import Visitor
@@ -265,8 +265,12 @@ def _name(member: Any) -> str:
 
 
 def _type_hint(typ: Any) -> str:
+    """QOM's names for property types in help texts (``string``, ``bool``, ``int``; a list
+    by its element type: ``rules=<QAuthZListRule>``)."""
+    if isinstance(typ, ArrayType) and typ.element is not None:
+        return str(typ.element.name)
     if isinstance(typ, BuiltinType):
-        return {"string": "str", "boolean": "bool"}.get(typ.json_type, typ.name)
+        return {"string": "string", "boolean": "bool"}.get(typ.json_type, typ.name)
     if isinstance(typ, ObjectType):
         return "object"
     return str(typ.name)
