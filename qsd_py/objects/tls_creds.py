@@ -12,7 +12,11 @@ what the NBD code asks of it:
   endpoint``.
 * :meth:`TlsCreds.check_peer` once the handshake is done: QEMU's checks of the peer
   (x509 with ``verify-peer``: the client certificate's distinguished name against the
-  ``tls-authz`` object), raising :class:`QMPError` with QEMU's text when it is refused.
+  ``tls-authz`` object; PSK and anonymous credentials consult no authz, as QEMU 11.1),
+  raising :class:`QMPError` with QEMU's text when it is refused.
+* :func:`verify_error_text` turns a handshake's ``ssl.SSLCertVerificationError`` into
+  QEMU's words (``Certificate does not match the hostname H``, ``The certificate hasn't got
+  a known issuer``...).
 
 The ``priority`` string is GnuTLS's language; it is accepted and kept (``qom-get``), but
 OpenSSL chooses the suites.
@@ -315,6 +319,26 @@ class TlsCredsAnon(TlsCreds):
         except openssl_ctx.Unavailable as err:
             raise QMPError(f"Anonymous TLS is not available here: {err}") from err
         return ctx
+
+
+# OpenSSL's verification results (X509_V_ERR_*) in QEMU's (GnuTLS's) words.
+_VERIFY_REASONS = {
+    9: "The certificate is not yet activated",
+    10: "The certificate has expired",
+    20: "The certificate hasn't got a known issuer",
+    21: "The certificate hasn't got a known issuer",
+    2: "The certificate hasn't got a known issuer",
+    23: "The certificate has been revoked",
+}
+X509_V_ERR_HOSTNAME_MISMATCH = 62
+
+
+def verify_error_text(err: ssl.SSLCertVerificationError, hostname: str | None) -> str:
+    """What QEMU 11.1 says when a peer's certificate does not verify, for an ssl error from
+    a handshake with these contexts (``Certificate does not match the hostname H``...)."""
+    if err.verify_code == X509_V_ERR_HOSTNAME_MISMATCH:
+        return f"Certificate does not match the hostname {hostname}"
+    return _VERIFY_REASONS.get(err.verify_code, "The certificate is not trusted")
 
 
 def _load_dh(ctx: ssl.SSLContext, path: str) -> None:
