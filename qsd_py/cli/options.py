@@ -71,6 +71,18 @@ and FUSE block exports, over /dev/fuse or FUSE-over-io_uring.
   --object [qom-type=]iothread,id=<id>[,poll-max-ns=<ns>][,...]
                          add an I/O thread, as QMP's object-add
                          (--object help, --object iothread,help list them)
+  --object tls-creds-x509,id=<id>,dir=<dir>[,endpoint=client|server]
+           [,verify-peer=on|off][,sanity-check=on|off]
+  --object tls-creds-psk,id=<id>,dir=<dir>[,endpoint=client|server]
+           [,username=<name>]
+  --object tls-creds-anon,id=<id>[,dir=<dir>][,endpoint=client|server]
+                         TLS credentials from QEMU's files in <dir>
+                         (ca-cert.pem, server-cert.pem, keys.psk...)
+  --object authz-simple,id=<id>,identity=<name>
+  --object authz-list,id=<id>[,policy=deny|allow][,rules.<n>.match=<name>,
+           rules.<n>.policy=allow|deny[,rules.<n>.format=exact|glob]]
+                         who may connect to a TLS server (client
+                         certificates' distinguished names)
 
   --chardev socket,id=<id>,path=<path>[,server=on|off][,wait=on|off]
   --chardev socket,id=<id>,host=<host>,port=<port>[,server=on|off][,wait=on|off]
