@@ -146,7 +146,10 @@ def _unix_address(addr: dict[str, Any]) -> str:
     abstract = bool(addr.get("abstract", False))
     limit = UNIX_PATH_MAX - 1 if abstract else UNIX_PATH_MAX
     if len(path.encode()) > limit:
-        raise QMPError(f"UNIX socket path '{path}' is too long")
+        raise QMPError(
+            f"UNIX socket path '{path}' is too long",
+            hint=f"Path must be less than {limit} bytes",
+        )
     if not abstract:
         return str(path)
     if addr.get("tight", True):
