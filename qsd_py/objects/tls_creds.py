@@ -2,8 +2,8 @@
 
 Created by ``--object``/``object-add`` from files in ``dir`` named as QEMU names them, and
 checked at creation with QEMU's texts, so a typo in a path fails the option rather than the
-first client. Each object is for one ``endpoint`` (``server``, the default, or ``client``);
-what the NBD code asks of it:
+first client. Each object is for one ``endpoint`` (``client``, QEMU's default, or
+``server``); what the NBD code asks of it:
 
 * :meth:`TlsCreds.server_context` / :meth:`TlsCreds.client_context`: a stdlib
   ``ssl.SSLContext`` (PSK ones included, see ``tls_psk.py``) to hand to asyncio's
@@ -18,8 +18,8 @@ what the NBD code asks of it:
   QEMU's words (``Certificate does not match the hostname H``, ``The certificate hasn't got
   a known issuer``...).
 
-The ``priority`` string is GnuTLS's language; it is accepted and kept (``qom-get``), but
-OpenSSL chooses the suites.
+The ``priority`` string is GnuTLS's language; it is accepted and kept, as QEMU accepts any
+string at creation, but OpenSSL chooses the suites.
 """
 
 from __future__ import annotations
