@@ -35,7 +35,6 @@ import errno
 import os
 import socket
 import stat
-import tempfile
 from collections import deque
 from typing import Any
 
@@ -161,6 +160,8 @@ def _listen_unix(addr: dict[str, Any], backlog: int, private: bool) -> Listener:
     abstract = bool(addr.get("abstract", False))
     if not addr["path"] and not abstract:
         # QEMU picks a fresh name in the temporary directory for an empty path.
+        import tempfile  # only here: it costs milliseconds at start-up
+
         fd, temp = tempfile.mkstemp(prefix="qemu-socket-")
         os.close(fd)
         os.unlink(temp)  # only the name was wanted
