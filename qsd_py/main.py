@@ -44,7 +44,8 @@ async def apply_option(daemon: Any, chardevs: dict[str, Any], opt: Any) -> None:
         elif opt.name == "monitor":
             await add_monitor(daemon, chardevs, args)
     except QMPError as err:
-        raise StartupError(f"{opt.given}: {err.desc}") from err
+        hint = f"\n{err.hint}" if err.hint else ""
+        raise StartupError(f"{opt.given}: {err.desc}{hint}") from err
 
 
 async def add_chardev(daemon: Any, chardevs: dict[str, Any], args: dict[str, Any]) -> None:

@@ -35,7 +35,6 @@ import errno
 import os
 import socket
 import stat
-import tempfile
 from collections import deque
 from typing import Any
 
@@ -146,7 +145,10 @@ def _unix_address(addr: dict[str, Any]) -> str:
     abstract = bool(addr.get("abstract", False))
     limit = UNIX_PATH_MAX - 1 if abstract else UNIX_PATH_MAX
     if len(path.encode()) > limit:
-        raise QMPError(f"UNIX socket path '{path}' is too long")
+        raise QMPError(
+            f"UNIX socket path '{path}' is too long",
+            hint=f"Path must be less than {limit} bytes",
+        )
     if not abstract:
         return str(path)
     if addr.get("tight", True):
@@ -158,6 +160,8 @@ def _listen_unix(addr: dict[str, Any], backlog: int, private: bool) -> Listener:
     abstract = bool(addr.get("abstract", False))
     if not addr["path"] and not abstract:
         # QEMU picks a fresh name in the temporary directory for an empty path.
+        import tempfile  # only here: it costs milliseconds at start-up
+
         fd, temp = tempfile.mkstemp(prefix="qemu-socket-")
         os.close(fd)
         os.unlink(temp)  # only the name was wanted

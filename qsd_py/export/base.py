@@ -14,7 +14,8 @@ them here, in QEMU's order and with its texts:
    :meth:`teardown` and then the node and iothreads are given back.
 
 A type overrides :meth:`setup`, :meth:`teardown` and :meth:`in_use`, and sets ``type``
-(the QAPI name), ``label`` (the name QEMU's messages use) and ``multithread``. The registry
+(the QAPI name), ``label`` (the name QEMU's messages use), ``multithread`` and, when they
+differ from FUSE's, the node permissions ``resize`` and ``shared``. The registry
 (``qsd_py/export/registry.py``) owns the list of exports, ``block-export-del``'s modes and the
 ``BLOCK_EXPORT_DELETED`` event, and ``query-block-exports`` asks each export's :meth:`info`.
 """
@@ -40,6 +41,11 @@ class BlockExport:
     label: ClassVar[str] = ""
     # Whether a list of iothreads (one queue per thread) is supported.
     multithread: ClassVar[bool] = False
+    # The node permissions of the type (see take_node): whether it resizes the node (None:
+    # when writable, as QEMU's FUSE exports) and what it lets others do (QEMU's NBD exports:
+    # everything but resize).
+    resize: ClassVar[bool | None] = None
+    shared: ClassVar[Perm] = PERM_ALL
 
     def __init__(self, daemon: Daemon, opts: dict[str, Any], node: BlockNode) -> None:
         self.daemon = daemon
@@ -151,13 +157,12 @@ class BlockExport:
             self.daemon.objects.release(name)
         self._held_iothreads.clear()
 
-    def take_node(self, *, resize: bool | None = None, shared: Perm = PERM_ALL) -> None:
+    def take_node(self) -> None:
         """Hold the node's permissions as an export user: consistent read, write when
-        ``writable``, resize when ``resize`` (default: when ``writable``, as QEMU's FUSE
-        exports); ``shared`` is what others may do (QEMU's NBD exports share all but resize).
+        ``writable``, resize as the type's ``resize`` says, sharing the type's ``shared``.
         Conflicts and a read-only node are refused with QEMU's texts."""
         self.node.add_user(
-            self.id, self.writable, resize, shared=shared, quiesce=self.quiesce_hook()
+            self.id, self.writable, self.resize, shared=self.shared, quiesce=self.quiesce_hook()
         )
         self._node_taken = True
 

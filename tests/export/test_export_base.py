@@ -31,16 +31,12 @@ class ProbeExport(BlockExport):
     type = "probe"
     label = "PROBE"
     multithread = False
-    shared = PERM_ALL
 
     def __init__(self, daemon: Any, opts: dict[str, Any], node: Any) -> None:
         super().__init__(daemon, opts, node)
         self.calls: list[str] = []
         self.busy = False
         self.fail_setup = False
-
-    def take_node(self, **kw: Any) -> None:
-        super().take_node(shared=self.shared, **kw)
 
     async def setup(self) -> None:
         self.calls.append("setup")
@@ -61,8 +57,9 @@ class GrowingExport(ProbeExport):
 
 
 class NoResizeSharing(ProbeExport):
-    """Like QEMU's NBD exports: others may not resize the node meanwhile."""
+    """Like QEMU's NBD exports: no resize of its own, and others may not resize meanwhile."""
 
+    resize = False
     shared = PERM_ALL & ~Perm.RESIZE
 
 
@@ -170,8 +167,9 @@ async def test_failed_setup_undoes_everything(daemon: Daemon) -> None:
 
 async def test_shared_permissions_are_the_types(daemon: Daemon) -> None:
     """An export that does not share resize keeps a writable (resizing) export off the node."""
-    first = make(NoResizeSharing, daemon)
+    first = make(NoResizeSharing, daemon, writable=True)
     await first.start()
+    assert daemon.graph.lookup("n0").users["e0"].perm == Perm.CONSISTENT_READ | Perm.WRITE
     second = make(ProbeExport, daemon, id="e1", writable=True)
     with pytest.raises(QMPError) as err:
         await second.start()

@@ -93,6 +93,7 @@ def test_unix_bind_errors(tmp_path: Path) -> None:
     with pytest.raises(QMPError) as err:
         sockets.listen({"type": "unix", "path": long}, 1)
     assert err.value.desc == f"UNIX socket path '{long}' is too long"
+    assert err.value.hint == "Path must be less than 108 bytes"
 
 
 def test_close_leaves_a_successors_socket(tmp_path: Path) -> None:
