@@ -43,6 +43,7 @@ class Daemon:
         self.graph.emit_event = self.emit_event
         self.exports = ExportRegistry(self)
         self.objects = ObjectRegistry()
+        self.graph.objects = self.objects
         self.monitors: set[EventSink] = set()
         self.closers: list[Any] = []  # chardev servers/clients to close at shutdown
         self._shutdown: asyncio.Event | None = None

@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.drivers import driver_class
 from qsd_py.block.node import BlockNode
 from qsd_py.errors import QMPError
+
+if TYPE_CHECKING:
+    from qsd_py.objects.registry import ObjectRegistry
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class BlockGraph:
         self._next_id = 0
         # How nodes send QMP events (BLOCK_IMAGE_CORRUPTED); the daemon sets its emitter.
         self.emit_event: Callable[[str, dict[str, Any]], None] = lambda name, data: None
+        # The daemon's objects (an nbd node's tls-creds), set by the daemon.
+        self.objects: ObjectRegistry | None = None
 
     def __iter__(self):
         return iter(list(self._nodes.values()))

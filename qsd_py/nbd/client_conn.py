@@ -13,7 +13,8 @@ import asyncio
 import errno
 import os
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from qsd_py import sockets
@@ -70,12 +71,42 @@ def _strerror(err: OSError) -> str:
 
 
 # --- handshake ------------------------------------------------------------------------------
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH: the one verification failure QEMU words apart.
+_HOSTNAME_MISMATCH = 62
+
+
+@dataclass(frozen=True)
+class TlsSetup:
+    """What STARTTLS needs: the client context of a TLS credentials object, and the name
+    the server's certificate must carry. ``server_hostname()`` may refuse (QMPError: no
+    name to check a certificate against); it is asked at the handshake, as QEMU does."""
+
+    context: ssl.SSLContext
+    server_hostname: Callable[[], str | None]
+
+
+async def _start_tls(writer: asyncio.StreamWriter, tls: TlsSetup) -> None:
+    """Upgrade the stream; failures with QEMU's (GnuTLS's) texts where Python's ssl
+    can tell them apart."""
+    try:
+        hostname = tls.server_hostname()
+    except QMPError as err:
+        raise ConnectError(err.desc) from err
+    try:
+        await writer.start_tls(tls.context, server_hostname=hostname)
+    except ssl.SSLCertVerificationError as err:
+        if err.verify_code == _HOSTNAME_MISMATCH:
+            raise ConnectError(f"Certificate does not match the hostname {hostname}") from err
+        raise ConnectError("The certificate is not trusted") from err
+    except ssl.SSLError as err:
+        raise ConnectError(f"TLS handshake failed: {err.reason or err}") from err
+
+
 async def negotiate(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     hs: Handshake,
-    tls: ssl.SSLContext | None,
-    hostname: str | None,
+    tls: TlsSetup | None,
 ) -> ExportInfo:
     """Run ``hs`` over the stream until the export is negotiated."""
     while True:
@@ -92,7 +123,7 @@ async def negotiate(
             hs.receive_data(await reader.read(READ_CHUNK))
         elif event is START_TLS:
             assert tls is not None
-            await writer.start_tls(tls, server_hostname=hostname)
+            await _start_tls(writer, tls)
             hs.tls_started()
         else:
             assert isinstance(event, ExportInfo)
@@ -103,8 +134,7 @@ async def connect(
     addr: dict[str, Any],
     export: str,
     *,
-    tls: ssl.SSLContext | None = None,
-    hostname: str | None = None,
+    tls: TlsSetup | None = None,
     meta_contexts: Sequence[str] = (),
 ) -> NbdConnection:
     """A negotiated connection to ``export`` at ``addr``. Failures raise
@@ -112,8 +142,8 @@ async def connect(
     reader, writer = await open_stream(addr)
     hs = Handshake(export, tls=tls is not None, meta_contexts=meta_contexts)
     try:
-        info = await negotiate(reader, writer, hs, tls, hostname)
-    except ssl.SSLError as err:
+        info = await negotiate(reader, writer, hs, tls)
+    except ssl.SSLError as err:  # after the handshake: the TLS stream broke
         writer.close()
         raise ConnectError(f"TLS handshake failed: {err.reason or err}") from err
     except OSError as err:

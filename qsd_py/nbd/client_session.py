@@ -17,14 +17,19 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from qsd_py.nbd.client import ExportInfo, ProtocolError, Request
-from qsd_py.nbd.client_conn import ConnectError, ConnectionLost, NbdConnection, connect
+from qsd_py.nbd.client_conn import (
+    ConnectError,
+    ConnectionLost,
+    NbdConnection,
+    TlsSetup,
+    connect,
+)
 from qsd_py.nbd.constants import TransmissionFlag
 
 log = logging.getLogger(__name__)
@@ -43,18 +48,11 @@ class Target:
 
     addr: dict[str, Any]
     export: str
-    tls: ssl.SSLContext | None = None
-    hostname: str | None = None
+    tls: TlsSetup | None = None
     meta_contexts: Sequence[str] = ()
 
     async def connect(self) -> NbdConnection:
-        return await connect(
-            self.addr,
-            self.export,
-            tls=self.tls,
-            hostname=self.hostname,
-            meta_contexts=self.meta_contexts,
-        )
+        return await connect(self.addr, self.export, tls=self.tls, meta_contexts=self.meta_contexts)
 
 
 def describe(err: BaseException) -> str:

@@ -32,7 +32,7 @@ from qsd_py.block.node import (
 )
 from qsd_py.errors import QMPError
 from qsd_py.nbd.client import ExportInfo, Mode, ProtocolError, Request
-from qsd_py.nbd.client_conn import ConnectError
+from qsd_py.nbd.client_conn import ConnectError, TlsSetup
 from qsd_py.nbd.client_session import ClientSession, Target, open_connection
 from qsd_py.nbd.constants import (
     MAX_BUFFER,
@@ -79,11 +79,10 @@ class NbdNode(BlockNode):
 
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
-        if "tls-creds" in self.opts:
-            raise QMPError("TLS credentials are not supported by qsd-py's NBD client yet")
+        tls = self._tls_setup()
         # x-dirty-bitmap names a whole meta context ("qemu:dirty-bitmap:NAME"), as in QEMU.
         context = META_BASE_ALLOCATION if self.bitmap is None else self.bitmap
-        target = Target(self.server, self.export or "", meta_contexts=[context])
+        target = Target(self.server, self.export or "", tls=tls, meta_contexts=[context])
         try:
             conn = await open_connection(target, self.open_timeout)
         except (ConnectError, ProtocolError) as err:
@@ -97,6 +96,21 @@ class NbdNode(BlockNode):
         except BaseException:
             self.session.close()
             raise
+
+    def _tls_setup(self) -> TlsSetup | None:
+        """``tls-creds`` (an object of the daemon's, for a client endpoint) and the name
+        the server's certificate must carry: ``tls-hostname``, else the TCP host."""
+        creds_id = self.opts.get("tls-creds")
+        if creds_id is None:
+            return None
+        objects = self.graph.objects
+        if objects is None:
+            raise QMPError(f"No TLS credentials with id '{creds_id}'")
+        creds = objects.tls_creds(creds_id, "client")
+        hostname = self.opts.get("tls-hostname")
+        if hostname is None and self.server["type"] == "inet":
+            hostname = self.server["host"]
+        return TlsSetup(creds.client_context(), lambda: creds.client_hostname(hostname))
 
     def _check_export(self, info: ExportInfo, context: str) -> None:
         if self.bitmap is not None and context not in info.contexts:
