@@ -293,14 +293,14 @@ class Handshake:
 
     # --- the negotiation, as a generator that yields what it waits for -----------------------
     def _negotiate(self) -> Generator[_Read | StartTLS, bytes | None, ExportInfo]:
-        magic = yield _Read(8, "initial magic")
-        if struct.unpack(">Q", magic)[0] != NBDMAGIC:
-            raise ProtocolError("Invalid magic received")
+        (magic,) = struct.unpack(">Q", (yield _Read(8, "initial magic")))
+        if magic != NBDMAGIC:
+            raise ProtocolError(f"Bad initial magic received: {magic:#x}")
         (style,) = struct.unpack(">Q", (yield _Read(8, "server magic")))
         if style == CLISERV_MAGIC:
             return (yield from self._oldstyle())
         if style != IHAVEOPT:
-            raise ProtocolError("Bad server magic received")
+            raise ProtocolError(f"Bad server magic received: {style:#x}")
         (server_flags,) = wire.U16.unpack((yield _Read(2, "server flags")))
         fixed = bool(server_flags & FLAG_FIXED_NEWSTYLE)
         zeroes = not server_flags & FLAG_NO_ZEROES

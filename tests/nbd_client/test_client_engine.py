@@ -242,8 +242,8 @@ def test_oldstyle_server() -> None:
 @pytest.mark.parametrize(
     ("server", "text"),
     [
-        (b"NBDMAGIX" + bytes(10), "Invalid magic received"),
-        (struct.pack(">QQ", NBDMAGIC, 1), "Bad server magic received"),
+        (b"NBDMAGIX" + bytes(10), "Bad initial magic received: 0x4e42444d41474958"),
+        (struct.pack(">QQ", NBDMAGIC, 1), "Bad server magic received: 0x1"),
         (
             b"NBDMAG",
             "Failed to read initial magic: Unexpected end-of-file before all data were read",

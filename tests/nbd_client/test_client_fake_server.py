@@ -205,12 +205,12 @@ async def test_reply_cut_short_by_the_server_closing(fake) -> None:
 @pytest.mark.parametrize(
     ("greeting", "text"),
     [
-        (b"HTTP/1.1 200 OK\r\n\r\n", "Invalid magic received"),
+        (b"HTTP/1.1 200 OK\r\n\r\n", "Bad initial magic received: 0x485454502f312e31"),
         (
             b"NBDMAG",
             "Failed to read initial magic: Unexpected end-of-file before all data were read",
         ),  # fmt: skip
-        (struct.pack(">QQ", NBDMAGIC, 42), "Bad server magic received"),
+        (struct.pack(">QQ", NBDMAGIC, 42), "Bad server magic received: 0x2a"),
     ],
 )
 async def test_garbage_handshake_fails_blockdev_add(fake, greeting: bytes, text: str) -> None:
