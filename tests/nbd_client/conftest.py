@@ -14,16 +14,17 @@ from qsd_py.block.graph import BlockGraph
 
 @pytest.fixture
 def nbd_server(tmp_path: Path) -> Iterator[ServerFactory]:
-    """``nbd_server(kind, *args, transport="unix", export="disk")``: a running server.
+    """``nbd_server(kind, *args, transport="unix", export="disk")``: a running server
+    (its UNIX socket in ``sock_dir`` if given, else in tmp_path).
 
     ``kind`` is ``qemu-nbd`` (``args``: the image, then qemu-nbd options) or ``nbdkit``
     (``args``: filters, plugin and its parameters, as on nbdkit's command line)."""
     started: list[NbdServer] = []
 
     def make(kind: str, *args: str, transport: str = "unix", export: str = "disk",
-             wait: bool = True) -> NbdServer:  # fmt: skip
+             wait: bool = True, sock_dir: Path | None = None) -> NbdServer:  # fmt: skip
         if transport == "unix":
-            path = str(tmp_path / f"nbd{len(started)}.sock")
+            path = str((sock_dir or tmp_path) / f"nbd{len(started)}.sock")
             addr = {"type": "unix", "path": path}
         else:
             addr = {"type": "inet", "host": "127.0.0.1", "port": str(free_port())}

@@ -15,6 +15,7 @@ import pytest
 from nbd_servers import NbdServer, nbd_opts
 from realqsd_support import SHARE, require_real_qsd
 from support import Qsd
+from test_client_tls import TLS_FAILURES, Creds, tls_server
 
 from qsd_py.block.graph import BlockGraph
 from qsd_py.block.node import STATUS_DATA
@@ -131,3 +132,40 @@ def test_node_info_as_qemu_shows_it(qsd: Callable[..., Qsd], nbd_server, share: 
     finally:
         srv.kill()
     assert ours == theirs
+
+
+def test_tls_failure_texts_are_qemus(nbd_server, share: Path) -> None:
+    """Each refusal of test_client_tls.TLS_FAILURES, asked of QEMU 11.1's daemon with the
+    same credentials and servers."""
+    creds = Creds(share / "tls")
+    path = share / "tls.img"
+    path.write_bytes(bytes(MiB))
+    servers = {kind: tls_server(nbd_server, creds, kind, path, sock_dir=share)
+               for kind in ("plain", "x509", "untrusted")}  # fmt: skip
+    tool = require_real_qsd()
+    qmp = share / "tls-qmp.sock"
+    proc = subprocess.Popen(
+        [str(tool), "run", "qemu-storage-daemon",
+         "--object", f"tls-creds-x509,id=c,dir={creds.client},endpoint=client",
+         "--object", f"tls-creds-x509,id=s,dir={creds.server},endpoint=server",
+         "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not qmp.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "real daemon failed"
+            time.sleep(0.05)
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        client = QEMUMonitorProtocol(str(qmp))
+        client.connect()
+        try:
+            for i, (kind, options, text) in enumerate(TLS_FAILURES):
+                reply = client.cmd_raw("blockdev-add", nbd_opts(servers[kind], f"t{i}", **options))
+                assert reply["error"]["desc"] == text, (kind, options)
+        finally:
+            client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -8,6 +8,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nbd_servers import ServerFactory, nbd_opts
@@ -141,21 +142,32 @@ async def test_reconnect_over_tls(
     assert path.read_bytes()[:500] == b"again" * 100
 
 
-@pytest.mark.parametrize(
-    ("server", "options", "text"),
-    [
-        ("x509", {"tls-creds": "c"}, "No hostname for certificate validation"),
-        ("x509", {"tls-creds": "c", "tls-hostname": "wrong"},
-         "Certificate does not match the hostname wrong"),
-        ("untrusted", {"tls-creds": "c", "tls-hostname": "localhost"},
-         "The certificate is not trusted"),
-        ("x509", {}, "TLS negotiation required before option 7 (go)"),
-        ("plain", {"tls-creds": "c", "tls-hostname": "localhost"},
-         "Denied by server for option 5 (starttls)"),
-        ("plain", {"tls-creds": "nope"}, "No TLS credentials with id 'nope'"),
-        ("plain", {"tls-creds": "s"}, "Expected TLS credentials for a client endpoint"),
-    ],
-)  # fmt: skip
+# (server kind, node options, QEMU 11.1's text), checked with real-qsd in
+# test_client_realqsd.py.
+TLS_FAILURES = [
+    ("x509", {"tls-creds": "c"}, "No hostname for certificate validation"),
+    ("x509", {"tls-creds": "c", "tls-hostname": "wrong"},
+     "Certificate does not match the hostname wrong"),
+    ("untrusted", {"tls-creds": "c", "tls-hostname": "localhost"},
+     "The certificate is not trusted"),
+    ("x509", {}, "TLS negotiation required before option 7 (go)"),
+    ("plain", {"tls-creds": "c", "tls-hostname": "localhost"},
+     "Denied by server for option 5 (starttls)"),
+    ("plain", {"tls-creds": "nope"}, "No TLS credentials with id 'nope'"),
+    ("plain", {"tls-creds": "s"}, "Expected TLS credentials for a client endpoint"),
+]  # fmt: skip
+
+
+def tls_server(nbd_server: ServerFactory, creds: Creds, kind: str, path: Path, **kw: Any):
+    """qemu-nbd without TLS (``plain``), with the CA's server certificate (``x509``) or
+    another CA's (``untrusted``)."""
+    if kind == "plain":
+        return nbd_server("qemu-nbd", str(path), **kw)
+    which = "untrusted" if kind == "untrusted" else "server"
+    return nbd_server("qemu-nbd", str(path), *creds.qemu_nbd(which=which), **kw)
+
+
+@pytest.mark.parametrize(("server", "options", "text"), TLS_FAILURES)
 async def test_tls_failures_have_qemus_texts(
     tls_graph: BlockGraph,
     nbd_server: ServerFactory,
@@ -165,13 +177,7 @@ async def test_tls_failures_have_qemus_texts(
     options: dict,
     text: str,
 ) -> None:
-    path = image(tmp_path)
-    if server == "plain":
-        srv = nbd_server("qemu-nbd", str(path))
-    elif server == "untrusted":
-        srv = nbd_server("qemu-nbd", str(path), *creds.qemu_nbd(which="untrusted"))
-    else:
-        srv = nbd_server("qemu-nbd", str(path), *creds.qemu_nbd())
+    srv = tls_server(nbd_server, creds, server, image(tmp_path))
     with pytest.raises(QMPError) as err:
         await tls_graph.add(nbd_opts(srv, **options))
     assert str(err.value) == text
