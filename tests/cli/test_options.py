@@ -354,7 +354,8 @@ def test_both_argument_spellings_and_abbreviations() -> None:
 def test_help_and_version() -> None:
     assert [o.name for o in iter_options(["-hV"])] == ["help", "version"]
     assert [o.name for o in iter_options(["--version", "--help"])] == ["version", "help"]
-    for option in ("--blockdev", "--export", "--object", "--chardev", "--monitor", "io_uring"):
+    for option in ("--blockdev", "--export", "--object", "--chardev", "--monitor", "io_uring",
+                   "--nbd-server", "type=]nbd"):  # fmt: skip
         assert option in HELP_TEXT
     assert version_text().startswith("qsd-py version ")
 

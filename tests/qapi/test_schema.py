@@ -86,7 +86,9 @@ def test_introspection_masks_type_names_like_qemu() -> None:
     alternate = by_name[members["iothread"]["type"]]
     assert alternate["meta-type"] == "alternate"
     assert [m["type"] for m in alternate["members"]] == ["str", "[str]"]
-    fuse = by_name[add["variants"][0]["type"]]
+    variants = {v["case"]: v["type"] for v in add["variants"]}
+    assert list(variants) == ["nbd", "fuse"]  # BlockExportType's order, as QEMU's
+    fuse = by_name[variants["fuse"]]
     assert [m["name"] for m in fuse["members"]] == [
         "mountpoint",
         "growable",
