@@ -17,6 +17,7 @@ from qsd_py.commands import HANDLERS, load_handlers
 from qsd_py.errors import QMPError
 from qsd_py.export.registry import ExportRegistry
 from qsd_py.objects.registry import ObjectRegistry
+from qsd_py.sockets import ON_COMMAND_LINE
 from qsd_py.uring import close_loop_ring
 
 if TYPE_CHECKING:
@@ -62,9 +63,12 @@ class Daemon:
         if handler is None or not self.schema.has_command(name):
             raise QMPError(f"The command {name} has not been found", "CommandNotFound")
         checked = self.schema.check_command_args(name, args, json_schema=not from_cli)
+        # ``fd`` socket addresses are numbers on the command line, getfd names in QMP.
+        on_command_line = ON_COMMAND_LINE.set(from_cli)
         try:
             return await handler(self, checked)
         finally:
+            ON_COMMAND_LINE.reset(on_command_line)
             for export in self.exports:
                 export.after_command()
 

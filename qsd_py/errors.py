@@ -9,7 +9,11 @@ class QMPError(Exception):
     written against qemu-storage-daemon see the same texts.
     """
 
-    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
+    def __init__(
+        self, desc: str, error_class: str = "GenericError", *, hint: str | None = None
+    ) -> None:
         super().__init__(desc)
         self.desc = desc
         self.error_class = error_class
+        # QEMU's error hint: a line the command line prints after the error, QMP never sends.
+        self.hint = hint

@@ -48,7 +48,8 @@ async def apply_option(daemon: Any, chardevs: dict[str, Any], opt: Any) -> None:
 
             await start_server(daemon, args, from_monitor=False)
     except QMPError as err:
-        raise StartupError(f"{opt.given}: {err.desc}") from err
+        hint = f"\n{err.hint}" if err.hint else ""
+        raise StartupError(f"{opt.given}: {err.desc}{hint}") from err
 
 
 async def add_chardev(daemon: Any, chardevs: dict[str, Any], args: dict[str, Any]) -> None:

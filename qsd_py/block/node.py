@@ -127,19 +127,29 @@ class BlockNode:
         """Release files, locks and children."""
 
     # --- permissions ----------------------------------------------------------------------
-    def add_user(self, user: str, write: bool, resize: bool | None = None) -> None:
+    def add_user(
+        self,
+        user: str,
+        write: bool,
+        resize: bool | None = None,
+        *,
+        shared: Perm = PERM_ALL,
+        quiesce: Any = None,
+    ) -> None:
         """Register a user (an export id or a command). ``write`` asks for the write
         permission: a read-only node raises QMPError (``Block node is read-only``).
         ``resize`` (default: same as ``write``, as QEMU's writable FUSE exports) asks for the
         resize permission. The graph refuses to delete a node that has users
-        (``Node X is in use``). Like QEMU's exports, the user shares every permission."""
+        (``Node X is in use``). ``shared``: what the user lets others do (exports share
+        everything, but QEMU's NBD exports keep others from resizing). ``quiesce``: see
+        :class:`~qsd_py.block.perm.NodeUser`."""
         perm = Perm.CONSISTENT_READ
         if write:
             perm |= Perm.WRITE
         if write if resize is None else resize:
             perm |= Perm.RESIZE
         desc = f"an unnamed block device (uses node '{self.node_name}' as 'root' child)"
-        self.set_user(NodeUser(user, perm, PERM_ALL, desc))
+        self.set_user(NodeUser(user, perm, shared, desc, quiesce=quiesce))
 
     def remove_user(self, user: str) -> None:
         if self.users.pop(user, None) is not None:

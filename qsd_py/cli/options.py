@@ -17,7 +17,7 @@ from typing import Any
 
 from qsd_py import QEMU_VERSION, __version__
 from qsd_py.errors import QMPError
-from qsd_py.qapi.model import BuiltinType, EnumType, ObjectType
+from qsd_py.qapi.model import ArrayType, BuiltinType, EnumType, ObjectType
 from qsd_py.qapi.model import CliOption as OptionDecl
 from qsd_py.qapi.schema import QAPISchema
 from qsd_py.qapi.visit import Visitor
@@ -87,6 +87,18 @@ and block exports over FUSE (/dev/fuse or FUSE-over-io_uring) and NBD.
   --object [qom-type=]iothread,id=<id>[,poll-max-ns=<ns>][,...]
                          add an I/O thread, as QMP's object-add
                          (--object help, --object iothread,help list them)
+  --object tls-creds-x509,id=<id>,dir=<dir>[,endpoint=client|server]
+           [,verify-peer=on|off][,sanity-check=on|off]
+  --object tls-creds-psk,id=<id>,dir=<dir>[,endpoint=client|server]
+           [,username=<name>]
+  --object tls-creds-anon,id=<id>[,dir=<dir>][,endpoint=client|server]
+                         TLS credentials from QEMU's files in <dir>
+                         (ca-cert.pem, server-cert.pem, keys.psk...)
+  --object authz-simple,id=<id>,identity=<name>
+  --object authz-list,id=<id>[,policy=deny|allow][,rules.<n>.match=<name>,
+           rules.<n>.policy=allow|deny[,rules.<n>.format=exact|glob]]
+                         who may connect to a TLS server (client
+                         certificates' distinguished names)
 
   --chardev socket,id=<id>,path=<path>[,server=on|off][,wait=on|off]
   --chardev socket,id=<id>,host=<host>,port=<port>[,server=on|off][,wait=on|off]
@@ -281,8 +293,12 @@ def _name(member: Any) -> str:
 
 
 def _type_hint(typ: Any) -> str:
+    """QOM's names for property types in help texts (``string``, ``bool``, ``int``; a list
+    by its element type: ``rules=<QAuthZListRule>``)."""
+    if isinstance(typ, ArrayType) and typ.element is not None:
+        return str(typ.element.name)
     if isinstance(typ, BuiltinType):
-        return {"string": "str", "boolean": "bool"}.get(typ.json_type, typ.name)
+        return {"string": "string", "boolean": "bool"}.get(typ.json_type, typ.name)
     if isinstance(typ, ObjectType):
         return "object"
     return str(typ.name)

@@ -1,65 +1,24 @@
-"""The registry of block exports and the base class every export type derives from.
+"""The registry of block exports: their list, ids, deletion modes and events.
 
 QEMU keeps exports in a list that ``query-block-exports`` reports newest first; ids are
-unique across types. The registry owns that list and the QEMU error texts about it; the
-export types own mounting, serving and tearing down.
+unique across types. The registry owns that list and the QEMU error texts about it; what
+every export does whatever its type is :class:`~qsd_py.export.base.BlockExport`'s, the rest
+(mounting, serving, tearing down) the export types'.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from qsd_py.errors import QMPError
+from qsd_py.export.base import BlockExport
 
 if TYPE_CHECKING:
-    from qsd_py.block.node import BlockNode
     from qsd_py.daemon import Daemon
 
-
-class BlockExport:
-    """One export of a block node. Subclasses implement :meth:`start` and :meth:`stop`."""
-
-    type: ClassVar[str]
-
-    def __init__(self, daemon: Daemon, opts: dict[str, Any], node: BlockNode) -> None:
-        self.daemon = daemon
-        self.opts = opts
-        self.id: str = opts["id"]
-        self.node = node
-        self.shutting_down = False
-
-    async def start(self) -> None:
-        """Make the export reachable (mount, listen...). Raise QMPError on failure,
-        leaving nothing behind."""
-        raise NotImplementedError
-
-    async def stop(self, mode: str) -> Awaitable[None] | None:
-        """Tear the export down. ``mode`` is ``safe`` or ``hard`` (block-export-del).
-
-        ``safe`` raises QMPError (``export 'ID' still in use``) if requests are in flight;
-        ``hard`` aborts them. Returns None when nothing of the export remains, or an
-        awaitable that completes once the last of it is gone (an NBD export whose clients
-        still finish requests): the export then stays listed, shutting down, until then.
-        """
-        raise NotImplementedError
-
-    def in_use(self) -> bool:
-        """True while requests are in flight (``safe`` deletion refuses then)."""
-        return False
-
-    def after_command(self) -> None:
-        """Called after every QMP command (one may have changed the node)."""
-
-    def info(self) -> dict[str, Any]:
-        """The ``BlockExportInfo`` answer of ``query-block-exports``."""
-        return {
-            "type": self.type,
-            "id": self.id,
-            "node-name": self.node.node_name,
-            "shutting-down": self.shutting_down,
-        }
+__all__ = ["BlockExport", "ExportRegistry", "export_types"]
 
 
 def export_types() -> dict[str, type[BlockExport]]:
@@ -95,13 +54,8 @@ class ExportRegistry:
         export_id = opts["id"]
         if export_id in self._exports:
             raise QMPError(f"Block export id '{export_id}' is already in use")
-        node = self.daemon.graph.lookup(opts["node-name"])
-        if opts.get("writable", False) and node.read_only:
-            # QEMU checks the exported node itself first, before iothreads and mountpoints;
-            # a writable export of a read-write node over a read-only child fails later, on
-            # the child's permissions ("Block node is read-only").
-            raise QMPError("Cannot export read-only node as writable")
         cls = export_types()[opts["type"]]
+        node = cls.lookup_node(self.daemon, opts)
         export = cls(self.daemon, opts, node)
         self._exports[export_id] = export
         try:
@@ -114,7 +68,8 @@ class ExportRegistry:
     async def delete(self, export_id: str, mode: str = "safe") -> asyncio.Future[None] | None:
         """Stop an export, drop it and send ``BLOCK_EXPORT_DELETED``: before the command's
         return when the export is gone at once (as QEMU does for FUSE, or NBD without
-        clients), else once it is, after the return (the future returned completes then)."""
+        clients), else once it is, after the return (the future returned completes then;
+        meanwhile the export is listed as shutting down)."""
         export = self.get(export_id)
         if export.shutting_down:
             raise QMPError(f"Export '{export_id}' is already shutting down")

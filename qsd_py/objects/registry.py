@@ -1,27 +1,54 @@
-"""The registry of user-created objects (``--object``, ``object-add``, ``object-del``)."""
+"""The registry of user-created objects (``--object``, ``object-add``, ``object-del``).
+
+Objects are looked up by id by the layers that use them, each through a method that checks
+the object's kind with QEMU's texts: :meth:`ObjectRegistry.iothread`,
+:meth:`ObjectRegistry.tls_creds` (the NBD server and client), :meth:`ObjectRegistry.authz`
+(a TLS server's ``tls-authz``).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from qsd_py.errors import QMPError
 from qsd_py.objects.iothread import IOThread
 
+if TYPE_CHECKING:
+    from qsd_py.objects.authz import Authz
+    from qsd_py.objects.tls_creds import TlsCreds
+
+# The classes by QOM type name, each built as ``cls(id, options)``; the TLS and authz modules
+# (and ``ssl``) are imported by the first object that needs them, not at start-up.
+OBJECT_TYPES: dict[str, str] = {
+    "iothread": "qsd_py.objects.iothread:IOThread",
+    "tls-creds-x509": "qsd_py.objects.tls_creds:TlsCredsX509",
+    "tls-creds-psk": "qsd_py.objects.tls_creds:TlsCredsPsk",
+    "tls-creds-anon": "qsd_py.objects.tls_creds:TlsCredsAnon",
+    "authz-simple": "qsd_py.objects.authz:AuthzSimple",
+    "authz-list": "qsd_py.objects.authz:AuthzList",
+}
+
+
+def object_class(qom_type: str) -> Any:
+    module, _, name = OBJECT_TYPES[qom_type].partition(":")
+    return getattr(importlib.import_module(module), name)
+
 
 class ObjectRegistry:
-    """Objects by id. Only ``iothread`` exists in qsd-py so far."""
+    """Objects by id, and how many users hold each (those cannot be deleted)."""
 
     def __init__(self) -> None:
-        self._objects: dict[str, IOThread] = {}
+        self._objects: dict[str, Any] = {}
         self._users: dict[str, int] = {}
 
-    def add(self, opts: dict[str, Any]) -> IOThread:
+    def add(self, opts: dict[str, Any]) -> Any:
         obj_id = opts["id"]
         if obj_id in self._objects:
             raise QMPError(
                 f"attempt to add duplicate property '{obj_id}' to object (type 'container')"
             )
-        obj = IOThread(obj_id, opts)
+        obj = object_class(opts["qom-type"])(obj_id, opts)
         self._objects[obj_id] = obj
         return obj
 
@@ -34,11 +61,38 @@ class ObjectRegistry:
         del self._objects[obj_id]
         obj.stop()
 
+    def get(self, obj_id: str) -> Any | None:
+        """The object with id ``obj_id``, of any kind, or None."""
+        return self._objects.get(obj_id)
+
     def iothread(self, obj_id: str) -> IOThread:
         """Look up an iothread by id, with QEMU's text when there is none."""
         obj = self._objects.get(obj_id)
-        if obj is None:
+        if not isinstance(obj, IOThread):
             raise QMPError(f'iothread "{obj_id}" not found')
+        return obj
+
+    def tls_creds(self, obj_id: str, endpoint: str) -> TlsCreds:
+        """TLS credentials for ``endpoint`` (``server``/``client``), with QEMU's texts."""
+        from qsd_py.objects.tls_creds import TlsCreds
+
+        obj = self._objects.get(obj_id)
+        if obj is None:
+            raise QMPError(f"No TLS credentials with id '{obj_id}'")
+        if not isinstance(obj, TlsCreds):
+            raise QMPError(f"Object with id '{obj_id}' is not TLS credentials")
+        obj.check_endpoint(endpoint)
+        return obj
+
+    def authz(self, obj_id: str) -> Authz:
+        """The authorization object ``obj_id``, with QEMU's texts."""
+        from qsd_py.objects.authz import Authz
+
+        obj = self._objects.get(obj_id)
+        if obj is None:
+            raise QMPError(f"Cannot find QAuthZ object ID {obj_id}")
+        if not isinstance(obj, Authz):
+            raise QMPError(f"Object '{obj_id}' is not a QAuthZ subclass")
         return obj
 
     def hold(self, obj_id: str) -> IOThread:

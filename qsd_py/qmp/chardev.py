@@ -7,9 +7,9 @@ the first one leaves.  With ``wait=on`` (the default for a server) the daemon wa
 first client before it goes on with the command line.  Without ``server=on`` the daemon
 connects to the socket itself: QEMU's iotests listen and let the daemon come to them.
 
-A stale socket file at the path is replaced, as QEMU does; unlike QEMU, any other kind of
-file there is left alone and the bind fails, since deleting a user's file over a typo in a
-path is worse than an error.
+Listening and connecting are :mod:`qsd_py.sockets`' (shared with the NBD server and client):
+a stale socket file at the path is replaced, as QEMU does; unlike QEMU, any other kind of
+file there is left alone and the bind fails.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
-import stat
 import sys
 from typing import Any
 
+from qsd_py import sockets
 from qsd_py.errors import QMPError
 from qsd_py.qmp.protocol import QMPSession
 
@@ -80,11 +79,9 @@ class Chardev:
 class ServerChardev(Chardev):
     """``server=on``: a listening socket, one client at a time."""
 
-    def __init__(self, chardev_id: str, listener: socket.socket, path: str | None) -> None:
+    def __init__(self, chardev_id: str, listener: sockets.Listener) -> None:
         super().__init__(chardev_id)
         self.listener = listener
-        self.path = path
-        self._inode = os.stat(path).st_ino if path else None
         self._first: socket.socket | None = None
 
     async def wait_for_client(self, daemon: Any, description: str) -> None:
@@ -98,7 +95,7 @@ class ServerChardev(Chardev):
             file=sys.stderr,
             flush=True,
         )
-        accept = asyncio.ensure_future(asyncio.get_running_loop().sock_accept(self.listener))
+        accept = asyncio.ensure_future(self.listener.accept())
         waits: set[asyncio.Future[Any]] = {accept}
         shutdown = getattr(daemon, "shutdown_event", None)
         if shutdown is not None:
@@ -107,26 +104,20 @@ class ServerChardev(Chardev):
         for future in pending:
             future.cancel()
         if accept in done:
-            self._first, _ = accept.result()
+            self._first = accept.result()
 
     async def _run(self, daemon: Any, pretty: bool) -> None:
-        loop = asyncio.get_running_loop()
         while not self.closing:
             sock, self._first = self._first, None
             if sock is None:
-                sock, _ = await loop.sock_accept(self.listener)
+                sock = await self.listener.accept()
             await self._serve(daemon, sock, pretty)
 
     async def close(self) -> None:
         await super().close()
         if self._first is not None:
             self._first.close()
-        self.listener.close()
-        if self.path is not None:
-            # Remove our socket, not one a successor may have bound at the same path.
-            with contextlib.suppress(OSError):
-                if os.stat(self.path).st_ino == self._inode:
-                    os.unlink(self.path)
+        self.listener.close()  # removes our socket file, not one a successor bound there
 
 
 class ClientChardev(Chardev):
@@ -145,64 +136,11 @@ class ClientChardev(Chardev):
 
 
 # --- creation ------------------------------------------------------------------------------
-def _resolve(host: str, port: str) -> list[Any]:
-    try:
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as err:
-        raise QMPError(f"address resolution failed for {host}:{port}: {err.strerror}") from err
-
-
-def _listen_unix(path: str) -> socket.socket:
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)  # a stale socket, as QEMU replaces it
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # the socket file is created 0600
-    try:
-        sock.bind(path)
-    except OSError as err:
-        sock.close()
-        raise QMPError(f"Failed to bind socket to {path}: {os.strerror(err.errno or 0)}") from err
-    finally:
-        os.umask(old_umask)
-    return sock
-
-
-def _listen_tcp(host: str, port: str) -> socket.socket:
-    last: OSError | None = None
-    for family, kind, proto, _, address in _resolve(host, port):
-        sock = socket.socket(family, kind, proto)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-            return sock
-        except OSError as err:
-            sock.close()
-            last = err
-    reason = os.strerror(last.errno or 0) if last else "no address"
-    raise QMPError(f"Failed to find an available port: {reason}")
-
-
-async def _connect(path: str | None, host: str | None, port: str | None) -> socket.socket:
-    loop = asyncio.get_running_loop()
+def _address(path: str | None, host: str | None, port: str | None) -> dict[str, Any]:
+    """The chardev's ``path`` or ``host``/``port`` as a flat ``SocketAddress``."""
     if path is not None:
-        targets = [(socket.AF_UNIX, socket.SOCK_STREAM, 0, path)]
-        where = path
-    else:
-        assert host is not None and port is not None
-        targets = [(f, k, p, a) for f, k, p, _, a in _resolve(host, port)]
-        where = f"{host}:{port}"
-    error = 0
-    for family, kind, proto, address in targets:
-        sock = socket.socket(family, kind, proto)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, address)
-            return sock
-        except OSError as err:
-            sock.close()
-            error = err.errno or 0
-    raise QMPError(f"Failed to connect to '{where}': {os.strerror(error)}")
+        return {"type": "unix", "path": path}
+    return {"type": "inet", "host": host, "port": port}
 
 
 def _check_options(opts: dict[str, Any]) -> None:
@@ -230,18 +168,17 @@ async def create_chardev(daemon: Any, opts: dict[str, Any]) -> Chardev:
     _check_options(opts)
     path, host = opts.get("path"), opts.get("host")
     port = None if opts.get("port") is None else str(opts["port"])
+    address = _address(path, host, port)
     chardev: Chardev
     if _flag(opts.get("server"), False):
-        listener = _listen_unix(path) if path is not None else _listen_tcp(host, port)  # type: ignore[arg-type]
-        listener.listen(LISTEN_BACKLOG)
-        listener.setblocking(False)
-        chardev = ServerChardev(opts["id"], listener, path)
+        listener = sockets.listen(address, LISTEN_BACKLOG, private=True)
+        chardev = ServerChardev(opts["id"], listener)
         daemon.closers.append(chardev.close)
         if _flag(opts.get("wait"), True):
             where = f"unix:{path}" if path is not None else f"tcp:{host}:{port}"
             await chardev.wait_for_client(daemon, f"disconnected:{where}")
     else:
-        chardev = ClientChardev(opts["id"], await _connect(path, host, port))
+        chardev = ClientChardev(opts["id"], await sockets.connect(address))
         daemon.closers.append(chardev.close)
     return chardev
 

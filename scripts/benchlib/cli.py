@@ -79,10 +79,13 @@ def options(args: argparse.Namespace) -> Options:
     backends = args.backends or (",".join(matrix.QUICK_BACKENDS) if args.quick else None)
     jobs = args.jobs or (",".join(matrix.QUICK_JOBS) if args.quick else None)
     out = args.out or REPO / "bench-out" / time.strftime("%Y%m%d-%H%M%S")
+    targets = matrix.pick(args.targets, matrix.TARGETS, matrix.DEFAULT_TARGETS)
+    # nbdcopy's jobs join the default set when an NBD export is measured.
+    default_jobs = tuple(matrix.JOBS) if any(t.nbd for t in targets) else matrix.DEFAULT_JOBS
     return Options(
-        targets=matrix.pick(args.targets, matrix.TARGETS, matrix.DEFAULT_TARGETS),
+        targets=targets,
         backends=matrix.pick(backends, matrix.BACKENDS, matrix.DEFAULT_BACKENDS),
-        jobs=matrix.pick(jobs, matrix.JOBS, matrix.DEFAULT_JOBS),
+        jobs=matrix.pick(jobs, matrix.JOBS, default_jobs),
         runtime=get("runtime"),
         ramp=get("ramp"),
         rounds=int(get("rounds")),
@@ -200,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome.samples,
         args.reference,
         matrix.raw_peers(),
+        matrix.versus(),
     )
     say(f"results: {opts.out / 'results.json'}")
     render(doc, opts.out)

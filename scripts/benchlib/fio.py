@@ -34,13 +34,18 @@ class FioFigures:
 
 
 def fio_command(job: Job, path: str, runtime: float, ramp: float, output: str) -> list[str]:
-    """Build the fio argv for ``job`` on ``path``, writing JSON to ``output``."""
+    """Build the fio argv for ``job`` on ``path``, writing JSON to ``output``.
+
+    ``path`` is a file (read with O_DIRECT through io_uring) or an NBD URI (fio's ``nbd``
+    engine, libnbd, one connection per fio job)."""
+    if path.startswith("nbd"):
+        where = ["--ioengine=nbd", f"--uri={path}"]  # engine options after the engine
+    else:
+        where = [f"--filename={path}", "--direct=1", "--ioengine=io_uring"]
     argv = [
         FIO,
         f"--name={job.name}",
-        f"--filename={path}",
-        "--direct=1",
-        "--ioengine=io_uring",
+        *where,
         f"--rw={job.rw}",
         f"--bs={job.bs}",
         f"--iodepth={job.iodepth}",

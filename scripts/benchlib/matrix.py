@@ -14,7 +14,12 @@ QCOW2_CLUSTER = 64 << 10  # QEMU's default cluster size, named in the issue
 
 @dataclass(frozen=True)
 class Job:
-    """One fio workload. ``rw`` is fio's ``--rw``; ``mix`` its ``--rwmixread`` for randrw."""
+    """One workload. ``rw`` is fio's ``--rw``; ``mix`` its ``--rwmixread`` for randrw.
+
+    ``tool`` is ``fio``, or ``nbdcopy`` (libnbd's copier, NBD targets only): the whole export
+    copied to ``null:`` (``rw`` read) or a file of the export's size copied onto it (write),
+    with its default requests of ``bs`` and ``iodepth`` of them in flight per connection.
+    """
 
     name: str
     rw: str
@@ -22,6 +27,7 @@ class Job:
     iodepth: int
     numjobs: int = 1
     mix: int | None = None
+    tool: str = "fio"
 
     @property
     def label(self) -> str:
@@ -57,17 +63,27 @@ class Backend:
 
 @dataclass(frozen=True)
 class Target:
-    """Something fio reads: the image itself, or a FUSE export of one of the two daemons.
+    """Something fio reads: the image itself, or an export of one of the two daemons.
 
-    ``daemon`` is ``None`` (the bare file), ``"qsd-py"`` or ``"qemu"``; ``uring`` selects the
-    FUSE-over-io_uring transport; ``iothreads`` > 0 adds that many iothread objects and spreads
-    the export over them with ``iothread.N=`` (a multi-threaded export).
+    ``daemon`` is ``None`` (the bare file), ``"qsd-py"`` or ``"qemu"``; ``export`` is
+    ``fuse`` (fio reads the mounted file), ``nbd-unix`` or ``nbd-tcp`` (fio's ``nbd`` engine
+    and nbdcopy connect to the daemon's NBD server, over a UNIX socket or loopback TCP);
+    ``uring`` selects the FUSE-over-io_uring transport; ``iothreads`` > 0 adds that many
+    iothread objects and spreads the export over them with ``iothread.N=``. ``versus`` names
+    the target its ``x qemu`` ratio divides by when that is not the run's reference (an NBD
+    export is compared with QEMU's NBD export over the same socket kind).
     """
 
     name: str
     daemon: str | None
     uring: bool = False
     iothreads: int = 0
+    export: str = "fuse"
+    versus: str = ""
+
+    @property
+    def nbd(self) -> bool:
+        return self.export.startswith("nbd")
 
 
 JOBS: dict[str, Job] = {
@@ -79,6 +95,8 @@ JOBS: dict[str, Job] = {
         Job("randrw70-qd64", "randrw", "4k", 64, 1, mix=70),
         Job("read1m-qd4", "read", "1M", 4),
         Job("write1m-qd4", "write", "1M", 4),
+        Job("nbdcopy-read", "read", "256k", 64, tool="nbdcopy"),
+        Job("nbdcopy-write", "write", "256k", 64, tool="nbdcopy"),
     )
 }
 
@@ -110,12 +128,18 @@ TARGETS: dict[str, Target] = {
         Target("qemu-iot2", "qemu", iothreads=2),
         # Not in the default set; useful once qsd-py spreads queues over iothreads.
         Target("qsd-py-uring-iot2", "qsd-py", uring=True, iothreads=2),
+        # NBD exports (not in the default set): each daemon's over a UNIX socket and TCP.
+        Target("qsd-py-nbd-unix", "qsd-py", export="nbd-unix", versus="qemu-nbd-unix"),
+        Target("qsd-py-nbd-tcp", "qsd-py", export="nbd-tcp", versus="qemu-nbd-tcp"),
+        Target("qemu-nbd-unix", "qemu", export="nbd-unix", versus="qemu-nbd-unix"),
+        Target("qemu-nbd-tcp", "qemu", export="nbd-tcp", versus="qemu-nbd-tcp"),
     )
 }
 
 DEFAULT_TARGETS = ("file", "qsd-py", "qsd-py-uring", "qemu", "qemu-iot2")
 DEFAULT_BACKENDS = tuple(BACKENDS)
-DEFAULT_JOBS = tuple(JOBS)
+DEFAULT_JOBS = tuple(j.name for j in JOBS.values() if j.tool == "fio")
+NBD_TARGETS = ("qsd-py-nbd-unix", "qemu-nbd-unix", "qsd-py-nbd-tcp", "qemu-nbd-tcp")
 
 # --quick: a ~2-minute development subset (one small-block and one large-block job).
 QUICK_BACKENDS = ("tmpfs", "null")
@@ -138,6 +162,16 @@ def applies(target: Target, backend: Backend) -> bool:
     """Every daemon serves every backend; the bare file only a raw image (on null-co there is
     nothing to read, and a qcow2 file read as it is would be its metadata and clusters)."""
     return target.daemon is not None or (backend.kind == "file" and backend.fmt == "raw")
+
+
+def job_applies(job: Job, target: Target) -> bool:
+    """fio runs on every target; nbdcopy only on NBD exports."""
+    return job.tool == "fio" or target.nbd
+
+
+def versus(targets: dict[str, Target] = TARGETS) -> dict[str, str]:
+    """The targets whose ratio divides by another than the run's reference, by name."""
+    return {t.name: t.versus for t in targets.values() if t.versus}
 
 
 def raw_peers(backends: dict[str, Backend] = BACKENDS) -> dict[str, str]:

@@ -92,10 +92,13 @@ class CpuSampler:
     steady load*, which divided by IOPS is CPU per I/O without counting the ramp.
     """
 
-    def __init__(self, pid: int, delay: float, length: float) -> None:
+    def __init__(self, pid: int, delay: float, length: float | None) -> None:
+        """``length`` None: the window lasts until :meth:`finish` (a run of unknown length,
+        such as a whole copy)."""
         self.pid, self.delay, self.length = pid, delay, length
         self.window = CpuWindow()
         self._stop = threading.Event()
+        self._cancelled = False
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def start(self) -> CpuSampler:
@@ -106,16 +109,23 @@ class CpuSampler:
         if self._stop.wait(self.delay):
             return
         t0, c0, m0 = time.monotonic(), tree_cpu_seconds(self.pid), own_cpu_seconds(self.pid)
-        if self._stop.wait(self.length):
+        if self.length is None:
+            self._stop.wait()
+            if self._cancelled:
+                return
+        elif self._stop.wait(self.length):
             return
         t1, c1, m1 = time.monotonic(), tree_cpu_seconds(self.pid), own_cpu_seconds(self.pid)
         self.window = CpuWindow(c1 - c0, t1 - t0, m1 - m0)
 
     def finish(self) -> CpuWindow:
         """Wait for the window to close (fio has exited by then) and return it."""
+        if self.length is None:
+            self._stop.set()
         self._thread.join()
         return self.window
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._stop.set()
         self._thread.join()

@@ -72,23 +72,26 @@ def summarise(samples: list[Sample]) -> list[dict]:
     return summary
 
 
-def ratios(summary: list[dict], reference: str) -> list[dict]:
+def ratios(summary: list[dict], reference: str, versus: dict[str, str] | None = None) -> list[dict]:
     """Per (backend, job): each target's median IOPS and CPU/IO over the reference target's.
 
-    ``iops_ratio`` > 1 means faster than the reference; ``cpu_ratio`` < 1 means cheaper.
+    ``versus`` gives some targets their own reference (an NBD export against QEMU's NBD
+    export); a target that is its own reference gets no ratio. ``iops_ratio`` > 1 means
+    faster than the reference; ``cpu_ratio`` < 1 means cheaper.
     """
-    refs = {(r["backend"], r["job"]): r for r in summary if r["target"] == reference}
+    by_key = {(r["backend"], r["job"], r["target"]): r for r in summary}
     out = []
     for row in summary:
-        ref = refs.get((row["backend"], row["job"]))
-        if row["target"] == reference or ref is None:
+        ref_name = (versus or {}).get(row["target"], reference)
+        ref = by_key.get((row["backend"], row["job"], ref_name))
+        if row["target"] == ref_name or ref is None:
             continue
         out.append(
             {
                 "backend": row["backend"],
                 "job": row["job"],
                 "target": row["target"],
-                "reference": reference,
+                "reference": ref_name,
                 "iops_ratio": _div(row["iops"], ref["iops"]),
                 "cpu_ratio": _div(row["daemon_cpu_us_per_io"], ref["daemon_cpu_us_per_io"]),
             }
@@ -233,17 +236,19 @@ def write_json(
     samples: list[Sample],
     reference: str,
     peers: dict[str, str] | None = None,
+    versus: dict[str, str] | None = None,
 ) -> dict:
     """Write the full results (raw samples included) and return the document written.
 
-    ``peers`` maps qcow2 backends to their raw ones (``raw_ratios``)."""
+    ``peers`` maps qcow2 backends to their raw ones (``raw_ratios``); ``versus`` the targets
+    with a reference of their own (:func:`ratios`)."""
     summary = summarise(samples)
     doc = {
         "meta": meta,
         "reference": reference,
         "startup": startup,
         "summary": summary,
-        "ratios": ratios(summary, reference),
+        "ratios": ratios(summary, reference, versus),
         "raw_ratios": raw_ratios(summary, peers or {}),
         "samples": [asdict(s) for s in samples],
     }

@@ -21,17 +21,29 @@ from pathlib import Path
 from benchlib.cleanup import Janitor, set_uring_knob
 from benchlib.fio import fio_command, load_fio_json, parse_fio_json, run_fio
 from benchlib.images import copy_image, make_image, qemu_img_version
-from benchlib.matrix import BACKENDS, IMAGE_SIZE, Backend, Job, Target, applies
+from benchlib.matrix import BACKENDS, IMAGE_SIZE, Backend, Job, Target, applies, job_applies
+from benchlib.nbdcopy import make_source, run_nbdcopy
 from benchlib.procstat import CpuSampler
 from benchlib.qmp import QmpError, qmp_command
 from benchlib.results import Sample
 from benchlib.schedule import FIO, IMAGE, START, STOP, Step, steps
-from benchlib.targets import REPO, Daemon, DaemonFailed, QsdPy, RealQsd, daemon_args
+from benchlib.targets import (
+    REPO,
+    TCP_PORTS,
+    Daemon,
+    DaemonFailed,
+    QsdPy,
+    RealQsd,
+    daemon_args,
+    nbd_uri,
+)
 
 # Under /tmp/qsd-cmp so QEMU's chrooted daemon sees the same mountpoints and disk images.
 WORK = Path("/tmp/qsd-cmp/qsd-bench")
 # A fresh-image run also makes the image and starts and stops a daemon (for the estimate).
 FRESH_EXTRA_S = 0.5
+# What nbdcopy's write jobs copy onto an export: on tmpfs, so the source costs nothing.
+NBDCOPY_SOURCE = "/dev/shm/qsd-bench-nbdcopy-source.img"
 
 
 @dataclass
@@ -140,20 +152,33 @@ class Runner:
             copy_image(first, path)
 
     def make_daemon(self, target: Target, backend: Backend, image: str, tag: str) -> Daemon:
-        mountpoint = WORK / "mnt" / target.name
-        mountpoint.touch()
+        endpoint = self.endpoint(target)
         pidfile = str(WORK / "run" / f"{target.name}.pid")
         qmp = str(WORK / "run" / f"{target.name}.qmp")
-        args = daemon_args(
-            target, backend, image, str(mountpoint), pidfile, self.opts.file_opts, qmp
-        )
+        args = daemon_args(target, backend, image, endpoint, pidfile, self.opts.file_opts, qmp)
         log = self.opts.out / "logs" / f"{target.name}-{tag}.log"
+        host = self.real.host_path if target.daemon == "qemu" else str
         if target.daemon == "qemu":
-            argv, fio_path = self.real.argv(args), self.real.host_path(str(mountpoint))
-            qmp = self.real.host_path(qmp)
+            argv, qmp = self.real.argv(args), self.real.host_path(qmp)
         else:
-            argv, fio_path = self.qsdpy.argv(args), str(mountpoint)
-        return Daemon(argv, fio_path, pidfile, log, cwd=str(REPO), qmp=qmp)
+            argv = self.qsdpy.argv(args)
+        host_endpoint = endpoint if target.export == "nbd-tcp" else host(endpoint)
+        if not target.nbd:
+            return Daemon(argv, host_endpoint, pidfile, log, cwd=str(REPO), qmp=qmp)
+        uri = nbd_uri(target, host_endpoint)
+        return Daemon(argv, uri, pidfile, log, str(REPO), qmp, nbd_endpoint=host_endpoint)
+
+    @staticmethod
+    def endpoint(target: Target) -> str:
+        """Where the target's export appears, as the daemon sees it: a FUSE mountpoint (made
+        here), an NBD socket path, or ``host:port``."""
+        if target.export == "nbd-tcp":
+            return f"127.0.0.1:{TCP_PORTS[target.name]}"
+        if target.export == "nbd-unix":
+            return str(WORK / "run" / f"{target.name}.sock")
+        mountpoint = WORK / "mnt" / target.name
+        mountpoint.touch()
+        return str(mountpoint)
 
     # --- the matrix ---------------------------------------------------------------------
 
@@ -217,15 +242,22 @@ class Runner:
         sample = Sample(backend.name, job.name, target, rnd)
         before = self.queue_counters(daemon) if counters and daemon is not None else None
         sampler = None
-        if daemon is not None:
+        if daemon is not None and job.tool == "nbdcopy":
+            sampler = CpuSampler(daemon.pid, 0.0, None).start()  # the whole copy
+        elif daemon is not None:
             sampler = CpuSampler(daemon.pid, o.ramp + 0.3, max(o.runtime - 0.6, o.runtime / 2))
             sampler.start()
         try:
-            argv = fio_command(job, path, o.runtime, o.ramp, str(out))
-            proc = run_fio(argv, timeout=o.ramp + o.runtime + 120)
-            if proc.returncode != 0:
-                raise RuntimeError(f"fio exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
-            fig = parse_fio_json(load_fio_json(out))
+            if job.tool == "nbdcopy":
+                fig = run_nbdcopy(job, path, self.nbdcopy_source(), timeout=600)
+            else:
+                argv = fio_command(job, path, o.runtime, o.ramp, str(out))
+                proc = run_fio(argv, timeout=o.ramp + o.runtime + 120)
+                if proc.returncode != 0:
+                    raise RuntimeError(
+                        f"fio exited {proc.returncode}: {proc.stderr.strip()[-300:]}"
+                    )
+                fig = parse_fio_json(load_fio_json(out))
         except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
             if sampler is not None:
                 sampler.cancel()
@@ -261,6 +293,14 @@ class Runner:
             text += f" ({sample.daemon_main_util:.2f} in its first process)"
         say(text + queues)
         return sample
+
+    def nbdcopy_source(self) -> str:
+        """The file nbdcopy's write jobs copy onto an export (on tmpfs, made once)."""
+        path = Path(NBDCOPY_SOURCE)
+        if not path.exists():
+            self.janitor.push(f"remove {path}", lambda: path.unlink(missing_ok=True))
+            make_source(path)
+        return str(path)
 
     def queue_counters(self, daemon: Daemon) -> list[dict] | None:
         """qsd-py's ``x-query-fuse-queues`` answer, or None (with a note) if it failed."""
@@ -309,7 +349,9 @@ def estimate_s(opts: Options, targets: list[Target], backends: list[Backend]) ->
     negligible."""
     total = 0.0
     for b in backends:
-        runs = len(opts.jobs) * opts.rounds * sum(applies(t, b) for t in targets)
+        runs = opts.rounds * sum(
+            applies(t, b) and job_applies(j, t) for t in targets for j in opts.jobs
+        )
         per_run = opts.runtime + opts.ramp + 0.4 + (FRESH_EXTRA_S if b.fresh else 0.0)
         total += runs * per_run + (5 if b.kind == "file" and not b.fresh else 0)
     return total

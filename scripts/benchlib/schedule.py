@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from benchlib.matrix import Backend, Job, Target, applies
+from benchlib.matrix import Backend, Job, Target, applies, job_applies
 
 IMAGE = "image"  #: make the target's image (a fresh one, or a copy of the first)
 START = "start"  #: start the target's daemon on its image
@@ -35,7 +35,13 @@ def steps(backend: Backend, targets: list[Target], jobs: list[Job], rounds: int)
     daemon stopped; the targets still take turns in the same order in every round.
     """
     targets = [t for t in targets if applies(t, backend)]
-    runs = [(job, rnd, t) for job in jobs for rnd in range(rounds) for t in targets]
+    runs = [
+        (job, rnd, t)
+        for job in jobs
+        for rnd in range(rounds)
+        for t in targets
+        if job_applies(job, t)
+    ]
     if backend.fresh:
         return [step for job, rnd, t in runs for step in _one_run(t, job, rnd)]
     out = [Step(IMAGE, t.name) for t in targets] if backend.kind == "file" else []

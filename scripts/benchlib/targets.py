@@ -1,5 +1,9 @@
 """Launching the two daemons with the same command line, and knowing when their export is up.
 
+An export is a FUSE mount (up once the mountpoint's device changes) or an NBD server's
+socket (up once it accepts a connection): fio reads the mounted file, or connects with its
+``nbd`` engine to the URI :func:`nbd_uri` gives.
+
 qsd-py and QEMU's qemu-storage-daemon take identical options, so one function builds the
 arguments and only the program in front differs: ``python -m qsd_py`` on the host, or QEMU's
 binary inside the real-qsd chroot (entered with chroot(8) directly, as ``real-qsd run`` does, so
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,6 +29,10 @@ REPO = Path(__file__).resolve().parents[2]
 REAL_QSD = Path(os.environ.get("QSD_REAL_QSD", REPO.parent / "shared" / "tools" / "real-qsd"))
 CHROOT_ENV = ["/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root"]
 POLL_S = 0.0005
+NBD_EXPORT = "d0"  # the export's name: its node's name, QEMU's default
+NBD_HOST = "127.0.0.1"
+# Loopback ports of the TCP targets, one each (both daemons may be up at once).
+TCP_PORTS = {"qsd-py-nbd-tcp": 10861, "qemu-nbd-tcp": 10862}
 
 
 class DaemonFailed(RuntimeError):
@@ -34,12 +43,15 @@ def daemon_args(
     target: Target,
     backend: Backend,
     image: str,
-    mountpoint: str,
+    endpoint: str,
     pidfile: str,
     file_opts: str = "",
     qmp: str = "",
 ) -> list[str]:
-    """qemu-storage-daemon options exporting ``backend`` at ``mountpoint`` as ``target`` wants.
+    """qemu-storage-daemon options exporting ``backend`` at ``endpoint`` as ``target`` wants.
+
+    ``endpoint`` is the FUSE mountpoint, the NBD server's socket path (``nbd-unix``) or
+    ``host:port`` (``nbd-tcp``).
 
     ``file_opts`` (e.g. ``,aio=io_uring``) is appended to the file node's options; ``qmp``
     is a socket path for a QMP monitor (idle unless asked, between runs). Both daemons
@@ -60,11 +72,45 @@ def daemon_args(
         # The format node on top is the one exported: raw, or qcow2 with its own defaults.
         format_node = f"driver={backend.fmt},node-name=d0,file=f0"
         args += ["--blockdev", file_node, "--blockdev", format_node]
-    export = f"type=fuse,id=e0,node-name=d0,mountpoint={mountpoint},writable=on"
+    if target.nbd:
+        args += ["--nbd-server", nbd_server_option(target, endpoint)]
+        export = "type=nbd,id=e0,node-name=d0,writable=on"
+    else:
+        export = f"type=fuse,id=e0,node-name=d0,mountpoint={endpoint},writable=on"
     if target.uring:
         export += ",io_uring=on"
     export += "".join(f",iothread.{i}=bench-t{i}" for i in range(target.iothreads))
     return args + ["--export", export, "--pidfile", pidfile]
+
+
+def nbd_server_option(target: Target, endpoint: str) -> str:
+    """``--nbd-server`` listening on a socket path or on ``host:port``."""
+    if target.export == "nbd-tcp":
+        host, port = endpoint.rsplit(":", 1)
+        return f"addr.type=inet,addr.host={host},addr.port={port}"
+    return f"addr.type=unix,addr.path={endpoint}"
+
+
+def nbd_uri(target: Target, endpoint: str) -> str:
+    """The NBD URI of the export (``endpoint`` as the host sees it)."""
+    if target.export == "nbd-tcp":
+        return f"nbd://{endpoint}/{NBD_EXPORT}"
+    return f"nbd+unix:///{NBD_EXPORT}?socket={endpoint}"
+
+
+def nbd_accepts(endpoint: str) -> bool:
+    """Whether an NBD server listens at ``endpoint`` (a socket path or ``host:port``)."""
+    if ":" in endpoint and not endpoint.startswith("/"):
+        host, port = endpoint.rsplit(":", 1)
+        family, addr = socket.AF_INET, (host, int(port))
+    else:
+        family, addr = socket.AF_UNIX, endpoint
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(addr)
+        except OSError:
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -76,10 +122,18 @@ class StartTimes:
 
 
 class Daemon:
-    """One running daemon with one FUSE export that the host's fio reads at ``fio_path``."""
+    """One running daemon with one export that the host's fio reads at ``fio_path`` (the
+    mounted file, or the NBD URI when ``nbd_endpoint`` is where its NBD server listens)."""
 
     def __init__(
-        self, argv: list[str], fio_path: str, pidfile: str, log: Path, cwd: str, qmp: str = ""
+        self,
+        argv: list[str],
+        fio_path: str,
+        pidfile: str,
+        log: Path,
+        cwd: str,
+        qmp: str = "",
+        nbd_endpoint: str = "",
     ) -> None:
         self.argv, self.fio_path, self.pidfile, self.log, self.cwd = (
             argv,
@@ -89,7 +143,13 @@ class Daemon:
             cwd,
         )
         self.qmp = qmp  # its QMP socket as the host sees it ("" without one)
+        self.nbd_endpoint = nbd_endpoint
         self.proc: subprocess.Popen | None = None
+
+    def _serving(self, dev0: int) -> bool:
+        if self.nbd_endpoint:
+            return nbd_accepts(self.nbd_endpoint)
+        return os.stat(self.fio_path).st_dev != dev0
 
     @property
     def pid(self) -> int:
@@ -98,7 +158,7 @@ class Daemon:
 
     def start(self, timeout: float) -> StartTimes:
         """Fork the daemon and wait until its export answers; raise DaemonFailed otherwise."""
-        dev0 = os.stat(self.fio_path).st_dev
+        dev0 = -1 if self.nbd_endpoint else os.stat(self.fio_path).st_dev
         Path(self.pidfile).unlink(missing_ok=True)
         with open(self.log, "ab") as log:
             t0 = time.perf_counter()
@@ -113,11 +173,11 @@ class Daemon:
                 pidfile_s = now
             if self.proc.poll() is not None:
                 raise DaemonFailed(f"exited with {self.proc.returncode}: {self.log_tail()}")
-            if os.stat(self.fio_path).st_dev != dev0:
+            if self._serving(dev0):
                 return StartTimes(now, pidfile_s)
             if now > timeout:
                 self.stop()
-                raise DaemonFailed(f"no mount after {timeout:g} s: {self.log_tail()}")
+                raise DaemonFailed(f"no export after {timeout:g} s: {self.log_tail()}")
             time.sleep(POLL_S)
 
     def stop(self) -> None:
@@ -129,7 +189,10 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        lazy_umount(self.fio_path)
+        if not self.nbd_endpoint:
+            lazy_umount(self.fio_path)
+        elif self.nbd_endpoint.startswith("/"):
+            Path(self.nbd_endpoint).unlink(missing_ok=True)
         Path(self.pidfile).unlink(missing_ok=True)
         if self.qmp:
             Path(self.qmp).unlink(missing_ok=True)

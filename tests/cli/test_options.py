@@ -516,10 +516,24 @@ def test_help_texts() -> None:
     schema = load_schema()
     with pytest.raises(CliHelp) as h:
         convert_option(schema, "object", "help")
-    assert h.value.text == "List of user creatable objects:\n  iothread\n"
+    assert h.value.text == (
+        "List of user creatable objects:\n  authz-list\n  authz-simple\n  iothread\n"
+        "  tls-creds-anon\n  tls-creds-psk\n  tls-creds-x509\n"
+    )
     with pytest.raises(CliHelp) as h:
         convert_option(schema, "object", "iothread,help")
     assert "  poll-max-ns=<int>\n" in h.value.text
+    with pytest.raises(CliHelp) as h:  # QEMU 11.1's text
+        convert_option(schema, "object", "authz-list,help")
+    assert h.value.text == (
+        "authz-list options:\n  policy=<QAuthZListPolicy>\n  rules=<QAuthZListRule>\n"
+    )
+    with pytest.raises(CliHelp) as h:
+        convert_option(schema, "object", "tls-creds-psk,help")
+    assert h.value.text == (
+        "tls-creds-psk options:\n  dir=<string>\n  endpoint=<QCryptoTLSCredsEndpoint>\n"
+        "  priority=<string>\n  username=<string>\n  verify-peer=<bool>\n"
+    )
     with pytest.raises(CliHelp) as h:
         convert_option(schema, "chardev", "help")
     assert "socket" in h.value.text

@@ -29,7 +29,7 @@ class MemNode(BlockNode):
         self.flushes = 0
         self.delay = delay  # seconds each read/write waits: keeps requests in flight
 
-    def add_user(self, user: str, write: bool) -> None:
+    def add_user(self, user: str, write: bool, resize: bool | None = None, **_: Any) -> None:
         if write and self.read_only:
             raise QMPError("Block node is read-only")
         self.users[user] = write

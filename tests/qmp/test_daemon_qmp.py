@@ -247,3 +247,15 @@ def test_sigterm_while_waiting_for_first_client(tmp_path: Path) -> None:
         if proc.stderr:
             proc.stderr.close()
     assert not path.exists()
+
+
+def test_too_long_socket_path_and_its_hint(tmp_path: Path) -> None:
+    """QEMU 11.1 prints the error's hint on a line of its own after it."""
+    path = tmp_path / ("x" * 110)
+    arg = f"socket,id=m,path={path},server=on,wait=off"
+    code, stderr = _cli("--chardev", arg)
+    assert code == 1
+    assert stderr.splitlines() == [
+        f"qsd-py: --chardev {arg}: UNIX socket path '{path}' is too long",
+        "Path must be less than 108 bytes",
+    ]

@@ -212,6 +212,13 @@ def alloc_range(start: int, end: int) -> int:
     return (1 << end) - (1 << start)
 
 
+def subcluster_mask(in_cluster: int, n: int, cluster_size: int) -> int:
+    """The allocation bits of the subclusters that bytes ``[in_cluster, +n)`` of a cluster
+    touch."""
+    sc = cluster_size // SUBCLUSTERS
+    return alloc_range(in_cluster // sc, (in_cluster + n - 1) // sc + 1)
+
+
 def zero_range(start: int, end: int) -> int:
     """Bitmap bits marking subclusters [start, end) as reading zeroes."""
     return alloc_range(start, end) << 32

@@ -5,12 +5,16 @@ Reading an entry never changes the image. Changing one first makes its L2 table 
 a table that is absent is allocated, one shared with an internal snapshot (its L1 entry
 lacks the COPIED flag) is copied. Either way the new table reaches the disk, with its
 refcount, before the L1 entry that points at it, so a crash leaves at worst a leaked cluster.
+
+A request's range is cut into :class:`Run` pieces by what each reads from (the node does the
+cutting, on its per-request path).
 """
 
 from __future__ import annotations
 
 import errno
 import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qsd_py.block.qcow2.cache import MetaCache
@@ -35,6 +39,32 @@ class MappingError(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+# What a range of the guest reads from.
+UNALLOC, ZERO, DATA, COMPRESSED = range(4)
+
+
+@dataclass(slots=True)
+class Run:
+    """A piece of a request that reads from one place: ``kind``, ``n`` bytes at guest
+    ``offset``, from ``host`` (DATA: a host offset; COMPRESSED: the L2 entry)."""
+
+    kind: int
+    offset: int
+    n: int
+    host: int = 0
+
+
+def append_run(runs: list[Run], kind: int, offset: int, n: int, host: int) -> None:
+    """Add a piece, merged into the last run when it continues it."""
+    if runs:
+        last = runs[-1]
+        if last.kind == kind and last.offset + last.n == offset:
+            if kind in (ZERO, UNALLOC) or (kind == DATA and last.host + last.n == host):
+                last.n += n
+                return
+    runs.append(Run(kind, offset, n, host))
 
 
 class ClusterMap:

@@ -37,9 +37,9 @@ _U64 = struct.Struct(">Q")
 _REFTABLE_HEADER = struct.Struct(">QI")  # refcount_table_offset, refcount_table_clusters
 REFTABLE_HEADER_AT = 48
 MAX_REFTABLE_ENTRIES = (8 << 20) // 8  # QEMU's QCOW_MAX_REFTABLE_SIZE
-# Metadata freed (old tables) is QEMU's QCOW2_DISCARD_OTHER (the node's DISCARD_OTHER): passed
-# to the file only with pass-discard-other.
-DISCARD_OTHER = 2
+# Why a cluster is freed, for whether its discard reaches the file (QEMU's QCOW2_DISCARD_*,
+# the pass-discard-* options). Metadata freed (old tables) is DISCARD_OTHER.
+DISCARD_REQUEST, DISCARD_SNAPSHOT, DISCARD_OTHER, DISCARD_ALWAYS = range(4)
 
 
 class RefcountError(OSError):

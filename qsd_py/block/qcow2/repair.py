@@ -26,7 +26,9 @@ from array import array
 from typing import TYPE_CHECKING
 
 from qsd_py.block.qcow2 import entries as e
+from qsd_py.block.qcow2.corruption import signal_corruption
 from qsd_py.block.qcow2.overlap import ACTIVE_L2, INACTIVE_L2, overlap_text
+from qsd_py.block.qcow2.refcount import DISCARD_ALWAYS
 from qsd_py.block.qcow2.refscan import (
     FIX_ERRORS,
     FIX_LEAKS,
@@ -43,7 +45,6 @@ if TYPE_CHECKING:
 
 _REFTABLE_HEADER = struct.Struct(">QI")  # refcount_table_offset, refcount_table_clusters
 _REFTABLE_HEADER_AT = 48
-_DISCARD_ALWAYS = 3  # the node's DISCARD_ALWAYS: a repaired leak is always discarded
 
 
 def report(line: str) -> None:
@@ -104,7 +105,7 @@ class StoredRefcounts:
         if not offset:
             return None
         if offset & ((1 << self.cb) - 1):
-            await self.node._signal_corruption(e.refblock_unaligned_text(offset, slot))
+            await signal_corruption(self.node, e.refblock_unaligned_text(offset, slot))
             raise OSError(5, os.strerror(5))
         raw = bytearray(1 << self.cb)
         await self.node.file.read(offset, memoryview(raw))
@@ -215,7 +216,7 @@ class Checker:
         check = self.node.overlap
         kind = check.find(offset, size, ignore) if check is not None else 0
         if kind:
-            await self.node._signal_corruption(overlap_text(kind), offset, size)
+            await signal_corruption(self.node, overlap_text(kind), offset, size)
         return not kind
 
     # --- comparing ----------------------------------------------------------------------
@@ -258,8 +259,9 @@ class Checker:
         assert refcounts is not None
         try:
             value = await refcounts.update(index, diff)
+            # A repaired leak's discard always reaches the file.
             if value == 0 and refcounts.on_free is not None:
-                await refcounts.on_free(index << self.cb, self.cs, _DISCARD_ALWAYS)
+                await refcounts.on_free(index << self.cb, self.cs, DISCARD_ALWAYS)
         except OSError:
             return False
         return True
@@ -428,7 +430,7 @@ class Checker:
             return
         kind = self.node.overlap.find(l2_offset, self.cs, ACTIVE_L2) if self.node.overlap else 0
         if kind:
-            await self.node._signal_corruption(overlap_text(kind), l2_offset, self.cs)
+            await signal_corruption(self.node, overlap_text(kind), l2_offset, self.cs)
             report(
                 f"ERROR: Could not write L2 table; metadata overlap check failed: {os.strerror(5)}"
             )

@@ -1,10 +1,12 @@
 """``type=fuse`` block exports: checks, mount, FUSE_INIT, transports, teardown.
 
 The export owns the pieces and their order; the engine owns the protocol semantics and the
-transports own the device. Start-up runs the checks in QEMU's order (iothreads, node
-permissions, mountpoint), mounts, answers FUSE_INIT on the session fd and then starts one
-queue per iothread (``FUSE_DEV_IOC_CLONE`` for all but the first). Any failure undoes what was
-done, so a failed ``block-export-add`` leaves no mount behind.
+transports own the device. What every export shares (node, ``writable``, ``writethrough``,
+iothreads, permissions, delete modes) is :class:`~qsd_py.export.base.BlockExport`'s, which
+runs :meth:`FuseExport.setup` once iothreads and node permissions are taken: the FUSE checks
+(io_uring options, mountpoint), the mount, FUSE_INIT on the session fd and then one queue per
+iothread (``FUSE_DEV_IOC_CLONE`` for all but the first). Any failure undoes what was done, so
+a failed ``block-export-add`` leaves no mount behind.
 
 With ``io_uring=on`` the INIT reply asks for ``FUSE_OVER_IO_URING`` (``FuseEngine.init(want=
 ...)``; refused before mounting or before replying when the kernel cannot, never a silent
@@ -23,18 +25,17 @@ import struct
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.errors import QMPError
+from qsd_py.export.base import BlockExport
 from qsd_py.export.fuse import mount as fmount
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse.devfuse import DevFuseQueue
 from qsd_py.export.fuse.engine import MAX_READ, FuseEngine
-from qsd_py.export.registry import BlockExport
 
 if TYPE_CHECKING:
     from qsd_py.block.node import BlockNode
     from qsd_py.daemon import Daemon
     from qsd_py.export.fuse import uring as furing
     from qsd_py.export.fuse.workers import WorkerTransport
-    from qsd_py.objects.iothread import IOThread
 
 log = logging.getLogger("qsd_py.export.fuse")
 
@@ -56,14 +57,14 @@ class FuseExport(BlockExport):
     """One FUSE export: a regular file over ``mountpoint`` serving the node's bytes."""
 
     type = "fuse"
+    label = "FUSE"
+    multithread = True
 
     def __init__(self, daemon: Daemon, opts: dict[str, Any], node: BlockNode) -> None:
         super().__init__(daemon, opts, node)
         self.mountpoint: str = opts["mountpoint"]
         self.key = os.path.abspath(self.mountpoint)
-        self.writable: bool = bool(opts.get("writable", False))
         self.growable: bool = bool(opts.get("growable", False))
-        self.writethrough: bool = bool(opts.get("writethrough", False))
         self.allow_other: str = opts.get("allow-other", "auto")
         self.io_uring: bool = bool(_opt(opts, "io_uring", "io-uring", default=False))
         self.uring: furing.UringTransport | WorkerTransport | None = None
@@ -71,61 +72,36 @@ class FuseExport(BlockExport):
         self.mounted: fmount.Mounted | None = None
         self.queues: list[DevFuseQueue] = []
         self.clone_fds: list[int] = []
-        self._iothreads: list[IOThread] = []
-        self._held_iothreads: list[str] = []
-        self._user_added = False
 
     # --- start -----------------------------------------------------------------------------
-    async def start(self) -> None:
-        try:
-            self._take_iothreads()
-            self.node.add_user(self.id, self.writable)
-            self._user_added = True
-            if self.io_uring:
-                self._check_uring()
-            elif "queue-depth" in self.opts:
-                raise QMPError("queue-depth is only valid with io_uring=on")
-            if self.key in _MOUNTPOINTS:
-                raise QMPError(f"There already is a FUSE export on '{self.mountpoint}'")
-            fmount.check_mountpoint(self.mountpoint)
-            self.engine = FuseEngine(
-                self.node,
-                writable=self.writable,
-                growable=self.growable,
-                writethrough=self.writethrough,
-            )
-            self.mounted = fmount.mount(
-                self.mountpoint,
-                read_only=not self.writable,
-                allow_other=self.allow_other,
-                max_read=MAX_READ,
-            )
-            _MOUNTPOINTS[self.key] = self
-            self.engine.allow_other = self.mounted.allow_other
-            await self._serve_init(self.mounted.fd)
-            if self.io_uring:
-                await self._start_uring()
-            self._start_transport()
-        except BaseException:
-            await self._teardown(abort=True)
-            raise
-
-    def _take_iothreads(self) -> None:
-        """QEMU's rules: a list means one queue per iothread (not with fixed-iothread)."""
-        spec = self.opts.get("iothread")
-        if spec is None:
-            return
-        names = [spec] if isinstance(spec, str) else list(spec)
-        if not isinstance(spec, str):
-            if not names:
-                raise QMPError("The set of I/O threads must not be empty")
-            if self.opts.get("fixed-iothread", False):
-                raise QMPError("Cannot use fixed-iothread for a multi-threaded export")
-        threads = [self.daemon.objects.iothread(name) for name in names]
-        for name in names:
-            self.daemon.objects.hold(name)
-            self._held_iothreads.append(name)
-        self._iothreads = threads
+    async def setup(self) -> None:
+        """After the base took iothreads and node: the FUSE checks in QEMU's order, the
+        mount, FUSE_INIT and the transports. A failure is undone by :meth:`teardown`."""
+        if self.io_uring:
+            self._check_uring()
+        elif "queue-depth" in self.opts:
+            raise QMPError("queue-depth is only valid with io_uring=on")
+        if self.key in _MOUNTPOINTS:
+            raise QMPError(f"There already is a FUSE export on '{self.mountpoint}'")
+        fmount.check_mountpoint(self.mountpoint)
+        self.engine = FuseEngine(
+            self.node,
+            writable=self.writable,
+            growable=self.growable,
+            writethrough=self.writethrough,
+        )
+        self.mounted = fmount.mount(
+            self.mountpoint,
+            read_only=not self.writable,
+            allow_other=self.allow_other,
+            max_read=MAX_READ,
+        )
+        _MOUNTPOINTS[self.key] = self
+        self.engine.allow_other = self.mounted.allow_other
+        await self._serve_init(self.mounted.fd)
+        if self.io_uring:
+            await self._start_uring()
+        self._start_transport()
 
     async def _serve_init(self, fd: int) -> None:
         """Answer the FUSE_INIT the kernel queued at mount time."""
@@ -164,12 +140,12 @@ class FuseExport(BlockExport):
         """One /dev/fuse queue per iothread (or one on the main loop). With io_uring, one
         reader of the session fd on the main loop, for FORGET and INTERRUPT."""
         assert self.engine is not None and self.mounted is not None
-        if not self._iothreads or self.uring is not None:
+        if not self.iothreads or self.uring is not None:
             placements: list[tuple[asyncio.AbstractEventLoop, str]] = [
                 (asyncio.get_running_loop(), "main")
             ]
         else:
-            placements = [(t.loop, t.id) for t in self._iothreads]
+            placements = [(t.loop, t.id) for t in self.iothreads]
         for i, (loop, where) in enumerate(placements):
             fd = self.mounted.fd if i == 0 else self._clone_fd(self.mounted.fd)
             queue = DevFuseQueue(fd, self.engine, loop, name=f"{self.id}/q{i}@{where}")
@@ -201,11 +177,11 @@ class FuseExport(BlockExport):
 
         assert self.engine is not None and self.mounted is not None
         depth = uring_checks.queue_depth(self.opts)
-        if self._iothreads:
+        if self.iothreads:
             self.uring = furing.UringTransport(
                 self.mounted.fd,
                 self.engine,
-                [(t.loop, t.id) for t in self._iothreads],
+                [(t.loop, t.id) for t in self.iothreads],
                 depth=depth,
                 name=self.id,
             )
@@ -260,14 +236,10 @@ class FuseExport(BlockExport):
             return True
         return any(q.stats.in_flight for q in self.queues)
 
-    async def stop(self, mode: str) -> None:
-        if mode == "safe" and self.in_use():
-            raise QMPError(f"export '{self.id}' still in use")
-        await self._teardown(abort=mode == "hard")
-
-    async def _teardown(self, abort: bool) -> None:
+    async def teardown(self, abort: bool) -> None:
         """Stop the queues, unmount, close the fds (callers still holding the file then get
-        ENOTCONN, callers mid-request ECONNABORTED) and give back node and iothreads."""
+        ENOTCONN, callers mid-request ECONNABORTED); the base then gives back node and
+        iothreads."""
         if self.uring is not None:
             await self._stop_uring(abort)
         for queue in self.queues:
@@ -284,12 +256,6 @@ class FuseExport(BlockExport):
             self.mounted = None
         self.clone_fds.clear()
         self.queues.clear()
-        if self._user_added:
-            self.node.remove_user(self.id)
-            self._user_added = False
-        for name in self._held_iothreads:
-            self.daemon.objects.release(name)
-        self._held_iothreads.clear()
 
     # --- introspection ---------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qsd_py import sockets
 from qsd_py.commands import qmp_command
 from qsd_py.errors import QMPError
 from qsd_py.export.nbd.server import start_server, stop_server
@@ -12,15 +13,9 @@ if TYPE_CHECKING:
     from qsd_py.daemon import Daemon
 
 
-def flatten_address(legacy: dict[str, Any]) -> dict[str, Any]:
-    """A ``SocketAddressLegacy`` (the address one level down, in ``data``) as the flat
-    ``SocketAddress``."""
-    return {"type": legacy["type"], **legacy["data"]}
-
-
 @qmp_command("nbd-server-start")
 async def nbd_server_start(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    await start_server(daemon, {**args, "addr": flatten_address(args["addr"])}, from_monitor=True)
+    await start_server(daemon, {**args, "addr": sockets.flatten(args["addr"])}, from_monitor=True)
     return {}
 
 

@@ -11,20 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import socket
 from typing import TYPE_CHECKING, Any
 
+from qsd_py import sockets
 from qsd_py.errors import QMPError
 from qsd_py.export.nbd.connection import Connection
-from qsd_py.export.nbd.listener import open_listeners, tune_client
 
 if TYPE_CHECKING:
     from qsd_py.daemon import Daemon
     from qsd_py.export.nbd.export import NbdExport
+    from qsd_py.objects.authz import Authz
+    from qsd_py.objects.tls_creds import TlsCreds
 
 log = logging.getLogger("qsd_py.export.nbd")
 
+BACKLOG = socket.SOMAXCONN  # QEMU's: the server is persistent, clients may queue
 DEFAULT_MAX_CONNECTIONS = 100
 DEFAULT_HANDSHAKE_MAX_SECONDS = 10
 
@@ -42,8 +44,9 @@ class NbdServer:
         self.handshake_max_seconds: int = opts.get(
             "handshake-max-seconds", DEFAULT_HANDSHAKE_MAX_SECONDS
         )
-        self.tls: Any = None  # the TLS credentials object, when tls-creds is given
-        self.listeners: list[socket.socket] = []
+        self.tls: TlsCreds | None = None  # with tls-creds: every client must STARTTLS
+        self.authz: Authz | None = None  # with tls-authz: who may, by certificate name
+        self.listener: sockets.Listener | None = None
         self.connections: set[Connection] = set()
         self._exports: dict[str, NbdExport] = {}
         self._watching = False
@@ -67,21 +70,22 @@ class NbdServer:
     # --- start and stop -----------------------------------------------------------------------
     async def start(self) -> None:
         """Listen (QEMU's order: the address first, then the credentials)."""
-        self.listeners = open_listeners(self.addr, self.from_monitor)
+        self.listener = sockets.listen(self.addr, BACKLOG, cli=not self.from_monitor)
         try:
             if self.tls_creds_id is not None:
-                self.tls = self._tls_credentials(self.tls_creds_id)
+                self.tls = self.daemon.objects.tls_creds(self.tls_creds_id, "server")
+                self.tls.server_context()  # built now: a bad file fails the start, not a client
         except BaseException:
             self._close_listeners()
             raise
         self._update_watch()
 
-    def _tls_credentials(self, creds_id: str) -> Any:
-        try:
-            self.daemon.objects.iothread(creds_id)
-        except QMPError as err:
-            raise QMPError(f"No TLS credentials with id '{creds_id}'") from err
-        raise QMPError(f"Object with id '{creds_id}' is not TLS credentials")
+    def resolve_authz(self) -> Authz | None:
+        """The ``tls-authz`` object, looked up when a client needs it (QEMU accepts an id
+        that does not exist yet at start)."""
+        if self.tls_authz_id is None:
+            return None
+        return self.daemon.objects.authz(self.tls_authz_id)
 
     async def close(self) -> None:
         """Stop listening and hang up on every client (exports are deleted by the caller)."""
@@ -93,16 +97,14 @@ class NbdServer:
             await asyncio.gather(*(conn.closed for conn in connections))
 
     def _close_listeners(self) -> None:
-        self._watching = False
-        for sock in self.listeners:
-            with contextlib.suppress(ValueError, OSError):
+        if self.listener is None:
+            return
+        if self._watching:
+            for sock in self.listener.sockets:
                 self._loop.remove_reader(sock.fileno())
-            path = _unix_path(sock)
-            sock.close()
-            if path is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-        self.listeners = []
+            self._watching = False
+        self.listener.close()
+        self.listener = None
 
     # --- accepting ----------------------------------------------------------------------------
     def _full(self) -> bool:
@@ -110,11 +112,11 @@ class NbdServer:
 
     def _update_watch(self) -> None:
         """Watch the listeners while below max-connections, not beyond."""
-        want = bool(self.listeners) and not self._full()
-        if want == self._watching:
+        want = self.listener is not None and not self._full()
+        if want == self._watching or self.listener is None:
             return
         self._watching = want
-        for sock in self.listeners:
+        for sock in self.listener.sockets:
             if want:
                 self._loop.add_reader(sock.fileno(), self._accept, sock)
             else:
@@ -140,15 +142,15 @@ class NbdServer:
         self._update_watch()
 
 
-def _unix_path(sock: socket.socket) -> str | None:
-    """The file a listening UNIX socket was bound to (removed when the server stops)."""
-    if sock.family != socket.AF_UNIX:
-        return None
-    with contextlib.suppress(OSError):
-        name = sock.getsockname()
-        if isinstance(name, str) and name and not name.startswith("\0"):
-            return name
-    return None
+def tune_client(sock: socket.socket) -> None:
+    """As QEMU does for NBD clients: no Nagle delay on TCP; a 2 MiB send buffer on UNIX
+    sockets (replies of big reads go out in fewer, larger writes)."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    elif sock.family == socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 << 20)
 
 
 async def start_server(daemon: Daemon, opts: dict[str, Any], from_monitor: bool) -> None:
