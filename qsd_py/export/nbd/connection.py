@@ -31,9 +31,10 @@ import os
 import socket
 from collections import deque
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from qsd_py.block.node import STATUS_DATA, STATUS_ZERO
+from qsd_py.errors import QMPError
 from qsd_py.nbd.constants import STATE_HOLE, STATE_ZERO, Cmd, CmdFlag
 from qsd_py.nbd.server import (
     META_ID_ALLOCATION_DEPTH,
@@ -72,6 +73,18 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+class Channel(Protocol):
+    """The byte stream of a connection: the socket itself, or TLS over it (tls.py)."""
+
+    def recv_into(self, view: memoryview) -> int: ...
+
+    def send(self, buffers: Any) -> int: ...
+
+    def flush(self) -> bool: ...
+
+    def buffered(self) -> bool: ...
 
 
 class PlainChannel:
@@ -167,7 +180,7 @@ class Connection:
         self.server = server
         self.sock = sock
         self.fd = sock.fileno()
-        self.channel: PlainChannel = PlainChannel(sock)
+        self.channel: Channel = PlainChannel(sock)
         self.main_loop = asyncio.get_running_loop()
         self.loop = self.main_loop  # the loop that owns the socket now
         self.closed: asyncio.Future[None] = self.main_loop.create_future()
@@ -261,8 +274,8 @@ class Connection:
             log.warning("NBD client did not finish negotiating in %s seconds", limit)
         except asyncio.CancelledError:
             pass  # hung up on (export deleted, server stopped): close below
-        except OSError as err:
-            log.warning("NBD negotiation failed: %s", err)
+        except (OSError, QMPError) as err:
+            log.warning("option negotiation failed: %s", err)
         if ready is None or self.closing:
             self._finish()
             return
@@ -293,11 +306,37 @@ class Connection:
                 return event, hs.take_unread()
 
     async def _start_tls(self, unread: bytes) -> None:
-        """Replace the channel by a TLS one (the server's credentials, checked against its
-        authorization list); ``unread`` is the start of the client's TLS handshake."""
-        from qsd_py.export.nbd.tls import handshake
+        """Replace the channel by a TLS one (the server's credentials, then its check of
+        the client: certificate name against ``tls-authz``); ``unread`` is the start of the
+        client's TLS handshake. A client that fails gets no data: the caller closes."""
+        import ssl
 
-        self.channel = await handshake(self, unread)  # type: ignore[assignment]
+        from qsd_py.export.nbd.tls import TlsChannel
+        from qsd_py.objects.tls_creds import verify_error_text
+
+        creds = self.server.tls
+        assert creds is not None
+        channel = TlsChannel(self.sock, creds.server_context(), unread)
+        try:
+            await self._tls_handshake(channel)
+        except ssl.SSLCertVerificationError as err:
+            raise QMPError(verify_error_text(err, None)) from err
+        creds.check_peer(channel.ssl, self.server.resolve_authz())
+        self.channel = channel
+
+    async def _tls_handshake(self, channel: Any) -> None:
+        while not channel.handshake_step():
+            while not channel.flush():
+                await self._wait(writing=True)
+            while True:
+                try:
+                    if not channel.receive_ciphertext():
+                        raise ConnectionError("TLS handshake: the client hung up")
+                    break
+                except (BlockingIOError, InterruptedError):
+                    await self._wait(writing=False)
+        while not channel.flush():
+            await self._wait(writing=True)
 
     async def _wait(self, writing: bool) -> None:
         loop = self.loop
