@@ -6,17 +6,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from nbd_support import MIB, NbdDaemon, data_image, libnbd, nbdinfo_json, run
 
 RAW_ARGS = ["--blockdev", "driver=file,node-name=f0,filename={img}", "--blockdev",
             "driver=raw,node-name=d0,file=f0"]  # fmt: skip
 
 
-def raw_export(nbd_daemon, tmp_path: Path, export: str = "", **kw: str) -> tuple[NbdDaemon, bytes]:
+def raw_export(
+    nbd_daemon, tmp_path: Path, export: str = "", file_opts: str = "", **kw: str
+) -> tuple[NbdDaemon, bytes]:
     img = tmp_path / "disk.img"
     data = data_image(img)
     opts = "".join(f",{k.replace('_', '-')}={v}" for k, v in kw.items())
     args = [a.format(img=img) for a in RAW_ARGS]
+    args[1] += file_opts
     daemon = nbd_daemon(*args, "--export", f"type=nbd,id=e0,node-name=d0{export}{opts}")
     return daemon, data
 
@@ -90,14 +94,21 @@ def test_qcow2_node_reads_back_equal(nbd_daemon, tmp_path: Path) -> None:
     assert out.read_bytes() == data
 
 
-def test_qemu_io_writes_and_reads(nbd_daemon, tmp_path: Path) -> None:
-    daemon, _ = raw_export(nbd_daemon, tmp_path, writable="on")
+@pytest.mark.parametrize("file_opts", ["", ",cache.direct=on"])
+def test_qemu_io_writes_and_reads(nbd_daemon, tmp_path: Path, file_opts: str) -> None:
+    """Also over O_DIRECT: data buffers are then page aligned, and requests the file cannot
+    take as they are (unaligned) are the node's to bounce."""
+    daemon, _ = raw_export(nbd_daemon, tmp_path, file_opts=file_opts, writable="on")
     cmds = [
         "write -P 0x5a 4096 8192",
         "write -z 65536 4096",
         "write -P 0x11 -f 131072 512",  # -f: FUA
+        "write -P 0x22 200001 3000",  # unaligned
+        "write -P 0x33 1048576 262144",  # beyond the receive buffer's share
         "read -P 0x5a 4096 8192",
         "read -P 0 65536 4096",
+        "read -P 0x22 200001 3000",
+        "read -P 0x33 1048576 262144",
         "flush",
     ]
     argv = ["qemu-io", "-f", "raw"]
@@ -109,6 +120,8 @@ def test_qemu_io_writes_and_reads(nbd_daemon, tmp_path: Path) -> None:
     assert img[4096 : 4096 + 8192] == b"\x5a" * 8192
     assert img[65536 : 65536 + 4096] == bytes(4096)
     assert img[131072 : 131072 + 512] == b"\x11" * 512
+    assert img[200001 : 200001 + 3000] == b"\x22" * 3000
+    assert img[MIB : MIB + 262144] == b"\x33" * 262144
 
 
 def test_map_matches_qemu_img_map(nbd_daemon, tmp_path: Path) -> None:
