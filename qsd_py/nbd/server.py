@@ -26,7 +26,7 @@ import enum
 import errno
 import struct
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -681,7 +681,6 @@ _DATA_CHUNK = struct.Struct(">IHHQIQ")  # structured reply header + offset (28 b
 _DATA_CHUNK_EXT = struct.Struct(">IHHQQQQ")  # extended reply header + offset (40 bytes)
 
 _FUA = int(CmdFlag.FUA)
-_OFFSET_DATA = int(Chunk.OFFSET_DATA)
 _WRITE_LIKE = (Cmd.WRITE, Cmd.WRITE_ZEROES)
 _CHANGES_DATA = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
 
@@ -722,7 +721,6 @@ class Transmission:
         "header_size",
         "request_magic",
         "read_header_size",
-        "pack_read",
         "_valid_flags",
     )
 
@@ -746,7 +744,6 @@ class Transmission:
             self.read_header_size = _DATA_CHUNK.size
         else:
             self.read_header_size = wire.SIMPLE_REPLY.size
-        self.pack_read = self._read_packer()
         fua = int(CmdFlag.FUA)
         self._valid_flags: dict[int, int] = {
             Cmd.READ: fua | (CmdFlag.DF if self.structured else 0),
@@ -894,32 +891,6 @@ class Transmission:
         else:
             wire.SIMPLE_REPLY.pack_into(buf, pos, SIMPLE_REPLY_MAGIC, 0, cookie)
         return self.read_header_size
-
-    def _read_packer(self) -> Callable[[bytearray, int, int, int], None]:
-        """``pack_read(buf, cookie, offset, length)``: the header of a whole read's reply
-        (one final data chunk, or a simple reply) at the start of ``buf``, for this mode,
-        with the constant fields bound (the hot path calls it per read)."""
-        if self.extended:
-            pack_ext = _DATA_CHUNK_EXT.pack_into
-
-            def packer(buf: bytearray, cookie: int, offset: int, length: int) -> None:
-                pack_ext(buf, 0, EXTENDED_REPLY_MAGIC, REPLY_FLAG_DONE, _OFFSET_DATA,
-                         cookie, offset, length + 8, offset)  # fmt: skip
-
-        elif self.structured:
-            pack_chunk = _DATA_CHUNK.pack_into
-
-            def packer(buf: bytearray, cookie: int, offset: int, length: int) -> None:
-                pack_chunk(buf, 0, STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, _OFFSET_DATA,
-                           cookie, length + 8, offset)  # fmt: skip
-
-        else:
-            pack_simple = wire.SIMPLE_REPLY.pack_into
-
-            def packer(buf: bytearray, cookie: int, offset: int, length: int) -> None:
-                pack_simple(buf, 0, SIMPLE_REPLY_MAGIC, 0, cookie)
-
-        return packer
 
     def read_header(
         self, cookie: int, offset: int, chunk_offset: int, length: int, final: bool = True

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import mmap
 import os
 import socket
 from collections import deque
@@ -110,78 +109,68 @@ class PlainChannel:
         return False
 
 
-class Inline:
-    """How READ and WRITE are served right in the parse loop, without a task: for nodes whose
-    bytes are a file held in memory (tmpfs: a copy that costs about a microsecond, see
-    ``file.held_in_memory``) or nothing at all (null-co). The limits are what the checks of
-    the engine would let through untouched (in range, no flag that asks for more), so a
-    request that fits them needs no other check; anything else takes the general path."""
+class FastIO:
+    """READ and WRITE without a task, for the nodes whose bytes are a file held in memory
+    (tmpfs: a copy that costs about a microsecond, see ``file.held_in_memory``) or nothing
+    at all (null-co). Requests up to :attr:`inline_max` bytes are served right away on the
+    loop; anything else goes to the node."""
 
-    __slots__ = ("fd", "base", "read_max", "read_bad_flags", "write_max", "write_bad_flags")
+    __slots__ = ("fd", "base", "null", "writable", "inline_max")
 
-    def __init__(self, fd: int, base: int, read_max: int, write_max: int, t: Transmission):
-        self.fd = fd  # -1: null-co (reads are zeroes, writes go nowhere)
-        self.base = base  # node offset + base = file offset (raw's window)
-        self.read_max = read_max
-        self.write_max = write_max
-        ok_read = int(CmdFlag.DF) if t.structured else 0
-        ok_write = int(CmdFlag.PAYLOAD_LEN) if t.extended else 0
-        self.read_bad_flags = 0xFFFF & ~ok_read  # FUA reads flush first: not inline
-        self.write_bad_flags = 0xFFFF & ~ok_write
+    def __init__(self, fd: int, base: int, null: bool, writable: bool, inline_max: int) -> None:
+        self.fd = fd
+        self.base = base
+        self.null = null
+        self.writable = writable
+        self.inline_max = inline_max
 
     @classmethod
-    def for_export(cls, export: NbdExport, t: Transmission) -> Inline:
-        """The export's plan; limits of -1 when requests always take the general path."""
+    def for_node(cls, node: BlockNode, writable: bool) -> FastIO | None:
         from qsd_py.block.drivers.file import INLINE_MAX
 
-        node = export.node
         target = node.fast_target()
         if target is None or target.table is not None:
-            return cls(-1, 0, -1, -1, t)
-        file = target.file
+            return None
+        ok_to_write = writable and target.writable and not node.read_only
         if target.null:
-            fd, base = -1, 0
-        elif file is not None and file.fd >= 0 and file.in_memory and not file.direct:
-            fd, base = file.fd, target.base
-        else:
-            return cls(-1, 0, -1, -1, t)
-        # Structured reads this long report holes: those take the general path.
-        read_max = min(INLINE_MAX, SPARSE_READ_MIN - 1) if t.structured else INLINE_MAX
-        writable = export.writable and target.writable and not node.read_only
-        write_max = INLINE_MAX if writable and not export.writethrough else -1
-        return cls(fd, base, read_max, write_max, t)
+            return cls(-1, 0, True, ok_to_write, INLINE_MAX)
+        file = target.file
+        if file is None or file.fd < 0 or not file.in_memory or file.direct:
+            return None
+        return cls(file.fd, target.base, False, ok_to_write, INLINE_MAX)
 
+    def read(self, view: memoryview, offset: int) -> int:
+        """Fill ``view`` from ``offset``: 0, or the errno of the failure."""
+        if self.null:
+            return 0  # the buffer is fresh: zeroes
+        pos = offset + self.base
+        try:
+            while view:
+                n = os.preadv(self.fd, (view,), pos)
+                if n == 0:  # past the file's end: the node reads zeroes there
+                    view[:] = bytes(len(view))
+                    break
+                view = view[n:]
+                pos += n
+        except OSError as err:
+            return err.errno or errno.EIO
+        return 0
 
-def wants_aligned_buffers(node: BlockNode) -> bool:
-    """Whether the node's bytes end up in an O_DIRECT file: then data buffers are page
-    aligned (an mmap), or the file driver would bounce every request through a copy."""
-    target = node.fast_target()
-    return target is not None and target.file is not None and target.file.direct
-
-
-def data_buffer(length: int, aligned: bool) -> bytearray | mmap.mmap:
-    """A zeroed buffer for ``length`` bytes of data, page aligned if asked."""
-    return mmap.mmap(-1, length) if aligned else bytearray(length)
-
-
-def _pread_all(fd: int, buf: bytearray, start: int, pos: int) -> bool:
-    """Fill ``buf[start:]`` from file position ``pos`` in one call; False when the file
-    gave less (its end, inside the node's last sector) or failed: the node then decides."""
-    try:
-        return os.preadv(fd, (memoryview(buf)[start:],), pos) == len(buf) - start
-    except OSError:
-        return False
-
-
-def _pwrite_all(fd: int, data: memoryview, pos: int) -> bool:
-    """Write ``data`` at ``pos`` in one call; False when that did not write it all."""
-    try:
-        return os.pwritev(fd, (data,), pos) == len(data)
-    except OSError:
-        return False
-
-
-_READ, _WRITE = int(Cmd.READ), int(Cmd.WRITE)
+    def write(self, data: memoryview, offset: int) -> int:
+        """Write ``data`` at ``offset``: 0, or the errno of the failure."""
+        if self.null:
+            return 0
+        pos = offset + self.base
+        try:
+            while data:
+                n = os.pwritev(self.fd, (data,), pos)
+                if n == 0:
+                    return errno.ENOSPC
+                data = data[n:]
+                pos += n
+        except OSError as err:
+            return err.errno or errno.EIO
+        return 0
 
 
 class Connection:
@@ -198,8 +187,7 @@ class Connection:
         self.export: NbdExport | None = None
         self.node: BlockNode | None = None
         self.t: Transmission | None = None
-        self.inline: Inline | None = None
-        self.aligned = False  # data buffers page aligned (O_DIRECT below the node)
+        self.fast: FastIO | None = None
         self.writethrough = False
         self.closing = False  # no more requests are read
         self._hard = False  # replies are dropped, the socket is shut down
@@ -212,7 +200,7 @@ class Connection:
         self.rend = 0
         self._need = 0  # bytes from rpos the next request needs whole
         self._pins = 0  # tasks still using a payload view of rbuf
-        self._big: bytearray | mmap.mmap | None = None  # a large WRITE payload arriving
+        self._big: bytearray | None = None  # a large WRITE payload being received
         self._big_got = 0
         self._big_request: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
         self._reading = False
@@ -400,8 +388,7 @@ class Connection:
         self.node = export.node
         self.t = ready.transmission
         self.writethrough = export.writethrough
-        self.inline = Inline.for_export(export, ready.transmission)
-        self.aligned = wants_aligned_buffers(export.node)
+        self.fast = FastIO.for_node(export.node, export.writable)
         self.loop = export.loop
         if self.loop is self.main_loop:
             self._serve(pending)
@@ -497,59 +484,24 @@ class Connection:
         self.rpos, self.rend = 0, unparsed
 
     def _parse(self) -> None:
-        """Serve every whole request in the receive buffer. READ and WRITE that the inline
-        plan covers are served right here (the hot path: the syscall and the reply, no call
-        per request); anything else goes through :meth:`_request`."""
+        """Serve every whole request in the receive buffer."""
         t = self.t
-        inline = self.inline
-        if t is None or inline is None or self._big is not None:
+        if t is None or self._big is not None:
             return
         hsize = t.header_size
         view = self._rview
         buf = self.rbuf
         pos, end = self.rpos, self.rend
         self._need = hsize
-        unpack = t.header.unpack_from
-        request_magic = t.request_magic
-        size = t.size
-        fd, base = inline.fd, inline.base
-        read_max, read_bad = inline.read_max, inline.read_bad_flags
-        write_max, write_bad = inline.write_max, inline.write_bad_flags
-        rsize = t.read_header_size
-        pack_read = t.pack_read
-        reply_ok = t.reply_ok
-        out = self._out
-        queued = 0
-        tasks = self._tasks
-        while not self.closing and len(tasks) < MAX_IN_FLIGHT and end - pos >= hsize:
-            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
-            if magic != request_magic:
+        while not self.closing and len(self._tasks) < MAX_IN_FLIGHT:
+            if end - pos < hsize:
+                break
+            fields = t.parse_header(buf, pos)
+            if fields is None:
                 self.rpos = pos
                 self._abort("invalid request magic")
                 return
-            if cmd == _READ:
-                if 0 < length <= read_max and not flags & read_bad and offset + length <= size:
-                    reply = bytearray(rsize + length)
-                    if fd < 0 or _pread_all(fd, reply, rsize, base + offset):
-                        pack_read(reply, cookie, offset, length)
-                        out.append(reply)
-                        queued += rsize + length
-                        pos += hsize
-                        continue
-            elif cmd == _WRITE:
-                stop = pos + hsize + length
-                if (
-                    0 < length <= write_max
-                    and stop <= end
-                    and not flags & write_bad
-                    and offset + length <= size
-                ):
-                    if fd < 0 or _pwrite_all(fd, view[pos + hsize : stop], base + offset):
-                        reply = reply_ok(cookie, offset)
-                        out.append(reply)
-                        queued += len(reply)
-                        pos = stop
-                        continue
+            flags, cmd, cookie, offset, length = fields
             plen = t.payload_length(flags, cmd, length) if length else 0
             if plen:
                 error = t.check_length(flags, cmd, length)
@@ -557,13 +509,11 @@ class Connection:
                     self._queue(t.reply_error(cookie, offset, error.errno, error.message))
                     self.rpos = pos
                     self._close_when_done()
-                    break
+                    return
                 have = end - pos - hsize
                 if have < plen:
                     if plen > BIG_PAYLOAD:
-                        self._big_start(
-                            (flags, cmd, cookie, offset, length), view[pos + hsize : end]
-                        )
+                        self._big_start(fields, view[pos + hsize : end])
                         pos = end
                     else:
                         self._need = hsize + plen
@@ -574,17 +524,15 @@ class Connection:
             else:
                 pos += hsize
                 self._request(flags, cmd, cookie, offset, length, None, None)
-        if not self._hard:
-            self.rpos = pos
-            self._out_bytes += queued
-        if len(tasks) >= MAX_IN_FLIGHT or self._out_bytes >= MAX_QUEUED:
+        self.rpos = pos
+        if len(self._tasks) >= MAX_IN_FLIGHT or self._out_bytes >= MAX_QUEUED:
             self._stop_reading()  # resumed as tasks finish and replies leave
 
     def _big_start(self, fields: tuple[int, int, int, int, int], have: memoryview) -> None:
         """A WRITE too large for the receive buffer: its data goes to a buffer of its own,
         the part already received copied, the rest received straight into it."""
         plen = fields[4]
-        self._big = data_buffer(plen, self.aligned)  # type: ignore[assignment]
+        self._big = bytearray(plen)
         self._big[: len(have)] = have
         self._big_got = len(have)
         self._big_request = fields
@@ -651,18 +599,44 @@ class Connection:
     def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
         t = self.t
         assert t is not None
-        if length == 0 and not flags & CmdFlag.FUA:
+        if flags & CmdFlag.FUA or (length >= SPARSE_READ_MIN and t.structured):
+            self._spawn(self._read_task(flags, cookie, offset, length))
+            return
+        if length == 0:
             self._queue(t.reply_done(cookie, offset))
             return
-        self._spawn(self._read_task(flags, cookie, offset, length))
+        fast = self.fast
+        if fast is None or length > fast.inline_max:
+            self._spawn(self._read_task(flags, cookie, offset, length))
+            return
+        hsize = t.read_header_size
+        buf = bytearray(hsize + length)
+        err = fast.read(memoryview(buf)[hsize:], offset)
+        if err:
+            self._queue(t.reply_error(cookie, offset, err, "reading from file failed"))
+            return
+        t.pack_read_header(buf, cookie, offset, offset, length)
+        self._queue(buf)
 
     def _write(
         self, flags: int, cookie: int, offset: int, data: memoryview, owner: bytearray | None
     ) -> None:
-        if owner is not None and self.aligned and data:  # O_DIRECT: copy, not bounce
-            aligned = data_buffer(len(data), True)
-            aligned[:] = data
-            data, owner = memoryview(aligned), None
+        t = self.t
+        assert t is not None
+        fast = self.fast
+        if (
+            fast is not None
+            and fast.writable
+            and len(data) <= fast.inline_max
+            and not flags & CmdFlag.FUA
+            and not self.writethrough
+        ):
+            err = fast.write(data, offset)
+            if err:
+                self._queue(t.reply_error(cookie, offset, err, "writing to file failed"))
+            else:
+                self._queue(t.reply_ok(cookie, offset))
+            return
         if owner is not None and owner is self.rbuf:
             self._pins += 1
         self._spawn(self._write_task(flags, cookie, offset, data, owner))
@@ -718,29 +692,16 @@ class Connection:
         if t.structured and not flags & CmdFlag.DF and length >= SPARSE_READ_MIN:
             self._queue_all(await self._sparse_read(cookie, offset, length))
             return
+        hsize = t.read_header_size
+        buf = bytearray(hsize + length)
         try:
-            self._queue_all(await self._read_chunk(cookie, offset, offset, length, True))
+            await node.read(offset, memoryview(buf)[hsize:])
         except OSError as err:
             message = "reading from file failed"
             self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, message))
-
-    async def _read_chunk(
-        self, cookie: int, offset: int, pos: int, length: int, final: bool
-    ) -> list[Any]:
-        """The reply (or data chunk) of ``length`` bytes from ``pos``: header and data in
-        one buffer, or apart when the data must be page aligned."""
-        t = self.t
-        node = self.node
-        assert t is not None and node is not None
-        hsize = t.read_header_size
-        if self.aligned:
-            data = data_buffer(length, True)
-            await node.read(pos, memoryview(data))
-            return [t.read_header(cookie, offset, pos, length, final), data]
-        buf = bytearray(hsize + length)
-        await node.read(pos, memoryview(buf)[hsize:])
-        t.pack_read_header(buf, cookie, offset, pos, length, final)
-        return [buf]
+            return
+        t.pack_read_header(buf, cookie, offset, offset, length)
+        self._queue(buf)
 
     async def _sparse_read(self, cookie: int, offset: int, length: int) -> list[Any]:
         """A structured read as QEMU answers it: ranges that read as zeroes become hole
@@ -750,6 +711,7 @@ class Connection:
         assert t is not None and node is not None
         chunks: list[Any] = []
         pos, end = offset, offset + length
+        hsize = t.read_header_size
         while pos < end:
             try:
                 status = await node.block_status_above(pos, end - pos)
@@ -762,12 +724,15 @@ class Connection:
             if status.flags & STATUS_ZERO:
                 chunks.append(t.hole_chunk(cookie, offset, pos, n, final))
             else:
+                buf = bytearray(hsize + n)
                 try:
-                    chunks += await self._read_chunk(cookie, offset, pos, n, final)
+                    await node.read(pos, memoryview(buf)[hsize:])
                 except OSError as err:
                     message = "reading from file failed"
                     chunks.append(t.reply_error(cookie, offset, err.errno or errno.EIO, message))
                     return chunks
+                t.pack_read_header(buf, cookie, offset, pos, n, final)
+                chunks.append(buf)
             pos += n
         return chunks
 
