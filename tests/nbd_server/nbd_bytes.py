@@ -78,19 +78,29 @@ def read_option_reply(sock: socket.socket) -> OptReply:
 
 
 def open_export(
-    path: str, export: str, structured: bool = False, timeout: float = 10
+    path: str,
+    export: str,
+    structured: bool = False,
+    timeout: float = 10,
+    extended: bool = False,
+    contexts: tuple[bytes, ...] = (),
 ) -> tuple[socket.socket, int]:
-    """Connect, negotiate (fixed newstyle, no zeroes, optionally structured replies) and
-    NBD_OPT_GO to ``export``; returns the socket and the export's size."""
+    """Connect, negotiate (fixed newstyle, no zeroes, optionally structured replies or
+    extended headers, and meta contexts) and NBD_OPT_GO to ``export``; returns the socket
+    and the export's size."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     sock.connect(path)
     greeting = recv_exactly(sock, 18)
     assert greeting[:8] == b"NBDMAGIC"
     sock.sendall(struct.pack(">I", 3))
-    if structured:
-        sock.sendall(option(8))
+    if structured or extended:
+        sock.sendall(option(11 if extended else 8))
         assert read_option_reply(sock).rep == 1
+    if contexts:
+        sock.sendall(option(10, meta_payload(export.encode(), list(contexts))))
+        while read_option_reply(sock).rep != 1:
+            pass
     sock.sendall(option(7, name_payload(export.encode())))
     size = -1
     while True:
@@ -108,6 +118,13 @@ def read_simple_reply(sock: socket.socket) -> tuple[int, int]:
     magic, error, cookie = struct.unpack(">IIQ", recv_exactly(sock, 16))
     assert magic == 0x67446698, hex(magic)
     return error, cookie
+
+
+def read_ext_chunk(sock: socket.socket) -> tuple[int, int, int, int, bytes]:
+    """(flags, type, cookie, offset, payload) of an extended reply chunk."""
+    magic, flags, kind, cookie, offset, length = struct.unpack(">IHHQQQ", recv_exactly(sock, 32))
+    assert magic == 0x6E8A278C, hex(magic)
+    return flags, kind, cookie, offset, recv_exactly(sock, length)
 
 
 def read_chunk(sock: socket.socket) -> tuple[int, int, int, bytes]:

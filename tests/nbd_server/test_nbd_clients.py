@@ -142,6 +142,11 @@ def test_nbdcopy_both_ways(nbd_daemon, tmp_path: Path) -> None:
     out = tmp_path / "out.raw"
     run("nbdcopy", daemon.uri("d0"), str(out))
     assert out.read_bytes() == data
+    # several connections at once (the export allows multi-conn), many requests each
+    out.unlink()
+    run("nbdcopy", "--connections=4", "--requests=32", "--request-size=65536",
+        daemon.uri("d0"), str(out))  # fmt: skip
+    assert out.read_bytes() == data
     new = bytes(range(256)) * (len(data) // 256)
     src = tmp_path / "new.raw"
     src.write_bytes(new)
