@@ -245,6 +245,7 @@ class Handshake:
             wire.SERVER_GREETING.pack(NBDMAGIC, IHAVEOPT, FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
         )
         self.finished = False
+        self.aborted = False  # ended by NBD_OPT_ABORT: the client may not read our reply
         self.mode = Mode.EXPORT_NAME
         self.fixed = False
         self.no_zeroes = False
@@ -310,6 +311,7 @@ class Handshake:
         self._reply(rep, message.encode("utf-8", "surrogateescape"))
 
     def _end(self, event: Ready | Closed) -> None:
+        self.aborted = isinstance(event, Closed) and event.error is None
         self._events.append(event)
 
     def _fail(self, message: str) -> bool:

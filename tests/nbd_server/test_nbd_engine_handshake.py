@@ -204,6 +204,7 @@ def test_abort_acks_and_closes_cleanly() -> None:
     (reply,) = send(hs, option(Opt.ABORT))
     assert reply.rep == Rep.ACK
     assert events(hs) == [Closed(None)]
+    assert hs.aborted
     hs.receive_data(b"ignored after the end")
     assert hs.out == b""
 

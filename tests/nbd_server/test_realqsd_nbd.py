@@ -42,9 +42,10 @@ class Pair:
                 cmd = [sys.executable, "-m", "qsd_py", *argv]
             else:
                 cmd = [str(require_real_qsd()), "run", "qemu-storage-daemon", *argv]
-            self.procs[side] = subprocess.Popen(
-                cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
+            with open(workdir / f"{side}.err", "wb") as err:
+                self.procs[side] = subprocess.Popen(
+                    cmd, cwd=workdir, stdout=subprocess.DEVNULL, stderr=err
+                )
             deadline = time.monotonic() + 20
             while not qmp.exists():
                 if time.monotonic() > deadline or self.procs[side].poll() is not None:
@@ -54,6 +55,11 @@ class Pair:
 
     def sock(self, side: str) -> str:
         return str(self.workdir / f"{side}.nbd")
+
+    def stderr_lines(self, side: str) -> list[str]:
+        """What the daemon printed, without its program name (qsd-py prints none)."""
+        text = (self.workdir / f"{side}.err").read_text()
+        return [line.removeprefix("qemu-storage-daemon: ") for line in text.splitlines()]
 
     def close(self) -> None:
         for talk in self.talks.values():
@@ -313,3 +319,44 @@ def _shape(info: dict[str, Any], name: str) -> Any:
     if "variants" in entry:
         shape["variants"] = {v["case"]: _shape(info, v["type"]) for v in entry["variants"]}
     return shape
+
+
+def test_tls_refusals_as_qemu(pair_of: Pairs) -> None:
+    """The same clients against both TLS servers: a certificate of another CA, a name the
+    authz object denies, a client without TLS: the same outcome and the same log lines."""
+    from objects.certs import Pki
+
+    pki = Pki()
+    workdir = pair_of.workdir
+    pki.server_dir(workdir / "server")
+    good = pki.client_dir(workdir / "client")
+    mixed = workdir / "mixed"
+    stranger = Pki().client_dir(workdir / "stranger")
+    mixed.mkdir()
+    (mixed / "ca-cert.pem").write_bytes((good / "ca-cert.pem").read_bytes())
+    for name in ("client-cert.pem", "client-key.pem"):
+        (mixed / name).write_bytes((stranger / name).read_bytes())
+    pair = pair_of(
+        "--object", "tls-creds-x509,id=tls0,dir=@DIR@/server,endpoint=server",
+        "--object", "authz-simple,id=az0,identity=CN=nobody",
+        "--blockdev", NULL,
+        "--nbd-server", "addr.type=unix,addr.path=@DIR@/@SIDE@.nbd,tls-creds=tls0,tls-authz=az0",
+        "--export", "type=nbd,id=e0,node-name=n0",
+    )  # fmt: skip
+    outcomes = {}
+    for side in ("ours", "real"):
+        sock = pair.sock(side)
+        codes = []
+        for certs in (good, mixed, None):
+            query = f"&tls-certificates={certs}" if certs else ""
+            scheme = "nbds+unix" if certs else "nbd+unix"
+            done = subprocess.run(
+                ["nbdinfo", f"{scheme}:///n0?socket={sock}{query}"],
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            codes.append(done.returncode)
+        outcomes[side] = codes
+    pair.close()
+    assert outcomes["ours"] == outcomes["real"] == [1, 1, 1]
+    assert pair.stderr_lines("ours") == pair.stderr_lines("real")
+    assert pair.stderr_lines("ours")[0].startswith("option negotiation failed: TLS x509 authz")

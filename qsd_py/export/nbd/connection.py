@@ -285,10 +285,18 @@ class Connection:
         hs = Handshake(self.server, tls=self.server.tls is not None)
         buf = bytearray(HANDSHAKE_BUFFER)
         view = memoryview(buf)
+        greeted = False
         while True:
             if hs.out:
-                await self._send_all(bytes(hs.out))
+                data = bytes(hs.out)
                 hs.out.clear()
+                try:
+                    await self._send_all(data)
+                except OSError:
+                    if greeted and not hs.aborted:
+                        raise
+                    return None  # a port probe, or a client gone after NBD_OPT_ABORT: quiet
+                greeted = True
             event = hs.next_event()
             if event is None:
                 n = await self._recv(view)
