@@ -250,3 +250,28 @@ def test_random_mutations(served: NbdDaemon) -> None:
         sock.close()
     healthy(served)
     assert rss_kib(served) - before < 64 * 1024
+
+
+def test_big_reads_nobody_reads_stay_bounded(nbd_daemon) -> None:
+    """64 reads of 32 MiB sent at once by a client that never reads a reply: the daemon
+    takes on a bounded share (tasks' data, unsent replies), not 2 GiB."""
+    daemon = nbd_daemon(
+        "--blockdev", "driver=null-co,node-name=z0,size=1073741824,read-zeroes=on",
+        "--export", "type=nbd,id=e0,node-name=z0",
+    )  # fmt: skip
+    before = rss_kib(daemon)
+    sock, _ = open_export(str(daemon.sock), "z0")
+    with sock:
+        burst = b"".join(
+            request(READ, i * 32 * MIB % (1 << 30), 32 * MIB, cookie=i) for i in range(64)
+        )
+        sock.sendall(burst)
+        time.sleep(3)
+        grown = rss_kib(daemon) - before
+        assert grown < 320 * 1024, f"RSS grew by {grown} KiB"
+        # the client reads after all: every reply arrives
+        sock.settimeout(30)
+        for _ in range(64):
+            error, _cookie = read_simple_reply(sock)
+            assert error == 0
+            recv_exactly(sock, 32 * MIB)

@@ -16,9 +16,9 @@ without a coroutine per request where it can:
 * everything else, and anything the fast path cannot serve, runs as a task awaiting the
   node's coroutines; tasks complete in any order and their replies join the queue.
 
-A connection holds at most :data:`MAX_IN_FLIGHT` tasks and :data:`MAX_QUEUED` bytes of
-replies: beyond that it stops reading the socket until some are done, so a client can never
-make the daemon buffer without bound.
+A connection holds at most :data:`MAX_IN_FLIGHT` tasks, :data:`MAX_RESERVED` bytes of data
+they read or write, and :data:`MAX_QUEUED` bytes of replies: beyond that it stops reading the
+socket until some are done, so a client can never make the daemon buffer without bound.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ RECV_SIZE = 256 << 10  #: receive buffer of a connection in the transmission pha
 BIG_PAYLOAD = 64 << 10  #: larger WRITE payloads are received into a buffer of their own
 HANDSHAKE_BUFFER = 64 << 10
 MAX_IN_FLIGHT = 128  #: requests served by tasks at once, per connection
+MAX_RESERVED = 64 << 20  #: data bytes of the requests tasks serve, per connection
 MAX_QUEUED = 64 << 20  #: reply bytes not yet sent before the connection stops reading
 IOV_MAX = 1024  #: buffers per sendmsg
 #: Structured reads at least this long report holes as OFFSET_HOLE chunks (block status per
@@ -204,7 +205,8 @@ class Connection:
         self._big_got = 0
         self._big_request: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
         self._reading = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], int] = {}  # and the data bytes each holds
+        self._reserved = 0
         self._out: deque[bytes | bytearray | memoryview] = deque()
         self._out_bytes = 0
         self._writer_armed = False
@@ -428,14 +430,17 @@ class Connection:
             self._reading = False
             self.loop.remove_reader(self.fd)
 
+    def _busy(self) -> bool:
+        """Whether the connection holds all it may (tasks, their data, unsent replies)."""
+        return (
+            len(self._tasks) >= MAX_IN_FLIGHT
+            or self._reserved >= MAX_RESERVED
+            or self._out_bytes >= MAX_QUEUED
+        )
+
     def _resume_if_possible(self) -> None:
         """After a task or a send: read again if the limits allow it."""
-        if (
-            self.closing
-            or self._reading
-            or len(self._tasks) >= MAX_IN_FLIGHT
-            or self._out_bytes >= MAX_QUEUED
-        ):
+        if self.closing or self._reading or self._busy():
             return
         self._start_reading()
         self._parse()  # requests already received wait in the buffer
@@ -501,7 +506,7 @@ class Connection:
         buf = self.rbuf
         pos, end = self.rpos, self.rend
         self._need = hsize
-        while not self.closing and len(self._tasks) < MAX_IN_FLIGHT:
+        while not self.closing and not self._busy():
             if end - pos < hsize:
                 break
             fields = t.parse_header(buf, pos)
@@ -533,7 +538,7 @@ class Connection:
                 pos += hsize
                 self._request(flags, cmd, cookie, offset, length, None, None)
         self.rpos = pos
-        if len(self._tasks) >= MAX_IN_FLIGHT or self._out_bytes >= MAX_QUEUED:
+        if self._busy():
             self._stop_reading()  # resumed as tasks finish and replies leave
 
     def _big_start(self, fields: tuple[int, int, int, int, int], have: memoryview) -> None:
@@ -608,14 +613,14 @@ class Connection:
         t = self.t
         assert t is not None
         if flags & CmdFlag.FUA or (length >= SPARSE_READ_MIN and t.structured):
-            self._spawn(self._read_task(flags, cookie, offset, length))
+            self._spawn(self._read_task(flags, cookie, offset, length), length)
             return
         if length == 0:
             self._queue(t.reply_done(cookie, offset))
             return
         fast = self.fast
         if fast is None or length > fast.inline_max:
-            self._spawn(self._read_task(flags, cookie, offset, length))
+            self._spawn(self._read_task(flags, cookie, offset, length), length)
             return
         hsize = t.read_header_size
         buf = bytearray(hsize + length)
@@ -647,7 +652,7 @@ class Connection:
             return
         if owner is not None and owner is self.rbuf:
             self._pins += 1
-        self._spawn(self._write_task(flags, cookie, offset, data, owner))
+        self._spawn(self._write_task(flags, cookie, offset, data, owner), len(data))
 
     def _block_status(
         self, flags: int, cookie: int, offset: int, length: int, contexts: tuple[int, ...] | None
@@ -669,13 +674,15 @@ class Connection:
             self._spawn(self._block_status_task(cookie, offset, length, contexts, req_one))
 
     # --- tasks ------------------------------------------------------------------------------
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], data: int = 0) -> None:
+        """Serve a request with a task; ``data``: the bytes it reads or writes."""
         task = self.loop.create_task(coro)
-        self._tasks.add(task)
+        self._tasks[task] = data
+        self._reserved += data
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._reserved -= self._tasks.pop(task, 0)
         if not task.cancelled() and task.exception() is not None:
             log.error("NBD request failed", exc_info=task.exception())
         if self._hard or (self.closing and not self._reading):
