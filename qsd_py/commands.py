@@ -35,5 +35,6 @@ def load_handlers() -> None:
     """Import every module that registers handlers (kept lazy for start-up time)."""
     import qsd_py.block.commands  # noqa: F401
     import qsd_py.export.commands  # noqa: F401
+    import qsd_py.export.nbd.commands  # noqa: F401
     import qsd_py.objects.commands  # noqa: F401
     import qsd_py.qmp.commands  # noqa: F401

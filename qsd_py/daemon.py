@@ -21,6 +21,7 @@ from qsd_py.sockets import ON_COMMAND_LINE
 from qsd_py.uring import close_loop_ring
 
 if TYPE_CHECKING:
+    from qsd_py.export.nbd.server import NbdServer
     from qsd_py.qapi.schema import QAPISchema
 
 log = logging.getLogger("qsd_py")
@@ -46,6 +47,7 @@ class Daemon:
         self.graph.objects = self.objects
         self.monitors: set[EventSink] = set()
         self.closers: list[Any] = []  # chardev servers/clients to close at shutdown
+        self.nbd_server: NbdServer | None = None  # nbd-server-start / --nbd-server
         self._shutdown: asyncio.Event | None = None
         load_handlers()
 
@@ -102,6 +104,9 @@ class Daemon:
         """Delete every export (unmounting), close nodes, stop iothreads, close monitors."""
         try:
             await self.exports.delete_all()
+            if self.nbd_server is not None:
+                server, self.nbd_server = self.nbd_server, None
+                await server.close()
         finally:
             await self.graph.close_all()
             self.objects.stop_all()  # each iothread closes its own io_uring ring

@@ -43,6 +43,10 @@ async def apply_option(daemon: Any, chardevs: dict[str, Any], opt: Any) -> None:
             await add_chardev(daemon, chardevs, args)
         elif opt.name == "monitor":
             await add_monitor(daemon, chardevs, args)
+        elif opt.name == "nbd-server":
+            from qsd_py.export.nbd.server import start_server
+
+            await start_server(daemon, args, from_monitor=False)
     except QMPError as err:
         hint = f"\n{err.hint}" if err.hint else ""
         raise StartupError(f"{opt.given}: {err.desc}{hint}") from err

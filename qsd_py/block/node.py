@@ -450,6 +450,12 @@ class BlockNode:
         (neither: unallocated here), and where the bytes lie when it knows."""
         raise NotImplementedError
 
+    # --- dirty bitmaps -----------------------------------------------------------------------
+    def dirty_bitmap(self, name: str) -> Any:
+        """The dirty bitmap ``name`` of this node (what NBD exports offer as
+        ``qemu:dirty-bitmap:NAME``), or None. No node keeps dirty bitmaps yet."""
+        return None
+
     # --- the exports' fast path -------------------------------------------------------------
     def fast_target(self) -> FastTarget | None:
         """What this node's bytes are on the host, for exports that read and write them

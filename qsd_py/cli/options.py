@@ -31,6 +31,7 @@ LONG_OPTIONS: dict[str, tuple[bool, str | None]] = {
     "blockdev": (True, None),
     "export": (True, None),
     "object": (True, None),
+    "nbd-server": (True, None),
     "chardev": (True, None),
     "monitor": (True, None),
     "pidfile": (True, None),
@@ -41,7 +42,7 @@ SHORT_OPTIONS = {short: name for name, (_, short) in LONG_OPTIONS.items() if sho
 HELP_TEXT = f"""\
 Usage: {PROG} [options]
 A storage daemon with qemu-storage-daemon's interfaces (QMP, QAPI, command line)
-and FUSE block exports, over /dev/fuse or FUSE-over-io_uring.
+and block exports over FUSE (/dev/fuse or FUSE-over-io_uring) and NBD.
 
   -h, --help             print this text and exit
   -V, --version          print the version and exit
@@ -67,6 +68,21 @@ and FUSE block exports, over /dev/fuse or FUSE-over-io_uring.
                          regular file), as QMP's block-export-add;
                          io_uring=on serves it over FUSE-over-io_uring
                          (needs /sys/module/fuse/parameters/enable_uring)
+
+  --export [type=]nbd,id=<id>,node-name=<node-name>[,name=<export-name>]
+           [,description=<text>][,writable=on|off][,writethrough=on|off]
+           [,allocation-depth=on|off][,bitmaps.0=<bitmap>,...]
+           [,iothread=<id>]
+                         export a node on the NBD server (see --nbd-server),
+                         as QMP's block-export-add; the export name defaults
+                         to the node name
+
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>[,<options>]
+  --nbd-server addr.type=unix,addr.path=<path>[,<options>]
+  --nbd-server addr.type=fd,addr.str=<fd>[,<options>]
+               options: [,tls-creds=<id>][,tls-authz=<id>]
+                        [,max-connections=<n>][,handshake-max-seconds=<n>]
+                         start the NBD server, as QMP's nbd-server-start
 
   --object [qom-type=]iothread,id=<id>[,poll-max-ns=<ns>][,...]
                          add an I/O thread, as QMP's object-add

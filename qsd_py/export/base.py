@@ -22,6 +22,7 @@ differ from FUSE's, the node permissions ``resize`` and ``shared``. The registry
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from qsd_py.block.perm import PERM_ALL, Perm
@@ -87,15 +88,18 @@ class BlockExport:
             await self._close(abort=True)
             raise
 
-    async def stop(self, mode: str) -> None:
+    async def stop(self, mode: str) -> Awaitable[None] | None:
         """Tear the export down. ``mode`` is ``safe`` or ``hard`` (block-export-del).
 
         ``safe`` raises QMPError (``export 'ID' still in use``) if requests are in flight;
-        ``hard`` aborts them. Either way, once it returns nothing of the export remains.
+        ``hard`` aborts them. Returns None once nothing of the export remains; a type whose
+        last requests outlive the command (NBD clients) returns an awaitable that completes
+        when they are done, and the registry finishes the deletion then.
         """
         if mode == "safe" and self.in_use():
             raise QMPError(f"export '{self.id}' still in use")
         await self._close(abort=mode == "hard")
+        return None
 
     async def _close(self, abort: bool) -> None:
         try:

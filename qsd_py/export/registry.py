@@ -8,6 +8,8 @@ every export does whatever its type is :class:`~qsd_py.export.base.BlockExport`'
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.errors import QMPError
@@ -22,8 +24,9 @@ __all__ = ["BlockExport", "ExportRegistry", "export_types"]
 def export_types() -> dict[str, type[BlockExport]]:
     """The export types by QAPI name, imported on first use."""
     from qsd_py.export.fuse.export import FuseExport
+    from qsd_py.export.nbd.export import NbdExport
 
-    return {"fuse": FuseExport}
+    return {"nbd": NbdExport, "fuse": FuseExport}
 
 
 class ExportRegistry:
@@ -32,6 +35,7 @@ class ExportRegistry:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self._exports: dict[str, BlockExport] = {}
+        self._going: dict[str, asyncio.Future[None]] = {}  # exports shutting down
 
     def __iter__(self):
         return iter(list(self._exports.values()))
@@ -61,25 +65,55 @@ class ExportRegistry:
             raise
         return export
 
-    async def delete(self, export_id: str, mode: str = "safe") -> None:
-        """Stop an export, drop it and send ``BLOCK_EXPORT_DELETED`` (before the command's
-        return, as QEMU does for FUSE)."""
+    async def delete(self, export_id: str, mode: str = "safe") -> asyncio.Future[None] | None:
+        """Stop an export, drop it and send ``BLOCK_EXPORT_DELETED``: before the command's
+        return when the export is gone at once (as QEMU does for FUSE, or NBD without
+        clients), else once it is, after the return (the future returned completes then;
+        meanwhile the export is listed as shutting down)."""
         export = self.get(export_id)
+        if export.shutting_down:
+            raise QMPError(f"Export '{export_id}' is already shutting down")
         if mode == "safe" and export.in_use():
             raise QMPError(f"export '{export_id}' still in use")
         export.shutting_down = True
         try:
-            await export.stop(mode)
+            pending = await export.stop(mode)
         except BaseException:
             export.shutting_down = False
             raise
-        del self._exports[export_id]
-        self.daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": export_id})
+        if pending is None:
+            self._gone(export)
+            return None
+        going = self._going[export_id] = asyncio.ensure_future(self._gone_later(export, pending))
+        return going
+
+    async def _gone_later(self, export: BlockExport, pending: Awaitable[None]) -> None:
+        try:
+            await pending
+        finally:
+            del self._going[export.id]
+            self._gone(export)
+
+    def _gone(self, export: BlockExport) -> None:
+        del self._exports[export.id]
+        self.daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": export.id})
 
     async def delete_all(self) -> None:
-        """Delete every export, newest first (quit, signals, failed start-up)."""
+        """Delete every export, newest first, and wait until each is gone (quit, signals,
+        failed start-up)."""
         for export in reversed(list(self._exports.values())):
-            await self.delete(export.id, "hard")
+            await self.finish_deleting(export)
+
+    async def finish_deleting(self, export: BlockExport) -> None:
+        """Delete ``export`` (hard) and wait until it is gone, even if it was already
+        shutting down (nbd-server-stop waits as QEMU's does)."""
+        going = self._going.get(export.id)
+        if going is not None:
+            await asyncio.shield(going)
+            return
+        pending = await self.delete(export.id, "hard")
+        if pending is not None:
+            await pending
 
     def query(self) -> list[dict[str, Any]]:
         """``query-block-exports``: newest first, like QEMU."""

@@ -71,6 +71,8 @@ class _Introspector:
                 }
                 if entity.allow_oob:
                     entry["allow-oob"] = True
+                if entity.features:
+                    entry["features"] = list(entity.features)
             else:
                 entry = {
                     "name": entity.name,

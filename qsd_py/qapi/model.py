@@ -129,6 +129,7 @@ class Command:
     ret_type: QAPIType | None
     boxed: bool = False
     allow_oob: bool = False
+    features: list[str] = field(default_factory=list)  #: e.g. "deprecated"
 
 
 @dataclass(eq=False)
@@ -363,8 +364,9 @@ class _Builder:
         ret = (
             self.lookup(x["returns"], e.info, f"'returns' of '{name}'") if "returns" in x else None
         )
+        features = [f["name"] if isinstance(f, dict) else f for f in x.get("features", [])]
         self.commands[name] = Command(
-            name, e.info, arg, ret, bool(x.get("boxed")), bool(x.get("allow-oob"))
+            name, e.info, arg, ret, bool(x.get("boxed")), bool(x.get("allow-oob")), features
         )
         self.order.append(self.commands[name])
 

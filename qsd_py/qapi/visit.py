@@ -200,9 +200,14 @@ class Visitor:
             if typ.name == "size":
                 return parse_size(text, path)
             value = parse_int(text)
-            if value is None or not (typ.minimum or 0) <= value <= (typ.maximum or 0):
-                what = "integer" if typ.name in ("int", "int64") else typ.c_type.removesuffix("_t")
-                raise QMPError(f"Parameter '{path}' expects {what}")
+            if value is None:
+                raise QMPError(f"Parameter '{path}' expects integer")
+            if typ.minimum == 0 and -(1 << 64) < value < 0:
+                value += 1 << 64  # strtoull reads a negative number modulo 2^64
+            if not (typ.minimum or 0) <= value <= (typ.maximum or 0):
+                # QEMU parses to 64 bits first (overflow: "integer"), then checks the width
+                wide = typ.name in ("int", "int64", "uint64")
+                raise QMPError(f"Parameter '{path}' expects {'integer' if wide else typ.c_type}")
             return value
         if jt == "number":
             try:

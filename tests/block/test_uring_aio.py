@@ -281,6 +281,7 @@ async def test_daemon_close_closes_main_ring(image) -> None:
     daemon.exports = ExportRegistry(daemon)
     daemon.objects = ObjectRegistry()
     daemon.closers = []
+    daemon.nbd_server = None
     node = await add_file(daemon.graph, image(MiB), "d0")
     await node.write(0, b"q" * 512)
     ring = ring_for_loop()

@@ -42,6 +42,23 @@ CLI_ERRORS: list[tuple[list[str], str]] = [
         ["--blockdev", "qcow2,node-name=q,file=f,overlap-check.template=bogus"],
         "--blockdev qcow2,node-name=q,file=f,overlap-check.template=bogus: Parameter 'template' does not accept value 'bogus'",
     ),
+    (
+        ["--nbd-server", "addr.type=unix"],
+        "--nbd-server addr.type=unix: Parameter 'addr.path' is missing",
+    ),
+    (["--nbd-server", "foo"], "--nbd-server foo: Expected '=' after parameter 'foo'"),
+    (
+        ["--nbd-server", "addr.type=unix,addr.path=/x,max-connections=abc"],
+        "--nbd-server addr.type=unix,addr.path=/x,max-connections=abc: Parameter 'max-connections' expects integer",
+    ),
+    (
+        ["--nbd-server", "addr.type=unix,addr.path=/x,handshake-max-seconds=-1"],
+        "--nbd-server addr.type=unix,addr.path=/x,handshake-max-seconds=-1: Parameter 'handshake-max-seconds' expects uint32_t",
+    ),
+    (
+        ["--nbd-server", "addr.type=inet,addr.host=h"],
+        "--nbd-server addr.type=inet,addr.host=h: Parameter 'addr.port' is missing",
+    ),
     (["--bogus"], "unrecognized option '--bogus'"),
     (["--blockdev"], "option '--blockdev' requires an argument"),
     (["-x"], "invalid option -- 'x'"),
@@ -354,7 +371,8 @@ def test_both_argument_spellings_and_abbreviations() -> None:
 def test_help_and_version() -> None:
     assert [o.name for o in iter_options(["-hV"])] == ["help", "version"]
     assert [o.name for o in iter_options(["--version", "--help"])] == ["version", "help"]
-    for option in ("--blockdev", "--export", "--object", "--chardev", "--monitor", "io_uring"):
+    for option in ("--blockdev", "--export", "--object", "--chardev", "--monitor", "io_uring",
+                   "--nbd-server", "type=]nbd"):  # fmt: skip
         assert option in HELP_TEXT
     assert version_text().startswith("qsd-py version ")
 

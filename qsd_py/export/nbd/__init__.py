@@ -1,0 +1,1 @@
+"""The NBD export: the daemon's NBD server, its exports and client connections."""

@@ -1,0 +1,938 @@
+"""One client of the NBD server: its negotiation, then its requests.
+
+The negotiation is a coroutine on the daemon's loop feeding the engine
+(:class:`qsd_py.nbd.server.Handshake`). Once the client chose an export the connection moves
+to that export's loop (an iothread's, or the daemon's) and serves requests from callbacks,
+without a coroutine per request where it can:
+
+* the socket is read (one ``recv_into`` per readiness) into a receive buffer; every whole
+  request in it is parsed in place. A WRITE's data is handed to the node as a view of that
+  buffer (a data payload above :data:`BIG_PAYLOAD` is received straight into a buffer of its
+  own instead); the buffer is replaced, not overwritten, while a write still uses it;
+* a READ allocates one buffer for reply header and data; the node (or, for a file held in
+  memory, a ``preadv`` right there: :class:`FastIO`) fills the data part in place;
+* replies are queued and leave in batches: one ``sendmsg`` per readiness callback or loop
+  iteration for every reply ready by then, a partial send keeps the rest (no copy);
+* everything else, and anything the fast path cannot serve, runs as a task awaiting the
+  node's coroutines; tasks complete in any order and their replies join the queue.
+
+A connection holds at most :data:`MAX_IN_FLIGHT` tasks, :data:`MAX_RESERVED` bytes of data
+they read or write, and :data:`MAX_QUEUED` bytes of replies: beyond that it stops reading the
+socket until some are done, so a client can never make the daemon buffer without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections import deque
+from itertools import islice
+from typing import TYPE_CHECKING, Any, Protocol
+
+from qsd_py.block.node import STATUS_DATA, STATUS_ZERO
+from qsd_py.errors import QMPError
+from qsd_py.nbd.constants import STATE_HOLE, STATE_ZERO, Cmd, CmdFlag
+from qsd_py.nbd.server import (
+    META_ID_ALLOCATION_DEPTH,
+    META_ID_BASE_ALLOCATION,
+    META_ID_DIRTY_BITMAP,
+    Closed,
+    Handshake,
+    Ready,
+    StartTLS,
+    Transmission,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from qsd_py.block.node import BlockNode
+    from qsd_py.export.nbd.export import NbdExport
+    from qsd_py.export.nbd.server import NbdServer
+    from qsd_py.nbd.server import Extents
+
+log = logging.getLogger("qsd_py.export.nbd")
+
+RECV_SIZE = 256 << 10  #: receive buffer of a connection in the transmission phase
+BIG_PAYLOAD = 64 << 10  #: larger WRITE payloads are received into a buffer of their own
+HANDSHAKE_BUFFER = 64 << 10
+MAX_IN_FLIGHT = 128  #: requests served by tasks at once, per connection
+MAX_RESERVED = 64 << 20  #: data bytes of the requests tasks serve, per connection
+MAX_QUEUED = 64 << 20  #: reply bytes not yet sent before the connection stops reading
+IOV_MAX = 1024  #: buffers per sendmsg
+#: Structured reads at least this long report holes as OFFSET_HOLE chunks (block status per
+#: read); shorter ones are one data chunk: a hole chunk would save less than the lookup costs.
+SPARSE_READ_MIN = 64 << 10
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class Channel(Protocol):
+    """The byte stream of a connection: the socket itself, or TLS over it (tls.py)."""
+
+    def recv_into(self, view: memoryview) -> int: ...
+
+    def send(self, buffers: Any) -> int: ...
+
+    def flush(self) -> bool: ...
+
+    def buffered(self) -> bool: ...
+
+
+class PlainChannel:
+    """The socket as it is (no TLS). Non-blocking: calls raise BlockingIOError."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def recv_into(self, view: memoryview) -> int:
+        return self.sock.recv_into(view)
+
+    def send(self, buffers: Any) -> int:
+        """Send what the socket takes of ``buffers`` now; returns bytes taken."""
+        return self.sock.sendmsg(buffers)
+
+    def flush(self) -> bool:
+        """Push out bytes the channel holds itself (none without TLS)."""
+        return True
+
+    def buffered(self) -> bool:
+        """Whether bytes were received but not returned yet (never without TLS)."""
+        return False
+
+
+class FastIO:
+    """READ and WRITE without a task, for the nodes whose bytes are a file held in memory
+    (tmpfs: a copy that costs about a microsecond, see ``file.held_in_memory``) or nothing
+    at all (null-co). Requests up to :attr:`inline_max` bytes are served right away on the
+    loop; anything else goes to the node."""
+
+    __slots__ = ("fd", "base", "null", "writable", "inline_max")
+
+    def __init__(self, fd: int, base: int, null: bool, writable: bool, inline_max: int) -> None:
+        self.fd = fd
+        self.base = base
+        self.null = null
+        self.writable = writable
+        self.inline_max = inline_max
+
+    @classmethod
+    def for_node(cls, node: BlockNode, writable: bool) -> FastIO | None:
+        from qsd_py.block.drivers.file import INLINE_MAX
+
+        target = node.fast_target()
+        if target is None or target.table is not None:
+            return None
+        ok_to_write = writable and target.writable and not node.read_only
+        if target.null:
+            return cls(-1, 0, True, ok_to_write, INLINE_MAX)
+        file = target.file
+        if file is None or file.fd < 0 or not file.in_memory or file.direct:
+            return None
+        return cls(file.fd, target.base, False, ok_to_write, INLINE_MAX)
+
+    def read(self, view: memoryview, offset: int) -> int:
+        """Fill ``view`` from ``offset``: 0, or the errno of the failure."""
+        if self.null:
+            return 0  # the buffer is fresh: zeroes
+        pos = offset + self.base
+        try:
+            while view:
+                n = os.preadv(self.fd, (view,), pos)
+                if n == 0:  # past the file's end: the node reads zeroes there
+                    view[:] = bytes(len(view))
+                    break
+                view = view[n:]
+                pos += n
+        except OSError as err:
+            return err.errno or errno.EIO
+        return 0
+
+    def write(self, data: memoryview, offset: int) -> int:
+        """Write ``data`` at ``offset``: 0, or the errno of the failure."""
+        if self.null:
+            return 0
+        pos = offset + self.base
+        try:
+            while data:
+                n = os.pwritev(self.fd, (data,), pos)
+                if n == 0:
+                    return errno.ENOSPC
+                data = data[n:]
+                pos += n
+        except OSError as err:
+            return err.errno or errno.EIO
+        return 0
+
+
+class Connection:
+    """One client connection, from accept to close."""
+
+    def __init__(self, server: NbdServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.channel: Channel = PlainChannel(sock)
+        self.main_loop = asyncio.get_running_loop()
+        self.loop = self.main_loop  # the loop that owns the socket now
+        self.closed: asyncio.Future[None] = self.main_loop.create_future()
+        self.export: NbdExport | None = None
+        self.node: BlockNode | None = None
+        self.t: Transmission | None = None
+        self.fast: FastIO | None = None
+        self.writethrough = False
+        self.closing = False  # no more requests are read
+        self._hard = False  # replies are dropped, the socket is shut down
+        self._finished = False
+        self._negotiation: asyncio.Task[None] | None = None
+        # transmission state
+        self.rbuf = bytearray()
+        self._rview = memoryview(self.rbuf)
+        self.rpos = 0
+        self.rend = 0
+        self._need = 0  # bytes from rpos the next request needs whole
+        self._pins = 0  # tasks still using a payload view of rbuf
+        self._big: bytearray | None = None  # a large WRITE payload being received
+        self._big_got = 0
+        self._big_request: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+        self._reading = False
+        self._tasks: dict[asyncio.Task[None], int] = {}  # and the data bytes each holds
+        self._reserved = 0
+        self._out: deque[bytes | bytearray | memoryview] = deque()
+        self._out_bytes = 0
+        self._writer_armed = False
+        self._flush_scheduled = False
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin the negotiation (on the daemon's loop)."""
+        self._negotiation = self.main_loop.create_task(self._negotiate_then_serve())
+
+    def close(self) -> None:
+        """Hang up now (export deleted, server stopped): requests still running finish,
+        but their replies are dropped. Safe from any thread."""
+        loop = self.loop
+        if loop is _running_loop():
+            self._hard_close()
+        else:
+            loop.call_soon_threadsafe(self._hard_close)
+
+    def _hard_close(self) -> None:
+        if self._finished:
+            return
+        self._hard = True
+        self.closing = True
+        if self._negotiation is not None and not self._negotiation.done():
+            self._negotiation.cancel()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+        self._stop_reading()
+        self._disarm_writer()
+        self._out.clear()
+        self._out_bytes = 0
+        if not self._tasks and self.t is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Close the socket and tell the server and the export (on the daemon's loop)."""
+        if self._finished:
+            return
+        self._finished = True
+        self._stop_reading()
+        self._disarm_writer()
+        self.sock.close()
+        if self.loop is self.main_loop:
+            self._forget()
+        else:
+            self.main_loop.call_soon_threadsafe(self._forget)
+
+    def _forget(self) -> None:
+        if self.export is not None:
+            self.export.clients.discard(self)
+        self.server.connection_closed(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # --- negotiation -----------------------------------------------------------------------
+    async def _negotiate_then_serve(self) -> None:
+        ready: Ready | None = None
+        pending = b""
+        try:
+            limit = self.server.handshake_max_seconds
+            async with asyncio.timeout(limit or None):
+                found = await self._negotiate()
+            if found is not None:
+                ready, pending = found
+        except TimeoutError:
+            log.warning("NBD client did not finish negotiating in %s seconds", limit)
+        except asyncio.CancelledError:
+            pass  # hung up on (export deleted, server stopped): close below
+        except (OSError, QMPError) as err:
+            log.warning("option negotiation failed: %s", err)
+        if ready is None or self.closing:
+            self._finish()
+            return
+        self._attach(ready, pending)
+
+    async def _negotiate(self) -> tuple[Ready, bytes] | None:
+        hs = Handshake(self.server, tls=self.server.tls is not None)
+        buf = bytearray(HANDSHAKE_BUFFER)
+        view = memoryview(buf)
+        greeted = False
+        while True:
+            if hs.out:
+                data = bytes(hs.out)
+                hs.out.clear()
+                try:
+                    await self._send_all(data)
+                except OSError:
+                    if greeted and not hs.aborted:
+                        raise
+                    return None  # a port probe, or a client gone after NBD_OPT_ABORT: quiet
+                greeted = True
+            event = hs.next_event()
+            if event is None:
+                n = await self._recv(view)
+                if n == 0:
+                    return None
+                hs.receive_data(view[:n])
+            elif isinstance(event, StartTLS):
+                await self._start_tls(hs.take_unread())
+                hs.tls_started()
+            elif isinstance(event, Closed):
+                if event.error is not None:
+                    log.warning("%s", event.error)
+                return None
+            else:
+                return event, hs.take_unread()
+
+    async def _start_tls(self, unread: bytes) -> None:
+        """Replace the channel by a TLS one (the server's credentials, then its check of
+        the client: certificate name against ``tls-authz``); ``unread`` is the start of the
+        client's TLS handshake. A client that fails gets no data: the caller closes."""
+        import ssl
+
+        from qsd_py.export.nbd.tls import TlsChannel
+        from qsd_py.objects.tls_creds import verify_error_text
+
+        creds = self.server.tls
+        assert creds is not None
+        channel = TlsChannel(self.sock, creds.server_context(), unread)
+        try:
+            await self._tls_handshake(channel)
+        except ssl.SSLCertVerificationError as err:
+            raise QMPError(verify_error_text(err, None)) from err
+        creds.check_peer(channel.ssl, self.server.resolve_authz())
+        self.channel = channel
+
+    async def _tls_handshake(self, channel: Any) -> None:
+        while not channel.handshake_step():
+            while not channel.flush():
+                await self._wait(writing=True)
+            while True:
+                try:
+                    if not channel.receive_ciphertext():
+                        raise ConnectionError("TLS handshake: the client hung up")
+                    break
+                except (BlockingIOError, InterruptedError):
+                    await self._wait(writing=False)
+        while not channel.flush():
+            await self._wait(writing=True)
+
+    async def _wait(self, writing: bool) -> None:
+        loop = self.loop
+        fut = loop.create_future()
+
+        def wake() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        if writing:
+            loop.add_writer(self.fd, wake)
+        else:
+            loop.add_reader(self.fd, wake)
+        try:
+            await fut
+        finally:
+            if writing:
+                loop.remove_writer(self.fd)
+            else:
+                loop.remove_reader(self.fd)
+
+    async def _recv(self, view: memoryview) -> int:
+        while True:
+            try:
+                return self.channel.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                await self._wait(writing=False)
+
+    async def _send_all(self, data: bytes) -> None:
+        rest = memoryview(data)
+        while rest:
+            try:
+                rest = rest[self.channel.send([rest]) :]
+            except (BlockingIOError, InterruptedError):
+                pass
+            if rest:
+                await self._wait(writing=True)
+        while not self.channel.flush():
+            await self._wait(writing=True)
+
+    # --- switching to the transmission phase ----------------------------------------------
+    def _attach(self, ready: Ready, pending: bytes) -> None:
+        export: NbdExport = ready.export  # type: ignore[assignment]
+        if export.shutting_down or self.server.find(export.name) is not export:
+            self._finish()  # deleted while the client was choosing it
+            return
+        self.export = export
+        export.clients.add(self)
+        self.node = export.node
+        self.t = ready.transmission
+        self.writethrough = export.writethrough
+        self.fast = FastIO.for_node(export.node, export.writable)
+        self.loop = export.loop
+        if self.loop is self.main_loop:
+            self._serve(pending)
+        else:
+            self.loop.call_soon_threadsafe(self._serve, pending)
+
+    def _serve(self, pending: bytes) -> None:
+        """On the export's loop: read requests from now on."""
+        if self.closing:
+            self._finish()
+            return
+        self.rbuf = bytearray(RECV_SIZE)
+        self._rview = memoryview(self.rbuf)
+        self.rbuf[: len(pending)] = pending
+        self.rend = len(pending)
+        self._start_reading()
+        self._parse()
+        self._on_readable()  # a TLS channel may hold decrypted bytes already
+        self._flush()
+
+    # --- reading -----------------------------------------------------------------------------
+    def _start_reading(self) -> None:
+        if not self._reading and not self.closing:
+            self._reading = True
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            self.loop.remove_reader(self.fd)
+
+    def _busy(self) -> bool:
+        """Whether the connection holds all it may (tasks, their data, unsent replies)."""
+        return (
+            len(self._tasks) >= MAX_IN_FLIGHT
+            or self._reserved >= MAX_RESERVED
+            or self._out_bytes >= MAX_QUEUED
+        )
+
+    def _resume_if_possible(self) -> None:
+        """After a task or a send: read again if the limits allow it."""
+        if self.closing or self._reading or self._busy():
+            return
+        self._start_reading()
+        self._parse()  # requests already received wait in the buffer
+
+    def _on_readable(self) -> None:
+        channel = self.channel
+        while self._reading:
+            big = self._big
+            if big is not None:
+                view = memoryview(big)[self._big_got :]
+            else:
+                self._make_room()
+                view = self._rview[self.rend :]
+            try:
+                n = channel.recv_into(view)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as err:
+                self._abort(f"read failed: {err}")
+                return
+            if n == 0:
+                self._end_of_input()
+                break
+            if big is not None:
+                self._big_got += n
+                if self._big_got == len(big):
+                    self._big_done()
+            else:
+                self.rend += n
+            self._parse()
+            if not channel.buffered():
+                break
+        self._flush()
+
+    def _make_room(self) -> None:
+        """Room at the buffer's end for what the next request needs: move the unparsed
+        bytes to the start, or into a new buffer while tasks still use views of this one."""
+        pos, end = self.rpos, self.rend
+        if pos == end and not self._pins:
+            self.rpos = self.rend = 0
+            return
+        size = len(self.rbuf)
+        if size - end >= max(self._need - (end - pos), 4096):
+            return
+        unparsed = end - pos
+        if self._pins:  # the old buffer lives on as long as the tasks' views of it
+            fresh = bytearray(size)
+            fresh[:unparsed] = self._rview[pos:end]
+            self.rbuf = fresh
+            self._rview = memoryview(fresh)
+            self._pins = 0
+        else:
+            self.rbuf[:unparsed] = self._rview[pos:end].tobytes()
+        self.rpos, self.rend = 0, unparsed
+
+    def _parse(self) -> None:
+        """Serve every whole request in the receive buffer."""
+        t = self.t
+        if t is None or self._big is not None:
+            return
+        hsize = t.header_size
+        view = self._rview
+        buf = self.rbuf
+        pos, end = self.rpos, self.rend
+        self._need = hsize
+        while not self.closing and not self._busy():
+            if end - pos < hsize:
+                break
+            fields = t.parse_header(buf, pos)
+            if fields is None:
+                self.rpos = pos
+                self._abort("invalid request magic")
+                return
+            flags, cmd, cookie, offset, length = fields
+            plen = t.payload_length(flags, cmd, length) if length else 0
+            if plen:
+                error = t.check_length(flags, cmd, length)
+                if error is not None:  # the payload cannot be skipped: answer, then close
+                    self._queue(t.reply_error(cookie, offset, error.errno, error.message))
+                    self.rpos = pos
+                    self._close_when_done()
+                    return
+                have = end - pos - hsize
+                if have < plen:
+                    if plen > BIG_PAYLOAD:
+                        self._big_start(fields, view[pos + hsize : end])
+                        pos = end
+                    else:
+                        self._need = hsize + plen
+                    break
+                payload = view[pos + hsize : pos + hsize + plen]
+                pos += hsize + plen
+                self._request(flags, cmd, cookie, offset, length, payload, buf)
+            else:
+                pos += hsize
+                self._request(flags, cmd, cookie, offset, length, None, None)
+        self.rpos = pos
+        if self._busy():
+            self._stop_reading()  # resumed as tasks finish and replies leave
+
+    def _big_start(self, fields: tuple[int, int, int, int, int], have: memoryview) -> None:
+        """A WRITE too large for the receive buffer: its data goes to a buffer of its own,
+        the part already received copied, the rest received straight into it."""
+        plen = fields[4]
+        self._big = bytearray(plen)
+        self._big[: len(have)] = have
+        self._big_got = len(have)
+        self._big_request = fields
+
+    def _big_done(self) -> None:
+        data = self._big
+        assert data is not None
+        self._big = None
+        flags, cmd, cookie, offset, length = self._big_request
+        self._request(flags, cmd, cookie, offset, length, memoryview(data), None)
+
+    def _end_of_input(self) -> None:
+        """The client closed its side: finish what it asked for, then close."""
+        self._close_when_done()
+
+    # --- requests ---------------------------------------------------------------------------
+    def _request(
+        self,
+        flags: int,
+        cmd: int,
+        cookie: int,
+        offset: int,
+        length: int,
+        payload: memoryview | None,
+        owner: bytearray | None,
+    ) -> None:
+        """Check one request and serve it (right now, or with a task)."""
+        t = self.t
+        assert t is not None
+        contexts = None
+        if payload is not None and cmd != Cmd.WRITE:
+            if cmd == Cmd.BLOCK_STATUS:
+                length, contexts = t.parse_block_status_payload(payload)
+            else:
+                length = 0  # a payload no command here takes: dropped, the flag refused
+            payload = owner = None
+        if cmd == Cmd.DISC:
+            self._close_when_done()
+            return
+        error = t.check_length(flags, cmd, length) if cmd in (Cmd.READ, Cmd.CACHE) else None
+        if error is None:
+            error = t.check(flags, cmd, offset, length)
+        if error is not None:
+            self._queue(t.reply_error(cookie, offset, error.errno, error.message))
+            return
+        if cmd == Cmd.READ:
+            self._read(flags, cookie, offset, length)
+        elif cmd == Cmd.WRITE:
+            self._write(flags, cookie, offset, payload or memoryview(b""), owner)
+        elif cmd == Cmd.FLUSH:
+            self._spawn(self._flush_node(cookie, offset))
+        elif cmd == Cmd.TRIM:
+            self._spawn(self._trim(flags, cookie, offset, length))
+        elif cmd == Cmd.WRITE_ZEROES:
+            self._spawn(self._write_zeroes(flags, cookie, offset, length))
+        elif cmd == Cmd.CACHE:
+            self._queue(t.reply_ok(cookie, offset))  # nothing to prefetch into: a no-op
+        elif cmd == Cmd.BLOCK_STATUS:
+            self._block_status(flags, cookie, offset, length, contexts)
+        else:
+            message = f"invalid request type ({cmd}) received"
+            self._queue(t.reply_error(cookie, offset, errno.EINVAL, message))
+
+    def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        t = self.t
+        assert t is not None
+        if flags & CmdFlag.FUA or (length >= SPARSE_READ_MIN and t.structured):
+            self._spawn(self._read_task(flags, cookie, offset, length), length)
+            return
+        if length == 0:
+            self._queue(t.reply_done(cookie, offset))
+            return
+        fast = self.fast
+        if fast is None or length > fast.inline_max:
+            self._spawn(self._read_task(flags, cookie, offset, length), length)
+            return
+        hsize = t.read_header_size
+        buf = bytearray(hsize + length)
+        err = fast.read(memoryview(buf)[hsize:], offset)
+        if err:
+            self._queue(t.reply_error(cookie, offset, err, "reading from file failed"))
+            return
+        t.pack_read_header(buf, cookie, offset, offset, length)
+        self._queue(buf)
+
+    def _write(
+        self, flags: int, cookie: int, offset: int, data: memoryview, owner: bytearray | None
+    ) -> None:
+        t = self.t
+        assert t is not None
+        fast = self.fast
+        if (
+            fast is not None
+            and fast.writable
+            and len(data) <= fast.inline_max
+            and not flags & CmdFlag.FUA
+            and not self.writethrough
+        ):
+            err = fast.write(data, offset)
+            if err:
+                self._queue(t.reply_error(cookie, offset, err, "writing to file failed"))
+            else:
+                self._queue(t.reply_ok(cookie, offset))
+            return
+        if owner is not None and owner is self.rbuf:
+            self._pins += 1
+        self._spawn(self._write_task(flags, cookie, offset, data, owner), len(data))
+
+    def _block_status(
+        self, flags: int, cookie: int, offset: int, length: int, contexts: tuple[int, ...] | None
+    ) -> None:
+        t = self.t
+        assert t is not None
+        if contexts is None:
+            contexts = t.contexts
+        if not contexts:
+            if t.contexts:
+                message = "CMD_BLOCK_STATUS payload not valid"
+            else:
+                message = "CMD_BLOCK_STATUS not negotiated"
+            self._queue(t.reply_error(cookie, offset, errno.EINVAL, message))
+        elif not length:
+            self._queue(t.reply_error(cookie, offset, errno.EINVAL, "need non-zero length"))
+        else:
+            req_one = bool(flags & CmdFlag.REQ_ONE)
+            self._spawn(self._block_status_task(cookie, offset, length, contexts, req_one))
+
+    # --- tasks ------------------------------------------------------------------------------
+    def _spawn(self, coro: Coroutine[Any, Any, None], data: int = 0) -> None:
+        """Serve a request with a task; ``data``: the bytes it reads or writes."""
+        task = self.loop.create_task(coro)
+        self._tasks[task] = data
+        self._reserved += data
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._reserved -= self._tasks.pop(task, 0)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("NBD request failed", exc_info=task.exception())
+        if self._hard or (self.closing and not self._reading):
+            if not self._tasks and not self._out and not self._writer_armed:
+                self._finish()
+            return
+        self._resume_if_possible()
+
+    async def _read_task(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        t = self.t
+        node = self.node
+        assert t is not None and node is not None
+        if flags & CmdFlag.FUA:
+            try:
+                await node.flush()
+            except OSError as err:
+                self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, "flush failed"))
+                return
+        if length == 0:
+            self._queue(t.reply_done(cookie, offset))
+            return
+        if t.structured and not flags & CmdFlag.DF and length >= SPARSE_READ_MIN:
+            self._queue_all(await self._sparse_read(cookie, offset, length))
+            return
+        hsize = t.read_header_size
+        buf = bytearray(hsize + length)
+        try:
+            await node.read(offset, memoryview(buf)[hsize:])
+        except OSError as err:
+            message = "reading from file failed"
+            self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, message))
+            return
+        t.pack_read_header(buf, cookie, offset, offset, length)
+        self._queue(buf)
+
+    async def _sparse_read(self, cookie: int, offset: int, length: int) -> list[Any]:
+        """A structured read as QEMU answers it: ranges that read as zeroes become hole
+        chunks, the rest data chunks; an error ends the reply with an error chunk."""
+        t = self.t
+        node = self.node
+        assert t is not None and node is not None
+        chunks: list[Any] = []
+        pos, end = offset, offset + length
+        hsize = t.read_header_size
+        while pos < end:
+            try:
+                status = await node.block_status_above(pos, end - pos)
+            except OSError as err:
+                message = f"unable to check for holes: {os.strerror(err.errno or errno.EIO)}"
+                chunks.append(t.reply_error(cookie, offset, err.errno or errno.EIO, message))
+                return chunks
+            n = min(max(status.length, 1), end - pos)
+            final = pos + n == end
+            if status.flags & STATUS_ZERO:
+                chunks.append(t.hole_chunk(cookie, offset, pos, n, final))
+            else:
+                buf = bytearray(hsize + n)
+                try:
+                    await node.read(pos, memoryview(buf)[hsize:])
+                except OSError as err:
+                    message = "reading from file failed"
+                    chunks.append(t.reply_error(cookie, offset, err.errno or errno.EIO, message))
+                    return chunks
+                t.pack_read_header(buf, cookie, offset, pos, n, final)
+                chunks.append(buf)
+            pos += n
+        return chunks
+
+    async def _write_task(
+        self, flags: int, cookie: int, offset: int, data: memoryview, owner: bytearray | None
+    ) -> None:
+        t = self.t
+        node = self.node
+        assert t is not None and node is not None
+        try:
+            await node.write(offset, data)
+            if flags & CmdFlag.FUA or self.writethrough:
+                await node.flush()
+        except OSError as err:
+            message = "writing to file failed"
+            self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, message))
+        else:
+            self._queue(t.reply_ok(cookie, offset))
+        finally:
+            if owner is not None and owner is self.rbuf:
+                self._pins -= 1
+
+    async def _flush_node(self, cookie: int, offset: int) -> None:
+        t = self.t
+        node = self.node
+        assert t is not None and node is not None
+        try:
+            await node.flush()
+        except OSError as err:
+            self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, "flush failed"))
+        else:
+            self._queue(t.reply_ok(cookie, offset))
+
+    async def _trim(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        t = self.t
+        node = self.node
+        assert t is not None and node is not None
+        try:
+            await node.discard(offset, length)
+            if flags & CmdFlag.FUA:
+                await node.flush()
+        except OSError as err:
+            self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, "discard failed"))
+        else:
+            self._queue(t.reply_ok(cookie, offset))
+
+    async def _write_zeroes(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        t = self.t
+        node = self.node
+        assert t is not None and node is not None
+        try:
+            await node.write_zeroes(
+                offset,
+                length,
+                unmap=not flags & CmdFlag.NO_HOLE,
+                no_fallback=bool(flags & CmdFlag.FAST_ZERO),
+            )
+            if flags & CmdFlag.FUA or self.writethrough:
+                await node.flush()
+        except OSError as err:
+            message = "writing to file failed"
+            self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, message))
+        else:
+            self._queue(t.reply_ok(cookie, offset))
+
+    async def _block_status_task(
+        self, cookie: int, offset: int, length: int, contexts: tuple[int, ...], req_one: bool
+    ) -> None:
+        """One chunk per context, in the contexts' order; the last one is final."""
+        t = self.t
+        assert t is not None
+        chunks: list[Any] = []
+        for i, context in enumerate(contexts):
+            extents = t.new_extents(req_one)
+            try:
+                await self._extents(context, extents, offset, length)
+            except OSError as err:
+                message = "can't get block status"
+                chunks.append(t.reply_error(cookie, offset, err.errno or errno.EIO, message))
+                break
+            final = i == len(contexts) - 1
+            chunks.append(t.block_status_chunk(cookie, offset, context, extents.pairs(), final))
+        self._queue_all(chunks)
+
+    async def _extents(self, context: int, extents: Extents, offset: int, length: int) -> None:
+        node = self.node
+        export = self.export
+        assert node is not None and export is not None
+        if context >= META_ID_DIRTY_BITMAP:
+            source = export.bitmap_sources[context - META_ID_DIRTY_BITMAP]
+            source.extents(extents, offset, length)
+            return
+        pos, end = offset, offset + length
+        while pos < end:
+            status = await node.block_status_above(pos, end - pos)
+            n = min(max(status.length, 1), end - pos)
+            if context == META_ID_BASE_ALLOCATION:
+                flags = 0 if status.flags & STATUS_DATA else STATE_HOLE
+                if status.flags & STATUS_ZERO:
+                    flags |= STATE_ZERO
+            else:
+                assert context == META_ID_ALLOCATION_DEPTH
+                flags = status.depth
+            if not extents.add(n, flags):
+                return
+            pos += n
+
+    # --- replies ------------------------------------------------------------------------------
+    def _queue(self, data: bytes | bytearray) -> None:
+        if self._hard:
+            return
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _queue_all(self, chunks: list[Any]) -> None:
+        """A reply of several chunks: queued together, so no other reply comes between."""
+        for chunk in chunks:
+            self._queue(chunk)
+
+    def _flush(self) -> None:
+        """Send every queued reply the socket takes now; arm the writer for the rest."""
+        self._flush_scheduled = False
+        if self._writer_armed or self._finished:
+            return
+        self._send_queued()
+
+    def _send_queued(self) -> None:
+        out = self._out
+        channel = self.channel
+        while out:
+            batch = out if len(out) <= IOV_MAX else list(islice(out, IOV_MAX))
+            try:
+                sent = channel.send(batch)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as err:
+                self._abort(f"write failed: {err}")
+                return
+            self._out_bytes -= sent
+            while sent:
+                first = out[0]
+                size = len(first)
+                if size <= sent:
+                    out.popleft()
+                    sent -= size
+                else:
+                    out[0] = memoryview(first)[sent:]
+                    sent = 0
+            if out:
+                self._arm_writer()
+                return
+        if not channel.flush():
+            self._arm_writer()
+            return
+        self._disarm_writer()
+        if self.closing and not self._reading:
+            if not self._tasks:
+                self._finish()
+            return
+        if self._out_bytes < MAX_QUEUED:
+            self._resume_if_possible()
+
+    def _arm_writer(self) -> None:
+        if not self._writer_armed:
+            self._writer_armed = True
+            self.loop.add_writer(self.fd, self._send_queued)
+
+    def _disarm_writer(self) -> None:
+        if self._writer_armed:
+            self._writer_armed = False
+            self.loop.remove_writer(self.fd)
+
+    # --- ending -------------------------------------------------------------------------------
+    def _close_when_done(self) -> None:
+        """NBD_CMD_DISC or the end of the client's input: no more requests are read; the
+        ones running finish and their replies are sent, then the connection closes."""
+        self.closing = True
+        self._stop_reading()
+        if not self._tasks and not self._out:
+            self._finish()
+
+    def _abort(self, reason: str) -> None:
+        """A broken stream: say why (as QEMU does) and hang up."""
+        log.warning("Disconnect client, due to: %s", reason)
+        self._hard_close()
