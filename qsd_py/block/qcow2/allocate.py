@@ -548,12 +548,16 @@ async def free_entry(node: Qcow2Node, l2e: int, discard_type: int) -> None:
     update must reach the disk first (the refcount cache depends on the L2 cache)."""
     assert node.map is not None and node.refcounts is not None
     if l2e & OFLAG_COMPRESSED:
-        host, nbytes = compressed_range(l2e, node.cluster_bits)
-        start, n = host & ~511, nbytes
+        start, n = compressed_range(l2e, node.cluster_bits)  # the range QEMU counts
     else:
         start, n = l2e & L2E_OFFSET_MASK, node.cluster_size
-        if not start or "data-file" in node.children:
-            return  # nothing allocated, or data clusters are not refcounted
+        if "data-file" in node.children:
+            # Data clusters are not counted there: only the discard reaches the data file.
+            if node.allocated(l2e) and passes_discard(node, discard_type):
+                await node.data_node.discard(start, n)
+            return
+        if not start:
+            return  # nothing allocated
         if start & (node.cluster_size - 1):
             text = f"Cannot free unaligned cluster {c_hex(start)}"
             await signal_corruption(node, text, fatal=False)
@@ -568,14 +572,19 @@ async def free_entry(node: Qcow2Node, l2e: int, discard_type: int) -> None:
 
 async def discard_freed(node: Qcow2Node, offset: int, nbytes: int, kind: int) -> None:
     """A cluster's last reference went: pass the discard to the file if allowed."""
+    if passes_discard(node, kind):
+        await node.file.discard(offset, nbytes)
+
+
+def passes_discard(node: Qcow2Node, kind: int) -> bool:
+    """Whether a cluster freed for ``kind`` is discarded in the file too (the
+    ``pass-discard-*`` options)."""
     opts = node.options
     assert opts is not None
-    allowed = {
+    return {
         DISCARD_NEVER: False,
         DISCARD_REQUEST: opts.pass_discard_request,
         DISCARD_SNAPSHOT: opts.pass_discard_snapshot,
         DISCARD_OTHER: opts.pass_discard_other,
         DISCARD_ALWAYS: True,
     }[kind]
-    if allowed:
-        await node.file.discard(offset, nbytes)

@@ -39,7 +39,11 @@ async def truncate(node: Qcow2Node, length: int, prealloc: str) -> None:
         if prealloc != "off":
             raise OSError(errno.EINVAL, "Preallocation can't be used for shrinking an image")
         await _shrink(node, length)
+        if "data-file" in node.children:
+            await node.data_node.truncate(length)
         return
+    if node.header.data_file_raw and prealloc == "off":
+        prealloc = "metadata"  # a raw data file is the disk: its mapping stays complete
     backing = node.backing
     # Over a backing file that reaches past the old end, the new range must read as
     # zeroes, not as the backing file's data (QEMU's BDRV_REQ_ZERO_WRITE).
@@ -52,7 +56,9 @@ async def truncate(node: Qcow2Node, length: int, prealloc: str) -> None:
         if need > len(node.map.l1):
             await _grow_l1(node, need)
         node.size = node.header.size = length  # the new range is the node's from here on
-        if prealloc == "metadata" or (prealloc != "off" and "data-file" in node.children):
+        if prealloc == "off" and "data-file" in node.children:
+            await node.data_node.truncate(length)
+        elif prealloc == "metadata" or (prealloc != "off" and "data-file" in node.children):
             await _preallocate_metadata(node, old, length, prealloc)
         elif prealloc != "off":
             await _preallocate_data(node, old, length, prealloc, zero_new)
