@@ -27,7 +27,7 @@ import shutil
 import struct
 import subprocess
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,9 @@ class Sequence:
     base: tuple[str, ...] | None = None
     base_size: str = "4M"
     options: dict[str, Any] = field(default_factory=dict)  # more driver options, both sides
+    # qsd-py's writes as a FUSE queue worker makes them: the node first asked to prepare
+    # the range (fresh clusters allocated, zeroed where reused), then the data written.
+    worker: bool = False
 
 
 def _random_writes(seed: int, count: int, size: int, cluster: int) -> tuple[str, ...]:
@@ -288,11 +291,53 @@ SEQUENCES: list[Sequence] = [
         create={"compat": "0.10"},
     ),
     Sequence(
+        "compressed-clusters",
+        (
+            "write -P 5 4k 4k",
+            "write -P 6 64k 64k",
+            "write -z 128k 64k",
+            "discard 192k 64k",
+            "write -P 7 1M 4k",
+            "write -z -u 256k 64k",
+            "write -P 8 320k 512",
+        ),
+        setup=tuple(f"write -c -P {i + 1} {i * 64}k 64k" for i in range(8))
+        + ("write -c -P 9 1M 64k",),
+    ),
+    Sequence(
+        "data-file",
+        (
+            "write -P 5 4k 4k",
+            "write -P 6 64k 64k",
+            "write -z 128k 64k",
+            "discard 192k 64k",
+            "write -z -u 256k 64k",
+            "truncate 8M",
+            "write -P 8 7M 64k",
+            "truncate -m metadata 10M",
+            "truncate 6M",
+            "truncate -m falloc 7M",
+        ),
+        create={"data_file": "img.data"},
+        setup=("write -P 1 0 512k",),
+    ),
+    Sequence(
+        "data-file-raw",
+        ("write -P 5 4k 4k", "write -z -u 64k 64k", "truncate 8M", "write -P 8 7M 64k"),
+        create={"data_file": "img.data", "data_file_raw": True},
+        setup=("write -P 1 0 512k",),
+    ),
+    Sequence(
         "l2-slices",
         ("write -P 1 0 1M", "write -P 2 1984k 128k", "write -P 3 5M 3M"),
         size="16M",
         options={"l2-cache-entry-size": 4096},
     ),
+]
+SEQUENCES += [
+    replace(s, name=f"{s.name}-worker", worker=True)
+    for s in SEQUENCES
+    if s.name in ("fresh-sequential", "random", "discard-and-reuse", "extended-l2", "l2-slices")
 ]
 BY_NAME = {s.name: s for s in SEQUENCES}
 
@@ -327,8 +372,15 @@ def random_sequence(seed: int, count: int = 150) -> Sequence:
             mode = rng.choice(["off", "off", "metadata", "falloc", "full"]) if new > size else "off"
             commands.append(f"truncate -m {mode} {new}" if mode != "off" else f"truncate {new}")
             size = new
+    worker = rng.random() < 0.5
     return Sequence(
-        f"random-{seed}", tuple(commands), size="8M", create=create, base=base, base_size="8M"
+        f"random-{seed}",
+        tuple(commands),
+        size="8M",
+        create=create,
+        base=base,
+        base_size="8M",
+        worker=worker,
     )
 
 
@@ -415,11 +467,13 @@ def parse(command: str) -> tuple[str, dict[str, Any], list[int]]:
     return verb, flags, nums
 
 
-async def _apply(node: Any, command: str) -> None:
+async def _apply(node: Any, command: str, worker: bool) -> None:
     verb, flags, nums = parse(command)
     if verb == "write" and flags.get("-z"):
         await node.write_zeroes(nums[0], nums[1], unmap=bool(flags.get("-u")))
     elif verb == "write":
+        if worker:
+            await node.prepare_fast_write(nums[0], nums[1])
         await node.write(nums[0], bytes([flags["pattern"]]) * nums[1])
     elif verb == "discard":
         await node.discard(nums[0], nums[1])
@@ -430,13 +484,17 @@ async def _apply(node: Any, command: str) -> None:
 
 
 def driver_options(seq: Sequence, img: Path) -> dict[str, Any]:
-    """Both sides open the image with discard=unmap (qemu-io's ``-d unmap``)."""
-    return {
+    """Both sides open the image with discard=unmap (qemu-io's ``-d unmap``), and an
+    external data file by its path (QEMU would look for it in its working directory)."""
+    opts: dict[str, Any] = {
         "driver": "qcow2",
         "discard": "unmap",
         "file": {"driver": "file", "filename": str(img), "discard": "unmap"},
-        **seq.options,
     }
+    if "data_file" in seq.create:
+        data = str(img.parent / seq.create["data_file"])
+        opts["data-file"] = {"driver": "file", "filename": data, "discard": "unmap"}
+    return {**opts, **seq.options}
 
 
 async def run_qsd_async(seq: Sequence, img: Path) -> None:
@@ -444,7 +502,7 @@ async def run_qsd_async(seq: Sequence, img: Path) -> None:
     try:
         node = await graph.add({"node-name": "q", **driver_options(seq, img)})
         for command in seq.commands:
-            await _apply(node, command)
+            await _apply(node, command, seq.worker)
     finally:
         await graph.close_all()
 
@@ -505,14 +563,44 @@ def run_both(seq: Sequence, workdir: Path, tool: Path | None = None) -> tuple[Pa
     return sides[0], sides[1]
 
 
+def outputs(seq: Sequence, img: Path) -> dict[str, bytes]:
+    """The files a sequence leaves: the image, and its external data file if it has one."""
+    out = {IMAGE: img.read_bytes()}
+    if "data_file" in seq.create:
+        name = seq.create["data_file"]
+        out[name] = (img.parent / name).read_bytes()
+    return out
+
+
+def difference(ours: dict[str, bytes], qemu: dict[str, bytes]) -> str | None:
+    """:func:`first_difference` of the images, else where a data file differs first."""
+    text = first_difference(ours[IMAGE], qemu[IMAGE])
+    if text is not None:
+        return text
+    for name, data in ours.items():
+        other = qemu[name]
+        if data != other:
+            n = min(len(data), len(other))
+            at = next((i for i in range(n) if data[i] != other[i]), n)
+            return f"{name} differs at {at:#x} (ours {len(data):#x} bytes, QEMU {len(other):#x})"
+    return None
+
+
 # --- recorded results -----------------------------------------------------------------------
+def _pack(data: bytes) -> str:
+    return base64.b64encode(zlib.compress(data, 9)).decode()
+
+
 def record(seq: Sequence, start: Path, result: Path) -> dict[str, Any]:
-    data = result.read_bytes()
-    return {
+    files = outputs(seq, result)
+    entry = {
         "start": digest(start),
-        "result": hashlib.sha256(data).hexdigest(),
-        "image": base64.b64encode(zlib.compress(data, 9)).decode(),
+        "result": hashlib.sha256(files[IMAGE]).hexdigest(),
+        "image": _pack(files.pop(IMAGE)),
     }
+    for data in files.values():
+        entry["data-file"] = _pack(data)
+    return entry
 
 
 def load() -> dict[str, Any]:
@@ -521,6 +609,14 @@ def load() -> dict[str, Any]:
 
 def recorded_image(entry: dict[str, Any]) -> bytes:
     return zlib.decompress(base64.b64decode(entry["image"]))
+
+
+def recorded_outputs(seq: Sequence, entry: dict[str, Any]) -> dict[str, bytes]:
+    """QEMU's files as :func:`outputs` names them, from a record."""
+    out = {IMAGE: recorded_image(entry)}
+    if "data_file" in seq.create:
+        out[seq.create["data_file"]] = zlib.decompress(base64.b64decode(entry["data-file"]))
+    return out
 
 
 def dump(records: dict[str, Any]) -> str:
