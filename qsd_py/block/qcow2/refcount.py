@@ -179,8 +179,12 @@ class Refcounts:
                 if value == 0 and index < self.free_index:
                     self.free_index = index
                 done += 1
-        except (_Again, RefcountError):
+        except _Again:
             self.free_index = min(self.free_index, first)
+            if done:
+                await self._change(first, done, -addend)
+            raise
+        except RefcountError:
             if done:
                 await self._change(first, done, -addend)
             raise
@@ -328,10 +332,18 @@ class Refcounts:
         end_index = -(-self.image_end // self.cluster_size)
         last = await self.last_used(end_index)
         end = (last + 1) << self.cluster_bits
-        if end < self.image_end:
+        if end >= self.image_end:
+            return
+        try:
             await self._file().truncate(end)
-            self.image_end = self.file_end = end
-            self.high_water = last + 1
+        except OSError as err:  # a device cannot shrink: QEMU only warns
+            from qsd_py.main import PROG
+
+            text = f"Failed to truncate the tail of the image: {err.strerror or err}"
+            print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)
+            return
+        self.image_end = self.file_end = end
+        self.high_water = last + 1
 
     # --- allocation ---------------------------------------------------------------------
     def _taken(self, index: int) -> bool | None:
