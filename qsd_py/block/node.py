@@ -306,6 +306,11 @@ class BlockNode:
         truncate)."""
         raise NotImplementedError
 
+    def exact_length(self) -> int:
+        """The length in bytes as the storage has it, not rounded to sectors (a file's
+        size); what a format needs to leave the file as long as QEMU would."""
+        return self.length()
+
     async def truncate(self, length: int, prealloc: str = "off") -> None:
         """Grow (new range reads zeroes) or shrink the node. ``length`` need not be aligned:
         the file gets exactly that size, :meth:`length` then says it rounded up.

@@ -80,20 +80,6 @@ def filter_img_map(text: str) -> str:
     return text.replace(', "compressed": false', "")
 
 
-_HOST_OFFSET_RE = re.compile(r'"offset": \d+')
-_IMAGE_END_RE = re.compile(r"Image end offset: \d+")
-_FRAGMENTED_RE = re.compile(r"\d+\.\d+% fragmented")
-
-
-def filter_host_layout(text: str) -> str:
-    """Where an image's clusters lie in its file is the allocator's choice (QEMU's changes
-    between versions too): qemu-img map's host offsets, check's image end and fragmentation.
-    Which guest ranges hold data, zeroes or nothing is what the reference keeps."""
-    text = _HOST_OFFSET_RE.sub('"offset": OFFSET', text)
-    text = _IMAGE_END_RE.sub("Image end offset: END", text)
-    return _FRAGMENTED_RE.sub("X% fragmented", text)
-
-
 def filter_pid(text: str) -> str:
     return re.sub(r"\bpid \d+", "pid PID", text)
 

@@ -216,6 +216,12 @@ class FileNode(BlockNode):
     def length(self) -> int:
         return self._length
 
+    def exact_length(self) -> int:
+        st = os.fstat(self.fd)
+        if stat.S_ISBLK(st.st_mode):
+            return os.lseek(self.fd, 0, os.SEEK_END)
+        return st.st_size
+
     async def do_truncate(self, length: int, prealloc: str) -> None:
         """ftruncate; growing with ``falloc`` allocates the new range (fallocate), with
         ``full`` writes zeroes into it, as QEMU's file driver does."""

@@ -6,14 +6,21 @@ from where the cluster reads now around the new data, and only then does the L2 
 at it (node.py's docstring tells the locking). :class:`Allocations` keeps the guest clusters
 being allocated, one write each; changes of many entries at once wait them out with
 :func:`exclusive`.
+
+Host clusters are placed as QEMU places them for the same request: per L2 slice (its table
+made writable first), each run continuing on the host right after the cluster before it in
+the request when those clusters are free, else in the first free run; what a write copies
+(the cluster, or with extended L2 the touched subclusters, widened over a shared cluster's
+allocated ones) is what QEMU copies. Multi-cluster writes into fresh clusters are allocated
+together (:func:`prepare_fast_write`) so that the data goes in place in one request.
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from qsd_py.block.drain import InFlight
@@ -21,7 +28,6 @@ from qsd_py.block.lock import CrossLoopLock
 from qsd_py.block.qcow2.corruption import corruption_error, signal_corruption
 from qsd_py.block.qcow2.entries import (
     BITMAP_ALL_ALLOC,
-    BITMAP_ALL_ZEROES,
     L2E_OFFSET_MASK,
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
@@ -34,6 +40,7 @@ from qsd_py.block.qcow2.entries import (
 from qsd_py.block.qcow2.mapping import MappingError, Run
 from qsd_py.block.qcow2.refcount import (
     DISCARD_ALWAYS,
+    DISCARD_NEVER,
     DISCARD_OTHER,
     DISCARD_REQUEST,
     DISCARD_SNAPSHOT,
@@ -80,26 +87,376 @@ async def exclusive(node: Qcow2Node) -> AsyncIterator[None]:
             yield
 
 
-async def allocating_write(node: Qcow2Node, offset: int, part: memoryview) -> None:
-    """Write into one cluster that needs metadata changes (looked up again: an earlier
-    write may have made it writable in place meanwhile)."""
+@dataclass(slots=True)
+class Pending:
+    """A cluster's part of a write that needs its metadata changed: ``n`` bytes at guest
+    ``pos``, and ``before``: the host end of the request's cluster just before it when that
+    one was written in place (else -1), where QEMU tries to continue the allocation."""
+
+    pos: int
+    n: int
+    before: int = -1
+
+
+async def write_pending(node: Qcow2Node, offset: int, buf: memoryview, pend: list[Pending]) -> None:
+    """Write the parts of a request (``buf`` at ``offset``) that need clusters allocated or
+    copied, placing them as QEMU does: per L2 slice, each run continuing on the host where
+    the cluster before it ends when those clusters are free, else in the first free run."""
+    expect, pos_end = -1, -1
+    for group in _groups(node, pend):
+        first = group[0]
+        if first.before >= 0:
+            expect = first.before
+        elif first.pos != pos_end:
+            expect = -1
+        expect = await _write_group(node, offset, buf, group, expect)
+        pos_end = group[-1].pos + group[-1].n
+
+
+def _groups(node: Qcow2Node, pend: list[Pending]) -> list[list[Pending]]:
+    """Consecutive pending clusters within one L2 slice (QEMU allocates per slice)."""
+    assert node.map is not None
+    per_slice = node.map.slice_entries
+    groups: list[list[Pending]] = []
+    for p in pend:
+        if groups and p.before < 0:
+            last = groups[-1][-1]
+            same_slice = (last.pos >> node.cluster_bits) // per_slice == (
+                p.pos >> node.cluster_bits
+            ) // per_slice
+            if last.pos + last.n == p.pos and same_slice:
+                groups[-1].append(p)
+                continue
+        groups.append([p])
+    return groups
+
+
+async def _write_group(
+    node: Qcow2Node, offset: int, buf: memoryview, group: list[Pending], expect: int
+) -> int:
+    """Allocate and fill one group; returns the host end of its last cluster (-1 when a
+    cluster was taken one at a time because another write is allocating it)."""
+    clusters = range(group[0].pos >> node.cluster_bits, (group[-1].pos >> node.cluster_bits) + 1)
+    entries = await _begin_allocations(node, clusters)
+    if entries is None:
+        for p in group:
+            await allocating_write(node, p.pos, buf[p.pos - offset : p.pos - offset + p.n])
+        return -1
+    hosts: list[int] = []
+    try:
+        for p, (l2e, bitmap) in zip(group, entries, strict=True):
+            await node.check_write_entry(p.pos, l2e, bitmap, p.n)
+        hosts, never_used = await _place(node, clusters, entries, expect)
+        for p, (l2e, bitmap), host in zip(group, entries, hosts, strict=True):
+            part = buf[p.pos - offset : p.pos - offset + p.n]
+            await _fill(node, p.pos, l2e, bitmap, host, never_used, part)
+        return hosts[-1] + node.cluster_size
+    finally:
+        _release(node, hosts)
+        for guest_cluster in clusters:
+            node.allocations.end(guest_cluster)
+
+
+def _release(node: Qcow2Node, hosts: list[int]) -> None:
+    """End the busy marks :func:`_place` set."""
     assert node.refcounts is not None
+    for host in hosts:
+        node.refcounts.release(host >> node.cluster_bits)
+
+
+async def allocating_write(node: Qcow2Node, offset: int, part: memoryview) -> None:
+    """Write into one cluster that needs metadata changes, after any other write
+    allocating it (looked up again: that write may have made it writable in place)."""
     guest_cluster = offset >> node.cluster_bits
-    in_cluster = offset & (node.cluster_size - 1)
     l2e, bitmap = await _begin_allocation(node, guest_cluster)
+    hosts: list[int] = []
     try:
         await node.check_write_entry(offset, l2e, bitmap, len(part))
-        host = node.in_place_host(l2e, bitmap, in_cluster, len(part))
-        if host < 0:
-            await _cow_write(node, guest_cluster, l2e, bitmap, in_cluster, part)
-            return
-        node.refcounts.hold(host >> node.cluster_bits)
-        try:
-            await node.write_in_place(host, part)
-        finally:
-            node.refcounts.release(host >> node.cluster_bits)
+        one = range(guest_cluster, guest_cluster + 1)
+        hosts, never_used = await _place(node, one, [(l2e, bitmap)], -1)
+        await _fill(node, offset, l2e, bitmap, hosts[0], never_used, part)
     finally:
+        _release(node, hosts)
         node.allocations.end(guest_cluster)
+
+
+def _keeps_host(node: Qcow2Node, l2e: int) -> bool:
+    """Whether a write keeps the cluster's host cluster: this image's alone (COPIED),
+    a zero cluster with its allocation or one with subclusters still to allocate."""
+    return bool(l2e & OFLAG_COPIED) and node.allocated(l2e)
+
+
+async def _place(
+    node: Qcow2Node, clusters: range, entries: list[tuple[int, int]], expect: int
+) -> tuple[list[int], int]:
+    """Host clusters for the group (L2 table first, as QEMU), held busy until the caller
+    is done with them (:func:`_release`); and the cluster index that was past every
+    cluster ever used before (those past it read as zeroes already)."""
+    async with node.meta_lock:
+        return await _place_locked(node, clusters, entries, expect)
+
+
+async def _place_locked(
+    node: Qcow2Node, clusters: range, entries: list[tuple[int, int]], expect: int
+) -> tuple[list[int], int]:
+    """:func:`_place` with the metadata lock held by the caller."""
+    assert node.map is not None and node.refcounts is not None
+    cs = node.cluster_size
+    hosts: list[int] = []
+    await node.map.prepare_table(clusters[0])
+    never_used = node.refcounts.high_water
+    i = 0
+    while i < len(entries):
+        if _keeps_host(node, entries[i][0]) or "data-file" in node.children:
+            kept = entries[i][0] & L2E_OFFSET_MASK
+            if "data-file" in node.children:
+                kept = clusters[i] << node.cluster_bits  # guest = host offsets there
+            hosts.append(kept)
+            expect = kept + cs
+            i += 1
+            continue
+        run = 1
+        while i + run < len(entries) and not _keeps_host(node, entries[i + run][0]):
+            run += 1
+        got = await node.refcounts.allocate_at(expect, run) if expect >= 0 else 0
+        hosts += [expect + k * cs for k in range(got)]
+        if got < run:
+            rest = await node.refcounts.allocate((run - got) * cs)
+            hosts += [rest + k * cs for k in range(run - got)]
+        expect = hosts[-1] + cs
+        i += run
+    for host in hosts:
+        node.refcounts.hold(host >> node.cluster_bits)
+    return hosts, never_used
+
+
+async def _fill(
+    node: Qcow2Node,
+    offset: int,
+    l2e: int,
+    bitmap: int,
+    host: int,
+    never_used: int,
+    part: memoryview,
+) -> None:
+    """Write one cluster's part at its host cluster (from :func:`_place`): in place, or
+    around it what the cluster reads now (copy-on-write, as far as QEMU copies it), then
+    point the L2 entry at it and drop the old cluster's reference."""
+    assert node.map is not None and node.refcounts is not None
+    guest_cluster = offset >> node.cluster_bits
+    in_cluster = offset & (node.cluster_size - 1)
+    if node.in_place_host(l2e, bitmap, in_cluster, len(part)) >= 0:
+        await node.write_in_place(host + in_cluster, part)  # another write made it so
+        return
+    own = _keeps_host(node, l2e)
+    lo, hi = _cow_span(node, l2e, bitmap, own, in_cluster, len(part))
+    data_file = "data-file" in node.children
+    fresh = not own and not data_file and (host >> node.cluster_bits) >= never_used
+    if fresh and _reads_zero_everywhere(node, l2e, bitmap):
+        # Past every cluster ever used the file reads as zeroes: only the data.
+        await node.check_overlap(host + in_cluster, len(part))
+        await node.data_node.write(host + in_cluster, part)
+    else:
+        span = bytearray(hi - lo)
+        view = memoryview(span)
+        head, tail = in_cluster - lo, in_cluster - lo + len(part)
+        guest_base = guest_cluster << node.cluster_bits
+        if head:
+            await _read_old(node, guest_base + lo, l2e, bitmap, view[:head])
+        if tail < len(span):
+            await _read_old(node, guest_base + lo + tail, l2e, bitmap, view[tail:])
+        view[head:tail] = part
+        await node.check_overlap(host + lo, len(span))
+        await node.data_node.write(host + lo, view)
+    if not data_file:
+        node.refcounts.note_end(host + hi)
+    async with node.meta_lock:
+        await _link(node, guest_cluster, l2e, bitmap, host, lo, hi, own)
+
+
+def _cow_span(
+    node: Qcow2Node, l2e: int, bitmap: int, own: bool, in_cluster: int, n: int
+) -> tuple[int, int]:
+    """The part of the cluster a write fills (data and copy-on-write), as QEMU computes
+    it: the whole cluster without subclusters; with them the touched subclusters, widened
+    over a shared cluster's allocated ones, or everything of a compressed one."""
+    cs = node.cluster_size
+    assert node.map is not None
+    if not node.map.extended:
+        return 0, cs
+    sc = cs // SUBCLUSTERS
+    lo, hi = in_cluster // sc * sc, -(-(in_cluster + n) // sc) * sc
+    if own:
+        return lo, hi
+    if l2e & OFLAG_COMPRESSED:
+        return 0, cs
+    alloc = bitmap & BITMAP_ALL_ALLOC
+    if alloc and node.allocated(l2e):
+        first = (alloc & -alloc).bit_length() - 1
+        lo, hi = min(lo, first * sc), max(hi, alloc.bit_length() * sc)
+    return lo, hi
+
+
+async def prepare_fast_write(node: Qcow2Node, offset: int, length: int, expect: int = -1) -> bool:
+    """Give the fresh clusters of a write (no host cluster, reading as zeroes) host
+    clusters, allocated per L2 slice as QEMU would for this write, so that the data can go
+    in place in one request (a queue worker writes it itself: no data passes through the
+    daemon). Where QEMU writes zeroes around the data, reused clusters get them here.
+    False (nothing done) where a cluster needs its data copied, or another write is
+    allocating it. ``expect``: the host end of the cluster before, as for
+    :class:`Pending`."""
+    if node.read_only or node.corrupt or node.map is None or "data-file" in node.children:
+        return False
+    bits = node.cluster_bits
+    clusters = range(offset >> bits, ((offset + length - 1) >> bits) + 1)
+    entries = await _begin_allocations(node, clusters)
+    if entries is None:
+        return False
+    try:
+        for l2e, bitmap in entries:
+            if not _keeps_host(node, l2e) and (
+                node.allocated(l2e) or not _reads_zero_everywhere(node, l2e, bitmap)
+            ):
+                return False
+        per_slice = node.map.slice_entries
+        i = 0
+        while i < len(clusters):
+            j = i + 1
+            while j < len(clusters) and clusters[j] // per_slice == clusters[i] // per_slice:
+                j += 1
+            expect = await _zero_fill(node, offset, length, clusters[i:j], entries[i:j], expect)
+            i = j
+        return True
+    finally:
+        for guest_cluster in clusters:
+            node.allocations.end(guest_cluster)
+
+
+async def _zero_fill(
+    node: Qcow2Node,
+    offset: int,
+    length: int,
+    clusters: range,
+    entries: list[tuple[int, int]],
+    expect: int,
+) -> int:
+    """:func:`prepare_fast_write` for the clusters of one L2 slice; returns the host end."""
+    assert node.refcounts is not None
+    hosts, never_used = await _place(node, clusters, entries, expect)
+    cs = node.cluster_size
+    try:
+        links = []
+        for guest_cluster, (l2e, bitmap), host in zip(clusters, entries, hosts, strict=True):
+            if _keeps_host(node, l2e):
+                continue  # an earlier write got there first
+            base = guest_cluster << node.cluster_bits
+            start, end = max(offset, base), min(offset + length, base + cs)
+            lo, hi = _cow_span(node, l2e, bitmap, False, start - base, end - start)
+            if (host >> node.cluster_bits) < never_used:  # a reused cluster: zero it
+                await node.data_node.write_zeroes(host + lo, hi - lo, False)
+            node.refcounts.note_end(host + hi)
+            links.append((guest_cluster, l2e, bitmap, host, lo, hi))
+        async with node.meta_lock:
+            for guest_cluster, l2e, bitmap, host, lo, hi in links:
+                await _link(node, guest_cluster, l2e, bitmap, host, lo, hi, False)
+    finally:
+        _release(node, hosts)
+    return hosts[-1] + cs
+
+
+async def preallocate(node: Qcow2Node, start: int, end: int) -> int:
+    """Host clusters for every cluster of ``[start, end)`` without one, placed as a write
+    of the range would place them, their entries set with the subcluster bits left as
+    they were (QEMU's preallocate_co); a partly covered first or last cluster gets its
+    other part copied as a write would. Returns the host end of the range's last byte
+    (where QEMU makes the file reach). The caller holds :func:`exclusive`."""
+    assert node.map is not None
+    bits, cs = node.cluster_bits, node.cluster_size
+    clusters = range(start >> bits, ((end - 1) >> bits) + 1)
+    per_slice = node.map.slice_entries
+    expect = last_host = -1
+    entries = [await node.map.entry(c) for c in clusters]
+    i = 0
+    while i < len(clusters):
+        j = i + 1
+        while j < len(clusters) and clusters[j] // per_slice == clusters[i] // per_slice:
+            j += 1
+        hosts, _ = await _place_locked(node, clusters[i:j], entries[i:j], expect)
+        try:
+            for guest_cluster, (l2e, bitmap), host in zip(
+                clusters[i:j], entries[i:j], hosts, strict=True
+            ):
+                if not _keeps_host(node, l2e):
+                    await _preallocated(node, guest_cluster, l2e, bitmap, host, start, end)
+        finally:
+            _release(node, hosts)
+        expect = last_host = hosts[-1] + cs
+        i = j
+    return last_host - cs + ((end - 1) & (cs - 1)) + 1
+
+
+async def _preallocated(
+    node: Qcow2Node, guest_cluster: int, l2e: int, bitmap: int, host: int, start: int, end: int
+) -> None:
+    """One cluster of :func:`preallocate`: the part outside ``[start, end)`` copied (as
+    far as a write would copy it), then the entry."""
+    assert node.refcounts is not None
+    cs = node.cluster_size
+    base = guest_cluster << node.cluster_bits
+    lo, hi = max(start, base) - base, min(end, base + cs) - base
+    span_lo, span_hi = _cow_span(node, l2e, bitmap, False, lo, hi - lo)
+    for a, b in ((span_lo, lo), (hi, span_hi)):
+        if b > a:
+            old = bytearray(b - a)
+            await _read_old(node, base + a, l2e, bitmap, memoryview(old))
+            await node.check_overlap(host + a, b - a)
+            await node.data_node.write(host + a, old)
+            if "data-file" not in node.children:
+                node.refcounts.note_end(host + b)
+    await _link_preallocated_one(node, guest_cluster, l2e, bitmap, host, False)
+
+
+async def link_preallocated(
+    node: Qcow2Node, start: int, host: int, count: int, allocate_subclusters: bool
+) -> None:
+    """Point ``count`` clusters from guest ``start`` (rounded down to a cluster) at the
+    consecutive host clusters from ``host`` (preallocated by a resize), per L2 slice; the
+    part of the first cluster before ``start`` is copied over first, as QEMU does. With
+    ``allocate_subclusters`` every subcluster is marked allocated (the new range must not
+    show a backing file), else the bits stay as they were. The caller holds
+    :func:`exclusive`."""
+    assert node.map is not None
+    bits, cs = node.cluster_bits, node.cluster_size
+    head = start & (cs - 1)
+    first = start >> bits
+    if head:
+        l2e, bitmap = await node.map.entry(first)
+        old = bytearray(head)
+        await _read_old(node, first << bits, l2e, bitmap, memoryview(old))
+        await node.check_overlap(host, head)
+        await node.data_node.write(host, old)
+    for i in range(count):
+        guest_cluster = first + i
+        if i == 0 or guest_cluster % node.map.slice_entries == 0:
+            await node.map.prepare_table(guest_cluster)
+        l2e, bitmap = await node.map.entry(guest_cluster)
+        await _link_preallocated_one(
+            node, guest_cluster, l2e, bitmap, host + i * cs, allocate_subclusters
+        )
+
+
+async def _link_preallocated_one(
+    node: Qcow2Node, guest_cluster: int, old: int, bitmap: int, host: int, all_alloc: bool
+) -> None:
+    assert node.map is not None and node.refcounts is not None
+    new_bitmap = bitmap
+    if node.map.extended and all_alloc:
+        new_bitmap = BITMAP_ALL_ALLOC
+    if not node.lazy_refcounts():
+        await node.map.cache.depend_on(node.refcounts.cache)
+    await node.map.set_entry(guest_cluster, host | OFLAG_COPIED, new_bitmap)
+    if old:
+        await free_entry(node, old, DISCARD_NEVER)
 
 
 async def _begin_allocation(node: Qcow2Node, guest_cluster: int) -> tuple[int, int]:
@@ -118,44 +475,6 @@ async def _begin_allocation(node: Qcow2Node, guest_cluster: int) -> tuple[int, i
         await other.wait_idle()
 
 
-async def prepare_run(node: Qcow2Node, pending: list[tuple[int, int]]) -> bool:
-    """Whether the clusters a write must allocate are consecutive, fresh, and were
-    allocated together (:func:`prepare_fast_write`)."""
-    for (start, n), (after, _) in itertools.pairwise(pending):
-        if start + n != after:
-            return False
-    start = pending[0][0]
-    return await prepare_fast_write(node, start, pending[-1][0] + pending[-1][1] - start)
-
-
-async def prepare_fast_write(node: Qcow2Node, offset: int, length: int) -> bool:
-    """Give the fresh clusters of a write (no host cluster, reading as zeroes) host
-    clusters of zeroes, allocated as one run, so that the data can go in place in one
-    request (a queue worker writes it itself: no data passes through the daemon).
-    False where a cluster needs its data copied, or another write is allocating it."""
-    if node.read_only or node.corrupt or node.map is None or "data-file" in node.children:
-        return False
-    bits = node.cluster_bits
-    clusters = range(offset >> bits, ((offset + length - 1) >> bits) + 1)
-    entries = await _begin_allocations(node, clusters)
-    if entries is None:
-        return False
-    try:
-        fresh = []
-        for guest_cluster, (l2e, bitmap) in zip(clusters, entries, strict=True):
-            if node.in_place_host(l2e, bitmap, 0, node.cluster_size) >= 0:
-                continue  # an earlier write got there first
-            if node.allocated(l2e) or not _reads_zero_everywhere(node, l2e, bitmap):
-                return False
-            fresh.append((guest_cluster, l2e, bitmap))
-        if fresh:
-            await _allocate_fresh(node, fresh)
-        return True
-    finally:
-        for guest_cluster in clusters:
-            node.allocations.end(guest_cluster)
-
-
 async def _begin_allocations(node: Qcow2Node, clusters: range) -> list[tuple[int, int]] | None:
     """:func:`_begin_allocation` of several clusters at once; None (nothing registered)
     if one of them is being allocated already."""
@@ -167,88 +486,6 @@ async def _begin_allocations(node: Qcow2Node, clusters: range) -> list[tuple[int
             node.allocations.start(guest_cluster)
         await node.mark_dirty()
         return [await node.map.entry(c) for c in clusters]
-
-
-async def _allocate_fresh(node: Qcow2Node, fresh: list[tuple[int, int, int]]) -> None:
-    """Consecutive host clusters of zeroes for ``fresh`` (guest cluster, entry, bitmap),
-    linked in order."""
-    assert node.refcounts is not None and node.map is not None
-    cs = node.cluster_size
-    async with node.meta_lock:
-        for guest_cluster, _, _ in fresh:
-            await node.map.prepare_table(guest_cluster)
-        never_used = node.refcounts.high_water
-        host = await node.refcounts.allocate(len(fresh) * cs)
-    held = range(host >> node.cluster_bits, (host >> node.cluster_bits) + len(fresh))
-    for index in held:
-        node.refcounts.hold(index)
-    try:
-        if held.start < never_used:  # reused clusters: zero them
-            await node.data_node.write_zeroes(host, len(fresh) * cs, False)
-        async with node.meta_lock:
-            for i, (guest_cluster, l2e, bitmap) in enumerate(fresh):
-                await _link(node, guest_cluster, l2e, bitmap, host + i * cs, 0, cs, False)
-    finally:
-        for index in held:
-            node.refcounts.release(index)
-
-
-async def _cow_write(
-    node: Qcow2Node, guest_cluster: int, l2e: int, bitmap: int, in_cluster: int, part: memoryview
-) -> None:
-    """Allocate (or reuse, for a subcluster of a cluster of ours) a host cluster, fill
-    it from where the cluster reads now around the new data, then point the L2 entry at
-    it and drop the old cluster's reference."""
-    assert node.map is not None and node.refcounts is not None
-    cs = node.cluster_size
-    extended = node.map.extended
-    own = extended and l2e & OFLAG_COPIED and node.allocated(l2e)
-    # The span to write: the whole cluster, or (extended L2) whole subclusters.
-    if extended:
-        sc = cs // SUBCLUSTERS
-        lo = in_cluster - in_cluster % sc
-        hi = -(-(in_cluster + len(part)) // sc) * sc
-        if not own and l2e & OFLAG_COMPRESSED:
-            lo, hi = 0, cs  # a compressed cluster is copied whole
-        elif not own and bitmap & BITMAP_ALL_ALLOC and node.allocated(l2e):
-            lo, hi = 0, cs  # a shared cluster with data: copied whole
-    else:
-        lo, hi = 0, cs
-    guest_base = guest_cluster << node.cluster_bits
-    async with node.meta_lock:
-        await node.map.prepare_table(guest_cluster)
-        # Fresh: past every cluster ever used, so it reads as zeroes already.
-        never_used = node.refcounts.high_water
-        if own:
-            new_host = l2e & L2E_OFFSET_MASK
-        elif "data-file" in node.children:
-            new_host = guest_base  # an external data file maps guest = host offsets
-            never_used = 1 << 62
-        else:
-            new_host = await node.refcounts.allocate(cs)
-        fresh = not own and (new_host >> node.cluster_bits) >= never_used
-        node.refcounts.hold(new_host >> node.cluster_bits)
-    try:
-        span = bytearray(hi - lo)
-        view = memoryview(span)
-        head = in_cluster - lo
-        tail = head + len(part)
-        skip_zero_cow = fresh and _reads_zero_everywhere(node, l2e, bitmap)
-        if not skip_zero_cow:
-            if head:
-                await _read_old(node, guest_base + lo, l2e, bitmap, view[:head])
-            if tail < len(span):
-                await _read_old(node, guest_base + lo + tail, l2e, bitmap, view[tail:])
-            view[head:tail] = part
-            await node.check_overlap(new_host + lo, len(span))
-            await node.data_node.write(new_host + lo, view)
-        else:
-            await node.check_overlap(new_host + in_cluster, len(part))
-            await node.data_node.write(new_host + in_cluster, part)
-        async with node.meta_lock:
-            await _link(node, guest_cluster, l2e, bitmap, new_host, lo, hi, own)
-    finally:
-        node.refcounts.release(new_host >> node.cluster_bits)
 
 
 def _reads_zero_everywhere(node: Qcow2Node, l2e: int, bitmap: int) -> bool:
@@ -292,21 +529,18 @@ async def _link(
     own: bool,
 ) -> None:
     """Point the entry at the new cluster (after its refcount: the L2 cache depends on
-    the refcount cache), then drop the old cluster's reference."""
+    the refcount cache), the subclusters ``[lo, hi)`` allocated, then drop the old
+    cluster's reference (never passed on as a discard, as QEMU)."""
     assert node.map is not None and node.refcounts is not None
     new_bitmap = 0
     if node.map.extended:
         mask = subcluster_mask(lo, hi - lo, node.cluster_size)
         new_bitmap = (bitmap | mask) & ~(mask << 32)
-        if not own and (lo, hi) == (0, node.cluster_size):
-            new_bitmap = BITMAP_ALL_ALLOC
-        elif not own:
-            new_bitmap = mask | (bitmap & ~mask & BITMAP_ALL_ZEROES)
     if not node.lazy_refcounts():
         await node.map.cache.depend_on(node.refcounts.cache)
     await node.map.set_entry(guest_cluster, new_host | OFLAG_COPIED, new_bitmap)
     if not own:
-        await free_entry(node, old, DISCARD_OTHER)
+        await free_entry(node, old, DISCARD_NEVER)
 
 
 async def free_entry(node: Qcow2Node, l2e: int, discard_type: int) -> None:
@@ -314,12 +548,16 @@ async def free_entry(node: Qcow2Node, l2e: int, discard_type: int) -> None:
     update must reach the disk first (the refcount cache depends on the L2 cache)."""
     assert node.map is not None and node.refcounts is not None
     if l2e & OFLAG_COMPRESSED:
-        host, nbytes = compressed_range(l2e, node.cluster_bits)
-        start, n = host & ~511, nbytes
+        start, n = compressed_range(l2e, node.cluster_bits)  # the range QEMU counts
     else:
         start, n = l2e & L2E_OFFSET_MASK, node.cluster_size
-        if not start or "data-file" in node.children:
-            return  # nothing allocated, or data clusters are not refcounted
+        if "data-file" in node.children:
+            # Data clusters are not counted there: only the discard reaches the data file.
+            if node.allocated(l2e) and passes_discard(node, discard_type):
+                await node.data_node.discard(start, n)
+            return
+        if not start:
+            return  # nothing allocated
         if start & (node.cluster_size - 1):
             text = f"Cannot free unaligned cluster {c_hex(start)}"
             await signal_corruption(node, text, fatal=False)
@@ -334,13 +572,19 @@ async def free_entry(node: Qcow2Node, l2e: int, discard_type: int) -> None:
 
 async def discard_freed(node: Qcow2Node, offset: int, nbytes: int, kind: int) -> None:
     """A cluster's last reference went: pass the discard to the file if allowed."""
+    if passes_discard(node, kind):
+        await node.file.discard(offset, nbytes)
+
+
+def passes_discard(node: Qcow2Node, kind: int) -> bool:
+    """Whether a cluster freed for ``kind`` is discarded in the file too (the
+    ``pass-discard-*`` options)."""
     opts = node.options
     assert opts is not None
-    allowed = {
+    return {
+        DISCARD_NEVER: False,
         DISCARD_REQUEST: opts.pass_discard_request,
         DISCARD_SNAPSHOT: opts.pass_discard_snapshot,
         DISCARD_OTHER: opts.pass_discard_other,
         DISCARD_ALWAYS: True,
     }[kind]
-    if allowed:
-        await node.file.discard(offset, nbytes)

@@ -202,6 +202,7 @@ class ClusterMap:
         await self.refcounts.cache.flush()
         await file.write(new, content)
         await file.flush()
+        self.refcounts.note_end(new + self.cluster_size)
         await self.write_l1(l1_index, new | OFLAG_COPIED)
         for i in range(0, self.cluster_size, self.cache.entry_size):
             await self.cache.put(new + i, content[i : i + self.cache.entry_size], dirty=False)

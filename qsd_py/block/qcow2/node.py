@@ -224,8 +224,9 @@ class Qcow2Node(BlockNode):
             self._guarded(ol.ROLE_REFCOUNTS), h.cluster_bits, h.refcount_order,
             h.refcount_table_offset, reftable, refcache,
         )  # fmt: skip
-        self.refcounts.high_water = -(-file.length() // h.cluster_size)
-        self.refcounts.file_end = file.length()
+        size = file.exact_length()
+        self.refcounts.high_water = -(-size // h.cluster_size)
+        self.refcounts.file_end = self.refcounts.image_end = size
         self.refcounts.on_free = functools.partial(allocate.discard_freed, self)
         self.map = ClusterMap(
             self._guarded(ol.ROLE_MAP), h.cluster_bits, h.extended_l2, h.l1_table_offset, l1,
@@ -383,11 +384,12 @@ class Qcow2Node(BlockNode):
         if self.read_only or self.map is None or self.corrupt or not self._opened:
             return
         await self.do_flush()
-        assert self.header is not None
+        assert self.header is not None and self.refcounts is not None
         if self._dirty_marked or self.header.dirty:  # QEMU marks the image clean on close
             await self.set_incompatible(self.header.incompatible_features & ~hdr.INCOMPAT_DIRTY)
             await self.file.flush()
             self._dirty_marked = False
+        await self.refcounts.trim()
 
     # --- permissions ----------------------------------------------------------------------
     def _storage_perms(self, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
@@ -622,19 +624,25 @@ class Qcow2Node(BlockNode):
             raise OSError(errno.EROFS, "Block node is read-only")
         buf = data if isinstance(data, memoryview) else memoryview(data)
         self._check_usable()
-        pending: list[tuple[int, int]] = []  # (offset, n) of clusters needing allocation
+        pending: list[allocate.Pending] = []  # clusters needing allocation, in order
         await self._write_planned(offset, buf, offset, len(buf), pending)
-        if len(pending) > 1 and await allocate.prepare_run(self, pending):
-            # Fresh clusters, now allocated as one run: the data goes in place, in one go.
-            start = pending[0][0]
-            end = pending[-1][0] + pending[-1][1]
+        if not pending:
+            return
+        start, end = pending[0].pos, pending[-1].pos + pending[-1].n
+        if (
+            len(pending) > 1
+            and end - start == sum(p.n for p in pending)
+            and await allocate.prepare_fast_write(self, start, end - start, pending[0].before)
+        ):
+            # Fresh clusters, now allocated: the data goes in place, in one go.
             pending = []
             await self._write_planned(offset, buf, start, end - start, pending)
-        for start, n in pending:
-            await allocate.allocating_write(self, start, buf[start - offset : start - offset + n])
+            if not pending:
+                return
+        await allocate.write_pending(self, offset, buf, pending)
 
     async def _write_planned(
-        self, offset: int, buf: memoryview, start: int, n: int, pending: list[tuple[int, int]]
+        self, offset: int, buf: memoryview, start: int, n: int, pending: list[allocate.Pending]
     ) -> None:
         """Write ``[start, +n)`` of a request (``buf`` at ``offset``) where it can go in
         place; the clusters that need allocating are appended to ``pending``."""
@@ -649,13 +657,15 @@ class Qcow2Node(BlockNode):
             self._release(plan)
 
     async def _write_plan(
-        self, offset: int, length: int, pending: list[tuple[int, int]]
+        self, offset: int, length: int, pending: list[allocate.Pending]
     ) -> list[Run]:
         """Split a write into in-place runs (returned) and clusters that need allocation
-        or copy-on-write (appended to ``pending``)."""
+        or copy-on-write (appended to ``pending``, with the host end of an in-place
+        cluster just before: QEMU continues the allocation there)."""
         assert self.map is not None
         runs: list[Run] = []
         pos, end = offset, offset + length
+        before = -1
         while pos < end:
             guest_cluster = pos >> self.cluster_bits
             in_cluster = pos & (self.cluster_size - 1)
@@ -665,8 +675,10 @@ class Qcow2Node(BlockNode):
             host = self.in_place_host(l2e, bitmap, in_cluster, n)
             if host >= 0:
                 append_run(runs, DATA, pos, n, host)
+                before = host - in_cluster + self.cluster_size
             else:
-                pending.append((pos, n))
+                pending.append(allocate.Pending(pos, n, before))
+                before = -1
             pos += n
         return runs
 

@@ -1,16 +1,24 @@
 """qcow2 reference counts: how many tables point at each host cluster, and allocation.
 
 The refcount table (in memory, written through) points at refcount blocks (in the refcount
-cache, written back). A cluster is free when its count is 0. New clusters are found by a
-first-fit scan from a hint, as QEMU does; the file grows when nothing before its end is free.
+cache, written back). A cluster is free when its count is 0. The allocator makes QEMU's
+choices, so that the same requests leave the same bytes in the file as QEMU's driver:
+
+* a search for ``n`` free clusters starts at the free index and takes the first run of ``n``
+  in a row, leaving the index after it (smaller holes on the way wait for a free below the
+  index, which moves it back);
+* a refcount block is allocated when a count needs it, in the first free cluster; the counts
+  changed so far are given back and the search starts again (the block may sit where the
+  caller meant to put its data), and a block in the range it covers counts itself;
+* a table too small for a new block is replaced by self-describing refcount structures built
+  past the last refcount range in use (blocks first, then a table half as large again), the
+  header switched to them in one 12-byte write, the old table freed.
+
 A cluster that still has data I/O in flight (``busy``) is never handed out again, so a read
 or write that looked up a mapping before a discard freed the cluster cannot land in a cluster
-that meanwhile belongs to another guest range.
-
-Growing the table when the image outgrows it places the new table and the refcount blocks it
-needs at the end of the file, each block counting itself, writes them, then switches the
-header to the new table in one 12-byte write and frees the old table: a crash before the
-switch leaves only leaked clusters.
+that meanwhile belongs to another guest range. The file grows ahead of the allocations in
+steps (:meth:`Refcounts._cover`); :attr:`Refcounts.image_end` keeps the length QEMU's file
+would have, and :meth:`Refcounts.trim` cuts the file back to it on close.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ MAX_REFTABLE_ENTRIES = (8 << 20) // 8  # QEMU's QCOW_MAX_REFTABLE_SIZE
 # Why a cluster is freed, for whether its discard reaches the file (QEMU's QCOW2_DISCARD_*,
 # the pass-discard-* options). Metadata freed (old tables) is DISCARD_OTHER.
 DISCARD_REQUEST, DISCARD_SNAPSHOT, DISCARD_OTHER, DISCARD_ALWAYS = range(4)
+DISCARD_NEVER = -1  # a cluster a write replaced: QEMU never passes that discard on
 
 
 class RefcountError(OSError):
@@ -48,6 +57,31 @@ class RefcountError(OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EINVAL, message)
+
+
+class _Again(Exception):
+    """A refcount block was allocated while counts changed: the clusters the caller chose
+    may be taken by it, so it searches again (QEMU's -EAGAIN from update_refcount)."""
+
+
+def refblocks_needed(clusters: int, cluster_bits: int, order: int, generous: bool) -> int:
+    """How many refcount blocks cover ``clusters`` clusters plus the blocks and the table
+    that count them (the fixed point QEMU's qcow2_refcount_metadata_size finds; ``generous``
+    leaves room for a table half as large again)."""
+    per_block = (1 << (cluster_bits + 3)) >> order
+    per_table_cluster = (1 << cluster_bits) // 8
+    table = blocks = n = 0
+    while True:
+        last = n
+        blocks = -(-(clusters + table + blocks) // per_block)
+        table = -(-blocks // per_table_cluster)
+        n = clusters + blocks + table
+        if n == last and generous:
+            clusters += -(-table // 2)
+            n = 0
+            generous = False
+        if n == last:
+            return blocks
 
 
 class Refcounts:
@@ -73,9 +107,12 @@ class Refcounts:
         self.table = table
         self.version = 0  # bumped whenever the table changes (the overlap checks cache by it)
         self.cache = cache
-        self.free_hint = 0  # no free cluster below this index
+        self.free_index = 0  # where the search for free clusters starts (QEMU's rules)
         self.high_water = 0  # no cluster at or past this index is in use (set at open)
         self.file_end = 0  # bytes the image file has at least (set at open)
+        # How long QEMU's file would be: the end of everything written (set at open). The
+        # file itself grows in steps ahead of that and is trimmed back on close.
+        self.image_end = 0
         self.busy: dict[int, int] = {}  # host cluster index -> data requests in flight
         # Called with (offset, bytes, discard type) for clusters whose count went to 0.
         self.on_free: Callable[[int, int, int], Awaitable[None]] | None = None
@@ -109,153 +146,276 @@ class Refcounts:
     # --- changing -----------------------------------------------------------------------
     async def update(self, index: int, addend: int) -> int:
         """Add ``addend`` to cluster ``index``'s count; returns the new count. Refuses to go
-        below 0 or past the width's maximum (RefcountError)."""
-        block_off = await self._block_for(index)
-        block = await self.cache.get(block_off)
-        cell = index & ((1 << self.block_bits) - 1)
-        value = get_refcount(block, cell, self.order) + addend
-        if value < 0 or value > self.max_refcount:
-            raise RefcountError(
-                f"refcount of cluster {index} would become {value} (width {1 << self.order} bits)"
-            )
-        set_refcount(block, cell, self.order, value)
-        self.cache.mark_dirty(block_off)
-        if value == 0 and index < self.free_hint:
-            self.free_hint = index
-        return value
+        below 0 or past the width's maximum (RefcountError). A refcount block it needs is
+        allocated (first free cluster) and the change made again."""
+        while True:
+            try:
+                await self._change(index, 1, addend)
+            except _Again:
+                continue
+            return await self.get(index)
+
+    async def _change(self, first: int, count: int, addend: int) -> None:
+        """Add ``addend`` to the counts of ``count`` clusters from ``first`` (QEMU's
+        update_refcount). Allocating a missing refcount block raises :class:`_Again` after
+        the counts changed so far are given back and the free-cluster search is sent back
+        to ``first``: the caller's clusters may have been taken by the new block."""
+        done = 0
+        if addend > 0:  # counted from here on: no longer free for a search (a new block's)
+            self.high_water = max(self.high_water, first + count)
+        try:
+            for index in range(first, first + count):
+                block_off = await self._block_for(index)
+                block = await self.cache.get(block_off)
+                cell = index & ((1 << self.block_bits) - 1)
+                value = get_refcount(block, cell, self.order) + addend
+                if value < 0 or value > self.max_refcount:
+                    raise RefcountError(
+                        f"refcount of cluster {index} would become {value} "
+                        f"(width {1 << self.order} bits)"
+                    )
+                set_refcount(block, cell, self.order, value)
+                self.cache.mark_dirty(block_off)
+                if value == 0 and index < self.free_index:
+                    self.free_index = index
+                done += 1
+        except _Again:
+            self.free_index = min(self.free_index, first)
+            if done:
+                await self._change(first, done, -addend)
+            raise
+        except RefcountError:
+            if done:
+                await self._change(first, done, -addend)
+            raise
 
     async def _block_for(self, index: int) -> int:
-        """The refcount block covering ``index``, allocated (and the table grown) if needed."""
+        """The refcount block covering ``index``; a missing one is allocated and
+        :class:`_Again` raised (QEMU's alloc_refcount_block)."""
         slot = index >> self.block_bits
-        if slot >= len(self.table):
-            if slot >= MAX_REFTABLE_ENTRIES:
-                raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))  # as QEMU refuses
-            await self._grow_table(slot)
-        block_off = self.table[slot] & REFT_OFFSET_MASK
-        if not block_off:
-            block_off = await self._new_block(slot)
-        elif block_off & (self.cluster_size - 1):
+        if slot >= MAX_REFTABLE_ENTRIES:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))  # as QEMU refuses
+        block_off = self.table[slot] & REFT_OFFSET_MASK if slot < len(self.table) else 0
+        if block_off & (self.cluster_size - 1):
             raise await self._misplaced(block_off, slot)
-        return block_off
+        if block_off:
+            return block_off
+        await self._new_block(index, slot)
+        raise _Again
 
-    async def _new_block(self, slot: int) -> int:
-        """Allocate the refcount block for table ``slot``: in the first free cluster (which
-        may lie in the range the block itself covers, then it counts itself)."""
-        index = await self._find_free(1)
-        self.hold(index)  # a block allocated by the update below must not take it too
-        try:
-            block = bytearray(self.cluster_size)
-            own_slot, own_cell = self._block_of(index)
-            if own_slot == slot:
-                set_refcount(block, own_cell, self.order, 1)
-            else:
-                await self.update(index, 1)  # its count lives in another (maybe new) block
-        finally:
-            self.release(index)
-        self.high_water = max(self.high_water, index + 1)
-        offset = index << self.cluster_bits
-        await self._cover(index + 1)
+    async def _new_block(self, index: int, slot: int) -> None:
+        """A refcount block for table ``slot`` in the first free cluster: it counts itself
+        when it lies in the range it covers, else its count goes into another block (which
+        may need allocating first: then :class:`_Again` comes from here). A table too small
+        for ``slot`` is replaced by a larger one (:meth:`_refcount_area`)."""
+        new = await self._find_free(1)
+        block = bytearray(self.cluster_size)
+        own_slot, own_cell = self._block_of(new)
+        if own_slot == slot:
+            set_refcount(block, own_cell, self.order, 1)
+        else:
+            await self._change(new, 1, 1)
+            await self.cache.flush()
+        offset = new << self.cluster_bits
+        self.high_water = max(self.high_water, new + 1)
+        await self._cover(new + 1)
         # The block reaches the disk before the table entry that points at it.
-        file = self._file()
+        await self.cache.put(offset, block)
         await self.cache.flush()
-        await file.write(offset, block)
-        await file.flush()
-        self.table[slot] = offset
-        self.version += 1
-        await file.write(self.table_offset + 8 * slot, _U64.pack(offset))
-        await file.flush()
-        await self.cache.put(offset, block, dirty=False)
-        return offset
+        self.note_end(offset + self.cluster_size)
+        if slot < len(self.table):
+            file = self._file()
+            self.table[slot] = offset
+            self.version += 1
+            await file.write(self.table_offset + 8 * slot, _U64.pack(offset))
+            await file.flush()
+            return
+        # The area for the new table starts past the refcount range of both the cluster
+        # being counted and the new block.
+        per_block = 1 << self.block_bits
+        blocks_used = -(-max(index + 1, new + 1) // per_block)
+        await self.refcount_area(blocks_used * per_block, 0, False, slot, offset)
 
-    async def _grow_table(self, need_slot: int) -> None:
-        """Move the table past the last used cluster, large enough for ``need_slot`` and
-        for the new blocks that count the new table and themselves."""
-        await self.cache.flush()
-        start = self.high_water
-        entries = max(need_slot + 1, 2 * len(self.table))
-        new_slots: list[int] = []
-        while True:
-            table_clusters = -(-entries * 8 // self.cluster_size)
-            area_end = start + table_clusters + len(new_slots)
-            wanted = [
-                s
-                for s in range(start >> self.block_bits, ((area_end - 1) >> self.block_bits) + 1)
-                if s >= len(self.table) or not self.table[s] & REFT_OFFSET_MASK
-            ]
-            if len(wanted) == len(new_slots) and (not wanted or wanted[-1] < entries):
-                break
-            new_slots = wanted
-            entries = max(entries, wanted[-1] + 1)
-        new_table = list(self.table) + [0] * (entries - len(self.table))
-        blocks: dict[int, bytearray] = {}
-        for i, slot in enumerate(new_slots):
-            new_table[slot] = (start + table_clusters + i) << self.cluster_bits
-            blocks[slot] = bytearray(self.cluster_size)
-        for index in range(start, start + table_clusters + len(new_slots)):
-            slot, cell = self._block_of(index)
-            if slot in blocks:
-                set_refcount(blocks[slot], cell, self.order, 1)
+    async def refcount_area(
+        self, start: int, additional: int, exact: bool, new_slot: int = 0, new_block: int = 0
+    ) -> int:
+        """New refcount structures from cluster ``start`` on (past every cluster in use):
+        the refcount blocks missing for the range up to their own end plus ``additional``
+        clusters, then a new table (``exact`` size, else half as large again), all counted
+        in themselves; the header switches to the table in one write and the old table is
+        freed. ``new_block`` goes into the new table at ``new_slot``. Returns the cluster
+        index past the area (QEMU's qcow2_refcount_area)."""
+        per_block = 1 << self.block_bits
+        total = refblocks_needed(start + additional, self.cluster_bits, self.order, not exact)
+        entries = total if exact else total + -(-total // 2)
+        per_cluster = self.cluster_size // 8
+        entries = -(-entries // per_cluster) * per_cluster
+        if entries > MAX_REFTABLE_ENTRIES:
+            raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+        table_clusters = entries // per_cluster
+        new_table = (list(self.table) + [0] * entries)[:entries]
+        if new_block:
+            new_table[new_slot] = new_block
+        area_slot = start // per_block
+        missing = [s for s in range(area_slot, total) if not new_table[s]]
+        table_at = start + len(missing)
+        end = table_at + table_clusters
+        self.high_water = max(self.high_water, end)
+        await self._cover(end)
+        next_block = start
+        for slot in range(area_slot, total):
+            if new_table[slot]:
+                block = await self.cache.get(new_table[slot] & REFT_OFFSET_MASK)
             else:
-                await self.update(index, 1)  # a block that exists already
-        self.high_water = start + table_clusters + len(new_slots)
-        await self._cover(self.high_water)
-        file = self._file()
+                new_table[slot] = next_block << self.cluster_bits
+                block = await self.cache.put(new_table[slot], bytes(self.cluster_size))
+                next_block += 1
+            first_covered = slot * per_block
+            for cell in range(max(start, first_covered) - first_covered,
+                              min(end - first_covered, per_block)):  # fmt: skip
+                set_refcount(block, cell, self.order, 1)
+            self.cache.mark_dirty(new_table[slot] & REFT_OFFSET_MASK)
         await self.cache.flush()
-        for slot, buf in blocks.items():
-            await file.write(new_table[slot], buf)
-        table_bytes = b"".join(_U64.pack(e) for e in new_table)
-        table_bytes += bytes(table_clusters * self.cluster_size - len(table_bytes))
-        new_offset = start << self.cluster_bits
-        await file.write(new_offset, table_bytes)
+        file = self._file()
+        table_offset = table_at << self.cluster_bits
+        await file.write(table_offset, b"".join(_U64.pack(e) for e in new_table))
         await file.flush()
-        await file.write(REFTABLE_HEADER_AT, _REFTABLE_HEADER.pack(new_offset, table_clusters))
+        self.note_end(end << self.cluster_bits)
+        await file.write(REFTABLE_HEADER_AT, _REFTABLE_HEADER.pack(table_offset, table_clusters))
         await file.flush()
-        old_offset = self.table_offset
-        old_bytes = len(self.table) * 8
-        self.table, self.table_offset = new_table, new_offset
+        old_offset, old_bytes = self.table_offset, len(self.table) * 8
+        self.table, self.table_offset = new_table, table_offset
         self.version += 1
-        for slot, buf in blocks.items():
-            await self.cache.put(new_table[slot], buf, dirty=False)
         await self.free(old_offset, old_bytes)
+        return end
+
+    # --- shrinking --------------------------------------------------------------------
+    async def drop_empty_blocks(self) -> None:
+        """Refcount blocks that count nothing but themselves leave the table, which is
+        written again, and are freed and discarded (QEMU's qcow2_shrink_reftable)."""
+        per_block = 1 << self.block_bits
+        empty = []
+        for slot, entry in enumerate(self.table):
+            offset = entry & REFT_OFFSET_MASK
+            if not offset:
+                continue
+            block = bytearray(await self.cache.get(offset))
+            own_slot, own_cell = self._block_of(offset >> self.cluster_bits)
+            if own_slot == slot:
+                set_refcount(block, own_cell, self.order, 0)
+            if not any(block):
+                empty.append(slot)
+        if not empty:
+            return
+        new_table = [0 if s in empty else e for s, e in enumerate(self.table)]
+        file = self._file()
+        await file.write(self.table_offset, b"".join(_U64.pack(e) for e in new_table))
+        await file.flush()
+        for slot in empty:
+            offset = self.table[slot] & REFT_OFFSET_MASK
+            index = offset >> self.cluster_bits
+            covering = self.table[index // per_block] & REFT_OFFSET_MASK
+            if covering:
+                block = await self.cache.get(covering)
+                set_refcount(block, index & (per_block - 1), self.order, 0)
+                self.cache.mark_dirty(covering)
+            self.free_index = min(self.free_index, index)
+            self.cache.discard(offset, offset + self.cluster_size)
+            self.table[slot] = 0
+            self.version += 1
+            if self.on_free is not None:
+                await self.on_free(offset, self.cluster_size, DISCARD_ALWAYS)
+
+    async def cut_after_last_used(self) -> None:
+        """Shorten the file to end with its last cluster in use, if it reaches further
+        (QEMU does after a shrink)."""
+        end_index = -(-self.image_end // self.cluster_size)
+        last = await self.last_used(end_index)
+        end = (last + 1) << self.cluster_bits
+        if end >= self.image_end:
+            return
+        try:
+            await self._file().truncate(end)
+        except OSError as err:  # a device cannot shrink: QEMU only warns
+            from qsd_py.main import PROG
+
+            text = f"Failed to truncate the tail of the image: {err.strerror or err}"
+            print(f"{PROG}: warning: {text}", file=sys.stderr, flush=True)
+            return
+        self.image_end = self.file_end = end
+        self.high_water = last + 1
 
     # --- allocation ---------------------------------------------------------------------
+    def _taken(self, index: int) -> bool | None:
+        """True: in use or busy; False: free; None: ask the refcount (no I/O needed
+        past the last cluster ever used)."""
+        if index in self.busy:
+            return True
+        if index >= self.high_water:
+            return False
+        return None
+
+    async def _is_free(self, index: int) -> bool:
+        taken = self._taken(index)
+        if taken is None:
+            return await self.get(index) == 0
+        return not taken
+
     async def _find_free(self, count: int) -> int:
-        """The first index of ``count`` consecutive free clusters (first fit from the hint;
-        past the last used cluster everything is free)."""
-        index = start = self.free_hint
-        first_free = -1
+        """The first index of ``count`` consecutive free clusters, searched from the free
+        index, which ends up past them (QEMU's alloc_clusters_noref: a used cluster
+        restarts the count after it; smaller holes on the way are left for later)."""
         run = 0
         while run < count:
-            if index not in self.busy and (index >= self.high_water or await self.get(index) == 0):
-                if run == 0:
-                    start = index
-                if first_free < 0:
-                    first_free = index
-                run += 1
-            else:
-                run = 0
-            index += 1
-        self.free_hint = first_free  # nothing free below the first free index met
-        return start
+            index = self.free_index
+            self.free_index += 1
+            run = run + 1 if await self._is_free(index) else 0
+        return self.free_index - count
 
     async def allocate(self, nbytes: int) -> int:
         """Host offset of ``nbytes`` (rounded up to clusters) of new clusters, counted 1."""
         count = -(-nbytes // self.cluster_size)
-        start = await self._find_free(count)
-        held = range(start, start + count)
-        for index in held:
-            self.hold(index)  # refcount blocks allocated by the updates go elsewhere
-        try:
-            for index in held:
-                await self.update(index, 1)
-        finally:
-            for index in held:
-                self.release(index)
+        while True:
+            start = await self._find_free(count)
+            try:
+                await self._change(start, count, 1)
+            except _Again:
+                continue
+            break
         self.high_water = max(self.high_water, start + count)
-        if self.free_hint == start:
-            self.free_hint = start + count
         await self._cover(start + count)
         return start << self.cluster_bits
+
+    async def allocate_at(self, offset: int, count: int) -> int:
+        """Allocate up to ``count`` clusters at host ``offset``: as many as are free there
+        in a row (0 if the first is not); returns how many (QEMU's
+        qcow2_alloc_clusters_at, which extends a run that is already allocated)."""
+        first = offset >> self.cluster_bits
+        while True:
+            n = 0
+            while n < count and await self._is_free(first + n):
+                n += 1
+            try:
+                await self._change(first, n, 1)
+            except _Again:
+                continue
+            break
+        self.high_water = max(self.high_water, first + n)
+        await self._cover(first + n)
+        return n
+
+    async def last_used(self, end_index: int) -> int:
+        """The last cluster below ``end_index`` with a count, -1 if none (QEMU's
+        qcow2_get_last_cluster)."""
+        for index in range(end_index - 1, -1, -1):
+            if await self.get(index):
+                return index
+        return -1
+
+    def note_end(self, end: int) -> None:
+        """The image file as QEMU would leave it reaches at least ``end`` (what was written
+        there, or a fresh cluster QEMU would have written zeroes to)."""
+        self.image_end = max(self.image_end, end)
 
     async def _cover(self, end_index: int) -> None:
         """Make the file reach past cluster ``end_index - 1``: a refcount or L2 entry must
@@ -269,6 +429,13 @@ class Refcounts:
         new_end = -(-end // step) * step
         await self._file().truncate(new_end)
         self.file_end = new_end
+
+    async def trim(self) -> None:
+        """Cut the file back to :attr:`image_end` where it was grown ahead of it (on close:
+        the file is then as long as QEMU's would be)."""
+        if self.file_end > self.image_end:
+            await self._file().truncate(self.image_end)
+            self.file_end = self.image_end
 
     async def free(self, offset: int, nbytes: int, discard_type: int = DISCARD_OTHER) -> None:
         """Drop one reference of every cluster in ``[offset, offset + nbytes)``; clusters

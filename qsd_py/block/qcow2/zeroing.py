@@ -1,6 +1,10 @@
 """Write-zeroes and discard on a qcow2 node: ranges made to read as zeroes, or dropped, by
 changing their L2 entries (zero flags, subcluster bits) rather than by writing data, wherever
 the format can say it; what it cannot say is written as zeroes.
+
+The entries change as QEMU changes them (qcow2_subcluster_zeroize, qcow2_cluster_discard),
+down to the L2 table each L2 slice of the range gets first, missing or not: the images then
+hold the same bytes as QEMU's after the same requests.
 """
 
 from __future__ import annotations
@@ -12,21 +16,23 @@ from typing import TYPE_CHECKING
 from qsd_py.block.node import STATUS_ZERO
 from qsd_py.block.qcow2.allocate import exclusive, free_entry
 from qsd_py.block.qcow2.entries import (
-    BITMAP_ALL_ALLOC,
     BITMAP_ALL_ZEROES,
-    OFLAG_COMPRESSED,
-    OFLAG_COPIED,
-    OFLAG_ZERO,
+    CLUSTER_COMPRESSED,
+    CLUSTER_NORMAL,
+    CLUSTER_UNALLOCATED,
+    CLUSTER_ZERO_ALLOC,
+    L2E_OFFSET_MASK,
     SUBCLUSTER_UNALLOCATED_ALLOC,
     SUBCLUSTER_UNALLOCATED_PLAIN,
     SUBCLUSTER_ZERO_ALLOC,
     SUBCLUSTER_ZERO_PLAIN,
     SUBCLUSTERS,
+    cluster_type,
     subcluster_index,
     subcluster_mask,
     subcluster_type,
 )
-from qsd_py.block.qcow2.refcount import DISCARD_REQUEST
+from qsd_py.block.qcow2.refcount import DISCARD_ALWAYS, DISCARD_REQUEST
 
 if TYPE_CHECKING:
     from qsd_py.block.qcow2.node import Qcow2Node
@@ -40,6 +46,8 @@ _WITHOUT_DATA = frozenset(
         SUBCLUSTER_ZERO_ALLOC,
     }
 )
+# Cluster types with a host cluster of their own (QEMU's qcow2_cluster_is_allocated).
+_ALLOCATED = frozenset({CLUSTER_NORMAL, CLUSTER_ZERO_ALLOC, CLUSTER_COMPRESSED})
 
 
 def grain(node: Qcow2Node) -> int:
@@ -58,9 +66,6 @@ async def write_zeroes(
         # A raw data file is the guest's disk itself: it must read as zeroes too.
         await node.data_node.write_zeroes(offset, length, unmap, no_fallback)
     end = offset + length
-    if node.header.version < 3:  # no zero flag: only zeroes written as data will do
-        await _zeroes_as_data(node, offset, end, no_fallback)
-        return
     # As QEMU's generic layer splits it: the part of a grain at the head, whole grains
     # (the image's last one counts as whole), the part of a grain at the tail.
     size = grain(node)
@@ -69,7 +74,8 @@ async def write_zeroes(
     if head_end > offset:
         await _zero_part_of_grain(node, offset, head_end, unmap, no_fallback)
     if tail_start > head_end:
-        await _zero_clusters(node, head_end, tail_start - head_end, unmap)
+        if not await zeroize(node, head_end, tail_start - head_end, unmap):
+            await _zeroes_as_data(node, head_end, tail_start, no_fallback)
     if end > tail_start:
         await _zero_part_of_grain(node, tail_start, end, unmap, no_fallback)
 
@@ -84,7 +90,7 @@ async def _zero_part_of_grain(
     first = start // size * size
     last = min(first + size, node.size)
     if await _reads_as_zeroes(node, first, start) and await _reads_as_zeroes(node, end, last):
-        if await _zero_grain_without_data(node, first, last - first, unmap):
+        if await _without_data(node, first) and await zeroize(node, first, last - first, unmap):
             return
     await _zeroes_as_data(node, start, end, no_fallback)
 
@@ -100,26 +106,15 @@ async def _reads_as_zeroes(node: Qcow2Node, start: int, end: int) -> bool:
     return True
 
 
-async def _zero_grain_without_data(node: Qcow2Node, offset: int, n: int, unmap: bool) -> bool:
-    """Flag the grain at ``offset`` zero if it is unallocated or zero here, checked
-    under the locks (a write may have allocated it since the caller looked)."""
+async def _without_data(node: Qcow2Node, offset: int) -> bool:
+    """Whether the grain at ``offset`` is unallocated or zero here (QEMU looks before it
+    zeroes part of a grain)."""
     assert node.map is not None
-    async with node.allocations.change_lock, node.meta_lock:
-        guest_cluster = offset >> node.cluster_bits
-        old, bitmap = await node.map.entry(guest_cluster)
-        index = subcluster_index(offset, node.cluster_bits) if node.map.extended else 0
-        has_data_file = "data-file" in node.children
-        kind = subcluster_type(old, bitmap, index, node.map.extended, has_data_file)
-        shared = node.allocated(old) and not old & OFLAG_COPIED
-        if kind not in _WITHOUT_DATA or (shared and node.map.extended):
-            return False  # a shared cluster's subcluster is zeroed by copy-on-write
-        await node.mark_dirty()
-        if node.map.extended:
-            in_cluster = offset & (node.cluster_size - 1)
-            await _zero_subclusters(node, guest_cluster, old, bitmap, in_cluster, n, unmap)
-        else:
-            await _zero_cluster(node, guest_cluster, old, unmap)
-    return True
+    async with node.meta_lock:
+        old, bitmap = await node.map.entry(offset >> node.cluster_bits)
+    index = subcluster_index(offset, node.cluster_bits) if node.map.extended else 0
+    kind = subcluster_type(old, bitmap, index, node.map.extended, "data-file" in node.children)
+    return kind in _WITHOUT_DATA
 
 
 async def _zeroes_as_data(node: Qcow2Node, start: int, end: int, no_fallback: bool) -> None:
@@ -130,22 +125,38 @@ async def _zeroes_as_data(node: Qcow2Node, start: int, end: int, no_fallback: bo
     await node.write_zero_buffers(start, end - start)
 
 
-async def _zero_clusters(node: Qcow2Node, offset: int, length: int, unmap: bool) -> None:
-    """Set the zero flag on whole clusters (subclusters); deallocate with ``unmap``."""
-    assert node.map is not None
-    as_data: list[tuple[int, int]] = []  # what flags cannot zero: written as zeroes after
+async def zeroize(node: Qcow2Node, offset: int, length: int, unmap: bool) -> bool:
+    """Flag ``[offset, +length)`` (whole grains, or up to the image's end) as zeroes
+    (QEMU's qcow2_subcluster_zeroize): False where flags cannot do it (a v2 image over a
+    backing file, part of a compressed cluster): the caller writes zeroes as data. A v2
+    image has no zero flag: without a backing file its clusters are discarded instead."""
+    assert node.map is not None and node.header is not None
+    if node.header.version < 3:
+        if node.backing is not None:
+            return False
+        await _discard_range(node, offset, offset + length, DISCARD_REQUEST, False)
+        return True
+    as_data = False
     async with exclusive(node):
         await node.mark_dirty()
         for pos, guest_cluster, in_cluster, n in _pieces(node, offset, offset + length):
+            await _prepare_slice(node, guest_cluster, pos == offset)
             old, bitmap = await node.map.entry(guest_cluster)
-            if not node.map.extended:
-                await _zero_cluster(node, guest_cluster, old, unmap)
-            elif not await _zero_subclusters(
-                node, guest_cluster, old, bitmap, in_cluster, n, unmap
-            ):
-                as_data.append((pos, n))
-    for pos, n in as_data:
-        await node.write_zero_buffers(pos, n)
+            whole = in_cluster == 0 and (n == node.cluster_size or pos + n >= node.size)
+            if whole or not node.map.extended:
+                await _zero_cluster(node, guest_cluster, old, bitmap, unmap)
+            elif not await _zero_subclusters(node, guest_cluster, old, bitmap, in_cluster, n):
+                as_data = True
+                break
+    return not as_data
+
+
+async def _prepare_slice(node: Qcow2Node, guest_cluster: int, first: bool) -> None:
+    """The L2 table of the slice a loop enters, made writable (allocated if missing) as
+    QEMU's loops over slices do before they look at the entries."""
+    assert node.map is not None
+    if first or guest_cluster % node.map.slice_entries == 0:
+        await node.map.prepare_table(guest_cluster)
 
 
 def _pieces(node: Qcow2Node, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
@@ -159,42 +170,50 @@ def _pieces(node: Qcow2Node, start: int, end: int) -> Iterator[tuple[int, int, i
         pos += n
 
 
-async def _zero_cluster(node: Qcow2Node, guest_cluster: int, old: int, unmap: bool) -> None:
-    assert node.map is not None
-    keep = not unmap and old & OFLAG_COPIED and node.allocated(old)
-    new = (old | OFLAG_ZERO) if keep else OFLAG_ZERO
-    if new == old:
+async def _zero_cluster(
+    node: Qcow2Node, guest_cluster: int, old: int, bitmap: int, unmap: bool
+) -> None:
+    """A whole cluster reads as zeroes: the zero flag (all zero bits with extended L2);
+    its host cluster goes with ``unmap`` (a compressed one always) unless
+    ``discard-no-unref`` keeps it, as QEMU's zero_in_l2_slice."""
+    assert node.map is not None and node.options is not None
+    extended = node.map.extended
+    ctype = cluster_type(old, extended, "data-file" in node.children)
+    drop = ctype == CLUSTER_COMPRESSED or (unmap and ctype in _ALLOCATED)
+    keep_ref = node.options.discard_no_unref and ctype != CLUSTER_COMPRESSED
+    new = 0 if drop and not keep_ref else old
+    new_bitmap = BITMAP_ALL_ZEROES if extended else 0
+    if not extended:
+        new |= 1  # OFLAG_ZERO
+    if (new, new_bitmap) == (old, bitmap if extended else 0):
         return
-    await node.map.set_entry(guest_cluster, new)
-    if not keep:
-        await free_entry(node, old, DISCARD_REQUEST)
+    await node.map.set_entry(guest_cluster, new, new_bitmap)
+    if drop:
+        await _drop_reference(node, old, ctype, keep_ref, DISCARD_REQUEST)
+
+
+async def _drop_reference(
+    node: Qcow2Node, old: int, ctype: int, keep_ref: bool, discard_type: int
+) -> None:
+    """Free the old entry's cluster, or with ``discard-no-unref`` keep it and only pass
+    the discard on to the file (if allowed)."""
+    assert node.options is not None
+    if not keep_ref:
+        await free_entry(node, old, discard_type)
+    elif node.options.pass_discard_request and ctype in (CLUSTER_NORMAL, CLUSTER_ZERO_ALLOC):
+        await node.data_node.discard(old & L2E_OFFSET_MASK, node.cluster_size)
 
 
 async def _zero_subclusters(
-    node: Qcow2Node,
-    guest_cluster: int,
-    old: int,
-    bitmap: int,
-    in_cluster: int,
-    n: int,
-    unmap: bool,
+    node: Qcow2Node, guest_cluster: int, old: int, bitmap: int, in_cluster: int, n: int
 ) -> bool:
-    """Zero subclusters by their bits; False where flags cannot do it (part of a shared
-    or compressed cluster: the caller writes zeroes, which copies the cluster)."""
+    """Zero bits for some subclusters (QEMU's zero_l2_subclusters); False for part of a
+    compressed cluster (the caller writes zeroes, which copies the cluster)."""
     assert node.map is not None
+    if old & (1 << 62):  # compressed
+        return False
     mask = subcluster_mask(in_cluster, n, node.cluster_size)
-    whole = mask == BITMAP_ALL_ALLOC
-    if old & OFLAG_COMPRESSED or (node.allocated(old) and not old & OFLAG_COPIED):
-        if not whole:
-            return False
-        await node.map.set_entry(guest_cluster, 0, BITMAP_ALL_ZEROES)
-        await free_entry(node, old, DISCARD_REQUEST)
-        return True
-    if whole and unmap and node.allocated(old):
-        await node.map.set_entry(guest_cluster, 0, BITMAP_ALL_ZEROES)
-        await free_entry(node, old, DISCARD_REQUEST)
-        return True
-    new_bitmap = (bitmap & ~mask) | (mask << 32)
+    new_bitmap = (bitmap | (mask << 32)) & ~mask
     if new_bitmap != bitmap:
         await node.map.set_entry(guest_cluster, old, new_bitmap)
     return True
@@ -202,55 +221,69 @@ async def _zero_subclusters(
 
 async def discard(node: Qcow2Node, offset: int, length: int) -> None:
     """``do_discard`` of a writable node that unmaps and is not corrupt: whole clusters
-    (subclusters) only, as QEMU's generic layer aligns discards; the entry becomes
-    unallocated, or reads as zero where a backing node would show through (v3), and the
-    cluster's reference is dropped unless ``discard-no-unref``."""
-    assert node.map is not None and node.options is not None
-    size = grain(node)
-    start = -(-offset // size) * size
-    end = (offset + length) // size * size
+    only (QEMU ignores the rest, subclusters too), the partial cluster at the end of the
+    image included; the entry becomes unallocated, or reads as zero where a backing node
+    would show through (v3), and the cluster's reference is dropped unless
+    ``discard-no-unref``. A v2 image over a backing file cannot discard at all."""
+    assert node.map is not None and node.header is not None
+    if node.header.version < 3 and node.backing is not None:
+        return
+    cs = node.cluster_size
+    start = -(-offset // cs) * cs
+    end = (offset + length) // cs * cs
     if offset + length >= node.size:
         end = node.size
     if start >= end:
         return
-    assert node.header is not None
     if node.header.data_file_raw:
         await node.data_node.write_zeroes(start, end - start, True)
+    await _discard_range(node, start, end, DISCARD_REQUEST, False)
+
+
+async def _discard_range(
+    node: Qcow2Node, start: int, end: int, discard_type: int, full: bool
+) -> None:
+    """QEMU's qcow2_cluster_discard over whole clusters: ``full`` drops the entries
+    (nothing reads as zero: a shrink), else what would show the backing file or holds
+    data reads as zero from now on."""
+    assert node.map is not None
     async with exclusive(node):
-        for _, guest_cluster, in_cluster, n in _pieces(node, start, end):
+        for pos, guest_cluster, _, _ in _pieces(node, start, end):
+            await _prepare_slice(node, guest_cluster, pos == start)
             old, bitmap = await node.map.entry(guest_cluster)
-            await _discard_cluster(node, guest_cluster, old, bitmap, in_cluster, n)
+            await _discard_cluster(node, guest_cluster, old, bitmap, discard_type, full)
 
 
 async def _discard_cluster(
-    node: Qcow2Node, guest_cluster: int, old: int, bitmap: int, in_cluster: int, n: int
+    node: Qcow2Node, guest_cluster: int, old: int, bitmap: int, discard_type: int, full: bool
 ) -> None:
     assert node.map is not None and node.header is not None and node.options is not None
-    allocated = node.allocated(old) or bool(old & OFLAG_COMPRESSED)
-    if node.map.extended and n < node.cluster_size:
-        mask = subcluster_mask(in_cluster, n, node.cluster_size)
-        new_bitmap = (bitmap & ~mask) | ((mask << 32) if node.backing is not None else 0)
-        if not old & OFLAG_COMPRESSED and new_bitmap != bitmap:
-            await node.map.set_entry(guest_cluster, old, new_bitmap)
-        return
-    if node.backing is not None or allocated:
-        if node.map.extended:
-            new, new_bitmap = 0, BITMAP_ALL_ZEROES
-        else:
-            new, new_bitmap = (OFLAG_ZERO if node.header.version >= 3 else 0), 0
-    else:
+    extended = node.map.extended
+    ctype = cluster_type(old, extended, "data-file" in node.children)
+    keep_ref = (
+        ctype != CLUSTER_COMPRESSED
+        and not full
+        and node.options.discard_no_unref
+        and discard_type == DISCARD_REQUEST
+    )
+    new, new_bitmap = old, bitmap
+    if full:
         new, new_bitmap = 0, 0
-    if node.options.discard_no_unref and allocated and not old & OFLAG_COMPRESSED:
-        # Keep the cluster (and its reference): only say it reads as zeroes.
-        if node.map.extended:
-            new, new_bitmap = old, BITMAP_ALL_ZEROES
+    elif node.backing is not None or ctype in _ALLOCATED:
+        if extended:
+            new, new_bitmap = (old if keep_ref else 0), BITMAP_ALL_ZEROES
+        elif node.header.version >= 3:
+            new = (old | 1) if keep_ref else 1  # OFLAG_ZERO
         else:
-            new = old | OFLAG_ZERO
-        if (new, new_bitmap) != (old, bitmap):
-            await node.map.set_entry(guest_cluster, new, new_bitmap)
-        return
+            new = 0
     if (new, new_bitmap) == (old, bitmap):
         return
     await node.map.set_entry(guest_cluster, new, new_bitmap)
-    if allocated:
-        await free_entry(node, old, DISCARD_REQUEST)
+    if ctype != CLUSTER_UNALLOCATED:
+        await _drop_reference(node, old, ctype, keep_ref, discard_type)
+
+
+async def discard_past(node: Qcow2Node, start: int, end: int) -> None:
+    """What a shrink drops: every cluster of ``[start, end)`` unallocated, its host
+    cluster freed and discarded in the file (QEMU's full discard)."""
+    await _discard_range(node, start, end, DISCARD_ALWAYS, True)
