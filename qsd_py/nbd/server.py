@@ -682,6 +682,7 @@ _DATA_CHUNK_EXT = struct.Struct(">IHHQQQQ")  # extended reply header + offset (4
 
 _WRITE_LIKE = (Cmd.WRITE, Cmd.WRITE_ZEROES)
 _CHANGES_DATA = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+_FUA, _PAYLOAD_LEN = int(CmdFlag.FUA), int(CmdFlag.PAYLOAD_LEN)
 
 
 class RequestError(NamedTuple):
@@ -743,8 +744,8 @@ class Transmission:
             self.read_header_size = _DATA_CHUNK.size
         else:
             self.read_header_size = wire.SIMPLE_REPLY.size
-        fua = CmdFlag.FUA
-        self._valid_flags = {
+        fua = int(CmdFlag.FUA)  # plain ints: enum flag operators cost a Python call each
+        self._valid_flags: dict[int, int] = {
             Cmd.READ: fua | (CmdFlag.DF if self.structured else 0),
             Cmd.WRITE: fua | (CmdFlag.PAYLOAD_LEN if self.extended else 0),
             Cmd.FLUSH: fua,
@@ -753,6 +754,8 @@ class Transmission:
             Cmd.WRITE_ZEROES: fua | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
             Cmd.BLOCK_STATUS: fua | CmdFlag.REQ_ONE,
         }
+        for cmd, valid in self._valid_flags.items():
+            self._valid_flags[cmd] = int(valid)
 
     # --- requests ------------------------------------------------------------------------------
     def parse_header(self, buf: Buffer, pos: int = 0) -> tuple[int, int, int, int, int] | None:
@@ -767,7 +770,7 @@ class Transmission:
         """How many payload bytes follow the header: a WRITE's data, or with extended
         headers any command's announced payload (read and thrown away, or a BLOCK_STATUS
         payload)."""
-        if cmd == Cmd.WRITE or (self.extended and flags & CmdFlag.PAYLOAD_LEN):
+        if cmd == Cmd.WRITE or (self.extended and flags & _PAYLOAD_LEN):
             return length
         return 0
 
@@ -794,9 +797,9 @@ class Transmission:
             return RequestError(
                 err, f"operation past EOF; From: {offset}, Len: {length}, Size: {size}"
             )
-        valid = self._valid_flags.get(cmd, CmdFlag.FUA)  # type: ignore[call-overload]
+        valid = self._valid_flags.get(cmd, _FUA)
         if cmd == Cmd.BLOCK_STATUS and self.extended:
-            valid |= CmdFlag.PAYLOAD_LEN
+            valid |= _PAYLOAD_LEN
         if flags & ~valid:
             return RequestError(
                 errno.EINVAL, f"unsupported flags for command {cmd_name(cmd)} (got 0x{flags:x})"
