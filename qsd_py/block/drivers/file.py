@@ -395,7 +395,10 @@ class FileNode(BlockNode):
         if data > offset:
             return False, min(data - offset, length)
         hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
-        self.data_span = (offset, hole)
+        start, end = self.data_span
+        if not (start <= hole and offset <= end):  # not touching: the new span replaces it
+            start, end = offset, hole
+        self.data_span = (min(start, offset), max(end, hole))
         return True, max(1, min(hole - offset, length))
 
     def fast_target(self) -> FastTarget | None:

@@ -21,15 +21,17 @@ IDLE_COUNT = 256  #: free buffers a size class keeps at most
 
 class AlignedBuffer:
     """``size`` bytes of page-aligned memory: ``view`` to fill or send, ``addr`` for the
-    kernel (valid while the buffer lives)."""
+    kernel (valid while the buffer lives); ``free`` is its size class's free list."""
 
-    __slots__ = ("mm", "view", "addr", "size")
+    __slots__ = ("mm", "view", "addr", "size", "free", "keep")
 
     def __init__(self, size: int) -> None:
         self.mm = mmap.mmap(-1, size)
         self.view = memoryview(self.mm)
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mm))
         self.size = size
+        self.free = _free.setdefault(size, [])
+        self.keep = max(1, min(IDLE_COUNT, IDLE_BYTES // size))  # free buffers kept at most
 
 
 _free: dict[int, list[AlignedBuffer]] = {}
@@ -37,12 +39,12 @@ _free: dict[int, list[AlignedBuffer]] = {}
 
 def size_class(length: int) -> int:
     """The buffer size that holds ``length`` bytes: a power of two, a page at least."""
-    return max(PAGE, 1 << (length - 1).bit_length())
+    return PAGE if length <= PAGE else 1 << (length - 1).bit_length()
 
 
 def take(length: int) -> AlignedBuffer:
     """A buffer of at least ``length`` bytes (contents undefined)."""
-    size = size_class(length)
+    size = PAGE if length <= PAGE else 1 << (length - 1).bit_length()
     free = _free.get(size)
     if free:
         try:
@@ -54,8 +56,8 @@ def take(length: int) -> AlignedBuffer:
 
 def give(buf: AlignedBuffer) -> None:
     """Return ``buf`` for reuse (the caller holds no view of it any more)."""
-    free = _free.setdefault(buf.size, [])
-    if len(free) < max(1, min(IDLE_COUNT, IDLE_BYTES // buf.size)):
+    free = buf.free
+    if len(free) < buf.keep:
         free.append(buf)
 
 
