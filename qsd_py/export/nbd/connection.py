@@ -81,6 +81,9 @@ SPARSE_READ_MIN = 64 << 10
 # request, ``flags & _FUA`` one C operation.
 _FUA, _DF, _REQ_ONE = int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.REQ_ONE)
 _NO_HOLE, _FAST_ZERO = int(CmdFlag.NO_HOLE), int(CmdFlag.FAST_ZERO)
+# Commands too: ``Cmd.READ`` is an enum member lookup, a Python call each time.
+_READ, _WRITE, _CACHE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.CACHE), int(Cmd.DISC)
+_READ_OR_CACHE = (_READ, _CACHE)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -524,24 +527,24 @@ class Connection:
         t = self.t
         assert t is not None
         contexts = None
-        if payload is not None and cmd != Cmd.WRITE:
+        if payload is not None and cmd != _WRITE:
             if cmd == Cmd.BLOCK_STATUS:
                 length, contexts = t.parse_block_status_payload(payload)
             else:
                 length = 0  # a payload no command here takes: dropped, the flag refused
             payload = owner = None
-        if cmd == Cmd.DISC:
+        if cmd == _DISC:
             self._close_when_done()
             return
-        error = t.check_length(flags, cmd, length) if cmd in (Cmd.READ, Cmd.CACHE) else None
+        error = t.check_length(flags, cmd, length) if cmd in _READ_OR_CACHE else None
         if error is None:
             error = t.check(flags, cmd, offset, length)
         if error is not None:
             self._queue(t.reply_error(cookie, offset, error.errno, error.message))
             return
-        if cmd == Cmd.READ:
+        if cmd == _READ:
             self._read(flags, cookie, offset, length)
-        elif cmd == Cmd.WRITE:
+        elif cmd == _WRITE:
             self._write(flags, cookie, offset, payload or memoryview(b""), owner)
         elif cmd == Cmd.FLUSH:
             self._spawn(self._flush_node(cookie, offset))
