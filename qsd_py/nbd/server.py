@@ -682,9 +682,19 @@ def _context_names(meta: MetaContexts, export: ExportView) -> list[tuple[int, st
 _DATA_CHUNK = struct.Struct(">IHHQIQ")  # structured reply header + offset (28 bytes)
 _DATA_CHUNK_EXT = struct.Struct(">IHHQQQQ")  # extended reply header + offset (40 bytes)
 
-_FUA = int(CmdFlag.FUA)
 _WRITE_LIKE = (Cmd.WRITE, Cmd.WRITE_ZEROES)
 _CHANGES_DATA = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+# Plain ints for the per-request code: an enum member lookup (``Cmd.READ``) costs a Python
+# call (~150 ns), a flag operator on an enum member another.
+_FUA, _PAYLOAD_LEN = int(CmdFlag.FUA), int(CmdFlag.PAYLOAD_LEN)
+_READ, _WRITE, _CACHE, _BLOCK_STATUS = (
+    int(Cmd.READ),
+    int(Cmd.WRITE),
+    int(Cmd.CACHE),
+    int(Cmd.BLOCK_STATUS),
+)
+_SIZED = (_READ, _WRITE, _CACHE)
+_OFFSET_DATA, _NONE = int(Chunk.OFFSET_DATA), int(Chunk.NONE)
 
 
 class RequestError(NamedTuple):
@@ -746,7 +756,7 @@ class Transmission:
             self.read_header_size = _DATA_CHUNK.size
         else:
             self.read_header_size = wire.SIMPLE_REPLY.size
-        fua = int(CmdFlag.FUA)
+        fua = int(CmdFlag.FUA)  # plain ints: enum flag operators cost a Python call each
         self._valid_flags: dict[int, int] = {
             Cmd.READ: fua | (CmdFlag.DF if self.structured else 0),
             Cmd.WRITE: fua | (CmdFlag.PAYLOAD_LEN if self.extended else 0),
@@ -756,6 +766,8 @@ class Transmission:
             Cmd.WRITE_ZEROES: fua | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
             Cmd.BLOCK_STATUS: fua | CmdFlag.REQ_ONE | (CmdFlag.PAYLOAD_LEN if self.extended else 0),
         }
+        for cmd, valid in self._valid_flags.items():
+            self._valid_flags[cmd] = int(valid)
 
     # --- requests ------------------------------------------------------------------------------
     def parse_header(self, buf: Buffer, pos: int = 0) -> tuple[int, int, int, int, int] | None:
@@ -770,7 +782,7 @@ class Transmission:
         """How many payload bytes follow the header: a WRITE's data, or with extended
         headers any command's announced payload (read and thrown away, or a BLOCK_STATUS
         payload)."""
-        if cmd == Cmd.WRITE or (self.extended and flags & CmdFlag.PAYLOAD_LEN):
+        if cmd == _WRITE or (self.extended and flags & _PAYLOAD_LEN):
             return length
         return 0
 
@@ -778,7 +790,7 @@ class Transmission:
         """QEMU's first check, before any payload is read: READ, WRITE, CACHE and payloads
         are at most 32 MiB. A WRITE (or payload) failing it cannot be followed: reply,
         then close the connection."""
-        sized = cmd in (Cmd.READ, Cmd.WRITE, Cmd.CACHE)
+        sized = cmd in _SIZED
         if (sized or self.payload_length(flags, cmd, length)) and length > MAX_BUFFER:
             return RequestError(
                 errno.EINVAL, f"len ({length}) is larger than max len ({MAX_BUFFER})"
@@ -834,7 +846,7 @@ class Transmission:
         """Success without data: a simple reply, or with extended headers a final NONE chunk."""
         if self.extended:
             return wire.EXTENDED_REPLY.pack(
-                EXTENDED_REPLY_MAGIC, REPLY_FLAG_DONE, Chunk.NONE, cookie, offset, 0
+                EXTENDED_REPLY_MAGIC, REPLY_FLAG_DONE, _NONE, cookie, offset, 0
             )
         return wire.SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
 
@@ -873,7 +885,7 @@ class Transmission:
                 pos,
                 EXTENDED_REPLY_MAGIC,
                 flags,
-                Chunk.OFFSET_DATA,
+                _OFFSET_DATA,
                 cookie,
                 offset,
                 length + 8,
@@ -885,7 +897,7 @@ class Transmission:
                 pos,
                 STRUCTURED_REPLY_MAGIC,
                 flags,
-                Chunk.OFFSET_DATA,
+                _OFFSET_DATA,
                 cookie,
                 length + 8,
                 chunk_offset,

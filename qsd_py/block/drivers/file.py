@@ -99,6 +99,8 @@ class FileNode(BlockNode):
         self.mem_align = 1
         self._length = 0
         self.in_memory = False  # on tmpfs/ramfs: see held_in_memory()
+        # [start, end) last found to be data by SEEK_DATA/SEEK_HOLE (see known_data)
+        self.data_span = (0, 0)
         self._locked: set[int] = set()
         self._rmw_lock = threading.Lock()  # serialises read-modify-write of O_DIRECT sectors
 
@@ -228,6 +230,7 @@ class FileNode(BlockNode):
         if self.read_only:
             raise OSError(errno.EACCES, "Image is read-only")
         assert self.backend is not None
+        self.data_span = (0, 0)
         old = length  # only preallocation needs the old size: no fstat otherwise
         if prealloc != "off":
             old = (await self.backend.run(os.fstat, self.fd)).st_size
@@ -339,6 +342,7 @@ class FileNode(BlockNode):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS))
         if length <= 0:
             return
+        self.data_span = (0, 0)  # the range may become a hole
         if unmap and self.discard_unmap:
             mode = aio.FALLOC_FL_PUNCH_HOLE | aio.FALLOC_FL_KEEP_SIZE
             if await self._try_fallocate(mode, offset, length):
@@ -363,6 +367,7 @@ class FileNode(BlockNode):
         """Deallocate with discard=unmap; filesystems that cannot are ignored, as QEMU does
         (discard is advisory)."""
         if self.discard_unmap and length > 0 and not self.read_only:
+            self.data_span = (0, 0)
             await self._try_fallocate(
                 aio.FALLOC_FL_PUNCH_HOLE | aio.FALLOC_FL_KEEP_SIZE, offset, length
             )
@@ -370,12 +375,21 @@ class FileNode(BlockNode):
     async def do_block_status(self, offset: int, length: int) -> BlockStatus:
         """Data or a hole (reads as zeroes), at the same offset of this file."""
         assert self.backend is not None
-        is_data, n = await self.backend.run(self._seek_status, offset, length)
+        is_data, n = await self.backend.run(self.seek_status, offset, length)
         flags = (STATUS_DATA if is_data else STATUS_ZERO) | STATUS_OFFSET_VALID
         return BlockStatus(flags, n, self, offset)
 
-    def _seek_status(self, offset: int, length: int) -> tuple[bool, int]:
-        """SEEK_DATA/SEEK_HOLE around ``offset``; without support everything is data."""
+    def known_data(self, offset: int, length: int) -> bool:
+        """Whether ``[offset, +length)`` lies in the data span the last SEEK_HOLE found: an
+        export answering a structured read as data without asking the file again (QEMU's
+        file driver keeps the same one-span cache). Writes only add data; discard, write
+        zeroes and truncate forget the span before they change the file."""
+        start, end = self.data_span
+        return start <= offset and offset + length <= end
+
+    def seek_status(self, offset: int, length: int) -> tuple[bool, int]:
+        """SEEK_DATA/SEEK_HOLE around ``offset`` (data?, bytes); without support everything
+        is data. Blocking: a pool thread's, or the loop's for a file held in memory."""
         try:
             data = os.lseek(self.fd, offset, os.SEEK_DATA)
         except OSError as e:
@@ -387,6 +401,10 @@ class FileNode(BlockNode):
         if data > offset:
             return False, min(data - offset, length)
         hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        start, end = self.data_span
+        if not (start <= hole and offset <= end):  # not touching: the new span replaces it
+            start, end = offset, hole
+        self.data_span = (min(start, offset), max(end, hole))
         return True, max(1, min(hole - offset, length))
 
     def fast_target(self) -> FastTarget | None:

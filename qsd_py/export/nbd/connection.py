@@ -6,19 +6,26 @@ to that export's loop (an iothread's, or the daemon's) and serves requests from 
 without a coroutine per request where it can:
 
 * the socket is read (one ``recv_into`` per readiness) into a receive buffer; every whole
-  request in it is parsed in place. A WRITE's data is handed to the node as a view of that
-  buffer (a data payload above :data:`BIG_PAYLOAD` is received straight into a buffer of its
-  own instead); the buffer is replaced, not overwritten, while a write still uses it;
-* a READ allocates one buffer for reply header and data; the node (or, for a file held in
-  memory, a ``preadv`` right there: :class:`FastIO`) fills the data part in place;
+  request in it is parsed in place. A data payload above :data:`BIG_PAYLOAD` is received
+  straight into a page-aligned buffer of its own (qsd_py/export/nbd/buffers.py); a smaller
+  one is a view of the receive buffer, which is replaced, not overwritten, while a write
+  still uses it;
+* READ and WRITE take the fast road the node's plan allows (:func:`qsd_py.block.fast_io.route`,
+  the same decision as the FUSE export's): a ``preadv``/``pwritev`` right there for a file
+  held in memory, an SQE on the loop's io_uring ring for a file on disk, the cluster table
+  for qcow2. A READ's data goes into a page-aligned buffer (what ``O_DIRECT`` needs without a
+  bounce copy) and leaves after its header as a second iovec. A structured read is answered
+  as one data chunk when cheap facts say the range is data (the table, or the file's last
+  SEEK_HOLE span), as a hole chunk when the table says zeroes;
 * replies are queued and leave in batches: one ``sendmsg`` per readiness callback or loop
   iteration for every reply ready by then, a partial send keeps the rest (no copy);
-* everything else, and anything the fast path cannot serve, runs as a task awaiting the
+* everything else, and anything the fast road cannot serve, runs as a task awaiting the
   node's coroutines; tasks complete in any order and their replies join the queue.
 
-A connection holds at most :data:`MAX_IN_FLIGHT` tasks, :data:`MAX_RESERVED` bytes of data
-they read or write, and :data:`MAX_QUEUED` bytes of replies: beyond that it stops reading the
-socket until some are done, so a client can never make the daemon buffer without bound.
+A connection holds at most :data:`MAX_IN_FLIGHT` tasks and transfers, :data:`MAX_RESERVED`
+bytes of data they read or write, and :data:`MAX_QUEUED` bytes of replies: beyond that it stops
+reading the socket until some are done, so a client can never make the daemon buffer without
+bound.
 """
 
 from __future__ import annotations
@@ -33,8 +40,12 @@ from collections import deque
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Protocol
 
+from qsd_py.block import fast_io
+from qsd_py.block.fast_io import FILL, INLINE, NULL, TRANSFER, URING, copy_inline, route
 from qsd_py.block.node import STATUS_DATA, STATUS_ZERO
 from qsd_py.errors import QMPError
+from qsd_py.export.nbd import buffers
+from qsd_py.export.nbd.buffers import AlignedBuffer
 from qsd_py.nbd.constants import STATE_HOLE, STATE_ZERO, Cmd, CmdFlag
 from qsd_py.nbd.server import (
     META_ID_ALLOCATION_DEPTH,
@@ -50,6 +61,8 @@ from qsd_py.nbd.server import (
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
+    from qsd_py.block.drivers.file import FileNode
+    from qsd_py.block.fast_io import FastPlan
     from qsd_py.block.node import BlockNode
     from qsd_py.export.nbd.export import NbdExport
     from qsd_py.export.nbd.server import NbdServer
@@ -67,6 +80,13 @@ IOV_MAX = 1024  #: buffers per sendmsg
 #: Structured reads at least this long report holes as OFFSET_HOLE chunks (block status per
 #: read); shorter ones are one data chunk: a hole chunk would save less than the lookup costs.
 SPARSE_READ_MIN = 64 << 10
+# Request flags as plain ints: ``flags & _FUA`` runs enum code (a Python call) per
+# request, ``flags & _FUA`` one C operation.
+_FUA, _DF, _REQ_ONE = int(CmdFlag.FUA), int(CmdFlag.DF), int(CmdFlag.REQ_ONE)
+_NO_HOLE, _FAST_ZERO = int(CmdFlag.NO_HOLE), int(CmdFlag.FAST_ZERO)
+# Commands too: ``Cmd.READ`` is an enum member lookup, a Python call each time.
+_READ, _WRITE, _CACHE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.CACHE), int(Cmd.DISC)
+_READ_OR_CACHE = (_READ, _CACHE)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -110,68 +130,21 @@ class PlainChannel:
         return False
 
 
-class FastIO:
-    """READ and WRITE without a task, for the nodes whose bytes are a file held in memory
-    (tmpfs: a copy that costs about a microsecond, see ``file.held_in_memory``) or nothing
-    at all (null-co). Requests up to :attr:`inline_max` bytes are served right away on the
-    loop; anything else goes to the node."""
+class _Transfer:
+    """One READ or WRITE on the backend (the loop's ring, or the pool): what its reply
+    needs once the I/O is done. Reused: a connection keeps the idle ones."""
 
-    __slots__ = ("fd", "base", "null", "writable", "inline_max")
+    __slots__ = ("conn", "xfer", "cookie", "offset", "length", "buf", "writing")
 
-    def __init__(self, fd: int, base: int, null: bool, writable: bool, inline_max: int) -> None:
-        self.fd = fd
-        self.base = base
-        self.null = null
-        self.writable = writable
-        self.inline_max = inline_max
+    def __init__(self, conn: Connection, plan: FastPlan) -> None:
+        self.conn = conn
+        self.xfer: Any = plan.backend.transfer(self._done)  # type: ignore[union-attr]
+        self.cookie = self.offset = self.length = 0
+        self.buf: AlignedBuffer | None = None
+        self.writing = False
 
-    @classmethod
-    def for_node(cls, node: BlockNode, writable: bool) -> FastIO | None:
-        from qsd_py.block.drivers.file import INLINE_MAX
-
-        target = node.fast_target()
-        if target is None or target.table is not None:
-            return None
-        ok_to_write = writable and target.writable and not node.read_only
-        if target.null:
-            return cls(-1, 0, True, ok_to_write, INLINE_MAX)
-        file = target.file
-        if file is None or file.fd < 0 or not file.in_memory or file.direct:
-            return None
-        return cls(file.fd, target.base, False, ok_to_write, INLINE_MAX)
-
-    def read(self, view: memoryview, offset: int) -> int:
-        """Fill ``view`` from ``offset``: 0, or the errno of the failure."""
-        if self.null:
-            return 0  # the buffer is fresh: zeroes
-        pos = offset + self.base
-        try:
-            while view:
-                n = os.preadv(self.fd, (view,), pos)
-                if n == 0:  # past the file's end: the node reads zeroes there
-                    view[:] = bytes(len(view))
-                    break
-                view = view[n:]
-                pos += n
-        except OSError as err:
-            return err.errno or errno.EIO
-        return 0
-
-    def write(self, data: memoryview, offset: int) -> int:
-        """Write ``data`` at ``offset``: 0, or the errno of the failure."""
-        if self.null:
-            return 0
-        pos = offset + self.base
-        try:
-            while data:
-                n = os.pwritev(self.fd, (data,), pos)
-                if n == 0:
-                    return errno.ENOSPC
-                data = data[n:]
-                pos += n
-        except OSError as err:
-            return err.errno or errno.EIO
-        return 0
+    def _done(self, res: int) -> None:
+        self.conn._transfer_done(self, res)
 
 
 class Connection:
@@ -188,7 +161,11 @@ class Connection:
         self.export: NbdExport | None = None
         self.node: BlockNode | None = None
         self.t: Transmission | None = None
-        self.fast: FastIO | None = None
+        self.plan: FastPlan | None = None  # READ/WRITE without a task (fast_io)
+        self._file: FileNode | None = None  # the file under a plan without cluster table
+        self._ring: Any = None  # the loop's io_uring ring for the plan's transfers
+        self._idle: list[_Transfer] = []
+        self._transfers = 0  # in flight
         self.writethrough = False
         self.closing = False  # no more requests are read
         self._hard = False  # replies are dropped, the socket is shut down
@@ -201,13 +178,14 @@ class Connection:
         self.rend = 0
         self._need = 0  # bytes from rpos the next request needs whole
         self._pins = 0  # tasks still using a payload view of rbuf
-        self._big: bytearray | None = None  # a large WRITE payload being received
+        self._big: AlignedBuffer | None = None  # a large WRITE payload being received
         self._big_got = 0
         self._big_request: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
         self._reading = False
         self._tasks: dict[asyncio.Task[None], int] = {}  # and the data bytes each holds
         self._reserved = 0
         self._out: deque[bytes | bytearray | memoryview] = deque()
+        self._owners: deque[AlignedBuffer | None] = deque()  # the pool buffer under each
         self._out_bytes = 0
         self._writer_armed = False
         self._flush_scheduled = False
@@ -238,8 +216,9 @@ class Connection:
         self._stop_reading()
         self._disarm_writer()
         self._out.clear()
+        self._owners.clear()
         self._out_bytes = 0
-        if not self._tasks and self.t is not None:
+        if not self._serving() and self.t is not None:
             self._finish()
 
     def _finish(self) -> None:
@@ -250,6 +229,8 @@ class Connection:
         self._stop_reading()
         self._disarm_writer()
         self.sock.close()
+        if self.plan is not None:
+            self.plan.release()  # no transfer routed by it is still running
         if self.loop is self.main_loop:
             self._forget()
         else:
@@ -398,7 +379,6 @@ class Connection:
         self.node = export.node
         self.t = ready.transmission
         self.writethrough = export.writethrough
-        self.fast = FastIO.for_node(export.node, export.writable)
         self.loop = export.loop
         if self.loop is self.main_loop:
             self._serve(pending)
@@ -410,6 +390,7 @@ class Connection:
         if self.closing:
             self._finish()
             return
+        self._plan()
         self.rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self.rbuf)
         self.rbuf[: len(pending)] = pending
@@ -418,6 +399,29 @@ class Connection:
         self._parse()
         self._on_readable()  # a TLS channel may hold decrypted bytes already
         self._flush()
+
+    def _plan(self) -> None:
+        """On the export's loop: how READ and WRITE reach the node's bytes without a task.
+        Files go through the loop's io_uring ring whatever their ``aio`` (what the FUSE
+        io_uring queues do: the ring costs no thread hop), or the node's pool without one."""
+        node = self.node
+        assert node is not None
+        plan = fast_io.plan_for(node, ring_io=True)
+        if plan is not None and plan.kind == URING:
+            self._ring = plan.backend.ring()  # type: ignore[union-attr]
+            if self._ring is None:  # no io_uring here
+                plan.release()
+                plan = fast_io.plan_for(node)
+        if plan is not None and not self.export.writable:  # type: ignore[union-attr]
+            plan.writable = False
+        self.plan = plan
+        target = node.fast_target() if plan is not None and plan.kind != NULL else None
+        if target is not None and target.table is None:
+            self._file = target.file
+
+    def _serving(self) -> int:
+        """Requests still being served (tasks and transfers)."""
+        return len(self._tasks) + self._transfers
 
     # --- reading -----------------------------------------------------------------------------
     def _start_reading(self) -> None:
@@ -433,7 +437,7 @@ class Connection:
     def _busy(self) -> bool:
         """Whether the connection holds all it may (tasks, their data, unsent replies)."""
         return (
-            len(self._tasks) >= MAX_IN_FLIGHT
+            self._serving() >= MAX_IN_FLIGHT
             or self._reserved >= MAX_RESERVED
             or self._out_bytes >= MAX_QUEUED
         )
@@ -450,7 +454,7 @@ class Connection:
         while self._reading:
             big = self._big
             if big is not None:
-                view = memoryview(big)[self._big_got :]
+                view = big.view[self._big_got : self._big_request[4]]
             else:
                 self._make_room()
                 view = self._rview[self.rend :]
@@ -466,7 +470,7 @@ class Connection:
                 break
             if big is not None:
                 self._big_got += n
-                if self._big_got == len(big):
+                if self._big_got == self._big_request[4]:
                     self._big_done()
             else:
                 self.rend += n
@@ -545,8 +549,8 @@ class Connection:
         """A WRITE too large for the receive buffer: its data goes to a buffer of its own,
         the part already received copied, the rest received straight into it."""
         plen = fields[4]
-        self._big = bytearray(plen)
-        self._big[: len(have)] = have
+        self._big = big = buffers.take(plen)
+        big.view[: len(have)] = have
         self._big_got = len(have)
         self._big_request = fields
 
@@ -555,7 +559,7 @@ class Connection:
         assert data is not None
         self._big = None
         flags, cmd, cookie, offset, length = self._big_request
-        self._request(flags, cmd, cookie, offset, length, memoryview(data), None)
+        self._request(flags, cmd, cookie, offset, length, data.view[:length], data)
 
     def _end_of_input(self) -> None:
         """The client closed its side: finish what it asked for, then close."""
@@ -570,30 +574,30 @@ class Connection:
         offset: int,
         length: int,
         payload: memoryview | None,
-        owner: bytearray | None,
+        owner: bytearray | AlignedBuffer | None,
     ) -> None:
         """Check one request and serve it (right now, or with a task)."""
         t = self.t
         assert t is not None
         contexts = None
-        if payload is not None and cmd != Cmd.WRITE:
+        if payload is not None and cmd != _WRITE:
             if cmd == Cmd.BLOCK_STATUS:
                 length, contexts = t.parse_block_status_payload(payload)
             else:
                 length = 0  # a payload no command here takes: dropped, the flag refused
             payload = owner = None
-        if cmd == Cmd.DISC:
+        if cmd == _DISC:
             self._close_when_done()
             return
-        error = t.check_length(flags, cmd, length) if cmd in (Cmd.READ, Cmd.CACHE) else None
+        error = t.check_length(flags, cmd, length) if cmd in _READ_OR_CACHE else None
         if error is None:
             error = t.check(flags, cmd, offset, length)
         if error is not None:
             self._queue(t.reply_error(cookie, offset, error.errno, error.message))
             return
-        if cmd == Cmd.READ:
+        if cmd == _READ:
             self._read(flags, cookie, offset, length)
-        elif cmd == Cmd.WRITE:
+        elif cmd == _WRITE:
             self._write(flags, cookie, offset, payload or memoryview(b""), owner)
         elif cmd == Cmd.FLUSH:
             self._spawn(self._flush_node(cookie, offset))
@@ -612,47 +616,173 @@ class Connection:
     def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
         t = self.t
         assert t is not None
-        if flags & CmdFlag.FUA or (length >= SPARSE_READ_MIN and t.structured):
+        plan = self.plan
+        if flags & _FUA or plan is None or not length:
             self._spawn(self._read_task(flags, cookie, offset, length), length)
             return
-        if length == 0:
-            self._queue(t.reply_done(cookie, offset))
-            return
-        fast = self.fast
-        if fast is None or length > fast.inline_max:
+        sparse = t.structured and length >= SPARSE_READ_MIN and not flags & _DF
+        if sparse and plan.kind == NULL:  # null-co's block status decides: the node's road
             self._spawn(self._read_task(flags, cookie, offset, length), length)
             return
-        hsize = t.read_header_size
-        buf = bytearray(hsize + length)
-        err = fast.read(memoryview(buf)[hsize:], offset)
-        if err:
-            self._queue(t.reply_error(cookie, offset, err, "reading from file failed"))
+        action, pos, size = route(plan, offset, length, False)
+        if action == FILL:
+            if sparse:
+                self._queue(t.hole_chunk(cookie, offset, offset, length, True))
+                return
+            buf = buffers.take(length)
+            buffers.zero(buf, length)
+            self._queue_read(cookie, offset, length, buf)
             return
-        t.pack_read_header(buf, cookie, offset, offset, length)
-        self._queue(buf)
+        if action != INLINE and action != TRANSFER:
+            self._spawn(self._read_task(flags, cookie, offset, length), length)
+            return
+        if sparse and self._file is not None and not self._is_data(pos, length):
+            plan.done()
+            self._spawn(self._read_task(flags, cookie, offset, length), length)
+            return
+        buf = buffers.take(length)
+        if action == TRANSFER:
+            self._start_transfer(False, cookie, offset, length, buf, pos)
+            return
+        res = copy_inline(plan.fd, buf.view, length, pos, False)
+        plan.done()
+        self._read_done(cookie, offset, length, buf, res)
+
+    def _is_data(self, pos: int, length: int) -> bool:
+        """Whether the file's ``[pos, +length)`` is all data (a structured read of it is
+        one data chunk): known from the last SEEK_HOLE, or asked now for a file held in
+        memory (a walk of its page cache, as QEMU's coroutine does it); False sends the
+        read to the node, which splits it into hole and data chunks."""
+        file = self._file
+        assert file is not None
+        if file.known_data(pos, length):
+            return True
+        if not file.in_memory:
+            return False  # the node's block status (in the pool) learns the span
+        try:
+            is_data, n = file.seek_status(pos, length)
+        except OSError:
+            return False  # the node's road reports it
+        return is_data and n >= length
+
+    def _read_done(
+        self, cookie: int, offset: int, length: int, buf: AlignedBuffer, res: int
+    ) -> None:
+        """A READ's data is in ``buf`` (``res``: bytes, or ``-errno``): reply."""
+        if res < 0:
+            buffers.give(buf)
+            t = self.t
+            assert t is not None
+            self._queue(t.reply_error(cookie, offset, -res, "reading from file failed"))
+            return
+        self._queue_read(cookie, offset, length, buf)
+
+    def _queue_read(self, cookie: int, offset: int, length: int, buf: AlignedBuffer) -> None:
+        """The reply header, then the data as a view of ``buf`` (given back once sent)."""
+        t = self.t
+        assert t is not None
+        header = bytearray(t.read_header_size)
+        t.pack_read_header(header, cookie, offset, offset, length)
+        self._queue(header)
+        self._queue(buf.view[:length], buf)
 
     def _write(
-        self, flags: int, cookie: int, offset: int, data: memoryview, owner: bytearray | None
+        self,
+        flags: int,
+        cookie: int,
+        offset: int,
+        data: memoryview,
+        owner: bytearray | AlignedBuffer | None,
     ) -> None:
         t = self.t
         assert t is not None
-        fast = self.fast
+        plan = self.plan
+        length = len(data)
         if (
-            fast is not None
-            and fast.writable
-            and len(data) <= fast.inline_max
-            and not flags & CmdFlag.FUA
+            plan is not None
+            and plan.writable
+            and length
+            and not flags & _FUA
             and not self.writethrough
         ):
-            err = fast.write(data, offset)
-            if err:
-                self._queue(t.reply_error(cookie, offset, err, "writing to file failed"))
-            else:
+            action, pos, size = route(plan, offset, length, True)
+            if action == fast_io.ACCEPT:
+                self._release(owner)
                 self._queue(t.reply_ok(cookie, offset))
-            return
+                return
+            if action == INLINE or action == TRANSFER:
+                buf = owner if type(owner) is AlignedBuffer else None
+                if buf is None and (plan.align_mask or action == TRANSFER):
+                    buf = buffers.take(length)  # O_DIRECT or the ring need it to stay put
+                    buf.view[:length] = data
+                if action == TRANSFER:
+                    assert buf is not None
+                    self._start_transfer(True, cookie, offset, length, buf, pos)
+                    return
+                res = copy_inline(plan.fd, buf.view if buf is not None else data, size, pos, True)
+                plan.done()
+                self._release(buf)
+                self._write_done(cookie, offset, res)
+                return
         if owner is not None and owner is self.rbuf:
             self._pins += 1
         self._spawn(self._write_task(flags, cookie, offset, data, owner), len(data))
+
+    def _write_done(self, cookie: int, offset: int, res: int) -> None:
+        t = self.t
+        assert t is not None
+        if res < 0:
+            self._queue(t.reply_error(cookie, offset, -res, "writing to file failed"))
+        else:
+            self._queue(t.reply_ok(cookie, offset))
+
+    @staticmethod
+    def _release(owner: object) -> None:
+        if type(owner) is AlignedBuffer:
+            buffers.give(owner)
+
+    # --- transfers (the loop's ring, or the pool) --------------------------------------------
+    def _start_transfer(
+        self, writing: bool, cookie: int, offset: int, length: int, buf: AlignedBuffer, pos: int
+    ) -> None:
+        plan = self.plan
+        assert plan is not None
+        tr = self._idle.pop() if self._idle else _Transfer(self, plan)
+        tr.writing = writing
+        tr.cookie = cookie
+        tr.offset = offset
+        tr.length = length
+        tr.buf = buf
+        self._transfers += 1
+        self._reserved += length
+        try:
+            if writing:
+                tr.xfer.write(plan.fd, buf.addr, length, pos, self._ring)
+            else:
+                tr.xfer.read(plan.fd, buf.addr, length, pos, self._ring)
+        except OSError as err:  # the loop's ring is closing
+            self._transfer_done(tr, -(err.errno or errno.EBADF))
+
+    def _transfer_done(self, tr: _Transfer, res: int) -> None:
+        self._transfers -= 1
+        self._reserved -= tr.length
+        plan = self.plan
+        assert plan is not None
+        plan.done()
+        buf = tr.buf
+        assert buf is not None
+        tr.buf = None
+        self._idle.append(tr)
+        if tr.writing:
+            buffers.give(buf)
+            self._write_done(tr.cookie, tr.offset, res)
+        else:
+            self._read_done(tr.cookie, tr.offset, tr.length, buf, res)
+        if self._hard or (self.closing and not self._reading):
+            if not self._serving() and not self._out and not self._writer_armed:
+                self._finish()
+            return
+        self._resume_if_possible()
 
     def _block_status(
         self, flags: int, cookie: int, offset: int, length: int, contexts: tuple[int, ...] | None
@@ -670,7 +800,7 @@ class Connection:
         elif not length:
             self._queue(t.reply_error(cookie, offset, errno.EINVAL, "need non-zero length"))
         else:
-            req_one = bool(flags & CmdFlag.REQ_ONE)
+            req_one = bool(flags & _REQ_ONE)
             self._spawn(self._block_status_task(cookie, offset, length, contexts, req_one))
 
     # --- tasks ------------------------------------------------------------------------------
@@ -686,7 +816,7 @@ class Connection:
         if not task.cancelled() and task.exception() is not None:
             log.error("NBD request failed", exc_info=task.exception())
         if self._hard or (self.closing and not self._reading):
-            if not self._tasks and not self._out and not self._writer_armed:
+            if not self._serving() and not self._out and not self._writer_armed:
                 self._finish()
             return
         self._resume_if_possible()
@@ -695,7 +825,7 @@ class Connection:
         t = self.t
         node = self.node
         assert t is not None and node is not None
-        if flags & CmdFlag.FUA:
+        if flags & _FUA:
             try:
                 await node.flush()
             except OSError as err:
@@ -704,7 +834,7 @@ class Connection:
         if length == 0:
             self._queue(t.reply_done(cookie, offset))
             return
-        if t.structured and not flags & CmdFlag.DF and length >= SPARSE_READ_MIN:
+        if t.structured and not flags & _DF and length >= SPARSE_READ_MIN:
             self._queue_all(await self._sparse_read(cookie, offset, length))
             return
         hsize = t.read_header_size
@@ -752,14 +882,19 @@ class Connection:
         return chunks
 
     async def _write_task(
-        self, flags: int, cookie: int, offset: int, data: memoryview, owner: bytearray | None
+        self,
+        flags: int,
+        cookie: int,
+        offset: int,
+        data: memoryview,
+        owner: bytearray | AlignedBuffer | None,
     ) -> None:
         t = self.t
         node = self.node
         assert t is not None and node is not None
         try:
             await node.write(offset, data)
-            if flags & CmdFlag.FUA or self.writethrough:
+            if flags & _FUA or self.writethrough:
                 await node.flush()
         except OSError as err:
             message = "writing to file failed"
@@ -769,6 +904,7 @@ class Connection:
         finally:
             if owner is not None and owner is self.rbuf:
                 self._pins -= 1
+            self._release(owner)
 
     async def _flush_node(self, cookie: int, offset: int) -> None:
         t = self.t
@@ -787,7 +923,7 @@ class Connection:
         assert t is not None and node is not None
         try:
             await node.discard(offset, length)
-            if flags & CmdFlag.FUA:
+            if flags & _FUA:
                 await node.flush()
         except OSError as err:
             self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, "discard failed"))
@@ -802,10 +938,10 @@ class Connection:
             await node.write_zeroes(
                 offset,
                 length,
-                unmap=not flags & CmdFlag.NO_HOLE,
-                no_fallback=bool(flags & CmdFlag.FAST_ZERO),
+                unmap=not flags & _NO_HOLE,
+                no_fallback=bool(flags & _FAST_ZERO),
             )
-            if flags & CmdFlag.FUA or self.writethrough:
+            if flags & _FUA or self.writethrough:
                 await node.flush()
         except OSError as err:
             message = "writing to file failed"
@@ -856,10 +992,17 @@ class Connection:
             pos += n
 
     # --- replies ------------------------------------------------------------------------------
-    def _queue(self, data: bytes | bytearray) -> None:
+    def _queue(
+        self, data: bytes | bytearray | memoryview, owner: AlignedBuffer | None = None
+    ) -> None:
+        """Queue ``data`` for the client; ``owner``: the pool buffer ``data`` views, given
+        back once sent."""
         if self._hard:
+            if owner is not None:
+                buffers.give(owner)
             return
         self._out.append(data)
+        self._owners.append(owner)
         self._out_bytes += len(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -879,6 +1022,7 @@ class Connection:
 
     def _send_queued(self) -> None:
         out = self._out
+        owners = self._owners
         channel = self.channel
         while out:
             batch = out if len(out) <= IOV_MAX else list(islice(out, IOV_MAX))
@@ -895,6 +1039,9 @@ class Connection:
                 size = len(first)
                 if size <= sent:
                     out.popleft()
+                    owner = owners.popleft()
+                    if owner is not None:
+                        buffers.give(owner)
                     sent -= size
                 else:
                     out[0] = memoryview(first)[sent:]
@@ -907,7 +1054,7 @@ class Connection:
             return
         self._disarm_writer()
         if self.closing and not self._reading:
-            if not self._tasks:
+            if not self._serving():
                 self._finish()
             return
         if self._out_bytes < MAX_QUEUED:
@@ -929,7 +1076,7 @@ class Connection:
         ones running finish and their replies are sent, then the connection closes."""
         self.closing = True
         self._stop_reading()
-        if not self._tasks and not self._out:
+        if not self._serving() and not self._out:
             self._finish()
 
     def _abort(self, reason: str) -> None:

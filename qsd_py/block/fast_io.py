@@ -1,0 +1,287 @@
+"""READ and WRITE without the node's coroutines: the plan of a node, and the one routing.
+
+Exports (FUSE over /dev/fuse and io_uring, NBD) serve their hot requests, a 4 KiB READ or
+WRITE, without an asyncio Task when the node's chain allows it: each node says what its bytes
+are on the host (:meth:`BlockNode.fast_target`, qsd_py/block/fast_map.py); :func:`plan_for`
+turns that into a :class:`FastPlan`, and :func:`route` is the one place that decides what a
+READ or WRITE of a range the export already checked becomes:
+
+* ``null-co`` without ``latency-ns``: answered inline (reads zero the buffer with
+  ``read-zeroes``, writes are dropped), as the node itself does;
+* ``file``, alone or under a ``raw`` node (its ``offset`` window adds a constant): the read or
+  write goes as an SQE straight between the fd and the request's buffer with
+  ``aio=io_uring``; with ``aio=threads`` to the pool as a reusable
+  :class:`~qsd_py.block.aio.ThreadTransfer` (the loop never blocks), except for callers that
+  serve from a ring of their own (``ring_io``: FUSE-over-io_uring queues and NBD
+  connections), which use the loop's ring in both modes; in all cases provided the request
+  would not be bounced (O_DIRECT needs offset and length aligned to the node's ``align``;
+  the callers' buffers are page aligned, which covers ``mem_align``);
+* ``qcow2`` over a ``file``: the same, once the node's cluster table maps the request's
+  clusters to contiguous host clusters (writes: clusters of this image alone, written in
+  place); a range that reads as zeroes is answered by zeroing the buffer (or, for NBD, with
+  a hole chunk); anything else (an unknown or unallocated cluster, a backing file,
+  compression) takes the node;
+* a file on tmpfs or ramfs (:func:`~qsd_py.block.drivers.file.held_in_memory`): requests up
+  to :data:`INLINE_MAX` bytes are a ``preadv``/``pwritev`` on the loop (:func:`copy_inline`),
+  a copy between page cache and the request's buffer that costs about a microsecond for
+  4 KiB. On these file systems io_uring cannot do non-blocking I/O and hands each request
+  to an io-wq thread, and the pool of ``aio=threads`` is a thread hop too: either costs
+  tens of microseconds of latency for a copy of one. Bigger requests still go to the
+  ring or the pool, so a long copy never holds the loop.
+
+Everything else (unaligned O_DIRECT, growing writes, writethrough) keeps going through the
+node; the export's own rules (EOF, growable, read-only) are checked by the export before.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import TYPE_CHECKING, Any
+
+from qsd_py.block.drivers.file import INLINE_MAX
+from qsd_py.block.fast_map import OFFSET_MASK, VALID, WRITABLE, ZERO
+
+if TYPE_CHECKING:
+    from qsd_py.block.aio import ThreadPoolBackend
+    from qsd_py.block.drivers.file import FileNode
+    from qsd_py.block.fast_map import ClusterTable
+    from qsd_py.block.node import BlockNode
+    from qsd_py.block.uring_aio import IoUringBackend
+
+NULL = 1  #: answered inline
+URING = 2  #: one SQE on the loop's ring
+THREADS = 3  #: one ThreadTransfer in the aio=threads pool
+#: How ``x-query-fuse-queues`` names them ("none": every request takes the engine).
+KIND_NAMES = {NULL: "null", URING: "uring", THREADS: "threads"}
+
+
+# What :func:`route` (and FUSE's ``decide``) makes of a READ or WRITE: (action, a, b).
+ENGINE = 0  #: take the node's coroutines
+REPLY = 1  #: answer now with ``a`` (a length, or -errno)
+FILL = 2  #: a read of ``a`` bytes answered from no file: zero the buffer if ``b``
+ACCEPT = 3  #: a write of ``a`` bytes that goes nowhere (null-co): answer it as written
+INLINE = 4  #: copy ``b`` bytes at file position ``a`` now (copy_inline)
+TRANSFER = 5  #: start backend I/O of ``b`` bytes at file position ``a``
+
+_VALID, _WRITABLE, _ZERO, _OFFSET_MASK = VALID, WRITABLE, ZERO, OFFSET_MASK
+_ENGINE = (ENGINE, 0, 0)
+
+
+class FastPlan:
+    """How to serve READ/WRITE of one export without the node coroutines."""
+
+    __slots__ = (
+        "kind",
+        "fd",
+        "base",
+        "align_mask",
+        "read_zeroes",
+        "writable",
+        "backend",
+        "inline_max",
+        "table",
+        "entries",
+        "capacity",
+        "cluster_bits",
+        "counts",
+        "slot",
+        "started_at",
+    )
+
+    def __init__(
+        self,
+        kind: int,
+        *,
+        fd: int = -1,
+        base: int = 0,
+        align: int = 1,
+        read_zeroes: bool = False,
+        writable: bool = True,
+        backend: IoUringBackend | ThreadPoolBackend | None = None,
+        inline_max: int = 0,
+        table: ClusterTable | None = None,
+        slot: int = -1,
+    ) -> None:
+        self.kind = kind
+        self.fd = fd
+        self.base = base  # node offset + base = file offset (raw's window)
+        self.align_mask = align - 1  # offsets/lengths with these bits set would bounce
+        self.read_zeroes = read_zeroes
+        self.writable = writable  # False: writes take the engine path (which refuses them)
+        self.backend = backend
+        self.inline_max = inline_max  # requests up to this size: inline_io() on the loop
+        # A format's cluster table (qcow2): looked up per request, see qsd_py/block/fast_map.py
+        self.table = table
+        self.entries = table.entries if table is not None else None
+        self.capacity = table.capacity if table is not None else 0
+        self.cluster_bits = table.cluster_bits if table is not None else 0
+        self.counts = table.counts if table is not None else None
+        self.slot = slot  # this reader's counters: started at started_at, finished after
+        self.started_at = slot * 8
+
+    def done(self) -> None:
+        """A request :func:`decide` routed by the table has finished its I/O."""
+        counts = self.counts
+        if counts is not None:
+            counts[self.started_at + 1] += 1
+
+    def release(self) -> None:
+        """Give the reader slot back (the queue is gone; its requests are done)."""
+        if self.table is not None and self.slot >= 0:
+            self.table.unclaim(self.slot)
+            self.slot = -1
+
+
+def plan_for(node: BlockNode, ring_io: bool = False, reader: int | None = None) -> FastPlan | None:
+    """The fast plan for ``node``'s chain, or None when every request needs the engine.
+
+    The node says what its bytes are on the host (:meth:`BlockNode.fast_target`); this
+    picks how to reach them. ``ring_io``: the caller serves from an io_uring ring
+    (FUSE-over-io_uring) or wants the loop's ring (NBD), so a ``file`` node's reads and
+    writes go on that ring whatever its ``aio`` mode. The caller already depends on
+    io_uring, and a backend op that would block is carried out by the kernel's own worker
+    threads (io-wq), which is what ``aio=threads`` asks for; the pool hop it saves is most
+    of a 4 KiB request's cost (docs/benchmarks.rst). ``reader``: the cluster-table reader
+    slot the daemon claimed for this queue's process (queue workers), else one is claimed
+    here."""
+    target = node.fast_target()
+    if target is None:
+        return None
+    writable = target.writable and not node.read_only
+    if target.null:
+        return FastPlan(NULL, read_zeroes=target.read_zeroes, writable=writable)
+    file = target.file
+    if file is None or file.fd < 0:
+        return None
+    kind, backend = _file_backend(file, ring_io)
+    if backend is None:
+        return None
+    table = target.table
+    slot = -1
+    if table is not None:
+        slot = table.claim() if reader is None else reader
+        if slot < 0:
+            return None
+    return FastPlan(
+        kind,
+        fd=file.fd,
+        base=target.base,
+        align=file.align if file.direct else 1,
+        writable=writable,
+        backend=backend,
+        inline_max=INLINE_MAX if file.in_memory else 0,
+        table=table,
+        slot=slot,
+    )
+
+
+def route(plan: FastPlan, offset: int, size: int, writing: bool) -> tuple[int, int, int]:
+    """What a READ or WRITE of ``size`` > 0 bytes at node ``offset`` becomes, once the export
+    checked it (in range, writable, not growing): ``FILL``/``ACCEPT`` (null-co, or clusters
+    that read as zeroes), ``INLINE``/``TRANSFER`` at a file position, or ``ENGINE``. After
+    ``INLINE`` or ``TRANSFER`` the caller calls ``plan.done()`` once the I/O is over."""
+    if plan.kind == NULL:
+        return (ACCEPT, size, 0) if writing else (FILL, size, plan.read_zeroes)
+    if plan.entries is None:
+        pos = offset + plan.base
+    else:
+        pos = _map(plan, offset, size, writing)
+        if pos < 0:
+            if pos == _ZEROES:
+                return FILL, size, 1
+            return _ENGINE
+    if (pos | size) & plan.align_mask:
+        plan.done()
+        return _ENGINE  # O_DIRECT would bounce: the node knows how
+    if size <= plan.inline_max:
+        return INLINE, pos, size
+    return TRANSFER, pos, size
+
+
+_SLOW = -1
+_ZEROES = -2
+_FRESH = _VALID | _ZERO
+
+
+def all_zeroes(plan: FastPlan, offset: int, size: int) -> bool:
+    """Whether the table says every cluster of ``[offset, +size)`` reads as zeroes and has
+    no host cluster: a write there only needs clusters allocated (no data to copy)."""
+    entries = plan.entries
+    if entries is None:
+        return False
+    bits = plan.cluster_bits
+    last = (offset + size - 1) >> bits
+    if last >= plan.capacity:
+        return False
+    return all(entries[c] == _FRESH for c in range(offset >> bits, last + 1))
+
+
+def _map(plan: FastPlan, offset: int, size: int, writing: bool) -> int:
+    """The file position of ``[offset, +size)`` through the cluster table, ``_ZEROES``
+    (reads as zeroes) or ``_SLOW``. The reader's ``started`` count goes up before the
+    entries are read; every answer but a position has its ``finished`` count too."""
+    counts = plan.counts
+    at = plan.started_at
+    counts[at] += 1  # type: ignore[index]
+    bits = plan.cluster_bits
+    first = offset >> bits
+    last = (offset + size - 1) >> bits
+    entries = plan.entries
+    if last >= plan.capacity:
+        counts[at + 1] += 1  # type: ignore[index]
+        return _SLOW
+    entry = entries[first]  # type: ignore[index]
+    need = _VALID | (_WRITABLE if writing else 0)
+    if entry & need != need:
+        counts[at + 1] += 1  # type: ignore[index]
+        return _SLOW
+    step = 0 if entry & _ZERO else 1 << bits
+    for cluster in range(first + 1, last + 1):  # the same kind, contiguous on the host
+        if entries[cluster] != entry + (cluster - first) * step:  # type: ignore[index]
+            counts[at + 1] += 1  # type: ignore[index]
+            return _SLOW
+    if entry & _ZERO:
+        counts[at + 1] += 1  # type: ignore[index]
+        return _SLOW if writing else _ZEROES
+    return (entry & _OFFSET_MASK) + (offset & ((1 << bits) - 1)) + plan.base
+
+
+def _file_backend(node: FileNode, ring_io: bool) -> tuple[int, Any]:
+    """How a file node's fast-path I/O is carried: ``(URING, IoUringBackend)`` or
+    ``(THREADS, ThreadPoolBackend)``; backend None when the node's backend is another."""
+    from qsd_py.block import aio
+
+    if ring_io:
+        return URING, aio.get_backend("io_uring")
+    backend = node.backend
+    if node.aio_mode == "threads" and isinstance(backend, aio.ThreadPoolBackend):
+        return THREADS, backend
+    if node.aio_mode == "io_uring":
+        from qsd_py.block.uring_aio import IoUringBackend  # only loaded when in use
+
+        if isinstance(backend, IoUringBackend):
+            return URING, backend
+    return 0, None
+
+
+def copy_inline(fd: int, buf: memoryview, size: int, pos: int, writing: bool) -> int:
+    """Read or write ``size`` bytes at file offset ``pos`` into or from ``buf`` right now
+    (only for files held in memory, see :data:`INLINE_MAX`): ``size``, or ``-errno``. A read
+    short at EOF zero-fills the rest, as the node's read does; a write that stops short is
+    ``-ENOSPC``."""
+    op = os.pwritev if writing else os.preadv
+    done = 0
+    try:
+        while done < size:
+            n = op(fd, (buf[done:size],), pos + done)
+            if n <= 0:
+                break
+            done += n
+    except OSError as err:
+        return -(err.errno or errno.EIO)
+    if done < size:
+        if writing:
+            return -errno.ENOSPC
+        buf[done:size] = bytes(size - done)
+    return size
