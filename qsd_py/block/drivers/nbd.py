@@ -1,7 +1,7 @@
 """The ``nbd`` driver: a node whose bytes live on an NBD server.
 
 The protocol is qsd_py/nbd/client.py's, the connection and its reconnecting
-qsd_py/nbd/client_session.py's; this module turns block layer requests into NBD requests:
+qsd_py/block/nbd/session.py's; this module turns block layer requests into NBD requests:
 split to the server's maximum payload, aligned to its minimum block size (read-modify-write
 where a caller is not aligned), and answers mapped back (``base:allocation`` into
 :class:`BlockStatus`, NBD errors into OSError).
@@ -20,6 +20,8 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from qsd_py.block.nbd.connection import ConnectError, TlsSetup
+from qsd_py.block.nbd.session import ClientSession, Target, open_connection
 from qsd_py.block.node import (
     STATUS_DATA,
     STATUS_OFFSET_VALID,
@@ -32,8 +34,6 @@ from qsd_py.block.node import (
 )
 from qsd_py.errors import QMPError
 from qsd_py.nbd.client import ExportInfo, Mode, ProtocolError, Request
-from qsd_py.nbd.client_conn import ConnectError, TlsSetup
-from qsd_py.nbd.client_session import ClientSession, Target, open_connection
 from qsd_py.nbd.constants import (
     MAX_BUFFER,
     META_BASE_ALLOCATION,

@@ -4,7 +4,7 @@
 :class:`~qsd_py.nbd.client.Handshake` over it (upgrading to TLS when the engine asks), and
 hands the transport to an :class:`NbdConnection`, an ``asyncio.BufferedProtocol`` that lets
 the :class:`~qsd_py.nbd.client.Transmission` place read payloads straight into callers'
-buffers. Reconnecting is the session's business (client_session.py), not this module's.
+buffers. Reconnecting is the session's business (session.py), not this module's.
 """
 
 from __future__ import annotations

@@ -22,14 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from qsd_py.nbd.client import ExportInfo, ProtocolError, Request
-from qsd_py.nbd.client_conn import (
+from qsd_py.block.nbd.connection import (
     ConnectError,
     ConnectionLost,
     NbdConnection,
     TlsSetup,
     connect,
 )
+from qsd_py.nbd.client import ExportInfo, ProtocolError, Request
 from qsd_py.nbd.constants import TransmissionFlag
 
 log = logging.getLogger(__name__)
