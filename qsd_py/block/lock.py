@@ -43,10 +43,22 @@ class CrossLoopLock:
                 self._held = False
                 return
             loop, fut = self._waiters.popleft()
-        loop.call_soon_threadsafe(self._hand_over, fut)
+        if loop is _running_loop():
+            loop.call_soon(self._hand_over, fut)  # no self-pipe write to wake our own loop
+        else:
+            loop.call_soon_threadsafe(self._hand_over, fut)
 
     def _hand_over(self, fut: asyncio.Future[None]) -> None:
         if fut.done():  # cancelled while waiting: give the lock to the next one
             self._release()
         else:
             fut.set_result(None)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The loop of the calling thread if it is running (releases also happen from plain
+    threads, such as a pool's)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
