@@ -59,7 +59,7 @@ from qsd_py.nbd.server import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Awaitable, Coroutine
 
     from qsd_py.block.drivers.file import FileNode
     from qsd_py.block.fast_io import FastPlan
@@ -889,63 +889,50 @@ class Connection:
         data: memoryview,
         owner: bytearray | AlignedBuffer | None,
     ) -> None:
-        t = self.t
         node = self.node
-        assert t is not None and node is not None
+        assert node is not None
+        flush = bool(flags & _FUA) or self.writethrough
         try:
-            await node.write(offset, data)
-            if flags & _FUA or self.writethrough:
-                await node.flush()
-        except OSError as err:
-            message = "writing to file failed"
-            self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, message))
-        else:
-            self._queue(t.reply_ok(cookie, offset))
+            work = node.write(offset, data)
+            await self._answer(cookie, offset, work, flush, "writing to file failed")
         finally:
             if owner is not None and owner is self.rbuf:
                 self._pins -= 1
             self._release(owner)
 
     async def _flush_node(self, cookie: int, offset: int) -> None:
-        t = self.t
         node = self.node
-        assert t is not None and node is not None
-        try:
-            await node.flush()
-        except OSError as err:
-            self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, "flush failed"))
-        else:
-            self._queue(t.reply_ok(cookie, offset))
+        assert node is not None
+        await self._answer(cookie, offset, node.flush(), False, "flush failed")
 
     async def _trim(self, flags: int, cookie: int, offset: int, length: int) -> None:
-        t = self.t
         node = self.node
-        assert t is not None and node is not None
-        try:
-            await node.discard(offset, length)
-            if flags & _FUA:
-                await node.flush()
-        except OSError as err:
-            self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, "discard failed"))
-        else:
-            self._queue(t.reply_ok(cookie, offset))
+        assert node is not None
+        work = node.discard(offset, length)
+        await self._answer(cookie, offset, work, bool(flags & _FUA), "discard failed")
 
     async def _write_zeroes(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        node = self.node
+        assert node is not None
+        unmap, no_fallback = not flags & _NO_HOLE, bool(flags & _FAST_ZERO)
+        work = node.write_zeroes(offset, length, unmap=unmap, no_fallback=no_fallback)
+        flush = bool(flags & _FUA) or self.writethrough
+        await self._answer(cookie, offset, work, flush, "writing to file failed")
+
+    async def _answer(
+        self, cookie: int, offset: int, work: Awaitable[Any], flush: bool, failure: str
+    ) -> None:
+        """Run a request's ``work`` (and a flush after it when ``flush``), then reply: done,
+        or the error with ``failure`` as QEMU words it."""
         t = self.t
         node = self.node
         assert t is not None and node is not None
         try:
-            await node.write_zeroes(
-                offset,
-                length,
-                unmap=not flags & _NO_HOLE,
-                no_fallback=bool(flags & _FAST_ZERO),
-            )
-            if flags & _FUA or self.writethrough:
+            await work
+            if flush:
                 await node.flush()
         except OSError as err:
-            message = "writing to file failed"
-            self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, message))
+            self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, failure))
         else:
             self._queue(t.reply_ok(cookie, offset))
 
