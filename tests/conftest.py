@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 from support import REQUIRE_URING, URING_KNOB, Qsd, skip_or_fail, umount_all_under
+
+from qsd_py.block.graph import BlockGraph
 
 
 @pytest.fixture
@@ -77,3 +79,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if REQUIRE_URING and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"skipped, but QSD_TEST_REQUIRE_URING=1 forbids skips: {report.longrepr}"
+
+
+@pytest.fixture
+async def graph() -> AsyncIterator[BlockGraph]:
+    """A fresh block graph on the test's loop, closed when the test ends (fds and locks
+    released; qcow2 nodes write back what they cache, as blockdev-del does)."""
+    g = BlockGraph()
+    try:
+        yield g
+    finally:
+        await g.close_all()

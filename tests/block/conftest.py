@@ -2,22 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from qsd_py.block.graph import BlockGraph
-
-
-@pytest.fixture
-async def graph() -> AsyncIterator[BlockGraph]:
-    """A fresh graph, closed (fds and locks released) when the test ends."""
-    g = BlockGraph()
-    try:
-        yield g
-    finally:
-        await g.close_all()
 
 
 @pytest.fixture

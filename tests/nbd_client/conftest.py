@@ -1,15 +1,13 @@
-"""Fixtures of the NBD client tests: servers (killed at the end, even after a failure) and
-a block graph on the test's loop."""
+"""Fixtures of the NBD client tests: servers, killed at the end even after a failure (the
+block graph fixture is tests/conftest.py's)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from nbd_servers import NbdServer, ServerFactory, free_port
-
-from qsd_py.block.graph import BlockGraph
 
 
 @pytest.fixture
@@ -47,12 +45,3 @@ def nbd_server(tmp_path: Path) -> Iterator[ServerFactory]:
     finally:
         for server in started:
             server.kill()
-
-
-@pytest.fixture
-async def graph() -> AsyncIterator[BlockGraph]:
-    g = BlockGraph()
-    try:
-        yield g
-    finally:
-        await g.close_all()
