@@ -18,6 +18,7 @@ import asyncio
 import errno
 import json
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -42,6 +43,8 @@ T = TypeVar("T")
 
 #: What QEMU's diff-iterate callback returns to stop at the first allocated extent.
 _STOP = -9000
+# QEMU's request kinds, which its failure message names by number.
+_READ, _WRITE, _DISCARD, _FLUSH, _WRITE_ZEROES = range(5)
 #: The longest stretch one block status call asks librbd about.
 _STATUS_WINDOW = 1 << 30
 
@@ -233,19 +236,31 @@ class RbdNode(BlockNode):
         return 0
 
     # --- I/O ------------------------------------------------------------------------------
-    async def _aio(self, start: Callable[[Callable[..., None]], Any], read: bool = False) -> Any:
+    async def _aio(
+        self, cmd: int, offset: int, length: int, start: Callable[[Callable[..., None]], Any]
+    ) -> Any:
         """Start one asynchronous librbd call and wait for its completion, which librbd's
-        thread hands to this loop's inbox. ``read``: the callback carries the data."""
+        thread hands to this loop's inbox; a read's callback carries the data. A failure
+        is reported on stderr as QEMU's driver does (``cmd``: its request kinds)."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         box = inbox()
 
         def done(completion: Any, data: Any = None) -> None:
             ret = completion.get_return_value()
-            value = OSError(-ret, os.strerror(-ret)) if ret < 0 else (data if read else ret)
+            value = OSError(-ret, os.strerror(-ret)) if ret < 0 else data
             box.post(result_setter(fut, value))
 
         start(done)
-        return await fut
+        try:
+            return await fut
+        except OSError as err:
+            print(
+                f"qsd-py: rbd request failed: cmd {cmd} offset {offset} bytes {length} "
+                f"flags 0 task.ret {-err.errno} ({os.strerror(err.errno)})",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise
 
     async def do_read(self, offset: int, buf: memoryview) -> None:
         """The binding reads into a bytes object of its own: copied into ``buf`` on the
@@ -256,7 +271,7 @@ class RbdNode(BlockNode):
             buf[n:] = bytes(len(buf) - n)
         if not n:
             return
-        data = await self._aio(lambda cb: image.aio_read(offset, n, cb), read=True)
+        data = await self._aio(_READ, offset, n, lambda cb: image.aio_read(offset, n, cb))
         buf[: len(data)] = data
         if len(data) < n:
             buf[len(data) : n] = bytes(n - len(data))
@@ -266,11 +281,13 @@ class RbdNode(BlockNode):
             raise OSError(errno.EROFS, "Block node is read-only")
         image = self._handle()
         payload = _as_write_buffer(data)
-        await self._aio(lambda cb: image.aio_write(payload, offset, cb))
+        await self._aio(
+            _WRITE, offset, len(payload), lambda cb: image.aio_write(payload, offset, cb)
+        )
 
     async def do_flush(self) -> None:
         image = self._handle()
-        await self._aio(image.aio_flush)
+        await self._aio(_FLUSH, 0, 0, image.aio_flush)
 
     async def do_write_zeroes(
         self, offset: int, length: int, unmap: bool, no_fallback: bool = False
@@ -285,13 +302,18 @@ class RbdNode(BlockNode):
         image = self._handle()
         thick = self._rbd_mod.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
         flags = 0 if unmap and self.discard_unmap else thick
-        await self._aio(lambda cb: image.aio_write_zeroes(offset, length, cb, zero_flags=flags))
+        await self._aio(
+            _WRITE_ZEROES,
+            offset,
+            length,
+            lambda cb: image.aio_write_zeroes(offset, length, cb, zero_flags=flags),
+        )
 
     async def do_discard(self, offset: int, length: int) -> None:
         if not self.discard_unmap or self.read_only:
             return
         image = self._handle()
-        await self._aio(lambda cb: image.aio_discard(offset, length, cb))
+        await self._aio(_DISCARD, offset, length, lambda cb: image.aio_discard(offset, length, cb))
 
     async def do_block_status(self, offset: int, length: int) -> BlockStatus:
         """QEMU's answer from librbd's diff iterate (whole objects, parents included): the
