@@ -28,14 +28,18 @@ def _quit(daemon: Qsd) -> None:
 
 
 def test_nbd_export_writes_reach_the_image(ceph, qsd, tmp_path: Path) -> None:
+    """Under ``raw``, exported from an iothread (librbd's completions go to that loop),
+    with nbdcopy's many requests in flight."""
     image = ceph.new_image(8 * MiB)
     sock = tmp_path / "nbd.sock"
     daemon = qsd(
+        "--object", "iothread,id=io0",
         "--blockdev", ceph.blockdev("r0", image),
+        "--blockdev", "driver=raw,node-name=d0,file=r0",
         "--nbd-server", f"addr.type=unix,addr.path={sock}",
-        "--export", "type=nbd,id=e0,node-name=r0,writable=on",
+        "--export", "type=nbd,id=e0,node-name=d0,iothread=io0,writable=on",
     )  # fmt: skip
-    uri = f"nbd+unix:///r0?socket={sock}"
+    uri = f"nbd+unix:///d0?socket={sock}"
     src = tmp_path / "src.raw"
     src.write_bytes(bytes(MiB) + _pattern(2 * MiB, 3) + bytes(5 * MiB))
     subprocess.run(["nbdcopy", str(src), uri], check=True, timeout=60)

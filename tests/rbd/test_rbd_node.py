@@ -140,6 +140,8 @@ def test_block_resize_resizes_the_image(ceph, qmp) -> None:
     assert info["size"] == 3 * MiB
     (node,) = qmp.cmd("query-named-block-nodes")
     assert node["image"]["virtual-size"] == 3 * MiB
+    assert qmp.cmd_raw("blockdev-del", {"node-name": "r0"}) == {"return": {}}
+    assert qmp.cmd_raw("query-named-block-nodes") == {"return": []}
 
 
 def test_qcow2_stored_in_rbd(ceph, qsd, tmp_path: Path) -> None:
