@@ -181,3 +181,33 @@ def test_qcow2_stored_in_rbd(ceph, qsd, tmp_path: Path) -> None:
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         assert "Pattern verification failed" not in done.stdout
+
+
+def test_rbd_node_as_a_backing_node(ceph, qsd, tmp_path: Path) -> None:
+    """A qcow2 overlay in a local file over an RBD image: reads of what the overlay does not
+    hold come from the cluster, writes stay in the overlay, the image is left as it was."""
+    base = b"\x71" * (2 * MiB)
+    image = ceph.import_image(base)
+    overlay = tmp_path / "overlay.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(overlay), "2M"], check=True)
+    mnt = tmp_path / "mnt"
+    mnt.touch()
+    daemon = qsd(
+        "--blockdev", ceph.blockdev("r0", image, **{"read-only": "on"}),
+        "--blockdev", f"driver=file,node-name=f0,filename={overlay}",
+        "--blockdev", "driver=qcow2,node-name=q0,file=f0,backing=r0",
+        "--export", f"type=fuse,id=e0,node-name=q0,mountpoint={mnt},writable=on",
+    )  # fmt: skip
+    fd = os.open(mnt, os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\x72" * 65536, MiB)
+        os.fsync(fd)
+        got = os.pread(fd, 2 * MiB, 0)
+    finally:
+        os.close(fd)
+    assert got == base[:MiB] + b"\x72" * 65536 + base[MiB + 65536 :]
+    qmp = daemon.qmp()
+    (q0,) = [n for n in qmp.cmd("query-named-block-nodes") if n["node-name"] == "q0"]
+    assert q0["backing_file"].startswith('json:{"pool": "rbd", "image": ')
+    qmp.close()
+    assert ceph.export(image) == base
