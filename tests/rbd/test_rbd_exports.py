@@ -125,3 +125,36 @@ def test_fuse_export_over_io_uring(ceph, qsd, uring_knob, tmp_path: Path) -> Non
     qmp.close()
     _quit(daemon)
     assert ceph.export(image) == before + bytes(2 * MiB) + data + bytes(3 * MiB)
+
+
+def _fio(cwd: Path, filename: Path, *extra: str) -> str:
+    args = [
+        "fio", "--name=verify", f"--filename={filename}", "--rw=randwrite", "--bs=4k",
+        "--numjobs=2", "--size=8M", "--offset_increment=8M", "--verify=crc32c",
+        "--verify_fatal=1", "--group_reporting", *extra,
+    ]  # fmt: skip
+    # fio leaves its verify state files in the cwd
+    out = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=cwd)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_fio_at_depth_through_io_uring_workers(ceph, qsd, uring_knob, tmp_path: Path) -> None:
+    """Many requests in flight (two fio jobs at depth 16, through the queue workers to the
+    daemon and librbd's aio calls): fio's checksums verify through the mount, and again
+    on what ``rbd export`` reads from the cluster afterwards."""
+    image = ceph.new_image(16 * MiB)
+    mnt = tmp_path / "mnt"
+    mnt.touch()
+    daemon = qsd(
+        "--blockdev", ceph.blockdev("r0", image),
+        "--export",
+        f"type=fuse,id=e0,node-name=r0,mountpoint={mnt},writable=on,io_uring=on",
+    )  # fmt: skip
+    out = _fio(tmp_path, mnt, "--direct=1", "--ioengine=io_uring", "--iodepth=16",
+               "--do_verify=1")  # fmt: skip
+    assert "err= 0" in out
+    _quit(daemon)
+    exported = tmp_path / "exported.raw"
+    exported.write_bytes(ceph.export(image))
+    _fio(tmp_path, exported, "--verify_only")
