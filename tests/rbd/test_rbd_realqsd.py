@@ -5,13 +5,16 @@ shares the host's loopback, where the monitor and the OSD listen."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from realqsd_support import SHARE, run_real
+from realqsd_support import SHARE, require_real_qsd, run_real
 from support import run_qsd
 
 pytestmark = pytest.mark.realqsd
@@ -67,3 +70,58 @@ def test_open_errors_as_qemus(img: str, shared: Path, extra: str) -> None:
     ours = run_qsd(["--blockdev", opts], timeout=30)
     assert real_code == ours.returncode == 1
     assert _errors(ours.stderr, "qsd-py") == _errors(real_err, "qemu-storage-daemon")
+
+
+def _real_nodes(share: Path, blockdev: str) -> list[dict]:
+    """query-named-block-nodes of QEMU 11.1's daemon with one --blockdev."""
+    tool = require_real_qsd()
+    qmp = share / "real-qmp.sock"
+    proc = subprocess.Popen(
+        [str(tool), "run", "qemu-storage-daemon", "--blockdev", blockdev,
+         "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not qmp.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "real daemon failed"
+            time.sleep(0.05)
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+
+        client = QEMUMonitorProtocol(str(qmp))
+        client.connect()
+        try:
+            return client.cmd("query-named-block-nodes")
+        finally:
+            client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        qmp.unlink(missing_ok=True)
+
+
+def test_node_info_as_qemu_shows_it(ceph, qsd, img: str, shared: Path) -> None:
+    """The same answer for an image with a snapshot, its snapshot read-only, and an image
+    in a namespace reached through a monitor address and a user."""
+    ceph.rbd("namespace", "create", "rbd/nscmp")
+    ceph.rbd("create", "--size", "2M", "rbd/nscmp/nsimg")
+    port = ceph.conf.read_text().split("mon host = [v2:127.0.0.1:")[1].split("]")[0]
+    conf = f"{shared}/ceph.conf"
+    blockdevs = [
+        f"driver=rbd,node-name=r0,pool=rbd,image={img},conf={conf}",
+        f"driver=rbd,node-name=r0,pool=rbd,image={img},snapshot=s1,read-only=on,conf={conf}",
+        f"driver=rbd,node-name=r0,pool=rbd,namespace=nscmp,image=nsimg,user=admin,"
+        f"server.0.host=127.0.0.1,server.0.port={port},conf={conf}",
+    ]
+    for blockdev in blockdevs:
+        theirs = _real_nodes(shared, blockdev)
+        daemon = qsd("--blockdev", blockdev)
+        client = daemon.qmp()
+        try:
+            ours = client.cmd("query-named-block-nodes")
+        finally:
+            with contextlib.suppress(OSError):
+                client.close()
+        daemon.kill()
+        assert [n["drv"] for n in ours] == ["rbd"]
+        assert ours == theirs, blockdev
