@@ -133,8 +133,11 @@ def _write_zeroes(fd: int, offset: int, length: int) -> None:
     end = offset + length
     while offset < end:
         n = _checked(
-            os.pwrite, "Could not write zeros for preallocation", fd,
-            zeroes[: min(ZERO_CHUNK, end - offset)], offset,
+            os.pwrite,
+            "Could not write zeros for preallocation",
+            fd,
+            zeroes[: min(ZERO_CHUNK, end - offset)],
+            offset,
         )
         offset += n
     _checked(os.fsync, "Could not flush file to disk", fd)

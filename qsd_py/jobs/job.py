@@ -177,6 +177,7 @@ class Job:
 
     async def _co_entry(self) -> None:
         try:
+            await self.pause_point()  # a job paused before it started pauses here first
             await self.run()
         except JobCancelled:
             pass
@@ -210,8 +211,11 @@ class Job:
             raise JobCancelled
 
     async def sleep(self, seconds: float) -> None:
-        """Wait ``seconds`` unless woken (cancel, pause, speed change), then a pause point."""
-        if self.pause_count == 0 and not self.is_cancelled and seconds > 0:
+        """Wait ``seconds`` unless woken (cancel, pause, speed change), then a pause point;
+        a cancelled job does not wait at all."""
+        if self.is_cancelled:
+            return
+        if self.pause_count == 0 and seconds > 0:
             loop = asyncio.get_running_loop()
             self._timer = loop.call_later(seconds, self.enter)
             try:
@@ -268,7 +272,7 @@ class Job:
         if self.pause_count == 0:
             return
         self.pause_count -= 1
-        if self.pause_count == 0:
+        if self.pause_count == 0 and not self.timer_pending:  # a sleep ends by its timer
             self.enter()
 
     # --- user verbs (QMP) -----------------------------------------------------------------
@@ -378,6 +382,8 @@ class Job:
             self._dismiss()
 
     def _dismiss(self) -> None:
+        self.busy = self.paused = False
+        self.deferred = True
         self.transition(st.NULL)
         self.registry.remove(self)
 

@@ -33,18 +33,17 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     NULL: frozenset(),
 }
 
-_ACTIVE = frozenset({CREATED, RUNNING, PAUSED, READY, STANDBY, WAITING, PENDING})
-
 # For each verb (QAPI's JobVerb), the states that accept it.
+_UNTIL_READY = frozenset({CREATED, RUNNING, PAUSED, READY, STANDBY})
 VERBS: dict[str, frozenset[str]] = {
-    "cancel": _ACTIVE,
-    "pause": _ACTIVE,
-    "resume": _ACTIVE,
-    "set-speed": _ACTIVE,
-    "complete": frozenset({READY}),
+    "cancel": _UNTIL_READY | {WAITING, PENDING},
+    "pause": _UNTIL_READY,
+    "resume": _UNTIL_READY,
+    "set-speed": _UNTIL_READY,
+    "complete": frozenset({READY, STANDBY}),
     "finalize": frozenset({PENDING}),
     "dismiss": frozenset({CONCLUDED}),
-    "change": _ACTIVE - {CREATED},
+    "change": _UNTIL_READY,
 }
 
 
@@ -57,6 +56,4 @@ def check_transition(old: str, new: str) -> None:
 def check_verb(job_id: str, status: str, verb: str) -> None:
     """Refuse ``verb`` in ``status`` with QEMU's text."""
     if status not in VERBS[verb]:
-        raise QMPError(
-            f"Job '{job_id}' in state '{status}' cannot accept command verb '{verb}'"
-        )
+        raise QMPError(f"Job '{job_id}' in state '{status}' cannot accept command verb '{verb}'")

@@ -26,15 +26,29 @@ class Daemon:
         relative file names mean the same to both."""
         self.sock = workdir / ("real.sock" if real else "py.sock")
         self.sock.unlink(missing_ok=True)
-        qmp = ["--chardev", f"socket,id=m0,path={self.sock},server=on,wait=off",
-               "--monitor", "chardev=m0"]
+        qmp = [
+            "--chardev",
+            f"socket,id=m0,path={self.sock},server=on,wait=off",
+            "--monitor",
+            "chardev=m0",
+        ]
         if real:
-            prefix = [str(REAL_QSD), "run", "sh", "-c",
-                      f'cd "{workdir}" && exec qemu-storage-daemon "$@"', "sh"]
+            prefix = [
+                str(REAL_QSD),
+                "run",
+                "sh",
+                "-c",
+                f'cd "{workdir}" && exec qemu-storage-daemon "$@"',
+                "sh",
+            ]
         else:
             prefix = [sys.executable, "-m", "qsd_py"]
-        self.proc = subprocess.Popen([*prefix, *qmp, *(args or [])], cwd=workdir,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(
+            [*prefix, *qmp, *(args or [])],
+            cwd=workdir,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.monotonic() + 30
         while not self.sock.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

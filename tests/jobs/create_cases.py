@@ -57,7 +57,10 @@ QCOW2_CASES: dict[str, dict[str, Any]] = {
     "backing-nofmt": {"size": 64 * M, "backing-file": "base.raw"},
     "backing-v2": {"size": 64 * M, "backing-file": "b.img", "backing-fmt": "raw", "version": "v2"},
     "backing-extl2-prealloc": {
-        "size": 4 * M, "backing-file": "b", "extended-l2": True, "preallocation": "metadata",
+        "size": 4 * M,
+        "backing-file": "b",
+        "extended-l2": True,
+        "preallocation": "metadata",
     },
     "prealloc-metadata": {"size": 8 * M, "preallocation": "metadata"},
     "prealloc-falloc": {"size": 4 * M, "preallocation": "falloc"},
@@ -69,8 +72,12 @@ QCOW2_CASES: dict[str, dict[str, Any]] = {
     "big-1t": {"size": 1 << 40},
     "big-1t-c512": {"size": 1 << 40, "cluster-size": 512},
     "all-v3": {
-        "size": 32 * M, "cluster-size": 32768, "refcount-bits": 32, "lazy-refcounts": True,
-        "compression-type": "zstd", "extended-l2": True,
+        "size": 32 * M,
+        "cluster-size": 32768,
+        "refcount-bits": 32,
+        "lazy-refcounts": True,
+        "compression-type": "zstd",
+        "extended-l2": True,
     },
     # refused
     "err-size": {"size": 1000},
@@ -103,10 +110,16 @@ def _job(d: Daemon, job: str, args: dict[str, Any]) -> dict[str, Any]:
     events = d.events() + d.settle(job)
     info = [j for j in d.cmd("query-jobs")["return"] if j["id"] == job][0]
     d.cmd("job-dismiss", {"id": job})
-    states = [e["data"]["status"] for e in events + d.events(wait=0.02)
-              if e["event"] == "JOB_STATUS_CHANGE" and e["data"]["id"] == job]
-    return {"states": states, "error": info.get("error"), "progress": [
-        info["current-progress"], info["total-progress"]]}
+    states = [
+        e["data"]["status"]
+        for e in events + d.events(wait=0.02)
+        if e["event"] == "JOB_STATUS_CHANGE" and e["data"]["id"] == job
+    ]
+    return {
+        "states": states,
+        "error": info.get("error"),
+        "progress": [info["current-progress"], info["total-progress"]],
+    }
 
 
 def _digest(path: Path) -> list[Any] | None:

@@ -56,8 +56,7 @@ def _plan(opts: dict[str, Any]) -> Plan:
     backing = opts.get("backing-file")
     if backing is not None and prealloc != "off" and not extended_l2:
         raise QMPError(
-            "Backing file and preallocation can only be used at the same time if "
-            "extended_l2 is on"
+            "Backing file and preallocation can only be used at the same time if extended_l2 is on"
         )
     if "backing-fmt" in opts and backing is None:
         raise QMPError("Backing format cannot be used without backing file")
