@@ -75,16 +75,17 @@ class Daemon:
         return out
 
     def settle(self, job: str, timeout: float = 20.0) -> list[dict[str, Any]]:
-        """Events until job ``job`` reaches a state where it waits for the user (or is gone)."""
-        got: list[dict[str, Any]] = []
+        """Events until job ``job`` reaches a state where it waits for the user (or is gone).
+        A daemon sends a state's event before any reply that shows the state, so the events
+        are all in once query-jobs says so."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            got += self.events(wait=0.05)
             jobs = self.cmd("query-jobs")["return"]
             states = [j["status"] for j in jobs if j["id"] == job]
             if not states or states[0] in SETTLED:
-                return got + self.events(wait=0.05)
-        raise TimeoutError(f"job {job} did not settle: {got}")
+                return self.events()
+            time.sleep(0.002)
+        raise TimeoutError(f"job {job} did not settle")
 
     def close(self) -> None:
         try:

@@ -112,7 +112,7 @@ def _job(d: Daemon, job: str, args: dict[str, Any]) -> dict[str, Any]:
     d.cmd("job-dismiss", {"id": job})
     states = [
         e["data"]["status"]
-        for e in events + d.events(wait=0.02)
+        for e in events + d.events()
         if e["event"] == "JOB_STATUS_CHANGE" and e["data"]["id"] == job
     ]
     return {
