@@ -19,8 +19,10 @@ def qsd(tmp_path: Path) -> Iterator[Callable[..., Qsd]]:
     """
     started: list[Qsd] = []
 
-    def start(*args: str, qmp: bool = True, wait: bool = True) -> Qsd:
-        daemon = Qsd(tmp_path, list(args), qmp=qmp)
+    def start(
+        *args: str, qmp: bool = True, wait: bool = True, pass_fds: tuple[int, ...] = ()
+    ) -> Qsd:
+        daemon = Qsd(tmp_path, list(args), qmp=qmp, pass_fds=pass_fds)
         started.append(daemon)
         if wait:
             daemon.wait_ready()

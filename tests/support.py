@@ -55,7 +55,9 @@ def skip_or_fail(reason: str) -> None:
 class Qsd:
     """One qsd-py daemon process with a QMP socket and a pidfile in ``workdir``."""
 
-    def __init__(self, workdir: Path, args: list[str], qmp: bool = True) -> None:
+    def __init__(
+        self, workdir: Path, args: list[str], qmp: bool = True, pass_fds: tuple[int, ...] = ()
+    ) -> None:
         self.workdir = workdir
         self.qmp_path = workdir / "qmp.sock"
         self.pidfile = workdir / "qsd.pid"
@@ -72,7 +74,12 @@ class Qsd:
         for stale in (self.pidfile, self.qmp_path):
             stale.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            argv, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            argv,
+            cwd=workdir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=pass_fds,
         )
 
     def wait_ready(self, timeout: float = 15.0) -> None:

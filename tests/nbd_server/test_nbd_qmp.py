@@ -208,6 +208,33 @@ def test_tcp_listener(qsd) -> None:
     assert info["exports"][0]["description"] == "over tcp"
 
 
+def test_fd_listener_serves_clients(qsd, tmp_path: Path) -> None:
+    """``addr.type=fd`` on the command line: the daemon listens on a socket it inherited
+    (bound, not yet listening, as a service manager hands it over) and serves clients on
+    it; the path was never the daemon's, so stopping does not remove it."""
+    path = tmp_path / "inherited.sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    try:
+        fd = sock.fileno()
+        daemon = qsd(
+            "--blockdev", NULL,
+            "--nbd-server", f"addr.type=fd,addr.str={fd}",
+            "--export", "type=nbd,id=e0,node-name=n0,description=inherited",
+            pass_fds=(fd,),
+        )  # fmt: skip
+    finally:
+        sock.close()  # the daemon holds its own copy now
+    uri = f"nbd+unix:///n0?socket={path}"
+    info = json.loads(run("nbdinfo", "--json", uri).stdout)
+    assert info["exports"][0]["description"] == "inherited"
+    assert info["exports"][0]["export-size"] == 1048576
+    assert talk(daemon).command("nbd-server-stop")["reply"] == {"return": {}}
+    refused = run("nbdinfo", uri, check=False)
+    assert refused.returncode != 0
+    assert path.exists()
+
+
 def test_command_line_errors(tmp_path: Path) -> None:
     sock = tmp_path / "n.sock"
     cases = [
