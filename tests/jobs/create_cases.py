@@ -71,6 +71,7 @@ QCOW2_CASES: dict[str, dict[str, Any]] = {
     "data-file-full": {"size": 4 * M, "data-file": True, "preallocation": "full"},
     "big-1t": {"size": 1 << 40},
     "big-1t-c512": {"size": 1 << 40, "cluster-size": 512},
+    "inline-file": {"size": 64 * M, "file": {"driver": "file", "filename": "inline-file.qcow2"}},
     "all-v3": {
         "size": 32 * M,
         "cluster-size": 32768,
@@ -163,7 +164,9 @@ def _qcow2_case(d: Daemon, workdir: Path, name: str, opts: dict[str, Any]) -> di
     res = _job(d, f"q-{name}", args)
     for node in ("img", "data"):
         d.cmd("blockdev-del", {"node-name": node})
-    return {**res, "files": files}
+    # Nodes the job opened (an inline file, the new image) are gone with it.
+    left = [n["node-name"] for n in d.cmd("query-named-block-nodes")["return"]]
+    return {**res, "files": files, "nodes-left": left}
 
 
 if __name__ == "__main__":

@@ -146,3 +146,92 @@ def test_live_against_qemu(tmp_path: Path) -> None:
     real = run_all(Path("/tmp/qsd-cmp/jobs-create-live"), real=True)
     ours = run_all(Path("/tmp/qsd-cmp/jobs-create-live"), real=False)
     assert {k: v for k, v in ours.items() if v != real[k]} == {}
+
+
+# One conversation about a create job, for both daemons: every verb on it once concluded,
+# the block-job-* forms (a create job is no block job), ids, the dismissal.
+VERBS_SCRIPT: list[list[Any]] = [
+    [
+        "blockdev-create",
+        {"job-id": "j", "options": {"driver": "file", "filename": "a.img", "size": 1 << 20}},
+    ],
+    ["settle", "j"],
+    ["query-jobs", None],
+    [
+        "blockdev-create",
+        {"job-id": "j", "options": {"driver": "file", "filename": "b.img", "size": 0}},
+    ],
+    ["blockdev-create", {"job-id": "j-2.x_y", "options": {"driver": "raw"}}],
+    *[
+        [f"job-{verb}", {"id": "j"}]
+        for verb in ("pause", "resume", "cancel", "complete", "finalize")
+    ],
+    *[[f"block-job-{verb}", {"device": "j"}] for verb in ("pause", "resume", "cancel", "complete")],
+    ["block-job-set-speed", {"device": "j", "speed": 1}],
+    ["block-job-finalize", {"id": "j"}],
+    ["block-job-dismiss", {"id": "j"}],
+    ["block-job-change", {"id": "j", "type": "create"}],
+    ["query-block-jobs", None],
+    ["job-dismiss", {"id": "j"}],
+    ["job-dismiss", {"id": "j"}],
+    ["query-jobs", None],
+]
+
+
+def test_verbs_on_a_create_job(tmp_path: Path) -> None:
+    """qsd-py's side of the conversation, with the answers QEMU 11.1 gave."""
+    from conversation import run
+
+    d = Daemon(tmp_path, real=False)
+    try:
+        got = run(d, VERBS_SCRIPT)
+    finally:
+        d.close()
+    replies = [e["reply"] for e in got if "reply" in e]
+    verb_err = "Job 'j' in state 'concluded' cannot accept command verb '{}'"
+    assert replies[1:] == [
+        {
+            "return": [
+                {
+                    "id": "j",
+                    "type": "create",
+                    "status": "concluded",
+                    "current-progress": 1,
+                    "total-progress": 1,
+                }
+            ]
+        },
+        {"error": {"class": "GenericError", "desc": "Job ID 'j' already in use"}},
+        {"error": {"class": "GenericError", "desc": "Driver does not support blockdev-create"}},
+        {"error": {"class": "GenericError", "desc": verb_err.format("pause")}},
+        {"error": {"class": "GenericError", "desc": "Can't resume a job that was not paused"}},
+        {"error": {"class": "GenericError", "desc": verb_err.format("cancel")}},
+        {"error": {"class": "GenericError", "desc": verb_err.format("complete")}},
+        {"error": {"class": "GenericError", "desc": verb_err.format("finalize")}},
+        *[{"error": {"class": "DeviceNotActive", "desc": "Block job 'j' not found"}}] * 8,
+        {"return": []},
+        {"return": {}},
+        {"error": {"class": "GenericError", "desc": "Job not found"}},
+        {"return": []},
+    ]
+
+
+@pytest.mark.realqsd
+def test_verbs_on_a_create_job_live(tmp_path: Path) -> None:
+    """The same conversation against both daemons: the same replies and events."""
+    from conversation import run
+    from realqsd_support import require_real_qsd
+
+    require_real_qsd()
+    workdir = Path("/tmp/qsd-cmp/jobs-verbs")
+    workdir.mkdir(parents=True, exist_ok=True)
+    out = []
+    for real in (True, False):
+        for old in workdir.iterdir():
+            old.unlink()
+        d = Daemon(workdir, real=real)
+        try:
+            out.append(run(d, VERBS_SCRIPT))
+        finally:
+            d.close()
+    assert out[1] == out[0]
