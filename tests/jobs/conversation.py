@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-REAL_QSD = Path("/work/shared/tools/real-qsd")
 SETTLED = {"concluded", "null", "ready", "pending", "paused", "standby"}
 
 
@@ -33,8 +32,10 @@ class Daemon:
             "chardev=m0",
         ]
         if real:
+            from realqsd_support import require_real_qsd
+
             prefix = [
-                str(REAL_QSD),
+                str(require_real_qsd()),
                 "run",
                 "sh",
                 "-c",
