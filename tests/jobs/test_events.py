@@ -232,3 +232,26 @@ async def test_set_speed_wakes_a_sleeping_job() -> None:
     assert info["busy"] is False and info["speed"] == 1
     assert await reply(daemon, "block-job-set-speed", {"device": "j", "speed": 0}) == {}
     await until(lambda: job.status == "null")
+
+
+async def test_shutdown_cancels_every_job() -> None:
+    """Daemon.close (quit, SIGTERM): running, paused, pending and concluded jobs all end
+    and are gone, as QEMU's job_cancel_sync_all leaves none."""
+    daemon, events = await new_daemon()
+    jobs = {
+        "run": StepJob(daemon.jobs, "run", steps=10**6),
+        "paused": StepJob(daemon.jobs, "paused", steps=10**6),
+        "pend": StepJob(daemon.jobs, "pend", auto_finalize=False),
+        "done": StepJob(daemon.jobs, "done", auto_dismiss=False),
+    }
+    for job in jobs.values():
+        daemon.jobs.add(job)
+        job.start()
+    await reply(daemon, "job-pause", {"id": "paused"})
+    await until(lambda: jobs["pend"].status == "pending" and jobs["done"].status == "concluded")
+    await until(lambda: jobs["paused"].status == "paused")
+    await daemon.close()
+    assert list(daemon.jobs) == []
+    ends = [e for e in events.take() if e[0] != S]
+    assert ("BLOCK_JOB_CANCELLED", progress(jobs["run"]) | {"device": "run"}) in ends
+    assert all(job.status == "null" for job in jobs.values())
