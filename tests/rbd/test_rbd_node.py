@@ -132,6 +132,24 @@ def test_query_named_block_nodes_is_qemus(ceph, qmp) -> None:
     assert (node["drv"], node["ro"], node["children"]) == ("rbd", False, [])
 
 
+def test_raw_over_rbd_shows_the_image_through(ceph, qmp) -> None:
+    """QEMU 11.1's raw over an rbd node: a json: name, the image's object size, snapshots
+    and memory alignment, no actual-size."""
+    image = ceph.new_image(MiB)
+    ceph.rbd("snap", "create", f"rbd/{image}@s1")
+    assert _add(qmp, pool="rbd", image=image, conf=str(ceph.conf)) == {"return": {}}
+    raw = {"driver": "raw", "node-name": "w0", "file": "r0"}
+    assert qmp.cmd_raw("blockdev-add", raw) == {"return": {}}
+    nodes = {n["node-name"]: n for n in qmp.cmd("query-named-block-nodes")}
+    rbd_opts = f'{{"pool": "rbd", "image": "{image}", "conf": "{ceph.conf}", "driver": "rbd"}}'
+    w0 = nodes["w0"]["image"]
+    assert w0["filename"] == f'json:{{"driver": "raw", "file": {rbd_opts}}}'
+    assert "actual-size" not in w0
+    assert w0["cluster-size"] == 4 * MiB
+    assert [s["name"] for s in w0["snapshots"]] == ["s1"]
+    assert w0["limits"]["min-mem-alignment"] == 512
+
+
 def test_block_resize_resizes_the_image(ceph, qmp) -> None:
     image = ceph.new_image(MiB)
     assert _add(qmp, pool="rbd", image=image, conf=str(ceph.conf)) == {"return": {}}
@@ -167,6 +185,12 @@ def test_qcow2_stored_in_rbd(ceph, qsd, tmp_path: Path) -> None:
     finally:
         os.close(fd)
     qmp = daemon.qmp()
+    nodes = {n["node-name"]: n for n in qmp.cmd("query-named-block-nodes")}
+    # QEMU 11.1's answer: a json: name with the RBD node's options, no actual-size
+    rbd_opts = f'{{"pool": "rbd", "image": "{image}", "conf": "{ceph.conf}", "driver": "rbd"}}'
+    assert nodes["q0"]["file"] == f'json:{{"driver": "qcow2", "file": {rbd_opts}}}'
+    assert "actual-size" not in nodes["q0"]["image"]
+    assert nodes["q0"]["image"]["limits"]["min-mem-alignment"] == 512
     try:
         qmp.cmd("quit")
     except EOFError:

@@ -72,12 +72,12 @@ def test_open_errors_as_qemus(img: str, shared: Path, extra: str) -> None:
     assert _errors(ours.stderr, "qsd-py") == _errors(real_err, "qemu-storage-daemon")
 
 
-def _real_nodes(share: Path, blockdev: str) -> list[dict]:
-    """query-named-block-nodes of QEMU 11.1's daemon with one --blockdev."""
+def _real_nodes(share: Path, blockdevs: list[str]) -> list[dict]:
+    """query-named-block-nodes of QEMU 11.1's daemon with these --blockdev options."""
     tool = require_real_qsd()
     qmp = share / "real-qmp.sock"
     proc = subprocess.Popen(
-        [str(tool), "run", "qemu-storage-daemon", "--blockdev", blockdev,
+        [str(tool), "run", "qemu-storage-daemon", *_args(blockdevs),
          "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
@@ -100,22 +100,33 @@ def _real_nodes(share: Path, blockdev: str) -> list[dict]:
         qmp.unlink(missing_ok=True)
 
 
-def test_node_info_as_qemu_shows_it(ceph, qsd, img: str, shared: Path) -> None:
-    """The same answer for an image with a snapshot, its snapshot read-only, and an image
-    in a namespace reached through a monitor address and a user."""
+def _args(blockdevs: list[str]) -> list[str]:
+    return [arg for blockdev in blockdevs for arg in ("--blockdev", blockdev)]
+
+
+def test_node_info_as_qemu_shows_it(ceph, qsd, img: str, shared: Path, tmp_path: Path) -> None:
+    """The same answer for an image with a snapshot, its snapshot read-only, an image in a
+    namespace reached through a monitor address and a user, and raw and qcow2 over RBD."""
+    qcow2 = tmp_path / "q.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "4M"], check=True)
+    qimg = ceph.import_image(qcow2.read_bytes(), prefix="cmpq")
     ceph.rbd("namespace", "create", "rbd/nscmp")
     ceph.rbd("create", "--size", "2M", "rbd/nscmp/nsimg")
     port = ceph.conf.read_text().split("mon host = [v2:127.0.0.1:")[1].split("]")[0]
     conf = f"{shared}/ceph.conf"
-    blockdevs = [
-        f"driver=rbd,node-name=r0,pool=rbd,image={img},conf={conf}",
-        f"driver=rbd,node-name=r0,pool=rbd,image={img},snapshot=s1,read-only=on,conf={conf}",
-        f"driver=rbd,node-name=r0,pool=rbd,namespace=nscmp,image=nsimg,user=admin,"
-        f"server.0.host=127.0.0.1,server.0.port={port},conf={conf}",
-    ]
-    for blockdev in blockdevs:
-        theirs = _real_nodes(shared, blockdev)
-        daemon = qsd("--blockdev", blockdev)
+    cases = [
+        [f"driver=rbd,node-name=r0,pool=rbd,image={img},conf={conf}"],
+        [f"driver=rbd,node-name=r0,pool=rbd,image={img},snapshot=s1,read-only=on,conf={conf}"],
+        [f"driver=rbd,node-name=r0,pool=rbd,namespace=nscmp,image=nsimg,user=admin,"
+         f"server.0.host=127.0.0.1,server.0.port={port},conf={conf}"],
+        [f"driver=rbd,node-name=r0,pool=rbd,image={img},conf={conf}",
+         "driver=raw,node-name=w0,file=r0"],
+        [f"driver=rbd,node-name=r0,pool=rbd,image={qimg},conf={conf}",
+         "driver=qcow2,node-name=q0,file=r0"],
+    ]  # fmt: skip
+    for blockdevs in cases:
+        theirs = _real_nodes(shared, blockdevs)
+        daemon = qsd(*_args(blockdevs))
         client = daemon.qmp()
         try:
             ours = client.cmd("query-named-block-nodes")
@@ -123,5 +134,5 @@ def test_node_info_as_qemu_shows_it(ceph, qsd, img: str, shared: Path) -> None:
             with contextlib.suppress(OSError):
                 client.close()
         daemon.kill()
-        assert [n["drv"] for n in ours] == ["rbd"]
-        assert ours == theirs, blockdev
+        assert [n["drv"] for n in ours][-1] == "rbd"
+        assert ours == theirs, blockdevs

@@ -389,11 +389,9 @@ class RbdNode(BlockNode):
         extra["format-specific"] = {"type": "rbd", "data": {}}
         return extra
 
-    def image_info(self, flat: bool = False) -> dict[str, Any]:
-        """No ``actual-size`` (QEMU's rbd driver cannot say it)."""
-        image = super().image_info(flat)
-        del image["actual-size"]
-        return image
+    def allocated_size_now(self) -> int | None:
+        """Unknown (QEMU's rbd driver cannot say it either)."""
+        return None
 
 
 NODE = RbdNode
