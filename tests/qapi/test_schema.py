@@ -34,6 +34,14 @@ COMMANDS = {
     "nbd-server-add",
     "nbd-server-remove",
     "x-query-fuse-queues",  # qsd-py extension (issue 4: per-queue FUSE counters)
+    "chardev-add",
+    "chardev-change",
+    "chardev-remove",
+    "chardev-send-break",
+    "query-chardev",
+    "query-chardev-backends",
+    "ringbuf-read",
+    "ringbuf-write",
 }
 
 
