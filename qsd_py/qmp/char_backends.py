@@ -364,14 +364,27 @@ class SocketBackend(Backend):
                 await asyncio.sleep(self.reconnect / 1000)
 
     def describe(self) -> str:
+        """QEMU's notation; a TCP connection adds `` <-> PEER:PORT``.
+
+        Unlike QEMU, which reads nothing without a front end and so notices only a hang-up
+        (a UNIX peer's close, not a TCP FIN), input is read and dropped here, so the chardev
+        shows ``disconnected:`` as soon as the peer has gone, on TCP too.
+        """
         where = self._where()
-        return where if self.peer is not None else f"disconnected:{where}"
+        if self.peer is None:
+            return f"disconnected:{where}"
+        if self.peer.family in (socket.AF_INET, socket.AF_INET6):
+            host, port = self.peer.getpeername()[:2]
+            return f"{where} <-> {_bracket(host)}:{port}"
+        return where
 
     def _where(self) -> str:
         suffix = ",server=on" if self.server else ""
-        if self.addr["type"] == "inet" and self.listener is not None:
-            host, port = self.listener.sockets[0].getsockname()[:2]
-            return f"tcp:{host}:{port}{suffix}"
+        if self.addr["type"] == "inet":
+            sock = self.listener.sockets[0] if self.listener is not None else self.peer
+            if sock is not None:
+                host, port = sock.getsockname()[:2]
+                return f"tcp:{_bracket(host)}:{port}{suffix}"
         return f"{sockets.describe(self.addr)}{suffix}"
 
     async def close(self) -> None:
@@ -385,6 +398,10 @@ class SocketBackend(Backend):
         if getattr(self, "listener", None) is not None:
             self.listener.close()  # type: ignore[union-attr]
         await super().close()
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 _CLASSES: dict[str, type[Backend]] = {

@@ -233,3 +233,19 @@ def test_qemu_chain_answer_fits_our_schema(real_monitor: RealMonitor) -> None:
     schema = load_schema()
     for entry in nodes:
         assert schema.check_type_value("BlockDeviceInfo", entry) == entry
+
+
+CHARDEV_COMMANDS = [
+    "chardev-add", "chardev-change", "chardev-remove", "chardev-send-break",
+    "query-chardev", "query-chardev-backends", "ringbuf-read", "ringbuf-write",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", CHARDEV_COMMANDS)
+def test_chardev_commands_are_qemus(
+    introspections: tuple[Introspection, Introspection], command: str
+) -> None:
+    """Arguments and return types exactly QEMU's, the ChardevBackend union with all cases."""
+    ours, theirs = introspections
+    for key in ("arg-type", "ret-type"):
+        assert ours.shape(ours.info[command][key]) == theirs.shape(theirs.info[command][key])
