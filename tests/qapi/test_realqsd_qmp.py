@@ -249,3 +249,15 @@ def test_chardev_commands_are_qemus(
     ours, theirs = introspections
     for key in ("arg-type", "ret-type"):
         assert ours.shape(ours.info[command][key]) == theirs.shape(theirs.info[command][key])
+
+
+def test_chardev_backend_kinds_are_qemus(
+    introspections: tuple[Introspection, Introspection],
+) -> None:
+    """All 22 cases in QEMU's order, ``memory`` with its ``deprecated`` feature."""
+    kinds = []
+    for side in introspections:
+        backend = side.member_type(side.info["chardev-add"]["arg-type"], "backend")
+        kinds.append(side.info[side.member_type(backend, "type")]["members"])
+    assert kinds[0] == kinds[1]
+    assert len(kinds[0]) == 22
