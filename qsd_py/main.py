@@ -60,7 +60,14 @@ async def add_chardev(daemon: Any, args: dict[str, Any]) -> None:
         # QEMU 11.1 says "duplicate yank instance" here, an internal detail;
         # QemuOpts' own wording says what is wrong.
         raise QMPError(f"Duplicate ID '{args['id']}' for chardev")
-    daemon.chardevs.register(await create_chardev(daemon, args))
+    if args["backend"] == "socket":
+        daemon.chardevs.register(await create_chardev(daemon, args))
+        return
+    from qsd_py.qmp.char_backends import cli_backend
+
+    reply = await daemon.chardevs.create(args["id"], cli_backend(args))
+    if "pty" in reply:
+        print(f"char device redirected to {reply['pty']} (label {args['id']})", file=sys.stderr)
 
 
 async def add_monitor(daemon: Any, args: dict[str, Any]) -> None:

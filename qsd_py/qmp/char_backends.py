@@ -428,3 +428,23 @@ def make_backend(chardev_id: str, backend: dict[str, Any]) -> Backend:
     if cls is None:
         raise QMPError(f"'{kind}' is not a valid char driver name")
     return cls(chardev_id, data)
+
+
+_CLI_COMMON = ("logfile", "logappend", "logtimestamp")
+
+
+def cli_backend(opts: dict[str, Any]) -> dict[str, Any]:
+    """The ``ChardevBackend`` of a non-socket ``--chardev`` (QemuOpts' flat keys)."""
+    kind = opts["backend"]
+    data = {key: opts[key] for key in _CLI_COMMON if key in opts}
+    if kind in ("ringbuf", "memory") and "size" in opts:
+        data["size"] = opts["size"]
+    if kind == "file":
+        if "path" not in opts:
+            raise QMPError("chardev: file: no filename given")
+        data["out"] = opts["path"]
+        if "input-path" in opts:
+            data["in"] = opts["input-path"]
+        if "append" in opts:
+            data["append"] = opts["append"]
+    return {"type": kind, "data": data}

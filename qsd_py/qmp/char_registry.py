@@ -41,14 +41,19 @@ class ChardevRegistry:
         if chardev_id in self._by_id:
             raise QMPError(f"Chardev with id '{chardev_id}' already exists")
         try:
-            chardev = make_backend(chardev_id, backend)
-            try:
-                reply = await chardev.open(self)
-            except BaseException:
-                await chardev.close()
-                raise
+            return await self.create(chardev_id, backend)
         except QMPError as err:
             raise QMPError(f"Failed to add chardev '{chardev_id}': {err.desc}") from err
+
+    async def create(self, chardev_id: str, backend: dict[str, Any]) -> dict[str, Any]:
+        """Open the backend and register it (``--chardev`` words its errors without
+        chardev-add's prefix)."""
+        chardev = make_backend(chardev_id, backend)
+        try:
+            reply = await chardev.open(self)
+        except BaseException:
+            await chardev.close()
+            raise
         self._by_id[chardev_id] = chardev
         return reply
 

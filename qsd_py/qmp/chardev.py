@@ -47,14 +47,10 @@ class Chardev:
         self.id = chardev_id
         self.where = where  # QEMU's notation: "unix:PATH,server=on", "tcp:HOST:PORT"
         self.in_use = False
+        self.user: str | None = None  # "monitor", or the mux/hub holding it (chardev-remove)
         self.closing = False
         self.session: QMPSession | None = None
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def user(self) -> str | None:
-        """Who holds the chardev (query-chardev, chardev-remove's busy check)."""
-        return "monitor" if self.in_use else None
 
     @property
     def frontend_open(self) -> bool:
@@ -69,6 +65,7 @@ class Chardev:
 
     def attach(self, daemon: Any, pretty: bool) -> None:
         self.in_use = True
+        self.user = "monitor"
         self._task = asyncio.create_task(self._run(daemon, pretty), name=f"chardev-{self.id}")
 
     async def _run(self, daemon: Any, pretty: bool) -> None:
@@ -204,6 +201,8 @@ async def create_chardev(daemon: Any, opts: dict[str, Any]) -> Chardev:
 
 async def add_monitor(daemon: Any, chardev: Chardev, pretty: bool) -> None:
     """Serve QMP on ``chardev`` (``--monitor chardev=X[,pretty=on]``)."""
-    if chardev.in_use:
+    if not isinstance(chardev, Chardev):
+        raise QMPError(f"chardev '{chardev.id}' is no socket: qsd-py serves QMP on sockets only")
+    if chardev.user is not None:
         raise QMPError(f"chardev '{chardev.id}' is already in use")
     chardev.attach(daemon, pretty)
