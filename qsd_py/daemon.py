@@ -16,6 +16,7 @@ from qsd_py.block.graph import BlockGraph
 from qsd_py.commands import HANDLERS, load_handlers
 from qsd_py.errors import QMPError
 from qsd_py.export.registry import ExportRegistry
+from qsd_py.jobs.registry import JobRegistry
 from qsd_py.objects.registry import ObjectRegistry
 from qsd_py.qmp.char_registry import ChardevRegistry
 from qsd_py.sockets import ON_COMMAND_LINE
@@ -44,6 +45,7 @@ class Daemon:
         self.graph = BlockGraph()
         self.graph.emit_event = self.emit_event
         self.exports = ExportRegistry(self)
+        self.jobs = JobRegistry(self.emit_event)
         self.objects = ObjectRegistry()
         self.graph.objects = self.objects
         self.monitors: set[EventSink] = set()
@@ -103,12 +105,14 @@ class Daemon:
         await self.shutdown_event.wait()
 
     async def close(self) -> None:
-        """Delete every export (unmounting), close nodes, stop iothreads, close monitors."""
+        """Delete every export (unmounting), cancel jobs, close nodes, stop iothreads, close
+        monitors."""
         try:
             await self.exports.delete_all()
             if self.nbd_server is not None:
                 server, self.nbd_server = self.nbd_server, None
                 await server.close()
+            await self.jobs.cancel_all()
         finally:
             await self.graph.close_all()
             self.objects.stop_all()  # each iothread closes its own io_uring ring

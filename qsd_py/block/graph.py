@@ -30,9 +30,14 @@ _INHERITED = ("read-only", "auto-read-only", "discard")
 _INHERITED_CACHE = ("direct", "no-flush")
 
 
+def id_wellformed(name: str) -> bool:
+    """QEMU's rule for user-given ids (node names, job ids)."""
+    return _NODE_NAME.match(name) is not None
+
+
 def check_node_name(name: str) -> None:
     """Raise QEMU's error for a malformed name (the duplicate check is the graph's)."""
-    if not _NODE_NAME.match(name):
+    if not id_wellformed(name):
         raise QMPError(f"Invalid node-name: '{name}'")
 
 
@@ -105,6 +110,22 @@ class BlockGraph:
                 raise QMPError(f"Cannot find device='{ref}' nor node-name='{ref}'")
             return node
         return await self._create(inherit_options(ref, parent.opts), implicit=True)
+
+    async def open_ref(self, ref: str | dict[str, Any]) -> BlockNode:
+        """A ``BlockdevRef`` of a command (blockdev-create): an existing node's name, or an
+        inline dict that becomes an implicit node; :meth:`drop_orphan` closes the latter once
+        the command lets go of it."""
+        if isinstance(ref, str):
+            node = self._nodes.get(ref)
+            if node is None:
+                raise QMPError(f"Cannot find device='{ref}' nor node-name='{ref}'")
+            return node
+        return await self._create(inherit_options(ref, {}), implicit=True)
+
+    async def add_implicit(self, opts: dict[str, Any]) -> BlockNode:
+        """A node with a generated name for a command's own use (blockdev-create opens the
+        new image); :meth:`drop_orphan` closes it."""
+        return await self._create(opts, implicit=True)
 
     async def _create(self, opts: dict[str, Any], implicit: bool) -> BlockNode:
         name = opts.get("node-name")

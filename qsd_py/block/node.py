@@ -301,6 +301,10 @@ class BlockNode:
         return None
 
     # --- size -----------------------------------------------------------------------------
+    def refresh_length(self) -> None:
+        """Learn the length anew after writes past the end (image creation writes a new
+        image's first clusters into an empty file, then opens a format on it)."""
+
     def length(self) -> int:
         """Current length in bytes, a multiple of :data:`SECTOR_SIZE` (cached; updated by
         truncate)."""

@@ -273,12 +273,14 @@ async def test_reusable_transfer_allocates_per_slot_not_per_request(image) -> No
 async def test_daemon_close_closes_main_ring(image) -> None:
     from qsd_py.daemon import Daemon
     from qsd_py.export.registry import ExportRegistry
+    from qsd_py.jobs.registry import JobRegistry
     from qsd_py.objects.registry import ObjectRegistry
 
     # Only the state close() touches (Daemon() also loads every QMP handler module).
     daemon = Daemon.__new__(Daemon)
     daemon.graph = BlockGraph()
     daemon.exports = ExportRegistry(daemon)
+    daemon.jobs = JobRegistry(lambda name, data: None)
     daemon.objects = ObjectRegistry()
     daemon.closers = []
     daemon.nbd_server = None

@@ -42,10 +42,37 @@ COMMANDS = {
     "query-chardev-backends",
     "ringbuf-read",
     "ringbuf-write",
+    "query-jobs",
+    "job-pause",
+    "job-resume",
+    "job-cancel",
+    "job-complete",
+    "job-dismiss",
+    "job-finalize",
+    "query-block-jobs",
+    "block-job-set-speed",
+    "block-job-cancel",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-complete",
+    "block-job-dismiss",
+    "block-job-finalize",
+    "block-job-change",
+    "blockdev-create",
 }
 
 
-EVENTS = {"SHUTDOWN", "BLOCK_EXPORT_DELETED", "BLOCK_IMAGE_CORRUPTED"}
+EVENTS = {
+    "SHUTDOWN",
+    "BLOCK_EXPORT_DELETED",
+    "BLOCK_IMAGE_CORRUPTED",
+    "JOB_STATUS_CHANGE",
+    "BLOCK_JOB_COMPLETED",
+    "BLOCK_JOB_CANCELLED",
+    "BLOCK_JOB_ERROR",
+    "BLOCK_JOB_READY",
+    "BLOCK_JOB_PENDING",
+}
 
 
 def test_exactly_the_supported_commands() -> None:

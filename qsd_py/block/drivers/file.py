@@ -61,6 +61,35 @@ def _lock_byte(fd: int, cmd: int, kind: int, byte: int) -> int:
     return FLOCK.unpack(res)[0]
 
 
+def lock_bytes(perm: Perm, shared: Perm) -> set[int]:
+    """The lock bytes that say ``perm`` is used and what outside ``shared`` is not shared."""
+    want = {LOCK_PERM_BASE + i for i, (bit, _) in enumerate(PERM_NAMES) if perm & bit}
+    unshared = {LOCK_SHARED_BASE + i for i, (bit, _) in enumerate(PERM_NAMES) if not shared & bit}
+    return want | unshared
+
+
+def check_lock_bytes(fd: int, perm: Perm, shared: Perm) -> None:
+    """Refuse (QEMU's text) when another open file description's locks conflict."""
+    for i, (bit, name) in enumerate(PERM_NAMES):
+        if perm & bit and _held_by_other(fd, LOCK_SHARED_BASE + i):
+            raise QMPError(f'Failed to get "{name}" lock')
+    for i, (bit, name) in enumerate(PERM_NAMES):
+        if not shared & bit and _held_by_other(fd, LOCK_PERM_BASE + i):
+            raise QMPError(f'Failed to get shared "{name}" lock')
+
+
+def lock_fd(fd: int, perm: Perm, shared: Perm) -> None:
+    """Lock bytes for ``perm``/``shared`` on a bare fd (image creation), then check them."""
+    for byte in sorted(lock_bytes(perm, shared)):
+        _lock_byte(fd, F_OFD_SETLK, fcntl.F_RDLCK, byte)
+    check_lock_bytes(fd, perm, shared)
+
+
+def _held_by_other(fd: int, byte: int) -> bool:
+    """Our own OFD locks never conflict with a test through the same description."""
+    return _lock_byte(fd, F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
+
+
 def _address(buf: memoryview) -> int | None:
     """The address of a writable buffer (None for read-only ones: they get bounced)."""
     try:
@@ -181,8 +210,7 @@ class FileNode(BlockNode):
         one not shared, then test the other side's bytes; undo on conflict."""
         if not self.use_lock or self.fd < 0:
             return
-        want = {LOCK_PERM_BASE + i for i, (bit, _) in enumerate(PERM_NAMES) if perm & bit}
-        want |= {LOCK_SHARED_BASE + i for i, (bit, _) in enumerate(PERM_NAMES) if not shared & bit}
+        want = lock_bytes(perm, shared)
         old = set(self._locked)
         try:
             self._set_locks(want)
@@ -203,20 +231,14 @@ class FileNode(BlockNode):
             self._locked.discard(byte)
 
     def _check_locks(self, perm: Perm, shared: Perm) -> None:
-        for i, (bit, name) in enumerate(PERM_NAMES):
-            if perm & bit and self._held_by_other(LOCK_SHARED_BASE + i):
-                raise QMPError(f'Failed to get "{name}" lock')
-        for i, (bit, name) in enumerate(PERM_NAMES):
-            if not shared & bit and self._held_by_other(LOCK_PERM_BASE + i):
-                raise QMPError(f'Failed to get shared "{name}" lock')
-
-    def _held_by_other(self, byte: int) -> bool:
-        """Our own OFD locks never conflict with a test through the same description."""
-        return _lock_byte(self.fd, F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK
+        check_lock_bytes(self.fd, perm, shared)
 
     # --- size -----------------------------------------------------------------------------
     def length(self) -> int:
         return self._length
+
+    def refresh_length(self) -> None:
+        self._length = round_to_sectors(self.exact_length())
 
     def exact_length(self) -> int:
         st = os.fstat(self.fd)

@@ -428,6 +428,10 @@ class Qcow2Node(BlockNode):
         self.header.incompatible_features = bits
         await self.file.write(_INCOMPAT_AT, _U64.pack(bits))
 
+    async def write_header(self) -> None:
+        """Rewrite the header cluster from :attr:`header` (image creation changes it)."""
+        await self._write_header()
+
     async def _write_header(self) -> None:
         assert self.header is not None
         await self.file.write(0, hdr.serialize_header(self.header))

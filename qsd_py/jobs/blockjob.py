@@ -1,0 +1,144 @@
+"""Block jobs: jobs that work on nodes (mirror, commit, stream, backup), as QEMU's BlockJob.
+
+On top of :class:`~qsd_py.jobs.job.Job` a block job has what ``query-block-jobs`` shows
+(``len``/``offset`` are its progress, a speed, an I/O status), sends the ``BLOCK_JOB_*``
+events at QEMU's places and obeys a speed limit measured over time slices
+(:mod:`qsd_py.jobs.ratelimit`): the work calls :meth:`BlockJob.ratelimit` with the bytes it
+moved and sleeps as long as they are worth.
+
+A block job uses nodes as a :class:`~qsd_py.block.perm.NodeUser` whose ``quiesce`` pauses
+it: a drain of such a node (a pivot, a graph change, another job) waits until the job sits
+in a pause point, and lets it go on afterwards. Graph changes at the end of a job (mirror's
+pivot) happen in :meth:`commit` through the block layer's children (``Child.replace``),
+never by reaching into an export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from qsd_py.block.perm import NodeUser, Perm
+from qsd_py.errors import QMPError
+from qsd_py.jobs import state as st
+from qsd_py.jobs.job import Job
+from qsd_py.jobs.ratelimit import RateLimit
+
+if TYPE_CHECKING:
+    from qsd_py.block.node import BlockNode
+    from qsd_py.jobs.registry import JobRegistry
+
+
+class BlockJob(Job):
+    """A job on nodes: speed, ``query-block-jobs`` and the ``BLOCK_JOB_*`` events."""
+
+    def __init__(
+        self, registry: JobRegistry, job_id: str, *, speed: int = 0, **kwargs: Any
+    ) -> None:
+        super().__init__(registry, job_id, **kwargs)
+        if speed < 0:
+            raise QMPError("Parameter 'speed' expects a non-negative value")
+        self.speed = speed
+        self.limit = RateLimit(speed)
+        self.io_status = "ok"
+        self._used: list[BlockNode] = []
+
+    # --- nodes ----------------------------------------------------------------------------
+    def use_node(self, node: BlockNode, perm: Perm, shared: Perm, role: str) -> None:
+        """Hold ``perm`` on ``node`` (sharing ``shared``) until :meth:`release_nodes`; a
+        drain of the node pauses the job."""
+        desc = f"block job '{self.id}' (uses node '{node.node_name}' as '{role}' child)"
+        node.set_user(NodeUser(self._user_key(node), perm, shared, desc, quiesce=self._quiesce))
+        self._used.append(node)
+
+    def release_nodes(self) -> None:
+        for node in self._used:
+            node.remove_user(self._user_key(node))
+        self._used.clear()
+
+    def _user_key(self, node: BlockNode) -> str:
+        return f"job:{self.id}:{node.node_name}"
+
+    async def _quiesce(self) -> Callable[[], None]:
+        """Drain: pause the job and wait until it is in a pause point (or done)."""
+        self.pause()
+        await self.wait_not_busy()
+        return self.resume
+
+    # --- speed ----------------------------------------------------------------------------
+    def set_speed(self, speed: int) -> None:
+        """block-job-set-speed: a faster limit wakes a job sleeping off the slower one."""
+        st.check_verb(self.id, self.status, "set-speed")
+        if speed < 0:
+            raise QMPError("Parameter 'speed' expects a non-negative value")
+        old, self.speed = self.speed, speed
+        self.limit.set_speed(speed)
+        if speed and speed <= old:
+            return
+        if self.timer_pending:
+            self.enter()
+
+    async def ratelimit(self, nbytes: int) -> None:
+        """Account ``nbytes`` moved; sleep (a pause point) when over the limit."""
+        delay = self.limit.delay(nbytes)
+        await self.sleep(delay)
+
+    # --- queries and events ---------------------------------------------------------------
+    def block_info(self) -> dict[str, Any]:
+        """QAPI's BlockJobInfo (query-block-jobs)."""
+        out: dict[str, Any] = {
+            "type": self.job_type,
+            "device": self.id,
+            "len": self.total_progress,
+            "offset": self.current_progress,
+            "busy": self.busy,
+            "paused": self.pause_count > 0,
+            "speed": self.speed,
+            "io-status": self.io_status,
+            "ready": self.is_ready,
+            "status": self.status,
+            "auto-finalize": self.auto_finalize,
+            "auto-dismiss": self.auto_dismiss,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        out.update(self.type_info())
+        return out
+
+    def type_info(self) -> dict[str, Any]:
+        """The members of BlockJobInfo's branch for this job type (mirror: actively-synced)."""
+        return {}
+
+    def _progress(self) -> dict[str, Any]:
+        return {
+            "type": self.job_type,
+            "device": self.id,
+            "len": self.total_progress,
+            "offset": self.current_progress,
+            "speed": self.speed,
+        }
+
+    def on_ready(self) -> None:
+        self.registry.emit_event("BLOCK_JOB_READY", self._progress())
+
+    def on_pending(self) -> None:
+        self.registry.emit_event("BLOCK_JOB_PENDING", {"type": self.job_type, "id": self.id})
+
+    def on_completed(self) -> None:
+        data = self._progress()
+        if self.error is not None:
+            data["error"] = self.error
+        self.registry.emit_event("BLOCK_JOB_COMPLETED", data)
+
+    def on_cancelled(self) -> None:
+        self.registry.emit_event("BLOCK_JOB_CANCELLED", self._progress())
+
+    def report_error(self, operation: str, action: str) -> None:
+        """BLOCK_JOB_ERROR: an I/O error (``read``/``write``) handled by ``action``
+        (``ignore``, ``report``, ``stop``), as on-source-error/on-target-error decide."""
+        self.registry.emit_event(
+            "BLOCK_JOB_ERROR", {"device": self.id, "operation": operation, "action": action}
+        )
+
+    async def clean(self) -> None:
+        self.release_nodes()

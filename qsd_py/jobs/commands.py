@@ -1,0 +1,132 @@
+"""QMP commands of jobs: query-jobs, job-*, query-block-jobs, block-job-*, blockdev-create.
+
+The ``block-job-*`` forms find only block jobs (QEMU: ``Block job 'x' not found``, class
+DeviceNotActive, for any other id, a create job's included); ``job-*`` find any job.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qsd_py.commands import qmp_command
+from qsd_py.errors import QMPError
+
+if TYPE_CHECKING:
+    from qsd_py.daemon import Daemon
+
+
+@qmp_command("query-jobs")
+async def query_jobs(daemon: Daemon, args: dict[str, Any]) -> list[dict[str, Any]]:
+    return daemon.jobs.query()
+
+
+@qmp_command("job-pause")
+async def job_pause(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    daemon.jobs.find(args["id"]).user_pause()
+    return {}
+
+
+@qmp_command("job-resume")
+async def job_resume(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    daemon.jobs.find(args["id"]).user_resume()
+    return {}
+
+
+@qmp_command("job-cancel")
+async def job_cancel(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    await daemon.jobs.find(args["id"]).user_cancel(force=True)
+    return {}
+
+
+@qmp_command("job-complete")
+async def job_complete(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    daemon.jobs.find(args["id"]).user_complete()
+    return {}
+
+
+@qmp_command("job-dismiss")
+async def job_dismiss(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    daemon.jobs.find(args["id"]).user_dismiss()
+    return {}
+
+
+@qmp_command("job-finalize")
+async def job_finalize(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    await daemon.jobs.find(args["id"]).user_finalize()
+    return {}
+
+
+@qmp_command("query-block-jobs")
+async def query_block_jobs(daemon: Daemon, args: dict[str, Any]) -> list[dict[str, Any]]:
+    return daemon.jobs.query_block()
+
+
+@qmp_command("block-job-set-speed")
+async def block_job_set_speed(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    daemon.jobs.find_block_job(args["device"]).set_speed(args["speed"])
+    return {}
+
+
+@qmp_command("block-job-cancel")
+async def block_job_cancel(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Without ``force`` a job the user paused is refused, and a ready mirror completes
+    without pivoting (the job kind's cancel_hook decides)."""
+    device = args["device"]
+    job = daemon.jobs.find_block_job(device)
+    force = bool(args.get("force", False))
+    if job.user_paused and not force:
+        raise QMPError(f"The block job for device '{device}' is currently paused")
+    await job.user_cancel(force)
+    return {}
+
+
+@qmp_command("block-job-pause")
+async def block_job_pause(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    daemon.jobs.find_block_job(args["device"]).user_pause()
+    return {}
+
+
+@qmp_command("block-job-resume")
+async def block_job_resume(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    daemon.jobs.find_block_job(args["device"]).user_resume()
+    return {}
+
+
+@qmp_command("block-job-complete")
+async def block_job_complete(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    daemon.jobs.find_block_job(args["device"]).user_complete()
+    return {}
+
+
+@qmp_command("block-job-dismiss")
+async def block_job_dismiss(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    daemon.jobs.find_block_job(args["id"]).user_dismiss()
+    return {}
+
+
+@qmp_command("block-job-finalize")
+async def block_job_finalize(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    await daemon.jobs.find_block_job(args["id"]).user_finalize()
+    return {}
+
+
+@qmp_command("block-job-change")
+async def block_job_change(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    daemon.jobs.find_block_job(args["id"]).user_change(args)
+    return {}
+
+
+@qmp_command("blockdev-create")
+async def blockdev_create(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Start a ``create`` job; every problem with the options is the job's error."""
+    from qsd_py.block.create import creator
+    from qsd_py.jobs.create import CreateJob
+
+    options = args["options"]
+    create = creator(options["driver"])
+    if create is None:
+        raise QMPError("Driver does not support blockdev-create")
+    job = CreateJob(daemon.jobs, args["job-id"], graph=daemon.graph, create=create, options=options)
+    daemon.jobs.add(job)
+    job.start()
+    return {}

@@ -1,0 +1,393 @@
+"""A job: a coroutine doing long work, and QEMU's life cycle around it.
+
+The work is :meth:`Job.run`, a coroutine on the daemon's main loop (nodes can be used from
+any loop, and the state machine, its events and the QMP commands all live on the main loop,
+so nothing here needs a lock). A job gives the user control only where it says so:
+
+- :meth:`Job.pause_point` (and :meth:`Job.checkpoint`, which also stops a cancelled job):
+  a ``job-pause`` or a drain of a node the job uses takes effect there, never in the middle
+  of a request;
+- :meth:`Job.sleep`: a wait the user can cut short (cancel, a faster speed, a pause).
+
+When :meth:`run` returns (or raises), the job goes the way QEMU's does: ``waiting``,
+``pending``, then (at once with ``auto-finalize``, else on ``job-finalize``) :meth:`prepare`,
+:meth:`commit` or :meth:`abort`, :meth:`clean`, and ``concluded`` (then, with
+``auto-dismiss``, ``null`` and gone). A failed or cancelled job goes through ``aborting``
+instead. Each state change is a ``JOB_STATUS_CHANGE`` event; the hooks ``on_*`` let block jobs
+add their ``BLOCK_JOB_*`` events at QEMU's places.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from qsd_py.errors import QMPError
+from qsd_py.jobs import state as st
+
+if TYPE_CHECKING:
+    from qsd_py.jobs.registry import JobRegistry
+
+log = logging.getLogger(__name__)
+
+CANCELED_TEXT = os.strerror(errno.ECANCELED)  # QEMU's error of a cancelled job
+
+
+class JobCancelled(Exception):
+    """Raised by :meth:`Job.checkpoint` in a cancelled job: the work stops there."""
+
+
+def error_text(err: BaseException) -> str:
+    """The text QEMU would give for an exception ending a job's work."""
+    if isinstance(err, QMPError):
+        return err.desc
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return str(err) or type(err).__name__
+
+
+class Job:
+    """One job; subclasses set ``job_type`` (QAPI's JobType) and implement :meth:`run`."""
+
+    job_type: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        registry: JobRegistry,
+        job_id: str,
+        *,
+        auto_finalize: bool = True,
+        auto_dismiss: bool = True,
+    ) -> None:
+        self.registry = registry
+        self.id = job_id
+        self.auto_finalize = auto_finalize
+        self.auto_dismiss = auto_dismiss
+        self.status = "undefined"
+        self.pause_count = 1  # a job is created paused; start() lets it go
+        self.user_paused = False
+        self.paused = False  # sitting in a pause point
+        self.busy = False  # running (not yielded at a pause point or in a sleep)
+        self.cancelled = False  # cancel requested
+        self.force_cancel = False  # ... and not a soft cancel (mirror: complete, no pivot)
+        self.deferred = False  # run() has ended: the rest happens outside the coroutine
+        self.error: str | None = None
+        self.current_progress = 0
+        self.total_progress = 0
+        self._task: asyncio.Task[None] | None = None
+        self._waker: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle_waiters: list[asyncio.Future[None]] = []
+
+    # --- what a job kind implements -------------------------------------------------------
+    async def run(self) -> None:
+        """The work. Raise to fail the job (the exception's text becomes its error)."""
+        raise NotImplementedError
+
+    async def prepare(self) -> None:
+        """First step of finalizing a job whose work succeeded; raising aborts it."""
+
+    async def commit(self) -> None:
+        """The job succeeded: make its result take effect (a pivot, a graph change)."""
+
+    async def abort(self) -> None:
+        """The job failed or was cancelled: undo what it prepared."""
+
+    async def clean(self) -> None:
+        """After commit or abort, either way: let go of nodes and buffers."""
+
+    def cancel_hook(self, force: bool) -> bool:
+        """A cancel request arrived; returns whether it is a hard one. Jobs that can finish
+        early on a soft cancel (mirror in ``ready``) override this."""
+        return True
+
+    def can_complete(self) -> bool:
+        """Whether ``job-complete`` means anything to this job kind."""
+        return False
+
+    def do_complete(self) -> None:
+        """``job-complete`` in ``ready``: finish the work (mirror: pivot)."""
+
+    def do_change(self, opts: dict[str, Any]) -> None:
+        """``block-job-change`` with options of this job's type."""
+
+    # Event hooks: plain jobs send only JOB_STATUS_CHANGE, block jobs add their own.
+    def on_ready(self) -> None: ...
+
+    def on_pending(self) -> None: ...
+
+    def on_completed(self) -> None: ...
+
+    def on_cancelled(self) -> None: ...
+
+    # --- state ----------------------------------------------------------------------------
+    def transition(self, new: str) -> None:
+        """Change state by QEMU's table and announce a change (not a repeat)."""
+        old = self.status
+        if old != "undefined":
+            st.check_transition(old, new)
+        self.status = new
+        if new != old:
+            self.registry.emit_event("JOB_STATUS_CHANGE", {"id": self.id, "status": new})
+
+    @property
+    def started(self) -> bool:
+        return self._task is not None
+
+    @property
+    def is_cancelled(self) -> bool:
+        """Hard-cancelled: the job must stop and fail."""
+        return self.cancelled and self.force_cancel
+
+    @property
+    def is_ready(self) -> bool:
+        return self.status in (st.READY, st.STANDBY)
+
+    def info(self) -> dict[str, Any]:
+        """QAPI's JobInfo (query-jobs)."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "type": self.job_type,
+            "status": self.status,
+            "current-progress": self.current_progress,
+            "total-progress": self.total_progress,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+    # --- progress -------------------------------------------------------------------------
+    def progress_update(self, done: int) -> None:
+        self.current_progress += done
+
+    def set_remaining(self, remaining: int) -> None:
+        self.total_progress = self.current_progress + remaining
+
+    # --- running --------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the job's coroutine (QEMU's job_start)."""
+        self.pause_count -= 1
+        self.busy = True
+        self.paused = False
+        self.transition(st.RUNNING)
+        self._task = asyncio.get_running_loop().create_task(self._co_entry())
+
+    async def _co_entry(self) -> None:
+        try:
+            await self.pause_point()  # a job paused before it started pauses here first
+            await self.run()
+        except JobCancelled:
+            pass
+        except Exception as err:  # noqa: BLE001 - any failure of the work fails the job
+            if not isinstance(err, (QMPError, OSError)):
+                log.exception("job %s failed", self.id)
+            self.error = error_text(err)
+        self.deferred = True
+        self._set_busy(False)
+        await self._completed()
+
+    def transition_to_ready(self) -> None:
+        """The work caught up (mirror): ``ready``, then the job kind's event."""
+        self.transition(st.READY)
+        self.on_ready()
+
+    async def pause_point(self) -> None:
+        """Stay here while the job is asked to pause (user or drain), unless cancelled."""
+        if self.pause_count > 0 and not self.is_cancelled:
+            status = self.status
+            self.transition(st.STANDBY if status == st.READY else st.PAUSED)
+            self.paused = True
+            await self._yield()
+            self.paused = False
+            self.transition(status)
+
+    async def checkpoint(self) -> None:
+        """A pause point that also ends the work of a cancelled job."""
+        await self.pause_point()
+        if self.is_cancelled:
+            raise JobCancelled
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` unless woken (cancel, pause, speed change), then a pause point;
+        a cancelled job does not wait at all."""
+        if self.is_cancelled:
+            return
+        if self.pause_count == 0 and seconds > 0:
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(seconds, self.enter)
+            try:
+                await self._yield()
+            finally:
+                if self._timer is not None:
+                    self._timer.cancel()
+                    self._timer = None
+        await self.pause_point()
+
+    async def _yield(self) -> None:
+        self._waker = asyncio.get_running_loop().create_future()
+        self._set_busy(False)
+        try:
+            await self._waker
+        finally:
+            self._waker = None
+            self.busy = True
+
+    def enter(self) -> None:
+        """Wake the coroutine if it waits in a pause point or a sleep."""
+        if self._waker is not None and not self._waker.done():
+            self._waker.set_result(None)
+
+    @property
+    def timer_pending(self) -> bool:
+        return self._timer is not None
+
+    def _set_busy(self, busy: bool) -> None:
+        self.busy = busy
+        if not busy:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def wait_not_busy(self) -> None:
+        """Return once the job's coroutine sits in a pause point or sleep, or has ended
+        (what a drain waits for after pausing the job)."""
+        while self.busy and not self.deferred:
+            fut = asyncio.get_running_loop().create_future()
+            self._idle_waiters.append(fut)
+            await fut
+
+    # --- pausing, as QEMU counts it -------------------------------------------------------
+    def pause(self) -> None:
+        """One more reason to pause (user, drain): the job stops at its next pause point."""
+        self.pause_count += 1
+        if not self.paused:
+            self.enter()
+
+    def resume(self) -> None:
+        """One reason less; with none left the job goes on."""
+        if self.pause_count == 0:
+            return
+        self.pause_count -= 1
+        if self.pause_count == 0 and not self.timer_pending:  # a sleep ends by its timer
+            self.enter()
+
+    # --- user verbs (QMP) -----------------------------------------------------------------
+    def user_pause(self) -> None:
+        st.check_verb(self.id, self.status, "pause")
+        if self.user_paused:
+            raise QMPError("Job is already paused")
+        self.user_paused = True
+        self.pause()
+
+    def user_resume(self) -> None:
+        if not self.user_paused or self.pause_count <= 0:
+            raise QMPError("Can't resume a job that was not paused")
+        st.check_verb(self.id, self.status, "resume")
+        self.user_paused = False
+        self.resume()
+
+    async def user_cancel(self, force: bool) -> None:
+        st.check_verb(self.id, self.status, "cancel")
+        await self.cancel(force)
+
+    def user_complete(self) -> None:
+        st.check_verb(self.id, self.status, "complete")
+        if self.cancelled or not self.can_complete():
+            raise QMPError(f"The active block job '{self.id}' cannot be completed")
+        self.do_complete()
+
+    async def user_finalize(self) -> None:
+        st.check_verb(self.id, self.status, "finalize")
+        await self._do_finalize()
+
+    def user_dismiss(self) -> None:
+        st.check_verb(self.id, self.status, "dismiss")
+        self._dismiss()
+
+    def user_change(self, opts: dict[str, Any]) -> None:
+        st.check_verb(self.id, self.status, "change")
+        self.do_change(opts)
+
+    # --- cancelling -----------------------------------------------------------------------
+    async def cancel(self, force: bool) -> None:
+        """QEMU's job_cancel: a concluded job is dismissed, a running one told to stop, one
+        that finished its work but is not finalized yet aborted here and now."""
+        if self.status == st.CONCLUDED:
+            self._dismiss()
+            return
+        self._cancel_async(force)
+        if not self.started:
+            await self._completed()
+        elif self.deferred:
+            if self.is_cancelled:
+                await self._finalize_single()
+        else:
+            self.enter()
+
+    def _cancel_async(self, force: bool) -> None:
+        force = self.cancel_hook(force)
+        if self.user_paused:  # cancelling resumes a job the user paused
+            self.user_paused = False
+            self.pause_count -= 1
+        if force or not self.deferred:  # a soft cancel after the work ended is ignored
+            self.cancelled = True
+            self.force_cancel |= force
+
+    # --- the end of the work --------------------------------------------------------------
+    def _update_rc(self) -> None:
+        if self.error is None and self.is_cancelled:
+            self.error = CANCELED_TEXT
+        if self.error is not None:
+            self.transition(st.ABORTING)
+
+    async def _completed(self) -> None:
+        self._update_rc()
+        if self.error is not None:
+            await self._finalize_single()
+            return
+        self.transition(st.WAITING)
+        self.transition(st.PENDING)
+        if not self.auto_finalize:
+            self.on_pending()
+            return
+        await self._do_finalize()
+
+    async def _do_finalize(self) -> None:
+        try:
+            await self.prepare()
+        except Exception as err:  # noqa: BLE001 - a failed prepare aborts the job
+            self.error = error_text(err)
+        await self._finalize_single()
+
+    async def _finalize_single(self) -> None:
+        self._update_rc()
+        try:
+            if self.error is None:
+                await self.commit()
+            else:
+                await self.abort()
+        finally:
+            await self.clean()
+        if self.started:
+            if self.is_cancelled:
+                self.on_cancelled()
+            else:
+                self.on_completed()
+        self.transition(st.CONCLUDED)
+        if self.auto_dismiss or not self.started:
+            self._dismiss()
+
+    def _dismiss(self) -> None:
+        self.busy = self.paused = False
+        self.deferred = True
+        self.transition(st.NULL)
+        self.registry.remove(self)
+
+    async def wait_finished(self) -> None:
+        """Until the job's coroutine and what follows it have ended."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
