@@ -20,6 +20,7 @@ import fcntl
 import logging
 import os
 import socket
+import sys
 import termios
 import tty
 from typing import Any
@@ -342,10 +343,18 @@ class SocketBackend(Backend):
     async def _next_peer(self) -> socket.socket:
         if self.listener is not None:
             return await self.listener.accept()
+        reported = False
         while True:
             try:
                 return await sockets.connect(self.addr)
-            except QMPError:
+            except QMPError as err:
+                if not reported:  # once until a connection succeeds, as QEMU says it
+                    print(
+                        f"qsd-py: Unable to connect character device {self.id}: {err.desc}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    reported = True
                 await asyncio.sleep(self.reconnect / 1000)
 
     async def _run(self) -> None:

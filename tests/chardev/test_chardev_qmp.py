@@ -132,13 +132,14 @@ def test_tcp_server_names_its_peer(talk: tuple[Talk, Qsd]) -> None:
 
 
 def test_client_reconnects(talk: tuple[Talk, Qsd], tmp_path: Path) -> None:
-    client, _ = talk
+    client, daemon = talk
     path = str(tmp_path / "c.sock")
     data = {"addr": {"type": "unix", "data": {"path": path}}, "server": False, "reconnect-ms": 50}
     assert run(client, "chardev-add", {"id": "c", "backend": {"type": "socket", "data": data}}) == {
         "return": {}
     }
     assert _filename(client, "c") == f"disconnected:unix:{path}"
+    time.sleep(0.3)  # a few failed attempts, reported once (below)
     with socket.socket(socket.AF_UNIX) as listener:
         listener.bind(path)
         listener.listen(1)
@@ -149,6 +150,11 @@ def test_client_reconnects(talk: tuple[Talk, Qsd], tmp_path: Path) -> None:
         conn, _ = listener.accept()  # and again after the connection ends
         conn.close()
     run(client, "chardev-remove", {"id": "c"})
+    daemon.stop()
+    assert daemon.proc.stderr is not None
+    unable = f"qsd-py: Unable to connect character device c: Failed to connect to '{path}': "
+    # several failed attempts before the socket existed, reported once
+    assert daemon.proc.stderr.read().count(f"{unable}No such file or directory\n") == 1
 
 
 def test_ringbuf_against_a_model(talk: tuple[Talk, Qsd]) -> None:
