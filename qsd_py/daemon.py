@@ -50,7 +50,7 @@ class Daemon:
         self.graph.objects = self.objects
         self.monitors: set[EventSink] = set()
         self.closers: list[Any] = []  # chardev servers/clients to close at shutdown
-        self.chardevs = ChardevRegistry()  # --chardev and chardev-add ones, by id
+        self.chardevs = ChardevRegistry(self.objects)  # --chardev and chardev-add ones, by id
         self.nbd_server: NbdServer | None = None  # nbd-server-start / --nbd-server
         self._shutdown: asyncio.Event | None = None
         load_handlers()

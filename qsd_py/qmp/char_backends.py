@@ -37,6 +37,7 @@ BACKEND_NAMES = (
 )  # fmt: skip
 
 RINGBUF_DEFAULT_SIZE = 65536
+MAX_HUB = 4  # QEMU's limit of a hub's chardevs
 PPCLAIM = 0x708B  # _IO('p', 0x8b): claim a parallel port (ppdev)
 
 
@@ -240,7 +241,11 @@ class UdpBackend(Backend):
         local = sockets.flatten(self.data["local"]) if "local" in self.data else None
         if remote["type"] != "inet" or (local is not None and local["type"] != "inet"):
             raise QMPError("socket type unsupported for datagram")
-        infos = socket.getaddrinfo(remote["host"], remote["port"], type=socket.SOCK_DGRAM)
+        try:
+            infos = socket.getaddrinfo(remote["host"], remote["port"], type=socket.SOCK_DGRAM)
+        except socket.gaierror as err:
+            where = f"{remote['host']}:{remote['port']}"
+            raise QMPError(f"address resolution failed for {where}: {err.strerror}") from err
         family, kind, proto, _, address = infos[0]
         self.sock = socket.socket(family, kind, proto)
         try:
@@ -290,7 +295,9 @@ class HubBackend(MuxBackend):
         ids = self.data["chardevs"]
         if not ids:
             raise QMPError("hub: 'chardevs' list is not defined")
-        members = []
+        if len(ids) > MAX_HUB:
+            raise QMPError(f"hub: too many uses of chardevs '{self.id}' (maximum is {MAX_HUB})")
+        members: list[Backend] = []
         for member_id in ids:
             member = registry.find(member_id)
             if member is None:
@@ -300,7 +307,7 @@ class HubBackend(MuxBackend):
                     "hub: multiplexers and hub devices can't be stacked, check chardev "
                     f"'{member_id}', chardev should not be a hub device or have 'mux=on' enabled"
                 )
-            if member.user is not None:
+            if member.user is not None or member in members:
                 raise QMPError(f"chardev '{member_id}' is already in use")
             members.append(member)
         reply = await Backend.open(self, registry)
@@ -320,13 +327,14 @@ class SocketBackend(Backend):
     async def open(self, registry: Any) -> dict[str, Any]:
         data = self.data
         self.server = data.get("server", True)
-        self.reconnect = data.get("reconnect-ms", 0)
+        self.reconnect = max(0, data.get("reconnect-ms", 0))
         if self.server and self.reconnect:
             raise QMPError(
                 "'reconnect-ms' option is incompatible with socket in server listen mode"
             )
         if not self.server and "wait" in data:
             raise QMPError("'wait' option is incompatible with socket in client connect mode")
+        self._check_protocols(registry)
         self.addr = sockets.flatten(data["addr"])
         self.peer: socket.socket | None = None
         self.listener: sockets.Listener | None = None
@@ -339,6 +347,19 @@ class SocketBackend(Backend):
             self.peer = await sockets.connect(self.addr)
         self._task = asyncio.create_task(self._run(), name=f"chardev-{self.id}")
         return reply
+
+    def _check_protocols(self, registry: Any) -> None:
+        """QEMU's checks of tls-creds, tls-authz and websocket, with its texts.  The
+        protocols themselves (TLS, telnet, tn3270, websocket) are not spoken: no front end
+        ever reads or writes the connection."""
+        data = self.data
+        if "tls-creds" in data:
+            registry.objects.tls_creds(data["tls-creds"], "server" if self.server else "client")
+            raise QMPError("TLS on chardevs is not supported by qsd-py")
+        if "tls-authz" in data:
+            raise QMPError("'tls_authz' option requires 'tls_creds' option")
+        if _flag(data, "websocket") and not self.server:
+            raise QMPError("Websocket client is not implemented")
 
     async def _next_peer(self) -> socket.socket:
         if self.listener is not None:
@@ -390,10 +411,13 @@ class SocketBackend(Backend):
     def _where(self) -> str:
         suffix = ",server=on" if self.server else ""
         if self.addr["type"] == "inet":
+            protocol = "telnet" if _flag(self.data, "telnet") else "tcp"
+            protocol = "websocket" if _flag(self.data, "websocket") else protocol
             sock = self.listener.sockets[0] if self.listener is not None else self.peer
             if sock is not None:
                 host, port = sock.getsockname()[:2]
-                return f"tcp:{_bracket(host)}:{port}{suffix}"
+                return f"{protocol}:{_bracket(host)}:{port}{suffix}"
+            return f"{protocol}:{self.addr['host']}:{self.addr['port']}{suffix}"
         return f"{sockets.describe(self.addr)}{suffix}"
 
     async def close(self) -> None:

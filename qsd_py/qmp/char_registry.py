@@ -23,7 +23,8 @@ class ChardevRegistry:
     """Chardevs by id; each has ``id``, ``user``, ``frontend_open``, ``describe()``,
     ``send_break()`` and ``close()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, objects: Any) -> None:
+        self.objects = objects  # tls-creds of socket chardevs
         self._by_id: dict[str, Any] = {}
 
     def find(self, chardev_id: str) -> Any | None:

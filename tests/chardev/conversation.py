@@ -253,6 +253,70 @@ STEPS: list[tuple[tuple[str, dict[str, Any] | None], dict[str, Any]]] = [
     ),
 ]
 
+# more of QEMU's checks
+STEPS += [
+    *[(add(f"k{i}", "null"), OK) for i in range(5)],
+    (
+        add("hk", "hub", chardevs=[f"k{i}" for i in range(5)]),
+        add_err("hk", "hub: too many uses of chardevs 'hk' (maximum is 4)"),
+    ),
+    (add("hd", "hub", chardevs=["k0", "k0"]), add_err("hd", "chardev 'k0' is already in use")),
+    (("chardev-remove", {"id": "k0"}), OK),  # the failed hub let go of it
+    (add("mk", "mux", chardev="k1"), OK),
+    (add("mm", "mux", chardev="mk"), OK),  # a mux of a mux is allowed
+    (
+        add("t1", "socket", addr=unix("{d}/t1.sock"), **{"tls-creds": "nope"}),
+        add_err("t1", "No TLS credentials with id 'nope'"),
+    ),
+    (
+        add("t2", "socket", addr=unix("{d}/t2.sock"), **{"tls-authz": "nope"}),
+        add_err("t2", "'tls_authz' option requires 'tls_creds' option"),
+    ),
+    (
+        add("t4", "socket", addr=unix("{d}/t4.sock"), websocket=True, server=False),
+        add_err("t4", "Websocket client is not implemented"),
+    ),
+    (
+        add("t6", "socket", addr={"type": "fd", "data": {"str": "3"}}),
+        add_err("t6", "only QEMU supports file descriptor passing"),
+    ),
+    (
+        add("t7", "socket", addr=unix("{d}/t7.sock"), server=False, **{"reconnect-ms": -1}),
+        add_err("t7", f"Failed to connect to '{{d}}/t7.sock': {NOENT}"),
+    ),
+    (
+        add("t8", "socket", addr=unix("/nonexist/t8.sock")),
+        add_err("t8", f"Failed to bind socket to /nonexist/t8.sock: {NOENT}"),
+    ),
+    (
+        add(
+            "t9",
+            "socket",
+            addr={"type": "inet", "data": {"host": "127.0.0.1", "port": "0"}},
+            telnet=True,
+        ),
+        OK,
+    ),
+    (add("t5", "socket", addr=unix("{d}/t5.sock"), tn3270=True), OK),
+    (
+        add("sv", "serial", device="/nonexist/tty"),
+        add_err("sv", f"Could not open '/nonexist/tty': {NOENT}"),
+    ),
+    (
+        ("query-chardev", None),
+        {
+            "return": [
+                *STEPS[-1][1]["return"],
+                *[info(f"k{i}", "null") for i in range(1, 5)],
+                info("mk", "mux"),
+                info("mm", "mux"),
+                info("t9", "disconnected:telnet:127.0.0.1:PORT,server=on"),
+                info("t5", "disconnected:unix:{d}/t5.sock,server=on"),
+            ]
+        },
+    ),
+]
+
 
 def fill(value: Any, d: str) -> Any:
     """``value`` with ``{d}`` replaced by the scratch directory, everywhere."""
@@ -263,7 +327,7 @@ def normalize(reply: dict[str, Any], qmp_path: str) -> dict[str, Any]:
     """Pty numbers, TCP ports and the monitor's path made constant; query-chardev sorted."""
     text = json.dumps(reply).replace(qmp_path, "QMP")
     text = re.sub(r"/dev/pts/\d+", "/dev/pts/N", text)
-    text = re.sub(r"(tcp:[^\"]*?):\d+,server", r"\1:PORT,server", text)
+    text = re.sub(r"((?:tcp|telnet):[^\"]*?):\d+,server", r"\1:PORT,server", text)
     out = json.loads(text)
     if isinstance(out.get("return"), list) and out["return"] and "label" in out["return"][0]:
         out["return"] = sorted(out["return"], key=lambda e: e["label"])
