@@ -192,3 +192,24 @@ def test_ringbuf_against_a_model(talk: tuple[Talk, Qsd]) -> None:
                 )
                 assert base64.b64decode(reply["return"]) == model[:count]
                 del model[:count]
+
+
+def test_shutdown_closes_chardevs(talk: tuple[Talk, Qsd], tmp_path: Path) -> None:
+    """A listening chardev's socket file and a pty's link go with the daemon; the pty hangs up."""
+    client, daemon = talk
+    sock, link = tmp_path / "s.sock", tmp_path / "tty"
+    addr = {"type": "unix", "data": {"path": str(sock)}}
+    run(client, "chardev-add", {"id": "s", "backend": {"type": "socket", "data": {"addr": addr}}})
+    pty = run(
+        client, "chardev-add", {"id": "p", "backend": {"type": "pty", "data": {"path": str(link)}}}
+    )
+    fd = os.open(pty["return"]["pty"], os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        assert sock.exists() and link.is_symlink()
+        assert daemon.stop() == 0
+        assert not sock.exists() and not link.is_symlink()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        assert poller.poll(5000)[0][1] & select.POLLHUP
+    finally:
+        os.close(fd)
