@@ -201,6 +201,11 @@ class PtyBackend(Backend):
     The daemon holds the master side and, like QEMU without a front end, does not read it.
     """
 
+    def __init__(self, chardev_id: str, data: dict[str, Any]) -> None:
+        super().__init__(chardev_id, data)
+        self.pty = ""
+        self.link: str | None = None  # our symlink, removed with the chardev
+
     async def open(self, registry: Any) -> dict[str, Any]:
         reply = await super().open(registry)
         master, slave = os.openpty()
@@ -208,14 +213,13 @@ class PtyBackend(Backend):
         tty.setraw(slave)
         os.set_blocking(master, False)
         self.pty = os.ttyname(slave)
-        self.link = self.data.get("path")
-        if self.link is not None:
+        if "path" in self.data:
             try:
-                os.symlink(self.pty, self.link)
+                os.symlink(self.pty, self.data["path"])
             except OSError as err:
-                self.link = None
                 text = os.strerror(err.errno or errno.EIO)
                 raise QMPError(f"Failed to create PTY symlink: {text}") from err
+            self.link = self.data["path"]
         os.close(slave)  # the master alone keeps the pty; a client opens the slave by name
         self._fds.remove(slave)
         return {**reply, "pty": self.pty}
@@ -224,9 +228,9 @@ class PtyBackend(Backend):
         return f"pty:{self.pty}"
 
     async def close(self) -> None:
-        if getattr(self, "link", None) is not None:
+        if self.link is not None:
             with contextlib.suppress(OSError):
-                os.unlink(self.link)  # type: ignore[arg-type]
+                os.unlink(self.link)
         await super().close()
 
 
@@ -234,6 +238,10 @@ class UdpBackend(Backend):
     """A datagram socket connected to ``remote`` (bound to ``local`` if given)."""
 
     filename = "udp"
+
+    def __init__(self, chardev_id: str, data: dict[str, Any]) -> None:
+        super().__init__(chardev_id, data)
+        self.sock: socket.socket | None = None
 
     async def open(self, registry: Any) -> dict[str, Any]:
         reply = await super().open(registry)
@@ -253,13 +261,12 @@ class UdpBackend(Backend):
                 self.sock.bind((local["host"], int(local["port"])))
             self.sock.connect(address)
         except OSError as err:
-            self.sock.close()
             text = os.strerror(err.errno or errno.EIO)
             raise QMPError(f"Failed to connect to UDP socket: {text}") from err
         return reply
 
     async def close(self) -> None:
-        if hasattr(self, "sock"):
+        if self.sock is not None:
             self.sock.close()
         await super().close()
 
@@ -268,6 +275,10 @@ class MuxBackend(Backend):
     """Shares ``chardev`` between front ends; that chardev is busy while the mux exists."""
 
     filename = "mux"
+
+    def __init__(self, chardev_id: str, data: dict[str, Any]) -> None:
+        super().__init__(chardev_id, data)
+        self.members: list[Any] = []  # the chardevs it holds (made busy)
 
     async def open(self, registry: Any) -> dict[str, Any]:
         base = registry.find(self.data["chardev"])
@@ -281,7 +292,7 @@ class MuxBackend(Backend):
         return reply
 
     async def close(self) -> None:
-        for member in getattr(self, "members", []):
+        for member in self.members:
             member.user = None
         await super().close()
 
@@ -324,10 +335,17 @@ class SocketBackend(Backend):
     ``reconnect-ms`` it connects again that long after the connection fails or ends.
     """
 
-    async def open(self, registry: Any) -> dict[str, Any]:
-        data = self.data
+    def __init__(self, chardev_id: str, data: dict[str, Any]) -> None:
+        super().__init__(chardev_id, data)
         self.server = data.get("server", True)
         self.reconnect = max(0, data.get("reconnect-ms", 0))
+        self.addr = sockets.flatten(data["addr"])
+        self.peer: socket.socket | None = None
+        self.listener: sockets.Listener | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def open(self, registry: Any) -> dict[str, Any]:
+        data = self.data
         if self.server and self.reconnect:
             raise QMPError(
                 "'reconnect-ms' option is incompatible with socket in server listen mode"
@@ -335,9 +353,6 @@ class SocketBackend(Backend):
         if not self.server and "wait" in data:
             raise QMPError("'wait' option is incompatible with socket in client connect mode")
         self._check_protocols(registry)
-        self.addr = sockets.flatten(data["addr"])
-        self.peer: socket.socket | None = None
-        self.listener: sockets.Listener | None = None
         reply = await super().open(registry)
         if self.server:
             self.listener = sockets.listen(self.addr, 1)
@@ -421,15 +436,14 @@ class SocketBackend(Backend):
         return f"{sockets.describe(self.addr)}{suffix}"
 
     async def close(self) -> None:
-        task = getattr(self, "_task", None)
-        if task is not None:
-            task.cancel()
+        if self._task is not None:
+            self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if getattr(self, "peer", None) is not None:
-            self.peer.close()  # type: ignore[union-attr]
-        if getattr(self, "listener", None) is not None:
-            self.listener.close()  # type: ignore[union-attr]
+                await self._task
+        if self.peer is not None:
+            self.peer.close()
+        if self.listener is not None:
+            self.listener.close()
         await super().close()
 
 
