@@ -246,23 +246,23 @@ class UdpBackend(Backend):
     async def open(self, registry: Any) -> dict[str, Any]:
         reply = await super().open(registry)
         remote = sockets.flatten(self.data["remote"])
-        local = sockets.flatten(self.data["local"]) if "local" in self.data else None
-        if remote["type"] != "inet" or (local is not None and local["type"] != "inet"):
+        if remote["type"] != "inet":
             raise QMPError("socket type unsupported for datagram")
-        try:
-            infos = socket.getaddrinfo(remote["host"], remote["port"], type=socket.SOCK_DGRAM)
-        except socket.gaierror as err:
-            where = f"{remote['host']}:{remote['port']}"
-            raise QMPError(f"address resolution failed for {where}: {err.strerror}") from err
-        family, kind, proto, _, address = infos[0]
+        family, kind, proto, _, address = _resolve_dgram(remote["host"], remote["port"], 0)[0]
         self.sock = socket.socket(family, kind, proto)
+        local = _udp_local(self.data.get("local"))
+        bind_to = _resolve_dgram(local[0], local[1], family)[0][4]
         try:
-            if local is not None:
-                self.sock.bind((local["host"], int(local["port"])))
+            self.sock.bind(bind_to)
+        except OSError as err:
+            raise QMPError(f"Failed to bind socket: {os.strerror(err.errno or errno.EIO)}") from err
+        try:
             self.sock.connect(address)
         except OSError as err:
             text = os.strerror(err.errno or errno.EIO)
-            raise QMPError(f"Failed to connect to UDP socket: {text}") from err
+            raise QMPError(
+                f"Failed to connect to '{remote['host']}:{remote['port']}': {text}"
+            ) from err
         return reply
 
     async def close(self) -> None:
@@ -445,6 +445,27 @@ class SocketBackend(Backend):
         if self.listener is not None:
             self.listener.close()
         await super().close()
+
+
+def _udp_local(local: dict[str, Any] | None) -> tuple[str | None, str]:
+    """Where a UDP chardev binds: any address by default.  QEMU reads a non-inet ``local``
+    as if it were inet, so a UNIX path is looked up as a host name (and fails as there)."""
+    if local is None:
+        return None, "0"
+    data = local["data"]
+    if local["type"] == "inet":
+        return data["host"], data["port"]
+    return data.get("path", ""), "0"
+
+
+def _resolve_dgram(host: str | None, port: str, family: int) -> list[Any]:
+    """``getaddrinfo`` for a datagram socket, with QEMU's text on failure."""
+    try:
+        return socket.getaddrinfo(
+            host, port, family, socket.SOCK_DGRAM, flags=socket.AI_PASSIVE if host is None else 0
+        )
+    except socket.gaierror as err:
+        raise QMPError(f"address resolution failed for {host}:{port}: {err.strerror}") from err
 
 
 def _bracket(host: str) -> str:

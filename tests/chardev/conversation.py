@@ -31,11 +31,16 @@ def unix(path: str) -> dict[str, Any]:
     return {"type": "unix", "data": {"path": path}}
 
 
+def inet(host: str, port: str) -> dict[str, Any]:
+    return {"type": "inet", "data": {"host": host, "port": port}}
+
+
 def info(label: str, filename: str, open_: bool = False) -> dict[str, Any]:
     return {"frontend-open": open_, "filename": filename, "label": label}
 
 
 NOENT = "No such file or directory"
+NOSERV = "Servname not supported for ai_socktype"
 BACKENDS = [
     "hub", "serial", "mux", "pipe", "parallel", "null", "ringbuf",
     "socket", "stdio", "memory", "udp", "file", "pty",
@@ -298,6 +303,18 @@ STEPS += [
         OK,
     ),
     (add("t5", "socket", addr=unix("{d}/t5.sock"), tn3270=True), OK),
+    (
+        add("u3", "udp", remote=inet("127.0.0.1", "9"), local=inet("127.0.0.1", "x")),
+        add_err("u3", f"address resolution failed for 127.0.0.1:x: {NOSERV}"),
+    ),
+    (
+        add("u4", "udp", remote=inet("127.0.0.1", "x")),
+        add_err("u4", f"address resolution failed for 127.0.0.1:x: {NOSERV}"),
+    ),
+    (
+        add("u5", "udp", remote=inet("127.0.0.1", "9"), local=unix("/tmp/x")),
+        add_err("u5", "address resolution failed for /tmp/x:0: Name or service not known"),
+    ),
     (
         add("sv", "serial", device="/nonexist/tty"),
         add_err("sv", f"Could not open '/nonexist/tty': {NOENT}"),

@@ -213,3 +213,22 @@ def test_shutdown_closes_chardevs(talk: tuple[Talk, Qsd], tmp_path: Path) -> Non
         assert poller.poll(5000)[0][1] & select.POLLHUP
     finally:
         os.close(fd)
+
+
+def test_udp_holds_its_local_port(talk: tuple[Talk, Qsd]) -> None:
+    client, _ = talk
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = str(taken.getsockname()[1])
+        remote = {"type": "inet", "data": {"host": "127.0.0.1", "port": "9"}}
+        local = {"type": "inet", "data": {"host": "127.0.0.1", "port": port}}
+        backend = {"type": "udp", "data": {"remote": remote, "local": local}}
+        reply = run(client, "chardev-add", {"id": "u", "backend": backend})
+        desc = "Failed to add chardev 'u': Failed to bind socket: Address already in use"
+        assert reply == {"error": {"class": "GenericError", "desc": desc}}
+    assert run(client, "chardev-add", {"id": "u", "backend": backend}) == {"return": {}}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as again:
+        with pytest.raises(OSError):
+            again.bind(("127.0.0.1", int(port)))  # the chardev has it
+        run(client, "chardev-remove", {"id": "u"})
+        again.bind(("127.0.0.1", int(port)))
