@@ -3,6 +3,8 @@ the replies conversation.py expects, and so qsd-py gives, are QEMU's."""
 
 from __future__ import annotations
 
+import base64
+import random
 import shutil
 import subprocess
 import time
@@ -12,6 +14,8 @@ import pytest
 from chardev.conversation import STEPS, expected, fill, normalize
 from nbd_server.qmp_talk import Talk
 from realqsd_support import SHARE, require_real_qsd
+
+from qsd_py.qmp.char_commands import decode_utf8
 
 pytestmark = pytest.mark.realqsd
 
@@ -41,6 +45,54 @@ def test_conversation_with_qemu() -> None:
         for (name, args), reply in STEPS:
             got = normalize(client.command(name, fill(args, d))["reply"], str(qmp))
             assert got == expected(reply, d), (name, args)
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _utf8ish(rng: random.Random) -> bytes:
+    """Bytes that are often almost UTF-8: leads, continuations, ASCII, NULs, overlongs."""
+    pool = [0x41, 0x00, 0x80, 0xBF, 0xC0, 0xC1, 0xC3, 0xA9, 0xE0, 0xED, 0xEF, 0xF0, 0xF4]
+    pool += [0xF5, 0xF8, 0xFC, 0xFE, 0xFF, 0xB7, 0x9F, 0x8F, 0xA0, 0xBE]
+    return bytes(rng.choice(pool) if rng.random() < 0.8 else rng.randrange(256) for _ in range(8))
+
+
+def test_utf8_reads_decode_as_qemus() -> None:
+    """Random near-UTF-8 bytes written as base64 and read back as utf8 from QEMU's ringbuf:
+    qsd-py's decoder (NUL ends the string, QEMU's modified UTF-8 rules) gives the same."""
+    tool = require_real_qsd()
+    work = SHARE / f"chardev-utf8-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
+    qmp = work / "qmp.sock"
+    proc = subprocess.Popen(
+        [
+            str(tool), "run", "qemu-storage-daemon",
+            "--chardev", f"socket,id=qmp0,path={qmp},server=on,wait=off",
+            "--monitor", "chardev=qmp0",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    rng = random.Random(11)
+    try:
+        deadline = time.monotonic() + 20
+        while not qmp.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no real daemon"
+            time.sleep(0.05)
+        client = Talk(str(qmp))
+        backend = {"type": "ringbuf", "data": {"size": 64}}
+        assert client.command("chardev-add", {"id": "r", "backend": backend})["reply"] == {
+            "return": {}
+        }
+        for _ in range(300):
+            blob = _utf8ish(rng)
+            data = base64.b64encode(blob).decode()
+            client.command("ringbuf-write", {"device": "r", "data": data, "format": "base64"})
+            got = client.command("ringbuf-read", {"device": "r", "size": 64})["reply"]
+            assert got == {"return": decode_utf8(blob)}, blob.hex()
         client.close()
     finally:
         proc.terminate()
