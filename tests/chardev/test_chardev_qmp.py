@@ -4,6 +4,7 @@ what the backends really open: a pty, files, sockets; ringbuf semantics against 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import random
 import select
@@ -232,3 +233,36 @@ def test_udp_holds_its_local_port(talk: tuple[Talk, Qsd]) -> None:
             again.bind(("127.0.0.1", int(port)))  # the chardev has it
         run(client, "chardev-remove", {"id": "u"})
         again.bind(("127.0.0.1", int(port)))
+
+
+def _open_files(pid: int) -> list[str]:
+    fds = Path(f"/proc/{pid}/fd")
+    out = []
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            out.append(os.readlink(fd))
+    return out
+
+
+def test_pipe_and_serial_hold_their_files(talk: tuple[Talk, Qsd], tmp_path: Path) -> None:
+    """A pipe opens PATH.in and PATH.out when both exist, else PATH; a serial line its
+    device; each is closed on chardev-remove."""
+    client, daemon = talk
+    pair, single = tmp_path / "pair", tmp_path / "single"
+    for fifo in (f"{pair}.in", f"{pair}.out", str(single)):
+        os.mkfifo(fifo)
+    devices = {
+        "pp": ("pipe", str(pair), [f"{pair}.in", f"{pair}.out"]),
+        "ps": ("pipe", str(single), [str(single)]),
+        "se": ("serial", "/dev/null", ["/dev/null"]),
+    }
+    for chardev_id, (kind, device, _) in devices.items():
+        backend = {"type": kind, "data": {"device": device}}
+        assert run(client, "chardev-add", {"id": chardev_id, "backend": backend}) == {"return": {}}
+    held = _open_files(daemon.proc.pid)
+    for _, _, files in devices.values():
+        assert all(f in held for f in files), files
+    for chardev_id in devices:
+        run(client, "chardev-remove", {"id": chardev_id})
+    held = _open_files(daemon.proc.pid)
+    assert not any(f.startswith(str(tmp_path)) for f in held)
