@@ -18,7 +18,7 @@ from chardev.conversation import STEPS, expected, fill, normalize
 from nbd_server.qmp_talk import Talk
 from realqsd_support import SHARE, require_real_qsd
 
-from qsd_py.qmp.char_commands import decode_base64, decode_utf8
+from qsd_py.encodings import decode_base64, decode_utf8
 
 pytestmark = pytest.mark.realqsd
 

@@ -261,3 +261,18 @@ def test_chardev_backend_kinds_are_qemus(
         kinds.append(side.info[side.member_type(backend, "type")]["members"])
     assert kinds[0] == kinds[1]
     assert len(kinds[0]) == 22
+
+
+def test_secret_objects_are_qemus(introspections: tuple[Introspection, Introspection]) -> None:
+    """object-add's ``secret`` and ``secret_keyring`` members, as QEMU 11.1 lists them."""
+    ours, theirs = introspections
+
+    def variant(side: Introspection, case: str) -> Shape:
+        options = side.info[side.info["object-add"]["arg-type"]]
+        return side.shape(next(v["type"] for v in options["variants"] if v["case"] == case))
+
+    for case in ("secret", "secret_keyring"):
+        assert variant(ours, case) == variant(theirs, case), case
+    assert [m[0] for m in variant(theirs, "secret")["members"]] == [
+        "format", "keyid", "iv", "data", "file"
+    ]  # fmt: skip
