@@ -354,6 +354,9 @@ class BlockNode:
         """Make written data stable (fdatasync unless cache.no-flush), children included."""
         self.in_flight.enter()
         try:
+            if self.graph.debug_nodes:  # QEMU's generic flush raises these on the file
+                self.child_debug_event("file", "flush_to_os")
+                self.child_debug_event("file", "flush_to_disk")
             await self.do_flush()
         finally:
             self.in_flight.leave()
@@ -419,6 +422,20 @@ class BlockNode:
             node = backing
             depth += 1
         raise AssertionError("unreachable")
+
+    # --- blkdebug events ----------------------------------------------------------------------
+    def child_debug_event(self, role: str, event: str) -> None:
+        """Raise a blkdebug ``event`` (a ``BlkdebugEvent`` value) on the ``role`` child, as
+        QEMU's drivers do at the steps the events name. Callers test
+        ``self.graph.debug_nodes`` first, so the hook costs nothing without blkdebug."""
+        child = self.child_node(role)
+        if child is not None:
+            child.debug_event(event)
+
+    def debug_event(self, event: str) -> None:
+        """Pass an event down the ``file`` children to the first node that takes it (a
+        blkdebug node overrides this), as QEMU's bdrv_debug_event looks for one."""
+        self.child_debug_event("file", event)
 
     # --- what drivers implement -----------------------------------------------------------
     async def do_truncate(self, length: int, prealloc: str) -> None:

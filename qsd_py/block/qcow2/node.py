@@ -585,6 +585,8 @@ class Qcow2Node(BlockNode):
 
     async def read_run(self, run: Run, part: memoryview) -> None:
         if run.kind == DATA:
+            if self.graph.debug_nodes:
+                self.child_debug_event("file", "read_aio")
             await self.data_node.read(run.host, part)
         elif run.kind == ZERO:
             fill_zeroes(part)
@@ -717,6 +719,8 @@ class Qcow2Node(BlockNode):
 
     async def write_in_place(self, host: int, part: memoryview) -> None:
         await self.check_overlap(host, len(part))
+        if self.graph.debug_nodes:
+            self.child_debug_event("file", "write_aio")
         await self.data_node.write(host, part)
 
     async def check_overlap(self, host: int, n: int) -> None:
