@@ -115,6 +115,12 @@ class BlockNode:
         self.children: dict[str, Child] = {}
         self.implicit = False
         self.in_flight = InFlight()
+        # Writes counted and the count at the last flush, as QEMU's write_gen/flushed_gen:
+        # a flush with nothing written since the last one is not passed to the disk (and
+        # raises no flush_to_disk event; blkdebug's flush rules see no flush then).
+        self.write_gen = 0
+        self.flushed_gen = 0
+        self.flush_needed = True
 
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
@@ -348,16 +354,23 @@ class BlockNode:
         try:
             await self.do_write(offset, data)
         finally:
+            self.write_gen += 1
             self.in_flight.leave()
 
     async def flush(self) -> None:
         """Make written data stable (fdatasync unless cache.no-flush), children included."""
         self.in_flight.enter()
         try:
-            if self.graph.debug_nodes:  # QEMU's generic flush raises these on the file
+            gen = self.write_gen
+            self.flush_needed = gen != self.flushed_gen
+            # QEMU's generic flush: its events on the file around the two steps.
+            if self.graph.debug_nodes:
                 self.child_debug_event("file", "flush_to_os")
+            await self.do_flush_to_os()
+            if self.graph.debug_nodes and self.flush_needed:
                 self.child_debug_event("file", "flush_to_disk")
             await self.do_flush()
+            self.flushed_gen = gen
         finally:
             self.in_flight.leave()
 
@@ -373,6 +386,7 @@ class BlockNode:
         try:
             await self.do_write_zeroes(offset, length, unmap, no_fallback)
         finally:
+            self.write_gen += 1
             self.in_flight.leave()
 
     async def discard(self, offset: int, length: int) -> None:
@@ -382,6 +396,7 @@ class BlockNode:
         try:
             await self.do_discard(offset, length)
         finally:
+            self.write_gen += 1
             self.in_flight.leave()
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
@@ -459,6 +474,10 @@ class BlockNode:
 
     async def do_write(self, offset: int, data: Buffer) -> None:
         raise NotImplementedError
+
+    async def do_flush_to_os(self) -> None:
+        """Write what the node caches to the nodes below, before :meth:`do_flush` (QEMU's
+        flush_to_os step: a format's metadata caches); most nodes cache nothing."""
 
     async def do_flush(self) -> None:
         raise NotImplementedError

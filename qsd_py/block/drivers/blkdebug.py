@@ -123,7 +123,7 @@ class BlkdebugNode(BlockNode):
                 if iotype not in schema_enum_values("BlkdebugIOType"):
                     raise QMPError(f"invalid parameter value: {iotype}")
                 rule.iotypes = frozenset({iotype})
-        self.rules.setdefault(event, []).append(rule)
+        self.rules.setdefault(event, []).insert(0, rule)  # QEMU's list: newest first
 
     def _check_limits(self, child: BlockNode) -> None:
         """QEMU's checks of the announced limits against each other and the child's."""
@@ -214,7 +214,7 @@ class BlkdebugNode(BlockNode):
         await self.image.write(offset, data)
 
     async def do_flush(self) -> None:
-        if self.active:
+        if self.active and self.flush_needed:
             await self._check(0, 0, "flush")
         await self.image.flush()
 

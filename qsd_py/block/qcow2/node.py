@@ -736,6 +736,14 @@ class Qcow2Node(BlockNode):
         return await allocate.prepare_fast_write(self, offset, length)
 
     # --- flush ----------------------------------------------------------------------------
+    async def do_flush_to_os(self) -> None:
+        """The metadata caches written back (QEMU's qcow2 flush_to_os); :meth:`do_flush`
+        then finds them clean."""
+        self._check_usable()
+        if self.map is not None and not self.read_only:
+            async with self.meta_lock:
+                await self.flush_metadata()
+
     async def do_flush(self) -> None:
         self._check_usable()
         if self.map is not None and not self.read_only:
