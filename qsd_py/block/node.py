@@ -82,6 +82,15 @@ def fill_zeroes(view: memoryview) -> None:
         view[pos : pos + n] = zeroes[:n]
 
 
+def qdict_bucket(key: str) -> int:
+    """The bucket QEMU's QDict puts ``key`` in (its tdb hash, 512 buckets): QEMU writes the
+    members of a ``json:`` filename in bucket order."""
+    value = (0x238F13AF * len(key)) & 0xFFFFFFFF
+    for i, byte in enumerate(key.encode()):
+        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+
+
 def round_to_sectors(nbytes: int) -> int:
     """``nbytes`` rounded up to whole sectors: QEMU counts every length in sectors, so every
     user (query-named-block-nodes, an export's size, reads of the tail) sees this length."""

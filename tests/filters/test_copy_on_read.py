@@ -121,8 +121,8 @@ def test_writes_pass_and_query(served: tuple[Talk, Path], tmp_path: Path) -> Non
     assert cor["image"]["virtual-size"] == 4 << 20
     ok(talk.command("block-export-del", {"id": "cor"}))
     talk.events_after(0.2)
-    ok(talk.command("block-export-add",
-                    {"type": "nbd", "id": "cor", "node-name": "cor", "writable": True}))  # fmt: skip
+    export = {"type": "nbd", "id": "cor", "node-name": "cor", "writable": True}
+    ok(talk.command("block-export-add", export))
     out = qemu_io(sock, "cor", ["write -P 0x11 0 4k", "read -P 0x11 0 4k", "read -P 0xab 4k 4k"],
                   writable=True)  # fmt: skip
     assert out == ["wrote 4096/4096 bytes at offset 0", "read 4096/4096 bytes at offset 0",

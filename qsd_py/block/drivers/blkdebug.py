@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from qsd_py.block.node import SECTOR_SIZE, BlockNode, BlockStatus, Buffer
+from qsd_py.block.node import SECTOR_SIZE, BlockNode, BlockStatus, Buffer, qdict_bucket
 from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.errors import QMPError
 
@@ -247,13 +247,17 @@ class BlkdebugNode(BlockNode):
         for key, value in own.items():
             if key not in ("image", "driver"):
                 _flatten(desc, key, value)
-        return "json:" + json.dumps(desc)
+        return "json:" + json.dumps({k: desc[k] for k in sorted(desc, key=qdict_bucket)})
 
     def full_options(self) -> dict[str, Any]:
-        return json.loads(self.filename()[5:]) if self.filename().startswith("json:") else {
-            "driver": self.driver,
-            "filename": self.filename(),
-        }
+        return (
+            json.loads(self.filename()[5:])
+            if self.filename().startswith("json:")
+            else {
+                "driver": self.driver,
+                "filename": self.filename(),
+            }
+        )
 
     def image_extra(self) -> dict[str, Any]:
         return {"dirty-flag": False}
