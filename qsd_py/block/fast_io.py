@@ -72,6 +72,7 @@ class FastPlan:
     """How to serve READ/WRITE of one export without the node coroutines."""
 
     __slots__ = (
+        "__weakref__",
         "kind",
         "fd",
         "base",
@@ -133,7 +134,9 @@ class FastPlan:
             self.slot = -1
 
 
-def plan_for(node: BlockNode, ring_io: bool = False, reader: int | None = None) -> FastPlan | None:
+def plan_for(
+    node: BlockNode, ring_io: bool = False, reader: int | None = None, writable: bool = True
+) -> FastPlan | None:
     """The fast plan for ``node``'s chain, or None when every request needs the engine.
 
     The node says what its bytes are on the host (:meth:`BlockNode.fast_target`); this

@@ -26,15 +26,18 @@ from __future__ import annotations
 import contextlib
 import errno
 import mmap
+import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from qsd_py.block.child import Child
+from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.drain import InFlight
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm, perm_names
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
+    from qsd_py.block.fast_io import FastPlan
     from qsd_py.block.fast_map import FastTarget
     from qsd_py.block.graph import BlockGraph
 
@@ -115,6 +118,18 @@ class BlockNode:
         self.children: dict[str, Child] = {}
         self.implicit = False
         self.in_flight = InFlight()
+        # Bitmaps that every write marks (a mirror's; later the user's, issue 20).
+        self.dirty_bitmaps: list[DirtyBitmap] = []
+        # Fast plans of exports whose chain reaches this node (fast_io.plan_for registers
+        # them) with the ``writable`` they had before a bitmap closed them to writes.
+        # Jobs that forbid deleting this node: QEMU's op blockers (reason by job id).
+        self.blockers: dict[str, str] = {}
+        # Nodes every write is also written to before it completes (an active mirror).
+        self.write_mirrors: list[BlockNode] = []
+        self.fast_plans: weakref.WeakSet[FastPlan] = weakref.WeakSet()
+        self._closed_plans: weakref.WeakKeyDictionary[FastPlan, bool] = (
+            weakref.WeakKeyDictionary()
+        )
 
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
@@ -135,6 +150,7 @@ class BlockNode:
         *,
         shared: Perm = PERM_ALL,
         quiesce: Any = None,
+        repoint: Any = None,
     ) -> None:
         """Register a user (an export id or a command). ``write`` asks for the write
         permission: a read-only node raises QMPError (``Block node is read-only``).
@@ -149,7 +165,7 @@ class BlockNode:
         if write if resize is None else resize:
             perm |= Perm.RESIZE
         desc = f"an unnamed block device (uses node '{self.node_name}' as 'root' child)"
-        self.set_user(NodeUser(user, perm, shared, desc, quiesce=quiesce))
+        self.set_user(NodeUser(user, perm, shared, desc, quiesce=quiesce, repoint=repoint))
 
     def remove_user(self, user: str) -> None:
         if self.users.pop(user, None) is not None:
@@ -289,6 +305,8 @@ class BlockNode:
 
     def in_use_error(self) -> str | None:
         """Why blockdev-del must refuse this node (QEMU's texts, in QEMU's order), or None."""
+        for reason in self.blockers.values():
+            return f"Node '{self.node_name}' is busy: {reason}"
         if any(not u.is_parent for u in self.users.values()):
             return f"Node {self.node_name} is in use"
         blocker = self.backing_blocker()
@@ -347,7 +365,11 @@ class BlockNode:
         self.in_flight.enter()
         try:
             await self.do_write(offset, data)
+            for other in list(self.write_mirrors):
+                await other.write(offset, data)
         finally:
+            if self.dirty_bitmaps:
+                self._mark_dirty(offset, len(data))
             self.in_flight.leave()
 
     async def flush(self) -> None:
@@ -369,7 +391,11 @@ class BlockNode:
         self.in_flight.enter()
         try:
             await self.do_write_zeroes(offset, length, unmap, no_fallback)
+            for other in list(self.write_mirrors):
+                await other.write_zeroes(offset, length, unmap)
         finally:
+            if self.dirty_bitmaps:
+                self._mark_dirty(offset, length)
             self.in_flight.leave()
 
     async def discard(self, offset: int, length: int) -> None:
@@ -379,6 +405,8 @@ class BlockNode:
         try:
             await self.do_discard(offset, length)
         finally:
+            if self.dirty_bitmaps:
+                self._mark_dirty(offset, length)
             self.in_flight.leave()
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
@@ -460,6 +488,36 @@ class BlockNode:
         raise NotImplementedError
 
     # --- dirty bitmaps -----------------------------------------------------------------------
+    def _mark_dirty(self, offset: int, length: int) -> None:
+        for bitmap in self.dirty_bitmaps:
+            bitmap.mark(offset, length)
+
+    def add_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
+        """Mark ``bitmap`` with every write from now on. Writes must then pass through this
+        node's coroutines: the exports' fast plans that reach this node stop writing around
+        it (reads still take the fast path), and plans made meanwhile are born so."""
+        self.dirty_bitmaps.append(bitmap)
+        for plan in list(self.fast_plans):
+            if plan not in self._closed_plans:
+                self._closed_plans[plan] = plan.writable
+                plan.writable = False
+
+    def remove_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
+        """Stop marking ``bitmap``; with none left, fast plans write again."""
+        if bitmap in self.dirty_bitmaps:
+            self.dirty_bitmaps.remove(bitmap)
+        if self.dirty_bitmaps:
+            return
+        closed, self._closed_plans = self._closed_plans, weakref.WeakKeyDictionary()
+        for plan, writable in closed.items():
+            plan.writable = writable
+
+    def writes_tracked(self) -> bool:
+        """Whether this node or a node below it keeps a dirty bitmap."""
+        return bool(self.dirty_bitmaps) or any(
+            c.node.writes_tracked() for c in self.children.values()
+        )
+
     def dirty_bitmap(self, name: str) -> Any:
         """The dirty bitmap ``name`` of this node (what NBD exports offer as
         ``qemu:dirty-bitmap:NAME``), or None. No node keeps dirty bitmaps yet."""

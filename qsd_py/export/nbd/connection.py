@@ -406,18 +406,28 @@ class Connection:
         io_uring queues do: the ring costs no thread hop), or the node's pool without one."""
         node = self.node
         assert node is not None
-        plan = fast_io.plan_for(node, ring_io=True)
+        writable = self.export.writable  # type: ignore[union-attr]
+        plan = fast_io.plan_for(node, ring_io=True, writable=writable)
         if plan is not None and plan.kind == URING:
             self._ring = plan.backend.ring()  # type: ignore[union-attr]
             if self._ring is None:  # no io_uring here
                 plan.release()
-                plan = fast_io.plan_for(node)
-        if plan is not None and not self.export.writable:  # type: ignore[union-attr]
-            plan.writable = False
+                plan = fast_io.plan_for(node, writable=writable)
         self.plan = plan
         target = node.fast_target() if plan is not None and plan.kind != NULL else None
         if target is not None and target.table is None:
             self._file = target.file
+
+    def repoint(self, node: BlockNode) -> None:
+        """Serve ``node`` from now on (a pivot, under a drain): a fresh fast plan for it."""
+        if self._finished:
+            return
+        if self.plan is not None:
+            self.plan.release()
+            self.plan = None
+        self._file = None
+        self.node = node
+        self._plan()
 
     def _serving(self) -> int:
         """Requests still being served (tasks and transfers)."""
