@@ -305,10 +305,10 @@ class BlockNode:
 
     def in_use_error(self) -> str | None:
         """Why blockdev-del must refuse this node (QEMU's texts, in QEMU's order), or None."""
-        for reason in self.blockers.values():
-            return f"Node '{self.node_name}' is busy: {reason}"
         if any(not u.is_parent for u in self.users.values()):
             return f"Node {self.node_name} is in use"
+        for reason in self.blockers.values():
+            return f"Node '{self.node_name}' is busy: {reason}"
         blocker = self.backing_blocker()
         if blocker is not None:
             return blocker

@@ -10,11 +10,14 @@ come after a write has finished. What is dirty at the start: every chunk (``sync
 the chunks the top layer holds (``top``), nothing (``none``).
 
 Once nothing is dirty the job is ``ready`` (``BLOCK_JOB_READY``) and keeps copying what new
-writes dirty. ``job-complete`` ends the loop; :meth:`MirrorJob.commit` then drains the
-source, copies what is still dirty until nothing is and no request is in flight, and moves
-every user of the replaced node that can follow (exports, through ``NodeUser.repoint``) and
-every parent node (``Child.replace``) to the target, with no await between the last check and
-the move: no write is lost. A soft cancel in ``ready`` (``block-job-cancel`` without force)
+writes dirty. ``job-complete`` ends the loop once the copy caught up (nothing dirty, no request
+in flight on the source) and the target is flushed; :meth:`MirrorJob.commit` catches up again
+if writes came meanwhile, then moves every user of the replaced node that can follow (exports,
+through ``NodeUser.repoint``) and every parent node (``Child.replace``) to the target, with no
+await between the last check and the move: no write is lost. (No drain: the source's users
+cannot be other nodes or jobs, it is a root node, and its exports' requests are counted in
+flight; QEMU drains too, which is why it emits ``standby``/``ready`` where qsd-py does not.)
+A soft cancel in ``ready`` (``block-job-cancel`` without force)
 completes the same way without the move, as QEMU's does.
 
 ``copy-mode`` ``write-blocking``: a write the source takes is also written to the target
@@ -121,6 +124,7 @@ class MirrorJob(BlockJob):
                 Perm.CONSISTENT_READ,
                 PERM_ALL & ~Perm.RESIZE,
                 desc,
+                is_parent=True,  # QEMU's mirror_top filter node: a parent, not a device
                 quiesce=self._quiesce,
             )
         )
@@ -170,6 +174,9 @@ class MirrorJob(BlockJob):
         while True:
             await self.checkpoint()
             if self.cancelled or (self.should_complete and self.is_ready):
+                if self.should_complete and not self.cancelled:
+                    await self._catch_up()
+                    await self.target.flush()
                 return
             run = self.bitmap.next_dirty(0, self.copy_size)
             if run is not None:
@@ -294,21 +301,29 @@ class MirrorJob(BlockJob):
 
     # --- the end --------------------------------------------------------------------------
     async def commit(self) -> None:
-        """Pivot, unless soft-cancelled: catch up under a drain, then move the users."""
+        """Pivot, unless soft-cancelled. ``run`` ended caught up and flushed; writes that came
+        since (a job finalized by hand) are copied first. The last check and the move happen
+        with no await between them, so no write lands on the source afterwards unseen."""
         if self.cancelled:
             return
-        self._final = True
-        async with self.source.drained():
-            while True:
-                run = self.bitmap.next_dirty(0, self.copy_size)
-                if run is not None:
-                    await self._copy(*run)
-                    continue
-                await self.source.in_flight.wait_idle()
-                if self.bitmap.count == 0 and self.source.in_flight.count == 0:
-                    break
+        if await self._catch_up():
             await self.target.flush()
-            self._pivot()
+            await self._catch_up()
+        self._pivot()
+
+    async def _catch_up(self) -> bool:
+        """Copy until nothing is dirty and no request is in flight on the source (errors fail
+        the job now, no speed limit); whether anything had to be done."""
+        self._final = True
+        worked = False
+        while self.bitmap.count or self.source.in_flight.count:
+            worked = True
+            run = self.bitmap.next_dirty(0, self.copy_size)
+            if run is not None:
+                await self._copy(*run)
+            else:
+                await self.source.in_flight.wait_idle()
+        return worked
 
     def _pivot(self) -> None:
         """Every parent and every user that can follow now uses the target (no await)."""
