@@ -17,8 +17,18 @@ MIB = 1 << 20
 
 # Images the script uses (made fresh in the work directory before each run): name -> size,
 # "data" ones filled with non-zero bytes so that a speed limit holds the copy back.
-IMAGES = {"s1": MIB, "t1": MIB, "s2": MIB, "t2": MIB, "s3": 4 * MIB, "t3": 4 * MIB,
-          "s4": MIB, "t4": MIB, "s5": MIB, "big": 2 * MIB}
+IMAGES = {
+    "s1": MIB,
+    "t1": MIB,
+    "s2": MIB,
+    "t2": MIB,
+    "s3": 4 * MIB,
+    "t3": 4 * MIB,
+    "s4": MIB,
+    "t4": MIB,
+    "s5": MIB,
+    "big": 2 * MIB,
+}
 DATA_IMAGES = ("s3",)
 
 
@@ -41,25 +51,44 @@ SCRIPT: list[list[Any]] = [
     *[_add(name) for name in IMAGES],
     # argument errors
     ["blockdev-mirror", {"job-id": "x", "device": "s1", "target": "s1", "sync": "full"}],
-    ["blockdev-mirror", {"job-id": "x", "device": "s1", "target": "t1", "sync": "full",
-                         "granularity": 100}],
-    ["blockdev-mirror", {"job-id": "x", "device": "s1", "target": "t1", "sync": "full",
-                         "granularity": 1536}],
-    ["blockdev-mirror", {"job-id": "x", "device": "s1", "target": "t1", "sync": "full",
-                         "buf-size": -1}],
+    [
+        "blockdev-mirror",
+        {"job-id": "x", "device": "s1", "target": "t1", "sync": "full", "granularity": 100},
+    ],
+    [
+        "blockdev-mirror",
+        {"job-id": "x", "device": "s1", "target": "t1", "sync": "full", "granularity": 1536},
+    ],
+    [
+        "blockdev-mirror",
+        {"job-id": "x", "device": "s1", "target": "t1", "sync": "full", "buf-size": -1},
+    ],
     ["blockdev-mirror", {"job-id": "x", "device": "s1", "target": "t1", "sync": "bitmap"}],
-    ["blockdev-mirror", {"job-id": "x", "device": "s1", "target": "t1", "sync": "full",
-                         "replaces": "nope"}],
-    ["blockdev-mirror", {"job-id": "x", "device": "s1", "target": "t1", "sync": "full",
-                         "replaces": "s2"}],
+    [
+        "blockdev-mirror",
+        {"job-id": "x", "device": "s1", "target": "t1", "sync": "full", "replaces": "nope"},
+    ],
+    [
+        "blockdev-mirror",
+        {"job-id": "x", "device": "s1", "target": "t1", "sync": "full", "replaces": "s2"},
+    ],
     ["blockdev-mirror", {"job-id": "x", "device": "nope", "target": "t1", "sync": "full"}],
     ["blockdev-mirror", {"job-id": "x", "device": "s1", "target": "nope", "sync": "full"}],
     # different sizes: the job fails
     ["blockdev-mirror", {"job-id": "e", "device": "s5", "target": "big", "sync": "full"}],
     ["settle", "e"],
     # manual finalize and dismiss, complete = pivot
-    ["blockdev-mirror", {"job-id": "a", "device": "s1", "target": "t1", "sync": "full",
-                         "auto-finalize": False, "auto-dismiss": False}],
+    [
+        "blockdev-mirror",
+        {
+            "job-id": "a",
+            "device": "s1",
+            "target": "t1",
+            "sync": "full",
+            "auto-finalize": False,
+            "auto-dismiss": False,
+        },
+    ],
     ["settle", "a"],
     ["query-block-jobs", {}],
     ["blockdev-del", {"node-name": "s1"}],
@@ -77,14 +106,24 @@ SCRIPT: list[list[Any]] = [
     ["block-job-cancel", {"device": "b"}],
     ["settle-past-ready", "b"],
     # cancel before ready (a speed limit holds the copy back)
-    ["blockdev-mirror", {"job-id": "c", "device": "s3", "target": "t3", "sync": "full",
-                         "speed": 65536}],
+    [
+        "blockdev-mirror",
+        {"job-id": "c", "device": "s3", "target": "t3", "sync": "full", "speed": 65536},
+    ],
     ["block-job-complete", {"device": "c"}],
     ["block-job-cancel", {"device": "c"}],
     ["settle", "c"],
     # pause in ready, complete while paused, resume
-    ["blockdev-mirror", {"job-id": "d", "device": "s4", "target": "t4", "sync": "none",
-                         "copy-mode": "write-blocking"}],
+    [
+        "blockdev-mirror",
+        {
+            "job-id": "d",
+            "device": "s4",
+            "target": "t4",
+            "sync": "none",
+            "copy-mode": "write-blocking",
+        },
+    ],
     ["settle", "d"],
     ["block-job-pause", {"device": "d"}],
     ["settle", "d"],
