@@ -127,9 +127,7 @@ class BlockNode:
         # Nodes every write is also written to before it completes (an active mirror).
         self.write_mirrors: list[BlockNode] = []
         self.fast_plans: weakref.WeakSet[FastPlan] = weakref.WeakSet()
-        self._closed_plans: weakref.WeakKeyDictionary[FastPlan, bool] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._closed_plans: weakref.WeakKeyDictionary[FastPlan, bool] = weakref.WeakKeyDictionary()
 
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
