@@ -51,6 +51,8 @@ COMMANDS = {
     "block-job-finalize",
     "block-job-change",
     "blockdev-create",
+    "blockdev-mirror",
+    "drive-mirror",
 }
 
 
