@@ -28,6 +28,8 @@ IMAGES = {
     "t4": MIB,
     "s5": MIB,
     "big": 2 * MIB,
+    "s6": MIB,
+    "t6": MIB,  # drive-mirror's target, opened by file name
 }
 DATA_IMAGES = ("s3",)
 
@@ -48,7 +50,7 @@ def _add(name: str) -> list[Any]:
 
 
 SCRIPT: list[list[Any]] = [
-    *[_add(name) for name in IMAGES],
+    *[_add(name) for name in IMAGES if name != "t6"],
     # argument errors
     ["blockdev-mirror", {"job-id": "x", "device": "s1", "target": "s1", "sync": "full"}],
     [
@@ -131,6 +133,33 @@ SCRIPT: list[list[Any]] = [
     ["block-job-complete", {"device": "d"}],
     ["block-job-resume", {"device": "d"}],
     ["settle-past-ready", "d"],
+    # drive-mirror to an existing image: complete, then a forced cancel, then a missing file
+    [
+        "drive-mirror",
+        {
+            "job-id": "f",
+            "device": "s6",
+            "target": "t6.img",
+            "sync": "full",
+            "mode": "existing",
+            "format": "raw",
+            "node-name": "r6",
+        },
+    ],
+    ["settle", "f"],
+    ["block-job-complete", {"device": "f"}],
+    ["settle-past-ready", "f"],
+    [
+        "drive-mirror",
+        {"job-id": "g", "device": "s6", "target": "t6.img", "sync": "top", "mode": "existing"},
+    ],
+    ["settle", "g"],
+    ["block-job-cancel", {"device": "g", "force": True}],
+    ["settle", "g"],
+    [
+        "drive-mirror",
+        {"job-id": "h", "device": "s6", "target": "nope.img", "sync": "full", "mode": "existing"},
+    ],
 ]
 
 _PROGRESS = ("len", "offset", "current-progress", "total-progress", "busy")
