@@ -510,12 +510,6 @@ class BlockNode:
         for plan, writable in closed.items():
             plan.writable = writable
 
-    def writes_tracked(self) -> bool:
-        """Whether this node or a node below it keeps a dirty bitmap."""
-        return bool(self.dirty_bitmaps) or any(
-            c.node.writes_tracked() for c in self.children.values()
-        )
-
     def dirty_bitmap(self, name: str) -> Any:
         """The dirty bitmap ``name`` of this node (what NBD exports offer as
         ``qemu:dirty-bitmap:NAME``), or None. No node keeps dirty bitmaps yet."""
