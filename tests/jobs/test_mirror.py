@@ -131,8 +131,10 @@ def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize("sync", ["full", "top"])
-def test_mirror_under_nbd_load_pivots_without_losing_a_write(tmp_path: Path, sync: str) -> None:
+@pytest.mark.parametrize(("sync", "mode"), [("full", "background"), ("top", "write-blocking")])
+def test_mirror_under_nbd_load_pivots_without_losing_a_write(
+    tmp_path: Path, sync: str, mode: str
+) -> None:
     """Writes through a writable NBD export before, during and after the copy and across the
     pivot: the export then serves the qcow2 target, which holds every acknowledged write."""
     size = 8 * MIB
@@ -169,6 +171,7 @@ def test_mirror_under_nbd_load_pivots_without_losing_a_write(tmp_path: Path, syn
             "sync": sync,
             "granularity": 65536,
             "buf-size": MIB,
+            "copy-mode": mode,
         }
         assert d.cmd("blockdev-mirror", mirror) == {"return": {}}
         wait_job(d, "m", "ready")
