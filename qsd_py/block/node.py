@@ -538,8 +538,10 @@ class BlockNode:
         filenames of the formats above it."""
         return {"driver": self.driver, "filename": self.filename()}
 
-    def allocated_size_now(self) -> int:
-        """Synchronous allocated size for ``info()`` (an fstat, never slow); 0 if unknown."""
+    def allocated_size_now(self) -> int | None:
+        """Synchronous allocated size for ``info()`` (an fstat, never slow). None: the node
+        cannot say (a remote one: nbd, rbd), and neither can a format stored in it; QEMU then
+        shows no ``actual-size``."""
         return 0
 
     def limits(self) -> dict[str, int]:
@@ -563,7 +565,9 @@ class BlockNode:
         image: dict[str, Any] = {"filename": self.filename(), "format": self.format_name}
         if "dirty-flag" in extra:
             image["dirty-flag"] = extra.pop("dirty-flag")
-        image["actual-size"] = self.allocated_size_now()
+        actual = self.allocated_size_now()
+        if actual is not None:
+            image["actual-size"] = actual
         image["virtual-size"] = self.length()
         specific = extra.pop("format-specific", None)
         image.update(extra)

@@ -39,7 +39,8 @@ class Job:
 
 @dataclass(frozen=True)
 class Backend:
-    """Where the exported data lives. ``kind``: ``file`` (an image in ``root``) or ``null``.
+    """Where the exported data lives. ``kind``: ``file`` (an image in ``root``), ``null``, or
+    ``rbd`` (an image in the bench's mini-ceph cluster, whose directory is ``root``).
 
     A file backend's image is raw, or qcow2 (``fmt``) in one of two states (``state``):
     ``allocated`` (every cluster allocated and referenced once, so writes go in place) or
@@ -105,6 +106,8 @@ JOBS: dict[str, Job] = {
 # The tmpfs backend uses /dev/shm, which real-qsd also bind-mounts into its chroot.
 DISK_ROOT = "/tmp/qsd-cmp/qsd-bench/disk"
 TMPFS_ROOT = "/dev/shm/qsd-bench"
+# The rbd backend's cluster (ceph.py): its conf file must be visible in the chroot too.
+CEPH_DIR = "/tmp/qsd-cmp/qsd-bench-ceph"
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
@@ -115,6 +118,8 @@ BACKENDS: dict[str, Backend] = {
         Backend("qcow2-disk-fresh", "file", DISK_ROOT, "qcow2", "fresh", "disk"),
         Backend("qcow2-tmpfs-allocated", "file", TMPFS_ROOT, "qcow2", "allocated", "tmpfs"),
         Backend("qcow2-tmpfs-fresh", "file", TMPFS_ROOT, "qcow2", "fresh", "tmpfs"),
+        # Not in the default set: it needs Ceph's Debian packages (mini-ceph install).
+        Backend("rbd", "rbd", CEPH_DIR),
     )
 }
 
@@ -137,7 +142,7 @@ TARGETS: dict[str, Target] = {
 }
 
 DEFAULT_TARGETS = ("file", "qsd-py", "qsd-py-uring", "qemu", "qemu-iot2")
-DEFAULT_BACKENDS = tuple(BACKENDS)
+DEFAULT_BACKENDS = tuple(name for name, b in BACKENDS.items() if b.kind != "rbd")
 DEFAULT_JOBS = tuple(j.name for j in JOBS.values() if j.tool == "fio")
 NBD_TARGETS = ("qsd-py-nbd-unix", "qemu-nbd-unix", "qsd-py-nbd-tcp", "qemu-nbd-tcp")
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchlib.ceph import BenchCluster
 from benchlib.cleanup import Janitor, set_uring_knob
 from benchlib.fio import fio_command, load_fio_json, parse_fio_json, run_fio
 from benchlib.images import copy_image, make_image, qemu_img_version
@@ -77,6 +78,7 @@ class Runner:
     def __init__(self, opts: Options, janitor: Janitor) -> None:
         self.opts, self.janitor = opts, janitor
         self.real, self.qsdpy = RealQsd(), QsdPy(opts.python)
+        self.ceph: BenchCluster | None = None  # started if an rbd backend is asked for
         self.outcome = Outcome()
         (opts.out / "logs").mkdir(parents=True, exist_ok=True)
         (opts.out / "fio").mkdir(parents=True, exist_ok=True)
@@ -112,6 +114,15 @@ class Runner:
     def usable_backends(self) -> list[Backend]:
         """Drop the qcow2 backends (with a note) when there is no qemu-img to make images."""
         backends = self.opts.backends
+        if any(b.kind == "rbd" for b in backends):
+            cluster = BenchCluster()
+            self.janitor.push("stop the mini-ceph cluster", cluster.stop)
+            if cluster.start():
+                self.ceph = cluster
+                say(f"mini-ceph cluster up ({cluster.conf})")
+            else:
+                self.note(f"rbd backend skipped: {cluster.note}")
+                backends = [b for b in backends if b.kind != "rbd"]
         if any(b.fmt == "qcow2" for b in backends):
             version = qemu_img_version()
             if version:
@@ -132,7 +143,10 @@ class Runner:
                 self.janitor.push(f"remove {root}", lambda r=root: shutil.rmtree(r, True))
 
     def image_paths(self, backend: Backend, targets: list[Target]) -> dict[str, str]:
-        """Where each target's image goes (the daemons lock their image: one each)."""
+        """Where each target's image goes (the daemons lock their image: one each); for
+        the rbd backend, each target's image name in the cluster."""
+        if backend.kind == "rbd":
+            return {t.name: f"bench-{t.name}" for t in targets}
         if backend.kind != "file":
             return {}
         suffix = "qcow2" if backend.fmt == "qcow2" else "img"
@@ -141,6 +155,13 @@ class Runner:
     def make_target_image(self, backend: Backend, images: dict[str, str], target: str) -> None:
         """A fresh image is made anew each time; any other the first time, then copied."""
         path = images[target]
+        if backend.kind == "rbd":
+            assert self.ceph is not None
+            t0 = time.perf_counter()
+            self.ceph.make_image(path)
+            say(f"rbd: image {path} of {IMAGE_SIZE >> 20} MiB made in "
+                f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+            return
         first = next(iter(images.values()))
         if backend.fresh or path == first:
             t0 = time.perf_counter()
@@ -150,6 +171,14 @@ class Runner:
                     f"{time.perf_counter() - t0:.1f} s ({path})")  # fmt: skip
         else:
             copy_image(first, path)
+
+    def remove_images(self, backend: Backend, images: dict[str, str]) -> None:
+        if backend.kind == "rbd":
+            if self.ceph is not None:
+                for name in images.values():
+                    self.ceph.remove_image(name)
+            return
+        _remove(images.values())
 
     def make_daemon(self, target: Target, backend: Backend, image: str, tag: str) -> Daemon:
         endpoint = self.endpoint(target)
@@ -189,7 +218,7 @@ class Runner:
         live: dict[str, Daemon] = {}
         failed: set[str] = set()
         with self.janitor.scope():
-            self.janitor.push(f"{backend.name} images", lambda: _remove(images.values()))
+            self.janitor.push(f"{backend.name} images", lambda: self.remove_images(backend, images))
             self.janitor.push(f"{backend.name} daemons", lambda: _stop_all(live))
             for step in steps(backend, targets, self.opts.jobs, self.opts.rounds):
                 if step.target in failed:

@@ -44,7 +44,7 @@ def steps(backend: Backend, targets: list[Target], jobs: list[Job], rounds: int)
     ]
     if backend.fresh:
         return [step for job, rnd, t in runs for step in _one_run(t, job, rnd)]
-    out = [Step(IMAGE, t.name) for t in targets] if backend.kind == "file" else []
+    out = [Step(IMAGE, t.name) for t in targets] if backend.kind != "null" else []
     out += [Step(START, t.name) for t in targets if t.daemon is not None]
     out += [Step(FIO, t.name, job.name, rnd) for job, rnd, t in runs]
     out += [Step(STOP, t.name) for t in reversed(targets) if t.daemon is not None]

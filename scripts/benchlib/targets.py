@@ -67,6 +67,10 @@ def daemon_args(
     if backend.kind == "null":
         # null-co's size is an integer in the schema: keyval does not take "1G" here.
         args += ["--blockdev", f"driver=null-co,node-name=d0,size={IMAGE_SIZE}"]
+    elif backend.kind == "rbd":
+        conf = f"{backend.root}/ceph.conf"
+        rbd_node = f"driver=rbd,node-name=f0,pool=rbd,image={image},conf={conf}"
+        args += ["--blockdev", rbd_node, "--blockdev", "driver=raw,node-name=d0,file=f0"]
     else:
         file_node = f"driver=file,node-name=f0,filename={image},cache.direct=on{file_opts}"
         # The format node on top is the one exported: raw, or qcow2 with its own defaults.

@@ -154,6 +154,7 @@ def test_json_schema_of_a_union() -> None:
         "null-co",
         "qcow2",
         "raw",
+        "rbd",
     }
     assert doc["$defs"]["BlockdevRef"] == {
         "anyOf": [{"$ref": "#/$defs/BlockdevOptions"}, {"type": "string"}]

@@ -402,11 +402,9 @@ class NbdNode(BlockNode):
             limits["max-discard"] = _align_down(MAX_COMPACT_EFFECT, self.align)
         return limits
 
-    def image_info(self, flat: bool = False) -> dict[str, Any]:
-        """No ``actual-size``: what the server allocates is not known here (QEMU's too)."""
-        image = super().image_info(flat)
-        del image["actual-size"]
-        return image
+    def allocated_size_now(self) -> int | None:
+        """Unknown: what the server allocates is not known here (QEMU's too)."""
+        return None
 
 
 NODE = NbdNode

@@ -82,7 +82,7 @@ class RawNode(BlockNode):
     async def do_allocated_size(self) -> int:
         return await self.file.allocated_size()
 
-    def allocated_size_now(self) -> int:
+    def allocated_size_now(self) -> int | None:
         return self.file.allocated_size_now()
 
     # --- I/O ------------------------------------------------------------------------------
@@ -124,8 +124,13 @@ class RawNode(BlockNode):
 
     # --- introspection --------------------------------------------------------------------
     def filename(self) -> str:
+        """The child's name; a ``json:`` one when the window is fixed, or when the child's
+        own name is ``json:`` (QEMU then describes this node with the child's options)."""
         if not self.fixed:
-            return self.file.filename()
+            name = self.file.filename()
+            if not name.startswith("json:"):
+                return name
+            return "json:" + json.dumps({"driver": "raw", "file": self.file.full_options()})
         desc: dict[str, Any] = {}
         if self.offset:
             desc["offset"] = self.offset
@@ -136,7 +141,28 @@ class RawNode(BlockNode):
         return "json:" + json.dumps(desc)
 
     def image_extra(self) -> dict[str, Any]:
-        return {"dirty-flag": False}
+        """QEMU's raw asks its child for the image information and its snapshots: the
+        child's cluster size (an RBD image's object size) and snapshots show through."""
+        extra: dict[str, Any] = {"dirty-flag": False}
+        child = self.file.image_extra()
+        for key in ("cluster-size", "snapshots"):
+            if child.get(key):
+                extra[key] = child[key]
+        return extra
+
+    def limits(self) -> dict[str, int]:
+        """Raw's own, merged with its child's as QEMU's block layer merges a data child's
+        (memory alignments and preferred transfer the larger, maximum transfer and vector
+        count the smaller; the request alignment stays raw's own)."""
+        own = super().limits()
+        child = self.file.limits()
+        for key in ("min-mem-alignment", "opt-mem-alignment", "opt-transfer"):
+            if key in child:
+                own[key] = max(own.get(key, 0), child[key])
+        for key in ("max-transfer", "max-iov"):
+            if key in child:
+                own[key] = min(own[key], child[key]) if key in own else child[key]
+        return own
 
 
 NODE = RawNode

@@ -22,7 +22,11 @@ def filename(node: Qcow2Node) -> str:
     assert node.header is not None
     overridden = "backing" in node.opts
     if not overridden or (node.backing is None and node.header.backing_name is None):
-        return node.file.filename()
+        name = node.file.filename()
+        if not name.startswith("json:"):
+            return name
+        # a file known only by its options (rbd): QEMU describes the image with them
+        return "json:" + json.dumps({"driver": "qcow2", "file": node.file.full_options()})
     return "json:" + json.dumps(full_options(node), sort_keys=True)
 
 

@@ -473,11 +473,14 @@ class Qcow2Node(BlockNode):
             total += await self.children["data-file"].node.allocated_size()
         return total
 
-    def allocated_size_now(self) -> int:
-        total = self.file.allocated_size_now()
+    def allocated_size_now(self) -> int | None:
+        """The file's and the data file's; unknown if either is (stored in nbd or rbd)."""
+        sizes = [self.file.allocated_size_now()]
         if "data-file" in self.children:
-            total += self.children["data-file"].node.allocated_size_now()
-        return total
+            sizes.append(self.children["data-file"].node.allocated_size_now())
+        if None in sizes:
+            return None
+        return sum(s for s in sizes if s is not None)
 
     # --- mapping --------------------------------------------------------------------------
     async def _runs(self, offset: int, length: int) -> list[Run]:
