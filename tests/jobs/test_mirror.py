@@ -37,8 +37,9 @@ def test_transcript_live_against_qemu() -> None:
 
 
 # --- under load -------------------------------------------------------------------------------
-# A writer through the NBD export: seeded random writes until told to stop, one line per
-# write acknowledged (so the test knows how many the model must replay).
+# A writer through the NBD export: seeded random writes until told to stop, each read back
+# at once (a read served from the wrong node across the pivot fails it), one line per write
+# acknowledged (so the test knows how many the model must replay).
 WRITER = r"""
 import nbd, os, random, sys
 uri, seed, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -49,7 +50,10 @@ rng = random.Random(seed)
 n = 0
 while not os.path.exists(stop):
     off, length, byte = pick(rng, size)
-    h.pwrite(bytes([byte]) * length, off)
+    data = bytes([byte]) * length
+    h.pwrite(data, off)
+    if h.pread(length, off) != data:
+        sys.exit(f"write {n + 1} at {off} did not read back")
     n += 1
     print(n, flush=True)
 h.flush()
