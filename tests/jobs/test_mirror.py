@@ -371,3 +371,40 @@ def test_writable_fuse_export_refuses_a_mirror(tmp_path: Path) -> None:
     finally:
         d.close()
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+def test_quit_while_a_mirror_runs(tmp_path: Path) -> None:
+    """``quit`` cancels the job: the daemon exits cleanly, the source is untouched and the
+    qcow2 target is consistent."""
+    size = 4 * MIB
+    initial = random.Random(9).randbytes(size)
+    (tmp_path / "src.img").write_bytes(initial)
+    assert (
+        qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "t.qcow2"), str(size)).returncode
+        == 0
+    )
+    d = Daemon(tmp_path, real=False)
+    try:
+        assert d.cmd(
+            "blockdev-add", {"driver": "file", "filename": "src.img", "node-name": "src"}
+        ) == {"return": {}}
+        assert d.cmd(
+            "blockdev-add",
+            {
+                "driver": "qcow2",
+                "node-name": "tgt",
+                "file": {"driver": "file", "filename": "t.qcow2"},
+            },
+        ) == {"return": {}}
+        mirror = {"job-id": "m", "device": "src", "target": "tgt", "sync": "full", "speed": MIB}
+        assert d.cmd("blockdev-mirror", mirror) == {"return": {}}
+        wait_job(d, "m", "running")
+        time.sleep(0.3)
+        assert d.cmd("query-jobs")["return"][0]["status"] == "running"
+        assert d.cmd("quit") == {"return": {}}
+        assert d.proc.wait(20) == 0
+    finally:
+        d.close()
+    assert (tmp_path / "src.img").read_bytes() == initial
+    check = qemu_img("check", str(tmp_path / "t.qcow2"))
+    assert check.returncode == 0, check.stdout + check.stderr
