@@ -163,7 +163,7 @@ def plan_for(
 
 def _register(node: BlockNode, plan: FastPlan) -> None:
     node.fast_plans.add(plan)
-    if node.dirty_bitmaps and plan not in node._closed_plans:
+    if node._slow_writers and plan not in node._closed_plans:
         node._closed_plans[plan] = plan.writable
         plan.writable = False
     for child in node.children.values():
