@@ -170,3 +170,12 @@ async def drive_mirror(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         await daemon.graph.drop_orphan(target)
         raise
     return {}
+
+
+@qmp_command("block-stream")
+async def block_stream(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Start a stream job (qsd_py/jobs/stream.py)."""
+    from qsd_py.jobs import stream
+
+    await stream.start(daemon.graph, daemon.jobs, args)
+    return {}

@@ -105,8 +105,8 @@ class Daemon:
 
 
 def run(daemon: Daemon, script: list[list[Any]]) -> list[Any]:
-    """Run ``script`` (entries ``[command, args]``, ``["settle", job]`` or
-    ``["settle-past-ready", job]``); the transcript."""
+    """Run ``script`` (entries ``[command, args]``, ``["settle", job]``,
+    ``["settle-past-ready", job]`` or ``["settle-gone", job]``); the transcript."""
     out: list[Any] = []
     for name, args in script:
         if name == "settle":
@@ -114,6 +114,9 @@ def run(daemon: Daemon, script: list[list[Any]]) -> list[Any]:
             continue
         if name == "settle-past-ready":
             out.append({"events": daemon.settle(args, past="ready")})
+            continue
+        if name == "settle-gone":  # an auto-finalized job: until its end, not its pending
+            out.append({"events": daemon.settle(args, past="pending")})
             continue
         out.append({"cmd": name, "reply": daemon.cmd(name, args)})
         events = daemon.events()
