@@ -18,6 +18,7 @@ from qsd_py.errors import QMPError
 from qsd_py.export.registry import ExportRegistry
 from qsd_py.jobs.registry import JobRegistry
 from qsd_py.objects.registry import ObjectRegistry
+from qsd_py.qmp.char_registry import ChardevRegistry
 from qsd_py.sockets import ON_COMMAND_LINE
 from qsd_py.uring import close_loop_ring
 
@@ -49,6 +50,7 @@ class Daemon:
         self.graph.objects = self.objects
         self.monitors: set[EventSink] = set()
         self.closers: list[Any] = []  # chardev servers/clients to close at shutdown
+        self.chardevs = ChardevRegistry(self.objects)  # --chardev and chardev-add ones, by id
         self.nbd_server: NbdServer | None = None  # nbd-server-start / --nbd-server
         self._shutdown: asyncio.Event | None = None
         load_handlers()
@@ -115,6 +117,7 @@ class Daemon:
             await self.graph.close_all()
             self.objects.stop_all()  # each iothread closes its own io_uring ring
             close_loop_ring()  # the main loop's ring (aio=io_uring, FUSE-over-io_uring)
+            await self.chardevs.close_all()
             for closer in reversed(self.closers):
                 try:
                     await closer()

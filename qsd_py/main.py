@@ -28,7 +28,7 @@ class StartupError(Exception):
     """An option failed; the message is already in QEMU's ``<option>: <desc>`` form."""
 
 
-async def apply_option(daemon: Any, chardevs: dict[str, Any], opt: Any) -> None:
+async def apply_option(daemon: Any, opt: Any) -> None:
     """Apply one parsed command-line option to the daemon."""
     from qsd_py.cli.options import convert_option
     from qsd_py.errors import QMPError
@@ -40,9 +40,9 @@ async def apply_option(daemon: Any, chardevs: dict[str, Any], opt: Any) -> None:
         if command is not None:
             await daemon.execute(command, args, from_cli=True)
         elif opt.name == "chardev":
-            await add_chardev(daemon, chardevs, args)
+            await add_chardev(daemon, args)
         elif opt.name == "monitor":
-            await add_monitor(daemon, chardevs, args)
+            await add_monitor(daemon, args)
         elif opt.name == "nbd-server":
             from qsd_py.export.nbd.server import start_server
 
@@ -52,22 +52,29 @@ async def apply_option(daemon: Any, chardevs: dict[str, Any], opt: Any) -> None:
         raise StartupError(f"{opt.given}: {err.desc}{hint}") from err
 
 
-async def add_chardev(daemon: Any, chardevs: dict[str, Any], args: dict[str, Any]) -> None:
+async def add_chardev(daemon: Any, args: dict[str, Any]) -> None:
     from qsd_py.errors import QMPError
     from qsd_py.qmp.chardev import create_chardev
 
-    if args["id"] in chardevs:
+    if daemon.chardevs.find(args["id"]) is not None:
         # QEMU 11.1 says "duplicate yank instance" here, an internal detail;
         # QemuOpts' own wording says what is wrong.
         raise QMPError(f"Duplicate ID '{args['id']}' for chardev")
-    chardevs[args["id"]] = await create_chardev(daemon, args)
+    if args["backend"] == "socket":
+        daemon.chardevs.register(await create_chardev(daemon, args))
+        return
+    from qsd_py.qmp.char_backends import cli_backend
+
+    reply = await daemon.chardevs.create(args["id"], cli_backend(args))
+    if "pty" in reply:
+        print(f"char device redirected to {reply['pty']} (label {args['id']})", file=sys.stderr)
 
 
-async def add_monitor(daemon: Any, chardevs: dict[str, Any], args: dict[str, Any]) -> None:
+async def add_monitor(daemon: Any, args: dict[str, Any]) -> None:
     from qsd_py.errors import QMPError
     from qsd_py.qmp import chardev
 
-    char = chardevs.get(args["chardev"])
+    char = daemon.chardevs.find(args["chardev"])
     if char is None:
         raise QMPError(f'chardev "{args["chardev"]}" not found')
     await chardev.add_monitor(daemon, char, bool(args.get("pretty", False)))
@@ -93,7 +100,6 @@ async def run(options: list[Any], ready_fd: int | None) -> int:
 
     daemon = Daemon()
     install_signal_handlers(daemon)
-    chardevs: dict[str, Any] = {}
     pidfile: str | None = None
     try:
         # getopt order: every option in turn, then complaints about stray arguments.
@@ -101,7 +107,7 @@ async def run(options: list[Any], ready_fd: int | None) -> int:
             if opt.name == "pidfile":
                 pidfile = opt.arg
             elif opt.name != "daemonize":
-                await apply_option(daemon, chardevs, opt)
+                await apply_option(daemon, opt)
         if pidfile is not None:
             write_pidfile(pidfile)
         if ready_fd is not None:

@@ -104,6 +104,9 @@ and block exports over FUSE (/dev/fuse or FUSE-over-io_uring) and NBD.
   --chardev socket,id=<id>,host=<host>,port=<port>[,server=on|off][,wait=on|off]
                          a socket for a monitor; with server=on the daemon
                          listens (use wait=off), without it connects to <path>
+  --chardev null|ringbuf|file|pty,id=<id>[,size=<n>][,path=<file>][,append=on]
+           [,input-path=<file>][,logfile=<file>[,logappend=on]]
+                         other chardevs (chardev-add makes all of QEMU's)
 
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                          serve QMP over the --chardev <id>

@@ -94,7 +94,7 @@ class _Introspector:
             return {
                 "name": name,
                 "meta-type": "enum",
-                "members": [{"name": v} for v in typ.values],
+                "members": [_enum_member(typ, v) for v in typ.values],
                 "values": list(typ.values),
             }
         if isinstance(typ, ArrayType):
@@ -122,3 +122,9 @@ class _Introspector:
 def introspect(model: Model, unmask: bool = False) -> list[dict[str, Any]]:
     """Build the SchemaInfo list; ``unmask`` keeps real type names (for debugging)."""
     return _Introspector(model, unmask).entries()
+
+
+def _enum_member(typ: EnumType, value: str) -> dict[str, Any]:
+    """An enum value in introspection, with its features as QEMU lists them."""
+    features = typ.value_features.get(value)
+    return {"name": value, "features": list(features)} if features else {"name": value}

@@ -52,6 +52,8 @@ class BuiltinType(QAPIType):
 @dataclass(eq=False)
 class EnumType(QAPIType):
     values: list[str] = field(default_factory=list)
+    #: a value's features ({'name': ..., 'features': [...]} in 'data'), e.g. "deprecated"
+    value_features: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def json_kind(self) -> str:
@@ -310,6 +312,8 @@ class _Builder:
             if not isinstance(name, str) or name in typ.values:
                 raise QAPISemError(e.info, f"enum '{typ.name}' has a bad or duplicate value")
             typ.values.append(name)
+            if isinstance(v, dict) and v.get("features"):
+                typ.value_features[name] = list(v["features"])
 
     def object_ref(self, ref: Any, info: SourceInfo, what: str, implicit: str) -> ObjectType:
         """A base or 'data' that is either a struct's name or an inline member dict."""

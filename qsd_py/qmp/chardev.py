@@ -41,15 +41,31 @@ def _flag(value: Any, default: bool) -> bool:
 class Chardev:
     """A chardev that a monitor can be attached to (one monitor per chardev, as QEMU)."""
 
-    def __init__(self, chardev_id: str) -> None:
+    filename = "socket"
+
+    def __init__(self, chardev_id: str, where: str) -> None:
         self.id = chardev_id
+        self.where = where  # QEMU's notation: "unix:PATH,server=on", "tcp:HOST:PORT"
         self.in_use = False
+        self.user: str | None = None  # "monitor", or the mux/hub holding it (chardev-remove)
         self.closing = False
         self.session: QMPSession | None = None
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def frontend_open(self) -> bool:
+        return self.in_use
+
+    def describe(self) -> str:
+        """query-chardev's filename: the address, ``disconnected:`` while no client is on."""
+        return self.where if self.session is not None else f"disconnected:{self.where}"
+
+    def send_break(self) -> None:
+        """A break means nothing to a socket."""
+
     def attach(self, daemon: Any, pretty: bool) -> None:
         self.in_use = True
+        self.user = "monitor"
         self._task = asyncio.create_task(self._run(daemon, pretty), name=f"chardev-{self.id}")
 
     async def _run(self, daemon: Any, pretty: bool) -> None:
@@ -79,8 +95,8 @@ class Chardev:
 class ServerChardev(Chardev):
     """``server=on``: a listening socket, one client at a time."""
 
-    def __init__(self, chardev_id: str, listener: sockets.Listener) -> None:
-        super().__init__(chardev_id)
+    def __init__(self, chardev_id: str, where: str, listener: sockets.Listener) -> None:
+        super().__init__(chardev_id, f"{where},server=on")
         self.listener = listener
         self._first: socket.socket | None = None
 
@@ -123,8 +139,8 @@ class ServerChardev(Chardev):
 class ClientChardev(Chardev):
     """Without ``server=on``: the daemon connected out to a listening client."""
 
-    def __init__(self, chardev_id: str, sock: socket.socket) -> None:
-        super().__init__(chardev_id)
+    def __init__(self, chardev_id: str, where: str, sock: socket.socket) -> None:
+        super().__init__(chardev_id, where)
         self.sock = sock
 
     async def _run(self, daemon: Any, pretty: bool) -> None:
@@ -170,21 +186,23 @@ async def create_chardev(daemon: Any, opts: dict[str, Any]) -> Chardev:
     port = None if opts.get("port") is None else str(opts["port"])
     address = _address(path, host, port)
     chardev: Chardev
+    where = f"unix:{path}" if path is not None else f"tcp:{host}:{port}"
     if _flag(opts.get("server"), False):
         listener = sockets.listen(address, LISTEN_BACKLOG, private=True)
-        chardev = ServerChardev(opts["id"], listener)
+        chardev = ServerChardev(opts["id"], where, listener)
         daemon.closers.append(chardev.close)
         if _flag(opts.get("wait"), True):
-            where = f"unix:{path}" if path is not None else f"tcp:{host}:{port}"
             await chardev.wait_for_client(daemon, f"disconnected:{where}")
     else:
-        chardev = ClientChardev(opts["id"], await sockets.connect(address))
+        chardev = ClientChardev(opts["id"], where, await sockets.connect(address))
         daemon.closers.append(chardev.close)
     return chardev
 
 
 async def add_monitor(daemon: Any, chardev: Chardev, pretty: bool) -> None:
     """Serve QMP on ``chardev`` (``--monitor chardev=X[,pretty=on]``)."""
-    if chardev.in_use:
+    if not isinstance(chardev, Chardev):
+        raise QMPError(f"chardev '{chardev.id}' is no socket: qsd-py serves QMP on sockets only")
+    if chardev.user is not None:
         raise QMPError(f"chardev '{chardev.id}' is already in use")
     chardev.attach(daemon, pretty)

@@ -275,6 +275,7 @@ async def test_daemon_close_closes_main_ring(image) -> None:
     from qsd_py.export.registry import ExportRegistry
     from qsd_py.jobs.registry import JobRegistry
     from qsd_py.objects.registry import ObjectRegistry
+    from qsd_py.qmp.char_registry import ChardevRegistry
 
     # Only the state close() touches (Daemon() also loads every QMP handler module).
     daemon = Daemon.__new__(Daemon)
@@ -282,6 +283,7 @@ async def test_daemon_close_closes_main_ring(image) -> None:
     daemon.exports = ExportRegistry(daemon)
     daemon.jobs = JobRegistry(lambda name, data: None)
     daemon.objects = ObjectRegistry()
+    daemon.chardevs = ChardevRegistry(daemon.objects)
     daemon.closers = []
     daemon.nbd_server = None
     node = await add_file(daemon.graph, image(MiB), "d0")

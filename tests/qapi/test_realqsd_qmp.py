@@ -233,3 +233,31 @@ def test_qemu_chain_answer_fits_our_schema(real_monitor: RealMonitor) -> None:
     schema = load_schema()
     for entry in nodes:
         assert schema.check_type_value("BlockDeviceInfo", entry) == entry
+
+
+CHARDEV_COMMANDS = [
+    "chardev-add", "chardev-change", "chardev-remove", "chardev-send-break",
+    "query-chardev", "query-chardev-backends", "ringbuf-read", "ringbuf-write",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", CHARDEV_COMMANDS)
+def test_chardev_commands_are_qemus(
+    introspections: tuple[Introspection, Introspection], command: str
+) -> None:
+    """Arguments and return types exactly QEMU's, the ChardevBackend union with all cases."""
+    ours, theirs = introspections
+    for key in ("arg-type", "ret-type"):
+        assert ours.shape(ours.info[command][key]) == theirs.shape(theirs.info[command][key])
+
+
+def test_chardev_backend_kinds_are_qemus(
+    introspections: tuple[Introspection, Introspection],
+) -> None:
+    """All 22 cases in QEMU's order, ``memory`` with its ``deprecated`` feature."""
+    kinds = []
+    for side in introspections:
+        backend = side.member_type(side.info["chardev-add"]["arg-type"], "backend")
+        kinds.append(side.info[side.member_type(backend, "type")]["members"])
+    assert kinds[0] == kinds[1]
+    assert len(kinds[0]) == 22

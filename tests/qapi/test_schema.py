@@ -34,6 +34,14 @@ COMMANDS = {
     "nbd-server-add",
     "nbd-server-remove",
     "x-query-fuse-queues",  # qsd-py extension (issue 4: per-queue FUSE counters)
+    "chardev-add",
+    "chardev-change",
+    "chardev-remove",
+    "chardev-send-break",
+    "query-chardev",
+    "query-chardev-backends",
+    "ringbuf-read",
+    "ringbuf-write",
     "query-jobs",
     "job-pause",
     "job-resume",
@@ -247,3 +255,14 @@ def test_node_info_without_format_specific_type_is_refused() -> None:
     image = dict(QEMU_NODE_INFO["snapshot-image"], **{"format-specific": {"data": {}}})
     with pytest.raises(QMPError, match="'format-specific.type' is missing"):
         load_schema().check_type_value("ImageInfo", image)
+
+
+def test_enum_value_features_are_introspected() -> None:
+    """QEMU lists a value's features in the enum's members: ``memory`` is deprecated."""
+    info = {e["name"]: e for e in load_schema().introspect()}
+    add = info[info["chardev-add"]["arg-type"]]
+    backend = info[next(m["type"] for m in add["members"] if m["name"] == "backend")]
+    kinds = info[backend["members"][0]["type"]]
+    assert kinds["members"][-1] == {"name": "memory", "features": ["deprecated"]}
+    assert kinds["members"][0] == {"name": "file"}
+    assert kinds["values"][-1] == "memory"

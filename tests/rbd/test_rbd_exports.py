@@ -94,8 +94,9 @@ def test_fuse_export_over_dev_fuse(ceph, qsd, tmp_path: Path) -> None:
 
 
 def test_fuse_export_over_io_uring(ceph, qsd, uring_knob, tmp_path: Path) -> None:
-    """The per-CPU queue workers forward an RBD node's requests to the daemon (no fast
-    path: librbd's handle stays in the daemon), and the bytes still land in the image."""
+    """An RBD node has no fast path (librbd's handle stays in the daemon), so its io_uring
+    queues are served on the daemon's main loop rather than by worker processes that would
+    only forward every request; the bytes land in the image."""
     before = _pattern(2 * MiB, 1)
     image = ceph.import_image(before + bytes(6 * MiB))
     mnt = tmp_path / "mnt"
@@ -118,13 +119,23 @@ def test_fuse_export_over_io_uring(ceph, qsd, uring_knob, tmp_path: Path) -> Non
     (info,) = qmp.cmd("x-query-fuse-queues")
     queues = info["uring-queues"]
     assert {q["fast-path"] for q in queues} == {"none"}
+    assert all(q["name"].endswith("@main") for q in queues)
+    assert not _children(daemon.proc.pid)  # no queue worker was forked
     assert sum(q["bytes-read"] for q in queues) >= 3 * MiB
-    # every request went to the daemon's engine (forwarded by the workers)
+    # every request went to the daemon's engine
     assert sum(q["engine-requests"] for q in queues) == sum(q["requests"] for q in queues)
     assert sum(q["errors"] for q in queues) == 0
     qmp.close()
     _quit(daemon)
     assert ceph.export(image) == before + bytes(2 * MiB) + data + bytes(3 * MiB)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (queue workers are the daemon's children)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
 
 
 def _fio(cwd: Path, filename: Path, *extra: str) -> str:
@@ -139,9 +150,9 @@ def _fio(cwd: Path, filename: Path, *extra: str) -> str:
     return out.stdout
 
 
-def test_fio_at_depth_through_io_uring_workers(ceph, qsd, uring_knob, tmp_path: Path) -> None:
-    """Many requests in flight (two fio jobs at depth 16, through the queue workers to the
-    daemon and librbd's aio calls): fio's checksums verify through the mount, and again
+def test_fio_at_depth_through_io_uring_queues(ceph, qsd, uring_knob, tmp_path: Path) -> None:
+    """Many requests in flight (two fio jobs at depth 16, through the io_uring queues to
+    librbd's aio calls): fio's checksums verify through the mount, and again
     on what ``rbd export`` reads from the cluster afterwards."""
     image = ceph.new_image(16 * MiB)
     mnt = tmp_path / "mnt"

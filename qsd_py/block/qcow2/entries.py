@@ -367,8 +367,7 @@ def data_file_offset_mismatch_text(host_offset: int, guest_offset: int, l2_index
 def invalid_entry_text(l2_offset: int, l2_index: int) -> str:
     """QEMU's text has two spaces before the parenthesis."""
     return (
-        f"Invalid cluster entry found  (L2 offset: {c_hex(l2_offset)}, "
-        f"L2 index: {c_hex(l2_index)})"
+        f"Invalid cluster entry found  (L2 offset: {c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})"
     )
 
 
@@ -378,8 +377,7 @@ def invalid_entry_text(l2_offset: int, l2_index: int) -> str:
 
 def data_cluster_unaligned_text(host_offset: int, guest_offset: int) -> str:
     return (
-        f"Data cluster offset {c_hex(host_offset)} unaligned "
-        f"(guest offset: {c_hex(guest_offset)})"
+        f"Data cluster offset {c_hex(host_offset)} unaligned (guest offset: {c_hex(guest_offset)})"
     )
 
 
@@ -392,8 +390,7 @@ def zero_cluster_unaligned_text(host_offset: int, guest_offset: int) -> str:
 
 def invalid_entry_on_write_text(l2_offset: int, l2_index: int) -> str:
     return (
-        f"Invalid cluster entry found (L2 offset: {c_hex(l2_offset)}, "
-        f"L2 index: {c_hex(l2_index)})"
+        f"Invalid cluster entry found (L2 offset: {c_hex(l2_offset)}, L2 index: {c_hex(l2_index)})"
     )
 
 
@@ -431,10 +428,8 @@ def corruption_report(text: str, writable: bool) -> str:
     """
     if writable:
         return (
-            f"qcow2: Marking image as corrupt: {text}; "
-            "further corruption events will be suppressed"
+            f"qcow2: Marking image as corrupt: {text}; further corruption events will be suppressed"
         )
     return (
-        f"qcow2: Image is corrupt: {text}; "
-        "further non-fatal corruption events will be suppressed"
+        f"qcow2: Image is corrupt: {text}; further non-fatal corruption events will be suppressed"
     )

@@ -285,8 +285,21 @@ def _zero_padded(data: bytes | bytearray | memoryview, size: int) -> bytes:
 
 def _fixed_fields(buf: bytes) -> Qcow2Header:
     """The v2 and v3 fields, with QEMU's checks of magic, version, cluster and header size."""
-    (magic, version, backing_off, backing_size, cluster_bits, size, crypt, l1_size, l1_off,
-     rt_off, rt_clusters, nb_snapshots, snap_off) = _V2.unpack_from(buf, 0)
+    (
+        magic,
+        version,
+        backing_off,
+        backing_size,
+        cluster_bits,
+        size,
+        crypt,
+        l1_size,
+        l1_off,
+        rt_off,
+        rt_clusters,
+        nb_snapshots,
+        snap_off,
+    ) = _V2.unpack_from(buf, 0)
     if magic != MAGIC:
         raise Qcow2Error("Image is not in qcow2 format")
     if version not in (2, 3):
@@ -309,8 +322,14 @@ def _fixed_fields(buf: bytes) -> Qcow2Header:
         header_length=V2_HEADER_SIZE,
     )
     if version == 3:
-        (h.incompatible_features, h.compatible_features, h.autoclear_features,
-         h.refcount_order, h.header_length, _) = _V3.unpack_from(buf, V2_HEADER_SIZE)
+        (
+            h.incompatible_features,
+            h.compatible_features,
+            h.autoclear_features,
+            h.refcount_order,
+            h.header_length,
+            _,
+        ) = _V3.unpack_from(buf, V2_HEADER_SIZE)
         if h.header_length < V3_MIN_HEADER_LENGTH:
             raise Qcow2Error("qcow2 header too short")
     if h.header_length > h.cluster_size:
@@ -324,12 +343,20 @@ def _check_tables(h: Qcow2Header) -> None:
         raise Qcow2Error("Image does not contain a reference count table")
     cs = h.cluster_size
     validate_table(
-        h.refcount_table_offset, h.refcount_table_clusters, cs, MAX_REFTABLE_SIZE,
-        "Reference count table", cs,
+        h.refcount_table_offset,
+        h.refcount_table_clusters,
+        cs,
+        MAX_REFTABLE_SIZE,
+        "Reference count table",
+        cs,
     )
     validate_table(
-        h.snapshots_offset, h.nb_snapshots, SNAPSHOT_HEADER_SIZE,
-        SNAPSHOT_HEADER_SIZE * MAX_SNAPSHOTS, "Snapshot table", cs,
+        h.snapshots_offset,
+        h.nb_snapshots,
+        SNAPSHOT_HEADER_SIZE,
+        SNAPSHOT_HEADER_SIZE * MAX_SNAPSHOTS,
+        "Snapshot table",
+        cs,
     )
     validate_table(h.l1_table_offset, h.l1_size, 8, MAX_L1_SIZE, "Active L1 table", cs)
     if h.l1_vm_state_index > INT_MAX:
@@ -412,8 +439,7 @@ def _crypto_header(data: bytes, h: Qcow2Header) -> tuple[int, int]:
         raise Qcow2Error("CRYPTO header extension only expected with LUKS encryption method")
     if len(data) != CRYPTO_HEADER_EXT_SIZE:
         raise Qcow2Error(
-            f"CRYPTO header extension size {len(data)}, but expected size "
-            f"{CRYPTO_HEADER_EXT_SIZE}"
+            f"CRYPTO header extension size {len(data)}, but expected size {CRYPTO_HEADER_EXT_SIZE}"
         )
     offset, length = _CRYPTO.unpack(data)
     if offset % h.cluster_size:
@@ -534,16 +560,30 @@ def serialize_header(h: Qcow2Header) -> bytes:
 
 def _fixed_header_bytes(h: Qcow2Header) -> bytes:
     v2 = _V2.pack(
-        MAGIC, h.version, 0, 0, h.cluster_bits, h.size & ~511, h.crypt_method, h.l1_size,
-        h.l1_table_offset, h.refcount_table_offset, h.refcount_table_clusters, h.nb_snapshots,
+        MAGIC,
+        h.version,
+        0,
+        0,
+        h.cluster_bits,
+        h.size & ~511,
+        h.crypt_method,
+        h.l1_size,
+        h.l1_table_offset,
+        h.refcount_table_offset,
+        h.refcount_table_clusters,
+        h.nb_snapshots,
         h.snapshots_offset,
     )
     if h.version < 3:
         return v2
     header_length = V3_HEADER_SIZE + len(h.unknown_header_fields)
     return v2 + _V3.pack(
-        h.incompatible_features, h.compatible_features, h.autoclear_features,
-        h.refcount_order, header_length, h.compression_type,
+        h.incompatible_features,
+        h.compatible_features,
+        h.autoclear_features,
+        h.refcount_order,
+        header_length,
+        h.compression_type,
     )
 
 

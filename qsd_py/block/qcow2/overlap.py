@@ -149,7 +149,10 @@ class OverlapCheck:
         end = (offset + size + mask) & ~mask
         state = self.state()
         l1_offset, l1, reftable_offset, reftable = (
-            state.l1_offset, state.l1, state.reftable_offset, state.reftable
+            state.l1_offset,
+            state.l1,
+            state.reftable_offset,
+            state.reftable,
         )
         meta = self.meta
         ranges = [

@@ -171,19 +171,20 @@ class FuseExport(BlockExport):
     async def _start_uring(self) -> None:
         """After the INIT reply: register entries on every CPU's queue, spread round-robin
         over the iothreads, or (default) each served by a worker process bound to its CPU
-        (qsd_py/export/fuse/workers.py says why)."""
+        (qsd_py/export/fuse/workers.py says why). A node with no fast path (rbd, nbd: every
+        request needs the node's coroutines) keeps its queues on the main loop instead: a
+        worker would only forward each request to the daemon, one more hop for nothing."""
         from qsd_py.export.fuse import uring as furing
         from qsd_py.export.fuse import uring_checks
 
         assert self.engine is not None and self.mounted is not None
         depth = uring_checks.queue_depth(self.opts)
-        if self.iothreads:
+        loops = [(t.loop, t.id) for t in self.iothreads]
+        if not loops and self.engine.node.fast_target() is None:
+            loops = [(asyncio.get_running_loop(), "main")]
+        if loops:
             self.uring = furing.UringTransport(
-                self.mounted.fd,
-                self.engine,
-                [(t.loop, t.id) for t in self.iothreads],
-                depth=depth,
-                name=self.id,
+                self.mounted.fd, self.engine, loops, depth=depth, name=self.id
             )
         else:
             from qsd_py.export.fuse.workers import WorkerTransport
