@@ -396,7 +396,7 @@ async def start(
         raise QMPError("Can't mirror node into itself")
     job = MirrorJob(
         jobs,
-        args.get("job-id", source.node_name),
+        args.get("job-id", ""),  # no devices in a storage daemon: QEMU's default is ''
         graph=graph,
         source=source,
         target=target,
@@ -408,12 +408,15 @@ async def start(
         on_target_error=args.get("on-target-error", "report"),
         copy_mode=args.get("copy-mode", "background"),
         unmap=args.get("unmap", True),
-        speed=args.get("speed", 0),
         auto_finalize=args.get("auto-finalize", True),
         auto_dismiss=args.get("auto-dismiss", True),
     )
     jobs.add(job)
     try:
+        speed = args.get("speed", 0)
+        if speed < 0:  # checked once the job exists, as QEMU does (created, then null)
+            raise QMPError("Parameter 'speed' expects a non-negative value")
+        job.set_speed_initial(speed)
         job.take_nodes()
     except BaseException:
         job.release_nodes()

@@ -215,18 +215,14 @@ async def start(graph: BlockGraph, jobs: JobRegistry, args: dict[str, Any]) -> S
         if base is None:
             raise QMPError(f"Cannot find device='' nor node-name='{args['base-node']}'")
         if base not in chain_below(top, None):
-            raise QMPError(
-                f"Node '{base.node_name}' is not a backing image of '{top.node_name}'"
-            )
+            raise QMPError(f"Node '{base.node_name}' is not a backing image of '{top.node_name}'")
     if "bottom" in args:
         bottom = graph.find(args["bottom"])
         if bottom is None:
             raise QMPError(f"Cannot find device='' nor node-name='{args['bottom']}'")
         chain = chain_below(top, None)
         if bottom not in chain:
-            raise QMPError(
-                f"Node '{bottom.node_name}' is not a backing image of '{top.node_name}'"
-            )
+            raise QMPError(f"Node '{bottom.node_name}' is not a backing image of '{top.node_name}'")
         i = chain.index(bottom)
         base = chain[i + 1] if i + 1 < len(chain) else None
     for node in (top, *chain_below(top, base)):
@@ -236,7 +232,7 @@ async def start(graph: BlockGraph, jobs: JobRegistry, args: dict[str, Any]) -> S
         raise QMPError("backing file specified, but streaming the entire chain")
     job = StreamJob(
         jobs,
-        args.get("job-id", top.node_name),
+        args.get("job-id", ""),  # no devices in a storage daemon: QEMU's default is ''
         graph=graph,
         top=top,
         base=base,

@@ -76,6 +76,13 @@ SCRIPT: list[list[Any]] = [
     ],
     ["blockdev-mirror", {"job-id": "x", "device": "nope", "target": "t1", "sync": "full"}],
     ["blockdev-mirror", {"job-id": "x", "device": "s1", "target": "nope", "sync": "full"}],
+    # checked once the job exists (created, null), and the default job id ('')
+    [
+        "blockdev-mirror",
+        {"job-id": "x", "device": "s1", "target": "t1", "sync": "full", "speed": -1},
+    ],
+    ["blockdev-mirror", {"device": "s1", "target": "t1", "sync": "full"}],
+    ["drive-mirror", {"device": "s6", "target": "t6.img", "sync": "full", "mode": "existing"}],
     # different sizes: the job fails
     ["blockdev-mirror", {"job-id": "e", "device": "s5", "target": "big", "sync": "full"}],
     ["settle", "e"],

@@ -55,6 +55,7 @@ SCRIPT: list[list[Any]] = [
     ["block-stream", {"job-id": "s", "device": "mid", "base-node": "top"}],
     ["block-stream", {"job-id": "s", "device": "top", "speed": -1}],
     ["block-stream", {"job-id": "s", "device": "top", "backing-file": "x"}],
+    ["block-stream", {"device": "top"}],
     # a node without backing: done at once
     ["block-stream", {"job-id": "n", "device": "base"}],
     ["settle-gone", "n"],
