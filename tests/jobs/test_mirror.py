@@ -408,3 +408,45 @@ def test_quit_while_a_mirror_runs(tmp_path: Path) -> None:
     assert (tmp_path / "src.img").read_bytes() == initial
     check = qemu_img("check", str(tmp_path / "t.qcow2"))
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_read_only_fuse_and_nbd_exports_follow_the_pivot(tmp_path: Path) -> None:
+    """A read-only FUSE export (/dev/fuse queues) and a writable NBD export of the source:
+    after the pivot a write through NBD (now on the target) is what the FUSE file shows, and
+    the source no longer changes."""
+    size = 2 * MIB
+    initial = random.Random(4).randbytes(size)
+    (tmp_path / "src.img").write_bytes(initial)
+    (tmp_path / "tgt.img").write_bytes(bytes(size))
+    mnt = tmp_path / "mnt"
+    mnt.touch()
+    sock = tmp_path / "nbd.sock"
+    d = Daemon(tmp_path, real=False)
+    try:
+        for name in ("src", "tgt"):
+            args = {"driver": "file", "filename": f"{name}.img", "node-name": name}
+            assert d.cmd("blockdev-add", args) == {"return": {}}
+        fuse = {"type": "fuse", "id": "f", "node-name": "src", "mountpoint": str(mnt)}
+        assert d.cmd("block-export-add", fuse) == {"return": {}}
+        addr = {"type": "unix", "data": {"path": str(sock)}}
+        assert d.cmd("nbd-server-start", {"addr": addr}) == {"return": {}}
+        nbd = {"type": "nbd", "id": "e", "node-name": "src", "name": "d", "writable": True}
+        assert d.cmd("block-export-add", nbd) == {"return": {}}
+        mirror = {"job-id": "m", "device": "src", "target": "tgt", "sync": "full"}
+        assert d.cmd("blockdev-mirror", mirror) == {"return": {}}
+        wait_job(d, "m", "ready")
+        assert d.cmd("job-complete", {"id": "m"}) == {"return": {}}
+        wait_job(d, "m", None)
+        nodes = {e["id"]: e["node-name"] for e in d.cmd("query-block-exports")["return"]}
+        assert nodes == {"f": "tgt", "e": "tgt"}
+        uri = f"nbd+unix:///d?socket={sock}"
+        writer = Writer(uri, 8, tmp_path / "stop")
+        writer.wait_for(20)
+        written = writer.finish()
+        model = model_after(initial, 8, written)
+        assert mnt.read_bytes() == model
+        assert (tmp_path / "src.img").read_bytes() == initial
+        assert d.cmd("block-export-del", {"id": "f"}) == {"return": {}}
+    finally:
+        d.close()
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
