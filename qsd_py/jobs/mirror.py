@@ -28,6 +28,7 @@ keeps the loop's reads race-free at the cost of a second copy).
 from __future__ import annotations
 
 import errno
+import logging
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.dirty import DirtyBitmap
@@ -41,6 +42,8 @@ if TYPE_CHECKING:
     from qsd_py.block.graph import BlockGraph
     from qsd_py.block.node import BlockNode
     from qsd_py.jobs.registry import JobRegistry
+
+log = logging.getLogger(__name__)
 
 GRANULARITY_MIN = 512
 GRANULARITY_MAX = 64 << 20
@@ -300,15 +303,27 @@ class MirrorJob(BlockJob):
         await self.graph.drop_orphan(self.target)
 
     # --- the end --------------------------------------------------------------------------
-    async def commit(self) -> None:
-        """Pivot, unless soft-cancelled. ``run`` ended caught up and flushed; writes that came
-        since (a job finalized by hand) are copied first. The last check and the move happen
-        with no await between them, so no write lands on the source afterwards unseen."""
+    async def prepare(self) -> None:
+        """Before the pivot: ``run`` ended caught up and flushed; writes that came since (a
+        job finalized by hand) are copied and flushed here, where a failure still fails the
+        job."""
         if self.cancelled:
             return
         if await self._catch_up():
             await self.target.flush()
-            await self._catch_up()
+
+    async def commit(self) -> None:
+        """Pivot, unless soft-cancelled. Nothing awaits between ``prepare`` and this, so the
+        source is still caught up; the check and the move run with no await between them,
+        so no write lands on the source afterwards unseen."""
+        if self.cancelled:
+            return
+        if self.bitmap.count or self.source.in_flight.count:  # not expected: be safe
+            try:
+                await self._catch_up()
+            except OSError:
+                log.exception("mirror %s: no pivot, the last copy failed", self.id)
+                return
         self._pivot()
 
     async def _catch_up(self) -> bool:

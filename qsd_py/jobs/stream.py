@@ -164,8 +164,9 @@ class StreamJob(BlockJob):
         self.io_status = "ok"
 
     # --- the end --------------------------------------------------------------------------
-    async def commit(self) -> None:
-        """The top reads the same without the streamed nodes: record and link ``base``."""
+    async def prepare(self) -> None:
+        """The top reads the same without the streamed nodes: record and link ``base``
+        (in prepare, as QEMU's stream does: a failure to write the header fails the job)."""
         top = self.top
         if not self.below:
             return
