@@ -268,7 +268,8 @@ def test_soft_cancel_in_ready_leaves_source_and_target_equal(tmp_path: Path) -> 
 # --- errors -----------------------------------------------------------------------------------
 def test_full_target_file_system(tmp_path: Path) -> None:
     """A target on a 1 MiB tmpfs: on-target-error stop pauses the job (BLOCK_JOB_ERROR,
-    io-status nospace); report then fails it with the error."""
+    io-status nospace), a resume once there is room finishes the copy; report fails a job
+    with the error."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
     done = subprocess.run(
@@ -299,8 +300,20 @@ def test_full_target_file_system(tmp_path: Path) -> None:
         assert info["io-status"] == "nospace" and info["paused"] is True
         errors = [e["data"] for e in d.events() if e["event"] == "BLOCK_JOB_ERROR"]
         assert errors[0] == {"device": "m", "operation": "write", "action": "stop"}
-        assert d.cmd("block-job-cancel", {"device": "m", "force": True}) == {"return": {}}
+        # room again: resume retries the copy and the mirror gets ready
+        subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
+        assert d.cmd("block-job-resume", {"device": "m"}) == {"return": {}}
+        wait_job(d, "m", "ready")
+        assert d.cmd("query-block-jobs")["return"][0]["io-status"] == "ok"
+        assert d.cmd("block-job-cancel", {"device": "m"}) == {"return": {}}
         wait_job(d, "m", None)
+        same = qemu_img(
+            "compare", "-f", "raw", "-F", "raw", str(tmp_path / "src.img"), str(mnt / "tgt.img")
+        )
+        assert same.returncode == 0, same.stdout + same.stderr
+        with open(mnt / "tgt.img", "wb") as f:  # empty and sparse again, and no room
+            f.truncate(size)
+        subprocess.run(["mount", "-o", "remount,size=1m", str(mnt)], check=True)
         mirror = {"job-id": "m2", "device": "src", "target": "tgt", "sync": "full"}
         assert d.cmd("blockdev-mirror", mirror) == {"return": {}}
         wait_job(d, "m2", None)
