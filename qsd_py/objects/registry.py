@@ -3,7 +3,8 @@
 Objects are looked up by id by the layers that use them, each through a method that checks
 the object's kind with QEMU's texts: :meth:`ObjectRegistry.iothread`,
 :meth:`ObjectRegistry.tls_creds` (the NBD server and client), :meth:`ObjectRegistry.authz`
-(a TLS server's ``tls-authz``).
+(a TLS server's ``tls-authz``), :meth:`ObjectRegistry.secret` (keys and passwords of
+block drivers).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from qsd_py.objects.iothread import IOThread
 
 if TYPE_CHECKING:
     from qsd_py.objects.authz import Authz
+    from qsd_py.objects.secret import Secret
     from qsd_py.objects.tls_creds import TlsCreds
 
 # The classes by QOM type name, each built as ``cls(id, options)``; the TLS and authz modules
@@ -27,6 +29,8 @@ OBJECT_TYPES: dict[str, str] = {
     "tls-creds-anon": "qsd_py.objects.tls_creds:TlsCredsAnon",
     "authz-simple": "qsd_py.objects.authz:AuthzSimple",
     "authz-list": "qsd_py.objects.authz:AuthzList",
+    "secret": "qsd_py.objects.secret:SecretData",
+    "secret_keyring": "qsd_py.objects.secret:SecretKeyring",
 }
 
 
@@ -49,6 +53,9 @@ class ObjectRegistry:
                 f"attempt to add duplicate property '{obj_id}' to object (type 'container')"
             )
         obj = object_class(opts["qom-type"])(obj_id, opts)
+        complete = getattr(obj, "complete", None)
+        if complete is not None:  # objects that read or refer to others once made
+            complete(self.secret)
         self._objects[obj_id] = obj
         return obj
 
@@ -93,6 +100,17 @@ class ObjectRegistry:
             raise QMPError(f"Cannot find QAuthZ object ID {obj_id}")
         if not isinstance(obj, Authz):
             raise QMPError(f"Object '{obj_id}' is not a QAuthZ subclass")
+        return obj
+
+    def secret(self, obj_id: str) -> Secret:
+        """The secret ``obj_id``, with QEMU's texts."""
+        from qsd_py.objects.secret import Secret
+
+        obj = self._objects.get(obj_id)
+        if obj is None:
+            raise QMPError(f"No secret with id '{obj_id}'")
+        if not isinstance(obj, Secret):
+            raise QMPError(f"Object with id '{obj_id}' is not a secret")
         return obj
 
     def hold(self, obj_id: str) -> IOThread:

@@ -52,10 +52,29 @@ def test_open_errors_are_qemus(ceph, qmp, tmp_path: Path) -> None:
          f"error reading conf file {missing}: No such file or directory"),
         ({"pool": "rbd", "image": image, "key-secret": "nosec", "conf": conf},
          "No secret with id 'nosec'"),
+        ({"pool": "rbd", "image": image, "key-secret": "io0", "conf": conf},
+         "Object with id 'io0' is not a secret"),
+        # the conf file is read first, as QEMU does: its error wins over the secret's
+        ({"pool": "rbd", "image": image, "key-secret": "nosec", "conf": missing},
+         f"error reading conf file {missing}: No such file or directory"),
     ]  # fmt: skip
+    assert qmp.cmd_raw("object-add", {"qom-type": "iothread", "id": "io0"}) == {"return": {}}
     for opts, text in cases:
         assert _error(_add(qmp, **opts)) == text
     assert qmp.cmd_raw("query-named-block-nodes") == {"return": []}
+
+
+def test_key_secret_is_a_secret_object(ceph, qmp) -> None:
+    """``key-secret`` names a ``secret`` object whose bytes become librbd's ``key`` (this
+    cluster has authentication off, so any key opens it; a wrong kind of object or a
+    missing one does not, see above)."""
+    image = ceph.new_image(MiB)
+    key = {"qom-type": "secret", "id": "k0", "data": "QVFCdmRHVnpkQT09", "format": "base64"}
+    assert qmp.cmd_raw("object-add", key) == {"return": {}}
+    reply = _add(qmp, pool="rbd", image=image, conf=str(ceph.conf), **{"key-secret": "k0"})
+    assert reply == {"return": {}}
+    assert qmp.cmd_raw("object-del", {"id": "k0"}) == {"return": {}}  # read once, at open
+    assert qmp.cmd_raw("blockdev-del", {"node-name": "r0"}) == {"return": {}}
 
 
 def test_unreachable_cluster_fails_within_the_mount_timeout(qmp, tmp_path: Path) -> None:

@@ -117,7 +117,6 @@ class RbdNode(BlockNode):
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
         self._rados_mod, self._rbd_mod = bindings.load()
-        self._check_secret()
         try:
             await _in_thread(self._connect)
         except BaseException:
@@ -128,13 +127,6 @@ class RbdNode(BlockNode):
                 self._release()
                 raise QMPError("rbd snapshots are read-only")
             self.read_only = True
-
-    def _check_secret(self) -> None:
-        """``key-secret`` names a ``secret`` object; qsd-py has none yet, so any id is
-        unknown (QEMU's text)."""
-        secret = self.opts.get("key-secret")
-        if secret is not None:
-            raise QMPError(f"No secret with id '{secret}'")
 
     def _connect(self) -> None:
         """QEMU's order of steps and texts: configuration, connection, pool, namespace,
@@ -170,18 +162,27 @@ class RbdNode(BlockNode):
         self._read_geometry()
 
     def _configure(self, cluster: Any) -> None:
-        """Monitors, authentication and librbd's cache as QEMU sets them: ``server`` as
-        ``mon_host``, ``auth-client-required`` joined with ';', the cache on unless
-        ``cache.direct``."""
+        """Monitors, librbd's cache and authentication as QEMU sets them, in its order:
+        ``server`` as ``mon_host``, the cache on unless ``cache.direct``, the ``key-secret``
+        object's bytes (base64) as ``key``, ``auth-client-required`` joined with ';'."""
         servers = self.opts.get("server")
         if servers:
             hosts = [_mon_address(s["host"], s["port"]) for s in servers]
             cluster.conf_set("mon_host", ";".join(hosts))
+        direct = self.opts.get("cache", {}).get("direct", False)
+        cluster.conf_set("rbd_cache", "false" if direct else "true")
+        secret_id = self.opts.get("key-secret")
+        if secret_id is not None:
+            if self.graph.objects is None:
+                raise QMPError(f"No secret with id '{secret_id}'")
+            key = self.graph.objects.secret(secret_id).as_base64()
+            try:
+                cluster.conf_set("key", key)
+            except self._rados_mod.Error as err:
+                raise QMPError(f"Could not set 'key': {_strerror(err)}") from err
         modes = self.opts.get("auth-client-required")
         if modes:
             cluster.conf_set("auth_client_required", ";".join(modes))
-        direct = self.opts.get("cache", {}).get("direct", False)
-        cluster.conf_set("rbd_cache", "false" if direct else "true")
 
     def _read_geometry(self) -> None:
         image, rbd = self._image, self._rbd_mod
