@@ -53,6 +53,7 @@ class ObjectRegistry:
                 f"attempt to add duplicate property '{obj_id}' to object (type 'container')"
             )
         obj = object_class(opts["qom-type"])(obj_id, opts)
+        obj.qom_type = opts["qom-type"]  # the QOM type qom-get/qom-list show
         complete = getattr(obj, "complete", None)
         if complete is not None:  # objects that read or refer to others once made
             complete(self.secret)
@@ -71,6 +72,10 @@ class ObjectRegistry:
     def get(self, obj_id: str) -> Any | None:
         """The object with id ``obj_id``, of any kind, or None."""
         return self._objects.get(obj_id)
+
+    def items(self) -> list[tuple[str, Any]]:
+        """Every object by id, in the order they were made (QOM's /objects children)."""
+        return list(self._objects.items())
 
     def iothread(self, obj_id: str) -> IOThread:
         """Look up an iothread by id, with QEMU's text when there is none."""
