@@ -36,6 +36,7 @@ TYPES: dict[str, tuple[str | None, bool]] = {
     "authz": ("object", True),
     "authz-simple": ("authz", False),
     "authz-list": ("authz", False),
+    "throttle-group": ("object", False),
     "chardev": ("object", True),
     "chardev-fd": ("chardev", True),
     "chardev-socket": ("chardev", False),
@@ -196,6 +197,36 @@ OWN_PROPS: dict[str, list[Prop]] = {
         Prop("rules", "QAuthZListRule", lambda o: o.opts.get("rules", []), _rules_set),
     ],
 }
+
+
+def _limits_set(obj: Any, value: Any) -> None:
+    from qsd_py.objects.throttle_group import KEYS
+
+    if not isinstance(value, dict):
+        raise QMPError("Invalid parameter type for 'limits', expected: object")
+    for key, item in value.items():
+        if key not in KEYS:
+            raise QMPError(f"Parameter 'limits.{key}' is unexpected")
+        if not isinstance(item, int) or isinstance(item, bool):
+            raise QMPError(f"Invalid parameter type for 'limits.{key}', expected: integer")
+    obj.set_limits(value)
+
+
+def _flat_set(obj: Any, value: Any) -> None:
+    raise QMPError("Property cannot be set after initialization")
+
+
+def _throttle_props() -> list[Prop]:
+    """``limits`` and the legacy flat ``x-*`` properties (readable; set only at creation)."""
+    from qsd_py.objects.throttle_group import KEYS
+
+    props = [Prop("limits", "ThrottleLimits", lambda o: dict(o.cfg), _limits_set)]
+    for key in KEYS:
+        props.append(Prop(f"x-{key}", "int", lambda o, k=key: o.cfg[k], _flat_set))
+    return props
+
+
+OWN_PROPS["throttle-group"] = _throttle_props()
 
 
 def type_props(name: str) -> list[Prop]:

@@ -31,6 +31,7 @@ OBJECT_TYPES: dict[str, str] = {
     "authz-list": "qsd_py.objects.authz:AuthzList",
     "secret": "qsd_py.objects.secret:SecretData",
     "secret_keyring": "qsd_py.objects.secret:SecretKeyring",
+    "throttle-group": "qsd_py.objects.throttle_group:ThrottleGroup",
 }
 
 
@@ -66,6 +67,9 @@ class ObjectRegistry:
             raise QMPError(f"object '{obj_id}' not found")
         if self._users.get(obj_id):
             raise QMPError(f"object '{obj_id}' can't be deleted")
+        check = getattr(obj, "check_delete", None)
+        if check is not None:  # objects that know their users (throttle groups)
+            check()
         del self._objects[obj_id]
         obj.stop()
 

@@ -167,6 +167,7 @@ def test_json_schema_of_a_union() -> None:
         "qcow2",
         "raw",
         "rbd",
+        "throttle",
     }
     assert doc["$defs"]["BlockdevRef"] == {
         "anyOf": [{"$ref": "#/$defs/BlockdevOptions"}, {"type": "string"}]
