@@ -7,9 +7,13 @@ neither runs nor skips them. Asked for without the tool set up, they fail and sa
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -63,3 +67,44 @@ def run_real(argv: list[str], timeout: float = 10) -> tuple[int | None, str]:
         proc.terminate()
         _, err = proc.communicate()
         return None, err
+
+
+@contextlib.contextmanager
+def real_daemon(args: list[str], qmp: Path, timeout: float = 30) -> Iterator[subprocess.Popen]:
+    """QEMU's daemon with ``args`` and a QMP monitor on the socket ``qmp`` (a path under
+    :data:`SHARE`, which the chroot sees at the same place): yielded once the socket is
+    there, terminated on the way out."""
+    tool = require_real_qsd()
+    monitor = ["--chardev", f"socket,id=qmp0,path={qmp},server=on,wait=off",
+               "--monitor", "chardev=qmp0"]  # fmt: skip
+    proc = subprocess.Popen(
+        [str(tool), "run", "qemu-storage-daemon", *args, *monitor],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not qmp.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("the real daemon did not come up")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        qmp.unlink(missing_ok=True)
+
+
+def real_named_nodes(args: list[str], share: Path) -> list[dict[str, Any]]:
+    """query-named-block-nodes of QEMU's daemon started with ``args`` (e.g. --blockdev)."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+
+    qmp = share / "real-qmp.sock"
+    with real_daemon(args, qmp):
+        client = QEMUMonitorProtocol(str(qmp))
+        client.connect()
+        try:
+            return client.cmd("query-named-block-nodes")
+        finally:
+            client.close()

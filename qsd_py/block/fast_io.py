@@ -72,6 +72,7 @@ class FastPlan:
     """How to serve READ/WRITE of one export without the node coroutines."""
 
     __slots__ = (
+        "__weakref__",
         "kind",
         "fd",
         "base",
@@ -133,7 +134,9 @@ class FastPlan:
             self.slot = -1
 
 
-def plan_for(node: BlockNode, ring_io: bool = False, reader: int | None = None) -> FastPlan | None:
+def plan_for(
+    node: BlockNode, ring_io: bool = False, reader: int | None = None, writable: bool = True
+) -> FastPlan | None:
     """The fast plan for ``node``'s chain, or None when every request needs the engine.
 
     The node says what its bytes are on the host (:meth:`BlockNode.fast_target`); this
@@ -144,7 +147,30 @@ def plan_for(node: BlockNode, ring_io: bool = False, reader: int | None = None) 
     threads (io-wq), which is what ``aio=threads`` asks for; the pool hop it saves is most
     of a 4 KiB request's cost (docs/benchmarks.rst). ``reader``: the cluster-table reader
     slot the daemon claimed for this queue's process (queue workers), else one is claimed
-    here."""
+    here. ``writable`` False: the caller's export is read-only (writes never go fast).
+
+    The plan is registered with every node of the chain: while one of them keeps a dirty
+    bitmap (a mirror runs), the plan's writes take the node (see
+    :meth:`BlockNode.add_dirty_bitmap`)."""
+    plan = _plan_for(node, ring_io, reader)
+    if plan is None:
+        return None
+    if not writable:
+        plan.writable = False
+    _register(node, plan)
+    return plan
+
+
+def _register(node: BlockNode, plan: FastPlan) -> None:
+    node.fast_plans.add(plan)
+    if node._slow_writers and plan not in node._closed_plans:
+        node._closed_plans[plan] = plan.writable
+        plan.writable = False
+    for child in node.children.values():
+        _register(child.node, plan)
+
+
+def _plan_for(node: BlockNode, ring_io: bool, reader: int | None) -> FastPlan | None:
     target = node.fast_target()
     if target is None:
         return None

@@ -164,6 +164,10 @@ class BlockGraph:
         if len(name.encode()) > NODE_NAME_MAX:
             raise QMPError("Node name too long")
 
+    def generate_name(self) -> str:
+        """A fresh generated name (``#blockNNN``), as QEMU gives implicit nodes."""
+        return self._generate_name()
+
     def _generate_name(self) -> str:
         """QEMU's generated names: ``#block`` and a counter (never a valid user name)."""
         while True:

@@ -26,17 +26,21 @@ from __future__ import annotations
 import contextlib
 import errno
 import mmap
+import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 from qsd_py.block.child import Child
+from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.drain import InFlight
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm, perm_names
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
+    from qsd_py.block.fast_io import FastPlan
     from qsd_py.block.fast_map import FastTarget
     from qsd_py.block.graph import BlockGraph
+    from qsd_py.block.rangelock import RangeGate
 
 Buffer = memoryview | bytearray | bytes
 
@@ -115,6 +119,20 @@ class BlockNode:
         self.children: dict[str, Child] = {}
         self.implicit = False
         self.in_flight = InFlight()
+        # Bitmaps that every write marks (a mirror's; later the user's, issue 20).
+        self.dirty_bitmaps: list[DirtyBitmap] = []
+        # Fast plans of exports whose chain reaches this node (fast_io.plan_for registers
+        # them) with the ``writable`` they had before a bitmap closed them to writes.
+        # Jobs that forbid deleting this node: QEMU's op blockers (reason by job id).
+        self.blockers: dict[str, str] = {}
+        # Jobs' copy-on-read ranges that guest writes wait for (block-stream, rangelock.py).
+        self.write_gates: list[RangeGate] = []
+        # Owners that need every write through the coroutines (fast plans closed to writes).
+        self._slow_writers: set[object] = set()
+        # Nodes every write is also written to before it completes (an active mirror).
+        self.write_mirrors: list[BlockNode] = []
+        self.fast_plans: weakref.WeakSet[FastPlan] = weakref.WeakSet()
+        self._closed_plans: weakref.WeakKeyDictionary[FastPlan, bool] = weakref.WeakKeyDictionary()
 
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
@@ -135,6 +153,7 @@ class BlockNode:
         *,
         shared: Perm = PERM_ALL,
         quiesce: Any = None,
+        repoint: Any = None,
     ) -> None:
         """Register a user (an export id or a command). ``write`` asks for the write
         permission: a read-only node raises QMPError (``Block node is read-only``).
@@ -149,7 +168,7 @@ class BlockNode:
         if write if resize is None else resize:
             perm |= Perm.RESIZE
         desc = f"an unnamed block device (uses node '{self.node_name}' as 'root' child)"
-        self.set_user(NodeUser(user, perm, shared, desc, quiesce=quiesce))
+        self.set_user(NodeUser(user, perm, shared, desc, quiesce=quiesce, repoint=repoint))
 
     def remove_user(self, user: str) -> None:
         if self.users.pop(user, None) is not None:
@@ -291,6 +310,8 @@ class BlockNode:
         """Why blockdev-del must refuse this node (QEMU's texts, in QEMU's order), or None."""
         if any(not u.is_parent for u in self.users.values()):
             return f"Node {self.node_name} is in use"
+        for reason in self.blockers.values():
+            return f"Node '{self.node_name}' is busy: {reason}"
         blocker = self.backing_blocker()
         if blocker is not None:
             return blocker
@@ -345,9 +366,19 @@ class BlockNode:
         """Write all of ``data`` at ``offset``."""
         _check_range(offset, len(data))
         self.in_flight.enter()
+        gates = None
         try:
+            if self.write_gates:
+                gates = await self._enter_gates(offset, len(data))
             await self.do_write(offset, data)
+            for other in list(self.write_mirrors):
+                await other.write(offset, data)
         finally:
+            if gates is not None:
+                for gate, token in gates:
+                    gate.leave(token)
+            if self.dirty_bitmaps:
+                self._mark_dirty(offset, len(data))
             self.in_flight.leave()
 
     async def flush(self) -> None:
@@ -367,18 +398,36 @@ class BlockNode:
         zeroes could only be written as data, fail with ENOTSUP instead of writing them."""
         _check_range(offset, length)
         self.in_flight.enter()
+        gates = None
         try:
+            if self.write_gates:
+                gates = await self._enter_gates(offset, length)
             await self.do_write_zeroes(offset, length, unmap, no_fallback)
+            for other in list(self.write_mirrors):
+                await other.write_zeroes(offset, length, unmap)
         finally:
+            if gates is not None:
+                for gate, token in gates:
+                    gate.leave(token)
+            if self.dirty_bitmaps:
+                self._mark_dirty(offset, length)
             self.in_flight.leave()
 
     async def discard(self, offset: int, length: int) -> None:
         """Deallocate a range if discard=unmap, else do nothing (QEMU's discard=ignore)."""
         _check_range(offset, length)
         self.in_flight.enter()
+        gates = None
         try:
+            if self.write_gates:
+                gates = await self._enter_gates(offset, length)
             await self.do_discard(offset, length)
         finally:
+            if gates is not None:
+                for gate, token in gates:
+                    gate.leave(token)
+            if self.dirty_bitmaps:
+                self._mark_dirty(offset, length)
             self.in_flight.leave()
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
@@ -460,6 +509,53 @@ class BlockNode:
         raise NotImplementedError
 
     # --- dirty bitmaps -----------------------------------------------------------------------
+    async def _enter_gates(self, offset: int, length: int) -> list[tuple[RangeGate, int | None]]:
+        """Register a write with every gate (rangelock.py), waiting where a job holds it."""
+        entered: list[tuple[RangeGate, int | None]] = []
+        try:
+            for gate in list(self.write_gates):
+                entered.append((gate, await gate.enter(offset, length)))
+        except BaseException:
+            for gate, token in entered:
+                gate.leave(token)
+            raise
+        return entered
+
+    def _mark_dirty(self, offset: int, length: int) -> None:
+        for bitmap in self.dirty_bitmaps:
+            bitmap.mark(offset, length)
+
+    def add_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
+        """Mark ``bitmap`` with every write from now on (writes then take the node's
+        coroutines: :meth:`close_fast_writes`)."""
+        self.dirty_bitmaps.append(bitmap)
+        self.close_fast_writes(bitmap)
+
+    def remove_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
+        """Stop marking ``bitmap``."""
+        if bitmap in self.dirty_bitmaps:
+            self.dirty_bitmaps.remove(bitmap)
+        self.open_fast_writes(bitmap)
+
+    def close_fast_writes(self, owner: object) -> None:
+        """Until :meth:`open_fast_writes` (``owner``), every write passes through this
+        node's coroutines: the exports' fast plans that reach this node stop writing around
+        it (reads still take the fast path), and plans made meanwhile are born so."""
+        self._slow_writers.add(owner)
+        for plan in list(self.fast_plans):
+            if plan not in self._closed_plans:
+                self._closed_plans[plan] = plan.writable
+                plan.writable = False
+
+    def open_fast_writes(self, owner: object) -> None:
+        """``owner`` no longer needs it; with no owner left, fast plans write again."""
+        self._slow_writers.discard(owner)
+        if self._slow_writers:
+            return
+        closed, self._closed_plans = self._closed_plans, weakref.WeakKeyDictionary()
+        for plan, writable in closed.items():
+            plan.writable = writable
+
     def dirty_bitmap(self, name: str) -> Any:
         """The dirty bitmap ``name`` of this node (what NBD exports offer as
         ``qemu:dirty-bitmap:NAME``), or None. No node keeps dirty bitmaps yet."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import IntFlag
+from typing import Any
 
 
 class Perm(IntFlag):
@@ -48,6 +49,8 @@ class NodeUser:
     command (``Node X is in use``). ``description`` is QEMU's phrase for conflict messages.
     ``quiesce``, for users that start requests of their own (an export): pause them, and
     return the function that lets them go on; :meth:`BlockNode.drained` calls it.
+    ``repoint``: how the user moves to another node when a job pivots (QEMU replaces the node
+    under every parent); a user without it stays where it is.
     """
 
     key: str
@@ -56,3 +59,6 @@ class NodeUser:
     description: str
     is_parent: bool = False
     quiesce: Callable[[], Awaitable[Callable[[], None]]] | None = None
+    #: For a user that may follow a pivot (an export): called with the node that replaces
+    #: this one (mirror's completion), under a drain, after the user was moved to it.
+    repoint: Callable[[Any], None] | None = None

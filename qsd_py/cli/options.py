@@ -296,11 +296,14 @@ def _name(member: Any) -> str:
 
 
 def _type_hint(typ: Any) -> str:
-    """QOM's names for property types in help texts (``string``, ``bool``, ``int``; a list
-    by its element type: ``rules=<QAuthZListRule>``)."""
+    """QOM's names for property types in help texts (``string``, ``bool``, ``int``, sized
+    integers by their C type: ``serial=<int32_t>``; a list by its element type:
+    ``rules=<QAuthZListRule>``)."""
     if isinstance(typ, ArrayType) and typ.element is not None:
         return str(typ.element.name)
     if isinstance(typ, BuiltinType):
+        if typ.name[-1].isdigit():
+            return f"{typ.name}_t"
         return {"string": "string", "boolean": "bool"}.get(typ.json_type, typ.name)
     if isinstance(typ, ObjectType):
         return "object"

@@ -166,7 +166,12 @@ class BlockExport:
         ``writable``, resize as the type's ``resize`` says, sharing the type's ``shared``.
         Conflicts and a read-only node are refused with QEMU's texts."""
         self.node.add_user(
-            self.id, self.writable, self.resize, shared=self.shared, quiesce=self.quiesce_hook()
+            self.id,
+            self.writable,
+            self.resize,
+            shared=self.shared,
+            quiesce=self.quiesce_hook(),
+            repoint=self.repoint_hook(),
         )
         self._node_taken = True
 
@@ -174,6 +179,12 @@ class BlockExport:
         if self._node_taken:
             self.node.remove_user(self.id)
             self._node_taken = False
+
+    def repoint_hook(self) -> Any:
+        """For a type that can serve another node after a job's pivot (mirror): the
+        ``NodeUser.repoint`` function, else None (the export stays on its node).
+        Evaluated when the node is taken, so it may depend on the export's options."""
+        return None
 
     def quiesce_hook(self) -> Any:
         """For a type that starts requests of its own: the ``NodeUser.quiesce`` coroutine

@@ -78,6 +78,11 @@ class BlockJob(Job):
         if self.timer_pending:
             self.enter()
 
+    def set_speed_initial(self, speed: int) -> None:
+        """The speed a job is created with (checked by the caller, after ``created``)."""
+        self.speed = speed
+        self.limit.set_speed(speed)
+
     async def ratelimit(self, nbytes: int) -> None:
         """Account ``nbytes`` moved; sleep (a pause point) when over the limit."""
         delay = self.limit.delay(nbytes)

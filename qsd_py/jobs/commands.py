@@ -130,3 +130,52 @@ async def blockdev_create(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any
     daemon.jobs.add(job)
     job.start()
     return {}
+
+
+@qmp_command("blockdev-mirror")
+async def blockdev_mirror(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Start a mirror of node ``device`` to node ``target`` (QEMU's checks, in its order)."""
+    from qsd_py.jobs import mirror
+
+    source = mirror.lookup_source(daemon.graph, daemon.jobs, args["device"])
+    target = daemon.graph.find(args["target"])
+    if target is None:
+        raise QMPError(f"Cannot find device='{args['target']}' nor node-name='{args['target']}'")
+    await mirror.start(daemon.graph, daemon.jobs, source, target, args)
+    return {}
+
+
+@qmp_command("drive-mirror")
+async def drive_mirror(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """A mirror to an existing image named by its file name (``mode`` existing); the node
+    opened for it is the job's and closed after it unless the pivot made it the users'."""
+    from qsd_py.jobs import mirror
+
+    source = mirror.lookup_source(daemon.graph, daemon.jobs, args["device"])
+    if args.get("mode", "absolute-paths") != "existing":
+        raise QMPError("drive-mirror creates no image in qsd-py: use mode 'existing'")
+    fmt = args.get("format") or mirror.format_of(source)
+    opts: dict[str, Any] = {"driver": fmt, "file": {"driver": "file", "filename": args["target"]}}
+    if fmt == "file":
+        opts = {"driver": "file", "filename": args["target"]}
+    if "node-name" in args:
+        opts["node-name"] = args["node-name"]
+        target = await daemon.graph.add(opts)
+        target.implicit = True
+    else:
+        target = await daemon.graph.add_implicit(opts)
+    try:
+        await mirror.start(daemon.graph, daemon.jobs, source, target, args)
+    except BaseException:
+        await daemon.graph.drop_orphan(target)
+        raise
+    return {}
+
+
+@qmp_command("block-stream")
+async def block_stream(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Start a stream job (qsd_py/jobs/stream.py)."""
+    from qsd_py.jobs import stream
+
+    await stream.start(daemon.graph, daemon.jobs, args)
+    return {}

@@ -381,6 +381,10 @@ class Job:
         if self.auto_dismiss or not self.started:
             self._dismiss()
 
+    def drop(self) -> None:
+        """A job that could not start (its nodes refused it): ``null`` and gone."""
+        self._dismiss()
+
     def _dismiss(self) -> None:
         self.busy = self.paused = False
         self.deferred = True

@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import random
 import shutil
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 from chardev.conversation import STEPS, expected, fill, normalize
 from nbd_server.qmp_talk import Talk
-from realqsd_support import SHARE, require_real_qsd
+from realqsd_support import SHARE, real_daemon
 
 from qsd_py.encodings import decode_base64, decode_utf8
 
@@ -26,31 +24,14 @@ pytestmark = pytest.mark.realqsd
 @pytest.fixture
 def real() -> Iterator[tuple[Talk, Path]]:
     """A fresh real daemon with a monitor on ``qmp.sock`` in a scratch directory."""
-    tool = require_real_qsd()
     work = SHARE / f"chardev-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
-    qmp = work / "qmp.sock"
-    proc = subprocess.Popen(
-        [
-            str(tool), "run", "qemu-storage-daemon",
-            "--chardev", f"socket,id=qmp0,path={qmp},server=on,wait=off",
-            "--monitor", "chardev=qmp0",
-        ],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     try:
-        deadline = time.monotonic() + 20
-        while not qmp.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no real daemon"
-            time.sleep(0.05)
-        client = Talk(str(qmp))
-        yield client, work
-        client.close()
+        with real_daemon([], work / "qmp.sock", timeout=20):
+            client = Talk(str(work / "qmp.sock"))
+            yield client, work
+            client.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
 
 

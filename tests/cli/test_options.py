@@ -518,7 +518,13 @@ def test_help_texts() -> None:
         convert_option(schema, "object", "help")
     assert h.value.text == (
         "List of user creatable objects:\n  authz-list\n  authz-simple\n  iothread\n"
-        "  tls-creds-anon\n  tls-creds-psk\n  tls-creds-x509\n"
+        "  secret\n  secret_keyring\n  tls-creds-anon\n  tls-creds-psk\n  tls-creds-x509\n"
+    )
+    with pytest.raises(CliHelp) as h:  # QEMU 11.1's text: QOM's C type for a sized integer
+        convert_option(schema, "object", "secret_keyring,help")
+    assert h.value.text == (
+        "secret_keyring options:\n  format=<QCryptoSecretFormat>\n  iv=<string>\n"
+        "  keyid=<string>\n  serial=<int32_t>\n"
     )
     with pytest.raises(CliHelp) as h:
         convert_option(schema, "object", "iothread,help")

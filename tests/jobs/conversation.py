@@ -75,15 +75,16 @@ class Daemon:
             ev.pop("timestamp", None)
         return out
 
-    def settle(self, job: str, timeout: float = 20.0) -> list[dict[str, Any]]:
-        """Events until job ``job`` reaches a state where it waits for the user (or is gone).
-        A daemon sends a state's event before any reply that shows the state, so the events
-        are all in once query-jobs says so."""
+    def settle(self, job: str, timeout: float = 20.0, past: str = "") -> list[dict[str, Any]]:
+        """Events until job ``job`` reaches a state where it waits for the user (or is gone),
+        other than ``past`` (a job completed in ``ready`` stays there a moment). A daemon sends
+        a state's event before any reply that shows the state, so the events are all in once
+        query-jobs says so."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             jobs = self.cmd("query-jobs")["return"]
             states = [j["status"] for j in jobs if j["id"] == job]
-            if not states or states[0] in SETTLED:
+            if not states or (states[0] in SETTLED and states[0] != past):
                 return self.events()
             time.sleep(0.002)
         raise TimeoutError(f"job {job} did not settle")
@@ -104,11 +105,18 @@ class Daemon:
 
 
 def run(daemon: Daemon, script: list[list[Any]]) -> list[Any]:
-    """Run ``script`` (entries ``[command, args]`` or ``["settle", job]``); the transcript."""
+    """Run ``script`` (entries ``[command, args]``, ``["settle", job]``,
+    ``["settle-past-ready", job]`` or ``["settle-gone", job]``); the transcript."""
     out: list[Any] = []
     for name, args in script:
         if name == "settle":
             out.append({"events": daemon.settle(args)})
+            continue
+        if name == "settle-past-ready":
+            out.append({"events": daemon.settle(args, past="ready")})
+            continue
+        if name == "settle-gone":  # an auto-finalized job: until its end, not its pending
+            out.append({"events": daemon.settle(args, past="pending")})
             continue
         out.append({"cmd": name, "reply": daemon.cmd(name, args)})
         events = daemon.events()

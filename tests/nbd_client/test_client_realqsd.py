@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from nbd_servers import NbdServer, nbd_opts
-from realqsd_support import SHARE, require_real_qsd
+from realqsd_support import SHARE, real_named_nodes, require_real_qsd
 from support import Qsd
 from test_client_tls import TLS_FAILURES, Creds, tls_server
 
@@ -82,33 +82,6 @@ async def test_extended_headers_with_qemu_11(real_server, share: Path) -> None:
     assert image.read_bytes() == expected
 
 
-def _real_nodes(share: Path, blockdev: str) -> list[dict]:
-    """query-named-block-nodes of QEMU 11.1's daemon with one --blockdev."""
-    tool = require_real_qsd()
-    qmp = share / "real-qmp.sock"
-    proc = subprocess.Popen(
-        [str(tool), "run", "qemu-storage-daemon", "--blockdev", blockdev,
-         "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while not qmp.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "real daemon failed"
-            time.sleep(0.05)
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        client = QEMUMonitorProtocol(str(qmp))
-        client.connect()
-        try:
-            return client.cmd("query-named-block-nodes")
-        finally:
-            client.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
 def test_node_info_as_qemu_shows_it(qsd: Callable[..., Qsd], nbd_server, share: Path) -> None:
     image = share / "info.img"
     image.write_bytes(bytes(3 * MiB))
@@ -121,7 +94,7 @@ def test_node_info_as_qemu_shows_it(qsd: Callable[..., Qsd], nbd_server, share: 
     srv.start()
     try:
         blockdev = f"driver=nbd,node-name=n0,{srv.keyval},export=disk"
-        theirs = _real_nodes(share, blockdev)
+        theirs = real_named_nodes(["--blockdev", blockdev], share)
         daemon = qsd("--blockdev", blockdev)
         client = daemon.qmp()
         try:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from realqsd_support import SHARE, require_real_qsd
+from realqsd_support import SHARE, real_daemon, require_real_qsd
 from test_validation import QMP_ERRORS
 
 from qsd_py.qapi.schema import load_schema
@@ -47,32 +45,12 @@ class RealMonitor:
 
 @pytest.fixture(scope="module")
 def real_monitor() -> Iterator[RealMonitor]:
-    tool = require_real_qsd()
     SHARE.mkdir(exist_ok=True)
     path = SHARE / f"qmp-{uuid.uuid4().hex[:8]}.sock"
-    proc = subprocess.Popen(
-        [
-            str(tool), "run", "qemu-storage-daemon",
-            "--chardev", f"socket,id=m,path={path},server=on,wait=off",
-            "--monitor", "chardev=m",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while not path.exists():
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail("the real daemon did not come up")
-            time.sleep(0.05)
+    with real_daemon([], path, timeout=20):
         monitor = RealMonitor(str(path))
         yield monitor
         monitor.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        if path.exists():
-            os.unlink(path)
 
 
 @pytest.mark.parametrize(("command", "args", "desc"), QMP_ERRORS)

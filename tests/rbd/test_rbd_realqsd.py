@@ -8,13 +8,12 @@ from __future__ import annotations
 import contextlib
 import shutil
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from realqsd_support import SHARE, require_real_qsd, run_real
+from realqsd_support import SHARE, real_named_nodes, run_real
 from support import run_qsd
 
 pytestmark = pytest.mark.realqsd
@@ -72,34 +71,6 @@ def test_open_errors_as_qemus(img: str, shared: Path, extra: str) -> None:
     assert _errors(ours.stderr, "qsd-py") == _errors(real_err, "qemu-storage-daemon")
 
 
-def _real_nodes(share: Path, blockdevs: list[str]) -> list[dict]:
-    """query-named-block-nodes of QEMU 11.1's daemon with these --blockdev options."""
-    tool = require_real_qsd()
-    qmp = share / "real-qmp.sock"
-    proc = subprocess.Popen(
-        [str(tool), "run", "qemu-storage-daemon", *_args(blockdevs),
-         "--chardev", f"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        while not qmp.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "real daemon failed"
-            time.sleep(0.05)
-        from qemu.qmp.legacy import QEMUMonitorProtocol
-
-        client = QEMUMonitorProtocol(str(qmp))
-        client.connect()
-        try:
-            return client.cmd("query-named-block-nodes")
-        finally:
-            client.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        qmp.unlink(missing_ok=True)
-
-
 def _args(blockdevs: list[str]) -> list[str]:
     return [arg for blockdev in blockdevs for arg in ("--blockdev", blockdev)]
 
@@ -125,7 +96,7 @@ def test_node_info_as_qemu_shows_it(ceph, qsd, img: str, shared: Path, tmp_path:
          "driver=qcow2,node-name=q0,file=r0"],
     ]  # fmt: skip
     for blockdevs in cases:
-        theirs = _real_nodes(shared, blockdevs)
+        theirs = real_named_nodes(_args(blockdevs), shared)
         daemon = qsd(*_args(blockdevs))
         client = daemon.qmp()
         try:

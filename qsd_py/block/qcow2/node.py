@@ -728,6 +728,14 @@ class Qcow2Node(BlockNode):
         if kind:
             raise await overlap_error(self, ol.overlap_text(kind), host, n)
 
+    async def set_backing_file(self, name: str | None, fmt: str | None) -> None:
+        """Record a new backing file name and format in the header (block-stream's end;
+        None: no backing file)."""
+        assert self.header is not None
+        self.header.backing_file = name
+        self.header.backing_format = fmt if name is not None else None
+        await self.write_header()
+
     async def prepare_fast_write(self, offset: int, length: int) -> bool:
         return await allocate.prepare_fast_write(self, offset, length)
 

@@ -75,6 +75,8 @@ class _Slot:
         "out_addr",
         "data_addr",
         "xfer",
+        "xfer_backend",
+        "plan",
         "unique",
         "size",
         "writing",
@@ -99,6 +101,8 @@ class _Slot:
         self.xfer: Any = (
             None if plan is None or plan.backend is None else (plan.backend.transfer(self._io_done))
         )
+        self.xfer_backend = None if plan is None else plan.backend  # what xfer was made for
+        self.plan = plan  # the plan that routed the slot's transfer
         self.unique = 0
         self.size = 0
         self.writing = False
@@ -142,6 +146,7 @@ class DevFuseQueue:
         self.plan: fastpath.FastPlan | None = None
         self.fast_busy = 0
         self._ring: Any = None  # the loop's AsyncRing, for a URING plan
+        self._retired: list[fastpath.FastPlan] = []  # replaced by a pivot, transfers pending
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -152,6 +157,22 @@ class DevFuseQueue:
         for _ in range(4):
             self._free.append(self._new_slot())
         self._resume()
+
+    def repoint(self) -> None:
+        """The engine serves another node (a pivot): a fresh fast plan for it now; the old
+        one is released once the transfers it routed are done."""
+        if self.plan is not None:
+            self._retired.append(self.plan)
+            if not self.fast_busy:
+                self._release_retired()
+        self.plan = fastpath.plan_for(self.engine.node)
+        if self.plan is not None and self.plan.kind == fastpath.URING:
+            self._ring = self.plan.backend.ring()  # type: ignore[union-attr]
+
+    def _release_retired(self) -> None:
+        for plan in self._retired:
+            plan.release()
+        self._retired.clear()
 
     async def aclose(self, abort: bool) -> None:
         """Stop reading; then wait for the requests in flight or, with ``abort``, cancel them
@@ -169,6 +190,7 @@ class DevFuseQueue:
             await asyncio.sleep(0.001)  # fast-path transfers cannot be taken back
         if self.plan is not None:
             self.plan.release()
+        self._release_retired()
 
     async def run_on_loop(self, coro_fn: Callable[[], Any]) -> Any:
         """Run ``coro_fn()`` on this queue's loop from whatever loop the caller is on."""
@@ -293,6 +315,10 @@ class DevFuseQueue:
         slot.unique = unique
         slot.size = size
         slot.writing = writing
+        slot.plan = plan
+        if slot.xfer_backend is not plan.backend:  # made before a pivot, for another backend
+            slot.xfer = plan.backend.transfer(slot._io_done)  # type: ignore[union-attr]
+            slot.xfer_backend = plan.backend
         self.stats.in_flight += 1
         self.fast_busy += 1
         self._busy.add(slot)
@@ -310,7 +336,9 @@ class DevFuseQueue:
         stats.in_flight -= 1
         self.fast_busy -= 1
         self._busy.discard(slot)
-        self.plan.done()  # type: ignore[union-attr]
+        slot.plan.done()  # type: ignore[union-attr]
+        if self._retired and not self.fast_busy:
+            self._release_retired()
         res = fastpath.finish(stats, res, slot.size, slot.writing, slot.out)
         self._reply(slot, slot.unique, res)
         self._free.append(slot)

@@ -226,6 +226,22 @@ class FuseExport(BlockExport):
         self.clone_fds.append(fd)
         return fd
 
+    def repoint_hook(self) -> Any:
+        """/dev/fuse queues follow a pivot; io_uring queues (and their forked workers) not
+        yet: such an export stays on the node it was added for."""
+        return None if self.io_uring else self.repoint
+
+    def repoint(self, node: BlockNode) -> None:
+        """Serve ``node`` from now on (mirror's pivot): the engine and every queue."""
+        self.node = node
+        if self.engine is not None:
+            self.engine.node = node
+        for queue in self.queues:
+            if queue.loop is asyncio.get_running_loop():
+                queue.repoint()
+            else:
+                queue.loop.call_soon_threadsafe(queue.repoint)
+
     def after_command(self) -> None:
         """A QMP command may have resized the node: queue workers need its new length."""
         if self.uring is not None:

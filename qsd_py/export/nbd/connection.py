@@ -134,11 +134,12 @@ class _Transfer:
     """One READ or WRITE on the backend (the loop's ring, or the pool): what its reply
     needs once the I/O is done. Reused: a connection keeps the idle ones."""
 
-    __slots__ = ("conn", "xfer", "cookie", "offset", "length", "buf", "writing")
+    __slots__ = ("conn", "xfer", "cookie", "offset", "length", "buf", "writing", "plan")
 
     def __init__(self, conn: Connection, plan: FastPlan) -> None:
         self.conn = conn
         self.xfer: Any = plan.backend.transfer(self._done)  # type: ignore[union-attr]
+        self.plan = plan  # the plan that routed it (a pivot may replace the connection's)
         self.cookie = self.offset = self.length = 0
         self.buf: AlignedBuffer | None = None
         self.writing = False
@@ -166,6 +167,7 @@ class Connection:
         self._ring: Any = None  # the loop's io_uring ring for the plan's transfers
         self._idle: list[_Transfer] = []
         self._transfers = 0  # in flight
+        self._retired: list[FastPlan] = []  # plans a pivot replaced, until their transfers end
         self.writethrough = False
         self.closing = False  # no more requests are read
         self._hard = False  # replies are dropped, the socket is shut down
@@ -231,6 +233,7 @@ class Connection:
         self.sock.close()
         if self.plan is not None:
             self.plan.release()  # no transfer routed by it is still running
+        self._release_retired()
         if self.loop is self.main_loop:
             self._forget()
         else:
@@ -406,18 +409,38 @@ class Connection:
         io_uring queues do: the ring costs no thread hop), or the node's pool without one."""
         node = self.node
         assert node is not None
-        plan = fast_io.plan_for(node, ring_io=True)
+        writable = self.export.writable  # type: ignore[union-attr]
+        plan = fast_io.plan_for(node, ring_io=True, writable=writable)
         if plan is not None and plan.kind == URING:
             self._ring = plan.backend.ring()  # type: ignore[union-attr]
             if self._ring is None:  # no io_uring here
                 plan.release()
-                plan = fast_io.plan_for(node)
-        if plan is not None and not self.export.writable:  # type: ignore[union-attr]
-            plan.writable = False
+                plan = fast_io.plan_for(node, writable=writable)
         self.plan = plan
         target = node.fast_target() if plan is not None and plan.kind != NULL else None
         if target is not None and target.table is None:
             self._file = target.file
+
+    def repoint(self, node: BlockNode) -> None:
+        """Serve ``node`` from now on (a pivot): a fresh fast plan for it at once. The old
+        plan is released once the transfers it routed are done (they count on it), and the
+        idle transfers, made for its backend, are dropped."""
+        if self._finished:
+            return
+        if self.plan is not None:
+            self._retired.append(self.plan)
+            self.plan = None
+            if not self._transfers:
+                self._release_retired()
+        self._idle.clear()
+        self._file = None
+        self.node = node
+        self._plan()
+
+    def _release_retired(self) -> None:
+        for plan in self._retired:
+            plan.release()
+        self._retired.clear()
 
     def _serving(self) -> int:
         """Requests still being served (tasks and transfers)."""
@@ -748,6 +771,7 @@ class Connection:
         plan = self.plan
         assert plan is not None
         tr = self._idle.pop() if self._idle else _Transfer(self, plan)
+        tr.plan = plan
         tr.writing = writing
         tr.cookie = cookie
         tr.offset = offset
@@ -766,9 +790,9 @@ class Connection:
     def _transfer_done(self, tr: _Transfer, res: int) -> None:
         self._transfers -= 1
         self._reserved -= tr.length
-        plan = self.plan
-        assert plan is not None
-        plan.done()
+        tr.plan.done()
+        if self._retired and not self._transfers:
+            self._release_retired()
         buf = tr.buf
         assert buf is not None
         tr.buf = None

@@ -88,7 +88,9 @@ class NbdExport(BlockExport):
             raise QMPError(f"description '{self.description}' too long")
         if server.find(self.name) is not None:
             raise QMPError(f"NBD server already has export named '{self.name}'")
-        self.node.add_user(self.id, self.writable, self.resize, shared=NBD_SHARED)
+        self.node.add_user(
+            self.id, self.writable, self.resize, shared=NBD_SHARED, repoint=self.repoint
+        )
         self.size = self.node.length() // SECTOR_SIZE * SECTOR_SIZE
         specs = self.opts.get("bitmaps", [])
         for name, source in find_bitmaps(self.daemon.graph, self.node, specs):
@@ -102,6 +104,19 @@ class NbdExport(BlockExport):
             self.loop = self.iothreads[0].loop
         server.add_export(self)
         self.server = server
+
+    def repoint(self, node: BlockNode) -> None:
+        """A job pivoted (mirror's completion, the graph drained): serve ``node`` from now
+        on, in every connection too (their fast plans are made anew for it)."""
+        self.node = node
+        for conn in list(self.clients):
+            if conn.loop is self.daemon_loop():
+                conn.repoint(node)
+            else:
+                conn.loop.call_soon_threadsafe(conn.repoint, node)
+
+    def daemon_loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
 
     # --- stop -------------------------------------------------------------------------------
     def in_use(self) -> bool:

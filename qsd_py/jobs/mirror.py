@@ -1,0 +1,441 @@
+"""The ``mirror`` block job (blockdev-mirror, drive-mirror): copy a node while it is written,
+then let its users carry on with the copy.
+
+The job keeps a :class:`~qsd_py.block.dirty.DirtyBitmap` on the source from its creation on,
+so every write the source takes (through its coroutines: fast-path writes are refused while
+the bitmap exists) marks its chunks. The copy loop takes the first dirty run of chunks,
+clears it, reads it from the source and writes it to the target (or zeroes the target where
+the source reads as zeroes); a write landing meanwhile marks the chunks again, since marks
+come after a write has finished. What is dirty at the start: every chunk (``sync`` full),
+the chunks the top layer holds (``top``), nothing (``none``).
+
+Once nothing is dirty the job is ``ready`` (``BLOCK_JOB_READY``) and keeps copying what new
+writes dirty. ``job-complete`` ends the loop once the copy caught up (nothing dirty, no request
+in flight on the source) and the target is flushed; :meth:`MirrorJob.commit` catches up again
+if writes came meanwhile, then moves every user of the replaced node that can follow (exports,
+through ``NodeUser.repoint``) and every parent node (``Child.replace``) to the target, with no
+await between the last check and the move: no write is lost. (No drain: the source's users
+cannot be other nodes or jobs, it is a root node, and its exports' requests are counted in
+flight; QEMU drains too, which is why it emits ``standby``/``ready`` where qsd-py does not.)
+A soft cancel in ``ready`` (``block-job-cancel`` without force)
+completes the same way without the move, as QEMU's does.
+
+``copy-mode`` ``write-blocking``: a write the source takes is also written to the target
+before it completes (the chunks are still marked, so the loop copies them once more: that
+keeps the loop's reads race-free at the cost of a second copy).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING, Any
+
+from qsd_py.block.dirty import DirtyBitmap
+from qsd_py.block.node import STATUS_ALLOCATED, STATUS_ZERO
+from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
+from qsd_py.errors import QMPError
+from qsd_py.jobs import state as st
+from qsd_py.jobs.blockjob import BlockJob
+
+if TYPE_CHECKING:
+    from qsd_py.block.graph import BlockGraph
+    from qsd_py.block.node import BlockNode
+    from qsd_py.jobs.registry import JobRegistry
+
+log = logging.getLogger(__name__)
+
+GRANULARITY_MIN = 512
+GRANULARITY_MAX = 64 << 20
+DEFAULT_BUF_SIZE = 16 << 20  # QEMU's DEFAULT_MIRROR_BUF_SIZE
+COPY_MAX = 1 << 20  # bytes per read/write of the copy loop
+IDLE_WAIT = 1.0  # ready and clean: wait this long for a write (a write wakes the job)
+
+
+def default_granularity(target: BlockNode) -> int:
+    """QEMU's bdrv_get_default_bitmap_granularity: the target's cluster size within
+    [4 KiB, 64 KiB], else 64 KiB."""
+    cluster = getattr(target, "cluster_size", 0)
+    if cluster:
+        return min(65536, max(4096, cluster))
+    return 65536
+
+
+def check_granularity(granularity: int) -> None:
+    if not GRANULARITY_MIN <= granularity <= GRANULARITY_MAX:
+        raise QMPError("Parameter 'granularity' expects a value in range [512B, 64MB]")
+    if granularity & (granularity - 1):
+        raise QMPError("Parameter 'granularity' expects a power of 2")
+
+
+class MirrorJob(BlockJob):
+    """One mirror from ``source`` to ``target``; ``replaces`` is the node whose users move."""
+
+    job_type = "mirror"
+
+    def __init__(
+        self,
+        registry: JobRegistry,
+        job_id: str,
+        *,
+        graph: BlockGraph,
+        source: BlockNode,
+        target: BlockNode,
+        replaces: BlockNode,
+        sync: str,
+        granularity: int,
+        buf_size: int,
+        on_source_error: str = "report",
+        on_target_error: str = "report",
+        copy_mode: str = "background",
+        unmap: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(registry, job_id, **kwargs)
+        self.graph = graph
+        self.source = source
+        self.target = target
+        self.replaces = replaces
+        self.sync = sync
+        self.granularity = granularity
+        self.copy_size = max(granularity, min(buf_size, COPY_MAX))
+        self.on_source_error = on_source_error
+        self.on_target_error = on_target_error
+        self.copy_mode = copy_mode
+        self.unmap = unmap
+        self.should_complete = False
+        self.bitmap = DirtyBitmap(source.length(), granularity, on_mark=self._on_mark)
+        self._idle = False
+        self._final = False  # commit's catch-up: errors fail, no speed limit, no pause
+
+    # --- nodes ----------------------------------------------------------------------------
+    def take_nodes(self) -> None:
+        """Hold the source (reading, letting others do all but resize, as QEMU's mirror) and
+        the target (writing, letting others only write unchanged), and start tracking."""
+        src, tgt = self.source, self.target
+        if any(u.perm & Perm.RESIZE for u in src.users.values()):
+            fil = self.graph.generate_name()
+            raise QMPError(
+                f"Permission conflict on node '{fil}': permissions 'resize' are both required "
+                f"by an unnamed block device (uses node '{fil}' as 'root' child) and unshared "
+                f"by mirror job '{self.id}' (uses node '{fil}' as 'main node' child)."
+            )
+        desc = f"mirror job '{self.id}' (uses node '{src.node_name}' as 'source' child)"
+        src.set_user(
+            NodeUser(
+                self._user_key(src),
+                Perm.CONSISTENT_READ,
+                PERM_ALL & ~Perm.RESIZE,
+                desc,
+                is_parent=True,  # QEMU's mirror_top filter node: a parent, not a device
+                quiesce=self._quiesce,
+            )
+        )
+        self._used.append(src)
+        desc = f"an unnamed block device (uses node '{tgt.node_name}' as 'root' child)"
+        try:
+            tgt.set_user(
+                NodeUser(
+                    self._user_key(tgt),
+                    Perm.WRITE,
+                    Perm.WRITE_UNCHANGED,
+                    desc,
+                    quiesce=self._quiesce,
+                )
+            )
+        except BaseException:
+            self.release_nodes()
+            raise
+        self._used.append(tgt)
+        busy = "block device is in use by block job: mirror"
+        src.blockers[self.id] = busy
+        tgt.blockers[self.id] = busy
+        src.add_dirty_bitmap(self.bitmap)
+        if self.copy_mode == "write-blocking":
+            src.write_mirrors.append(self.target)
+
+    def release_nodes(self) -> None:
+        src = self.source
+        src.remove_dirty_bitmap(self.bitmap)
+        if self.target in src.write_mirrors:
+            src.write_mirrors.remove(self.target)
+        src.blockers.pop(self.id, None)
+        self.target.blockers.pop(self.id, None)
+        super().release_nodes()
+
+    def _on_mark(self) -> None:
+        """A write dirtied the source: wake the job if it idles in ready (not if paused:
+        waking a pause point would end the pause)."""
+        if self._idle and not self.paused:
+            self.enter()
+
+    # --- the copy -------------------------------------------------------------------------
+    async def run(self) -> None:
+        if self.source.length() != self.target.length():
+            raise QMPError("Source and target image have different sizes")
+        await self._initial_dirty()
+        while True:
+            await self.checkpoint()
+            if self.cancelled or (self.should_complete and self.is_ready):
+                if self.should_complete and not self.cancelled:
+                    await self._catch_up()
+                    await self.target.flush()
+                return
+            run = self.bitmap.next_dirty(0, self.copy_size)
+            if run is not None:
+                await self._copy(*run)
+                continue
+            if not self.is_ready:
+                self.transition_to_ready()
+                continue
+            self._idle = True
+            try:
+                await self.sleep(IDLE_WAIT)
+            finally:
+                self._idle = False
+
+    async def _initial_dirty(self) -> None:
+        """Mark what the copy starts with (QEMU's mirror_dirty_init)."""
+        length = self.source.length()
+        if self.sync == "full":
+            self.bitmap.mark_all()
+        elif self.sync == "top":
+            offset = 0
+            while offset < length:
+                status = await self.source.block_status(offset, length - offset)
+                if status.flags & STATUS_ALLOCATED:  # held by the top layer
+                    self.bitmap.mark(offset, status.length)
+                offset += status.length
+                await self.checkpoint()
+        self.set_remaining(self.bitmap.count)
+
+    async def _copy(self, offset: int, length: int) -> None:
+        """Copy one dirty run: zeroes where the source reads as zeroes, else data."""
+        self.bitmap.clear(offset, length)
+        end = offset + length
+        pos = offset
+        while pos < end:
+            try:
+                status = await self.source.block_status_above(pos, end - pos)
+                n = status.length
+                if status.flags & STATUS_ZERO:
+                    await self._zero(pos, n)
+                else:
+                    buf = memoryview(bytearray(n))
+                    await self._source_read(pos, buf)
+                    await self._target_io(self.target.write(pos, buf))
+            except _Retry:
+                self.bitmap.mark(pos, end - pos)
+                break
+            pos += n
+            self.progress_update(n)
+            self.set_remaining(self.bitmap.count)
+            if not self._final and not status.flags & STATUS_ZERO:  # zeroes cost no speed
+                await self.ratelimit(n)
+
+    async def _zero(self, offset: int, length: int) -> None:
+        """Zero the target's range, unless it reads as zeroes already (a fresh target stays
+        sparse, as QEMU's does)."""
+        status = await self.target.block_status_above(offset, length)
+        if status.flags & STATUS_ZERO and status.length >= length:
+            return
+        await self._target_io(self.target.write_zeroes(offset, length, unmap=self.unmap))
+
+    async def _source_read(self, offset: int, buf: memoryview) -> None:
+        try:
+            await self.source.read(offset, buf)
+        except OSError as err:
+            self._io_error(err, "read", self.on_source_error)
+            raise _Retry from err
+
+    async def _target_io(self, coro: Any) -> None:
+        try:
+            await coro
+        except OSError as err:
+            self._io_error(err, "write", self.on_target_error)
+            raise _Retry from err
+
+    def _io_error(self, err: OSError, operation: str, policy: str) -> None:
+        """QEMU's block_job_error_action: report fails the job, ignore goes on, stop pauses
+        it as if the user had (io-status says why); enospc and auto stop on ENOSPC only."""
+        nospace = err.errno == errno.ENOSPC
+        if self._final:
+            policy = "report"
+        if policy in ("enospc", "auto"):
+            policy = "stop" if nospace else "report"
+        action = {"report": "report", "ignore": "ignore", "stop": "stop"}[policy]
+        self.report_error(operation, action)
+        if action == "report":
+            raise err
+        if action == "stop":
+            self.io_status = "nospace" if nospace else "failed"
+            self.user_paused = True
+            self.pause()
+
+    def user_resume(self) -> None:
+        super().user_resume()
+        self.io_status = "ok"
+
+    # --- user verbs -----------------------------------------------------------------------
+    def can_complete(self) -> bool:
+        return True
+
+    def user_complete(self) -> None:
+        st.check_verb(self.id, self.status, "complete")
+        if not self.is_ready:
+            raise QMPError(f"The active block job '{self.id}' cannot be completed")
+        super().user_complete()
+
+    def do_complete(self) -> None:
+        self.should_complete = True
+        self._on_mark()
+
+    def cancel_hook(self, force: bool) -> bool:
+        """A soft cancel of a ready mirror completes it without the pivot."""
+        return force or not self.is_ready
+
+    def type_info(self) -> dict[str, Any]:
+        return {"actively-synced": self.copy_mode == "write-blocking" and self.is_ready}
+
+    async def clean(self) -> None:
+        """Let go of the nodes; a target drive-mirror opened and nobody uses is closed."""
+        self.release_nodes()
+        await self.graph.drop_orphan(self.target)
+
+    # --- the end --------------------------------------------------------------------------
+    async def prepare(self) -> None:
+        """Before the pivot: ``run`` ended caught up and flushed; writes that came since (a
+        job finalized by hand) are copied and flushed here, where a failure still fails the
+        job."""
+        if self.cancelled:
+            return
+        if await self._catch_up():
+            await self.target.flush()
+
+    async def commit(self) -> None:
+        """Pivot, unless soft-cancelled. Nothing awaits between ``prepare`` and this, so the
+        source is still caught up; the check and the move run with no await between them,
+        so no write lands on the source afterwards unseen."""
+        if self.cancelled:
+            return
+        if self.bitmap.count or self.source.in_flight.count:  # not expected: be safe
+            try:
+                await self._catch_up()
+            except OSError:
+                log.exception("mirror %s: no pivot, the last copy failed", self.id)
+                return
+        self._pivot()
+
+    async def _catch_up(self) -> bool:
+        """Copy until nothing is dirty and no request is in flight on the source (errors fail
+        the job now, no speed limit); whether anything had to be done."""
+        self._final = True
+        worked = False
+        while self.bitmap.count or self.source.in_flight.count:
+            worked = True
+            run = self.bitmap.next_dirty(0, self.copy_size)
+            if run is not None:
+                await self._copy(*run)
+            else:
+                await self.source.in_flight.wait_idle()
+        return worked
+
+    def _pivot(self) -> None:
+        """Every parent and every user that can follow now uses the target (no await)."""
+        old, new = self.replaces, self.target
+        self.release_nodes()
+        for parent in old.parents():
+            for child in list(parent.children.values()):
+                if child.node is old:
+                    child.replace(new)
+        for user in list(old.users.values()):
+            if user.repoint is None or user.is_parent:
+                continue
+            new.set_user(user)
+            old.remove_user(user.key)
+            user.repoint(new)
+
+
+class _Retry(Exception):
+    """An I/O error that the job's policy lets it survive: the chunks stay dirty."""
+
+
+# --- starting a mirror (blockdev-mirror, drive-mirror) ---------------------------------------
+def lookup_source(graph: BlockGraph, jobs: JobRegistry, name: str) -> BlockNode:
+    """The node to mirror: a root node (QEMU's qmp_get_root_bs; a node some mirror already
+    copies sits under that job's filter node in QEMU, so it is no root either)."""
+    node = graph.find(name)
+    if node is None:
+        raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
+    if node.parents() or any(isinstance(j, MirrorJob) and j.source is node for j in jobs):
+        raise QMPError("Need a root block node")
+    return node
+
+
+def format_of(node: BlockNode) -> str:
+    return node.driver
+
+
+async def start(
+    graph: BlockGraph, jobs: JobRegistry, source: BlockNode, target: BlockNode, args: dict
+) -> MirrorJob:
+    """Check the arguments as QEMU does, create the job (``created``), take the nodes (a
+    refusal ends the job at once: ``null``) and start it."""
+    sync = args["sync"]
+    if sync in ("incremental", "bitmap"):
+        raise QMPError(f"Sync mode '{sync}' not supported")
+    for reason in source.blockers.values():
+        raise QMPError(f"Node '{source.node_name}' is busy: {reason}")
+    for reason in target.blockers.values():
+        raise QMPError(f"Node '{target.node_name}' is busy: {reason}")
+    granularity = args.get("granularity", 0)
+    if granularity:
+        check_granularity(granularity)
+    else:
+        granularity = default_granularity(target)
+    buf_size = args.get("buf-size", 0)
+    if buf_size < 0:
+        raise QMPError("Invalid parameter 'buf-size'")
+    replaces = source
+    if "replaces" in args:
+        replaces = graph.find(args["replaces"])  # type: ignore[assignment]
+        if replaces is None:
+            raise QMPError(f"Failed to find node with node-name='{args['replaces']}'")
+        if replaces is not source:
+            raise QMPError(
+                f"Cannot replace '{replaces.node_name}' by a node mirrored from "
+                f"'{source.node_name}', because it cannot be guaranteed that doing so would "
+                "not lead to an abrupt change of visible data"
+            )
+    if source is target:
+        raise QMPError("Can't mirror node into itself")
+    job = MirrorJob(
+        jobs,
+        args.get("job-id", ""),  # no devices in a storage daemon: QEMU's default is ''
+        graph=graph,
+        source=source,
+        target=target,
+        replaces=replaces,
+        sync=sync,
+        granularity=granularity,
+        buf_size=buf_size or DEFAULT_BUF_SIZE,
+        on_source_error=args.get("on-source-error", "report"),
+        on_target_error=args.get("on-target-error", "report"),
+        copy_mode=args.get("copy-mode", "background"),
+        unmap=args.get("unmap", True),
+        auto_finalize=args.get("auto-finalize", True),
+        auto_dismiss=args.get("auto-dismiss", True),
+    )
+    jobs.add(job)
+    try:
+        speed = args.get("speed", 0)
+        if speed < 0:  # checked once the job exists, as QEMU does (created, then null)
+            raise QMPError("Parameter 'speed' expects a non-negative value")
+        job.set_speed_initial(speed)
+        job.take_nodes()
+    except BaseException:
+        job.release_nodes()
+        job.drop()
+        raise
+    job.start()
+    return job

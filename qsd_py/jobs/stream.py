@@ -1,0 +1,257 @@
+"""The ``stream`` block job (block-stream): copy what the top node reads through from its
+backing chain (down to ``base``, exclusive) into the top node, then make ``base`` its backing
+node (or none) and record that in the image.
+
+The copy goes by the extents ``block_status_above`` reports between the top and ``base``:
+ranges the top holds are skipped, the rest is read through the chain and written into the
+top, under a :class:`~qsd_py.block.rangelock.RangeGate` so that a guest write of the same
+range waits until the copy of it is done, and the copy waits for guest writes under way
+(else old bytes could land over new ones). While the job runs, the top's fast plans write
+through its coroutines, where the gate is. Nothing the guest sees changes, so the job goes
+straight on to its end (no ``ready``). :meth:`StreamJob.commit` then drains the top node,
+writes the new backing file name into the image (qcow2) and points the ``backing`` child at
+``base`` (``Child.replace``) or drops it; implicit intermediate nodes are closed.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import TYPE_CHECKING, Any
+
+from qsd_py.block.node import STATUS_ALLOCATED
+from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
+from qsd_py.block.rangelock import RangeGate
+from qsd_py.errors import QMPError
+from qsd_py.jobs.blockjob import BlockJob
+
+if TYPE_CHECKING:
+    from qsd_py.block.graph import BlockGraph
+    from qsd_py.block.node import BlockNode
+    from qsd_py.jobs.registry import JobRegistry
+
+CHUNK = 512 * 1024  # QEMU's STREAM_CHUNK
+BUSY = "block device is in use by block job: stream"
+
+
+def chain_below(top: BlockNode, base: BlockNode | None) -> list[BlockNode]:
+    """The backing nodes under ``top`` down to ``base`` (exclusive), top first."""
+    out = []
+    node = top.child_node("backing") if top.supports_backing else None
+    while node is not None and node is not base:
+        out.append(node)
+        node = node.child_node("backing") if node.supports_backing else None
+    return out
+
+
+class StreamJob(BlockJob):
+    job_type = "stream"
+
+    def __init__(
+        self,
+        registry: JobRegistry,
+        job_id: str,
+        *,
+        graph: BlockGraph,
+        top: BlockNode,
+        base: BlockNode | None,
+        backing_file: str | None,
+        on_error: str = "report",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(registry, job_id, **kwargs)
+        self.graph = graph
+        self.top = top
+        self.base = base
+        self.backing_file = backing_file
+        self.on_error = on_error
+        self.below = chain_below(top, base)
+        self.gate = RangeGate()
+
+    # --- nodes ----------------------------------------------------------------------------
+    def take_nodes(self) -> None:
+        top = self.top
+        desc = f"stream job '{self.id}' (uses node '{top.node_name}' as 'main node' child)"
+        top.set_user(
+            NodeUser(
+                self._user_key(top),
+                Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED,
+                PERM_ALL & ~Perm.RESIZE,
+                desc,
+                is_parent=True,  # QEMU's copy-on-read filter node: a parent
+                quiesce=self._quiesce,
+            )
+        )
+        self._used.append(top)
+        for node in (top, *self.below):
+            node.blockers[self.id] = BUSY
+        top.write_gates.append(self.gate)
+        top.close_fast_writes(self)
+
+    def release_nodes(self) -> None:
+        top = self.top
+        if self.gate in top.write_gates:
+            top.write_gates.remove(self.gate)
+        top.open_fast_writes(self)
+        for node in (top, *self.below):
+            node.blockers.pop(self.id, None)
+        super().release_nodes()
+
+    # --- the copy -------------------------------------------------------------------------
+    async def run(self) -> None:
+        top = self.top
+        if not self.below:
+            return  # nothing to stream (QEMU: done at once, len 0)
+        length = top.length()
+        self.set_remaining(length)
+        offset = 0
+        while offset < length:
+            await self.checkpoint()
+            n = min(CHUNK, length - offset)
+            copied = await self._step(offset, n)
+            offset += copied[0]
+            self.progress_update(copied[0])
+            if copied[1]:
+                await self.ratelimit(copied[0])
+
+    async def _step(self, offset: int, n: int) -> tuple[int, bool]:
+        """One extent from ``offset`` (at most ``n``): (its length, whether it was copied)."""
+        top = self.top
+        async with self.gate.hold(offset, n):
+            status = await top.block_status(offset, n)
+            n = status.length
+            if status.flags & STATUS_ALLOCATED:
+                return n, False
+            if self.base is not None:
+                n, in_base = await self._in_base(offset, n)
+                if in_base:
+                    return n, False
+            buf = memoryview(bytearray(n))
+            try:
+                await top.read(offset, buf)
+                with self.gate.owned():
+                    await top.write(offset, buf)
+            except OSError as err:
+                self._io_error(err)
+                return 0, False
+        return n, True
+
+    async def _in_base(self, offset: int, n: int) -> tuple[int, bool]:
+        """How much of ``[offset, +n)`` has one answer, and whether that answer is that
+        ``base`` or a node below it holds the range (it then stays where it is)."""
+        for node in self.below:
+            st = await node.block_status(offset, n)
+            n = min(n, st.length)
+            if st.flags & STATUS_ALLOCATED:
+                return n, False
+        return n, True
+
+    def _io_error(self, err: OSError) -> None:
+        nospace = err.errno == errno.ENOSPC
+        policy = self.on_error
+        if policy in ("enospc", "auto"):
+            policy = "stop" if nospace else "report"
+        op = "write"
+        self.report_error(op, policy)
+        if policy == "report":
+            raise err
+        if policy == "stop":
+            self.io_status = "nospace" if nospace else "failed"
+            self.user_paused = True
+            self.pause()
+
+    def user_resume(self) -> None:
+        super().user_resume()
+        self.io_status = "ok"
+
+    # --- the end --------------------------------------------------------------------------
+    async def prepare(self) -> None:
+        """The top reads the same without the streamed nodes: record and link ``base``
+        (in prepare, as QEMU's stream does: a failure to write the header fails the job)."""
+        top = self.top
+        if not self.below:
+            return
+        base = self.base
+        async with top.drained():
+            name = fmt = None
+            if base is not None:
+                name = self.backing_file or base.filename()
+                fmt = base.driver
+            set_backing = getattr(top, "set_backing_file", None)
+            if set_backing is not None:
+                await set_backing(name, fmt)
+            old = top.children.get("backing")
+            if base is not None:
+                if old is not None:
+                    await top.replace_child("backing", base)
+            elif old is not None:
+                old.detach()
+                del top.children["backing"]
+                await self.graph.drop_orphan(old.node)
+
+
+# --- starting a stream (block-stream) ---------------------------------------------------------
+def _find_in_chain(top: BlockNode, filename: str) -> BlockNode | None:
+    for node in chain_below(top, None):
+        if node.filename() == filename:
+            return node
+    return None
+
+
+async def start(graph: BlockGraph, jobs: JobRegistry, args: dict[str, Any]) -> StreamJob:
+    """QEMU's qmp_block_stream checks, in its order, then the job."""
+    for a, b in (("base", "base-node"), ("base", "bottom"), ("bottom", "base-node")):
+        if a in args and b in args:
+            raise QMPError(f"'{a}' and '{b}' cannot be specified at the same time")
+    device = args["device"]
+    top = graph.find(device)
+    if top is None:
+        raise QMPError(f"Cannot find device='{device}' nor node-name='{device}'")
+    base: BlockNode | None = None
+    if "base" in args:
+        base = _find_in_chain(top, args["base"])
+        if base is None:
+            raise QMPError(f"Can't find '{args['base']}' in the backing chain")
+    if "base-node" in args:
+        base = graph.find(args["base-node"])
+        if base is None:
+            raise QMPError(f"Cannot find device='' nor node-name='{args['base-node']}'")
+        if base not in chain_below(top, None):
+            raise QMPError(f"Node '{base.node_name}' is not a backing image of '{top.node_name}'")
+    if "bottom" in args:
+        bottom = graph.find(args["bottom"])
+        if bottom is None:
+            raise QMPError(f"Cannot find device='' nor node-name='{args['bottom']}'")
+        chain = chain_below(top, None)
+        if bottom not in chain:
+            raise QMPError(f"Node '{bottom.node_name}' is not a backing image of '{top.node_name}'")
+        i = chain.index(bottom)
+        base = chain[i + 1] if i + 1 < len(chain) else None
+    for node in (top, *chain_below(top, base)):
+        for reason in node.blockers.values():
+            raise QMPError(f"Node '{node.node_name}' is busy: {reason}")
+    if base is None and "backing-file" in args:
+        raise QMPError("backing file specified, but streaming the entire chain")
+    job = StreamJob(
+        jobs,
+        args.get("job-id", ""),  # no devices in a storage daemon: QEMU's default is ''
+        graph=graph,
+        top=top,
+        base=base,
+        backing_file=args.get("backing-file"),
+        on_error=args.get("on-error", "report"),
+        auto_finalize=args.get("auto-finalize", True),
+        auto_dismiss=args.get("auto-dismiss", True),
+    )
+    jobs.add(job)
+    speed = args.get("speed", 0)
+    try:
+        if speed < 0:
+            raise QMPError("Parameter 'speed' expects a non-negative value")
+        job.set_speed_initial(speed)
+        job.take_nodes()
+    except BaseException:
+        job.release_nodes()
+        job.drop()
+        raise
+    job.start()
+    return job
