@@ -8,7 +8,9 @@ of a second of the average rate, or burst rate times burst length), then its byt
 operations are added; the level leaks at the average rate. A request that finds a bucket
 too full waits the time the excess takes to leak. Members of a group share its buckets, so
 together they get the group's rate; the level is kept under a lock, so members on
-different event loops (iothreads) share it too.
+different event loops (iothreads) share it too. When budget frees up and several members
+have requests waiting, the members take turns (round-robin, in the order they joined), as
+QEMU's throttle groups do, so a member with many requests in flight cannot starve the others.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 from qsd_py.errors import QMPError
 
+POLL = 0.001  # seconds a waiter whose member's turn it is not sleeps before looking again
 VALUE_MAX = 10**15  # QEMU's THROTTLE_VALUE_MAX
 KINDS = ("iops-total", "iops-read", "iops-write", "bps-total", "bps-read", "bps-write")
 KEYS = [k + s for k in KINDS for s in ("", "-max", "-max-length")] + ["iops-size"]
@@ -98,6 +101,9 @@ class ThrottleGroup:
         check_limits(cfg)
         self.cfg = cfg
         self.members = 0
+        self._ring: list[Any] = []  # the members, in the order they joined
+        self._waiting: dict[str, dict[Any, int]] = {"read": {}, "write": {}}
+        self._last: dict[str, Any] = {}  # the member served last, per direction
         self._lock = threading.Lock()
         self._buckets = {k: Bucket() for k in KINDS}
         self._stamp = time.monotonic()
@@ -113,18 +119,61 @@ class ThrottleGroup:
         if self.members:
             raise QMPError(f"Cannot delete throttle group '{self.id}' with active references")
 
-    async def admit(self, is_write: bool, nbytes: int) -> None:
-        """Wait until the group's buckets let a request of ``nbytes`` through; account it."""
+    def join(self, member: Any) -> None:
+        with self._lock:
+            self._ring.append(member)
+            self.members += 1
+
+    def leave(self, member: Any) -> None:
+        with self._lock:
+            self._ring.remove(member)
+            self.members -= 1
+
+    async def admit(self, member: Any, is_write: bool, nbytes: int) -> None:
+        """Wait until the group's buckets let a request of ``nbytes`` of ``member`` through,
+        and it is ``member``'s turn among those waiting; account it."""
         direction = "write" if is_write else "read"
         kinds = [f"{k}-{d}" for k in ("bps", "iops") for d in ("total", direction)]
-        while True:
-            with self._lock:
-                delay = self._try(kinds, nbytes)
-            if delay <= 0:
-                return
-            await asyncio.sleep(delay)
+        waiting = self._waiting[direction]
+        queued = False
+        try:
+            while True:
+                with self._lock:
+                    delay = self._try(kinds, nbytes, self._turn(member, direction, queued))
+                    if delay <= 0:
+                        self._last[direction] = member
+                        return
+                    if not queued:
+                        waiting[member] = waiting.get(member, 0) + 1
+                        queued = True
+                await asyncio.sleep(delay)
+        finally:
+            if queued:
+                with self._lock:
+                    waiting[member] -= 1
+                    if not waiting[member]:
+                        del waiting[member]
 
-    def _try(self, kinds: list[str], nbytes: int) -> float:
+    def _turn(self, member: Any, direction: str, queued: bool) -> bool:
+        """Whether ``member`` may go now: nobody else waits, or the round-robin after the
+        member served last comes to it (a newcomer queues behind the waiters)."""
+        waiting = self._waiting[direction]
+        if not waiting or (queued and list(waiting) == [member]):
+            return True
+        if not queued:
+            return False
+        ring = self._ring
+        last = self._last.get(direction)
+        start = ring.index(last) + 1 if last in ring else 0
+        for i in range(len(ring)):
+            candidate = ring[(start + i) % len(ring)]
+            if candidate in waiting:
+                return candidate is member
+        return True
+
+    def _try(self, kinds: list[str], nbytes: int, my_turn: bool) -> float:
+        """Leak the buckets; then the seconds to wait, or 0 when the request went (its
+        bytes and operations accounted)."""
         now = time.monotonic()
         cfg, delta = self.cfg, now - self._stamp
         self._stamp = now
@@ -136,6 +185,8 @@ class ThrottleGroup:
         )
         if delay > 0:
             return delay
+        if not my_turn:
+            return POLL
         size = cfg["iops-size"]
         ops = nbytes / size if size and nbytes > size else 1
         for kind in kinds:

@@ -41,11 +41,11 @@ class ThrottleNode(BlockNode):
         child = await self.graph.open_child(self, self.opts["file"])
         self.attach_child("file", child, Perm(0), PERM_ALL)
         self.group = group
-        group.members += 1
+        group.join(self)
 
     def close(self) -> None:
         if self.group is not None:
-            self.group.members -= 1
+            self.group.leave(self)
             self.group = None
         super().close()
 
@@ -64,7 +64,7 @@ class ThrottleNode(BlockNode):
 
     async def _admit(self, is_write: bool, nbytes: int) -> None:
         if self.group is not None:
-            await self.group.admit(is_write, nbytes)
+            await self.group.admit(self, is_write, nbytes)
 
     async def do_read(self, offset: int, buf: memoryview) -> None:
         await self._admit(False, len(buf))
