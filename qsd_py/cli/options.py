@@ -17,7 +17,7 @@ from typing import Any
 
 from qsd_py import QEMU_VERSION, __version__
 from qsd_py.errors import QMPError
-from qsd_py.qapi.model import ArrayType, BuiltinType, EnumType, ObjectType
+from qsd_py.qapi.model import ArrayType, BuiltinType, EnumType
 from qsd_py.qapi.model import CliOption as OptionDecl
 from qsd_py.qapi.schema import QAPISchema
 from qsd_py.qapi.visit import Visitor
@@ -280,19 +280,15 @@ def _help_text(option: OptionDecl, tree: dict[str, Any]) -> str:
     choice = tree.get(tag)
     variant = typ.variants.get(choice) if isinstance(choice, str) else None
     if variant is not None:
-        lines = [f"{choice} options:"]
-        lines += [f"  {m.name}=<{_type_hint(m.type)}>" for m in sorted(variant.members, key=_name)]
-        return "\n".join(lines) + "\n"
+        # QEMU sorts the formatted lines, not the names: "x-bps-read-max=" before "x-bps-read=".
+        props = sorted(f"  {m.name}=<{_type_hint(m.type)}>" for m in variant.members)
+        return "\n".join([f"{choice} options:", *props]) + "\n"
     if option.syntax == "qemu-opts":
         lines = ["Available chardev backend types: "]
     else:
         lines = ["List of user creatable objects:"]
     lines += [f"  {v}" for v in sorted(tag_member.type.values)]
     return "\n".join(lines) + "\n"
-
-
-def _name(member: Any) -> str:
-    return str(member.name)
 
 
 def _type_hint(typ: Any) -> str:
@@ -305,6 +301,4 @@ def _type_hint(typ: Any) -> str:
         if typ.name[-1].isdigit():
             return f"{typ.name}_t"
         return {"string": "string", "boolean": "bool"}.get(typ.json_type, typ.name)
-    if isinstance(typ, ObjectType):
-        return "object"
-    return str(typ.name)
+    return str(typ.name)  # an enum's or a struct's name: limits=<ThrottleLimits>

@@ -44,10 +44,15 @@ class AuthzList(Authz):
     def __init__(self, obj_id: str, opts: dict[str, Any]) -> None:
         super().__init__(obj_id, opts)
         self.policy: str = opts.get("policy", "deny")
+        self.set_rules(opts.get("rules", []))
+
+    def set_rules(self, rules: list[dict[str, Any]]) -> None:
+        """Replace the rules (creation, and qom-set of ``rules``)."""
         self.rules: list[tuple[re.Pattern[str] | str, str]] = [
             (_glob(r["match"]) if r.get("format") == "glob" else r["match"], r["policy"])
-            for r in opts.get("rules", [])
+            for r in rules
         ]
+        self.opts["rules"] = rules
 
     def is_allowed(self, identity: str) -> bool:
         for match, policy in self.rules:

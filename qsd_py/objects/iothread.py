@@ -24,6 +24,11 @@ class IOThread:
     def __init__(self, obj_id: str, opts: dict[str, Any] | None = None) -> None:
         self.id = obj_id
         self.opts = opts or {}
+        # Polling and pool parameters, readable and settable by qom-get/qom-set. asyncio
+        # has no adaptive polling, so they are kept and shown, not applied.
+        from qsd_py.objects.qom import LOOP_DEFAULTS
+
+        self.params = {k: self.opts.get(k, v) for k, v in LOOP_DEFAULTS.items()}
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"iothread-{obj_id}", daemon=True)

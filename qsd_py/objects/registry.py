@@ -31,6 +31,7 @@ OBJECT_TYPES: dict[str, str] = {
     "authz-list": "qsd_py.objects.authz:AuthzList",
     "secret": "qsd_py.objects.secret:SecretData",
     "secret_keyring": "qsd_py.objects.secret:SecretKeyring",
+    "throttle-group": "qsd_py.objects.throttle_group:ThrottleGroup",
 }
 
 
@@ -53,6 +54,7 @@ class ObjectRegistry:
                 f"attempt to add duplicate property '{obj_id}' to object (type 'container')"
             )
         obj = object_class(opts["qom-type"])(obj_id, opts)
+        obj.qom_type = opts["qom-type"]  # the QOM type qom-get/qom-list show
         complete = getattr(obj, "complete", None)
         if complete is not None:  # objects that read or refer to others once made
             complete(self.secret)
@@ -65,12 +67,19 @@ class ObjectRegistry:
             raise QMPError(f"object '{obj_id}' not found")
         if self._users.get(obj_id):
             raise QMPError(f"object '{obj_id}' can't be deleted")
+        check = getattr(obj, "check_delete", None)
+        if check is not None:  # objects that know their users (throttle groups)
+            check()
         del self._objects[obj_id]
         obj.stop()
 
     def get(self, obj_id: str) -> Any | None:
         """The object with id ``obj_id``, of any kind, or None."""
         return self._objects.get(obj_id)
+
+    def items(self) -> list[tuple[str, Any]]:
+        """Every object by id, in the order they were made (QOM's /objects children)."""
+        return list(self._objects.items())
 
     def iothread(self, obj_id: str) -> IOThread:
         """Look up an iothread by id, with QEMU's text when there is none."""

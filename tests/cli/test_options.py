@@ -518,8 +518,16 @@ def test_help_texts() -> None:
         convert_option(schema, "object", "help")
     assert h.value.text == (
         "List of user creatable objects:\n  authz-list\n  authz-simple\n  iothread\n"
-        "  secret\n  secret_keyring\n  tls-creds-anon\n  tls-creds-psk\n  tls-creds-x509\n"
+        "  secret\n  secret_keyring\n  throttle-group\n  tls-creds-anon\n  tls-creds-psk\n"
+        "  tls-creds-x509\n"
     )
+    with pytest.raises(CliHelp) as h:  # QEMU 11.1's: lines sorted as text, a struct by name
+        convert_option(schema, "object", "throttle-group,help")
+    lines = h.value.text.splitlines()
+    assert lines[:5] == [
+        "throttle-group options:", "  limits=<ThrottleLimits>",
+        "  x-bps-read-max-length=<int>", "  x-bps-read-max=<int>", "  x-bps-read=<int>",
+    ]  # fmt: skip
     with pytest.raises(CliHelp) as h:  # QEMU 11.1's text: QOM's C type for a sized integer
         convert_option(schema, "object", "secret_keyring,help")
     assert h.value.text == (

@@ -42,6 +42,12 @@ COMMANDS = {
     "query-chardev-backends",
     "ringbuf-read",
     "ringbuf-write",
+    "qom-list",
+    "qom-get",
+    "qom-set",
+    "qom-list-get",
+    "qom-list-properties",
+    "qom-list-types",
     "query-jobs",
     "job-pause",
     "job-resume",
@@ -166,6 +172,7 @@ def test_json_schema_of_a_union() -> None:
         "qcow2",
         "raw",
         "rbd",
+        "throttle",
     }
     assert doc["$defs"]["BlockdevRef"] == {
         "anyOf": [{"$ref": "#/$defs/BlockdevOptions"}, {"type": "string"}]
