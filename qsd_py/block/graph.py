@@ -83,6 +83,9 @@ class BlockGraph:
         self.emit_event: Callable[[str, dict[str, Any]], None] = lambda name, data: None
         # The daemon's objects (an nbd node's tls-creds), set by the daemon.
         self.objects: ObjectRegistry | None = None
+        # How many blkdebug nodes are open: the drivers' debug-event hooks
+        # (BlockNode.debug_event) cost one test of this while it is 0.
+        self.debug_nodes = 0
 
     def __iter__(self):
         return iter(list(self._nodes.values()))

@@ -86,6 +86,15 @@ def fill_zeroes(view: memoryview) -> None:
         view[pos : pos + n] = zeroes[:n]
 
 
+def qdict_bucket(key: str) -> int:
+    """The bucket QEMU's QDict puts ``key`` in (its tdb hash, 512 buckets): QEMU writes the
+    members of a ``json:`` filename in bucket order."""
+    value = (0x238F13AF * len(key)) & 0xFFFFFFFF
+    for i, byte in enumerate(key.encode()):
+        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+
+
 def round_to_sectors(nbytes: int) -> int:
     """``nbytes`` rounded up to whole sectors: QEMU counts every length in sectors, so every
     user (query-named-block-nodes, an export's size, reads of the tail) sees this length."""
@@ -119,6 +128,12 @@ class BlockNode:
         self.children: dict[str, Child] = {}
         self.implicit = False
         self.in_flight = InFlight()
+        # Writes counted and the count at the last flush, as QEMU's write_gen/flushed_gen:
+        # a flush with nothing written since the last one is not passed to the disk (and
+        # raises no flush_to_disk event; blkdebug's flush rules see no flush then).
+        self.write_gen = 0
+        self.flushed_gen = 0
+        self.flush_needed = True
         # Bitmaps that every write marks (a mirror's; later the user's, issue 20).
         self.dirty_bitmaps: list[DirtyBitmap] = []
         # Fast plans of exports whose chain reaches this node (fast_io.plan_for registers
@@ -374,6 +389,7 @@ class BlockNode:
             for other in list(self.write_mirrors):
                 await other.write(offset, data)
         finally:
+            self.write_gen += 1
             if gates is not None:
                 for gate, token in gates:
                     gate.leave(token)
@@ -385,7 +401,16 @@ class BlockNode:
         """Make written data stable (fdatasync unless cache.no-flush), children included."""
         self.in_flight.enter()
         try:
+            gen = self.write_gen
+            self.flush_needed = gen != self.flushed_gen
+            # QEMU's generic flush: its events on the file around the two steps.
+            if self.graph.debug_nodes:
+                self.child_debug_event("file", "flush_to_os")
+            await self.do_flush_to_os()
+            if self.graph.debug_nodes and self.flush_needed:
+                self.child_debug_event("file", "flush_to_disk")
             await self.do_flush()
+            self.flushed_gen = gen
         finally:
             self.in_flight.leave()
 
@@ -406,6 +431,7 @@ class BlockNode:
             for other in list(self.write_mirrors):
                 await other.write_zeroes(offset, length, unmap)
         finally:
+            self.write_gen += 1
             if gates is not None:
                 for gate, token in gates:
                     gate.leave(token)
@@ -423,6 +449,7 @@ class BlockNode:
                 gates = await self._enter_gates(offset, length)
             await self.do_discard(offset, length)
         finally:
+            self.write_gen += 1
             if gates is not None:
                 for gate, token in gates:
                     gate.leave(token)
@@ -469,6 +496,20 @@ class BlockNode:
             depth += 1
         raise AssertionError("unreachable")
 
+    # --- blkdebug events ----------------------------------------------------------------------
+    def child_debug_event(self, role: str, event: str) -> None:
+        """Raise a blkdebug ``event`` (a ``BlkdebugEvent`` value) on the ``role`` child, as
+        QEMU's drivers do at the steps the events name. Callers test
+        ``self.graph.debug_nodes`` first, so the hook costs nothing without blkdebug."""
+        child = self.child_node(role)
+        if child is not None:
+            child.debug_event(event)
+
+    def debug_event(self, event: str) -> None:
+        """Pass an event down the ``file`` children to the first node that takes it (a
+        blkdebug node overrides this), as QEMU's bdrv_debug_event looks for one."""
+        self.child_debug_event("file", event)
+
     # --- what drivers implement -----------------------------------------------------------
     async def do_truncate(self, length: int, prealloc: str) -> None:
         raise NotImplementedError
@@ -491,6 +532,10 @@ class BlockNode:
 
     async def do_write(self, offset: int, data: Buffer) -> None:
         raise NotImplementedError
+
+    async def do_flush_to_os(self) -> None:
+        """Write what the node caches to the nodes below, before :meth:`do_flush` (QEMU's
+        flush_to_os step: a format's metadata caches); most nodes cache nothing."""
 
     async def do_flush(self) -> None:
         raise NotImplementedError

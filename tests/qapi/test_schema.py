@@ -164,6 +164,8 @@ def test_json_schema_of_a_union() -> None:
     options = doc["$defs"]["BlockdevOptions"]
     assert options["unevaluatedProperties"] is False
     assert {c["if"]["properties"]["driver"]["const"] for c in options["allOf"]} == {
+        "blkdebug",
+        "copy-on-read",
         "file",
         "nbd",
         "null-co",

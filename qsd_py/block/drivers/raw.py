@@ -87,11 +87,15 @@ class RawNode(BlockNode):
 
     # --- I/O ------------------------------------------------------------------------------
     async def do_read(self, offset: int, buf: memoryview) -> None:
+        if self.graph.debug_nodes:
+            self.child_debug_event("file", "read_aio")
         await self.file.read(offset + self.offset, buf)
 
     async def do_write(self, offset: int, data: Buffer) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "Block node is read-only")
+        if self.graph.debug_nodes:
+            self.child_debug_event("file", "write_aio")
         await self.file.write(offset + self.offset, data)
 
     async def do_flush(self) -> None:

@@ -30,6 +30,7 @@ from qsd_py.block.node import (
     BlockNode,
     BlockStatus,
     Buffer,
+    qdict_bucket,
     round_to_sectors,
 )
 from qsd_py.block.rbd import bindings
@@ -72,15 +73,6 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
 
     threading.Thread(target=run, name="rbd-call", daemon=True).start()
     return await fut
-
-
-def _qdict_bucket(key: str) -> int:
-    """The bucket QEMU's QDict puts ``key`` in (its tdb hash, 512 buckets): QEMU writes the
-    members of a ``json:`` filename in bucket order."""
-    value = (0x238F13AF * len(key)) & 0xFFFFFFFF
-    for i, byte in enumerate(key.encode()):
-        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
-    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
 
 
 def _as_write_buffer(data: Buffer) -> bytes | bytearray:
@@ -367,7 +359,7 @@ class RbdNode(BlockNode):
         for i, server in enumerate(self.opts.get("server", [])):
             flat[f"server.{i}.host"] = server["host"]
             flat[f"server.{i}.port"] = server["port"]
-        return {k: flat[k] for k in sorted(flat, key=_qdict_bucket)}
+        return {k: flat[k] for k in sorted(flat, key=qdict_bucket)}
 
     def filename(self) -> str:
         return "json:" + json.dumps(self.full_options())

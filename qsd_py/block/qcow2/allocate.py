@@ -255,6 +255,8 @@ async def _fill(
     if fresh and _reads_zero_everywhere(node, l2e, bitmap):
         # Past every cluster ever used the file reads as zeroes: only the data.
         await node.check_overlap(host + in_cluster, len(part))
+        if node.graph.debug_nodes:
+            node.child_debug_event("file", "write_aio")
         await node.data_node.write(host + in_cluster, part)
     else:
         span = bytearray(hi - lo)
@@ -267,6 +269,8 @@ async def _fill(
             await _read_old(node, guest_base + lo + tail, l2e, bitmap, view[tail:])
         view[head:tail] = part
         await node.check_overlap(host + lo, len(span))
+        if node.graph.debug_nodes:
+            node.child_debug_event("file", "write_aio")
         await node.data_node.write(host + lo, view)
     if not data_file:
         node.refcounts.note_end(host + hi)

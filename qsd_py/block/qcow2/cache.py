@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from qsd_py.block.node import BlockNode
 
 
+# The blkdebug event QEMU's qcow2 raises on its file before writing a piece of each cache.
+_EVENTS = {"l2": "l2_update", "refcount": "refblock_update_part"}
+
+
 class MetaCache:
     """Pieces of ``entry_size`` bytes of ``file`` (a node), at most ``capacity`` of them,
     least recently used first out."""
@@ -122,10 +126,13 @@ class MetaCache:
             await self._file().flush()
         self.flush_file_first = False
         file = self._file()
+        event = _EVENTS.get(self.name) if file.graph.debug_nodes else None
         for offset in sorted(self._dirty):
             buf = self._entries[offset]
             if self.before_write is not None:
                 self.before_write(offset, len(buf))
+            if event is not None:
+                file.debug_event(event)
             await file.write(offset, buf)
             self._dirty.discard(offset)
 

@@ -33,8 +33,15 @@ def filename(node: Qcow2Node) -> str:
 def full_options(node: Qcow2Node) -> dict[str, Any]:
     opts: dict[str, Any] = {"driver": "qcow2"}
     backing = node.backing
+    h = node.header
     if backing is not None:
-        opts["backing"] = backing.full_options()
+        # QEMU's bdrv_backing_overridden: a backing opened from the header's name (its
+        # auto_backing_file is then the node's filename) or given with that very name
+        # is left out.
+        implicit = "backing" not in node.opts
+        named = h is not None and h.backing_name == backing.filename()
+        if not (implicit or named):
+            opts["backing"] = backing.full_options()
     elif "backing" in node.opts and node.header and node.header.backing_name is not None:
         opts["backing"] = None  # null over the one the header names
     opts["file"] = node.file.full_options()

@@ -134,6 +134,8 @@ class ClusterMap:
         l2_index = guest_cluster & (self.l2_entries - 1)
         slice_off, at = self._slice_at(table, l2_index)
         loaded = slice_off in self.cache
+        if not loaded:
+            _debug_event(self._file(), "l2_load")
         buf = await self.cache.get(slice_off)
         if not loaded and self.publish is not None:
             self._publish_slice(guest_cluster - at // self.entry_size, buf)
@@ -223,4 +225,11 @@ class ClusterMap:
         """Set an L1 entry and write it through."""
         self.l1[l1_index] = value
         self.l1_version += 1
+        _debug_event(self._file(), "l1_update")
         await self._file().write(self.l1_offset + 8 * l1_index, _U64.pack(value))
+
+
+def _debug_event(file: BlockNode, event: str) -> None:
+    """A blkdebug event on the image's file, where QEMU's qcow2 raises it."""
+    if file.graph.debug_nodes:
+        file.debug_event(event)

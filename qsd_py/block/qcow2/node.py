@@ -585,6 +585,8 @@ class Qcow2Node(BlockNode):
 
     async def read_run(self, run: Run, part: memoryview) -> None:
         if run.kind == DATA:
+            if self.graph.debug_nodes:
+                self.child_debug_event("file", "read_aio")
             await self.data_node.read(run.host, part)
         elif run.kind == ZERO:
             fill_zeroes(part)
@@ -717,6 +719,8 @@ class Qcow2Node(BlockNode):
 
     async def write_in_place(self, host: int, part: memoryview) -> None:
         await self.check_overlap(host, len(part))
+        if self.graph.debug_nodes:
+            self.child_debug_event("file", "write_aio")
         await self.data_node.write(host, part)
 
     async def check_overlap(self, host: int, n: int) -> None:
@@ -740,6 +744,14 @@ class Qcow2Node(BlockNode):
         return await allocate.prepare_fast_write(self, offset, length)
 
     # --- flush ----------------------------------------------------------------------------
+    async def do_flush_to_os(self) -> None:
+        """The metadata caches written back (QEMU's qcow2 flush_to_os); :meth:`do_flush`
+        then finds them clean."""
+        self._check_usable()
+        if self.map is not None and not self.read_only:
+            async with self.meta_lock:
+                await self.flush_metadata()
+
     async def do_flush(self) -> None:
         self._check_usable()
         if self.map is not None and not self.read_only:

@@ -375,6 +375,9 @@ class Refcounts:
     async def allocate(self, nbytes: int) -> int:
         """Host offset of ``nbytes`` (rounded up to clusters) of new clusters, counted 1."""
         count = -(-nbytes // self.cluster_size)
+        file = self._file()
+        if file.graph.debug_nodes:  # QEMU's qcow2_alloc_clusters raises it on its file
+            file.debug_event("cluster_alloc")
         while True:
             start = await self._find_free(count)
             try:

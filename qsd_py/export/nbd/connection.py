@@ -858,7 +858,8 @@ class Connection:
         if length == 0:
             self._queue(t.reply_done(cookie, offset))
             return
-        if t.structured and not flags & _DF and length >= SPARSE_READ_MIN:
+        sparse = t.structured and not flags & _DF
+        if sparse and length >= SPARSE_READ_MIN:
             self._queue_all(await self._sparse_read(cookie, offset, length))
             return
         hsize = t.read_header_size
@@ -866,6 +867,9 @@ class Connection:
         try:
             await node.read(offset, memoryview(buf)[hsize:])
         except OSError as err:
+            if sparse:  # QEMU answers this read as a sparse one, which hangs up on errors
+                self._read_failed(err)
+                return
             message = "reading from file failed"
             self._queue(t.reply_error(cookie, offset, err.errno or errno.EIO, message))
             return
@@ -897,13 +901,19 @@ class Connection:
                 try:
                     await node.read(pos, memoryview(buf)[hsize:])
                 except OSError as err:
-                    message = "reading from file failed"
-                    chunks.append(t.reply_error(cookie, offset, err.errno or errno.EIO, message))
-                    return chunks
+                    self._read_failed(err)
+                    return []
                 t.pack_read_header(buf, cookie, offset, pos, n, final)
                 chunks.append(buf)
             pos += n
         return chunks
+
+    def _read_failed(self, err: OSError) -> None:
+        """A structured read that fails: QEMU's server sends no error chunk for it but
+        disconnects the client (its sparse read gives up the connection), so the client
+        sees the connection lost, as blkdebug's users in QEMU's iotests do."""
+        strerror = os.strerror(err.errno or errno.EIO)
+        self._abort(f"Failed to send reply: reading from file failed: {strerror}")
 
     async def _write_task(
         self,
