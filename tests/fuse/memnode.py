@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from qsd_py.block.graph import BlockGraph
 from qsd_py.block.node import STATUS_DATA, STATUS_ZERO, BlockNode, BlockStatus
 from qsd_py.errors import QMPError
 
@@ -22,7 +23,9 @@ class MemNode(BlockNode):
     def __init__(
         self, size: int, *, read_only: bool = False, discard: str = "ignore", delay: float = 0.0
     ) -> None:
-        super().__init__(None, {"node-name": "mem0", "read-only": read_only, "discard": discard})  # type: ignore[arg-type]
+        # A graph of its own: the node is not in it, but nodes read graph-wide state.
+        opts = {"node-name": "mem0", "read-only": read_only, "discard": discard}
+        super().__init__(BlockGraph(), opts)
         self.data = bytearray(size)
         self.allocated: set[int] = set()
         self.users: dict[str, bool] = {}
