@@ -15,6 +15,7 @@ never by reaching into an export.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -144,6 +145,25 @@ class BlockJob(Job):
         self.registry.emit_event(
             "BLOCK_JOB_ERROR", {"device": self.id, "operation": operation, "action": action}
         )
+
+    def io_error(self, err: OSError, operation: str, policy: str) -> None:
+        """QEMU's block_job_error_action: ``report`` fails the job (``err`` is raised),
+        ``ignore`` goes on, ``stop`` pauses it as if the user had (io-status says why);
+        ``enospc`` and ``auto`` stop on ENOSPC only. BLOCK_JOB_ERROR says which."""
+        nospace = err.errno == errno.ENOSPC
+        if policy in ("enospc", "auto"):
+            policy = "stop" if nospace else "report"
+        self.report_error(operation, policy)
+        if policy == "report":
+            raise err
+        if policy == "stop":
+            self.io_status = "nospace" if nospace else "failed"
+            self.user_paused = True
+            self.pause()
+
+    def user_resume(self) -> None:
+        super().user_resume()
+        self.io_status = "ok"
 
     async def clean(self) -> None:
         self.release_nodes()

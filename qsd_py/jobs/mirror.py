@@ -27,7 +27,6 @@ keeps the loop's reads race-free at the cost of a second copy).
 
 from __future__ import annotations
 
-import errno
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -256,25 +255,9 @@ class MirrorJob(BlockJob):
             raise _Retry from err
 
     def _io_error(self, err: OSError, operation: str, policy: str) -> None:
-        """QEMU's block_job_error_action: report fails the job, ignore goes on, stop pauses
-        it as if the user had (io-status says why); enospc and auto stop on ENOSPC only."""
-        nospace = err.errno == errno.ENOSPC
-        if self._final:
-            policy = "report"
-        if policy in ("enospc", "auto"):
-            policy = "stop" if nospace else "report"
-        action = {"report": "report", "ignore": "ignore", "stop": "stop"}[policy]
-        self.report_error(operation, action)
-        if action == "report":
-            raise err
-        if action == "stop":
-            self.io_status = "nospace" if nospace else "failed"
-            self.user_paused = True
-            self.pause()
-
-    def user_resume(self) -> None:
-        super().user_resume()
-        self.io_status = "ok"
+        """The error policy (:meth:`BlockJob.io_error`); errors in the final catch-up,
+        run while finalizing, always fail the job."""
+        self.io_error(err, operation, "report" if self._final else policy)
 
     # --- user verbs -----------------------------------------------------------------------
     def can_complete(self) -> bool:

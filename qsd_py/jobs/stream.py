@@ -15,7 +15,6 @@ writes the new backing file name into the image (qcow2) and points the ``backing
 
 from __future__ import annotations
 
-import errno
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.node import STATUS_ALLOCATED
@@ -131,7 +130,7 @@ class StreamJob(BlockJob):
                 with self.gate.owned():
                     await top.write(offset, buf)
             except OSError as err:
-                self._io_error(err)
+                self.io_error(err, "write", self.on_error)
                 return 0, False
         return n, True
 
@@ -144,24 +143,6 @@ class StreamJob(BlockJob):
             if st.flags & STATUS_ALLOCATED:
                 return n, False
         return n, True
-
-    def _io_error(self, err: OSError) -> None:
-        nospace = err.errno == errno.ENOSPC
-        policy = self.on_error
-        if policy in ("enospc", "auto"):
-            policy = "stop" if nospace else "report"
-        op = "write"
-        self.report_error(op, policy)
-        if policy == "report":
-            raise err
-        if policy == "stop":
-            self.io_status = "nospace" if nospace else "failed"
-            self.user_paused = True
-            self.pause()
-
-    def user_resume(self) -> None:
-        super().user_resume()
-        self.io_status = "ok"
 
     # --- the end --------------------------------------------------------------------------
     async def prepare(self) -> None:

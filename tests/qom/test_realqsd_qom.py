@@ -5,8 +5,6 @@ argument shapes in query-qmp-schema are QEMU's."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +12,7 @@ from typing import Any
 import pytest
 from nbd_server.qmp_talk import Talk
 from qom.conversation import OBJECTS, STEPS, normalize
-from realqsd_support import SHARE, require_real_qsd
+from realqsd_support import SHARE, real_daemon
 
 pytestmark = pytest.mark.realqsd
 
@@ -30,34 +28,15 @@ COMMANDS = [
 
 @pytest.fixture
 def real() -> Iterator[Talk]:
-    tool = require_real_qsd()
     work = SHARE / f"qom-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
-    qmp = work / "qmp.sock"
-    argv = [
-        str(tool),
-        "run",
-        "qemu-storage-daemon",
-        "--chardev",
-        f"socket,id=qmp0,path={qmp},server=on,wait=off",
-        "--monitor",
-        "chardev=qmp0",
-    ]
-    argv += [a for obj in OBJECTS for a in ("--object", obj)]
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     try:
-        deadline = time.monotonic() + 20
-        while not qmp.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no real daemon"
-            time.sleep(0.05)
-        client = Talk(str(qmp))
-        yield client
-        client.close()
+        objects = [a for obj in OBJECTS for a in ("--object", obj)]
+        with real_daemon(objects, work / "qmp.sock", timeout=20):
+            client = Talk(str(work / "qmp.sock"))
+            yield client
+            client.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -5,15 +5,13 @@ and throttle driver options have QEMU's shape in query-qmp-schema."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from nbd_server.qmp_talk import Talk
-from realqsd_support import SHARE, require_real_qsd
+from realqsd_support import SHARE, real_daemon
 from throttle.conversation import ARGS, STEPS
 
 pytestmark = pytest.mark.realqsd
@@ -21,27 +19,14 @@ pytestmark = pytest.mark.realqsd
 
 @pytest.fixture
 def real() -> Iterator[Talk]:
-    tool = require_real_qsd()
     work = SHARE / f"throttle-{uuid.uuid4().hex[:8]}"
     work.mkdir(parents=True)
-    qmp = work / "qmp.sock"
-    argv = [str(tool), "run", "qemu-storage-daemon",
-            "--chardev", f"socket,id=qmp0,path={qmp},server=on,wait=off",
-            "--monitor", "chardev=qmp0", *ARGS]  # fmt: skip
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     try:
-        deadline = time.monotonic() + 20
-        while not qmp.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "no real daemon"
-            time.sleep(0.05)
-        client = Talk(str(qmp))
-        yield client
-        client.close()
+        with real_daemon(ARGS, work / "qmp.sock", timeout=20):
+            client = Talk(str(work / "qmp.sock"))
+            yield client
+            client.close()
     finally:
-        proc.terminate()
-        proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
 
 
