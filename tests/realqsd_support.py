@@ -108,3 +108,17 @@ def real_named_nodes(args: list[str], share: Path) -> list[dict[str, Any]]:
             return client.cmd("query-named-block-nodes")
         finally:
             client.close()
+
+
+@contextlib.contextmanager
+def shared_dir(prefix: str) -> Iterator[Path]:
+    """A fresh directory under :data:`SHARE` (both daemons see it), removed afterwards."""
+    import shutil
+    import uuid
+
+    path = SHARE / f"{prefix}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -140,11 +140,12 @@ def test_command_errors(tmp_path: Path) -> None:
 @pytest.mark.realqsd
 def test_live_against_qemu(tmp_path: Path) -> None:
     """The whole table against both daemons, now (needs real-qsd)."""
-    from realqsd_support import require_real_qsd
+    from realqsd_support import require_real_qsd, shared_dir
 
     require_real_qsd()
-    real = run_all(Path("/tmp/qsd-cmp/jobs-create-live"), real=True)
-    ours = run_all(Path("/tmp/qsd-cmp/jobs-create-live"), real=False)
+    with shared_dir("jobs-create-live") as work:
+        real = run_all(work, real=True)
+        ours = run_all(work, real=False)
     assert {k: v for k, v in ours.items() if v != real[k]} == {}
 
 
@@ -220,18 +221,17 @@ def test_verbs_on_a_create_job(tmp_path: Path) -> None:
 def test_verbs_on_a_create_job_live(tmp_path: Path) -> None:
     """The same conversation against both daemons: the same replies and events."""
     from conversation import run
-    from realqsd_support import require_real_qsd
+    from realqsd_support import require_real_qsd, shared_dir
 
     require_real_qsd()
-    workdir = Path("/tmp/qsd-cmp/jobs-verbs")
-    workdir.mkdir(parents=True, exist_ok=True)
     out = []
-    for real in (True, False):
-        for old in workdir.iterdir():
-            old.unlink()
-        d = Daemon(workdir, real=real)
-        try:
-            out.append(run(d, VERBS_SCRIPT))
-        finally:
-            d.close()
+    with shared_dir("jobs-verbs") as workdir:
+        for real in (True, False):
+            for old in workdir.iterdir():
+                old.unlink()
+            d = Daemon(workdir, real=real)
+            try:
+                out.append(run(d, VERBS_SCRIPT))
+            finally:
+                d.close()
     assert out[1] == out[0]

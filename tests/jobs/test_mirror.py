@@ -27,13 +27,12 @@ def test_transcript_is_qemus(tmp_path: Path) -> None:
 
 @pytest.mark.realqsd
 def test_transcript_live_against_qemu() -> None:
-    from realqsd_support import require_real_qsd
+    from realqsd_support import require_real_qsd, shared_dir
 
     require_real_qsd()
-    work = Path("/tmp/qsd-cmp/mirror-live")
-    work.mkdir(parents=True, exist_ok=True)
-    real = mirror_script.run_script(True, work)
-    assert mirror_script.run_script(False, work) == real
+    with shared_dir("mirror-live") as work:
+        real = mirror_script.run_script(True, work)
+        assert mirror_script.run_script(False, work) == real
 
 
 # --- under load -------------------------------------------------------------------------------

@@ -23,13 +23,12 @@ def test_transcript_is_qemus(tmp_path: Path) -> None:
 
 @pytest.mark.realqsd
 def test_transcript_live_against_qemu() -> None:
-    from realqsd_support import require_real_qsd
+    from realqsd_support import require_real_qsd, shared_dir
 
     require_real_qsd()
-    work = Path("/tmp/qsd-cmp/stream-live")
-    work.mkdir(parents=True, exist_ok=True)
-    real = stream_script.run_script(True, work)
-    assert stream_script.run_script(False, work) == real
+    with shared_dir("stream-live") as work:
+        real = stream_script.run_script(True, work)
+        assert stream_script.run_script(False, work) == real
 
 
 def _chain(tmp_path: Path, size: int) -> bytes:
