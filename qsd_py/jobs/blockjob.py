@@ -146,6 +146,24 @@ class BlockJob(Job):
             "BLOCK_JOB_ERROR", {"device": self.id, "operation": operation, "action": action}
         )
 
+    def take_nodes(self) -> None:
+        """Become a user of the job's nodes (permissions); a job kind says which."""
+
+    def launch(self, speed: int) -> None:
+        """Register the job, then (as QEMU: the job exists first, so a refusal from here on
+        is seen as created, then null) check ``speed``, take the nodes and start."""
+        self.registry.add(self)
+        try:
+            if speed < 0:
+                raise QMPError("Parameter 'speed' expects a non-negative value")
+            self.set_speed_initial(speed)
+            self.take_nodes()
+        except BaseException:
+            self.release_nodes()
+            self.drop()
+            raise
+        self.start()
+
     def io_error(self, err: OSError, operation: str, policy: str) -> None:
         """QEMU's block_job_error_action: ``report`` fails the job (``err`` is raised),
         ``ignore`` goes on, ``stop`` pauses it as if the user had (io-status says why);

@@ -409,16 +409,5 @@ async def start(
         auto_finalize=args.get("auto-finalize", True),
         auto_dismiss=args.get("auto-dismiss", True),
     )
-    jobs.add(job)
-    try:
-        speed = args.get("speed", 0)
-        if speed < 0:  # checked once the job exists, as QEMU does (created, then null)
-            raise QMPError("Parameter 'speed' expects a non-negative value")
-        job.set_speed_initial(speed)
-        job.take_nodes()
-    except BaseException:
-        job.release_nodes()
-        job.drop()
-        raise
-    job.start()
+    job.launch(args.get("speed", 0))
     return job

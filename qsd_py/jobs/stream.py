@@ -223,16 +223,5 @@ async def start(graph: BlockGraph, jobs: JobRegistry, args: dict[str, Any]) -> S
         auto_finalize=args.get("auto-finalize", True),
         auto_dismiss=args.get("auto-dismiss", True),
     )
-    jobs.add(job)
-    speed = args.get("speed", 0)
-    try:
-        if speed < 0:
-            raise QMPError("Parameter 'speed' expects a non-negative value")
-        job.set_speed_initial(speed)
-        job.take_nodes()
-    except BaseException:
-        job.release_nodes()
-        job.drop()
-        raise
-    job.start()
+    job.launch(args.get("speed", 0))
     return job

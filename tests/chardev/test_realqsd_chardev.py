@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import base64
 import random
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from chardev.conversation import STEPS, expected, fill, normalize
 from nbd_server.qmp_talk import Talk
-from realqsd_support import SHARE, real_daemon
+from realqsd_support import real_daemon, shared_dir
 
 from qsd_py.encodings import decode_base64, decode_utf8
 
@@ -24,15 +22,10 @@ pytestmark = pytest.mark.realqsd
 @pytest.fixture
 def real() -> Iterator[tuple[Talk, Path]]:
     """A fresh real daemon with a monitor on ``qmp.sock`` in a scratch directory."""
-    work = SHARE / f"chardev-{uuid.uuid4().hex[:8]}"
-    work.mkdir(parents=True)
-    try:
-        with real_daemon([], work / "qmp.sock", timeout=20):
-            client = Talk(str(work / "qmp.sock"))
-            yield client, work
-            client.close()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with shared_dir("chardev") as work, real_daemon([], work / "qmp.sock", timeout=20):
+        client = Talk(str(work / "qmp.sock"))
+        yield client, work
+        client.close()
 
 
 def test_conversation_with_qemu(real: tuple[Talk, Path]) -> None:

@@ -4,14 +4,12 @@ made before it, with the same words from qsd-py as from QEMU's qemu-storage-daem
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from realqsd_support import SHARE, run_real
+from realqsd_support import run_real, shared_dir
 from support import run_qsd
 from test_secrets import conversation
 
@@ -19,13 +17,9 @@ pytestmark = pytest.mark.realqsd
 
 
 @pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    path = SHARE / f"secrets-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
-    try:
+def secrets_dir() -> Iterator[Path]:
+    with shared_dir("secrets") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def option(props: dict[str, Any]) -> str:
@@ -35,8 +29,8 @@ def option(props: dict[str, Any]) -> str:
     return ",".join(parts)
 
 
-def test_object_errors_on_the_command_line(shared_dir: Path) -> None:
-    sec_file = shared_dir / "sec.txt"
+def test_object_errors_on_the_command_line(secrets_dir: Path) -> None:
+    sec_file = secrets_dir / "sec.txt"
     sec_file.write_bytes(b"filesecret")
     made = ["--object", "iothread,id=io0"]
     compared = 0

@@ -4,15 +4,13 @@ argument shapes in query-qmp-schema are QEMU's."""
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from nbd_server.qmp_talk import Talk
 from qom.conversation import OBJECTS, STEPS, normalize
-from realqsd_support import SHARE, real_daemon
+from realqsd_support import real_daemon, shared_dir
 
 pytestmark = pytest.mark.realqsd
 
@@ -28,16 +26,11 @@ COMMANDS = [
 
 @pytest.fixture
 def real() -> Iterator[Talk]:
-    work = SHARE / f"qom-{uuid.uuid4().hex[:8]}"
-    work.mkdir(parents=True)
-    try:
-        objects = [a for obj in OBJECTS for a in ("--object", obj)]
-        with real_daemon(objects, work / "qmp.sock", timeout=20):
-            client = Talk(str(work / "qmp.sock"))
-            yield client
-            client.close()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    objects = [a for obj in OBJECTS for a in ("--object", obj)]
+    with shared_dir("qom") as work, real_daemon(objects, work / "qmp.sock", timeout=20):
+        client = Talk(str(work / "qmp.sock"))
+        yield client
+        client.close()
 
 
 def test_conversation_with_qemu(real: Talk) -> None:

@@ -4,14 +4,12 @@ and throttle driver options have QEMU's shape in query-qmp-schema."""
 
 from __future__ import annotations
 
-import shutil
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from nbd_server.qmp_talk import Talk
-from realqsd_support import SHARE, real_daemon
+from realqsd_support import real_daemon, shared_dir
 from throttle.conversation import ARGS, STEPS
 
 pytestmark = pytest.mark.realqsd
@@ -19,15 +17,10 @@ pytestmark = pytest.mark.realqsd
 
 @pytest.fixture
 def real() -> Iterator[Talk]:
-    work = SHARE / f"throttle-{uuid.uuid4().hex[:8]}"
-    work.mkdir(parents=True)
-    try:
-        with real_daemon(ARGS, work / "qmp.sock", timeout=20):
-            client = Talk(str(work / "qmp.sock"))
-            yield client
-            client.close()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with shared_dir("throttle") as work, real_daemon(ARGS, work / "qmp.sock", timeout=20):
+        client = Talk(str(work / "qmp.sock"))
+        yield client
+        client.close()
 
 
 def test_conversation_with_qemu(real: Talk) -> None:
