@@ -6,12 +6,16 @@ and structured reads answered with hole chunks where the image reads as zeroes."
 from __future__ import annotations
 
 import os
+import random
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nbd_bytes import open_export, read_simple_reply, recv_exactly, request
 from nbd_support import MIB, data_image, libnbd
 
 # Writes of every size class at aligned and unaligned places (the unaligned ones take the
@@ -130,3 +134,77 @@ def test_qcow2_zero_clusters_are_hole_chunks(nbd_daemon, tmp_path: Path) -> None
     assert got[MIB : 2 * MIB] == bytes(MIB)
     assert got[2 * MIB : 4 * MIB] == b"\x5a" * (2 * MIB)
     assert os.path.getsize(tmp_path / "out.raw") == 8 * MIB
+
+
+# Large WRITEs of changing sizes between other commands: after a large WRITE the server
+# receives the next payload ahead, into a buffer of the last one's size; every request here
+# that does not fit that guess (smaller, larger, not a WRITE, a bad length) must still be
+# read whole and in order. (offset, length) of each WRITE; READ/FLUSH/TRIM by name.
+AHEAD_STREAM = [
+    (0, 256 << 10), (256 << 10, 256 << 10), (512 << 10, 100 << 10), "READ",
+    (MIB, 300 << 10), "FLUSH", (MIB + (300 << 10), 70 << 10), (2 * MIB, MIB), (3 * MIB, MIB),
+    (5 << 10, 64 << 10), "TRIM", (2 * MIB + 4096, 256 << 10), "READ", (3 * MIB, 200 << 10),
+]  # fmt: skip
+QUIET = MIB + (512 << 10)  # where READ and TRIM go: no WRITE here (they run concurrently)
+
+
+def _ahead_requests(rng: random.Random, image: bytearray) -> tuple[bytes, list[int]]:
+    """The stream's bytes (an oversized WRITE last) and the commands in order; applies the
+    writes to ``image``."""
+    out, kinds = bytearray(), []
+    for cookie, item in enumerate(AHEAD_STREAM):
+        if item == "READ":
+            out += request(0, QUIET, 4096, cookie)
+            kinds.append(0)
+        elif item == "FLUSH":
+            out += request(3, 0, 0, cookie)
+            kinds.append(3)
+        elif item == "TRIM":  # zeroes already (MiB 1 of data_image)
+            out += request(4, QUIET + 65536, 4096, cookie)
+            kinds.append(4)
+        else:
+            off, n = item
+            data = rng.randbytes(n)
+            image[off : off + n] = data
+            out += request(1, off, n, cookie) + data
+            kinds.append(1)
+    out += request(1, 0, 64 << 20, len(kinds))  # beyond the limit: an error, then closed
+    return bytes(out), kinds
+
+
+def test_large_writes_received_ahead_of_odd_requests(nbd_daemon, image_dir: Path) -> None:
+    image = image_dir / "disk.img"
+    expect = bytearray(data_image(image))
+    daemon = _file_export(nbd_daemon, image)
+    rng = random.Random(11)
+    stream, kinds = _ahead_requests(rng, expect)
+    sock, _ = open_export(str(daemon.sock), "d0")
+
+    def send() -> None:  # in pieces that split headers and payloads anywhere
+        pos = 0
+        while pos < len(stream):
+            n = rng.choice((1, 7, 28, 4096, 65536, 300000))
+            sock.sendall(stream[pos : pos + n])
+            pos += n
+            if rng.random() < 0.3:
+                time.sleep(0.002)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        answered = set()
+        for _ in range(len(kinds) + 1):  # in any order
+            error, cookie = read_simple_reply(sock)
+            answered.add(cookie)
+            if cookie == len(kinds):  # the oversized WRITE
+                assert error == 22
+                continue
+            assert error == 0, (cookie, error)
+            if kinds[cookie] == 0:
+                assert recv_exactly(sock, 4096) == bytes(expect[QUIET : QUIET + 4096])
+        assert answered == set(range(len(kinds) + 1))
+        assert sock.recv(1) == b""  # then closed
+    finally:
+        sender.join()
+        sock.close()
+    assert image.read_bytes() == bytes(expect)

@@ -72,6 +72,9 @@ log = logging.getLogger("qsd_py.export.nbd")
 
 RECV_SIZE = 256 << 10  #: receive buffer of a connection in the transmission phase
 BIG_PAYLOAD = 64 << 10  #: larger WRITE payloads are received into a buffer of their own
+#: Largest payload received ahead (see :meth:`Connection._recv_ahead`): what a guess that
+#: misses copies back into the receive buffer at most.
+AHEAD_MAX = 4 << 20
 HANDSHAKE_BUFFER = 64 << 10
 MAX_IN_FLIGHT = 128  #: requests served by tasks at once, per connection
 MAX_RESERVED = 64 << 20  #: data bytes of the requests tasks serve, per connection
@@ -183,6 +186,10 @@ class Connection:
         self._big: AlignedBuffer | None = None  # a large WRITE payload being received
         self._big_got = 0
         self._big_request: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+        self._ahead = 0  # payload length received ahead of the next header (0: none)
+        self._spare: AlignedBuffer | None = None  # the buffer it goes to, while unused
+        self._plain = True  # no TLS: the socket itself can scatter a receive
+        self._hsize = 0  # request header size (the transmission's)
         self._reading = False
         self._tasks: dict[asyncio.Task[None], int] = {}  # and the data bytes each holds
         self._reserved = 0
@@ -231,6 +238,9 @@ class Connection:
         self._stop_reading()
         self._disarm_writer()
         self.sock.close()
+        if self._spare is not None:
+            buffers.give(self._spare)
+            self._spare = None
         if self.plan is not None:
             self.plan.release()  # no transfer routed by it is still running
         self._release_retired()
@@ -394,6 +404,8 @@ class Connection:
             self._finish()
             return
         self._plan()
+        self._plain = type(self.channel) is PlainChannel
+        self._hsize = self.t.header_size  # type: ignore[union-attr]
         self.rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self.rbuf)
         self.rbuf[: len(pending)] = pending
@@ -473,16 +485,27 @@ class Connection:
         self._parse()  # requests already received wait in the buffer
 
     def _on_readable(self) -> None:
+        """Receive and serve what the socket holds: again while a receive fills all it
+        asked for (more is likely waiting) up to :data:`RECV_SIZE` bytes a call (then the
+        loop's other callbacks, the ring's submission among them, get their turn), else
+        back to the loop without an EAGAIN round."""
         channel = self.channel
+        total = 0
         while self._reading:
             big = self._big
-            if big is not None:
-                view = big.view[self._big_got : self._big_request[4]]
-            else:
-                self._make_room()
-                view = self._rview[self.rend :]
             try:
-                n = channel.recv_into(view)
+                if big is not None:
+                    want = self._big_request[4] - self._big_got
+                    n = channel.recv_into(big.view[self._big_got : self._big_request[4]])
+                else:
+                    self._make_room()
+                    if self._ahead and self._plain and self.rend - self.rpos < self._hsize:
+                        want, n = self._recv_ahead()
+                    else:
+                        view = self._rview[self.rend :]
+                        want = len(view)
+                        n = channel.recv_into(view)
+                        self.rend += n
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as err:
@@ -495,12 +518,79 @@ class Connection:
                 self._big_got += n
                 if self._big_got == self._big_request[4]:
                     self._big_done()
-            else:
-                self.rend += n
             self._parse()
-            if not channel.buffered():
+            total += n
+            if (n < want or total >= RECV_SIZE) and not channel.buffered():
                 break
         self._flush()
+
+    def _recv_ahead(self) -> tuple[int, int]:
+        """After a large WRITE: receive the rest of the next header into the receive buffer
+        and, in the same ``recvmsg``, what follows it into a pool buffer of the last
+        payload's length. When the request is a WRITE that fits (nbdcopy and qemu-img send
+        one size throughout) its payload is already where the write uses it: no copy out of
+        the receive buffer, one receive per request instead of two. Anything else has its
+        bytes copied behind the header and the guessing stops until the next large WRITE.
+        Returns (bytes asked for, bytes received)."""
+        need = self._hsize - (self.rend - self.rpos)
+        ahead = self._ahead
+        spare = self._spare
+        if spare is None or spare.size < ahead:
+            if spare is not None:
+                buffers.give(spare)
+            spare = buffers.take(ahead)
+        self._spare = None
+        end = self.rend
+        n = self.sock.recvmsg_into([self._rview[end : end + need], spare.view[:ahead]])[0]
+        if n <= need:
+            self.rend = end + n
+            self._spare = spare
+        else:
+            self.rend = end + need
+            self._adopt(spare, n - need)
+        return need + ahead, n
+
+    def _adopt(self, spare: AlignedBuffer, got: int) -> None:
+        """The header is whole and ``got`` bytes after it are in ``spare``: make ``spare``
+        the request's payload buffer if it is a WRITE that fits, else copy them behind."""
+        t = self.t
+        assert t is not None
+        fields = t.parse_header(self.rbuf, self.rpos)
+        if fields is not None and not self.closing and not self._busy():
+            flags, cmd, cookie, offset, length = fields
+            if (
+                cmd == _WRITE
+                and BIG_PAYLOAD < length <= spare.size
+                and t.check_length(flags, cmd, length) is None
+            ):
+                self.rpos += self._hsize
+                self._big = spare
+                self._big_request = fields
+                self._ahead = min(length, AHEAD_MAX)
+                if got > length:  # the next request's start: behind, in the receive buffer
+                    self._append(spare.view[length:got])
+                    got = length
+                self._big_got = got
+                if got == length:
+                    self._big_done()
+                return
+        self._ahead = 0
+        self._append(spare.view[:got])
+        self._spare = spare
+
+    def _append(self, data: memoryview) -> None:
+        """Put ``data`` at the receive buffer's end (a larger buffer if it must)."""
+        pos, end = self.rpos, self.rend
+        if len(self.rbuf) - end < len(data):
+            unparsed = end - pos
+            fresh = bytearray(max(RECV_SIZE, unparsed + len(data)))
+            fresh[:unparsed] = self._rview[pos:end]
+            self.rbuf = fresh
+            self._rview = memoryview(fresh)
+            self._pins = 0
+            self.rpos, end = 0, unparsed
+        self._rview[end : end + len(data)] = data
+        self.rend = end + len(data)
 
     def _make_room(self) -> None:
         """Room at the buffer's end for what the next request needs: move the unparsed
@@ -508,6 +598,9 @@ class Connection:
         pos, end = self.rpos, self.rend
         if pos == end and not self._pins:
             self.rpos = self.rend = 0
+            if len(self.rbuf) > RECV_SIZE:  # grown by _append: back to its usual size
+                self.rbuf = bytearray(RECV_SIZE)
+                self._rview = memoryview(self.rbuf)
             return
         size = len(self.rbuf)
         if size - end >= max(self._need - (end - pos), 4096):
@@ -572,6 +665,7 @@ class Connection:
         """A WRITE too large for the receive buffer: its data goes to a buffer of its own,
         the part already received copied, the rest received straight into it."""
         plen = fields[4]
+        self._ahead = min(plen, AHEAD_MAX)
         self._big = big = buffers.take(plen)
         big.view[: len(have)] = have
         self._big_got = len(have)
