@@ -208,3 +208,42 @@ def test_large_writes_received_ahead_of_odd_requests(nbd_daemon, image_dir: Path
         sender.join()
         sock.close()
     assert image.read_bytes() == bytes(expect)
+
+
+def test_large_reads_from_memory_leave_in_pieces(nbd_daemon) -> None:
+    """On tmpfs, large READs are sent from the page cache (sendfile): a client that reads
+    slowly gets them in many pieces, in order, behind their headers; one that hangs up with
+    such replies queued leaves the daemon serving the next."""
+    where = Path("/dev/shm") / f"qsd-nbd-fast-{uuid.uuid4().hex}"
+    where.mkdir()
+    try:
+        image = where / "disk.img"
+        content = data_image(image)
+        daemon = _file_export(nbd_daemon, image)
+        shapes = [(0, 4 * MIB), (MIB - 4096, 2 * MIB), (3 * MIB, 4096), (4096, 65536)] * 3
+        sock, _ = open_export(str(daemon.sock), "d0")
+        with sock:
+            sock.sendall(b"".join(request(0, off, n, i) for i, (off, n) in enumerate(shapes)))
+            time.sleep(0.2)  # the server fills the socket and waits for room
+            got = {}
+            for _ in shapes:
+                error, cookie = read_simple_reply(sock)
+                assert error == 0
+                off, n = shapes[cookie]
+                data = bytearray()
+                while len(data) < n:
+                    data += recv_exactly(sock, min(n - len(data), 300000))
+                got[cookie] = bytes(data)
+            assert got == {i: content[off : off + n] for i, (off, n) in enumerate(shapes)}
+        sock, _ = open_export(str(daemon.sock), "d0")
+        sock.sendall(request(0, 0, 4 * MIB, 1) * 4)
+        sock.close()  # gone with 16 MiB of replies queued
+        sock, _ = open_export(str(daemon.sock), "d0")
+        with sock:
+            sock.sendall(request(0, 3 * MIB, MIB, 5))
+            assert read_simple_reply(sock) == (0, 5)
+            assert recv_exactly(sock, MIB) == content[3 * MIB :]
+    finally:
+        for f in where.iterdir():
+            f.unlink()
+        where.rmdir()

@@ -37,7 +37,7 @@ import logging
 import os
 import socket
 from collections import deque
-from itertools import islice
+from itertools import islice, takewhile
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qsd_py.block import fast_io
@@ -80,6 +80,9 @@ MAX_IN_FLIGHT = 128  #: requests served by tasks at once, per connection
 MAX_RESERVED = 64 << 20  #: data bytes of the requests tasks serve, per connection
 MAX_QUEUED = 64 << 20  #: reply bytes not yet sent before the connection stops reading
 IOV_MAX = 1024  #: buffers per sendmsg
+#: READs at least this long from a file held in memory leave by ``sendfile`` (page cache to
+#: socket, no copy in the daemon); shorter ones are copied (one ``sendmsg`` carries many).
+SENDFILE_MIN = 64 << 10
 #: Structured reads at least this long report holes as OFFSET_HOLE chunks (block status per
 #: read); shorter ones are one data chunk: a hole chunk would save less than the lookup costs.
 SPARSE_READ_MIN = 64 << 10
@@ -90,6 +93,10 @@ _NO_HOLE, _FAST_ZERO = int(CmdFlag.NO_HOLE), int(CmdFlag.FAST_ZERO)
 # Commands too: ``Cmd.READ`` is an enum member lookup, a Python call each time.
 _READ, _WRITE, _CACHE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.CACHE), int(Cmd.DISC)
 _READ_OR_CACHE = (_READ, _CACHE)
+
+
+def _not_range(item: object) -> bool:
+    return type(item) is not _FileRange
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -131,6 +138,35 @@ class PlainChannel:
     def buffered(self) -> bool:
         """Whether bytes were received but not returned yet (never without TLS)."""
         return False
+
+
+class _PageCache:
+    """The file of a plan, opened once more without ``O_DIRECT`` for ``sendfile`` (which
+    would copy through a buffer of its own with it). Closed when the last queued range
+    that reads it is gone: a pivot or the node's close cannot pull it from under them."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
+class _FileRange:
+    """A READ's data queued as a range of a file held in memory, sent by ``sendfile``
+    when its turn comes (after its header)."""
+
+    __slots__ = ("file", "pos", "length")
+
+    def __init__(self, file: _PageCache, pos: int, length: int) -> None:
+        self.file = file
+        self.pos = pos
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
 
 
 class _Transfer:
@@ -189,11 +225,13 @@ class Connection:
         self._ahead = 0  # payload length received ahead of the next header (0: none)
         self._spare: AlignedBuffer | None = None  # the buffer it goes to, while unused
         self._plain = True  # no TLS: the socket itself can scatter a receive
+        self._page_cache: _PageCache | None = None  # READs to send with sendfile
+        self._ranges = 0  # _FileRange items in the reply queue
         self._hsize = 0  # request header size (the transmission's)
         self._reading = False
         self._tasks: dict[asyncio.Task[None], int] = {}  # and the data bytes each holds
         self._reserved = 0
-        self._out: deque[bytes | bytearray | memoryview] = deque()
+        self._out: deque[bytes | bytearray | memoryview | _FileRange] = deque()
         self._owners: deque[AlignedBuffer | None] = deque()  # the pool buffer under each
         self._out_bytes = 0
         self._writer_armed = False
@@ -227,6 +265,7 @@ class Connection:
         self._out.clear()
         self._owners.clear()
         self._out_bytes = 0
+        self._ranges = 0
         if not self._serving() and self.t is not None:
             self._finish()
 
@@ -238,6 +277,7 @@ class Connection:
         self._stop_reading()
         self._disarm_writer()
         self.sock.close()
+        self._page_cache = None
         if self._spare is not None:
             buffers.give(self._spare)
             self._spare = None
@@ -403,8 +443,8 @@ class Connection:
         if self.closing:
             self._finish()
             return
-        self._plan()
         self._plain = type(self.channel) is PlainChannel
+        self._plan()
         self._hsize = self.t.header_size  # type: ignore[union-attr]
         self.rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self.rbuf)
@@ -430,8 +470,12 @@ class Connection:
                 plan = fast_io.plan_for(node, writable=writable)
         self.plan = plan
         target = node.fast_target() if plan is not None and plan.kind != NULL else None
+        self._page_cache = None
         if target is not None and target.table is None:
             self._file = target.file
+            if self._plain and target.file.in_memory and plan is not None:
+                with contextlib.suppress(OSError):  # then reads are copied
+                    self._page_cache = _PageCache(plan.fd)
 
     def repoint(self, node: BlockNode) -> None:
         """Serve ``node`` from now on (a pivot): a fresh fast plan for it at once. The old
@@ -757,6 +801,10 @@ class Connection:
             plan.done()
             self._spawn(self._read_task(flags, cookie, offset, length), length)
             return
+        if self._page_cache is not None and length >= SENDFILE_MIN:
+            plan.done()
+            self._queue_range(cookie, offset, length, pos)
+            return
         buf = buffers.take(length)
         if action == TRANSFER:
             self._start_transfer(False, cookie, offset, length, buf, pos)
@@ -802,6 +850,19 @@ class Connection:
         t.pack_read_header(header, cookie, offset, offset, length)
         self._queue(header)
         self._queue(buf.view[:length], buf)
+
+    def _queue_range(self, cookie: int, offset: int, length: int, pos: int) -> None:
+        """The reply header, then the data as file ``pos`` onwards, sent from the page
+        cache when the queue reaches it (a failure then can only hang up, as a structured
+        read's does)."""
+        t = self.t
+        assert t is not None and self._page_cache is not None
+        header = bytearray(t.read_header_size)
+        t.pack_read_header(header, cookie, offset, offset, length)
+        self._queue(header)
+        if not self._hard:
+            self._ranges += 1
+            self._queue(_FileRange(self._page_cache, pos, length))
 
     def _write(
         self,
@@ -1140,9 +1201,19 @@ class Connection:
         owners = self._owners
         channel = self.channel
         while out:
-            batch = out if len(out) <= IOV_MAX else list(islice(out, IOV_MAX))
+            if self._ranges:
+                if type(out[0]) is _FileRange:
+                    if not self._send_range():
+                        return
+                    continue
+                batch = list(islice(takewhile(_not_range, out), IOV_MAX))
+            else:
+                batch = out if len(out) <= IOV_MAX else list(islice(out, IOV_MAX))
             try:
-                sent = channel.send(batch)
+                if len(batch) < len(out) and type(out[len(batch)]) is _FileRange:
+                    sent = self.sock.sendmsg(batch, (), socket.MSG_MORE)  # its data follows
+                else:
+                    sent = channel.send(batch)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as err:
@@ -1161,7 +1232,7 @@ class Connection:
                 else:
                     out[0] = memoryview(first)[sent:]
                     sent = 0
-            if out:
+            if out and type(out[0]) is not _FileRange:
                 self._arm_writer()
                 return
         if not channel.flush():
@@ -1174,6 +1245,33 @@ class Connection:
             return
         if self._out_bytes < MAX_QUEUED:
             self._resume_if_possible()
+
+    def _send_range(self) -> bool:
+        """Send the file range at the head of the queue: True once it is all gone, False
+        when the socket is full (the writer is armed) or the connection broke."""
+        rng = self._out[0]
+        assert type(rng) is _FileRange
+        try:
+            sent = os.sendfile(self.fd, rng.file.fd, rng.pos, rng.length)
+        except (BlockingIOError, InterruptedError):
+            self._arm_writer()
+            return False
+        except OSError as err:
+            self._abort(f"write failed: {err}")
+            return False
+        if sent == 0:  # the file ends before the range: its promised bytes cannot come
+            self._abort("write failed: reading from file failed: end of file")
+            return False
+        self._out_bytes -= sent
+        if sent < rng.length:
+            rng.pos += sent
+            rng.length -= sent
+            self._arm_writer()
+            return False
+        self._out.popleft()
+        self._owners.popleft()
+        self._ranges -= 1
+        return True
 
     def _arm_writer(self) -> None:
         if not self._writer_armed:
