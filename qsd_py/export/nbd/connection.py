@@ -148,10 +148,12 @@ class _PageCache:
     __slots__ = ("fd",)
 
     def __init__(self, fd: int) -> None:
+        self.fd = -1  # until the open succeeds (__del__ runs after a failed __init__ too)
         self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
     def __del__(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
 
 
 class _FileRange:
