@@ -80,6 +80,13 @@ MAX_IN_FLIGHT = 128  #: requests served by tasks at once, per connection
 MAX_RESERVED = 64 << 20  #: data bytes of the requests tasks serve, per connection
 MAX_QUEUED = 64 << 20  #: reply bytes not yet sent before the connection stops reading
 IOV_MAX = 1024  #: buffers per sendmsg
+#: READs and WRITEs up to this long of a file held in memory are copied on the loop (fast_io's
+#: INLINE) instead of going to an io-wq thread (fast_io's bound is 128 KiB, FUSE's): an NBD
+#: client moving large requests (nbdcopy, qemu-img) keeps both CPUs busy, and the hand-off to
+#: io-wq (wake-up, two context switches) cost more CPU than the parallel copy saved: 256 KiB
+#: nbdcopy writes took 0.39-0.52 s of daemon CPU per GiB inline against 0.54-0.63 s through
+#: io-wq (docs/benchmarks.rst, session 11). A 1 MiB copy holds the loop ~100 us at most.
+MEMORY_INLINE_MAX = 1 << 20
 #: READs at least this long from a file held in memory leave by ``sendfile`` (page cache to
 #: socket, no copy in the daemon); shorter ones are copied (one ``sendmsg`` carries many).
 SENDFILE_MIN = 64 << 10
@@ -470,6 +477,8 @@ class Connection:
             if self._ring is None:  # no io_uring here
                 plan.release()
                 plan = fast_io.plan_for(node, writable=writable)
+        if plan is not None and plan.inline_max:  # a file held in memory
+            plan.inline_max = MEMORY_INLINE_MAX
         self.plan = plan
         target = node.fast_target() if plan is not None and plan.kind != NULL else None
         self._page_cache = None
