@@ -245,6 +245,7 @@ class Connection:
         self._out_bytes = 0
         self._writer_armed = False
         self._flush_scheduled = False
+        self._in_read = False  # in _on_readable, which flushes at its end
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -540,10 +541,21 @@ class Connection:
         self._parse()  # requests already received wait in the buffer
 
     def _on_readable(self) -> None:
-        """Receive and serve what the socket holds: again while a receive fills all it
-        asked for (more is likely waiting) up to :data:`RECV_SIZE` bytes a call (then the
-        loop's other callbacks, the ring's submission among them, get their turn), else
-        back to the loop without an EAGAIN round."""
+        """Receive and serve what the socket holds; the replies that are ready by then
+        leave together at the end (one ``sendmsg``), not in a loop turn of their own."""
+        self._in_read = True
+        try:
+            self._receive()
+        finally:
+            self._in_read = False
+        if not self._hard:
+            self._flush()
+
+    def _receive(self) -> None:
+        """Receive again while a receive fills all it asked for (more is likely waiting),
+        up to :data:`RECV_SIZE` bytes a call (then the loop's other callbacks, the ring's
+        submission among them, get their turn), else back to the loop without an EAGAIN
+        round."""
         channel = self.channel
         total = 0
         while self._reading:
@@ -577,7 +589,6 @@ class Connection:
             total += n
             if (n < want or total >= RECV_SIZE) and not channel.buffered():
                 break
-        self._flush()
 
     def _recv_ahead(self) -> tuple[int, int]:
         """After a large WRITE: receive the rest of the next header into the receive buffer
@@ -1191,7 +1202,7 @@ class Connection:
         self._out.append(data)
         self._owners.append(owner)
         self._out_bytes += len(data)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and not self._in_read:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
