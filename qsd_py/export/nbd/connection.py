@@ -5,16 +5,19 @@ The negotiation is a coroutine on the daemon's loop feeding the engine
 to that export's loop (an iothread's, or the daemon's) and serves requests from callbacks,
 without a coroutine per request where it can:
 
-* the socket is read (one ``recv_into`` per readiness) into a receive buffer; every whole
-  request in it is parsed in place. A data payload above :data:`BIG_PAYLOAD` is received
-  straight into a page-aligned buffer of its own (qsd_py/export/nbd/buffers.py); a smaller
-  one is a view of the receive buffer, which is replaced, not overwritten, while a write
-  still uses it;
+* the socket is read into a receive buffer until a receive comes back short (at most
+  :data:`RECV_SIZE` bytes a readiness callback); every whole request in it is parsed in
+  place. A data payload above :data:`BIG_PAYLOAD` is received straight into a page-aligned
+  buffer of its own (qsd_py/export/nbd/buffers.py); a smaller one is a view of the receive
+  buffer, which is replaced, not overwritten, while a write still uses it. After a large
+  WRITE the next header and payload come in one ``recvmsg`` (:meth:`_recv_ahead`);
 * READ and WRITE take the fast road the node's plan allows (:func:`qsd_py.block.fast_io.route`,
   the same decision as the FUSE export's): a ``preadv``/``pwritev`` right there for a file
   held in memory, an SQE on the loop's io_uring ring for a file on disk, the cluster table
   for qcow2. A READ's data goes into a page-aligned buffer (what ``O_DIRECT`` needs without a
-  bounce copy) and leaves after its header as a second iovec. A structured read is answered
+  bounce copy) and leaves after its header as a second iovec; a READ of
+  :data:`SENDFILE_MIN` or more of a raw file held in memory leaves by ``sendfile`` from the
+  page cache instead (no copy in the daemon). A structured read is answered
   as one data chunk when cheap facts say the range is data (the table, or the file's last
   SEEK_HOLE span), as a hole chunk when the table says zeroes;
 * replies are queued and leave in batches: one ``sendmsg`` per readiness callback or loop
