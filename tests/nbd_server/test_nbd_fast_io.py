@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import subprocess
 import threading
 import time
@@ -139,11 +140,13 @@ def test_qcow2_zero_clusters_are_hole_chunks(nbd_daemon, tmp_path: Path) -> None
 # Large WRITEs of changing sizes between other commands: after a large WRITE the server
 # receives the next payload ahead, into a buffer of the last one's size; every request here
 # that does not fit that guess (smaller, larger, not a WRITE, a bad length) must still be
-# read whole and in order. (offset, length) of each WRITE; READ/FLUSH/TRIM by name.
+# read whole and in order. (offset, length) of each WRITE; READ/FLUSH/TRIM by name. No two
+# ranges overlap: the requests are in flight together and may complete in any order.
 AHEAD_STREAM = [
     (0, 256 << 10), (256 << 10, 256 << 10), (512 << 10, 100 << 10), "READ",
     (MIB, 300 << 10), "FLUSH", (MIB + (300 << 10), 70 << 10), (2 * MIB, MIB), (3 * MIB, MIB),
-    (5 << 10, 64 << 10), "TRIM", (2 * MIB + 4096, 256 << 10), "READ", (3 * MIB, 200 << 10),
+    ((616 << 10) + 512, 64 << 10), "TRIM", (MIB + (640 << 10), 256 << 10), "READ",
+    (700 << 10, 200 << 10),
 ]  # fmt: skip
 QUIET = MIB + (512 << 10)  # where READ and TRIM go: no WRITE here (they run concurrently)
 
@@ -207,7 +210,34 @@ def test_large_writes_received_ahead_of_odd_requests(nbd_daemon, image_dir: Path
     finally:
         sender.join()
         sock.close()
+    _guess_missed_by_more_than_a_buffer(daemon, rng, expect)
     assert image.read_bytes() == bytes(expect)
+
+
+def _guess_missed_by_more_than_a_buffer(daemon, rng: random.Random, expect: bytearray) -> None:  # noqa: ANN001
+    """A 1 MiB WRITE, then at once more than the receive buffer holds of other requests: the
+    guess of another 1 MiB payload takes them all, and they go back into a larger buffer."""
+    sock, _ = open_export(str(daemon.sock), "d0")
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        data = rng.randbytes(MIB)
+        expect[2 * MIB : 3 * MIB] = data
+        sock.sendall(request(1, 2 * MIB, MIB, 1) + data)
+        assert read_simple_reply(sock) == (0, 1)
+        burst = bytearray()
+        for i, off in enumerate(range(0, 400 << 10, 40 << 10)):  # ten 40 KiB WRITEs
+            data = rng.randbytes(40 << 10)
+            expect[off : off + len(data)] = data
+            burst += request(1, off, len(data), 10 + i) + data
+        burst += request(0, 3 * MIB, 4096, 20)
+        sock.sendall(burst)
+        replies = {}
+        for _ in range(11):
+            error, cookie = read_simple_reply(sock)
+            replies[cookie] = error
+            if cookie == 20:
+                assert recv_exactly(sock, 4096) == bytes(expect[3 * MIB : 3 * MIB + 4096])
+        assert replies == dict.fromkeys([*range(10, 20), 20], 0)
 
 
 def test_large_reads_from_memory_leave_in_pieces(nbd_daemon) -> None:
