@@ -17,6 +17,7 @@ and started in it, so it stops at its first pause point (``paused``) until the d
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.blockcopy import CopyError
@@ -262,6 +263,8 @@ async def start(
         job.pause()
     await job.wait_not_busy()
     job.resume()
+    while job.status == "paused":  # back to running before the reply, as in QEMU
+        await asyncio.sleep(0)
     return job
 
 

@@ -1,0 +1,252 @@
+"""blockdev-backup/drive-backup and image fleecing: QEMU 11.1's transcript, a backup under
+NBD write load that keeps the point in time, cancel, target errors, and the fleecing recipe
+(copy-before-write + snapshot-access exported over NBD) read while the source is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import backup_script
+import pytest
+from conversation import Daemon
+from test_mirror import Writer, model_after, qemu_img, read_export, wait_job
+
+MIB = 1 << 20
+
+
+def test_transcript_is_qemus(tmp_path: Path) -> None:
+    """Errors, event order and replies of the recorded conversation (QEMU 11.1's)."""
+    want = json.loads(backup_script.DATA.read_text())
+    assert backup_script.run_script(False, tmp_path) == want
+
+
+@pytest.mark.realqsd
+def test_transcript_live_against_qemu() -> None:
+    from realqsd_support import require_real_qsd, shared_dir
+
+    require_real_qsd()
+    with shared_dir("backup-live") as work:
+        real = backup_script.run_script(True, work)
+        assert backup_script.run_script(False, work) == real
+
+
+def _start_nbd(d: Daemon, sock: Path, node: str, name: str, writable: bool) -> str:
+    if not any(e["id"] for e in d.cmd("query-block-exports")["return"]):
+        addr = {"type": "unix", "data": {"path": str(sock)}}
+        assert d.cmd("nbd-server-start", {"addr": addr}) == {"return": {}}
+    export = {"type": "nbd", "id": name, "node-name": node, "name": name, "writable": writable}
+    assert d.cmd("block-export-add", export) == {"return": {}}
+    return f"nbd+unix:///{name}?socket={sock}"
+
+
+def _stop(writer: Writer | None) -> None:
+    if writer is not None and writer.proc.poll() is None:
+        writer.proc.kill()
+        writer.proc.wait()
+
+
+def test_backup_under_nbd_load_keeps_the_point_in_time(tmp_path: Path) -> None:
+    """Writes through a writable NBD export while a speed-limited backup runs: the qcow2
+    target ends up equal to the source as it was when the job started, the export serves
+    every write, and the job's filter node is there only while the job runs."""
+    size = 8 * MIB
+    initial = random.Random(11).randbytes(size)
+    (tmp_path / "src.img").write_bytes(initial)
+    assert qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "t.qcow2"), "8M").returncode == 0
+    d = Daemon(tmp_path, real=False)
+    before = after = None
+    try:
+        assert d.cmd("blockdev-add", {"driver": "file", "filename": "src.img", "node-name": "src"})
+        tgt = {
+            "driver": "qcow2",
+            "node-name": "tgt",
+            "file": {"driver": "file", "filename": "t.qcow2"},
+        }
+        assert d.cmd("blockdev-add", tgt) == {"return": {}}
+        uri = _start_nbd(d, tmp_path / "nbd.sock", "src", "d", True)
+        before = Writer(uri, 1, tmp_path / "stop1")
+        before.wait_for(30)
+        at_start = model_after(initial, 1, before.finish())
+        backup = {"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "speed": 4 * MIB}
+        assert d.cmd("blockdev-backup", backup) == {"return": {}}
+        exports = d.cmd("query-block-exports")["return"]
+        assert exports[0]["node-name"].startswith("#block")  # the export is above the filter
+        after = Writer(uri, 2, tmp_path / "stop2")
+        after.wait_for(40)
+        assert d.cmd("query-jobs")["return"][0]["status"] == "running"  # writes met the job
+        wait_job(d, "b", None)
+        written = after.finish()
+        events = [e for e in d.events() if e["event"] == "BLOCK_JOB_COMPLETED"]
+        assert events and "error" not in events[0]["data"]
+        assert d.cmd("query-block-exports")["return"][0]["node-name"] == "src"
+        drivers = {n["drv"] for n in d.cmd("query-named-block-nodes")["return"]}
+        assert "copy-before-write" not in drivers
+        assert read_export(uri, size) == model_after(at_start, 2, written)
+    finally:
+        _stop(before)
+        _stop(after)
+        d.close()
+    (tmp_path / "start.img").write_bytes(at_start)
+    check = qemu_img("check", str(tmp_path / "t.qcow2"))
+    assert check.returncode == 0, check.stdout + check.stderr
+    same = qemu_img(
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "qcow2",
+        str(tmp_path / "start.img"),
+        str(tmp_path / "t.qcow2"),
+    )
+    assert same.returncode == 0, same.stdout + same.stderr
+
+
+def test_cancel_takes_the_filter_away(tmp_path: Path) -> None:
+    """A cancelled backup: BLOCK_JOB_CANCELLED, the export back on the source, no filter
+    node left, both nodes deletable, the source unchanged."""
+    size = 4 * MIB
+    initial = random.Random(5).randbytes(size)
+    (tmp_path / "src.img").write_bytes(initial)
+    (tmp_path / "tgt.img").write_bytes(bytes(size))
+    d = Daemon(tmp_path, real=False)
+    try:
+        for name in ("src", "tgt"):
+            args = {"driver": "file", "filename": f"{name}.img", "node-name": name}
+            assert d.cmd("blockdev-add", args) == {"return": {}}
+        uri = _start_nbd(d, tmp_path / "nbd.sock", "src", "d", False)
+        backup = {"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "speed": MIB}
+        assert d.cmd("blockdev-backup", backup) == {"return": {}}
+        nodes = {n["node-name"]: n["drv"] for n in d.cmd("query-named-block-nodes")["return"]}
+        assert sorted(nodes.values()) == ["copy-before-write", "file", "file"]
+        assert d.cmd("block-job-cancel", {"device": "b"}) == {"return": {}}
+        wait_job(d, "b", None)
+        names = [e["event"] for e in d.events()]
+        assert "BLOCK_JOB_CANCELLED" in names and "BLOCK_JOB_COMPLETED" not in names
+        assert d.cmd("query-block-exports")["return"][0]["node-name"] == "src"
+        nodes = {n["node-name"]: n["drv"] for n in d.cmd("query-named-block-nodes")["return"]}
+        assert nodes == {"tgt": "file", "src": "file"}
+        assert read_export(uri, size) == initial
+        assert d.cmd("block-export-del", {"id": "d"}) == {"return": {}}
+        wait_export_gone(d)
+        for name in ("tgt", "src"):
+            assert d.cmd("blockdev-del", {"node-name": name}) == {"return": {}}
+    finally:
+        d.close()
+
+
+def wait_export_gone(d: Daemon, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while d.cmd("query-block-exports")["return"]:
+        assert time.monotonic() < deadline, "export still there"
+        time.sleep(0.01)
+
+
+def test_full_target_file_system(tmp_path: Path) -> None:
+    """A target on a 1 MiB tmpfs: on-target-error stop pauses the job (BLOCK_JOB_ERROR,
+    io-status nospace), a resume once there is room finishes the copy; report fails the
+    job with the error."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs: {done.stderr}")
+    d = None
+    try:
+        size = 4 * MIB
+        (tmp_path / "src.img").write_bytes(random.Random(1).randbytes(size))
+        with open(mnt / "tgt.img", "wb") as f:
+            f.truncate(size)
+        d = Daemon(tmp_path, real=False)
+        for name, path in (("src", "src.img"), ("tgt", str(mnt / "tgt.img"))):
+            args = {"driver": "file", "filename": path, "node-name": name}
+            assert d.cmd("blockdev-add", args) == {"return": {}}
+        backup = {
+            "job-id": "b",
+            "device": "src",
+            "target": "tgt",
+            "sync": "full",
+            "on-target-error": "stop",
+        }
+        assert d.cmd("blockdev-backup", backup) == {"return": {}}
+        wait_job(d, "b", "paused")
+        info = d.cmd("query-block-jobs")["return"][0]
+        assert info["io-status"] == "nospace" and info["paused"] is True
+        errors = [e["data"] for e in d.events() if e["event"] == "BLOCK_JOB_ERROR"]
+        assert errors[0] == {"device": "b", "operation": "write", "action": "stop"}
+        subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
+        assert d.cmd("block-job-resume", {"device": "b"}) == {"return": {}}
+        wait_job(d, "b", None)
+        same = qemu_img(
+            "compare", "-f", "raw", "-F", "raw", str(tmp_path / "src.img"), str(mnt / "tgt.img")
+        )
+        assert same.returncode == 0, same.stdout + same.stderr
+        with open(mnt / "tgt.img", "wb") as f:  # empty and sparse again, and no room
+            f.truncate(size)
+        subprocess.run(["mount", "-o", "remount,size=1m", str(mnt)], check=True)
+        backup = {"job-id": "b2", "device": "src", "target": "tgt", "sync": "full"}
+        assert d.cmd("blockdev-backup", backup) == {"return": {}}
+        wait_job(d, "b2", None)
+        done_events = [e["data"] for e in d.events() if e["event"] == "BLOCK_JOB_COMPLETED"]
+        assert done_events[-1]["error"] == os.strerror(28)
+    finally:
+        if d is not None:
+            d.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_fleecing_reads_the_point_in_time_while_the_source_is_written(tmp_path: Path) -> None:
+    """QEMU's fleecing recipe: a qcow2 temp target backed by the source, a copy-before-write
+    node over the source (the writable export's node), snapshot-access on top exported
+    read-only. Reads of the snapshot while writes land see the source as it was; the writes
+    all reach the source; a discard through the snapshot export drops what was read."""
+    size = 4 * MIB
+    initial = random.Random(21).randbytes(size)
+    (tmp_path / "src.img").write_bytes(initial)
+    assert (
+        qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "tmp.qcow2"), "4M").returncode == 0
+    )
+    d = Daemon(tmp_path, real=False)
+    writer = None
+    try:
+        for args in (
+            {"driver": "file", "filename": "src.img", "node-name": "src"},
+            {
+                "driver": "qcow2",
+                "node-name": "tmp",
+                "file": {"driver": "file", "filename": "tmp.qcow2"},
+                "backing": "src",
+            },
+            {"driver": "copy-before-write", "node-name": "cbw", "file": "src", "target": "tmp"},
+            {"driver": "snapshot-access", "node-name": "acc", "file": "cbw"},
+        ):
+            assert d.cmd("blockdev-add", args) == {"return": {}}
+        sock = tmp_path / "nbd.sock"
+        live = _start_nbd(d, sock, "cbw", "live", True)
+        snap = _start_nbd(d, sock, "acc", "snap", False)
+        writer = Writer(live, 3, tmp_path / "stop")
+        writer.wait_for(20)
+        assert read_export(snap, size) == initial  # while writes go on
+        writer.wait_for(20)
+        assert read_export(snap, size) == initial
+        written = writer.finish()
+        assert written >= 40
+        assert read_export(live, size) == model_after(initial, 3, written)
+        assert read_export(snap, size) == initial
+        for export in ("snap", "live"):
+            assert d.cmd("block-export-del", {"id": export}) == {"return": {}}
+        wait_export_gone(d)
+        for node in ("acc", "cbw", "tmp", "src"):
+            assert d.cmd("blockdev-del", {"node-name": node}) == {"return": {}}
+    finally:
+        _stop(writer)
+        d.close()
+    assert (tmp_path / "src.img").read_bytes() == model_after(initial, 3, written)
+    check = qemu_img("check", str(tmp_path / "tmp.qcow2"))
+    assert check.returncode == 0, check.stdout + check.stderr
