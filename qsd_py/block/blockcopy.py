@@ -53,20 +53,18 @@ class BlockCopy:
         self.target = target
         self.cluster_size = cluster_size
         self.shift = cluster_size.bit_length() - 1
-        length = source.length()
-        self.todo = DirtyBitmap(length, cluster_size)
+        # Whole clusters, the last one too: QEMU's progress counts them so.
+        self.length = source.length()
+        whole = -(-self.length // cluster_size) * cluster_size
+        self.todo = DirtyBitmap(whole, cluster_size)
         self.todo.mark_all()
-        self.done = DirtyBitmap(length, cluster_size)
+        self.done = DirtyBitmap(whole, cluster_size)
         self.compress = False
         self.discard_source = False
         self.max_chunk = MAX_CHUNK
         #: Called with the bytes of every finished copy (the job's progress).
         self.on_progress: Callable[[int], None] | None = None
         self._busy: dict[int, asyncio.Event] = {}
-
-    @property
-    def length(self) -> int:
-        return self.todo.length
 
     def reset(self, offset: int, length: int) -> None:
         """Nothing of ``[offset, +length)`` needs copying any more."""
@@ -98,7 +96,7 @@ class BlockCopy:
             if run is None or run[0] >= end:
                 break
             start, n = run
-            n = min(n, self.max_chunk)
+            n = min(n, self.max_chunk, self.length - start)
             first = start >> self.shift
             last = (start + n - 1) >> self.shift
             busy = next((i for i in range(first, last + 1) if i in self._busy), None)
@@ -127,7 +125,7 @@ class BlockCopy:
                 self._busy.pop(i, None)
             event.set()
         if self.on_progress is not None:
-            self.on_progress(n)
+            self.on_progress(len(clusters) << self.shift)
         if self.discard_source:
             await self.source.discard(start, n)
         return copied
@@ -165,11 +163,9 @@ class BlockCopy:
             raise CopyError(err, "write") from err
 
     async def _write_compressed(self, offset: int, buf: memoryview) -> None:
-        """Cluster by cluster through the target's compressed writes (a short last cluster
-        at the end of the node is written as it is)."""
-        write = self.target.write_compressed  # type: ignore[attr-defined]
-        for pos in range(0, len(buf), self.cluster_size):
-            await write(offset + pos, buf[pos : pos + self.cluster_size])
+        """Through the target's compressed writes (whole clusters of the target's, but for
+        the end of the node)."""
+        await self.target.write_compressed(offset, buf)  # type: ignore[attr-defined]
 
     async def _zero(self, offset: int, n: int) -> None:
         try:

@@ -100,7 +100,7 @@ class BackupJob(BlockJob):
         bcs = self.bcs
         if self.sync == "top":
             await bcs.reset_unallocated()
-        self.set_remaining(bcs.todo.count if self.sync != "none" else bcs.length)
+        self.set_remaining(bcs.todo.count)
         if self.sync == "none":  # the filter copies what writes overwrite, until a cancel
             while True:
                 await self.checkpoint()

@@ -50,12 +50,25 @@ def _stop(writer: Writer | None) -> None:
         writer.proc.wait()
 
 
-def test_backup_under_nbd_load_keeps_the_point_in_time(tmp_path: Path) -> None:
+def mixed_bytes(size: int, seed: int) -> bytes:
+    """Random 64 KiB chunks (which do not compress) between repeated patterns (which do)."""
+    rng = random.Random(seed)
+    chunk = 65536
+    parts = [
+        rng.randbytes(chunk) if i % 2 else bytes([i % 251 + 1]) * chunk
+        for i in range(size // chunk)
+    ]
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_backup_under_nbd_load_keeps_the_point_in_time(tmp_path: Path, compress: bool) -> None:
     """Writes through a writable NBD export while a speed-limited backup runs: the qcow2
-    target ends up equal to the source as it was when the job started, the export serves
-    every write, and the job's filter node is there only while the job runs."""
+    target ends up equal to the source as it was when the job started (with ``compress``:
+    compressed clusters where they shrink), the export serves every write, and the job's
+    filter node is there only while the job runs."""
     size = 8 * MIB
-    initial = random.Random(11).randbytes(size)
+    initial = mixed_bytes(size, 11)
     (tmp_path / "src.img").write_bytes(initial)
     assert qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "t.qcow2"), "8M").returncode == 0
     d = Daemon(tmp_path, real=False)
@@ -73,6 +86,8 @@ def test_backup_under_nbd_load_keeps_the_point_in_time(tmp_path: Path) -> None:
         before.wait_for(30)
         at_start = model_after(initial, 1, before.finish())
         backup = {"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "speed": 4 * MIB}
+        if compress:
+            backup["compress"] = True
         assert d.cmd("blockdev-backup", backup) == {"return": {}}
         exports = d.cmd("query-block-exports")["return"]
         assert exports[0]["node-name"].startswith("#block")  # the export is above the filter
@@ -94,6 +109,7 @@ def test_backup_under_nbd_load_keeps_the_point_in_time(tmp_path: Path) -> None:
     (tmp_path / "start.img").write_bytes(at_start)
     check = qemu_img("check", str(tmp_path / "t.qcow2"))
     assert check.returncode == 0, check.stdout + check.stderr
+    assert ("0.00% compressed clusters" not in check.stdout) is compress, check.stdout
     same = qemu_img(
         "compare",
         "-f",
@@ -250,3 +266,39 @@ def test_fleecing_reads_the_point_in_time_while_the_source_is_written(tmp_path: 
     assert (tmp_path / "src.img").read_bytes() == model_after(initial, 3, written)
     check = qemu_img("check", str(tmp_path / "tmp.qcow2"))
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.realqsd
+def test_compressed_target_is_byte_for_byte_qemus() -> None:
+    """The same compressed backup by both daemons (one copy at a time, as QEMU with
+    x-perf max-workers 1: its parallel copies would place clusters in any order) gives the
+    same qcow2 file, with compressed, normal and zero clusters and a short last cluster."""
+    from conversation import Daemon as Either
+    from conversation import run
+    from realqsd_support import require_real_qsd, shared_dir
+
+    require_real_qsd()
+    images = {}
+    with shared_dir("backup-compress") as work:
+        for real in (True, False):
+            (work / "src.img").write_bytes(mixed_bytes(MIB, 3) + bytes(MIB) + b"tail" * 128)
+            target = work / "t.qcow2"
+            target.unlink(missing_ok=True)
+            size = str((work / "src.img").stat().st_size)
+            assert qemu_img("create", "-q", "-f", "qcow2", str(target), size).returncode == 0
+            d = Either(work, real)
+            try:
+                script = [
+                    ["blockdev-add", {"driver": "file", "filename": "src.img", "node-name": "s"}],
+                    ["blockdev-add", {"driver": "qcow2", "node-name": "t",
+                                      "file": {"driver": "file", "filename": "t.qcow2"}}],
+                    ["blockdev-backup", {"job-id": "b", "device": "s", "target": "t",
+                                         "sync": "full", "compress": True,
+                                         "x-perf": {"max-workers": 1}}],
+                    ["settle-gone", "b"],
+                ]  # fmt: skip
+                run(d, script)
+            finally:
+                d.close()
+            images[real] = target.read_bytes()
+    assert images[False] == images[True]
