@@ -302,3 +302,57 @@ def test_compressed_target_is_byte_for_byte_qemus() -> None:
                 d.close()
             images[real] = target.read_bytes()
     assert images[False] == images[True]
+
+
+def test_fuse_io_uring_writes_are_copied_first(tmp_path: Path, uring_knob: Path) -> None:
+    """A writable FUSE export over io_uring stays on the source (its queues do not follow a
+    graph change), so its writes must leave the fast path while the job's filter is in:
+    written during the backup, the target still holds the source as it was. (Queues in an
+    iothread of the daemon: queue worker processes keep their own copy of the fast plan.)"""
+    size = 4 * MIB
+    initial = random.Random(8).randbytes(size)
+    (tmp_path / "src.img").write_bytes(initial)
+    (tmp_path / "tgt.img").write_bytes(bytes(size))
+    mnt = tmp_path / "mnt"
+    mnt.touch()
+    d = Daemon(tmp_path, real=False)
+    try:
+        for name in ("src", "tgt"):
+            args = {"driver": "file", "filename": f"{name}.img", "node-name": name}
+            assert d.cmd("blockdev-add", args) == {"return": {}}
+        export = {
+            "type": "fuse",
+            "id": "f",
+            "node-name": "src",
+            "mountpoint": str(mnt),
+            "writable": True,
+            "io_uring": True,
+        }
+        assert d.cmd("object-add", {"qom-type": "iothread", "id": "io0"}) == {"return": {}}
+        export["iothread"] = "io0"
+        assert d.cmd("block-export-add", export) == {"return": {}}
+        backup = {"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "speed": MIB}
+        assert d.cmd("blockdev-backup", backup) == {"return": {}}
+        model = bytearray(initial)
+        rng = random.Random(9)
+        fd = os.open(mnt, os.O_WRONLY)
+        try:
+            for _ in range(64):
+                off = rng.randrange(0, size // 4096) * 4096
+                data = rng.randbytes(4096)
+                os.pwrite(fd, data, off)
+                os.fsync(fd)
+                model[off : off + 4096] = data
+        finally:
+            os.close(fd)
+        assert d.cmd("query-jobs")["return"][0]["status"] == "running"  # the writes met it
+        assert d.cmd("block-job-set-speed", {"device": "b", "speed": 0}) == {"return": {}}
+        wait_job(d, "b", None)
+        assert mnt.read_bytes() == bytes(model)
+        assert (tmp_path / "tgt.img").read_bytes() == initial
+        assert d.cmd("block-export-del", {"id": "f"}) == {"return": {}}
+        wait_export_gone(d)
+    finally:
+        d.close()
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+    assert (tmp_path / "src.img").read_bytes() == bytes(model)
