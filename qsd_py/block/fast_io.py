@@ -161,6 +161,11 @@ def plan_for(
     return plan
 
 
+def register_plan(node: BlockNode, plan: FastPlan) -> None:
+    """Register a plan made elsewhere with ``node``'s chain, as :func:`plan_for` does."""
+    _register(node, plan)
+
+
 def _register(node: BlockNode, plan: FastPlan) -> None:
     node.fast_plans.add(plan)
     if node._slow_writers and plan not in node._closed_plans:

@@ -304,11 +304,14 @@ def test_compressed_target_is_byte_for_byte_qemus() -> None:
     assert images[False] == images[True]
 
 
-def test_fuse_io_uring_writes_are_copied_first(tmp_path: Path, uring_knob: Path) -> None:
+@pytest.mark.parametrize("queues", ["workers", "iothread"])
+def test_fuse_io_uring_writes_are_copied_first(
+    tmp_path: Path, uring_knob: Path, queues: str
+) -> None:
     """A writable FUSE export over io_uring stays on the source (its queues do not follow a
-    graph change), so its writes must leave the fast path while the job's filter is in:
-    written during the backup, the target still holds the source as it was. (Queues in an
-    iothread of the daemon: queue worker processes keep their own copy of the fast plan.)"""
+    graph change), so its writes must leave the fast path while the job's filter is in
+    (queue worker processes learn it from a shared page, queues in an iothread from their
+    plan): written during the backup, the target still holds the source as it was."""
     size = 4 * MIB
     initial = random.Random(8).randbytes(size)
     (tmp_path / "src.img").write_bytes(initial)
@@ -328,8 +331,9 @@ def test_fuse_io_uring_writes_are_copied_first(tmp_path: Path, uring_knob: Path)
             "writable": True,
             "io_uring": True,
         }
-        assert d.cmd("object-add", {"qom-type": "iothread", "id": "io0"}) == {"return": {}}
-        export["iothread"] = "io0"
+        if queues == "iothread":
+            assert d.cmd("object-add", {"qom-type": "iothread", "id": "io0"}) == {"return": {}}
+            export["iothread"] = "io0"
         assert d.cmd("block-export-add", export) == {"return": {}}
         backup = {"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "speed": MIB}
         assert d.cmd("blockdev-backup", backup) == {"return": {}}
