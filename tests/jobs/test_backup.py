@@ -14,7 +14,7 @@ from pathlib import Path
 import backup_script
 import pytest
 from conversation import Daemon
-from test_mirror import Writer, model_after, qemu_img, read_export, wait_job
+from test_mirror import SYSTEM_PYTHON, Writer, model_after, qemu_img, read_export, wait_job
 
 MIB = 1 << 20
 
@@ -360,3 +360,95 @@ def test_fuse_io_uring_writes_are_copied_first(
         d.close()
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
     assert (tmp_path / "src.img").read_bytes() == bytes(model)
+
+
+# A client of both fleecing exports: 16 writes of 64 KiB to distinct clusters through the
+# filter, then a read of the snapshot (and, with a writable snapshot export, a discard of a
+# range of it and a read there); one result line each.
+FLEECE_CLIENT = r"""
+import nbd, sys
+sock = sys.argv[1]
+live = nbd.NBD(); live.connect_uri(f"nbd+unix:///cbw?socket={sock}")
+snap = nbd.NBD(); snap.connect_uri(f"nbd+unix:///acc?socket={sock}")
+for i in range(16):
+    try:
+        live.pwrite(b"x" * 65536, i * 131072)
+        print("write ok")
+    except nbd.Error as e:
+        print("write", e.errno)
+def read(off):
+    try:
+        return "read " + snap.pread(4096, off).hex()
+    except nbd.Error as e:
+        return "read failed"
+print(read(0))
+if snap.can_trim():
+    snap.trim(262144, 3 << 20)
+    print(read(0))
+    print(read(3 << 20))  # a failed read hangs up (QEMU's structured reads do): the last
+"""
+
+
+@pytest.mark.parametrize("on_error", ["break-guest-write", "break-snapshot", None])
+def test_fleecing_copy_errors_and_discard(tmp_path: Path, on_error: str | None) -> None:
+    """The temp target on a 512 KiB tmpfs: ``break-guest-write`` fails the writes whose old
+    data finds no room (ENOSPC) and keeps the snapshot whole; ``break-snapshot`` lets every
+    write through and fails snapshot reads from then on. With room (None, a writable snapshot
+    export): a discard through snapshot-access drops the range, whose reads then fail, while
+    the rest still reads as the point in time."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    room = "size=512k" if on_error else "size=8m"
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", room, "tmpfs", str(mnt)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs: {done.stderr}")
+    size = 4 * MIB
+    initial = random.Random(31).randbytes(size)
+    (tmp_path / "src.img").write_bytes(initial)
+    assert qemu_img("create", "-q", "-f", "qcow2", str(mnt / "tmp.qcow2"), "4M").returncode == 0
+    d = None
+    try:
+        d = Daemon(tmp_path, real=False)
+        cbw = {"driver": "copy-before-write", "node-name": "cbw", "file": "src", "target": "tmp"}
+        if on_error:
+            cbw["on-cbw-error"] = on_error
+        for args in (
+            {"driver": "file", "filename": "src.img", "node-name": "src"},
+            {
+                "driver": "qcow2",
+                "node-name": "tmp",
+                "file": {"driver": "file", "filename": str(mnt / "tmp.qcow2")},
+                "backing": "src",
+            },
+            cbw,
+            {"driver": "snapshot-access", "node-name": "acc", "file": "cbw"},
+        ):
+            assert d.cmd("blockdev-add", args) == {"return": {}}
+        sock = tmp_path / "nbd.sock"
+        _start_nbd(d, sock, "cbw", "cbw", True)
+        _start_nbd(d, sock, "acc", "acc", on_error is None)
+        out = subprocess.run(
+            [SYSTEM_PYTHON, "-c", FLEECE_CLIENT, str(sock)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.split("\n")
+        writes, reads = lines[:16], [x for x in lines[16:] if x]
+        first = "read " + initial[:4096].hex()
+        if on_error == "break-guest-write":
+            assert writes[0] == "write ok" and writes[-1] == "write ENOSPC", writes
+            assert reads == [first]
+        elif on_error == "break-snapshot":
+            assert writes == ["write ok"] * 16
+            assert reads == ["read failed"]
+        else:
+            assert writes == ["write ok"] * 16
+            assert reads == [first, first, "read failed"]
+    finally:
+        if d is not None:
+            d.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
