@@ -149,6 +149,8 @@ class BackupJob(BlockJob):
         drive-backup target too)."""
         if self._succ is not None:
             self.source.remove_dirty_bitmap(self._succ)
+            if hasattr(self.bitmap, "busy"):
+                self.bitmap.busy = False
         self.release_nodes()
         replace_node(self.cbw, self.source)
         await self.graph.drop_orphan(self.cbw)
@@ -176,6 +178,7 @@ def check_bitmap_args(source: BlockNode, args: dict[str, Any]) -> Any:
             raise QMPError(f"Bitmap '{args['bitmap']}' could not be found")
         if "bitmap-mode" not in args:
             raise QMPError("Bitmap sync mode must be given when providing a bitmap")
+        _check_bitmap(bitmap, allow_readonly=True)
         if sync == "none":
             raise QMPError("sync mode 'none' does not produce meaningful bitmap outputs")
         if args["bitmap-mode"] == "never" and sync != "bitmap":
@@ -186,6 +189,14 @@ def check_bitmap_args(source: BlockNode, args: dict[str, Any]) -> Any:
     elif "bitmap-mode" in args:
         raise QMPError("Cannot specify bitmap sync mode without a bitmap")
     return bitmap
+
+
+def _check_bitmap(bitmap: Any, allow_readonly: bool = False) -> None:
+    """QEMU's bdrv_dirty_bitmap_check (busy, read-only, inconsistent), where the bitmap
+    has those states (issue 20's user-visible bitmaps)."""
+    check = getattr(bitmap, "check", None)
+    if check is not None:
+        check(allow_readonly=allow_readonly)
 
 
 def check_job_args(source: BlockNode, target: BlockNode, args: dict[str, Any]) -> None:
@@ -203,6 +214,9 @@ def check_job_args(source: BlockNode, target: BlockNode, args: dict[str, Any]) -
     max_chunk = perf.get("max-chunk", 0)
     if max_chunk < 0:
         raise QMPError("max-chunk must be zero (which means no limit) or positive")
+    bitmap = source.dirty_bitmap(args["bitmap"]) if "bitmap" in args else None
+    if bitmap is not None and args.get("bitmap-mode") != "never":
+        _check_bitmap(bitmap)
     if source.length() != target.length():
         raise QMPError("Source and target image have different sizes")
 
@@ -307,7 +321,11 @@ def _start_from_bitmap(job: BackupJob, source: BlockNode, bitmap: Any) -> None:
         bcs.todo.clear(0, bcs.length)
         copy_dirty_chunks(bitmap, bcs.todo)
     job._succ = DirtyBitmap(source.length(), bitmap.granularity)
+    # QEMU's successor bitmap records as the bitmap did; the bitmap is busy meanwhile.
+    job._succ.enabled = getattr(bitmap, "enabled", True)  # type: ignore[attr-defined]
     source.add_dirty_bitmap(job._succ)
+    if hasattr(bitmap, "busy"):
+        bitmap.busy = True
 
 
 async def open_drive_target(
