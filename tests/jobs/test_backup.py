@@ -452,3 +452,33 @@ def test_fleecing_copy_errors_and_discard(tmp_path: Path, on_error: str | None) 
         if d is not None:
             d.close()
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_quit_while_a_backup_runs(tmp_path: Path) -> None:
+    """``quit`` cancels the job: the daemon exits cleanly, the source is untouched and the
+    qcow2 target is consistent."""
+    size = 4 * MIB
+    initial = random.Random(13).randbytes(size)
+    (tmp_path / "src.img").write_bytes(initial)
+    assert qemu_img("create", "-q", "-f", "qcow2", str(tmp_path / "t.qcow2"), "4M").returncode == 0
+    d = Daemon(tmp_path, real=False)
+    try:
+        src = {"driver": "file", "filename": "src.img", "node-name": "src"}
+        assert d.cmd("blockdev-add", src) == {"return": {}}
+        tgt = {
+            "driver": "qcow2",
+            "node-name": "tgt",
+            "file": {"driver": "file", "filename": "t.qcow2"},
+        }
+        assert d.cmd("blockdev-add", tgt) == {"return": {}}
+        backup = {"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "speed": MIB}
+        assert d.cmd("blockdev-backup", backup) == {"return": {}}
+        time.sleep(0.3)
+        assert d.cmd("query-jobs")["return"][0]["status"] == "running"
+        assert d.cmd("quit") == {"return": {}}
+        assert d.proc.wait(20) == 0
+    finally:
+        d.close()
+    assert (tmp_path / "src.img").read_bytes() == initial
+    check = qemu_img("check", str(tmp_path / "t.qcow2"))
+    assert check.returncode == 0, check.stdout + check.stderr
