@@ -32,6 +32,14 @@ async def write_compressed(node: Qcow2Node, offset: int, data: memoryview) -> No
     """Whole clusters from a cluster boundary (a shorter tail only at the image's end), one
     after the other."""
     cs = node.cluster_size
+    if not data:  # QEMU's: the file's end up to a whole sector (qemu-img convert -c ends so)
+        assert node.refcounts is not None
+        refcounts = node.refcounts
+        refcounts.note_end(-(-refcounts.image_end // 512) * 512)
+        if refcounts.file_end < refcounts.image_end:
+            await node.file.truncate(refcounts.image_end)
+            refcounts.file_end = refcounts.image_end
+        return
     if "data-file" in node.children:
         raise _error(errno.ENOTSUP)
     if offset & (cs - 1) or (len(data) & (cs - 1) and offset + len(data) != node.length()):
