@@ -482,3 +482,24 @@ def test_quit_while_a_backup_runs(tmp_path: Path) -> None:
     assert (tmp_path / "src.img").read_bytes() == initial
     check = qemu_img("check", str(tmp_path / "t.qcow2"))
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_discard_source_frees_what_was_copied(tmp_path: Path) -> None:
+    """``discard-source`` on a source opened with discard=unmap: the copied ranges are
+    discarded (the file keeps no blocks), the target holds the data (QEMU 11.1 alike)."""
+    initial = random.Random(17).randbytes(MIB)
+    (tmp_path / "src.img").write_bytes(initial)
+    (tmp_path / "tgt.img").write_bytes(bytes(MIB))
+    d = Daemon(tmp_path, real=False)
+    try:
+        src = {"driver": "file", "filename": "src.img", "node-name": "src", "discard": "unmap"}
+        assert d.cmd("blockdev-add", src) == {"return": {}}
+        tgt = {"driver": "file", "filename": "tgt.img", "node-name": "tgt"}
+        assert d.cmd("blockdev-add", tgt) == {"return": {}}
+        backup = {"job-id": "b", "device": "src", "target": "tgt", "sync": "full"}
+        assert d.cmd("blockdev-backup", {**backup, "discard-source": True}) == {"return": {}}
+        wait_job(d, "b", None)
+    finally:
+        d.close()
+    assert (tmp_path / "tgt.img").read_bytes() == initial
+    assert os.stat(tmp_path / "src.img").st_blocks == 0
