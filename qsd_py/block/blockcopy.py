@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 CLUSTER_SIZE_DEFAULT = 65536  # QEMU's BLOCK_COPY_CLUSTER_SIZE_DEFAULT
 MAX_CHUNK = 1 << 20  # bytes per read/write of a copy
+BUSY_POLL_S = 0.0005  # how often a caller looks whether another's copy is done
 
 
 class CopyError(OSError):
@@ -64,11 +66,13 @@ class BlockCopy:
         self.max_chunk = MAX_CHUNK
         #: Called with the bytes of every finished copy (the job's progress).
         self.on_progress: Callable[[int], None] | None = None
-        self._busy: dict[int, asyncio.Event] = {}
+        self._busy: dict[int, None] = {}  # clusters being copied
+        self.lock = threading.Lock()  # the copy state is shared by callers on any loop
 
     def reset(self, offset: int, length: int) -> None:
         """Nothing of ``[offset, +length)`` needs copying any more."""
-        self.todo.clear(offset, length)
+        with self.lock:
+            self.todo.clear(offset, length)
 
     async def reset_unallocated(self) -> None:
         """Drop the clusters the source's top layer does not hold (sync ``top``: the target
@@ -82,7 +86,7 @@ class BlockCopy:
                 if offset + st.length >= self.length:
                     last = self.length
                 if last > first:
-                    self.todo.clear(first, last - first)
+                    self.reset(first, last - first)
             offset += st.length
 
     async def copy(self, offset: int, length: int) -> int:
@@ -92,38 +96,50 @@ class BlockCopy:
         end = min(offset + length, self.length)
         copied = 0
         while pos < end:
+            claim = self._claim(pos, end)
+            if claim is None:
+                break
+            start, n = claim
+            if not n:  # another caller copies the cluster at ``start``: look again after it
+                await asyncio.sleep(BUSY_POLL_S)
+                pos = start
+                continue
+            copied += await self._copy_claimed(start, n)
+            pos = start + n
+        return copied
+
+    def _claim(self, pos: int, end: int) -> tuple[int, int] | None:
+        """The next run to copy in ``[pos, end)``, now claimed; ``(start, 0)`` when its first
+        cluster is another caller's; None when nothing is left. Callers may run on other
+        loops (exports in iothreads): the lock makes the look and the claim one step."""
+        with self.lock:
             run = self.todo.next_dirty(pos, min(end - pos, self.max_chunk))
             if run is None or run[0] >= end:
-                break
+                return None
             start, n = run
             n = min(n, self.max_chunk, self.length - start)
             first = start >> self.shift
             last = (start + n - 1) >> self.shift
             busy = next((i for i in range(first, last + 1) if i in self._busy), None)
             if busy == first:
-                await self._busy[first].wait()
-                pos = start
-                continue
+                return start, 0
             if busy is not None:
                 n = (busy << self.shift) - start
-            copied += await self._copy_claimed(start, n)
-            pos = start + n
-        return copied
+            self._busy.update(dict.fromkeys(range(first, ((start + n - 1) >> self.shift) + 1)))
+            return start, n
 
     async def _copy_claimed(self, start: int, n: int) -> int:
-        """Copy one run nobody else copies: claim it, copy, mark it done."""
-        event = asyncio.Event()
+        """Copy one claimed run, mark it done, let go of it."""
         clusters = range(start >> self.shift, ((start + n - 1) >> self.shift) + 1)
-        for i in clusters:
-            self._busy[i] = event
         try:
             copied = await self._copy_run(start, n)
-            self.todo.clear(start, n)
-            self.done.mark(start, n)
+            with self.lock:
+                self.todo.clear(start, n)
+                self.done.mark(start, n)
         finally:
-            for i in clusters:
-                self._busy.pop(i, None)
-            event.set()
+            with self.lock:
+                for i in clusters:
+                    self._busy.pop(i, None)
         if self.on_progress is not None:
             self.on_progress(len(clusters) << self.shift)
         if self.discard_source:

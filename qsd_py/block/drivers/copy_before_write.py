@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from qsd_py.block.graph import BlockGraph
 
 PERM_PASSTHROUGH = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
+FROZEN_POLL_S = 0.0005  # how often a write looks whether snapshot reads of it are done
 
 
 class _CbwGate:
@@ -61,7 +62,6 @@ class CopyBeforeWriteNode(BlockNode):
         self.access: DirtyBitmap | None = None  # clusters snapshot reads may still read
         self.snapshot_error: OSError | None = None
         self._frozen: list[tuple[int, int]] = []  # snapshot reads of the file under way
-        self._thawed = asyncio.Event()
         self._gate = _CbwGate(self)
 
     @property
@@ -146,9 +146,9 @@ class CopyBeforeWriteNode(BlockNode):
             raise OSError(errno.ETIMEDOUT, "copy-before-write timed out") from err
 
     async def _wait_frozen(self, offset: int, length: int) -> None:
-        while any(s < offset + length and offset < s + n for s, n in self._frozen):
-            self._thawed.clear()
-            await self._thawed.wait()
+        """Polls: the reads may run on another loop (an export in an iothread)."""
+        while any(s < offset + length and offset < s + n for s, n in list(self._frozen)):
+            await asyncio.sleep(FROZEN_POLL_S)
 
     # --- the snapshot (snapshot-access) -----------------------------------------------------
     def _check_snapshot(self, offset: int, length: int) -> None:
@@ -183,26 +183,26 @@ class CopyBeforeWriteNode(BlockNode):
 
     async def snapshot_read(self, offset: int, buf: memoryview) -> None:
         """Read the point-in-time bytes: copied clusters from the target, the others from
-        the file while writes of them wait."""
+        the file while writes of them wait (the look and the registration are one step under
+        the copy state's lock: a write copies, marks done, then looks for such reads)."""
         self._check_snapshot(offset, len(buf))
+        assert self.bcs is not None
         pos, end = offset, offset + len(buf)
         while pos < end:
-            done, n = self._done_run(pos, end - pos)
+            with self.bcs.lock:
+                done, n = self._done_run(pos, end - pos)
+                claim = (pos, n)
+                if not done:
+                    self._frozen.append(claim)
             part = buf[pos - offset : pos - offset + n]
             if done:
                 await self.target.read(pos, part)
             else:
-                await self._frozen_read(pos, part)
+                try:
+                    await self.file.read(pos, part)
+                finally:
+                    self._frozen.remove(claim)
             pos += n
-
-    async def _frozen_read(self, offset: int, part: memoryview) -> None:
-        claim = (offset, len(part))
-        self._frozen.append(claim)
-        try:
-            await self.file.read(offset, part)
-        finally:
-            self._frozen.remove(claim)
-            self._thawed.set()
 
     async def snapshot_block_status(self, offset: int, length: int) -> BlockStatus:
         self._check_snapshot(offset, length)
