@@ -35,11 +35,15 @@ def test_transcript_live_against_qemu() -> None:
         assert backup_script.run_script(False, work) == real
 
 
-def _start_nbd(d: Daemon, sock: Path, node: str, name: str, writable: bool) -> str:
+def _start_nbd(
+    d: Daemon, sock: Path, node: str, name: str, writable: bool, iothread: str | None = None
+) -> str:
     if not any(e["id"] for e in d.cmd("query-block-exports")["return"]):
         addr = {"type": "unix", "data": {"path": str(sock)}}
         assert d.cmd("nbd-server-start", {"addr": addr}) == {"return": {}}
     export = {"type": "nbd", "id": name, "node-name": node, "name": name, "writable": writable}
+    if iothread is not None:
+        export["iothread"] = iothread
     assert d.cmd("block-export-add", export) == {"return": {}}
     return f"nbd+unix:///{name}?socket={sock}"
 
@@ -61,12 +65,14 @@ def mixed_bytes(size: int, seed: int) -> bytes:
     return b"".join(parts)
 
 
-@pytest.mark.parametrize("compress", [False, True])
-def test_backup_under_nbd_load_keeps_the_point_in_time(tmp_path: Path, compress: bool) -> None:
-    """Writes through a writable NBD export while a speed-limited backup runs: the qcow2
-    target ends up equal to the source as it was when the job started (with ``compress``:
-    compressed clusters where they shrink), the export serves every write, and the job's
-    filter node is there only while the job runs."""
+@pytest.mark.parametrize(("compress", "iothread"), [(False, False), (True, False), (False, True)])
+def test_backup_under_nbd_load_keeps_the_point_in_time(
+    tmp_path: Path, compress: bool, iothread: bool
+) -> None:
+    """Writes through a writable NBD export (on the main loop, or an iothread's) while a
+    speed-limited backup runs: the qcow2 target ends up equal to the source as it was when
+    the job started (with ``compress``: compressed clusters where they shrink), the export
+    serves every write, and the job's filter node is there only while the job runs."""
     size = 8 * MIB
     initial = mixed_bytes(size, 11)
     (tmp_path / "src.img").write_bytes(initial)
@@ -81,7 +87,9 @@ def test_backup_under_nbd_load_keeps_the_point_in_time(tmp_path: Path, compress:
             "file": {"driver": "file", "filename": "t.qcow2"},
         }
         assert d.cmd("blockdev-add", tgt) == {"return": {}}
-        uri = _start_nbd(d, tmp_path / "nbd.sock", "src", "d", True)
+        if iothread:
+            assert d.cmd("object-add", {"qom-type": "iothread", "id": "io0"}) == {"return": {}}
+        uri = _start_nbd(d, tmp_path / "nbd.sock", "src", "d", True, "io0" if iothread else None)
         before = Writer(uri, 1, tmp_path / "stop1")
         before.wait_for(30)
         at_start = model_after(initial, 1, before.finish())
