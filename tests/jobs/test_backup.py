@@ -511,3 +511,83 @@ def test_discard_source_frees_what_was_copied(tmp_path: Path) -> None:
         d.close()
     assert (tmp_path / "tgt.img").read_bytes() == initial
     assert os.stat(tmp_path / "src.img").st_blocks == 0
+
+
+CHAIN = """
+qemu-img create -q -f qcow2 base.qcow2 4M
+qemu-io -c "write -P 1 0 2M" base.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2
+qemu-io -c "write -P 2 1M 512k" -c "write -z 3M 64k" -c "write -P 3 3584k 100k" top.qcow2 >/dev/null
+qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 tgt.qcow2
+qemu-img create -q -f qcow2 full.qcow2 4M
+"""
+
+
+@pytest.mark.realqsd
+def test_top_and_full_targets_are_byte_for_byte_qemus() -> None:
+    """sync top into a qcow2 target over the same base, and sync full, from a qcow2 overlay
+    with data, zeroes and unallocated ranges: both daemons write the same target files."""
+    from conversation import Daemon as Either
+    from conversation import run
+    from realqsd_support import require_real_qsd, shared_dir
+
+    require_real_qsd()
+    files: dict[bool, tuple[bytes, bytes]] = {}
+    perf = {"max-workers": 1}
+    script = [
+        ["blockdev-add", {"driver": "qcow2", "node-name": "top",
+                          "file": {"driver": "file", "filename": "top.qcow2"}}],
+        ["blockdev-add", {"driver": "qcow2", "node-name": "tgt", "backing": None,
+                          "file": {"driver": "file", "filename": "tgt.qcow2"}}],
+        ["blockdev-add", {"driver": "qcow2", "node-name": "full",
+                          "file": {"driver": "file", "filename": "full.qcow2"}}],
+        ["blockdev-backup", {"job-id": "b", "device": "top", "target": "tgt", "sync": "top",
+                             "x-perf": perf}],
+        ["settle-gone", "b"],
+        ["blockdev-backup", {"job-id": "c", "device": "top", "target": "full", "sync": "full",
+                             "x-perf": perf}],
+        ["settle-gone", "c"],
+    ]  # fmt: skip
+    with shared_dir("backup-chain") as work:
+        for real in (True, False):
+            for name in ("base", "top", "tgt", "full"):
+                (work / f"{name}.qcow2").unlink(missing_ok=True)
+            subprocess.run(["sh", "-ec", CHAIN], cwd=work, check=True)
+            d = Either(work, real)
+            try:
+                run(d, script)
+            finally:
+                d.close()
+            files[real] = ((work / "tgt.qcow2").read_bytes(), (work / "full.qcow2").read_bytes())
+    assert files[False] == files[True]
+
+
+def test_sync_top_copies_only_the_top_layer(tmp_path: Path) -> None:
+    """sync top from a qcow2 overlay into a qcow2 target over the same base: the target
+    reads as the overlay and holds only what the overlay's own layer holds."""
+    subprocess.run(["sh", "-ec", CHAIN], cwd=tmp_path, check=True)
+    d = Daemon(tmp_path, real=False)
+    try:
+        for name, backing in (("top", {}), ("tgt", {"backing": None})):
+            args = {
+                "driver": "qcow2",
+                "node-name": name,
+                "file": {"driver": "file", "filename": f"{name}.qcow2"},
+                **backing,
+            }
+            assert d.cmd("blockdev-add", args) == {"return": {}}
+        backup = {"job-id": "b", "device": "top", "target": "tgt", "sync": "top"}
+        assert d.cmd("blockdev-backup", backup) == {"return": {}}
+        wait_job(d, "b", None)
+    finally:
+        d.close()
+    same = qemu_img("compare", str(tmp_path / "top.qcow2"), str(tmp_path / "tgt.qcow2"))
+    assert same.returncode == 0, same.stdout + same.stderr
+    maps = [
+        [(m["start"], m["length"], m["depth"], m["zero"]) for m in json.loads(out.stdout)]
+        for out in (
+            qemu_img("map", "--output=json", str(tmp_path / f"{name}.qcow2"))
+            for name in ("top", "tgt")
+        )
+    ]
+    assert maps[0] == maps[1]
