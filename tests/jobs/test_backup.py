@@ -32,7 +32,10 @@ def test_transcript_live_against_qemu() -> None:
     require_real_qsd()
     with shared_dir("backup-live") as work:
         real = backup_script.run_script(True, work)
+        made = {name: (work / name).read_bytes() for name in backup_script.MADE}
         assert backup_script.run_script(False, work) == real
+        # drive-backup's new images (a qcow2 one, a raw one): the same files
+        assert {name: (work / name).read_bytes() for name in backup_script.MADE} == made
 
 
 def _start_nbd(
