@@ -341,6 +341,8 @@ async def open_drive_target(
         backing = source.child_node("backing") if source.supports_backing else None
         if backing is None:
             args["sync"] = "full"
+    elif sync == "none":  # the new image reads what was not copied from the source
+        backing = source
     if args.get("mode", "absolute-paths") != "existing":
         await _create_image(graph, args["target"], fmt, source.length(), backing)
     file = {"driver": "file", "filename": args["target"], "discard": "unmap"}

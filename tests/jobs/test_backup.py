@@ -529,13 +529,14 @@ qemu-img create -q -f qcow2 full.qcow2 4M
 @pytest.mark.realqsd
 def test_top_and_full_targets_are_byte_for_byte_qemus() -> None:
     """sync top into a qcow2 target over the same base, and sync full, from a qcow2 overlay
-    with data, zeroes and unallocated ranges: both daemons write the same target files."""
+    with data, zeroes and unallocated ranges, and drive-backup's new images for top (backed
+    by the base) and none (backed by the source): both daemons write the same files."""
     from conversation import Daemon as Either
     from conversation import run
     from realqsd_support import require_real_qsd, shared_dir
 
     require_real_qsd()
-    files: dict[bool, tuple[bytes, bytes]] = {}
+    files: dict[bool, tuple[bytes, ...]] = {}
     perf = {"max-workers": 1}
     script = [
         ["blockdev-add", {"driver": "qcow2", "node-name": "top",
@@ -550,10 +551,18 @@ def test_top_and_full_targets_are_byte_for_byte_qemus() -> None:
         ["blockdev-backup", {"job-id": "c", "device": "top", "target": "full", "sync": "full",
                              "x-perf": perf}],
         ["settle-gone", "c"],
+        ["drive-backup", {"job-id": "d", "device": "top", "target": "new.qcow2", "sync": "top",
+                          "x-perf": perf}],
+        ["settle-gone", "d"],
+        ["drive-backup", {"job-id": "n", "device": "top", "target": "none.qcow2",
+                          "sync": "none"}],
+        ["block-job-cancel", {"device": "n"}],
+        ["settle-gone", "n"],
     ]  # fmt: skip
+    made = ("tgt", "full", "new", "none")
     with shared_dir("backup-chain") as work:
         for real in (True, False):
-            for name in ("base", "top", "tgt", "full"):
+            for name in ("base", "top", *made):
                 (work / f"{name}.qcow2").unlink(missing_ok=True)
             subprocess.run(["sh", "-ec", CHAIN], cwd=work, check=True)
             d = Either(work, real)
@@ -561,7 +570,7 @@ def test_top_and_full_targets_are_byte_for_byte_qemus() -> None:
                 run(d, script)
             finally:
                 d.close()
-            files[real] = ((work / "tgt.qcow2").read_bytes(), (work / "full.qcow2").read_bytes())
+            files[real] = tuple((work / f"{name}.qcow2").read_bytes() for name in made)
     assert files[False] == files[True]
 
 
