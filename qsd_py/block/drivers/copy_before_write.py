@@ -60,6 +60,7 @@ class CopyBeforeWriteNode(BlockNode):
         self.cbw_timeout: int = opts.get("cbw-timeout", 0)
         self.bcs: BlockCopy | None = None
         self.access: DirtyBitmap | None = None  # clusters snapshot reads may still read
+        self.copied_first: DirtyBitmap | None = None
         self.snapshot_error: OSError | None = None
         self._frozen: list[tuple[int, int]] = []  # snapshot reads of the file under way
         self._gate = _CbwGate(self)
@@ -86,6 +87,8 @@ class CopyBeforeWriteNode(BlockNode):
         self.bcs = BlockCopy(file, target, cluster_size_for(target, min_cluster))
         self.access = DirtyBitmap(file.length(), self.bcs.cluster_size)
         self.access.mark_all()
+        # Clusters a write found copied (by itself or earlier): QEMU's done bitmap.
+        self.copied_first = DirtyBitmap(file.length(), self.bcs.cluster_size)
         if "bitmap" in self.opts:
             self._copy_only(self.opts["bitmap"])
         file.write_gates.append(self._gate)  # type: ignore[arg-type]
@@ -133,6 +136,11 @@ class CopyBeforeWriteNode(BlockNode):
                 raise
             if self.snapshot_error is None:
                 self.snapshot_error = err
+        else:
+            assert self.copied_first is not None
+            cs = self.bcs.cluster_size
+            start = offset // cs * cs
+            self.copied_first.mark(start, -(-(offset + length) // cs) * cs - start)
         await self._wait_frozen(offset, length)
 
     async def _copy(self, offset: int, length: int) -> None:
@@ -265,6 +273,23 @@ class CopyBeforeWriteNode(BlockNode):
         return st
 
     # --- introspection --------------------------------------------------------------------
+    def dirty_bitmaps_info(self) -> list[dict[str, Any]]:
+        """``dirty-bitmaps`` of query-named-block-nodes: QEMU's filter lists its three
+        internal bitmaps, newest first: what snapshot reads may read, what writes had
+        copied first, what is still to copy."""
+        assert self.bcs is not None and self.access is not None
+        assert self.copied_first is not None
+        return [
+            {
+                "recording": False,
+                "persistent": False,
+                "busy": False,
+                "granularity": self.bcs.cluster_size,
+                "count": bitmap.count,
+            }
+            for bitmap in (self.access, self.copied_first, self.bcs.todo)
+        ]
+
     def filename(self) -> str:
         """A filter shows its file's name (QEMU's bdrv_refresh_filename for filters)."""
         return self.file.filename()
