@@ -65,11 +65,11 @@ COMMANDS = {
     "block-job-finalize",
     "block-job-change",
     "blockdev-create",
+    "blockdev-backup",
+    "drive-backup",
     "blockdev-mirror",
     "drive-mirror",
     "block-stream",
-    "blockdev-backup",
-    "drive-backup",
 }
 
 
