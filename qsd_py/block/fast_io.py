@@ -161,11 +161,6 @@ def plan_for(
     return plan
 
 
-def register_plan(node: BlockNode, plan: FastPlan) -> None:
-    """Register a plan made elsewhere with ``node``'s chain, as :func:`plan_for` does."""
-    _register(node, plan)
-
-
 def _register(node: BlockNode, plan: FastPlan) -> None:
     node.fast_plans.add(plan)
     if node._slow_writers and plan not in node._closed_plans:
@@ -316,3 +311,8 @@ def copy_inline(fd: int, buf: memoryview, size: int, pos: int, writing: bool) ->
             return -errno.ENOSPC
         buf[done:size] = bytes(size - done)
     return size
+
+
+def register_plan(node: BlockNode, plan: FastPlan) -> None:
+    """Register a plan made elsewhere with ``node``'s chain, as :func:`plan_for` does."""
+    _register(node, plan)
