@@ -603,3 +603,70 @@ def test_sync_top_copies_only_the_top_layer(tmp_path: Path) -> None:
         )
     ]
     assert maps[0] == maps[1]
+
+
+TIMEOUT_CLIENT = r"""
+import nbd, sys
+sock = sys.argv[1]
+live = nbd.NBD(); live.connect_uri(f"nbd+unix:///cbw?socket={sock}")
+for i in range(3):
+    try:
+        live.pwrite(b"x" * 4096, i * 65536)
+        print("write ok")
+    except nbd.Error as e:
+        print("write", e.errno)
+"""
+
+
+def _cbw_timeout_writes(work: Path, real: bool) -> list[str]:
+    """Writes through a cbw node whose target is throttled to 16 KiB/s, cbw-timeout 1 s."""
+    (work / "src.img").write_bytes(random.Random(41).randbytes(MIB))
+    (work / "t.img").write_bytes(bytes(MIB))
+    d = Daemon(work, real)
+    try:
+        group = {"qom-type": "throttle-group", "id": "tg", "limits": {"bps-write": 16384}}
+        assert d.cmd("object-add", group) == {"return": {}}
+        for args in (
+            {"driver": "file", "filename": "src.img", "node-name": "src"},
+            {
+                "driver": "throttle",
+                "node-name": "tgt",
+                "throttle-group": "tg",
+                "file": {"driver": "file", "filename": "t.img"},
+            },
+            {
+                "driver": "copy-before-write",
+                "node-name": "cbw",
+                "file": "src",
+                "target": "tgt",
+                "cbw-timeout": 1,
+            },
+        ):
+            assert d.cmd("blockdev-add", args) == {"return": {}}
+        _start_nbd(d, work / "nbd.sock", "cbw", "cbw", True)
+        out = subprocess.run(
+            [SYSTEM_PYTHON, "-c", TIMEOUT_CLIENT, str(work / "nbd.sock")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split()
+    finally:
+        d.close()
+
+
+def test_cbw_timeout_fails_a_slow_copy(tmp_path: Path) -> None:
+    """A copy slower than ``cbw-timeout`` fails the write (break-guest-write; ETIMEDOUT,
+    which NBD carries as EINVAL), as in QEMU 11.1: the throttle's burst lets the first
+    cluster through, the next ones wait longer than a second."""
+    assert " ".join(_cbw_timeout_writes(tmp_path, False)) == ("write ok write EINVAL write EINVAL")
+
+
+@pytest.mark.realqsd
+def test_cbw_timeout_is_qemus() -> None:
+    from realqsd_support import require_real_qsd, shared_dir
+
+    require_real_qsd()
+    with shared_dir("backup-cbw-timeout") as work:
+        assert _cbw_timeout_writes(work, True) == _cbw_timeout_writes(work, False)
