@@ -17,7 +17,17 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "backup_events.json"
 MIB = 1 << 20
 
-IMAGES = {"s1": MIB, "t1": MIB, "s3": 4 * MIB, "t3": 4 * MIB, "big": 2 * MIB}
+IMAGES = {
+    "s1": MIB,
+    "t1": MIB,
+    "s3": 4 * MIB,
+    "t3": 4 * MIB,
+    "big": 2 * MIB,
+    "ro": MIB,
+    "sro": MIB,
+    "t4": MIB,
+}
+READ_ONLY = ("ro", "sro")
 DATA_IMAGES = ("s3",)
 MADE = ("new.qcow2", "new2.img")  # drive-backup creates them
 
@@ -36,7 +46,8 @@ def make_images(workdir: Path) -> None:
 
 
 def _add(name: str) -> list[Any]:
-    return ["blockdev-add", {"driver": "file", "filename": f"{name}.img", "node-name": name}]
+    args = {"driver": "file", "filename": f"{name}.img", "node-name": name}
+    return ["blockdev-add", {**args, "read-only": True} if name in READ_ONLY else args]
 
 
 def _bk(job: str | None, device: str, target: str, sync: str, **more: Any) -> list[Any]:
@@ -135,6 +146,20 @@ SCRIPT: list[list[Any]] = [
     _drive("d7", "t1.img", "none", mode="existing", format="qcow2"),
     _drive("d8", "t1.img", "none", mode="existing"),
     ["query-jobs", {}],
+    # read-only nodes, filter names
+    _bk("r", "s1", "ro", "full"),
+    _bk("r2", "sro", "t4", "full"),
+    ["settle-gone", "r2"],
+    _bk("z", "s1", "t4", "full", **{"filter-node-name": "sro"}),
+    # a job waiting to be finalized (a running one would pause and resume at every drain of
+    # QEMU's, which qsd-py does not count alike): what it blocks
+    _bk("z", "s1", "t4", "full", **{"filter-node-name": "f", "auto-finalize": False}),
+    ["settle", "z"],
+    _bk("z2", "t4", "s1", "none"),
+    _bk("z3", "s1", "sro", "none"),
+    _bk("z4", "f", "t3", "none"),
+    ["job-finalize", {"id": "z"}],
+    ["settle-gone", "z"],
 ]
 
 _GENERATED = re.compile(r"#block\d+")
