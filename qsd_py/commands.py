@@ -41,3 +41,4 @@ def load_handlers() -> None:
     import qsd_py.qmp.char_commands  # noqa: F401
     import qsd_py.qmp.commands  # noqa: F401
     import qsd_py.qmp.qom  # noqa: F401
+    import qsd_py.transaction  # noqa: F401

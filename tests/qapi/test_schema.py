@@ -68,6 +68,7 @@ COMMANDS = {
     "blockdev-mirror",
     "drive-mirror",
     "block-stream",
+    "transaction",
 }
 
 
