@@ -34,6 +34,7 @@ from qsd_py.block.child import Child
 from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.drain import InFlight
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm, perm_names
+from qsd_py.block.stats import NodeStats
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
@@ -147,6 +148,8 @@ class BlockNode:
         # Nodes every write is also written to before it completes (an active mirror).
         self.write_mirrors: list[BlockNode] = []
         self.fast_plans: weakref.WeakSet[FastPlan] = weakref.WeakSet()
+        # wr_highest_offset and the write threshold, shared with queue workers (stats.py).
+        self.stats = NodeStats()
         self._closed_plans: weakref.WeakKeyDictionary[FastPlan, bool] = weakref.WeakKeyDictionary()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -385,11 +388,13 @@ class BlockNode:
         try:
             if self.write_gates:
                 gates = await self._enter_gates(offset, len(data))
+            self.stats.check_threshold(offset + len(data))
             await self.do_write(offset, data)
             for other in list(self.write_mirrors):
                 await other.write(offset, data)
         finally:
             self.write_gen += 1
+            self.stats.wrote(offset + len(data))
             if gates is not None:
                 for gate, token in gates:
                     gate.leave(token)
@@ -427,11 +432,13 @@ class BlockNode:
         try:
             if self.write_gates:
                 gates = await self._enter_gates(offset, length)
+            self.stats.check_threshold(offset + length)
             await self.do_write_zeroes(offset, length, unmap, no_fallback)
             for other in list(self.write_mirrors):
                 await other.write_zeroes(offset, length, unmap)
         finally:
             self.write_gen += 1
+            self.stats.wrote(offset + length)
             if gates is not None:
                 for gate, token in gates:
                     gate.leave(token)
@@ -447,6 +454,7 @@ class BlockNode:
         try:
             if self.write_gates:
                 gates = await self._enter_gates(offset, length)
+            self.stats.check_threshold(offset + length)
             await self.do_discard(offset, length)
         finally:
             self.write_gen += 1
@@ -670,6 +678,17 @@ class BlockNode:
             image["backing-image"] = backing.image_info()
         return image
 
+    def specific_stats(self) -> dict[str, Any] | None:
+        """``driver-specific`` of query-blockstats (QEMU: only file, host_device, nvme)."""
+        return None
+
+    def stats_parent(self) -> BlockNode | None:
+        """The child query-blockstats nests as ``parent``: the one that stores the data
+        (QEMU's primary child when it holds data or is filtered: ``file``, or an external
+        ``data-file``); never the backing node."""
+        data = self.child_node("data-file")
+        return data if data is not None else self.child_node("file")
+
     def backing_depth(self) -> int:
         """How many backing nodes lie below this one."""
         depth, node = 0, self.child_node("backing")
@@ -718,7 +737,7 @@ class BlockNode:
                     "direct": bool(cache.get("direct", False)),
                     "no-flush": bool(cache.get("no-flush", False)),
                 },
-                "write_threshold": 0,
+                "write_threshold": self.stats.threshold,
             }
         )
         return entry

@@ -69,6 +69,9 @@ COMMANDS = {
     "drive-mirror",
     "block-stream",
     "transaction",
+    "query-block",
+    "query-blockstats",
+    "block-set-write-threshold",
 }
 
 
@@ -82,6 +85,7 @@ EVENTS = {
     "BLOCK_JOB_ERROR",
     "BLOCK_JOB_READY",
     "BLOCK_JOB_PENDING",
+    "BLOCK_WRITE_THRESHOLD",
 }
 
 

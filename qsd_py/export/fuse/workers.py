@@ -40,6 +40,7 @@ import weakref
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from qsd_py.block import stats as node_stats
 from qsd_py.block.fast_map import register_reader_process
 from qsd_py.errors import QMPError
 from qsd_py.export.fuse import proto as p
@@ -99,6 +100,7 @@ class _Worker:
         self.exit_status: int | None = None
         self.died = False  # ended before the daemon asked it to stop
         self.reader = -1  # its slot among the node's cluster-table readers (qcow2)
+        self.row = -1  # its row in the nodes' shared counters (qsd_py/block/stats.py)
 
 
 class WorkerTransport:
@@ -144,6 +146,7 @@ class WorkerTransport:
         for w in self.workers:
             if self._table is not None:
                 w.reader = self._table.claim()  # claimed here: the table's readers are ours
+            w.row = node_stats.claim_process_row()
             self._fork(w, keep)
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
@@ -343,6 +346,8 @@ class WorkerTransport:
             if self._table is not None and w.reader >= 0:
                 self._table.unclaim(w.reader)
                 w.reader = -1
+            node_stats.release_process_row(w.row)
+            w.row = -1
         return clean
 
 
@@ -354,6 +359,7 @@ def _worker_main(
     code = 1
     try:
         _detach(keep, w.cpu)
+        node_stats.set_process_row(w.row)  # before any plan is made here
         code = asyncio.run(_serve(t, w, ctl, stats))
     except BaseException:  # noqa: BLE001 - a worker reports and exits, whatever happened
         traceback.print_exc()
