@@ -737,7 +737,8 @@ class BlockNode:
                     "direct": bool(cache.get("direct", False)),
                     "no-flush": bool(cache.get("no-flush", False)),
                 },
-                "write_threshold": self.stats.threshold,
+                # An int64 in BlockDeviceInfo: QEMU shows a uint64 threshold past it negative.
+                "write_threshold": (self.stats.threshold ^ 1 << 63) - (1 << 63),
             }
         )
         return entry

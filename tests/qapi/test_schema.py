@@ -72,6 +72,9 @@ COMMANDS = {
     "query-block",
     "query-blockstats",
     "block-set-write-threshold",
+    "x-debug-query-block-graph",
+    "x-blockdev-change",
+    "x-blockdev-set-iothread",
 }
 
 
