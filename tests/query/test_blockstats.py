@@ -198,3 +198,48 @@ def test_rows_are_per_process() -> None:
     st.wrote(100)
     assert st.highest() == 5000 and len(st.cells) == MAX_ROWS * 8
     assert json.dumps(st.highest())
+
+
+def _host_end(image: Path, offset: int, size: int) -> int:
+    """Where the guest range ends in the qcow2 file (qemu-img map: one data extent)."""
+    out = subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(image)],
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    for ext in json.loads(out):
+        if ext["start"] <= offset and offset + size <= ext["start"] + ext["length"]:
+            assert ext["data"] and "offset" in ext, ext
+            return ext["offset"] + offset - ext["start"] + size
+    raise AssertionError(f"no single extent holds {offset}+{size}")
+
+
+def test_qcow2_through_the_workers_cluster_table(
+    qsd: Callable[..., Any], tmp_path: Path, uring_knob: Path
+) -> None:
+    """qcow2 over FUSE-over-io_uring: a write into a fresh cluster is allocated by the
+    daemon and its data written by the worker through the cluster table; the qcow2 node's
+    value is the guest end and the file node's the host end of that write (qemu-img map
+    says where it lies): only the worker saw either."""
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(image), "4M"],
+                   check=True, capture_output=True)  # fmt: skip
+    mnt = tmp_path / "disk.raw"
+    mnt.touch()
+    daemon = qsd(
+        "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=on",
+        "--blockdev", "driver=qcow2,node-name=d0,file=f0",
+        "--export", f"type=fuse,id=e0,node-name=d0,mountpoint={mnt},writable=on,io_uring=on",
+    )  # fmt: skip
+    client = daemon.qmp()
+    try:
+        _pwrite_direct(mnt, 3 * MiB + 61440, os.urandom(4096))  # the end of its cluster
+        _pwrite_direct(mnt, 3 * MiB, os.urandom(4096))  # in place, below both ends
+        stats = _by_name(_cmd(client, "query-blockstats", {"query-nodes": True}))
+        queues = _cmd(client, "x-query-fuse-queues", {"id": "e0"})
+        _cmd(client, "block-export-del", {"id": "e0"})
+        _events(client, "BLOCK_EXPORT_DELETED")
+        client.cmd_raw("quit")
+    finally:
+        client.close()
+    daemon.wait()
+    assert stats["d0"]["stats"]["wr_highest_offset"] == 3 * MiB + 65536
+    assert stats["f0"]["stats"]["wr_highest_offset"] == _host_end(image, 3 * MiB + 61440, 4096)
+    assert sum(q["bytes-written"] for q in queues[0]["uring-queues"]) == 8192
