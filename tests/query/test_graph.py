@@ -18,8 +18,7 @@ async def _setup(tmp_path: Path, *, nbd: bool = True) -> Any:
                    check=True, capture_output=True)  # fmt: skip
     (tmp_path / "r.img").write_bytes(bytes(1 << 22))
     daemon, _ = new_daemon()
-    for args in ({"qom-type": "iothread", "id": "io0"},):
-        assert await reply(daemon, "object-add", args) == {}
+    assert await reply(daemon, "object-add", {"qom-type": "iothread", "id": "io0"}) == {}
     for args in (
         {"driver": "file", "node-name": "f0", "filename": str(image)},
         {"driver": "qcow2", "node-name": "d0", "file": "f0"},
