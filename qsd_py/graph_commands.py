@@ -3,13 +3,14 @@ x-blockdev-change, x-blockdev-set-iothread.
 
 They sit above the block layer because they see what uses the nodes: exports (QEMU: one
 anonymous BlockBackend each, with a ``root`` edge) and block jobs (a ``block-job`` vertex with
-an edge per node the job holds, named as the job names its use of it).
+an edge per node the job holds, named as the job names its use of it; what a job holds as
+``root`` is its own BlockBackend, as a mirror's target).
 
 x-debug-query-block-graph numbers the vertices as QEMU does (``id`` in order of first
 mention: the BlockBackends and their root nodes, the jobs, then every node in creation order
 with its children) and lists vertices and edges newest first, as QEMU builds its lists by
-prepending. What QEMU shows and qsd-py has not: the BlockBackends a job makes for itself and
-the filter node a mirror job inserts.
+prepending. What QEMU shows and qsd-py has not: the filter node a mirror job inserts and the
+job's edges to its source and that filter.
 
 x-blockdev-set-iothread: a qsd-py node serves requests from any loop (node.py's contract),
 so "moving" a node records which iothread its connected nodes belong to, after QEMU's checks:
@@ -69,34 +70,45 @@ class _Graph:
 @qmp_command("x-debug-query-block-graph")
 async def x_debug_query_block_graph(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     g = _Graph()
-    jobs: dict[str, list[tuple[BlockNode, Any]]] = {}
+    jobs: dict[str, list[tuple[BlockNode, Any, str]]] = {}
     backends: list[tuple[object, BlockNode, Any]] = []
     export_keys = {(e.node.node_name, e.id): e for e in daemon.exports}
     for export in daemon.exports:
         user = export.node.users.get(export.id)
         if user is not None:
             backends.append((export, export.node, user))
+    for job in _block_jobs(daemon):
+        jobs[job.id] = []
     for node in daemon.graph:
         for key, user in node.users.items():
             if user.is_parent or (node.node_name, key) in export_keys:
                 continue
-            if key.startswith("job:"):
-                jobs.setdefault(key.split(":")[1], []).append((node, user))
-            else:  # a command's temporary user: an anonymous BlockBackend too
+            match = _ROLE.search(user.description)
+            role = match.group(1) if match else ""
+            job_id = key.split(":")[1] if key.startswith("job:") else None
+            if job_id is not None and role != "root":
+                jobs.setdefault(job_id, []).append((node, user, role))
+            else:  # a job's own BlockBackend (its "root"), or a command's temporary user
                 backends.append((user, node, user))
     for owner, node, user in backends:
         g.vertex(owner, "block-backend", "")
         g.edge(owner, node, "root", user.perm, user.shared)
     for job_id, used in jobs.items():
         g.vertex(job_id, "block-job", job_id)
-        for node, user in used:
-            match = _ROLE.search(user.description)
-            g.edge(job_id, node, match.group(1) if match else "", user.perm, user.shared)
+        for node, user, role in used:
+            g.edge(job_id, node, role, user.perm, user.shared)
     for node in daemon.graph:
         g.vertex(node, "block-driver", node.node_name)
         for role, child in reversed(node.children.items()):
             g.edge(node, child.node, role, child.perm, child.shared)
     return {"nodes": g.nodes, "edges": g.edges}
+
+
+def _block_jobs(daemon: Daemon) -> list[Any]:
+    """The block jobs (QEMU's block_job_next: not blockdev-create's job), oldest first."""
+    from qsd_py.jobs.blockjob import BlockJob
+
+    return [job for job in daemon.jobs if isinstance(job, BlockJob)]
 
 
 @qmp_command("x-blockdev-change")
