@@ -142,3 +142,40 @@ async def test_a_kind_nobody_implements(actions: type[Recorder]) -> None:
     answer = await run([("ok", 1), ("blockdev-snapshot", 2)])
     assert answer == ("error", "Action 'blockdev-snapshot' is not supported")
     assert actions.log == ["prepare 1", "abort 1", "clean 1"]
+
+
+async def test_drain_lasts_until_the_transaction_is_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``txn.drain(node)`` pauses the node's request makers from prepare until after clean,
+    whether the transaction commits or aborts."""
+    from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
+
+    daemon, _ = new_daemon()
+    await reply(daemon, "blockdev-add", {"driver": "null-co", "node-name": "n0"})
+    node = daemon.graph.lookup("n0")
+    log: list[str] = []
+
+    async def quiesce() -> Any:
+        log.append("paused")
+        return lambda: log.append("resumed")
+
+    node.set_user(NodeUser("maker", Perm.CONSISTENT_READ, PERM_ALL, "a maker", quiesce=quiesce))
+
+    class Drains(tx.Action):
+        kind = "drains"
+
+        async def prepare(self) -> None:
+            await self.txn.drain(self.daemon.graph.lookup("n0"))
+            log.append("prepared")
+
+        def clean(self) -> None:
+            log.append("clean")
+
+    table = dict(tx.ACTIONS, drains=Drains)
+    monkeypatch.setattr(tx, "ACTIONS", table)
+    action = {"type": "drains", "data": {}}
+    assert await HANDLERS["transaction"](daemon, {"actions": [action]}) == {}
+    assert log == ["paused", "prepared", "clean", "resumed"]
+    log.clear()
+    with pytest.raises(QMPError, match="Abort action"):
+        await HANDLERS["transaction"](daemon, {"actions": [action, ABORT]})
+    assert log == ["paused", "prepared", "clean", "resumed"]
