@@ -141,6 +141,8 @@ GRAPH_ARGS = [
 
 GRAPH_SCRIPT: list[Any] = [
     ["x-debug-query-block-graph", None],
+    ["query-block", {"flat": True}],  # FUSE and NBD exports: no named BlockBackend
+    ["query-blockstats", None],
     ["x-blockdev-change", {"parent": "zz"}],
     ["x-blockdev-change", {"parent": "d0"}],
     ["x-blockdev-change", {"parent": "d0", "child": "file"}],
