@@ -165,6 +165,12 @@ def test_model_through_every_transport(
         entries = _by_name(_cmd(client, "query-blockstats", {"query-nodes": True}))
         assert entries["d0"]["stats"]["wr_highest_offset"] == 1536 * 1024 + 8192
         assert entries["d0"]["parent"]["stats"]["wr_highest_offset"] == 1600 * 1024 + 8192
+        _cmd(client, "block-set-write-threshold", {"node-name": "d0", "write-threshold": 4096})
+        _nbd_write(sock, 0, 4096)  # the NBD fast path: not past it
+        _nbd_write(sock, 4096, 4096)  # past it: handed to the node, which sends the event
+        assert _events(client, "BLOCK_WRITE_THRESHOLD") == [
+            {"node-name": "d0", "write-threshold": 4096, "amount-exceeded": 4096}
+        ]
 
         _cmd(client, "block-export-del", {"id": "e1"})
         _events(client, "BLOCK_EXPORT_DELETED")
