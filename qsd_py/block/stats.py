@@ -13,7 +13,10 @@ the daemon for NBD and ``/dev/fuse`` and by forked processes for FUSE-over-io_ur
 those processes, one cache line per process: each process raises only its own cell (no
 atomics needed, no line bouncing between CPUs), and the node's value is the maximum of the
 cells. The daemon is row 0; a queue worker gets a row of its own before it forks
-(:func:`claim_process_row`) and sets it in the child (:func:`set_process_row`).
+(:func:`claim_process_row`) and sets it in the child (:func:`set_process_row`). Threads of
+one process must not share a row either (a read-compare-store can be interrupted between
+its steps), so every other thread that writes (an iothread's loop) takes a row of its own
+the first time (:func:`process_row`).
 
 The write threshold (``block-set-write-threshold``) lives in the same page (row 0, word 0),
 written only by the daemon. The fast path reads it: a write that would end past an armed
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import mmap
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -37,7 +41,9 @@ _WORDS = 8  # one 64-byte cache line per process
 THRESHOLD = 0  #: word of row 0: the write threshold (0: disarmed)
 HIGHEST = 1  #: word of every row: the highest write end that process saw
 
-_row = 0  # this process's row: 0 in the daemon
+_row = 0  # the row of this process's main thread: 0 in the daemon
+_local = threading.local()
+_shared_lock = threading.Lock()  # for threads left without a row of their own
 _free_rows = set(range(1, MAX_ROWS))
 _rows_lock = threading.Lock()
 
@@ -62,13 +68,25 @@ def release_process_row(row: int) -> None:
 
 
 def set_process_row(row: int) -> None:
-    """In a forked worker: the row its fast-path writes mark."""
+    """In a forked worker (its only thread): the row its fast-path writes mark."""
     global _row
     _row = row
+    _local.row = row
 
 
 def process_row() -> int:
-    return _row
+    """The calling thread's row: the process's for its main thread, else one claimed for
+    the thread on first use (-1: none left)."""
+    row = getattr(_local, "row", None)
+    if row is None:
+        thread = threading.current_thread()
+        if thread is threading.main_thread():
+            row = _row
+        else:
+            row = claim_process_row()
+            weakref.finalize(thread, release_process_row, row)  # the thread object's end
+        _local.row = row
+    return row
 
 
 class NodeStats:
@@ -93,7 +111,16 @@ class NodeStats:
     def wrote(self, end: int) -> None:
         """A write or write-zeroes of the daemon ended at ``end`` (even a failed one)."""
         cells = self.cells
-        at = _row * _WORDS + HIGHEST
+        row = getattr(_local, "row", None)
+        if row is None:
+            row = process_row()
+        if row < 0:  # rows ran out: the main thread's row, under a lock among such threads
+            with _shared_lock:
+                at = _row * _WORDS + HIGHEST
+                if cells[at] < end:
+                    cells[at] = end
+            return
+        at = row * _WORDS + HIGHEST
         if cells[at] < end:
             cells[at] = end
 

@@ -246,3 +246,31 @@ def test_qcow2_through_the_workers_cluster_table(
     assert stats["d0"]["stats"]["wr_highest_offset"] == 3 * MiB + 65536
     assert stats["f0"]["stats"]["wr_highest_offset"] == _host_end(image, 3 * MiB + 61440, 4096)
     assert sum(q["bytes-written"] for q in queues[0]["uring-queues"]) == 8192
+
+
+def test_threads_mark_rows_of_their_own() -> None:
+    """Two threads of one process never share a cell (a read-compare-store of one could
+    undo the other's); a thread's row is given back when the thread is gone."""
+    import threading
+
+    from qsd_py.block import stats
+
+    st = stats.NodeStats()
+    rows: list[int] = []
+
+    def write(end: int) -> None:
+        st.wrote(end)
+        rows.append(stats.process_row())
+
+    threads = [threading.Thread(target=write, args=(e,)) for e in (100, 200)]
+    for t in threads:
+        t.start()
+        t.join()
+    assert 0 not in rows and len(set(rows)) == 2  # the first thread's object still exists
+    assert [st.cells[r * 8 + HIGHEST] for r in rows] == [100, 200]
+    assert st.highest() == 200 and st.cells[HIGHEST] == 0
+    del threads, t
+    import gc
+
+    gc.collect()
+    assert all(r in stats._free_rows for r in rows)
