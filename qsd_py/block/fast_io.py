@@ -31,6 +31,10 @@ READ or WRITE of a range the export already checked becomes:
 
 Everything else (unaligned O_DIRECT, growing writes, writethrough) keeps going through the
 node; the export's own rules (EOF, growable, read-only) are checked by the export before.
+A write served here tells every node of the chain how far it reached (their
+``wr_highest_offset``, in memory shared with the queue workers), and one that would cross a
+node's armed write threshold goes through the node instead, which sends the event
+(qsd_py/block/stats.py).
 """
 
 from __future__ import annotations
