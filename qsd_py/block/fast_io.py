@@ -77,6 +77,8 @@ class FastPlan:
 
     __slots__ = (
         "__weakref__",
+        "marks",
+        "mark_at",
         "kind",
         "fd",
         "base",
@@ -92,8 +94,6 @@ class FastPlan:
         "counts",
         "slot",
         "started_at",
-        "marks",
-        "mark_at",
     )
 
     def __init__(
@@ -110,6 +110,10 @@ class FastPlan:
         table: ClusterTable | None = None,
         slot: int = -1,
     ) -> None:
+        # Per node of the chain: (shared cells, by file position?, shift) for its
+        # wr_highest_offset and write threshold (stats.py); set by plan_for.
+        self.marks: tuple[tuple[Any, bool, int], ...] = ()
+        self.mark_at = 0  # this process's cell of wr_highest_offset in each node's page
         self.kind = kind
         self.fd = fd
         self.base = base  # node offset + base = file offset (raw's window)
@@ -126,10 +130,6 @@ class FastPlan:
         self.counts = table.counts if table is not None else None
         self.slot = slot  # this reader's counters: started at started_at, finished after
         self.started_at = slot * 8
-        # Per node of the chain: (shared cells, by file position?, shift) for its
-        # wr_highest_offset and write threshold (stats.py); set by plan_for.
-        self.marks: tuple[tuple[Any, bool, int], ...] = ()
-        self.mark_at = 0  # this process's cell of wr_highest_offset in each node's page
 
     def done(self) -> None:
         """A request :func:`decide` routed by the table has finished its I/O."""
@@ -170,6 +170,47 @@ def plan_for(
     _set_marks(node, plan)
     _register(node, plan)
     return plan
+
+
+def _register(node: BlockNode, plan: FastPlan) -> None:
+    node.fast_plans.add(plan)
+    if node._slow_writers and plan not in node._closed_plans:
+        node._closed_plans[plan] = plan.writable
+        plan.writable = False
+    for child in node.children.values():
+        _register(child.node, plan)
+
+
+def _plan_for(node: BlockNode, ring_io: bool, reader: int | None) -> FastPlan | None:
+    target = node.fast_target()
+    if target is None:
+        return None
+    writable = target.writable and not node.read_only
+    if target.null:
+        return FastPlan(NULL, read_zeroes=target.read_zeroes, writable=writable)
+    file = target.file
+    if file is None or file.fd < 0:
+        return None
+    kind, backend = _file_backend(file, ring_io)
+    if backend is None:
+        return None
+    table = target.table
+    slot = -1
+    if table is not None:
+        slot = table.claim() if reader is None else reader
+        if slot < 0:
+            return None
+    return FastPlan(
+        kind,
+        fd=file.fd,
+        base=target.base,
+        align=file.align if file.direct else 1,
+        writable=writable,
+        backend=backend,
+        inline_max=INLINE_MAX if file.in_memory else 0,
+        table=table,
+        slot=slot,
+    )
 
 
 def _set_marks(top: BlockNode, plan: FastPlan) -> None:
@@ -220,47 +261,6 @@ def _data_path(top: BlockNode, plan: FastPlan) -> list[BlockNode]:
         path.append(nxt)
         node = nxt
     return path
-
-
-def _register(node: BlockNode, plan: FastPlan) -> None:
-    node.fast_plans.add(plan)
-    if node._slow_writers and plan not in node._closed_plans:
-        node._closed_plans[plan] = plan.writable
-        plan.writable = False
-    for child in node.children.values():
-        _register(child.node, plan)
-
-
-def _plan_for(node: BlockNode, ring_io: bool, reader: int | None) -> FastPlan | None:
-    target = node.fast_target()
-    if target is None:
-        return None
-    writable = target.writable and not node.read_only
-    if target.null:
-        return FastPlan(NULL, read_zeroes=target.read_zeroes, writable=writable)
-    file = target.file
-    if file is None or file.fd < 0:
-        return None
-    kind, backend = _file_backend(file, ring_io)
-    if backend is None:
-        return None
-    table = target.table
-    slot = -1
-    if table is not None:
-        slot = table.claim() if reader is None else reader
-        if slot < 0:
-            return None
-    return FastPlan(
-        kind,
-        fd=file.fd,
-        base=target.base,
-        align=file.align if file.direct else 1,
-        writable=writable,
-        backend=backend,
-        inline_max=INLINE_MAX if file.in_memory else 0,
-        table=table,
-        slot=slot,
-    )
 
 
 def route(plan: FastPlan, offset: int, size: int, writing: bool) -> tuple[int, int, int]:
