@@ -129,6 +129,8 @@ class BlockNode:
         self.children: dict[str, Child] = {}
         self.implicit = False
         self.in_flight = InFlight()
+        # wr_highest_offset and the write threshold, shared with queue workers (stats.py).
+        self.stats = NodeStats()
         # Writes counted and the count at the last flush, as QEMU's write_gen/flushed_gen:
         # a flush with nothing written since the last one is not passed to the disk (and
         # raises no flush_to_disk event; blkdebug's flush rules see no flush then).
@@ -148,8 +150,6 @@ class BlockNode:
         # Nodes every write is also written to before it completes (an active mirror).
         self.write_mirrors: list[BlockNode] = []
         self.fast_plans: weakref.WeakSet[FastPlan] = weakref.WeakSet()
-        # wr_highest_offset and the write threshold, shared with queue workers (stats.py).
-        self.stats = NodeStats()
         self._closed_plans: weakref.WeakKeyDictionary[FastPlan, bool] = weakref.WeakKeyDictionary()
 
     # --- lifecycle ------------------------------------------------------------------------

@@ -40,8 +40,8 @@ import weakref
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from qsd_py.block import stats as node_stats
 from qsd_py.block.fast_map import register_reader_process
+from qsd_py.block.stats import claim_process_row, release_process_row, set_process_row
 from qsd_py.errors import QMPError
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse import worker_wire as wire
@@ -87,6 +87,7 @@ class _Worker:
 
     def __init__(self, cpu: int | None, qids: list[int]) -> None:
         self.cpu = cpu
+        self.row = -1  # its row in the nodes' shared counters (qsd_py/block/stats.py)
         self.qids = qids
         self.pid = 0
         self.writer: asyncio.StreamWriter | None = None
@@ -100,7 +101,6 @@ class _Worker:
         self.exit_status: int | None = None
         self.died = False  # ended before the daemon asked it to stop
         self.reader = -1  # its slot among the node's cluster-table readers (qcow2)
-        self.row = -1  # its row in the nodes' shared counters (qsd_py/block/stats.py)
 
 
 class WorkerTransport:
@@ -146,7 +146,6 @@ class WorkerTransport:
         for w in self.workers:
             if self._table is not None:
                 w.reader = self._table.claim()  # claimed here: the table's readers are ours
-            w.row = node_stats.claim_process_row()
             self._fork(w, keep)
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
@@ -159,6 +158,7 @@ class WorkerTransport:
                     raise QMPError(register_failure(q["qid"], q["failure"]))
 
     def _fork(self, w: _Worker, keep: set[int]) -> None:
+        w.row = claim_process_row()
         loop = asyncio.get_running_loop()
         ctl, ctl_child = socket.socketpair()
         stats, stats_child = socket.socketpair()
@@ -341,13 +341,14 @@ class WorkerTransport:
         for task in list(self._tasks):
             task.cancel()
         _LIVE.discard(self)
+        for w in self.workers:
+            release_process_row(w.row)
+            w.row = -1
         self.length.close()
         for w in self.workers:
             if self._table is not None and w.reader >= 0:
                 self._table.unclaim(w.reader)
                 w.reader = -1
-            node_stats.release_process_row(w.row)
-            w.row = -1
         return clean
 
 
@@ -358,8 +359,8 @@ def _worker_main(
     """In the forked child: leave the daemon behind, serve the queues, exit."""
     code = 1
     try:
+        set_process_row(w.row)  # before any plan is made here
         _detach(keep, w.cpu)
-        node_stats.set_process_row(w.row)  # before any plan is made here
         code = asyncio.run(_serve(t, w, ctl, stats))
     except BaseException:  # noqa: BLE001 - a worker reports and exits, whatever happened
         traceback.print_exc()
