@@ -24,6 +24,13 @@ COMMANDS = {
     "blockdev-del",
     "query-named-block-nodes",
     "block_resize",
+    "transaction",
+    "query-block",
+    "query-blockstats",
+    "block-set-write-threshold",
+    "x-debug-query-block-graph",
+    "x-blockdev-change",
+    "x-blockdev-set-iothread",
     "object-add",
     "object-del",
     "block-export-add",
@@ -68,13 +75,6 @@ COMMANDS = {
     "blockdev-mirror",
     "drive-mirror",
     "block-stream",
-    "transaction",
-    "query-block",
-    "query-blockstats",
-    "block-set-write-threshold",
-    "x-debug-query-block-graph",
-    "x-blockdev-change",
-    "x-blockdev-set-iothread",
 }
 
 
@@ -82,13 +82,13 @@ EVENTS = {
     "SHUTDOWN",
     "BLOCK_EXPORT_DELETED",
     "BLOCK_IMAGE_CORRUPTED",
+    "BLOCK_WRITE_THRESHOLD",
     "JOB_STATUS_CHANGE",
     "BLOCK_JOB_COMPLETED",
     "BLOCK_JOB_CANCELLED",
     "BLOCK_JOB_ERROR",
     "BLOCK_JOB_READY",
     "BLOCK_JOB_PENDING",
-    "BLOCK_WRITE_THRESHOLD",
 }
 
 
