@@ -389,12 +389,12 @@ class BlockNode:
             if self.write_gates:
                 gates = await self._enter_gates(offset, len(data))
             self.stats.check_threshold(offset + len(data))
+            self.stats.wrote(offset + len(data))  # attempted: counted even if it fails, as in QEMU
             await self.do_write(offset, data)
             for other in list(self.write_mirrors):
                 await other.write(offset, data)
         finally:
             self.write_gen += 1
-            self.stats.wrote(offset + len(data))
             if gates is not None:
                 for gate, token in gates:
                     gate.leave(token)
@@ -433,12 +433,12 @@ class BlockNode:
             if self.write_gates:
                 gates = await self._enter_gates(offset, length)
             self.stats.check_threshold(offset + length)
+            self.stats.wrote(offset + length)  # attempted: counted even if it fails, as in QEMU
             await self.do_write_zeroes(offset, length, unmap, no_fallback)
             for other in list(self.write_mirrors):
                 await other.write_zeroes(offset, length, unmap)
         finally:
             self.write_gen += 1
-            self.stats.wrote(offset + length)
             if gates is not None:
                 for gate, token in gates:
                     gate.leave(token)
