@@ -34,6 +34,7 @@ from qsd_py.block.child import Child
 from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.drain import InFlight
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm, perm_names
+from qsd_py.block.stats import NodeStats
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
@@ -128,6 +129,8 @@ class BlockNode:
         self.children: dict[str, Child] = {}
         self.implicit = False
         self.in_flight = InFlight()
+        # wr_highest_offset and the write threshold, shared with queue workers (stats.py).
+        self.stats = NodeStats()
         # Writes counted and the count at the last flush, as QEMU's write_gen/flushed_gen:
         # a flush with nothing written since the last one is not passed to the disk (and
         # raises no flush_to_disk event; blkdebug's flush rules see no flush then).
@@ -385,6 +388,8 @@ class BlockNode:
         try:
             if self.write_gates:
                 gates = await self._enter_gates(offset, len(data))
+            self.stats.check_threshold(offset + len(data))
+            self.stats.wrote(offset + len(data))  # attempted: counted even if it fails, as in QEMU
             await self.do_write(offset, data)
             for other in list(self.write_mirrors):
                 await other.write(offset, data)
@@ -427,6 +432,8 @@ class BlockNode:
         try:
             if self.write_gates:
                 gates = await self._enter_gates(offset, length)
+            self.stats.check_threshold(offset + length)
+            self.stats.wrote(offset + length)  # attempted: counted even if it fails, as in QEMU
             await self.do_write_zeroes(offset, length, unmap, no_fallback)
             for other in list(self.write_mirrors):
                 await other.write_zeroes(offset, length, unmap)
@@ -447,6 +454,7 @@ class BlockNode:
         try:
             if self.write_gates:
                 gates = await self._enter_gates(offset, length)
+            self.stats.check_threshold(offset + length)
             await self.do_discard(offset, length)
         finally:
             self.write_gen += 1
@@ -670,6 +678,17 @@ class BlockNode:
             image["backing-image"] = backing.image_info()
         return image
 
+    def specific_stats(self) -> dict[str, Any] | None:
+        """``driver-specific`` of query-blockstats (QEMU: only file, host_device, nvme)."""
+        return None
+
+    def stats_parent(self) -> BlockNode | None:
+        """The child query-blockstats nests as ``parent``: the one that stores the data
+        (QEMU's primary child when it holds data or is filtered: ``file``, or an external
+        ``data-file``); never the backing node."""
+        data = self.child_node("data-file")
+        return data if data is not None else self.child_node("file")
+
     def backing_depth(self) -> int:
         """How many backing nodes lie below this one."""
         depth, node = 0, self.child_node("backing")
@@ -718,7 +737,8 @@ class BlockNode:
                     "direct": bool(cache.get("direct", False)),
                     "no-flush": bool(cache.get("no-flush", False)),
                 },
-                "write_threshold": 0,
+                # An int64 in BlockDeviceInfo: QEMU shows a uint64 threshold past it negative.
+                "write_threshold": (self.stats.threshold ^ 1 << 63) - (1 << 63),
             }
         )
         return entry

@@ -390,9 +390,17 @@ class FileNode(BlockNode):
         (discard is advisory)."""
         if self.discard_unmap and length > 0 and not self.read_only:
             self.data_span = (0, 0)
-            await self._try_fallocate(
-                aio.FALLOC_FL_PUNCH_HOLE | aio.FALLOC_FL_KEEP_SIZE, offset, length
-            )
+            done = False
+            try:
+                done = await self._try_fallocate(
+                    aio.FALLOC_FL_PUNCH_HOLE | aio.FALLOC_FL_KEEP_SIZE, offset, length
+                )
+            finally:  # query-blockstats' driver-specific counts, as QEMU's file driver
+                if done:
+                    self.stats.discard_ok += 1
+                    self.stats.discard_bytes += length
+                else:
+                    self.stats.discard_failed += 1
 
     async def do_block_status(self, offset: int, length: int) -> BlockStatus:
         """Data or a hole (reads as zeroes), at the same offset of this file."""
@@ -446,6 +454,14 @@ class FileNode(BlockNode):
 
     def image_extra(self) -> dict[str, Any]:
         return {"format-specific": {"type": "file", "data": {}}, "dirty-flag": False}
+
+    def specific_stats(self) -> dict[str, Any] | None:
+        return {
+            "driver": "file",
+            "discard-nb-ok": self.stats.discard_ok,
+            "discard-nb-failed": self.stats.discard_failed,
+            "discard-bytes-ok": self.stats.discard_bytes,
+        }
 
 
 NODE = FileNode

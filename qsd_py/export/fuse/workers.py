@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from qsd_py.block import fast_io
 from qsd_py.block.fast_map import register_reader_process
+from qsd_py.block.stats import claim_process_row, release_process_row, set_process_row
 from qsd_py.errors import QMPError
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse import worker_wire as wire
@@ -87,6 +88,7 @@ class _Worker:
 
     def __init__(self, cpu: int | None, qids: list[int]) -> None:
         self.cpu = cpu
+        self.row = -1  # its row in the nodes' shared counters (qsd_py/block/stats.py)
         self.qids = qids
         self.pid = 0
         self.writer: asyncio.StreamWriter | None = None
@@ -162,6 +164,7 @@ class WorkerTransport:
                     raise QMPError(register_failure(q["qid"], q["failure"]))
 
     def _fork(self, w: _Worker, keep: set[int]) -> None:
+        w.row = claim_process_row()
         loop = asyncio.get_running_loop()
         ctl, ctl_child = socket.socketpair()
         stats, stats_child = socket.socketpair()
@@ -344,6 +347,9 @@ class WorkerTransport:
         for task in list(self._tasks):
             task.cancel()
         _LIVE.discard(self)
+        for w in self.workers:
+            release_process_row(w.row)
+            w.row = -1
         self.length.close()
         self._watch = None
         for w in self.workers:
@@ -360,6 +366,7 @@ def _worker_main(
     """In the forked child: leave the daemon behind, serve the queues, exit."""
     code = 1
     try:
+        set_process_row(w.row)  # before any plan is made here
         _detach(keep, w.cpu)
         code = asyncio.run(_serve(t, w, ctl, stats))
     except BaseException:  # noqa: BLE001 - a worker reports and exits, whatever happened
