@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -102,13 +101,11 @@ def test_exactly_the_supported_commands() -> None:
     assert set(schema.event_names()) == EVENTS
 
 
-def test_load_is_cached_and_fast() -> None:
+def test_load_is_cached() -> None:
+    """Loaded once per process (start-up time is measured by scripts/startup-time, not here)."""
     load_schema.cache_clear()
-    start = time.perf_counter()
     schema = load_schema()
-    elapsed = time.perf_counter() - start
     assert load_schema() is schema
-    assert elapsed < 0.05, f"loading the schema took {elapsed * 1000:.1f} ms"
 
 
 def test_introspection_lists_every_command_and_event() -> None:
