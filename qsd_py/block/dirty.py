@@ -4,17 +4,32 @@ A :class:`DirtyBitmap` attached to a node (:meth:`BlockNode.add_dirty_bitmap`) i
 every write, write-zeroes and discard that passes through the node's public methods, *after*
 the request finished (success or not): a reader that clears a chunk and then reads the node
 either sees the new bytes or finds the chunk marked again. That order is what lets mirror copy
-while the node is written, and what issue 20's user-visible bitmaps will share (a name,
-``count``, ``granularity`` as ``query-block`` shows them). Requests that bypass the node's
-coroutines are refused while a node has a bitmap: see :meth:`BlockNode.add_dirty_bitmap`.
+while the node is written. Requests that bypass the node's coroutines are refused while a
+node has a recording bitmap: see :meth:`BlockNode.add_dirty_bitmap`.
 
-One byte per chunk (0 clean, 1 dirty): ``bytes.find`` seeks the next dirty chunk in C, and a
-1 GiB node at 64 KiB granularity costs 16 KiB.
+The user's bitmaps (block-dirty-bitmap-add, or loaded from a qcow2 image) are the same
+objects with a name and QEMU's states: ``enabled`` (recording), ``persistent`` (stored in the
+image on close), ``busy`` (an export or job uses it), ``readonly`` (loaded from a read-only
+image) and ``inconsistent`` (found in use in the image: its bits cannot be trusted).
+
+One byte per chunk (0 clean, 1 dirty): ``bytes.find`` seeks the next dirty chunk in C, a
+1 GiB node at 64 KiB granularity costs 16 KiB, and a mark is a plain store of ones (no
+read-modify-write of neighbours' bits). QEMU's bit-packed form, one bit per chunk in
+little-endian 64-bit words, is made only where it is seen: the sha256 QEMU reports and the
+bitmap data of a qcow2 image (:meth:`DirtyBitmap.serialize`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from qsd_py.errors import QMPError
+
+# Bytes of a chunk map (0/1 per chunk) to the characters of a base-2 number, and back.
+_TO_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
+_FROM_DIGITS = bytes.maketrans(b"01", b"\x00\x01")
 
 
 class DirtyBitmap:
@@ -36,6 +51,11 @@ class DirtyBitmap:
         self._bits = bytearray(-(-length // granularity))
         self._dirty = 0
         self.on_mark = on_mark
+        self.enabled = True
+        self.persistent = False
+        self.busy = False
+        self.readonly = False
+        self.inconsistent = False
 
     def _chunks(self, offset: int, length: int) -> range:
         end = min(offset + length, self.length)
@@ -88,3 +108,101 @@ class DirtyBitmap:
         if self._bits[-1] and self.length & (self.granularity - 1):
             total -= self.granularity - (self.length & (self.granularity - 1))
         return total
+
+    # --- the user's bitmaps ------------------------------------------------------------------
+    def resize(self, length: int) -> None:
+        """The node's length changed (QEMU's bdrv_dirty_bitmap_truncate): chunks past the
+        new end are dropped, new ones are clean."""
+        chunks = -(-length // self.granularity)
+        if chunks < len(self._bits):
+            self._dirty -= sum(self._bits[chunks:])
+            del self._bits[chunks:]
+        else:
+            self._bits.extend(bytes(chunks - len(self._bits)))
+        self.length = length
+
+    def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """``(offset, length, dirty)`` runs covering ``[offset, +length)`` (clipped to the
+        bitmap's length), neighbours of equal state merged."""
+        end = min(offset + length, self.length)
+        bits = self._bits
+        pos = offset
+        while pos < end:
+            chunk = pos >> self.shift
+            dirty = bool(bits[chunk])
+            stop = bits.find(0 if dirty else 1, chunk)
+            stop_at = end if stop < 0 else min(end, stop << self.shift)
+            yield pos, stop_at - pos, dirty
+            pos = stop_at
+
+    def extents(self, extents: Any, offset: int, length: int) -> None:
+        """NBD's ``qemu:dirty-bitmap:NAME`` context (the export's DirtyBitmapSource): bit 0
+        set where dirty, until ``extents`` is full."""
+        for _, n, dirty in self.runs(offset, length):
+            if not extents.add(n, 1 if dirty else 0):
+                return
+
+    def merge_from(self, other: DirtyBitmap) -> None:
+        """Mark every chunk that overlaps a dirty chunk of ``other`` (any granularity)."""
+        pos = 0
+        while (run := other.next_dirty(pos)) is not None:
+            start, n = run
+            self._mark_quietly(start, n)
+            pos = start + n
+
+    def _mark_quietly(self, offset: int, length: int) -> None:
+        on_mark, self.on_mark = self.on_mark, None
+        try:
+            self.mark(offset, length)
+        finally:
+            self.on_mark = on_mark
+
+    def serialize(self) -> bytes:
+        """QEMU's form of the bits: one bit per chunk, chunk ``i`` in bit ``i % 8`` of byte
+        ``i // 8``, padded to whole 64-bit words (what its hbitmap holds in memory, what it
+        hashes for x-debug-block-dirty-bitmap-sha256, what a qcow2 image stores)."""
+        words = max(1, -(-len(self._bits) // 64))
+        if not self._dirty:
+            return bytes(words * 8)
+        digits = bytes(reversed(self._bits)).translate(_TO_DIGITS)
+        return int(digits, 2).to_bytes(words * 8, "little")
+
+    def deserialize(self, data: bytes | bytearray) -> None:
+        """Take the bits from QEMU's form (:meth:`serialize`); bytes past the last chunk's
+        are ignored, missing ones read as clean."""
+        nchunks = len(self._bits)
+        value = int.from_bytes(bytes(data[: -(-nchunks // 8)]), "little")
+        digits = format(value, "b").encode()[::-1].translate(_FROM_DIGITS)
+        digits = digits[:nchunks]
+        self._bits[:] = digits + bytes(nchunks - len(digits))
+        self._dirty = self._bits.count(1)
+
+    def sha256(self) -> str:
+        """x-debug-block-dirty-bitmap-sha256: the hash of QEMU's in-memory form."""
+        return hashlib.sha256(self.serialize()).hexdigest()
+
+    def check(self, allow_readonly: bool = False, allow_busy: bool = False) -> None:
+        """QEMU's bdrv_dirty_bitmap_check: refuse a busy, read-only or inconsistent bitmap
+        with QEMU's text (busy first)."""
+        if not allow_busy and self.busy:
+            raise QMPError(
+                f"Bitmap '{self.name}' is currently in use by another operation and cannot be used"
+            )
+        if not allow_readonly and self.readonly:
+            raise QMPError(f"Bitmap '{self.name}' is readonly and cannot be modified")
+        if self.inconsistent:
+            raise QMPError(f"Bitmap '{self.name}' is inconsistent and cannot be used")
+
+    def info(self) -> dict[str, Any]:
+        """``BlockDirtyInfo`` as query-named-block-nodes shows it."""
+        entry: dict[str, Any] = {
+            "name": self.name,
+            "count": self.count,
+            "granularity": self.granularity,
+            "recording": self.enabled,
+            "busy": self.busy,
+            "persistent": self.persistent,
+        }
+        if self.inconsistent:
+            entry["inconsistent"] = True
+        return entry

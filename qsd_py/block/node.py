@@ -361,6 +361,8 @@ class BlockNode:
             await self.do_truncate(length, prealloc)
         finally:
             self.in_flight.leave()
+            if self.dirty_bitmaps:
+                self._resize_dirty_bitmaps()
 
     async def allocated_size(self) -> int:
         """Bytes allocated on the host for this node and the nodes it stores data in (its
@@ -568,19 +570,34 @@ class BlockNode:
 
     def _mark_dirty(self, offset: int, length: int) -> None:
         for bitmap in self.dirty_bitmaps:
-            bitmap.mark(offset, length)
+            if bitmap.enabled:
+                bitmap.mark(offset, length)
 
     def add_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
-        """Mark ``bitmap`` with every write from now on (writes then take the node's
-        coroutines: :meth:`close_fast_writes`)."""
+        """Mark ``bitmap`` with every write from now on, while it is enabled (writes then
+        take the node's coroutines: :meth:`close_fast_writes`)."""
         self.dirty_bitmaps.append(bitmap)
-        self.close_fast_writes(bitmap)
+        if bitmap.enabled:
+            self.close_fast_writes(bitmap)
 
     def remove_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
         """Stop marking ``bitmap``."""
         if bitmap in self.dirty_bitmaps:
             self.dirty_bitmaps.remove(bitmap)
         self.open_fast_writes(bitmap)
+
+    def enable_dirty_bitmap(self, bitmap: DirtyBitmap, enabled: bool) -> None:
+        """Start or stop recording writes in ``bitmap`` (block-dirty-bitmap-enable/-disable)."""
+        bitmap.enabled = enabled
+        if enabled:
+            self.close_fast_writes(bitmap)
+        else:
+            self.open_fast_writes(bitmap)
+
+    def _resize_dirty_bitmaps(self) -> None:
+        """QEMU resizes every bitmap with its node: new chunks clean, cut ones gone."""
+        for bitmap in self.dirty_bitmaps:
+            bitmap.resize(self.length())
 
     def close_fast_writes(self, owner: object) -> None:
         """Until :meth:`open_fast_writes` (``owner``), every write passes through this
@@ -601,10 +618,28 @@ class BlockNode:
         for plan, writable in closed.items():
             plan.writable = writable
 
-    def dirty_bitmap(self, name: str) -> Any:
+    def dirty_bitmap(self, name: str) -> DirtyBitmap | None:
         """The dirty bitmap ``name`` of this node (what NBD exports offer as
-        ``qemu:dirty-bitmap:NAME``), or None. No node keeps dirty bitmaps yet."""
+        ``qemu:dirty-bitmap:NAME``), or None."""
+        for bitmap in self.dirty_bitmaps:
+            if bitmap.name == name:
+                return bitmap
         return None
+
+    def dirty_bitmaps_info(self) -> list[dict[str, Any]]:
+        """``dirty-bitmaps`` of query-named-block-nodes: the named bitmaps, newest first (a
+        job's own bitmap has no name: QEMU keeps it on a filter node no query lists)."""
+        return [b.info() for b in reversed(self.dirty_bitmaps) if b.name is not None]
+
+    def can_store_dirty_bitmap(self, name: str, granularity: int) -> None:
+        """Refuse a persistent bitmap this node cannot store, with QEMU's text; formats
+        that store them (qcow2) override this."""
+        raise QMPError(
+            f"Can't store persistent bitmaps to {self.node_name}: Operation not supported"
+        )
+
+    async def remove_persistent_bitmap(self, bitmap: DirtyBitmap) -> None:
+        """Drop a persistent bitmap from the image at once (block-dirty-bitmap-remove)."""
 
     # --- the exports' fast path -------------------------------------------------------------
     def fast_target(self) -> FastTarget | None:
@@ -721,6 +756,9 @@ class BlockNode:
                 "write_threshold": 0,
             }
         )
+        bitmaps = self.dirty_bitmaps_info()
+        if bitmaps:
+            entry["dirty-bitmaps"] = bitmaps
         return entry
 
 
