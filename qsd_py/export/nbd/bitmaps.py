@@ -56,9 +56,9 @@ def find_bitmaps(
             source = graph.find(spec["node"]).dirty_bitmap(name)  # type: ignore[union-attr]
             if source is None:
                 raise QMPError(f"Dirty bitmap '{name}' not found")
-        source.check(allow_readonly=True)
         if not writable and owner is not None and not owner.read_only and source.enabled:
             raise QMPError(f"Enabled bitmap '{name}' incompatible with readonly export")
+        source.check(allow_readonly=True)
         found.append((name, source))
     return found
 
