@@ -144,11 +144,9 @@ class DirtyBitmap:
 
     def merge_from(self, other: DirtyBitmap) -> None:
         """Mark every chunk that overlaps a dirty chunk of ``other`` (any granularity)."""
-        pos = 0
-        while (run := other.next_dirty(pos)) is not None:
-            start, n = run
-            self._mark_quietly(start, n)
-            pos = start + n
+        for start, n, dirty in other.runs(0, other.length):
+            if dirty:
+                self._mark_quietly(start, n)
 
     def _mark_quietly(self, offset: int, length: int) -> None:
         on_mark, self.on_mark = self.on_mark, None
