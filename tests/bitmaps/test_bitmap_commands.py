@@ -33,39 +33,45 @@ def bitmaps(daemon: Daemon, node: str) -> list[dict[str, Any]] | None:
 @pytest.fixture
 async def daemon() -> Daemon:
     d = Daemon()
-    assert await reply(d, "blockdev-add", {"driver": "null-co", "node-name": "n", "size": 1000000}) == {}
+    null = {"driver": "null-co", "node-name": "n", "size": 1000000}
+    assert await reply(d, "blockdev-add", null) == {}
     return d
 
 
 async def test_add_errors(daemon: Daemon) -> None:
     add = "block-dirty-bitmap-add"
     assert await reply(daemon, add, {"node": "n", "name": "b0"}) == {}
+    gran = "Granularity must be power of 2 and at least 512"
     cases = [
-        ({"node": "n", "name": "b0"}, "Bitmap already exists: b0"),
-        ({"node": "n", "name": "b1", "granularity": 1000}, "Granularity must be power of 2 and at least 512"),
-        ({"node": "n", "name": "b1", "granularity": 256}, "Granularity must be power of 2 and at least 512"),
-        ({"node": "n", "name": "b1", "granularity": 0}, "Granularity must be power of 2 and at least 512"),
-        ({"node": "n", "name": "b1", "granularity": 1 << 32}, "Parameter 'granularity' expects uint32_t"),
-        ({"node": "n", "name": "bp", "persistent": True}, "Can't store persistent bitmaps to n: Operation not supported"),
-        ({"node": "n", "name": ""}, "Bitmap name cannot be empty"),
+        ({"name": "b0"}, "Bitmap already exists: b0"),
+        ({"name": "b1", "granularity": 1000}, gran),
+        ({"name": "b1", "granularity": 256}, gran),
+        ({"name": "b1", "granularity": 0}, gran),
+        ({"name": "b1", "granularity": 1 << 32}, "Parameter 'granularity' expects uint32_t"),
+        ({"name": "bp", "persistent": True},
+         "Can't store persistent bitmaps to n: Operation not supported"),
+        ({"name": ""}, "Bitmap name cannot be empty"),
         ({"node": "nope", "name": "x"}, "Cannot find device='nope' nor node-name='nope'"),
     ]  # fmt: skip
     for args, text in cases:
-        assert await reply(daemon, add, args) == ("error", text), args
+        assert await reply(daemon, add, {"node": "n", **args}) == ("error", text), args
     assert await reply(daemon, add, {"node": "n", "name": "b1", "granularity": 1 << 31}) == {}
-    assert await reply(daemon, add, {"node": "n", "name": "bd", "disabled": True, "granularity": 512}) == {}
+    disabled = {"node": "n", "name": "bd", "disabled": True, "granularity": 512}
+    assert await reply(daemon, add, disabled) == {}
+    idle = {"persistent": False, "busy": False, "count": 0}
     assert bitmaps(daemon, "n") == [
-        {"name": "bd", "recording": False, "persistent": False, "busy": False, "granularity": 512, "count": 0},
-        {"name": "b1", "recording": True, "persistent": False, "busy": False, "granularity": 1 << 31, "count": 0},
-        {"name": "b0", "recording": True, "persistent": False, "busy": False, "granularity": 65536, "count": 0},
-    ]  # fmt: skip
+        {"name": "bd", "recording": False, "granularity": 512, **idle},
+        {"name": "b1", "recording": True, "granularity": 1 << 31, **idle},
+        {"name": "b0", "recording": True, "granularity": 65536, **idle},
+    ]
 
 
 async def test_missing_bitmaps_and_merge_errors(daemon: Daemon) -> None:
     assert await reply(daemon, "block-dirty-bitmap-add", {"node": "n", "name": "b0"}) == {}
     missing = ("error", "Dirty bitmap 'zz' not found")
     for cmd in ("remove", "clear", "enable", "disable"):
-        assert await reply(daemon, f"block-dirty-bitmap-{cmd}", {"node": "n", "name": "zz"}) == missing
+        args = {"node": "n", "name": "zz"}
+        assert await reply(daemon, f"block-dirty-bitmap-{cmd}", args) == missing
     sha = "x-debug-block-dirty-bitmap-sha256"
     assert await reply(daemon, sha, {"node": "n", "name": "zz"}) == missing
     merge = "block-dirty-bitmap-merge"
@@ -138,7 +144,8 @@ async def test_remove_and_readd(daemon: Daemon) -> None:
     add, rm = "block-dirty-bitmap-add", "block-dirty-bitmap-remove"
     assert await reply(daemon, add, {"node": "n", "name": "b"}) == {}
     assert await reply(daemon, rm, {"node": "n", "name": "b"}) == {}
-    assert await reply(daemon, rm, {"node": "n", "name": "b"}) == ("error", "Dirty bitmap 'b' not found")
+    gone = ("error", "Dirty bitmap 'b' not found")
+    assert await reply(daemon, rm, {"node": "n", "name": "b"}) == gone
     assert bitmaps(daemon, "n") is None
     assert await reply(daemon, add, {"node": "n", "name": "b"}) == {}
 
