@@ -74,7 +74,7 @@ def add(graph: BlockGraph, args: dict[str, Any]) -> DirtyBitmap:
 async def remove(graph: BlockGraph, node_name: str, name: str) -> None:
     """block-dirty-bitmap-remove: a persistent bitmap leaves the image at once."""
     node, bitmap = lookup(graph, node_name, name)
-    bitmap.check(allow_readonly=True)
+    bitmap.check(only_busy=True)
     if bitmap.persistent:
         if node.read_only:
             raise QMPError(

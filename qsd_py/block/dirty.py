@@ -179,13 +179,17 @@ class DirtyBitmap:
         """x-debug-block-dirty-bitmap-sha256: the hash of QEMU's in-memory form."""
         return hashlib.sha256(self.serialize()).hexdigest()
 
-    def check(self, allow_readonly: bool = False, allow_busy: bool = False) -> None:
+    def check(
+        self, allow_readonly: bool = False, allow_busy: bool = False, only_busy: bool = False
+    ) -> None:
         """QEMU's bdrv_dirty_bitmap_check: refuse a busy, read-only or inconsistent bitmap
-        with QEMU's text (busy first)."""
+        with QEMU's text (busy first); ``only_busy``: just a busy one (removal)."""
         if not allow_busy and self.busy:
             raise QMPError(
                 f"Bitmap '{self.name}' is currently in use by another operation and cannot be used"
             )
+        if only_busy:
+            return
         if not allow_readonly and self.readonly:
             raise QMPError(f"Bitmap '{self.name}' is readonly and cannot be modified")
         if self.inconsistent:
