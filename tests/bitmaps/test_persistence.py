@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bitmap_support import dirty_runs
 
 from qsd_py.daemon import Daemon
 from qsd_py.errors import QMPError
@@ -64,17 +65,7 @@ def qemu_bitmaps(path: Path) -> list[dict[str, Any]]:
 
 def qemu_dirty_runs(path: Path, name: str) -> list[tuple[int, int]]:
     """The dirty extents QEMU's qemu-nbd serves for bitmap ``name`` of the image."""
-    out = subprocess.run(
-        ["nbdinfo", f"--map=qemu:dirty-bitmap:{name}", "--",
-         "[", "qemu-nbd", "-r", "-B", name, "-f", "qcow2", str(path), "]"],
-        check=True, capture_output=True, text=True, timeout=30,
-    ).stdout  # fmt: skip
-    runs = []
-    for line in out.splitlines():
-        start, length, flag = line.split()[:3]
-        if flag == "1":
-            runs.append((int(start), int(length)))
-    return runs
+    return dirty_runs(["[", "qemu-nbd", "-r", "-B", name, "-f", "qcow2", str(path), "]"], name)
 
 
 def model_runs(chunks: set[int], granularity: int, size: int) -> list[tuple[int, int]]:
