@@ -101,7 +101,8 @@ def enable(graph: BlockGraph, node_name: str, name: str, enabled: bool) -> None:
 
 def merged(graph: BlockGraph, node_name: str, target: str, sources: list[Any]) -> tuple:
     """What block-dirty-bitmap-merge would make of ``target``: ``(bitmap, new bits)``, the
-    checks done in QEMU's order (the sources into a scratch bitmap first, then the target)."""
+    checks in QEMU 11.1's order: for each source in turn its lookup, then the target's
+    state, the source's state and their sizes."""
     node, dst = lookup(graph, node_name, target)
     scratch = DirtyBitmap(node.length(), dst.granularity)
     for spec in sources:
@@ -111,10 +112,11 @@ def merged(graph: BlockGraph, node_name: str, target: str, sources: list[Any]) -
                 raise QMPError(f"Dirty bitmap '{spec}' not found")
         else:
             src = lookup(graph, spec["node"], spec["name"])[1]
-        _merge(scratch, src)
-    dst.check()
-    if dst.length != scratch.length:
-        raise QMPError(_size_error(dst, scratch))
+        dst.check()
+        src.check(allow_readonly=True)
+        if dst.length != src.length:
+            raise QMPError(_size_error(dst, src))
+        scratch.merge_from(src)
     return dst, scratch
 
 
@@ -122,15 +124,6 @@ def merge(graph: BlockGraph, node_name: str, target: str, sources: list[Any]) ->
     """block-dirty-bitmap-merge: the target changes only when every source merged."""
     dst, scratch = merged(graph, node_name, target, sources)
     dst.merge_from(scratch)
-
-
-def _merge(dst: DirtyBitmap, src: DirtyBitmap) -> None:
-    """QEMU's bdrv_merge_dirty_bitmap checks, then the bits."""
-    dst.check()
-    src.check(allow_readonly=True)
-    if dst.length != src.length:
-        raise QMPError(_size_error(dst, src))
-    dst.merge_from(src)
 
 
 def _size_error(dst: DirtyBitmap, src: DirtyBitmap) -> str:

@@ -186,7 +186,8 @@ async def test_in_use_bitmap_loads_inconsistent_and_can_be_removed(tmp_path: Pat
     for cmd in ("clear", "enable", "disable"):
         args = {"node": "q", "name": "bad"}
         assert await reply(daemon, f"block-dirty-bitmap-{cmd}", args) == inconsistent
-    merge = {"node": "q", "target": "good", "bitmaps": ["bad"]}
+    assert await reply(daemon, "block-dirty-bitmap-add", {"node": "q", "name": "new"}) == {}
+    merge = {"node": "q", "target": "new", "bitmaps": ["bad"]}
     assert await reply(daemon, "block-dirty-bitmap-merge", merge) == inconsistent
     assert await reply(daemon, "block-dirty-bitmap-remove", {"node": "q", "name": "bad"}) == {}
     assert await reply(daemon, "block-dirty-bitmap-remove", {"node": "q", "name": "good"}) == {}
