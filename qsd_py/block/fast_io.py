@@ -88,6 +88,7 @@ class FastPlan:
         "counts",
         "slot",
         "started_at",
+        "gates",
     )
 
     def __init__(
@@ -120,6 +121,9 @@ class FastPlan:
         self.counts = table.counts if table is not None else None
         self.slot = slot  # this reader's counters: started at started_at, finished after
         self.started_at = slot * 8
+        # The write gates of the chain's nodes (shared pages, BlockNode.write_gate): one
+        # set closes this plan to writes in every process that holds a copy of it.
+        self.gates: tuple[Any, ...] = ()
 
     def done(self) -> None:
         """A request :func:`decide` routed by the table has finished its I/O."""
@@ -163,6 +167,7 @@ def plan_for(
 
 def _register(node: BlockNode, plan: FastPlan) -> None:
     node.fast_plans.add(plan)
+    plan.gates += (node.write_gate,)
     if node._slow_writers and plan not in node._closed_plans:
         node._closed_plans[plan] = plan.writable
         plan.writable = False
@@ -207,6 +212,10 @@ def route(plan: FastPlan, offset: int, size: int, writing: bool) -> tuple[int, i
     checked it (in range, writable, not growing): ``FILL``/``ACCEPT`` (null-co, or clusters
     that read as zeroes), ``INLINE``/``TRANSFER`` at a file position, or ``ENGINE``. After
     ``INLINE`` or ``TRANSFER`` the caller calls ``plan.done()`` once the I/O is over."""
+    if writing:
+        for gate in plan.gates:
+            if gate[0]:
+                return _ENGINE  # a node of the chain needs every write (a bitmap)
     if plan.kind == NULL:
         return (ACCEPT, size, 0) if writing else (FILL, size, plan.read_zeroes)
     if plan.entries is None:

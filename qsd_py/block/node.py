@@ -147,6 +147,10 @@ class BlockNode:
         # Nodes every write is also written to before it completes (an active mirror).
         self.write_mirrors: list[BlockNode] = []
         self.fast_plans: weakref.WeakSet[FastPlan] = weakref.WeakSet()
+        # Byte 0 set while writes must take the coroutines: a page shared with the
+        # processes forked later (FUSE queue workers), whose copies of the fast plans
+        # read it before every write (fast_io.route); plan.writable is this process's.
+        self.write_gate = mmap.mmap(-1, mmap.PAGESIZE)
         self._closed_plans: weakref.WeakKeyDictionary[FastPlan, bool] = weakref.WeakKeyDictionary()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -604,6 +608,7 @@ class BlockNode:
         node's coroutines: the exports' fast plans that reach this node stop writing around
         it (reads still take the fast path), and plans made meanwhile are born so."""
         self._slow_writers.add(owner)
+        self.write_gate[0] = 1
         for plan in list(self.fast_plans):
             if plan not in self._closed_plans:
                 self._closed_plans[plan] = plan.writable
@@ -614,6 +619,7 @@ class BlockNode:
         self._slow_writers.discard(owner)
         if self._slow_writers:
             return
+        self.write_gate[0] = 0
         closed, self._closed_plans = self._closed_plans, weakref.WeakKeyDictionary()
         for plan, writable in closed.items():
             plan.writable = writable

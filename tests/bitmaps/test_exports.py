@@ -133,3 +133,66 @@ def test_writes_from_all_exports_mark_the_bitmap(qsd, uring_knob, tmp_path: Path
             qmp.cmd("quit")
         with contextlib.suppress(EOFError):  # the daemon may hang up first, as QEMU does
             qmp.close()
+
+
+def test_bitmap_added_while_queue_workers_write(qsd, uring_knob, tmp_path: Path) -> None:
+    """The per-CPU queue workers were forked before the bitmap existed: every write they
+    start once block-dirty-bitmap-add returned is in the bitmap (a write gate in a page
+    they share with the daemon sends their writes through it), and a removed bitmap lets
+    them write on their own again."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(SIZE)
+    uring = tmp_path / "uring.raw"
+    uring.touch()
+    sock = tmp_path / "nbd.sock"
+    daemon = qsd(
+        "--blockdev", f"driver=file,node-name=f0,filename={image}",
+        "--blockdev", "driver=raw,node-name=d0,file=f0",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", f"type=fuse,id=e2,node-name=d0,mountpoint={uring},writable=on,io_uring=on",
+    )  # fmt: skip
+    qmp = daemon.qmp()
+    stop = threading.Event()
+    after: list[tuple[int, int]] = []
+    added = threading.Event()
+
+    def writer() -> None:
+        rng = random.Random(5)
+        fd = os.open(uring, os.O_WRONLY)
+        try:
+            while not stop.is_set():
+                offset, length = _plan(rng, 1)[0]
+                counted = added.is_set()  # read before the write starts
+                os.pwrite(fd, b"w" * length, offset)
+                if counted:
+                    after.append((offset, length))
+        finally:
+            os.close(fd)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        time.sleep(0.2)
+        qmp.cmd("block-dirty-bitmap-add", node="d0", name="b", granularity=GRAN)
+        added.set()
+        while len(after) < 200:
+            time.sleep(0.01)
+        stop.set()
+        thread.join(30)
+        qmp.cmd("block-export-del", id="e2")
+        _wait_exports_gone(qmp)
+        qmp.cmd("block-export-add", type="nbd", id="e3", **{"node-name": "d0"},
+                name="d0", bitmaps=["b"], writable=True)  # fmt: skip
+        marked = set()
+        for start, length in dirty_runs(f"nbd+unix:///d0?socket={sock}", "b"):
+            marked.update(range(start // GRAN, (start + length) // GRAN))
+        for offset, length in after:
+            assert set(range(offset // GRAN, (offset + length - 1) // GRAN + 1)) <= marked
+    finally:
+        stop.set()
+        thread.join(30)
+        with contextlib.suppress(Exception):
+            qmp.cmd("quit")
+        with contextlib.suppress(EOFError):
+            qmp.close()
