@@ -67,6 +67,7 @@ def add(graph: BlockGraph, args: dict[str, Any]) -> DirtyBitmap:
     bitmap = DirtyBitmap(node.length(), granularity, name)
     bitmap.persistent = persistent
     bitmap.enabled = not args.get("disabled", False)
+    bitmap.share()  # the queue workers mark it themselves (shared_bits.py)
     node.add_dirty_bitmap(bitmap)
     return bitmap
 

@@ -22,9 +22,11 @@ bitmap data of a qcow2 image (:meth:`DirtyBitmap.serialize`).
 from __future__ import annotations
 
 import hashlib
+import mmap
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from qsd_py.block.shared_bits import SharedBits
 from qsd_py.errors import QMPError
 
 # Bytes of a chunk map (0/1 per chunk) to the characters of a base-2 number, and back.
@@ -48,8 +50,10 @@ class DirtyBitmap:
         self.granularity = granularity
         self.shift = granularity.bit_length() - 1
         self.length = length
-        self._bits = bytearray(-(-length // granularity))
-        self._dirty = 0
+        self._n = -(-length // granularity)  # chunks
+        self._bits: bytearray | mmap.mmap = bytearray(self._n)
+        self._dirty = 0  # dirty chunks (marks of other processes not counted: see count)
+        self.shared: SharedBits | None = None
         self.on_mark = on_mark
         self.enabled = True
         self.persistent = False
@@ -89,33 +93,64 @@ class DirtyBitmap:
     def next_dirty(self, offset: int = 0, max_bytes: int = 1 << 62) -> tuple[int, int] | None:
         """The first run of dirty chunks at or after ``offset`` as ``(offset, length)``
         (at most ``max_bytes`` rounded up to a chunk, clipped at the end), or None."""
-        first = self._bits.find(1, offset >> self.shift)
+        first = self._bits.find(b"\x01", offset >> self.shift, self._n)
         if first < 0:
             return None
-        limit = first + max(1, max_bytes >> self.shift)
-        last = self._bits.find(0, first, limit)
+        limit = min(first + max(1, max_bytes >> self.shift), self._n)
+        last = self._bits.find(b"\x00", first, limit)
         if last < 0:
-            last = min(limit, len(self._bits))
+            last = limit
         start = first << self.shift
         return start, min(last << self.shift, self.length) - start
 
     @property
     def count(self) -> int:
         """Dirty bytes as QEMU counts them: whole chunks, a partial last one too (QEMU
-        11.1 shows 2 GiB dirty for a 2 GiB-granularity bitmap of a 1 MB node)."""
+        11.1 shows 2 GiB dirty for a 2 GiB-granularity bitmap of a 1 MB node). A shared
+        bitmap is also marked by other processes: its bytes are counted."""
+        if self.shared is not None:
+            return self._bits[: self._n].count(1) << self.shift
         return self._dirty << self.shift
 
     # --- the user's bitmaps ------------------------------------------------------------------
+    def share(self) -> None:
+        """Keep the bytes in a memfd mapping that forks of the daemon mark too
+        (shared_bits.py); the node lists it for them while it records."""
+        if self.shared is not None:
+            return
+        shared = SharedBits(self._n)
+        shared.map[: self._n] = bytes(self._bits[: self._n])
+        self.shared, self._bits = shared, shared.map
+
+    def unshare(self) -> None:
+        """Back to private bytes (the bitmap is gone from the node, or is resized)."""
+        if self.shared is None:
+            return
+        self._bits = bytearray(self._bits[: self._n])
+        self._dirty = self._bits.count(1)
+        self.shared.close()
+        self.shared = None
+
+    def shared_entry(self) -> tuple[int, int, int, int] | None:
+        """What the node's forks need to mark it: ``(fd, shift, chunks, serial)``."""
+        if self.shared is None:
+            return None
+        return self.shared.fd, self.shift, self._n, self.shared.serial
+
     def resize(self, length: int) -> None:
         """The node's length changed (QEMU's bdrv_dirty_bitmap_truncate): chunks past the
         new end are dropped, new ones are clean."""
         chunks = -(-length // self.granularity)
-        if chunks < len(self._bits):
-            self._dirty -= sum(self._bits[chunks:])
-            del self._bits[chunks:]
-        else:
-            self._bits.extend(bytes(chunks - len(self._bits)))
+        keep = bytes(self._bits[: min(chunks, self._n)])
+        self._dirty = keep.count(1)
+        self._n = chunks
         self.length = length
+        if self.shared is None:
+            self._bits = bytearray(keep + bytes(chunks - len(keep)))
+            return
+        self.unshare()
+        self.share()
+        self._bits[: len(keep)] = keep
 
     def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         """``(offset, length, dirty)`` runs covering ``[offset, +length)`` (clipped to the
@@ -126,7 +161,7 @@ class DirtyBitmap:
         while pos < end:
             chunk = pos >> self.shift
             dirty = bool(bits[chunk])
-            stop = bits.find(0 if dirty else 1, chunk)
+            stop = bits.find(b"\x00" if dirty else b"\x01", chunk, self._n)
             stop_at = end if stop < 0 else min(end, stop << self.shift)
             yield pos, stop_at - pos, dirty
             pos = stop_at
@@ -155,21 +190,22 @@ class DirtyBitmap:
         """QEMU's form of the bits: one bit per chunk, chunk ``i`` in bit ``i % 8`` of byte
         ``i // 8``, padded to whole 64-bit words (what its hbitmap holds in memory, what it
         hashes for x-debug-block-dirty-bitmap-sha256, what a qcow2 image stores)."""
-        words = max(1, -(-len(self._bits) // 64))
-        if not self._dirty:
+        words = max(1, -(-self._n // 64))
+        raw = bytes(self._bits[: self._n])
+        if 1 not in raw:
             return bytes(words * 8)
-        digits = bytes(reversed(self._bits)).translate(_TO_DIGITS)
+        digits = raw[::-1].translate(_TO_DIGITS)
         return int(digits, 2).to_bytes(words * 8, "little")
 
     def deserialize(self, data: bytes | bytearray) -> None:
         """Take the bits from QEMU's form (:meth:`serialize`); bytes past the last chunk's
         are ignored, missing ones read as clean."""
-        nchunks = len(self._bits)
+        nchunks = self._n
         value = int.from_bytes(bytes(data[: -(-nchunks // 8)]), "little")
         digits = format(value, "b").encode()[::-1].translate(_FROM_DIGITS)
         digits = digits[:nchunks]
-        self._bits[:] = digits + bytes(nchunks - len(digits))
-        self._dirty = self._bits.count(1)
+        self._bits[:nchunks] = digits + bytes(nchunks - len(digits))
+        self._dirty = digits.count(1)
 
     def sha256(self) -> str:
         """x-debug-block-dirty-bitmap-sha256: the hash of QEMU's in-memory form."""

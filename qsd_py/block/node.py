@@ -26,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import mmap
+import os
 import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+from qsd_py.block import shared_bits
 from qsd_py.block.child import Child
 from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.drain import InFlight
@@ -147,10 +149,13 @@ class BlockNode:
         # Nodes every write is also written to before it completes (an active mirror).
         self.write_mirrors: list[BlockNode] = []
         self.fast_plans: weakref.WeakSet[FastPlan] = weakref.WeakSet()
-        # Byte 0 set while writes must take the coroutines: a page shared with the
-        # processes forked later (FUSE queue workers), whose copies of the fast plans
-        # read it before every write (fast_io.route); plan.writable is this process's.
-        self.write_gate = mmap.mmap(-1, mmap.PAGESIZE)
+        # A page shared with the processes forked later (FUSE queue workers): byte 0 set
+        # while their writes must take the coroutines (their copies of the fast plans read
+        # it before every write, fast_io.route; plan.writable is this process's), then the
+        # bitmaps they mark themselves (shared_bits.py).
+        self.fork_page = mmap.mmap(-1, mmap.PAGESIZE)
+        self._fork_blockers: set[object] = set()
+        self.home_pid = os.getpid()  # the daemon: its plans obey plan.writable
         self._closed_plans: weakref.WeakKeyDictionary[FastPlan, bool] = weakref.WeakKeyDictionary()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -578,37 +583,60 @@ class BlockNode:
                 bitmap.mark(offset, length)
 
     def add_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
-        """Mark ``bitmap`` with every write from now on, while it is enabled (writes then
-        take the node's coroutines: :meth:`close_fast_writes`)."""
+        """Mark ``bitmap`` with every write from now on, while it is enabled: writes take
+        the node's coroutines (:meth:`close_fast_writes`), except those of the queue
+        workers, which mark a shared bitmap themselves (shared_bits.py)."""
         self.dirty_bitmaps.append(bitmap)
         if bitmap.enabled:
-            self.close_fast_writes(bitmap)
+            self.close_fast_writes(bitmap, forks=bitmap.shared is None)
+            self._publish_marks()
 
     def remove_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
         """Stop marking ``bitmap``."""
         if bitmap in self.dirty_bitmaps:
             self.dirty_bitmaps.remove(bitmap)
         self.open_fast_writes(bitmap)
+        self._publish_marks()
+        bitmap.unshare()
 
     def enable_dirty_bitmap(self, bitmap: DirtyBitmap, enabled: bool) -> None:
         """Start or stop recording writes in ``bitmap`` (block-dirty-bitmap-enable/-disable)."""
         bitmap.enabled = enabled
         if enabled:
-            self.close_fast_writes(bitmap)
+            self.close_fast_writes(bitmap, forks=bitmap.shared is None)
         else:
             self.open_fast_writes(bitmap)
+        self._publish_marks()
 
     def _resize_dirty_bitmaps(self) -> None:
         """QEMU resizes every bitmap with its node: new chunks clean, cut ones gone."""
         for bitmap in self.dirty_bitmaps:
             bitmap.resize(self.length())
+        self._publish_marks()
 
-    def close_fast_writes(self, owner: object) -> None:
+    def _publish_marks(self) -> None:
+        """List the recording shared bitmaps for the forks (shared_bits.py); more than the
+        page holds: the forks' writes take the coroutines instead."""
+        entries = [b.shared_entry() for b in self.dirty_bitmaps if b.enabled]
+        listed = [e for e in entries if e is not None]
+        if len(listed) > shared_bits.MAX_ENTRIES:
+            self.close_fast_writes(shared_bits, forks=True)
+            listed = []
+        else:
+            self.open_fast_writes(shared_bits)
+        shared_bits.publish(self.fork_page, listed)
+
+    def close_fast_writes(self, owner: object, forks: bool = True) -> None:
         """Until :meth:`open_fast_writes` (``owner``), every write passes through this
         node's coroutines: the exports' fast plans that reach this node stop writing around
-        it (reads still take the fast path), and plans made meanwhile are born so."""
+        it (reads still take the fast path), and plans made meanwhile are born so.
+        ``forks``: the plans of processes forked from the daemon too (the fork page's gate,
+        which they read before every write); False: they mark the node's bitmaps
+        themselves."""
         self._slow_writers.add(owner)
-        self.write_gate[0] = 1
+        if forks:
+            self._fork_blockers.add(owner)
+            self.fork_page[0] = 1
         for plan in list(self.fast_plans):
             if plan not in self._closed_plans:
                 self._closed_plans[plan] = plan.writable
@@ -616,10 +644,12 @@ class BlockNode:
 
     def open_fast_writes(self, owner: object) -> None:
         """``owner`` no longer needs it; with no owner left, fast plans write again."""
+        self._fork_blockers.discard(owner)
+        if not self._fork_blockers:
+            self.fork_page[0] = 0
         self._slow_writers.discard(owner)
         if self._slow_writers:
             return
-        self.write_gate[0] = 0
         closed, self._closed_plans = self._closed_plans, weakref.WeakKeyDictionary()
         for plan, writable in closed.items():
             plan.writable = writable

@@ -68,6 +68,7 @@ async def load_dirty_bitmaps(node: Qcow2Node) -> None:
             await _read_bits(node, entry, bitmap)
             bitmap.enabled = bool(entry.flags & FLAG_AUTO)
         bitmap.readonly = node.read_only
+        bitmap.share()
         node.add_dirty_bitmap(bitmap)
 
 
