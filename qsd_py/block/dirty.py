@@ -142,15 +142,13 @@ class DirtyBitmap:
         new end are dropped, new ones are clean."""
         chunks = -(-length // self.granularity)
         keep = bytes(self._bits[: min(chunks, self._n)])
+        shared = self.shared is not None
+        self.unshare()  # a mapping has its size: a new one is made for the new length
+        self._n, self.length = chunks, length
+        self._bits = bytearray(keep + bytes(chunks - len(keep)))
         self._dirty = keep.count(1)
-        self._n = chunks
-        self.length = length
-        if self.shared is None:
-            self._bits = bytearray(keep + bytes(chunks - len(keep)))
-            return
-        self.unshare()
-        self.share()
-        self._bits[: len(keep)] = keep
+        if shared:
+            self.share()
 
     def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         """``(offset, length, dirty)`` runs covering ``[offset, +length)`` (clipped to the

@@ -166,6 +166,8 @@ SCRIPT: list[list[Any]] = [
                                            granularity=1 << 20),
     _add("i", "p4", persistent=True), _bm("remove", "i", "pd"), _bm("clear", "i", "tmp"),
     _merge("i", "p4", "pb"),
+    ["block_resize", {"node-name": "a", "size": 2097152}],
+    ["block_resize", {"node-name": "i", "size": 8388608}],
     ["blockdev-del", {"node-name": "i"}], ["blockdev-del", {"node-name": "j"}],
     ["blockdev-del", {"node-name": "a"}],
     ["!info", "i"], ["!info", "j"], ["!info", "a"],

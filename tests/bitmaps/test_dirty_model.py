@@ -65,12 +65,16 @@ def check(bitmap: DirtyBitmap, model: Model) -> None:
     assert list(bitmap.runs(0, bitmap.length)) == model.runs()
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_random_marks_clears_resizes(seed: int) -> None:
+def test_random_marks_clears_resizes(seed: int, shared: bool) -> None:
+    """``shared``: the bytes in a memfd mapping (the user's bitmaps), resized anew."""
     rng = random.Random(seed)
     granularity = 1 << rng.randint(9, 16)
     length = rng.randint(1, 300) * 512 + rng.choice([0, granularity * 70])
     bitmap, model = DirtyBitmap(length, granularity), Model(length, granularity)
+    if shared:
+        bitmap.share()
     for _ in range(200):
         op = rng.random()
         offset = rng.randrange(0, length + granularity)
@@ -87,6 +91,9 @@ def test_random_marks_clears_resizes(seed: int) -> None:
             model.resize(new)
             length = new
         check(bitmap, model)
+    assert (bitmap.shared is not None) == shared
+    bitmap.unshare()
+    check(bitmap, model)
 
 
 @pytest.mark.parametrize("seed", range(4))
