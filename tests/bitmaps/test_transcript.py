@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import bitmap_script
@@ -36,3 +37,15 @@ def test_transcript_live_against_qemu() -> None:
             hashes[real_daemon] = bitmap_script.hashes(real_daemon, work, image)
         assert hashes[True] == hashes[False]
         assert len(hashes[True]) == 3
+        # QEMU 11.1's qemu-img finds the same bitmaps and no error in both images.
+        tool = str(require_real_qsd())
+        seen = []
+        for image in ("stored-by-qsd", "stored-by-qemu"):
+            path = str(work / f"{image}.qcow2")
+            check = subprocess.run([tool, "run", "qemu-img", "check", path],
+                                   capture_output=True, text=True)  # fmt: skip
+            assert check.returncode == 0, check.stdout + check.stderr
+            info = subprocess.run([tool, "run", "qemu-img", "info", "--output=json", path],
+                                  capture_output=True, text=True, check=True)  # fmt: skip
+            seen.append(json.loads(info.stdout)["format-specific"]["data"]["bitmaps"])
+        assert seen[0] == seen[1]
