@@ -137,18 +137,20 @@ class DirtyBitmap:
             return None
         return self.shared.fd, self.shift, self._n, self.shared.serial
 
-    def resize(self, length: int) -> None:
+    def resize(self, length: int) -> SharedBits | None:
         """The node's length changed (QEMU's bdrv_dirty_bitmap_truncate): chunks past the
-        new end are dropped, new ones are clean."""
+        new end are dropped, new ones are clean. A shared bitmap moves to a new mapping;
+        the old one is returned, for the node to close once the forks were told."""
         chunks = -(-length // self.granularity)
         keep = bytes(self._bits[: min(chunks, self._n)])
-        shared = self.shared is not None
-        self.unshare()  # a mapping has its size: a new one is made for the new length
+        old = self.shared
+        self.shared = None
         self._n, self.length = chunks, length
         self._bits = bytearray(keep + bytes(chunks - len(keep)))
         self._dirty = keep.count(1)
-        if shared:
+        if old is not None:
             self.share()
+        return old
 
     def runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
         """``(offset, length, dirty)`` runs covering ``[offset, +length)`` (clipped to the

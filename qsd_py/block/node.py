@@ -610,9 +610,11 @@ class BlockNode:
 
     def _resize_dirty_bitmaps(self) -> None:
         """QEMU resizes every bitmap with its node: new chunks clean, cut ones gone."""
-        for bitmap in self.dirty_bitmaps:
-            bitmap.resize(self.length())
+        retired = [bitmap.resize(self.length()) for bitmap in self.dirty_bitmaps]
         self._publish_marks()
+        for old in retired:  # closed only now: a fork may map what the list names
+            if old is not None:
+                old.close()
 
     def _publish_marks(self) -> None:
         """List the recording shared bitmaps for the forks (shared_bits.py); more than the

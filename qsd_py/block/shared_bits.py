@@ -81,6 +81,10 @@ class Marker:
                 bits[first : last + 1] = b"\x01" * (last - first + 1)
 
     def _reload(self) -> None:
+        """Read the list (a consistent copy: the sequence even and the same before and
+        after) and map its bitmaps; done only if the sequence still has not moved once
+        they are mapped, since the daemon closes a bitmap's memfd (and may reuse its
+        number) only after it republished the list without it."""
         page = self.page
         while True:
             seq, pid, count = _HEAD.unpack_from(page, _HEAD_AT)
@@ -88,17 +92,19 @@ class Marker:
                 continue  # the daemon is rewriting the list: a few stores, wait them out
             entries = [_ENTRY.unpack_from(page, _ENTRIES_AT + i * _ENTRY.size)
                        for i in range(count)]  # fmt: skip
+            if _HEAD.unpack_from(page, _HEAD_AT)[0] != seq:
+                continue
+            maps = []
+            opened = {}
+            for fd, shift, chunks, serial in entries:
+                key = (pid, serial)
+                bits = self.opened.get(key) or opened.get(key)
+                if bits is None:
+                    bits = _map(pid, fd, chunks)
+                opened[key] = bits
+                maps.append((bits, shift, chunks))
             if _HEAD.unpack_from(page, _HEAD_AT)[0] == seq:
                 break
-        maps = []
-        opened = {}
-        for fd, shift, chunks, serial in entries:
-            key = (pid, serial)
-            bits = self.opened.get(key)
-            if bits is None:
-                bits = _map(pid, fd, chunks)
-            opened[key] = bits
-            maps.append((bits, shift, chunks))
         self.opened = opened  # mappings of bitmaps no longer listed are dropped
         self.maps = maps
         self.seq = seq

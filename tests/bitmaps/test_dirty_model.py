@@ -87,7 +87,9 @@ def test_random_marks_clears_resizes(seed: int, shared: bool) -> None:
             model.clear(offset, size)
         else:
             new = max(512, length + rng.randint(-20, 20) * 512)
-            bitmap.resize(new)
+            old = bitmap.resize(new)
+            if old is not None:
+                old.close()
             model.resize(new)
             length = new
         check(bitmap, model)
