@@ -214,3 +214,36 @@ def test_bitmap_added_while_queue_workers_write(qsd, uring_knob, tmp_path: Path,
             qmp.cmd("quit")
         with contextlib.suppress(EOFError):
             qmp.close()
+
+
+def test_bitmap_of_a_node_below_the_export(qsd, uring_knob, tmp_path: Path) -> None:
+    """A bitmap on the file node under the exported raw node (with an ``offset`` window):
+    the workers' writes reach it through the daemon's nodes, at the file's offsets."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(SIZE + GRAN)
+    uring = tmp_path / "uring.raw"
+    uring.touch()
+    daemon = qsd(
+        "--blockdev", f"driver=file,node-name=f0,filename={image}",
+        "--blockdev", f"driver=raw,node-name=d0,file=f0,offset={GRAN},size={SIZE}",
+        "--export", f"type=fuse,id=e2,node-name=d0,mountpoint={uring},writable=on,io_uring=on",
+    )  # fmt: skip
+    qmp = daemon.qmp()
+    try:
+        qmp.cmd("block-dirty-bitmap-add", node="f0", name="b", granularity=GRAN)
+        _pwrite_all(uring, [(0, 10), (3 * GRAN, 2 * GRAN)], 6)
+        nodes = {n["node-name"]: n for n in qmp.cmd("query-named-block-nodes")}
+        (info,) = nodes["f0"]["dirty-bitmaps"]
+        assert info["count"] == 3 * GRAN  # chunks 1, 4 and 5 of the file
+        sha = qmp.cmd("x-debug-block-dirty-bitmap-sha256", node="f0", name="b")["sha256"]
+        nchunks = (SIZE + GRAN) // GRAN
+        want = bytearray(8 * -(-nchunks // 64))
+        for c in (1, 4, 5):
+            want[c // 8] |= 1 << (c % 8)
+        assert sha == hashlib.sha256(bytes(want)).hexdigest()
+    finally:
+        with contextlib.suppress(Exception):
+            qmp.cmd("quit")
+        with contextlib.suppress(EOFError):
+            qmp.close()
