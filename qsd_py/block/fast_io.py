@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.drivers.file import INLINE_MAX
 from qsd_py.block.fast_map import OFFSET_MASK, VALID, WRITABLE, ZERO
+from qsd_py.block.shared_bits import Marker
 
 if TYPE_CHECKING:
     from qsd_py.block.aio import ThreadPoolBackend
@@ -94,6 +95,9 @@ class FastPlan:
         "counts",
         "slot",
         "started_at",
+        "gates",
+        "child_gates",
+        "markers",
     )
 
     def __init__(
@@ -130,12 +134,24 @@ class FastPlan:
         self.counts = table.counts if table is not None else None
         self.slot = slot  # this reader's counters: started at started_at, finished after
         self.started_at = slot * 8
+        # The write gates of the chain's nodes (shared pages, BlockNode.fork_page): one
+        # set closes this plan to writes in every process that holds a copy of it.
+        self.gates: tuple[Any, ...] = ()
+        self.child_gates: tuple[Any, ...] = ()
+        self.markers: tuple[Marker, ...] = ()  # the chain's shared bitmaps (shared_bits.py)
 
     def done(self) -> None:
         """A request :func:`decide` routed by the table has finished its I/O."""
         counts = self.counts
         if counts is not None:
             counts[self.started_at + 1] += 1
+
+    def mark(self, offset: int, size: int) -> None:
+        """A fast write of node bytes ``[offset, +size)`` finished (well or not, as the
+        node marks its bitmaps): mark the chain's shared bitmaps (none in the daemon,
+        whose plans do not write while a bitmap records)."""
+        for marker in self.markers:
+            marker.mark(offset, size)
 
     def release(self) -> None:
         """Give the reader slot back (the queue is gone; its requests are done)."""
@@ -172,13 +188,23 @@ def plan_for(
     return plan
 
 
-def _register(node: BlockNode, plan: FastPlan) -> None:
+def _register(node: BlockNode, plan: FastPlan, top: bool = True) -> None:
+    """In the daemon a plan obeys the node's ``writable`` switches; in a fork (a queue
+    worker) the node's fork page decides, write by write: its gate, and the bitmaps the
+    fork marks after each write (:meth:`FastPlan.mark`). Only the exported node's bitmaps
+    count the request's offsets; a node below with a recording bitmap closes the gate
+    (byte 1 of its page) instead: the node in between knows where the bytes land."""
     node.fast_plans.add(plan)
-    if node._slow_writers and plan not in node._closed_plans:
+    if top:
+        plan.gates += (node.fork_page,)
+        plan.markers += (Marker(node.fork_page),)
+    else:
+        plan.child_gates += (node.fork_page,)
+    if os.getpid() == node.home_pid and node._slow_writers and plan not in node._closed_plans:
         node._closed_plans[plan] = plan.writable
         plan.writable = False
     for child in node.children.values():
-        _register(child.node, plan)
+        _register(child.node, plan, False)
 
 
 def _plan_for(node: BlockNode, ring_io: bool, reader: int | None) -> FastPlan | None:
@@ -268,6 +294,13 @@ def route(plan: FastPlan, offset: int, size: int, writing: bool) -> tuple[int, i
     checked it (in range, writable, not growing): ``FILL``/``ACCEPT`` (null-co, or clusters
     that read as zeroes), ``INLINE``/``TRANSFER`` at a file position, or ``ENGINE``. After
     ``INLINE`` or ``TRANSFER`` the caller calls ``plan.done()`` once the I/O is over."""
+    if writing:
+        for gate in plan.gates:
+            if gate[0]:
+                return _ENGINE  # the node needs every write (a mirror's bitmap)
+        for gate in plan.child_gates:
+            if gate[0] or gate[1]:
+                return _ENGINE  # a node below needs it, or has a bitmap to mark
     if plan.kind == NULL:
         if writing and not _mark(plan, offset, offset, size):
             return _ENGINE

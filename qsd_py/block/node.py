@@ -26,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import mmap
+import os
 import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+from qsd_py.block import shared_bits
 from qsd_py.block.child import Child
 from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.drain import InFlight
@@ -150,6 +152,13 @@ class BlockNode:
         # Nodes every write is also written to before it completes (an active mirror).
         self.write_mirrors: list[BlockNode] = []
         self.fast_plans: weakref.WeakSet[FastPlan] = weakref.WeakSet()
+        # A page shared with the processes forked later (FUSE queue workers): byte 0 set
+        # while their writes must take the coroutines (their copies of the fast plans read
+        # it before every write, fast_io.route; plan.writable is this process's), then the
+        # bitmaps they mark themselves (shared_bits.py).
+        self.fork_page = mmap.mmap(-1, mmap.PAGESIZE)
+        self._fork_blockers: set[object] = set()
+        self.home_pid = os.getpid()  # the daemon: its plans obey plan.writable
         self._closed_plans: weakref.WeakKeyDictionary[FastPlan, bool] = weakref.WeakKeyDictionary()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -364,6 +373,8 @@ class BlockNode:
             await self.do_truncate(length, prealloc)
         finally:
             self.in_flight.leave()
+            if self.dirty_bitmaps:
+                self._resize_dirty_bitmaps()
 
     async def allocated_size(self) -> int:
         """Bytes allocated on the host for this node and the nodes it stores data in (its
@@ -576,25 +587,66 @@ class BlockNode:
 
     def _mark_dirty(self, offset: int, length: int) -> None:
         for bitmap in self.dirty_bitmaps:
-            bitmap.mark(offset, length)
+            if bitmap.enabled:
+                bitmap.mark(offset, length)
 
     def add_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
-        """Mark ``bitmap`` with every write from now on (writes then take the node's
-        coroutines: :meth:`close_fast_writes`)."""
+        """Mark ``bitmap`` with every write from now on, while it is enabled: writes take
+        the node's coroutines (:meth:`close_fast_writes`), except those of the queue
+        workers, which mark a shared bitmap themselves (shared_bits.py)."""
         self.dirty_bitmaps.append(bitmap)
-        self.close_fast_writes(bitmap)
+        if bitmap.enabled:
+            self.close_fast_writes(bitmap, forks=bitmap.shared is None)
+            self._publish_marks()
 
     def remove_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
         """Stop marking ``bitmap``."""
         if bitmap in self.dirty_bitmaps:
             self.dirty_bitmaps.remove(bitmap)
         self.open_fast_writes(bitmap)
+        self._publish_marks()
+        bitmap.unshare()
 
-    def close_fast_writes(self, owner: object) -> None:
+    def enable_dirty_bitmap(self, bitmap: DirtyBitmap, enabled: bool) -> None:
+        """Start or stop recording writes in ``bitmap`` (block-dirty-bitmap-enable/-disable)."""
+        bitmap.enabled = enabled
+        if enabled:
+            self.close_fast_writes(bitmap, forks=bitmap.shared is None)
+        else:
+            self.open_fast_writes(bitmap)
+        self._publish_marks()
+
+    def _resize_dirty_bitmaps(self) -> None:
+        """QEMU resizes every bitmap with its node: new chunks clean, cut ones gone."""
+        retired = [bitmap.resize(self.length()) for bitmap in self.dirty_bitmaps]
+        self._publish_marks()
+        for old in retired:  # closed only now: a fork may map what the list names
+            if old is not None:
+                old.close()
+
+    def _publish_marks(self) -> None:
+        """List the recording shared bitmaps for the forks (shared_bits.py); more than the
+        page holds: the forks' writes take the coroutines instead."""
+        entries = [b.shared_entry() for b in self.dirty_bitmaps if b.enabled]
+        listed = [e for e in entries if e is not None]
+        if len(listed) > shared_bits.MAX_ENTRIES:
+            self.close_fast_writes(shared_bits, forks=True)
+            listed = []
+        else:
+            self.open_fast_writes(shared_bits)
+        shared_bits.publish(self.fork_page, listed)
+
+    def close_fast_writes(self, owner: object, forks: bool = True) -> None:
         """Until :meth:`open_fast_writes` (``owner``), every write passes through this
         node's coroutines: the exports' fast plans that reach this node stop writing around
-        it (reads still take the fast path), and plans made meanwhile are born so."""
+        it (reads still take the fast path), and plans made meanwhile are born so.
+        ``forks``: the plans of processes forked from the daemon too (the fork page's gate,
+        which they read before every write); False: they mark the node's bitmaps
+        themselves."""
         self._slow_writers.add(owner)
+        if forks:
+            self._fork_blockers.add(owner)
+            self.fork_page[0] = 1
         for plan in list(self.fast_plans):
             if plan not in self._closed_plans:
                 self._closed_plans[plan] = plan.writable
@@ -602,6 +654,9 @@ class BlockNode:
 
     def open_fast_writes(self, owner: object) -> None:
         """``owner`` no longer needs it; with no owner left, fast plans write again."""
+        self._fork_blockers.discard(owner)
+        if not self._fork_blockers:
+            self.fork_page[0] = 0
         self._slow_writers.discard(owner)
         if self._slow_writers:
             return
@@ -609,10 +664,28 @@ class BlockNode:
         for plan, writable in closed.items():
             plan.writable = writable
 
-    def dirty_bitmap(self, name: str) -> Any:
+    def dirty_bitmap(self, name: str) -> DirtyBitmap | None:
         """The dirty bitmap ``name`` of this node (what NBD exports offer as
-        ``qemu:dirty-bitmap:NAME``), or None. No node keeps dirty bitmaps yet."""
+        ``qemu:dirty-bitmap:NAME``), or None."""
+        for bitmap in self.dirty_bitmaps:
+            if bitmap.name == name:
+                return bitmap
         return None
+
+    def dirty_bitmaps_info(self) -> list[dict[str, Any]]:
+        """``dirty-bitmaps`` of query-named-block-nodes: the named bitmaps, newest first (a
+        job's own bitmap has no name: QEMU keeps it on a filter node no query lists)."""
+        return [b.info() for b in reversed(self.dirty_bitmaps) if b.name is not None]
+
+    def can_store_dirty_bitmap(self, name: str, granularity: int) -> None:
+        """Refuse a persistent bitmap this node cannot store, with QEMU's text; formats
+        that store them (qcow2) override this."""
+        raise QMPError(
+            f"Can't store persistent bitmaps to {self.node_name}: Operation not supported"
+        )
+
+    async def remove_persistent_bitmap(self, bitmap: DirtyBitmap) -> None:
+        """Drop a persistent bitmap from the image at once (block-dirty-bitmap-remove)."""
 
     # --- the exports' fast path -------------------------------------------------------------
     def fast_target(self) -> FastTarget | None:
@@ -741,6 +814,9 @@ class BlockNode:
                 "write_threshold": (self.stats.threshold ^ 1 << 63) - (1 << 63),
             }
         )
+        bitmaps = self.dirty_bitmaps_info()
+        if bitmaps:
+            entry["dirty-bitmaps"] = bitmaps
         return entry
 
 

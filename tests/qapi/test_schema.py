@@ -76,6 +76,13 @@ COMMANDS = {
     "blockdev-mirror",
     "drive-mirror",
     "block-stream",
+    "block-dirty-bitmap-add",
+    "block-dirty-bitmap-remove",
+    "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable",
+    "block-dirty-bitmap-disable",
+    "block-dirty-bitmap-merge",
+    "x-debug-block-dirty-bitmap-sha256",
 }
 
 

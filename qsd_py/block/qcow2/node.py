@@ -36,6 +36,7 @@ import struct
 import sys
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.drivers import driver_class
 from qsd_py.block.fast_map import ClusterTable, FastTarget
 from qsd_py.block.lock import CrossLoopLock
@@ -49,7 +50,7 @@ from qsd_py.block.node import (
     fill_zeroes,
 )
 from qsd_py.block.perm import PERM_ALL, Perm
-from qsd_py.block.qcow2 import allocate, fast_table, introspect, resize, zeroing
+from qsd_py.block.qcow2 import allocate, bitmap_store, fast_table, introspect, resize, zeroing
 from qsd_py.block.qcow2 import header as hdr
 from qsd_py.block.qcow2 import overlap as ol
 from qsd_py.block.qcow2.bitmaps import mark_in_use
@@ -182,6 +183,7 @@ class Qcow2Node(BlockNode):
         await self._open_data_file(h)
         await self._load_metadata(h)
         await self._load_tables(h)
+        await bitmap_store.load_dirty_bitmaps(self)
         self.graph.register(self)  # after its files, before its backing chain (QEMU's order)
         await self._open_backing(h)
         fast_table.publish_missing_tables(self)
@@ -384,6 +386,7 @@ class Qcow2Node(BlockNode):
         """Write back the caches and clear the dirty bit of lazy refcounts."""
         if self.read_only or self.map is None or self.corrupt or not self._opened:
             return
+        await bitmap_store.store_dirty_bitmaps(self)
         await self.do_flush()
         assert self.header is not None and self.refcounts is not None
         if self._dirty_marked or self.header.dirty:  # QEMU marks the image clean on close
@@ -422,6 +425,14 @@ class Qcow2Node(BlockNode):
                  "backing": self._cow_perms}  # fmt: skip
         for role, child in list(self.children.items()):
             child.set_perms(*rules[role](perm, shared))
+
+    # --- persistent dirty bitmaps (bitmap_store.py) -----------------------------------------
+    def can_store_dirty_bitmap(self, name: str, granularity: int) -> None:
+        bitmap_store.check_new_bitmap(self, name, granularity)
+
+    async def remove_persistent_bitmap(self, bitmap: DirtyBitmap) -> None:
+        if bitmap.name is not None:
+            await bitmap_store.remove_persistent(self, bitmap.name)
 
     # --- header writes --------------------------------------------------------------------
     async def set_incompatible(self, bits: int) -> None:
