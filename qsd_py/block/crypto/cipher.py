@@ -33,20 +33,29 @@ def hash_new(name: str) -> hashlib._Hash:
     return hashlib.new(name)
 
 
+_KEY_SIZES = {"aes": (16, 24, 32), "sm4": (16,)}
+
+
+def check_spec(alg: str, mode: str, ivgen: str, key_len: int) -> None:
+    """Refuse what QEMU refuses (its texts), and what the cryptography package lacks
+    (serpent, twofish, cast5: refused as an unknown algorithm), before any key exists."""
+    if mode not in ("xts", "cbc", "ecb", "ctr"):
+        raise CipherError(f"Cipher mode '{mode}' not supported")
+    if mode == "xts" and key_len % 2:
+        raise CipherError("XTS cipher key length should be a multiple of 2")
+    size = key_len // 2 if mode == "xts" else key_len
+    if size not in _KEY_SIZES.get(alg, ()):
+        raise CipherError(f"Algorithm '{alg}' with key size {size} bytes not supported")
+    if ivgen not in ("plain", "plain64", "essiv") and not (mode == "ecb" and ivgen == ""):
+        raise CipherError(f"IV generator '{ivgen}' not supported")
+
+
 class SectorCipher:
     """``alg``-``mode``-``ivgen`` with ``key``; :meth:`encrypt`/:meth:`decrypt` take whole
     sectors, the first numbered ``sector``."""
 
     def __init__(self, alg: str, mode: str, ivgen: str, ivhash: str | None, key: bytes) -> None:
-        if mode not in ("xts", "cbc", "ecb", "ctr"):
-            raise CipherError(f"Cipher mode '{mode}' not supported")
-        if mode == "xts" and len(key) % 2:
-            raise CipherError("XTS cipher key length should be a multiple of 2")
-        if alg not in _ALGS:
-            size = len(key) // 2 if mode == "xts" else len(key)
-            raise CipherError(f"Algorithm '{alg}' with key size {size} bytes not supported")
-        if ivgen not in ("plain", "plain64", "essiv") and not (mode == "ecb" and ivgen == ""):
-            raise CipherError(f"IV generator '{ivgen}' not supported")
+        check_spec(alg, mode, ivgen, len(key))
         self.alg, self.mode, self.ivgen = _ALGS[alg], mode, ivgen
         self.key = key
         self._essiv: Cipher | None = None

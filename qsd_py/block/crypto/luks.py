@@ -16,7 +16,14 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from qsd_py.block.crypto.cipher import SECTOR_SIZE, CipherError, SectorCipher, hash_new, parse_spec
+from qsd_py.block.crypto.cipher import (
+    SECTOR_SIZE,
+    CipherError,
+    SectorCipher,
+    check_spec,
+    hash_new,
+    parse_spec,
+)
 
 MAGIC = b"LUKS\xba\xbe"
 HEADER_SIZE = 592
@@ -138,15 +145,16 @@ def payload_cipher(h: LuksHeader, master_key: bytes) -> SectorCipher:
 
 def check_cipher(h: LuksHeader) -> None:
     """Refuse a cipher or hash this build cannot use before any key is derived."""
+    mode, ivgen, ivhash = parse_spec(h.cipher_mode)
     try:
+        check_spec(h.cipher_name, mode, ivgen, h.key_bytes)
+        if ivgen == "essiv":
+            if ivhash is None:
+                raise CipherError("Missing IV generator hash specification")
+            hash_new(ivhash)
         hash_new(h.hash_spec)
-        payload_cipher(h, bytes(h.key_bytes))
     except CipherError as err:
         raise LuksError(str(err)) from err
-    except ValueError as err:  # a key size the algorithm has not
-        raise LuksError(
-            f"Algorithm '{h.cipher_name}' with key size {h.key_bytes} unsupported"
-        ) from err
 
 
 def af_merge(split: bytes, key_bytes: int, stripes: int, hash_name: str) -> bytes:

@@ -63,6 +63,8 @@ async def open_luks(
         luks.check_cipher(header)
     except luks.LuksError as err:
         raise QMPError(str(err)) from err
+    if node.graph.objects is None:
+        raise QMPError(f"No secret with id '{secret_id}'")
     password = node.graph.objects.secret(secret_id).as_utf8().encode("utf-8")
     slots: dict[int, bytes] = {}
     for slot in header.slots:
@@ -189,14 +191,22 @@ class LuksNode(BlockNode):
 
     # --- introspection --------------------------------------------------------------------
     def filename(self) -> str:
-        name = self.file.filename()
-        if not name.startswith("json:"):
-            return name
-        return "json:" + json.dumps({"driver": "luks", "file": self.file.full_options()})
+        """A ``json:`` name always: ``key-secret`` is an option the file's name cannot say."""
+        return "json:" + json.dumps(self.full_options())
+
+    def full_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"driver": "luks", "file": self.file.full_options()}
+        if self.opts.get("key-secret") is not None:
+            opts["key-secret"] = self.opts["key-secret"]
+        return opts
 
     def image_extra(self) -> dict[str, Any]:
         assert self.header is not None
-        return {"format-specific": {"type": "luks", "data": luks_info(self.header)}}
+        return {
+            "dirty-flag": False,
+            "encrypted": True,
+            "format-specific": {"type": "luks", "data": luks_info(self.header)},
+        }
 
     def limits(self) -> dict[str, int]:
         own = super().limits()
