@@ -4,8 +4,7 @@
 The header is read and a key slot unlocked with the passphrase of the secret ``key-secret``
 at open; the payload starts ``payload-offset`` sectors into the file and is encrypted 512
 bytes at a time, each sector's IV from its number counted from the payload's start (the
-guest sector). Requests are served in whole sectors; a partial sector is read, decrypted,
-patched, encrypted and written back, with the writes over the same sectors kept in order.
+guest sector), by :class:`~qsd_py.block.crypto.io.EncryptedIO`.
 
 The node has no fast target (the base class's None): the exports' workers read and write
 the file's bytes directly, which would hand out ciphertext and store plaintext here.
@@ -20,33 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.crypto import luks
 from qsd_py.block.crypto.cipher import SECTOR_SIZE, SectorCipher
+from qsd_py.block.crypto.io import EncryptedIO
 from qsd_py.block.node import STATUS_DATA, BlockNode, BlockStatus, Buffer
 from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
     from qsd_py.block.graph import BlockGraph
-
-
-class SectorOrder:
-    """Writes whose sector ranges overlap run one after another (a read-modify-write of a
-    partial sector must not interleave with another write of that sector)."""
-
-    def __init__(self) -> None:
-        self._busy: list[tuple[int, int]] = []
-        self._changed = asyncio.Condition()
-
-    async def enter(self, start: int, end: int) -> None:
-        async with self._changed:
-            await self._changed.wait_for(
-                lambda: not any(s < end and start < e for s, e in self._busy)
-            )
-            self._busy.append((start, end))
-
-    async def leave(self, start: int, end: int) -> None:
-        async with self._changed:
-            self._busy.remove((start, end))
-            self._changed.notify_all()
 
 
 async def open_luks(
@@ -89,9 +68,8 @@ class LuksNode(BlockNode):
     def __init__(self, graph: BlockGraph, opts: dict[str, Any]) -> None:
         super().__init__(graph, opts)
         self.header: luks.LuksHeader | None = None
-        self.cipher: SectorCipher | None = None
+        self.io: EncryptedIO | None = None
         self.payload = 0
-        self._order = SectorOrder()
 
     @property
     def file(self) -> BlockNode:
@@ -112,8 +90,9 @@ class LuksNode(BlockNode):
                 await child.read(offset, memoryview(buf)[:end])
             return bytes(buf)
 
-        self.header, self.cipher = await open_luks(self, self.opts.get("key-secret"), read)
+        self.header, cipher = await open_luks(self, self.opts.get("key-secret"), read)
         self.payload = self.header.payload_bytes
+        self.io = EncryptedIO(self.file, cipher, self.payload)
 
     def apply_perms(self, perm: Perm, shared: Perm) -> None:
         if "file" in self.children:
@@ -135,40 +114,15 @@ class LuksNode(BlockNode):
         return self.file.allocated_size_now()
 
     # --- I/O ------------------------------------------------------------------------------
-    async def _read_sectors(self, start: int, end: int) -> bytes:
-        """Plaintext of sectors ``[start, end)``."""
-        assert self.cipher is not None
-        raw = bytearray((end - start) * SECTOR_SIZE)
-        await self.file.read(self.payload + start * SECTOR_SIZE, memoryview(raw))
-        return self.cipher.decrypt(raw, start)
-
     async def do_read(self, offset: int, buf: memoryview) -> None:
-        if not len(buf):
-            return
-        start, end = offset // SECTOR_SIZE, -(-(offset + len(buf)) // SECTOR_SIZE)
-        plain = await self._read_sectors(start, end)
-        skip = offset - start * SECTOR_SIZE
-        buf[:] = plain[skip : skip + len(buf)]
+        assert self.io is not None
+        await self.io.read(self.payload + offset, buf)
 
     async def do_write(self, offset: int, data: Buffer) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "Block node is read-only")
-        assert self.cipher is not None
-        if not len(data):
-            return
-        start, end = offset // SECTOR_SIZE, -(-(offset + len(data)) // SECTOR_SIZE)
-        await self._order.enter(start, end)
-        try:
-            skip = offset - start * SECTOR_SIZE
-            if skip or len(data) % SECTOR_SIZE:
-                plain = bytearray(await self._read_sectors(start, end))
-                plain[skip : skip + len(data)] = data
-                data = plain
-            await self.file.write(
-                self.payload + start * SECTOR_SIZE, self.cipher.encrypt(data, start)
-            )
-        finally:
-            await self._order.leave(start, end)
+        assert self.io is not None
+        await self.io.write(self.payload + offset, data)
 
     async def do_flush(self) -> None:
         await self.file.flush()
@@ -176,11 +130,10 @@ class LuksNode(BlockNode):
     async def do_write_zeroes(
         self, offset: int, length: int, unmap: bool, no_fallback: bool = False
     ) -> None:
-        """Encrypted zeroes are not zeroes on disk: written as data (QEMU's crypto driver
-        has no write-zeroes either), never with ``no_fallback``."""
-        if no_fallback:
-            raise OSError(errno.ENOTSUP, "zeroes would be written as data")
-        await self.write_zero_buffers(offset, length)
+        if self.read_only:
+            raise OSError(errno.EROFS, "Block node is read-only")
+        assert self.io is not None
+        await self.io.write_zeroes(self.payload + offset, length, unmap, no_fallback)
 
     async def do_discard(self, offset: int, length: int) -> None:
         """Nothing: a hole would read back as garbage once decrypted (QEMU passes discards
