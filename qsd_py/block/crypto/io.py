@@ -15,7 +15,9 @@ import asyncio
 import errno
 from typing import TYPE_CHECKING, Any
 
+from qsd_py.block.crypto import luks
 from qsd_py.block.crypto.cipher import SECTOR_SIZE, SectorCipher
+from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
     from qsd_py.block.fast_map import FastTarget
@@ -107,3 +109,36 @@ class EncryptedIO:
             n = min(ZERO_CHUNK, end - offset)
             await self.write(offset, bytes(n))
             offset += n
+
+
+async def open_luks(
+    node: BlockNode, secret_id: str | None, read: Any, prefix: str = ""
+) -> tuple[luks.LuksHeader, SectorCipher]:
+    """Parse the header ``read(offset, length)`` gives and unlock it with the secret's
+    passphrase: the header and the payload's cipher (QEMU's texts; ``prefix`` names the
+    option for qcow2's ``encrypt.``)."""
+    if secret_id is None:
+        raise QMPError(f"Parameter '{prefix}key-secret' is required for cipher")
+    header_bytes = await read(0, luks.HEADER_SIZE)
+    try:
+        header = luks.parse_header(header_bytes)
+        luks.check_cipher(header)
+    except luks.LuksError as err:
+        raise QMPError(str(err)) from err
+    if node.graph.objects is None:
+        raise QMPError(f"No secret with id '{secret_id}'")
+    password = node.graph.objects.secret(secret_id).as_utf8().encode("utf-8")
+    slots: dict[int, bytes] = {}
+    for slot in header.slots:
+        if slot.active == luks.SLOT_ACTIVE:
+            off = slot.key_offset * SECTOR_SIZE
+            slots[off] = await read(off, header.slot_bytes())
+    loop = asyncio.get_running_loop()
+    try:
+        # PBKDF2 runs for as long as the image's creator chose (2 s by default): off the loop.
+        master = await loop.run_in_executor(
+            None, luks.unlock, header, password, lambda off, _n: slots[off]
+        )
+    except luks.LuksError as err:
+        raise QMPError(str(err)) from err
+    return header, luks.payload_cipher(header, master)

@@ -251,7 +251,9 @@ async def _fill(
     own = _keeps_host(node, l2e)
     lo, hi = _cow_span(node, l2e, bitmap, own, in_cluster, len(part))
     data_file = "data-file" in node.children
+    # (An encrypted image's zeroes are ciphertext: its fresh clusters are written whole.)
     fresh = not own and not data_file and (host >> node.cluster_bits) >= never_used
+    fresh = fresh and node.crypt is None
     if fresh and _reads_zero_everywhere(node, l2e, bitmap):
         # Past every cluster ever used the file reads as zeroes: only the data.
         await node.check_overlap(host + in_cluster, len(part))
@@ -310,6 +312,8 @@ async def prepare_fast_write(node: Qcow2Node, offset: int, length: int, expect: 
     allocating it. ``expect``: the host end of the cluster before, as for
     :class:`Pending`."""
     if node.read_only or node.corrupt or node.map is None or "data-file" in node.children:
+        return False
+    if node.crypt is not None:  # fresh clusters need encrypted zeroes around the data
         return False
     bits = node.cluster_bits
     clusters = range(offset >> bits, ((offset + length - 1) >> bits) + 1)

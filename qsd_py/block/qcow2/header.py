@@ -84,8 +84,8 @@ EXTL2_SUBCLUSTERS = 32
 INT64_MAX = (1 << 63) - 1
 INT_MAX = (1 << 31) - 1
 
-# The key-secret text: QEMU refuses an encrypted image opened without a key with it, and qsd-py
-# opens no encrypted image at all.
+# The key-secret text: QEMU refuses an encrypted image opened without a key with it (qsd-py
+# opens LUKS images, not the old AES ones).
 NO_KEY_TEXT = "Parameter 'encrypt.key-secret' is required for cipher"
 
 _V2 = struct.Struct(">IIQIIQIIQQIIQ")
@@ -248,7 +248,7 @@ def parse_header(
     _check_data_file(h, data_file_given)
     if h.crypt_method == CRYPT_AES:
         raise Qcow2Error(NO_KEY_TEXT)
-    if h.crypt_method == CRYPT_LUKS:  # with the extension, _read_extensions refused already
+    if h.crypt_method == CRYPT_LUKS and h.crypto_header is None:
         raise Qcow2Error(f"Missing CRYPTO header for crypt method {h.crypt_method}")
     if h.backing_file_offset:
         h.backing_file = _backing_file_name(buf, h)
@@ -447,7 +447,7 @@ def _crypto_header(data: bytes, h: Qcow2Header) -> tuple[int, int]:
             f"Encryption header offset '{offset}' is not a multiple of cluster size "
             f"'{h.cluster_size}'"
         )
-    raise Qcow2Error(NO_KEY_TEXT)  # QEMU opens the LUKS header here and needs the key
+    return offset, length
 
 
 # QEMU's advice after its warning about bitmaps a program without bitmap support may have

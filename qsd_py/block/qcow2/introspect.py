@@ -23,8 +23,17 @@ def filename(node: Qcow2Node) -> str:
     overridden = "backing" in node.opts
     if not overridden or (node.backing is None and node.header.backing_name is None):
         name = node.file.filename()
-        if not name.startswith("json:"):
+        if not name.startswith("json:") and "key-secret" not in node.opts.get("encrypt", {}):
             return name
+        if node.opts.get("encrypt", {}).get("key-secret") is not None:
+            # a strong runtime option of QEMU's qcow2: the name must carry it
+            return "json:" + json.dumps(
+                {
+                    "encrypt.key-secret": node.opts["encrypt"]["key-secret"],
+                    "driver": "qcow2",
+                    "file": node.file.full_options(),
+                }
+            )
         # a file known only by its options (rbd): QEMU describes the image with them
         return "json:" + json.dumps({"driver": "qcow2", "file": node.file.full_options()})
     return "json:" + json.dumps(full_options(node), sort_keys=True)
@@ -60,6 +69,8 @@ def image_extra(node: Qcow2Node) -> dict[str, Any]:
     assert node.header is not None
     h = node.header
     extra: dict[str, Any] = {"dirty-flag": h.dirty, "cluster-size": node.cluster_size}
+    if node.crypt is not None:
+        extra["encrypted"] = True
     if h.backing_name is not None:
         extra["backing-filename"] = h.backing_name
         extra["full-backing-filename"] = node.relative(h.backing_name)
@@ -86,6 +97,8 @@ def _format_specific(node: Qcow2Node) -> dict[str, Any]:
     data["lazy-refcounts"] = node.lazy_refcounts()
     data["corrupt"] = h.corrupt
     data["refcount-bits"] = h.refcount_bits
+    if node.crypt is not None:
+        data["encrypt"] = node.crypt.info()
     if node.metadata is not None and node.metadata.bitmaps:
         data["bitmaps"] = [bitmap.info() for bitmap in node.metadata.bitmaps]
     data["compression-type"] = ctype

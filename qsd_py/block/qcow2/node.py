@@ -36,6 +36,7 @@ import struct
 import sys
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from qsd_py.block.crypto.io import open_luks
 from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.drivers import driver_class
 from qsd_py.block.fast_map import ClusterTable, FastTarget
@@ -56,6 +57,7 @@ from qsd_py.block.qcow2 import overlap as ol
 from qsd_py.block.qcow2.bitmaps import mark_in_use
 from qsd_py.block.qcow2.cache import MetaCache
 from qsd_py.block.qcow2.corruption import corruption_error, overlap_error, signal_corruption
+from qsd_py.block.qcow2.encryption import Qcow2Crypt
 from qsd_py.block.qcow2.entries import (
     L2E_OFFSET_MASK,
     OFLAG_COMPRESSED,
@@ -120,6 +122,7 @@ class Qcow2Node(BlockNode):
         self._cleaner: asyncio.TimerHandle | None = None
         self._dirty_marked = False  # lazy refcounts: the dirty bit is set in the file
         self.free_byte_offset = 0  # where the next compressed data may go (0: a new cluster)
+        self.crypt: Qcow2Crypt | None = None  # LUKS encryption (encryption.py)
 
     @property
     def snapshots(self) -> list[Any]:
@@ -133,9 +136,13 @@ class Qcow2Node(BlockNode):
 
     @property
     def data_node(self) -> BlockNode:
-        """Where data clusters live: the external data file, or the image file."""
+        """Where data clusters live: the external data file, or the image file; through
+        the LUKS cipher in an encrypted image (its sectors numbered by host offset)."""
         child = self.children.get("data-file")
-        return (child or self.children["file"]).node
+        node = (child or self.children["file"]).node
+        if self.crypt is not None:
+            return self.crypt.over(node)
+        return node
 
     @property
     def backing(self) -> BlockNode | None:
@@ -169,6 +176,7 @@ class Qcow2Node(BlockNode):
         except hdr.Qcow2Error as err:
             raise QMPError(str(err)) from err
         _print_warnings(h)
+        await self._open_encryption(h)
         self.header = h
         self.cluster_bits, self.cluster_size = h.cluster_bits, h.cluster_size
         self.size = h.size
@@ -190,6 +198,32 @@ class Qcow2Node(BlockNode):
         if not self.read_only:
             await self._open_for_writing(h)
         self._opened = True
+
+    async def _open_encryption(self, h: hdr.Qcow2Header) -> None:
+        """Unlock the LUKS header the encryption extension points at (QEMU's texts)."""
+        encrypt = self.opts.get("encrypt") or {}
+        if h.crypt_method == hdr.CRYPT_NONE:
+            if encrypt:
+                raise QMPError("No encryption in image header, but options specified format 'luks'")
+            return
+        if encrypt.get("format", "luks") != "luks":
+            raise QMPError(
+                f"Header reported 'luks' encryption format but options specify "
+                f"'{encrypt['format']}'"
+            )
+        assert h.crypto_header is not None
+        base, length = h.crypto_header
+        file = self.children["file"].node
+
+        async def read(offset: int, n: int) -> bytes:
+            buf = bytearray(n)
+            end = max(0, min(n, length - offset, file.length() - base - offset))
+            if end:
+                await file.read(base + offset, memoryview(buf)[:end])
+            return bytes(buf)
+
+        header, cipher = await open_luks(self, encrypt.get("key-secret"), read, "encrypt.")
+        self.crypt = Qcow2Crypt(header, cipher)
 
     async def _open_data_file(self, h: hdr.Qcow2Header) -> None:
         ref = self.opts.get("data-file")
@@ -473,7 +507,10 @@ class Qcow2Node(BlockNode):
     def info(self, flat: bool = False) -> dict[str, Any]:
         if self.corrupt:
             raise QMPError(f"Block device {self.node_name} is ejected")
-        return super().info(flat)
+        entry = super().info(flat)
+        if self.crypt is not None:
+            entry["encrypted"] = True
+        return entry
 
     # --- size -----------------------------------------------------------------------------
     def length(self) -> int:
@@ -646,6 +683,8 @@ class Qcow2Node(BlockNode):
 
         if self.read_only:
             raise OSError(errno.EROFS, "Block node is read-only")
+        if self.crypt is not None:  # QEMU's qcow2 has no encrypted compressed clusters
+            raise OSError(errno.ENOTSUP, "Compression not supported with encryption")
         self._check_usable()
         self.in_flight.enter()
         try:
@@ -767,6 +806,8 @@ class Qcow2Node(BlockNode):
         await self.write_header()
 
     async def prepare_fast_write(self, offset: int, length: int) -> bool:
+        if self.crypt is not None:  # workers would write plaintext: never in place
+            return False
         return await allocate.prepare_fast_write(self, offset, length)
 
     # --- flush ----------------------------------------------------------------------------

@@ -1,0 +1,40 @@
+"""LUKS encryption of a qcow2 image (``encrypt.format=luks``): the LUKS header lives in
+clusters the full-disk-encryption header extension points at; data clusters are encrypted
+512 bytes at a time with the key it unlocks, each sector's IV from its *host* offset (QEMU's
+``crypt_physical_offset``: a cluster's bytes are bound to where they lie in the file).
+Unallocated and zero clusters read as zeroes without decryption; a cluster a write
+allocates gets its copy-on-write parts (zeroes included) encrypted too, and compressed
+clusters are never written.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from qsd_py.block.crypto import luks
+from qsd_py.block.crypto.io import EncryptedIO
+
+if TYPE_CHECKING:
+    from qsd_py.block.crypto.cipher import SectorCipher
+    from qsd_py.block.node import BlockNode
+
+
+class Qcow2Crypt:
+    """The unlocked header and one :class:`EncryptedIO` per data node (the one that keeps
+    overlapping partial-sector writes in order)."""
+
+    def __init__(self, header: luks.LuksHeader, cipher: SectorCipher) -> None:
+        self.header = header
+        self.cipher = cipher
+        self._io: EncryptedIO | None = None
+
+    def over(self, node: BlockNode) -> Any:
+        if self._io is None or self._io.node is not node:
+            self._io = EncryptedIO(node, self.cipher, 0)
+        return self._io
+
+    def info(self) -> dict[str, Any]:
+        """ImageInfoSpecificQCow2Encryption: ``format`` and QEMU's LUKS block info."""
+        from qsd_py.block.drivers.luks import luks_info
+
+        return {"format": "luks", **luks_info(self.header)}
