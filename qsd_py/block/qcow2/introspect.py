@@ -60,6 +60,8 @@ def full_options(node: Qcow2Node) -> dict[str, Any]:
 def limits(node: Qcow2Node) -> dict[str, int]:
     """The file's alignment, and discards and zeroes in whole (sub)clusters."""
     found = node.file.limits()
+    if node.crypt is not None:  # whole sectors through the cipher, as QEMU's qcow2 asks
+        found["request-alignment"] = max(found["request-alignment"], 512)
     found["discard-alignment"] = node.cluster_size
     found["write-zeroes-alignment"] = grain(node)
     return found
