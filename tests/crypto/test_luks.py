@@ -212,3 +212,21 @@ async def test_random_header_damage_never_crashes(graph: BlockGraph, base_image,
             assert str(err)
         else:
             await graph.delete(node.node_name)
+
+
+async def test_detached_header(graph: BlockGraph, base_image, tmp_path: Path) -> None:
+    """``header``: the key slots in a node of their own, the payload the whole ``file``."""
+    path, plain = base_image
+    raw = path.read_bytes()
+    payload_at = len(raw) - MiB
+    header, payload = tmp_path / "hdr", tmp_path / "payload"
+    header.write_bytes(raw[:payload_at])
+    payload.write_bytes(raw[payload_at:])
+    node = await open_luks(
+        with_secret(graph), payload, header={"driver": "file", "filename": str(header)}
+    )
+    assert node.length() == MiB
+    buf = bytearray(4096)
+    await node.read(MiB - 4096, memoryview(buf))
+    assert buf == plain[-4096:]
+    assert node.info()["image"]["format-specific"]["data"]["detached-header"] is True

@@ -112,7 +112,7 @@ class EncryptedIO:
 
 
 async def open_luks(
-    node: BlockNode, secret_id: str | None, read: Any, prefix: str = ""
+    node: BlockNode, secret_id: str | None, read: Any, prefix: str = "", detached: bool = False
 ) -> tuple[luks.LuksHeader, SectorCipher]:
     """Parse the header ``read(offset, length)`` gives and unlock it with the secret's
     passphrase: the header and the payload's cipher (QEMU's texts; ``prefix`` names the
@@ -121,7 +121,7 @@ async def open_luks(
         raise QMPError(f"Parameter '{prefix}key-secret' is required for cipher")
     header_bytes = await read(0, luks.HEADER_SIZE)
     try:
-        header = luks.parse_header(header_bytes)
+        header = luks.parse_header(header_bytes, detached)
         luks.check_cipher(header)
     except luks.LuksError as err:
         raise QMPError(str(err)) from err

@@ -78,9 +78,10 @@ def _cstr(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("ascii", "replace")
 
 
-def parse_header(buf: bytes) -> LuksHeader:
+def parse_header(buf: bytes, detached: bool = False) -> LuksHeader:
     """The header at the start of ``buf`` (zero-padded if the image is shorter), checked as
-    QEMU checks it before it asks for any key."""
+    QEMU checks it before it asks for any key (a ``detached`` header's payload is a node of
+    its own: nothing can overlap it)."""
     buf = bytes(buf[:HEADER_SIZE]).ljust(HEADER_SIZE, b"\0")
     fields = _HEAD.unpack_from(buf)
     magic, version = fields[0], fields[1]
@@ -103,15 +104,15 @@ def parse_header(buf: bytes) -> LuksHeader:
         uuid=_cstr(fields[10]),
         slots=slots,
     )
-    _check_slots(h)
+    _check_slots(h, detached)
     return h
 
 
-def _check_slots(h: LuksHeader) -> None:
+def _check_slots(h: LuksHeader, detached: bool) -> None:
     """QEMU's qcrypto_block_luks_check_header: slots' state, stripes and places."""
     header_sectors = -(-HEADER_SIZE // SECTOR_SIZE)
     slot_sectors = h.slot_bytes() // SECTOR_SIZE
-    if h.payload_offset < header_sectors:
+    if not detached and h.payload_offset < header_sectors:
         raise LuksError("LUKS payload is overlapping with the header")
     for i, slot in enumerate(h.slots):
         if slot.stripes != STRIPES:
@@ -122,7 +123,7 @@ def _check_slots(h: LuksHeader) -> None:
             raise LuksError(f"Keyslot {i} iteration count is zero")
         if slot.key_offset < header_sectors:
             raise LuksError(f"Keyslot {i} is overlapping with the LUKS header")
-        if slot.key_offset + slot_sectors > h.payload_offset:
+        if not detached and slot.key_offset + slot_sectors > h.payload_offset:
             raise LuksError(f"Keyslot {i} is overlapping with the encrypted payload")
         for j in range(i + 1, NUM_SLOTS):
             other = h.slots[j]

@@ -55,8 +55,11 @@ class LuksNode(BlockNode):
                 await child.read(offset, memoryview(buf)[:end])
             return bytes(buf)
 
-        self.header, cipher = await open_luks(self, self.opts.get("key-secret"), read)
-        self.payload = self.header.payload_bytes
+        detached = "header" in self.children
+        self.header, cipher = await open_luks(
+            self, self.opts.get("key-secret"), read, detached=detached
+        )
+        self.payload = 0 if detached else self.header.payload_bytes
         self.io = EncryptedIO(self.file, cipher, self.payload)
 
     def apply_perms(self, perm: Perm, shared: Perm) -> None:
@@ -123,7 +126,10 @@ class LuksNode(BlockNode):
         return {
             "dirty-flag": False,
             "encrypted": True,
-            "format-specific": {"type": "luks", "data": luks_info(self.header)},
+            "format-specific": {
+                "type": "luks",
+                "data": luks_info(self.header, "header" in self.children),
+            },
         }
 
     def limits(self) -> dict[str, int]:
@@ -137,7 +143,7 @@ class LuksNode(BlockNode):
         return entry
 
 
-def luks_info(h: luks.LuksHeader) -> dict[str, Any]:
+def luks_info(h: luks.LuksHeader, detached: bool = False) -> dict[str, Any]:
     """QEMU's ``QCryptoBlockInfoLUKS``: the header's cipher and its slots."""
     mode, ivgen, ivhash = luks.parse_spec(h.cipher_mode)
     key_bits = h.key_bytes * 8 // (2 if mode == "xts" else 1)
@@ -151,7 +157,7 @@ def luks_info(h: luks.LuksHeader) -> dict[str, Any]:
     data.update(
         {
             "hash-alg": h.hash_spec,
-            "detached-header": False,
+            "detached-header": detached,
             "payload-offset": h.payload_bytes,
             "master-key-iters": h.mk_digest_iter,
             "uuid": h.uuid,
