@@ -56,6 +56,10 @@ def creator(driver: str) -> Creator | None:
         from qsd_py.block.qcow2.create import create
 
         return create
+    if driver == "luks":
+        from qsd_py.block.crypto.create import create as create_luks
+
+        return create_luks
     return None
 
 

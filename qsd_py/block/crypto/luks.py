@@ -213,3 +213,80 @@ def unlock(h: LuksHeader, password: bytes, read_slot: Callable[[int, int], bytes
         if digest == h.mk_digest:
             return master
     raise LuksError(INVALID_PASSWORD)
+
+
+# --- creation ------------------------------------------------------------------------------
+KEY_AREA_ALIGN = 4096  # QEMU puts the key slots, and the payload, on 4 KiB boundaries
+MIN_ITERS = 1000  # QEMU's floor for slot and digest iterations
+DIGEST_ITER_TIME_MS = 125  # the master key digest gets 1/8 s of PBKDF2
+
+
+def cipher_spec(alg: str, mode: str, ivgen: str, ivhash: str | None) -> tuple[str, str, int]:
+    """QAPI's ``aes-256`` + ``xts`` + ``plain64``: the header's cipher name, mode text and
+    key length (an XTS key is two keys)."""
+    name, _, bits = alg.partition("-")
+    key_bytes = int(bits or 0) // 8 * (2 if mode == "xts" else 1)
+    mode_text = f"{mode}-{ivgen}" + (f":{ivhash}" if ivgen == "essiv" and ivhash else "")
+    return name, mode_text, key_bytes
+
+
+def layout(key_bytes: int) -> tuple[list[int], int]:
+    """The key slots' offsets and the payload's, in sectors (QEMU's placement)."""
+    align = KEY_AREA_ALIGN // SECTOR_SIZE
+    slot_sectors = -(-key_bytes * STRIPES // SECTOR_SIZE)
+    stride = -(-slot_sectors // align) * align
+    offsets = [align + i * stride for i in range(NUM_SLOTS)]
+    return offsets, align + NUM_SLOTS * stride
+
+
+def iterations_per_second(hash_name: str, key_bytes: int) -> int:
+    """PBKDF2 iterations this CPU does in one second (QEMU benchmarks it the same way, on
+    the thread's CPU time)."""
+    import time
+
+    count = 1 << 14
+    while True:
+        start = time.thread_time()
+        pbkdf2(hash_name, b"benchmark", bytes(32), count, key_bytes)
+        spent = time.thread_time() - start
+        if spent >= 0.05 or count >= 1 << 26:
+            return max(1, int(count / max(spent, 1e-6)))
+        count *= 4
+
+
+def build_image_header(
+    password: bytes,
+    cipher_name: str,
+    mode_text: str,
+    hash_name: str,
+    key_bytes: int,
+    iter_time_ms: int,
+    random: Callable[[int], bytes],
+    uuid: str,
+) -> tuple[bytes, int]:
+    """A LUKS1 header with key slot 0 holding a fresh master key for ``password``: the bytes
+    from offset 0 to the payload, and the payload's offset in bytes."""
+    offsets, payload = layout(key_bytes)
+    master = random(key_bytes)
+    speed = iterations_per_second(hash_name, key_bytes)
+    mk_iters = max(MIN_ITERS, speed * DIGEST_ITER_TIME_MS // 1000)
+    slot_iters = max(MIN_ITERS, min(0xFFFFFFFF, speed * iter_time_ms // 1000))
+    mk_salt, slot_salt = random(32), random(32)
+    mk_digest = pbkdf2(hash_name, master, mk_salt, mk_iters, DIGEST_LEN)
+    h = LuksHeader(cipher_name, mode_text, hash_name, payload, key_bytes, mk_digest, mk_salt,
+                   mk_iters, uuid, [])  # fmt: skip
+    slot_key = pbkdf2(hash_name, password, slot_salt, slot_iters, key_bytes)
+    split = af_split(master, STRIPES, hash_name, random)
+    split += bytes(h.slot_bytes() - len(split))
+    material = payload_cipher(h, slot_key).encrypt(split, 0)
+    out = bytearray(payload * SECTOR_SIZE)
+    _HEAD.pack_into(
+        out, 0, MAGIC, 1, cipher_name.encode(), mode_text.encode(), hash_name.encode(),
+        payload, key_bytes, mk_digest, mk_salt, mk_iters, uuid.encode(),
+    )  # fmt: skip
+    for i, sector in enumerate(offsets):
+        active, iters, salt = (SLOT_ACTIVE, slot_iters, slot_salt) if i == 0 else (
+            SLOT_DISABLED, 0, bytes(32))  # fmt: skip
+        _SLOT.pack_into(out, _HEAD.size + i * _SLOT.size, active, iters, salt, sector, STRIPES)
+    out[offsets[0] * SECTOR_SIZE : offsets[0] * SECTOR_SIZE + len(material)] = material
+    return bytes(out), payload * SECTOR_SIZE
