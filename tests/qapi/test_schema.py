@@ -182,6 +182,7 @@ def test_json_schema_of_a_union() -> None:
         "copy-before-write",
         "copy-on-read",
         "file",
+        "luks",
         "nbd",
         "null-co",
         "qcow2",
