@@ -1,0 +1,219 @@
+"""The block-commit and change-backing-file conversation both daemons are held to
+(tests/jobs/test_commit.py), on chains base <- mid <- top made with qemu-img/qemu-io (one of
+them with its base's writes failing through blkdebug); normalised as mirror_script does, the
+images' backing file names (as qemu-img reads them) appended.
+``python commit_script.py`` records QEMU 11.1's transcript into data/commit_events.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data" / "commit_events.json"
+IMAGES = ("base", "mid", "top", "ebase", "emid", "etop", "small")
+
+
+def make_chains(workdir: Path) -> None:
+    """base (0-512K: 1s) <- mid (256K-512K: 2s) <- top (768K-832K: 3s), 1 MiB each; the
+    same again as ebase <- emid <- etop; small: a lone 512 KiB image."""
+
+    def sh(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True, cwd=workdir)
+
+    for name in IMAGES:
+        (workdir / f"{name}.qcow2").unlink(missing_ok=True)
+    for p in ("", "e"):
+        sh("qemu-img", "create", "-q", "-f", "qcow2", f"{p}base.qcow2", "1M")
+        sh("qemu-io", "-c", "write -P 1 0 512k", f"{p}base.qcow2")
+        for name, below, write in (("mid", "base", "2 256k 256k"), ("top", "mid", "3 768k 64k")):
+            img, back = f"{p}{name}.qcow2", f"{p}{below}.qcow2"
+            sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", back, "-F", "qcow2", img)
+            sh("qemu-io", "-c", f"write -P {write}", img)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "small.qcow2", "512k")
+
+
+def _q(name: str, backing: str | None = None, file: Any = None) -> list[Any]:
+    opts: dict[str, Any] = {
+        "driver": "qcow2",
+        "node-name": name,
+        "file": file or {"driver": "file", "filename": f"{name}.qcow2"},
+    }
+    if backing is not None:
+        opts["backing"] = backing
+    return ["blockdev-add", opts]
+
+
+def _c(**args: Any) -> list[Any]:
+    return ["block-commit", {k.replace("_", "-"): v for k, v in args.items()}]
+
+
+def _failing(name: str) -> dict[str, Any]:
+    """A file whose first write fails with EIO (blkdebug's default errno, once)."""
+    rule = {"event": "write_aio", "once": True}
+    return {
+        "driver": "blkdebug",
+        "inject-error": [rule],
+        "image": {"driver": "file", "filename": f"{name}.qcow2"},
+    }
+
+
+ERRORS: list[list[Any]] = [
+    _c(job_id="c", device="nope"),
+    _c(job_id="c", device="mid"),
+    _c(job_id="c", device="base"),
+    _c(job_id="c", device="top", top="x", top_node="mid"),
+    _c(job_id="c", device="top", top_node="nope"),
+    _c(job_id="c", device="top", top_node="small"),
+    _c(job_id="c", device="top", top="nope.qcow2"),
+    _c(job_id="c", device="top", base="x", base_node="base"),
+    _c(job_id="c", device="top", base_node="nope"),
+    _c(job_id="c", device="top", base_node="small"),
+    _c(job_id="c", device="top", base="nope.qcow2"),
+    _c(job_id="c", device="top", top_node="base"),
+    _c(job_id="c", device="top", top_node="mid", base_node="mid"),
+    _c(job_id="c", device="top", top_node="base", base_node="mid"),
+    _c(job_id="c", device="top", base_node="top"),
+    _c(job_id="c", device="top", backing_file="x"),
+    _c(job_id="c", device="top", top_node="mid", speed=-1),
+    _c(job_id="c", device="top", speed=-1),
+    _c(device="top", top_node="mid"),
+    _c(device="top"),
+    _c(job_id="c", device="top", top="mid.qcow2", base="base.qcow2", filter_node_name="top"),
+    _c(job_id="c", device="top", filter_node_name="top"),
+    ["change-backing-file", {"device": "nope", "image-node-name": "mid", "backing-file": "x"}],
+    ["change-backing-file", {"device": "top", "image-node-name": "nope", "backing-file": "x"}],
+    ["change-backing-file", {"device": "top", "image-node-name": "small", "backing-file": "x"}],
+    ["change-backing-file", {"device": "mid", "image-node-name": "mid", "backing-file": "x"}],
+    ["change-backing-file", {"device": "top", "image-node-name": "emid", "backing-file": "x"}],
+]
+
+JOBS: list[list[Any]] = [
+    # an intermediate commit held back by its speed: what it blocks, pause, resume, cancel
+    _c(job_id="c1", device="top", top_node="mid", speed=1),
+    ["query-block-jobs", {}],
+    _c(job_id="c2", device="top"),
+    ["block-stream", {"job-id": "s", "device": "top"}],
+    ["blockdev-del", {"node-name": "mid"}],
+    ["blockdev-del", {"node-name": "base"}],
+    ["change-backing-file", {"device": "top", "image-node-name": "mid", "backing-file": "x"}],
+    ["block-job-pause", {"device": "c1"}],
+    ["settle", "c1"],
+    ["block-job-cancel", {"device": "c1"}],
+    ["block-job-resume", {"device": "c1"}],
+    ["until", ["c1", "running"]],
+    ["block-job-cancel", {"device": "c1"}],
+    ["settle-gone", "c1"],
+    # the same to its end, finalized and dismissed by hand
+    _c(job_id="c1", device="top", top_node="mid", auto_finalize=False, auto_dismiss=False),
+    ["settle", "c1"],
+    ["query-block-jobs", {}],
+    ["job-finalize", {"id": "c1"}],
+    ["settle", "c1"],
+    ["job-dismiss", {"id": "c1"}],
+    ["blockdev-del", {"node-name": "mid"}],
+    # active commit: ready, then pivot on complete
+    _c(job_id="a", device="top"),
+    ["settle", "a"],
+    ["query-block-jobs", {}],
+    _c(job_id="a2", device="top"),
+    ["blockdev-del", {"node-name": "base"}],
+    ["block-job-complete", {"device": "a"}],
+    ["settle-past-ready", "a"],
+    ["change-backing-file", {"device": "top", "image-node-name": "top", "backing-file": "f.qcow2"}],
+    # errors on the base: stop (then resume: the write is tried again), report
+    _c(job_id="e1", device="etop", top_node="emid", on_error="stop"),
+    ["settle", "e1"],
+    ["query-block-jobs", {}],
+    ["block-job-resume", {"device": "e1"}],
+    ["settle-gone", "e1"],
+    ["blockdev-del", {"node-name": "etop"}],
+    ["blockdev-del", {"node-name": "emid"}],
+    ["blockdev-del", {"node-name": "ebase"}],
+    _q("ebase", file=_failing("ebase")),
+    _q("emid", "ebase"),
+    _q("etop", "emid"),
+    _c(job_id="e2", device="etop", top_node="emid"),
+    ["settle-gone", "e2"],
+    # an active commit whose base fails once: ignore goes on
+    _c(job_id="e3", device="etop", on_error="ignore"),
+    ["settle", "e3"],
+    ["block-job-cancel", {"device": "e3"}],
+    ["settle-past-ready", "e3"],
+    ["change-backing-file", {"device": "etop", "image-node-name": "emid", "backing-file": ""}],
+]
+
+SCRIPT: list[list[Any]] = [
+    _q("base"),
+    _q("mid", "base"),
+    _q("top", "mid"),
+    _q("small"),
+    _q("ebase", file=_failing("ebase")),
+    _q("emid", "ebase"),
+    _q("etop", "emid"),
+    *ERRORS,
+    *JOBS,
+]
+
+
+def backing_names(workdir: Path) -> dict[str, Any]:
+    """What qemu-img reads as each image's backing file name and format."""
+    out = {}
+    for name in IMAGES:
+        info = subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", f"{name}.qcow2"],
+            check=True,
+            capture_output=True,
+            cwd=workdir,
+        )
+        got = json.loads(info.stdout)
+        out[name] = [got.get("backing-filename"), got.get("backing-filename-format")]
+    return out
+
+
+def _run(daemon: Any, script: list[list[Any]]) -> list[Any]:
+    """conversation.run, plus ``["until", [job, status]]``: wait until the job shows the
+    status (QEMU's resume runs the job up to its next yield before replying; qsd-py's job
+    runs on the loop's next turn), then collect the events."""
+    from conversation import run
+
+    out: list[Any] = []
+    for entry in script:
+        if entry[0] != "until":
+            out += run(daemon, [entry])
+            continue
+        job, status = entry[1]
+        deadline = time.monotonic() + 20
+        while not any(
+            j["id"] == job and j["status"] == status for j in daemon.cmd("query-jobs")["return"]
+        ):
+            assert time.monotonic() < deadline, f"{job} never {status}"
+            time.sleep(0.002)
+        out.append({"events": daemon.events()})
+    return out
+
+
+def run_script(real: bool, workdir: Path) -> list[Any]:
+    from conversation import Daemon
+    from mirror_script import normalise
+
+    make_chains(workdir)
+    daemon = Daemon(workdir, real)
+    try:
+        out = normalise(_run(daemon, SCRIPT))
+    finally:
+        daemon.close()
+    return [*out, {"backing": backing_names(workdir)}]
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [str(HERE), str(HERE.parent)]
+    work = Path("/tmp/qsd-cmp/commit-record")
+    os.makedirs(work, exist_ok=True)
+    DATA.write_text(json.dumps(run_script(True, work), indent=1) + "\n")
+    print(f"wrote {DATA}")
