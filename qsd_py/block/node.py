@@ -216,6 +216,8 @@ class BlockNode:
             self._raise_if_conflict(required_by=new, unshared_by=other)
 
     def _raise_if_conflict(self, required_by: NodeUser, unshared_by: NodeUser) -> None:
+        if required_by.key in unshared_by.tolerates:
+            return
         both = required_by.perm & ~unshared_by.shared & PERM_ALL
         if both:
             raise QMPError(

@@ -39,9 +39,8 @@ CHUNK = 512 * 1024  # QEMU's COMMIT_BUFFER_SIZE
 BUSY = "block device is in use by block job: commit"
 # Drivers QEMU calls protocols: backing-mask-protocol records their format as raw.
 PROTOCOLS = {"file", "host_device", "host_cdrom", "nbd", "rbd", "null-co", "null-aio"}
-# What the covered nodes let others do (QEMU: write and write unchanged; consistent read is
-# shared here since qsd-py has no commit filter to take the chain's reads off them).
-INTERMEDIATE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED
+# What the covered nodes let others do: write and write unchanged, as QEMU.
+INTERMEDIATE_SHARED = Perm.WRITE | Perm.WRITE_UNCHANGED
 
 
 async def allocated_above(top: BlockNode, base: BlockNode, offset: int, n: int) -> tuple[int, bool]:
@@ -55,12 +54,17 @@ async def allocated_above(top: BlockNode, base: BlockNode, offset: int, n: int) 
     return n, False
 
 
-def _block(job: BlockJob, nodes: list[BlockNode], shared: Perm, role: str) -> None:
+def _block(
+    job: BlockJob, nodes: list[BlockNode], shared: Perm, role: str, above: BlockNode | None = None
+) -> None:
     """QEMU's block_job_add_bdrv: the job uses each node (no permission of its own) and
-    blocks operations on it."""
+    blocks operations on it. The parent nodes in the chain keep reading (QEMU's filter
+    node takes their reads off the covered nodes), and so does every user of ``above``
+    (the node QEMU inserts its filter over: its users then use the filter)."""
     for node in nodes:
         desc = f"commit job '{job.id}' (uses node '{node.node_name}' as '{role}' child)"
-        node.set_user(NodeUser(job._user_key(node), Perm(0), shared, desc))
+        keep = frozenset(k for k, u in node.users.items() if u.is_parent or node is above)
+        node.set_user(NodeUser(job._user_key(node), Perm(0), shared, desc, tolerates=keep))
         job._used.append(node)
         node.blockers[job.id] = BUSY
 
@@ -111,7 +115,7 @@ class CommitJob(BlockJob):
         self._used.append(dev)
         dev.blockers[self.id] = BUSY
         covered = [self.top, *chain_below(self.top, self.base)]
-        _block(self, covered, INTERMEDIATE_SHARED, "intermediate node")
+        _block(self, covered, INTERMEDIATE_SHARED, "intermediate node", above=self.top)
         base = self.base
         _block(self, [base], PERM_ALL, "base")
         perm = Perm.CONSISTENT_READ | Perm.WRITE
