@@ -68,6 +68,8 @@ COMMANDS = {
     "blockdev-mirror",
     "drive-mirror",
     "block-stream",
+    "block-commit",
+    "change-backing-file",
 }
 
 
