@@ -90,7 +90,7 @@ def test_exactly_the_supported_commands() -> None:
     schema = load_schema()
     assert set(schema.command_names()) == COMMANDS
     assert all(schema.has_command(c) for c in COMMANDS)
-    assert not schema.has_command("block-commit")
+    assert not schema.has_command("human-monitor-command")
     assert set(schema.event_names()) == EVENTS
 
 
