@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.node import STATUS_ALLOCATED
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
+from qsd_py.block.writable import set_read_only
 from qsd_py.errors import QMPError
 from qsd_py.jobs import mirror
 from qsd_py.jobs.blockjob import BlockJob
@@ -101,6 +102,7 @@ class CommitJob(BlockJob):
         self.mask_protocol = mask_protocol
         self.on_error = on_error
         self.filter_node_name = filter_node_name
+        self.base_read_only = False  # reopened writable for the job: read-only again after
 
     # --- nodes ----------------------------------------------------------------------------
     def take_nodes(self) -> None:
@@ -131,6 +133,12 @@ class CommitJob(BlockJob):
         for node in self._used:
             node.blockers.pop(self.id, None)
         super().release_nodes()
+
+    async def clean(self) -> None:
+        """Let go of the nodes; a base that was read-only is so again (QEMU's commit_clean)."""
+        self.release_nodes()
+        if self.base_read_only:
+            await set_read_only(self.base, True)
 
     # --- the copy -------------------------------------------------------------------------
     async def run(self) -> None:
@@ -217,9 +225,19 @@ class ActiveCommitJob(mirror.MirrorJob):
     async def top_allocated(self, offset: int, length: int) -> tuple[int, bool]:
         return await allocated_above(self.source, self.target, offset, length)
 
+    base_read_only = False  # reopened writable for the job: read-only again unless pivoted
+    pivoted = False
+
+    def _pivot(self) -> None:
+        self.pivoted = True
+        super()._pivot()
+
     async def clean(self) -> None:
-        """The base is a node of the chain: it stays open."""
+        """The base is a node of the chain: it stays open; read-only again if it was and the
+        job ended without the pivot (after it, the base is the active layer)."""
         self.release_nodes()
+        if self.base_read_only and not self.pivoted:
+            await set_read_only(self.target, True)
 
     def type_info(self) -> dict[str, Any]:
         return {}  # BlockJobInfo's branch is mirror's only
@@ -314,7 +332,7 @@ async def start(graph: BlockGraph, jobs: JobRegistry, args: dict[str, Any]) -> B
         "auto_dismiss": args.get("auto-dismiss", True),
     }
     if top is dev or top.cumulative_perms()[0] & Perm.WRITE:
-        return _start_active(graph, jobs, args, dev, top, base, common)
+        return await _start_active(graph, jobs, args, dev, top, base, common)
     overlay = _overlay(dev, top)
     for reason in overlay.blockers.values():
         raise QMPError(f"Node '{overlay.node_name}' is busy: {reason}")
@@ -332,11 +350,24 @@ async def start(graph: BlockGraph, jobs: JobRegistry, args: dict[str, Any]) -> B
         filter_node_name=args.get("filter-node-name"),
         **common,
     )
-    job.launch(args.get("speed", 0))
+    await _launch_writable(job, base, args)
     return job
 
 
-def _start_active(
+async def _launch_writable(job: CommitJob | ActiveCommitJob, base: BlockNode, args: dict) -> None:
+    """Launch ``job`` with ``base`` writable (QEMU reopens a read-only base read-write for
+    the job and back when the job does not start or ends)."""
+    job.base_read_only = base.read_only
+    await set_read_only(base, False)
+    try:
+        job.launch(args.get("speed", 0))
+    except BaseException:
+        if job.base_read_only:
+            await set_read_only(base, True)
+        raise
+
+
+async def _start_active(
     graph: BlockGraph,
     jobs: JobRegistry,
     args: dict[str, Any],
@@ -369,7 +400,7 @@ def _start_active(
         on_target_error=on_error,
         **common,
     )
-    job.launch(args.get("speed", 0))
+    await _launch_writable(job, base, args)
     return job
 
 
@@ -392,5 +423,11 @@ async def change_backing_file(graph: BlockGraph, args: dict[str, Any]) -> None:
     set_backing = getattr(image, "set_backing_file", None)
     if set_backing is None or len(name.encode()) > 1023:
         raise QMPError(f"Could not change backing file to '{name}': Invalid argument")
-    async with image.drained():
-        await set_backing(name, image.driver)
+    was_read_only = image.read_only
+    await set_read_only(image, False)
+    try:
+        async with image.drained():
+            await set_backing(name, image.driver)
+    finally:
+        if was_read_only:
+            await set_read_only(image, True)

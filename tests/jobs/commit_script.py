@@ -16,19 +16,20 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "commit_events.json"
-IMAGES = ("base", "mid", "top", "ebase", "emid", "etop", "small")
+IMAGES = ("base", "mid", "top", "ebase", "emid", "etop", "rbase", "rmid", "rtop", "small")
 
 
 def make_chains(workdir: Path) -> None:
     """base (0-512K: 1s) <- mid (256K-512K: 2s) <- top (768K-832K: 3s), 1 MiB each; the
-    same again as ebase <- emid <- etop; small: a lone 512 KiB image."""
+    same again as ebase <- emid <- etop and rbase <- rmid <- rtop; small: a lone 512 KiB
+    image."""
 
     def sh(*argv: str) -> None:
         subprocess.run(argv, check=True, capture_output=True, cwd=workdir)
 
     for name in IMAGES:
         (workdir / f"{name}.qcow2").unlink(missing_ok=True)
-    for p in ("", "e"):
+    for p in ("", "e", "r"):
         sh("qemu-img", "create", "-q", "-f", "qcow2", f"{p}base.qcow2", "1M")
         sh("qemu-io", "-c", "write -P 1 0 512k", f"{p}base.qcow2")
         for name, below, write in (("mid", "base", "2 256k 256k"), ("top", "mid", "3 768k 64k")):
@@ -148,6 +149,42 @@ JOBS: list[list[Any]] = [
     ["change-backing-file", {"device": "etop", "image-node-name": "emid", "backing-file": ""}],
 ]
 
+
+def _ro(name: str, backing: str | None = None) -> list[Any]:
+    cmd = _q(name, backing)
+    cmd[1]["read-only"] = True
+    return cmd
+
+
+# a read-only base (as libvirt opens backing images) is made writable for the job and
+# read-only again after it, unless an active commit pivoted onto it; likewise a read-only
+# image for change-backing-file
+READ_ONLY: list[list[Any]] = [
+    _ro("rbase"),
+    _ro("rmid", "rbase"),
+    _q("rtop", "rmid"),
+    _c(job_id="r1", device="rtop", top_node="rmid", speed=1),
+    ["ro", ["rbase", "rmid", "rtop"]],
+    ["block-job-cancel", {"device": "r1"}],
+    ["settle-gone", "r1"],
+    ["ro", ["rbase", "rmid", "rtop"]],
+    ["change-backing-file", {"device": "rtop", "image-node-name": "rmid", "backing-file": "b"}],
+    ["ro", ["rbase", "rmid", "rtop"]],
+    _c(job_id="r2", device="rtop", speed=1),
+    ["ro", ["rbase", "rmid", "rtop"]],
+    ["block-job-cancel", {"device": "r2", "force": True}],
+    ["settle-gone", "r2"],
+    ["ro", ["rbase", "rmid", "rtop"]],
+    _c(job_id="r3", device="rtop", top_node="rmid"),
+    ["settle-gone", "r3"],
+    ["ro", ["rbase", "rmid", "rtop"]],
+    _c(job_id="r4", device="rtop"),
+    ["settle", "r4"],
+    ["block-job-complete", {"device": "r4"}],
+    ["settle-past-ready", "r4"],
+    ["ro", ["rbase", "rmid", "rtop"]],
+]
+
 SCRIPT: list[list[Any]] = [
     _q("base"),
     _q("mid", "base"),
@@ -158,6 +195,7 @@ SCRIPT: list[list[Any]] = [
     _q("etop", "emid"),
     *ERRORS,
     *JOBS,
+    *READ_ONLY,
 ]
 
 
@@ -179,11 +217,18 @@ def backing_names(workdir: Path) -> dict[str, Any]:
 def _run(daemon: Any, script: list[list[Any]]) -> list[Any]:
     """conversation.run, plus ``["until", [job, status]]``: wait until the job shows the
     status (QEMU's resume runs the job up to its next yield before replying; qsd-py's job
-    runs on the loop's next turn), then collect the events."""
+    runs on the loop's next turn), then collect the events; and ``["ro", names]``: which of
+    these nodes are read-only."""
     from conversation import run
 
     out: list[Any] = []
     for entry in script:
+        if entry[0] == "ro":  # which of the named nodes are read-only
+            nodes = daemon.cmd("query-named-block-nodes", {"flat": True})["return"]
+            out.append(
+                {"ro": {n["node-name"]: n["ro"] for n in nodes if n["node-name"] in entry[1]}}
+            )
+            continue
         if entry[0] != "until":
             out += run(daemon, [entry])
             continue
@@ -205,7 +250,11 @@ def run_script(real: bool, workdir: Path) -> list[Any]:
     make_chains(workdir)
     daemon = Daemon(workdir, real)
     try:
-        out = normalise(_run(daemon, SCRIPT))
+        out = [
+            e
+            for entry in _run(daemon, SCRIPT)
+            for e in (normalise([entry]) if "ro" not in entry else [entry])
+        ]
     finally:
         daemon.close()
     return [*out, {"backing": backing_names(workdir)}]
