@@ -6,6 +6,7 @@ images' backing file names (as qemu-img reads them) appended.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -200,17 +201,34 @@ SCRIPT: list[list[Any]] = [
 
 
 def backing_names(workdir: Path) -> dict[str, Any]:
-    """What qemu-img reads as each image's backing file name and format."""
+    """What qemu-img reads as each image's backing file name and format, whether its check
+    is clean, and a digest of the data the image holds itself (its backing left out)."""
     out = {}
     for name in IMAGES:
+        img = f"{name}.qcow2"
         info = subprocess.run(
-            ["qemu-img", "info", "-U", "--output=json", f"{name}.qcow2"],
+            ["qemu-img", "info", "-U", "--output=json", img],
             check=True,
             capture_output=True,
             cwd=workdir,
         )
         got = json.loads(info.stdout)
-        out[name] = [got.get("backing-filename"), got.get("backing-filename-format")]
+        alone = "json:" + json.dumps(
+            {"driver": "qcow2", "backing": None, "file": {"driver": "file", "filename": img}}
+        )
+        check = subprocess.run(["qemu-img", "check", alone], capture_output=True, cwd=workdir)
+        raw = workdir / f"{name}.own"
+        subprocess.run(
+            ["qemu-img", "convert", "-O", "raw", alone, str(raw)], check=True, cwd=workdir
+        )
+        digest = hashlib.sha256(raw.read_bytes()).hexdigest()
+        raw.unlink()
+        out[name] = [
+            got.get("backing-filename"),
+            got.get("backing-filename-format"),
+            check.returncode,
+            digest,
+        ]
     return out
 
 
