@@ -117,9 +117,9 @@ class MirrorJob(BlockJob):
             raise QMPError(
                 f"Permission conflict on node '{fil}': permissions 'resize' are both required "
                 f"by an unnamed block device (uses node '{fil}' as 'root' child) and unshared "
-                f"by mirror job '{self.id}' (uses node '{fil}' as 'main node' child)."
+                f"by {self.job_type} job '{self.id}' (uses node '{fil}' as 'main node' child)."
             )
-        desc = f"mirror job '{self.id}' (uses node '{src.node_name}' as 'source' child)"
+        desc = f"{self.job_type} job '{self.id}' (uses node '{src.node_name}' as 'source' child)"
         src.set_user(
             NodeUser(
                 self._user_key(src),
@@ -139,7 +139,7 @@ class MirrorJob(BlockJob):
             self.release_nodes()
             raise
         self._used.append(tgt)
-        busy = "block device is in use by block job: mirror"
+        busy = f"block device is in use by block job: {self.job_type}"
         src.blockers[self.id] = busy
         tgt.blockers[self.id] = busy
         src.add_dirty_bitmap(self.bitmap)
