@@ -18,6 +18,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "commit_events.json"
 IMAGES = ("base", "mid", "top", "ebase", "emid", "etop", "rbase", "rmid", "rtop", "small")
+IMAGES += ("pmid", "ptop")  # over pbase.raw, a protocol node as base
 
 
 def make_chains(workdir: Path) -> None:
@@ -38,6 +39,11 @@ def make_chains(workdir: Path) -> None:
             sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", back, "-F", "qcow2", img)
             sh("qemu-io", "-c", f"write -P {write}", img)
     sh("qemu-img", "create", "-q", "-f", "qcow2", "small.qcow2", "512k")
+    (workdir / "pbase.raw").unlink(missing_ok=True)
+    sh("qemu-img", "create", "-q", "-f", "raw", "pbase.raw", "1M")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "pbase.raw", "-F", "raw", "pmid.qcow2")
+    sh("qemu-io", "-c", "write -P 9 0 64k", "pmid.qcow2")
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", "pmid.qcow2", "-F", "qcow2", "ptop.qcow2")
 
 
 def _q(name: str, backing: str | None = None, file: Any = None) -> list[Any]:
@@ -186,6 +192,15 @@ READ_ONLY: list[list[Any]] = [
     ["ro", ["rbase", "rmid", "rtop"]],
 ]
 
+# a protocol node as base: backing-mask-protocol records its format as raw
+PROTOCOL: list[list[Any]] = [
+    ["blockdev-add", {"driver": "file", "node-name": "pbase", "filename": "pbase.raw"}],
+    _q("pmid", "pbase"),
+    _q("ptop", "pmid"),
+    _c(job_id="p", device="ptop", top_node="pmid", backing_mask_protocol=True),
+    ["settle-gone", "p"],
+]
+
 SCRIPT: list[list[Any]] = [
     _q("base"),
     _q("mid", "base"),
@@ -197,6 +212,7 @@ SCRIPT: list[list[Any]] = [
     *ERRORS,
     *JOBS,
     *READ_ONLY,
+    *PROTOCOL,
 ]
 
 

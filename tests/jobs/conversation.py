@@ -56,9 +56,18 @@ class Daemon:
                 raise RuntimeError(f"daemon did not start: {self.proc.stderr.read()!r}")
             time.sleep(0.01)
         from qemu.qmp.legacy import QEMUMonitorProtocol
+        from qemu.qmp.protocol import ConnectError
 
-        self.qmp = QEMUMonitorProtocol(str(self.sock))
-        self.qmp.connect()
+        while True:  # the socket file exists from bind() on, before listen()
+            self.qmp = QEMUMonitorProtocol(str(self.sock))
+            try:
+                self.qmp.connect()
+                break
+            except ConnectError as err:
+                refused = isinstance(err.exc, ConnectionRefusedError)
+                if not refused or self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """The reply without its ``id``."""

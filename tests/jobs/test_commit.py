@@ -271,3 +271,39 @@ def wait_export_gone(d: Daemon, export: str, timeout: float = 10.0) -> None:
     while any(e["id"] == export for e in d.cmd("query-block-exports")["return"]):
         assert time.monotonic() < deadline, f"export {export} still there"
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize("kind", ["intermediate", "active"])
+def test_quit_while_a_commit_runs(tmp_path: Path, kind: str) -> None:
+    """``quit`` while a speed-limited commit runs: the daemon exits cleanly, every image
+    checks clean, the chain still reads as before (base's new clusters are invisible under
+    the images that hold those ranges) and top still names mid."""
+    size = 4 * MIB
+    initial = _chain(tmp_path, size)
+    d = Daemon(tmp_path, real=False)
+    try:
+        for name, backing in (("base", None), ("mid", "base"), ("top", "mid")):
+            opts: dict[str, Any] = {
+                "driver": "qcow2",
+                "node-name": name,
+                "file": {"driver": "file", "filename": f"{name}.qcow2"},
+            }
+            if backing:
+                opts["backing"] = backing
+            assert d.cmd("blockdev-add", opts) == {"return": {}}
+        args: dict[str, Any] = {"job-id": "c", "device": "top", "speed": MIB}
+        if kind == "intermediate":
+            args["top-node"] = "mid"
+        assert d.cmd("block-commit", args) == {"return": {}}
+        wait_job(d, "c", "running")
+        time.sleep(0.3)
+        assert d.cmd("query-jobs")["return"][0]["status"] == "running"
+        assert d.cmd("quit") == {"return": {}}
+        assert d.proc.wait(20) == 0
+    finally:
+        d.close()
+    for name in ("base", "mid", "top"):
+        check = qemu_img("check", str(tmp_path / f"{name}.qcow2"))
+        assert check.returncode == 0, check.stdout + check.stderr
+    assert _backing_of(tmp_path / "top.qcow2") == "mid.qcow2"
+    _clean_and_equal(tmp_path, initial, "top.qcow2")
