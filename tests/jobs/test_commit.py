@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
 import time
@@ -307,3 +308,77 @@ def test_quit_while_a_commit_runs(tmp_path: Path, kind: str) -> None:
         assert check.returncode == 0, check.stdout + check.stderr
     assert _backing_of(tmp_path / "top.qcow2") == "mid.qcow2"
     _clean_and_equal(tmp_path, initial, "top.qcow2")
+
+
+def test_full_base_file_system(tmp_path: Path) -> None:
+    """A raw base on a 1 MiB tmpfs under 3 MiB of mid's data: on-error enospc stops the
+    intermediate commit (BLOCK_JOB_ERROR, io-status nospace), a resume once there is room
+    finishes it (base holds the chain's data, top names base); report fails a job with the
+    error and leaves top naming mid."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs: {done.stderr}")
+    d = None
+    size = 4 * MIB
+    base = mnt / "base.raw"
+    data = random.Random(3).randbytes(3 * MIB)
+    model = data + bytes(size - len(data))
+    (tmp_path / "mid.raw").write_bytes(model)
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True, cwd=tmp_path)  # noqa: E731
+    try:
+        for attempt in ("report", "enospc"):
+            with open(base, "wb") as f:  # empty and sparse, and no room
+                f.truncate(size)
+            subprocess.run(["mount", "-o", "remount,size=1m", str(mnt)], check=True)
+            for img in ("mid.qcow2", "top.qcow2"):
+                (tmp_path / img).unlink(missing_ok=True)
+            run("qemu-img", "convert", "-O", "qcow2", "mid.raw", "mid.qcow2")
+            run("qemu-img", "rebase", "-u", "-b", str(base), "-F", "raw", "mid.qcow2")
+            run("qemu-img", "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2",
+                "top.qcow2")  # fmt: skip
+            d = Daemon(tmp_path, real=False)
+            nodes = (
+                {"driver": "raw", "node-name": "base",
+                 "file": {"driver": "file", "filename": str(base)}},
+                {"driver": "qcow2", "node-name": "mid", "backing": "base",
+                 "file": {"driver": "file", "filename": "mid.qcow2"}},
+                {"driver": "qcow2", "node-name": "top", "backing": "mid",
+                 "file": {"driver": "file", "filename": "top.qcow2"}},
+            )  # fmt: skip
+            for opts in nodes:
+                assert d.cmd("blockdev-add", opts) == {"return": {}}
+            args = {"job-id": "c", "device": "top", "top-node": "mid", "on-error": attempt}
+            assert d.cmd("block-commit", args) == {"return": {}}
+            if attempt == "report":
+                wait_job(d, "c", None)
+                ends = [e["data"] for e in d.events() if e["event"] == "BLOCK_JOB_COMPLETED"]
+                assert ends[-1]["error"] == os.strerror(28)
+                d.close()
+                d = None
+                assert _backing_of(tmp_path / "top.qcow2") == "mid.qcow2"
+                continue
+            wait_job(d, "c", "paused")
+            info = d.cmd("query-block-jobs")["return"][0]
+            assert info["io-status"] == "nospace" and info["paused"] is True
+            errors = [e["data"] for e in d.events() if e["event"] == "BLOCK_JOB_ERROR"]
+            assert errors[0] == {"device": "c", "operation": "write", "action": "stop"}
+            subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
+            assert d.cmd("block-job-resume", {"device": "c"}) == {"return": {}}
+            wait_job(d, "c", None)
+            ends = [e["data"] for e in d.events() if e["event"] == "BLOCK_JOB_COMPLETED"]
+            assert ends and "error" not in ends[-1]
+            d.close()
+            d = None
+        assert _backing_of(tmp_path / "top.qcow2") == str(base)
+        check = qemu_img("check", str(tmp_path / "top.qcow2"))
+        assert check.returncode == 0, check.stdout + check.stderr
+        same = qemu_img("compare", "-f", "raw", "-F", "raw", str(tmp_path / "mid.raw"), str(base))
+        assert same.returncode == 0, same.stdout + same.stderr
+    finally:
+        if d is not None:
+            d.close()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
