@@ -19,6 +19,7 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "commit_events.json"
 IMAGES = ("base", "mid", "top", "ebase", "emid", "etop", "rbase", "rmid", "rtop", "small")
 IMAGES += ("pmid", "ptop")  # over pbase.raw, a protocol node as base
+IMAGES += ("wbase", "wmid", "wtop")
 
 
 def make_chains(workdir: Path) -> None:
@@ -31,7 +32,7 @@ def make_chains(workdir: Path) -> None:
 
     for name in IMAGES:
         (workdir / f"{name}.qcow2").unlink(missing_ok=True)
-    for p in ("", "e", "r"):
+    for p in ("", "e", "r", "w"):
         sh("qemu-img", "create", "-q", "-f", "qcow2", f"{p}base.qcow2", "1M")
         sh("qemu-io", "-c", "write -P 1 0 512k", f"{p}base.qcow2")
         for name, below, write in (("mid", "base", "2 256k 256k"), ("top", "mid", "3 768k 64k")):
@@ -201,6 +202,29 @@ PROTOCOL: list[list[Any]] = [
     ["settle-gone", "p"],
 ]
 
+# a writer on an intermediate top makes the commit active: ready, then its users (the
+# export, top's backing link) move to the base; top's image keeps naming wmid
+WRITER: list[list[Any]] = [
+    _q("wbase"),
+    _q("wmid", "wbase"),
+    _q("wtop", "wmid"),
+    ["nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}],
+    [
+        "block-export-add",
+        {"type": "nbd", "id": "w", "node-name": "wmid", "name": "w", "writable": True},
+    ],
+    _c(job_id="w1", device="wtop", top_node="wmid", backing_file="x"),
+    _c(job_id="w1", device="wtop", top_node="wmid"),
+    ["settle", "w1"],
+    ["query-block-jobs", {}],
+    ["block-job-complete", {"device": "w1"}],
+    ["settle-past-ready", "w1"],
+    ["query-block-exports", {}],
+    ["blockdev-del", {"node-name": "wmid"}],
+    ["block-export-del", {"id": "w"}],
+    ["nbd-server-stop", {}],
+]
+
 SCRIPT: list[list[Any]] = [
     _q("base"),
     _q("mid", "base"),
@@ -213,6 +237,7 @@ SCRIPT: list[list[Any]] = [
     *JOBS,
     *READ_ONLY,
     *PROTOCOL,
+    *WRITER,
 ]
 
 
