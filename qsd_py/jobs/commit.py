@@ -140,6 +140,9 @@ class CommitJob(BlockJob):
         if self.base_read_only:
             await set_read_only(self.base, True)
 
+    def do_change(self, opts: dict[str, Any]) -> None:
+        raise QMPError("Job type does not support change")
+
     # --- the copy -------------------------------------------------------------------------
     async def run(self) -> None:
         """QEMU's commit_run: grow the base if needed, then copy what is held above it."""
@@ -241,6 +244,9 @@ class ActiveCommitJob(mirror.MirrorJob):
 
     def type_info(self) -> dict[str, Any]:
         return {}  # BlockJobInfo's branch is mirror's only
+
+    def do_change(self, opts: dict[str, Any]) -> None:
+        raise QMPError("Job type does not support change")  # QEMU's driver has no change
 
 
 # --- starting a commit (block-commit) ---------------------------------------------------------

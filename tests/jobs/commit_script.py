@@ -106,6 +106,10 @@ JOBS: list[list[Any]] = [
     # an intermediate commit held back by its speed: what it blocks, pause, resume, cancel
     _c(job_id="c1", device="top", top_node="mid", speed=1),
     ["query-block-jobs", {}],
+    ["block-job-change", {"id": "c1", "type": "mirror", "copy-mode": "write-blocking"}],
+    ["block-job-change", {"id": "c1", "type": "commit"}],
+    ["block-job-set-speed", {"device": "c1", "speed": -1}],
+    ["block-job-complete", {"device": "c1"}],
     _c(job_id="c2", device="top"),
     ["block-stream", {"job-id": "s", "device": "top"}],
     ["blockdev-del", {"node-name": "mid"}],
@@ -129,6 +133,8 @@ JOBS: list[list[Any]] = [
     # active commit: ready, then pivot on complete
     _c(job_id="a", device="top"),
     ["settle", "a"],
+    ["block-job-change", {"id": "a", "type": "mirror", "copy-mode": "write-blocking"}],
+    ["block-job-set-speed", {"device": "a", "speed": 100}],
     ["query-block-jobs", {}],
     _c(job_id="a2", device="top"),
     ["blockdev-del", {"node-name": "base"}],
