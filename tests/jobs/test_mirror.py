@@ -184,7 +184,7 @@ def test_mirror_under_nbd_load_pivots_without_losing_a_write(
         wait_job(d, "m", None)
         writer.wait_for(30)  # now landing on the target
         written = writer.finish()
-        assert written > before_complete + 30
+        assert written >= before_complete + 30  # wait_for(30) may stop at exactly 30
         events = [e["event"] for e in d.events()]
         assert "BLOCK_JOB_READY" in events and "BLOCK_JOB_COMPLETED" in events
         model = model_after(initial, 42, written)
