@@ -56,6 +56,20 @@ def _serve_top(d: Daemon, sock: Path) -> str:
     return f"nbd+unix:///d?socket={sock}"
 
 
+def _explain(got: bytes, model: bytes, seed: int, writes: int) -> str:
+    """Where the export differs from the model first, and the writes that covered it."""
+    import test_mirror
+
+    at = next(i for i in range(len(model)) if got[i] != model[i])
+    rng = random.Random(seed)
+    covering = []
+    for n in range(writes):
+        off, length, byte = test_mirror.pick(rng, len(model))  # type: ignore[attr-defined]
+        if off <= at < off + length:
+            covering.append((n + 1, off, length, byte))
+    return f"first difference at {at}: {got[at]:#x} != {model[at]:#x}; writes there {covering}"
+
+
 def _clean_and_equal(tmp_path: Path, model: bytes, image: str) -> None:
     check = qemu_img("check", str(tmp_path / image))
     assert check.returncode == 0, check.stdout + check.stderr
@@ -92,7 +106,8 @@ def test_intermediate_commit_under_nbd_load(tmp_path: Path) -> None:
         assert done and "error" not in done[0] and done[0]["type"] == "commit"
         assert "BLOCK_JOB_READY" not in [e["event"] for e in events]
         model = model_after(initial, 31, written)
-        assert read_export(uri, size) == model
+        got = read_export(uri, size)
+        assert got == model, _explain(got, model, 31, written)
     finally:
         if writer is not None and writer.proc.poll() is None:
             writer.proc.kill()
@@ -128,7 +143,8 @@ def test_active_commit_under_nbd_load_pivots_to_base(tmp_path: Path) -> None:
         names = [e["event"] for e in d.events()]
         assert names.index("BLOCK_JOB_READY") < names.index("BLOCK_JOB_COMPLETED")
         model = model_after(initial, 32, written)
-        assert read_export(uri, size) == model
+        got = read_export(uri, size)
+        assert got == model, _explain(got, model, 32, written)
         assert d.cmd("query-block-exports")["return"][0]["node-name"] == "base"
     finally:
         if writer is not None and writer.proc.poll() is None:
