@@ -135,10 +135,13 @@ class CommitJob(BlockJob):
         super().release_nodes()
 
     async def clean(self) -> None:
-        """Let go of the nodes; a base that was read-only is so again (QEMU's commit_clean)."""
+        """Let go of the nodes; a base that was read-only is so again (QEMU's commit_clean);
+        implicit nodes the chain no longer reaches are closed (the top and what it alone
+        reads from)."""
         self.release_nodes()
         if self.base_read_only:
             await set_read_only(self.base, True)
+        await self.graph.drop_orphan(self.top)
 
     def do_change(self, opts: dict[str, Any]) -> None:
         raise QMPError("Job type does not support change")
