@@ -20,6 +20,7 @@ DATA = HERE / "data" / "commit_events.json"
 IMAGES = ("base", "mid", "top", "ebase", "emid", "etop", "rbase", "rmid", "rtop", "small")
 IMAGES += ("pmid", "ptop")  # over pbase.raw, a protocol node as base
 IMAGES += ("wbase", "wmid", "wtop")
+IMAGES += ("cbase", "cmid", "ctop")  # opened from the command line, the chain from headers
 
 
 def make_chains(workdir: Path) -> None:
@@ -32,7 +33,7 @@ def make_chains(workdir: Path) -> None:
 
     for name in IMAGES:
         (workdir / f"{name}.qcow2").unlink(missing_ok=True)
-    for p in ("", "e", "r", "w"):
+    for p in ("", "e", "r", "w", "c"):
         sh("qemu-img", "create", "-q", "-f", "qcow2", f"{p}base.qcow2", "1M")
         sh("qemu-io", "-c", "write -P 1 0 512k", f"{p}base.qcow2")
         for name, below, write in (("mid", "base", "2 256k 256k"), ("top", "mid", "3 768k 64k")):
@@ -288,6 +289,9 @@ def _run(daemon: Any, script: list[list[Any]]) -> list[Any]:
 
     out: list[Any] = []
     for entry in script:
+        if entry[0] == "nodes":
+            out.append(_nodes(daemon, entry[1]))
+            continue
         if entry[0] == "ro":  # which of the named nodes are read-only
             nodes = daemon.cmd("query-named-block-nodes", {"flat": True})["return"]
             out.append(
@@ -308,18 +312,71 @@ def _run(daemon: Any, script: list[list[Any]]) -> list[Any]:
     return out
 
 
+# QEMU's qsd-jobs iotest's setting: the top given on the command line, its chain opened from
+# the images' headers (implicit, read-only nodes): an intermediate commit by file name
+# (cancelled, then to its end: the implicit mid goes away), then an active commit
+CLI_ARGS = [
+    "--blockdev",
+    "node-name=file0,driver=file,filename=ctop.qcow2",
+    "--blockdev",
+    "node-name=fmt0,driver=qcow2,file=file0",
+]
+CLI: list[list[Any]] = [
+    ["nodes", 6],
+    _c(job_id="j1", device="fmt0", top="cmid.qcow2", speed=1),
+    ["nodes", 0],
+    ["block-job-cancel", {"device": "j1"}],
+    ["settle-gone", "j1"],
+    _c(job_id="j2", device="fmt0", top="cmid.qcow2"),
+    ["settle-gone", "j2"],
+    ["nodes", 0],
+    _c(job_id="j3", device="fmt0"),
+    ["settle", "j3"],
+    ["nodes", 0],
+    ["block-job-complete", {"device": "j3"}],
+    ["settle-past-ready", "j3"],
+    ["nodes", 0],
+]
+
+
+def _nodes(daemon: Any, wait_for: int) -> dict[str, Any]:
+    """The nodes as (file name, driver, read-only), filter nodes left out (qsd-py inserts
+    none); first waiting until there are ``wait_for`` (qsd-py answers QMP while the command
+    line's nodes still open, QEMU only after)."""
+    deadline = time.monotonic() + 20
+    while True:
+        nodes = daemon.cmd("query-named-block-nodes", {"flat": True})["return"]
+        if len(nodes) >= wait_for or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    got = [
+        [n["file"], n["drv"], n["ro"]]
+        for n in nodes
+        if n["drv"] not in ("commit_top", "mirror_top")
+    ]
+    return {"nodes": sorted(got)}
+
+
+def _normalised(entries: list[Any]) -> list[Any]:
+    """mirror_script's normalisation of replies and events; the ``ro``/``nodes`` records
+    as they are."""
+    from mirror_script import normalise
+
+    return [e for x in entries for e in (normalise([x]) if "cmd" in x or "events" in x else [x])]
+
+
 def run_script(real: bool, workdir: Path) -> list[Any]:
     from conversation import Daemon
-    from mirror_script import normalise
 
     make_chains(workdir)
     daemon = Daemon(workdir, real)
     try:
-        out = [
-            e
-            for entry in _run(daemon, SCRIPT)
-            for e in (normalise([entry]) if "ro" not in entry else [entry])
-        ]
+        out = _normalised(_run(daemon, SCRIPT))
+    finally:
+        daemon.close()
+    daemon = Daemon(workdir, real, CLI_ARGS)
+    try:
+        out += _normalised(_run(daemon, CLI))
     finally:
         daemon.close()
     return [*out, {"backing": backing_names(workdir)}]
