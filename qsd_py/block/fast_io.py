@@ -311,3 +311,8 @@ def copy_inline(fd: int, buf: memoryview, size: int, pos: int, writing: bool) ->
             return -errno.ENOSPC
         buf[done:size] = bytes(size - done)
     return size
+
+
+def register_plan(node: BlockNode, plan: FastPlan) -> None:
+    """Register a plan made elsewhere with ``node``'s chain, as :func:`plan_for` does."""
+    _register(node, plan)

@@ -196,3 +196,38 @@ async def change_backing_file(daemon: Daemon, args: dict[str, Any]) -> dict[str,
 
     await commit.change_backing_file(daemon.graph, args)
     return {}
+
+
+@qmp_command("blockdev-backup")
+async def blockdev_backup(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Start a backup of node ``device`` to node ``target`` (qsd_py/jobs/backup.py)."""
+    from qsd_py.jobs import backup
+
+    source = daemon.graph.find(args["device"])
+    if source is None:
+        raise QMPError(f"Cannot find device='{args['device']}' nor node-name='{args['device']}'")
+    target = daemon.graph.find(args["target"])
+    if target is None:
+        raise QMPError(f"Cannot find device='{args['target']}' nor node-name='{args['target']}'")
+    await backup.start(daemon.graph, daemon.jobs, source, target, args)
+    return {}
+
+
+@qmp_command("drive-backup")
+async def drive_backup(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """A backup to an image named by its file name, created first unless ``mode`` is
+    ``existing``; the node opened for it is the job's and closed after it."""
+    from qsd_py.jobs import backup
+
+    source = daemon.graph.find(args["device"])
+    if source is None:
+        raise QMPError(f"Cannot find device='{args['device']}' nor node-name='{args['device']}'")
+    for reason in source.blockers.values():
+        raise QMPError(f"Node '{source.node_name}' is busy: {reason}")
+    target = await backup.open_drive_target(daemon.graph, source, args)
+    try:
+        await backup.start(daemon.graph, daemon.jobs, source, target, args)
+    except BaseException:
+        await daemon.graph.drop_orphan(target)
+        raise
+    return {}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from qsd_py.block.child import replace_node
 from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.node import STATUS_ALLOCATED, STATUS_ZERO
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
@@ -333,18 +334,8 @@ class MirrorJob(BlockJob):
 
     def _pivot(self) -> None:
         """Every parent and every user that can follow now uses the target (no await)."""
-        old, new = self.replaces, self.target
         self.release_nodes()
-        for parent in old.parents():
-            for child in list(parent.children.values()):
-                if child.node is old:
-                    child.replace(new)
-        for user in list(old.users.values()):
-            if user.repoint is None or user.is_parent:
-                continue
-            new.set_user(user)
-            old.remove_user(user.key)
-            user.repoint(new)
+        replace_node(self.replaces, self.target)
 
 
 class _Retry(Exception):

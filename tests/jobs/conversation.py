@@ -58,16 +58,15 @@ class Daemon:
         from qemu.qmp.legacy import QEMUMonitorProtocol
         from qemu.qmp.protocol import ConnectError
 
-        while True:  # the socket file exists from bind() on, before listen()
+        while True:  # the socket file appears at bind(), a moment before listen()
             self.qmp = QEMUMonitorProtocol(str(self.sock))
             try:
                 self.qmp.connect()
                 break
-            except ConnectError as err:
-                refused = isinstance(err.exc, ConnectionRefusedError)
-                if not refused or self.proc.poll() is not None or time.monotonic() > deadline:
+            except ConnectError:
+                if time.monotonic() > deadline:
                     raise
-                time.sleep(0.01)
+                time.sleep(0.02)
 
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """The reply without its ``id``."""

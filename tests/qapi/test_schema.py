@@ -65,6 +65,8 @@ COMMANDS = {
     "block-job-finalize",
     "block-job-change",
     "blockdev-create",
+    "blockdev-backup",
+    "drive-backup",
     "blockdev-mirror",
     "drive-mirror",
     "block-stream",
@@ -167,6 +169,7 @@ def test_json_schema_of_a_union() -> None:
     assert options["unevaluatedProperties"] is False
     assert {c["if"]["properties"]["driver"]["const"] for c in options["allOf"]} == {
         "blkdebug",
+        "copy-before-write",
         "copy-on-read",
         "file",
         "nbd",
@@ -174,6 +177,7 @@ def test_json_schema_of_a_union() -> None:
         "qcow2",
         "raw",
         "rbd",
+        "snapshot-access",
         "throttle",
     }
     assert doc["$defs"]["BlockdevRef"] == {

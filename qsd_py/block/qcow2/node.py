@@ -118,6 +118,7 @@ class Qcow2Node(BlockNode):
         self.table: ClusterTable | None = None  # what exports' fast paths may use
         self._cleaner: asyncio.TimerHandle | None = None
         self._dirty_marked = False  # lazy refcounts: the dirty bit is set in the file
+        self.free_byte_offset = 0  # where the next compressed data may go (0: a new cluster)
 
     @property
     def snapshots(self) -> list[Any]:
@@ -628,6 +629,20 @@ class Qcow2Node(BlockNode):
         return data
 
     # --- write ----------------------------------------------------------------------------
+    async def write_compressed(self, offset: int, data: Buffer) -> None:
+        """Write one cluster compressed (backup's ``compress``; compressed_write.py)."""
+        from qsd_py.block.qcow2.compressed_write import write_compressed
+
+        if self.read_only:
+            raise OSError(errno.EROFS, "Block node is read-only")
+        self._check_usable()
+        self.in_flight.enter()
+        try:
+            await write_compressed(self, offset, memoryview(data))
+        finally:
+            self.write_gen += 1
+            self.in_flight.leave()
+
     async def do_write(self, offset: int, data: Buffer) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "Block node is read-only")
