@@ -240,9 +240,10 @@ class ActiveCommitJob(mirror.MirrorJob):
 
     async def clean(self) -> None:
         """The base is a node of the chain: it stays open; read-only again if it was and the
-        job ended without the pivot (after it, the base is the active layer)."""
+        job was aborted (failed or cancelled while running). After the pivot the base is the
+        active layer; a soft cancel in ready leaves it writable too, as QEMU's mirror exit."""
         self.release_nodes()
-        if self.base_read_only and not self.pivoted:
+        if self.base_read_only and not self.pivoted and self.error is not None:
             await set_read_only(self.target, True)
 
     def type_info(self) -> dict[str, Any]:
