@@ -231,19 +231,14 @@ class ActiveCommitJob(mirror.MirrorJob):
     async def top_allocated(self, offset: int, length: int) -> tuple[int, bool]:
         return await allocated_above(self.source, self.target, offset, length)
 
-    base_read_only = False  # reopened writable for the job: read-only again unless pivoted
-    pivoted = False
-
-    def _pivot(self) -> None:
-        self.pivoted = True
-        super()._pivot()
+    base_read_only = False  # reopened writable for the job: read-only again if aborted
 
     async def clean(self) -> None:
         """The base is a node of the chain: it stays open; read-only again if it was and the
         job was aborted (failed or cancelled while running). After the pivot the base is the
         active layer; a soft cancel in ready leaves it writable too, as QEMU's mirror exit."""
         self.release_nodes()
-        if self.base_read_only and not self.pivoted and self.error is not None:
+        if self.base_read_only and self.error is not None:
             await set_read_only(self.target, True)
 
     def type_info(self) -> dict[str, Any]:
