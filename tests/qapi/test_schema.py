@@ -68,6 +68,8 @@ COMMANDS = {
     "blockdev-mirror",
     "drive-mirror",
     "block-stream",
+    "blockdev-snapshot",
+    "blockdev-snapshot-sync",
 }
 
 

@@ -21,6 +21,8 @@ def filename(node: Qcow2Node) -> str:
     not the one the header names (given by reference, or null over a named one)."""
     assert node.header is not None
     overridden = "backing" in node.opts
+    if overridden and "backing" not in full_options(node):
+        overridden = False  # given, but the very one the header names (an overlay's)
     if not overridden or (node.backing is None and node.header.backing_name is None):
         name = node.file.filename()
         if not name.startswith("json:"):

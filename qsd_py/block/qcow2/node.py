@@ -740,6 +740,15 @@ class Qcow2Node(BlockNode):
         self.header.backing_format = fmt if name is not None else None
         await self.write_header()
 
+    async def attach_backing(self, node: BlockNode) -> None:
+        """Read unallocated clusters from ``node`` from now on (an external snapshot makes
+        this node an overlay; the caller drains): the exports' table forgets the zeroes it
+        published for them before any reader can use it again."""
+        self.attach_child("backing", node, *self._cow_perms(*self.cumulative_perms()))
+        if self.table is not None:
+            self.table.clear_all()
+            await self.table.barrier()
+
     async def prepare_fast_write(self, offset: int, length: int) -> bool:
         return await allocate.prepare_fast_write(self, offset, length)
 
