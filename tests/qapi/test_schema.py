@@ -70,6 +70,8 @@ COMMANDS = {
     "block-stream",
     "blockdev-snapshot",
     "blockdev-snapshot-sync",
+    "blockdev-snapshot-internal-sync",
+    "blockdev-snapshot-delete-internal-sync",
 }
 
 

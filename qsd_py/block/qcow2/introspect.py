@@ -68,7 +68,7 @@ def image_extra(node: Qcow2Node) -> dict[str, Any]:
         if h.backing_format is not None:
             extra["backing-filename-format"] = h.backing_format
     if node.snapshots:
-        extra["snapshots"] = [_snapshot_info(sn) for sn in node.snapshots]
+        extra["snapshots"] = [snapshot_info(sn) for sn in node.snapshots]
     extra["format-specific"] = {"type": "qcow2", "data": _format_specific(node)}
     return extra
 
@@ -94,8 +94,9 @@ def _format_specific(node: Qcow2Node) -> dict[str, Any]:
     return data
 
 
-def _snapshot_info(sn: Any) -> dict[str, Any]:
-    """SnapshotInfo of one internal snapshot."""
+def snapshot_info(sn: Any) -> dict[str, Any]:
+    """SnapshotInfo of one internal snapshot (also blockdev-snapshot-delete-internal-sync's
+    reply)."""
     info = {
         "id": sn.id,
         "name": sn.name,
