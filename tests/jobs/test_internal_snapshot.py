@@ -130,3 +130,46 @@ def _pwrite(path: Path, offset: int, data: bytes) -> None:
     finally:
         os.close(fd)
         buf.close()
+
+
+def test_snapshots_under_nbd_load(tmp_path: Path) -> None:
+    """Snapshots taken while a guest writes through NBD without pause: each snapshot reads
+    as the data after some prefix of the writes (in order), the image as all of them, and
+    qemu-img check is clean."""
+    from test_mirror import Writer, model_after
+
+    size = 2 * MIB
+    img = tmp_path / "d.qcow2"
+    assert qemu_img("create", "-f", "qcow2", str(img), str(size)).returncode == 0
+    sock = tmp_path / "nbd.sock"
+    d = Daemon(tmp_path, real=False)
+    try:
+        node = {"driver": "qcow2", "node-name": "d",
+                "file": {"driver": "file", "filename": "d.qcow2"}}  # fmt: skip
+        assert d.cmd("blockdev-add", node) == {"return": {}}
+        addr = {"type": "unix", "data": {"path": str(sock)}}
+        assert d.cmd("nbd-server-start", {"addr": addr}) == {"return": {}}
+        nbd = {"type": "nbd", "id": "e", "node-name": "d", "name": "d", "writable": True}
+        assert d.cmd("block-export-add", nbd) == {"return": {}}
+        writer = Writer(f"nbd+unix:///d?socket={sock}", 21, tmp_path / "stop")
+        bounds = []
+        for name in ("a", "b", "c"):
+            writer.wait_for(25)
+            low = writer.count
+            snap = {"device": "d", "name": name}
+            assert d.cmd("blockdev-snapshot-internal-sync", snap) == {"return": {}}
+            writer.wait_for(1)
+            bounds.append((name, low, writer.count))
+        written = writer.finish()
+    finally:
+        d.close()
+    check = qemu_img("check", str(img))
+    assert check.returncode == 0, check.stdout + check.stderr
+    out = tmp_path / "out.raw"
+    for name, low, high in bounds:
+        conv = qemu_img("convert", "-l", f"snapshot.name={name}", "-O", "raw", str(img), str(out))
+        assert conv.returncode == 0, conv.stderr
+        got = out.read_bytes()
+        assert any(got == model_after(bytes(size), 21, n) for n in range(low, high + 1)), name
+    assert qemu_img("convert", "-O", "raw", str(img), str(out)).returncode == 0
+    assert out.read_bytes() == model_after(bytes(size), 21, written)
