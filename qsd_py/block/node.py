@@ -127,6 +127,7 @@ class BlockNode:
         # from an inline dict and are deleted with this node.
         self.children: dict[str, Child] = {}
         self.implicit = False
+        self.active = True  # False: inactivated (blockdev-set-active), no lock held
         self.in_flight = InFlight()
         # Writes counted and the count at the last flush, as QEMU's write_gen/flushed_gen:
         # a flush with nothing written since the last one is not passed to the disk (and
@@ -703,7 +704,7 @@ class BlockNode:
         ]
         entry.update(
             {
-                "active": True,
+                "active": self.active,
                 "encrypted": False,
                 "detect_zeroes": "off",
                 "bps": 0,

@@ -27,7 +27,7 @@ async def blockdev_snapshot_sync(daemon: Daemon, args: dict[str, Any]) -> dict[s
     return {}
 
 
-# --- internal snapshots -------------------------------------------------------------------------
+# --- internal snapshots ---------------------------------------------------------------------
 def _snapshot_node(daemon: Daemon, device: str) -> Any:
     """The node by name, refused with QEMU's texts while a job or an overlay blocks it."""
     node = daemon.graph.find(device)
@@ -51,7 +51,7 @@ async def blockdev_snapshot_internal_sync(daemon: Daemon, args: dict[str, Any]) 
     node = _snapshot_node(daemon, device)
     if node.read_only:
         raise QMPError(f"Device '{device}' is read only")
-    if not hasattr(node, "snapshots"):
+    if not hasattr(node, "snapshots") or not node.active:
         raise QMPError(
             f"Block format '{node.format_name}' used by device '{device}' does not support "
             "internal snapshots"
@@ -122,3 +122,20 @@ def _strerror(err: OSError) -> str:
 def _text(err: OSError) -> str:
     """A SnapshotError carries QEMU's whole text; anything else is an I/O error."""
     return err.strerror or _strerror(err)
+
+
+# --- reopen and activation ----------------------------------------------------------------
+@qmp_command("blockdev-reopen")
+async def blockdev_reopen(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    from qsd_py.block.reopen import reopen
+
+    await reopen(daemon.graph, args["options"])
+    return {}
+
+
+@qmp_command("blockdev-set-active")
+async def blockdev_set_active(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    from qsd_py.block.reopen import set_active
+
+    await set_active(daemon.graph, args.get("node-name"), args["active"])
+    return {}

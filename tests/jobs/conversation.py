@@ -57,8 +57,15 @@ class Daemon:
             time.sleep(0.01)
         from qemu.qmp.legacy import QEMUMonitorProtocol
 
-        self.qmp = QEMUMonitorProtocol(str(self.sock))
-        self.qmp.connect()
+        while True:  # the socket file appears at bind(), a moment before listen()
+            self.qmp = QEMUMonitorProtocol(str(self.sock))
+            try:
+                self.qmp.connect()
+                break
+            except Exception:  # noqa: BLE001 - the client wraps ECONNREFUSED in its own error
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """The reply without its ``id``."""

@@ -72,6 +72,8 @@ COMMANDS = {
     "blockdev-snapshot-sync",
     "blockdev-snapshot-internal-sync",
     "blockdev-snapshot-delete-internal-sync",
+    "blockdev-reopen",
+    "blockdev-set-active",
 }
 
 
