@@ -74,6 +74,7 @@ COMMANDS = {
     "blockdev-snapshot-delete-internal-sync",
     "blockdev-reopen",
     "blockdev-set-active",
+    "x-blockdev-amend",
 }
 
 
