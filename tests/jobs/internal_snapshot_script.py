@@ -20,6 +20,14 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "internal_snapshot_events.json"
+# Image geometries besides the default one, each with its own recorded transcript.
+VARIANTS = {"extended-l2": "extended_l2=on", "v2": "compat=0.10"}
+
+
+def data_file(variant: str | None) -> Path:
+    return DATA if variant is None else DATA.with_name(f"internal_snapshot_events_{variant}.json")
+
+
 SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, with python3-libnbd
 KIB, MIB = 1 << 10, 1 << 20
 
@@ -80,11 +88,12 @@ SCRIPT: list[list[Any]] = [
 ]  # fmt: skip
 
 
-def make_images(workdir: Path) -> None:
+def make_images(workdir: Path, variant: str | None = None) -> None:
     for name in ("d.qcow2", "ro.qcow2", "r.raw"):
         (workdir / name).unlink(missing_ok=True)
     d = str(workdir / "d.qcow2")
-    _run("qemu-img", "create", "-f", "qcow2", d, "4M")
+    opts = ["-o", VARIANTS[variant]] if variant is not None else []
+    _run("qemu-img", "create", "-f", "qcow2", *opts, d, "4M")
     _run("qemu-io", "-c", "write -P 1 0 1M", "-c", "write -c -P 7 1M 64k",
          "-c", "write -z 2M 64k", "-c", "write -P 11 3M 4k", d)  # fmt: skip
     _run("qemu-img", "create", "-f", "qcow2", str(workdir / "ro.qcow2"), "1M")
@@ -149,10 +158,10 @@ def normalise(entries: list[Any]) -> list[Any]:
     return json.loads(text)
 
 
-def run_script(real: bool, workdir: Path) -> list[Any]:
+def run_script(real: bool, workdir: Path, variant: str | None = None) -> list[Any]:
     from conversation import Daemon
 
-    make_images(workdir)
+    make_images(workdir, variant)
     daemon = Daemon(workdir, real)
     out: list[Any] = []
     try:
@@ -173,5 +182,7 @@ if __name__ == "__main__":
     sys.path[:0] = [str(HERE), str(HERE.parent)]
     work = Path("/tmp/qsd-cmp/isnap-record")
     os.makedirs(work, exist_ok=True)
-    DATA.write_text(json.dumps(run_script(True, work), indent=1) + "\n")
-    print(f"wrote {DATA}")
+    for variant in (None, *VARIANTS):
+        path = data_file(variant)
+        path.write_text(json.dumps(run_script(True, work, variant), indent=1) + "\n")
+        print(f"wrote {path}")

@@ -18,11 +18,13 @@ from test_mirror import qemu_img
 KIB, MIB = 1 << 10, 1 << 20
 
 
-def test_transcript_is_qemus(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", [None, *script.VARIANTS])
+def test_transcript_is_qemus(tmp_path: Path, variant: str | None) -> None:
     """Errors, replies, and then qemu-img check, snapshot list, every snapshot's data and
-    the file's bytes (dates masked): QEMU 11.1's daemon's, recorded."""
-    want = json.loads(script.DATA.read_text())
-    assert script.run_script(False, tmp_path) == want
+    the file's bytes (dates masked): QEMU 11.1's daemon's, recorded (the default image, one
+    with extended L2 entries, a version 2 image)."""
+    want = json.loads(script.data_file(variant).read_text())
+    assert script.run_script(False, tmp_path, variant) == want
 
 
 @pytest.mark.realqsd
@@ -32,12 +34,15 @@ def test_transcript_live_against_qemu() -> None:
 
     tool = require_real_qsd()
     with shared_dir("isnap-live") as work:
-        real = script.run_script(True, work)
-        assert script.run_script(False, work) == real
-        check = subprocess.run([str(tool), "run", "qemu-img", "check", str(work / "d.qcow2")],
-                               capture_output=True, text=True, timeout=60)  # fmt: skip
-        assert check.returncode == 0, check.stdout + check.stderr
-        assert "No errors were found" in check.stdout
+        for variant in (None, *script.VARIANTS):
+            real = script.run_script(True, work, variant)
+            assert script.run_script(False, work, variant) == real
+            check = subprocess.run(
+                [str(tool), "run", "qemu-img", "check", str(work / "d.qcow2")],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert check.returncode == 0, check.stdout + check.stderr
+            assert "No errors were found" in check.stdout
 
 
 def _model(writes: list[tuple[int, int, int]], size: int = 4 * MIB) -> bytes:
