@@ -86,11 +86,15 @@ async def append(old: BlockNode, new: BlockNode) -> None:
         raise QMPError(f"Node '{old.node_name}' is used by '{stuck[0]}', which cannot follow")
     async with old.drained():
         await new.attach_backing(old)  # type: ignore[attr-defined]
+        # No export may write around ``old`` (a queue worker's fast plan) while it moves.
+        old.close_fast_writes(append)
         try:
             _move_users(old, new)
         except BaseException:
             new.children.pop("backing").detach()
             raise
+        finally:
+            old.open_fast_writes(append)
         new.opts = {**new.opts, "backing": old.node_name}
     await make_read_only(old)
 
