@@ -36,7 +36,14 @@ import json, nbd, sys
 h = nbd.NBD()
 h.connect_uri(sys.argv[1])
 for off, n, byte in json.loads(sys.argv[2]):
-    h.pwrite(bytes([byte]) * n, off)
+    if byte == "zero":  # may leave a hole (deallocate)
+        h.zero(n, off)
+    elif byte == "zero-no-hole":
+        h.zero(n, off, nbd.CMD_FLAG_NO_HOLE)
+    elif byte == "trim":
+        h.trim(n, off)
+    else:
+        h.pwrite(bytes([byte]) * n, off)
 h.flush()
 h.shutdown()
 """
@@ -54,9 +61,12 @@ def _del(device: str, **which: str) -> list[Any]:
 WRITES_1 = [(0, 64 * KIB, 2), (3 * MIB, 64 * KIB, 3), (1 * MIB + 4 * KIB, 4 * KIB, 9)]
 WRITES_2 = [(32 * KIB, 64 * KIB, 4), (2 * MIB, 8 * KIB, 5)]
 WRITES_3 = [(0, 4 * KIB, 6), (3 * MIB + 60 * KIB, 8 * KIB, 8)]
+# Zeroes and discards of clusters the snapshots share: only the active image changes.
+ZEROES_4 = [(0, 64 * KIB, "zero"), (128 * KIB, 128 * KIB, "zero-no-hole"),
+            (3 * MIB, 64 * KIB, "trim"), (MIB, 64 * KIB, "zero")]  # fmt: skip
 
 SCRIPT: list[list[Any]] = [
-    ["blockdev-add", {"driver": "qcow2", "node-name": "d",
+    ["blockdev-add", {"driver": "qcow2", "node-name": "d", "discard": "unmap",
                       "file": {"driver": "file", "filename": "d.qcow2"}}],
     ["blockdev-add", {"driver": "qcow2", "node-name": "ro", "read-only": True,
                       "file": {"driver": "file", "filename": "ro.qcow2"}}],
@@ -83,6 +93,7 @@ SCRIPT: list[list[Any]] = [
     _del("d", id="1", name="s3"),
     _del("d", name="2"),
     _isn("d", "s4"),  # id 4: one more than the largest left
+    ["io", ZEROES_4],
     _del("ro", id="1"),  # read-only: fails, and QEMU's list forgets it
     ["query-named-block-nodes", {"flat": True}],
 ]  # fmt: skip
