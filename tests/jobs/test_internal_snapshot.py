@@ -43,6 +43,12 @@ def test_transcript_live_against_qemu() -> None:
             )  # fmt: skip
             assert check.returncode == 0, check.stdout + check.stderr
             assert "No errors were found" in check.stdout
+            listing = subprocess.run(
+                [str(tool), "run", "qemu-img", "snapshot", "-l", str(work / "d.qcow2")],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            names = [line.split()[:2] for line in listing.stdout.splitlines()[2:]]
+            assert names == [[i, n] for i, n, _ in real[-1]["images"]["snapshots"]]
 
 
 def _model(writes: list[tuple[int, int, int]], size: int = 4 * MIB) -> bytes:
