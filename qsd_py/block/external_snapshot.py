@@ -54,6 +54,10 @@ async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> None:
         "read-only": old.read_only,
         "file": {"driver": "file", "filename": path},
     }
+    # QEMU opens the overlay with the old node's flags: its cache mode and discard policy.
+    for key in ("cache", "discard"):
+        if key in old.opts:
+            opts[key] = old.opts[key]
     if driver_class(fmt).supports_backing:
         opts["backing"] = None  # QEMU's BDRV_O_NO_BACKING: the old node is the backing
     if new_name is not None:
