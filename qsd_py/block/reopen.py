@@ -120,6 +120,8 @@ def _plan(graph: BlockGraph, opts: dict[str, Any]) -> tuple[BlockNode, dict[str,
     for key in ("filename", "file", "data-file"):
         if key in opts and _changes(graph, node, key, opts[key]):
             raise QMPError(f"Cannot change the option '{key}'")
+    if opts.get("read-only", False) and not node.read_only and has_writer(node):
+        raise QMPError(f"Read-only block node '{name}' cannot support read-write users")
     return node, opts, backing
 
 
@@ -157,7 +159,8 @@ async def _apply(graph: BlockGraph, node: BlockNode, opts: dict[str, Any], backi
         await _set_backing(graph, node, backing)
     if opts.get("read-only", False):
         if not await make_read_only(node):
-            raise QMPError("Block node is read-only")
+            name = node.node_name
+            raise QMPError(f"Read-only block node '{name}' cannot support read-write users")
     else:
         await make_writable(node)
     keep = {k: node.opts[k] for k in ("file", "data-file") if k in node.opts}

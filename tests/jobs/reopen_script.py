@@ -100,6 +100,24 @@ ACTIVE: list[list[Any]] = [
 ]
 
 
+# read-only both ways with children given by reference, writers, inline children.
+READ_ONLY: list[list[Any]] = [
+    ["blockdev-add", {"driver": "file", "node-name": "f", "filename": "d.qcow2",
+                      "read-only": True}],
+    ["blockdev-add", _qcow2("d", "f", **{"read-only": True})],
+    _d(),  # its file child is read-only
+    _reopen({"driver": "file", "node-name": "f", "filename": "d.qcow2"}, _qcow2("d", "f")),
+    QUERY,
+    ["nbd-server-start", {"addr": {"type": "unix", "data": {"path": "nbd.sock"}}}],
+    ["block-export-add", {"type": "nbd", "id": "e", "node-name": "d", "writable": True}],
+    _d(**{"read-only": True}),  # a writer
+    ["blockdev-add", _qcow2("x", _img("x.qcow2"), **{"read-only": True})],
+    _reopen(_qcow2("x", "#blockNNN")),
+    _reopen({"driver": "file", "node-name": "f", "filename": "other.qcow2"}),
+    QUERY,
+]  # fmt: skip
+
+
 def _amend(job: str, node: str, **options: Any) -> list[Any]:
     return ["x-blockdev-amend", {"job-id": job, "node-name": node, "options": options}]
 
@@ -131,11 +149,11 @@ AMEND: list[list[Any]] = [
     ["query-jobs", None],
 ]
 
-SCRIPTS = {"reopen": REOPEN, "active": ACTIVE, "amend": AMEND}
+SCRIPTS = {"reopen": REOPEN, "read-only": READ_ONLY, "active": ACTIVE, "amend": AMEND}
 
 
 def make_images(workdir: Path) -> None:
-    for name in ("d", "b", "b2", "ro", "n"):
+    for name in ("d", "b", "b2", "ro", "n", "x"):
         path = workdir / f"{name}.qcow2"
         path.unlink(missing_ok=True)
         subprocess.run(["qemu-img", "create", "-f", "qcow2", str(path), "1M"], check=True,
