@@ -180,6 +180,7 @@ def _backing_opt(node: BlockNode) -> Any:
 async def _set_backing(graph: BlockGraph, node: BlockNode, new: BlockNode | None) -> None:
     """Point the ``backing`` child at ``new`` (None: detach), drained."""
     old = node.children.get("backing")
+    old_node = None if old is None else old.node
     async with node.drained():
         if new is None:
             assert old is not None
@@ -189,8 +190,8 @@ async def _set_backing(graph: BlockGraph, node: BlockNode, new: BlockNode | None
             await node.attach_backing(new)  # type: ignore[attr-defined]
         else:
             old.replace(new)
-    if old is not None:
-        await graph.drop_orphan(old.node)
+    if old_node is not None:  # one the node opened itself goes with it, as in QEMU
+        await graph.drop_orphan(old_node)
 
 
 # --- blockdev-set-active ------------------------------------------------------------------------

@@ -118,6 +118,20 @@ READ_ONLY: list[list[Any]] = [
 ]  # fmt: skip
 
 
+# A backing node opened from the header is replaced, then dropped: it goes with its link.
+HEADER_BACKING: list[list[Any]] = [
+    ["blockdev-add", _qcow2("b2", _img("b2.qcow2"), **{"read-only": True})],
+    ["blockdev-add", {"driver": "file", "node-name": "of", "filename": "o.qcow2"}],
+    ["blockdev-add", _qcow2("o", "of")],
+    QUERY,
+    _reopen(_qcow2("o", "of")),  # the header names a backing file: it must be given
+    _reopen(_qcow2("o", "of", backing="b2")),
+    QUERY,
+    _reopen(_qcow2("o", "of", backing=None)),
+    QUERY,
+]
+
+
 def _amend(job: str, node: str, **options: Any) -> list[Any]:
     return ["x-blockdev-amend", {"job-id": job, "node-name": node, "options": options}]
 
@@ -149,7 +163,13 @@ AMEND: list[list[Any]] = [
     ["query-jobs", None],
 ]
 
-SCRIPTS = {"reopen": REOPEN, "read-only": READ_ONLY, "active": ACTIVE, "amend": AMEND}
+SCRIPTS = {
+    "reopen": REOPEN,
+    "read-only": READ_ONLY,
+    "header-backing": HEADER_BACKING,
+    "active": ACTIVE,
+    "amend": AMEND,
+}
 
 
 def make_images(workdir: Path) -> None:
@@ -158,6 +178,9 @@ def make_images(workdir: Path) -> None:
         path.unlink(missing_ok=True)
         subprocess.run(["qemu-img", "create", "-f", "qcow2", str(path), "1M"], check=True,
                        capture_output=True)  # fmt: skip
+    (workdir / "o.qcow2").unlink(missing_ok=True)
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2",
+                    str(workdir / "o.qcow2")], check=True, capture_output=True)  # fmt: skip
     (workdir / "r.raw").unlink(missing_ok=True)
     with open(workdir / "r.raw", "wb") as f:
         f.truncate(1 << 20)
