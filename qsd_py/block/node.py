@@ -130,6 +130,7 @@ class BlockNode:
         # from an inline dict and are deleted with this node.
         self.children: dict[str, Child] = {}
         self.implicit = False
+        self.active = True  # False: inactivated (blockdev-set-active), no lock held
         self.in_flight = InFlight()
         # wr_highest_offset and the write threshold, shared with queue workers (stats.py).
         self.stats = NodeStats()
@@ -795,7 +796,7 @@ class BlockNode:
         ]
         entry.update(
             {
-                "active": True,
+                "active": self.active,
                 "encrypted": False,
                 "detect_zeroes": "off",
                 "bps": 0,

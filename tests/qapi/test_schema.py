@@ -83,6 +83,13 @@ COMMANDS = {
     "block-dirty-bitmap-disable",
     "block-dirty-bitmap-merge",
     "x-debug-block-dirty-bitmap-sha256",
+    "blockdev-snapshot",
+    "blockdev-snapshot-sync",
+    "blockdev-snapshot-internal-sync",
+    "blockdev-snapshot-delete-internal-sync",
+    "blockdev-reopen",
+    "blockdev-set-active",
+    "x-blockdev-amend",
 }
 
 
