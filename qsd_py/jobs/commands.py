@@ -231,3 +231,15 @@ async def drive_backup(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         await daemon.graph.drop_orphan(target)
         raise
     return {}
+
+
+@qmp_command("x-blockdev-amend")
+async def x_blockdev_amend(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Start an ``amend`` job (qsd_py/jobs/amend.py); the driver's refusal is the job's."""
+    from qsd_py.jobs.amend import AmendJob, check
+
+    node = check(daemon.graph.find(args["node-name"]), args["node-name"], args["options"])
+    job = AmendJob(daemon.jobs, args["job-id"], node=node, options=args["options"])
+    daemon.jobs.add(job)
+    job.start()
+    return {}

@@ -40,8 +40,8 @@ import weakref
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from qsd_py.block import fast_io
 from qsd_py.block.fast_map import register_reader_process
+from qsd_py.block.stats import claim_process_row, release_process_row, set_process_row
 from qsd_py.errors import QMPError
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse import worker_wire as wire
@@ -87,6 +87,7 @@ class _Worker:
 
     def __init__(self, cpu: int | None, qids: list[int]) -> None:
         self.cpu = cpu
+        self.row = -1  # its row in the nodes' shared counters (qsd_py/block/stats.py)
         self.qids = qids
         self.pid = 0
         self.writer: asyncio.StreamWriter | None = None
@@ -117,9 +118,6 @@ class WorkerTransport:
         self._abort = abort  # callable: end the FUSE connection (a worker died)
         self.stopping = False
         self.length = SharedLength()
-        # 1 while a job needs every write through the daemon's nodes (see _WriteWatch).
-        self.writes_closed = SharedLength()
-        self._watch: _WriteWatch | None = None
         cpus = sorted(os.sched_getaffinity(0))
         qids: dict[int, list[int]] = {cpu: [] for cpu in cpus}
         for qid in range(queues):
@@ -140,8 +138,6 @@ class WorkerTransport:
         """Fork the workers (call after the INIT reply); each registers its queues' entries.
         Raise QMPError naming the kernel's answer if a REGISTER failed."""
         self.refresh_length()
-        self._watch = _WriteWatch(self.writes_closed)
-        fast_io.register_plan(self.engine.node, self._watch)
         target = self.engine.node.fast_target()
         keep = {self.fd}
         if target is not None and target.file is not None and target.file.fd >= 0:
@@ -162,6 +158,7 @@ class WorkerTransport:
                     raise QMPError(register_failure(q["qid"], q["failure"]))
 
     def _fork(self, w: _Worker, keep: set[int]) -> None:
+        w.row = claim_process_row()
         loop = asyncio.get_running_loop()
         ctl, ctl_child = socket.socketpair()
         stats, stats_child = socket.socketpair()
@@ -344,8 +341,10 @@ class WorkerTransport:
         for task in list(self._tasks):
             task.cancel()
         _LIVE.discard(self)
+        for w in self.workers:
+            release_process_row(w.row)
+            w.row = -1
         self.length.close()
-        self._watch = None
         for w in self.workers:
             if self._table is not None and w.reader >= 0:
                 self._table.unclaim(w.reader)
@@ -360,6 +359,7 @@ def _worker_main(
     """In the forked child: leave the daemon behind, serve the queues, exit."""
     code = 1
     try:
+        set_process_row(w.row)  # before any plan is made here
         _detach(keep, w.cpu)
         code = asyncio.run(_serve(t, w, ctl, stats))
     except BaseException:  # noqa: BLE001 - a worker reports and exits, whatever happened
@@ -398,19 +398,14 @@ def _detach(keep: set[int], cpu: int | None) -> None:
             os.sched_setaffinity(0, {cpu})
 
 
-def _worker_queue(fwd: wire.Forwarder, closed: SharedLength) -> type[UringQueue]:
-    """A :class:`UringQueue` whose engine requests go to the daemon through ``fwd``, and
-    whose writes take that way too while ``closed`` says so."""
+def _worker_queue(fwd: wire.Forwarder) -> type[UringQueue]:
+    """A :class:`UringQueue` whose engine requests go to the daemon through ``fwd`` (and
+    writes too while a node of the plan's chain has its fork page's gate closed: a
+    backup's copy-before-write filter, a stream, a bitmap the worker cannot mark)."""
     from qsd_py.export.fuse import fastpath
     from qsd_py.export.fuse.uring import HANDLED, UringQueue
 
     class WorkerQueue(UringQueue):
-        def _fast(self, entry: Any, plan: Any, writing: bool) -> bool:
-            """No write on the fast path while the daemon says writes are closed."""
-            if writing and closed.read():
-                return False
-            return super()._fast(entry, plan, writing)
-
         def handle(self, entry: Any) -> Awaitable[int | object | None]:
             op = _OPCODE.unpack_from(entry.hdr, 4)[0]
             if op in _STATELESS:
@@ -444,7 +439,7 @@ async def _serve(t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: sock
     engine.node.length = t.length.read  # type: ignore[method-assign]
     fwd = wire.Forwarder()
     reader, fwd.writer = await asyncio.open_unix_connection(sock=ctl)
-    queue_type = _worker_queue(fwd, t.writes_closed)
+    queue_type = _worker_queue(fwd)
     queues = [
         queue_type(
             qid,
@@ -516,25 +511,3 @@ def _answer_stats(sock: socket.socket, queues: list[UringQueue]) -> None:
         sock.setblocking(False)
     except OSError:
         pass
-
-
-class _WriteWatch(fast_io.FastPlan):
-    """A plan that serves nothing: registered in the daemon with the export's node chain,
-    it is told, as every plan is, when a job needs each write through the nodes
-    (``BlockNode.close_fast_writes`` sets ``writable``: a backup's copy-before-write filter,
-    a stream), and publishes that in the page the workers read before each write's fast
-    path. The workers' own plans, copies made after the fork, are never told."""
-
-    __slots__ = ("_cell",)
-
-    def __init__(self, cell: SharedLength) -> None:
-        self._cell = cell
-        super().__init__(fast_io.ENGINE)
-
-    @property  # type: ignore[override]
-    def writable(self) -> bool:
-        return not self._cell.read()
-
-    @writable.setter
-    def writable(self, value: bool) -> None:
-        self._cell.publish(0 if value else 1)
