@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.node import STATUS_ALLOCATED
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
-from qsd_py.block.writable import set_read_only
+from qsd_py.block.reopen import make_read_only, make_writable
 from qsd_py.errors import QMPError
 from qsd_py.jobs import mirror
 from qsd_py.jobs.blockjob import BlockJob
@@ -140,7 +140,7 @@ class CommitJob(BlockJob):
         reads from)."""
         self.release_nodes()
         if self.base_read_only:
-            await set_read_only(self.base, True)
+            await make_read_only(self.base)
         await self.graph.drop_orphan(self.top)
 
     def do_change(self, opts: dict[str, Any]) -> None:
@@ -239,7 +239,7 @@ class ActiveCommitJob(mirror.MirrorJob):
         active layer; a soft cancel in ready leaves it writable too, as QEMU's mirror exit."""
         self.release_nodes()
         if self.base_read_only and self.error is not None:
-            await set_read_only(self.target, True)
+            await make_read_only(self.target)
 
     def type_info(self) -> dict[str, Any]:
         return {}  # BlockJobInfo's branch is mirror's only
@@ -363,12 +363,12 @@ async def _launch_writable(job: CommitJob | ActiveCommitJob, base: BlockNode, ar
     """Launch ``job`` with ``base`` writable (QEMU reopens a read-only base read-write for
     the job and back when the job does not start or ends)."""
     job.base_read_only = base.read_only
-    await set_read_only(base, False)
+    await make_writable(base)
     try:
         job.launch(args.get("speed", 0))
     except BaseException:
         if job.base_read_only:
-            await set_read_only(base, True)
+            await make_read_only(base)
         raise
 
 
@@ -429,10 +429,10 @@ async def change_backing_file(graph: BlockGraph, args: dict[str, Any]) -> None:
     if set_backing is None or len(name.encode()) > 1023:
         raise QMPError(f"Could not change backing file to '{name}': Invalid argument")
     was_read_only = image.read_only
-    await set_read_only(image, False)
+    await make_writable(image)
     try:
         async with image.drained():
             await set_backing(name, image.driver)
     finally:
         if was_read_only:
-            await set_read_only(image, True)
+            await make_read_only(image)
