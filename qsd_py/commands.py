@@ -35,6 +35,7 @@ def load_handlers() -> None:
     """Import every module that registers handlers (kept lazy for start-up time)."""
     import qsd_py.block.bitmap_commands  # noqa: F401
     import qsd_py.block.commands  # noqa: F401
+    import qsd_py.block.snapshot_commands  # noqa: F401
     import qsd_py.export.commands  # noqa: F401
     import qsd_py.export.nbd.commands  # noqa: F401
     import qsd_py.graph_commands  # noqa: F401

@@ -45,6 +45,8 @@ async def block_resize(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     blocker = node.backing_blocker()  # before the driver could say it is read-only
     if blocker is not None:
         raise QMPError(blocker)
+    if not node.active:
+        raise QMPError("Permission 'resize' unavailable on inactive node")
     desc = f"an unnamed block device (uses node '{node.node_name}' as 'root' child)"
     key = f"qmp:block_resize:{next(_resize_ids)}"
     node.set_user(NodeUser(key, Perm.RESIZE, PERM_ALL, desc))

@@ -130,6 +130,7 @@ class BlockNode:
         # from an inline dict and are deleted with this node.
         self.children: dict[str, Child] = {}
         self.implicit = False
+        self.active = True  # False: inactivated (blockdev-set-active), no lock held
         self.in_flight = InFlight()
         # wr_highest_offset and the write threshold, shared with queue workers (stats.py).
         self.stats = NodeStats()
@@ -228,6 +229,8 @@ class BlockNode:
             self._raise_if_conflict(required_by=new, unshared_by=other)
 
     def _raise_if_conflict(self, required_by: NodeUser, unshared_by: NodeUser) -> None:
+        if required_by.key in unshared_by.tolerates:
+            return
         both = required_by.perm & ~unshared_by.shared & PERM_ALL
         if both:
             raise QMPError(
@@ -795,7 +798,7 @@ class BlockNode:
         ]
         entry.update(
             {
-                "active": True,
+                "active": self.active,
                 "encrypted": False,
                 "detect_zeroes": "off",
                 "bps": 0,

@@ -181,6 +181,23 @@ async def block_stream(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+@qmp_command("block-commit")
+async def block_commit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Start a commit job, intermediate or active (qsd_py/jobs/commit.py)."""
+    from qsd_py.jobs import commit
+
+    await commit.start(daemon.graph, daemon.jobs, args)
+    return {}
+
+
+@qmp_command("change-backing-file")
+async def change_backing_file(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    from qsd_py.jobs import commit
+
+    await commit.change_backing_file(daemon.graph, args)
+    return {}
+
+
 @qmp_command("blockdev-backup")
 async def blockdev_backup(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     """Start a backup of node ``device`` to node ``target`` (qsd_py/jobs/backup.py)."""
@@ -213,4 +230,16 @@ async def drive_backup(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     except BaseException:
         await daemon.graph.drop_orphan(target)
         raise
+    return {}
+
+
+@qmp_command("x-blockdev-amend")
+async def x_blockdev_amend(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Start an ``amend`` job (qsd_py/jobs/amend.py); the driver's refusal is the job's."""
+    from qsd_py.jobs.amend import AmendJob, check
+
+    node = check(daemon.graph.find(args["node-name"]), args["node-name"], args["options"])
+    job = AmendJob(daemon.jobs, args["job-id"], node=node, options=args["options"])
+    daemon.jobs.add(job)
+    job.start()
     return {}

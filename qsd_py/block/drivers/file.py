@@ -198,6 +198,18 @@ class FileNode(BlockNode):
             raise
         return True
 
+    async def reopen_writable(self) -> None:
+        """Read-only to read-write (blockdev-reopen): a writable description takes the fd's
+        number (every user of the number writes through it now), and the lock bytes are
+        taken again on it."""
+        new = self._open_fd()
+        try:
+            os.dup2(new, self.fd)
+        finally:
+            os.close(new)
+        self._locked.clear()
+        self.refresh_perms()
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # drops every OFD lock of this description too
@@ -210,11 +222,12 @@ class FileNode(BlockNode):
         one not shared, then test the other side's bytes; undo on conflict."""
         if not self.use_lock or self.fd < 0:
             return
-        want = lock_bytes(perm, shared)
+        want = lock_bytes(perm, shared) if self.active else set()  # inactive: no lock
         old = set(self._locked)
         try:
             self._set_locks(want)
-            self._check_locks(perm, shared)
+            if self.active:
+                self._check_locks(perm, shared)
         except BaseException:
             self._set_locks(old)
             raise

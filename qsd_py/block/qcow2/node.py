@@ -805,6 +805,60 @@ class Qcow2Node(BlockNode):
         self.header.backing_format = fmt if name is not None else None
         await self.write_header()
 
+    async def reopen_writable(self) -> None:
+        """Read-only to read-write (blockdev-reopen): what opening the image for writing
+        does; a corrupt image stays read-only (QEMU's text)."""
+        assert self.header is not None
+        if self.header.corrupt:
+            raise QMPError("qcow2: Image is corrupt; cannot be opened read/write")
+        await self._open_for_writing(self.header)
+
+    async def reactivate(self) -> None:
+        """Active again (blockdev-set-active): another process may have changed the image
+        meanwhile, so the header and tables are read anew; the exports' cluster table stays
+        the same object (their plans hold it), emptied."""
+        assert self.header is not None
+        first = bytearray(min(self.file.length(), 1 << hdr.MAX_CLUSTER_BITS))
+        await self.file.read(0, memoryview(first))
+        try:
+            h = hdr.parse_header(
+                first, read_only=self.read_only, data_file_given="data-file" in self.opts
+            )
+        except hdr.Qcow2Error as err:
+            raise QMPError(str(err)) from err
+        self.header, self.size = h, h.size
+        table, self.table = self.table, None
+        if self._cleaner is not None:
+            self._cleaner.cancel()
+            self._cleaner = None
+        await self._load_metadata(h)
+        await self._load_tables(h)
+        if table is not None:
+            assert self.table is not None
+            self.table.close()
+            self.table = table
+            table.clear_all()
+            await table.barrier()
+        fast_table.publish_missing_tables(self)
+
+    def reopen_options(self) -> None:
+        """blockdev-reopen's new options: the runtime ones (lazy refcounts, discards, ...)."""
+        assert self.header is not None
+        entry_size = 16 if self.header.extended_l2 else 8
+        self.options = parse_options(
+            self.opts, cluster_size=self.cluster_size, virtual_size=self.size,
+            l2_entry_size=entry_size,
+        )  # fmt: skip
+
+    async def attach_backing(self, node: BlockNode) -> None:
+        """Read unallocated clusters from ``node`` from now on (an external snapshot makes
+        this node an overlay; the caller drains): the exports' table forgets the zeroes it
+        published for them before any reader can use it again."""
+        self.attach_child("backing", node, *self._cow_perms(*self.cumulative_perms()))
+        if self.table is not None:
+            self.table.clear_all()
+            await self.table.barrier()
+
     async def prepare_fast_write(self, offset: int, length: int) -> bool:
         if self.crypt is not None:  # workers would write plaintext: never in place
             return False
