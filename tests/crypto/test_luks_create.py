@@ -72,3 +72,37 @@ def test_create_opens_in_qemu_img(qsd, tmp_path: Path, extra: dict, spec: tuple)
     wrong = subprocess.run(["qemu-io", "--object", "secret,id=s0,data=nope", "--image-opts",
                             opts, "-c", "read 0 512"], capture_output=True, text=True)  # fmt: skip
     assert "Invalid password, cannot unlock any keyslot" in wrong.stderr
+
+
+def test_create_encrypted_qcow2(qsd, tmp_path: Path) -> None:
+    image = tmp_path / "new.qcow2"
+    image.touch()
+    daemon = qsd("--object", SECRET, "--blockdev",
+                 f"driver=file,node-name=f0,filename={image}")  # fmt: skip
+    qmp = daemon.qmp()
+    encrypt = {"format": "luks", "key-secret": "s0", "iter-time": 50}
+    try:
+        options = {"driver": "qcow2", "file": "f0", "size": 4 << 20, "encrypt": encrypt}
+        no_key = {**options, "encrypt": {"format": "luks"}}
+        assert _run_job(qmp, no_key) == "Parameter 'encrypt.key-secret' is required for cipher"
+        assert _run_job(qmp, options) is None
+    finally:
+        with contextlib.suppress(Exception):
+            qmp.cmd("quit")
+        with contextlib.suppress(Exception):
+            qmp.close()
+        daemon.stop()
+    opts = f"driver=qcow2,encrypt.key-secret=s0,file.filename={image}"
+    check = subprocess.run(["qemu-img", "check", "--object", SECRET, "--image-opts", opts],
+                           capture_output=True, text=True)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    info = json.loads(subprocess.run(
+        ["qemu-img", "info", "--output=json", "--object", SECRET, "--image-opts", opts],
+        check=True, capture_output=True, text=True).stdout)  # fmt: skip
+    assert info["encrypted"] is True and info["virtual-size"] == 4 << 20
+    assert info["format-specific"]["data"]["encrypt"]["format"] == "luks"
+    io = subprocess.run(["qemu-io", "--object", SECRET, "--image-opts", opts,
+                         "-c", "write -P 0x5c 512 70000", "-c", "read -P 0x5c 512 70000",
+                         "-c", "read -P 0 80000 10000"],
+                        capture_output=True, text=True)  # fmt: skip
+    assert "read 70000/70000" in io.stdout and "read 10000/10000" in io.stdout, io.stdout

@@ -107,3 +107,72 @@ def test_named_nodes_as_qemu(qsd, share: Path, blockdevs: list[str]) -> None:
     daemon.kill()
     assert ours[0]["encrypted"] is True
     assert ours == theirs
+
+
+def _create_with(qmp, options: dict) -> None:
+    import time
+
+    qmp.cmd("blockdev-create", **{"job-id": "c0", "options": options})
+    deadline = time.monotonic() + 60
+    while True:
+        (job,) = qmp.cmd("query-jobs")
+        if job["status"] == "concluded":
+            qmp.cmd("job-dismiss", id="c0")
+            assert job.get("error") is None, job
+            return
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("fmt", ["luks", "qcow2"])
+def test_created_layout_as_qemu(qsd, share: Path, fmt: str) -> None:
+    """blockdev-create of both daemons: the same file, but for the LUKS header's random
+    bytes (salts, master key, UUID, PBKDF2 counts); that qemu-img opens qsd-py's images
+    with the key is test_luks_create.py's."""
+    from qemu.qmp.legacy import QEMUMonitorProtocol
+    from realqsd_support import real_daemon
+
+    key = {"key-secret": "s0", "iter-time": 50}
+    if fmt == "luks":
+        options = {"driver": "luks", "size": 4 << 20, **key}
+    else:
+        options = {"driver": "qcow2", "size": 4 << 20, "encrypt": {"format": "luks", **key}}
+    images = {}
+    for who in ("theirs", "ours"):
+        image = share / f"{who}.{fmt}"
+        image.touch()
+        args = ["--object", SECRET, "--blockdev", f"driver=file,node-name=f0,filename={image}"]
+        if who == "theirs":
+            qmp_path = share / "create-qmp.sock"
+            with real_daemon(args, qmp_path):
+                client = QEMUMonitorProtocol(str(qmp_path))
+                client.connect()
+                try:
+                    _create_with(client, {**options, "file": "f0"})
+                finally:
+                    client.close()
+        else:
+            daemon = qsd(*args)
+            client = daemon.qmp()
+            try:
+                _create_with(client, {**options, "file": "f0"})
+            finally:
+                with contextlib.suppress(OSError):
+                    client.close()
+            daemon.kill()
+        images[who] = image.read_bytes()
+    theirs, ours = images["theirs"], images["ours"]
+    assert len(ours) == len(theirs)
+    start = theirs.index(b"LUKS\xba\xbe")
+    assert ours.index(b"LUKS\xba\xbe") == start
+    # The header's fixed fields: cipher, mode, hash, payload offset, key length.
+    assert ours[start : start + 112] == theirs[start : start + 112]
+    slots_at = start + 208
+    for i in range(8):  # placement and stripes of each slot, active or not
+        a = ours[slots_at + 48 * i :][:48]
+        b = theirs[slots_at + 48 * i :][:48]
+        assert (a[:4], a[40:]) == (b[:4], b[40:])
+    payload = int.from_bytes(theirs[start + 104 : start + 108], "big") * 512
+    if fmt == "qcow2":  # everything outside the LUKS clusters is the same
+        end = start + -(-payload // 65536) * 65536
+        assert ours[:start] == theirs[:start] and ours[end:] == theirs[end:]

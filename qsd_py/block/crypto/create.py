@@ -21,33 +21,41 @@ if TYPE_CHECKING:
     from qsd_py.block.graph import BlockGraph
 
 
+async def make_header(
+    graph: BlockGraph, opts: dict[str, Any], prefix: str = ""
+) -> tuple[bytes, int]:
+    """The header (and key material) for ``QCryptoBlockCreateOptionsLUKS`` ``opts``, and
+    the payload's offset: QEMU's checks first (``prefix``: qcow2's ``encrypt.``)."""
+    secret_id = opts.get("key-secret")
+    if secret_id is None:
+        raise QMPError(f"Parameter '{prefix}key-secret' is required for cipher")
+    if graph.objects is None:
+        raise QMPError(f"No secret with id '{secret_id}'")
+    password = graph.objects.secret(secret_id).as_utf8().encode("utf-8")
+    mode, ivgen = opts.get("cipher-mode", "xts"), opts.get("ivgen-alg", "plain64")
+    ivhash = opts.get("ivgen-hash-alg", "sha256") if ivgen == "essiv" else None
+    hash_name = opts.get("hash-alg", "sha256")
+    name, mode_text, key_bytes = luks.cipher_spec(
+        opts.get("cipher-alg", "aes-256"), mode, ivgen, ivhash
+    )
+    try:
+        check_spec(name, mode, ivgen, key_bytes)
+        hash_new(hash_name)
+    except CipherError as err:
+        raise QMPError(str(err)) from err
+    return await asyncio.get_running_loop().run_in_executor(
+        None,
+        luks.build_image_header,
+        password, name, mode_text, hash_name, key_bytes,
+        opts.get("iter-time", 2000), os.urandom, str(uuid.uuid4()),
+    )  # fmt: skip
+
+
 async def create(graph: BlockGraph, opts: dict[str, Any]) -> None:
     """Create a LUKS image in the node ``opts['file']`` names (or defines)."""
     file = await graph.open_ref(opts["file"])
     try:
-        secret_id = opts.get("key-secret")
-        if secret_id is None:
-            raise QMPError("Parameter 'key-secret' is required for cipher")
-        if graph.objects is None:
-            raise QMPError(f"No secret with id '{secret_id}'")
-        password = graph.objects.secret(secret_id).as_utf8().encode("utf-8")
-        mode, ivgen = opts.get("cipher-mode", "xts"), opts.get("ivgen-alg", "plain64")
-        ivhash = opts.get("ivgen-hash-alg", "sha256") if ivgen == "essiv" else None
-        hash_name = opts.get("hash-alg", "sha256")
-        name, mode_text, key_bytes = luks.cipher_spec(
-            opts.get("cipher-alg", "aes-256"), mode, ivgen, ivhash
-        )
-        try:
-            check_spec(name, mode, ivgen, key_bytes)
-            hash_new(hash_name)
-        except CipherError as err:
-            raise QMPError(str(err)) from err
-        header, payload = await asyncio.get_running_loop().run_in_executor(
-            None,
-            luks.build_image_header,
-            password, name, mode_text, hash_name, key_bytes,
-            opts.get("iter-time", 2000), os.urandom, str(uuid.uuid4()),
-        )  # fmt: skip
+        header, payload = await make_header(graph, opts)
         key = "qmp:blockdev-create"
         desc = f"an unnamed block device (uses node '{file.node_name}' as 'root' child)"
         file.set_user(NodeUser(key, Perm.WRITE | Perm.RESIZE, PERM_ALL, desc))

@@ -197,6 +197,27 @@ async def _fill(node: Any, data: BlockNode | None, plan: Plan, opts: dict[str, A
     backing = opts.get("backing-file")
     if backing is not None:
         await _set_backing(node, backing, opts.get("backing-fmt"))
+    encrypt = opts.get("encrypt")
+    if encrypt is not None:
+        await _set_up_encryption(node, encrypt)
+
+
+async def _set_up_encryption(node: Any, encrypt: dict[str, Any]) -> None:
+    """QEMU's last step: the LUKS header in new clusters (zeroed whole first, so the unused
+    key slots' bytes are predictable), the encryption method and extension in the header."""
+    from qsd_py.block.crypto.create import make_header
+
+    if encrypt["format"] != "luks":
+        raise QMPError("Could not create image: encryption format 'aes' is not supported")
+    header, length = await make_header(node.graph, encrypt, "encrypt.")
+    offset = await node.refcounts.allocate(length)
+    clusters = -(-length // node.cluster_size) * node.cluster_size
+    await node.file.write_zeroes(offset, clusters, False)
+    await node.file.write(offset, header)
+    node.refcounts.note_end(offset + clusters)
+    node.header.crypt_method = hdr.CRYPT_LUKS
+    node.header.crypto_header = (offset, length)
+    await node.write_header()
 
 
 async def _set_backing(node: Any, name: str, fmt: str | None) -> None:
