@@ -225,7 +225,8 @@ def cipher_spec(alg: str, mode: str, ivgen: str, ivhash: str | None) -> tuple[st
     """QAPI's ``aes-256`` + ``xts`` + ``plain64``: the header's cipher name, mode text and
     key length (an XTS key is two keys)."""
     name, _, bits = alg.partition("-")
-    key_bytes = int(bits or 0) // 8 * (2 if mode == "xts" else 1)
+    size = {"sm4": 16, "des": 8, "3des": 24}.get(alg) or int(bits or 0) // 8
+    key_bytes = size * (2 if mode == "xts" else 1)
     mode_text = f"{mode}-{ivgen}" + (f":{ivhash}" if ivgen == "essiv" and ivhash else "")
     return name, mode_text, key_bytes
 
