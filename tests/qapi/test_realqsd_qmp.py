@@ -272,3 +272,10 @@ def test_bitmap_commands_are_qemus(
     for key in ("arg-type", "ret-type"):
         assert ours.shape(ours.info[command][key]) == theirs.shape(theirs.info[command][key])
     assert ours.info[command].get("features") == theirs.info[command].get("features")
+
+
+def test_luks_options_are_qemus(introspections: tuple[Introspection, Introspection]) -> None:
+    ours, theirs = introspections
+    luks = ours.driver("luks")
+    assert [m[0] for m in luks["members"]] == ["file", "key-secret", "header"]
+    assert luks == theirs.driver("luks")
