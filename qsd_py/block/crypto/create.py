@@ -53,6 +53,10 @@ async def make_header(
 
 async def create(graph: BlockGraph, opts: dict[str, Any]) -> None:
     """Create a LUKS image in the node ``opts['file']`` names (or defines)."""
+    if "header" in opts:
+        raise QMPError("Detached LUKS headers cannot be created by qsd-py")
+    if "file" not in opts:
+        raise QMPError("Parameter 'file' is missing")
     file = await graph.open_ref(opts["file"])
     try:
         header, payload = await make_header(graph, opts)

@@ -208,7 +208,7 @@ async def _set_up_encryption(node: Any, encrypt: dict[str, Any]) -> None:
     from qsd_py.block.crypto.create import make_header
 
     if encrypt["format"] != "luks":
-        raise QMPError("Could not create image: encryption format 'aes' is not supported")
+        raise QMPError("Could not create image: encryption format 'qcow' is not supported")
     header, length = await make_header(node.graph, encrypt, "encrypt.")
     offset = await node.refcounts.allocate(length)
     clusters = -(-length // node.cluster_size) * node.cluster_size
