@@ -914,6 +914,8 @@ class Qcow2Node(BlockNode):
                 raise
         first = runs[0]
         if first.kind == DATA:
+            if self.crypt is not None:  # the host bytes are ciphertext: no offset (QEMU's)
+                return BlockStatus(STATUS_DATA, first.n)
             flags = STATUS_DATA | STATUS_OFFSET_VALID
             return BlockStatus(flags, first.n, self.data_node, first.host)
         if first.kind == ZERO:
