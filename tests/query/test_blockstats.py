@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from querykit import new_daemon, reply
 
-from qsd_py.block.stats import HIGHEST, MAX_ROWS
+from qsd_py.block.stats import HIGHEST, MAX_ROWS, WORDS
 
 MiB = 1 << 20
 
@@ -77,16 +77,30 @@ async def test_shape_and_order(tmp_path: Path) -> None:
                                      "discard-nb-failed": 0, "discard-bytes-ok": 0}  # fmt: skip
     assert d0["parent"] == f0 and "parent" not in n0 and "driver-specific" not in n0
     stats = d0["stats"]
-    assert stats["timed_stats"] == [] and stats["account_failed"] is False
-    assert "idle_time_ns" not in stats
-    assert {k for k, v in stats.items() if v not in (0, False, [])} == set()
+    assert stats["timed_stats"] == [] and stats["account_failed"] is True
+    assert "idle_time_ns" not in stats  # as QEMU's: only once a request was counted
+    assert {k for k, v in stats.items() if v not in (0, True, [])} == set()
+    assert list(stats)[-3:] == ["account_invalid", "account_failed", "timed_stats"]
     node = daemon.graph.lookup("d0")
     await node.write(4096, b"x" * 512)
     await node.write_zeroes(8192, 4096)
     await node.discard(0, 65536)  # no wr_highest_offset for discards, as in QEMU
+    await node.read(0, memoryview(bytearray(1024)))
+    await node.flush()
     entries = _by_name(await reply(daemon, "query-blockstats", {"query-nodes": True}))
     assert entries["d0"]["stats"]["wr_highest_offset"] == 12288
     assert entries["f0"]["stats"]["wr_highest_offset"] == 12288
+    want = {"rd_bytes": 1024, "wr_bytes": 4608, "unmap_bytes": 65536, "rd_operations": 1,
+            "wr_operations": 2, "flush_operations": 1, "unmap_operations": 1,
+            "wr_highest_offset": 12288}  # fmt: skip
+    for name in ("d0", "f0"):  # raw passes each request to its file once
+        stats = entries[name]["stats"]
+        assert {k: v for k, v in stats.items() if type(v) is int and v} == {
+            **want, "idle_time_ns": stats["idle_time_ns"]}  # fmt: skip
+        keys = list(stats)
+        assert keys[keys.index("unmap_merged") + 1] == "idle_time_ns"  # QEMU's place
+    assert 0 < entries["d0"]["stats"]["idle_time_ns"] < 60 * 10**9
+    assert entries["n0"]["stats"]["rd_operations"] == 0
     assert entries["f0"]["driver-specific"]["discard-nb-ok"] == 1
     assert entries["f0"]["driver-specific"]["discard-bytes-ok"] == 65536
 
@@ -211,13 +225,13 @@ def test_model_through_every_transport(
 
 
 def test_rows_are_per_process() -> None:
-    """The layout the fast path relies on: one cache line per process row."""
+    """The layout the fast path relies on: two cache lines per process row."""
     from qsd_py.block.stats import NodeStats
 
     st = NodeStats()
-    st.cells[3 * 8 + HIGHEST] = 5000
+    st.cells[3 * WORDS + HIGHEST] = 5000
     st.wrote(100)
-    assert st.highest() == 5000 and len(st.cells) == MAX_ROWS * 8
+    assert st.highest() == 5000 and len(st.cells) == MAX_ROWS * 16 == MAX_ROWS * WORDS
     assert json.dumps(st.highest())
 
 
@@ -282,7 +296,7 @@ def test_threads_mark_rows_of_their_own() -> None:
         t.start()
         t.join()
     assert 0 not in rows and len(set(rows)) == 2  # the first thread's object still exists
-    assert [st.cells[r * 8 + HIGHEST] for r in rows] == [100, 200]
+    assert [st.cells[r * WORDS + HIGHEST] for r in rows] == [100, 200]
     assert st.highest() == 200 and st.cells[HIGHEST] == 0
     del threads, t
     import gc
