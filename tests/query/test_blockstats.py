@@ -303,3 +303,135 @@ def test_threads_mark_rows_of_their_own() -> None:
 
     gc.collect()
     assert all(r in stats._free_rows for r in rows)
+
+
+# --- the counters against a model of the requests a client made -----------------------------
+_COUNTERS = (
+    "rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operations",
+    "flush_operations", "unmap_operations", "failed_rd_operations", "failed_wr_operations",
+    "failed_flush_operations", "failed_unmap_operations",
+)  # fmt: skip
+
+
+def _requests(seed: int, kinds: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """Random requests (kind, offset, size) inside the 2 MiB node, 4 KiB aligned (O_DIRECT)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(60):
+        size = 4096 * rng.randrange(1, 17)
+        out.append((rng.choice(kinds), rng.randrange(0, (2 * MiB - size) // 4096) * 4096, size))
+    return out
+
+
+def _model(requests: list[tuple[str, int, int]], as_op: dict[str, str]) -> dict[str, int]:
+    """What a node counts for ``requests``: ``as_op`` says which counter each kind is."""
+    want = dict.fromkeys(_COUNTERS, 0)
+    for kind, _offset, size in requests:
+        op = as_op[kind]
+        want[f"{op}_operations"] += 1
+        if op != "flush":
+            want[f"{op}_bytes"] += size
+    return want
+
+
+def _counters(client: Any) -> dict[str, dict[str, int]]:
+    entries = _by_name(_cmd(client, "query-blockstats", {"query-nodes": True}))
+    return {n: {k: e["stats"][k] for k in _COUNTERS} for n, e in entries.items()}
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in _COUNTERS}
+
+
+def _through_fuse(mnt: Path, requests: list[tuple[str, int, int]]) -> None:
+    """The requests on one O_DIRECT descriptor of the mount (its close's FLUSH comes after
+    the counters are read: the caller closes it)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    punch = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    buf = mmap.mmap(-1, 64 * 1024)
+    fd = os.open(mnt, os.O_RDWR | os.O_DIRECT)
+    try:
+        for kind, offset, size in requests:
+            view = memoryview(buf)[:size]
+            if kind == "write":
+                buf[:size] = os.urandom(size)
+                assert os.pwritev(fd, [view], offset) == size
+            elif kind == "read":
+                assert os.preadv(fd, [view], offset) == size
+            elif kind == "punch":
+                rc = libc.fallocate(fd, punch, ctypes.c_long(offset), ctypes.c_long(size))
+                assert rc == 0, os.strerror(ctypes.get_errno())
+            else:
+                os.fsync(fd)
+            view.release()
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd  # type: ignore[return-value]
+
+
+def _through_nbd(sock: Path, requests: list[tuple[str, int, int]]) -> None:
+    """The requests from one libnbd connection (nbdsh), simple replies: every read is one
+    read of the node (a structured read may answer holes from block status alone)."""
+    lines = ["h.set_request_structured_replies(False)",
+             f"h.connect_uri('nbd+unix:///d0?socket={sock}')"]  # fmt: skip
+    for kind, offset, size in requests:
+        lines.append({
+            "write": f"h.pwrite(b'x' * {size}, {offset})",
+            "read": f"assert len(h.pread({size}, {offset})) == {size}",
+            "trim": f"h.trim({size}, {offset})",
+            "zero": f"h.zero({size}, {offset})",
+            "flush": "h.flush()",
+        }[kind])  # fmt: skip
+    lines.append("h.shutdown()")
+    env = {**os.environ, "PATH": "/usr/bin:" + os.environ.get("PATH", "")}  # its python3
+    done = subprocess.run(["nbdsh", "-c", "\n".join(lines)], capture_output=True, timeout=60,
+                          env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("transport", ["fuse-uring", "devfuse", "nbd"])
+def test_counters_equal_the_model(
+    qsd: Callable[..., Any], tmp_path: Path, transport: str, request: pytest.FixtureRequest
+) -> None:
+    """Reads, writes, discards and flushes through one transport: the exported raw node's
+    counters (and its file's: raw passes each request down once) grow by exactly what the
+    model of those requests says. FUSE-over-io_uring: reads and writes served by the queue
+    worker processes' fast path (their rows of the shared page), the rest forwarded to the
+    daemon; a FUSE punch-hole is a write of zeroes, as QEMU's export makes it."""
+    uring = "on" if transport == "fuse-uring" else "off"
+    if uring == "on":
+        request.getfixturevalue("uring_knob")
+    daemon, mnt, sock = _start(qsd, tmp_path, uring)
+    client = daemon.qmp()
+    try:
+        if transport == "nbd":
+            _cmd(client, "block-export-del", {"id": "e0"})
+            _events(client, "BLOCK_EXPORT_DELETED")
+            _cmd(client, "block-export-add", {"type": "nbd", "id": "e1", "node-name": "d0",
+                                            "writable": True})  # fmt: skip
+            requests = _requests(7, ("write", "read", "trim", "zero", "flush", "write", "read"))
+            as_op = {"write": "wr", "zero": "wr", "read": "rd", "trim": "unmap", "flush": "flush"}
+        else:
+            requests = _requests(8, ("write", "read", "punch", "fsync", "write", "read"))
+            as_op = {"write": "wr", "punch": "wr", "read": "rd", "fsync": "flush"}
+        before = _counters(client)
+        if transport == "nbd":
+            _through_nbd(sock, requests)
+        else:
+            fd = _through_fuse(mnt, requests)
+        after = _counters(client)
+        if transport != "nbd":
+            os.close(fd)
+        if uring == "on":
+            queues = _cmd(client, "x-query-fuse-queues", {"id": "e0"})[0]["uring-queues"]
+            reads = sum(size for kind, _, size in requests if kind == "read")
+            assert sum(q["bytes-read"] for q in queues) == reads  # served by the workers
+    finally:
+        client.close()
+    want = _model(requests, as_op)
+    assert _delta(after["d0"], before["d0"]) == want
+    assert _delta(after["f0"], before["f0"]) == want
