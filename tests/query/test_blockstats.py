@@ -435,3 +435,33 @@ def test_counters_equal_the_model(
     want = _model(requests, as_op)
     assert _delta(after["d0"], before["d0"]) == want
     assert _delta(after["f0"], before["f0"]) == want
+
+
+async def test_failed_requests_are_counted_apart(tmp_path: Path) -> None:
+    """A request that fails counts in ``failed_*`` of every node it failed in (blkdebug
+    fails the qcow2 node's data reads after its first one) and moves no bytes; the
+    requests that succeeded beside it keep their own counts."""
+    image = tmp_path / "a.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(image), "1M"],
+                   check=True, capture_output=True)  # fmt: skip
+    daemon, _ = new_daemon()
+    await reply(daemon, "blockdev-add", {"driver": "qcow2", "node-name": "q0", "file": {
+        "driver": "blkdebug", "node-name": "dbg", "inject-error": [
+            {"event": "read_aio", "errno": 5}],
+        "image": {"driver": "file", "node-name": "f0", "filename": str(image)}}})  # fmt: skip
+    node = daemon.graph.lookup("q0")
+    before = _by_name(await reply(daemon, "query-blockstats", {"query-nodes": True}))
+    await node.write(0, b"y" * 4096)
+    for _ in range(2):
+        with pytest.raises(OSError):
+            await node.read(0, memoryview(bytearray(4096)))
+    after = _by_name(await reply(daemon, "query-blockstats", {"query-nodes": True}))
+    q0 = after["q0"]["stats"]
+    assert {k: q0[k] for k in _COUNTERS} == {
+        **dict.fromkeys(_COUNTERS, 0), "wr_operations": 1, "wr_bytes": 4096,
+        "failed_rd_operations": 2}  # fmt: skip
+    dbg = _delta(after["dbg"]["stats"], before["dbg"]["stats"])
+    assert dbg["failed_rd_operations"] == 2
+    f0 = _delta(after["f0"]["stats"], before["f0"]["stats"])
+    assert f0["failed_rd_operations"] == 0  # the file never saw the failed reads
+    assert f0["rd_operations"] == dbg["rd_operations"]  # blkdebug passes the rest on
