@@ -34,6 +34,19 @@ def _pwrite_direct(path: Path, offset: int, data: bytes) -> None:
         buf.close()
 
 
+def _pread_direct(path: Path, offset: int, size: int) -> bytes:
+    import mmap
+
+    buf = mmap.mmap(-1, max(size, mmap.PAGESIZE))
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [memoryview(buf)[:size]], offset) == size
+        return buf[:size]
+    finally:
+        os.close(fd)
+        buf.close()
+
+
 def _cmd(client: Any, name: str, args: dict[str, Any]) -> Any:
     answer = client.cmd_raw(name, args)
     assert "return" in answer, answer
@@ -267,6 +280,9 @@ def test_qcow2_through_the_workers_cluster_table(
     try:
         _pwrite_direct(mnt, 3 * MiB + 61440, os.urandom(4096))  # the end of its cluster
         _pwrite_direct(mnt, 3 * MiB, os.urandom(4096))  # in place, below both ends
+        before = _counters(client)
+        _pread_direct(mnt, MiB, 8192)  # unallocated: zeroes, the file is not read
+        _pread_direct(mnt, 3 * MiB, 4096)  # the data: the file is read
         stats = _by_name(_cmd(client, "query-blockstats", {"query-nodes": True}))
         queues = _cmd(client, "x-query-fuse-queues", {"id": "e0"})
     finally:
@@ -275,6 +291,11 @@ def test_qcow2_through_the_workers_cluster_table(
     assert stats["d0"]["stats"]["wr_highest_offset"] == 3 * MiB + 65536
     assert stats["f0"]["stats"]["wr_highest_offset"] == _host_end(image, 3 * MiB + 61440, 4096)
     assert sum(q["bytes-written"] for q in queues[0]["uring-queues"]) == 8192
+    d0, f0 = stats["d0"]["stats"], stats["f0"]["stats"]
+    assert (d0["wr_operations"], d0["wr_bytes"], d0["rd_operations"], d0["rd_bytes"]) == (
+        2, 8192, 2, 12288)  # fmt: skip
+    assert f0["rd_operations"] - before["f0"]["rd_operations"] == 1
+    assert f0["rd_bytes"] - before["f0"]["rd_bytes"] == 4096
 
 
 def test_threads_mark_rows_of_their_own() -> None:
