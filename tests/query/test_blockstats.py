@@ -490,3 +490,28 @@ async def test_failed_requests_are_counted_apart(tmp_path: Path) -> None:
     f0 = _delta(after["f0"]["stats"], before["f0"]["stats"])
     assert f0["failed_rd_operations"] == 0  # the file never saw the failed reads
     assert f0["rd_operations"] == dbg["rd_operations"]  # blkdebug passes the rest on
+
+
+def test_fast_request_that_fails_moves_to_failed() -> None:
+    """What a transport does when a fast transfer that ``route`` counted fails: the
+    request leaves rd_*/wr_* of every node of the chain for failed_*; one handed to the
+    node after all (``redone``) only leaves, as the node counts it again."""
+    from qsd_py.block import fast_io, stats
+
+    top, below = stats.NodeStats(), stats.NodeStats()
+    plan = fast_io.FastPlan(fast_io.NULL)
+    plan.tally, plan.tally_below = (top.cells,), (below.cells,)
+    for node in (top, below):
+        node.account(stats.RD_OPS, stats.RD_BYTES, 512)  # one the node served itself
+    fast_io._tally(plan, plan.tally, False, 4096)
+    fast_io._tally(plan, plan.tally_below, False, 4096)
+    fast_io.failed(plan, 4096, False)
+    fast_io._tally(plan, plan.tally, True, 8192)
+    fast_io._tally(plan, plan.tally_below, True, 8192)
+    fast_io.failed(plan, 8192, True, redone=True)
+    for node in (top, below):
+        totals = node.totals()
+        assert [totals[w] for w in (stats.RD_OPS, stats.RD_BYTES, stats.FAILED_RD,
+                                    stats.WR_OPS, stats.WR_BYTES, stats.FAILED_WR)] == [
+            1, 512, 1, 0, 0, 0]  # fmt: skip
+        assert totals[stats.LAST_IO] > 0
