@@ -253,3 +253,34 @@ async def test_same_bytes_as_qemu_io(graph: BlockGraph, base_image, tmp_path: Pa
         await node.write(offset, bytes([pattern]) * n)
     await graph.close_all()
     assert second.read_bytes() == first.read_bytes()
+
+
+def test_sector_order_across_loops() -> None:
+    """Overlapping writes from two loops (the main one and an iothread's) run in turn;
+    one that does not overlap does not wait."""
+    import asyncio
+    import threading
+
+    from qsd_py.block.crypto.io import SectorOrder
+
+    order = SectorOrder()
+    log: list[tuple[str, str]] = []
+
+    async def write(name: str, start: int, end: int, hold: float) -> None:
+        await order.enter(start, end)
+        log.append(("in", name))
+        await asyncio.sleep(hold)
+        log.append(("out", name))
+        await order.leave(start, end)
+
+    async def main() -> None:
+        first = asyncio.create_task(write("A", 0, 10, 0.3))
+        await asyncio.sleep(0.05)
+        other = threading.Thread(target=lambda: asyncio.run(write("B", 5, 15, 0.01)))
+        other.start()
+        await write("C", 20, 30, 0.01)  # no overlap: in and out while A holds its range
+        await first
+        await asyncio.to_thread(other.join)
+
+    asyncio.run(main())
+    assert log.index(("out", "C")) < log.index(("out", "A")) < log.index(("in", "B"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import threading
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.crypto import luks
@@ -28,23 +29,37 @@ ZERO_CHUNK = 1 << 20
 
 class SectorOrder:
     """Writes whose sector ranges overlap run one after another (a read-modify-write of a
-    partial sector must not interleave with another write of that sector)."""
+    partial sector must not interleave with another write of that sector). Nodes are called
+    from the main loop and iothreads' loops at once, so the ranges are guarded by a thread
+    lock and a waiter is woken on its own loop (as :class:`~qsd_py.block.lock.CrossLoopLock`)."""
 
     def __init__(self) -> None:
+        self._mutex = threading.Lock()
         self._busy: list[tuple[int, int]] = []
-        self._changed = asyncio.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     async def enter(self, start: int, end: int) -> None:
-        async with self._changed:
-            await self._changed.wait_for(
-                lambda: not any(s < end and start < e for s, e in self._busy)
-            )
-            self._busy.append((start, end))
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._mutex:
+                if not any(s < end and start < e for s, e in self._busy):
+                    self._busy.append((start, end))
+                    return
+                fut: asyncio.Future[None] = loop.create_future()
+                self._waiters.append((loop, fut))
+            await fut
 
     async def leave(self, start: int, end: int) -> None:
-        async with self._changed:
+        with self._mutex:
             self._busy.remove((start, end))
-            self._changed.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:  # each checks again for its own range
+            loop.call_soon_threadsafe(_wake, fut)
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class EncryptedIO:
