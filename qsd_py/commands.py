@@ -33,6 +33,7 @@ def qmp_command(name: str) -> Callable[[Handler], Handler]:
 
 def load_handlers() -> None:
     """Import every module that registers handlers (kept lazy for start-up time)."""
+    import qsd_py.block.bitmap_actions  # noqa: F401
     import qsd_py.block.bitmap_commands  # noqa: F401
     import qsd_py.block.commands  # noqa: F401
     import qsd_py.block.snapshot_commands  # noqa: F401
