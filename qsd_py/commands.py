@@ -40,6 +40,7 @@ def load_handlers() -> None:
     import qsd_py.export.commands  # noqa: F401
     import qsd_py.export.nbd.commands  # noqa: F401
     import qsd_py.graph_commands  # noqa: F401
+    import qsd_py.jobs.backup_actions  # noqa: F401
     import qsd_py.jobs.commands  # noqa: F401
     import qsd_py.objects.commands  # noqa: F401
     import qsd_py.qmp.char_commands  # noqa: F401
