@@ -65,6 +65,8 @@ class Transaction:
         self.grouped = grouped
         #: Jobs the actions created (grouped completion makes them one group).
         self.jobs: list[Any] = []
+        #: The jobs' group when grouped (qsd_py.jobs.job.JobTxn, made by the first job).
+        self.job_group: Any = None
         self._drains = contextlib.AsyncExitStack()
 
     async def drain(self, node: BlockNode) -> None:

@@ -2,7 +2,8 @@
 drive_backup_action): the source is drained from prepare to clean; prepare makes the
 target (drive-backup), the filter and the job, registered but not started; commit starts
 it (paused until the transaction's drains end); abort cancels the job that never ran, which
-takes the filter away again (and closes a drive-backup target)."""
+takes the filter away again (and closes a drive-backup target). With ``completion-mode:
+grouped`` the jobs form one :class:`~qsd_py.jobs.job.JobTxn`."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from qsd_py.errors import QMPError
 from qsd_py.jobs import backup
+from qsd_py.jobs.job import JobTxn
 from qsd_py.transaction import Action, transaction_action
 
 
@@ -36,6 +38,10 @@ class BlockdevBackup(Action):
         self.job = await backup.create(self.daemon.graph, self.daemon.jobs, source, target,
                                        self.data)  # fmt: skip
         self.txn.jobs.append(self.job)
+        if self.txn.grouped:
+            if self.txn.job_group is None:
+                self.txn.job_group = JobTxn()
+            self.txn.job_group.add(self.job)
 
     def commit(self) -> None:
         if self.job is not None:
@@ -45,7 +51,8 @@ class BlockdevBackup(Action):
     async def abort(self) -> None:
         if self.job is not None:
             self.txn.jobs.remove(self.job)
-            await self.job.cancel(force=True)
+            if self.job.status != "null":  # (a grouped job ends with its group)
+                await self.job.cancel(force=True)
 
 
 @transaction_action
