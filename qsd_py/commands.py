@@ -36,6 +36,7 @@ def load_handlers() -> None:
     import qsd_py.block.bitmap_actions  # noqa: F401
     import qsd_py.block.bitmap_commands  # noqa: F401
     import qsd_py.block.commands  # noqa: F401
+    import qsd_py.block.snapshot_actions  # noqa: F401
     import qsd_py.block.snapshot_commands  # noqa: F401
     import qsd_py.export.commands  # noqa: F401
     import qsd_py.export.nbd.commands  # noqa: F401
