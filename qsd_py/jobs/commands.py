@@ -181,6 +181,23 @@ async def block_stream(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+@qmp_command("block-commit")
+async def block_commit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Start a commit job, intermediate or active (qsd_py/jobs/commit.py)."""
+    from qsd_py.jobs import commit
+
+    await commit.start(daemon.graph, daemon.jobs, args)
+    return {}
+
+
+@qmp_command("change-backing-file")
+async def change_backing_file(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    from qsd_py.jobs import commit
+
+    await commit.change_backing_file(daemon.graph, args)
+    return {}
+
+
 @qmp_command("blockdev-backup")
 async def blockdev_backup(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     """Start a backup of node ``device`` to node ``target`` (qsd_py/jobs/backup.py)."""

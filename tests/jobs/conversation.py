@@ -99,7 +99,10 @@ class Daemon:
 
     def close(self) -> None:
         try:
-            self.qmp.close()
+            try:
+                self.qmp.close()
+            except EOFError:  # the daemon hung up first (it quit): its EOF is no error
+                pass
         finally:
             if self.proc.poll() is None:
                 self.proc.terminate()
