@@ -35,12 +35,16 @@ An action receives its ``data`` already checked against the schema, the daemon, 
 :class:`Transaction` (``txn.grouped`` for completion-mode, ``txn.jobs`` where an action that
 starts a job lists it so grouped completion can cancel the group, ``await txn.drain(node)``
 to keep a node drained until the clean phase). ``commit``, ``abort`` and ``clean`` must not
-fail: QEMU's cannot either (report a problem on the log and go on).
+fail: QEMU's cannot either (report a problem on the log and go on); they may be coroutines.
+A job started in commit is paused there (``job.pause()``) and listed in ``txn.jobs``: the
+transaction resumes it once the drains are over.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -61,6 +65,8 @@ class Transaction:
         self.grouped = grouped
         #: Jobs the actions created (grouped completion makes them one group).
         self.jobs: list[Any] = []
+        #: The jobs' group when grouped (qsd_py.jobs.job.JobTxn, made by the first job).
+        self.job_group: Any = None
         self._drains = contextlib.AsyncExitStack()
 
     async def drain(self, node: BlockNode) -> None:
@@ -70,6 +76,16 @@ class Transaction:
 
     async def close(self) -> None:
         await self._drains.aclose()
+
+    async def resume_jobs(self) -> None:
+        """The jobs started in commit paused at once, their nodes drained (QEMU: their
+        first pause point); with the drains over they run, before the reply as in QEMU."""
+        for job in self.jobs:
+            await job.wait_not_busy()
+            job.resume()
+        for job in self.jobs:
+            while job.status == "paused":
+                await asyncio.sleep(0)
 
 
 class Action:
@@ -142,19 +158,23 @@ async def transaction(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
                 done.insert(0, action)
                 await action.prepare()
         except BaseException:
-            _each(done, "abort")
+            await _each(done, "abort")
             raise
-        _each(done, "commit")
+        await _each(done, "commit")
     finally:
-        _each(done, "clean")
+        await _each(done, "clean")
         await txn.close()
+    await txn.resume_jobs()
     return {}
 
 
-def _each(actions: list[Action], phase: str) -> None:
-    """Run ``phase`` of every action; one that fails is logged and the rest still run."""
+async def _each(actions: list[Action], phase: str) -> None:
+    """Run ``phase`` of every action; one that fails is logged and the rest still run.
+    A phase may be a coroutine (cancelling a job created in prepare awaits its end)."""
     for action in actions:
         try:
-            getattr(action, phase)()
+            result = getattr(action, phase)()
+            if inspect.isawaitable(result):
+                await result
         except Exception:  # noqa: BLE001 - the other actions must still be undone/finished
             log.exception("transaction: %s of %s failed", phase, action.kind)

@@ -75,15 +75,21 @@ def add(graph: BlockGraph, args: dict[str, Any]) -> DirtyBitmap:
 async def remove(graph: BlockGraph, node_name: str, name: str) -> None:
     """block-dirty-bitmap-remove: a persistent bitmap leaves the image at once."""
     node, bitmap = lookup(graph, node_name, name)
+    await drop_from_image(node, bitmap)
+    node.remove_dirty_bitmap(bitmap)
+
+
+async def drop_from_image(node: BlockNode, bitmap: DirtyBitmap) -> None:
+    """The checks of a removal; a persistent bitmap leaves the image (the rest of the
+    removal: the command's, or a transaction's commit)."""
     bitmap.check(only_busy=True)
     if bitmap.persistent:
         if node.read_only:
             raise QMPError(
-                f"Cannot remove persistent bitmap '{name}': no write access to node "
+                f"Cannot remove persistent bitmap '{bitmap.name}': no write access to node "
                 f"'{node.node_name}'"
             )
         await node.remove_persistent_bitmap(bitmap)
-    node.remove_dirty_bitmap(bitmap)
 
 
 def clear(graph: BlockGraph, node_name: str, name: str) -> None:

@@ -186,6 +186,16 @@ class DirtyBitmap:
         finally:
             self.on_mark = on_mark
 
+    def saved(self) -> bytes:
+        """The bits as they are, for :meth:`restore` (QEMU's backup hbitmap of a
+        transaction's clear or merge, given back on abort)."""
+        return bytes(self._bits[: self._n])
+
+    def restore(self, bits: bytes) -> None:
+        """Put back bits from :meth:`saved` (same length: the node was drained meanwhile)."""
+        self._bits[: len(bits)] = bits
+        self._dirty = bits.count(1)
+
     def serialize(self) -> bytes:
         """QEMU's form of the bits: one bit per chunk, chunk ``i`` in bit ``i % 8`` of byte
         ``i // 8``, padded to whole 64-bit words (what its hbitmap holds in memory, what it

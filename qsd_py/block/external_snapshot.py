@@ -37,6 +37,15 @@ async def snapshot(graph: BlockGraph, node_name: str, overlay_name: str) -> None
 
 async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> None:
     """blockdev-snapshot-sync: create (or open) the overlay file, then append it."""
+    old, new = await open_sync_overlay(graph, args)
+    try:
+        await append(old, new)
+    finally:
+        await graph.drop_orphan(new)
+
+
+async def open_sync_overlay(graph: BlockGraph, args: dict[str, Any]) -> tuple:
+    """blockdev-snapshot-sync's checks, its overlay created and opened: ``(old, new)``."""
     old = graph.lookup_device_or_node(args.get("device"), args.get("node-name"))
     _check_old(old)
     await _flush(old)
@@ -66,15 +75,18 @@ async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> None:
         new.implicit = True  # not the monitor's: QEMU frees it once nobody uses it
     else:
         new = await graph.add_implicit(opts)
-    try:
-        await append(old, new)
-    finally:
-        await graph.drop_orphan(new)
+    return old, new
 
 
 async def append(old: BlockNode, new: BlockNode) -> None:
     """Put ``new`` in ``old``'s place with ``old`` as its backing node (QEMU's checks of the
     overlay, then bdrv_append); then make ``old`` read-only."""
+    await attach(old, new)
+    await make_read_only(old)
+
+
+async def attach(old: BlockNode, new: BlockNode) -> None:
+    """:meth:`append` but the read-only step (a transaction's prepare; commit does that)."""
     if any(not u.is_parent for u in new.users.values()):
         raise QMPError("The overlay is already in use")
     if new.child_node("backing") is not None:
@@ -100,7 +112,19 @@ async def append(old: BlockNode, new: BlockNode) -> None:
         finally:
             old.open_fast_writes(append)
         new.opts = {**new.opts, "backing": old.node_name}
-    await make_read_only(old)
+
+
+async def detach(old: BlockNode, new: BlockNode, opts: dict[str, Any]) -> None:
+    """Undo :func:`attach` (a transaction's abort): the users go back to ``old``, ``new``
+    loses its backing link and gets its options ``opts`` back."""
+    async with new.drained():
+        old.close_fast_writes(detach)
+        try:
+            _move_users(new, old)
+        finally:
+            old.open_fast_writes(detach)
+        new.children.pop("backing").detach()
+        new.opts = opts
 
 
 def _move_users(old: BlockNode, new: BlockNode) -> None:

@@ -43,7 +43,13 @@ def _snapshot_node(daemon: Daemon, device: str) -> Any:
 
 @qmp_command("blockdev-snapshot-internal-sync")
 async def blockdev_snapshot_internal_sync(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    """QEMU's internal_snapshot_action: checks in its order, then the driver's snapshot."""
+    await take_internal(daemon, args)
+    return {}
+
+
+async def take_internal(daemon: Daemon, args: dict[str, Any]) -> Any:
+    """QEMU's internal_snapshot_action: checks in its order, then the driver's snapshot;
+    the node (a transaction deletes the snapshot again on abort)."""
     from qsd_py.block.qcow2 import internal_snapshots as isn
     from qsd_py.block.qcow2.snapshots import Qcow2Snapshot
 
@@ -70,7 +76,7 @@ async def blockdev_snapshot_internal_sync(daemon: Daemon, args: dict[str, Any]) 
         raise QMPError(
             f"Failed to create snapshot '{name}' on device '{device}': {_strerror(err)}"
         ) from None
-    return {}
+    return node
 
 
 @qmp_command("blockdev-snapshot-delete-internal-sync")

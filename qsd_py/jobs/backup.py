@@ -257,6 +257,25 @@ async def insert_filter(
     return cbw
 
 
+async def create(
+    graph: BlockGraph, jobs: JobRegistry, source: BlockNode, target: BlockNode, args: dict
+) -> BackupJob:
+    """A transaction's prepare (QEMU's do_backup_common with the source drained): the
+    checks, the filter and the job, registered but not started."""
+    args = dict(args)
+    bitmap = check_bitmap_args(source, args)
+    check_job_args(source, target, args)
+    cbw = await insert_filter(graph, source, target, args)
+    try:
+        job = _new_job(graph, jobs, source, target, cbw, bitmap, args)
+        job.register(args.get("speed", 0))
+    except BaseException:
+        replace_node(cbw, source)
+        await graph.drop_orphan(cbw)
+        raise
+    return job
+
+
 async def start(
     graph: BlockGraph, jobs: JobRegistry, source: BlockNode, target: BlockNode, args: dict
 ) -> BackupJob:

@@ -158,6 +158,11 @@ class BlockJob(Job):
     def launch(self, speed: int) -> None:
         """Register the job, then (as QEMU: the job exists first, so a refusal from here on
         is seen as created, then null) check ``speed``, take the nodes and start."""
+        self.register(speed)
+        self.start()
+
+    def register(self, speed: int) -> None:
+        """:meth:`launch` but the start (a transaction starts its jobs in its commit)."""
         self.registry.add(self)
         try:
             if speed < 0:
@@ -168,7 +173,6 @@ class BlockJob(Job):
             self.release_nodes()
             self.drop()
             raise
-        self.start()
 
     def io_error(self, err: OSError, operation: str, policy: str) -> None:
         """QEMU's block_job_error_action: ``report`` fails the job (``err`` is raised),

@@ -81,6 +81,9 @@ class Job:
         self._waker: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._idle_waiters: list[asyncio.Future[None]] = []
+        #: The group of a ``transaction`` with ``completion-mode: grouped`` (QEMU's JobTxn);
+        #: None: the job completes alone.
+        self.txn: JobTxn | None = None
 
     # --- what a job kind implements -------------------------------------------------------
     async def run(self) -> None:
@@ -315,7 +318,8 @@ class Job:
     # --- cancelling -----------------------------------------------------------------------
     async def cancel(self, force: bool) -> None:
         """QEMU's job_cancel: a concluded job is dismissed, a running one told to stop, one
-        that finished its work but is not finalized yet aborted here and now."""
+        that finished its work but is not finalized yet aborted here and now (with its
+        group)."""
         if self.status == st.CONCLUDED:
             self._dismiss()
             return
@@ -324,9 +328,21 @@ class Job:
             await self._completed()
         elif self.deferred:
             if self.is_cancelled:
-                await self._finalize_single()
+                await self._abort_all()
         else:
             self.enter()
+
+    async def _abort_all(self) -> None:
+        """This job failed or was cancelled: it ends, and its group with it."""
+        if self.txn is not None:
+            await self.txn.abort(self)
+        else:
+            await self._finalize_single()
+
+    @property
+    def is_completed(self) -> bool:
+        """QEMU's job_is_completed: the work is over (the job waits or is ending)."""
+        return self.status in (st.WAITING, st.PENDING, st.ABORTING, st.CONCLUDED, st.NULL)
 
     def _cancel_async(self, force: bool) -> None:
         force = self.cancel_hook(force)
@@ -347,7 +363,10 @@ class Job:
     async def _completed(self) -> None:
         self._update_rc()
         if self.error is not None:
-            await self._finalize_single()
+            await self._abort_all()
+            return
+        if self.txn is not None:
+            await self.txn.success(self)
             return
         self.transition(st.WAITING)
         self.transition(st.PENDING)
@@ -357,6 +376,9 @@ class Job:
         await self._do_finalize()
 
     async def _do_finalize(self) -> None:
+        if self.txn is not None:
+            await self.txn.finalize(self)
+            return
         try:
             await self.prepare()
         except Exception as err:  # noqa: BLE001 - a failed prepare aborts the job
@@ -377,6 +399,8 @@ class Job:
                 self.on_cancelled()
             else:
                 self.on_completed()
+        if self.txn is not None:
+            self.txn.jobs.remove(self)
         self.transition(st.CONCLUDED)
         if self.auto_dismiss or not self.started:
             self._dismiss()
@@ -395,3 +419,63 @@ class Job:
         """Until the job's coroutine and what follows it have ended."""
         if self._task is not None:
             await asyncio.shield(self._task)
+
+
+class JobTxn:
+    """Jobs that complete or fail together (QEMU's JobTxn, a ``transaction`` with
+    ``completion-mode: grouped``): a job whose work succeeded waits for the others; when
+    all did, all go pending and are finalized together (by the user's job-finalize of any
+    of them when one is not auto-finalized); one that fails or is cancelled cancels the
+    others, and all end so."""
+
+    def __init__(self) -> None:
+        self.jobs: list[Job] = []  # newest first, as QEMU's list
+        self.aborting = False
+
+    def add(self, job: Job) -> None:
+        self.jobs.insert(0, job)
+        job.txn = self
+
+    async def success(self, job: Job) -> None:
+        """``job``'s work succeeded (QEMU's job_completed_txn_success)."""
+        job.transition(st.WAITING)
+        if not all(other.is_completed for other in self.jobs):
+            return
+        for other in list(self.jobs):
+            other.transition(st.PENDING)
+            if not other.auto_finalize:
+                other.on_pending()
+        if all(other.auto_finalize for other in self.jobs):
+            await self.finalize(job)
+
+    async def finalize(self, job: Job) -> None:
+        """Prepare every job, then commit each; a failed prepare aborts the group."""
+        for other in list(self.jobs):
+            try:
+                await other.prepare()
+            except Exception as err:  # noqa: BLE001 - a failed prepare aborts the group
+                other.error = error_text(err)
+                await self.abort(job)
+                return
+        for other in list(self.jobs):
+            await other._finalize_single()
+
+    async def abort(self, job: Job) -> None:
+        """``job`` failed or was cancelled (QEMU's job_completed_txn_abort): the others are
+        cancelled, each waited for, and all end, newest first."""
+        if self.aborting:
+            return
+        self.aborting = True
+        for other in self.jobs:
+            if other is not job:
+                other._cancel_async(True)
+                if other.started and not other.deferred:
+                    other.enter()
+        while self.jobs:
+            other = self.jobs[0]
+            if not other.is_completed:
+                if other.started:
+                    await other.wait_finished()
+                else:
+                    other._update_rc()
+            await other._finalize_single()

@@ -139,6 +139,8 @@ async def test_grouped_is_checked_before_any_prepare(actions: type[Recorder]) ->
 
 
 async def test_a_kind_nobody_implements(actions: type[Recorder]) -> None:
+    """(Every kind of QEMU's is implemented now: one is taken out of the table here.)"""
+    tx.ACTIONS.pop("blockdev-snapshot", None)
     answer = await run([("ok", 1), ("blockdev-snapshot", 2)])
     assert answer == ("error", "Action 'blockdev-snapshot' is not supported")
     assert actions.log == ["prepare 1", "abort 1", "clean 1"]
