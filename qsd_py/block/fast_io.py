@@ -88,6 +88,8 @@ class FastPlan:
         "counts",
         "slot",
         "started_at",
+        "gen",
+        "on_change",
     )
 
     def __init__(
@@ -120,6 +122,12 @@ class FastPlan:
         self.counts = table.counts if table is not None else None
         self.slot = slot  # this reader's counters: started at started_at, finished after
         self.started_at = slot * 8
+        # Which change of the export's node this plan was made for (queue workers compare it
+        # with their transport's shared generation before each request, workers.py).
+        self.gen = 0
+        # Called by the block layer when this plan no longer says what the chain is (writes
+        # closed or opened, a child replaced): :meth:`BlockNode.fast_plans_changed`.
+        self.on_change: Any = None
 
     def done(self) -> None:
         """A request :func:`decide` routed by the table has finished its I/O."""

@@ -227,15 +227,18 @@ class FuseExport(BlockExport):
         return fd
 
     def repoint_hook(self) -> Any:
-        """/dev/fuse queues follow a pivot; io_uring queues (and their forked workers) not
-        yet: such an export stays on the node it was added for."""
-        return None if self.io_uring else self.repoint
+        """Every transport follows a pivot (io_uring queue workers through new plans)."""
+        return self.repoint
 
     def repoint(self, node: BlockNode) -> None:
-        """Serve ``node`` from now on (mirror's pivot): the engine and every queue."""
+        """Serve ``node`` from now on (mirror's pivot): the engine and every queue. When
+        this returns, no io_uring request uses the old node's plan any more."""
         self.node = node
         if self.engine is not None:
             self.engine.node = node
+        if self.uring is not None:
+            self.uring.refresh_length()
+            self.uring.repoint()
         for queue in self.queues:
             if queue.loop is asyncio.get_running_loop():
                 queue.repoint()
