@@ -587,11 +587,12 @@ class BlockNode:
         node's coroutines: the exports' fast plans that reach this node stop writing around
         it (reads still take the fast path), and plans made meanwhile are born so."""
         self._slow_writers.add(owner)
-        for plan in list(self.fast_plans):
-            if plan not in self._closed_plans:
-                self._closed_plans[plan] = plan.writable
-                plan.writable = False
-        self.fast_plans_changed()
+        closing = [plan for plan in self.fast_plans if plan not in self._closed_plans]
+        for plan in closing:
+            self._closed_plans[plan] = plan.writable
+            plan.writable = False
+        if closing:
+            self.fast_plans_changed()
 
     def open_fast_writes(self, owner: object) -> None:
         """``owner`` no longer needs it; with no owner left, fast plans write again."""
@@ -601,7 +602,8 @@ class BlockNode:
         closed, self._closed_plans = self._closed_plans, weakref.WeakKeyDictionary()
         for plan, writable in closed.items():
             plan.writable = writable
-        self.fast_plans_changed()
+        if closed:
+            self.fast_plans_changed()
 
     def fast_plans_changed(self) -> None:
         """Something under the plans that reach this node changed (writes closed or opened,
