@@ -326,17 +326,23 @@ class MirrorJob(BlockJob):
     def _pivot(self) -> None:
         """Every parent and every user that can follow now uses the target (no await)."""
         old, new = self.replaces, self.target
-        self.release_nodes()
-        for parent in old.parents():
-            for child in list(parent.children.values()):
-                if child.node is old:
-                    child.replace(new)
-        for user in list(old.users.values()):
-            if user.repoint is None or user.is_parent:
-                continue
-            new.set_user(user)
-            old.remove_user(user.key)
-            user.repoint(new)
+        # Removing the bitmap must not let an export write around ``old`` before it moved
+        # (a FUSE queue worker, an iothread's NBD connection): closed until the end.
+        old.close_fast_writes(self)
+        try:
+            self.release_nodes()
+            for parent in old.parents():
+                for child in list(parent.children.values()):
+                    if child.node is old:
+                        child.replace(new)
+            for user in list(old.users.values()):
+                if user.repoint is None or user.is_parent:
+                    continue
+                new.set_user(user)
+                old.remove_user(user.key)
+                user.repoint(new)
+        finally:
+            old.open_fast_writes(self)
 
 
 class _Retry(Exception):

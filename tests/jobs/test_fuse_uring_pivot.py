@@ -96,8 +96,11 @@ class PausingWriter:
 
     def finish(self) -> int:
         self.stop.touch()
-        out, err = self.proc.communicate(timeout=30)
-        assert self.proc.returncode == 0, err
+        # Read through the pipe's text wrapper: lines readline() already buffered are there,
+        # and communicate() would skip them (the count would stop short).
+        out = self.proc.stdout.read()  # type: ignore[union-attr]
+        err = self.proc.stderr.read()  # type: ignore[union-attr]
+        assert self.proc.wait(30) == 0, err
         for line in out.split():
             self.count = int(line)
         return self.count
