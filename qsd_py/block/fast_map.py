@@ -97,6 +97,8 @@ class ClusterTable:
         self.capacity = min(MAX_ENTRIES, max(2 * clusters, clusters + (1 << 16)))
         # In memfds, so that a queue worker forked before this table existed can map it
         # too (the fds go over SCM_RIGHTS: qsd_py/export/fuse/plan_wire.py).
+        self._pid = os.getpid()  # the fds are this process's (a fork closed its copies)
+        self.fd = self.counts_fd = -1
         self.fd = _memfd("qsd-cluster-table", self.capacity * 8)
         self.counts_fd = _memfd("qsd-table-readers", MAX_READERS * _CELL)
         self._map = mmap.mmap(self.fd, self.capacity * 8)
@@ -185,7 +187,16 @@ class ClusterTable:
                 m.close()
             except BufferError:
                 pass
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        if os.getpid() != getattr(self, "_pid", -1):
+            return
         for fd in (self.fd, self.counts_fd):
             if fd >= 0:
                 os.close(fd)
         self.fd = self.counts_fd = -1
+
+    def __del__(self) -> None:
+        """A table replaced without :meth:`close` (a reload) gives its memfds back."""
+        self._close_fds()
