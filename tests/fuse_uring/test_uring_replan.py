@@ -129,11 +129,22 @@ def _engine_requests(exp: Any) -> int:
     return sum(q["engine-requests"] for q in exp.stats()["uring-queues"])
 
 
-def _export(userver: UringServer, tmp_path: Path, node: Any) -> tuple[Any, Path]:
+def _export(
+    userver: UringServer, tmp_path: Path, node: Any, iothreads: int = 0, uring: bool = True
+) -> tuple[Any, Path]:
+    """A writable export of ``node``: io_uring queues served by queue workers, or with
+    ``iothreads`` on that many iothreads of this process; ``uring`` False: /dev/fuse queues
+    (on those iothreads)."""
     mnt = tmp_path / "mnt"
-    exp = userver.export(node, mnt, writable=True, io_uring=True)
-    assert exp.uring is not None and type(exp.uring).__name__ == "WorkerTransport"
-    assert {q["fast-path"] for q in exp.stats()["uring-queues"]} == {"uring"}
+    names = [f"io{i}" for i in range(iothreads)]
+    for name in names:
+        userver.iothread(name)
+    opts = {"iothread": names} if names else {}
+    exp = userver.export(node, mnt, writable=True, io_uring=uring, **opts)
+    if uring:
+        kind = "UringTransport" if iothreads else "WorkerTransport"
+        assert exp.uring is not None and type(exp.uring).__name__ == kind
+        assert {q["fast-path"] for q in exp.stats()["uring-queues"]} == {"uring"}
     return exp, mnt
 
 
@@ -181,30 +192,30 @@ async def _call(fn: Any, *args: Any) -> Any:
 async def _pivot(old: Any, new: Any) -> None:
     """Copy ``old`` to ``new`` while it is written, then move its users that can follow to
     ``new``, in mirror's order: a bitmap closes fast writes and marks what the copy must
-    redo; once nothing is dirty and nothing in flight the users move with no await, fast
-    writes to ``old`` staying closed until they have."""
+    redo; the followers are drained (their requests in flight, on any loop, are done), the
+    copy catches up, and the users move with no await, fast writes to ``old`` staying closed
+    until they have."""
     bitmap = DirtyBitmap(SIZE, 65536)
     old.add_dirty_bitmap(bitmap)
     bitmap.mark_all()
-    while True:
-        run = bitmap.next_dirty(0, MiB)
-        if run is None:
-            if not old.in_flight.count:
-                break
-            await old.in_flight.wait_idle()
-            continue
-        bitmap.clear(*run)
-        buf = bytearray(run[1])
-        await old.read(run[0], memoryview(buf))
-        await new.write(run[0], buf)
-    await new.flush()
-    if bitmap.count or old.in_flight.count:  # written during the flush: copy again
-        await _pivot_rest(old, new, bitmap)
-        return
-    _move_users(old, new, bitmap)
+    await _copy_dirty(old, new, bitmap)
+    followers = [
+        u
+        for u in old.users.values()
+        if u.repoint is not None and u.quiesce is not None and not u.is_parent
+    ]
+    resumes = [await u.quiesce() for u in followers]
+    try:
+        await _copy_dirty(old, new, bitmap)
+        await new.flush()
+        _move_users(old, new, bitmap)
+    finally:
+        for resume in resumes:
+            resume()
 
 
-async def _pivot_rest(old: Any, new: Any, bitmap: DirtyBitmap) -> None:
+async def _copy_dirty(old: Any, new: Any, bitmap: DirtyBitmap) -> None:
+    """Copy what the bitmap marks until nothing is marked nor in flight on ``old``."""
     while bitmap.count or old.in_flight.count:
         run = bitmap.next_dirty(0, MiB)
         if run is None:
@@ -214,7 +225,6 @@ async def _pivot_rest(old: Any, new: Any, bitmap: DirtyBitmap) -> None:
         buf = bytearray(run[1])
         await old.read(run[0], memoryview(buf))
         await new.write(run[0], buf)
-    _move_users(old, new, bitmap)
 
 
 def _move_users(old: Any, new: Any, bitmap: DirtyBitmap) -> None:
@@ -229,14 +239,21 @@ def _move_users(old: Any, new: Any, bitmap: DirtyBitmap) -> None:
     old.open_fast_writes(owner)
 
 
-def test_writable_export_follows_twenty_pivots(userver: UringServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("iothreads", "uring"),
+    [(0, True), (2, True), (2, False)],
+    ids=["uring-workers", "uring-iothreads", "devfuse-iothreads"],
+)
+def test_writable_export_follows_twenty_pivots(
+    userver: UringServer, tmp_path: Path, iothreads: int, uring: bool
+) -> None:
     """20 pivots (raw and qcow2 nodes in turn) under a writable io_uring export while writes
     race through it: each write that started after a pivot returned is in the new node, none
     reaches an old one after its pivot (their bytes stay as they were), and the last node ends
     as the model of every write."""
     initial = bytes(range(256)) * (SIZE // 256)
     nodes = [_node(userver, tmp_path, "n0", False, initial)]
-    exp, mnt = _export(userver, tmp_path, nodes[0])
+    exp, mnt = _export(userver, tmp_path, nodes[0], iothreads, uring)
     writer = Writer(mnt, 5, tmp_path / "stop")
     frozen: list[tuple[Any, str]] = []
     try:
@@ -256,4 +273,5 @@ def test_writable_export_follows_twenty_pivots(userver: UringServer, tmp_path: P
     assert _read_node(userver, nodes[-1]) == model
     for old, digest in frozen:
         assert hashlib.sha256(_read_node(userver, old)).hexdigest() == digest, old.node_name
-    assert {q["fast-path"] for q in exp.stats()["uring-queues"]} == {"uring"}
+    queues = exp.stats()["uring-queues" if uring else "queues"]
+    assert {q["fast-path"] for q in queues} == ({"uring"} if uring else {"threads"})

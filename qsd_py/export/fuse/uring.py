@@ -289,6 +289,13 @@ class UringQueue:
             ring.enable_polling()  # nothing on this path waits for a pool thread
         self.link_reads = plan is not None and plan.kind == fastpath.URING
 
+    def drop_plan(self) -> None:
+        """On the queue's loop: every request takes the engine until :meth:`install`."""
+        if self.plan is not None:
+            self.plan.on_change = None
+            self._retired.append(self.plan)
+            self.plan = None
+
     def repoint(self) -> None:
         """On the queue's loop: the engine serves another node (a pivot), a fresh plan."""
         gen = self.gen_view[0]
@@ -591,14 +598,21 @@ class UringTransport:
         """Nothing to publish: queues in this process read the node itself."""
 
     def repoint(self) -> None:
-        """The engine's node changed (a pivot, an overlay, a child replaced): every queue's
-        plan is stale at once (the generation), and each makes a new one on its loop."""
+        """The engine's node changed (a pivot, an overlay, a child replaced; also called
+        when fast writes are closed or opened): every queue's plan is stale at once (the
+        generation); each drops it on its loop, and once the transfers it routed are done
+        (settle.py) makes a new one there."""
+        from qsd_py.export.fuse.settle import drop_and_settle
+
         self._gen[0] += 1
-        for q in self.queues:
-            if q.loop is asyncio.get_running_loop():
-                self._replan(q)
-            else:
-                q.loop.call_soon_threadsafe(self._replan, q)
+        for loop, queues in self._by_loop().items():
+            drop_and_settle(
+                loop,
+                lambda qs=queues: [q.drop_plan() for q in qs],  # type: ignore[misc]
+                lambda qs=queues: sum(q.fast_busy for q in qs),  # type: ignore[misc]
+                lambda qs=queues: [self._replan(q) for q in qs],  # type: ignore[misc]
+                queues[0].name,
+            )
 
     def _replan(self, q: UringQueue) -> None:
         if q.ring is None or q.closing:
