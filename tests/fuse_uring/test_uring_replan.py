@@ -148,16 +148,21 @@ def _export(
     return exp, mnt
 
 
-@pytest.mark.parametrize("qcow2", [False, True], ids=["raw", "qcow2"])
+@pytest.mark.parametrize(
+    ("qcow2", "iothreads"),
+    [(False, 0), (True, 0), (True, 2)],
+    ids=["raw-workers", "qcow2-workers", "qcow2-iothreads"],
+)
 def test_bitmap_sees_every_write_after_it_was_added(
-    userver: UringServer, tmp_path: Path, qcow2: bool
+    userver: UringServer, tmp_path: Path, qcow2: bool, iothreads: int
 ) -> None:
     """20 times: a dirty bitmap is added while writes race through the workers, kept for a
     few writes and removed. Every write that started after ``add_dirty_bitmap`` returned is
     marked (it went through the daemon's node, not a worker's fast path); after the removal
-    the workers write on their fast path again; the file ends as the model of every write."""
+    the workers write on their fast path again; the file ends as the model of every write.
+    The plans replaced on the way give their cluster-table reader slots back."""
     node = _node(userver, tmp_path, "a", qcow2)
-    exp, mnt = _export(userver, tmp_path, node)
+    exp, mnt = _export(userver, tmp_path, node, iothreads)
     initial = pread_direct(mnt, 0, SIZE)
     writer = Writer(mnt, 3, tmp_path / "stop")
     try:
@@ -179,6 +184,9 @@ def test_bitmap_sees_every_write_after_it_was_added(
         engine = _engine_requests(exp)
         writer.wait_for(20)
         assert _engine_requests(exp) - engine < 20, "writes no longer take the fast path"
+        if qcow2:
+            readers = len(node.table._slots)
+            assert readers <= 2 * len(exp.stats()["uring-queues"]) + 1, readers
         writer.finish()
     finally:
         writer.kill()

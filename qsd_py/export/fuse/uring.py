@@ -297,7 +297,13 @@ class UringQueue:
             self.plan = None
 
     def repoint(self) -> None:
-        """On the queue's loop: the engine serves another node (a pivot), a fresh plan."""
+        """On the queue's loop: the engine serves another node (a pivot), a fresh plan.
+        Plans dropped before are given back once nothing they routed is in flight (each
+        holds a cluster-table reader slot)."""
+        if self.reader is None and not self.fast_busy:
+            for old in self._retired:
+                old.release()
+            self._retired.clear()
         gen = self.gen_view[0]
         plan = fastpath.plan_for(self.engine.node, ring_io=True, reader=self.reader)
         if plan is not None:
