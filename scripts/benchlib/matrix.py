@@ -66,13 +66,15 @@ class Backend:
 class Target:
     """Something fio reads: the image itself, or an export of one of the two daemons.
 
-    ``daemon`` is ``None`` (the bare file), ``"qsd-py"`` or ``"qemu"``; ``export`` is
+    ``daemon`` is ``None`` (the bare file), ``"qsd-py"``, ``"qemu"`` or ``"libfuse"`` (libfuse's
+    C ``passthrough_hp`` serving the image's directory, the reference FUSE server); ``export`` is
     ``fuse`` (fio reads the mounted file), ``nbd-unix`` or ``nbd-tcp`` (fio's ``nbd`` engine
     and nbdcopy connect to the daemon's NBD server, over a UNIX socket or loopback TCP);
     ``uring`` selects the FUSE-over-io_uring transport; ``iothreads`` > 0 adds that many
     iothread objects and spreads the export over them with ``iothread.N=``. ``versus`` names
     the target its ``x qemu`` ratio divides by when that is not the run's reference (an NBD
-    export is compared with QEMU's NBD export over the same socket kind).
+    export is compared with QEMU's NBD export over the same socket kind). ``queue_depth``
+    (libfuse over io_uring only) sets libfuse's entries per queue; 0 keeps what it ships (8).
     """
 
     name: str
@@ -81,6 +83,7 @@ class Target:
     iothreads: int = 0
     export: str = "fuse"
     versus: str = ""
+    queue_depth: int = 0
 
     @property
     def nbd(self) -> bool:
@@ -138,6 +141,12 @@ TARGETS: dict[str, Target] = {
         Target("qsd-py-nbd-tcp", "qsd-py", export="nbd-tcp", versus="qemu-nbd-tcp"),
         Target("qemu-nbd-unix", "qemu", export="nbd-unix", versus="qemu-nbd-unix"),
         Target("qemu-nbd-tcp", "qemu", export="nbd-tcp", versus="qemu-nbd-tcp"),
+        # libfuse's passthrough_hp (not in the default set; built by
+        # ../shared/tools/libfuse-anchor/build.sh): over io_uring with its own queue depth
+        # and with qsd-py's (64), and over /dev/fuse.
+        Target("libfuse-uring", "libfuse", uring=True),
+        Target("libfuse-uring-qd64", "libfuse", uring=True, queue_depth=64),
+        Target("libfuse", "libfuse"),
     )
 }
 
@@ -145,6 +154,7 @@ DEFAULT_TARGETS = ("file", "qsd-py", "qsd-py-uring", "qemu", "qemu-iot2")
 DEFAULT_BACKENDS = tuple(name for name, b in BACKENDS.items() if b.kind != "rbd")
 DEFAULT_JOBS = tuple(j.name for j in JOBS.values() if j.tool == "fio")
 NBD_TARGETS = ("qsd-py-nbd-unix", "qemu-nbd-unix", "qsd-py-nbd-tcp", "qemu-nbd-tcp")
+LIBFUSE_TARGETS = ("libfuse-uring", "libfuse-uring-qd64", "libfuse")
 
 # --quick: a ~2-minute development subset (one small-block and one large-block job).
 QUICK_BACKENDS = ("tmpfs", "null")
@@ -164,9 +174,12 @@ def pick(names: str | None, table: dict, default: tuple[str, ...]) -> list:
 
 
 def applies(target: Target, backend: Backend) -> bool:
-    """Every daemon serves every backend; the bare file only a raw image (on null-co there is
-    nothing to read, and a qcow2 file read as it is would be its metadata and clusters)."""
-    return target.daemon is not None or (backend.kind == "file" and backend.fmt == "raw")
+    """qsd-py and QEMU serve every backend; the bare file and libfuse's passthrough (which
+    serves files as they are) only a raw image: on null-co there is nothing to read, and a
+    qcow2 file read as it is would be its metadata and clusters."""
+    if target.daemon in ("qsd-py", "qemu"):
+        return True
+    return backend.kind == "file" and backend.fmt == "raw"
 
 
 def job_applies(job: Job, target: Target) -> bool:

@@ -33,6 +33,7 @@ from benchlib.targets import (
     TCP_PORTS,
     Daemon,
     DaemonFailed,
+    Libfuse,
     QsdPy,
     RealQsd,
     daemon_args,
@@ -77,7 +78,7 @@ def say(text: str) -> None:
 class Runner:
     def __init__(self, opts: Options, janitor: Janitor) -> None:
         self.opts, self.janitor = opts, janitor
-        self.real, self.qsdpy = RealQsd(), QsdPy(opts.python)
+        self.real, self.qsdpy, self.libfuse = RealQsd(), QsdPy(opts.python), Libfuse()
         self.ceph: BenchCluster | None = None  # started if an rbd backend is asked for
         self.outcome = Outcome()
         (opts.out / "logs").mkdir(parents=True, exist_ok=True)
@@ -103,6 +104,12 @@ class Runner:
             ok["qsd-py"] = self.qsdpy.probe()
             if not ok["qsd-py"]:
                 self.note(f"qsd-py targets skipped: {self.qsdpy.note}")
+        if any(t.daemon == "libfuse" for t in self.opts.targets):
+            ok["libfuse"] = self.libfuse.probe()
+            if ok["libfuse"]:
+                self.outcome.versions["libfuse"] = self.libfuse.version
+            else:
+                self.note(f"libfuse targets skipped: {self.libfuse.note}")
         targets = [t for t in self.opts.targets if t.daemon is None or ok[t.daemon]]
         if any(t.uring for t in targets):
             old = set_uring_knob(self.janitor)
@@ -181,6 +188,8 @@ class Runner:
         _remove(images.values())
 
     def make_daemon(self, target: Target, backend: Backend, image: str, tag: str) -> Daemon:
+        if target.daemon == "libfuse":
+            return self.make_libfuse(target, backend, image, tag)
         endpoint = self.endpoint(target)
         pidfile = str(WORK / "run" / f"{target.name}.pid")
         qmp = str(WORK / "run" / f"{target.name}.qmp")
@@ -196,6 +205,16 @@ class Runner:
             return Daemon(argv, host_endpoint, pidfile, log, cwd=str(REPO), qmp=qmp)
         uri = nbd_uri(target, host_endpoint)
         return Daemon(argv, uri, pidfile, log, str(REPO), qmp, nbd_endpoint=host_endpoint)
+
+    def make_libfuse(self, target: Target, backend: Backend, image: str, tag: str) -> Daemon:
+        """passthrough_hp serving the image's directory on a directory mountpoint."""
+        mountpoint = WORK / "mnt" / target.name
+        mountpoint.mkdir(exist_ok=True)
+        argv = self.libfuse.argv(target, str(Path(image).parent), str(mountpoint))
+        log = self.opts.out / "logs" / f"{target.name}-{tag}.log"
+        pidfile = str(WORK / "run" / f"{target.name}.pid")  # passthrough_hp writes none
+        fio_path = str(mountpoint / Path(image).name)
+        return Daemon(argv, fio_path, pidfile, log, cwd=str(REPO), mount=str(mountpoint))
 
     @staticmethod
     def endpoint(target: Target) -> str:
@@ -340,8 +359,9 @@ class Runner:
             return None
 
     def measure_startup(self, targets: list[Target]) -> None:
-        """Time process start to a serving export, null-co backend, daemons alternated."""
-        daemons = [t for t in targets if t.daemon is not None]
+        """Time process start to a serving export, null-co backend, daemons alternated
+        (libfuse's passthrough serves directories, not a null-co node: not timed)."""
+        daemons = [t for t in targets if t.daemon in ("qsd-py", "qemu")]
         null = BACKENDS["null"]
         failed: set[str] = set()
         for _ in range(self.opts.startup_runs):

@@ -127,7 +127,9 @@ class StartTimes:
 
 class Daemon:
     """One running daemon with one export that the host's fio reads at ``fio_path`` (the
-    mounted file, or the NBD URI when ``nbd_endpoint`` is where its NBD server listens)."""
+    mounted file, or the NBD URI when ``nbd_endpoint`` is where its NBD server listens).
+    ``mount`` is the mountpoint when it is not ``fio_path`` itself (libfuse mounts a
+    directory, and the image is a file in it)."""
 
     def __init__(
         self,
@@ -138,6 +140,7 @@ class Daemon:
         cwd: str,
         qmp: str = "",
         nbd_endpoint: str = "",
+        mount: str = "",
     ) -> None:
         self.argv, self.fio_path, self.pidfile, self.log, self.cwd = (
             argv,
@@ -148,12 +151,13 @@ class Daemon:
         )
         self.qmp = qmp  # its QMP socket as the host sees it ("" without one)
         self.nbd_endpoint = nbd_endpoint
+        self.mount = mount or fio_path
         self.proc: subprocess.Popen | None = None
 
     def _serving(self, dev0: int) -> bool:
         if self.nbd_endpoint:
             return nbd_accepts(self.nbd_endpoint)
-        return os.stat(self.fio_path).st_dev != dev0
+        return os.stat(self.mount).st_dev != dev0
 
     @property
     def pid(self) -> int:
@@ -162,7 +166,7 @@ class Daemon:
 
     def start(self, timeout: float) -> StartTimes:
         """Fork the daemon and wait until its export answers; raise DaemonFailed otherwise."""
-        dev0 = -1 if self.nbd_endpoint else os.stat(self.fio_path).st_dev
+        dev0 = -1 if self.nbd_endpoint else os.stat(self.mount).st_dev
         Path(self.pidfile).unlink(missing_ok=True)
         with open(self.log, "ab") as log:
             t0 = time.perf_counter()
@@ -194,7 +198,7 @@ class Daemon:
                 self.proc.kill()
                 self.proc.wait()
         if not self.nbd_endpoint:
-            lazy_umount(self.fio_path)
+            lazy_umount(self.mount)
         elif self.nbd_endpoint.startswith("/"):
             Path(self.nbd_endpoint).unlink(missing_ok=True)
         Path(self.pidfile).unlink(missing_ok=True)
@@ -273,3 +277,39 @@ class QsdPy:
 
     def argv(self, args: list[str]) -> list[str]:
         return [self.python, "-m", "qsd_py", *args]
+
+
+LIBFUSE_ANCHOR = Path(os.environ.get("QSD_LIBFUSE_ANCHOR", "/var/tmp/libfuse-anchor"))
+
+
+class Libfuse:
+    """libfuse's C ``passthrough_hp`` as ../shared/tools/libfuse-anchor/build.sh builds it.
+
+    It serves a directory: the image's own directory is its source, and fio reads the image
+    under the mountpoint. ``--nopassthrough`` keeps every read and write going through the
+    server (with kernel passthrough the kernel would read the file itself and no server would
+    be measured); O_DIRECT opens get direct I/O and parallel direct writes, as qsd-py's export.
+    """
+
+    def __init__(self, anchor: Path = LIBFUSE_ANCHOR) -> None:
+        self.binary = anchor / "libfuse" / "build" / "example" / "passthrough_hp"
+        self.version = ""
+        self.note = ""
+
+    def probe(self) -> bool:
+        if not os.access(self.binary, os.X_OK):
+            self.note = f"{self.binary} is not built; run ../shared/tools/libfuse-anchor/build.sh"
+            return False
+        meson = self.binary.parents[2] / "meson.build"  # the source tree's project version
+        lines = meson.read_text().splitlines() if meson.exists() else []
+        found = [ln.split("'")[1] for ln in lines if ln.strip().startswith("version:")]
+        self.version = f"libfuse {found[0]}" if found else "libfuse (version unknown)"
+        return True
+
+    def argv(self, target: Target, source: str, mountpoint: str) -> list[str]:
+        opts = ["--foreground", "--nopassthrough"]
+        if target.uring:
+            opts += ["-o", "io_uring"]
+            if target.queue_depth:
+                opts += ["-o", f"io_uring_q_depth={target.queue_depth}"]
+        return [str(self.binary), *opts, source, mountpoint]

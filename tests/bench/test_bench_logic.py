@@ -30,7 +30,7 @@ from benchlib.results import (
     write_json,
 )
 from benchlib.runner import count_queues
-from benchlib.targets import daemon_args
+from benchlib.targets import Libfuse, daemon_args
 
 CANNED = Path(__file__).parent / "data" / "fio-randrw-mixed.json"
 
@@ -259,3 +259,25 @@ def test_daemon_args_with_qmp_monitor() -> None:
         "--monitor",
         "chardev=bench-qmp",
     ]
+
+
+def test_libfuse_targets_serve_raw_files_only() -> None:
+    """passthrough_hp serves files as they are: a raw image, never null-co or a qcow2 file."""
+    for name in matrix.LIBFUSE_TARGETS:
+        target = matrix.TARGETS[name]
+        assert target.daemon == "libfuse" and name not in matrix.DEFAULT_TARGETS
+        assert matrix.applies(target, matrix.BACKENDS["tmpfs"])
+        assert matrix.applies(target, matrix.BACKENDS["disk"])
+        assert not matrix.applies(target, matrix.BACKENDS["null"])
+        assert not matrix.applies(target, matrix.BACKENDS["qcow2-tmpfs-allocated"])
+
+
+def test_libfuse_command_lines(tmp_path: Path) -> None:
+    """io_uring with libfuse's own depth, with qsd-py's, and /dev/fuse; never kernel passthrough."""
+    lib = Libfuse(tmp_path)  # nothing built there
+    assert not lib.probe() and "libfuse-anchor/build.sh" in lib.note
+    argv = {n: lib.argv(matrix.TARGETS[n], "/src", "/mnt") for n in matrix.LIBFUSE_TARGETS}
+    assert argv["libfuse-uring"][1:] == ["--foreground", "--nopassthrough", "-o", "io_uring",
+                                         "/src", "/mnt"]  # fmt: skip
+    assert argv["libfuse-uring-qd64"][5:7] == ["-o", "io_uring_q_depth=64"]
+    assert argv["libfuse"][1:] == ["--foreground", "--nopassthrough", "/src", "/mnt"]

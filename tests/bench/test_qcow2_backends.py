@@ -20,7 +20,7 @@ from benchlib.schedule import FIO, IMAGE, START, STOP, steps
 from benchlib.targets import daemon_args
 
 QCOW2 = [b for b in matrix.BACKENDS.values() if b.fmt == "qcow2"]
-DAEMONS = [t for t in matrix.TARGETS.values() if t.daemon is not None]
+DAEMONS = [t for t in matrix.TARGETS.values() if t.daemon in ("qsd-py", "qemu")]
 DEFAULT_TARGETS = matrix.pick(None, matrix.TARGETS, matrix.DEFAULT_TARGETS)
 JOBS = [matrix.JOBS["randread-qd16x2"], matrix.JOBS["write1m-qd4"]]
 
