@@ -108,9 +108,9 @@ async def run(options: list[Any], ready_fd: int | None) -> int:
                 pidfile = opt.arg
             elif opt.name != "daemonize":
                 await apply_option(daemon, opt)
-        from qsd_py.qmp.chardev import startup_done
-
-        startup_done(daemon).set()
+        started = getattr(daemon, "startup_done", None)  # a stdio monitor waits for it
+        if started is not None:
+            started.set()
         if pidfile is not None:
             write_pidfile(pidfile)
         if ready_fd is not None:

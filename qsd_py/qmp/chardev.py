@@ -227,6 +227,7 @@ class StdioMonitor:
             transport = _FileTransport(1)
         writer = asyncio.StreamWriter(transport, protocol, None, loop)  # type: ignore[arg-type]
         self.session = QMPSession(daemon, reader, writer, pretty)
+        startup_done(daemon)  # made now: the command line's runner sets it when it is done
         self._task = asyncio.create_task(self._serve(daemon), name="chardev-stdio")
         daemon.closers.append(self.close)
 
