@@ -33,11 +33,15 @@ def qmp_command(name: str) -> Callable[[Handler], Handler]:
 
 def load_handlers() -> None:
     """Import every module that registers handlers (kept lazy for start-up time)."""
+    import qsd_py.block.bitmap_commands  # noqa: F401
     import qsd_py.block.commands  # noqa: F401
+    import qsd_py.block.snapshot_commands  # noqa: F401
     import qsd_py.export.commands  # noqa: F401
     import qsd_py.export.nbd.commands  # noqa: F401
+    import qsd_py.graph_commands  # noqa: F401
     import qsd_py.jobs.commands  # noqa: F401
     import qsd_py.objects.commands  # noqa: F401
     import qsd_py.qmp.char_commands  # noqa: F401
     import qsd_py.qmp.commands  # noqa: F401
     import qsd_py.qmp.qom  # noqa: F401
+    import qsd_py.transaction  # noqa: F401

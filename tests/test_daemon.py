@@ -69,13 +69,53 @@ def start_load(kind: str, mnt: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+def wait_until_open(proc: subprocess.Popen[str], mnt: Path, timeout: float = 30) -> None:
+    """Wait until ``proc`` or a process it forked holds the mounted file open: fio's jobs
+    open it a while after fio starts (long under load), and a job that opened it only after
+    the daemon unmounted would write to the plain file below and never fail."""
+    dev = os.stat(mnt).st_dev
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(_holds(pid, dev) for pid in _tree(proc.pid)):
+            return
+        assert proc.poll() is None, (
+            f"the load ended early: {proc.stderr.read() if proc.stderr else ''}"
+        )
+        time.sleep(0.02)
+    pytest.fail(f"the load did not open {mnt} in {timeout:g} s")
+
+
+def _tree(root: int) -> list[int]:
+    """``root`` and its descendants (fio's job processes call setsid: not its group)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree = [root]
+    for pid in tree:
+        tree += [child for child, parent in parents.items() if parent == pid]
+    return tree
+
+
+def _holds(pid: int, dev: int) -> bool:
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{pid}/fd/{fd}").st_dev == dev:
+                    return True
+    return False
+
+
 @contextlib.contextmanager
 def killed_at_end(proc: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        for pid in _tree(proc.pid):  # fio's jobs too: they outlive a killed parent
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
 
 
@@ -117,10 +157,8 @@ def test_stop_under_io_unmounts_and_exits_0(
     )
     assert sorted(fuse_mounts_under(tmp_path)) == sorted([str(mnt), str(mnt2)])
     with killed_at_end(start_load(load, mnt)) as io:
-        time.sleep(0.5)
-        assert io.poll() is None, (
-            f"the load ended too early: {io.stderr.read() if io.stderr else ''}"
-        )
+        wait_until_open(io, mnt)
+        time.sleep(0.2)
         if stop == "quit":
             client = daemon.qmp()
             try:

@@ -65,3 +65,22 @@ class Child:
     def detach(self) -> None:
         """Drop the link's permissions on the child."""
         self.node.remove_user(self.key)
+
+
+def replace_node(old: BlockNode, new: BlockNode, skip: BlockNode | None = None) -> None:
+    """Every parent of ``old`` (but ``skip``) and every user of it that can follow
+    (``NodeUser.repoint``: exports) now uses ``new``, as QEMU's bdrv_replace_node: a mirror's
+    pivot, a filter put above a node or taken away again. No await: no request reaches ``old``
+    through its users once this returns."""
+    for parent in old.parents():
+        if parent is skip:
+            continue
+        for child in list(parent.children.values()):
+            if child.node is old:
+                child.replace(new)
+    for user in list(old.users.values()):
+        if user.repoint is None or user.is_parent:
+            continue
+        new.set_user(user)
+        old.remove_user(user.key)
+        user.repoint(new)

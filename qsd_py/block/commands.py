@@ -1,4 +1,5 @@
-"""QMP commands of the block layer: blockdev-add/-del, query-named-block-nodes, block_resize."""
+"""QMP commands of the block layer: blockdev-add/-del, query-named-block-nodes, block_resize,
+query-block, query-blockstats, block-set-write-threshold."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from qsd_py.commands import qmp_command
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
+    from qsd_py.block.node import BlockNode
     from qsd_py.daemon import Daemon
 
 _resize_ids = itertools.count()
@@ -43,6 +45,8 @@ async def block_resize(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     blocker = node.backing_blocker()  # before the driver could say it is read-only
     if blocker is not None:
         raise QMPError(blocker)
+    if not node.active:
+        raise QMPError("Permission 'resize' unavailable on inactive node")
     desc = f"an unnamed block device (uses node '{node.node_name}' as 'root' child)"
     key = f"qmp:block_resize:{next(_resize_ids)}"
     node.set_user(NodeUser(key, Perm.RESIZE, PERM_ALL, desc))
@@ -52,4 +56,58 @@ async def block_resize(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         raise QMPError(e.strerror or str(e)) from None
     finally:
         node.remove_user(key)
+    return {}
+
+
+@qmp_command("query-block")
+async def query_block(daemon: Daemon, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """QEMU's daemon lists no block devices: exports' and jobs' BlockBackends are unnamed."""
+    return []
+
+
+# BlockDeviceStats as a node shows it: every BlockBackend counter 0, in QEMU's order.
+_ZERO_STATS = (
+    "rd_bytes wr_bytes zone_append_bytes unmap_bytes rd_operations wr_operations "
+    "zone_append_operations flush_operations unmap_operations rd_total_time_ns "
+    "wr_total_time_ns zone_append_total_time_ns flush_total_time_ns unmap_total_time_ns "
+    "wr_highest_offset rd_merged wr_merged zone_append_merged unmap_merged "
+    "failed_rd_operations failed_wr_operations failed_zone_append_operations "
+    "failed_flush_operations failed_unmap_operations invalid_rd_operations "
+    "invalid_wr_operations invalid_zone_append_operations invalid_flush_operations "
+    "invalid_unmap_operations"
+).split()
+
+
+def node_stats(node: BlockNode) -> dict[str, Any]:
+    """One node's ``BlockStats`` (QEMU's bdrv_query_bds_stats at node level): its
+    ``wr_highest_offset``, its driver's counters, the data child's entry as ``parent``."""
+    stats: dict[str, Any] = dict.fromkeys(_ZERO_STATS, 0)
+    stats["wr_highest_offset"] = node.stats.highest()
+    stats.update({"account_invalid": False, "account_failed": False, "timed_stats": []})
+    entry: dict[str, Any] = {"node-name": node.node_name, "stats": stats}
+    specific = node.specific_stats()
+    if specific is not None:
+        entry["driver-specific"] = specific
+    parent = node.stats_parent()
+    if parent is not None:
+        entry["parent"] = node_stats(parent)
+    return entry
+
+
+@qmp_command("query-blockstats")
+async def query_blockstats(daemon: Daemon, args: dict[str, Any]) -> list[dict[str, Any]]:
+    """With ``query-nodes`` every node in creation order; else the named BlockBackends,
+    of which a storage daemon has none (QEMU's answer is empty too)."""
+    if not args.get("query-nodes", False):
+        return []
+    return [node_stats(node) for node in daemon.graph]
+
+
+@qmp_command("block-set-write-threshold")
+async def block_set_write_threshold(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    name = args["node-name"]
+    node = daemon.graph.find(name)
+    if node is None:
+        raise QMPError(f"Device '{name}' not found")
+    node.stats.set_threshold(args["write-threshold"], daemon.emit_event, name)
     return {}

@@ -31,6 +31,10 @@ READ or WRITE of a range the export already checked becomes:
 
 Everything else (unaligned O_DIRECT, growing writes, writethrough) keeps going through the
 node; the export's own rules (EOF, growable, read-only) are checked by the export before.
+A write served here tells every node of the chain how far it reached (their
+``wr_highest_offset``, in memory shared with the queue workers), and one that would cross a
+node's armed write threshold goes through the node instead, which sends the event
+(qsd_py/block/stats.py).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.drivers.file import INLINE_MAX
 from qsd_py.block.fast_map import OFFSET_MASK, VALID, WRITABLE, ZERO
+from qsd_py.block.shared_bits import Marker
 
 if TYPE_CHECKING:
     from qsd_py.block.aio import ThreadPoolBackend
@@ -73,6 +78,8 @@ class FastPlan:
 
     __slots__ = (
         "__weakref__",
+        "marks",
+        "mark_at",
         "kind",
         "fd",
         "base",
@@ -90,6 +97,9 @@ class FastPlan:
         "started_at",
         "gen",
         "on_change",
+        "gates",
+        "child_gates",
+        "markers",
     )
 
     def __init__(
@@ -106,6 +116,10 @@ class FastPlan:
         table: ClusterTable | None = None,
         slot: int = -1,
     ) -> None:
+        # Per node of the chain: (shared cells, by file position?, shift) for its
+        # wr_highest_offset and write threshold (stats.py); set by plan_for.
+        self.marks: tuple[tuple[Any, bool, int], ...] = ()
+        self.mark_at = 0  # this process's cell of wr_highest_offset in each node's page
         self.kind = kind
         self.fd = fd
         self.base = base  # node offset + base = file offset (raw's window)
@@ -128,12 +142,24 @@ class FastPlan:
         # Called by the block layer when this plan no longer says what the chain is (writes
         # closed or opened, a child replaced): :meth:`BlockNode.fast_plans_changed`.
         self.on_change: Any = None
+        # The write gates of the chain's nodes (shared pages, BlockNode.fork_page): one
+        # set closes this plan to writes in every process that holds a copy of it.
+        self.gates: tuple[Any, ...] = ()
+        self.child_gates: tuple[Any, ...] = ()
+        self.markers: tuple[Marker, ...] = ()  # the chain's shared bitmaps (shared_bits.py)
 
     def done(self) -> None:
         """A request :func:`decide` routed by the table has finished its I/O."""
         counts = self.counts
         if counts is not None:
             counts[self.started_at + 1] += 1
+
+    def mark(self, offset: int, size: int) -> None:
+        """A fast write of node bytes ``[offset, +size)`` finished (well or not, as the
+        node marks its bitmaps): mark the chain's shared bitmaps (none in the daemon,
+        whose plans do not write while a bitmap records)."""
+        for marker in self.markers:
+            marker.mark(offset, size)
 
     def release(self) -> None:
         """Give the reader slot back (the queue is gone; its requests are done)."""
@@ -165,17 +191,28 @@ def plan_for(
         return None
     if not writable:
         plan.writable = False
+    _set_marks(node, plan)
     _register(node, plan)
     return plan
 
 
-def _register(node: BlockNode, plan: FastPlan) -> None:
+def _register(node: BlockNode, plan: FastPlan, top: bool = True) -> None:
+    """In the daemon a plan obeys the node's ``writable`` switches; in a fork (a queue
+    worker) the node's fork page decides, write by write: its gate, and the bitmaps the
+    fork marks after each write (:meth:`FastPlan.mark`). Only the exported node's bitmaps
+    count the request's offsets; a node below with a recording bitmap closes the gate
+    (byte 1 of its page) instead: the node in between knows where the bytes land."""
     node.fast_plans.add(plan)
-    if node._slow_writers and plan not in node._closed_plans:
+    if top:
+        plan.gates += (node.fork_page,)
+        plan.markers += (Marker(node.fork_page),)
+    else:
+        plan.child_gates += (node.fork_page,)
+    if os.getpid() == node.home_pid and node._slow_writers and plan not in node._closed_plans:
         node._closed_plans[plan] = plan.writable
         plan.writable = False
     for child in node.children.values():
-        _register(child.node, plan)
+        _register(child.node, plan, False)
 
 
 def _plan_for(node: BlockNode, ring_io: bool, reader: int | None) -> FastPlan | None:
@@ -210,12 +247,71 @@ def _plan_for(node: BlockNode, ring_io: bool, reader: int | None) -> FastPlan | 
     )
 
 
+def _set_marks(top: BlockNode, plan: FastPlan) -> None:
+    """What a fast write must tell the nodes it passes (stats.py): each node's own end of
+    the write, from the export's offset (nodes down to the one with the cluster table, and
+    every node of a chain without one) or from the file position (nodes below the table),
+    shifted by the raw windows between. A process without a row of its own (more workers
+    than rows) writes through the daemon."""
+    from qsd_py.block.stats import HIGHEST, process_row
+
+    row = process_row()
+    if row < 0:
+        plan.writable = False
+        return
+    plan.mark_at = row * 8 + HIGHEST
+    path = _data_path(top, plan)
+    targets = [n.fast_target() for n in path]
+    tabled = [t is not None and t.table is not None for t in targets]
+    last_table = max((i for i, t in enumerate(tabled) if t), default=-1)
+    windows = [int(getattr(n, "offset", 0)) if n.driver == "raw" else 0 for n in path]
+    marks = []
+    for i, n in enumerate(path):
+        if i <= last_table or last_table < 0:
+            marks.append((n.stats.cells, False, sum(windows[:i])))
+        else:  # below the table: the node's offset is the file position less the windows
+            marks.append((n.stats.cells, True, sum(windows[i:])))
+    plan.marks = tuple(marks)
+
+
+def _data_path(top: BlockNode, plan: FastPlan) -> list[BlockNode]:
+    """The nodes from ``top`` down to the file (or null-co node) the plan reaches, through
+    every child but ``backing``."""
+    want = plan.kind == NULL
+    path = [top]
+    node = top
+    while node.children:
+        nxt = None
+        for role, child in node.children.items():
+            if role == "backing":
+                continue
+            target = child.node.fast_target()
+            if target is not None and (target.null if want else target.file is not None):
+                nxt = child.node
+                if role == "data-file":
+                    break
+        if nxt is None:
+            break
+        path.append(nxt)
+        node = nxt
+    return path
+
+
 def route(plan: FastPlan, offset: int, size: int, writing: bool) -> tuple[int, int, int]:
     """What a READ or WRITE of ``size`` > 0 bytes at node ``offset`` becomes, once the export
     checked it (in range, writable, not growing): ``FILL``/``ACCEPT`` (null-co, or clusters
     that read as zeroes), ``INLINE``/``TRANSFER`` at a file position, or ``ENGINE``. After
     ``INLINE`` or ``TRANSFER`` the caller calls ``plan.done()`` once the I/O is over."""
+    if writing:
+        for gate in plan.gates:
+            if gate[0]:
+                return _ENGINE  # the node needs every write (a mirror's bitmap)
+        for gate in plan.child_gates:
+            if gate[0] or gate[1]:
+                return _ENGINE  # a node below needs it, or has a bitmap to mark
     if plan.kind == NULL:
+        if writing and not _mark(plan, offset, offset, size):
+            return _ENGINE
         return (ACCEPT, size, 0) if writing else (FILL, size, plan.read_zeroes)
     if plan.entries is None:
         pos = offset + plan.base
@@ -225,12 +321,27 @@ def route(plan: FastPlan, offset: int, size: int, writing: bool) -> tuple[int, i
             if pos == _ZEROES:
                 return FILL, size, 1
             return _ENGINE
-    if (pos | size) & plan.align_mask:
+    if (pos | size) & plan.align_mask or writing and not _mark(plan, offset, pos, size):
         plan.done()
-        return _ENGINE  # O_DIRECT would bounce: the node knows how
+        return _ENGINE  # O_DIRECT would bounce, or a threshold is crossed: the node's work
     if size <= plan.inline_max:
         return INLINE, pos, size
     return TRANSFER, pos, size
+
+
+def _mark(plan: FastPlan, offset: int, pos: int, size: int) -> bool:
+    """Raise each node's wr_highest_offset cell of this process for a write the fast path
+    serves; False (nothing to serve fast) when the write ends past a node's armed write
+    threshold: the node must see it to send the event (stats.py)."""
+    at = plan.mark_at
+    for cells, by_pos, shift in plan.marks:
+        end = (pos - shift if by_pos else offset + shift) + size
+        threshold = cells[0]
+        if threshold and end > threshold:
+            return False
+        if cells[at] < end:
+            cells[at] = end
+    return True
 
 
 _SLOW = -1

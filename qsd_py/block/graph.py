@@ -229,6 +229,8 @@ class BlockGraph:
             node.close()
         finally:
             node.detach_children()
+            for bitmap in node.dirty_bitmaps:
+                bitmap.unshare()  # the user's bitmaps go with their node
         for child in children:
             await self.drop_orphan(child)
 

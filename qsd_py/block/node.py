@@ -26,14 +26,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import mmap
+import os
 import weakref
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
+from qsd_py.block import shared_bits
 from qsd_py.block.child import Child
 from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.drain import InFlight
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm, perm_names
+from qsd_py.block.stats import NodeStats
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
@@ -127,7 +130,10 @@ class BlockNode:
         # from an inline dict and are deleted with this node.
         self.children: dict[str, Child] = {}
         self.implicit = False
+        self.active = True  # False: inactivated (blockdev-set-active), no lock held
         self.in_flight = InFlight()
+        # wr_highest_offset and the write threshold, shared with queue workers (stats.py).
+        self.stats = NodeStats()
         # Writes counted and the count at the last flush, as QEMU's write_gen/flushed_gen:
         # a flush with nothing written since the last one is not passed to the disk (and
         # raises no flush_to_disk event; blkdebug's flush rules see no flush then).
@@ -147,6 +153,13 @@ class BlockNode:
         # Nodes every write is also written to before it completes (an active mirror).
         self.write_mirrors: list[BlockNode] = []
         self.fast_plans: weakref.WeakSet[FastPlan] = weakref.WeakSet()
+        # A page shared with the processes forked later (FUSE queue workers): byte 0 set
+        # while their writes must take the coroutines (their copies of the fast plans read
+        # it before every write, fast_io.route; plan.writable is this process's), then the
+        # bitmaps they mark themselves (shared_bits.py).
+        self.fork_page = mmap.mmap(-1, mmap.PAGESIZE)
+        self._fork_blockers: set[object] = set()
+        self.home_pid = os.getpid()  # the daemon: its plans obey plan.writable
         self._closed_plans: weakref.WeakKeyDictionary[FastPlan, bool] = weakref.WeakKeyDictionary()
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -216,6 +229,8 @@ class BlockNode:
             self._raise_if_conflict(required_by=new, unshared_by=other)
 
     def _raise_if_conflict(self, required_by: NodeUser, unshared_by: NodeUser) -> None:
+        if required_by.key in unshared_by.tolerates:
+            return
         both = required_by.perm & ~unshared_by.shared & PERM_ALL
         if both:
             raise QMPError(
@@ -361,6 +376,8 @@ class BlockNode:
             await self.do_truncate(length, prealloc)
         finally:
             self.in_flight.leave()
+            if self.dirty_bitmaps:
+                self._resize_dirty_bitmaps()
 
     async def allocated_size(self) -> int:
         """Bytes allocated on the host for this node and the nodes it stores data in (its
@@ -385,6 +402,8 @@ class BlockNode:
         try:
             if self.write_gates:
                 gates = await self._enter_gates(offset, len(data))
+            self.stats.check_threshold(offset + len(data))
+            self.stats.wrote(offset + len(data))  # attempted: counted even if it fails, as in QEMU
             await self.do_write(offset, data)
             for other in list(self.write_mirrors):
                 await other.write(offset, data)
@@ -427,6 +446,8 @@ class BlockNode:
         try:
             if self.write_gates:
                 gates = await self._enter_gates(offset, length)
+            self.stats.check_threshold(offset + length)
+            self.stats.wrote(offset + length)  # attempted: counted even if it fails, as in QEMU
             await self.do_write_zeroes(offset, length, unmap, no_fallback)
             for other in list(self.write_mirrors):
                 await other.write_zeroes(offset, length, unmap)
@@ -447,6 +468,7 @@ class BlockNode:
         try:
             if self.write_gates:
                 gates = await self._enter_gates(offset, length)
+            self.stats.check_threshold(offset + length)
             await self.do_discard(offset, length)
         finally:
             self.write_gen += 1
@@ -568,25 +590,66 @@ class BlockNode:
 
     def _mark_dirty(self, offset: int, length: int) -> None:
         for bitmap in self.dirty_bitmaps:
-            bitmap.mark(offset, length)
+            if bitmap.enabled:
+                bitmap.mark(offset, length)
 
     def add_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
-        """Mark ``bitmap`` with every write from now on (writes then take the node's
-        coroutines: :meth:`close_fast_writes`)."""
+        """Mark ``bitmap`` with every write from now on, while it is enabled: writes take
+        the node's coroutines (:meth:`close_fast_writes`), except those of the queue
+        workers, which mark a shared bitmap themselves (shared_bits.py)."""
         self.dirty_bitmaps.append(bitmap)
-        self.close_fast_writes(bitmap)
+        if bitmap.enabled:
+            self.close_fast_writes(bitmap, forks=bitmap.shared is None)
+            self._publish_marks()
 
     def remove_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
         """Stop marking ``bitmap``."""
         if bitmap in self.dirty_bitmaps:
             self.dirty_bitmaps.remove(bitmap)
         self.open_fast_writes(bitmap)
+        self._publish_marks()
+        bitmap.unshare()
 
-    def close_fast_writes(self, owner: object) -> None:
+    def enable_dirty_bitmap(self, bitmap: DirtyBitmap, enabled: bool) -> None:
+        """Start or stop recording writes in ``bitmap`` (block-dirty-bitmap-enable/-disable)."""
+        bitmap.enabled = enabled
+        if enabled:
+            self.close_fast_writes(bitmap, forks=bitmap.shared is None)
+        else:
+            self.open_fast_writes(bitmap)
+        self._publish_marks()
+
+    def _resize_dirty_bitmaps(self) -> None:
+        """QEMU resizes every bitmap with its node: new chunks clean, cut ones gone."""
+        retired = [bitmap.resize(self.length()) for bitmap in self.dirty_bitmaps]
+        self._publish_marks()
+        for old in retired:  # closed only now: a fork may map what the list names
+            if old is not None:
+                old.close()
+
+    def _publish_marks(self) -> None:
+        """List the recording shared bitmaps for the forks (shared_bits.py); more than the
+        page holds: the forks' writes take the coroutines instead."""
+        entries = [b.shared_entry() for b in self.dirty_bitmaps if b.enabled]
+        listed = [e for e in entries if e is not None]
+        if len(listed) > shared_bits.MAX_ENTRIES:
+            self.close_fast_writes(shared_bits, forks=True)
+            listed = []
+        else:
+            self.open_fast_writes(shared_bits)
+        shared_bits.publish(self.fork_page, listed)
+
+    def close_fast_writes(self, owner: object, forks: bool = True) -> None:
         """Until :meth:`open_fast_writes` (``owner``), every write passes through this
         node's coroutines: the exports' fast plans that reach this node stop writing around
-        it (reads still take the fast path), and plans made meanwhile are born so."""
+        it (reads still take the fast path), and plans made meanwhile are born so.
+        ``forks``: the plans of processes forked from the daemon too (the fork page's gate,
+        which they read before every write); False: they mark the node's bitmaps
+        themselves."""
         self._slow_writers.add(owner)
+        if forks:
+            self._fork_blockers.add(owner)
+            self.fork_page[0] = 1
         closing = [plan for plan in self.fast_plans if plan not in self._closed_plans]
         for plan in closing:
             self._closed_plans[plan] = plan.writable
@@ -596,6 +659,9 @@ class BlockNode:
 
     def open_fast_writes(self, owner: object) -> None:
         """``owner`` no longer needs it; with no owner left, fast plans write again."""
+        self._fork_blockers.discard(owner)
+        if not self._fork_blockers:
+            self.fork_page[0] = 0
         self._slow_writers.discard(owner)
         if self._slow_writers:
             return
@@ -614,10 +680,28 @@ class BlockNode:
             if plan.on_change is not None:
                 plan.on_change()
 
-    def dirty_bitmap(self, name: str) -> Any:
+    def dirty_bitmap(self, name: str) -> DirtyBitmap | None:
         """The dirty bitmap ``name`` of this node (what NBD exports offer as
-        ``qemu:dirty-bitmap:NAME``), or None. No node keeps dirty bitmaps yet."""
+        ``qemu:dirty-bitmap:NAME``), or None."""
+        for bitmap in self.dirty_bitmaps:
+            if bitmap.name == name:
+                return bitmap
         return None
+
+    def dirty_bitmaps_info(self) -> list[dict[str, Any]]:
+        """``dirty-bitmaps`` of query-named-block-nodes: the named bitmaps, newest first (a
+        job's own bitmap has no name: QEMU keeps it on a filter node no query lists)."""
+        return [b.info() for b in reversed(self.dirty_bitmaps) if b.name is not None]
+
+    def can_store_dirty_bitmap(self, name: str, granularity: int) -> None:
+        """Refuse a persistent bitmap this node cannot store, with QEMU's text; formats
+        that store them (qcow2) override this."""
+        raise QMPError(
+            f"Can't store persistent bitmaps to {self.node_name}: Operation not supported"
+        )
+
+    async def remove_persistent_bitmap(self, bitmap: DirtyBitmap) -> None:
+        """Drop a persistent bitmap from the image at once (block-dirty-bitmap-remove)."""
 
     # --- the exports' fast path -------------------------------------------------------------
     def fast_target(self) -> FastTarget | None:
@@ -683,6 +767,17 @@ class BlockNode:
             image["backing-image"] = backing.image_info()
         return image
 
+    def specific_stats(self) -> dict[str, Any] | None:
+        """``driver-specific`` of query-blockstats (QEMU: only file, host_device, nvme)."""
+        return None
+
+    def stats_parent(self) -> BlockNode | None:
+        """The child query-blockstats nests as ``parent``: the one that stores the data
+        (QEMU's primary child when it holds data or is filtered: ``file``, or an external
+        ``data-file``); never the backing node."""
+        data = self.child_node("data-file")
+        return data if data is not None else self.child_node("file")
+
     def backing_depth(self) -> int:
         """How many backing nodes lie below this one."""
         depth, node = 0, self.child_node("backing")
@@ -716,7 +811,7 @@ class BlockNode:
         ]
         entry.update(
             {
-                "active": True,
+                "active": self.active,
                 "encrypted": False,
                 "detect_zeroes": "off",
                 "bps": 0,
@@ -731,9 +826,13 @@ class BlockNode:
                     "direct": bool(cache.get("direct", False)),
                     "no-flush": bool(cache.get("no-flush", False)),
                 },
-                "write_threshold": 0,
+                # An int64 in BlockDeviceInfo: QEMU shows a uint64 threshold past it negative.
+                "write_threshold": (self.stats.threshold ^ 1 << 63) - (1 << 63),
             }
         )
+        bitmaps = self.dirty_bitmaps_info()
+        if bitmaps:
+            entry["dirty-bitmaps"] = bitmaps
         return entry
 
 

@@ -62,3 +62,6 @@ class NodeUser:
     #: For a user that may follow a pivot (an export): called with the node that replaces
     #: this one (mirror's completion), under a drain, after the user was moved to it.
     repoint: Callable[[Any], None] | None = None
+    #: Keys of users whose permissions this one lets be although it does not share them
+    #: (a job's, for the users QEMU moves above the filter node the job inserts).
+    tolerates: frozenset[str] = frozenset()

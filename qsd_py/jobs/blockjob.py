@@ -89,6 +89,12 @@ class BlockJob(Job):
         delay = self.limit.delay(nbytes)
         await self.sleep(delay)
 
+    async def ratelimit_sleep(self) -> None:
+        """QEMU's block_job_ratelimit_sleep: sleep off what the bytes accounted so far owe,
+        again after a pause cut the sleep short, unless cancelled."""
+        while (delay := self.limit.delay(0)) and not self.is_cancelled:
+            await self.sleep(delay)
+
     # --- queries and events ---------------------------------------------------------------
     def block_info(self) -> dict[str, Any]:
         """QAPI's BlockJobInfo (query-block-jobs)."""

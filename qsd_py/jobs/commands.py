@@ -179,3 +179,67 @@ async def block_stream(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 
     await stream.start(daemon.graph, daemon.jobs, args)
     return {}
+
+
+@qmp_command("block-commit")
+async def block_commit(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Start a commit job, intermediate or active (qsd_py/jobs/commit.py)."""
+    from qsd_py.jobs import commit
+
+    await commit.start(daemon.graph, daemon.jobs, args)
+    return {}
+
+
+@qmp_command("change-backing-file")
+async def change_backing_file(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    from qsd_py.jobs import commit
+
+    await commit.change_backing_file(daemon.graph, args)
+    return {}
+
+
+@qmp_command("blockdev-backup")
+async def blockdev_backup(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Start a backup of node ``device`` to node ``target`` (qsd_py/jobs/backup.py)."""
+    from qsd_py.jobs import backup
+
+    source = daemon.graph.find(args["device"])
+    if source is None:
+        raise QMPError(f"Cannot find device='{args['device']}' nor node-name='{args['device']}'")
+    target = daemon.graph.find(args["target"])
+    if target is None:
+        raise QMPError(f"Cannot find device='{args['target']}' nor node-name='{args['target']}'")
+    await backup.start(daemon.graph, daemon.jobs, source, target, args)
+    return {}
+
+
+@qmp_command("drive-backup")
+async def drive_backup(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """A backup to an image named by its file name, created first unless ``mode`` is
+    ``existing``; the node opened for it is the job's and closed after it."""
+    from qsd_py.jobs import backup
+
+    source = daemon.graph.find(args["device"])
+    if source is None:
+        raise QMPError(f"Cannot find device='{args['device']}' nor node-name='{args['device']}'")
+    for reason in source.blockers.values():
+        raise QMPError(f"Node '{source.node_name}' is busy: {reason}")
+    target = await backup.open_drive_target(daemon.graph, source, args)
+    try:
+        await backup.start(daemon.graph, daemon.jobs, source, target, args)
+    except BaseException:
+        await daemon.graph.drop_orphan(target)
+        raise
+    return {}
+
+
+@qmp_command("x-blockdev-amend")
+async def x_blockdev_amend(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
+    """Start an ``amend`` job (qsd_py/jobs/amend.py); the driver's refusal is the job's."""
+    from qsd_py.jobs.amend import AmendJob, check
+
+    node = check(daemon.graph.find(args["node-name"]), args["node-name"], args["options"])
+    job = AmendJob(daemon.jobs, args["job-id"], node=node, options=args["options"])
+    daemon.jobs.add(job)
+    job.start()
+    return {}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from qsd_py.block.child import replace_node
 from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.node import STATUS_ALLOCATED, STATUS_ZERO
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
@@ -117,9 +118,9 @@ class MirrorJob(BlockJob):
             raise QMPError(
                 f"Permission conflict on node '{fil}': permissions 'resize' are both required "
                 f"by an unnamed block device (uses node '{fil}' as 'root' child) and unshared "
-                f"by mirror job '{self.id}' (uses node '{fil}' as 'main node' child)."
+                f"by {self.job_type} job '{self.id}' (uses node '{fil}' as 'main node' child)."
             )
-        desc = f"mirror job '{self.id}' (uses node '{src.node_name}' as 'source' child)"
+        desc = f"{self.job_type} job '{self.id}' (uses node '{src.node_name}' as 'source' child)"
         src.set_user(
             NodeUser(
                 self._user_key(src),
@@ -133,25 +134,23 @@ class MirrorJob(BlockJob):
         self._used.append(src)
         desc = f"an unnamed block device (uses node '{tgt.node_name}' as 'root' child)"
         try:
-            tgt.set_user(
-                NodeUser(
-                    self._user_key(tgt),
-                    Perm.WRITE,
-                    Perm.WRITE_UNCHANGED,
-                    desc,
-                    quiesce=self._quiesce,
-                )
-            )
+            perm, shared = self.target_perms()
+            tgt.set_user(NodeUser(self._user_key(tgt), perm, shared, desc, quiesce=self._quiesce))
         except BaseException:
             self.release_nodes()
             raise
         self._used.append(tgt)
-        busy = "block device is in use by block job: mirror"
+        busy = f"block device is in use by block job: {self.job_type}"
         src.blockers[self.id] = busy
         tgt.blockers[self.id] = busy
         src.add_dirty_bitmap(self.bitmap)
         if self.copy_mode == "write-blocking":
             src.write_mirrors.append(self.target)
+
+    def target_perms(self) -> tuple[Perm, Perm]:
+        """What the job takes on the target and lets others do there: it writes, others
+        may only write unchanged (an active commit's target, in the chain, shares more)."""
+        return Perm.WRITE, Perm.WRITE_UNCHANGED
 
     def release_nodes(self) -> None:
         src = self.source
@@ -170,8 +169,7 @@ class MirrorJob(BlockJob):
 
     # --- the copy -------------------------------------------------------------------------
     async def run(self) -> None:
-        if self.source.length() != self.target.length():
-            raise QMPError("Source and target image have different sizes")
+        await self.check_lengths()
         await self._initial_dirty()
         while True:
             await self.checkpoint()
@@ -193,6 +191,11 @@ class MirrorJob(BlockJob):
             finally:
                 self._idle = False
 
+    async def check_lengths(self) -> None:
+        """Source and target must be as long (an active commit grows its base instead)."""
+        if self.source.length() != self.target.length():
+            raise QMPError("Source and target image have different sizes")
+
     async def _initial_dirty(self) -> None:
         """Mark what the copy starts with (QEMU's mirror_dirty_init)."""
         length = self.source.length()
@@ -201,12 +204,18 @@ class MirrorJob(BlockJob):
         elif self.sync == "top":
             offset = 0
             while offset < length:
-                status = await self.source.block_status(offset, length - offset)
-                if status.flags & STATUS_ALLOCATED:  # held by the top layer
-                    self.bitmap.mark(offset, status.length)
-                offset += status.length
+                n, allocated = await self.top_allocated(offset, length - offset)
+                if allocated:
+                    self.bitmap.mark(offset, n)
+                offset += n
                 await self.checkpoint()
         self.set_remaining(self.bitmap.count)
+
+    async def top_allocated(self, offset: int, length: int) -> tuple[int, bool]:
+        """For ``sync`` top: how much from ``offset`` has one answer, and whether the top
+        layer holds it (an active commit asks the whole chain above its base)."""
+        status = await self.source.block_status(offset, length)
+        return status.length, bool(status.flags & STATUS_ALLOCATED)
 
     async def _copy(self, offset: int, length: int) -> None:
         """Copy one dirty run: zeroes where the source reads as zeroes, else data."""
@@ -345,16 +354,7 @@ class MirrorJob(BlockJob):
         old.close_fast_writes(self)
         try:
             self.release_nodes()
-            for parent in old.parents():
-                for child in list(parent.children.values()):
-                    if child.node is old:
-                        child.replace(new)
-            for user in list(old.users.values()):
-                if user.repoint is None or user.is_parent:
-                    continue
-                new.set_user(user)
-                old.remove_user(user.key)
-                user.repoint(new)
+            replace_node(old, new)
         finally:
             old.open_fast_writes(self)
 

@@ -66,6 +66,9 @@ class StreamJob(BlockJob):
         self.below = chain_below(top, base)
         self.gate = RangeGate()
 
+    def do_change(self, opts: dict[str, Any]) -> None:
+        raise QMPError("Job type does not support change")  # QEMU's driver has no change
+
     # --- nodes ----------------------------------------------------------------------------
     def take_nodes(self) -> None:
         top = self.top

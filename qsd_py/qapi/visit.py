@@ -157,6 +157,9 @@ class Visitor:
         if jt == "value":
             return value
         if jt == "int":
+            if typ.name == "uint64" and isinstance(value, float) and value.is_integer():
+                # a whole number outside int64 and uint64, which JSON parsing left a double
+                raise QMPError(f"Parameter '{path}' expects uint64")
             if not isinstance(value, int) or isinstance(value, bool):
                 raise _type_error(path, "integer")
             return self.check_range(typ, value, path)

@@ -56,9 +56,17 @@ class Daemon:
                 raise RuntimeError(f"daemon did not start: {self.proc.stderr.read()!r}")
             time.sleep(0.01)
         from qemu.qmp.legacy import QEMUMonitorProtocol
+        from qemu.qmp.protocol import ConnectError
 
-        self.qmp = QEMUMonitorProtocol(str(self.sock))
-        self.qmp.connect()
+        while True:  # the socket file appears at bind(), a moment before listen()
+            self.qmp = QEMUMonitorProtocol(str(self.sock))
+            try:
+                self.qmp.connect()
+                break
+            except ConnectError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> dict[str, Any]:
         """The reply without its ``id``."""
@@ -91,7 +99,10 @@ class Daemon:
 
     def close(self) -> None:
         try:
-            self.qmp.close()
+            try:
+                self.qmp.close()
+            except EOFError:  # the daemon hung up first (it quit): its EOF is no error
+                pass
         finally:
             if self.proc.poll() is None:
                 self.proc.terminate()

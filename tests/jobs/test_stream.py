@@ -98,3 +98,20 @@ def test_stream_under_nbd_load(tmp_path: Path, base: str | None) -> None:
         "compare", "-F", "qcow2", str(tmp_path / "model.raw"), str(tmp_path / "top.qcow2")
     )
     assert same.returncode == 0, same.stdout + same.stderr
+
+
+def test_block_job_change_is_refused(tmp_path: Path) -> None:
+    """QEMU 11.1's stream driver has no change: either type's options are refused so."""
+    stream_script.make_chain(tmp_path)
+    d = Daemon(tmp_path, real=False)
+    try:
+        for cmd in stream_script.SCRIPT[:3]:
+            assert d.cmd(*cmd) == {"return": {}}
+        assert d.cmd("block-stream", {"job-id": "s", "device": "top", "speed": 1}) == {"return": {}}
+        for opts in ({"type": "stream"}, {"type": "mirror", "copy-mode": "write-blocking"}):
+            reply = d.cmd("block-job-change", {"id": "s", **opts})
+            assert reply["error"]["desc"] == "Job type does not support change"
+        assert d.cmd("block-job-cancel", {"device": "s"}) == {"return": {}}
+        wait_job(d, "s", None)
+    finally:
+        d.close()

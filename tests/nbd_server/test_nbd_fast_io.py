@@ -6,12 +6,17 @@ and structured reads answered with hole chunks where the image reads as zeroes."
 from __future__ import annotations
 
 import os
+import random
+import socket
 import subprocess
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nbd_bytes import open_export, read_simple_reply, recv_exactly, request
 from nbd_support import MIB, data_image, libnbd
 
 # Writes of every size class at aligned and unaligned places (the unaligned ones take the
@@ -130,3 +135,145 @@ def test_qcow2_zero_clusters_are_hole_chunks(nbd_daemon, tmp_path: Path) -> None
     assert got[MIB : 2 * MIB] == bytes(MIB)
     assert got[2 * MIB : 4 * MIB] == b"\x5a" * (2 * MIB)
     assert os.path.getsize(tmp_path / "out.raw") == 8 * MIB
+
+
+# Large WRITEs of changing sizes between other commands: after a large WRITE the server
+# receives the next payload ahead, into a buffer of the last one's size; every request here
+# that does not fit that guess (smaller, larger, not a WRITE, a bad length) must still be
+# read whole and in order. (offset, length) of each WRITE; READ/FLUSH/TRIM by name. No two
+# ranges overlap: the requests are in flight together and may complete in any order.
+AHEAD_STREAM = [
+    (0, 256 << 10), (256 << 10, 256 << 10), (512 << 10, 100 << 10), "READ",
+    (MIB, 300 << 10), "FLUSH", (MIB + (300 << 10), 70 << 10), (2 * MIB, MIB), (3 * MIB, MIB),
+    ((616 << 10) + 512, 64 << 10), "TRIM", (MIB + (640 << 10), 256 << 10), "READ",
+    (700 << 10, 200 << 10),
+]  # fmt: skip
+QUIET = MIB + (512 << 10)  # where READ and TRIM go: no WRITE here (they run concurrently)
+
+
+def _ahead_requests(rng: random.Random, image: bytearray) -> tuple[bytes, list[int]]:
+    """The stream's bytes (an oversized WRITE last) and the commands in order; applies the
+    writes to ``image``."""
+    out, kinds = bytearray(), []
+    for cookie, item in enumerate(AHEAD_STREAM):
+        if item == "READ":
+            out += request(0, QUIET, 4096, cookie)
+            kinds.append(0)
+        elif item == "FLUSH":
+            out += request(3, 0, 0, cookie)
+            kinds.append(3)
+        elif item == "TRIM":  # zeroes already (MiB 1 of data_image)
+            out += request(4, QUIET + 65536, 4096, cookie)
+            kinds.append(4)
+        else:
+            off, n = item
+            data = rng.randbytes(n)
+            image[off : off + n] = data
+            out += request(1, off, n, cookie) + data
+            kinds.append(1)
+    out += request(1, 0, 64 << 20, len(kinds))  # beyond the limit: an error, then closed
+    return bytes(out), kinds
+
+
+def test_large_writes_received_ahead_of_odd_requests(nbd_daemon, image_dir: Path) -> None:
+    image = image_dir / "disk.img"
+    expect = bytearray(data_image(image))
+    daemon = _file_export(nbd_daemon, image)
+    rng = random.Random(11)
+    stream, kinds = _ahead_requests(rng, expect)
+    sock, _ = open_export(str(daemon.sock), "d0")
+
+    def send() -> None:  # in pieces that split headers and payloads anywhere
+        pos = 0
+        while pos < len(stream):
+            n = rng.choice((1, 7, 28, 4096, 65536, 300000))
+            sock.sendall(stream[pos : pos + n])
+            pos += n
+            if rng.random() < 0.3:
+                time.sleep(0.002)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        answered = set()
+        for _ in range(len(kinds) + 1):  # in any order
+            error, cookie = read_simple_reply(sock)
+            answered.add(cookie)
+            if cookie == len(kinds):  # the oversized WRITE
+                assert error == 22
+                continue
+            assert error == 0, (cookie, error)
+            if kinds[cookie] == 0:
+                assert recv_exactly(sock, 4096) == bytes(expect[QUIET : QUIET + 4096])
+        assert answered == set(range(len(kinds) + 1))
+        assert sock.recv(1) == b""  # then closed
+    finally:
+        sender.join()
+        sock.close()
+    _guess_missed_by_more_than_a_buffer(daemon, rng, expect)
+    assert image.read_bytes() == bytes(expect)
+
+
+def _guess_missed_by_more_than_a_buffer(daemon, rng: random.Random, expect: bytearray) -> None:  # noqa: ANN001
+    """A 1 MiB WRITE, then at once more than the receive buffer holds of other requests: the
+    guess of another 1 MiB payload takes them all, and they go back into a larger buffer."""
+    sock, _ = open_export(str(daemon.sock), "d0")
+    with sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        data = rng.randbytes(MIB)
+        expect[2 * MIB : 3 * MIB] = data
+        sock.sendall(request(1, 2 * MIB, MIB, 1) + data)
+        assert read_simple_reply(sock) == (0, 1)
+        burst = bytearray()
+        for i, off in enumerate(range(0, 400 << 10, 40 << 10)):  # ten 40 KiB WRITEs
+            data = rng.randbytes(40 << 10)
+            expect[off : off + len(data)] = data
+            burst += request(1, off, len(data), 10 + i) + data
+        burst += request(0, 3 * MIB, 4096, 20)
+        sock.sendall(burst)
+        replies = {}
+        for _ in range(11):
+            error, cookie = read_simple_reply(sock)
+            replies[cookie] = error
+            if cookie == 20:
+                assert recv_exactly(sock, 4096) == bytes(expect[3 * MIB : 3 * MIB + 4096])
+        assert replies == dict.fromkeys([*range(10, 20), 20], 0)
+
+
+def test_large_reads_from_memory_leave_in_pieces(nbd_daemon) -> None:
+    """On tmpfs, large READs are sent from the page cache (sendfile): a client that reads
+    slowly gets them in many pieces, in order, behind their headers; one that hangs up with
+    such replies queued leaves the daemon serving the next."""
+    where = Path("/dev/shm") / f"qsd-nbd-fast-{uuid.uuid4().hex}"
+    where.mkdir()
+    try:
+        image = where / "disk.img"
+        content = data_image(image)
+        daemon = _file_export(nbd_daemon, image)
+        shapes = [(0, 4 * MIB), (MIB - 4096, 2 * MIB), (3 * MIB, 4096), (4096, 65536)] * 3
+        sock, _ = open_export(str(daemon.sock), "d0")
+        with sock:
+            sock.sendall(b"".join(request(0, off, n, i) for i, (off, n) in enumerate(shapes)))
+            time.sleep(0.2)  # the server fills the socket and waits for room
+            got = {}
+            for _ in shapes:
+                error, cookie = read_simple_reply(sock)
+                assert error == 0
+                off, n = shapes[cookie]
+                data = bytearray()
+                while len(data) < n:
+                    data += recv_exactly(sock, min(n - len(data), 300000))
+                got[cookie] = bytes(data)
+            assert got == {i: content[off : off + n] for i, (off, n) in enumerate(shapes)}
+        sock, _ = open_export(str(daemon.sock), "d0")
+        sock.sendall(request(0, 0, 4 * MIB, 1) * 4)
+        sock.close()  # gone with 16 MiB of replies queued
+        sock, _ = open_export(str(daemon.sock), "d0")
+        with sock:
+            sock.sendall(request(0, 3 * MIB, MIB, 5))
+            assert read_simple_reply(sock) == (0, 5)
+            assert recv_exactly(sock, MIB) == content[3 * MIB :]
+    finally:
+        for f in where.iterdir():
+            f.unlink()
+        where.rmdir()

@@ -254,3 +254,21 @@ def test_secret_objects_are_qemus(introspections: tuple[Introspection, Introspec
     assert [m[0] for m in variant(theirs, "secret")["members"]] == [
         "format", "keyid", "iv", "data", "file"
     ]  # fmt: skip
+
+
+BITMAP_COMMANDS = [
+    "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
+    "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "block-dirty-bitmap-merge",
+    "x-debug-block-dirty-bitmap-sha256",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("command", BITMAP_COMMANDS)
+def test_bitmap_commands_are_qemus(
+    introspections: tuple[Introspection, Introspection], command: str
+) -> None:
+    """Arguments, return type and features exactly QEMU's."""
+    ours, theirs = introspections
+    for key in ("arg-type", "ret-type"):
+        assert ours.shape(ours.info[command][key]) == theirs.shape(theirs.info[command][key])
+    assert ours.info[command].get("features") == theirs.info[command].get("features")

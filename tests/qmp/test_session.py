@@ -30,7 +30,7 @@ class Raw:
 
     @classmethod
     async def connect(cls, path: Path, negotiate: bool = True) -> Raw:
-        raw = cls(*await asyncio.open_unix_connection(str(path)))
+        raw = cls(*await asyncio.open_unix_connection(str(path), limit=1 << 20))
         raw.greeting = await raw.line()
         if negotiate:
             await raw.send(NEGOTIATE)

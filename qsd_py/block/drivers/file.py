@@ -198,6 +198,18 @@ class FileNode(BlockNode):
             raise
         return True
 
+    async def reopen_writable(self) -> None:
+        """Read-only to read-write (blockdev-reopen): a writable description takes the fd's
+        number (every user of the number writes through it now), and the lock bytes are
+        taken again on it."""
+        new = self._open_fd()
+        try:
+            os.dup2(new, self.fd)
+        finally:
+            os.close(new)
+        self._locked.clear()
+        self.refresh_perms()
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)  # drops every OFD lock of this description too
@@ -210,11 +222,12 @@ class FileNode(BlockNode):
         one not shared, then test the other side's bytes; undo on conflict."""
         if not self.use_lock or self.fd < 0:
             return
-        want = lock_bytes(perm, shared)
+        want = lock_bytes(perm, shared) if self.active else set()  # inactive: no lock
         old = set(self._locked)
         try:
             self._set_locks(want)
-            self._check_locks(perm, shared)
+            if self.active:
+                self._check_locks(perm, shared)
         except BaseException:
             self._set_locks(old)
             raise
@@ -390,9 +403,17 @@ class FileNode(BlockNode):
         (discard is advisory)."""
         if self.discard_unmap and length > 0 and not self.read_only:
             self.data_span = (0, 0)
-            await self._try_fallocate(
-                aio.FALLOC_FL_PUNCH_HOLE | aio.FALLOC_FL_KEEP_SIZE, offset, length
-            )
+            done = False
+            try:
+                done = await self._try_fallocate(
+                    aio.FALLOC_FL_PUNCH_HOLE | aio.FALLOC_FL_KEEP_SIZE, offset, length
+                )
+            finally:  # query-blockstats' driver-specific counts, as QEMU's file driver
+                if done:
+                    self.stats.discard_ok += 1
+                    self.stats.discard_bytes += length
+                else:
+                    self.stats.discard_failed += 1
 
     async def do_block_status(self, offset: int, length: int) -> BlockStatus:
         """Data or a hole (reads as zeroes), at the same offset of this file."""
@@ -446,6 +467,14 @@ class FileNode(BlockNode):
 
     def image_extra(self) -> dict[str, Any]:
         return {"format-specific": {"type": "file", "data": {}}, "dirty-flag": False}
+
+    def specific_stats(self) -> dict[str, Any] | None:
+        return {
+            "driver": "file",
+            "discard-nb-ok": self.stats.discard_ok,
+            "discard-nb-failed": self.stats.discard_failed,
+            "discard-bytes-ok": self.stats.discard_bytes,
+        }
 
 
 NODE = FileNode

@@ -1,12 +1,12 @@
 """Persistent dirty bitmaps as QEMU's open meets them: the bitmap directory read and checked,
 each bitmap's table checked, and the in-use flags set when the image is opened read-write.
 
-qsd-py does not track dirty bitmaps (yet): it keeps what the directory says, to show it in
-``query-named-block-nodes`` (``format-specific``'s ``bitmaps``) and to refuse the images QEMU
-refuses. A read-write open sets the in-use flag of every bitmap, as QEMU does; QEMU clears it
-again when it stores the bitmap it tracked on close. qsd-py tracked nothing, and its writes
-are in no bitmap, so the flag stays: QEMU then loads such a bitmap as inconsistent, which it
-is, rather than trusting a bitmap that misses writes.
+What the directory says is shown in ``query-named-block-nodes`` (``format-specific``'s
+``bitmaps``), and the images QEMU refuses are refused. The bits themselves are loaded into
+the node's dirty bitmaps, and stored again on close, by bitmap_store.py. A read-write open
+sets the in-use flag of every bitmap, as QEMU does: from then on the bitmap lives in memory,
+and the flag is cleared when it is stored; a crash leaves it set, and the bitmap then loads
+inconsistent, rather than trusted while it misses writes.
 """
 
 from __future__ import annotations

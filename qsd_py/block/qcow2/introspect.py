@@ -21,6 +21,8 @@ def filename(node: Qcow2Node) -> str:
     not the one the header names (given by reference, or null over a named one)."""
     assert node.header is not None
     overridden = "backing" in node.opts
+    if overridden and "backing" not in full_options(node):
+        overridden = False  # given, but the very one the header names (an overlay's)
     if not overridden or (node.backing is None and node.header.backing_name is None):
         name = node.file.filename()
         if not name.startswith("json:"):
@@ -66,7 +68,7 @@ def image_extra(node: Qcow2Node) -> dict[str, Any]:
         if h.backing_format is not None:
             extra["backing-filename-format"] = h.backing_format
     if node.snapshots:
-        extra["snapshots"] = [_snapshot_info(sn) for sn in node.snapshots]
+        extra["snapshots"] = [snapshot_info(sn) for sn in node.snapshots]
     extra["format-specific"] = {"type": "qcow2", "data": _format_specific(node)}
     return extra
 
@@ -92,8 +94,9 @@ def _format_specific(node: Qcow2Node) -> dict[str, Any]:
     return data
 
 
-def _snapshot_info(sn: Any) -> dict[str, Any]:
-    """SnapshotInfo of one internal snapshot."""
+def snapshot_info(sn: Any) -> dict[str, Any]:
+    """SnapshotInfo of one internal snapshot (also blockdev-snapshot-delete-internal-sync's
+    reply)."""
     info = {
         "id": sn.id,
         "name": sn.name,

@@ -36,6 +36,7 @@ import struct
 import sys
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.drivers import driver_class
 from qsd_py.block.fast_map import ClusterTable, FastTarget
 from qsd_py.block.lock import CrossLoopLock
@@ -49,7 +50,7 @@ from qsd_py.block.node import (
     fill_zeroes,
 )
 from qsd_py.block.perm import PERM_ALL, Perm
-from qsd_py.block.qcow2 import allocate, fast_table, introspect, resize, zeroing
+from qsd_py.block.qcow2 import allocate, bitmap_store, fast_table, introspect, resize, zeroing
 from qsd_py.block.qcow2 import header as hdr
 from qsd_py.block.qcow2 import overlap as ol
 from qsd_py.block.qcow2.bitmaps import mark_in_use
@@ -118,6 +119,7 @@ class Qcow2Node(BlockNode):
         self.table: ClusterTable | None = None  # what exports' fast paths may use
         self._cleaner: asyncio.TimerHandle | None = None
         self._dirty_marked = False  # lazy refcounts: the dirty bit is set in the file
+        self.free_byte_offset = 0  # where the next compressed data may go (0: a new cluster)
 
     @property
     def snapshots(self) -> list[Any]:
@@ -181,6 +183,7 @@ class Qcow2Node(BlockNode):
         await self._open_data_file(h)
         await self._load_metadata(h)
         await self._load_tables(h)
+        await bitmap_store.load_dirty_bitmaps(self)
         self.graph.register(self)  # after its files, before its backing chain (QEMU's order)
         await self._open_backing(h)
         fast_table.publish_missing_tables(self)
@@ -384,6 +387,7 @@ class Qcow2Node(BlockNode):
         """Write back the caches and clear the dirty bit of lazy refcounts."""
         if self.read_only or self.map is None or self.corrupt or not self._opened:
             return
+        await bitmap_store.store_dirty_bitmaps(self)
         await self.do_flush()
         assert self.header is not None and self.refcounts is not None
         if self._dirty_marked or self.header.dirty:  # QEMU marks the image clean on close
@@ -422,6 +426,14 @@ class Qcow2Node(BlockNode):
                  "backing": self._cow_perms}  # fmt: skip
         for role, child in list(self.children.items()):
             child.set_perms(*rules[role](perm, shared))
+
+    # --- persistent dirty bitmaps (bitmap_store.py) -----------------------------------------
+    def can_store_dirty_bitmap(self, name: str, granularity: int) -> None:
+        bitmap_store.check_new_bitmap(self, name, granularity)
+
+    async def remove_persistent_bitmap(self, bitmap: DirtyBitmap) -> None:
+        if bitmap.name is not None:
+            await bitmap_store.remove_persistent(self, bitmap.name)
 
     # --- header writes --------------------------------------------------------------------
     async def set_incompatible(self, bits: int) -> None:
@@ -629,6 +641,20 @@ class Qcow2Node(BlockNode):
         return data
 
     # --- write ----------------------------------------------------------------------------
+    async def write_compressed(self, offset: int, data: Buffer) -> None:
+        """Write one cluster compressed (backup's ``compress``; compressed_write.py)."""
+        from qsd_py.block.qcow2.compressed_write import write_compressed
+
+        if self.read_only:
+            raise OSError(errno.EROFS, "Block node is read-only")
+        self._check_usable()
+        self.in_flight.enter()
+        try:
+            await write_compressed(self, offset, memoryview(data))
+        finally:
+            self.write_gen += 1
+            self.in_flight.leave()
+
     async def do_write(self, offset: int, data: Buffer) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "Block node is read-only")
@@ -740,6 +766,60 @@ class Qcow2Node(BlockNode):
         self.header.backing_file = name
         self.header.backing_format = fmt if name is not None else None
         await self.write_header()
+
+    async def reopen_writable(self) -> None:
+        """Read-only to read-write (blockdev-reopen): what opening the image for writing
+        does; a corrupt image stays read-only (QEMU's text)."""
+        assert self.header is not None
+        if self.header.corrupt:
+            raise QMPError("qcow2: Image is corrupt; cannot be opened read/write")
+        await self._open_for_writing(self.header)
+
+    async def reactivate(self) -> None:
+        """Active again (blockdev-set-active): another process may have changed the image
+        meanwhile, so the header and tables are read anew; the exports' cluster table stays
+        the same object (their plans hold it), emptied."""
+        assert self.header is not None
+        first = bytearray(min(self.file.length(), 1 << hdr.MAX_CLUSTER_BITS))
+        await self.file.read(0, memoryview(first))
+        try:
+            h = hdr.parse_header(
+                first, read_only=self.read_only, data_file_given="data-file" in self.opts
+            )
+        except hdr.Qcow2Error as err:
+            raise QMPError(str(err)) from err
+        self.header, self.size = h, h.size
+        table, self.table = self.table, None
+        if self._cleaner is not None:
+            self._cleaner.cancel()
+            self._cleaner = None
+        await self._load_metadata(h)
+        await self._load_tables(h)
+        if table is not None:
+            assert self.table is not None
+            self.table.close()
+            self.table = table
+            table.clear_all()
+            await table.barrier()
+        fast_table.publish_missing_tables(self)
+
+    def reopen_options(self) -> None:
+        """blockdev-reopen's new options: the runtime ones (lazy refcounts, discards, ...)."""
+        assert self.header is not None
+        entry_size = 16 if self.header.extended_l2 else 8
+        self.options = parse_options(
+            self.opts, cluster_size=self.cluster_size, virtual_size=self.size,
+            l2_entry_size=entry_size,
+        )  # fmt: skip
+
+    async def attach_backing(self, node: BlockNode) -> None:
+        """Read unallocated clusters from ``node`` from now on (an external snapshot makes
+        this node an overlay; the caller drains): the exports' table forgets the zeroes it
+        published for them before any reader can use it again."""
+        self.attach_child("backing", node, *self._cow_perms(*self.cumulative_perms()))
+        if self.table is not None:
+            self.table.clear_all()
+            await self.table.barrier()
 
     async def prepare_fast_write(self, offset: int, length: int) -> bool:
         return await allocate.prepare_fast_write(self, offset, length)

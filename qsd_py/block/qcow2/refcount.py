@@ -484,3 +484,33 @@ class Refcounts:
             self.busy[index] = n
         else:
             del self.busy[index]
+
+
+async def allocate_bytes(refcounts: Refcounts, size: int, after: int) -> int:
+    """Host offset of ``size`` bytes (at most a cluster) for compressed data, as QEMU's
+    qcow2_alloc_bytes packs them: right ``after`` the last compressed data (0: none) while
+    that cluster has room and its count is below the maximum, else in a new cluster (which
+    continues the old one's run when it is the next one); every cluster the bytes touch
+    counts one more."""
+    cs, bits = refcounts.cluster_size, refcounts.cluster_bits
+    offset = after
+    if offset and await refcounts.get(offset >> bits) == refcounts.max_refcount:
+        offset = 0
+    free_in_cluster = cs - (offset & (cs - 1))
+    while True:
+        if not offset or free_in_cluster < size:
+            new = (await refcounts._find_free(1)) << bits
+            if not offset or -(-offset // cs) * cs != new:
+                offset, free_in_cluster = new, cs
+            else:
+                free_in_cluster += cs
+        first, last = offset >> bits, (offset + size - 1) >> bits
+        try:
+            await refcounts._change(first, last - first + 1, 1)
+        except _Again:
+            offset = 0
+            continue
+        break
+    refcounts.high_water = max(refcounts.high_water, last + 1)
+    await refcounts._cover(last + 1)
+    return offset

@@ -67,10 +67,21 @@ class RemoteTable:
         """Slots are the daemon's (a worker's plan never gives one back)."""
 
 
+def reaches(plan: FastPlan | None) -> tuple[Any, ...] | None:
+    """What a plan reaches (file, window, cluster table, kind): a change there needs new
+    plans in the workers; one of ``writable`` alone does not."""
+    if plan is None:
+        return None
+    return (plan.kind, plan.fd, plan.base, plan.align_mask, plan.read_zeroes,
+            plan.inline_max, id(plan.table))  # fmt: skip
+
+
 def pack_plan(plan: FastPlan | None, gen: int, slot: int) -> tuple[bytes, list[int]]:
     """The message announcing generation ``gen``: ``plan`` (None: no fast path, every
     request goes to the daemon) with the cluster-table reader ``slot`` claimed for the
-    worker it goes to."""
+    worker it goes to. Its writes go to the daemon: the worker shares neither the fork
+    pages (write gates, bitmaps to mark) nor the statistics cells of nodes newer than
+    itself (docs/design.rst, *Plan changes under queue workers*)."""
     if plan is None:
         return json.dumps({"gen": gen}).encode(), []
     desc: dict[str, Any] = {
@@ -79,7 +90,7 @@ def pack_plan(plan: FastPlan | None, gen: int, slot: int) -> tuple[bytes, list[i
         "base": plan.base,
         "align": plan.align_mask + 1,
         "read-zeroes": plan.read_zeroes,
-        "writable": plan.writable,
+        "writable": False,
         "inline-max": plan.inline_max,
     }
     fds = [] if plan.fd < 0 else [plan.fd]

@@ -88,6 +88,7 @@ _OP = struct.Struct("<I")  # fuse_in_header.opcode at 4
 _READ = p.READ
 _WRITE = p.WRITE
 _WRITE_OUT = p.WRITE_OUT
+_IO_EXTENT = p.IO_EXTENT  # a READ/WRITE's offset and size
 _decide = fastpath.decide
 _TRANSFER, _INLINE, _FILL = fastpath.TRANSFER, fastpath.INLINE, fastpath.FILL
 _ACCEPT, _REPLY = fastpath.ACCEPT, fastpath.REPLY
@@ -339,6 +340,8 @@ class UringQueue:
             pay = entry.payload
             res = fastpath.inline_io(plan.fd, self.stats, pay, pay, b, a, writing)
             plan.done()
+            if writing:
+                plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], b)
             self._commit(entry, res)
         elif action == _FILL:
             self.stats.bytes_read += a
@@ -347,6 +350,8 @@ class UringQueue:
             self._commit(entry, a)
         elif action == _ACCEPT:
             self.stats.bytes_written += a
+            if a:
+                plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], a)
             _WRITE_OUT.pack_into(entry.payload, 0, a, 0)
             self._commit(entry, _WRITE_OUT.size)
         elif action == _REPLY:
@@ -412,7 +417,10 @@ class UringQueue:
         """The backend SQE of a fast-path request completed: reply and re-arm the entry."""
         stats = self.stats
         self._fast_end()
-        entry.plan.done()
+        plan = entry.plan
+        plan.done()
+        if entry.writing:  # the bitmaps this process marks itself (shared_bits.py)
+            plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], entry.size)
         res = fastpath.finish(stats, res, entry.size, entry.writing, entry.payload)
         self._commit(entry, res)
 

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from qsd_py.block import fast_io
 from qsd_py.block.fast_map import register_reader_process
+from qsd_py.block.stats import claim_process_row, release_process_row, set_process_row
 from qsd_py.errors import QMPError
 from qsd_py.export.fuse import plan_wire
 from qsd_py.export.fuse import proto as p
@@ -91,6 +92,7 @@ class _Worker:
 
     def __init__(self, cpu: int | None, qids: list[int]) -> None:
         self.cpu = cpu
+        self.row = -1  # its row in the nodes' shared counters (qsd_py/block/stats.py)
         self.qids = qids
         self.pid = 0
         self.writer: asyncio.StreamWriter | None = None
@@ -137,6 +139,7 @@ class WorkerTransport:
         # and the daemon's own copy of the plan, whose ``on_change`` the block layer calls.
         self.gen = plan_wire.SharedGen()
         self._watched: FastPlan | None = None
+        self._reaches: tuple[Any, ...] | None = None  # what the workers' plans reach
         _LIVE.add(self)
 
     def refresh_length(self) -> None:
@@ -152,7 +155,8 @@ class WorkerTransport:
         if target is not None and target.file is not None and target.file.fd >= 0:
             keep.add(target.file.fd)
         self._table = target.table if target is not None else None
-        self._watch()  # before the forks: a change from now on reaches every worker
+        self._reaches = plan_wire.reaches(self._watch())  # before the forks: changes from
+        # now on reach every worker
         for w in self.workers:
             if self._table is not None:
                 w.reader = self._table.claim()  # claimed here: the table's readers are ours
@@ -178,13 +182,23 @@ class WorkerTransport:
             old.release()
         plan = fast_io.plan_for(self.engine.node, ring_io=True, writable=self.engine.writable)
         if plan is not None:
-            plan.on_change = self.replan
+            plan.on_change = self._changed
         self._watched = plan
         return plan
 
     def repoint(self) -> None:
         """The engine serves another node (a pivot, an overlay above it): new plans."""
         self.replan()
+
+    def _changed(self) -> None:
+        """The block layer says the plan changed: new plans only if what it reaches did (a
+        closed or opened ``writable`` reaches the workers through the fork pages' gates,
+        and received plans never write)."""
+        if self.stopping:
+            return
+        plan = self._watch()
+        if plan_wire.reaches(plan) != self._reaches:
+            self.replan()
 
     def replan(self) -> None:
         """The plan of the engine's node changed: bump the generation (from now on every
@@ -197,6 +211,7 @@ class WorkerTransport:
         if self.stopping:
             return
         plan = self._watch()
+        self._reaches = plan_wire.reaches(plan)
         gen = self.gen.bump()
         table = plan.table if plan is not None else None
         freed: list[tuple[ClusterTable, int]] = []
@@ -238,6 +253,7 @@ class WorkerTransport:
                 return True
 
     def _fork(self, w: _Worker, keep: set[int]) -> None:
+        w.row = claim_process_row()
         loop = asyncio.get_running_loop()
         ctl, ctl_child = socket.socketpair()
         stats, stats_child = socket.socketpair()
@@ -427,6 +443,9 @@ class WorkerTransport:
         for task in list(self._tasks):
             task.cancel()
         _LIVE.discard(self)
+        for w in self.workers:
+            release_process_row(w.row)
+            w.row = -1
         self.length.close()
         for w in self.workers:
             if w.table is not None and w.reader >= 0:
@@ -451,6 +470,7 @@ def _worker_main(
     """In the forked child: leave the daemon behind, serve the queues, exit."""
     code = 1
     try:
+        set_process_row(w.row)  # before any plan is made here
         _detach(keep, w.cpu)
         code = asyncio.run(_serve(t, w, ctl, stats, plans))
     except BaseException:  # noqa: BLE001 - a worker reports and exits, whatever happened
@@ -490,7 +510,9 @@ def _detach(keep: set[int], cpu: int | None) -> None:
 
 
 def _worker_queue(fwd: wire.Forwarder) -> type[UringQueue]:
-    """A :class:`UringQueue` whose engine requests go to the daemon through ``fwd``."""
+    """A :class:`UringQueue` whose engine requests go to the daemon through ``fwd`` (and
+    writes too while a node of the plan's chain has its fork page's gate closed: a
+    backup's copy-before-write filter, a stream, a bitmap the worker cannot mark)."""
     from qsd_py.export.fuse import fastpath
     from qsd_py.export.fuse.uring import HANDLED, UringQueue
 
@@ -499,7 +521,8 @@ def _worker_queue(fwd: wire.Forwarder) -> type[UringQueue]:
             op = _OPCODE.unpack_from(entry.hdr, 4)[0]
             if op in _STATELESS:
                 return super().handle(entry)  # this copy of the engine answers as well
-            if op == p.WRITE and self.plan is not None and self.plan.table is not None:
+            plan = self.plan
+            if op == p.WRITE and plan is not None and plan.table is not None and plan.writable:
                 return self._write_fresh(entry)
             return fwd.forward(entry.hdr, entry.payload, self.stats)
 

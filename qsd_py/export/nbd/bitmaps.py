@@ -1,9 +1,8 @@
 """Dirty bitmaps an NBD export offers as ``qemu:dirty-bitmap:NAME`` meta contexts.
 
-qsd-py's nodes keep no dirty bitmaps yet (:meth:`BlockNode.dirty_bitmap` finds none), so
-an export that names one fails as QEMU's does for a missing bitmap. The export and the
-connection already speak to a bitmap only through :class:`DirtyBitmapSource`: when the
-block layer grows bitmaps, nodes return them from ``dirty_bitmap`` and nothing here changes.
+The export and the connection speak to a bitmap only through :class:`DirtyBitmapSource`
+(the block layer's :class:`~qsd_py.block.dirty.DirtyBitmap` is one). As in QEMU, an exported
+bitmap is busy until the export is gone: no command may change it meanwhile.
 """
 
 from __future__ import annotations
@@ -22,6 +21,12 @@ class DirtyBitmapSource(Protocol):
     """A dirty bitmap seen from an export."""
 
     name: str
+    busy: bool
+    enabled: bool
+
+    def check(self, allow_readonly: bool = False, allow_busy: bool = False) -> None:
+        """Refuse a busy or inconsistent bitmap with QEMU's text."""
+        ...
 
     def extents(self, extents: Extents, offset: int, length: int) -> None:
         """Add ``(length, STATE_DIRTY or 0)`` extents for ``[offset, +length)`` until the
@@ -30,33 +35,39 @@ class DirtyBitmapSource(Protocol):
 
 
 def find_bitmaps(
-    graph: BlockGraph, node: BlockNode, specs: list[Any]
+    graph: BlockGraph, node: BlockNode, specs: list[Any], writable: bool
 ) -> list[tuple[str, DirtyBitmapSource]]:
     """The bitmaps an export's ``bitmaps`` member names (a bitmap name, looked up on the
-    node and down its backing chain, or ``{"node": ..., "name": ...}``), with QEMU's errors."""
+    node and down its backing chain, or ``{"node": ..., "name": ...}``), with QEMU's errors
+    in QEMU's order. A read-only export of a writable node may not offer a bitmap that
+    still records (its answer would change under the client)."""
     found = []
     for spec in specs:
+        owner: BlockNode | None = node
         if isinstance(spec, str):
-            source = _search_chain(node, spec)
+            owner, source = _search_chain(node, spec)
             if source is None:
                 raise QMPError(f"Bitmap '{spec}' is not found")
-            found.append((spec, source))
+            name = spec
         else:
-            owner = graph.find(spec["node"])
-            if owner is None:
+            name = spec["name"]
+            if graph.find(spec["node"]) is None:
                 raise QMPError(f"Node '{spec['node']}' not found")
-            source = owner.dirty_bitmap(spec["name"])
+            source = graph.find(spec["node"]).dirty_bitmap(name)  # type: ignore[union-attr]
             if source is None:
-                raise QMPError(f"Dirty bitmap '{spec['name']}' not found")
-            found.append((spec["name"], source))
+                raise QMPError(f"Dirty bitmap '{name}' not found")
+        if not writable and owner is not None and not owner.read_only and source.enabled:
+            raise QMPError(f"Enabled bitmap '{name}' incompatible with readonly export")
+        source.check(allow_readonly=True)
+        found.append((name, source))
     return found
 
 
-def _search_chain(node: BlockNode, name: str) -> DirtyBitmapSource | None:
+def _search_chain(node: BlockNode, name: str) -> tuple[BlockNode | None, DirtyBitmapSource | None]:
     current: BlockNode | None = node
     while current is not None:
         source = current.dirty_bitmap(name)
         if source is not None:
-            return source
+            return current, source
         current = current.child_node("backing") if current.supports_backing else None
-    return None
+    return None, None

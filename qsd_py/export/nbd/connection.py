@@ -5,16 +5,19 @@ The negotiation is a coroutine on the daemon's loop feeding the engine
 to that export's loop (an iothread's, or the daemon's) and serves requests from callbacks,
 without a coroutine per request where it can:
 
-* the socket is read (one ``recv_into`` per readiness) into a receive buffer; every whole
-  request in it is parsed in place. A data payload above :data:`BIG_PAYLOAD` is received
-  straight into a page-aligned buffer of its own (qsd_py/export/nbd/buffers.py); a smaller
-  one is a view of the receive buffer, which is replaced, not overwritten, while a write
-  still uses it;
+* the socket is read into a receive buffer until a receive comes back short (at most
+  :data:`RECV_SIZE` bytes a readiness callback); every whole request in it is parsed in
+  place. A data payload above :data:`BIG_PAYLOAD` is received straight into a page-aligned
+  buffer of its own (qsd_py/export/nbd/buffers.py); a smaller one is a view of the receive
+  buffer, which is replaced, not overwritten, while a write still uses it. After a large
+  WRITE the next header and payload come in one ``recvmsg`` (:meth:`_recv_ahead`);
 * READ and WRITE take the fast road the node's plan allows (:func:`qsd_py.block.fast_io.route`,
   the same decision as the FUSE export's): a ``preadv``/``pwritev`` right there for a file
   held in memory, an SQE on the loop's io_uring ring for a file on disk, the cluster table
   for qcow2. A READ's data goes into a page-aligned buffer (what ``O_DIRECT`` needs without a
-  bounce copy) and leaves after its header as a second iovec. A structured read is answered
+  bounce copy) and leaves after its header as a second iovec; a READ of
+  :data:`SENDFILE_MIN` or more of a raw file held in memory leaves by ``sendfile`` from the
+  page cache instead (no copy in the daemon). A structured read is answered
   as one data chunk when cheap facts say the range is data (the table, or the file's last
   SEEK_HOLE span), as a hole chunk when the table says zeroes;
 * replies are queued and leave in batches: one ``sendmsg`` per readiness callback or loop
@@ -37,7 +40,7 @@ import logging
 import os
 import socket
 from collections import deque
-from itertools import islice
+from itertools import islice, takewhile
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qsd_py.block import fast_io
@@ -72,11 +75,24 @@ log = logging.getLogger("qsd_py.export.nbd")
 
 RECV_SIZE = 256 << 10  #: receive buffer of a connection in the transmission phase
 BIG_PAYLOAD = 64 << 10  #: larger WRITE payloads are received into a buffer of their own
+#: Largest payload received ahead (see :meth:`Connection._recv_ahead`): what a guess that
+#: misses copies back into the receive buffer at most.
+AHEAD_MAX = 4 << 20
 HANDSHAKE_BUFFER = 64 << 10
 MAX_IN_FLIGHT = 128  #: requests served by tasks at once, per connection
 MAX_RESERVED = 64 << 20  #: data bytes of the requests tasks serve, per connection
 MAX_QUEUED = 64 << 20  #: reply bytes not yet sent before the connection stops reading
 IOV_MAX = 1024  #: buffers per sendmsg
+#: READs and WRITEs up to this long of a file held in memory are copied on the loop (fast_io's
+#: INLINE) instead of going to an io-wq thread (fast_io's bound is 128 KiB, FUSE's): an NBD
+#: client moving large requests (nbdcopy, qemu-img) keeps both CPUs busy, and the hand-off to
+#: io-wq (wake-up, two context switches) cost more CPU than the parallel copy saved: 256 KiB
+#: nbdcopy writes took 0.39-0.52 s of daemon CPU per GiB inline against 0.54-0.63 s through
+#: io-wq (docs/benchmarks.rst, session 11). A 1 MiB copy holds the loop ~100 us at most.
+MEMORY_INLINE_MAX = 1 << 20
+#: READs at least this long from a file held in memory leave by ``sendfile`` (page cache to
+#: socket, no copy in the daemon); shorter ones are copied (one ``sendmsg`` carries many).
+SENDFILE_MIN = 64 << 10
 #: Structured reads at least this long report holes as OFFSET_HOLE chunks (block status per
 #: read); shorter ones are one data chunk: a hole chunk would save less than the lookup costs.
 SPARSE_READ_MIN = 64 << 10
@@ -87,6 +103,10 @@ _NO_HOLE, _FAST_ZERO = int(CmdFlag.NO_HOLE), int(CmdFlag.FAST_ZERO)
 # Commands too: ``Cmd.READ`` is an enum member lookup, a Python call each time.
 _READ, _WRITE, _CACHE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.CACHE), int(Cmd.DISC)
 _READ_OR_CACHE = (_READ, _CACHE)
+
+
+def _not_range(item: object) -> bool:
+    return type(item) is not _FileRange
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -128,6 +148,37 @@ class PlainChannel:
     def buffered(self) -> bool:
         """Whether bytes were received but not returned yet (never without TLS)."""
         return False
+
+
+class _PageCache:
+    """The file of a plan, opened once more without ``O_DIRECT`` for ``sendfile`` (which
+    would copy through a buffer of its own with it). Closed when the last queued range
+    that reads it is gone: a pivot or the node's close cannot pull it from under them."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = -1  # until the open succeeds (__del__ runs after a failed __init__ too)
+        self.fd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+class _FileRange:
+    """A READ's data queued as a range of a file held in memory, sent by ``sendfile``
+    when its turn comes (after its header)."""
+
+    __slots__ = ("file", "pos", "length")
+
+    def __init__(self, file: _PageCache, pos: int, length: int) -> None:
+        self.file = file
+        self.pos = pos
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
 
 
 class _Transfer:
@@ -183,14 +234,21 @@ class Connection:
         self._big: AlignedBuffer | None = None  # a large WRITE payload being received
         self._big_got = 0
         self._big_request: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
+        self._ahead = 0  # payload length received ahead of the next header (0: none)
+        self._spare: AlignedBuffer | None = None  # the buffer it goes to, while unused
+        self._plain = True  # no TLS: the socket itself can scatter a receive
+        self._page_cache: _PageCache | None = None  # READs to send with sendfile
+        self._ranges = 0  # _FileRange items in the reply queue
+        self._hsize = 0  # request header size (the transmission's)
         self._reading = False
         self._tasks: dict[asyncio.Task[None], int] = {}  # and the data bytes each holds
         self._reserved = 0
-        self._out: deque[bytes | bytearray | memoryview] = deque()
+        self._out: deque[bytes | bytearray | memoryview | _FileRange] = deque()
         self._owners: deque[AlignedBuffer | None] = deque()  # the pool buffer under each
         self._out_bytes = 0
         self._writer_armed = False
         self._flush_scheduled = False
+        self._in_read = False  # in _on_readable, which flushes at its end
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -220,6 +278,7 @@ class Connection:
         self._out.clear()
         self._owners.clear()
         self._out_bytes = 0
+        self._ranges = 0
         if not self._serving() and self.t is not None:
             self._finish()
 
@@ -231,6 +290,10 @@ class Connection:
         self._stop_reading()
         self._disarm_writer()
         self.sock.close()
+        self._page_cache = None
+        if self._spare is not None:
+            buffers.give(self._spare)
+            self._spare = None
         if self.plan is not None:
             self.plan.release()  # no transfer routed by it is still running
         self._release_retired()
@@ -393,7 +456,9 @@ class Connection:
         if self.closing:
             self._finish()
             return
+        self._plain = type(self.channel) is PlainChannel
         self._plan()
+        self._hsize = self.t.header_size  # type: ignore[union-attr]
         self.rbuf = bytearray(RECV_SIZE)
         self._rview = memoryview(self.rbuf)
         self.rbuf[: len(pending)] = pending
@@ -416,10 +481,16 @@ class Connection:
             if self._ring is None:  # no io_uring here
                 plan.release()
                 plan = fast_io.plan_for(node, writable=writable)
+        if plan is not None and plan.inline_max:  # a file held in memory
+            plan.inline_max = MEMORY_INLINE_MAX
         self.plan = plan
         target = node.fast_target() if plan is not None and plan.kind != NULL else None
+        self._page_cache = None
         if target is not None and target.table is None:
             self._file = target.file
+            if self._plain and target.file.in_memory and plan is not None:
+                with contextlib.suppress(OSError):  # then reads are copied
+                    self._page_cache = _PageCache(plan.fd)
 
     def repoint(self, node: BlockNode) -> None:
         """Serve ``node`` from now on (a pivot): a fresh fast plan for it at once. The old
@@ -473,16 +544,38 @@ class Connection:
         self._parse()  # requests already received wait in the buffer
 
     def _on_readable(self) -> None:
+        """Receive and serve what the socket holds; the replies that are ready by then
+        leave together at the end (one ``sendmsg``), not in a loop turn of their own."""
+        self._in_read = True
+        try:
+            self._receive()
+        finally:
+            self._in_read = False
+        if not self._hard:
+            self._flush()
+
+    def _receive(self) -> None:
+        """Receive again while a receive fills all it asked for (more is likely waiting),
+        up to :data:`RECV_SIZE` bytes a call (then the loop's other callbacks, the ring's
+        submission among them, get their turn), else back to the loop without an EAGAIN
+        round."""
         channel = self.channel
+        total = 0
         while self._reading:
             big = self._big
-            if big is not None:
-                view = big.view[self._big_got : self._big_request[4]]
-            else:
-                self._make_room()
-                view = self._rview[self.rend :]
             try:
-                n = channel.recv_into(view)
+                if big is not None:
+                    want = self._big_request[4] - self._big_got
+                    n = channel.recv_into(big.view[self._big_got : self._big_request[4]])
+                else:
+                    self._make_room()
+                    if self._ahead and self._plain and self.rend - self.rpos < self._hsize:
+                        want, n = self._recv_ahead()
+                    else:
+                        view = self._rview[self.rend :]
+                        want = len(view)
+                        n = channel.recv_into(view)
+                        self.rend += n
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as err:
@@ -495,12 +588,78 @@ class Connection:
                 self._big_got += n
                 if self._big_got == self._big_request[4]:
                     self._big_done()
-            else:
-                self.rend += n
             self._parse()
-            if not channel.buffered():
+            total += n
+            if (n < want or total >= RECV_SIZE) and not channel.buffered():
                 break
-        self._flush()
+
+    def _recv_ahead(self) -> tuple[int, int]:
+        """After a large WRITE: receive the rest of the next header into the receive buffer
+        and, in the same ``recvmsg``, what follows it into a pool buffer of the last
+        payload's length. When the request is a WRITE that fits (nbdcopy and qemu-img send
+        one size throughout) its payload is already where the write uses it: no copy out of
+        the receive buffer, one receive per request instead of two. Anything else has its
+        bytes copied behind the header and the guessing stops until the next large WRITE.
+        Returns (bytes asked for, bytes received)."""
+        need = self._hsize - (self.rend - self.rpos)
+        ahead = self._ahead
+        spare = self._spare
+        if spare is None or spare.size < ahead:
+            if spare is not None:
+                buffers.give(spare)
+            spare = buffers.take(ahead)
+        self._spare = None
+        end = self.rend
+        n = self.sock.recvmsg_into([self._rview[end : end + need], spare.view[:ahead]])[0]
+        if n <= need:
+            self.rend = end + n
+            self._spare = spare
+        else:
+            self.rend = end + need
+            self._adopt(spare, n - need)
+        return need + ahead, n
+
+    def _adopt(self, spare: AlignedBuffer, got: int) -> None:
+        """The header is whole and ``got`` bytes after it are in ``spare``: make ``spare``
+        the request's payload buffer if it is a WRITE that fits, else copy them behind."""
+        t = self.t
+        assert t is not None
+        fields = t.parse_header(self.rbuf, self.rpos)
+        if fields is not None and not self.closing and not self._busy():
+            flags, cmd, cookie, offset, length = fields
+            if (
+                cmd == _WRITE
+                and BIG_PAYLOAD < length <= spare.size
+                and t.check_length(flags, cmd, length) is None
+            ):
+                self.rpos += self._hsize
+                self._big = spare
+                self._big_request = fields
+                self._ahead = min(length, AHEAD_MAX)
+                if got > length:  # the next request's start: behind, in the receive buffer
+                    self._append(spare.view[length:got])
+                    got = length
+                self._big_got = got
+                if got == length:
+                    self._big_done()
+                return
+        self._ahead = 0
+        self._append(spare.view[:got])
+        self._spare = spare
+
+    def _append(self, data: memoryview) -> None:
+        """Put ``data`` at the receive buffer's end (a larger buffer if it must)."""
+        pos, end = self.rpos, self.rend
+        if len(self.rbuf) - end < len(data):
+            unparsed = end - pos
+            fresh = bytearray(max(RECV_SIZE, unparsed + len(data)))
+            fresh[:unparsed] = self._rview[pos:end]
+            self.rbuf = fresh
+            self._rview = memoryview(fresh)
+            self._pins = 0
+            self.rpos, end = 0, unparsed
+        self._rview[end : end + len(data)] = data
+        self.rend = end + len(data)
 
     def _make_room(self) -> None:
         """Room at the buffer's end for what the next request needs: move the unparsed
@@ -508,6 +667,9 @@ class Connection:
         pos, end = self.rpos, self.rend
         if pos == end and not self._pins:
             self.rpos = self.rend = 0
+            if len(self.rbuf) > RECV_SIZE:  # grown by _append: back to its usual size
+                self.rbuf = bytearray(RECV_SIZE)
+                self._rview = memoryview(self.rbuf)
             return
         size = len(self.rbuf)
         if size - end >= max(self._need - (end - pos), 4096):
@@ -572,6 +734,7 @@ class Connection:
         """A WRITE too large for the receive buffer: its data goes to a buffer of its own,
         the part already received copied, the rest received straight into it."""
         plen = fields[4]
+        self._ahead = min(plen, AHEAD_MAX)
         self._big = big = buffers.take(plen)
         big.view[: len(have)] = have
         self._big_got = len(have)
@@ -663,6 +826,10 @@ class Connection:
             plan.done()
             self._spawn(self._read_task(flags, cookie, offset, length), length)
             return
+        if self._page_cache is not None and length >= SENDFILE_MIN:
+            plan.done()
+            self._queue_range(cookie, offset, length, pos)
+            return
         buf = buffers.take(length)
         if action == TRANSFER:
             self._start_transfer(False, cookie, offset, length, buf, pos)
@@ -708,6 +875,19 @@ class Connection:
         t.pack_read_header(header, cookie, offset, offset, length)
         self._queue(header)
         self._queue(buf.view[:length], buf)
+
+    def _queue_range(self, cookie: int, offset: int, length: int, pos: int) -> None:
+        """The reply header, then the data as file ``pos`` onwards, sent from the page
+        cache when the queue reaches it (a failure then can only hang up, as a structured
+        read's does)."""
+        t = self.t
+        assert t is not None and self._page_cache is not None
+        header = bytearray(t.read_header_size)
+        t.pack_read_header(header, cookie, offset, offset, length)
+        self._queue(header)
+        if not self._hard:
+            self._ranges += 1
+            self._queue(_FileRange(self._page_cache, pos, length))
 
     def _write(
         self,
@@ -1025,7 +1205,7 @@ class Connection:
         self._out.append(data)
         self._owners.append(owner)
         self._out_bytes += len(data)
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and not self._in_read:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
@@ -1046,9 +1226,19 @@ class Connection:
         owners = self._owners
         channel = self.channel
         while out:
-            batch = out if len(out) <= IOV_MAX else list(islice(out, IOV_MAX))
+            if self._ranges:
+                if type(out[0]) is _FileRange:
+                    if not self._send_range():
+                        return
+                    continue
+                batch = list(islice(takewhile(_not_range, out), IOV_MAX))
+            else:
+                batch = out if len(out) <= IOV_MAX else list(islice(out, IOV_MAX))
             try:
-                sent = channel.send(batch)
+                if len(batch) < len(out) and type(out[len(batch)]) is _FileRange:
+                    sent = self.sock.sendmsg(batch, (), socket.MSG_MORE)  # its data follows
+                else:
+                    sent = channel.send(batch)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as err:
@@ -1067,7 +1257,7 @@ class Connection:
                 else:
                     out[0] = memoryview(first)[sent:]
                     sent = 0
-            if out:
+            if out and type(out[0]) is not _FileRange:
                 self._arm_writer()
                 return
         if not channel.flush():
@@ -1080,6 +1270,33 @@ class Connection:
             return
         if self._out_bytes < MAX_QUEUED:
             self._resume_if_possible()
+
+    def _send_range(self) -> bool:
+        """Send the file range at the head of the queue: True once it is all gone, False
+        when the socket is full (the writer is armed) or the connection broke."""
+        rng = self._out[0]
+        assert type(rng) is _FileRange
+        try:
+            sent = os.sendfile(self.fd, rng.file.fd, rng.pos, rng.length)
+        except (BlockingIOError, InterruptedError):
+            self._arm_writer()
+            return False
+        except OSError as err:
+            self._abort(f"write failed: {err}")
+            return False
+        if sent == 0:  # the file ends before the range: its promised bytes cannot come
+            self._abort("write failed: reading from file failed: end of file")
+            return False
+        self._out_bytes -= sent
+        if sent < rng.length:
+            rng.pos += sent
+            rng.length -= sent
+            self._arm_writer()
+            return False
+        self._out.popleft()
+        self._owners.popleft()
+        self._ranges -= 1
+        return True
 
     def _arm_writer(self) -> None:
         if not self._writer_armed:

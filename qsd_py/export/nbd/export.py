@@ -93,9 +93,12 @@ class NbdExport(BlockExport):
         )
         self.size = self.node.length() // SECTOR_SIZE * SECTOR_SIZE
         specs = self.opts.get("bitmaps", [])
-        for name, source in find_bitmaps(self.daemon.graph, self.node, specs):
+        found = find_bitmaps(self.daemon.graph, self.node, specs, self.writable)
+        for name, source in found:
             self.bitmaps.append(name)
             self.bitmap_sources.append(source)
+        for _, source in found:  # all checked: now they are this export's
+            source.busy = True
         self.flags = transmission_flags(self.writable, server.max_connections)
         limits = self.node.limits()
         self.min_block = limits.get("request-alignment", 1)
@@ -138,6 +141,12 @@ class NbdExport(BlockExport):
     async def teardown(self, abort: bool) -> None:
         """A failed start: nothing connected yet."""
         self._hang_up()
+        self._release_bitmaps()
+
+    def _release_bitmaps(self) -> None:
+        for source in self.bitmap_sources:
+            source.busy = False
+        self.bitmap_sources = []
 
     def _hang_up(self) -> list[Connection]:
         if self.server is not None:
@@ -155,5 +164,6 @@ class NbdExport(BlockExport):
             self._give_back()
 
     def _give_back(self) -> None:
+        self._release_bitmaps()
         self.release_node()
         self.release_iothreads()

@@ -1,0 +1,169 @@
+"""What a node counts for ``query-blockstats`` and its write threshold, in shared memory.
+
+QEMU's daemon shows two things per node (``query-blockstats`` with ``query-nodes``): the
+highest end of any write or write-zeroes the node saw (``wr_highest_offset``), and for the
+``file`` driver how many discards succeeded or failed. Every other counter of BlockStats is
+kept by a BlockBackend, and the daemon's BlockBackends (exports, jobs) have no name, so
+QEMU shows them nowhere (``query-blockstats`` without ``query-nodes`` and ``query-block``
+are empty); qsd-py does not keep them either.
+
+Writes reach a node without its coroutines too: the exports' fast path (fast_io.py), run by
+the daemon for NBD and ``/dev/fuse`` and by forked processes for FUSE-over-io_uring queues
+(qsd_py/export/fuse/workers.py). So the highest end lives in a page of memory shared with
+those processes, one cache line per process: each process raises only its own cell (no
+atomics needed, no line bouncing between CPUs), and the node's value is the maximum of the
+cells. The daemon is row 0; a queue worker gets a row of its own before it forks
+(:func:`claim_process_row`) and sets it in the child (:func:`set_process_row`). Threads of
+one process must not share a row either (a read-compare-store can be interrupted between
+its steps), so every other thread that writes (an iothread's loop) takes a row of its own
+the first time (:func:`process_row`).
+
+The write threshold (``block-set-write-threshold``) lives in the same page (row 0, word 0),
+written only by the daemon. The fast path reads it: a write that would end past an armed
+threshold is not served fast but handed to the node (forwarded by a worker), whose
+coroutine sends ``BLOCK_WRITE_THRESHOLD`` and disarms it, as QEMU does before the write.
+Sharing the threshold rather than closing the fast path while one is armed keeps writes
+below it fast: a threshold is typically armed for a long time (libvirt watches the
+allocation of thin storage that way), and most writes stay below it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+MAX_ROWS = 64  #: the daemon and up to 63 worker processes
+_WORDS = 8  # one 64-byte cache line per process
+THRESHOLD = 0  #: word of row 0: the write threshold (0: disarmed)
+HIGHEST = 1  #: word of every row: the highest write end that process saw
+
+_row = 0  # the row of this process's main thread: 0 in the daemon
+_local = threading.local()
+_shared_lock = threading.Lock()  # for threads left without a row of their own
+_free_rows = set(range(1, MAX_ROWS))
+_rows_lock = threading.Lock()
+
+
+def claim_process_row() -> int:
+    """A row for a worker process about to be forked; -1 when none is left (its plans then
+    send every write to the daemon)."""
+    with _rows_lock:
+        if not _free_rows:
+            return -1
+        row = min(_free_rows)
+        _free_rows.discard(row)
+        return row
+
+
+def release_process_row(row: int) -> None:
+    """The worker is gone. Its cells keep their values: they are history every node's
+    maximum includes, and a later owner only raises them."""
+    if row > 0:
+        with _rows_lock:
+            _free_rows.add(row)
+
+
+def set_process_row(row: int) -> None:
+    """In a forked worker (its only thread): the row its fast-path writes mark."""
+    global _row
+    _row = row
+    _local.row = row
+
+
+def process_row() -> int:
+    """The calling thread's row: the process's for its main thread, else one claimed for
+    the thread on first use (-1: none left)."""
+    row = getattr(_local, "row", None)
+    if row is None:
+        thread = threading.current_thread()
+        if thread is threading.main_thread():
+            row = _row
+        else:
+            row = claim_process_row()
+            weakref.finalize(thread, release_process_row, row)  # the thread object's end
+        _local.row = row
+    return row
+
+
+class NodeStats:
+    """One node's shared page and the daemon-only counters of its driver."""
+
+    __slots__ = ("_map", "cells", "_emit", "_loop", "_lock", "discard_ok", "discard_failed",
+                 "discard_bytes")  # fmt: skip
+
+    def __init__(self) -> None:
+        self._map = mmap.mmap(-1, MAX_ROWS * _WORDS * 8)  # MAP_SHARED: seen across fork
+        self.cells = memoryview(self._map).cast("Q")
+        self._emit: Callable[[], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
+        # The file driver's discards (QEMU's BlockStatsSpecificFile); only the daemon
+        # discards, so plain integers do.
+        self.discard_ok = 0
+        self.discard_failed = 0
+        self.discard_bytes = 0
+
+    # --- wr_highest_offset ---------------------------------------------------------------
+    def wrote(self, end: int) -> None:
+        """A write or write-zeroes of the daemon ended at ``end`` (even a failed one)."""
+        cells = self.cells
+        row = getattr(_local, "row", None)
+        if row is None:
+            row = process_row()
+        if row < 0:  # rows ran out: the main thread's row, under a lock among such threads
+            with _shared_lock:
+                at = _row * _WORDS + HIGHEST
+                if cells[at] < end:
+                    cells[at] = end
+            return
+        at = row * _WORDS + HIGHEST
+        if cells[at] < end:
+            cells[at] = end
+
+    def highest(self) -> int:
+        cells = self.cells
+        return max(cells[r * _WORDS + HIGHEST] for r in range(MAX_ROWS))
+
+    # --- write threshold -------------------------------------------------------------------
+    @property
+    def threshold(self) -> int:
+        return int(self.cells[THRESHOLD])
+
+    def set_threshold(self, value: int, emit: Callable[[str, dict[str, Any]], None],
+                      node_name: str) -> None:  # fmt: skip
+        """Arm (``value`` > 0) or disarm (0); the event goes out through ``emit`` on the
+        loop of the command (the main loop), whichever loop the crossing write runs on."""
+        self._loop = asyncio.get_running_loop()
+
+        def send(amount: int, threshold: int) -> None:
+            emit("BLOCK_WRITE_THRESHOLD", {"node-name": node_name,
+                 "amount-exceeded": amount, "write-threshold": threshold})  # fmt: skip
+
+        self._emit = send  # type: ignore[assignment]
+        self.cells[THRESHOLD] = value
+
+    def check_threshold(self, end: int) -> None:
+        """Before a write or discard ending at ``end``: past the armed threshold, disarm it
+        and send the event (once: a racing write finds it disarmed)."""
+        threshold = self.cells[THRESHOLD]
+        if not threshold or threshold >= end:
+            return
+        with self._lock:
+            if self.cells[THRESHOLD] != threshold:
+                return
+            self.cells[THRESHOLD] = 0
+        send, loop = self._emit, self._loop
+        if send is None or loop is None:
+            return
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            send(end - threshold, threshold)  # type: ignore[call-arg]
+        else:
+            loop.call_soon_threadsafe(send, end - threshold, threshold)

@@ -1,0 +1,291 @@
+"""query-block, query-blockstats and the write threshold, against a model of what the test
+wrote: through FUSE-over-io_uring (served by the queue worker processes' fast path), over
+/dev/fuse, over NBD, and through the node (forwarded requests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from querykit import new_daemon, reply
+
+from qsd_py.block.stats import HIGHEST, MAX_ROWS
+
+MiB = 1 << 20
+
+
+def _pwrite_direct(path: Path, offset: int, data: bytes) -> None:
+    import mmap
+
+    buf = mmap.mmap(-1, max(len(data), mmap.PAGESIZE))
+    buf[: len(data)] = data
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        assert os.pwritev(fd, [memoryview(buf)[: len(data)]], offset) == len(data)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def _cmd(client: Any, name: str, args: dict[str, Any]) -> Any:
+    answer = client.cmd_raw(name, args)
+    assert "return" in answer, answer
+    return answer["return"]
+
+
+def _by_name(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {e["node-name"]: e for e in entries}
+
+
+def _events(client: Any, name: str, wait: float = 2.0) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + wait
+    found: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        found += [e["data"] for e in client.get_events(wait=False) if e["event"] == name]
+        if found:
+            return found
+        time.sleep(0.02)
+    return found
+
+
+async def test_shape_and_order(tmp_path: Path) -> None:
+    """QEMU's shape: no BlockBackend entries; with query-nodes every node in creation
+    order, all BlockBackend counters 0, the file driver's discard counters, the data child
+    nested as ``parent``."""
+    daemon, _ = new_daemon()
+    img = tmp_path / "a.img"
+    img.write_bytes(bytes(MiB))
+    await reply(daemon, "blockdev-add", {"driver": "file", "node-name": "f0",
+                                         "filename": str(img), "discard": "unmap"})  # fmt: skip
+    await reply(daemon, "blockdev-add", {"driver": "raw", "node-name": "d0", "file": "f0",
+                                         "discard": "unmap"})  # fmt: skip
+    await reply(daemon, "blockdev-add", {"driver": "null-co", "node-name": "n0"})
+    assert await reply(daemon, "query-block", {}) == []
+    assert await reply(daemon, "query-blockstats", {}) == []
+    entries = await reply(daemon, "query-blockstats", {"query-nodes": True})
+    assert [e["node-name"] for e in entries] == ["f0", "d0", "n0"]
+    f0, d0, n0 = entries
+    assert set(f0) == {"node-name", "stats", "driver-specific"}
+    assert f0["driver-specific"] == {"driver": "file", "discard-nb-ok": 0,
+                                     "discard-nb-failed": 0, "discard-bytes-ok": 0}  # fmt: skip
+    assert d0["parent"] == f0 and "parent" not in n0 and "driver-specific" not in n0
+    stats = d0["stats"]
+    assert stats["timed_stats"] == [] and stats["account_failed"] is False
+    assert "idle_time_ns" not in stats
+    assert {k for k, v in stats.items() if v not in (0, False, [])} == set()
+    node = daemon.graph.lookup("d0")
+    await node.write(4096, b"x" * 512)
+    await node.write_zeroes(8192, 4096)
+    await node.discard(0, 65536)  # no wr_highest_offset for discards, as in QEMU
+    entries = _by_name(await reply(daemon, "query-blockstats", {"query-nodes": True}))
+    assert entries["d0"]["stats"]["wr_highest_offset"] == 12288
+    assert entries["f0"]["stats"]["wr_highest_offset"] == 12288
+    assert entries["f0"]["driver-specific"]["discard-nb-ok"] == 1
+    assert entries["f0"]["driver-specific"]["discard-bytes-ok"] == 65536
+
+
+async def test_threshold_fires_once_then_disarms(tmp_path: Path) -> None:
+    daemon, events = new_daemon()
+    await reply(daemon, "blockdev-add", {"driver": "null-co", "node-name": "n0"})
+    answer = await reply(
+        daemon, "block-set-write-threshold", {"node-name": "zz", "write-threshold": 1}
+    )
+    assert answer == ("error", "Device 'zz' not found")
+    await reply(daemon, "block-set-write-threshold", {"node-name": "n0", "write-threshold": 65536})
+    infos = await reply(daemon, "query-named-block-nodes", {})
+    assert infos[0]["write_threshold"] == 65536
+    node = daemon.graph.lookup("n0")
+    await node.write(0, bytes(4096))
+    await node.write(61440, bytes(8192))  # ends 4096 past it
+    await node.write(MiB, bytes(4096))  # disarmed: nothing more
+    assert events.take() == [{"event": "BLOCK_WRITE_THRESHOLD", "data": {
+        "node-name": "n0", "amount-exceeded": 4096, "write-threshold": 65536}}]  # fmt: skip
+    assert (await reply(daemon, "query-named-block-nodes", {}))[0]["write_threshold"] == 0
+    await reply(daemon, "block-set-write-threshold", {"node-name": "n0", "write-threshold": MiB})
+    await node.discard(MiB, 65536)  # discards cross it too
+    assert [e["data"]["amount-exceeded"] for e in events.take()] == [65536]
+
+
+def _start(qsd: Callable[..., Any], tmp_path: Path, uring: str) -> tuple[Any, Path, Path]:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(4 * MiB))
+    mnt = tmp_path / "disk.raw"
+    mnt.touch()
+    sock = tmp_path / "nbd.sock"
+    daemon = qsd(
+        "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=on,discard=unmap",
+        "--blockdev", "driver=raw,node-name=d0,file=f0,offset=65536,size=2097152,discard=unmap",
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", f"type=fuse,id=e0,node-name=d0,mountpoint={mnt},writable=on,io_uring={uring}",
+    )  # fmt: skip
+    return daemon, mnt, sock
+
+
+def _nbd_write(sock: Path, offset: int, size: int, op: str = "write") -> None:
+    uri = f"nbd+unix:///d0?socket={sock}"
+    subprocess.run(["qemu-io", "-f", "raw", "-c", f"{op} {offset} {size}", uri],
+                   check=True, capture_output=True)  # fmt: skip
+
+
+@pytest.mark.parametrize("uring", ["on", "off"])
+def test_model_through_every_transport(
+    qsd: Callable[..., Any], tmp_path: Path, uring: str, request: pytest.FixtureRequest
+) -> None:
+    """Random writes through the mount (io_uring: the workers' fast path) and over NBD:
+    each node's wr_highest_offset is the highest end the model computes for it (the raw
+    node's window shifts the file's by 64 KiB), and a threshold armed on the file node
+    fires once for the first write past it, whichever process served the write."""
+    if uring == "on":
+        request.getfixturevalue("uring_knob")
+    daemon, mnt, sock = _start(qsd, tmp_path, uring)
+    client = daemon.qmp()
+    rng = random.Random(20)
+    highest = 0
+    try:
+        for _ in range(40):
+            offset = rng.randrange(0, 1024) * 1024 & ~4095
+            size = 4096 * rng.randrange(1, 4)
+            _pwrite_direct(mnt, offset, os.urandom(size))
+            highest = max(highest, offset + size)
+        entries = _by_name(_cmd(client, "query-blockstats", {"query-nodes": True}))
+        assert entries["d0"]["stats"]["wr_highest_offset"] == highest
+        assert entries["f0"]["stats"]["wr_highest_offset"] == highest + 65536
+        _cmd(client, "block-export-del", {"id": "e0"})  # NBD would refuse the FUSE resize
+        _events(client, "BLOCK_EXPORT_DELETED")
+        _cmd(client, "block-export-add", {"type": "nbd", "id": "e1", "node-name": "d0",
+                                        "writable": True})  # fmt: skip
+        _nbd_write(sock, 1536 * 1024, 8192)
+        entries = _by_name(_cmd(client, "query-blockstats", {"query-nodes": True}))
+        assert entries["d0"]["stats"]["wr_highest_offset"] == 1536 * 1024 + 8192
+        assert entries["d0"]["parent"]["stats"]["wr_highest_offset"] == 1600 * 1024 + 8192
+        # Discards reach the file driver's counters (NBD trims; a FUSE punch-hole is a
+        # write-zeroes, which QEMU's file driver does not count as one); none moves
+        # wr_highest_offset.
+        trims = [(0, 65536), (131072, 4096), (262144, 8192)]
+        for offset, size in trims:
+            _nbd_write(sock, offset, size, "discard")
+        _cmd(client, "block-set-write-threshold", {"node-name": "d0", "write-threshold": 4096})
+        _nbd_write(sock, 0, 4096)  # the NBD fast path: not past it
+        _nbd_write(sock, 4096, 4096)  # past it: handed to the node, which sends the event
+        assert _events(client, "BLOCK_WRITE_THRESHOLD") == [
+            {"node-name": "d0", "write-threshold": 4096, "amount-exceeded": 4096}
+        ]
+
+        _cmd(client, "block-export-del", {"id": "e1"})
+        _events(client, "BLOCK_EXPORT_DELETED")
+        _cmd(client, "block-export-add", {"type": "fuse", "id": "e2", "node-name": "d0",
+                                        "mountpoint": str(mnt), "writable": True,
+                                        "io_uring": uring == "on"})  # fmt: skip
+        subprocess.run(["fallocate", "-p", "-o", "524288", "-l", "65536", str(mnt)], check=True)
+        entries = _by_name(_cmd(client, "query-blockstats", {"query-nodes": True}))
+        assert entries["f0"]["driver-specific"] == {
+            "driver": "file",
+            "discard-nb-ok": len(trims),
+            "discard-nb-failed": 0,
+            "discard-bytes-ok": sum(size for _, size in trims),
+        }
+        assert entries["d0"]["stats"]["wr_highest_offset"] == 1536 * 1024 + 8192
+        threshold = 1600 * 1024 + 8192 + 100  # on f0, in file offsets
+        _cmd(client, "block-set-write-threshold", {"node-name": "f0", "write-threshold": threshold})
+        _pwrite_direct(mnt, 0, os.urandom(4096))  # below: served fast, no event
+        assert _events(client, "BLOCK_WRITE_THRESHOLD", wait=0.2) == []
+        _pwrite_direct(mnt, 1600 * 1024, os.urandom(8192))  # ends at 1664 KiB + 8 KiB
+        _pwrite_direct(mnt, 1700 * 1024, os.urandom(4096))  # disarmed by then
+        events = _events(client, "BLOCK_WRITE_THRESHOLD")
+        assert events == [{"node-name": "f0", "write-threshold": threshold,
+                           "amount-exceeded": 1664 * 1024 + 8192 - threshold}]  # fmt: skip
+        assert _events(client, "BLOCK_WRITE_THRESHOLD", wait=0.2) == []
+        entries = _by_name(_cmd(client, "query-blockstats", {"query-nodes": True}))
+        assert entries["d0"]["stats"]["wr_highest_offset"] == 1704 * 1024
+        named = _by_name(_cmd(client, "query-named-block-nodes", {"flat": True}))
+        assert named["f0"]["write_threshold"] == 0
+    finally:
+        client.close()
+
+
+def test_rows_are_per_process() -> None:
+    """The layout the fast path relies on: one cache line per process row."""
+    from qsd_py.block.stats import NodeStats
+
+    st = NodeStats()
+    st.cells[3 * 8 + HIGHEST] = 5000
+    st.wrote(100)
+    assert st.highest() == 5000 and len(st.cells) == MAX_ROWS * 8
+    assert json.dumps(st.highest())
+
+
+def _host_end(image: Path, offset: int, size: int) -> int:
+    """Where the guest range ends in the qcow2 file (qemu-img map: one data extent)."""
+    out = subprocess.run(["qemu-img", "map", "--output=json", "-f", "qcow2", str(image)],
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    for ext in json.loads(out):
+        if ext["start"] <= offset and offset + size <= ext["start"] + ext["length"]:
+            assert ext["data"] and "offset" in ext, ext
+            return ext["offset"] + offset - ext["start"] + size
+    raise AssertionError(f"no single extent holds {offset}+{size}")
+
+
+def test_qcow2_through_the_workers_cluster_table(
+    qsd: Callable[..., Any], tmp_path: Path, uring_knob: Path
+) -> None:
+    """qcow2 over FUSE-over-io_uring: a write into a fresh cluster is allocated by the
+    daemon and its data written by the worker through the cluster table; the qcow2 node's
+    value is the guest end and the file node's the host end of that write (qemu-img map
+    says where it lies): only the worker saw either."""
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(image), "4M"],
+                   check=True, capture_output=True)  # fmt: skip
+    mnt = tmp_path / "disk.raw"
+    mnt.touch()
+    daemon = qsd(
+        "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=on",
+        "--blockdev", "driver=qcow2,node-name=d0,file=f0",
+        "--export", f"type=fuse,id=e0,node-name=d0,mountpoint={mnt},writable=on,io_uring=on",
+    )  # fmt: skip
+    client = daemon.qmp()
+    try:
+        _pwrite_direct(mnt, 3 * MiB + 61440, os.urandom(4096))  # the end of its cluster
+        _pwrite_direct(mnt, 3 * MiB, os.urandom(4096))  # in place, below both ends
+        stats = _by_name(_cmd(client, "query-blockstats", {"query-nodes": True}))
+        queues = _cmd(client, "x-query-fuse-queues", {"id": "e0"})
+    finally:
+        client.close()
+    assert daemon.stop() == 0  # the image closed, its lock gone: qemu-img may read it
+    assert stats["d0"]["stats"]["wr_highest_offset"] == 3 * MiB + 65536
+    assert stats["f0"]["stats"]["wr_highest_offset"] == _host_end(image, 3 * MiB + 61440, 4096)
+    assert sum(q["bytes-written"] for q in queues[0]["uring-queues"]) == 8192
+
+
+def test_threads_mark_rows_of_their_own() -> None:
+    """Two threads of one process never share a cell (a read-compare-store of one could
+    undo the other's); a thread's row is given back when the thread is gone."""
+    import threading
+
+    from qsd_py.block import stats
+
+    st = stats.NodeStats()
+    rows: list[int] = []
+
+    def write(end: int) -> None:
+        st.wrote(end)
+        rows.append(stats.process_row())
+
+    threads = [threading.Thread(target=write, args=(e,)) for e in (100, 200)]
+    for t in threads:
+        t.start()
+        t.join()
+    assert 0 not in rows and len(set(rows)) == 2  # the first thread's object still exists
+    assert [st.cells[r * 8 + HIGHEST] for r in rows] == [100, 200]
+    assert st.highest() == 200 and st.cells[HIGHEST] == 0
+    del threads, t
+    import gc
+
+    gc.collect()
+    assert all(r in stats._free_rows for r in rows)
