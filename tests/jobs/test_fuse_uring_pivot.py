@@ -16,6 +16,7 @@ import os
 import random
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -284,3 +285,96 @@ def test_writable_export_refusal_is_qemus(uring_knob: Path, growable: bool) -> N
     assert re.fullmatch(REFUSAL, real[0]), real
     assert re.sub(r"#block\d+", "#N", ours[0]) == re.sub(r"#block\d+", "#N", real[0])
     assert ours[1] == real[1]
+
+
+# --- blockdev-snapshot under a writable export ---------------------------------------------------
+# Random 4 KiB O_DIRECT writes to the FUSE file until ``stop`` exists, each read back; one line
+# per acknowledged write: its offset and byte.
+FILE_WRITER = r"""
+import mmap, os, random, sys
+path, seed, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+fd = os.open(path, os.O_RDWR | os.O_DIRECT)
+size = os.fstat(fd).st_size
+rng = random.Random(seed)
+buf, back = mmap.mmap(-1, 4096), mmap.mmap(-1, 4096)
+while not os.path.exists(stop):
+    off = rng.randrange(size // 4096) * 4096
+    byte = rng.randrange(1, 256)
+    buf[:] = bytes([byte]) * 4096
+    assert os.pwritev(fd, [buf], off) == 4096
+    assert os.preadv(fd, [back], off) == 4096 and back[:] == buf[:], f"write at {off} lost"
+    print(off, byte, flush=True)
+"""
+
+SNAPSHOTS = 10
+
+
+def test_writable_uring_export_follows_ten_snapshots(work: Path) -> None:
+    """blockdev-snapshot 10 times (each overlay above the last) under a writable
+    FUSE-over-io_uring export while a process writes through it (QEMU allows it and moves
+    its export to the overlay): every write reads back, the file ends as the model of every
+    write, each node left below stays as it was when the next overlay went above it, and
+    every image is consistent."""
+    initial = random.Random(11).randbytes(SIZE)
+    (work / "base.img").write_bytes(initial)
+    mnt = work / "mnt"
+    d = Daemon(work, real=False)
+    proc = None
+    frozen: dict[Path, str] = {}
+    try:
+        args = {"driver": "file", "filename": "base.img", "node-name": "base"}
+        assert d.cmd("blockdev-add", args) == {"return": {}}
+        fuse = {"type": "fuse", "id": "f", "node-name": "base", "mountpoint": str(mnt),
+                "writable": True, "io_uring": True}  # fmt: skip
+        assert d.cmd("block-export-add", fuse) == {"return": {}}
+        stop = work / "stop"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", FILE_WRITER, str(mnt), "13", str(stop)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        lines: list[str] = []
+
+        def wait_writes(more: int) -> None:
+            goal = len(lines) + more
+            while len(lines) < goal:
+                line = proc.stdout.readline()  # type: ignore[union-attr]
+                assert line, proc.stderr.read()  # type: ignore[union-attr]
+                lines.append(line)
+
+        below, below_path = "base", work / "base.img"
+        for i in range(1, SNAPSHOTS + 1):
+            wait_writes(20)
+            name, path = f"s{i}", work / f"s{i}.qcow2"
+            made = qemu_img("create", "-q", "-f", "qcow2", str(path), str(SIZE))
+            assert made.returncode == 0, made.stderr
+            overlay = {"driver": "qcow2", "node-name": name, "backing": None,
+                       "file": {"driver": "file", "filename": path.name}}  # fmt: skip
+            assert d.cmd("blockdev-add", overlay) == {"return": {}}
+            reply = d.cmd("blockdev-snapshot", {"node": below, "overlay": name})
+            assert reply == {"return": {}}, reply
+            frozen[below_path] = hashlib.sha256(file_bytes(below_path)).hexdigest()
+            nodes = {e["id"]: e["node-name"] for e in d.cmd("query-block-exports")["return"]}
+            assert nodes == {"f": name}
+            below, below_path = name, path
+        wait_writes(20)
+        stop.touch()
+        rest = proc.stdout.read()  # type: ignore[union-attr]
+        err = proc.stderr.read()  # type: ignore[union-attr]
+        assert proc.wait(30) == 0, err
+        lines += rest.splitlines()
+        model = bytearray(initial)
+        for line in lines:
+            off, byte = map(int, line.split())
+            model[off : off + 4096] = bytes([byte]) * 4096
+        assert read_direct(mnt, SIZE) == bytes(model)
+        for path, digest in frozen.items():
+            assert hashlib.sha256(file_bytes(path)).hexdigest() == digest, path.name
+        assert d.cmd("block-export-del", {"id": "f"}) == {"return": {}}
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        d.close()
+    for i in range(1, SNAPSHOTS + 1):
+        check = qemu_img("check", str(work / f"s{i}.qcow2"))
+        assert check.returncode == 0, check.stdout + check.stderr
