@@ -53,6 +53,11 @@ class Daemon:
         self.chardevs = ChardevRegistry(self.objects)  # --chardev and chardev-add ones, by id
         self.nbd_server: NbdServer | None = None  # nbd-server-start / --nbd-server
         self._shutdown: asyncio.Event | None = None
+        # Cleared while the command line is carried out: monitors take no command until
+        # then, as QEMU's main loop only runs after every option (a client that connects
+        # early gets its replies once the --blockdev nodes are open).
+        self.started = asyncio.Event()
+        self.started.set()
         load_handlers()
 
     # --- commands -------------------------------------------------------------------------

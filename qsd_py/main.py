@@ -101,6 +101,7 @@ async def run(options: list[Any], ready_fd: int | None) -> int:
     daemon = Daemon()
     install_signal_handlers(daemon)
     pidfile: str | None = None
+    daemon.started.clear()
     try:
         # getopt order: every option in turn, then complaints about stray arguments.
         for opt in sorted(options, key=lambda o: o.name == "argument"):
@@ -108,9 +109,7 @@ async def run(options: list[Any], ready_fd: int | None) -> int:
                 pidfile = opt.arg
             elif opt.name != "daemonize":
                 await apply_option(daemon, opt)
-        started = getattr(daemon, "startup_done", None)  # a stdio monitor waits for it
-        if started is not None:
-            started.set()
+        daemon.started.set()
         if pidfile is not None:
             write_pidfile(pidfile)
         if ready_fd is not None:

@@ -227,15 +227,13 @@ class StdioMonitor:
             transport = _FileTransport(1)
         writer = asyncio.StreamWriter(transport, protocol, None, loop)  # type: ignore[arg-type]
         self.session = QMPSession(daemon, reader, writer, pretty)
-        startup_done(daemon)  # made now: the command line's runner sets it when it is done
         self._task = asyncio.create_task(self._serve(daemon), name="chardev-stdio")
         daemon.closers.append(self.close)
 
     async def _serve(self, daemon: Any) -> None:
-        """Once the whole command line is set up (requests already piped in must find the
-        nodes and exports of later options, as in QEMU, whose monitors start with its
-        main loop)."""
-        await startup_done(daemon).wait()
+        """From when the whole command line is set up (``daemon.started``): stdin may be at
+        its end long before, and a session whose input ended drops what it had not run."""
+        await daemon.started.wait()
         assert self.session is not None
         await self.session.serve()
 
@@ -274,14 +272,6 @@ class _FileTransport(asyncio.WriteTransport):
 
     def abort(self) -> None:
         self._closing = True
-
-
-def startup_done(daemon: Any) -> asyncio.Event:
-    """Set by the command line's runner once every option is applied (main.run)."""
-    event = getattr(daemon, "startup_done", None)
-    if event is None:
-        event = daemon.startup_done = asyncio.Event()
-    return event
 
 
 def _pump_stdin(loop: asyncio.AbstractEventLoop, reader: asyncio.StreamReader) -> None:

@@ -165,6 +165,7 @@ class QMPSession:
                     await self._queue.put(item)  # pauses reading while the queue is full
 
     async def _dispatch_loop(self) -> None:
+        await self.daemon.started.wait()  # the command line first, as in QEMU
         while True:
             item = await self._queue.get()
             if item is _STOP:

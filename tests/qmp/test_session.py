@@ -320,6 +320,8 @@ class SlowExecutor:
         self.monitors: set[Any] = set()
         self.log: list[str] = []
         self.finished: list[str] = []
+        self.started = asyncio.Event()  # the command line is done
+        self.started.set()
 
     async def execute(self, name: str, args: dict[str, Any] | None) -> Any:
         self.log.append(name)
@@ -355,6 +357,30 @@ async def test_commands_run_in_order(slow_pair: Any) -> None:
     assert (await raw.reply())["id"] == 1
     assert (await raw.reply())["id"] == 2
     assert executor.finished == ["sleep", "fast"]
+
+
+async def test_no_command_runs_before_the_command_line_is_done() -> None:
+    """A client that connects while the daemon still opens its --blockdev nodes gets the
+    greeting, but its commands wait for the command line, as in QEMU."""
+    executor = SlowExecutor()
+    executor.started.clear()
+    ours, theirs = socket.socketpair()
+    session = QMPSession(executor, *await asyncio.open_connection(sock=ours))
+    task = asyncio.create_task(session.serve())
+    raw = Raw(*await asyncio.open_connection(sock=theirs))
+    try:
+        assert "QMP" in json.loads(await raw.line())
+        await raw.send(NEGOTIATE + b'{"execute":"early","id":1}')
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(raw.reply(), 0.3)
+        assert executor.log == []
+        executor.started.set()
+        assert await raw.reply() == {"return": {}}
+        assert (await raw.reply())["id"] == 1 and executor.log == ["early"]
+    finally:
+        await session.close()
+        await asyncio.wait_for(task, 5)
+        await raw.close()
 
 
 async def test_disconnect_mid_command(slow_pair: Any) -> None:
