@@ -4,9 +4,24 @@ query-block, query-blockstats, block-set-write-threshold."""
 from __future__ import annotations
 
 import itertools
+import time
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
+from qsd_py.block.stats import (
+    FAILED_FLUSH,
+    FAILED_RD,
+    FAILED_UNMAP,
+    FAILED_WR,
+    FLUSH_OPS,
+    LAST_IO,
+    RD_BYTES,
+    RD_OPS,
+    UNMAP_BYTES,
+    UNMAP_OPS,
+    WR_BYTES,
+    WR_OPS,
+)
 from qsd_py.commands import qmp_command
 from qsd_py.errors import QMPError
 
@@ -65,7 +80,7 @@ async def query_block(daemon: Daemon, args: dict[str, Any]) -> list[dict[str, An
     return []
 
 
-# BlockDeviceStats as a node shows it: every BlockBackend counter 0, in QEMU's order.
+# BlockDeviceStats' integers in QEMU's order (those qsd-py does not count stay 0).
 _ZERO_STATS = (
     "rd_bytes wr_bytes zone_append_bytes unmap_bytes rd_operations wr_operations "
     "zone_append_operations flush_operations unmap_operations rd_total_time_ns "
@@ -78,12 +93,28 @@ _ZERO_STATS = (
 ).split()
 
 
+# The counters qsd-py keeps per node (stats.py), by their word in a row.
+_COUNTED = {
+    "rd_bytes": RD_BYTES, "wr_bytes": WR_BYTES, "unmap_bytes": UNMAP_BYTES,
+    "rd_operations": RD_OPS, "wr_operations": WR_OPS, "flush_operations": FLUSH_OPS,
+    "unmap_operations": UNMAP_OPS, "failed_rd_operations": FAILED_RD,
+    "failed_wr_operations": FAILED_WR, "failed_flush_operations": FAILED_FLUSH,
+    "failed_unmap_operations": FAILED_UNMAP,
+}  # fmt: skip
+
+
 def node_stats(node: BlockNode) -> dict[str, Any]:
     """One node's ``BlockStats`` (QEMU's bdrv_query_bds_stats at node level): its
     ``wr_highest_offset``, its driver's counters, the data child's entry as ``parent``."""
-    stats: dict[str, Any] = dict.fromkeys(_ZERO_STATS, 0)
-    stats["wr_highest_offset"] = node.stats.highest()
-    stats.update({"account_invalid": False, "account_failed": False, "timed_stats": []})
+    totals = node.stats.totals()
+    counted = {key: totals[word] for key, word in _COUNTED.items()}
+    counted["wr_highest_offset"] = node.stats.highest()
+    stats: dict[str, Any] = {}
+    for key in _ZERO_STATS:  # QEMU's order, idle_time_ns (optional) after unmap_merged
+        stats[key] = counted.get(key, 0)
+        if key == "unmap_merged" and totals[LAST_IO]:  # as QEMU: once a request was seen
+            stats["idle_time_ns"] = max(time.monotonic_ns() - totals[LAST_IO], 0)
+    stats.update({"account_invalid": True, "account_failed": True, "timed_stats": []})
     entry: dict[str, Any] = {"node-name": node.node_name, "stats": stats}
     specific = node.specific_stats()
     if specific is not None:

@@ -41,11 +41,19 @@ from __future__ import annotations
 
 import errno
 import os
+from time import monotonic_ns as _monotonic_ns
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.drivers.file import INLINE_MAX
 from qsd_py.block.fast_map import OFFSET_MASK, VALID, WRITABLE, ZERO
 from qsd_py.block.shared_bits import Marker
+from qsd_py.block.stats import FAILED_RD as _FAILED_RD
+from qsd_py.block.stats import FAILED_WR as _FAILED_WR
+from qsd_py.block.stats import LAST_IO as _LAST_IO
+from qsd_py.block.stats import RD_BYTES as _RD_BYTES
+from qsd_py.block.stats import RD_OPS as _RD_OPS
+from qsd_py.block.stats import WR_BYTES as _WR_BYTES
+from qsd_py.block.stats import WR_OPS as _WR_OPS
 
 if TYPE_CHECKING:
     from qsd_py.block.aio import ThreadPoolBackend
@@ -100,6 +108,9 @@ class FastPlan:
         "gates",
         "child_gates",
         "markers",
+        "tally",
+        "tally_below",
+        "tally_at",
     )
 
     def __init__(
@@ -120,6 +131,12 @@ class FastPlan:
         # wr_highest_offset and write threshold (stats.py); set by plan_for.
         self.marks: tuple[tuple[Any, bool, int], ...] = ()
         self.mark_at = 0  # this process's cell of wr_highest_offset in each node's page
+        # query-blockstats' counters (stats.py) of the chain's nodes, this process's row at
+        # tally_at: those every fast request passes, and those below the cluster table,
+        # which a request answered from the table alone (zeroes) does not reach.
+        self.tally: tuple[Any, ...] = ()
+        self.tally_below: tuple[Any, ...] = ()
+        self.tally_at = 0
         self.kind = kind
         self.fd = fd
         self.base = base  # node offset + base = file offset (raw's window)
@@ -253,13 +270,14 @@ def _set_marks(top: BlockNode, plan: FastPlan) -> None:
     every node of a chain without one) or from the file position (nodes below the table),
     shifted by the raw windows between. A process without a row of its own (more workers
     than rows) writes through the daemon."""
-    from qsd_py.block.stats import HIGHEST, process_row
+    from qsd_py.block.stats import HIGHEST, WORDS, process_row
 
     row = process_row()
     if row < 0:
         plan.writable = False
         return
-    plan.mark_at = row * 8 + HIGHEST
+    plan.mark_at = row * WORDS + HIGHEST
+    plan.tally_at = row * WORDS
     path = _data_path(top, plan)
     targets = [n.fast_target() for n in path]
     tabled = [t is not None and t.table is not None for t in targets]
@@ -272,6 +290,8 @@ def _set_marks(top: BlockNode, plan: FastPlan) -> None:
         else:  # below the table: the node's offset is the file position less the windows
             marks.append((n.stats.cells, True, sum(windows[i:])))
     plan.marks = tuple(marks)
+    plan.tally = tuple(cells for cells, by_pos, _ in marks if not by_pos)
+    plan.tally_below = tuple(cells for cells, by_pos, _ in marks if by_pos)
 
 
 def _data_path(top: BlockNode, plan: FastPlan) -> list[BlockNode]:
@@ -312,6 +332,7 @@ def route(plan: FastPlan, offset: int, size: int, writing: bool) -> tuple[int, i
     if plan.kind == NULL:
         if writing and not _mark(plan, offset, offset, size):
             return _ENGINE
+        _tally(plan, plan.tally, writing, size)
         return (ACCEPT, size, 0) if writing else (FILL, size, plan.read_zeroes)
     if plan.entries is None:
         pos = offset + plan.base
@@ -319,14 +340,48 @@ def route(plan: FastPlan, offset: int, size: int, writing: bool) -> tuple[int, i
         pos = _map(plan, offset, size, writing)
         if pos < 0:
             if pos == _ZEROES:
+                _tally(plan, plan.tally, False, size)
                 return FILL, size, 1
             return _ENGINE
     if (pos | size) & plan.align_mask or writing and not _mark(plan, offset, pos, size):
         plan.done()
         return _ENGINE  # O_DIRECT would bounce, or a threshold is crossed: the node's work
+    _tally(plan, plan.tally, writing, size)
+    if plan.tally_below:
+        _tally(plan, plan.tally_below, writing, size)
     if size <= plan.inline_max:
         return INLINE, pos, size
     return TRANSFER, pos, size
+
+
+def _tally(plan: FastPlan, tally: tuple[Any, ...], writing: bool, size: int) -> None:
+    """Count a READ or WRITE the fast path serves in the query-blockstats counters of the
+    nodes in ``tally`` (this process's row: no atomics). Counted when it starts: a fast
+    request that then fails is moved to the failed ones by :func:`failed`."""
+    at = plan.tally_at
+    now = _monotonic_ns()
+    ops, nbytes = (at + _WR_OPS, at + _WR_BYTES) if writing else (at + _RD_OPS, at + _RD_BYTES)
+    last = at + _LAST_IO
+    for cells in tally:
+        cells[ops] += 1
+        cells[nbytes] += size
+        cells[last] = now
+
+
+def failed(plan: FastPlan, size: int, writing: bool, redone: bool = False) -> None:
+    """A fast READ or WRITE of ``size`` bytes that :func:`route` counted failed: count it
+    as a failed request instead (rare, so not on the hot path); ``redone``: the caller
+    hands it to the node after all, which counts it, so take it back only."""
+    at = plan.tally_at
+    if writing:
+        ops, nbytes, bad = _WR_OPS, _WR_BYTES, _FAILED_WR
+    else:
+        ops, nbytes, bad = _RD_OPS, _RD_BYTES, _FAILED_RD
+    for cells in plan.tally + plan.tally_below:
+        cells[at + ops] -= 1
+        cells[at + nbytes] -= size
+        if not redone:
+            cells[at + bad] += 1
 
 
 def _mark(plan: FastPlan, offset: int, pos: int, size: int) -> bool:

@@ -36,7 +36,20 @@ from qsd_py.block.child import Child
 from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.drain import InFlight
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm, perm_names
-from qsd_py.block.stats import NodeStats
+from qsd_py.block.stats import (
+    FAILED_FLUSH,
+    FAILED_RD,
+    FAILED_UNMAP,
+    FAILED_WR,
+    FLUSH_OPS,
+    RD_BYTES,
+    RD_OPS,
+    UNMAP_BYTES,
+    UNMAP_OPS,
+    WR_BYTES,
+    WR_OPS,
+    NodeStats,
+)
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
@@ -389,25 +402,33 @@ class BlockNode:
         """Fill ``buf`` with ``len(buf)`` bytes from ``offset``."""
         _check_range(offset, len(buf))
         self.in_flight.enter()
+        failed = True  # query-blockstats: an exception counts the request as failed
         try:
             await self.do_read(offset, buf)
+            failed = False
         finally:
             self.in_flight.leave()
+            self.stats.account(FAILED_RD if failed else RD_OPS, RD_BYTES, 0 if failed else len(buf))
 
     async def write(self, offset: int, data: Buffer) -> None:
         """Write all of ``data`` at ``offset``."""
         _check_range(offset, len(data))
         self.in_flight.enter()
         gates = None
+        failed: bool | None = None  # None: not started (its gates failed), not counted
         try:
             if self.write_gates:
                 gates = await self._enter_gates(offset, len(data))
             self.stats.check_threshold(offset + len(data))
             self.stats.wrote(offset + len(data))  # attempted: counted even if it fails, as in QEMU
+            failed = True
             await self.do_write(offset, data)
+            failed = False
             for other in list(self.write_mirrors):
                 await other.write(offset, data)
         finally:
+            if failed is not None:
+                self._account_write(failed, len(data))
             self.write_gen += 1
             if gates is not None:
                 for gate, token in gates:
@@ -416,9 +437,14 @@ class BlockNode:
                 self._mark_dirty(offset, len(data))
             self.in_flight.leave()
 
+    def _account_write(self, failed: bool, length: int) -> None:
+        """query-blockstats: a write or write-zeroes of ``length`` bytes ended."""
+        self.stats.account(FAILED_WR if failed else WR_OPS, WR_BYTES, 0 if failed else length)
+
     async def flush(self) -> None:
         """Make written data stable (fdatasync unless cache.no-flush), children included."""
         self.in_flight.enter()
+        failed = True
         try:
             gen = self.write_gen
             self.flush_needed = gen != self.flushed_gen
@@ -430,8 +456,10 @@ class BlockNode:
                 self.child_debug_event("file", "flush_to_disk")
             await self.do_flush()
             self.flushed_gen = gen
+            failed = False
         finally:
             self.in_flight.leave()
+            self.stats.account(FAILED_FLUSH if failed else FLUSH_OPS, -1, 0)
 
     async def write_zeroes(
         self, offset: int, length: int, unmap: bool = False, no_fallback: bool = False
@@ -443,15 +471,20 @@ class BlockNode:
         _check_range(offset, length)
         self.in_flight.enter()
         gates = None
+        failed: bool | None = None  # None: not started (its gates failed), not counted
         try:
             if self.write_gates:
                 gates = await self._enter_gates(offset, length)
             self.stats.check_threshold(offset + length)
             self.stats.wrote(offset + length)  # attempted: counted even if it fails, as in QEMU
+            failed = True
             await self.do_write_zeroes(offset, length, unmap, no_fallback)
+            failed = False
             for other in list(self.write_mirrors):
                 await other.write_zeroes(offset, length, unmap)
         finally:
+            if failed is not None:
+                self._account_write(failed, length)
             self.write_gen += 1
             if gates is not None:
                 for gate, token in gates:
@@ -465,12 +498,18 @@ class BlockNode:
         _check_range(offset, length)
         self.in_flight.enter()
         gates = None
+        failed: bool | None = None  # None: not started (its gates failed), not counted
         try:
             if self.write_gates:
                 gates = await self._enter_gates(offset, length)
             self.stats.check_threshold(offset + length)
+            failed = True
             await self.do_discard(offset, length)
+            failed = False
         finally:
+            if failed is not None:
+                self.stats.account(FAILED_UNMAP if failed else UNMAP_OPS, UNMAP_BYTES,
+                                   0 if failed else length)  # fmt: skip
             self.write_gen += 1
             if gates is not None:
                 for gate, token in gates:

@@ -4,19 +4,25 @@ QEMU's daemon shows two things per node (``query-blockstats`` with ``query-nodes
 highest end of any write or write-zeroes the node saw (``wr_highest_offset``), and for the
 ``file`` driver how many discards succeeded or failed. Every other counter of BlockStats is
 kept by a BlockBackend, and the daemon's BlockBackends (exports, jobs) have no name, so
-QEMU shows them nowhere (``query-blockstats`` without ``query-nodes`` and ``query-block``
-are empty); qsd-py does not keep them either.
+QEMU shows them as zeroes at node level. qsd-py keeps QEMU's reply shape but counts the
+requests that reach each node: reads, writes (write-zeroes included, as a guest's write
+zeroes is a write in QEMU's device accounting), flushes and discards (``unmap_*``), their
+bytes, the failed ones, and when the last one arrived (``idle_time_ns``). ``*_total_time_ns``
+stay 0: timing a request takes two clock reads and a start time carried through every
+transport's request slot, more than this accounting is allowed to cost the fast path;
+``invalid_*`` stay 0 because exports refuse invalid requests before they reach a node.
 
-Writes reach a node without its coroutines too: the exports' fast path (fast_io.py), run by
-the daemon for NBD and ``/dev/fuse`` and by forked processes for FUSE-over-io_uring queues
-(qsd_py/export/fuse/workers.py). So the highest end lives in a page of memory shared with
-those processes, one cache line per process: each process raises only its own cell (no
-atomics needed, no line bouncing between CPUs), and the node's value is the maximum of the
-cells. The daemon is row 0; a queue worker gets a row of its own before it forks
+Requests reach a node without its coroutines too: the exports' fast path (fast_io.py), run
+by the daemon for NBD and ``/dev/fuse`` and by forked processes for FUSE-over-io_uring
+queues (qsd_py/export/fuse/workers.py). So the counters live in a page of memory shared
+with those processes, one row of two cache lines (:data:`WORDS` words) per process: each
+process adds only to its own row (plain integer adds, no atomics, no line bouncing between
+CPUs), and the node's value is the sum over the rows (for ``wr_highest_offset`` the
+maximum). The daemon is row 0; a queue worker gets a row of its own before it forks
 (:func:`claim_process_row`) and sets it in the child (:func:`set_process_row`). Threads of
-one process must not share a row either (a read-compare-store can be interrupted between
-its steps), so every other thread that writes (an iothread's loop) takes a row of its own
-the first time (:func:`process_row`).
+one process must not share a row either (a read-add-store can be interrupted between its
+steps), so every other thread that counts (an iothread's loop) takes a row of its own the
+first time (:func:`process_row`).
 
 The write threshold (``block-set-write-threshold``) lives in the same page (row 0, word 0),
 written only by the daemon. The fast path reads it: a write that would end past an armed
@@ -32,14 +38,20 @@ from __future__ import annotations
 import asyncio
 import mmap
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 MAX_ROWS = 64  #: the daemon and up to 63 worker processes
-_WORDS = 8  # one 64-byte cache line per process
+WORDS = 16  #: two 64-byte cache lines per process
 THRESHOLD = 0  #: word of row 0: the write threshold (0: disarmed)
 HIGHEST = 1  #: word of every row: the highest write end that process saw
+# Words of every row: that process's request counters (query-blockstats), summed over rows.
+RD_BYTES, WR_BYTES, UNMAP_BYTES = 2, 3, 4
+RD_OPS, WR_OPS, FLUSH_OPS, UNMAP_OPS = 5, 6, 7, 8
+FAILED_RD, FAILED_WR, FAILED_FLUSH, FAILED_UNMAP = 9, 10, 11, 12
+LAST_IO = 13  #: time.monotonic_ns() when that process's last request reached the node
 
 _row = 0  # the row of this process's main thread: 0 in the daemon
 _local = threading.local()
@@ -96,7 +108,7 @@ class NodeStats:
                  "discard_bytes")  # fmt: skip
 
     def __init__(self) -> None:
-        self._map = mmap.mmap(-1, MAX_ROWS * _WORDS * 8)  # MAP_SHARED: seen across fork
+        self._map = mmap.mmap(-1, MAX_ROWS * WORDS * 8)  # MAP_SHARED: seen across fork
         self.cells = memoryview(self._map).cast("Q")
         self._emit: Callable[[], None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -116,17 +128,38 @@ class NodeStats:
             row = process_row()
         if row < 0:  # rows ran out: the main thread's row, under a lock among such threads
             with _shared_lock:
-                at = _row * _WORDS + HIGHEST
+                at = _row * WORDS + HIGHEST
                 if cells[at] < end:
                     cells[at] = end
             return
-        at = row * _WORDS + HIGHEST
+        at = row * WORDS + HIGHEST
         if cells[at] < end:
             cells[at] = end
 
     def highest(self) -> int:
         cells = self.cells
-        return max(cells[r * _WORDS + HIGHEST] for r in range(MAX_ROWS))
+        return max(cells[r * WORDS + HIGHEST] for r in range(MAX_ROWS))
+
+    # --- request counters ----------------------------------------------------------------
+    def account(self, ops: int, nbytes_word: int, nbytes: int) -> None:
+        """A request of this process reached the node and ended: one more in word ``ops``
+        (the kind's operations, or its failed ones) and ``nbytes`` more in ``nbytes_word``
+        (-1: none), in the calling thread's row."""
+        row = getattr(_local, "row", None)
+        if row is None:
+            row = process_row()
+        if row < 0:  # rows ran out: the main thread's row, under a lock among such threads
+            with _shared_lock:
+                _add(self.cells, _row * WORDS, ops, nbytes_word, nbytes)
+            return
+        _add(self.cells, row * WORDS, ops, nbytes_word, nbytes)
+
+    def totals(self) -> list[int]:
+        """Each word summed over the rows (the node's counters); ``LAST_IO``: the latest."""
+        cells = self.cells
+        sums = [sum(cells[w::WORDS]) for w in range(WORDS)]
+        sums[LAST_IO] = max(cells[LAST_IO::WORDS])
+        return sums
 
     # --- write threshold -------------------------------------------------------------------
     @property
@@ -167,3 +200,10 @@ class NodeStats:
             send(end - threshold, threshold)  # type: ignore[call-arg]
         else:
             loop.call_soon_threadsafe(send, end - threshold, threshold)
+
+
+def _add(cells: memoryview, at: int, ops: int, nbytes_word: int, nbytes: int) -> None:
+    cells[at + ops] += 1
+    if nbytes_word >= 0:
+        cells[at + nbytes_word] += nbytes
+    cells[at + LAST_IO] = time.monotonic_ns()

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from querykit import new_daemon, reply
 
-from qsd_py.block.stats import HIGHEST, MAX_ROWS
+from qsd_py.block.stats import HIGHEST, MAX_ROWS, WORDS
 
 MiB = 1 << 20
 
@@ -29,6 +29,19 @@ def _pwrite_direct(path: Path, offset: int, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
     try:
         assert os.pwritev(fd, [memoryview(buf)[: len(data)]], offset) == len(data)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
+def _pread_direct(path: Path, offset: int, size: int) -> bytes:
+    import mmap
+
+    buf = mmap.mmap(-1, max(size, mmap.PAGESIZE))
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [memoryview(buf)[:size]], offset) == size
+        return buf[:size]
     finally:
         os.close(fd)
         buf.close()
@@ -77,16 +90,30 @@ async def test_shape_and_order(tmp_path: Path) -> None:
                                      "discard-nb-failed": 0, "discard-bytes-ok": 0}  # fmt: skip
     assert d0["parent"] == f0 and "parent" not in n0 and "driver-specific" not in n0
     stats = d0["stats"]
-    assert stats["timed_stats"] == [] and stats["account_failed"] is False
-    assert "idle_time_ns" not in stats
-    assert {k for k, v in stats.items() if v not in (0, False, [])} == set()
+    assert stats["timed_stats"] == [] and stats["account_failed"] is True
+    assert "idle_time_ns" not in stats  # as QEMU's: only once a request was counted
+    assert {k for k, v in stats.items() if v not in (0, True, [])} == set()
+    assert list(stats)[-3:] == ["account_invalid", "account_failed", "timed_stats"]
     node = daemon.graph.lookup("d0")
     await node.write(4096, b"x" * 512)
     await node.write_zeroes(8192, 4096)
     await node.discard(0, 65536)  # no wr_highest_offset for discards, as in QEMU
+    await node.read(0, memoryview(bytearray(1024)))
+    await node.flush()
     entries = _by_name(await reply(daemon, "query-blockstats", {"query-nodes": True}))
     assert entries["d0"]["stats"]["wr_highest_offset"] == 12288
     assert entries["f0"]["stats"]["wr_highest_offset"] == 12288
+    want = {"rd_bytes": 1024, "wr_bytes": 4608, "unmap_bytes": 65536, "rd_operations": 1,
+            "wr_operations": 2, "flush_operations": 1, "unmap_operations": 1,
+            "wr_highest_offset": 12288}  # fmt: skip
+    for name in ("d0", "f0"):  # raw passes each request to its file once
+        stats = entries[name]["stats"]
+        assert {k: v for k, v in stats.items() if type(v) is int and v} == {
+            **want, "idle_time_ns": stats["idle_time_ns"]}  # fmt: skip
+        keys = list(stats)
+        assert keys[keys.index("unmap_merged") + 1] == "idle_time_ns"  # QEMU's place
+    assert 0 < entries["d0"]["stats"]["idle_time_ns"] < 60 * 10**9
+    assert entries["n0"]["stats"]["rd_operations"] == 0
     assert entries["f0"]["driver-specific"]["discard-nb-ok"] == 1
     assert entries["f0"]["driver-specific"]["discard-bytes-ok"] == 65536
 
@@ -211,13 +238,13 @@ def test_model_through_every_transport(
 
 
 def test_rows_are_per_process() -> None:
-    """The layout the fast path relies on: one cache line per process row."""
+    """The layout the fast path relies on: two cache lines per process row."""
     from qsd_py.block.stats import NodeStats
 
     st = NodeStats()
-    st.cells[3 * 8 + HIGHEST] = 5000
+    st.cells[3 * WORDS + HIGHEST] = 5000
     st.wrote(100)
-    assert st.highest() == 5000 and len(st.cells) == MAX_ROWS * 8
+    assert st.highest() == 5000 and len(st.cells) == MAX_ROWS * 16 == MAX_ROWS * WORDS
     assert json.dumps(st.highest())
 
 
@@ -253,6 +280,9 @@ def test_qcow2_through_the_workers_cluster_table(
     try:
         _pwrite_direct(mnt, 3 * MiB + 61440, os.urandom(4096))  # the end of its cluster
         _pwrite_direct(mnt, 3 * MiB, os.urandom(4096))  # in place, below both ends
+        before = _counters(client)
+        _pread_direct(mnt, MiB, 8192)  # unallocated: zeroes, the file is not read
+        _pread_direct(mnt, 3 * MiB, 4096)  # the data: the file is read
         stats = _by_name(_cmd(client, "query-blockstats", {"query-nodes": True}))
         queues = _cmd(client, "x-query-fuse-queues", {"id": "e0"})
     finally:
@@ -261,6 +291,11 @@ def test_qcow2_through_the_workers_cluster_table(
     assert stats["d0"]["stats"]["wr_highest_offset"] == 3 * MiB + 65536
     assert stats["f0"]["stats"]["wr_highest_offset"] == _host_end(image, 3 * MiB + 61440, 4096)
     assert sum(q["bytes-written"] for q in queues[0]["uring-queues"]) == 8192
+    d0, f0 = stats["d0"]["stats"], stats["f0"]["stats"]
+    assert (d0["wr_operations"], d0["wr_bytes"], d0["rd_operations"], d0["rd_bytes"]) == (
+        2, 8192, 2, 12288)  # fmt: skip
+    assert f0["rd_operations"] - before["f0"]["rd_operations"] == 1
+    assert f0["rd_bytes"] - before["f0"]["rd_bytes"] == 4096
 
 
 def test_threads_mark_rows_of_their_own() -> None:
@@ -282,10 +317,201 @@ def test_threads_mark_rows_of_their_own() -> None:
         t.start()
         t.join()
     assert 0 not in rows and len(set(rows)) == 2  # the first thread's object still exists
-    assert [st.cells[r * 8 + HIGHEST] for r in rows] == [100, 200]
+    assert [st.cells[r * WORDS + HIGHEST] for r in rows] == [100, 200]
     assert st.highest() == 200 and st.cells[HIGHEST] == 0
     del threads, t
     import gc
 
     gc.collect()
     assert all(r in stats._free_rows for r in rows)
+
+
+# --- the counters against a model of the requests a client made -----------------------------
+_COUNTERS = (
+    "rd_bytes", "wr_bytes", "unmap_bytes", "rd_operations", "wr_operations",
+    "flush_operations", "unmap_operations", "failed_rd_operations", "failed_wr_operations",
+    "failed_flush_operations", "failed_unmap_operations",
+)  # fmt: skip
+
+
+def _requests(seed: int, kinds: tuple[str, ...]) -> list[tuple[str, int, int]]:
+    """Random requests (kind, offset, size) inside the 2 MiB node, 4 KiB aligned (O_DIRECT)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(60):
+        size = 4096 * rng.randrange(1, 17)
+        out.append((rng.choice(kinds), rng.randrange(0, (2 * MiB - size) // 4096) * 4096, size))
+    return out
+
+
+def _model(requests: list[tuple[str, int, int]], as_op: dict[str, str]) -> dict[str, int]:
+    """What a node counts for ``requests``: ``as_op`` says which counter each kind is."""
+    want = dict.fromkeys(_COUNTERS, 0)
+    for kind, _offset, size in requests:
+        op = as_op[kind]
+        want[f"{op}_operations"] += 1
+        if op != "flush":
+            want[f"{op}_bytes"] += size
+    return want
+
+
+def _counters(client: Any) -> dict[str, dict[str, int]]:
+    entries = _by_name(_cmd(client, "query-blockstats", {"query-nodes": True}))
+    return {n: {k: e["stats"][k] for k in _COUNTERS} for n, e in entries.items()}
+
+
+def _delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in _COUNTERS}
+
+
+def _through_fuse(mnt: Path, requests: list[tuple[str, int, int]]) -> int:
+    """The requests on one O_DIRECT descriptor of the mount (its close's FLUSH comes after
+    the counters are read: the caller closes it)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    punch = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    buf = mmap.mmap(-1, 64 * 1024)
+    fd = os.open(mnt, os.O_RDWR | os.O_DIRECT)
+    try:
+        for kind, offset, size in requests:
+            view = memoryview(buf)[:size]
+            if kind == "write":
+                buf[:size] = os.urandom(size)
+                assert os.pwritev(fd, [view], offset) == size
+            elif kind == "read":
+                assert os.preadv(fd, [view], offset) == size
+            elif kind == "punch":
+                rc = libc.fallocate(fd, punch, ctypes.c_long(offset), ctypes.c_long(size))
+                assert rc == 0, os.strerror(ctypes.get_errno())
+            else:
+                os.fsync(fd)
+            view.release()
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _through_nbd(sock: Path, requests: list[tuple[str, int, int]]) -> None:
+    """The requests from one libnbd connection (nbdsh), simple replies: every read is one
+    read of the node (a structured read may answer holes from block status alone)."""
+    lines = ["h.set_request_structured_replies(False)",
+             f"h.connect_uri('nbd+unix:///d0?socket={sock}')"]  # fmt: skip
+    for kind, offset, size in requests:
+        lines.append({
+            "write": f"h.pwrite(b'x' * {size}, {offset})",
+            "read": f"assert len(h.pread({size}, {offset})) == {size}",
+            "trim": f"h.trim({size}, {offset})",
+            "zero": f"h.zero({size}, {offset})",
+            "flush": "h.flush()",
+        }[kind])  # fmt: skip
+    lines.append("h.shutdown()")
+    env = {**os.environ, "PATH": "/usr/bin:" + os.environ.get("PATH", "")}  # its python3
+    done = subprocess.run(["nbdsh", "-c", "\n".join(lines)], capture_output=True, timeout=60,
+                          env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("transport", ["fuse-uring", "devfuse", "nbd", "nbd-iothread"])
+def test_counters_equal_the_model(
+    qsd: Callable[..., Any], tmp_path: Path, transport: str, request: pytest.FixtureRequest
+) -> None:
+    """Reads, writes, discards and flushes through one transport: the exported raw node's
+    counters (and its file's: raw passes each request down once) grow by exactly what the
+    model of those requests says. FUSE-over-io_uring: reads and writes served by the queue
+    worker processes' fast path (their rows of the shared page), the rest forwarded to the
+    daemon; a FUSE punch-hole is a write of zeroes, as QEMU's export makes it."""
+    uring = "on" if transport == "fuse-uring" else "off"
+    if uring == "on":
+        request.getfixturevalue("uring_knob")
+    daemon, mnt, sock = _start(qsd, tmp_path, uring)
+    client = daemon.qmp()
+    try:
+        if transport.startswith("nbd"):
+            _cmd(client, "block-export-del", {"id": "e0"})
+            _events(client, "BLOCK_EXPORT_DELETED")
+            where = {}
+            if transport == "nbd-iothread":  # counted in the iothread's row of its own
+                _cmd(client, "object-add", {"qom-type": "iothread", "id": "io0"})
+                where = {"iothread": "io0"}
+            _cmd(client, "block-export-add", {"type": "nbd", "id": "e1", "node-name": "d0",
+                                            "writable": True, **where})  # fmt: skip
+            requests = _requests(7, ("write", "read", "trim", "zero", "flush", "write", "read"))
+            as_op = {"write": "wr", "zero": "wr", "read": "rd", "trim": "unmap", "flush": "flush"}
+        else:
+            requests = _requests(8, ("write", "read", "punch", "fsync", "write", "read"))
+            as_op = {"write": "wr", "punch": "wr", "read": "rd", "fsync": "flush"}
+        before = _counters(client)
+        if transport.startswith("nbd"):
+            _through_nbd(sock, requests)
+        else:
+            fd = _through_fuse(mnt, requests)
+        after = _counters(client)
+        if not transport.startswith("nbd"):
+            os.close(fd)
+        if uring == "on":
+            queues = _cmd(client, "x-query-fuse-queues", {"id": "e0"})[0]["uring-queues"]
+            reads = sum(size for kind, _, size in requests if kind == "read")
+            assert sum(q["bytes-read"] for q in queues) == reads  # served by the workers
+    finally:
+        client.close()
+    want = _model(requests, as_op)
+    assert _delta(after["d0"], before["d0"]) == want
+    assert _delta(after["f0"], before["f0"]) == want
+
+
+async def test_failed_requests_are_counted_apart(tmp_path: Path) -> None:
+    """A request that fails counts in ``failed_*`` of every node it failed in (blkdebug
+    fails the qcow2 node's data reads after its first one) and moves no bytes; the
+    requests that succeeded beside it keep their own counts."""
+    image = tmp_path / "a.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", str(image), "1M"],
+                   check=True, capture_output=True)  # fmt: skip
+    daemon, _ = new_daemon()
+    await reply(daemon, "blockdev-add", {"driver": "qcow2", "node-name": "q0", "file": {
+        "driver": "blkdebug", "node-name": "dbg", "inject-error": [
+            {"event": "read_aio", "errno": 5}],
+        "image": {"driver": "file", "node-name": "f0", "filename": str(image)}}})  # fmt: skip
+    node = daemon.graph.lookup("q0")
+    before = _by_name(await reply(daemon, "query-blockstats", {"query-nodes": True}))
+    await node.write(0, b"y" * 4096)
+    for _ in range(2):
+        with pytest.raises(OSError):
+            await node.read(0, memoryview(bytearray(4096)))
+    after = _by_name(await reply(daemon, "query-blockstats", {"query-nodes": True}))
+    q0 = after["q0"]["stats"]
+    assert {k: q0[k] for k in _COUNTERS} == {
+        **dict.fromkeys(_COUNTERS, 0), "wr_operations": 1, "wr_bytes": 4096,
+        "failed_rd_operations": 2}  # fmt: skip
+    dbg = _delta(after["dbg"]["stats"], before["dbg"]["stats"])
+    assert dbg["failed_rd_operations"] == 2
+    f0 = _delta(after["f0"]["stats"], before["f0"]["stats"])
+    assert f0["failed_rd_operations"] == 0  # the file never saw the failed reads
+    assert f0["rd_operations"] == dbg["rd_operations"]  # blkdebug passes the rest on
+
+
+def test_fast_request_that_fails_moves_to_failed() -> None:
+    """What a transport does when a fast transfer that ``route`` counted fails: the
+    request leaves rd_*/wr_* of every node of the chain for failed_*; one handed to the
+    node after all (``redone``) only leaves, as the node counts it again."""
+    from qsd_py.block import fast_io, stats
+
+    top, below = stats.NodeStats(), stats.NodeStats()
+    plan = fast_io.FastPlan(fast_io.NULL)
+    plan.tally, plan.tally_below = (top.cells,), (below.cells,)
+    for node in (top, below):
+        node.account(stats.RD_OPS, stats.RD_BYTES, 512)  # one the node served itself
+    fast_io._tally(plan, plan.tally, False, 4096)
+    fast_io._tally(plan, plan.tally_below, False, 4096)
+    fast_io.failed(plan, 4096, False)
+    fast_io._tally(plan, plan.tally, True, 8192)
+    fast_io._tally(plan, plan.tally_below, True, 8192)
+    fast_io.failed(plan, 8192, True, redone=True)
+    for node in (top, below):
+        totals = node.totals()
+        assert [totals[w] for w in (stats.RD_OPS, stats.RD_BYTES, stats.FAILED_RD,
+                                    stats.WR_OPS, stats.WR_BYTES, stats.FAILED_WR)] == [
+            1, 512, 1, 0, 0, 0]  # fmt: skip
+        assert totals[stats.LAST_IO] > 0

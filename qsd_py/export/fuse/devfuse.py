@@ -28,6 +28,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from qsd_py.block.fast_io import failed
 from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse.engine import FuseEngine, QueueStats
@@ -295,6 +296,8 @@ class DevFuseQueue:
             buf = slot.data if writing else slot.out
             res = fastpath.inline_io(plan.fd, self.stats, buf, slot.out, b, a, writing)
             plan.done()
+            if res < 0:
+                failed(plan, b, writing)
         elif action == _FILL:
             self.stats.bytes_read += a
             if b:
@@ -349,6 +352,8 @@ class DevFuseQueue:
         slot.plan.done()  # type: ignore[union-attr]
         if self._retired and not self.fast_busy:
             self._release_retired()
+        if res < 0:
+            failed(slot.plan, slot.size, slot.writing)  # type: ignore[arg-type]
         res = fastpath.finish(stats, res, slot.size, slot.writing, slot.out)
         self._reply(slot, slot.unique, res)
         self._free.append(slot)

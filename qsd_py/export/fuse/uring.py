@@ -56,6 +56,7 @@ from array import array
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from qsd_py.block.fast_io import failed
 from qsd_py.errors import QMPError
 from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import proto as p
@@ -340,6 +341,8 @@ class UringQueue:
             pay = entry.payload
             res = fastpath.inline_io(plan.fd, self.stats, pay, pay, b, a, writing)
             plan.done()
+            if res < 0:
+                failed(plan, b, writing)
             if writing:
                 plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], b)
             self._commit(entry, res)
@@ -421,6 +424,8 @@ class UringQueue:
         plan.done()
         if entry.writing:  # the bitmaps this process marks itself (shared_bits.py)
             plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], entry.size)
+        if res < 0:
+            failed(plan, entry.size, entry.writing)
         res = fastpath.finish(stats, res, entry.size, entry.writing, entry.payload)
         self._commit(entry, res)
 

@@ -824,6 +824,7 @@ class Connection:
             return
         if sparse and self._file is not None and not self._is_data(pos, length):
             plan.done()
+            fast_io.failed(plan, length, False, redone=True)  # the node counts it
             self._spawn(self._read_task(flags, cookie, offset, length), length)
             return
         if self._page_cache is not None and length >= SENDFILE_MIN:
@@ -836,6 +837,8 @@ class Connection:
             return
         res = copy_inline(plan.fd, buf.view, length, pos, False)
         plan.done()
+        if res < 0:
+            fast_io.failed(plan, length, False)
         self._read_done(cookie, offset, length, buf, res)
 
     def _is_data(self, pos: int, length: int) -> bool:
@@ -924,6 +927,8 @@ class Connection:
                     return
                 res = copy_inline(plan.fd, buf.view if buf is not None else data, size, pos, True)
                 plan.done()
+                if res < 0:
+                    fast_io.failed(plan, size, True)
                 self._release(buf)
                 self._write_done(cookie, offset, res)
                 return
@@ -971,6 +976,8 @@ class Connection:
         self._transfers -= 1
         self._reserved -= tr.length
         tr.plan.done()
+        if res < 0:
+            fast_io.failed(tr.plan, tr.length, tr.writing)
         if self._retired and not self._transfers:
             self._release_retired()
         buf = tr.buf
