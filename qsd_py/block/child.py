@@ -59,6 +59,7 @@ class Child:
         new.set_user(self._user(new))
         old, self.node = self.node, new
         old.remove_user(self.key)
+        self.parent.fast_plans_changed()  # exports' plans through this link are stale
         return old
 
     def detach(self) -> None:

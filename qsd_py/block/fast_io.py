@@ -103,6 +103,8 @@ class FastPlan:
         "counts",
         "slot",
         "started_at",
+        "gen",
+        "on_change",
         "gates",
         "child_gates",
         "markers",
@@ -151,6 +153,12 @@ class FastPlan:
         self.counts = table.counts if table is not None else None
         self.slot = slot  # this reader's counters: started at started_at, finished after
         self.started_at = slot * 8
+        # Which change of the export's node this plan was made for (queue workers compare it
+        # with their transport's shared generation before each request, workers.py).
+        self.gen = 0
+        # Called by the block layer when this plan no longer says what the chain is (writes
+        # closed or opened, a child replaced): :meth:`BlockNode.fast_plans_changed`.
+        self.on_change: Any = None
         # The write gates of the chain's nodes (shared pages, BlockNode.fork_page): one
         # set closes this plan to writes in every process that holds a copy of it.
         self.gates: tuple[Any, ...] = ()

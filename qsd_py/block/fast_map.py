@@ -25,6 +25,7 @@ import asyncio
 import ctypes
 import logging
 import mmap
+import os
 import threading
 import time
 from array import array
@@ -67,6 +68,13 @@ def _membarrier() -> None:
         raise OSError(ctypes.get_errno(), "membarrier failed")
 
 
+def _memfd(name: str, size: int) -> int:
+    """A zero-filled shared memory file of ``size`` bytes (sparse: pages appear when used)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd
+
+
 class FastTarget(NamedTuple):
     """What a node's bytes are on the host. ``file`` and ``base``: node offset + base is
     the file offset (after ``table`` mapped it, for a format with clusters). ``null``: a
@@ -87,9 +95,15 @@ class ClusterTable:
     def __init__(self, cluster_bits: int, clusters: int) -> None:
         self.cluster_bits = cluster_bits
         self.capacity = min(MAX_ENTRIES, max(2 * clusters, clusters + (1 << 16)))
-        self._map = mmap.mmap(-1, self.capacity * 8, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        # In memfds, so that a queue worker forked before this table existed can map it
+        # too (the fds go over SCM_RIGHTS: qsd_py/export/fuse/plan_wire.py).
+        self._pid = os.getpid()  # the fds are this process's (a fork closed its copies)
+        self.fd = self.counts_fd = -1
+        self.fd = _memfd("qsd-cluster-table", self.capacity * 8)
+        self.counts_fd = _memfd("qsd-table-readers", MAX_READERS * _CELL)
+        self._map = mmap.mmap(self.fd, self.capacity * 8)
         self.entries = memoryview(self._map).cast("Q")
-        self._counters_map = mmap.mmap(-1, MAX_READERS * _CELL)
+        self._counters_map = mmap.mmap(self.counts_fd, MAX_READERS * _CELL)
         # Reader i's started count at [8 * i], its finished count at [8 * i + 1].
         self.counts = memoryview(self._counters_map).cast("Q")
         self._slots: set[int] = set()
@@ -173,3 +187,16 @@ class ClusterTable:
                 m.close()
             except BufferError:
                 pass
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        if os.getpid() != getattr(self, "_pid", -1):
+            return
+        for fd in (self.fd, self.counts_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.counts_fd = -1
+
+    def __del__(self) -> None:
+        """A table replaced without :meth:`close` (a reload) gives its memfds back."""
+        self._close_fds()

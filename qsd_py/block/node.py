@@ -689,10 +689,12 @@ class BlockNode:
         if forks:
             self._fork_blockers.add(owner)
             self.fork_page[0] = 1
-        for plan in list(self.fast_plans):
-            if plan not in self._closed_plans:
-                self._closed_plans[plan] = plan.writable
-                plan.writable = False
+        closing = [plan for plan in self.fast_plans if plan not in self._closed_plans]
+        for plan in closing:
+            self._closed_plans[plan] = plan.writable
+            plan.writable = False
+        if closing:
+            self.fast_plans_changed()
 
     def open_fast_writes(self, owner: object) -> None:
         """``owner`` no longer needs it; with no owner left, fast plans write again."""
@@ -705,6 +707,17 @@ class BlockNode:
         closed, self._closed_plans = self._closed_plans, weakref.WeakKeyDictionary()
         for plan, writable in closed.items():
             plan.writable = writable
+        if closed:
+            self.fast_plans_changed()
+
+    def fast_plans_changed(self) -> None:
+        """Something under the plans that reach this node changed (writes closed or opened,
+        a child replaced, a reopen): tell the owners that watch their plans (``on_change``:
+        FUSE queue workers, whose copies of a plan live in other processes, get a new one
+        before this returns)."""
+        for plan in list(self.fast_plans):
+            if plan.on_change is not None:
+                plan.on_change()
 
     def dirty_bitmap(self, name: str) -> DirtyBitmap | None:
         """The dirty bitmap ``name`` of this node (what NBD exports offer as

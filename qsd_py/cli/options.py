@@ -107,6 +107,8 @@ and block exports over FUSE (/dev/fuse or FUSE-over-io_uring) and NBD.
   --chardev null|ringbuf|file|pty,id=<id>[,size=<n>][,path=<file>][,append=on]
            [,input-path=<file>][,logfile=<file>[,logappend=on]]
                          other chardevs (chardev-add makes all of QEMU's)
+  --chardev stdio,id=<id>
+                         stdin and stdout, for a monitor (as QEMU's iotests)
 
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                          serve QMP over the --chardev <id>

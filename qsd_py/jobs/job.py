@@ -134,7 +134,7 @@ class Job:
             st.check_transition(old, new)
         self.status = new
         if new != old:
-            self.registry.emit_event("JOB_STATUS_CHANGE", {"id": self.id, "status": new})
+            self.registry.emit_event("JOB_STATUS_CHANGE", {"status": new, "id": self.id})
 
     @property
     def started(self) -> bool:

@@ -310,13 +310,27 @@ class MirrorJob(BlockJob):
         so no write lands on the source afterwards unseen."""
         if self.cancelled:
             return
-        if self.bitmap.count or self.source.in_flight.count:  # not expected: be safe
-            try:
-                await self._catch_up()
-            except OSError:
-                log.exception("mirror %s: no pivot, the last copy failed", self.id)
-                return
-        self._pivot()
+        resumes = await self._quiesce_followers()
+        try:
+            if self.bitmap.count or self.source.in_flight.count:  # not expected: be safe
+                try:
+                    await self._catch_up()
+                except OSError:
+                    log.exception("mirror %s: no pivot, the last copy failed", self.id)
+                    return
+            self._pivot()
+        finally:
+            for resume in reversed(resumes):
+                resume()
+
+    async def _quiesce_followers(self) -> list[Any]:
+        """Drain the users that will follow the pivot (exports): a request of theirs that
+        started before the move, on an iothread, would otherwise reach the source after it."""
+        resumes = []
+        for user in list(self.replaces.users.values()):
+            if user.repoint is not None and user.quiesce is not None and not user.is_parent:
+                resumes.append(await user.quiesce())
+        return resumes
 
     async def _catch_up(self) -> bool:
         """Copy until nothing is dirty and no request is in flight on the source (errors fail
@@ -334,8 +348,15 @@ class MirrorJob(BlockJob):
 
     def _pivot(self) -> None:
         """Every parent and every user that can follow now uses the target (no await)."""
-        self.release_nodes()
-        replace_node(self.replaces, self.target)
+        old, new = self.replaces, self.target
+        # Removing the bitmap must not let an export write around ``old`` before it moved
+        # (a FUSE queue worker, an iothread's NBD connection): closed until the end.
+        old.close_fast_writes(self)
+        try:
+            self.release_nodes()
+            replace_node(old, new)
+        finally:
+            old.open_fast_writes(self)
 
 
 class _Retry(Exception):

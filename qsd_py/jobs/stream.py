@@ -84,6 +84,19 @@ class StreamJob(BlockJob):
             )
         )
         self._used.append(top)
+        for node in self.below:  # QEMU's "intermediate node" children: nobody else writes
+            node.set_user(
+                NodeUser(
+                    self._user_key(node),
+                    Perm(0),
+                    Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED,
+                    f"stream job '{self.id}' (uses node '{node.node_name}' as "
+                    "'intermediate node' child)",
+                    is_parent=True,
+                    quiesce=self._quiesce,
+                )
+            )
+            self._used.append(node)
         for node in (top, *self.below):
             node.blockers[self.id] = BUSY
         top.write_gates.append(self.gate)

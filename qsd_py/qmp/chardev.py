@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import sys
+import threading
 from typing import Any
 
 from qsd_py import sockets
@@ -199,8 +201,104 @@ async def create_chardev(daemon: Any, opts: dict[str, Any]) -> Chardev:
     return chardev
 
 
+class StdioMonitor:
+    """QMP on the daemon's stdin and stdout (``--chardev stdio`` under ``--monitor``), the
+    way QEMU's shell iotests drive a daemon: requests piped in, replies and events piped
+    out. stdin is read by a thread (it may be a pipe, a terminal or a file: a here-document);
+    at its end the session ends and the daemon goes on, as QEMU's does. stdout may be a
+    pipe, a terminal or a file."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.session: QMPSession | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, daemon: Any, pretty: bool) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        threading.Thread(target=_pump_stdin, args=(loop, reader), daemon=True).start()
+        protocol = asyncio.streams.FlowControlMixin()
+        transport: asyncio.BaseTransport
+        try:
+            transport, _ = await loop.connect_write_pipe(
+                lambda: protocol, os.fdopen(os.dup(1), "wb")
+            )
+        except ValueError:  # a regular file: written in place, it never blocks for long
+            transport = _FileTransport(1)
+        writer = asyncio.StreamWriter(transport, protocol, None, loop)  # type: ignore[arg-type]
+        self.session = QMPSession(daemon, reader, writer, pretty)
+        self._task = asyncio.create_task(self._serve(daemon), name="chardev-stdio")
+        daemon.closers.append(self.close)
+
+    async def _serve(self, daemon: Any) -> None:
+        """From when the whole command line is set up (``daemon.started``): stdin may be at
+        its end long before, and a session whose input ended drops what it had not run."""
+        await daemon.started.wait()
+        assert self.session is not None
+        await self.session.serve()
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+class _FileTransport(asyncio.WriteTransport):
+    """Writes to an fd that is a regular file (no event loop can wait on those)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._closing = False
+
+    def write(self, data: Any) -> None:
+        view = memoryview(data)
+        while view and not self._closing:
+            try:
+                view = view[os.write(self._fd, view) :]
+            except OSError:
+                self._closing = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        self._closing = True
+
+    def abort(self) -> None:
+        self._closing = True
+
+
+def _pump_stdin(loop: asyncio.AbstractEventLoop, reader: asyncio.StreamReader) -> None:
+    """In a thread: stdin's bytes into ``reader`` until its end (then EOF)."""
+    while True:
+        try:
+            data = os.read(0, 65536)
+        except OSError:
+            data = b""
+        try:
+            if not data:
+                loop.call_soon_threadsafe(reader.feed_eof)
+                return
+            loop.call_soon_threadsafe(reader.feed_data, data)
+        except RuntimeError:  # the loop is closed: the daemon is gone
+            return
+
+
 async def add_monitor(daemon: Any, chardev: Chardev, pretty: bool) -> None:
     """Serve QMP on ``chardev`` (``--monitor chardev=X[,pretty=on]``)."""
+    if getattr(chardev, "filename", None) == "stdio" and not isinstance(chardev, Chardev):
+        if chardev.user is not None:
+            raise QMPError(f"chardev '{chardev.id}' is already in use")
+        chardev.user = "monitor"
+        chardev.frontend_open = True
+        await StdioMonitor(chardev).start(daemon, pretty)
+        return
     if not isinstance(chardev, Chardev):
         raise QMPError(f"chardev '{chardev.id}' is no socket: qsd-py serves QMP on sockets only")
     if chardev.user is not None:

@@ -325,6 +325,7 @@ class Qcow2Node(BlockNode):
         """Read the tables again after the repair rewrote them behind the caches' backs."""
         assert self.header is not None
         await self._load_tables(self.header)
+        self.fast_plans_changed()  # a new cluster table: plans made with the old one are stale
 
     async def _read_table(self, offset: int, entries: int) -> list[int]:
         if not entries:

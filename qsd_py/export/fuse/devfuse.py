@@ -148,13 +148,12 @@ class DevFuseQueue:
         self.fast_busy = 0
         self._ring: Any = None  # the loop's AsyncRing, for a URING plan
         self._retired: list[fastpath.FastPlan] = []  # replaced by a pivot, transfers pending
+        self.on_change: Callable[[], None] | None = None  # the plan's (FastPlan.on_change)
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
         os.set_blocking(self.fd, False)
-        self.plan = fastpath.plan_for(self.engine.node)
-        if self.plan is not None and self.plan.kind == fastpath.URING:
-            self._ring = self.plan.backend.ring()  # type: ignore[union-attr]
+        self._new_plan()
         for _ in range(4):
             self._free.append(self._new_slot())
         self._resume()
@@ -162,13 +161,24 @@ class DevFuseQueue:
     def repoint(self) -> None:
         """The engine serves another node (a pivot): a fresh fast plan for it now; the old
         one is released once the transfers it routed are done."""
+        self.drop_plan()
+        if not self.fast_busy:
+            self._release_retired()
+        self._new_plan()
+
+    def drop_plan(self) -> None:
+        """Every request takes the engine until the next plan (on this queue's loop)."""
         if self.plan is not None:
+            self.plan.on_change = None
             self._retired.append(self.plan)
-            if not self.fast_busy:
-                self._release_retired()
+            self.plan = None
+
+    def _new_plan(self) -> None:
         self.plan = fastpath.plan_for(self.engine.node)
-        if self.plan is not None and self.plan.kind == fastpath.URING:
-            self._ring = self.plan.backend.ring()  # type: ignore[union-attr]
+        if self.plan is not None:
+            self.plan.on_change = self.on_change
+            if self.plan.kind == fastpath.URING:
+                self._ring = self.plan.backend.ring()  # type: ignore[union-attr]
 
     def _release_retired(self) -> None:
         for plan in self._retired:

@@ -34,10 +34,12 @@ import logging
 import os
 import stat
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from qsd_py.block.drain import InFlight
 from qsd_py.block.lock import CrossLoopLock
 from qsd_py.export.fuse import proto as p
 
@@ -113,6 +115,43 @@ def _max_pages_limit() -> int:
         return 256
 
 
+class Gate:
+    """Closed: requests wait at :meth:`wait_open` (on whatever loop they run) until it is
+    open again; nests (closed twice, opened twice)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.closed = 0
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def close(self) -> None:
+        with self._lock:
+            self.closed += 1
+
+    def open(self) -> None:
+        with self._lock:
+            self.closed -= 1
+            if self.closed:
+                return
+            waiters, self._waiters = self._waiters, []
+        for loop, fut in waiters:
+            loop.call_soon_threadsafe(_wake, fut)
+
+    async def wait_open(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if not self.closed:
+                return
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((loop, fut))
+        await fut
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class FuseEngine:
     """Serves the FUSE protocol for one exported block node (a single regular file)."""
 
@@ -142,6 +181,10 @@ class FuseEngine:
         self.max_write = MIN_MAX_WRITE
         self.max_pages = KERNEL_DEFAULT_MAX_PAGES
         self.resize_lock = CrossLoopLock()
+        # Requests being served (from before they look at ``node``), and the gate a drain
+        # closes: :meth:`quiesce`.
+        self.in_flight = InFlight()
+        self.gate = Gate()
         self._ops: dict[int, Callable[..., Awaitable[int]]] = {
             p.LOOKUP: self._lookup,
             p.GETATTR: self._getattr,
@@ -217,6 +260,15 @@ class FuseEngine:
         return p.INIT_OUT.size
 
     # --- dispatch --------------------------------------------------------------------------
+    async def quiesce(self) -> Callable[[], None]:
+        """Let no request start and wait until none is being served (a drain: a pivot moves
+        ``node`` meanwhile); returns what lets them go on. Requests of every loop count from
+        before they read ``node``, so one that began on an iothread cannot reach the old
+        node after the drain returned."""
+        self.gate.close()
+        await self.in_flight.wait_idle()
+        return self.gate.open
+
     async def handle(
         self,
         hdr: memoryview,
@@ -226,6 +278,26 @@ class FuseEngine:
         stats: QueueStats,
     ) -> int | None:
         """Serve one request (see the module docstring for the convention). Never raises."""
+        in_flight = self.in_flight
+        while True:
+            in_flight.enter()  # before looking at the gate: a drain either sees us or we it
+            if not self.gate.closed:
+                break
+            in_flight.leave()
+            await self.gate.wait_open()
+        try:
+            return await self._handle(hdr, arg, payload, out, stats)
+        finally:
+            in_flight.leave()
+
+    async def _handle(
+        self,
+        hdr: memoryview,
+        arg: memoryview,
+        payload: memoryview | None,
+        out: memoryview,
+        stats: QueueStats,
+    ) -> int | None:
         opcode = _OP_AT_4.unpack_from(hdr, 4)[0]
         try:
             if opcode == p.READ:

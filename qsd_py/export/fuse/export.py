@@ -149,6 +149,7 @@ class FuseExport(BlockExport):
         for i, (loop, where) in enumerate(placements):
             fd = self.mounted.fd if i == 0 else self._clone_fd(self.mounted.fd)
             queue = DevFuseQueue(fd, self.engine, loop, name=f"{self.id}/q{i}@{where}")
+            queue.on_change = self._resync_queues
             self.queues.append(queue)
             if loop is asyncio.get_running_loop():
                 queue.start()
@@ -227,20 +228,45 @@ class FuseExport(BlockExport):
         return fd
 
     def repoint_hook(self) -> Any:
-        """/dev/fuse queues follow a pivot; io_uring queues (and their forked workers) not
-        yet: such an export stays on the node it was added for."""
-        return None if self.io_uring else self.repoint
+        """Every transport follows a pivot (io_uring queue workers through new plans)."""
+        return self.repoint
+
+    def quiesce_hook(self) -> Any:
+        """A drain (``BlockNode.drained``, a pivot) waits for the requests the engine serves,
+        whatever loop or iothread runs them; fast-path writes are the plans' business
+        (closed by the job's bitmap, re-planned on a pivot)."""
+        return self.quiesce
+
+    async def quiesce(self) -> Any:
+        if self.engine is None:
+            return lambda: None
+        return await self.engine.quiesce()
 
     def repoint(self, node: BlockNode) -> None:
-        """Serve ``node`` from now on (mirror's pivot): the engine and every queue."""
+        """Serve ``node`` from now on (mirror's pivot): the engine and every queue. When
+        this returns, no io_uring request uses the old node's plan any more."""
         self.node = node
         if self.engine is not None:
             self.engine.node = node
+        if self.uring is not None:
+            self.uring.refresh_length()
+            self.uring.repoint()
+        self._resync_queues()
+
+    def _resync_queues(self) -> None:
+        """The /dev/fuse queues' plans are stale (a pivot, fast writes closed or opened):
+        each drops its plan on its loop, its transfers finish (settle.py), then it makes a
+        new one."""
+        from qsd_py.export.fuse.settle import drop_and_settle
+
         for queue in self.queues:
-            if queue.loop is asyncio.get_running_loop():
-                queue.repoint()
-            else:
-                queue.loop.call_soon_threadsafe(queue.repoint)
+            drop_and_settle(
+                queue.loop,
+                queue.drop_plan,
+                lambda q=queue: q.fast_busy,  # type: ignore[misc]
+                queue.repoint,
+                queue.name,
+            )
 
     def after_command(self) -> None:
         """A QMP command may have resized the node: queue workers need its new length."""

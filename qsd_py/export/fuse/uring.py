@@ -52,6 +52,7 @@ import mmap
 import os
 import struct
 import threading
+from array import array
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,9 @@ _GONE = (errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV, errn
 #: all (a queue worker's fresh-cluster write), which then answers it itself.
 HANDLED = object()
 
+# The generation of queues nobody re-plans (plan.gen stays 0): a one-entry array.
+_NO_GEN = memoryview(array("Q", [0]))
+
 # Buffers of entries the kernel may still write to (a drain that timed out): never freed.
 _KERNEL_OWNED: list[object] = []
 
@@ -139,6 +143,7 @@ class _Entry:
         "ud",
         "commit_sqe",
         "read_ud",
+        "plan",
     )
 
     def __init__(self, queue: UringQueue, hdr: memoryview, payload: memoryview) -> None:
@@ -165,6 +170,7 @@ class _Entry:
         self.ud = 0  # the entry's pinned user_data on its ring
         self.commit_sqe = b""  # its COMMIT_AND_FETCH, built once; commit_id patched per reply
         self.read_ud = 0  # pinned user_data of its linked backend reads
+        self.plan: Any = None  # the plan that routed the fast-path request in flight
 
     def _on_cqe(self, res: int) -> None:
         queue = self.queue
@@ -172,9 +178,11 @@ class _Entry:
         queue.live -= 1
         if self.linked:
             self.linked = False
-            if res == _ECANCELED and not queue.closing:
-                queue._read_again(self)  # the linked read came up short or failed
-                return
+            if res == _ECANCELED:
+                if not queue.closing:
+                    queue._read_again(self)  # the linked read came up short or failed
+                    return
+                queue._fast_end()
         if res == 0:
             queue._request(self)
         else:
@@ -184,13 +192,13 @@ class _Entry:
 
     def _linked_read_done(self, res: int) -> None:
         """The linked read finished; a full one already started the commit after it."""
-        queue = self.queue
-        queue.stats.in_flight -= 1
-        queue.fast_busy -= 1
         if res == self.size:
+            queue = self.queue
+            queue._fast_end()
             queue.stats.bytes_read += res
-            queue.plan.done()  # type: ignore[union-attr]
-        # else the commit completes -ECANCELED next and _on_cqe has the read redone
+            self.plan.done()
+        # else the commit completes -ECANCELED next and _on_cqe has the read redone; the
+        # request stays busy on its plan until then (a new plan must not wait for less)
 
     def _io_done(self, res: int) -> None:
         self.queue._fast_done(self, res)
@@ -232,6 +240,10 @@ class UringQueue:
         self._pay_map: mmap.mmap | None = None
         self.plan: fastpath.FastPlan | None = None
         self.reader: int | None = None  # a cluster-table reader slot claimed by the daemon
+        # The generation of the export's node (plan_wire.SharedGen): a plan whose ``gen``
+        # differs is stale, and requests take the engine until the new one is installed.
+        self.gen_view: memoryview = _NO_GEN
+        self._retired: list[fastpath.FastPlan] = []  # replaced plans, released at the end
         self.fast_busy = 0  # fast-path requests waiting for their backend SQE
         self.link_reads = False  # READs go as a read SQE linked to their commit
         self.linked_reads = 0
@@ -252,13 +264,7 @@ class UringQueue:
             pay = i * self.payload_size
             entry = _Entry(self, hdrs[h : h + HEADER_SIZE], pays[pay : pay + self.payload_size])
             self.entries.append(entry)
-        self.plan = plan = fastpath.plan_for(self.engine.node, ring_io=True, reader=self.reader)
-        if plan is not None and plan.backend is not None:
-            for entry in self.entries:
-                entry.xfer = plan.backend.transfer(entry._io_done)
-        if plan is not None and plan.kind != fastpath.THREADS:
-            ring.enable_polling()  # nothing on this path waits for a pool thread
-        self.link_reads = plan is not None and plan.kind == fastpath.URING
+        self.install(fastpath.plan_for(self.engine.node, ring_io=True, reader=self.reader))
         for entry in self.entries:
             entry.ud = ud = ring.pin(entry.on_cqe)
             entry.read_ud = ring.pin(entry._linked_read_done)
@@ -267,6 +273,45 @@ class UringQueue:
             entry.live = True
             self.live += 1
 
+    def install(self, plan: fastpath.FastPlan | None) -> None:
+        """Serve with ``plan`` from now on (None: every request takes the engine); the
+        one it replaces is kept until :meth:`release` (requests it routed may be in
+        flight: each entry holds its own)."""
+        old = self.plan
+        if old is not None and old is not plan:
+            old.on_change = None
+            self._retired.append(old)
+        self.plan = plan
+        ring = self.ring
+        if plan is not None and plan.backend is not None:
+            for entry in self.entries:
+                if entry.xfer is None:
+                    entry.xfer = plan.backend.transfer(entry._io_done)
+        if plan is not None and plan.kind != fastpath.THREADS and ring is not None:
+            ring.enable_polling()  # nothing on this path waits for a pool thread
+        self.link_reads = plan is not None and plan.kind == fastpath.URING
+
+    def drop_plan(self) -> None:
+        """On the queue's loop: every request takes the engine until :meth:`install`."""
+        if self.plan is not None:
+            self.plan.on_change = None
+            self._retired.append(self.plan)
+            self.plan = None
+
+    def repoint(self) -> None:
+        """On the queue's loop: the engine serves another node (a pivot), a fresh plan.
+        Plans dropped before are given back once nothing they routed is in flight (each
+        holds a cluster-table reader slot)."""
+        if self.reader is None and not self.fast_busy:
+            for old in self._retired:
+                old.release()
+            self._retired.clear()
+        gen = self.gen_view[0]
+        plan = fastpath.plan_for(self.engine.node, ring_io=True, reader=self.reader)
+        if plan is not None:
+            plan.gen = gen
+        self.install(plan)
+
     # --- serving -----------------------------------------------------------------------------
     def _request(self, entry: _Entry) -> None:
         stats = self.stats
@@ -274,6 +319,9 @@ class UringQueue:
         if self.closing:
             return  # hard teardown: the connection is being aborted, do not answer
         plan = self.plan
+        if plan is not None and plan.gen != self.gen_view[0]:
+            self._retired.append(plan)
+            self.plan = plan = None  # stale: the new plan is on its way; the engine serves
         if plan is not None:
             op = _OP.unpack_from(entry.hdr, 4)[0]
             if (op == _READ or op == _WRITE) and self._fast(entry, plan, op == _WRITE):
@@ -320,7 +368,7 @@ class UringQueue:
     ) -> None:
         """Start the backend read/write of a fast-path request through the entry's transfer;
         its completion (:meth:`_fast_done`) replies."""
-        self._fast_start(entry, size, writing)
+        self._fast_start(entry, plan, size, writing)
         try:
             if writing:
                 entry.xfer.write(plan.fd, entry.pay_addr, size, pos, self.ring)
@@ -344,35 +392,40 @@ class UringQueue:
         except OSError:
             plan.done()
             return  # the ring is closing: the request is ended with the connection
-        self._fast_start(entry, size, False)  # in flight until the read's own completion
+        self._fast_start(entry, plan, size, False)  # in flight until the read's own completion
         entry.pos = pos
         entry.linked = True
         self.linked_reads += 1
         self._commit(entry, size)
 
     def _read_again(self, entry: _Entry) -> None:
-        """A linked read's commit was cancelled: read through the transfer, then commit."""
-        assert self.plan is not None
+        """A linked read's commit was cancelled: read through the transfer (with the plan
+        that routed it, still busy until then), then commit."""
         self.link_breaks += 1
-        self._fast_transfer(entry, self.plan, entry.pos, entry.size, False)
+        self._fast_end()
+        self._fast_transfer(entry, entry.plan, entry.pos, entry.size, False)
 
-    def _fast_start(self, entry: _Entry, size: int, writing: bool) -> None:
+    def _fast_start(self, entry: _Entry, plan: fastpath.FastPlan, size: int, writing: bool) -> None:
+        entry.plan = plan
         entry.size = size
         entry.writing = writing
         self.stats.in_flight += 1
         self.fast_busy += 1
 
+    def _fast_end(self) -> None:
+        self.stats.in_flight -= 1
+        self.fast_busy -= 1
+
     def _fast_done(self, entry: _Entry, res: int) -> None:
         """The backend SQE of a fast-path request completed: reply and re-arm the entry."""
         stats = self.stats
-        stats.in_flight -= 1
-        self.fast_busy -= 1
-        plan = self.plan
-        plan.done()  # type: ignore[union-attr]
+        self._fast_end()
+        plan = entry.plan
+        plan.done()
         if entry.writing:  # the bitmaps this process marks itself (shared_bits.py)
-            plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], entry.size)  # type: ignore[union-attr]
+            plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], entry.size)
         if res < 0:
-            failed(plan, entry.size, entry.writing)  # type: ignore[arg-type]
+            failed(plan, entry.size, entry.writing)
         res = fastpath.finish(stats, res, entry.size, entry.writing, entry.payload)
         self._commit(entry, res)
 
@@ -474,8 +527,11 @@ class UringQueue:
         self.entries = []
         self._hdr_map = self._pay_map = None
         self.ring = None
-        if self.plan is not None and self.reader is None:
-            self.plan.release()
+        if self.reader is None:
+            for plan in (*self._retired, self.plan):
+                if plan is not None:
+                    plan.release()
+        self._retired.clear()
 
     def info(self) -> dict[str, Any]:
         return {
@@ -521,6 +577,9 @@ class UringTransport:
             )
             for qid in range(possible_cpus())
         ]
+        self._gen = memoryview(array("Q", [0]))  # plan_wire.SharedGen's role, in-process
+        for q in self.queues:
+            q.gen_view = self._gen
 
     def _by_loop(self) -> dict[asyncio.AbstractEventLoop, list[UringQueue]]:
         groups: dict[asyncio.AbstractEventLoop, list[UringQueue]] = {}
@@ -550,9 +609,36 @@ class UringTransport:
         failed = next((q for q in self.queues if q.failure), None)
         if failed is not None:
             raise QMPError(register_failure(failed.qid, -failed.failure))
+        for q in self.queues:
+            if q.plan is not None:
+                q.plan.on_change = self.repoint
 
     def refresh_length(self) -> None:
         """Nothing to publish: queues in this process read the node itself."""
+
+    def repoint(self) -> None:
+        """The engine's node changed (a pivot, an overlay, a child replaced; also called
+        when fast writes are closed or opened): every queue's plan is stale at once (the
+        generation); each drops it on its loop, and once the transfers it routed are done
+        (settle.py) makes a new one there."""
+        from qsd_py.export.fuse.settle import drop_and_settle
+
+        self._gen[0] += 1
+        for loop, queues in self._by_loop().items():
+            drop_and_settle(
+                loop,
+                lambda qs=queues: [q.drop_plan() for q in qs],  # type: ignore[misc]
+                lambda qs=queues: sum(q.fast_busy for q in qs),  # type: ignore[misc]
+                lambda qs=queues: [self._replan(q) for q in qs],  # type: ignore[misc]
+                queues[0].name,
+            )
+
+    def _replan(self, q: UringQueue) -> None:
+        if q.ring is None or q.closing:
+            return
+        q.repoint()
+        if q.plan is not None:
+            q.plan.on_change = self.repoint
 
     def in_flight(self) -> int:
         return sum(q.stats.in_flight for q in self.queues)

@@ -40,9 +40,11 @@ import weakref
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from qsd_py.block import fast_io
 from qsd_py.block.fast_map import register_reader_process
 from qsd_py.block.stats import claim_process_row, release_process_row, set_process_row
 from qsd_py.errors import QMPError
+from qsd_py.export.fuse import plan_wire
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse import worker_wire as wire
 from qsd_py.export.fuse.engine import QueueStats
@@ -50,6 +52,7 @@ from qsd_py.export.fuse.shared_length import SharedLength
 from qsd_py.export.fuse.uring_checks import register_failure
 
 if TYPE_CHECKING:
+    from qsd_py.block.fast_io import FastPlan
     from qsd_py.block.fast_map import ClusterTable
     from qsd_py.export.fuse.engine import FuseEngine
     from qsd_py.export.fuse.uring import UringQueue
@@ -60,6 +63,8 @@ START_TIMEOUT_S = 10.0
 STATS_TIMEOUT_S = 2.0
 EXIT_TIMEOUT_S = 5.0
 REAP_WAIT_S = 1.0
+PLAN_ACK_TIMEOUT_S = 5.0
+_ACK = struct.Struct("<Q")  # a worker's acknowledgement of a generation
 
 _HEADER = p.URING_REQ_HEADER_SZ
 _ARG = p.URING_ARG_OFFSET
@@ -101,6 +106,8 @@ class _Worker:
         self.exit_status: int | None = None
         self.died = False  # ended before the daemon asked it to stop
         self.reader = -1  # its slot among the node's cluster-table readers (qcow2)
+        self.table: ClusterTable | None = None  # the table that slot is in
+        self.plan_sock: socket.socket | None = None  # new plans out, acknowledgements in
 
 
 class WorkerTransport:
@@ -128,6 +135,11 @@ class WorkerTransport:
         self._buffers: list[bytearray] = []
         self._stats_lock = threading.Lock()
         self._table: ClusterTable | None = None  # one counter query at a time, from any thread
+        # The node's generation, bumped on every change of what the workers' plans must be,
+        # and the daemon's own copy of the plan, whose ``on_change`` the block layer calls.
+        self.gen = plan_wire.SharedGen()
+        self._watched: FastPlan | None = None
+        self._reaches: tuple[Any, ...] | None = None  # what the workers' plans reach
         _LIVE.add(self)
 
     def refresh_length(self) -> None:
@@ -143,9 +155,12 @@ class WorkerTransport:
         if target is not None and target.file is not None and target.file.fd >= 0:
             keep.add(target.file.fd)
         self._table = target.table if target is not None else None
+        self._reaches = plan_wire.reaches(self._watch())  # before the forks: changes from
+        # now on reach every worker
         for w in self.workers:
             if self._table is not None:
                 w.reader = self._table.claim()  # claimed here: the table's readers are ours
+                w.table = self._table
             self._fork(w, keep)
         try:
             async with asyncio.timeout(START_TIMEOUT_S):
@@ -157,23 +172,107 @@ class WorkerTransport:
                 if q["failure"]:  # an errno
                     raise QMPError(register_failure(q["qid"], q["failure"]))
 
+    # --- the node changes ----------------------------------------------------------------------
+    def _watch(self) -> FastPlan | None:
+        """Make the daemon's copy of the plan of the engine's node now, registered along the
+        chain so that the block layer reaches :meth:`replan` (``on_change``)."""
+        old = self._watched
+        if old is not None:
+            old.on_change = None
+            old.release()
+        plan = fast_io.plan_for(self.engine.node, ring_io=True, writable=self.engine.writable)
+        if plan is not None:
+            plan.on_change = self._changed
+        self._watched = plan
+        return plan
+
+    def repoint(self) -> None:
+        """The engine serves another node (a pivot, an overlay above it): new plans."""
+        self.replan()
+
+    def _changed(self) -> None:
+        """The block layer says the plan changed: new plans only if what it reaches did (a
+        closed or opened ``writable`` reaches the workers through the fork pages' gates,
+        and received plans never write)."""
+        if self.stopping:
+            return
+        plan = self._watch()
+        if plan_wire.reaches(plan) != self._reaches:
+            self.replan()
+
+    def replan(self) -> None:
+        """The plan of the engine's node changed: bump the generation (from now on every
+        worker sends its READs and WRITEs to the daemon), send each worker the new plan and
+        wait until each has acknowledged it, which it does once no request routed by its old
+        plan is in flight. Blocking, a few I/O latencies: when this returns (when the pivot,
+        or the closing of fast writes, is done) no request uses an old plan. A worker that
+        does not answer in time gets its connection aborted rather than writing somewhere
+        stale."""
+        if self.stopping:
+            return
+        plan = self._watch()
+        self._reaches = plan_wire.reaches(plan)
+        gen = self.gen.bump()
+        table = plan.table if plan is not None else None
+        freed: list[tuple[ClusterTable, int]] = []
+        asked = []
+        for w in self.workers:
+            if w.plan_sock is None or w.exit_status is not None:
+                continue
+            if w.table is not table:
+                if w.table is not None and w.reader >= 0:
+                    freed.append((w.table, w.reader))
+                w.table, w.reader = table, table.claim() if table is not None else -1
+            sent = plan if table is None or w.reader >= 0 else None  # no slot: no fast path
+            try:
+                plan_wire.send_plan(w.plan_sock, *plan_wire.pack_plan(sent, gen, w.reader))
+            except OSError:
+                continue  # the worker is gone: its end is handled by _serve_worker
+            asked.append(w)
+        deadline = time.monotonic() + PLAN_ACK_TIMEOUT_S
+        if not all([self._acked(w, gen, deadline) for w in asked]):
+            log.error("%s: a queue worker did not take the node's new plan: aborting the FUSE "
+                      "connection", self.name)  # fmt: skip
+            self._abort()
+        for old_table, slot in freed:
+            old_table.unclaim(slot)
+
+    def _acked(self, w: _Worker, gen: int, deadline: float) -> bool:
+        """Wait (blocking) for ``w``'s acknowledgement of generation ``gen``."""
+        sock = w.plan_sock
+        assert sock is not None
+        while True:
+            try:
+                sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                data = sock.recv(_ACK.size)
+            except OSError:
+                return False
+            if len(data) != _ACK.size:
+                return False  # the worker is gone
+            if _ACK.unpack(data)[0] >= gen:
+                return True
+
     def _fork(self, w: _Worker, keep: set[int]) -> None:
         w.row = claim_process_row()
         loop = asyncio.get_running_loop()
         ctl, ctl_child = socket.socketpair()
         stats, stats_child = socket.socketpair()
+        plans, plans_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         w.ready = loop.create_future()
         w.stopped = loop.create_future()
         pid = os.fork()
         if pid == 0:  # the worker: never returns
             ctl.close()
             stats.close()
-            _worker_main(self, w, keep | {ctl_child.fileno(), stats_child.fileno()},
-                         ctl_child, stats_child)  # fmt: skip
+            plans.close()
+            fds = {ctl_child.fileno(), stats_child.fileno(), plans_child.fileno()}
+            _worker_main(self, w, keep | fds, ctl_child, stats_child, plans_child)
         w.pid = pid
         ctl_child.close()
         stats_child.close()
+        plans_child.close()
         w.stats_sock = stats
+        w.plan_sock = plans
         w.reader_task = loop.create_task(self._serve_worker(w, ctl))
 
     async def _serve_worker(self, w: _Worker, sock: socket.socket) -> None:
@@ -338,6 +437,9 @@ class WorkerTransport:
                     await w.writer.wait_closed()  # the fd is gone when we return
             if w.stats_sock is not None:
                 w.stats_sock.close()
+            if w.plan_sock is not None:
+                w.plan_sock.close()
+                w.plan_sock = None
         for task in list(self._tasks):
             task.cancel()
         _LIVE.discard(self)
@@ -346,22 +448,31 @@ class WorkerTransport:
             w.row = -1
         self.length.close()
         for w in self.workers:
-            if self._table is not None and w.reader >= 0:
-                self._table.unclaim(w.reader)
+            if w.table is not None and w.reader >= 0:
+                w.table.unclaim(w.reader)
                 w.reader = -1
+        if self._watched is not None:
+            self._watched.on_change = None
+            self._watched.release()
+            self._watched = None
         return clean
 
 
 # --- the worker's side -------------------------------------------------------------------------
 def _worker_main(
-    t: WorkerTransport, w: _Worker, keep: set[int], ctl: socket.socket, stats: socket.socket
+    t: WorkerTransport,
+    w: _Worker,
+    keep: set[int],
+    ctl: socket.socket,
+    stats: socket.socket,
+    plans: socket.socket,
 ) -> NoReturn:
     """In the forked child: leave the daemon behind, serve the queues, exit."""
     code = 1
     try:
         set_process_row(w.row)  # before any plan is made here
         _detach(keep, w.cpu)
-        code = asyncio.run(_serve(t, w, ctl, stats))
+        code = asyncio.run(_serve(t, w, ctl, stats, plans))
     except BaseException:  # noqa: BLE001 - a worker reports and exits, whatever happened
         traceback.print_exc()
     finally:
@@ -410,7 +521,8 @@ def _worker_queue(fwd: wire.Forwarder) -> type[UringQueue]:
             op = _OPCODE.unpack_from(entry.hdr, 4)[0]
             if op in _STATELESS:
                 return super().handle(entry)  # this copy of the engine answers as well
-            if op == p.WRITE and self.plan is not None and self.plan.table is not None:
+            plan = self.plan
+            if op == p.WRITE and plan is not None and plan.table is not None and plan.writable:
                 return self._write_fresh(entry)
             return fwd.forward(entry.hdr, entry.payload, self.stats)
 
@@ -421,15 +533,19 @@ def _worker_queue(fwd: wire.Forwarder) -> type[UringQueue]:
             plan = self.plan
             assert plan is not None
             offset, size = p.IO_EXTENT.unpack_from(entry.arg)
-            fresh = fastpath.all_zeroes(plan, offset, size)
-            if fresh and await fwd.prepare(offset, size) and self._fast(entry, plan, True):
-                return HANDLED
+            if fastpath.all_zeroes(plan, offset, size) and await fwd.prepare(offset, size):
+                plan = self.plan  # the awaited answer may come after a new plan
+                if plan is not None and plan.gen == self.gen_view[0]:
+                    if self._fast(entry, plan, True):
+                        return HANDLED
             return await fwd.forward(entry.hdr, entry.payload, self.stats)
 
     return WorkerQueue
 
 
-async def _serve(t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: socket.socket) -> int:
+async def _serve(
+    t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: socket.socket, plans: socket.socket
+) -> int:
     """The worker's loop: register, report, serve; stop when told, exit once drained."""
     from qsd_py.export.fuse.uring import start_queues
 
@@ -456,11 +572,15 @@ async def _serve(t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: sock
         register_reader_process()  # the daemon's barriers must reach this process
     for q in queues:
         q.reader = w.reader  # one slot for the process: its queues share one thread
+        q.gen_view = t.gen.view
     await start_queues(queues)
     report = [{"qid": q.qid, "live": q.live, "failure": -q.failure} for q in queues]
     fwd.writer.write(wire.frame(wire.READY, 0, json.dumps(report).encode()))
     stats.setblocking(False)
     loop.add_reader(stats.fileno(), _answer_stats, stats, queues)
+    plans.setblocking(False)
+    replans = _Replans(plans, queues)
+    loop.add_reader(plans.fileno(), replans.on_readable)
     stop: asyncio.Future[bool | None] = loop.create_future()
     pump = loop.create_task(_pump(reader, fwd, stop))
     abort = await stop
@@ -474,6 +594,7 @@ async def _serve(t: WorkerTransport, w: _Worker, ctl: socket.socket, stats: sock
     drained = all(await asyncio.gather(*(q.wait_drained(EXIT_TIMEOUT_S) for q in queues)))
     pump.cancel()
     loop.remove_reader(stats.fileno())
+    loop.remove_reader(plans.fileno())
     for q in queues:
         q.release()
     return 0 if drained else 1
@@ -511,3 +632,60 @@ def _answer_stats(sock: socket.socket, queues: list[UringQueue]) -> None:
         sock.setblocking(False)
     except OSError:
         pass
+
+
+class _Replans:
+    """The worker's side of :meth:`WorkerTransport.replan`: take a new plan, one at a time,
+    in the order sent."""
+
+    def __init__(self, sock: socket.socket, queues: list[UringQueue]) -> None:
+        self.sock = sock
+        self.queues = queues
+        self.pending: list[tuple[bytes, list[int]]] = []
+        self.task: asyncio.Task[None] | None = None
+
+    def on_readable(self) -> None:
+        msg = plan_wire.recv_plan(self.sock)
+        if msg is None:
+            return
+        if not msg[0]:  # the daemon closed its end
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            return
+        for q in self.queues:
+            if q.plan is not None:  # at once: nothing more goes the old way
+                q._retired.append(q.plan)
+                q.plan = None
+        self.pending.append(msg)
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self._take_all())
+
+    async def _take_all(self) -> None:
+        try:
+            while self.pending:
+                await self._take(*self.pending.pop(0))
+        finally:
+            self.task = None
+
+    async def _take(self, body: bytes, fds: list[int]) -> None:
+        """Wait until no request routed by an old plan is in flight, install the new one,
+        close what the old ones held, acknowledge."""
+        from qsd_py.block import aio
+
+        queues = self.queues
+        while any(q.fast_busy for q in queues):
+            await asyncio.sleep(0.0002)
+        backend = aio.get_backend("io_uring") if fds else None
+        gen, plan = plan_wire.unpack_plan(body, fds, backend)
+        for q in queues:
+            q.install(plan)
+            for old in q._retired:
+                if old.gen:  # a plan this worker received, with fds of its own
+                    plan_wire.close_plan(old)
+            q._retired = [old for old in q._retired if not old.gen]
+        self.sock.setblocking(True)
+        try:
+            self.sock.send(_ACK.pack(gen))
+        except OSError:
+            pass
+        finally:
+            self.sock.setblocking(False)
