@@ -55,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--python", default=sys.executable, help="interpreter that runs qsd_py")
     p.add_argument(
+        "--baseline",
+        type=Path,
+        help="a qsd-py tree (e.g. a git worktree of an older commit) that the *-base targets run",
+    )
+    p.add_argument(
         "--note",
         default="",
         help="free text recorded with the results (e.g. 'machine busy with other work')",
@@ -93,6 +98,7 @@ def options(args: argparse.Namespace) -> Options:
         out=out,
         file_opts=args.file_opts,
         python=args.python,
+        baseline=args.baseline,
     )
 
 

@@ -75,6 +75,8 @@ class Target:
     the target its ``x qemu`` ratio divides by when that is not the run's reference (an NBD
     export is compared with QEMU's NBD export over the same socket kind). ``queue_depth``
     (libfuse over io_uring only) sets libfuse's entries per queue; 0 keeps what it ships (8).
+    ``baseline``: qsd-py run from the tree ``--baseline DIR`` names (an older commit), so a
+    change is measured before and after in the same run.
     """
 
     name: str
@@ -84,6 +86,7 @@ class Target:
     export: str = "fuse"
     versus: str = ""
     queue_depth: int = 0
+    baseline: bool = False
 
     @property
     def nbd(self) -> bool:
@@ -147,6 +150,9 @@ TARGETS: dict[str, Target] = {
         Target("libfuse-uring", "libfuse", uring=True),
         Target("libfuse-uring-qd64", "libfuse", uring=True, queue_depth=64),
         Target("libfuse", "libfuse"),
+        # qsd-py of another tree (--baseline DIR): before/after a change in one run.
+        Target("qsd-py-base", "qsd-py", baseline=True),
+        Target("qsd-py-uring-base", "qsd-py", uring=True, baseline=True),
     )
 }
 

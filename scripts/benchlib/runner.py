@@ -61,6 +61,7 @@ class Options:
     file_opts: str = ""
     python: str = sys.executable
     mount_timeout: float = 60.0
+    baseline: Path | None = None  # the tree the *-base targets run qsd-py from
 
 
 @dataclass
@@ -111,6 +112,10 @@ class Runner:
             else:
                 self.note(f"libfuse targets skipped: {self.libfuse.note}")
         targets = [t for t in self.opts.targets if t.daemon is None or ok[t.daemon]]
+        base = self.opts.baseline
+        if any(t.baseline for t in targets) and not (base and (base / "qsd_py").is_dir()):
+            self.note(f"baseline targets skipped: --baseline {base} is no qsd-py tree")
+            targets = [t for t in targets if not t.baseline]
         if any(t.uring for t in targets):
             old = set_uring_knob(self.janitor)
             say(f"fuse enable_uring set to Y (was {old}; restored at exit)")
@@ -201,10 +206,12 @@ class Runner:
         else:
             argv = self.qsdpy.argv(args)
         host_endpoint = endpoint if target.export == "nbd-tcp" else host(endpoint)
+        # python -m qsd_py imports the package of its working directory first.
+        cwd = str(self.opts.baseline if target.baseline else REPO)
         if not target.nbd:
-            return Daemon(argv, host_endpoint, pidfile, log, cwd=str(REPO), qmp=qmp)
+            return Daemon(argv, host_endpoint, pidfile, log, cwd=cwd, qmp=qmp)
         uri = nbd_uri(target, host_endpoint)
-        return Daemon(argv, uri, pidfile, log, str(REPO), qmp, nbd_endpoint=host_endpoint)
+        return Daemon(argv, uri, pidfile, log, cwd, qmp, nbd_endpoint=host_endpoint)
 
     def make_libfuse(self, target: Target, backend: Backend, image: str, tag: str) -> Daemon:
         """passthrough_hp serving the image's directory on a directory mountpoint."""

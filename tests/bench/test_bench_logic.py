@@ -281,3 +281,35 @@ def test_libfuse_command_lines(tmp_path: Path) -> None:
                                          "/src", "/mnt"]  # fmt: skip
     assert argv["libfuse-uring-qd64"][5:7] == ["-o", "io_uring_q_depth=64"]
     assert argv["libfuse"][1:] == ["--foreground", "--nopassthrough", "/src", "/mnt"]
+
+
+def test_baseline_targets_run_the_other_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The *-base targets run qsd-py from --baseline's tree (python -m imports from its
+    working directory first); the others from this repository."""
+    from benchlib import runner as runner_module
+    from benchlib.runner import Options, Runner
+
+    monkeypatch.setattr(runner_module, "WORK", tmp_path / "work")
+    for sub in ("mnt", "run"):
+        (tmp_path / "work" / sub).mkdir(parents=True)
+
+    base = tmp_path / "old-tree"
+    opts = Options(
+        targets=[matrix.TARGETS["qsd-py-uring"], matrix.TARGETS["qsd-py-uring-base"]],
+        backends=[matrix.BACKENDS["null"]],
+        jobs=[matrix.JOBS["randread-qd1"]],
+        runtime=1,
+        ramp=0,
+        rounds=1,
+        startup_runs=0,
+        out=tmp_path / "out",
+        baseline=base,
+    )
+    runner = Runner(opts, Janitor())
+    null = matrix.BACKENDS["null"]
+    new = runner.make_daemon(matrix.TARGETS["qsd-py-uring"], null, "", "t")
+    old = runner.make_daemon(matrix.TARGETS["qsd-py-uring-base"], null, "", "t")
+    assert old.cwd == str(base) and new.cwd != str(base)
+    assert old.argv[1:3] == new.argv[1:3] == ["-m", "qsd_py"]
