@@ -209,9 +209,16 @@ class BlkdebugNode(BlockNode):
         await self.image.read(offset, buf)
 
     async def do_write(self, offset: int, data: Buffer) -> None:
-        if self.armed:
-            await self._check(offset, len(data), "write")
-        await self.image.write(offset, data)
+        """QEMU's generic write path raises ``pwritev`` on the node before its driver's
+        write (a rule it arms fails that very write) and ``pwritev_done`` after, failed or
+        not."""
+        self.debug_event("pwritev")
+        try:
+            if self.armed:
+                await self._check(offset, len(data), "write")
+            await self.image.write(offset, data)
+        finally:
+            self.debug_event("pwritev_done")
 
     async def do_flush(self) -> None:
         if self.armed and self.flush_needed:
@@ -221,9 +228,13 @@ class BlkdebugNode(BlockNode):
     async def do_write_zeroes(
         self, offset: int, length: int, unmap: bool, no_fallback: bool = False
     ) -> None:
-        if self.armed:
-            await self._check(offset, length, "write-zeroes")
-        await self.image.write_zeroes(offset, length, unmap, no_fallback)
+        self.debug_event("pwritev_zero")  # as a write's events, for a zeroing request
+        try:
+            if self.armed:
+                await self._check(offset, length, "write-zeroes")
+            await self.image.write_zeroes(offset, length, unmap, no_fallback)
+        finally:
+            self.debug_event("pwritev_done")
 
     async def do_discard(self, offset: int, length: int) -> None:
         if self.armed:
