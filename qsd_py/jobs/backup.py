@@ -129,19 +129,17 @@ class BackupJob(BlockJob):
 
     def _settle_bitmap(self, success: bool) -> None:
         """QEMU's bitmap modes: on success (``on-success``, ``always``) the bitmap keeps only
-        what was written during the job; ``always`` after a failure clears what was copied."""
+        what was written during the job; ``always`` after a failure keeps those writes and
+        what the job had still to copy (its copy bitmap: for sync ``full`` all it did not
+        reach, not only the bitmap's bits)."""
         bitmap, succ = self.bitmap, self._succ
         if bitmap is None or succ is None:
             return
         if self.bitmap_mode == "never" or (self.bitmap_mode == "on-success" and not success):
             return
-        if success:
-            bitmap.clear(0, bitmap.length)
-        else:
-            pos = 0
-            while (run := self.bcs.done.next_dirty(pos)) is not None:
-                bitmap.clear(*run)
-                pos = run[0] + run[1]
+        bitmap.clear(0, bitmap.length)
+        if not success:
+            copy_dirty_chunks(self.bcs.todo, bitmap)
         copy_dirty_chunks(succ, bitmap)
 
     async def clean(self) -> None:

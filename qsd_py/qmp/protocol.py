@@ -176,8 +176,17 @@ class QMPSession:
                     await self.writer.drain()
 
     async def _respond(self, item: Any) -> None:
+        """Send the reply; one a handler made unsendable (a value JSON cannot carry) becomes
+        an error reply, so the session goes on answering instead of its loop dying."""
         reply = await self.handle(item)
-        self._send(reply)
+        try:
+            self._send(reply)
+        except TypeError as err:
+            log.exception("QMP reply could not be sent")
+            error = error_reply(QMPError(str(err)))
+            if isinstance(item, dict) and "id" in item:
+                error["id"] = item["id"]
+            self._send(error)
 
     async def handle(self, item: Any) -> dict[str, Any]:
         """The reply to one parsed input (a value or a :class:`JSONError`)."""

@@ -132,6 +132,16 @@ def scenarios(workdir: Path) -> dict[str, tuple[dict, list[str], bool]]:
                                  **{"inject-error": [{"event": "flush_to_os",
                                                       "iotype": "flush"}]}),
                   ["write -P 0xcd 2M 64k", "read -P 0xcd 2M 64k"], True),
+        # raised by the generic write path on the blkdebug node itself, around its write
+        "pwritev": (blkdebug_qcow2(workdir, "pwritev", "top.qcow2", True,
+                                   **{"inject-error": [{"event": "pwritev", "iotype": "write",
+                                                        "once": True}]}),
+                    ["write -P 0xcd 2M 64k", "write -P 0xcd 3M 64k", "read -P 0xcd 3M 64k"],
+                    True),
+        "pwritevdone": (blkdebug_qcow2(workdir, "pwritevdone", "top.qcow2", True,
+                                       **{"inject-error": [{"event": "pwritev_done",
+                                                            "iotype": "write"}]}),
+                        ["write -P 0xcd 2M 64k", "write -P 0xcd 3M 64k"], True),
     }  # fmt: skip
 
 
@@ -152,6 +162,9 @@ EXPECTED = {
     "refblock": ["write failed: Input/output error", "read 4096/4096 bytes at offset 0"],
     "alloc": ["write failed: Input/output error", "wrote 65536/65536 bytes at offset 3145728"],
     "flush": ["write failed: Input/output error", "read 65536/65536 bytes at offset 2097152"],
+    "pwritev": ["write failed: Input/output error", "wrote 65536/65536 bytes at offset 3145728",
+                "read 65536/65536 bytes at offset 3145728"],
+    "pwritevdone": ["write failed: Input/output error"] * 2,
 }  # fmt: skip
 
 

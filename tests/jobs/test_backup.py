@@ -166,6 +166,35 @@ def test_cancel_takes_the_filter_away(tmp_path: Path) -> None:
         d.close()
 
 
+def test_daemon_answers_after_a_target_error(tmp_path: Path) -> None:
+    """A backup that fails on its target's injected write error (blkdebug under qcow2)
+    leaves the daemon answering: the commands after it, which list the blkdebug node with
+    its armed rule, get their replies within a timeout (a hang fails, not stalls, the
+    test), and the node is reported active, as QEMU reports every node."""
+    (tmp_path / "src.img").write_bytes(random.Random(7).randbytes(2 * MIB))
+    assert qemu_img("create", "-f", "qcow2", str(tmp_path / "bad.qcow2"), "2M").returncode == 0
+    d = Daemon(tmp_path, real=False)
+    try:
+        d.qmp.settimeout(10)
+        src = {"driver": "file", "filename": "src.img", "node-name": "src"}
+        assert d.cmd("blockdev-add", src) == {"return": {}}
+        rule = {"event": "write_aio", "iotype": "write"}
+        file = {"driver": "blkdebug", "node-name": "dbg", "inject-error": [rule],
+                "image": {"driver": "file", "filename": "bad.qcow2"}}  # fmt: skip
+        bad = {"driver": "qcow2", "node-name": "bad", "file": file}
+        assert d.cmd("blockdev-add", bad) == {"return": {}}
+        backup = {"job-id": "b", "device": "src", "target": "bad", "sync": "full"}
+        assert d.cmd("blockdev-backup", backup) == {"return": {}}
+        names = [e["event"] for e in d.settle("b", timeout=10)]
+        assert "BLOCK_JOB_ERROR" in names and "BLOCK_JOB_COMPLETED" in names
+        nodes = {n["node-name"]: n for n in d.cmd("query-named-block-nodes")["return"]}
+        assert nodes["dbg"]["active"] is True and nodes["bad"]["active"] is True
+        assert d.cmd("query-jobs") == {"return": []}
+        assert d.cmd("blockdev-del", {"node-name": "bad"}) == {"return": {}}
+    finally:
+        d.close()
+
+
 def wait_export_gone(d: Daemon, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while d.cmd("query-block-exports")["return"]:

@@ -328,6 +328,8 @@ class SlowExecutor:
         if name == "sleep":
             await asyncio.sleep((args or {}).get("seconds", 0.2))
         self.finished.append(name)
+        if name == "unsendable":  # a handler's bug: a value JSON cannot carry
+            return {"name": object()}
         return {"name": name}
 
 
@@ -357,6 +359,17 @@ async def test_commands_run_in_order(slow_pair: Any) -> None:
     assert (await raw.reply())["id"] == 1
     assert (await raw.reply())["id"] == 2
     assert executor.finished == ["sleep", "fast"]
+
+
+async def test_unsendable_reply_is_an_error_and_the_session_goes_on(slow_pair: Any) -> None:
+    """A reply that cannot be sent (once a blkdebug node's rules took BlockNode.active's
+    name) becomes an error reply with its id; the next command is answered."""
+    _, raw, _, _ = slow_pair
+    await raw.send(b'{"execute":"unsendable","id":1}{"execute":"fast","id":2}')
+    first = await raw.reply()
+    assert first["id"] == 1 and first["error"]["class"] == "GenericError"
+    assert "cannot send object over QMP" in first["error"]["desc"]
+    assert await raw.reply() == {"return": {"name": "fast"}, "id": 2}
 
 
 async def test_no_command_runs_before_the_command_line_is_done() -> None:

@@ -70,7 +70,7 @@ class BlkdebugNode(BlockNode):
     def __init__(self, graph: BlockGraph, opts: dict[str, Any]) -> None:
         super().__init__(graph, opts)
         self.rules: dict[str, list[Rule]] = {}
-        self.active: list[Rule] = []
+        self.armed: list[Rule] = []  # the rules that fail requests (not BlockNode.active)
         self.state = 1
         self.counted = False
         self.take = _perm_bits(opts.get("take-child-perms", []))
@@ -168,14 +168,14 @@ class BlkdebugNode(BlockNode):
                 new_state = rule.new_state
                 continue
             if not armed:  # the first injecting rule of an event replaces the active set
-                self.active = []
+                self.armed = []
                 armed = True
-            self.active.insert(0, rule)
+            self.armed.insert(0, rule)
         self.state = new_state
 
     async def _check(self, offset: int, nbytes: int, iotype: str) -> None:
         """Fail the request if an active rule says so."""
-        for rule in self.active:
+        for rule in self.armed:
             if rule.matches(offset, nbytes, iotype):
                 break
         else:
@@ -183,7 +183,7 @@ class BlkdebugNode(BlockNode):
         if not rule.errno:
             return
         if rule.once:
-            self.active.remove(rule)
+            self.armed.remove(rule)
             self.rules[rule.event].remove(rule)
         if not rule.immediately:
             await asyncio.sleep(0)
@@ -204,34 +204,45 @@ class BlkdebugNode(BlockNode):
 
     # --- I/O ------------------------------------------------------------------------------
     async def do_read(self, offset: int, buf: memoryview) -> None:
-        if self.active:
+        if self.armed:
             await self._check(offset, len(buf), "read")
         await self.image.read(offset, buf)
 
     async def do_write(self, offset: int, data: Buffer) -> None:
-        if self.active:
-            await self._check(offset, len(data), "write")
-        await self.image.write(offset, data)
+        """QEMU's generic write path raises ``pwritev`` on the node before its driver's
+        write (a rule it arms fails that very write) and ``pwritev_done`` after, failed or
+        not."""
+        self.debug_event("pwritev")
+        try:
+            if self.armed:
+                await self._check(offset, len(data), "write")
+            await self.image.write(offset, data)
+        finally:
+            self.debug_event("pwritev_done")
 
     async def do_flush(self) -> None:
-        if self.active and self.flush_needed:
+        if self.armed and self.flush_needed:
             await self._check(0, 0, "flush")
         await self.image.flush()
 
     async def do_write_zeroes(
         self, offset: int, length: int, unmap: bool, no_fallback: bool = False
     ) -> None:
-        if self.active:
-            await self._check(offset, length, "write-zeroes")
-        await self.image.write_zeroes(offset, length, unmap, no_fallback)
+        self.debug_event("pwritev_zero")  # as a write's events, for a zeroing request
+        try:
+            if self.armed:
+                await self._check(offset, length, "write-zeroes")
+            await self.image.write_zeroes(offset, length, unmap, no_fallback)
+        finally:
+            self.debug_event("pwritev_done")
 
     async def do_discard(self, offset: int, length: int) -> None:
-        if self.active:
+        if self.armed:
             await self._check(offset, length, "discard")
         await self.image.discard(offset, length)
 
     async def do_block_status(self, offset: int, length: int) -> BlockStatus:
-        if self.active:
+        if self.armed:
             await self._check(offset, length, "block-status")
         return await self.image.block_status(offset, length)
 
