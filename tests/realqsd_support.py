@@ -121,4 +121,15 @@ def shared_dir(prefix: str) -> Iterator[Path]:
     try:
         yield path
     finally:
+        _unmount_under(path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _unmount_under(path: Path) -> None:
+    """Lazily unmount what a daemon left mounted under ``path`` (a test that failed before
+    stopping it): the host's view, and the chroot's, where QEMU's daemon mounted it."""
+    with open("/proc/self/mounts") as f:
+        points = [line.split()[1] for line in f]
+    for point in reversed(points):  # innermost first
+        if point.startswith(str(path) + "/") or f"{path}/" in point:
+            subprocess.run(["umount", "-l", point], capture_output=True)
