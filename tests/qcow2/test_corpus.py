@@ -42,7 +42,7 @@ def first_cluster(img: Path) -> bytes:
 
 
 def open_outcome(did: str, img: Path, read_only: bool) -> str:
-    """"ok" or the error text of qsd-py's header checks, then its snapshot table's."""
+    """ "ok" or the error text of qsd-py's header checks, then its snapshot table's."""
     given = "data-file" in damage.DAMAGES[did].options
     try:
         h = parse_header(first_cluster(img), read_only=read_only, data_file_given=given)
@@ -78,9 +78,7 @@ def test_every_damage_has_an_expectation() -> None:
 
 @pytest.mark.parametrize("did", ids_of("header", "snapshot"))
 @pytest.mark.parametrize(("mode", "read_only"), MODES)
-def test_open_checks_give_qemus_text(
-    did: str, mode: str, read_only: bool, tmp_path: Path
-) -> None:
+def test_open_checks_give_qemus_text(did: str, mode: str, read_only: bool, tmp_path: Path) -> None:
     img = damage.DAMAGES[did].make(tmp_path)
     assert open_outcome(did, img, read_only) == EXPECTED[did][mode]
 

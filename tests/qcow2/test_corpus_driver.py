@@ -101,8 +101,7 @@ DELIBERATE = {
     ("backing-loop", "read-only"): "Could not open backing file: " * 2 + loop("img.qcow2"),
     ("backing-self", "read-only"): "Could not open backing file: " + loop("img.qcow2"),
     ("backing-self-by-symlink", "read-only"): "Could not open backing file: " + loop("sym.qcow2"),
-    ("backing-self-by-hardlink", "read-only"): "Could not open backing file: "
-    + loop("link.qcow2"),
+    ("backing-self-by-hardlink", "read-only"): "Could not open backing file: " + loop("link.qcow2"),
 }
 
 

@@ -41,10 +41,17 @@ VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("extended-l2-16k", {"extended_l2": True, "cluster_size": 16384}),
     ("refcount-1", {"refcount_bits": 1}),
     ("refcount-64", {"refcount_bits": 64}),
-    ("everything", {
-        "extended_l2": True, "compression_type": "zstd", "lazy_refcounts": True,
-        "refcount_bits": 8, "cluster_size": 32768, "backing": "base.qcow2",
-    }),  # fmt: skip
+    (
+        "everything",
+        {
+            "extended_l2": True,
+            "compression_type": "zstd",
+            "lazy_refcounts": True,
+            "refcount_bits": 8,
+            "cluster_size": 32768,
+            "backing": "base.qcow2",
+        },
+    ),  # fmt: skip
 ]
 
 
