@@ -10,6 +10,7 @@ import random
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import backup_script
 import pytest
@@ -202,17 +203,11 @@ def wait_export_gone(d: Daemon, timeout: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_full_target_file_system(tmp_path: Path) -> None:
+def test_full_target_file_system(tmp_path: Path, tiny_tmpfs: Any) -> None:
     """A target on a 1 MiB tmpfs: on-target-error stop pauses the job (BLOCK_JOB_ERROR,
     io-status nospace), a resume once there is room finishes the copy; report fails the
     job with the error."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs: {done.stderr}")
+    mnt = tiny_tmpfs.path
     d = None
     try:
         size = 4 * MIB
@@ -236,7 +231,7 @@ def test_full_target_file_system(tmp_path: Path) -> None:
         assert info["io-status"] == "nospace" and info["paused"] is True
         errors = [e["data"] for e in d.events() if e["event"] == "BLOCK_JOB_ERROR"]
         assert errors[0] == {"device": "b", "operation": "write", "action": "stop"}
-        subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
+        tiny_tmpfs.resize("8m")
         assert d.cmd("block-job-resume", {"device": "b"}) == {"return": {}}
         wait_job(d, "b", None)
         same = qemu_img(
@@ -245,7 +240,7 @@ def test_full_target_file_system(tmp_path: Path) -> None:
         assert same.returncode == 0, same.stdout + same.stderr
         with open(mnt / "tgt.img", "wb") as f:  # empty and sparse again, and no room
             f.truncate(size)
-        subprocess.run(["mount", "-o", "remount,size=1m", str(mnt)], check=True)
+        tiny_tmpfs.resize("1m")
         backup = {"job-id": "b2", "device": "src", "target": "tgt", "sync": "full"}
         assert d.cmd("blockdev-backup", backup) == {"return": {}}
         wait_job(d, "b2", None)
@@ -254,7 +249,6 @@ def test_full_target_file_system(tmp_path: Path) -> None:
     finally:
         if d is not None:
             d.close()
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_fleecing_reads_the_point_in_time_while_the_source_is_written(tmp_path: Path) -> None:

@@ -326,18 +326,12 @@ def test_quit_while_a_commit_runs(tmp_path: Path, kind: str) -> None:
     _clean_and_equal(tmp_path, initial, "top.qcow2")
 
 
-def test_full_base_file_system(tmp_path: Path) -> None:
+def test_full_base_file_system(tmp_path: Path, tiny_tmpfs: Any) -> None:
     """A raw base on a 1 MiB tmpfs under 3 MiB of mid's data: on-error enospc stops the
     intermediate commit (BLOCK_JOB_ERROR, io-status nospace), a resume once there is room
     finishes it (base holds the chain's data, top names base); report fails a job with the
     error and leaves top naming mid."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs: {done.stderr}")
+    mnt = tiny_tmpfs.path
     d = None
     size = 4 * MIB
     base = mnt / "base.raw"
@@ -349,7 +343,7 @@ def test_full_base_file_system(tmp_path: Path) -> None:
         for attempt in ("report", "enospc"):
             with open(base, "wb") as f:  # empty and sparse, and no room
                 f.truncate(size)
-            subprocess.run(["mount", "-o", "remount,size=1m", str(mnt)], check=True)
+            tiny_tmpfs.resize("1m")
             for img in ("mid.qcow2", "top.qcow2"):
                 (tmp_path / img).unlink(missing_ok=True)
             run("qemu-img", "convert", "-O", "qcow2", "mid.raw", "mid.qcow2")
@@ -382,7 +376,7 @@ def test_full_base_file_system(tmp_path: Path) -> None:
             assert info["io-status"] == "nospace" and info["paused"] is True
             errors = [e["data"] for e in d.events() if e["event"] == "BLOCK_JOB_ERROR"]
             assert errors[0] == {"device": "c", "operation": "write", "action": "stop"}
-            subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
+            tiny_tmpfs.resize("8m")
             assert d.cmd("block-job-resume", {"device": "c"}) == {"return": {}}
             wait_job(d, "c", None)
             ends = [e["data"] for e in d.events() if e["event"] == "BLOCK_JOB_COMPLETED"]
@@ -397,4 +391,3 @@ def test_full_base_file_system(tmp_path: Path) -> None:
     finally:
         if d is not None:
             d.close()
-        subprocess.run(["umount", "-l", str(mnt)], check=False)

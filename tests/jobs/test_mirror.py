@@ -10,6 +10,7 @@ import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import mirror_script
 import pytest
@@ -269,17 +270,11 @@ def test_soft_cancel_in_ready_leaves_source_and_target_equal(tmp_path: Path) -> 
 
 
 # --- errors -----------------------------------------------------------------------------------
-def test_full_target_file_system(tmp_path: Path) -> None:
+def test_full_target_file_system(tmp_path: Path, tiny_tmpfs: Any) -> None:
     """A target on a 1 MiB tmpfs: on-target-error stop pauses the job (BLOCK_JOB_ERROR,
     io-status nospace), a resume once there is room finishes the copy; report fails a job
     with the error."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        pytest.fail(f"cannot mount a tmpfs: {done.stderr}")
+    mnt = tiny_tmpfs.path
     d = None
     try:
         size = 4 * MIB
@@ -304,7 +299,7 @@ def test_full_target_file_system(tmp_path: Path) -> None:
         errors = [e["data"] for e in d.events() if e["event"] == "BLOCK_JOB_ERROR"]
         assert errors[0] == {"device": "m", "operation": "write", "action": "stop"}
         # room again: resume retries the copy and the mirror gets ready
-        subprocess.run(["mount", "-o", "remount,size=8m", str(mnt)], check=True)
+        tiny_tmpfs.resize("8m")
         assert d.cmd("block-job-resume", {"device": "m"}) == {"return": {}}
         wait_job(d, "m", "ready")
         assert d.cmd("query-block-jobs")["return"][0]["io-status"] == "ok"
@@ -316,7 +311,7 @@ def test_full_target_file_system(tmp_path: Path) -> None:
         assert same.returncode == 0, same.stdout + same.stderr
         with open(mnt / "tgt.img", "wb") as f:  # empty and sparse again, and no room
             f.truncate(size)
-        subprocess.run(["mount", "-o", "remount,size=1m", str(mnt)], check=True)
+        tiny_tmpfs.resize("1m")
         mirror = {"job-id": "m2", "device": "src", "target": "tgt", "sync": "full"}
         assert d.cmd("blockdev-mirror", mirror) == {"return": {}}
         wait_job(d, "m2", None)
@@ -325,7 +320,6 @@ def test_full_target_file_system(tmp_path: Path) -> None:
     finally:
         if d is not None:
             d.close()
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_null_target_of_another_size(tmp_path: Path) -> None:
