@@ -116,9 +116,7 @@ async def x_blockdev_change(daemon: Daemon, args: dict[str, Any]) -> dict[str, A
     """QEMU changes children only of quorum nodes; qsd-py has no driver that can, so after
     QEMU's lookups every request is refused with QEMU's text."""
     name = args["parent"]
-    parent = daemon.graph.find(name)
-    if parent is None:
-        raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
+    parent = daemon.graph.lookup_device(name)
     child, node = args.get("child"), args.get("node")
     if (child is None) == (node is None):
         if child is not None:

@@ -93,7 +93,7 @@ async def attach(old: BlockNode, new: BlockNode) -> None:
         raise QMPError("The overlay already has a backing image")
     if not new.supports_backing:
         raise QMPError("The overlay does not support backing images")
-    if new is old or new in _below(old):
+    if new is old or new in old.descendants():
         raise QMPError(
             f"Making '{old.node_name}' a backing child of '{new.node_name}' would create a cycle"
         )
@@ -159,9 +159,7 @@ def _move_users(old: BlockNode, new: BlockNode) -> None:
 
 
 def _find(graph: BlockGraph, name: str) -> BlockNode:
-    node = graph.find(name)
-    if node is None:
-        raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
+    node = graph.lookup_device(name)
     return node
 
 
@@ -181,18 +179,6 @@ async def _flush(old: BlockNode) -> None:
         await old.flush()
     except OSError:
         raise QMPError("An IO error has occurred") from None
-
-
-def _below(node: BlockNode) -> set[BlockNode]:
-    """Every node ``node`` reaches through its children."""
-    found: set[BlockNode] = set()
-    todo = [c.node for c in node.children.values()]
-    while todo:
-        child = todo.pop()
-        if child not in found:
-            found.add(child)
-            todo.extend(c.node for c in child.children.values())
-    return found
 
 
 async def _create_overlay(graph: BlockGraph, old: BlockNode, path: str, fmt: str) -> None:

@@ -190,6 +190,14 @@ class BlockGraph:
             raise QMPError(f"Cannot find device='' nor node-name='{name}'")
         return node
 
+    def lookup_device(self, name: str) -> BlockNode:
+        """The node ``name`` where QEMU takes a device or a node name in one argument (its
+        error names both), or QEMU's error."""
+        node = self._nodes.get(name)
+        if node is None:
+            raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
+        return node
+
     def lookup_device_or_node(self, device: str | None, node_name: str | None) -> BlockNode:
         """QEMU's lookup by ``device`` (qsd has no devices) or ``node-name``."""
         node = self._nodes.get(node_name) if node_name is not None else None

@@ -303,6 +303,17 @@ class BlockNode:
                 found.append(node)
         return found
 
+    def descendants(self) -> set[BlockNode]:
+        """Every node this one reaches through its children (itself only through a loop)."""
+        found: set[BlockNode] = set()
+        todo = [c.node for c in self.children.values()]
+        while todo:
+            child = todo.pop()
+            if child not in found:
+                found.add(child)
+                todo.extend(c.node for c in child.children.values())
+        return found
+
     # --- drain ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def drained(self) -> AsyncIterator[None]:

@@ -113,7 +113,7 @@ def _plan(graph: BlockGraph, opts: dict[str, Any]) -> tuple[BlockNode, dict[str,
             backing = None
         else:
             backing = _lookup(graph, opts["backing"])
-            if backing is node or node in _reachable(backing):
+            if backing is node or node in backing.descendants():
                 raise QMPError(
                     f"Making '{backing.node_name}' a backing child of '{name}' would create a cycle"
                 )
@@ -140,17 +140,6 @@ def _lookup(graph: BlockGraph, name: str) -> BlockNode:
     if node is None:
         raise QMPError(f"Cannot find device='' nor node-name='{name}'")
     return node
-
-
-def _reachable(node: BlockNode) -> set[BlockNode]:
-    found: set[BlockNode] = set()
-    todo = [c.node for c in node.children.values()]
-    while todo:
-        child = todo.pop()
-        if child not in found:
-            found.add(child)
-            todo.extend(c.node for c in child.children.values())
-    return found
 
 
 async def _apply(graph: BlockGraph, node: BlockNode, opts: dict[str, Any], backing: Any) -> None:
@@ -204,7 +193,7 @@ async def set_active(graph: BlockGraph, node_name: str | None, active: bool) -> 
         top = graph.find(node_name)
         if top is None:
             raise QMPError(f"Failed to find node with node-name='{node_name}'")
-        nodes = [top, *_reachable(top)]
+        nodes = [top, *top.descendants()]
         what = "Failed to inactivate node"
     else:
         nodes = list(graph)

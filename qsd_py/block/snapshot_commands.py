@@ -30,9 +30,7 @@ async def blockdev_snapshot_sync(daemon: Daemon, args: dict[str, Any]) -> dict[s
 # --- internal snapshots ---------------------------------------------------------------------
 def _snapshot_node(daemon: Daemon, device: str) -> Any:
     """The node by name, refused with QEMU's texts while a job or an overlay blocks it."""
-    node = daemon.graph.find(device)
-    if node is None:
-        raise QMPError(f"Cannot find device='{device}' nor node-name='{device}'")
+    node = daemon.graph.lookup_device(device)
     for reason in node.blockers.values():
         raise QMPError(f"Node '{device}' is busy: {reason}")
     blocker = node.backing_blocker()
@@ -90,9 +88,7 @@ async def blockdev_snapshot_delete_internal_sync(
     from qsd_py.block.qcow2.introspect import snapshot_info
 
     device, sn_id, name = args["device"], args.get("id"), args.get("name")
-    node = daemon.graph.find(device)
-    if node is None:
-        raise QMPError(f"Cannot find device='{device}' nor node-name='{device}'")
+    node = daemon.graph.lookup_device(device)
     if sn_id is None and name is None:
         raise QMPError("Name or id must be provided")
     _snapshot_node(daemon, device)

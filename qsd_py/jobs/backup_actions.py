@@ -16,9 +16,7 @@ from qsd_py.transaction import Action, transaction_action
 
 
 def _node(daemon: Any, name: str) -> Any:
-    node = daemon.graph.find(name)
-    if node is None:
-        raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
+    node = daemon.graph.lookup_device(name)
     return node
 
 

@@ -138,9 +138,7 @@ async def blockdev_mirror(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any
     from qsd_py.jobs import mirror
 
     source = mirror.lookup_source(daemon.graph, daemon.jobs, args["device"])
-    target = daemon.graph.find(args["target"])
-    if target is None:
-        raise QMPError(f"Cannot find device='{args['target']}' nor node-name='{args['target']}'")
+    target = daemon.graph.lookup_device(args["target"])
     await mirror.start(daemon.graph, daemon.jobs, source, target, args)
     return {}
 
@@ -203,12 +201,8 @@ async def blockdev_backup(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any
     """Start a backup of node ``device`` to node ``target`` (qsd_py/jobs/backup.py)."""
     from qsd_py.jobs import backup
 
-    source = daemon.graph.find(args["device"])
-    if source is None:
-        raise QMPError(f"Cannot find device='{args['device']}' nor node-name='{args['device']}'")
-    target = daemon.graph.find(args["target"])
-    if target is None:
-        raise QMPError(f"Cannot find device='{args['target']}' nor node-name='{args['target']}'")
+    source = daemon.graph.lookup_device(args["device"])
+    target = daemon.graph.lookup_device(args["target"])
     await backup.start(daemon.graph, daemon.jobs, source, target, args)
     return {}
 
@@ -219,9 +213,7 @@ async def drive_backup(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     ``existing``; the node opened for it is the job's and closed after it."""
     from qsd_py.jobs import backup
 
-    source = daemon.graph.find(args["device"])
-    if source is None:
-        raise QMPError(f"Cannot find device='{args['device']}' nor node-name='{args['device']}'")
+    source = daemon.graph.lookup_device(args["device"])
     for reason in source.blockers.values():
         raise QMPError(f"Node '{source.node_name}' is busy: {reason}")
     target = await backup.open_drive_target(daemon.graph, source, args)

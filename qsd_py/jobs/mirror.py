@@ -367,9 +367,7 @@ class _Retry(Exception):
 def lookup_source(graph: BlockGraph, jobs: JobRegistry, name: str) -> BlockNode:
     """The node to mirror: a root node (QEMU's qmp_get_root_bs; a node some mirror already
     copies sits under that job's filter node in QEMU, so it is no root either)."""
-    node = graph.find(name)
-    if node is None:
-        raise QMPError(f"Cannot find device='{name}' nor node-name='{name}'")
+    node = graph.lookup_device(name)
     if node.parents() or any(isinstance(j, MirrorJob) and j.source is node for j in jobs):
         raise QMPError("Need a root block node")
     return node

@@ -200,9 +200,7 @@ async def start(graph: BlockGraph, jobs: JobRegistry, args: dict[str, Any]) -> S
         if a in args and b in args:
             raise QMPError(f"'{a}' and '{b}' cannot be specified at the same time")
     device = args["device"]
-    top = graph.find(device)
-    if top is None:
-        raise QMPError(f"Cannot find device='{device}' nor node-name='{device}'")
+    top = graph.lookup_device(device)
     base: BlockNode | None = None
     if "base" in args:
         base = _find_in_chain(top, args["base"])
