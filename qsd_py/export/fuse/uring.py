@@ -340,10 +340,11 @@ class UringQueue:
         elif action == _INLINE:  # a file held in memory: copy now
             pay = entry.payload
             res = fastpath.inline_io(plan.fd, self.stats, pay, pay, b, a, writing)
-            plan.done()
+            if plan.counts is not None:  # a cluster table's reader (a call less without)
+                plan.done()
             if res < 0:
                 failed(plan, b, writing)
-            if writing:
+            if writing and plan.listed[0]:
                 plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], b)
             self._commit(entry, res)
         elif action == _FILL:
@@ -353,7 +354,7 @@ class UringQueue:
             self._commit(entry, a)
         elif action == _ACCEPT:
             self.stats.bytes_written += a
-            if a:
+            if a and plan.listed[0]:
                 plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], a)
             _WRITE_OUT.pack_into(entry.payload, 0, a, 0)
             self._commit(entry, _WRITE_OUT.size)
@@ -422,7 +423,7 @@ class UringQueue:
         self._fast_end()
         plan = entry.plan
         plan.done()
-        if entry.writing:  # the bitmaps this process marks itself (shared_bits.py)
+        if entry.writing and plan.listed[0]:  # bitmaps this process marks (shared_bits.py)
             plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], entry.size)
         if res < 0:
             failed(plan, entry.size, entry.writing)
