@@ -515,3 +515,42 @@ def test_fast_request_that_fails_moves_to_failed() -> None:
                                     stats.WR_OPS, stats.WR_BYTES, stats.FAILED_WR)] == [
             1, 512, 1, 0, 0, 0]  # fmt: skip
         assert totals[stats.LAST_IO] > 0
+
+
+async def test_route_counts_each_node_and_gives_back_at_a_threshold(
+    graph: Any, tmp_path: Path
+) -> None:
+    """The fast write counts every node of a raw-over-file chain (the raw window shifts the
+    file's highest end); one that would cross the file node's armed threshold goes to the
+    node with no count left behind on the raw node above it; a node below with a bitmap to
+    mark (byte 1 of its fork page) closes fast writes, the exported node's does not (its
+    queues mark it: ``listed``)."""
+    from qsd_py.block import fast_io, stats
+
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(2 * MiB))
+    top = await graph.add({"driver": "raw", "node-name": "r", "offset": 65536,
+                           "file": {"driver": "file", "filename": str(image)}})  # fmt: skip
+    below = top.children["file"].node
+    plan = fast_io.plan_for(top)
+    assert plan is not None
+
+    def counts() -> list[tuple[int, int, int]]:
+        return [(t[stats.WR_OPS], t[stats.WR_BYTES], t[stats.HIGHEST])
+                for t in (top.stats.totals(), below.stats.totals())]  # fmt: skip
+
+    assert fast_io.route(plan, 4096, 4096, True)[0] != fast_io.ENGINE
+    assert counts() == [(1, 4096, 8192), (1, 4096, 65536 + 8192)]
+    below.stats.cells[stats.THRESHOLD] = 65536 + 12288  # the next write ends past it
+    assert fast_io.route(plan, 8192, 8192, True) == (fast_io.ENGINE, 0, 0)
+    assert [c[:2] for c in counts()] == [(1, 4096), (1, 4096)]
+    below.stats.cells[stats.THRESHOLD] = 0
+    below.fork_page[1] = 1
+    assert fast_io.route(plan, 8192, 8192, True)[0] == fast_io.ENGINE
+    below.fork_page[1] = 0
+    top.fork_page[1] = 1
+    assert plan.listed[0] and fast_io.route(plan, 8192, 8192, True)[0] != fast_io.ENGINE
+    top.fork_page[1] = 0
+    assert fast_io.route(plan, 0, 4096, False)[0] != fast_io.ENGINE
+    top_totals = top.stats.totals()
+    assert (top_totals[stats.RD_OPS], top_totals[stats.WR_OPS]) == (1, 2)
