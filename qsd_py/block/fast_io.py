@@ -367,39 +367,44 @@ def route(plan: FastPlan, offset: int, size: int, writing: bool) -> tuple[int, i
         if (pos | size) & plan.align_mask:
             plan.done()
             return _ENGINE
-    now = _monotonic_ns()
     if writing:
-        highest, ops, nbytes, last = plan.write_at
-        end = offset + size
-        for cells, shift in plan.above:
-            node_end = end + shift
-            threshold = cells[0]
-            if threshold and node_end > threshold:
-                return _crossed(plan, cells, size)  # the node sends the event
-            if cells[highest] < node_end:
-                cells[highest] = node_end
-            cells[ops] += 1
-            cells[nbytes] += size
-            cells[last] = now
-        below = plan.below
-        if below:
-            end = pos + size
-            for cells, shift in below:
+        above = plan.above
+        if above:  # empty: this process has no row to count in (its writes take the node)
+            highest, ops, nbytes, last = plan.write_at
+            now = _monotonic_ns()
+            end = offset + size
+            for cells, shift in above:
                 node_end = end + shift
                 threshold = cells[0]
                 if threshold and node_end > threshold:
-                    return _crossed(plan, cells, size)
+                    return _crossed(plan, cells, size)  # the node sends the event
                 if cells[highest] < node_end:
                     cells[highest] = node_end
                 cells[ops] += 1
                 cells[nbytes] += size
                 cells[last] = now
+            below = plan.below
+            if below:
+                end = pos + size
+                for cells, shift in below:
+                    node_end = end + shift
+                    threshold = cells[0]
+                    if threshold and node_end > threshold:
+                        return _crossed(plan, cells, size)
+                    if cells[highest] < node_end:
+                        cells[highest] = node_end
+                    cells[ops] += 1
+                    cells[nbytes] += size
+                    cells[last] = now
     else:
-        ops, nbytes, last = plan.read_at
-        for cells in plan.counted:
-            cells[ops] += 1
-            cells[nbytes] += size
-            cells[last] = now
+        counted = plan.counted
+        if counted:
+            ops, nbytes, last = plan.read_at
+            now = _monotonic_ns()
+            for cells in counted:
+                cells[ops] += 1
+                cells[nbytes] += size
+                cells[last] = now
     if plan.kind == NULL:
         return (ACCEPT, size, 0) if writing else (FILL, size, plan.read_zeroes)
     if size <= plan.inline_max:
