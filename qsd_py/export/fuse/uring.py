@@ -196,7 +196,9 @@ class _Entry:
             queue = self.queue
             queue._fast_end()
             queue.stats.bytes_read += res
-            self.plan.done()
+            plan = self.plan
+            if plan.counts is not None:  # a cluster table's reader
+                plan.done()
         # else the commit completes -ECANCELED next and _on_cqe has the read redone; the
         # request stays busy on its plan until then (a new plan must not wait for less)
 
@@ -422,7 +424,8 @@ class UringQueue:
         stats = self.stats
         self._fast_end()
         plan = entry.plan
-        plan.done()
+        if plan.counts is not None:
+            plan.done()
         if entry.writing and plan.listed[0]:  # bitmaps this process marks (shared_bits.py)
             plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], entry.size)
         if res < 0:
