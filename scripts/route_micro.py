@@ -4,11 +4,11 @@
 Times what a FUSE queue does for a READ or WRITE around its I/O (the I/O itself left out):
 :func:`fastpath.decide` (the export's extent checks and :func:`fast_io.route`), then for a
 write what follows it (the plan's ``mark`` of shared bitmaps, where the tree has it) and
-``plan.done()``, with the node's length read from shared memory as a queue worker
-does. Chains: ``raw`` over ``file`` on tmpfs (the benchmark matrix's tmpfs
-backend), a ``file`` alone, and ``null-co``. Robust on a loaded machine: the best of
-many short timeit repeats of this thread's CPU time. Runs against another tree too, to
-compare before and after::
+``plan.done()``, with the node's length read from shared memory and the counters in a
+row of its own, as a queue worker does. Chains: ``raw`` over ``file`` on tmpfs (the
+benchmark matrix's tmpfs backend), a ``file`` alone, and ``null-co``. Robust on a loaded
+machine: the best of many short timeit repeats of this thread's CPU time. Runs against
+another tree too, to compare before and after::
 
     .venv/bin/python scripts/route_micro.py [--tree /work/wt/base] [--repeat 40]
 """
@@ -79,6 +79,21 @@ def _measure(name: str, engine: Any, plan: Any, arg: memoryview, repeat: int) ->
     print(f"{name:10s} write {w:6.0f} ns   read {r:6.0f} ns")
 
 
+def _as_worker(node: Any) -> None:
+    """Count as a queue worker does, in a row of its own claimed before its fork (and,
+    where the tree has it, with the nodes below the top deriving that row)."""
+    import importlib.util
+
+    if importlib.util.find_spec("qsd_py.block.stats") is None:
+        return  # a tree from before the counters
+    from qsd_py.block import fast_io, stats
+
+    row = stats.claim_process_row()
+    if hasattr(fast_io, "share_counts"):
+        fast_io.share_counts(fast_io.plan_for(node), row)
+    stats.set_process_row(row)
+
+
 async def run(repeat: int) -> None:
     from qsd_py.block.graph import BlockGraph
     from qsd_py.export.fuse import fastpath
@@ -97,6 +112,7 @@ async def run(repeat: int) -> None:
             shared = SharedLength()  # as in a queue worker, whose node is a frozen copy
             shared.publish(node.length())
             node.length = shared.read
+            _as_worker(node)
             plan = fastpath.plan_for(node)
             assert plan is not None
             _measure(name, engine, plan, _request(p, 8192, 4096), repeat)

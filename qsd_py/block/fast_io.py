@@ -94,6 +94,8 @@ class FastPlan:
         "write_at",
         "read_at",
         "listed",
+        "watched",
+        "chain",
         "kind",
         "fd",
         "base",
@@ -140,6 +142,11 @@ class FastPlan:
         self.above: tuple[tuple[Any, int], ...] = ()
         self.below: tuple[tuple[Any, int], ...] = ()
         self.counted: tuple[Any, ...] = ()
+        # Nodes of the chain whose counts this process's row takes from the top's (a queue
+        # worker's: stats.py, NodeStats.derive): only their thresholds are read, as
+        # (cells, shift); and the chain's (NodeStats, shift) down to the table.
+        self.watched: tuple[tuple[Any, int], ...] = ()
+        self.chain: tuple[tuple[Any, int], ...] = ()
         self.write_at = (_HIGHEST, _WR_OPS, _WR_BYTES, _LAST_IO)
         self.read_at = (_RD_OPS, _RD_BYTES, _LAST_IO)
         # query-blockstats' counters (stats.py) of the chain's nodes, this process's row at
@@ -303,13 +310,19 @@ def _set_marks(top: BlockNode, plan: FastPlan) -> None:
     tabled = [t is not None and t.table is not None for t in targets]
     last_table = max((i for i, t in enumerate(tabled) if t), default=-1)
     windows = [int(getattr(n, "offset", 0)) if n.driver == "raw" else 0 for n in path]
-    above, below = [], []
+    above, below, watched, chain = [], [], [], []
     for i, n in enumerate(path):
         if i <= last_table or last_table < 0:
-            above.append((n.stats.cells, sum(windows[:i])))
+            shift = sum(windows[:i])
+            chain.append((n.stats, shift))
+            if i and n.stats.derives(row, top.stats):
+                watched.append((n.stats.cells, shift))  # counted through the top's row
+            else:
+                above.append((n.stats.cells, shift))
         else:  # below the table: the node's offset is the file position less the windows
             below.append((n.stats.cells, -sum(windows[i:])))
     plan.above, plan.below = tuple(above), tuple(below)
+    plan.watched, plan.chain = tuple(watched), tuple(chain)
     plan.tally = tuple(cells for cells, _ in above)
     plan.tally_below = tuple(cells for cells, _ in below)
     plan.counted = plan.tally + plan.tally_below
@@ -370,9 +383,14 @@ def route(plan: FastPlan, offset: int, size: int, writing: bool) -> tuple[int, i
     if writing:
         above = plan.above
         if above:  # empty: this process has no row to count in (its writes take the node)
+            end = offset + size
+            for cells, shift in plan.watched:  # counted through the top's row: stats.py
+                threshold = cells[0]
+                if threshold and end + shift > threshold:
+                    plan.done()
+                    return _ENGINE  # nothing counted yet; the node sends the event
             highest, ops, nbytes, last = plan.write_at
             now = _monotonic_ns()
-            end = offset + size
             for cells, shift in above:
                 node_end = end + shift
                 threshold = cells[0]
@@ -410,6 +428,18 @@ def route(plan: FastPlan, offset: int, size: int, writing: bool) -> tuple[int, i
     if size <= plan.inline_max:
         return INLINE, pos, size
     return TRANSFER, pos, size
+
+
+def share_counts(plan: FastPlan | None, row: int) -> None:
+    """Before forking the queue worker that counts in ``row`` with a copy of ``plan`` (the
+    daemon's, made just before): let each node of the chain below the top, down to the
+    cluster table, take that row from the top's (:meth:`NodeStats.derive`), so that the
+    worker counts each request once."""
+    if plan is None or not plan.chain:
+        return
+    top = plan.chain[0][0]
+    for stats, shift in plan.chain[1:]:
+        stats.derive(top, row, shift)
 
 
 def _crossed(plan: FastPlan, at_cells: Any, size: int) -> tuple[int, int, int]:
