@@ -80,6 +80,7 @@ TRANSFER = 5  #: start backend I/O of ``b`` bytes at file position ``a``
 
 _VALID, _WRITABLE, _ZERO, _OFFSET_MASK = VALID, WRITABLE, ZERO, OFFSET_MASK
 _ENGINE = (ENGINE, 0, 0)
+_pwritev, _preadv = os.pwritev, os.preadv
 _UNLISTED = memoryview(bytes(1))  # FastPlan.listed of a plan without a top page
 
 
@@ -558,14 +559,15 @@ def copy_inline(fd: int, buf: memoryview, size: int, pos: int, writing: bool) ->
     (only for files held in memory, see :data:`INLINE_MAX`): ``size``, or ``-errno``. A read
     short at EOF zero-fills the rest, as the node's read does; a write that stops short is
     ``-ENOSPC``."""
-    op = os.pwritev if writing else os.preadv
+    op = _pwritev if writing else _preadv
     done = 0
     try:
-        while done < size:
-            n = op(fd, (buf[done:size],), pos + done)
-            if n <= 0:
-                break
+        n = op(fd, (buf[:size],), pos)  # from or to the page cache: one call moves it all
+        while n > 0:
             done += n
+            if done >= size:
+                return size
+            n = op(fd, (buf[done:size],), pos + done)
     except OSError as err:
         return -(err.errno or errno.EIO)
     if done < size:

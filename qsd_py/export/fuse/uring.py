@@ -91,6 +91,7 @@ _WRITE = p.WRITE
 _WRITE_OUT = p.WRITE_OUT
 _IO_EXTENT = p.IO_EXTENT  # a READ/WRITE's offset and size
 _decide = fastpath.decide
+_inline_io = fastpath.inline_io
 _TRANSFER, _INLINE, _FILL = fastpath.TRANSFER, fastpath.INLINE, fastpath.FILL
 _ACCEPT, _REPLY = fastpath.ACCEPT, fastpath.REPLY
 _OP_READ_SQE = abi.OP_READ
@@ -341,7 +342,7 @@ class UringQueue:
                 self._linked_read(entry, plan, a, b)
         elif action == _INLINE:  # a file held in memory: copy now
             pay = entry.payload
-            res = fastpath.inline_io(plan.fd, self.stats, pay, pay, b, a, writing)
+            res = _inline_io(plan.fd, self.stats, pay, pay, b, a, writing)
             if plan.counts is not None:  # a cluster table's reader (a call less without)
                 plan.done()
             if res < 0:
