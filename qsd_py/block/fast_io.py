@@ -173,8 +173,9 @@ class FastPlan:
 
     def mark(self, offset: int, size: int) -> None:
         """A fast write of node bytes ``[offset, +size)`` finished (well or not, as the
-        node marks its bitmaps): mark the chain's shared bitmaps (none in the daemon,
-        whose plans do not write while a bitmap records)."""
+        node marks its bitmaps): mark the chain's shared bitmaps. Every caller whose
+        fast path writes does, before its reply: the queue workers, and in the daemon
+        the NBD and /dev/fuse exports."""
         for marker in self.markers:
             marker.mark(offset, size)
 
