@@ -195,9 +195,10 @@ class FastPlan:
 
     def mark(self, offset: int, size: int) -> None:
         """A fast write of node bytes ``[offset, +size)`` finished (well or not, as the
-        node marks its bitmaps): mark the chain's shared bitmaps (none in the daemon,
-        whose plans do not write while a bitmap records). Callers on a hot path may test
-        ``listed[0]`` first: without it there is nothing to mark."""
+        node marks its bitmaps): mark the chain's shared bitmaps. Every caller whose
+        fast path writes does, before its reply: the queue workers, and in the daemon
+        the NBD and /dev/fuse exports. Callers on a hot path may test ``listed[0]``
+        first: without it there is nothing to mark."""
         if self.listed[0]:
             for marker in self.markers:
                 marker.mark(offset, size)

@@ -228,6 +228,8 @@ async def insert_filter(
         "file": source.node_name,
         "target": target.node_name,
     }
+    if "on-cbw-error" in args:  # break-snapshot: guest writes go on, the backup fails
+        opts["on-cbw-error"] = args["on-cbw-error"]
     min_cluster = args.get("x-perf", {}).get("min-cluster-size", 0)
     if min_cluster:
         opts["min-cluster-size"] = min_cluster

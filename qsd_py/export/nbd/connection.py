@@ -913,6 +913,7 @@ class Connection:
         ):
             action, pos, size = route(plan, offset, length, True)
             if action == fast_io.ACCEPT:
+                plan.mark(offset, size)  # the node's recording bitmaps (shared_bits.py)
                 self._release(owner)
                 self._queue(t.reply_ok(cookie, offset))
                 return
@@ -929,6 +930,7 @@ class Connection:
                 plan.done()
                 if res < 0:
                     fast_io.failed(plan, size, True)
+                plan.mark(offset, size)  # well or not, as the node marks; before the reply
                 self._release(buf)
                 self._write_done(cookie, offset, res)
                 return
@@ -978,6 +980,8 @@ class Connection:
         tr.plan.done()
         if res < 0:
             fast_io.failed(tr.plan, tr.length, tr.writing)
+        if tr.writing:  # the node's recording bitmaps (shared_bits.py), before the reply
+            tr.plan.mark(tr.offset, tr.length)
         if self._retired and not self._transfers:
             self._release_retired()
         buf = tr.buf
