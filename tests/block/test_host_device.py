@@ -95,3 +95,51 @@ async def test_a_character_device_has_no_queue_limits(graph: BlockGraph) -> None
     node = await graph.add({"driver": "host_device", "node-name": "n", "filename": "/dev/null"})
     assert node.length() == 0
     assert "max-hw-iov" not in node.limits()
+
+
+@pytest.mark.realqsd
+def test_the_conversation_is_qemus() -> None:
+    """Adding both drivers on both kinds of file and resizing the device, over a stdio
+    monitor: QEMU 11.1's daemon and qsd-py answer alike (the version's package aside)."""
+    import json
+    import sys
+
+    from realqsd_support import require_real_qsd, shared_dir
+
+    real_qsd = require_real_qsd()
+    with shared_dir("host-device") as work:
+        regular = work / "regular.img"
+        regular.write_bytes(b"")
+        os.truncate(regular, MiB)
+        device = subprocess.run(
+            ["losetup", "--show", "-f", str(regular)], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        try:
+            adds = [("host_device", "r", str(regular)), ("host_device", "d", device),
+                    ("file", "f", device), ("host_device", "n", "/dev/null")]  # fmt: skip
+            script = [{"execute": "qmp_capabilities"}]
+            script += [
+                {"execute": "blockdev-add",
+                 "arguments": {"driver": drv, "node-name": name, "filename": path}}
+                for drv, name, path in adds
+            ]  # fmt: skip
+            script += [
+                {"execute": "block_resize", "arguments": {"node-name": "d", "size": size}}
+                for size in (2 * MiB, MiB // 2, MiB)
+            ]
+            script.append({"execute": "quit"})
+            qmp_in = "".join(json.dumps(cmd) + "\n" for cmd in script)
+            argv = ["--chardev", "stdio,id=s", "--monitor", "chardev=s"]
+
+            def talk(prefix: list[str]) -> list[dict]:
+                out = subprocess.run([*prefix, *argv], input=qmp_in, capture_output=True,
+                                     text=True, timeout=60, check=True).stdout  # fmt: skip
+                replies = [json.loads(line) for line in out.splitlines()][1:]
+                return [r for r in replies if "event" not in r]
+
+            real = talk([str(real_qsd), "run", "qemu-storage-daemon"])
+            ours = talk([sys.executable, "-m", "qsd_py"])
+        finally:
+            subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+    assert ours == real
+    assert real[1]["error"]["desc"].startswith("'host_device' driver requires")
