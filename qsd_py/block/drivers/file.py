@@ -161,6 +161,21 @@ class FileNode(BlockNode):
         self.in_memory = stat.S_ISREG(st.st_mode) and held_in_memory(self.fd)
 
     def _open_fd(self) -> int:
+        """The open description, of a kind this driver takes (``check_kind``)."""
+        fd = self._open_path()
+        try:
+            self.check_kind(os.fstat(fd).st_mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def check_kind(self, mode: int) -> None:
+        """QEMU's ``file`` driver takes regular files only (devices are ``host_device``'s)."""
+        if not stat.S_ISREG(mode):
+            raise QMPError(f"'{self.driver}' driver requires '{self.path}' to be a regular file")
+
+    def _open_path(self) -> int:
         """Open read-write, or read-only when asked; with auto-read-only, fall back to
         read-only where writing is refused (QEMU's rule)."""
         extra = os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
