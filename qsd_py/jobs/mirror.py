@@ -31,6 +31,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.child import replace_node
+from qsd_py.block.copybuf import BufferPool
 from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.node import STATUS_ALLOCATED, STATUS_ZERO
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
@@ -99,6 +100,7 @@ class MirrorJob(BlockJob):
         self.sync = sync
         self.granularity = granularity
         self.copy_size = max(granularity, min(buf_size, COPY_MAX))
+        self.buffers = BufferPool(self.copy_size)
         self.on_source_error = on_source_error
         self.on_target_error = on_target_error
         self.copy_mode = copy_mode
@@ -229,9 +231,7 @@ class MirrorJob(BlockJob):
                 if status.flags & STATUS_ZERO:
                     await self._zero(pos, n)
                 else:
-                    buf = memoryview(bytearray(n))
-                    await self._source_read(pos, buf)
-                    await self._target_io(self.target.write(pos, buf))
+                    await self._copy_data(pos, n)
             except _Retry:
                 self.bitmap.mark(pos, end - pos)
                 break
@@ -240,6 +240,15 @@ class MirrorJob(BlockJob):
             self.set_remaining(self.bitmap.count)
             if not self._final and not status.flags & STATUS_ZERO:  # zeroes cost no speed
                 await self.ratelimit(n)
+
+    async def _copy_data(self, offset: int, length: int) -> None:
+        """Read from the source into an aligned buffer of the job's, write it out."""
+        mm, buf = self.buffers.take(length)
+        try:
+            await self._source_read(offset, buf)
+            await self._target_io(self.target.write(offset, buf))
+        finally:
+            self.buffers.give(mm, buf)
 
     async def _zero(self, offset: int, length: int) -> None:
         """Zero the target's range, unless it reads as zeroes already (a fresh target stays
