@@ -41,7 +41,8 @@ from benchlib.targets import REPO, Daemon, QsdPy, RealQsd, daemon_args, nbd_uri
 
 WORK = Path("/tmp/qsd-cmp/qsd-bench-jobs")  # sockets and pidfiles (seen by the chroot)
 ROOTS = {"tmpfs": "/dev/shm/qsd-bench-jobs", "disk": "/tmp/qsd-cmp/qsd-bench-jobs/disk"}
-DAEMONS = {"qsd-py": "qsd-py-nbd-unix", "qemu": "qemu-nbd-unix"}  # their NBD targets
+# Their NBD targets; qsd-py-base runs qsd-py from the tree --baseline names (before/after).
+DAEMONS = {"qsd-py": "qsd-py-nbd-unix", "qemu": "qemu-nbd-unix", "qsd-py-base": "qsd-py-nbd-unix"}
 IMAGES = ("data", "half-sparse")
 # name: (QMP command, target format)
 COPIES = {
@@ -146,7 +147,9 @@ class JobDaemon:
             argv, qmp, sock = runner.real.argv(args), host(qmp), host(sock)
         else:
             argv = runner.qsdpy.argv(args)
-        self.daemon = Daemon(argv, nbd_uri(target, sock), pidfile, log, str(REPO), qmp, sock)
+        # python -m qsd_py imports the package of its working directory first.
+        cwd = str(runner.args.baseline if name == "qsd-py-base" else REPO)
+        self.daemon = Daemon(argv, nbd_uri(target, sock), pidfile, log, cwd, qmp, sock)
         self.qmp: QmpSession | None = None
 
     def start(self) -> None:
@@ -217,7 +220,9 @@ class Runner:
         names = []
         for name in self.args.daemons.split(","):
             probe = self.real if name == "qemu" else self.qsdpy
-            if probe.probe():
+            if name == "qsd-py-base" and not (self.args.baseline / "qsd_py").is_dir():
+                self.note(f"qsd-py-base skipped: --baseline {self.args.baseline} is no qsd-py tree")
+            elif probe.probe():
                 names.append(name)
             else:
                 self.note(f"{name} skipped: {probe.note}")
@@ -418,7 +423,7 @@ def parser() -> argparse.ArgumentParser:
         description="blockdev-mirror/-backup of a 1 GiB image and fio through the NBD export "
         "under a mirror: qsd-py against QEMU's qemu-storage-daemon, rounds interleaved.",
     )
-    p.add_argument("--daemons", default="qsd-py,qemu", help="comma list of qsd-py,qemu")
+    p.add_argument("--daemons", default="qsd-py,qemu", help="comma list of qsd-py,qemu,qsd-py-base")
     p.add_argument("--backends", default="tmpfs,disk", help="comma list of tmpfs,disk")
     p.add_argument("--images", default=",".join(IMAGES), help=f"comma list of {','.join(IMAGES)}")
     p.add_argument("--copies", default=",".join(COPIES), help=f"comma list of {','.join(COPIES)} "
@@ -429,6 +434,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime", type=float, default=10.0, help="fio's measured seconds")
     p.add_argument("--ramp", type=float, default=2.0, help="fio's warm-up seconds")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs qsd_py")
+    p.add_argument("--baseline", type=Path, default=Path("/nonexistent"),
+                   help="a qsd-py tree (e.g. git archive of an older commit) that the "
+                   "qsd-py-base daemon runs")  # fmt: skip
     p.add_argument("--note", default="", help="free text recorded with the results")
     p.add_argument("--out", type=Path, help="output directory (default bench-out/jobs-DATE-TIME)")
     return p
