@@ -85,6 +85,7 @@ class FioSample:
     daemon: str
     round: int
     mirror: bool
+    speed: int = 0  # the mirror's speed limit, bytes/s (0: none)
     iops: float = float("nan")
     lat_p99_us: float = float("nan")
     cpu_s: float = float("nan")
@@ -128,6 +129,14 @@ def make_target(path: str, fmt: str, size: int = IMAGE_SIZE) -> None:
             check=True,
             capture_output=True,
         )
+
+
+def compare(source: str, target: str, fmt: str) -> str:
+    """``qemu-img compare`` of the source and a finished copy (the daemon still holds the
+    source: shared); "" when equal, else what qemu-img said."""
+    argv = ["qemu-img", "compare", "-U", "-f", "raw", "-F", fmt, source, target]
+    out = subprocess.run(argv, capture_output=True, text=True)
+    return "" if out.returncode == 0 else f"copy differs: {(out.stdout + out.stderr).strip()}"
 
 
 # --- one daemon ----------------------------------------------------------------------------
@@ -295,6 +304,8 @@ class Runner:
                 sample.cpu_s = d.cpu - c0
             finally:
                 d.del_target()
+            if rnd == 0 and self.args.verify:
+                sample.error = compare(d.source, tgt, fmt)
         except (QmpError, OSError, subprocess.CalledProcessError) as exc:
             sample.error = str(exc)
             self.note(f"{copy} on {d.name}: {exc}")
@@ -309,15 +320,23 @@ class Runner:
             for rnd in range(self.args.rounds):
                 for jname in self.args.fio_jobs.split(","):
                     for name in names:
-                        for mirror in (False, True):
+                        for mirror in (None, *self.speeds):
                             s = self.one_fio(live[name], FIO_JOBS[jname], rnd, mirror)
                             self.outcome.fio.append(s)
                             say(f"{backend.name} fio {jname} {name} r{rnd} mirror={mirror}: "
                                 f"{s.iops:.0f} IOPS, {s.passes} passes {s.error}")  # fmt: skip
 
-    def one_fio(self, d: JobDaemon, job: Job, rnd: int, mirror: bool) -> FioSample:
-        sample = FioSample(d.backend.name, job.name, d.name, rnd, mirror)
-        tag = f"{d.backend.name}-{job.name}-{d.name}-r{rnd}-{'mirror' if mirror else 'alone'}"
+    @property
+    def speeds(self) -> list[int]:
+        """The mirror speeds of the fio runs under a mirror (0: no limit)."""
+        return [int(v) for v in self.args.mirror_speeds.split(",") if v]
+
+    def one_fio(self, d: JobDaemon, job: Job, rnd: int, speed: int | None) -> FioSample:
+        """One fio run: alone (``speed`` None) or under a mirror at ``speed`` bytes/s."""
+        mirror = speed is not None
+        sample = FioSample(d.backend.name, job.name, d.name, rnd, mirror, speed or 0)
+        what = f"mirror{speed}" if mirror else "alone"
+        tag = f"{d.backend.name}-{job.name}-{d.name}-r{rnd}-{what}"
         out = self.out / "fio" / f"{tag}.json"
         a = self.args
         argv = fio_command(job, d.daemon.fio_path, a.runtime, a.ramp, str(out))
@@ -330,8 +349,8 @@ class Runner:
             try:
                 fio = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True, start_new_session=True)  # fmt: skip
-                if mirror:
-                    sample.passes = self.mirror_loop(d, fio)
+                if speed is not None:
+                    sample.passes = self.mirror_loop(d, fio, speed)
                 _, err = fio.communicate(timeout=a.runtime + a.ramp + 120)
             finally:
                 if mirror:
@@ -348,11 +367,11 @@ class Runner:
             Path(tgt).unlink(missing_ok=True)
         return sample
 
-    def mirror_loop(self, d: JobDaemon, fio: subprocess.Popen) -> int:
+    def mirror_loop(self, d: JobDaemon, fio: subprocess.Popen, speed: int) -> int:
         """Mirror d0 to t0 again and again while fio runs; the mirrors that got ready."""
         passes = 0
         while fio.poll() is None:
-            d.start_job("blockdev-mirror")
+            d.start_job("blockdev-mirror", speed)
             while fio.poll() is None:
                 try:
                     d.wait("BLOCK_JOB_READY", timeout=0.2)
@@ -398,22 +417,24 @@ def copy_table(samples: list[CopySample]) -> str:
 
 
 def fio_table(samples: list[FioSample]) -> str:
-    groups: dict[tuple[str, str, str], dict[bool, list[FioSample]]] = {}
+    """Per backend, job and daemon: IOPS alone, and under a mirror at each speed."""
+    groups: dict[tuple[str, str, str], dict[int | None, list[FioSample]]] = {}
     for s in samples:
         if not s.error:
-            groups.setdefault((s.backend, s.job, s.daemon), {}).setdefault(s.mirror, []).append(s)
-    lines = [f"{'backend':7} {'job':15} {'daemon':7} {'n':>2} {'IOPS alone':>10} "
-             f"{'IOPS mirror':>11} {'ratio':>6} {'passes':>6} {'cpu alone':>9} "
-             f"{'cpu mirror':>10}"]  # fmt: skip
+            key = s.speed if s.mirror else None
+            groups.setdefault((s.backend, s.job, s.daemon), {}).setdefault(key, []).append(s)
+    lines = [f"{'backend':7} {'job':15} {'daemon':11} {'mirror MiB/s':>12} {'n':>2} "
+             f"{'IOPS':>7} {'x alone':>7} {'passes':>6} {'cpu s':>6}"]  # fmt: skip
     for (backend, job, daemon), by in groups.items():
-        alone, mir = by.get(False, []), by.get(True, [])
-        a = _median([s.iops for s in alone])
-        m = _median([s.iops for s in mir])
-        ratio = m / a if a == a and a > 0 else float("nan")
-        passes = _median([float(s.passes) for s in mir])
-        ca, cm = _median([s.cpu_s for s in alone]), _median([s.cpu_s for s in mir])
-        lines.append(f"{backend:7} {job:15} {daemon:7} {len(mir):2} {a:10.0f} {m:11.0f} "
-                     f"{ratio:6.2f} {passes:6.1f} {ca:9.2f} {cm:10.2f}")  # fmt: skip
+        alone = _median([s.iops for s in by.get(None, [])])
+        for speed, runs in by.items():
+            iops = _median([s.iops for s in runs])
+            ratio = iops / alone if alone == alone and alone > 0 else float("nan")
+            label = "-" if speed is None else ("unlimited" if not speed else f"{speed >> 20}")
+            passes = _median([float(s.passes) for s in runs])
+            cpu = _median([s.cpu_s for s in runs])
+            lines.append(f"{backend:7} {job:15} {daemon:11} {label:>12} {len(runs):2} "
+                         f"{iops:7.0f} {ratio:7.2f} {passes:6.1f} {cpu:6.2f}")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -430,6 +451,10 @@ def parser() -> argparse.ArgumentParser:
                    "('' skips the copy runs)")  # fmt: skip
     p.add_argument("--fio-jobs", default=",".join(FIO_JOBS),
                    help=f"comma list of {','.join(FIO_JOBS)} ('' skips fio)")  # fmt: skip
+    p.add_argument("--mirror-speeds", default="0,104857600",
+                   help="the mirror's speeds under fio (bytes/s, 0: no limit)")  # fmt: skip
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip qemu-img compare of each copy of round 0")  # fmt: skip
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--runtime", type=float, default=10.0, help="fio's measured seconds")
     p.add_argument("--ramp", type=float, default=2.0, help="fio's warm-up seconds")
