@@ -433,6 +433,12 @@ class FileNode(BlockNode):
     async def do_block_status(self, offset: int, length: int) -> BlockStatus:
         """Data or a hole (reads as zeroes), at the same offset of this file."""
         assert self.backend is not None
+        start, end = self.data_span
+        if start <= offset < end:
+            # QEMU's block-status cache: inside the last data span found, no lseek (on
+            # tmpfs SEEK_HOLE walks the page cache up to the hole, a whole image's worth).
+            n = min(end - offset, length)
+            return BlockStatus(STATUS_DATA | STATUS_OFFSET_VALID, n, self, offset)
         is_data, n = await self.backend.run(self.seek_status, offset, length)
         flags = (STATUS_DATA if is_data else STATUS_ZERO) | STATUS_OFFSET_VALID
         return BlockStatus(flags, n, self, offset)

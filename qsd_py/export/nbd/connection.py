@@ -934,7 +934,14 @@ class Connection:
                 self._release(buf)
                 self._write_done(cookie, offset, res)
                 return
-        if owner is not None and owner is self.rbuf:
+        if length and type(owner) is not AlignedBuffer:
+            # The node's road (a dirty bitmap, a filter, a format): a payload in the receive
+            # buffer is not page-aligned, and an O_DIRECT file node would bounce it through a
+            # pool thread; a copy into an aligned buffer costs far less.
+            buf = buffers.take(length)
+            buf.view[:length] = data
+            data, owner = buf.view[:length], buf
+        elif owner is not None and owner is self.rbuf:
             self._pins += 1
         self._spawn(self._write_task(flags, cookie, offset, data, owner), len(data))
 
