@@ -311,6 +311,26 @@ async def prepare_fast_write(node: Qcow2Node, offset: int, length: int, expect: 
     False (nothing done) where a cluster needs its data copied, or another write is
     allocating it. ``expect``: the host end of the cluster before, as for
     :class:`Pending`."""
+    return await _fresh(node, offset, length, expect, None)
+
+
+async def write_fresh(
+    node: Qcow2Node, offset: int, buf: memoryview, start: int, length: int, expect: int = -1
+) -> bool:
+    """Write ``[start, +length)`` of a request (``buf`` at ``offset``), all of it fresh
+    clusters, as one batch per L2 slice: host clusters placed as QEMU places them (one
+    refcount update for the run), the data written in one request per host run, zeroes
+    only where the write leaves part of a reused cluster, then the entries in one L2
+    update (after the data and the refcounts, as QEMU links them). False (nothing done)
+    as :func:`prepare_fast_write`."""
+    return await _fresh(node, start, length, expect, buf[start - offset : start - offset + length])
+
+
+async def _fresh(
+    node: Qcow2Node, offset: int, length: int, expect: int, data: memoryview | None
+) -> bool:
+    """:func:`prepare_fast_write` (``data`` None: the entries linked before the caller
+    writes) or :func:`write_fresh` (``data`` at ``offset``: written, then linked)."""
     if node.read_only or node.corrupt or node.map is None or "data-file" in node.children:
         return False
     if node.crypt is not None:  # fresh clusters need encrypted zeroes around the data
@@ -322,9 +342,10 @@ async def prepare_fast_write(node: Qcow2Node, offset: int, length: int, expect: 
         return False
     try:
         for l2e, bitmap in entries:
-            if not _keeps_host(node, l2e) and (
-                node.allocated(l2e) or not _reads_zero_everywhere(node, l2e, bitmap)
-            ):
+            if _keeps_host(node, l2e):
+                if data is not None:
+                    return False  # made writable meanwhile: the caller's plan is stale
+            elif node.allocated(l2e) or not _reads_zero_everywhere(node, l2e, bitmap):
                 return False
         per_slice = node.map.slice_entries
         i = 0
@@ -332,7 +353,8 @@ async def prepare_fast_write(node: Qcow2Node, offset: int, length: int, expect: 
             j = i + 1
             while j < len(clusters) and clusters[j] // per_slice == clusters[i] // per_slice:
                 j += 1
-            expect = await _zero_fill(node, offset, length, clusters[i:j], entries[i:j], expect)
+            batch = _Batch(offset, length, clusters[i:j], entries[i:j], data)
+            expect = await _fill_fresh(node, batch, expect)
             i = j
         return True
     finally:
@@ -340,36 +362,77 @@ async def prepare_fast_write(node: Qcow2Node, offset: int, length: int, expect: 
             node.allocations.end(guest_cluster)
 
 
-async def _zero_fill(
-    node: Qcow2Node,
-    offset: int,
-    length: int,
-    clusters: range,
-    entries: list[tuple[int, int]],
-    expect: int,
-) -> int:
-    """:func:`prepare_fast_write` for the clusters of one L2 slice; returns the host end."""
+@dataclass(slots=True)
+class _Batch:
+    """The clusters of one L2 slice in a fresh write of ``length`` bytes at guest
+    ``offset`` (``data``: the whole write's bytes, or None when a queue worker writes them)."""
+
+    offset: int
+    length: int
+    clusters: range
+    entries: list[tuple[int, int]]
+    data: memoryview | None
+
+
+async def _fill_fresh(node: Qcow2Node, batch: _Batch, expect: int) -> int:
+    """One L2 slice of :func:`_fresh`; returns the host end of its last cluster."""
     assert node.refcounts is not None
-    hosts, never_used = await _place(node, clusters, entries, expect)
+    hosts, never_used = await _place(node, batch.clusters, batch.entries, expect)
     cs = node.cluster_size
     try:
         links = []
-        for guest_cluster, (l2e, bitmap), host in zip(clusters, entries, hosts, strict=True):
+        for guest_cluster, (l2e, bitmap), host in zip(
+            batch.clusters, batch.entries, hosts, strict=True
+        ):
             if _keeps_host(node, l2e):
-                continue  # an earlier write got there first
+                continue  # an earlier write got there first: written in place below
             base = guest_cluster << node.cluster_bits
-            start, end = max(offset, base), min(offset + length, base + cs)
+            start = max(batch.offset, base)
+            end = min(batch.offset + batch.length, base + cs)
             lo, hi = _cow_span(node, l2e, bitmap, False, start - base, end - start)
             if (host >> node.cluster_bits) < never_used:  # a reused cluster: zero it
-                await node.data_node.write_zeroes(host + lo, hi - lo, False)
+                await _zero_around(node, host, lo, hi, start - base, end - base, batch.data)
             node.refcounts.note_end(host + hi)
             links.append((guest_cluster, l2e, bitmap, host, lo, hi))
+        if batch.data is not None:
+            await _write_runs(node, batch, hosts)
         async with node.meta_lock:
-            for guest_cluster, l2e, bitmap, host, lo, hi in links:
-                await _link(node, guest_cluster, l2e, bitmap, host, lo, hi, False)
+            await _link_fresh(node, links)
     finally:
         _release(node, hosts)
     return hosts[-1] + cs
+
+
+async def _zero_around(
+    node: Qcow2Node, host: int, lo: int, hi: int, w_lo: int, w_hi: int, data: memoryview | None
+) -> None:
+    """Zeroes in a reused cluster's ``[lo, hi)``: all of it when a queue worker writes the
+    data after the entry is linked (the entry must never show the old content), else only
+    around the written ``[w_lo, w_hi)``, which the data covers before the entry exists."""
+    if data is None:
+        await node.data_node.write_zeroes(host + lo, hi - lo, False)
+        return
+    for a, b in ((lo, w_lo), (w_hi, hi)):
+        if b > a:
+            await node.data_node.write_zeroes(host + a, b - a, False)
+
+
+async def _write_runs(node: Qcow2Node, batch: _Batch, hosts: list[int]) -> None:
+    """The batch's data, one request per run of consecutive host clusters."""
+    assert batch.data is not None
+    bits, cs = node.cluster_bits, node.cluster_size
+    first = max(batch.offset, batch.clusters[0] << bits)
+    end = min(batch.offset + batch.length, (batch.clusters[-1] + 1) << bits)
+    run_start = first
+    for k in range(len(hosts)):
+        cluster_end = min(end, (batch.clusters[k] + 1) << bits)
+        if k + 1 < len(hosts) and hosts[k + 1] == hosts[k] + cs:
+            continue
+        host = hosts[k] - ((batch.clusters[k] << bits) - run_start)
+        rel = run_start - batch.offset
+        part = batch.data[rel : rel + cluster_end - run_start]
+        await node.write_in_place(host, part)
+        run_start = cluster_end
 
 
 async def preallocate(node: Qcow2Node, start: int, end: int) -> int:
@@ -540,15 +603,45 @@ async def _link(
     the refcount cache), the subclusters ``[lo, hi)`` allocated, then drop the old
     cluster's reference (never passed on as a discard, as QEMU)."""
     assert node.map is not None and node.refcounts is not None
+    if not node.lazy_refcounts():
+        await node.map.cache.depend_on(node.refcounts.cache)
+    await node.map.set_entry(guest_cluster, *_new_entry(node, bitmap, new_host, lo, hi))
+    if not own:
+        await free_entry(node, old, DISCARD_NEVER)
+
+
+def _new_entry(node: Qcow2Node, bitmap: int, host: int, lo: int, hi: int) -> tuple[int, int]:
+    """The entry of a cluster written at ``host`` with its subclusters ``[lo, hi)`` now
+    allocated (the other bits as they were)."""
+    assert node.map is not None
     new_bitmap = 0
     if node.map.extended:
         mask = subcluster_mask(lo, hi - lo, node.cluster_size)
         new_bitmap = (bitmap | mask) & ~(mask << 32)
+    return host | OFLAG_COPIED, new_bitmap
+
+
+async def _link_fresh(node: Qcow2Node, links: list[tuple[int, int, int, int, int, int]]) -> None:
+    """:func:`_link` of fresh clusters (``(guest, l2e, bitmap, host, lo, hi)`` in guest
+    order, one L2 slice; their old entries hold no cluster): the refcounts first as for
+    one, then each run of consecutive entries in one go. The caller holds the metadata
+    lock."""
+    assert node.map is not None and node.refcounts is not None
+    if not links:
+        return
     if not node.lazy_refcounts():
         await node.map.cache.depend_on(node.refcounts.cache)
-    await node.map.set_entry(guest_cluster, new_host | OFLAG_COPIED, new_bitmap)
-    if not own:
-        await free_entry(node, old, DISCARD_NEVER)
+    i = 0
+    while i < len(links):
+        j = i + 1
+        while j < len(links) and links[j][0] == links[i][0] + (j - i):
+            j += 1
+        values = [_new_entry(node, b, host, lo, hi) for _, _, b, host, lo, hi in links[i:j]]
+        await node.map.set_entries(links[i][0], values)
+        i = j
+    for _, l2e, _, _, _, _ in links:
+        if l2e & L2E_OFFSET_MASK or l2e & OFLAG_COMPRESSED:
+            await free_entry(node, l2e, DISCARD_NEVER)  # not for the fresh clusters it takes
 
 
 async def free_entry(node: Qcow2Node, l2e: int, discard_type: int) -> None:

@@ -707,13 +707,9 @@ class Qcow2Node(BlockNode):
         if (
             len(pending) > 1
             and end - start == sum(p.n for p in pending)
-            and await allocate.prepare_fast_write(self, start, end - start, pending[0].before)
+            and await allocate.write_fresh(self, offset, buf, start, end - start, pending[0].before)
         ):
-            # Fresh clusters, now allocated: the data goes in place, in one go.
-            pending = []
-            await self._write_planned(offset, buf, start, end - start, pending)
-            if not pending:
-                return
+            return  # fresh clusters: allocated, written and linked in one batch
         await allocate.write_pending(self, offset, buf, pending)
 
     async def _write_planned(

@@ -163,10 +163,13 @@ class Refcounts:
         done = 0
         if addend > 0:  # counted from here on: no longer free for a search (a new block's)
             self.high_water = max(self.high_water, first + count)
+        block_off, block, slot = 0, bytearray(), -1
         try:
             for index in range(first, first + count):
-                block_off = await self._block_for(index)
-                block = await self.cache.get(block_off)
+                if index >> self.block_bits != slot:  # a run's counts share their blocks
+                    slot = index >> self.block_bits
+                    block_off = await self._block_for(index)
+                    block = await self.cache.get(block_off)
                 cell = index & ((1 << self.block_bits) - 1)
                 value = get_refcount(block, cell, self.order) + addend
                 if value < 0 or value > self.max_refcount:
