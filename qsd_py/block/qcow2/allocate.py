@@ -73,6 +73,22 @@ class Allocations:
         self._clusters.pop(guest_cluster).leave()
         self._in_flight.leave()
 
+    def start_many(self, clusters: range) -> None:
+        """:meth:`start` of a batch's clusters, sharing one count (ended together)."""
+        mine = InFlight()
+        mine.enter()
+        self._in_flight.enter()
+        for guest_cluster in clusters:
+            self._clusters[guest_cluster] = mine
+
+    def end_many(self, clusters: range) -> None:
+        mine = None
+        for guest_cluster in clusters:
+            mine = self._clusters.pop(guest_cluster)
+        if mine is not None:
+            mine.leave()
+            self._in_flight.leave()
+
     async def wait_idle(self) -> None:
         await self._in_flight.wait_idle()
 
@@ -153,8 +169,7 @@ async def _write_group(
         return hosts[-1] + node.cluster_size
     finally:
         _release(node, hosts)
-        for guest_cluster in clusters:
-            node.allocations.end(guest_cluster)
+        node.allocations.end_many(clusters)
 
 
 def _release(node: Qcow2Node, hosts: list[int]) -> None:
@@ -358,8 +373,7 @@ async def _fresh(
             i = j
         return True
     finally:
-        for guest_cluster in clusters:
-            node.allocations.end(guest_cluster)
+        node.allocations.end_many(clusters)
 
 
 @dataclass(slots=True)
@@ -553,8 +567,7 @@ async def _begin_allocations(node: Qcow2Node, clusters: range) -> list[tuple[int
     async with node.allocations.change_lock, node.meta_lock:
         if any(node.allocations.running(c) is not None for c in clusters):
             return None
-        for guest_cluster in clusters:
-            node.allocations.start(guest_cluster)
+        node.allocations.start_many(clusters)
         await node.mark_dirty()
         return [await node.map.entry(c) for c in clusters]
 

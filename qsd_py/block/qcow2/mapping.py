@@ -95,6 +95,8 @@ class ClusterMap:
         self.refcounts = refcounts
         # Told every entry it learns or changes: (guest cluster, l2 entry, bitmap).
         self.publish: Callable[[int, int, int], None] | None = None
+        # The same for consecutive entries: (first guest cluster, [(l2 entry, bitmap)]).
+        self.publish_many: Callable[[int, list[tuple[int, int]]], None] | None = None
         # Told about a table found misplaced before the lookup fails (marks the image corrupt).
         self.on_corruption: Callable[[str], Awaitable[None]] | None = None
 
@@ -198,7 +200,9 @@ class ClusterMap:
             else:
                 _U64.pack_into(buf, at + i * 8, l2_entry)
         self.cache.mark_dirty(slice_off)
-        if self.publish is not None:
+        if self.publish_many is not None:
+            self.publish_many(first, values)
+        elif self.publish is not None:
             for i, (l2_entry, bitmap) in enumerate(values):
                 self.publish(first + i, l2_entry, bitmap)
 

@@ -271,6 +271,7 @@ class Qcow2Node(BlockNode):
         )  # fmt: skip
         self.table = ClusterTable(h.cluster_bits, -(-h.size // h.cluster_size))
         self.map.publish = functools.partial(fast_table.publish, self)
+        self.map.publish_many = functools.partial(fast_table.publish_many, self)
         if opts.cache_clean_interval:
             loop = asyncio.get_running_loop()
             self._cleaner = loop.call_later(opts.cache_clean_interval, self._clean_caches)
@@ -699,6 +700,10 @@ class Qcow2Node(BlockNode):
             raise OSError(errno.EROFS, "Block node is read-only")
         buf = data if isinstance(data, memoryview) else memoryview(data)
         self._check_usable()
+        if self._looks_fresh(offset, len(buf)) and await allocate.write_fresh(
+            self, offset, buf, offset, len(buf)
+        ):
+            return  # all fresh clusters: no planning pass needed
         pending: list[allocate.Pending] = []  # clusters needing allocation, in order
         await self._write_planned(offset, buf, offset, len(buf), pending)
         if not pending:
@@ -711,6 +716,18 @@ class Qcow2Node(BlockNode):
         ):
             return  # fresh clusters: allocated, written and linked in one batch
         await allocate.write_pending(self, offset, buf, pending)
+
+    def _looks_fresh(self, offset: int, length: int) -> bool:
+        """Whether a write spans several clusters and its first has no host cluster (from
+        the cached entry, no I/O): worth trying as one fresh batch before planning it
+        (which then checks every cluster; the layout is the same either way, since no
+        in-place cluster precedes the first one)."""
+        if self.map is None or (offset >> self.cluster_bits) == (
+            (offset + length - 1) >> self.cluster_bits
+        ):
+            return False
+        entry = self.map.peek(offset >> self.cluster_bits)
+        return entry is not None and entry[0] == 0
 
     async def _write_planned(
         self, offset: int, buf: memoryview, start: int, n: int, pending: list[allocate.Pending]
