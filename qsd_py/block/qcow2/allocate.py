@@ -12,7 +12,10 @@ made writable first), each run continuing on the host right after the cluster be
 the request when those clusters are free, else in the first free run; what a write copies
 (the cluster, or with extended L2 the touched subclusters, widened over a shared cluster's
 allocated ones) is what QEMU copies. Multi-cluster writes into fresh clusters are allocated
-together (:func:`prepare_fast_write`) so that the data goes in place in one request.
+together, one batch per L2 slice: the node's own (:func:`write_fresh`) writes the data to
+the host run in one request, then sets the entries in one L2 update (after the refcounts,
+as QEMU links them); a queue worker's (:func:`prepare_fast_write`) gets the entries first
+and writes the data itself, so reused clusters are zeroed whole for it.
 """
 
 from __future__ import annotations
