@@ -359,7 +359,11 @@ async def _fresh(
     if entries is None:
         return False
     try:
-        for l2e, bitmap in entries:
+        for guest_cluster, (l2e, bitmap) in zip(clusters, entries, strict=True):
+            if data is not None:  # QEMU's entry checks, as the planning pass makes them
+                base = guest_cluster << bits
+                n = min(offset + length, base + node.cluster_size) - max(offset, base)
+                await node.check_write_entry(max(offset, base), l2e, bitmap, n)
             if _keeps_host(node, l2e):
                 if data is not None:
                     return False  # made writable meanwhile: the caller's plan is stale
