@@ -568,6 +568,7 @@ class Connection:
         while self._reading:
             big = self._big
             deferred = self._deferred  # run after this receive, not one it makes
+            copied = False
             try:
                 if big is not None:
                     want = self._big_request[4] - self._big_got
@@ -589,6 +590,7 @@ class Connection:
             finally:
                 if deferred is not None and deferred is self._deferred:
                     self._run_deferred()
+                    copied = True
             if n == 0:
                 self._end_of_input()
                 break
@@ -598,9 +600,10 @@ class Connection:
                     self._big_done()
             self._parse()
             total += n
-            # (a deferred WRITE waits for one more receive, within bounds)
+            # A deferred WRITE waits for one more receive, within bounds; after its copy the
+            # client has likely refilled the socket: receive again rather than poll.
             enough = total >= RECV_SIZE and (self._deferred is None or total >= 4 * RECV_SIZE)
-            if (n < want or enough) and not channel.buffered():
+            if (n < want and not copied or enough) and not channel.buffered():
                 break
         if self._deferred is not None:
             self._run_deferred()
