@@ -921,6 +921,7 @@ class Connection:
         assert t is not None
         plan = self.plan
         length = len(data)
+        fresh = False  # clusters the table says are fresh: allocated first (_write_fresh)
         if (
             plan is not None
             and plan.writable
@@ -930,6 +931,7 @@ class Connection:
         ):
             action, pos, size = route(plan, offset, length, True)
             if action == fast_io.ACCEPT:
+                plan.mark(offset, size)  # the node's recording bitmaps (shared_bits.py)
                 self._release(owner)
                 self._queue(t.reply_ok(cookie, offset))
                 return
@@ -937,14 +939,20 @@ class Connection:
                 defer = length > BIG_PAYLOAD and self._in_read
                 self._write_routed(plan, action, pos, size, cookie, offset, data, owner, defer)
                 return
-            if plan.entries is not None and fast_io.all_zeroes(plan, offset, length):
-                if owner is not None and owner is self.rbuf:
-                    self._pins += 1
-                self._spawn(self._write_fresh(flags, cookie, offset, data, owner), length)
-                return
-        if owner is not None and owner is self.rbuf:
+            fresh = plan.entries is not None and fast_io.all_zeroes(plan, offset, length)
+        if length and type(owner) is not AlignedBuffer:
+            # The node's road (a dirty bitmap, a filter, a format): a payload in the receive
+            # buffer is not page-aligned, and an O_DIRECT file node would bounce it through a
+            # pool thread; a copy into an aligned buffer costs far less.
+            buf = buffers.take(length)
+            buf.view[:length] = data
+            data, owner = buf.view[:length], buf
+        elif owner is not None and owner is self.rbuf:
             self._pins += 1
-        self._spawn(self._write_task(flags, cookie, offset, data, owner), len(data))
+        if fresh:
+            self._spawn(self._write_fresh(flags, cookie, offset, data, owner), length)
+        else:
+            self._spawn(self._write_task(flags, cookie, offset, data, owner), len(data))
 
     def _write_routed(
         self,
@@ -991,6 +999,7 @@ class Connection:
         plan.done()
         if res < 0:
             fast_io.failed(plan, size, True)
+        plan.mark(offset, size)  # well or not, as the node marks; before the reply
         self._release(buf)
         self._write_done(cookie, offset, res)
 
@@ -1046,6 +1055,8 @@ class Connection:
         tr.plan.done()
         if res < 0:
             fast_io.failed(tr.plan, tr.length, tr.writing)
+        if tr.writing:  # the node's recording bitmaps (shared_bits.py), before the reply
+            tr.plan.mark(tr.offset, tr.length)
         if self._retired and not self._transfers:
             self._release_retired()
         buf = tr.buf
