@@ -46,6 +46,7 @@ class Daemon:
         self.graph.emit_event = self.emit_event
         self.exports = ExportRegistry(self)
         self.jobs = JobRegistry(self.emit_event)
+        self.graph.drain_all_hooks.append(self.jobs.drain_all_section)
         self.objects = ObjectRegistry()
         self.graph.objects = self.objects
         self.monitors: set[EventSink] = set()
@@ -117,6 +118,8 @@ class Daemon:
             if self.nbd_server is not None:
                 server, self.nbd_server = self.nbd_server, None
                 await server.close()
+            for hook in self.graph.drain_all_hooks:  # QEMU drains all before it cancels
+                await hook(list(self.graph))  # the jobs, and never ends that section
             await self.jobs.cancel_all()
         finally:
             await self.graph.close_all()

@@ -335,7 +335,9 @@ class BlockNode:
             yield
         finally:
             for resume in reversed(resumes):
-                resume()
+                done = resume()
+                if done is not None:  # a job: until it has left its pause point
+                    await done
 
     def _nodes_above(self) -> list[BlockNode]:
         """This node and every node that reaches it through children, parents first."""

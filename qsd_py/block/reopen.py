@@ -82,6 +82,9 @@ async def reopen(graph: BlockGraph, entries: list[dict[str, Any]]) -> None:
     for opts in entries:
         key = opts.get("node-name", object())
         merged[key] = {**merged.get(key, {}), **opts}
+    for opts in merged.values():  # QEMU looks up every node before it drains them all
+        _find_node(graph, opts)
+    await graph.drain_all()
     plans = [_plan(graph, opts) for opts in merged.values()]
     for node, opts, backing in plans:
         await _apply(graph, node, opts, backing)
@@ -90,14 +93,21 @@ async def reopen(graph: BlockGraph, entries: list[dict[str, Any]]) -> None:
 _UNSET = object()
 
 
-def _plan(graph: BlockGraph, opts: dict[str, Any]) -> tuple[BlockNode, dict[str, Any], Any]:
-    """The node, its new options, and its new backing node (None: none; _UNSET: keep)."""
+def _find_node(graph: BlockGraph, opts: dict[str, Any]) -> BlockNode:
+    """The node an entry reopens, or QEMU's error."""
     name = opts.get("node-name")
     if name is None:
         raise QMPError("node-name not specified")
     node = graph.find(name)
     if node is None:
         raise QMPError(f"Failed to find node with node-name='{name}'")
+    return node
+
+
+def _plan(graph: BlockGraph, opts: dict[str, Any]) -> tuple[BlockNode, dict[str, Any], Any]:
+    """The node, its new options, and its new backing node (None: none; _UNSET: keep)."""
+    node = _find_node(graph, opts)
+    name = node.node_name
     if opts["driver"] != node.driver:
         raise QMPError("Cannot change the option 'driver'")
     if bool(opts.get("force-share", False)) != node.force_share:

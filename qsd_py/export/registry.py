@@ -56,12 +56,16 @@ class ExportRegistry:
             raise QMPError(f"Block export id '{export_id}' is already in use")
         cls = export_types()[opts["type"]]
         node = cls.lookup_node(self.daemon, opts)
+        # QEMU 11.1 attaches the export's BlockBackend in a drained section of all nodes
+        # (and detaches it in another when the export fails to start)
+        await self.daemon.graph.drain_all()
         export = cls(self.daemon, opts, node)
         self._exports[export_id] = export
         try:
             await export.start()
         except BaseException:
             del self._exports[export_id]
+            await self.daemon.graph.drain_all()
             raise
         return export
 
@@ -76,12 +80,16 @@ class ExportRegistry:
         if mode == "safe" and export.in_use():
             raise QMPError(f"export '{export_id}' still in use")
         export.shutting_down = True
+        for _ in range(2):  # QEMU 11.1 drains the export's node twice as it shuts it down
+            async with export.node.drained():
+                pass
         try:
             pending = await export.stop(mode)
         except BaseException:
             export.shutting_down = False
             raise
         if pending is None:
+            await self.daemon.graph.drain_all()  # QEMU 11.1: the BlockBackend detached
             self._gone(export)
             return None
         going = self._going[export_id] = asyncio.ensure_future(self._gone_later(export, pending))
@@ -92,6 +100,7 @@ class ExportRegistry:
             await pending
         finally:
             del self._going[export.id]
+            await self.daemon.graph.drain_all()
             self._gone(export)
 
     def _gone(self, export: BlockExport) -> None:
