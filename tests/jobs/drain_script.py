@@ -53,6 +53,7 @@ def _reopen(node: str, file: str, ro: bool) -> list[Any]:
 
 NBD = {"type": "unix", "data": {"path": "nbd.sock"}}
 SYNC = "blockdev-snapshot-sync"
+WS = {"node-name": "w", "snapshot-file": "ws.qcow2", "snapshot-node-name": "ws"}
 
 SCRIPT: list[list[Any]] = [
     _q("base", _file("base")),
@@ -88,8 +89,7 @@ SCRIPT: list[list[Any]] = [
     ["block-export-add", {"type": "nbd", "id": "e", "node-name": "w"}],
     ["block-export-add", {"type": "nbd", "id": "e2", "node-name": "w"}],
     ["block-export-add", {"type": "nbd", "id": "e3", "node-name": "nope"}],
-    ["transaction", {"actions": [{"type": SYNC, "data": {
-        "node-name": "w", "snapshot-file": "ws.qcow2", "snapshot-node-name": "ws"}}]}],  # fmt: skip
+    ["transaction", {"actions": [{"type": SYNC, "data": WS}]}],
     ["block_resize", {"node-name": "z", "size": 2 << 20}],
     ["block-export-del", {"id": "e"}],
     ["query-jobs", {}],
