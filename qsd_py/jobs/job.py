@@ -304,6 +304,10 @@ class Job:
         (its ``running``/``ready`` comes before the command's reply, as in QEMU, where the
         job runs at once)."""
         self.resume()
+        await self.wait_unpaused()
+
+    async def wait_unpaused(self) -> None:
+        """Once nothing holds the job any more: return when it has left its pause point."""
         while self.paused and self.pause_count == 0 and not self.deferred:
             await asyncio.sleep(0)
 
