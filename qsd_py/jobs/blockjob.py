@@ -125,12 +125,14 @@ class BlockJob(Job):
         return {}
 
     def _progress(self) -> dict[str, Any]:
+        """The data of BLOCK_JOB_READY/COMPLETED/CANCELLED, in the order QEMU writes them
+        (its QDict's hash buckets: device, len, offset, speed, type, then error)."""
         return {
-            "type": self.job_type,
             "device": self.id,
             "len": self.total_progress,
             "offset": self.current_progress,
             "speed": self.speed,
+            "type": self.job_type,
         }
 
     def on_ready(self) -> None:
