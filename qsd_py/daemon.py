@@ -119,7 +119,7 @@ class Daemon:
             server, self.nbd_server = self.nbd_server, None
             await server.close()
         for hook in self.graph.drain_all_hooks:
-            await hook(list(self.graph))
+            await hook(list(self.graph), True)
         await self.jobs.cancel_all()
 
     async def close(self) -> None:

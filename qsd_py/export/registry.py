@@ -103,10 +103,9 @@ class ExportRegistry:
     async def _release(self, export: BlockExport) -> None:
         """What QEMU 11.1 goes through as it frees an export (measured): its node drained
         twice, then every node once (its BlockBackend detached). Running jobs pause and go
-        on at each (those above the export's node at the first two)."""
-        for _ in range(2):
-            async with export.node.drained():
-                pass
+        on at each (those using the export's node or one above it at the first two); the
+        export's own requests are over by now, so only the jobs take part."""
+        await self.daemon.graph.drain_all(2, above=export.node)
         await self.daemon.graph.drain_all()
 
     def _gone(self, export: BlockExport) -> None:
