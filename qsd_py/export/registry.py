@@ -67,12 +67,16 @@ class ExportRegistry:
             raise QMPError(f"Block export id '{export_id}' is already in use")
         cls = export_type(opts["type"])
         node = cls.lookup_node(self.daemon, opts)
+        # QEMU 11.1 attaches the export's BlockBackend in a drained section of all nodes
+        # (and detaches it in another when the export fails to start)
+        await self.daemon.graph.drain_all()
         export = cls(self.daemon, opts, node)
         self._exports[export_id] = export
         try:
             await export.start()
         except BaseException:
             del self._exports[export_id]
+            await self.daemon.graph.drain_all()
             raise
         return export
 
@@ -93,6 +97,7 @@ class ExportRegistry:
             export.shutting_down = False
             raise
         if pending is None:
+            await self._release(export)
             self._gone(export)
             return None
         going = self._going[export_id] = asyncio.ensure_future(self._gone_later(export, pending))
@@ -103,7 +108,16 @@ class ExportRegistry:
             await pending
         finally:
             del self._going[export.id]
+            await self._release(export)
             self._gone(export)
+
+    async def _release(self, export: BlockExport) -> None:
+        """What QEMU 11.1 goes through as it frees an export (measured): its node drained
+        twice, then every node once (its BlockBackend detached). Running jobs pause and go
+        on at each (those using the export's node or one above it at the first two); the
+        export's own requests are over by now, so only the jobs take part."""
+        await self.daemon.graph.drain_all(2, above=export.node)
+        await self.daemon.graph.drain_all()
 
     def _gone(self, export: BlockExport) -> None:
         del self._exports[export.id]
