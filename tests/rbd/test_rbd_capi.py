@@ -1,11 +1,13 @@
 """The ctypes layer over librados/librbd (qsd_py/block/rbd/capi.py) on the session's
 cluster: librbd.h's constants as Ceph's own binding has them, writes from every kind of
-buffer the nodes above hand down, and a cancelled read that librbd still owns."""
+buffer the nodes above hand down, a cancelled read that librbd still owns, and requests of
+two loops (an iothread's and the main one) on one image at once."""
 
 from __future__ import annotations
 
 import asyncio
 import subprocess
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -88,3 +90,36 @@ def test_cancelled_read_still_waits_for_librbd(opened) -> None:
         assert bytes(buf) == b"\x11" * len(buf)
 
     asyncio.run(run())
+
+
+def test_two_loops_share_the_image(opened) -> None:
+    """The loop that did I/O first watches the event socket; the other loop's requests,
+    in flight at the same time, are handed over to it and all complete with their data."""
+    _name, image = opened
+    lib = image.lib
+
+    async def reads(count: int) -> list[bytes]:
+        async def one(i: int) -> bytes:
+            buf = bytearray(4096)
+            addr, keep = capi.buffer_address(buf)
+            assert await image.io(lib.rbd_aio_read, (i % 256) * 4096, 4096, addr, keep=keep) == 4096
+            return bytes(buf)
+
+        return await asyncio.gather(*(one(i) for i in range(count)))
+
+    async def first() -> None:
+        await reads(1)  # this thread's loop now watches the event socket
+        started.set()
+        results["thread"] = await reads(200)
+
+    results: dict[str, list[bytes]] = {}
+    started = threading.Event()
+    other = threading.Thread(target=lambda: asyncio.run(first()))
+    other.start()
+    assert started.wait(30)
+    results["main"] = asyncio.run(reads(200))
+    other.join(60)
+    assert not other.is_alive()
+    for key in ("thread", "main"):
+        assert results[key] == [b"\x11" * 4096] * 200
+    assert image._pending == {}

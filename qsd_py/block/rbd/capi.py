@@ -215,10 +215,8 @@ class Image:
             raise
         # completion -> (future of the request's waiter, what must live until it is done)
         self._pending: dict[int, tuple[asyncio.Future[int], Any]] = {}
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._comp = _vp()
-        self._comp_ref = ctypes.byref(self._comp)
-        self._batch = (_vp * _POLL_BATCH)()
+        # the loops watching the event socket: every loop that has done I/O on the image
+        self._watchers: set[asyncio.AbstractEventLoop] = set()
 
     # --- blocking calls ---------------------------------------------------------------------
     def stat(self) -> tuple[int, int]:
@@ -276,15 +274,14 @@ class Image:
         """Close the image and its event socket. librbd finishes the requests in flight
         first; their completions can no longer be collected then, so their waiters get EIO
         (the buffers are librbd's no more)."""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.remove_reader(self.efd)
-        self._loop = None
+        watchers, self._watchers = self._watchers, set()
+        for loop in watchers:
+            if not loop.is_closed():
+                loop.remove_reader(self.efd)
         self.lib.rbd_close(self.handle)
         os.close(self.efd)
         pending, self._pending = self._pending, {}
-        for fut, _keep in pending.values():
-            if not fut.done() and not fut.get_loop().is_closed():
-                fut.set_result(-errno.EIO)
+        _hand_over([(fut, -errno.EIO) for fut, _keep in pending.values()])
 
     # --- asynchronous I/O -------------------------------------------------------------------
     async def io(
@@ -294,64 +291,96 @@ class Image:
         wait for its result (a negative errno raises OSError). ``keep`` (the buffer) lives
         until librbd is done with it: if the waiter is cancelled meanwhile, this still waits
         for the completion before the cancellation goes on, since librbd may yet read or
-        write the buffer."""
+        write the buffer. The request is known as pending before librbd has it: another
+        thread's loop may collect its completion at once."""
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._attach(loop)
+        if loop not in self._watchers:
+            self._watch_from(loop)
         lib = self.lib
-        check(lib.rbd_aio_create_completion(None, None, self._comp_ref))
-        comp = self._comp.value
+        out = _vp()
+        lib.rbd_aio_create_completion(None, None, ctypes.byref(out))  # always 0
+        comp = out.value
         assert comp is not None
-        ret = fn(self.handle, *args, comp, *tail)
-        if ret < 0:
-            lib.rbd_aio_release(comp)
-            check(ret)
         fut = loop.create_future()
         self._pending[comp] = (fut, keep)
+        ret = -errno.EINVAL
+        try:
+            ret = fn(self.handle, *args, comp, *tail)
+        finally:
+            if ret < 0:  # librbd did not take it
+                del self._pending[comp]
+                lib.rbd_aio_release(comp)
+        check(ret)
         try:
             return check(await fut)
         except asyncio.CancelledError:
-            await self._outlive(comp, loop)
+            await self._outlive(comp)
             raise
 
-    async def _outlive(self, comp: int, loop: asyncio.AbstractEventLoop) -> None:
-        """Wait until librbd has completed ``comp``, whatever cancels the waiter again."""
+    async def _outlive(self, comp: int) -> None:
+        """Wait until librbd has completed ``comp`` (the collector has taken it out of the
+        pending requests), whatever cancels the waiter again. Rare: a poll every ms."""
         while comp in self._pending:
-            fut = loop.create_future()
-            self._pending[comp] = (fut, self._pending[comp][1])
             try:
-                await fut
+                await asyncio.sleep(0.001)
             except asyncio.CancelledError:
                 continue
 
-    def _attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Watch the event socket from ``loop`` (the first loop that does I/O; another one
-        only once the previous loop has nothing in flight or is closed)."""
-        old = self._loop
-        if old is not None and not old.is_closed():
-            if self._pending:
-                raise OSError(errno.EBUSY, "RBD image has requests in flight on another loop")
-            old.remove_reader(self.efd)
-        self._pending.clear()  # a closed loop's: nobody awaits them any more
-        loop.add_reader(self.efd, self._collect)
-        self._loop = loop
+    def _watch_from(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Watch the event socket from ``loop`` too. Each loop that does I/O on the image
+        watches it until it is closed, so a loop with requests in flight always wakes for
+        them; whichever loop reads the eventfd first collects every ready completion and
+        hands the other loops' results over (one node used from the main loop and an
+        iothread; the main loop alone in the common case)."""
+        self._watchers = {w for w in self._watchers if not w.is_closed()}
+        loop.add_reader(self.efd, self._collect, loop)
+        self._watchers.add(loop)
 
-    def _collect(self) -> None:
-        """The event socket is readable: settle every completion librbd has ready."""
+    def _collect(self, here: asyncio.AbstractEventLoop) -> None:
+        """The event socket is readable: settle every completion librbd has ready (on this
+        loop directly; another loop's in one hand-over per batch)."""
         try:
             os.read(self.efd, 8)
         except BlockingIOError:
             return
-        lib, batch, pending = self.lib, self._batch, self._pending
+        lib, pending = self.lib, self._pending
+        batch = (_vp * _POLL_BATCH)()  # one per call: two loops' threads may collect at once
+        foreign: list[tuple[asyncio.Future[int], int]] = []
         while n := lib.rbd_poll_io_events(self.handle, batch, _POLL_BATCH):
             if n < 0:
-                return
+                break
             for comp in batch[:n]:
                 ret = lib.rbd_aio_get_return_value(comp)
                 lib.rbd_aio_release(comp)
                 entry = pending.pop(comp, None)
-                if entry is not None and not entry[0].done():
-                    entry[0].set_result(ret)
+                if entry is None:
+                    continue
+                fut = entry[0]
+                if fut.get_loop() is here:
+                    if not fut.done():
+                        fut.set_result(ret)
+                else:
+                    foreign.append((fut, ret))
+        if foreign:
+            _hand_over(foreign)
+
+
+def _hand_over(results: list[tuple[asyncio.Future[int], int]]) -> None:
+    """Settle futures from any thread: each loop gets its share in one thread-safe call."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int]]] = {}
+    for fut, ret in results:
+        by_loop.setdefault(fut.get_loop(), []).append((fut, ret))
+    for loop, share in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, share)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+
+def _settle(share: list[tuple[asyncio.Future[int], int]]) -> None:
+    for fut, ret in share:
+        if not fut.done():
+            fut.set_result(ret)
 
 
 def buffer_address(buf: Any) -> tuple[int, Any]:
