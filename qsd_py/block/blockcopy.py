@@ -20,6 +20,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from qsd_py.block.copybuf import BufferPool
 from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.node import STATUS_ALLOCATED, STATUS_ZERO
 
@@ -64,6 +65,7 @@ class BlockCopy:
         self.compress = False
         self.discard_source = False
         self.max_chunk = MAX_CHUNK
+        self.buffers = BufferPool(MAX_CHUNK)  # aligned: no bounce buffer for O_DIRECT
         #: Called with the bytes of every finished copy (the job's progress).
         self.on_progress: Callable[[int], None] | None = None
         self._busy: dict[int, None] = {}  # clusters being copied
@@ -165,18 +167,21 @@ class BlockCopy:
         return copied
 
     async def _copy_data(self, offset: int, n: int) -> None:
-        buf = memoryview(bytearray(n))
+        mm, buf = self.buffers.take(n)
         try:
-            await self.source.read(offset, buf)
-        except OSError as err:
-            raise CopyError(err, "read") from err
-        try:
-            if self.compress:
-                await self._write_compressed(offset, buf)
-            else:
-                await self.target.write(offset, buf)
-        except OSError as err:
-            raise CopyError(err, "write") from err
+            try:
+                await self.source.read(offset, buf)
+            except OSError as err:
+                raise CopyError(err, "read") from err
+            try:
+                if self.compress:
+                    await self._write_compressed(offset, buf)
+                else:
+                    await self.target.write(offset, buf)
+            except OSError as err:
+                raise CopyError(err, "write") from err
+        finally:
+            self.buffers.give(mm, buf)
 
     async def _write_compressed(self, offset: int, buf: memoryview) -> None:
         """Through the target's compressed writes (whole clusters of the target's, but for

@@ -49,6 +49,7 @@ from qsd_py.block.fast_map import OFFSET_MASK, VALID, WRITABLE, ZERO
 from qsd_py.block.shared_bits import Marker
 from qsd_py.block.stats import FAILED_RD as _FAILED_RD
 from qsd_py.block.stats import FAILED_WR as _FAILED_WR
+from qsd_py.block.stats import HIGHEST as _HIGHEST
 from qsd_py.block.stats import LAST_IO as _LAST_IO
 from qsd_py.block.stats import RD_BYTES as _RD_BYTES
 from qsd_py.block.stats import RD_OPS as _RD_OPS
@@ -79,6 +80,8 @@ TRANSFER = 5  #: start backend I/O of ``b`` bytes at file position ``a``
 
 _VALID, _WRITABLE, _ZERO, _OFFSET_MASK = VALID, WRITABLE, ZERO, OFFSET_MASK
 _ENGINE = (ENGINE, 0, 0)
+_pwritev, _preadv = os.pwritev, os.preadv
+_UNLISTED = memoryview(bytes(1))  # FastPlan.listed of a plan without a top page
 
 
 class FastPlan:
@@ -86,8 +89,14 @@ class FastPlan:
 
     __slots__ = (
         "__weakref__",
-        "marks",
-        "mark_at",
+        "above",
+        "below",
+        "counted",
+        "write_at",
+        "read_at",
+        "listed",
+        "watched",
+        "chain",
         "kind",
         "fd",
         "base",
@@ -106,7 +115,6 @@ class FastPlan:
         "gen",
         "on_change",
         "gates",
-        "child_gates",
         "markers",
         "tally",
         "tally_below",
@@ -127,10 +135,21 @@ class FastPlan:
         table: ClusterTable | None = None,
         slot: int = -1,
     ) -> None:
-        # Per node of the chain: (shared cells, by file position?, shift) for its
-        # wr_highest_offset and write threshold (stats.py); set by plan_for.
-        self.marks: tuple[tuple[Any, bool, int], ...] = ()
-        self.mark_at = 0  # this process's cell of wr_highest_offset in each node's page
+        # What route() counts, flat (set by plan_for, _set_marks): the shared cells
+        # (stats.py) of the chain's nodes that see a request's offset shifted by the raw
+        # windows above them, as (cells, shift), and of those below the cluster table that
+        # see its file position, as (cells, -shift); all of them; this process's words
+        # there for a write (wr_highest_offset, ops, bytes, last request) and for a read.
+        self.above: tuple[tuple[Any, int], ...] = ()
+        self.below: tuple[tuple[Any, int], ...] = ()
+        self.counted: tuple[Any, ...] = ()
+        # Nodes of the chain whose counts this process's row takes from the top's (a queue
+        # worker's: stats.py, NodeStats.derive): only their thresholds are read, as
+        # (cells, shift); and the chain's (NodeStats, shift) down to the table.
+        self.watched: tuple[tuple[Any, int], ...] = ()
+        self.chain: tuple[tuple[Any, int], ...] = ()
+        self.write_at = (_HIGHEST, _WR_OPS, _WR_BYTES, _LAST_IO)
+        self.read_at = (_RD_OPS, _RD_BYTES, _LAST_IO)
         # query-blockstats' counters (stats.py) of the chain's nodes, this process's row at
         # tally_at: those every fast request passes, and those below the cluster table,
         # which a request answered from the table alone (zeroes) does not reach.
@@ -159,11 +178,14 @@ class FastPlan:
         # Called by the block layer when this plan no longer says what the chain is (writes
         # closed or opened, a child replaced): :meth:`BlockNode.fast_plans_changed`.
         self.on_change: Any = None
-        # The write gates of the chain's nodes (shared pages, BlockNode.fork_page): one
-        # set closes this plan to writes in every process that holds a copy of it.
-        self.gates: tuple[Any, ...] = ()
-        self.child_gates: tuple[Any, ...] = ()
+        # The write gates of the chain's nodes (shared pages, BlockNode.fork_page), as
+        # views read by one index each: the top's byte 0, and bytes 0-1 of every node
+        # below (its gate, or a bitmap of its own to mark). One set closes this plan to
+        # writes in every process that holds a copy of it.
+        self.gates: tuple[memoryview, ...] = ()
         self.markers: tuple[Marker, ...] = ()  # the chain's shared bitmaps (shared_bits.py)
+        # Byte 1 of the top's page: set while it lists bitmaps that mark() must mark.
+        self.listed: memoryview = _UNLISTED
 
     def done(self) -> None:
         """A request :func:`decide` routed by the table has finished its I/O."""
@@ -173,10 +195,13 @@ class FastPlan:
 
     def mark(self, offset: int, size: int) -> None:
         """A fast write of node bytes ``[offset, +size)`` finished (well or not, as the
-        node marks its bitmaps): mark the chain's shared bitmaps (none in the daemon,
-        whose plans do not write while a bitmap records)."""
-        for marker in self.markers:
-            marker.mark(offset, size)
+        node marks its bitmaps): mark the chain's shared bitmaps. Every caller whose
+        fast path writes does, before its reply: the queue workers, and in the daemon
+        the NBD and /dev/fuse exports. Callers on a hot path may test ``listed[0]``
+        first: without it there is nothing to mark."""
+        if self.listed[0]:
+            for marker in self.markers:
+                marker.mark(offset, size)
 
     def release(self) -> None:
         """Give the reader slot back (the queue is gone; its requests are done)."""
@@ -220,11 +245,13 @@ def _register(node: BlockNode, plan: FastPlan, top: bool = True) -> None:
     count the request's offsets; a node below with a recording bitmap closes the gate
     (byte 1 of its page) instead: the node in between knows where the bytes land."""
     node.fast_plans.add(plan)
+    page = memoryview(node.fork_page)
     if top:
-        plan.gates += (node.fork_page,)
+        plan.gates = (page[:1], *plan.gates)
         plan.markers += (Marker(node.fork_page),)
+        plan.listed = page[1:2]
     else:
-        plan.child_gates += (node.fork_page,)
+        plan.gates += (page[:2].cast("H"),)
     if os.getpid() == node.home_pid and node._slow_writers and plan not in node._closed_plans:
         node._closed_plans[plan] = plan.writable
         plan.writable = False
@@ -276,22 +303,31 @@ def _set_marks(top: BlockNode, plan: FastPlan) -> None:
     if row < 0:
         plan.writable = False
         return
-    plan.mark_at = row * WORDS + HIGHEST
-    plan.tally_at = row * WORDS
+    at = row * WORDS
+    plan.write_at = (at + HIGHEST, at + _WR_OPS, at + _WR_BYTES, at + _LAST_IO)
+    plan.read_at = (at + _RD_OPS, at + _RD_BYTES, at + _LAST_IO)
+    plan.tally_at = at
     path = _data_path(top, plan)
     targets = [n.fast_target() for n in path]
     tabled = [t is not None and t.table is not None for t in targets]
     last_table = max((i for i, t in enumerate(tabled) if t), default=-1)
     windows = [int(getattr(n, "offset", 0)) if n.driver == "raw" else 0 for n in path]
-    marks = []
+    above, below, watched, chain = [], [], [], []
     for i, n in enumerate(path):
         if i <= last_table or last_table < 0:
-            marks.append((n.stats.cells, False, sum(windows[:i])))
+            shift = sum(windows[:i])
+            chain.append((n.stats, shift))
+            if i and n.stats.derives(row, top.stats):
+                watched.append((n.stats.cells, shift))  # counted through the top's row
+            else:
+                above.append((n.stats.cells, shift))
         else:  # below the table: the node's offset is the file position less the windows
-            marks.append((n.stats.cells, True, sum(windows[i:])))
-    plan.marks = tuple(marks)
-    plan.tally = tuple(cells for cells, by_pos, _ in marks if not by_pos)
-    plan.tally_below = tuple(cells for cells, by_pos, _ in marks if by_pos)
+            below.append((n.stats.cells, -sum(windows[i:])))
+    plan.above, plan.below = tuple(above), tuple(below)
+    plan.watched, plan.chain = tuple(watched), tuple(chain)
+    plan.tally = tuple(cells for cells, _ in above)
+    plan.tally_below = tuple(cells for cells, _ in below)
+    plan.counted = plan.tally + plan.tally_below
 
 
 def _data_path(top: BlockNode, plan: FastPlan) -> list[BlockNode]:
@@ -321,21 +357,21 @@ def route(plan: FastPlan, offset: int, size: int, writing: bool) -> tuple[int, i
     """What a READ or WRITE of ``size`` > 0 bytes at node ``offset`` becomes, once the export
     checked it (in range, writable, not growing): ``FILL``/``ACCEPT`` (null-co, or clusters
     that read as zeroes), ``INLINE``/``TRANSFER`` at a file position, or ``ENGINE``. After
-    ``INLINE`` or ``TRANSFER`` the caller calls ``plan.done()`` once the I/O is over."""
+    ``INLINE`` or ``TRANSFER`` the caller calls ``plan.done()`` once the I/O is over.
+
+    Every request of a queue runs this, so it is one function over what :func:`plan_for`
+    flattened (``gates``, ``above``/``below``, ``counted``, the words at ``write_at`` and
+    ``read_at``): no helper calls, one loop per kind of per-node work, each node's
+    threshold, highest end and counters touched in one pass (a crossed threshold, which
+    is rare, takes the counts back: :func:`_crossed`)."""
     if writing:
         for gate in plan.gates:
             if gate[0]:
-                return _ENGINE  # the node needs every write (a mirror's bitmap)
-        for gate in plan.child_gates:
-            if gate[0] or gate[1]:
-                return _ENGINE  # a node below needs it, or has a bitmap to mark
-    if plan.kind == NULL:
-        if writing and not _mark(plan, offset, offset, size):
-            return _ENGINE
-        _tally(plan, plan.tally, writing, size)
-        return (ACCEPT, size, 0) if writing else (FILL, size, plan.read_zeroes)
+                return _ENGINE  # a node needs every write (a mirror), or one below has a bitmap
     if plan.entries is None:
         pos = offset + plan.base
+        if (pos | size) & plan.align_mask:
+            return _ENGINE  # O_DIRECT would bounce: the node's work
     else:
         pos = _map(plan, offset, size, writing)
         if pos < 0:
@@ -343,15 +379,84 @@ def route(plan: FastPlan, offset: int, size: int, writing: bool) -> tuple[int, i
                 _tally(plan, plan.tally, False, size)
                 return FILL, size, 1
             return _ENGINE
-    if (pos | size) & plan.align_mask or writing and not _mark(plan, offset, pos, size):
-        plan.done()
-        return _ENGINE  # O_DIRECT would bounce, or a threshold is crossed: the node's work
-    _tally(plan, plan.tally, writing, size)
-    if plan.tally_below:
-        _tally(plan, plan.tally_below, writing, size)
+        if (pos | size) & plan.align_mask:
+            plan.done()
+            return _ENGINE
+    if writing:
+        above = plan.above
+        if above:  # empty: this process has no row to count in (its writes take the node)
+            end = offset + size
+            for cells, shift in plan.watched:  # counted through the top's row: stats.py
+                threshold = cells[0]
+                if threshold and end + shift > threshold:
+                    plan.done()
+                    return _ENGINE  # nothing counted yet; the node sends the event
+            highest, ops, nbytes, last = plan.write_at
+            now = _monotonic_ns()
+            for cells, shift in above:
+                node_end = end + shift
+                threshold = cells[0]
+                if threshold and node_end > threshold:
+                    return _crossed(plan, cells, size)  # the node sends the event
+                if cells[highest] < node_end:
+                    cells[highest] = node_end
+                cells[ops] += 1
+                cells[nbytes] += size
+                cells[last] = now
+            below = plan.below
+            if below:
+                end = pos + size
+                for cells, shift in below:
+                    node_end = end + shift
+                    threshold = cells[0]
+                    if threshold and node_end > threshold:
+                        return _crossed(plan, cells, size)
+                    if cells[highest] < node_end:
+                        cells[highest] = node_end
+                    cells[ops] += 1
+                    cells[nbytes] += size
+                    cells[last] = now
+    else:
+        counted = plan.counted
+        if counted:
+            ops, nbytes, last = plan.read_at
+            now = _monotonic_ns()
+            for cells in counted:
+                cells[ops] += 1
+                cells[nbytes] += size
+                cells[last] = now
+    if plan.kind == NULL:
+        return (ACCEPT, size, 0) if writing else (FILL, size, plan.read_zeroes)
     if size <= plan.inline_max:
         return INLINE, pos, size
     return TRANSFER, pos, size
+
+
+def share_counts(plan: FastPlan | None, row: int) -> None:
+    """Before forking the queue worker that counts in ``row`` with a copy of ``plan`` (the
+    daemon's, made just before): let each node of the chain below the top, down to the
+    cluster table, take that row from the top's (:meth:`NodeStats.derive`), so that the
+    worker counts each request once."""
+    if plan is None or not plan.chain:
+        return
+    top = plan.chain[0][0]
+    for stats, shift in plan.chain[1:]:
+        stats.derive(top, row, shift)
+
+
+def _crossed(plan: FastPlan, at_cells: Any, size: int) -> tuple[int, int, int]:
+    """A fast write reached a node whose armed write threshold it would cross: the node
+    must see it (and send BLOCK_WRITE_THRESHOLD), so take back the counts :func:`route`
+    added to the nodes before that one; raised highest ends may stay (the node raises them
+    as well)."""
+    _, ops, nbytes, _ = plan.write_at
+    for cells in plan.counted:
+        if cells is at_cells:
+            break
+        cells[ops] -= 1
+        cells[nbytes] -= size
+    plan.done()
+    return _ENGINE
 
 
 def _tally(plan: FastPlan, tally: tuple[Any, ...], writing: bool, size: int) -> None:
@@ -382,21 +487,6 @@ def failed(plan: FastPlan, size: int, writing: bool, redone: bool = False) -> No
         cells[at + nbytes] -= size
         if not redone:
             cells[at + bad] += 1
-
-
-def _mark(plan: FastPlan, offset: int, pos: int, size: int) -> bool:
-    """Raise each node's wr_highest_offset cell of this process for a write the fast path
-    serves; False (nothing to serve fast) when the write ends past a node's armed write
-    threshold: the node must see it to send the event (stats.py)."""
-    at = plan.mark_at
-    for cells, by_pos, shift in plan.marks:
-        end = (pos - shift if by_pos else offset + shift) + size
-        threshold = cells[0]
-        if threshold and end > threshold:
-            return False
-        if cells[at] < end:
-            cells[at] = end
-    return True
 
 
 _SLOW = -1
@@ -470,14 +560,15 @@ def copy_inline(fd: int, buf: memoryview, size: int, pos: int, writing: bool) ->
     (only for files held in memory, see :data:`INLINE_MAX`): ``size``, or ``-errno``. A read
     short at EOF zero-fills the rest, as the node's read does; a write that stops short is
     ``-ENOSPC``."""
-    op = os.pwritev if writing else os.preadv
+    op = _pwritev if writing else _preadv
     done = 0
     try:
-        while done < size:
-            n = op(fd, (buf[done:size],), pos + done)
-            if n <= 0:
-                break
+        n = op(fd, (buf[:size],), pos)  # from or to the page cache: one call moves it all
+        while n > 0:
             done += n
+            if done >= size:
+                return size
+            n = op(fd, (buf[done:size],), pos + done)
     except OSError as err:
         return -(err.errno or errno.EIO)
     if done < size:

@@ -644,13 +644,11 @@ class BlockNode:
                 bitmap.mark(offset, length)
 
     def add_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
-        """Mark ``bitmap`` with every write from now on, while it is enabled: writes take
-        the node's coroutines (:meth:`close_fast_writes`), except those of the queue
-        workers, which mark a shared bitmap themselves (shared_bits.py)."""
+        """Mark ``bitmap`` with every write from now on, while it is enabled (see
+        :meth:`_record`: the fast paths mark a shared bitmap themselves)."""
         self.dirty_bitmaps.append(bitmap)
         if bitmap.enabled:
-            self.close_fast_writes(bitmap, forks=bitmap.shared is None)
-            self._publish_marks()
+            self._record(bitmap)
 
     def remove_dirty_bitmap(self, bitmap: DirtyBitmap) -> None:
         """Stop marking ``bitmap``."""
@@ -664,9 +662,18 @@ class BlockNode:
         """Start or stop recording writes in ``bitmap`` (block-dirty-bitmap-enable/-disable)."""
         bitmap.enabled = enabled
         if enabled:
-            self.close_fast_writes(bitmap, forks=bitmap.shared is None)
+            self._record(bitmap)
         else:
             self.open_fast_writes(bitmap)
+            self._publish_marks()
+
+    def _record(self, bitmap: DirtyBitmap) -> None:
+        """A bitmap starts recording. A shared one (the user's) is marked by every fast
+        path itself, the daemon's (NBD, /dev/fuse) and the queue workers' (FastPlan.mark
+        after each fast write): it closes no plan to writes. Any other (a job's) needs
+        every write through the node."""
+        if bitmap.shared is None:
+            self.close_fast_writes(bitmap)
         self._publish_marks()
 
     def _resize_dirty_bitmaps(self) -> None:

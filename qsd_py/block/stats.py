@@ -24,6 +24,15 @@ one process must not share a row either (a read-add-store can be interrupted bet
 steps), so every other thread that counts (an iothread's loop) takes a row of its own the
 first time (:func:`process_row`).
 
+A queue worker's fast path passes every request it counts in the exported node on to each
+node below it down to the cluster table (a raw window only shifts the offsets), so counting
+it once per node costs the worker's hot path a loop for nothing. Instead, before the fork,
+each such node *derives* the worker's row from the exported node's (:meth:`NodeStats.derive`:
+the same requests, its highest end shifted by the windows between): the worker counts in the
+top node only, and the node's sums add the top's row. When the worker is gone
+(:func:`release_process_row`) the derived counts are written into the node's own row, and
+the row, reused, is counted directly again.
+
 The write threshold (``block-set-write-threshold``) lives in the same page (row 0, word 0),
 written only by the daemon. The fast path reads it: a write that would end past an armed
 threshold is not served fast but handed to the node (forwarded by a worker), whose
@@ -58,6 +67,10 @@ _local = threading.local()
 _shared_lock = threading.Lock()  # for threads left without a row of their own
 _free_rows = set(range(1, MAX_ROWS))
 _rows_lock = threading.Lock()
+#: The words a fast path writes in a row (the ones a derived row takes from its source).
+DERIVED = (RD_BYTES, WR_BYTES, RD_OPS, WR_OPS, FAILED_RD, FAILED_WR)
+# The nodes deriving a row from another node's (NodeStats.derive), by row.
+_deriving: dict[int, weakref.WeakSet[NodeStats]] = {}
 
 
 def claim_process_row() -> int:
@@ -75,6 +88,8 @@ def release_process_row(row: int) -> None:
     """The worker is gone. Its cells keep their values: they are history every node's
     maximum includes, and a later owner only raises them."""
     if row > 0:
+        for stats in list(_deriving.pop(row, ())):
+            stats.settle(row)
         with _rows_lock:
             _free_rows.add(row)
 
@@ -105,7 +120,7 @@ class NodeStats:
     """One node's shared page and the daemon-only counters of its driver."""
 
     __slots__ = ("_map", "cells", "_emit", "_loop", "_lock", "discard_ok", "discard_failed",
-                 "discard_bytes")  # fmt: skip
+                 "discard_bytes", "derived", "__weakref__")  # fmt: skip
 
     def __init__(self) -> None:
         self._map = mmap.mmap(-1, MAX_ROWS * WORDS * 8)  # MAP_SHARED: seen across fork
@@ -118,6 +133,8 @@ class NodeStats:
         self.discard_ok = 0
         self.discard_failed = 0
         self.discard_bytes = 0
+        # Rows this node takes from another node's page: row -> (its stats, shift).
+        self.derived: dict[int, tuple[NodeStats, int]] = {}
 
     # --- wr_highest_offset ---------------------------------------------------------------
     def wrote(self, end: int) -> None:
@@ -138,7 +155,46 @@ class NodeStats:
 
     def highest(self) -> int:
         cells = self.cells
-        return max(cells[r * WORDS + HIGHEST] for r in range(MAX_ROWS))
+        top = max(cells[r * WORDS + HIGHEST] for r in range(MAX_ROWS))
+        for row, (source, shift) in list(self.derived.items()):
+            end = source.cells[row * WORDS + HIGHEST]
+            if end:
+                top = max(top, end + shift)
+        return top
+
+    # --- rows derived from another node's --------------------------------------------------
+    def derive(self, source: NodeStats, row: int, shift: int) -> bool:
+        """From now on this node's row ``row`` is ``source``'s (a worker about to be forked
+        counts its fast requests in ``source`` only, every one of which reaches this node
+        ``shift`` bytes further); False, and nothing changes, unless both rows are unused
+        (a reused row keeps its history and is counted directly)."""
+        if row <= 0 or row in self.derived:
+            return False
+        at = row * WORDS
+        if any(self.cells[at : at + WORDS]) or any(source.cells[at : at + WORDS]):
+            return False
+        self.derived[row] = (source, shift)
+        _deriving.setdefault(row, weakref.WeakSet()).add(self)
+        return True
+
+    def derives(self, row: int, source: NodeStats) -> bool:
+        """Whether row ``row`` is taken from ``source`` (the worker then skips this node)."""
+        entry = self.derived.get(row)
+        return entry is not None and entry[0] is source
+
+    def settle(self, row: int) -> None:
+        """The worker of ``row`` is gone: write what the row took from its source into this
+        node's own row, which counts directly from now on."""
+        entry = self.derived.pop(row, None)
+        if entry is None:
+            return
+        source, shift = entry
+        src, cells, at = source.cells, self.cells, row * WORDS
+        for word in DERIVED:
+            cells[at + word] += src[at + word]
+        cells[at + LAST_IO] = max(cells[at + LAST_IO], src[at + LAST_IO])
+        if src[at + HIGHEST]:
+            cells[at + HIGHEST] = max(cells[at + HIGHEST], src[at + HIGHEST] + shift)
 
     # --- request counters ----------------------------------------------------------------
     def account(self, ops: int, nbytes_word: int, nbytes: int) -> None:
@@ -159,6 +215,11 @@ class NodeStats:
         cells = self.cells
         sums = [sum(cells[w::WORDS]) for w in range(WORDS)]
         sums[LAST_IO] = max(cells[LAST_IO::WORDS])
+        for row, (source, _) in list(self.derived.items()):
+            src, at = source.cells, row * WORDS
+            for word in DERIVED:
+                sums[word] += src[at + word]
+            sums[LAST_IO] = max(sums[LAST_IO], src[at + LAST_IO])
         return sums
 
     # --- write threshold -------------------------------------------------------------------

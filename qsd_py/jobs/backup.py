@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 BUSY = "block device is in use by block job: backup"
 CHUNK = 1 << 20  # bytes per step of the job's loop
+MAX_WORKERS = 16  # chunks in flight at most (x-perf max-workers may ask fewer)
 INT_MAX = (1 << 31) - 1
 
 
@@ -69,6 +70,10 @@ class BackupJob(BlockJob):
         self.on_source_error = on_source_error
         self.on_target_error = on_target_error
         self._succ: Any = None  # writes during the job, for the bitmap at the end
+        self.max_workers = MAX_WORKERS
+        self._ops: set[asyncio.Task[None]] = set()  # chunks in flight
+        self._copied_bytes = 0  # data bytes copied by chunks done, not yet charged to the limit
+        self._failed: Exception | None = None  # an error of a chunk in flight, to raise
 
     # --- nodes ----------------------------------------------------------------------------
     def take_nodes(self) -> None:
@@ -105,20 +110,65 @@ class BackupJob(BlockJob):
             while True:
                 await self.checkpoint()
                 await self.sleep(3600)
-        while True:
-            await self.checkpoint()
-            run = bcs.todo.next_dirty(0, CHUNK)
-            if run is None:
-                break
-            try:
-                copied = await bcs.copy(*run)
-            except CopyError as err:
-                policy = self.on_source_error if err.operation == "read" else self.on_target_error
-                self.io_error(err, err.operation, policy)
-                continue
-            if copied:
-                await self.ratelimit(copied)
+        try:
+            await self._copy_all()
+        finally:
+            await self._wait_ops()
         await self.target.flush()
+
+    async def _copy_all(self) -> None:
+        """Up to ``MAX_WORKERS`` chunks in flight (QEMU's block-copy runs as many tasks),
+        from a cursor that wraps round once all in flight are done; every pause point is
+        reached with none in flight (a drain must find the nodes idle)."""
+        bcs, cursor = self.bcs, 0
+        while True:
+            if self.pause_count > 0 or self.is_cancelled:
+                await self._wait_ops()
+            await self.checkpoint()
+            if self._failed is not None:
+                await self._wait_ops()
+                raise self._failed
+            run = bcs.todo.next_dirty(cursor, CHUNK)
+            if run is None and cursor:
+                await self._wait_ops()  # what is left may be theirs: look again from 0
+                cursor = 0
+                continue
+            if run is None:
+                return
+            if len(self._ops) >= self.max_workers:
+                await self._wait_one()
+                continue
+            cursor = run[0] + run[1]
+            self._ops.add(asyncio.get_running_loop().create_task(self._op(*run)))
+
+    async def _op(self, offset: int, length: int) -> None:
+        """One chunk; an error the policy survives leaves it to copy, one it does not is
+        kept for the job's loop to raise."""
+        try:
+            self._copied_bytes += await self.bcs.copy(offset, length)
+        except CopyError as err:
+            policy = self.on_source_error if err.operation == "read" else self.on_target_error
+            try:
+                self.io_error(err, err.operation, policy)
+            except OSError as fail:
+                self._failed = self._failed or fail
+        except Exception as fail:  # noqa: BLE001 - handed to the job's loop
+            self._failed = self._failed or fail
+
+    async def _wait_one(self) -> None:
+        """Until a chunk in flight is done; then sleep off what the copied bytes owe to the
+        speed limit (with none in flight: the sleep is a pause point)."""
+        done, _ = await asyncio.wait(self._ops, return_when=asyncio.FIRST_COMPLETED)
+        self._ops -= done
+        copied, self._copied_bytes = self._copied_bytes, 0
+        delay = self.limit.delay(copied) if copied else 0.0
+        if delay:
+            await self._wait_ops()
+            await self.sleep(delay)
+
+    async def _wait_ops(self) -> None:
+        while self._ops:
+            await self._wait_one()
 
     # --- the end --------------------------------------------------------------------------
     async def commit(self) -> None:
@@ -228,6 +278,8 @@ async def insert_filter(
         "file": source.node_name,
         "target": target.node_name,
     }
+    if "on-cbw-error" in args:  # break-snapshot: guest writes go on, the backup fails
+        opts["on-cbw-error"] = args["on-cbw-error"]
     min_cluster = args.get("x-perf", {}).get("min-cluster-size", 0)
     if min_cluster:
         opts["min-cluster-size"] = min_cluster
@@ -323,6 +375,7 @@ def _new_job(
         auto_finalize=args.get("auto-finalize", True),
         auto_dismiss=args.get("auto-dismiss", True),
     )
+    job.max_workers = min(MAX_WORKERS, args.get("x-perf", {}).get("max-workers", MAX_WORKERS))
     if bitmap is not None:
         _start_from_bitmap(job, source, bitmap)
     return job

@@ -186,8 +186,9 @@ class BlockJob(Job):
             raise err
         if policy == "stop":
             self.io_status = "nospace" if nospace else "failed"
-            self.user_paused = True
-            self.pause()
+            if not self.user_paused:  # several requests in flight may fail: one pause
+                self.user_paused = True
+                self.pause()
 
     def user_resume(self) -> None:
         super().user_resume()

@@ -27,10 +27,12 @@ keeps the loop's reads race-free at the cost of a second copy).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.child import replace_node
+from qsd_py.block.copybuf import BufferPool
 from qsd_py.block.dirty import DirtyBitmap
 from qsd_py.block.node import STATUS_ALLOCATED, STATUS_ZERO
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
@@ -49,6 +51,7 @@ GRANULARITY_MIN = 512
 GRANULARITY_MAX = 64 << 20
 DEFAULT_BUF_SIZE = 16 << 20  # QEMU's DEFAULT_MIRROR_BUF_SIZE
 COPY_MAX = 1 << 20  # bytes per read/write of the copy loop
+MAX_IN_FLIGHT = 16  # copies at once (QEMU's MAX_IN_FLIGHT)
 IDLE_WAIT = 1.0  # ready and clean: wait this long for a write (a write wakes the job)
 
 
@@ -99,6 +102,7 @@ class MirrorJob(BlockJob):
         self.sync = sync
         self.granularity = granularity
         self.copy_size = max(granularity, min(buf_size, COPY_MAX))
+        self.buffers = BufferPool(self.copy_size)
         self.on_source_error = on_source_error
         self.on_target_error = on_target_error
         self.copy_mode = copy_mode
@@ -107,6 +111,10 @@ class MirrorJob(BlockJob):
         self.bitmap = DirtyBitmap(source.length(), granularity, on_mark=self._on_mark)
         self._idle = False
         self._final = False  # commit's catch-up: errors fail, no speed limit, no pause
+        self._ops: dict[asyncio.Task[None], tuple[int, int]] = {}  # copies in flight
+        self._in_flight_bytes = 0
+        self._cursor = 0
+        self._failed: Exception | None = None  # an error of a copy in flight, to raise
 
     # --- nodes ----------------------------------------------------------------------------
     def take_nodes(self) -> None:
@@ -171,16 +179,37 @@ class MirrorJob(BlockJob):
     async def run(self) -> None:
         await self.check_lengths()
         await self._initial_dirty()
+        try:
+            await self._loop()
+        finally:
+            await self._wait_ops()
+
+    async def _loop(self) -> None:
+        """Up to ``MAX_IN_FLIGHT`` copies at once, as QEMU's mirror; every pause point is
+        reached with none in flight (a drain waits for the job's pause point, and must then
+        find the source and the target idle)."""
         while True:
+            if self.pause_count > 0 or self.is_cancelled:
+                await self._wait_ops()
             await self.checkpoint()
+            if self._failed is not None:
+                await self._wait_ops()
+                raise self._failed
             if self.cancelled or (self.should_complete and self.is_ready):
+                await self._wait_ops()
                 if self.should_complete and not self.cancelled:
                     await self._catch_up()
                     await self.target.flush()
                 return
-            run = self.bitmap.next_dirty(0, self.copy_size)
+            run = self._next_run()
             if run is not None:
-                await self._copy(*run)
+                if len(self._ops) >= MAX_IN_FLIGHT or self._conflicts(*run):
+                    await self._wait_one()
+                else:
+                    await self._dispatch(*run)
+                continue
+            if self._ops:
+                await self._wait_one()
                 continue
             if not self.is_ready:
                 self.transition_to_ready()
@@ -190,6 +219,75 @@ class MirrorJob(BlockJob):
                 await self.sleep(IDLE_WAIT)
             finally:
                 self._idle = False
+
+    def _next_run(self) -> tuple[int, int] | None:
+        """The next dirty run from where the last one ended, wrapping round (QEMU's dirty
+        iterator): a write behind the cursor waits for the next pass."""
+        run = self.bitmap.next_dirty(self._cursor, self.copy_size)
+        if run is None and self._cursor:
+            run = self.bitmap.next_dirty(0, self.copy_size)
+        if run is not None:
+            self._cursor = run[0] + run[1]
+        return run
+
+    def _conflicts(self, offset: int, length: int) -> bool:
+        """Whether a copy in flight overlaps the run (its chunks were dirtied again while
+        it ran): the new copy must not overtake the old one's write."""
+        end = offset + length
+        hit = any(s < end and offset < e for s, e in self._ops.values())
+        if hit:
+            self._cursor = offset  # come back to it once the old copy is done
+        return hit
+
+    async def _dispatch(self, offset: int, length: int) -> None:
+        """Clear the run and start its copies: one per block-status answer (data or
+        zeroes); the speed limit counts the data as it is sent off (zeroes cost nothing)."""
+        self.bitmap.clear(offset, length)
+        end = offset + length
+        pos = offset
+        while pos < end:
+            status = await self.source.block_status_above(pos, end - pos)
+            n = status.length
+            zero = bool(status.flags & STATUS_ZERO)
+            task = asyncio.get_running_loop().create_task(self._op(pos, n, zero))
+            self._ops[task] = (pos, pos + n)
+            self._in_flight_bytes += n
+            pos += n
+            if not zero:
+                delay = self.limit.delay(n)
+                if delay:
+                    await self._wait_ops()
+                    await self.sleep(delay)
+
+    async def _op(self, pos: int, n: int, zero: bool) -> None:
+        """One copy in flight; a failure the policy survives leaves its chunks dirty, one
+        it does not is kept for the job's loop to raise."""
+        try:
+            if zero:
+                await self._zero(pos, n)
+            else:
+                await self._copy_data(pos, n)
+        except _Retry:
+            self.bitmap.mark(pos, n)
+            return
+        except Exception as err:  # noqa: BLE001 - handed to the job's loop
+            if self._failed is None:
+                self._failed = err
+            return
+        finally:
+            self._in_flight_bytes -= n
+        self.progress_update(n)
+        self.set_remaining(self.bitmap.count + self._in_flight_bytes)
+
+    async def _wait_one(self) -> None:
+        done, _ = await asyncio.wait(self._ops, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            del self._ops[task]
+
+    async def _wait_ops(self) -> None:
+        """Until no copy is in flight."""
+        while self._ops:
+            await self._wait_one()
 
     async def check_lengths(self) -> None:
         """Source and target must be as long (an active commit grows its base instead)."""
@@ -229,9 +327,7 @@ class MirrorJob(BlockJob):
                 if status.flags & STATUS_ZERO:
                     await self._zero(pos, n)
                 else:
-                    buf = memoryview(bytearray(n))
-                    await self._source_read(pos, buf)
-                    await self._target_io(self.target.write(pos, buf))
+                    await self._copy_data(pos, n)
             except _Retry:
                 self.bitmap.mark(pos, end - pos)
                 break
@@ -240,6 +336,15 @@ class MirrorJob(BlockJob):
             self.set_remaining(self.bitmap.count)
             if not self._final and not status.flags & STATUS_ZERO:  # zeroes cost no speed
                 await self.ratelimit(n)
+
+    async def _copy_data(self, offset: int, length: int) -> None:
+        """Read from the source into an aligned buffer of the job's, write it out."""
+        mm, buf = self.buffers.take(length)
+        try:
+            await self._source_read(offset, buf)
+            await self._target_io(self.target.write(offset, buf))
+        finally:
+            self.buffers.give(mm, buf)
 
     async def _zero(self, offset: int, length: int) -> None:
         """Zero the target's range, unless it reads as zeroes already (a fresh target stays

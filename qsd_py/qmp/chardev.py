@@ -212,6 +212,7 @@ class StdioMonitor:
         self.backend = backend
         self.session: QMPSession | None = None
         self._task: asyncio.Task[None] | None = None
+        self._serving = False
 
     async def start(self, daemon: Any, pretty: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -227,6 +228,7 @@ class StdioMonitor:
             transport = _FileTransport(1)
         writer = asyncio.StreamWriter(transport, protocol, None, loop)  # type: ignore[arg-type]
         self.session = QMPSession(daemon, reader, writer, pretty)
+        self.session.greet()  # at once, as QEMU's: before a later option can fail
         self._task = asyncio.create_task(self._serve(daemon), name="chardev-stdio")
         daemon.closers.append(self.close)
 
@@ -235,9 +237,14 @@ class StdioMonitor:
         its end long before, and a session whose input ended drops what it had not run."""
         await daemon.started.wait()
         assert self.session is not None
-        await self.session.serve()
+        self._serving = True
+        await self.session.serve(greet=False)
 
     async def close(self) -> None:
+        """End the session; one still waiting for the command line (a later option failed,
+        the daemon exits) is cancelled: it would wait for ``started`` forever."""
+        if self._task is not None and not self._serving:
+            self._task.cancel()
         if self.session is not None:
             await self.session.close()
         if self._task is not None:

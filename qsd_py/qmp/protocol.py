@@ -77,11 +77,13 @@ class QMPSession:
         self._reader_task: asyncio.Task[None] | None = None
 
     # --- life cycle ------------------------------------------------------------------------
-    async def serve(self) -> None:
-        """Run the session until the client leaves or :meth:`close` is called."""
+    async def serve(self, greet: bool = True) -> None:
+        """Run the session until the client leaves or :meth:`close` is called (``greet``:
+        send the greeting first; False where it went out already, see :meth:`greet`)."""
         self.daemon.monitors.add(self)
         try:
-            self._send(greeting())
+            if greet:
+                self.greet()
             self._dispatcher = asyncio.create_task(self._dispatch_loop())
             self._reader_task = asyncio.create_task(self._read_loop())
             # asyncio.wait, not await: a cancelled child must end the wait, while a
@@ -96,6 +98,10 @@ class QMPSession:
         finally:
             self.daemon.monitors.discard(self)
             await self._close_transport()
+
+    def greet(self) -> None:
+        """Send the QMP greeting."""
+        self._send(greeting())
 
     async def close(self) -> None:
         """Stop reading, drop what is queued, flush what was sent, close the connection."""

@@ -53,8 +53,9 @@ URING_KNOB = "/sys/module/fuse/parameters/enable_uring"
 # --- filters ------------------------------------------------------------------------------
 
 _PROG_RE = re.compile(r"^(?:qsd-py|qemu-storage-daemon|\S*/python3?[\d.]*(?: -m qsd_py)?): ", re.M)
+# qemu-io's time is "00.01 sec" below a second and "0:00:01.09" (no "sec") from one up.
 _QEMU_IO_TIMING_RE = re.compile(
-    r"[\d.]+ (?:[KMGT]?i?B|bytes), \d+ ops; [\d:.]+ sec \([^)]*\)", re.M
+    r"[\d.]+ (?:[KMGT]?i?B|bytes), \d+ ops; [\d:.]+(?: sec)? \([^)]*\)", re.M
 )
 _IMG_PROG_RE = re.compile(r"^(qemu-img|qemu-io): ", re.M)
 

@@ -515,3 +515,89 @@ def test_fast_request_that_fails_moves_to_failed() -> None:
                                     stats.WR_OPS, stats.WR_BYTES, stats.FAILED_WR)] == [
             1, 512, 1, 0, 0, 0]  # fmt: skip
         assert totals[stats.LAST_IO] > 0
+
+
+async def test_route_counts_each_node_and_gives_back_at_a_threshold(
+    graph: Any, tmp_path: Path
+) -> None:
+    """The fast write counts every node of a raw-over-file chain (the raw window shifts the
+    file's highest end); one that would cross the file node's armed threshold goes to the
+    node with no count left behind on the raw node above it; a node below with a bitmap to
+    mark (byte 1 of its fork page) closes fast writes, the exported node's does not (its
+    queues mark it: ``listed``)."""
+    from qsd_py.block import fast_io, stats
+
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(2 * MiB))
+    top = await graph.add({"driver": "raw", "node-name": "r", "offset": 65536,
+                           "file": {"driver": "file", "filename": str(image)}})  # fmt: skip
+    below = top.children["file"].node
+    plan = fast_io.plan_for(top)
+    assert plan is not None
+
+    def counts() -> list[tuple[int, int, int]]:
+        return [(t[stats.WR_OPS], t[stats.WR_BYTES], t[stats.HIGHEST])
+                for t in (top.stats.totals(), below.stats.totals())]  # fmt: skip
+
+    assert fast_io.route(plan, 4096, 4096, True)[0] != fast_io.ENGINE
+    assert counts() == [(1, 4096, 8192), (1, 4096, 65536 + 8192)]
+    below.stats.cells[stats.THRESHOLD] = 65536 + 12288  # the next write ends past it
+    assert fast_io.route(plan, 8192, 8192, True) == (fast_io.ENGINE, 0, 0)
+    assert [c[:2] for c in counts()] == [(1, 4096), (1, 4096)]
+    below.stats.cells[stats.THRESHOLD] = 0
+    below.fork_page[1] = 1
+    assert fast_io.route(plan, 8192, 8192, True)[0] == fast_io.ENGINE
+    below.fork_page[1] = 0
+    top.fork_page[1] = 1
+    assert plan.listed[0] and fast_io.route(plan, 8192, 8192, True)[0] != fast_io.ENGINE
+    top.fork_page[1] = 0
+    assert fast_io.route(plan, 0, 4096, False)[0] != fast_io.ENGINE
+    top_totals = top.stats.totals()
+    assert (top_totals[stats.RD_OPS], top_totals[stats.WR_OPS]) == (1, 2)
+
+
+async def test_a_worker_row_below_the_top_is_derived(graph: Any, tmp_path: Path) -> None:
+    """What a queue worker's plan counts: the node below the exported raw node takes the
+    worker's row from the raw node's (one count per request), reads the same totals and
+    its highest end shifted by the window, still stops fast writes at its threshold, and
+    gets the counts into its own row when the worker's row is given back; a reused row
+    is counted directly."""
+    from qsd_py.block import fast_io, stats
+
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(2 * MiB))
+    top = await graph.add({"driver": "raw", "node-name": "r", "offset": 65536,
+                           "file": {"driver": "file", "filename": str(image)}})  # fmt: skip
+    below = top.children["file"].node
+    row = stats.claim_process_row()
+    fast_io.share_counts(fast_io.plan_for(top), row)  # the daemon, before the fork
+    stats._local.row = row  # this thread plays the worker (stats.set_process_row)
+    try:
+        plan = fast_io.plan_for(top)
+        assert plan is not None and len(plan.counted) == 1 and len(plan.watched) == 1
+        assert fast_io.route(plan, 4096, 4096, True)[0] != fast_io.ENGINE
+        assert fast_io.route(plan, 0, 8192, False)[0] != fast_io.ENGINE
+        below.stats.cells[stats.THRESHOLD] = 65536 + 12288
+        assert fast_io.route(plan, 8192, 8192, True) == (fast_io.ENGINE, 0, 0)
+        below.stats.cells[stats.THRESHOLD] = 0
+    finally:
+        stats._local.row = 0
+
+    def counts(node: Any) -> tuple[int, ...]:
+        t = node.stats.totals()
+        return (t[stats.WR_OPS], t[stats.WR_BYTES], t[stats.RD_OPS], t[stats.RD_BYTES],
+                node.stats.highest())  # fmt: skip
+
+    assert counts(top) == (1, 4096, 1, 8192, 8192)
+    assert counts(below) == (1, 4096, 1, 8192, 65536 + 8192)
+    at = row * stats.WORDS
+    assert not any(below.stats.cells[at : at + stats.WORDS])  # the worker never wrote it
+    stats.release_process_row(row)  # the worker is gone
+    assert counts(below) == (1, 4096, 1, 8192, 65536 + 8192) and not below.stats.derived
+    assert below.stats.cells[at + stats.WR_OPS] == 1
+    again = stats.claim_process_row()
+    try:
+        fast_io.share_counts(fast_io.plan_for(top), again)
+        assert again != row or not below.stats.derived  # a used row is not derived
+    finally:
+        stats.release_process_row(again)

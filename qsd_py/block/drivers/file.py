@@ -161,6 +161,21 @@ class FileNode(BlockNode):
         self.in_memory = stat.S_ISREG(st.st_mode) and held_in_memory(self.fd)
 
     def _open_fd(self) -> int:
+        """The open description, of a kind this driver takes (``check_kind``)."""
+        fd = self._open_path()
+        try:
+            self.check_kind(os.fstat(fd).st_mode)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def check_kind(self, mode: int) -> None:
+        """QEMU's ``file`` driver takes regular files only (devices are ``host_device``'s)."""
+        if not stat.S_ISREG(mode):
+            raise QMPError(f"'{self.driver}' driver requires '{self.path}' to be a regular file")
+
+    def _open_path(self) -> int:
         """Open read-write, or read-only when asked; with auto-read-only, fall back to
         read-only where writing is refused (QEMU's rule)."""
         extra = os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
@@ -418,6 +433,12 @@ class FileNode(BlockNode):
     async def do_block_status(self, offset: int, length: int) -> BlockStatus:
         """Data or a hole (reads as zeroes), at the same offset of this file."""
         assert self.backend is not None
+        start, end = self.data_span
+        if start <= offset < end:
+            # QEMU's block-status cache: inside the last data span found, no lseek (on
+            # tmpfs SEEK_HOLE walks the page cache up to the hole, a whole image's worth).
+            n = min(end - offset, length)
+            return BlockStatus(STATUS_DATA | STATUS_OFFSET_VALID, n, self, offset)
         is_data, n = await self.backend.run(self.seek_status, offset, length)
         flags = (STATUS_DATA if is_data else STATUS_ZERO) | STATUS_OFFSET_VALID
         return BlockStatus(flags, n, self, offset)

@@ -33,6 +33,8 @@ from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse.engine import FuseEngine, QueueStats
 
+_IO_EXTENT = p.IO_EXTENT  # a READ/WRITE's offset and size
+
 log = logging.getLogger("qsd_py.export.fuse")
 
 _LEN_OP_UNIQUE = struct.Struct("<IIQ")  # the part of fuse_in_header dispatch needs
@@ -298,6 +300,8 @@ class DevFuseQueue:
             plan.done()
             if res < 0:
                 failed(plan, b, writing)
+            if writing:  # the node's recording bitmaps (shared_bits.py), before the reply
+                plan.mark(_IO_EXTENT.unpack_from(slot.arg)[0], b)
         elif action == _FILL:
             self.stats.bytes_read += a
             if b:
@@ -305,6 +309,8 @@ class DevFuseQueue:
             res = a
         elif action == _ACCEPT:
             self.stats.bytes_written += a
+            if a:
+                plan.mark(_IO_EXTENT.unpack_from(slot.arg)[0], a)
             _WRITE_OUT.pack_into(slot.out, 0, a, 0)
             res = _WRITE_OUT.size
         elif action == _REPLY:
@@ -350,6 +356,8 @@ class DevFuseQueue:
         self.fast_busy -= 1
         self._busy.discard(slot)
         slot.plan.done()  # type: ignore[union-attr]
+        if slot.writing:  # the node's recording bitmaps (shared_bits.py), before the reply
+            slot.plan.mark(_IO_EXTENT.unpack_from(slot.arg)[0], slot.size)  # type: ignore[union-attr]
         if self._retired and not self.fast_busy:
             self._release_retired()
         if res < 0:

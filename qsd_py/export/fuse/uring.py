@@ -91,6 +91,7 @@ _WRITE = p.WRITE
 _WRITE_OUT = p.WRITE_OUT
 _IO_EXTENT = p.IO_EXTENT  # a READ/WRITE's offset and size
 _decide = fastpath.decide
+_inline_io = fastpath.inline_io
 _TRANSFER, _INLINE, _FILL = fastpath.TRANSFER, fastpath.INLINE, fastpath.FILL
 _ACCEPT, _REPLY = fastpath.ACCEPT, fastpath.REPLY
 _OP_READ_SQE = abi.OP_READ
@@ -196,7 +197,9 @@ class _Entry:
             queue = self.queue
             queue._fast_end()
             queue.stats.bytes_read += res
-            self.plan.done()
+            plan = self.plan
+            if plan.counts is not None:  # a cluster table's reader
+                plan.done()
         # else the commit completes -ECANCELED next and _on_cqe has the read redone; the
         # request stays busy on its plan until then (a new plan must not wait for less)
 
@@ -339,11 +342,12 @@ class UringQueue:
                 self._linked_read(entry, plan, a, b)
         elif action == _INLINE:  # a file held in memory: copy now
             pay = entry.payload
-            res = fastpath.inline_io(plan.fd, self.stats, pay, pay, b, a, writing)
-            plan.done()
+            res = _inline_io(plan.fd, self.stats, pay, pay, b, a, writing)
+            if plan.counts is not None:  # a cluster table's reader (a call less without)
+                plan.done()
             if res < 0:
                 failed(plan, b, writing)
-            if writing:
+            if writing and plan.listed[0]:
                 plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], b)
             self._commit(entry, res)
         elif action == _FILL:
@@ -353,7 +357,7 @@ class UringQueue:
             self._commit(entry, a)
         elif action == _ACCEPT:
             self.stats.bytes_written += a
-            if a:
+            if a and plan.listed[0]:
                 plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], a)
             _WRITE_OUT.pack_into(entry.payload, 0, a, 0)
             self._commit(entry, _WRITE_OUT.size)
@@ -421,8 +425,9 @@ class UringQueue:
         stats = self.stats
         self._fast_end()
         plan = entry.plan
-        plan.done()
-        if entry.writing:  # the bitmaps this process marks itself (shared_bits.py)
+        if plan.counts is not None:
+            plan.done()
+        if entry.writing and plan.listed[0]:  # bitmaps this process marks (shared_bits.py)
             plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], entry.size)
         if res < 0:
             failed(plan, entry.size, entry.writing)

@@ -254,6 +254,7 @@ class WorkerTransport:
 
     def _fork(self, w: _Worker, keep: set[int]) -> None:
         w.row = claim_process_row()
+        fast_io.share_counts(self._watched, w.row)  # the worker counts the top node only
         loop = asyncio.get_running_loop()
         ctl, ctl_child = socket.socketpair()
         stats, stats_child = socket.socketpair()

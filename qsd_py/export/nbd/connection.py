@@ -913,6 +913,7 @@ class Connection:
         ):
             action, pos, size = route(plan, offset, length, True)
             if action == fast_io.ACCEPT:
+                plan.mark(offset, size)  # the node's recording bitmaps (shared_bits.py)
                 self._release(owner)
                 self._queue(t.reply_ok(cookie, offset))
                 return
@@ -929,10 +930,18 @@ class Connection:
                 plan.done()
                 if res < 0:
                     fast_io.failed(plan, size, True)
+                plan.mark(offset, size)  # well or not, as the node marks; before the reply
                 self._release(buf)
                 self._write_done(cookie, offset, res)
                 return
-        if owner is not None and owner is self.rbuf:
+        if length and type(owner) is not AlignedBuffer:
+            # The node's road (a dirty bitmap, a filter, a format): a payload in the receive
+            # buffer is not page-aligned, and an O_DIRECT file node would bounce it through a
+            # pool thread; a copy into an aligned buffer costs far less.
+            buf = buffers.take(length)
+            buf.view[:length] = data
+            data, owner = buf.view[:length], buf
+        elif owner is not None and owner is self.rbuf:
             self._pins += 1
         self._spawn(self._write_task(flags, cookie, offset, data, owner), len(data))
 
@@ -978,6 +987,8 @@ class Connection:
         tr.plan.done()
         if res < 0:
             fast_io.failed(tr.plan, tr.length, tr.writing)
+        if tr.writing:  # the node's recording bitmaps (shared_bits.py), before the reply
+            tr.plan.mark(tr.offset, tr.length)
         if self._retired and not self._transfers:
             self._release_retired()
         buf = tr.buf
