@@ -11,6 +11,7 @@ import pytest
 from images import check, create, to_raw
 
 from qsd_py.block.graph import BlockGraph
+from qsd_py.block.node import STATUS_DATA
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -68,3 +69,26 @@ async def test_batch_over_an_l2_slice_boundary(graph: BlockGraph, tmp_path: Path
     errors, result = check(img)
     assert errors == 0, result
     assert to_raw(img, tmp_path / "a.raw")[at : at + len(data)] == data
+
+
+async def test_failed_data_write_links_nothing(graph: BlockGraph, tmp_path: Path) -> None:
+    """The data goes before the entries (QEMU's order): when it fails, the range stays
+    unallocated and reads zeroes, and the clusters placed for it are given back (the
+    image checks clean, no leak)."""
+    img = create(tmp_path / "a.qcow2", "8M")
+    rule = {"event": "write_aio", "iotype": "write", "once": True}
+    file = {"driver": "blkdebug", "inject-error": [rule],
+            "image": {"driver": "file", "filename": str(img)}}  # fmt: skip
+    node = await graph.add({"driver": "qcow2", "node-name": "q", "file": file})
+    with pytest.raises(OSError):
+        await node.write(2 * MiB, memoryview(os.urandom(MiB)))
+    status = await node.block_status(2 * MiB, MiB)
+    assert not status.flags & STATUS_DATA
+    got = bytearray(MiB)
+    await node.read(2 * MiB, memoryview(got))
+    assert bytes(got) == bytes(MiB)
+    await node.write(3 * MiB, memoryview(b"\x42" * MiB))  # the rule fired once: works now
+    await graph.close_all()
+    errors, result = check(img)
+    assert errors == 0, result
+    assert to_raw(img, tmp_path / "a.raw")[2 * MiB : 4 * MiB] == bytes(MiB) + b"\x42" * MiB

@@ -416,12 +416,25 @@ async def _fill_fresh(node: Qcow2Node, batch: _Batch, expect: int) -> int:
             node.refcounts.note_end(host + hi)
             links.append((guest_cluster, l2e, bitmap, host, lo, hi))
         if batch.data is not None:
-            await _write_runs(node, batch, hosts)
+            try:
+                await _write_runs(node, batch, hosts)
+            except BaseException:
+                await _abort(node, links)
+                raise
         async with node.meta_lock:
             await _link_fresh(node, links)
     finally:
         _release(node, hosts)
     return hosts[-1] + cs
+
+
+async def _abort(node: Qcow2Node, links: list[tuple[int, int, int, int, int, int]]) -> None:
+    """The data never landed: give the clusters placed for it back (no entry points at
+    them yet), as QEMU's qcow2_alloc_cluster_abort does, so that nothing leaks."""
+    assert node.refcounts is not None
+    async with node.meta_lock:
+        for _, _, _, host, _, _ in links:
+            await node.refcounts.free(host, node.cluster_size, DISCARD_NEVER)
 
 
 async def _zero_around(
