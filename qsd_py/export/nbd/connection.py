@@ -103,6 +103,12 @@ _NO_HOLE, _FAST_ZERO = int(CmdFlag.NO_HOLE), int(CmdFlag.FAST_ZERO)
 # Commands too: ``Cmd.READ`` is an enum member lookup, a Python call each time.
 _READ, _WRITE, _CACHE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.CACHE), int(Cmd.DISC)
 _READ_OR_CACHE = (_READ, _CACHE)
+# What an error reply says when a request fails, as QEMU words it per command.
+READ_FAILED = "reading from file failed"
+WRITE_FAILED = "writing to file failed"
+FLUSH_FAILED = "flush failed"
+TRIM_FAILED = "discard failed"
+STATUS_FAILED = "can't get block status"
 
 
 def _not_range(item: object) -> bool:
@@ -241,7 +247,11 @@ class Connection:
         self._ranges = 0  # _FileRange items in the reply queue
         self._hsize = 0  # request header size (the transmission's)
         self._reading = False
-        self._tasks: dict[asyncio.Task[None], int] = {}  # and the data bytes each holds
+        # Each task's data bytes, and its request's cookie, offset and failure text (what
+        # its error reply says should the task raise: :meth:`_task_done`).
+        self._tasks: dict[asyncio.Task[None], tuple[int, int, int, str]] = {}
+        self._paused = 0  # drains (NbdExport.quiesce) holding the connection: no requests
+        self._idle_waiters: list[asyncio.Future[None]] = []  # pauses waiting for no requests
         self._reserved = 0
         self._out: deque[bytes | bytearray | memoryview | _FileRange] = deque()
         self._owners: deque[AlignedBuffer | None] = deque()  # the pool buffer under each
@@ -291,6 +301,7 @@ class Connection:
         self._disarm_writer()
         self.sock.close()
         self._page_cache = None
+        self._wake_idle()
         if self._spare is not None:
             buffers.give(self._spare)
             self._spare = None
@@ -441,6 +452,7 @@ class Connection:
             self._finish()  # deleted while the client was choosing it
             return
         self.export = export
+        self._paused = export.quiesced  # a drain running: held until it ends, as the others
         export.clients.add(self)
         self.node = export.node
         self.t = ready.transmission
@@ -517,9 +529,35 @@ class Connection:
         """Requests still being served (tasks and transfers)."""
         return len(self._tasks) + self._transfers
 
+    # --- drains (NbdExport.quiesce) ---------------------------------------------------------
+    async def pause(self) -> None:
+        """On the connection's loop: serve no new request (the socket is not read, requests
+        already received wait in the buffer) and return once none is being served, tasks
+        and fast transfers alike. A graph change (a pivot, a filter taken away) can then
+        move the node under the connection: nothing of it still reaches the old one."""
+        self._paused += 1
+        self._stop_reading()
+        if self._serving() and not self._finished:
+            fut = self.loop.create_future()
+            self._idle_waiters.append(fut)
+            await fut
+
+    def unpause(self) -> None:
+        """On the connection's loop: a drain ended; serve again once none holds it."""
+        if self._paused:
+            self._paused -= 1
+        if not self._paused and not self._finished:
+            self._resume_if_possible()
+
+    def _wake_idle(self) -> None:
+        waiters, self._idle_waiters = self._idle_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
     # --- reading -----------------------------------------------------------------------------
     def _start_reading(self) -> None:
-        if not self._reading and not self.closing:
+        if not self._reading and not self.closing and not self._paused:
             self._reading = True
             self.loop.add_reader(self.fd, self._on_readable)
 
@@ -529,9 +567,11 @@ class Connection:
             self.loop.remove_reader(self.fd)
 
     def _busy(self) -> bool:
-        """Whether the connection holds all it may (tasks, their data, unsent replies)."""
+        """Whether the connection holds all it may (tasks, their data, unsent replies), or
+        a drain holds it."""
         return (
-            self._serving() >= MAX_IN_FLIGHT
+            self._paused
+            or self._serving() >= MAX_IN_FLIGHT
             or self._reserved >= MAX_RESERVED
             or self._out_bytes >= MAX_QUEUED
         )
@@ -781,34 +821,49 @@ class Connection:
         if error is not None:
             self._queue(t.reply_error(cookie, offset, error.errno, error.message))
             return
-        if cmd == _READ:
-            self._read(flags, cookie, offset, length)
-        elif cmd == _WRITE:
-            self._write(flags, cookie, offset, payload or memoryview(b""), owner)
-        elif cmd == Cmd.FLUSH:
-            self._spawn(self._flush_node(cookie, offset))
-        elif cmd == Cmd.TRIM:
-            self._spawn(self._trim(flags, cookie, offset, length))
-        elif cmd == Cmd.WRITE_ZEROES:
-            self._spawn(self._write_zeroes(flags, cookie, offset, length))
-        elif cmd == Cmd.CACHE:
-            self._queue(t.reply_ok(cookie, offset))  # nothing to prefetch into: a no-op
-        elif cmd == Cmd.BLOCK_STATUS:
-            self._block_status(flags, cookie, offset, length, contexts)
-        else:
-            message = f"invalid request type ({cmd}) received"
-            self._queue(t.reply_error(cookie, offset, errno.EINVAL, message))
+        try:
+            if cmd == _READ:
+                self._read(flags, cookie, offset, length)
+            elif cmd == _WRITE:
+                self._write(flags, cookie, offset, payload or memoryview(b""), owner)
+            elif cmd == Cmd.FLUSH:
+                self._spawn(self._flush_node(cookie, offset), cookie, offset, FLUSH_FAILED)
+            elif cmd == Cmd.TRIM:
+                work = self._trim(flags, cookie, offset, length)
+                self._spawn(work, cookie, offset, TRIM_FAILED)
+            elif cmd == Cmd.WRITE_ZEROES:
+                work = self._write_zeroes(flags, cookie, offset, length)
+                self._spawn(work, cookie, offset, WRITE_FAILED)
+            elif cmd == Cmd.CACHE:
+                self._queue(t.reply_ok(cookie, offset))  # nothing to prefetch into: a no-op
+            elif cmd == Cmd.BLOCK_STATUS:
+                self._block_status(flags, cookie, offset, length, contexts)
+            else:
+                message = f"invalid request type ({cmd}) received"
+                self._queue(t.reply_error(cookie, offset, errno.EINVAL, message))
+        except Exception as err:  # noqa: BLE001 - a bug answers EIO, it does not hang
+            self._request_failed(err, cookie, offset, READ_FAILED if cmd == _READ else WRITE_FAILED)
+
+    def _request_failed(self, err: BaseException, cookie: int, offset: int, failure: str) -> None:
+        """Serving a request raised something unexpected (a driver's bug, a node closed
+        under it): log it, and answer EIO as QEMU maps an unexpected error, so the client
+        is never left waiting for the reply. Tasks queue their reply whole once done, so
+        none of it left yet and the stream stays in step: the connection goes on."""
+        log.error("NBD request failed", exc_info=err)
+        t = self.t
+        if t is not None and not self._hard:
+            self._queue(t.reply_error(cookie, offset, errno.EIO, failure))
 
     def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
         t = self.t
         assert t is not None
         plan = self.plan
         if flags & _FUA or plan is None or not length:
-            self._spawn(self._read_task(flags, cookie, offset, length), length)
+            self._spawn_read(flags, cookie, offset, length)
             return
         sparse = t.structured and length >= SPARSE_READ_MIN and not flags & _DF
         if sparse and plan.kind == NULL:  # null-co's block status decides: the node's road
-            self._spawn(self._read_task(flags, cookie, offset, length), length)
+            self._spawn_read(flags, cookie, offset, length)
             return
         action, pos, size = route(plan, offset, length, False)
         if action == FILL:
@@ -820,12 +875,12 @@ class Connection:
             self._queue_read(cookie, offset, length, buf)
             return
         if action != INLINE and action != TRANSFER:
-            self._spawn(self._read_task(flags, cookie, offset, length), length)
+            self._spawn_read(flags, cookie, offset, length)
             return
         if sparse and self._file is not None and not self._is_data(pos, length):
             plan.done()
             fast_io.failed(plan, length, False, redone=True)  # the node counts it
-            self._spawn(self._read_task(flags, cookie, offset, length), length)
+            self._spawn_read(flags, cookie, offset, length)
             return
         if self._page_cache is not None and length >= SENDFILE_MIN:
             plan.done()
@@ -943,7 +998,8 @@ class Connection:
             data, owner = buf.view[:length], buf
         elif owner is not None and owner is self.rbuf:
             self._pins += 1
-        self._spawn(self._write_task(flags, cookie, offset, data, owner), len(data))
+        work = self._write_task(flags, cookie, offset, data, owner)
+        self._spawn(work, cookie, offset, WRITE_FAILED, len(data))
 
     def _write_done(self, cookie: int, offset: int, res: int) -> None:
         t = self.t
@@ -991,6 +1047,8 @@ class Connection:
             tr.plan.mark(tr.offset, tr.length)
         if self._retired and not self._transfers:
             self._release_retired()
+        if self._idle_waiters and not self._serving():
+            self._wake_idle()
         buf = tr.buf
         assert buf is not None
         tr.buf = None
@@ -1023,20 +1081,36 @@ class Connection:
             self._queue(t.reply_error(cookie, offset, errno.EINVAL, "need non-zero length"))
         else:
             req_one = bool(flags & _REQ_ONE)
-            self._spawn(self._block_status_task(cookie, offset, length, contexts, req_one))
+            work = self._block_status_task(cookie, offset, length, contexts, req_one)
+            self._spawn(work, cookie, offset, STATUS_FAILED)
 
     # --- tasks ------------------------------------------------------------------------------
-    def _spawn(self, coro: Coroutine[Any, Any, None], data: int = 0) -> None:
-        """Serve a request with a task; ``data``: the bytes it reads or writes."""
+    def _spawn(
+        self,
+        coro: Coroutine[Any, Any, None],
+        cookie: int,
+        offset: int,
+        failure: str,
+        data: int = 0,
+    ) -> None:
+        """Serve a request with a task; ``data``: the bytes it reads or writes; ``failure``:
+        the text of the error reply should the task raise."""
         task = self.loop.create_task(coro)
-        self._tasks[task] = data
+        self._tasks[task] = (data, cookie, offset, failure)
         self._reserved += data
         task.add_done_callback(self._task_done)
 
+    def _spawn_read(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        work = self._read_task(flags, cookie, offset, length)
+        self._spawn(work, cookie, offset, READ_FAILED, length)
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._reserved -= self._tasks.pop(task, 0)
+        data, cookie, offset, failure = self._tasks.pop(task)
+        self._reserved -= data
         if not task.cancelled() and task.exception() is not None:
-            log.error("NBD request failed", exc_info=task.exception())
+            self._request_failed(task.exception(), cookie, offset, failure)  # type: ignore[arg-type]
+        if self._idle_waiters and not self._serving():
+            self._wake_idle()
         if self._hard or (self.closing and not self._reading):
             if not self._serving() and not self._out and not self._writer_armed:
                 self._finish()

@@ -9,7 +9,7 @@ the export (shutting down) and its node until they finish.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.node import SECTOR_SIZE
@@ -75,6 +75,7 @@ class NbdExport(BlockExport):
         self.clients: set[Connection] = set()
         self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
         self.server: NbdServer | None = None
+        self.quiesced = 0  # drains holding the connections (new ones start held too)
 
     # --- start ------------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -89,7 +90,12 @@ class NbdExport(BlockExport):
         if server.find(self.name) is not None:
             raise QMPError(f"NBD server already has export named '{self.name}'")
         self.node.add_user(
-            self.id, self.writable, self.resize, shared=NBD_SHARED, repoint=self.repoint
+            self.id,
+            self.writable,
+            self.resize,
+            shared=NBD_SHARED,
+            quiesce=self.quiesce,
+            repoint=self.repoint,
         )
         self.size = self.node.length() // SECTOR_SIZE * SECTOR_SIZE
         specs = self.opts.get("bitmaps", [])
@@ -108,9 +114,35 @@ class NbdExport(BlockExport):
         server.add_export(self)
         self.server = server
 
+    async def quiesce(self) -> Callable[[], None]:
+        """A drain (``BlockNode.drained``, a pivot): every connection stops taking requests
+        and this returns once none is served any more, on whatever loop (an iothread's):
+        the node's in-flight counts alone miss the fast path's transfers and a request
+        about to start on an iothread. Returns what lets them go on."""
+        self.quiesced += 1
+        try:
+            await asyncio.gather(*[_on_loop(c.loop, c.pause()) for c in list(self.clients)])
+        except BaseException:
+            self._resume()
+            raise
+        return self._resume
+
+    def _resume(self) -> None:
+        """The drain ended: every connection serves again (on its loop, after a repoint
+        the drained section sent it, which its loop runs first)."""
+        self.quiesced -= 1
+        for conn in list(self.clients):
+            if conn.loop is asyncio.get_running_loop():
+                conn.unpause()
+            else:
+                conn.loop.call_soon_threadsafe(conn.unpause)
+
     def repoint(self, node: BlockNode) -> None:
         """A job pivoted (mirror's completion, the graph drained): serve ``node`` from now
-        on, in every connection too (their fast plans are made anew for it)."""
+        on, in every connection too (their fast plans are made anew for it). The drain has
+        every connection paused: one on an iothread switches on its loop before the drain's
+        end reaches it there (same loop, in order), so no request of it reaches the old
+        node."""
         self.node = node
         for conn in list(self.clients):
             if conn.loop is self.daemon_loop():
@@ -167,3 +199,10 @@ class NbdExport(BlockExport):
         self._release_bitmaps()
         self.release_node()
         self.release_iothreads()
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> Awaitable[None]:
+    """``coro`` run on ``loop``, awaitable from the running loop."""
+    if loop is asyncio.get_running_loop():
+        return coro
+    return asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))
