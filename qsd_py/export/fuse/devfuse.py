@@ -280,7 +280,13 @@ class DevFuseQueue:
             return
         plan = self.plan
         if plan is not None and (opcode == _READ or opcode == _WRITE):
-            if self._fast(slot, n, opcode, unique, plan):
+            try:
+                if self._fast(slot, n, opcode, unique, plan):
+                    return
+            except Exception:  # noqa: BLE001 - a bug answers EIO, the kernel never waits
+                log.exception("%s: FUSE fast-path request %d failed", self.name, unique)
+                self._reply(slot, unique, -errno.EIO)
+                self._free.append(slot)
                 return
         slot.task = self.loop.create_task(self._serve(slot, n, unique))
         self._busy.add(slot)
@@ -375,6 +381,9 @@ class DevFuseQueue:
         res = None
         try:
             res = await self.engine.handle(slot.hdr, slot.req_mv[_HDR:n], None, slot.out, stats)
+        except Exception:  # noqa: BLE001 - the engine answers its own; a bug answers EIO
+            log.exception("%s: FUSE request %d failed", self.name, unique)
+            res = -errno.EIO
         finally:
             # Count the request done before answering: a caller that has its reply must
             # find the export idle (a safe block-export-del right after it succeeds).

@@ -327,7 +327,12 @@ class UringQueue:
             self.plan = plan = None  # stale: the new plan is on its way; the engine serves
         if plan is not None:
             op = _OP.unpack_from(entry.hdr, 4)[0]
-            if (op == _READ or op == _WRITE) and self._fast(entry, plan, op == _WRITE):
+            try:
+                if (op == _READ or op == _WRITE) and self._fast(entry, plan, op == _WRITE):
+                    return
+            except Exception:  # noqa: BLE001 - a bug answers EIO, it does not hang the entry
+                log.exception("%s: FUSE fast-path request failed", self.name)
+                self._commit(entry, -errno.EIO)
                 return
         entry.task = self.loop.create_task(self._serve(entry))
 
@@ -440,6 +445,11 @@ class UringQueue:
         stats.engine_requests += 1
         try:
             res = await self.handle(entry)
+        except Exception:  # noqa: BLE001 - the request is answered, the entry re-armed
+            # The engine answers its own failures; this is a queue worker's forwarding
+            # (the daemon gone) or a bug: EIO, never an entry the kernel waits on forever.
+            log.exception("%s: FUSE request failed", self.name)
+            res = -errno.EIO
         finally:
             stats.in_flight -= 1
             entry.task = None
