@@ -728,6 +728,15 @@ class BlockNode:
         if closed:
             self.fast_plans_changed()
 
+    async def settle_fast_writes(self) -> None:
+        """Once the plans are closed (:meth:`close_fast_writes`): wait until the fast writes
+        that passed their plan's check before are done, so they marked the node's shared
+        bitmaps (fast_settle.py). A plan whose owner gave no ``settle`` is one that never
+        writes fast while closed after a synchronous turn."""
+        for plan in list(self.fast_plans):
+            if plan.settle is not None:
+                await plan.settle()
+
     def fast_plans_changed(self) -> None:
         """Something under the plans that reach this node changed (writes closed or opened,
         a child replaced, a reopen): tell the owners that watch their plans (``on_change``:

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from qsd_py.block import fast_io
 from qsd_py.block.fast_io import FILL, INLINE, NULL, TRANSFER, URING, copy_inline, route
+from qsd_py.block.fast_settle import settle_on
 from qsd_py.block.node import STATUS_DATA, STATUS_ZERO
 from qsd_py.errors import QMPError
 from qsd_py.export.nbd import buffers
@@ -218,6 +219,7 @@ class Connection:
         self._ring: Any = None  # the loop's io_uring ring for the plan's transfers
         self._idle: list[_Transfer] = []
         self._transfers = 0  # in flight
+        self._held = False  # a drain: no request starts (hold_count, release)
         self._retired: list[FastPlan] = []  # plans a pivot replaced, until their transfers end
         self.writethrough = False
         self.closing = False  # no more requests are read
@@ -484,6 +486,8 @@ class Connection:
         if plan is not None and plan.inline_max:  # a file held in memory
             plan.inline_max = MEMORY_INLINE_MAX
         self.plan = plan
+        if plan is not None:
+            plan.settle = self._settle
         target = node.fast_target() if plan is not None and plan.kind != NULL else None
         self._page_cache = None
         if target is not None and target.table is None:
@@ -491,6 +495,11 @@ class Connection:
             if self._plain and target.file.in_memory and plan is not None:
                 with contextlib.suppress(OSError):  # then reads are copied
                     self._page_cache = _PageCache(plan.fd)
+
+    async def _settle(self) -> None:
+        """The node closed its plans to writes: wait for the transfers in flight (fast
+        writes among them), on the connection's loop (fast_settle.py)."""
+        await settle_on(self.loop, lambda: self._transfers, "NBD connection")
 
     def repoint(self, node: BlockNode) -> None:
         """Serve ``node`` from now on (a pivot): a fresh fast plan for it at once. The old
@@ -507,6 +516,22 @@ class Connection:
         self._file = None
         self.node = node
         self._plan()
+
+    def hold_count(self) -> int:
+        """On the connection's loop: start no request until :meth:`release` (a drain, the
+        export's ``quiesce``); the requests still being served."""
+        self._held = True
+        self._stop_reading()
+        return self._serving()
+
+    def release(self) -> None:
+        """On the connection's loop: requests start again, those received first."""
+        self._held = False
+        if self._finished or self.closing:
+            return
+        self._resume_if_possible()
+        if not self._hard:
+            self._flush()
 
     def _release_retired(self) -> None:
         for plan in self._retired:
@@ -531,7 +556,8 @@ class Connection:
     def _busy(self) -> bool:
         """Whether the connection holds all it may (tasks, their data, unsent replies)."""
         return (
-            self._serving() >= MAX_IN_FLIGHT
+            self._held
+            or self._serving() >= MAX_IN_FLIGHT
             or self._reserved >= MAX_RESERVED
             or self._out_bytes >= MAX_QUEUED
         )

@@ -9,9 +9,10 @@ the export (shutting down) and its node until they finish.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from qsd_py.block.fast_settle import settle_on
 from qsd_py.block.node import SECTOR_SIZE
 from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.errors import QMPError
@@ -89,7 +90,12 @@ class NbdExport(BlockExport):
         if server.find(self.name) is not None:
             raise QMPError(f"NBD server already has export named '{self.name}'")
         self.node.add_user(
-            self.id, self.writable, self.resize, shared=NBD_SHARED, repoint=self.repoint
+            self.id,
+            self.writable,
+            self.resize,
+            shared=NBD_SHARED,
+            repoint=self.repoint,
+            quiesce=self.quiesce,
         )
         self.size = self.node.length() // SECTOR_SIZE * SECTOR_SIZE
         specs = self.opts.get("bitmaps", [])
@@ -117,6 +123,25 @@ class NbdExport(BlockExport):
                 conn.repoint(node)
             else:
                 conn.loop.call_soon_threadsafe(conn.repoint, node)
+
+    async def quiesce(self) -> Callable[[], None]:
+        """A drain (``BlockNode.drained``, a mirror's pivot): every connection, on its own
+        loop, starts no request and finishes those it serves (engine tasks and fast-path
+        transfers); returns what lets them go on, queued on each loop after anything the
+        caller queued there meanwhile (a pivot's ``repoint``)."""
+        conns = list(self.clients)
+        for conn in conns:
+            await settle_on(conn.loop, conn.hold_count, f"NBD export '{self.id}'")
+
+        def resume() -> None:
+            here = asyncio.get_running_loop()
+            for conn in conns:
+                if conn.loop is here:
+                    conn.release()
+                else:
+                    conn.loop.call_soon_threadsafe(conn.release)
+
+        return resume
 
     def daemon_loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop()
