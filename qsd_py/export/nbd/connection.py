@@ -219,7 +219,6 @@ class Connection:
         self._ring: Any = None  # the loop's io_uring ring for the plan's transfers
         self._idle: list[_Transfer] = []
         self._transfers = 0  # in flight
-        self._held = False  # a drain: no request starts (hold_count, release)
         self._retired: list[FastPlan] = []  # plans a pivot replaced, until their transfers end
         self.writethrough = False
         self.closing = False  # no more requests are read
@@ -251,6 +250,8 @@ class Connection:
         self._writer_armed = False
         self._flush_scheduled = False
         self._in_read = False  # in _on_readable, which flushes at its end
+        self._pause: list[int] = [0]  # the export's drained sections (NbdExport.paused)
+        self._idle_waiters: list[asyncio.Future[None]] = []
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -299,6 +300,7 @@ class Connection:
         if self.plan is not None:
             self.plan.release()  # no transfer routed by it is still running
         self._release_retired()
+        self._wake_idle()
         if self.loop is self.main_loop:
             self._forget()
         else:
@@ -443,6 +445,7 @@ class Connection:
             self._finish()  # deleted while the client was choosing it
             return
         self.export = export
+        self._pause = export.paused
         export.clients.add(self)
         self.node = export.node
         self.t = ready.transmission
@@ -517,22 +520,6 @@ class Connection:
         self.node = node
         self._plan()
 
-    def hold_count(self) -> int:
-        """On the connection's loop: start no request until :meth:`release` (a drain, the
-        export's ``quiesce``); the requests still being served."""
-        self._held = True
-        self._stop_reading()
-        return self._serving()
-
-    def release(self) -> None:
-        """On the connection's loop: requests start again, those received first."""
-        self._held = False
-        if self._finished or self.closing:
-            return
-        self._resume_if_possible()
-        if not self._hard:
-            self._flush()
-
     def _release_retired(self) -> None:
         for plan in self._retired:
             plan.release()
@@ -554,13 +541,37 @@ class Connection:
             self.loop.remove_reader(self.fd)
 
     def _busy(self) -> bool:
-        """Whether the connection holds all it may (tasks, their data, unsent replies)."""
+        """Whether the connection holds all it may (tasks, their data, unsent replies), or
+        may start nothing now (its export's node is drained)."""
         return (
-            self._held
+            self._pause[0]
             or self._serving() >= MAX_IN_FLIGHT
             or self._reserved >= MAX_RESERVED
             or self._out_bytes >= MAX_QUEUED
         )
+
+    async def wait_idle(self) -> None:
+        """On the connection's loop: until no request of it is being served (a drain; the
+        export's ``paused`` keeps new ones from starting meanwhile)."""
+        while self._serving() and not self._finished:
+            fut = self.loop.create_future()
+            self._idle_waiters.append(fut)
+            await fut
+
+    def _wake_idle(self) -> None:
+        if self._idle_waiters and (self._finished or not self._serving()):
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def resume(self) -> None:
+        """On the connection's loop, after a drain: serve the requests that waited."""
+        if self._finished:
+            return
+        self._resume_if_possible()
+        if not self._hard:
+            self._flush()
 
     def _resume_if_possible(self) -> None:
         """After a task or a send: read again if the limits allow it."""
@@ -1010,6 +1021,8 @@ class Connection:
     def _transfer_done(self, tr: _Transfer, res: int) -> None:
         self._transfers -= 1
         self._reserved -= tr.length
+        if self._idle_waiters:
+            self._wake_idle()
         tr.plan.done()
         if res < 0:
             fast_io.failed(tr.plan, tr.length, tr.writing)
@@ -1061,6 +1074,8 @@ class Connection:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._reserved -= self._tasks.pop(task, 0)
+        if self._idle_waiters:
+            self._wake_idle()
         if not task.cancelled() and task.exception() is not None:
             log.error("NBD request failed", exc_info=task.exception())
         if self._hard or (self.closing and not self._reading):

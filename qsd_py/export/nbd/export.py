@@ -12,7 +12,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from qsd_py.block.fast_settle import settle_on
 from qsd_py.block.node import SECTOR_SIZE
 from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.errors import QMPError
@@ -76,6 +75,7 @@ class NbdExport(BlockExport):
         self.clients: set[Connection] = set()
         self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
         self.server: NbdServer | None = None
+        self.paused = [0]  # drained sections now: no connection starts a request meanwhile
 
     # --- start ------------------------------------------------------------------------------
     async def setup(self) -> None:
@@ -94,8 +94,8 @@ class NbdExport(BlockExport):
             self.writable,
             self.resize,
             shared=NBD_SHARED,
-            repoint=self.repoint,
             quiesce=self.quiesce,
+            repoint=self.repoint,
         )
         self.size = self.node.length() // SECTOR_SIZE * SECTOR_SIZE
         specs = self.opts.get("bitmaps", [])
@@ -124,24 +124,30 @@ class NbdExport(BlockExport):
             else:
                 conn.loop.call_soon_threadsafe(conn.repoint, node)
 
+    def quiesce_hook(self) -> Any:
+        return self.quiesce
+
     async def quiesce(self) -> Callable[[], None]:
-        """A drain (``BlockNode.drained``, a mirror's pivot): every connection, on its own
-        loop, starts no request and finishes those it serves (engine tasks and fast-path
-        transfers); returns what lets them go on, queued on each loop after anything the
-        caller queued there meanwhile (a pivot's ``repoint``)."""
-        conns = list(self.clients)
-        for conn in conns:
-            await settle_on(conn.loop, conn.hold_count, f"NBD export '{self.id}'")
+        """A drain (``BlockNode.drained``): no connection starts a request, and those being
+        served end, fast transfers included (they write around the node's in-flight count:
+        a transaction's bitmaps and a backup's point in time must see them finished, as a
+        drain in QEMU waits for every request). Returns what lets the connections go on."""
+        self.paused[0] += 1
+        main = asyncio.get_running_loop()
+        for conn in list(self.clients):
+            if conn.loop is main:
+                await conn.wait_idle()
+            else:
+                done = asyncio.run_coroutine_threadsafe(conn.wait_idle(), conn.loop)
+                await asyncio.wrap_future(done)
+        return self._unpause
 
-        def resume() -> None:
-            here = asyncio.get_running_loop()
-            for conn in conns:
-                if conn.loop is here:
-                    conn.release()
-                else:
-                    conn.loop.call_soon_threadsafe(conn.release)
-
-        return resume
+    def _unpause(self) -> None:
+        self.paused[0] -= 1
+        if self.paused[0]:
+            return
+        for conn in list(self.clients):
+            conn.loop.call_soon_threadsafe(conn.resume)
 
     def daemon_loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop()
