@@ -22,13 +22,15 @@ What is dirty at the start: every chunk (``sync`` full), the chunks the top laye
 (``top``), nothing (``none``).
 
 Once nothing is dirty the job is ``ready`` (``BLOCK_JOB_READY``) and keeps copying what new
-writes dirty. ``job-complete`` ends the loop once the copy caught up (nothing dirty, no request
-in flight on the source) and the target is flushed; :meth:`MirrorJob.commit` catches up again
-if writes came meanwhile, then moves every user of the replaced node that can follow (exports,
-through ``NodeUser.repoint``) and every parent node (``Child.replace``) to the target, with no
-await between the last check and the move: no write is lost. (No drain: the source's users
-cannot be other nodes or jobs, it is a root node, and its exports' requests are counted in
-flight; QEMU drains too, which is why it emits ``standby``/``ready`` where qsd-py does not.)
+writes dirty. ``job-complete`` seals the source and ends the loop after one more pass over
+what is dirty, then the target is flushed (a pass, not "until clean": writers that never
+pause would keep it going); :meth:`MirrorJob.commit` quiesces the exports that will follow
+(``NodeUser.quiesce``: NBD connections and FUSE queues start no request and finish theirs),
+catches up until nothing is dirty and nothing is in flight, then moves every user of the
+replaced node that can follow (exports, through ``NodeUser.repoint``) and every parent node
+(``Child.replace``) to the target, with no await between the last check and the move: no
+write is lost. (The source's users cannot be other nodes or jobs: it is a root node. QEMU
+drains the whole node, which is why it emits ``standby``/``ready`` where qsd-py does not.)
 A soft cancel in ``ready`` (``block-job-cancel`` without force)
 completes the same way without the move, as QEMU's does.
 
