@@ -156,6 +156,7 @@ async def transaction(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
                     f"Action '{act['type']}' does not support transaction property "
                     f"completion-mode = {mode}"
                 )
+    await daemon.graph.drain_all()  # QEMU drains all I/O before any action
     txn = Transaction(grouped=mode == "grouped")
     done: list[Action] = []  # newest first, as QEMU's list
     try:
