@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qsd_py.block.fast_io import failed
+from qsd_py.block.fast_settle import settle_on
 from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse.engine import FuseEngine, QueueStats
@@ -179,8 +180,14 @@ class DevFuseQueue:
         self.plan = fastpath.plan_for(self.engine.node)
         if self.plan is not None:
             self.plan.on_change = self.on_change
+            self.plan.settle = self._settle
             if self.plan.kind == fastpath.URING:
                 self._ring = self.plan.backend.ring()  # type: ignore[union-attr]
+
+    async def _settle(self) -> None:
+        """The node closed its plans to writes: wait for this queue's fast transfers, on
+        its loop (fast_settle.py)."""
+        await settle_on(self.loop, lambda: self.fast_busy, self.name)
 
     def _release_retired(self) -> None:
         for plan in self._retired:

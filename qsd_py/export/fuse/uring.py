@@ -57,6 +57,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.fast_io import failed
+from qsd_py.block.fast_settle import settle_on
 from qsd_py.errors import QMPError
 from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import proto as p
@@ -285,6 +286,8 @@ class UringQueue:
             old.on_change = None
             self._retired.append(old)
         self.plan = plan
+        if plan is not None:
+            plan.settle = self._settle
         ring = self.ring
         if plan is not None and plan.backend is not None:
             for entry in self.entries:
@@ -293,6 +296,11 @@ class UringQueue:
         if plan is not None and plan.kind != fastpath.THREADS and ring is not None:
             ring.enable_polling()  # nothing on this path waits for a pool thread
         self.link_reads = plan is not None and plan.kind == fastpath.URING
+
+    async def _settle(self) -> None:
+        """The node closed its plans to writes: wait for this queue's fast transfers, on
+        its loop (fast_settle.py)."""
+        await settle_on(self.loop, lambda: self.fast_busy, f"queue {self.qid}")
 
     def drop_plan(self) -> None:
         """On the queue's loop: every request takes the engine until :meth:`install`."""

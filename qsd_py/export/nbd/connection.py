@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from qsd_py.block import fast_io
 from qsd_py.block.fast_io import FILL, INLINE, NULL, TRANSFER, URING, copy_inline, route
+from qsd_py.block.fast_settle import settle_on
 from qsd_py.block.node import STATUS_DATA, STATUS_ZERO
 from qsd_py.errors import QMPError
 from qsd_py.export.nbd import buffers
@@ -500,6 +501,8 @@ class Connection:
         if plan is not None and plan.inline_max:  # a file held in memory
             plan.inline_max = MEMORY_INLINE_MAX
         self.plan = plan
+        if plan is not None:
+            plan.settle = self._settle
         target = node.fast_target() if plan is not None and plan.kind != NULL else None
         self._page_cache = None
         if target is not None and target.table is None:
@@ -507,6 +510,11 @@ class Connection:
             if self._plain and target.file.in_memory and plan is not None:
                 with contextlib.suppress(OSError):  # then reads are copied
                     self._page_cache = _PageCache(plan.fd)
+
+    async def _settle(self) -> None:
+        """The node closed its plans to writes: wait for the transfers in flight (fast
+        writes among them), on the connection's loop (fast_settle.py)."""
+        await settle_on(self.loop, lambda: self._transfers, "NBD connection")
 
     def repoint(self, node: BlockNode) -> None:
         """Serve ``node`` from now on (a pivot): a fresh fast plan for it at once. The old
