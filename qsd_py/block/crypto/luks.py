@@ -218,7 +218,7 @@ def unlock(h: LuksHeader, password: bytes, read_slot: Callable[[int, int], bytes
 # --- creation ------------------------------------------------------------------------------
 KEY_AREA_ALIGN = 4096  # QEMU puts the key slots, and the payload, on 4 KiB boundaries
 MIN_ITERS = 1000  # QEMU's floor for slot and digest iterations
-DIGEST_ITER_TIME_MS = 125  # the master key digest gets 1/8 s of PBKDF2
+DIGEST_SHARE = 8  # the master key digest gets 1/8 of the slot's iter-time (QEMU's, cryptsetup's)
 
 
 def cipher_spec(alg: str, mode: str, ivgen: str, ivhash: str | None) -> tuple[str, str, int]:
@@ -270,7 +270,7 @@ def build_image_header(
     offsets, payload = layout(key_bytes)
     master = random(key_bytes)
     speed = iterations_per_second(hash_name, key_bytes)
-    mk_iters = max(MIN_ITERS, speed * DIGEST_ITER_TIME_MS // 1000)
+    mk_iters = max(MIN_ITERS, speed * iter_time_ms // 1000 // DIGEST_SHARE)
     slot_iters = max(MIN_ITERS, min(0xFFFFFFFF, speed * iter_time_ms // 1000))
     mk_salt, slot_salt = random(32), random(32)
     mk_digest = pbkdf2(hash_name, master, mk_salt, mk_iters, DIGEST_LEN)
