@@ -21,6 +21,7 @@ from qsd_py.block.crypto.cipher import (
     CipherError,
     SectorCipher,
     check_spec,
+    essiv_check,
     hash_new,
     parse_spec,
 )
@@ -152,7 +153,7 @@ def check_cipher(h: LuksHeader) -> None:
         if ivgen == "essiv":
             if ivhash is None:
                 raise CipherError("Missing IV generator hash specification")
-            hash_new(ivhash)
+            essiv_check(h.cipher_name, ivhash)
         hash_new(h.hash_spec)
     except CipherError as err:
         raise LuksError(str(err)) from err
