@@ -46,6 +46,7 @@ class Daemon:
         self.graph.emit_event = self.emit_event
         self.exports = ExportRegistry(self)
         self.jobs = JobRegistry(self.emit_event)
+        self.graph.drain_all_hooks.append(self.jobs.drain_all_section)
         self.objects = ObjectRegistry()
         self.graph.objects = self.objects
         self.monitors: set[EventSink] = set()
@@ -109,15 +110,23 @@ class Daemon:
     async def wait_for_shutdown(self) -> None:
         await self.shutdown_event.wait()
 
+    async def shut_down_exports_and_jobs(self) -> None:
+        """QEMU's first steps of shutting down: delete every export, drain every node (a
+        section never ended: running jobs pause), cancel every job and wait for it. ``quit``
+        goes through them before its reply, as QEMU's reply comes after their events."""
+        await self.exports.delete_all()
+        if self.nbd_server is not None:
+            server, self.nbd_server = self.nbd_server, None
+            await server.close()
+        for hook in self.graph.drain_all_hooks:
+            await hook(list(self.graph), True)
+        await self.jobs.cancel_all()
+
     async def close(self) -> None:
         """Delete every export (unmounting), cancel jobs, close nodes, stop iothreads, close
         monitors."""
         try:
-            await self.exports.delete_all()
-            if self.nbd_server is not None:
-                server, self.nbd_server = self.nbd_server, None
-                await server.close()
-            await self.jobs.cancel_all()
+            await self.shut_down_exports_and_jobs()
         finally:
             await self.graph.close_all()
             self.objects.stop_all()  # each iothread closes its own io_uring ring

@@ -74,6 +74,16 @@ class Transaction:
         drained section in prepare and end it in clean)."""
         await self._drains.enter_async_context(node.drained())
 
+    async def hold_exports(self, daemon: Daemon) -> None:
+        """No export starts a request until the transaction is over, and those under way
+        end first: QEMU drains everything before the actions and then runs them without a
+        turn of its main loop, so no request falls between two actions (a write between a
+        bitmap's disable and a backup's start would be in neither)."""
+        for export in list(daemon.exports):
+            quiesce = export.quiesce_hook()
+            if quiesce is not None:
+                self._drains.callback(await quiesce())
+
     async def close(self) -> None:
         await self._drains.aclose()
 
@@ -146,9 +156,11 @@ async def transaction(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
                     f"Action '{act['type']}' does not support transaction property "
                     f"completion-mode = {mode}"
                 )
+    await daemon.graph.drain_all()  # QEMU drains all I/O before any action
     txn = Transaction(grouped=mode == "grouped")
     done: list[Action] = []  # newest first, as QEMU's list
     try:
+        await txn.hold_exports(daemon)
         try:
             for act in actions:
                 cls = ACTIONS.get(act["type"])

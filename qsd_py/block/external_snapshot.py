@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 async def snapshot(graph: BlockGraph, node_name: str, overlay_name: str) -> None:
     """blockdev-snapshot: the existing node ``overlay_name`` over ``node_name``."""
+    await graph.drain_all()  # QEMU runs the command as a transaction, which drains first
     old = _find(graph, node_name)
     _check_old(old)
     await _flush(old)
@@ -37,11 +38,20 @@ async def snapshot(graph: BlockGraph, node_name: str, overlay_name: str) -> None
 
 async def snapshot_sync(graph: BlockGraph, args: dict[str, Any]) -> None:
     """blockdev-snapshot-sync: create (or open) the overlay file, then append it."""
+    await graph.drain_all()  # QEMU runs the command as a transaction, which drains first
     old, new = await open_sync_overlay(graph, args)
     try:
         await append(old, new)
     finally:
-        await graph.drop_orphan(new)
+        await drop_overlay(graph, new)
+
+
+async def drop_overlay(graph: BlockGraph, new: BlockNode) -> None:
+    """Close the overlay blockdev-snapshot-sync made if nobody uses it (QEMU frees it), a
+    drained section of all nodes as QEMU's closing goes through."""
+    await graph.drop_orphan(new)
+    if graph.find(new.node_name) is not new:
+        await graph.drain_all()
 
 
 async def open_sync_overlay(graph: BlockGraph, args: dict[str, Any]) -> tuple:
@@ -75,6 +85,7 @@ async def open_sync_overlay(graph: BlockGraph, args: dict[str, Any]) -> tuple:
         new.implicit = True  # not the monitor's: QEMU frees it once nobody uses it
     else:
         new = await graph.add_implicit(opts)
+    await graph.drain_all(16)  # QEMU 11.1's image creation and opening, measured
     return old, new
 
 
@@ -112,6 +123,7 @@ async def attach(old: BlockNode, new: BlockNode) -> None:
         finally:
             old.open_fast_writes(append)
         new.opts = {**new.opts, "backing": old.node_name}
+    await old.graph.drain_all(2)  # QEMU 11.1's bdrv_append (the new child, the move)
 
 
 async def detach(old: BlockNode, new: BlockNode, opts: dict[str, Any]) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.drivers import driver_class
@@ -26,7 +26,7 @@ _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]*\Z")
 NODE_NAME_MAX = 31
 
 # Options an inline child takes from its parent unless it sets them itself (QEMU's rules).
-_INHERITED = ("read-only", "auto-read-only", "discard")
+_INHERITED = ("read-only", "auto-read-only", "discard", "force-share")
 _INHERITED_CACHE = ("direct", "no-flush")
 
 
@@ -86,6 +86,14 @@ class BlockGraph:
         # How many blkdebug nodes are open: the drivers' debug-event hooks
         # (BlockNode.debug_event) cost one test of this while it is 0.
         self.debug_nodes = 0
+        # Who takes part in a drained section of every node (QEMU's bdrv_drain_all_begin):
+        # each hook, given the nodes in creation order (and whether they are all nodes, or
+        # a drained node and those above it), begins its part and returns the coroutine
+        # function that ends it. The
+        # daemon adds its block jobs' (they pause there, with events).
+        self.drain_all_hooks: list[
+            Callable[[list[BlockNode], bool], Awaitable[Callable[[], Awaitable[None]]]]
+        ] = []
 
     def __iter__(self):
         return iter(list(self._nodes.values()))
@@ -95,6 +103,21 @@ class BlockGraph:
 
     def __contains__(self, name: object) -> bool:
         return name in self._nodes
+
+    # --- drain ----------------------------------------------------------------------------
+    async def drain_all(self, times: int = 1, above: BlockNode | None = None) -> None:
+        """``times`` drained sections of every node, one after the other, as QEMU 11.1's
+        commands go through them (each graph change under its graph lock drains all nodes,
+        some commands drain all explicitly). What users see of them: each running block job
+        pauses and resumes once per section (``JOB_STATUS_CHANGE`` ``paused``/``running``,
+        ``standby``/``ready``); the counts per command are measured on QEMU 11.1.
+        ``above``: drained sections of that node only, which reach the users of it and of
+        the nodes above it (QEMU's bdrv_drained_begin; only the jobs take part here)."""
+        for _ in range(times if self.drain_all_hooks else 0):
+            nodes = list(self._nodes.values()) if above is None else above.nodes_above()
+            ends = [await hook(nodes, above is None) for hook in list(self.drain_all_hooks)]
+            for end in reversed(ends):
+                await end()
 
     # --- creation -------------------------------------------------------------------------
     async def add(self, opts: dict[str, Any]) -> BlockNode:

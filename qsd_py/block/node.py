@@ -323,7 +323,7 @@ class BlockNode:
         The users that start requests (exports, jobs) are asked to pause through their
         :class:`~qsd_py.block.perm.NodeUser` ``quiesce`` hook first, then the in-flight
         counts are waited for from the top down. Requests the body itself issues pass."""
-        above = self._nodes_above()
+        above = self.nodes_above()
         resumes = []
         try:
             for node in above:
@@ -335,9 +335,11 @@ class BlockNode:
             yield
         finally:
             for resume in reversed(resumes):
-                resume()
+                done = resume()
+                if done is not None:  # a job: until it has left its pause point
+                    await done
 
-    def _nodes_above(self) -> list[BlockNode]:
+    def nodes_above(self) -> list[BlockNode]:
         """This node and every node that reaches it through children, parents first."""
         order: list[BlockNode] = []
         todo = [self]

@@ -47,8 +47,9 @@ class NodeUser:
     ``is_parent`` tells a parent node (QEMU: another BlockDriverState, whose presence makes
     blockdev-del say ``Block device X is in use``) from a block backend such as an export or a
     command (``Node X is in use``). ``description`` is QEMU's phrase for conflict messages.
-    ``quiesce``, for users that start requests of their own (an export): pause them, and
-    return the function that lets them go on; :meth:`BlockNode.drained` calls it.
+    ``quiesce``, for users that start requests of their own (an export, a job): pause them,
+    and return the function that lets them go on (a job's returns an awaitable, done once
+    the job has gone on); :meth:`BlockNode.drained` calls it.
     ``repoint``: how the user moves to another node when a job pivots (QEMU replaces the node
     under every parent); a user without it stays where it is.
     """
@@ -58,7 +59,7 @@ class NodeUser:
     shared: Perm
     description: str
     is_parent: bool = False
-    quiesce: Callable[[], Awaitable[Callable[[], None]]] | None = None
+    quiesce: Callable[[], Awaitable[Callable[[], Awaitable[None] | None]]] | None = None
     #: For a user that may follow a pivot (an export): called with the node that replaces
     #: this one (mirror's completion), under a drain, after the user was moved to it.
     repoint: Callable[[Any], None] | None = None

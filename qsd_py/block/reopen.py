@@ -8,10 +8,11 @@ opened itself (its ``file``) inherit the change, as QEMU's reopen passes inherit
 down; children given by reference keep their own state.
 
 blockdev-reopen takes every option anew (an option left out takes its default). qsd-py
-changes in place: ``read-only``, the ``backing`` child (a node, or null), ``discard`` and
-the runtime options a driver re-reads; it refuses what QEMU refuses (``driver``,
-``force-share``, a ``backing`` left out while the node has one) with QEMU's texts, and (unlike
-QEMU) a different ``file`` child.
+changes in place: ``read-only``, the ``backing`` child (a node, or null), the ``file`` child
+(another node by name, as QEMU: the format keeps what it read from the old file), ``discard``
+and the runtime options a driver re-reads; it refuses what QEMU refuses (``driver``,
+``force-share``, a ``backing`` left out while the node has one, an inline ``file``, a file
+node's ``filename``/``aio``/``locking`` changed, its ``drop-cache`` reset) with QEMU's texts.
 """
 
 from __future__ import annotations
@@ -82,22 +83,36 @@ async def reopen(graph: BlockGraph, entries: list[dict[str, Any]]) -> None:
     for opts in entries:
         key = opts.get("node-name", object())
         merged[key] = {**merged.get(key, {}), **opts}
+    for opts in merged.values():  # QEMU looks up every node before it drains them all
+        _find_node(graph, opts)
+    await graph.drain_all()
     plans = [_plan(graph, opts) for opts in merged.values()]
-    for node, opts, backing in plans:
+    files = [_plan_file(graph, node, opts) for node, opts, _ in plans]
+    for (node, opts, backing), file in zip(plans, files, strict=True):
+        if file is not None:  # first: a refusal of the new file changes nothing
+            async with node.drained():
+                await node.replace_child("file", file)
         await _apply(graph, node, opts, backing)
 
 
 _UNSET = object()
 
 
-def _plan(graph: BlockGraph, opts: dict[str, Any]) -> tuple[BlockNode, dict[str, Any], Any]:
-    """The node, its new options, and its new backing node (None: none; _UNSET: keep)."""
+def _find_node(graph: BlockGraph, opts: dict[str, Any]) -> BlockNode:
+    """The node an entry reopens, or QEMU's error."""
     name = opts.get("node-name")
     if name is None:
         raise QMPError("node-name not specified")
     node = graph.find(name)
     if node is None:
         raise QMPError(f"Failed to find node with node-name='{name}'")
+    return node
+
+
+def _plan(graph: BlockGraph, opts: dict[str, Any]) -> tuple[BlockNode, dict[str, Any], Any]:
+    """The node, its new options, and its new backing node (None: none; _UNSET: keep)."""
+    node = _find_node(graph, opts)
+    name = node.node_name
     if opts["driver"] != node.driver:
         raise QMPError("Cannot change the option 'driver'")
     if bool(opts.get("force-share", False)) != node.force_share:
@@ -117,12 +132,74 @@ def _plan(graph: BlockGraph, opts: dict[str, Any]) -> tuple[BlockNode, dict[str,
                 raise QMPError(
                     f"Making '{backing.node_name}' a backing child of '{name}' would create a cycle"
                 )
-    for key in ("filename", "file", "data-file"):
-        if key in opts and _changes(graph, node, key, opts[key]):
-            raise QMPError(f"Cannot change the option '{key}'")
+    _check_fixed(node, opts)
+    if "data-file" in opts and _changes(graph, node, "data-file", opts["data-file"]):
+        raise QMPError("Cannot change the option 'data-file'")
     if opts.get("read-only", False) and not node.read_only and has_writer(node):
         raise QMPError(f"Read-only block node '{name}' cannot support read-write users")
     return node, opts, backing
+
+
+# A file node's options QEMU 11.1 cannot change in a reopen (given, they must equal what the
+# node was opened with), and those it keeps once set (left out later: refused).
+_FIXED = {"file": ("filename", "aio", "locking", "aio-max-batch", "pr-manager")}
+_NO_RESET = {"file": ("drop-cache", "x-check-cache-dropped")}
+
+
+def qdict_order(keys: Any) -> list[str]:
+    """``keys`` in the order QEMU's QDict lists them (its hash buckets, tdb_hash modulo
+    512): QEMU checks reopen options in that order, so the first refused is named."""
+
+    def bucket(key: str) -> int:
+        value = 0x238F13AF * len(key) & 0xFFFFFFFF
+        for i, byte in enumerate(key.encode()):
+            value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
+        return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+
+    return sorted(keys, key=bucket)
+
+
+def _check_fixed(node: BlockNode, opts: dict[str, Any]) -> None:
+    """QEMU's checks of the options a driver does not change: one kept since it was set
+    may not be left out (``drop-cache``), one fixed at open may not be given otherwise."""
+    for key in qdict_order(_NO_RESET.get(node.driver, ())):
+        if key in node.opts and key not in opts:
+            raise QMPError(f"Option '{key}' cannot be reset to its default value")
+    fixed = [k for k in _FIXED.get(node.driver, ()) if k in opts]
+    for key in qdict_order(fixed):
+        if opts[key] != node.opts.get(key):
+            raise QMPError(f"Cannot change the option '{key}'")
+
+
+def _plan_file(graph: BlockGraph, node: BlockNode, opts: dict[str, Any]) -> BlockNode | None:
+    """The node a format node's ``file`` child is to become, or None to keep it. QEMU
+    11.1 swaps it for any node by name (the format keeps what it read from the old one:
+    the new file should hold the same image); an inline definition is refused."""
+    if "file" not in opts or node.children.get("file") is None:
+        return None
+    value = opts["file"]
+    name = node.node_name
+    if isinstance(value, dict):
+        first = qdict_order(f"file.{key}" for key in _flat_keys(value))[0]
+        raise QMPError(f"Cannot change the option '{first}'")
+    new = _lookup(graph, value)
+    if new is node.child_node("file"):
+        return None
+    if new is node or node in new.descendants():
+        raise QMPError(f"Making '{new.node_name}' a file child of '{name}' would create a cycle")
+    if new.read_only and not opts.get("read-only", False):
+        raise QMPError("Block node is read-only")
+    return new
+
+
+def _flat_keys(value: dict[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for key, item in value.items():
+        if isinstance(item, dict):
+            out.extend(_flat_keys(item, f"{prefix}{key}."))
+        else:
+            out.append(prefix + key)
+    return out
 
 
 def _changes(graph: BlockGraph, node: BlockNode, key: str, value: Any) -> bool:
@@ -152,7 +229,9 @@ async def _apply(graph: BlockGraph, node: BlockNode, opts: dict[str, Any], backi
             raise QMPError(f"Read-only block node '{name}' cannot support read-write users")
     else:
         await make_writable(node)
-    keep = {k: node.opts[k] for k in ("file", "data-file") if k in node.opts}
+    keep = {k: node.opts[k] for k in ("data-file",) if k in node.opts}
+    if "file" in node.opts:  # by name now, as QEMU's options say after a swap
+        keep["file"] = opts["file"] if isinstance(opts.get("file"), str) else node.opts["file"]
     node.opts = {**opts, **keep, "backing": _backing_opt(node)} if node.supports_backing else {
         **opts, **keep}  # fmt: skip
     node.discard_unmap = opts.get("discard", "ignore") == "unmap"

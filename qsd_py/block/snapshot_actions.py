@@ -65,7 +65,7 @@ class ExternalSnapshotSync(ExternalSnapshot):
 
     async def clean(self) -> None:
         if self.new is not None:
-            await self.daemon.graph.drop_orphan(self.new)
+            await ext.drop_overlay(self.daemon.graph, self.new)
 
 
 @transaction_action

@@ -18,15 +18,26 @@ from qsd_py.export.base import BlockExport
 if TYPE_CHECKING:
     from qsd_py.daemon import Daemon
 
-__all__ = ["BlockExport", "ExportRegistry", "export_types"]
+__all__ = ["BlockExport", "ExportRegistry", "export_type", "export_types"]
 
 
 def export_types() -> dict[str, type[BlockExport]]:
     """The export types by QAPI name, imported on first use."""
-    from qsd_py.export.fuse.export import FuseExport
-    from qsd_py.export.nbd.export import NbdExport
+    return {name: export_type(name) for name in ("nbd", "fuse")}
 
-    return {"nbd": NbdExport, "fuse": FuseExport}
+
+def export_type(name: str) -> type[BlockExport]:
+    """One export type, imported on first use (alone: an NBD export does not wait for the
+    FUSE modules, ~20 ms, while its first client may already be connecting)."""
+    if name == "nbd":
+        from qsd_py.export.nbd.export import NbdExport
+
+        return NbdExport
+    if name == "fuse":
+        from qsd_py.export.fuse.export import FuseExport
+
+        return FuseExport
+    raise KeyError(name)
 
 
 class ExportRegistry:
@@ -54,14 +65,18 @@ class ExportRegistry:
         export_id = opts["id"]
         if export_id in self._exports:
             raise QMPError(f"Block export id '{export_id}' is already in use")
-        cls = export_types()[opts["type"]]
+        cls = export_type(opts["type"])
         node = cls.lookup_node(self.daemon, opts)
+        # QEMU 11.1 attaches the export's BlockBackend in a drained section of all nodes
+        # (and detaches it in another when the export fails to start)
+        await self.daemon.graph.drain_all()
         export = cls(self.daemon, opts, node)
         self._exports[export_id] = export
         try:
             await export.start()
         except BaseException:
             del self._exports[export_id]
+            await self.daemon.graph.drain_all()
             raise
         return export
 
@@ -82,6 +97,7 @@ class ExportRegistry:
             export.shutting_down = False
             raise
         if pending is None:
+            await self._release(export)
             self._gone(export)
             return None
         going = self._going[export_id] = asyncio.ensure_future(self._gone_later(export, pending))
@@ -92,7 +108,16 @@ class ExportRegistry:
             await pending
         finally:
             del self._going[export.id]
+            await self._release(export)
             self._gone(export)
+
+    async def _release(self, export: BlockExport) -> None:
+        """What QEMU 11.1 goes through as it frees an export (measured): its node drained
+        twice, then every node once (its BlockBackend detached). Running jobs pause and go
+        on at each (those using the export's node or one above it at the first two); the
+        export's own requests are over by now, so only the jobs take part."""
+        await self.daemon.graph.drain_all(2, above=export.node)
+        await self.daemon.graph.drain_all()
 
     def _gone(self, export: BlockExport) -> None:
         del self._exports[export.id]

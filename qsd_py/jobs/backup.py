@@ -72,7 +72,6 @@ class BackupJob(BlockJob):
         self._succ: Any = None  # writes during the job, for the bitmap at the end
         self.max_workers = MAX_WORKERS
         self._ops: set[asyncio.Task[None]] = set()  # chunks in flight
-        self._copied_bytes = 0  # data bytes copied by chunks done, not yet charged to the limit
         self._failed: Exception | None = None  # an error of a chunk in flight, to raise
 
     # --- nodes ----------------------------------------------------------------------------
@@ -140,12 +139,16 @@ class BackupJob(BlockJob):
                 continue
             cursor = run[0] + run[1]
             self._ops.add(asyncio.get_running_loop().create_task(self._op(*run)))
+            delay = self.limit.delay(run[1])  # charged as sent off, as QEMU's block-copy
+            if delay:  # over the slice's quota: sleep it off with none in flight
+                await self._wait_ops()
+                await self.sleep(delay)
 
     async def _op(self, offset: int, length: int) -> None:
         """One chunk; an error the policy survives leaves it to copy, one it does not is
         kept for the job's loop to raise."""
         try:
-            self._copied_bytes += await self.bcs.copy(offset, length)
+            await self.bcs.copy(offset, length)
         except CopyError as err:
             policy = self.on_source_error if err.operation == "read" else self.on_target_error
             try:
@@ -156,15 +159,9 @@ class BackupJob(BlockJob):
             self._failed = self._failed or fail
 
     async def _wait_one(self) -> None:
-        """Until a chunk in flight is done; then sleep off what the copied bytes owe to the
-        speed limit (with none in flight: the sleep is a pause point)."""
+        """Until a chunk in flight is done."""
         done, _ = await asyncio.wait(self._ops, return_when=asyncio.FIRST_COMPLETED)
         self._ops -= done
-        copied, self._copied_bytes = self._copied_bytes, 0
-        delay = self.limit.delay(copied) if copied else 0.0
-        if delay:
-            await self._wait_ops()
-            await self.sleep(delay)
 
     async def _wait_ops(self) -> None:
         while self._ops:

@@ -16,7 +16,7 @@ never by reaching into an export.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.perm import NodeUser, Perm
@@ -60,11 +60,12 @@ class BlockJob(Job):
     def _user_key(self, node: BlockNode) -> str:
         return f"job:{self.id}:{node.node_name}"
 
-    async def _quiesce(self) -> Callable[[], None]:
-        """Drain: pause the job and wait until it is in a pause point (or done)."""
+    async def _quiesce(self) -> Callable[[], Awaitable[None]]:
+        """Drain: pause the job and wait until it is in a pause point (or done); what is
+        returned lets it go on and waits until it has (its ``running`` is sent then)."""
         self.pause()
-        await self.wait_not_busy()
-        return self.resume
+        await self.wait_paused()
+        return self.drain_end
 
     # --- speed ----------------------------------------------------------------------------
     def set_speed(self, speed: int) -> None:
@@ -85,9 +86,11 @@ class BlockJob(Job):
         self.limit.set_speed(speed)
 
     async def ratelimit(self, nbytes: int) -> None:
-        """Account ``nbytes`` moved; sleep (a pause point) when over the limit."""
+        """Account ``nbytes`` moved; sleep (a pause point) when over the limit, again after
+        a pause (a drain) cut the sleep short: the bytes are slept off all the same."""
         delay = self.limit.delay(nbytes)
         await self.sleep(delay)
+        await self.ratelimit_sleep()
 
     async def ratelimit_sleep(self) -> None:
         """QEMU's block_job_ratelimit_sleep: sleep off what the bytes accounted so far owe,
@@ -122,12 +125,14 @@ class BlockJob(Job):
         return {}
 
     def _progress(self) -> dict[str, Any]:
+        """The data of BLOCK_JOB_READY/COMPLETED/CANCELLED, in the order QEMU writes them
+        (its QDict's hash buckets: device, len, offset, speed, type, then error)."""
         return {
-            "type": self.job_type,
             "device": self.id,
             "len": self.total_progress,
             "offset": self.current_progress,
             "speed": self.speed,
+            "type": self.job_type,
         }
 
     def on_ready(self) -> None:

@@ -13,6 +13,7 @@ from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
     from qsd_py.daemon import Daemon
+    from qsd_py.jobs.job import Job
 
 
 @qmp_command("query-jobs")
@@ -22,13 +23,13 @@ async def query_jobs(daemon: Daemon, args: dict[str, Any]) -> list[dict[str, Any
 
 @qmp_command("job-pause")
 async def job_pause(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    daemon.jobs.find(args["id"]).user_pause()
+    await _pause(daemon.jobs.find(args["id"]))
     return {}
 
 
 @qmp_command("job-resume")
 async def job_resume(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    daemon.jobs.find(args["id"]).user_resume()
+    await _resume(daemon.jobs.find(args["id"]))
     return {}
 
 
@@ -82,13 +83,13 @@ async def block_job_cancel(daemon: Daemon, args: dict[str, Any]) -> dict[str, An
 
 @qmp_command("block-job-pause")
 async def block_job_pause(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    daemon.jobs.find_block_job(args["device"]).user_pause()
+    await _pause(daemon.jobs.find_block_job(args["device"]))
     return {}
 
 
 @qmp_command("block-job-resume")
 async def block_job_resume(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    daemon.jobs.find_block_job(args["device"]).user_resume()
+    await _resume(daemon.jobs.find_block_job(args["device"]))
     return {}
 
 
@@ -236,3 +237,19 @@ async def x_blockdev_amend(daemon: Daemon, args: dict[str, Any]) -> dict[str, An
     daemon.jobs.add(job)
     job.start()
     return {}
+
+
+async def _pause(job: Job) -> None:
+    """A job sleeping (off its speed, or idle in ready) is woken into its pause point
+    before the reply, as QEMU's job runs at once when entered: its ``paused``/``standby``
+    comes first. A job busy with I/O pauses later, at its next pause point."""
+    sleeping = job.started and not job.busy and not job.paused and not job.deferred
+    job.user_pause()
+    if sleeping:
+        await job.wait_paused()
+
+
+async def _resume(job: Job) -> None:
+    """The job leaves its pause point before the reply (its ``running``/``ready`` first)."""
+    job.user_resume()
+    await job.wait_unpaused()

@@ -278,6 +278,39 @@ class Job:
         if self.pause_count == 0 and not self.timer_pending:  # a sleep ends by its timer
             self.enter()
 
+    async def drain_begin(self) -> bool:
+        """A drained section of every node begins (QEMU's drain_all): one more reason to
+        pause, and wait until the job sits in a pause point. A job sleeping off its speed is
+        woken for it, so a running job says ``paused`` (``standby`` when ready) at each such
+        section, as QEMU's do. False: the job is not running work (not started, or done)."""
+        if not self.started or self.deferred:
+            return False
+        self.pause()
+        await self.wait_paused()
+        return True
+
+    async def wait_paused(self) -> None:
+        """After :meth:`pause`: return once the job sits in a pause point, or its work has
+        ended (a cancelled job does not pause). A job woken from a sleep is not busy until
+        its coroutine runs again, so that is waited for too."""
+        while not self.paused and not self.deferred and self.started:
+            if self.busy:
+                await self.wait_not_busy()
+            else:
+                await asyncio.sleep(0)
+
+    async def drain_end(self) -> None:
+        """The section ends: let the job go on, and wait until it has left its pause point
+        (its ``running``/``ready`` comes before the command's reply, as in QEMU, where the
+        job runs at once)."""
+        self.resume()
+        await self.wait_unpaused()
+
+    async def wait_unpaused(self) -> None:
+        """Once nothing holds the job any more: return when it has left its pause point."""
+        while self.paused and self.pause_count == 0 and not self.deferred:
+            await asyncio.sleep(0)
+
     # --- user verbs (QMP) -----------------------------------------------------------------
     def user_pause(self) -> None:
         st.check_verb(self.id, self.status, "pause")

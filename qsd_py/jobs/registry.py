@@ -63,6 +63,25 @@ class JobRegistry:
         jobs = reversed(list(self._jobs.values()))
         return [job.block_info() for job in jobs if isinstance(job, BlockJob)]
 
+    async def drain_all_section(self, nodes: list[Any], every: bool = True) -> Callable[[], Any]:
+        """Begin a drained section of every node for the block jobs (the graph's
+        ``drain_all`` hook, given the nodes in creation order): each running one pauses;
+        the coroutine returned ends the section.
+
+        QEMU drains node by node in creation order and ends the sections the other way
+        round; a job pauses with the first of its nodes and goes on with the last one to
+        end. So jobs pause in the order of their oldest node, and go on in reverse.
+        ``every`` False: the nodes are one drained node and those above it; only the jobs
+        using one of them pause."""
+        jobs = _by_oldest_node(self, nodes, every)
+        paused = [job for job in jobs if await job.drain_begin()]
+
+        async def end() -> None:
+            for job in reversed(paused):
+                await job.drain_end()
+
+        return end
+
     async def cancel_all(self, timeout: float = 10.0) -> None:
         """Shutdown: cancel every job and wait for it to end (QEMU's job_cancel_sync_all);
         a job left concluded is dismissed."""
@@ -74,3 +93,16 @@ class JobRegistry:
                 log.exception("error while cancelling job %s", job.id)
             if job.status == "concluded":
                 job.user_dismiss()
+
+
+def _by_oldest_node(jobs: JobRegistry, nodes: list[Any], every: bool) -> list[BlockJob]:
+    """The block jobs, ordered by the oldest node each uses (a user whose ``quiesce`` is
+    the job's); jobs using none last, oldest first (``every`` False: left out)."""
+    rank: dict[BlockJob, int] = {}
+    for index, node in enumerate(nodes):
+        for user in node.users.values():
+            job = getattr(user.quiesce, "__self__", None)
+            if isinstance(job, BlockJob) and job not in rank:
+                rank[job] = index
+    block_jobs = [job for job in jobs if isinstance(job, BlockJob) and (every or job in rank)]
+    return sorted(block_jobs, key=lambda job: rank.get(job, len(nodes)))

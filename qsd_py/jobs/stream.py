@@ -120,13 +120,16 @@ class StreamJob(BlockJob):
         self.set_remaining(length)
         offset = 0
         while offset < length:
+            # What the last copy owes, slept off before a step as QEMU 11.1's stream_run
+            # does: a pause (a drain) cuts the sleep short, and the rest is slept after it.
+            await self.ratelimit_sleep()
             await self.checkpoint()
             n = min(CHUNK, length - offset)
             copied = await self._step(offset, n)
             offset += copied[0]
             self.progress_update(copied[0])
             if copied[1]:
-                await self.ratelimit(copied[0])
+                self.limit.delay(copied[0])  # accounted now, slept off before the next step
 
     async def _step(self, offset: int, n: int) -> tuple[int, bool]:
         """One extent from ``offset`` (at most ``n``): (its length, whether it was copied)."""
@@ -136,10 +139,9 @@ class StreamJob(BlockJob):
             n = status.length
             if status.flags & STATUS_ALLOCATED:
                 return n, False
-            if self.base is not None:
-                n, in_base = await self._in_base(offset, n)
-                if in_base:
-                    return n, False
+            n, in_base = await self._in_base(offset, n)  # QEMU's is_allocated_above
+            if in_base:
+                return n, False
             buf = memoryview(bytearray(n))
             try:
                 await top.read(offset, buf)
@@ -152,7 +154,8 @@ class StreamJob(BlockJob):
 
     async def _in_base(self, offset: int, n: int) -> tuple[int, bool]:
         """How much of ``[offset, +n)`` has one answer, and whether that answer is that
-        ``base`` or a node below it holds the range (it then stays where it is)."""
+        ``base`` or a node below it holds the range, or no node does (it then stays where
+        it is: QEMU copies only what a streamed node holds)."""
         for node in self.below:
             st = await node.block_status(offset, n)
             n = min(n, st.length)

@@ -45,11 +45,12 @@ async def query_qmp_schema(daemon: Daemon, args: dict[str, Any]) -> list[dict[st
 
 @qmp_command("quit")
 async def quit_(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
-    """Delete every export (each sends BLOCK_EXPORT_DELETED) before replying, as QEMU does.
+    """Delete every export (each sends BLOCK_EXPORT_DELETED), drain, cancel every job and
+    wait for it, then reply: QEMU's reply comes after these events.
 
     The session writes the reply before the main loop gets to run the shutdown, and closing
     a session flushes its output, so the client sees ``{"return": {}}`` before EOF.
     """
-    await daemon.exports.delete_all()
+    await daemon.shut_down_exports_and_jobs()
     daemon.request_shutdown()
     return {}

@@ -153,6 +153,13 @@ TARGETS: dict[str, Target] = {
         # qsd-py of another tree (--baseline DIR): before/after a change in one run.
         Target("qsd-py-base", "qsd-py", baseline=True),
         Target("qsd-py-uring-base", "qsd-py", uring=True, baseline=True),
+        Target(
+            "qsd-py-nbd-unix-base",
+            "qsd-py",
+            export="nbd-unix",
+            versus="qemu-nbd-unix",
+            baseline=True,
+        ),
     )
 }
 

@@ -10,6 +10,7 @@ null-co, alternating the daemons the same way.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,8 @@ from benchlib.targets import (
 )
 
 # Under /tmp/qsd-cmp so QEMU's chrooted daemon sees the same mountpoints and disk images.
-WORK = Path("/tmp/qsd-cmp/qsd-bench")
+# QSD_BENCH_WORK (under /tmp too) lets two runs on one machine keep out of each other's way.
+WORK = Path(os.environ.get("QSD_BENCH_WORK", "/tmp/qsd-cmp/qsd-bench"))
 # A fresh-image run also makes the image and starts and stops a daemon (for the estimate).
 FRESH_EXTRA_S = 0.5
 # What nbdcopy's write jobs copy onto an export: on tmpfs, so the source costs nothing.

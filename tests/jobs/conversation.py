@@ -83,6 +83,22 @@ class Daemon:
             ev.pop("timestamp", None)
         return out
 
+    def events_until_exit(self, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """After ``quit``: every event the daemon sends until it has exited (QEMU's come
+        after the reply: the exports' deletion, the drain and the jobs' cancel)."""
+        self.proc.wait(timeout)
+        out: list[dict[str, Any]] = []
+        while True:
+            try:
+                ev = self.qmp.pull_event(wait=0.3)
+            except Exception:  # noqa: BLE001 - the wait timed out, or the socket ended
+                break
+            if ev is None:
+                break
+            ev.pop("timestamp", None)
+            out.append(ev)
+        return out
+
     def settle(self, job: str, timeout: float = 20.0, past: str = "") -> list[dict[str, Any]]:
         """Events until job ``job`` reaches a state where it waits for the user (or is gone),
         other than ``past`` (a job completed in ``ready`` stays there a moment). A daemon sends
@@ -117,7 +133,8 @@ class Daemon:
 
 def run(daemon: Daemon, script: list[list[Any]]) -> list[Any]:
     """Run ``script`` (entries ``[command, args]``, ``["settle", job]``,
-    ``["settle-past-ready", job]`` or ``["settle-gone", job]``); the transcript."""
+    ``["settle-past-ready", job]``, ``["settle-gone", job]`` or ``["quit-until-exit", {}]``);
+    the transcript."""
     out: list[Any] = []
     for name, args in script:
         if name == "settle":
@@ -128,6 +145,10 @@ def run(daemon: Daemon, script: list[list[Any]]) -> list[Any]:
             continue
         if name == "settle-gone":  # an auto-finalized job: until its end, not its pending
             out.append({"events": daemon.settle(args, past="pending")})
+            continue
+        if name == "quit-until-exit":  # quit, then all the events until the daemon exits
+            out.append({"cmd": "quit", "reply": daemon.cmd("quit")})
+            out.append({"events": daemon.events_until_exit()})
             continue
         out.append({"cmd": name, "reply": daemon.cmd(name, args)})
         events = daemon.events()

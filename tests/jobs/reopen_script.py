@@ -2,10 +2,10 @@
 (tests/jobs/test_reopen.py). ``python reopen_script.py`` records QEMU 11.1's transcripts into
 data/reopen_events.json (needs real-qsd).
 
-Left out, as qsd-py differs there on purpose: a reopen that gives a qcow2 node another
-``file`` child (QEMU swaps it; qsd-py refuses: "Cannot change the option 'file'"), and
-``detect-zeroes`` other than off (refused by qsd-py everywhere); an empty ``options`` list
-(QEMU 11.1's daemon aborts on an assertion; qsd-py does nothing).
+Left out, as qsd-py differs there on purpose: ``detect-zeroes`` other than off (refused by
+qsd-py everywhere); an empty ``options`` list (QEMU 11.1's daemon aborts on an assertion;
+qsd-py does nothing); a file node's ``pr-manager`` (qsd-py has no persistent reservation
+managers).
 """
 
 from __future__ import annotations
@@ -163,12 +163,62 @@ AMEND: list[list[Any]] = [
     ["query-jobs", None],
 ]
 
+
+def _file(node: str, name: str, **more: Any) -> list[Any]:
+    return ["blockdev-add", {"driver": "file", "node-name": node, "filename": name, **more}]
+
+
+def _rf(node: str, name: str, **more: Any) -> list[Any]:
+    """Reopen the file node ``node`` (over ``name``) with ``more``."""
+    return _reopen({"driver": "file", "node-name": node, "filename": name, **more})
+
+
+def _xq(file: Any, **more: Any) -> list[Any]:
+    return _reopen({"driver": "qcow2", "node-name": "xq", "file": file, **more})
+
+
+# The file child of a qcow2 node and a file node's own options.
+FILE_CHILD: list[list[Any]] = [
+    _file("fx", "x.qcow2"),
+    _file("fy", "n.qcow2"),
+    _file("fm", "b2.qcow2"),
+    ["blockdev-add", {"driver": "qcow2", "node-name": "xq", "file": "fx"}],
+    _file("fro", "ro.qcow2", **{"read-only": True}),
+    _xq("fy"),  # another file node: QEMU swaps it
+    QUERY,
+    _xq("fm"),
+    _xq("nope"),
+    _xq("xq"),
+    _xq({"driver": "file", "filename": "d.qcow2"}),
+    _xq("fro"),
+    _xq("fx"),
+    ["blockdev-add", {"driver": "qcow2", "node-name": "w", "file": "fm"}],
+    _xq("fm"),  # another format node writes it
+    _rf("fy", "n.qcow2", aio="native"),
+    _rf("fy", "n.qcow2", cache={"direct": True}),
+    _rf("fy", "n.qcow2", locking="off"),
+    _rf("fy", "n.qcow2", locking="on"),
+    _rf("fy", "x.qcow2"),
+    _rf("fy", "n.qcow2", aio="io_uring"),
+    _rf("fy", "n.qcow2", **{"read-only": True}),
+    _rf("fy", "n.qcow2", **{"drop-cache": False}),
+    _rf("fy", "n.qcow2", **{"x-check-cache-dropped": True}),
+    _rf("fy", "n.qcow2", discard="unmap"),
+    _rf("fx", "x.qcow2", **{"read-only": True}),  # xq writes it
+    _rf("fy", "n.qcow2", **{"drop-cache": False}),
+    _rf("fx", "x.qcow2", aio="threads", locking="auto", cache={"direct": False}),
+    _rf("fx", "x.qcow2", cache={"no-flush": True}),
+    _rf("fx", "x.qcow2", **{"aio-max-batch": 4}),
+    QUERY,
+]
+
 SCRIPTS = {
     "reopen": REOPEN,
     "read-only": READ_ONLY,
     "header-backing": HEADER_BACKING,
     "active": ACTIVE,
     "amend": AMEND,
+    "file-child": FILE_CHILD,
 }
 
 

@@ -140,3 +140,42 @@ def test_inactive_node_lets_another_process_write_and_sees_it_after(tmp_path: Pa
     finally:
         d.close()
     assert qemu_img("check", str(img)).returncode == 0
+
+
+def _io(uri: str, cmd: str) -> None:
+    done = subprocess.run(["qemu-io", "-f", "raw", "-c", cmd, uri], capture_output=True,
+                          text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 0 and "error" not in done.stdout.lower(), done.stdout
+
+
+def test_file_child_swapped_under_an_export_writes_land_in_the_new_file(tmp_path: Path) -> None:
+    """A qcow2 node reopened over another file node holding a copy of its image, under a
+    writable NBD export: a write through the export lands in the new file, reads back so,
+    and the old file does not get it; both images stay consistent."""
+    img, copy = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    assert qemu_img("create", "-f", "qcow2", str(img), "1M").returncode == 0
+    d = _daemon(tmp_path)
+    try:
+        for node, name in (("fa", "a.qcow2"), ("fb", "b.qcow2")):
+            if name == "b.qcow2":
+                copy.write_bytes(img.read_bytes())  # the image as it is now, header included
+            f = {"driver": "file", "node-name": node, "filename": name}
+            assert d.cmd("blockdev-add", f) == {"return": {}}
+            if node == "fa":
+                q = {"driver": "qcow2", "node-name": "q", "file": "fa"}
+                assert d.cmd("blockdev-add", q) == {"return": {}}
+        uri = _nbd(d, tmp_path / "nbd.sock", "q", True)
+        reopen = {"options": [{"driver": "qcow2", "node-name": "q", "file": "fb"}]}
+        assert d.cmd("blockdev-reopen", reopen) == {"return": {}}
+        _io(uri, "write -P 9 64k 64k")
+        assert read_export(uri, 1 << 20)[64 << 10 : 128 << 10] == b"\x09" * (64 << 10)
+        nodes = {n["node-name"]: n for n in d.cmd("query-named-block-nodes")["return"]}
+        assert nodes["q"]["file"] == "b.qcow2"
+        assert d.cmd("blockdev-del", {"node-name": "fa"}) == {"return": {}}  # unused now
+    finally:
+        d.close()
+    for path, want in ((copy, b"\x09"), (img, b"\x00")):
+        assert qemu_img("check", str(path)).returncode == 0
+        out = subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -v 65536 16", str(path)],
+                             capture_output=True, text=True, timeout=30).stdout  # fmt: skip
+        assert f" {want.hex()} {want.hex()}" in out, out

@@ -191,6 +191,7 @@ def test_json_schema_of_a_union() -> None:
         "copy-before-write",
         "copy-on-read",
         "file",
+        "host_device",
         "luks",
         "nbd",
         "null-co",

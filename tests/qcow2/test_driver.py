@@ -97,6 +97,30 @@ async def test_backing_chain_of_three(graph: BlockGraph, tmp_path: Path) -> None
     assert st.depth == 3
 
 
+@pytest.mark.parametrize("entry_size", [None, 4096])
+async def test_block_status_without_l2_table_to_the_slice_end(
+    graph: BlockGraph, tmp_path: Path, entry_size: int | None
+) -> None:
+    """Where no L2 table exists the status is one answer up to the end of the L2 slice (a
+    table's 512 MiB with 64 KiB clusters, 32 MiB with 4 KiB cache entries), as QEMU
+    counts; where a table exists its entries are walked."""
+    img = create(tmp_path / "a.qcow2", "2G")
+    write(img, 600 * MiB, 4 * KiB, 0x5A)  # the second table only
+    extra = {} if entry_size is None else {"l2-cache-entry-size": entry_size}
+    node = await graph.add(qcow2_opts(img, **extra))
+    span = 512 * MiB if entry_size is None else 32 * MiB
+    st = await node.block_status_above(0, 2 << 30)
+    assert (st.flags, st.length) == (STATUS_ZERO, span)
+    st = await node.block_status_above(5 * MiB, 2 << 30)
+    assert (st.flags, st.length) == (STATUS_ZERO, span - 5 * MiB)
+    st = await node.block_status_above(512 * MiB, 2 << 30)  # a table: 64 clusters a step
+    assert (st.flags, st.length) == (STATUS_ZERO, 4 * MiB)
+    st = await node.block_status_above(600 * MiB, 2 << 30)
+    assert st.flags & STATUS_DATA and st.length == 64 * KiB
+    st = await node.block_status_above(1 << 30, 2 << 30)
+    assert (st.flags, st.length) == (STATUS_ZERO, span)
+
+
 class Model:
     """A bytearray that the same requests are applied to."""
 

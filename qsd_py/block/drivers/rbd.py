@@ -1,12 +1,13 @@
 """The ``rbd`` driver: a node whose bytes are an RBD image of a Ceph cluster, through librbd.
 
-Ceph's own bindings do the talking (qsd_py/block/rbd/bindings.py says how they are
-found). Calls that block (connecting, opening, resizing, diff iterate, closing) run on a
-thread of their own, so an unreachable cluster holds up only the command that asked, for
-as long as the configuration's timeouts say (``client mount timeout``, ``rados osd op
-timeout``), never the daemon's loop. Reads, writes, zeroes, discards and flushes are
-librbd's asynchronous calls, any number in flight; their completions come back on librbd's
-threads and reach the waiting loop through qsd_py/block/rbd/completions.py.
+librados' and librbd's C API do the talking, through ctypes (qsd_py/block/rbd/capi.py
+says why not Ceph's Python bindings). Calls that block (connecting, opening, resizing, diff
+iterate, closing) run on a thread of their own, so an unreachable cluster holds up only the
+command that asked, for as long as the configuration's timeouts say (``client mount
+timeout``, ``rados osd op timeout``), never the daemon's loop. Reads, writes, zeroes,
+discards and flushes are librbd's asynchronous calls, any number in flight, from and into
+the caller's buffers; librbd signals their completions on an eventfd the loop watches, as
+in QEMU's driver.
 
 Error texts, ``query-named-block-nodes`` and the ``json:`` filename are QEMU 11.1's, as
 measured against its daemon on a mini-ceph cluster (tests/rbd).
@@ -33,7 +34,7 @@ from qsd_py.block.node import (
     qdict_bucket,
     round_to_sectors,
 )
-from qsd_py.block.rbd import bindings
+from qsd_py.block.rbd import capi
 from qsd_py.block.rbd.completions import inbox, result_setter
 from qsd_py.errors import QMPError
 
@@ -75,17 +76,6 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
     return await fut
 
 
-def _as_write_buffer(data: Buffer) -> bytes | bytearray:
-    """What the binding's ``aio_write`` takes (bytes or bytearray): the caller's own object
-    where the view covers all of it, else a copy."""
-    if isinstance(data, (bytes, bytearray)):
-        return data
-    obj = data.obj
-    if isinstance(obj, (bytes, bytearray)) and data.nbytes == len(obj) and data.contiguous:
-        return obj
-    return data.tobytes()
-
-
 class RbdNode(BlockNode):
     driver = "rbd"
     format_name = "rbd"
@@ -96,11 +86,9 @@ class RbdNode(BlockNode):
         self.image_name: str = opts["image"]
         self.namespace: str | None = opts.get("namespace")
         self.snapshot: str | None = opts.get("snapshot")
-        self._rados_mod: Any = None
-        self._rbd_mod: Any = None
-        self._cluster: Any = None
-        self._ioctx: Any = None
-        self._image: Any = None
+        self._cluster: capi.Cluster | None = None
+        self._ioctx: capi.Ioctx | None = None
+        self._image: capi.Image | None = None
         self._size = 0
         self._obj_size = 0
         self._fast_diff = False
@@ -108,7 +96,7 @@ class RbdNode(BlockNode):
 
     # --- lifecycle ------------------------------------------------------------------------
     async def open(self) -> None:
-        self._rados_mod, self._rbd_mod = bindings.load()
+        capi.libs()
         try:
             await _in_thread(self._connect)
         except BaseException:
@@ -123,37 +111,34 @@ class RbdNode(BlockNode):
     def _connect(self) -> None:
         """QEMU's order of steps and texts: configuration, connection, pool, namespace,
         image (a missing snapshot fails as reading the header)."""
-        rados, rbd = self._rados_mod, self._rbd_mod
-        self._cluster = cluster = rados.Rados(rados_id=self.opts.get("user"))
+        self._cluster = cluster = capi.Cluster(self.opts.get("user"))
         conf = self.opts.get("conf")
         try:
             cluster.conf_read_file(conf)
-        except rados.Error as err:
+        except OSError as err:
             if conf is not None:
                 raise QMPError(f"error reading conf file {conf}: {_strerror(err)}") from err
         self._configure(cluster)
         try:
             cluster.connect()
-        except rados.Error as err:
+        except OSError as err:
             raise QMPError(f"error connecting: {_strerror(err)}") from err
         try:
-            self._ioctx = cluster.open_ioctx(self.pool)
-        except rados.Error as err:
+            self._ioctx = ioctx = cluster.open_ioctx(self.pool)
+        except OSError as err:
             raise QMPError(f"error opening pool {self.pool}: {_strerror(err)}") from err
         if self.namespace:
-            if not rbd.RBD().namespace_exists(self._ioctx, self.namespace):
+            if not ioctx.namespace_exists(self.namespace):
                 raise QMPError(f"namespace '{self.namespace}' does not exist")
-            self._ioctx.set_namespace(self.namespace)
+            ioctx.set_namespace(self.namespace)
         try:
-            self._image = rbd.Image(
-                self._ioctx, self.image_name, snapshot=self.snapshot, read_only=self.read_only
-            )
-        except rbd.Error as err:
+            self._image = capi.Image(ioctx, self.image_name, self.snapshot, self.read_only)
+        except OSError as err:
             text = f"error reading header from {self.image_name}: {_strerror(err)}"
             raise QMPError(text) from err
         self._read_geometry()
 
-    def _configure(self, cluster: Any) -> None:
+    def _configure(self, cluster: capi.Cluster) -> None:
         """Monitors, librbd's cache and authentication as QEMU sets them, in its order:
         ``server`` as ``mon_host``, the cache on unless ``cache.direct``, the ``key-secret``
         object's bytes (base64) as ``key``, ``auth-client-required`` joined with ';'."""
@@ -170,20 +155,18 @@ class RbdNode(BlockNode):
             key = self.graph.objects.secret(secret_id).as_base64()
             try:
                 cluster.conf_set("key", key)
-            except self._rados_mod.Error as err:
+            except OSError as err:
                 raise QMPError(f"Could not set 'key': {_strerror(err)}") from err
         modes = self.opts.get("auth-client-required")
         if modes:
             cluster.conf_set("auth_client_required", ";".join(modes))
 
     def _read_geometry(self) -> None:
-        image, rbd = self._image, self._rbd_mod
-        st = image.stat()
-        self._size = st["size"]
-        self._obj_size = st["obj_size"]
-        fast_diff = bool(image.features() & rbd.RBD_FEATURE_FAST_DIFF)
-        self._fast_diff = fast_diff and not image.flags() & rbd.RBD_FLAG_FAST_DIFF_INVALID
-        self._snaps = [dict(s) for s in image.list_snaps()]
+        image = self._handle()
+        self._size, self._obj_size = image.stat()
+        fast_diff = bool(image.features() & capi.FEATURE_FAST_DIFF)
+        self._fast_diff = fast_diff and not image.flags() & capi.FLAG_FAST_DIFF_INVALID
+        self._snaps = image.list_snaps()
 
     async def prepare_close(self) -> None:
         """Write back librbd's cache before the image is closed."""
@@ -194,16 +177,17 @@ class RbdNode(BlockNode):
         self._release()
 
     def _release(self) -> None:
-        for name in ("_image", "_ioctx"):
-            obj = getattr(self, name)
-            setattr(self, name, None)
-            if obj is not None:
-                obj.close()
+        image, self._image = self._image, None
+        if image is not None:
+            image.close()
+        ioctx, self._ioctx = self._ioctx, None
+        if ioctx is not None:
+            ioctx.close()
         cluster, self._cluster = self._cluster, None
         if cluster is not None:
             cluster.shutdown()
 
-    def _handle(self) -> Any:
+    def _handle(self) -> capi.Image:
         if self._image is None:
             raise OSError(errno.EIO, "RBD node is closed")
         return self._image
@@ -230,22 +214,19 @@ class RbdNode(BlockNode):
 
     # --- I/O ------------------------------------------------------------------------------
     async def _aio(
-        self, cmd: int, offset: int, length: int, start: Callable[[Callable[..., None]], Any]
-    ) -> Any:
-        """Start one asynchronous librbd call and wait for its completion, which librbd's
-        thread hands to this loop's inbox; a read's callback carries the data. A failure
-        is reported on stderr as QEMU's driver does (``cmd``: its request kinds)."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        box = inbox()
-
-        def done(completion: Any, data: Any = None) -> None:
-            ret = completion.get_return_value()
-            value = OSError(-ret, os.strerror(-ret)) if ret < 0 else data
-            box.post(result_setter(fut, value))
-
-        start(done)
+        self,
+        cmd: int,
+        offset: int,
+        length: int,
+        fn: Callable[..., int],
+        *args: Any,
+        keep: Any = None,
+        tail: tuple[int, ...] = (),
+    ) -> int:
+        """One asynchronous librbd call (capi.Image.io). A failure is reported on stderr as
+        QEMU's driver does (``cmd``: its request kinds)."""
         try:
-            return await fut
+            return await self._handle().io(fn, *args, keep=keep, tail=tail)
         except OSError as err:
             print(
                 f"qsd-py: rbd request failed: cmd {cmd} offset {offset} bytes {length} "
@@ -256,31 +237,38 @@ class RbdNode(BlockNode):
             raise
 
     async def do_read(self, offset: int, buf: memoryview) -> None:
-        """The binding reads into a bytes object of its own: copied into ``buf`` on the
-        loop. A read past the image's real end (the sector rounding) reads zeroes."""
+        """librbd reads straight into ``buf`` (a read-only or scattered view gets a bounce
+        buffer). A read past the image's real end (the sector rounding) reads zeroes."""
         image = self._handle()
         n = max(0, min(len(buf), self._size - offset))
         if n < len(buf):
             buf[n:] = bytes(len(buf) - n)
         if not n:
             return
-        data = await self._aio(_READ, offset, n, lambda cb: image.aio_read(offset, n, cb))
-        buf[: len(data)] = data
-        if len(data) < n:
-            buf[len(data) : n] = bytes(n - len(data))
+        target = buf[:n]
+        bounce = target.readonly or not target.contiguous
+        if bounce:
+            target = memoryview(bytearray(n))
+        addr, keep = capi.buffer_address(target)
+        got = await self._aio(_READ, offset, n, image.lib.rbd_aio_read, offset, n, addr, keep=keep)
+        if bounce:
+            buf[:n] = target
+        if got < n:
+            buf[got:n] = bytes(n - got)
 
     async def do_write(self, offset: int, data: Buffer) -> None:
         if self.read_only:
             raise OSError(errno.EROFS, "Block node is read-only")
         image = self._handle()
-        payload = _as_write_buffer(data)
-        await self._aio(
-            _WRITE, offset, len(payload), lambda cb: image.aio_write(payload, offset, cb)
-        )
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        if not n:
+            return
+        addr, keep = capi.buffer_address(data)
+        await self._aio(_WRITE, offset, n, image.lib.rbd_aio_write, offset, n, addr, keep=keep)
 
     async def do_flush(self) -> None:
         image = self._handle()
-        await self._aio(_FLUSH, 0, 0, image.aio_flush)
+        await self._aio(_FLUSH, 0, 0, image.lib.rbd_aio_flush)
 
     async def do_write_zeroes(
         self, offset: int, length: int, unmap: bool, no_fallback: bool = False
@@ -293,20 +281,15 @@ class RbdNode(BlockNode):
         if no_fallback:
             raise OSError(errno.ENOTSUP, "RBD cannot promise a fast zeroing")
         image = self._handle()
-        thick = self._rbd_mod.RBD_WRITE_ZEROES_FLAG_THICK_PROVISION
-        flags = 0 if unmap and self.discard_unmap else thick
-        await self._aio(
-            _WRITE_ZEROES,
-            offset,
-            length,
-            lambda cb: image.aio_write_zeroes(offset, length, cb, zero_flags=flags),
-        )
+        flags = 0 if unmap and self.discard_unmap else capi.WRITE_ZEROES_FLAG_THICK_PROVISION
+        fn = image.lib.rbd_aio_write_zeroes
+        await self._aio(_WRITE_ZEROES, offset, length, fn, offset, length, tail=(flags, 0))
 
     async def do_discard(self, offset: int, length: int) -> None:
         if not self.discard_unmap or self.read_only:
             return
         image = self._handle()
-        await self._aio(_DISCARD, offset, length, lambda cb: image.aio_discard(offset, length, cb))
+        await self._aio(_DISCARD, offset, length, image.lib.rbd_aio_discard, offset, length)
 
     async def do_block_status(self, offset: int, length: int) -> BlockStatus:
         """QEMU's answer from librbd's diff iterate (whole objects, parents included): the
@@ -328,7 +311,9 @@ class RbdNode(BlockNode):
         end = min(start + n, offset + want)
         return BlockStatus(STATUS_DATA | STATUS_OFFSET_VALID, end - offset, self, offset)
 
-    def _first_allocated(self, image: Any, offset: int, length: int) -> tuple[int, int] | None:
+    def _first_allocated(
+        self, image: capi.Image, offset: int, length: int
+    ) -> tuple[int, int] | None:
         """The first allocated extent in ``[offset, +length)``, clipped to it (diff iterate
         stopped there), or None."""
         found: list[tuple[int, int]] = []
@@ -340,11 +325,9 @@ class RbdNode(BlockNode):
             found.append((start, min(off + n, offset + length) - start))
             return _STOP
 
-        try:
-            image.diff_iterate(offset, length, None, extent, include_parent=True, whole_object=True)
-        except self._rbd_mod.Error:
-            if not found:
-                raise
+        ret = image.diff_iterate(offset, length, extent)
+        if ret < 0 and not found:
+            capi.check(ret)
         return found[0] if found else None
 
     # --- introspection --------------------------------------------------------------------

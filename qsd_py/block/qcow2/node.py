@@ -907,6 +907,9 @@ class Qcow2Node(BlockNode):
     # --- block status -----------------------------------------------------------------------
     async def do_block_status(self, offset: int, length: int) -> BlockStatus:
         self._check_usable()
+        unmapped = self._without_l2_table(offset, length)
+        if unmapped:
+            return BlockStatus(0, unmapped)
         async with self.meta_lock:
             try:
                 runs = await self._runs(offset, min(length, 64 * self.cluster_size))
@@ -924,6 +927,22 @@ class Qcow2Node(BlockNode):
         if first.kind == COMPRESSED:
             return BlockStatus(STATUS_DATA, first.n)
         return BlockStatus(0, first.n)
+
+    def _without_l2_table(self, offset: int, length: int) -> int:
+        """Bytes from ``offset`` (up to ``length``) that have no L2 table, to the end of the
+        L2 slice as QEMU counts them (a fresh image's 512 MiB at once, where the entry walk
+        would take 64 clusters a call); 0 if there is a table or entries may fail checks."""
+        table_map = self.map
+        if table_map is None or (self.checks is not None and self.checks.any_entry_may_fail):
+            return 0
+        guest_cluster = offset >> self.cluster_bits
+        if guest_cluster >> table_map.l2_bits >= len(table_map.l1):
+            return 0
+        if table_map.l2_table(guest_cluster):
+            return 0
+        per_slice = table_map.slice_entries
+        slice_end = (guest_cluster // per_slice + 1) * per_slice << self.cluster_bits
+        return min(length, slice_end - offset)
 
     # --- resize (resize.py) ----------------------------------------------------------------
     async def do_truncate(self, length: int, prealloc: str) -> None:

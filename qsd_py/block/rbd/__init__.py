@@ -1,2 +1,4 @@
-"""The ``rbd`` driver's parts: reaching Ceph's own Python bindings (``bindings``) and
-handing librbd's completions to the asyncio loops that wait for them (``completions``)."""
+"""The ``rbd`` driver's parts: librados' and librbd's C API through ctypes with the I/O
+handle and its completions (``capi``), handing the results of blocking calls made on their
+own threads to the waiting loop (``completions``), and Ceph's own Python bindings
+(``bindings``), which the probes in scripts/ compare with."""

@@ -1,10 +1,12 @@
-"""Handing librbd's completions to the asyncio loop that waits for them.
+"""Handing results from other threads to the asyncio loop that waits for them.
 
-librbd calls a request's completion on one of its own threads (the binding takes the GIL
-for it). Waking the owning loop with ``call_soon_threadsafe`` for every completion costs a
-write to the loop's self-pipe and an epoll round per request. Here completions are queued
-per loop, and the loop is woken once per batch: only the completion that finds the queue
-empty schedules the drain; those arriving before the drain has run just join the queue.
+The rbd driver's blocking calls (connect, open, resize, diff iterate) finish on threads of
+their own, and the probes in scripts/ hand the binding's librbd completions over this way
+(the driver's own I/O completions come on librbd's event socket instead, capi.py). Waking
+the owning loop with ``call_soon_threadsafe`` for every result costs a write to the loop's
+self-pipe and an epoll round each. Here results are queued per loop, and the loop is woken
+once per batch: only the result that finds the queue empty schedules the drain; those
+arriving before the drain has run just join the queue.
 """
 
 from __future__ import annotations

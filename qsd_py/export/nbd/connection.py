@@ -249,6 +249,10 @@ class Connection:
         self._writer_armed = False
         self._flush_scheduled = False
         self._in_read = False  # in _on_readable, which flushes at its end
+        self._pause: list[int] = [0]  # the export's drained sections (NbdExport.paused)
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        # A large WRITE to copy on the loop after the next receive (see _write_inline)
+        self._deferred: tuple[Any, ...] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -267,6 +271,8 @@ class Connection:
     def _hard_close(self) -> None:
         if self._finished:
             return
+        if self._deferred is not None:  # received whole: written, its reply dropped
+            self._run_deferred()
         self._hard = True
         self.closing = True
         if self._negotiation is not None and not self._negotiation.done():
@@ -297,6 +303,7 @@ class Connection:
         if self.plan is not None:
             self.plan.release()  # no transfer routed by it is still running
         self._release_retired()
+        self._wake_idle()
         if self.loop is self.main_loop:
             self._forget()
         else:
@@ -441,6 +448,7 @@ class Connection:
             self._finish()  # deleted while the client was choosing it
             return
         self.export = export
+        self._pause = export.paused
         export.clients.add(self)
         self.node = export.node
         self.t = ready.transmission
@@ -529,12 +537,41 @@ class Connection:
             self.loop.remove_reader(self.fd)
 
     def _busy(self) -> bool:
-        """Whether the connection holds all it may (tasks, their data, unsent replies)."""
+        """Whether the connection holds all it may (tasks, their data, unsent replies), or
+        may start nothing now (its export's node is drained)."""
         return (
-            self._serving() >= MAX_IN_FLIGHT
+            self._pause[0]
+            or self._serving() >= MAX_IN_FLIGHT
             or self._reserved >= MAX_RESERVED
             or self._out_bytes >= MAX_QUEUED
         )
+
+    async def wait_idle(self) -> None:
+        """On the connection's loop: until no request of it is being served (a drain; the
+        export's ``paused`` keeps new ones from starting meanwhile)."""
+        if self._deferred is not None:
+            self._run_deferred()  # a WRITE received whole but not copied yet
+            if not self._hard:
+                self._flush()
+        while self._serving() and not self._finished:
+            fut = self.loop.create_future()
+            self._idle_waiters.append(fut)
+            await fut
+
+    def _wake_idle(self) -> None:
+        if self._idle_waiters and (self._finished or not self._serving()):
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    def resume(self) -> None:
+        """On the connection's loop, after a drain: serve the requests that waited."""
+        if self._finished:
+            return
+        self._resume_if_possible()
+        if not self._hard:
+            self._flush()
 
     def _resume_if_possible(self) -> None:
         """After a task or a send: read again if the limits allow it."""
@@ -563,6 +600,8 @@ class Connection:
         total = 0
         while self._reading:
             big = self._big
+            deferred = self._deferred  # run after this receive, not one it makes
+            copied = False
             try:
                 if big is not None:
                     want = self._big_request[4] - self._big_got
@@ -581,6 +620,10 @@ class Connection:
             except OSError as err:
                 self._abort(f"read failed: {err}")
                 return
+            finally:
+                if deferred is not None and deferred is self._deferred:
+                    self._run_deferred()
+                    copied = True
             if n == 0:
                 self._end_of_input()
                 break
@@ -590,8 +633,13 @@ class Connection:
                     self._big_done()
             self._parse()
             total += n
-            if (n < want or total >= RECV_SIZE) and not channel.buffered():
+            # A deferred WRITE waits for one more receive, within bounds; after its copy the
+            # client has likely refilled the socket: receive again rather than poll.
+            enough = total >= RECV_SIZE and (self._deferred is None or total >= 4 * RECV_SIZE)
+            if (n < want and not copied or enough) and not channel.buffered():
                 break
+        if self._deferred is not None:
+            self._run_deferred()
 
     def _recv_ahead(self) -> tuple[int, int]:
         """After a large WRITE: receive the rest of the next header into the receive buffer
@@ -765,6 +813,8 @@ class Connection:
         """Check one request and serve it (right now, or with a task)."""
         t = self.t
         assert t is not None
+        if self._deferred is not None:
+            self._run_deferred()  # requests are served in the order they came
         contexts = None
         if payload is not None and cmd != _WRITE:
             if cmd == Cmd.BLOCK_STATUS:
@@ -904,6 +954,7 @@ class Connection:
         assert t is not None
         plan = self.plan
         length = len(data)
+        fresh = False  # clusters the table says are fresh: allocated first (_write_fresh)
         if (
             plan is not None
             and plan.writable
@@ -918,22 +969,10 @@ class Connection:
                 self._queue(t.reply_ok(cookie, offset))
                 return
             if action == INLINE or action == TRANSFER:
-                buf = owner if type(owner) is AlignedBuffer else None
-                if buf is None and (plan.align_mask or action == TRANSFER):
-                    buf = buffers.take(length)  # O_DIRECT or the ring need it to stay put
-                    buf.view[:length] = data
-                if action == TRANSFER:
-                    assert buf is not None
-                    self._start_transfer(True, cookie, offset, length, buf, pos)
-                    return
-                res = copy_inline(plan.fd, buf.view if buf is not None else data, size, pos, True)
-                plan.done()
-                if res < 0:
-                    fast_io.failed(plan, size, True)
-                plan.mark(offset, size)  # well or not, as the node marks; before the reply
-                self._release(buf)
-                self._write_done(cookie, offset, res)
+                defer = length > BIG_PAYLOAD and self._in_read
+                self._write_routed(plan, action, pos, size, cookie, offset, data, owner, defer)
                 return
+            fresh = plan.entries is not None and fast_io.all_zeroes(plan, offset, length)
         if length and type(owner) is not AlignedBuffer:
             # The node's road (a dirty bitmap, a filter, a format): a payload in the receive
             # buffer is not page-aligned, and an O_DIRECT file node would bounce it through a
@@ -943,7 +982,69 @@ class Connection:
             data, owner = buf.view[:length], buf
         elif owner is not None and owner is self.rbuf:
             self._pins += 1
-        self._spawn(self._write_task(flags, cookie, offset, data, owner), len(data))
+        if fresh:
+            self._spawn(self._write_fresh(flags, cookie, offset, data, owner), length)
+        else:
+            self._spawn(self._write_task(flags, cookie, offset, data, owner), len(data))
+
+    def _write_routed(
+        self,
+        plan: FastPlan,
+        action: int,
+        pos: int,
+        size: int,
+        cookie: int,
+        offset: int,
+        data: memoryview,
+        owner: bytearray | AlignedBuffer | None,
+        defer: bool,
+    ) -> None:
+        """A WRITE :func:`route` sent to ``INLINE`` or ``TRANSFER`` (at file ``pos``): start
+        it, or with ``defer`` leave it for :meth:`_run_deferred`. ``data`` is no longer used
+        once this returns, unless it is ``owner``'s, which the write gives back."""
+        length = len(data)
+        buf = owner if type(owner) is AlignedBuffer else None
+        if buf is None and (plan.align_mask or action == TRANSFER):
+            buf = buffers.take(length)  # O_DIRECT or the ring need it to stay put
+            buf.view[:length] = data
+        if action == TRANSFER:
+            assert buf is not None
+            self._start_transfer(True, cookie, offset, length, buf, pos)
+            return
+        work = (plan, cookie, offset, buf.view if buf is not None else data, buf, size, pos)
+        if defer:
+            self._deferred = work  # copied after the next receive
+        else:
+            self._write_inline(*work)
+
+    def _write_inline(
+        self,
+        plan: FastPlan,
+        cookie: int,
+        offset: int,
+        data: memoryview,
+        buf: AlignedBuffer | None,
+        size: int,
+        pos: int,
+    ) -> None:
+        """Copy a WRITE's data into a file held in memory now, and answer it."""
+        res = copy_inline(plan.fd, data, size, pos, True)
+        plan.done()
+        if res < 0:
+            fast_io.failed(plan, size, True)
+        plan.mark(offset, size)  # well or not, as the node marks; before the reply
+        self._release(buf)
+        self._write_done(cookie, offset, res)
+
+    def _run_deferred(self) -> None:
+        """Copy the large WRITE received last, now that the next receive emptied the
+        socket: a client whose send buffer is smaller than one request (a UNIX socket's is
+        ~208 KiB, nbdcopy's requests 256 KiB) was waiting for that room, and refills the
+        socket on its CPU while this copy runs on ours, instead of after it."""
+        work = self._deferred
+        self._deferred = None
+        assert work is not None
+        self._write_inline(*work)
 
     def _write_done(self, cookie: int, offset: int, res: int) -> None:
         t = self.t
@@ -984,6 +1085,8 @@ class Connection:
     def _transfer_done(self, tr: _Transfer, res: int) -> None:
         self._transfers -= 1
         self._reserved -= tr.length
+        if self._idle_waiters:
+            self._wake_idle()
         tr.plan.done()
         if res < 0:
             fast_io.failed(tr.plan, tr.length, tr.writing)
@@ -1035,6 +1138,8 @@ class Connection:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._reserved -= self._tasks.pop(task, 0)
+        if self._idle_waiters:
+            self._wake_idle()
         if not task.cancelled() and task.exception() is not None:
             log.error("NBD request failed", exc_info=task.exception())
         if self._hard or (self.closing and not self._reading):
@@ -1131,6 +1236,36 @@ class Connection:
             if owner is not None and owner is self.rbuf:
                 self._pins -= 1
             self._release(owner)
+
+    async def _write_fresh(
+        self,
+        flags: int,
+        cookie: int,
+        offset: int,
+        data: memoryview,
+        owner: bytearray | AlignedBuffer | None,
+    ) -> None:
+        """A WRITE into clusters the table says are fresh (no host cluster, reading as
+        zeroes, a new image's): the node allocates them as its own write would
+        (``prepare_fast_write``, no data passes), then the data goes on the fast path in
+        one request (the FUSE queue workers' PREPARE). Anything else: the node's write."""
+        node = self.node
+        plan = self.plan
+        assert node is not None
+        try:
+            ok = await node.prepare_fast_write(offset, len(data))
+        except OSError:
+            ok = False  # the node's write meets the error and reports it
+        if ok and plan is not None and plan is self.plan and not self._hard:
+            action, pos, size = route(plan, offset, len(data), True)
+            if action == INLINE or action == TRANSFER:
+                try:
+                    self._write_routed(plan, action, pos, size, cookie, offset, data, owner, False)
+                finally:
+                    if owner is not None and owner is self.rbuf:
+                        self._pins -= 1
+                return
+        await self._write_task(flags, cookie, offset, data, owner)
 
     async def _flush_node(self, cookie: int, offset: int) -> None:
         node = self.node
