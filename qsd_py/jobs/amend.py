@@ -67,7 +67,7 @@ async def amend_qcow2(
     if encrypt["format"] != "luks":
         raise QMPError("Amend can't be used to change the qcow2 encryption format")
     own = (node.opts.get("encrypt") or {}).get("key-secret")
-    await crypt.amend(node.children["file"].node, encrypt, force, secret, own)
+    await crypt.amend(node.children["file"].node, encrypt, force, secret, own, node.read_only)
 
 
 def check(node: BlockNode | None, name: str, options: dict[str, Any]) -> BlockNode:

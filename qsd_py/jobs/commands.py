@@ -235,6 +235,9 @@ async def x_blockdev_amend(daemon: Daemon, args: dict[str, Any]) -> dict[str, An
     job = AmendJob(daemon.jobs, args["job-id"], node=node, options=args["options"],
                    force=bool(args.get("force", False)))  # fmt: skip
     daemon.jobs.add(job)
+    if node.driver == "luks" and node.read_only:  # QEMU's luks asks for write before it runs
+        job.drop()
+        raise QMPError("Block node is read-only")
     job.start()
     return {}
 

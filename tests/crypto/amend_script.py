@@ -110,6 +110,26 @@ def run_kind(workdir: Path, real: bool, kind: str) -> list[Any]:
     finally:
         d.close()
     out.append({"opens": {sid: opens(path, kind, sid) for sid in PASSWORDS}})
+    return out + _read_only(workdir, real, kind, path)
+
+
+def _read_only(workdir: Path, real: bool, kind: str, path: Path) -> list[Any]:
+    """An amend of a read-only node: the luks driver refuses the command (its job created
+    and gone), qcow2's job fails at its first write."""
+    from conversation import Daemon
+
+    d = Daemon(workdir, real, [a for o in OBJECTS for a in ("--object", o)])
+    out: list[Any] = [{"read-only": kind}]
+    try:
+        node = {**node_options(kind, path), "read-only": True}
+        out.append({"cmd": "blockdev-add", "reply": d.cmd("blockdev-add", node)})
+        options = amend_options(kind, "active", {"new-secret": "s1"})
+        args = {"job-id": "a0", "node-name": "n0", "options": options}
+        out.append({"amend": options, "reply": d.cmd("x-blockdev-amend", args)})
+        out.append({"events": d.settle("a0")})
+        out.append({"jobs": d.cmd("query-jobs")["return"]})
+    finally:
+        d.close()
     return out
 
 

@@ -43,10 +43,17 @@ class Qcow2Crypt:
         return {"format": "luks", **luks_info(self.header)}
 
     async def amend(
-        self, file: BlockNode, opts: dict[str, Any], force: bool, secret: Any, own: str | None
+        self,
+        file: BlockNode,
+        opts: dict[str, Any],
+        force: bool,
+        secret: Any,
+        own: str | None,
+        read_only: bool = False,
     ) -> None:
         """x-blockdev-amend's key slot changes, within the header's clusters (QEMU's text
-        for a reach outside them)."""
+        for a reach outside them; a read-only node's write fails as QEMU's does, EPERM
+        under its write function's "read" text)."""
         from qsd_py.block.crypto.amend import amend
         from qsd_py.errors import QMPError
 
@@ -62,6 +69,8 @@ class Qcow2Crypt:
 
         async def write(offset: int, data: bytes) -> None:
             check(offset, len(data))
+            if read_only:
+                raise QMPError("Could not read encryption header: Operation not permitted")
             await file.write(self.base + offset, data)
 
         await amend(self.header, opts, force, secret, own, read, write)
