@@ -114,6 +114,7 @@ class FastPlan:
         "started_at",
         "gen",
         "on_change",
+        "settle",
         "gates",
         "markers",
         "tally",
@@ -178,6 +179,9 @@ class FastPlan:
         # Called by the block layer when this plan no longer says what the chain is (writes
         # closed or opened, a child replaced): :meth:`BlockNode.fast_plans_changed`.
         self.on_change: Any = None
+        # Set by the plan's owner: a coroutine function that returns once no fast write
+        # the owner routed is in flight (fast_settle.py, BlockNode.settle_fast_writes).
+        self.settle: Any = None
         # The write gates of the chain's nodes (shared pages, BlockNode.fork_page), as
         # views read by one index each: the top's byte 0, and bytes 0-1 of every node
         # below (its gate, or a bitmap of its own to mark). One set closes this plan to

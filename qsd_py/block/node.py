@@ -672,8 +672,9 @@ class BlockNode:
     def _record(self, bitmap: DirtyBitmap) -> None:
         """A bitmap starts recording. A shared one (the user's) is marked by every fast
         path itself, the daemon's (NBD, /dev/fuse) and the queue workers' (FastPlan.mark
-        after each fast write): it closes no plan to writes. Any other (a job's) needs
-        every write through the node."""
+        after each fast write): it closes no plan to writes (a background mirror's is shared
+        too: it seals the node at its end, MirrorJob._seal). Any other (a write-blocking
+        mirror's) needs every write through the node."""
         if bitmap.shared is None:
             self.close_fast_writes(bitmap)
         self._publish_marks()
@@ -729,6 +730,15 @@ class BlockNode:
             plan.writable = writable
         if closed:
             self.fast_plans_changed()
+
+    async def settle_fast_writes(self) -> None:
+        """Once the plans are closed (:meth:`close_fast_writes`): wait until the fast writes
+        that passed their plan's check before are done, so they marked the node's shared
+        bitmaps (fast_settle.py). A plan without ``settle`` is waited for by nobody: its
+        owner must finish each fast write in the turn that routed it."""
+        for plan in list(self.fast_plans):
+            if plan.settle is not None:
+                await plan.settle()
 
     def fast_plans_changed(self) -> None:
         """Something under the plans that reach this node changed (writes closed or opened,

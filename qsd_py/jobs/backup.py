@@ -197,7 +197,11 @@ class BackupJob(BlockJob):
             if hasattr(self.bitmap, "busy"):
                 self.bitmap.busy = False
         self.release_nodes()
-        replace_node(self.cbw, self.source)
+        # Drained, as QEMU's bdrv_cbw_drop: the exports' requests (an iothread's NBD
+        # connection too) are done and held until the users moved, so none reads through
+        # the filter once it is closed.
+        async with self.cbw.drained():
+            replace_node(self.cbw, self.source)
         await self.graph.drop_orphan(self.cbw)
         await self.graph.drop_orphan(self.target)
 

@@ -232,8 +232,12 @@ async def x_blockdev_amend(daemon: Daemon, args: dict[str, Any]) -> dict[str, An
     from qsd_py.jobs.amend import AmendJob, check
 
     node = check(daemon.graph.find(args["node-name"]), args["node-name"], args["options"])
-    job = AmendJob(daemon.jobs, args["job-id"], node=node, options=args["options"])
+    job = AmendJob(daemon.jobs, args["job-id"], node=node, options=args["options"],
+                   force=bool(args.get("force", False)))  # fmt: skip
     daemon.jobs.add(job)
+    if node.driver == "luks" and node.read_only:  # QEMU's luks asks for write before it runs
+        job.drop()
+        raise QMPError("Block node is read-only")
     job.start()
     return {}
 

@@ -2,21 +2,35 @@
 then let its users carry on with the copy.
 
 The job keeps a :class:`~qsd_py.block.dirty.DirtyBitmap` on the source from its creation on,
-so every write the source takes (through its coroutines: fast-path writes are refused while
-the bitmap exists) marks its chunks. The copy loop takes the first dirty run of chunks,
-clears it, reads it from the source and writes it to the target (or zeroes the target where
-the source reads as zeroes); a write landing meanwhile marks the chunks again, since marks
-come after a write has finished. What is dirty at the start: every chunk (``sync`` full),
-the chunks the top layer holds (``top``), nothing (``none``).
+so every write the source takes marks its chunks. In ``background`` copy mode the bitmap is
+a shared one (qsd_py/block/shared_bits.py), as a user's: the exports' fast paths (NBD, FUSE
+and its queue workers) keep writing around the node's coroutines and mark it themselves,
+after their data write and before their reply. The copy loop takes the first dirty run of
+chunks, clears it, reads it from the source and writes it to the target (or zeroes the
+target where the source reads as zeroes); a write landing meanwhile marks the chunks again,
+since marks come after a write has finished, and a run dirtied again while its copy is in
+flight waits for that copy before it is copied anew (:meth:`MirrorJob._conflicts`).
+
+Before the final catch-up (``job-complete``) the job *seals* the source: its fast plans are
+closed to writes and the fast writes already past their plan's check are waited for
+(:meth:`BlockNode.settle_fast_writes`: the queue workers take a new plan, the daemon's queues
+and connections finish their transfers), so from then on every write passes through the node
+(counted in flight, marked by it) and the catch-up's "nothing dirty, nothing in flight" is
+final. The seal lasts until the pivot moved the users, or the job ends otherwise.
+
+What is dirty at the start: every chunk (``sync`` full), the chunks the top layer holds
+(``top``), nothing (``none``).
 
 Once nothing is dirty the job is ``ready`` (``BLOCK_JOB_READY``) and keeps copying what new
-writes dirty. ``job-complete`` ends the loop once the copy caught up (nothing dirty, no request
-in flight on the source) and the target is flushed; :meth:`MirrorJob.commit` catches up again
-if writes came meanwhile, then moves every user of the replaced node that can follow (exports,
-through ``NodeUser.repoint``) and every parent node (``Child.replace``) to the target, with no
-await between the last check and the move: no write is lost. (No drain: the source's users
-cannot be other nodes or jobs, it is a root node, and its exports' requests are counted in
-flight; QEMU drains too, which is why it emits ``standby``/``ready`` where qsd-py does not.)
+writes dirty. ``job-complete`` seals the source and ends the loop after one more pass over
+what is dirty, then the target is flushed (a pass, not "until clean": writers that never
+pause would keep it going); :meth:`MirrorJob.commit` quiesces the exports that will follow
+(``NodeUser.quiesce``: NBD connections and FUSE queues start no request and finish theirs),
+catches up until nothing is dirty and nothing is in flight, then moves every user of the
+replaced node that can follow (exports, through ``NodeUser.repoint``) and every parent node
+(``Child.replace``) to the target, with no await between the last check and the move: no
+write is lost. (The source's users cannot be other nodes or jobs: it is a root node. QEMU
+drains the whole node, which is why it emits ``standby``/``ready`` where qsd-py does not.)
 A soft cancel in ``ready`` (``block-job-cancel`` without force)
 completes the same way without the move, as QEMU's does.
 
@@ -53,6 +67,7 @@ DEFAULT_BUF_SIZE = 16 << 20  # QEMU's DEFAULT_MIRROR_BUF_SIZE
 COPY_MAX = 1 << 20  # bytes per read/write of the copy loop
 MAX_IN_FLIGHT = 16  # copies at once (QEMU's MAX_IN_FLIGHT)
 IDLE_WAIT = 1.0  # ready and clean: wait this long for a write (a write wakes the job)
+IDLE_POLL = 0.1  # the same with a shared bitmap, whose fast-path marks wake nobody
 
 
 def default_granularity(target: BlockNode) -> int:
@@ -115,6 +130,8 @@ class MirrorJob(BlockJob):
         self._in_flight_bytes = 0
         self._cursor = 0
         self._failed: Exception | None = None  # an error of a copy in flight, to raise
+        self._seal_key = object()  # the source's fast writes closed for the end: _seal
+        self._sealed = False
 
     # --- nodes ----------------------------------------------------------------------------
     def take_nodes(self) -> None:
@@ -151,6 +168,8 @@ class MirrorJob(BlockJob):
         busy = f"block device is in use by block job: {self.job_type}"
         src.blockers[self.id] = busy
         tgt.blockers[self.id] = busy
+        if self.copy_mode != "write-blocking":  # that one needs every write through the node
+            self.bitmap.share()
         src.add_dirty_bitmap(self.bitmap)
         if self.copy_mode == "write-blocking":
             src.write_mirrors.append(self.target)
@@ -163,6 +182,7 @@ class MirrorJob(BlockJob):
     def release_nodes(self) -> None:
         src = self.source
         src.remove_dirty_bitmap(self.bitmap)
+        src.open_fast_writes(self._seal_key)
         if self.target in src.write_mirrors:
             src.write_mirrors.remove(self.target)
         src.blockers.pop(self.id, None)
@@ -198,6 +218,7 @@ class MirrorJob(BlockJob):
             if self.cancelled or (self.should_complete and self.is_ready):
                 await self._wait_ops()
                 if self.should_complete and not self.cancelled:
+                    await self._seal()
                     await self._catch_up()
                     await self.target.flush()
                 return
@@ -215,8 +236,8 @@ class MirrorJob(BlockJob):
                 self.transition_to_ready()
                 continue
             self._idle = True
-            try:
-                await self.sleep(IDLE_WAIT)
+            try:  # fast paths mark a shared bitmap without waking the job: look again soon
+                await self.sleep(IDLE_POLL if self.bitmap.shared is not None else IDLE_WAIT)
             finally:
                 self._idle = False
 
@@ -406,6 +427,7 @@ class MirrorJob(BlockJob):
         job."""
         if self.cancelled:
             return
+        await self._seal()
         if await self._catch_up():
             await self.target.flush()
 
@@ -417,9 +439,10 @@ class MirrorJob(BlockJob):
             return
         resumes = await self._quiesce_followers()
         try:
-            if self.bitmap.count or self.source.in_flight.count:  # not expected: be safe
+            if self.bitmap.count or self.source.in_flight.count:  # writes since prepare
                 try:
-                    await self._catch_up()
+                    await self._catch_up(drained=True)
+                    await self.target.flush()
                 except OSError:
                     log.exception("mirror %s: no pivot, the last copy failed", self.id)
                     return
@@ -437,18 +460,35 @@ class MirrorJob(BlockJob):
                 resumes.append(await user.quiesce())
         return resumes
 
-    async def _catch_up(self) -> bool:
-        """Copy until nothing is dirty and no request is in flight on the source (errors fail
-        the job now, no speed limit); whether anything had to be done."""
+    async def _seal(self) -> None:
+        """From now on every write of the source passes through it: close its fast plans to
+        writes and wait for the fast writes already started (they mark the shared bitmap
+        once done), so that the catch-up's check sees every write. Undone by
+        :meth:`release_nodes` (after the pivot moved the users, or when the job ends)."""
+        if self._sealed:
+            return
+        self._sealed = True
+        self.source.close_fast_writes(self._seal_key)
+        await self.source.settle_fast_writes()
+
+    async def _catch_up(self, drained: bool = False) -> bool:
+        """Copy what is dirty (errors fail the job now, no speed limit); whether anything had
+        to be done. ``drained`` (the pivot, its writers quiesced): until nothing is dirty and
+        no request is in flight on the source. Else one pass from the start, which ends even
+        under writes that never pause (the pivot's drained catch-up copies the rest)."""
         self._final = True
         worked = False
-        while self.bitmap.count or self.source.in_flight.count:
+        pos = 0
+        while self.bitmap.count or (drained and self.source.in_flight.count):
             worked = True
-            run = self.bitmap.next_dirty(0, self.copy_size)
+            run = self.bitmap.next_dirty(0 if drained else pos, self.copy_size)
             if run is not None:
                 await self._copy(*run)
-            else:
+                pos = run[0] + run[1]
+            elif drained:
                 await self.source.in_flight.wait_idle()
+            else:
+                break
         return worked
 
     def _pivot(self) -> None:

@@ -13,7 +13,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.crypto import luks
-from qsd_py.block.crypto.cipher import CipherError, check_spec, hash_new
+from qsd_py.block.crypto.cipher import CipherError, check_spec, essiv_check, hash_new
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
 from qsd_py.errors import QMPError
 
@@ -35,11 +35,14 @@ async def make_header(
     mode, ivgen = opts.get("cipher-mode", "xts"), opts.get("ivgen-alg", "plain64")
     ivhash = opts.get("ivgen-hash-alg", "sha256") if ivgen == "essiv" else None
     hash_name = opts.get("hash-alg", "sha256")
-    name, mode_text, key_bytes = luks.cipher_spec(
-        opts.get("cipher-alg", "aes-256"), mode, ivgen, ivhash
-    )
+    alg = opts.get("cipher-alg", "aes-256")
+    if alg in ("des", "3des"):  # not in QEMU's LUKS name map
+        raise QMPError(f"Algorithm '{alg}' not supported")
+    name, mode_text, key_bytes = luks.cipher_spec(alg, mode, ivgen, ivhash)
     try:
         check_spec(name, mode, ivgen, key_bytes)
+        if ivhash is not None:
+            essiv_check(name, ivhash)
         hash_new(hash_name)
     except CipherError as err:
         raise QMPError(str(err)) from err

@@ -21,6 +21,7 @@ from qsd_py.block.crypto.cipher import (
     CipherError,
     SectorCipher,
     check_spec,
+    essiv_check,
     hash_new,
     parse_spec,
 )
@@ -152,7 +153,7 @@ def check_cipher(h: LuksHeader) -> None:
         if ivgen == "essiv":
             if ivhash is None:
                 raise CipherError("Missing IV generator hash specification")
-            hash_new(ivhash)
+            essiv_check(h.cipher_name, ivhash)
         hash_new(h.hash_spec)
     except CipherError as err:
         raise LuksError(str(err)) from err
@@ -218,7 +219,7 @@ def unlock(h: LuksHeader, password: bytes, read_slot: Callable[[int, int], bytes
 # --- creation ------------------------------------------------------------------------------
 KEY_AREA_ALIGN = 4096  # QEMU puts the key slots, and the payload, on 4 KiB boundaries
 MIN_ITERS = 1000  # QEMU's floor for slot and digest iterations
-DIGEST_ITER_TIME_MS = 125  # the master key digest gets 1/8 s of PBKDF2
+DIGEST_SHARE = 8  # the master key digest gets 1/8 of the slot's iter-time (QEMU's, cryptsetup's)
 
 
 def cipher_spec(alg: str, mode: str, ivgen: str, ivhash: str | None) -> tuple[str, str, int]:
@@ -270,7 +271,7 @@ def build_image_header(
     offsets, payload = layout(key_bytes)
     master = random(key_bytes)
     speed = iterations_per_second(hash_name, key_bytes)
-    mk_iters = max(MIN_ITERS, speed * DIGEST_ITER_TIME_MS // 1000)
+    mk_iters = max(MIN_ITERS, speed * iter_time_ms // 1000 // DIGEST_SHARE)
     slot_iters = max(MIN_ITERS, min(0xFFFFFFFF, speed * iter_time_ms // 1000))
     mk_salt, slot_salt = random(32), random(32)
     mk_digest = pbkdf2(hash_name, master, mk_salt, mk_iters, DIGEST_LEN)
@@ -291,3 +292,73 @@ def build_image_header(
         _SLOT.pack_into(out, _HEAD.size + i * _SLOT.size, active, iters, salt, sector, STRIPES)
     out[offsets[0] * SECTOR_SIZE : offsets[0] * SECTOR_SIZE + len(material)] = material
     return bytes(out), payload * SECTOR_SIZE
+
+
+# --- key slot management (x-blockdev-amend) ------------------------------------------------
+ERASE_PASSES = 16  # QEMU overwrites an erased slot's key material this many times
+
+
+def pack_header(h: LuksHeader) -> bytes:
+    """The 592 header bytes of ``h`` (what QEMU rewrites after each key slot change)."""
+    out = bytearray(HEADER_SIZE)
+    _HEAD.pack_into(
+        out, 0, MAGIC, 1, h.cipher_name.encode(), h.cipher_mode.encode(), h.hash_spec.encode(),
+        h.payload_offset, h.key_bytes, h.mk_digest, h.mk_digest_salt, h.mk_digest_iter,
+        h.uuid.encode(),
+    )  # fmt: skip
+    for i, s in enumerate(h.slots):
+        _SLOT.pack_into(out, _HEAD.size + i * _SLOT.size, s.active, s.iterations, s.salt,
+                        s.key_offset, s.stripes)  # fmt: skip
+    return bytes(out)
+
+
+def split_len(h: LuksHeader, slot: KeySlot) -> int:
+    """Bytes of a slot's split key as QEMU writes them (not rounded up to a sector)."""
+    return h.key_bytes * slot.stripes
+
+
+def load_key(h: LuksHeader, index: int, password: bytes, material: bytes) -> bytes | None:
+    """The master key if slot ``index`` is active and ``password`` opens it, else None."""
+    slot = h.slots[index]
+    if slot.active != SLOT_ACTIVE:
+        return None
+    slot_key = pbkdf2(h.hash_spec, password, slot.salt, slot.iterations, h.key_bytes)
+    split = payload_cipher(h, slot_key).decrypt(material, 0)
+    master = af_merge(split, h.key_bytes, slot.stripes, h.hash_spec)
+    digest = pbkdf2(h.hash_spec, master, h.mk_digest_salt, h.mk_digest_iter, DIGEST_LEN)
+    return master if digest == h.mk_digest else None
+
+
+def store_key(
+    h: LuksHeader,
+    index: int,
+    password: bytes,
+    master: bytes,
+    iter_time_ms: int,
+    random: Callable[[int], bytes],
+) -> bytes:
+    """Fill slot ``index`` of ``h`` for ``password`` (fresh salt, iterations for
+    ``iter_time_ms`` of this CPU, at least QEMU's 1000) and give its encrypted split key,
+    to be written at the slot's key offset before the header."""
+    slot = h.slots[index]
+    slot.salt = random(32)
+    speed = iterations_per_second(h.hash_spec, h.key_bytes)
+    iters = speed * iter_time_ms // 1000
+    if iters > 0xFFFFFFFF:
+        raise LuksError(f"PBKDF iterations {iters} larger than {0xFFFFFFFF}")
+    slot.iterations = max(iters, MIN_ITERS)
+    slot.stripes = STRIPES
+    slot_key = pbkdf2(h.hash_spec, password, slot.salt, slot.iterations, h.key_bytes)
+    split = af_split(master, STRIPES, h.hash_spec, random)
+    material = payload_cipher(h, slot_key).encrypt(split, 0)
+    slot.active = SLOT_ACTIVE
+    return material
+
+
+def erase_key(h: LuksHeader, index: int) -> None:
+    """Mark slot ``index`` disabled in ``h`` (salt zeroed, no iterations), as QEMU does
+    before it overwrites the slot's key material."""
+    slot = h.slots[index]
+    slot.salt = bytes(32)
+    slot.iterations = 0
+    slot.active = SLOT_DISABLED

@@ -66,6 +66,23 @@ class LuksNode(BlockNode):
         if "file" in self.children:
             self.attach_child("file", self.file, perm, shared)
 
+    async def amend(self, opts: dict[str, Any], force: bool, secret: Any) -> None:
+        """x-blockdev-amend's key slot changes, in the header's node (the file, or a
+        detached header)."""
+        from qsd_py.block.crypto.amend import amend
+
+        assert self.header is not None
+        node = self.children["header"].node if "header" in self.children else self.file
+
+        async def read(offset: int, length: int) -> bytes:
+            buf = bytearray(length)
+            await node.read(offset, memoryview(buf))
+            return bytes(buf)
+
+        await amend(self.header, opts, force, secret, self.opts.get("key-secret"), read,
+                    node.write)  # fmt: skip
+        await node.flush()
+
     # --- size -----------------------------------------------------------------------------
     def length(self) -> int:
         return max(0, self.file.length() - self.payload) // SECTOR_SIZE * SECTOR_SIZE

@@ -223,7 +223,7 @@ class Qcow2Node(BlockNode):
             return bytes(buf)
 
         header, cipher = await open_luks(self, encrypt.get("key-secret"), read, "encrypt.")
-        self.crypt = Qcow2Crypt(header, cipher)
+        self.crypt = Qcow2Crypt(header, cipher, base, length)
 
     async def _open_data_file(self, h: hdr.Qcow2Header) -> None:
         ref = self.opts.get("data-file")

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from qsd_py.block.fast_io import failed
+from qsd_py.block.fast_settle import settle_on
 from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse.engine import FuseEngine, QueueStats
@@ -179,8 +180,14 @@ class DevFuseQueue:
         self.plan = fastpath.plan_for(self.engine.node)
         if self.plan is not None:
             self.plan.on_change = self.on_change
+            self.plan.settle = self._settle
             if self.plan.kind == fastpath.URING:
                 self._ring = self.plan.backend.ring()  # type: ignore[union-attr]
+
+    async def _settle(self) -> None:
+        """The node closed its plans to writes: wait for this queue's fast transfers, on
+        its loop (fast_settle.py)."""
+        await settle_on(self.loop, lambda: self.fast_busy, self.name)
 
     def _release_retired(self) -> None:
         for plan in self._retired:
@@ -280,7 +287,13 @@ class DevFuseQueue:
             return
         plan = self.plan
         if plan is not None and (opcode == _READ or opcode == _WRITE):
-            if self._fast(slot, n, opcode, unique, plan):
+            try:
+                if self._fast(slot, n, opcode, unique, plan):
+                    return
+            except Exception:  # noqa: BLE001 - a bug answers EIO, the kernel never waits
+                log.exception("%s: FUSE fast-path request %d failed", self.name, unique)
+                self._reply(slot, unique, -errno.EIO)
+                self._free.append(slot)
                 return
         slot.task = self.loop.create_task(self._serve(slot, n, unique))
         self._busy.add(slot)
@@ -375,6 +388,9 @@ class DevFuseQueue:
         res = None
         try:
             res = await self.engine.handle(slot.hdr, slot.req_mv[_HDR:n], None, slot.out, stats)
+        except Exception:  # noqa: BLE001 - the engine answers its own; a bug answers EIO
+            log.exception("%s: FUSE request %d failed", self.name, unique)
+            res = -errno.EIO
         finally:
             # Count the request done before answering: a caller that has its reply must
             # find the export idle (a safe block-export-del right after it succeeds).

@@ -57,6 +57,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.fast_io import failed
+from qsd_py.block.fast_settle import settle_on
 from qsd_py.errors import QMPError
 from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import proto as p
@@ -285,6 +286,8 @@ class UringQueue:
             old.on_change = None
             self._retired.append(old)
         self.plan = plan
+        if plan is not None:
+            plan.settle = self._settle
         ring = self.ring
         if plan is not None and plan.backend is not None:
             for entry in self.entries:
@@ -293,6 +296,11 @@ class UringQueue:
         if plan is not None and plan.kind != fastpath.THREADS and ring is not None:
             ring.enable_polling()  # nothing on this path waits for a pool thread
         self.link_reads = plan is not None and plan.kind == fastpath.URING
+
+    async def _settle(self) -> None:
+        """The node closed its plans to writes: wait for this queue's fast transfers, on
+        its loop (fast_settle.py)."""
+        await settle_on(self.loop, lambda: self.fast_busy, f"queue {self.qid}")
 
     def drop_plan(self) -> None:
         """On the queue's loop: every request takes the engine until :meth:`install`."""
@@ -327,7 +335,12 @@ class UringQueue:
             self.plan = plan = None  # stale: the new plan is on its way; the engine serves
         if plan is not None:
             op = _OP.unpack_from(entry.hdr, 4)[0]
-            if (op == _READ or op == _WRITE) and self._fast(entry, plan, op == _WRITE):
+            try:
+                if (op == _READ or op == _WRITE) and self._fast(entry, plan, op == _WRITE):
+                    return
+            except Exception:  # noqa: BLE001 - a bug answers EIO, it does not hang the entry
+                log.exception("%s: FUSE fast-path request failed", self.name)
+                self._commit(entry, -errno.EIO)
                 return
         entry.task = self.loop.create_task(self._serve(entry))
 
@@ -440,6 +453,11 @@ class UringQueue:
         stats.engine_requests += 1
         try:
             res = await self.handle(entry)
+        except Exception:  # noqa: BLE001 - the request is answered, the entry re-armed
+            # The engine answers its own failures; this is a queue worker's forwarding
+            # (the daemon gone) or a bug: EIO, never an entry the kernel waits on forever.
+            log.exception("%s: FUSE request failed", self.name)
+            res = -errno.EIO
         finally:
             stats.in_flight -= 1
             entry.task = None

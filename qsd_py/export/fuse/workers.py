@@ -183,8 +183,15 @@ class WorkerTransport:
         plan = fast_io.plan_for(self.engine.node, ring_io=True, writable=self.engine.writable)
         if plan is not None:
             plan.on_change = self._changed
+            plan.settle = self._settle
         self._watched = plan
         return plan
+
+    async def _settle(self) -> None:
+        """The node closed its plans to writes (its fork page's gate is set): a write a
+        worker started before still lands; a new plan for every worker drains them (each
+        acknowledges once nothing its old plan routed is in flight)."""
+        self.replan()
 
     def repoint(self) -> None:
         """The engine serves another node (a pivot, an overlay above it): new plans."""

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from qsd_py.block import fast_io
 from qsd_py.block.fast_io import FILL, INLINE, NULL, TRANSFER, URING, copy_inline, route
+from qsd_py.block.fast_settle import settle_on
 from qsd_py.block.node import STATUS_DATA, STATUS_ZERO
 from qsd_py.errors import QMPError
 from qsd_py.export.nbd import buffers
@@ -103,6 +104,12 @@ _NO_HOLE, _FAST_ZERO = int(CmdFlag.NO_HOLE), int(CmdFlag.FAST_ZERO)
 # Commands too: ``Cmd.READ`` is an enum member lookup, a Python call each time.
 _READ, _WRITE, _CACHE, _DISC = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.CACHE), int(Cmd.DISC)
 _READ_OR_CACHE = (_READ, _CACHE)
+# What an error reply says when a request fails, as QEMU words it per command.
+READ_FAILED = "reading from file failed"
+WRITE_FAILED = "writing to file failed"
+FLUSH_FAILED = "flush failed"
+TRIM_FAILED = "discard failed"
+STATUS_FAILED = "can't get block status"
 
 
 def _not_range(item: object) -> bool:
@@ -241,7 +248,9 @@ class Connection:
         self._ranges = 0  # _FileRange items in the reply queue
         self._hsize = 0  # request header size (the transmission's)
         self._reading = False
-        self._tasks: dict[asyncio.Task[None], int] = {}  # and the data bytes each holds
+        # Each task's data bytes, and its request's cookie, offset and failure text (what
+        # its error reply says should the task raise: :meth:`_task_done`).
+        self._tasks: dict[asyncio.Task[None], tuple[int, int, int, str]] = {}
         self._reserved = 0
         self._out: deque[bytes | bytearray | memoryview | _FileRange] = deque()
         self._owners: deque[AlignedBuffer | None] = deque()  # the pool buffer under each
@@ -492,6 +501,8 @@ class Connection:
         if plan is not None and plan.inline_max:  # a file held in memory
             plan.inline_max = MEMORY_INLINE_MAX
         self.plan = plan
+        if plan is not None:
+            plan.settle = self._settle
         target = node.fast_target() if plan is not None and plan.kind != NULL else None
         self._page_cache = None
         if target is not None and target.table is None:
@@ -499,6 +510,11 @@ class Connection:
             if self._plain and target.file.in_memory and plan is not None:
                 with contextlib.suppress(OSError):  # then reads are copied
                     self._page_cache = _PageCache(plan.fd)
+
+    async def _settle(self) -> None:
+        """The node closed its plans to writes: wait for the transfers in flight (fast
+        writes among them), on the connection's loop (fast_settle.py)."""
+        await settle_on(self.loop, lambda: self._transfers, "NBD connection")
 
     def repoint(self, node: BlockNode) -> None:
         """Serve ``node`` from now on (a pivot): a fresh fast plan for it at once. The old
@@ -831,34 +847,49 @@ class Connection:
         if error is not None:
             self._queue(t.reply_error(cookie, offset, error.errno, error.message))
             return
-        if cmd == _READ:
-            self._read(flags, cookie, offset, length)
-        elif cmd == _WRITE:
-            self._write(flags, cookie, offset, payload or memoryview(b""), owner)
-        elif cmd == Cmd.FLUSH:
-            self._spawn(self._flush_node(cookie, offset))
-        elif cmd == Cmd.TRIM:
-            self._spawn(self._trim(flags, cookie, offset, length))
-        elif cmd == Cmd.WRITE_ZEROES:
-            self._spawn(self._write_zeroes(flags, cookie, offset, length))
-        elif cmd == Cmd.CACHE:
-            self._queue(t.reply_ok(cookie, offset))  # nothing to prefetch into: a no-op
-        elif cmd == Cmd.BLOCK_STATUS:
-            self._block_status(flags, cookie, offset, length, contexts)
-        else:
-            message = f"invalid request type ({cmd}) received"
-            self._queue(t.reply_error(cookie, offset, errno.EINVAL, message))
+        try:
+            if cmd == _READ:
+                self._read(flags, cookie, offset, length)
+            elif cmd == _WRITE:
+                self._write(flags, cookie, offset, payload or memoryview(b""), owner)
+            elif cmd == Cmd.FLUSH:
+                self._spawn(self._flush_node(cookie, offset), cookie, offset, FLUSH_FAILED)
+            elif cmd == Cmd.TRIM:
+                work = self._trim(flags, cookie, offset, length)
+                self._spawn(work, cookie, offset, TRIM_FAILED)
+            elif cmd == Cmd.WRITE_ZEROES:
+                work = self._write_zeroes(flags, cookie, offset, length)
+                self._spawn(work, cookie, offset, WRITE_FAILED)
+            elif cmd == Cmd.CACHE:
+                self._queue(t.reply_ok(cookie, offset))  # nothing to prefetch into: a no-op
+            elif cmd == Cmd.BLOCK_STATUS:
+                self._block_status(flags, cookie, offset, length, contexts)
+            else:
+                message = f"invalid request type ({cmd}) received"
+                self._queue(t.reply_error(cookie, offset, errno.EINVAL, message))
+        except Exception as err:  # noqa: BLE001 - a bug answers EIO, it does not hang
+            self._request_failed(err, cookie, offset, READ_FAILED if cmd == _READ else WRITE_FAILED)
+
+    def _request_failed(self, err: BaseException, cookie: int, offset: int, failure: str) -> None:
+        """Serving a request raised something unexpected (a driver's bug, a node closed
+        under it): log it, and answer EIO as QEMU maps an unexpected error, so the client
+        is never left waiting for the reply. Tasks queue their reply whole once done, so
+        none of it left yet and the stream stays in step: the connection goes on."""
+        log.error("NBD request failed", exc_info=err)
+        t = self.t
+        if t is not None and not self._hard:
+            self._queue(t.reply_error(cookie, offset, errno.EIO, failure))
 
     def _read(self, flags: int, cookie: int, offset: int, length: int) -> None:
         t = self.t
         assert t is not None
         plan = self.plan
         if flags & _FUA or plan is None or not length:
-            self._spawn(self._read_task(flags, cookie, offset, length), length)
+            self._spawn_read(flags, cookie, offset, length)
             return
         sparse = t.structured and length >= SPARSE_READ_MIN and not flags & _DF
         if sparse and plan.kind == NULL:  # null-co's block status decides: the node's road
-            self._spawn(self._read_task(flags, cookie, offset, length), length)
+            self._spawn_read(flags, cookie, offset, length)
             return
         action, pos, size = route(plan, offset, length, False)
         if action == FILL:
@@ -870,12 +901,12 @@ class Connection:
             self._queue_read(cookie, offset, length, buf)
             return
         if action != INLINE and action != TRANSFER:
-            self._spawn(self._read_task(flags, cookie, offset, length), length)
+            self._spawn_read(flags, cookie, offset, length)
             return
         if sparse and self._file is not None and not self._is_data(pos, length):
             plan.done()
             fast_io.failed(plan, length, False, redone=True)  # the node counts it
-            self._spawn(self._read_task(flags, cookie, offset, length), length)
+            self._spawn_read(flags, cookie, offset, length)
             return
         if self._page_cache is not None and length >= SENDFILE_MIN:
             plan.done()
@@ -983,9 +1014,11 @@ class Connection:
         elif owner is not None and owner is self.rbuf:
             self._pins += 1
         if fresh:
-            self._spawn(self._write_fresh(flags, cookie, offset, data, owner), length)
+            work = self._write_fresh(flags, cookie, offset, data, owner)
+            self._spawn(work, cookie, offset, WRITE_FAILED, length)
         else:
-            self._spawn(self._write_task(flags, cookie, offset, data, owner), len(data))
+            work = self._write_task(flags, cookie, offset, data, owner)
+            self._spawn(work, cookie, offset, WRITE_FAILED, len(data))
 
     def _write_routed(
         self,
@@ -1126,22 +1159,36 @@ class Connection:
             self._queue(t.reply_error(cookie, offset, errno.EINVAL, "need non-zero length"))
         else:
             req_one = bool(flags & _REQ_ONE)
-            self._spawn(self._block_status_task(cookie, offset, length, contexts, req_one))
+            work = self._block_status_task(cookie, offset, length, contexts, req_one)
+            self._spawn(work, cookie, offset, STATUS_FAILED)
 
     # --- tasks ------------------------------------------------------------------------------
-    def _spawn(self, coro: Coroutine[Any, Any, None], data: int = 0) -> None:
-        """Serve a request with a task; ``data``: the bytes it reads or writes."""
+    def _spawn(
+        self,
+        coro: Coroutine[Any, Any, None],
+        cookie: int,
+        offset: int,
+        failure: str,
+        data: int = 0,
+    ) -> None:
+        """Serve a request with a task; ``data``: the bytes it reads or writes; ``failure``:
+        the text of the error reply should the task raise."""
         task = self.loop.create_task(coro)
-        self._tasks[task] = data
+        self._tasks[task] = (data, cookie, offset, failure)
         self._reserved += data
         task.add_done_callback(self._task_done)
 
+    def _spawn_read(self, flags: int, cookie: int, offset: int, length: int) -> None:
+        work = self._read_task(flags, cookie, offset, length)
+        self._spawn(work, cookie, offset, READ_FAILED, length)
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._reserved -= self._tasks.pop(task, 0)
+        data, cookie, offset, failure = self._tasks.pop(task)
+        self._reserved -= data
         if self._idle_waiters:
             self._wake_idle()
         if not task.cancelled() and task.exception() is not None:
-            log.error("NBD request failed", exc_info=task.exception())
+            self._request_failed(task.exception(), cookie, offset, failure)  # type: ignore[arg-type]
         if self._hard or (self.closing and not self._reading):
             if not self._serving() and not self._out and not self._writer_armed:
                 self._finish()
