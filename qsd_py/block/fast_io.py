@@ -229,9 +229,10 @@ def plan_for(
     slot the daemon claimed for this queue's process (queue workers), else one is claimed
     here. ``writable`` False: the caller's export is read-only (writes never go fast).
 
-    The plan is registered with every node of the chain: while one of them keeps a dirty
-    bitmap (a mirror runs), the plan's writes take the node (see
-    :meth:`BlockNode.add_dirty_bitmap`)."""
+    The plan is registered with every node of the chain: while one of them keeps a bitmap
+    that is not shared (a write-blocking mirror's) the plan's writes take the node; a
+    shared one (the user's, a background mirror's) the fast paths mark themselves (see
+    :meth:`BlockNode._record`)."""
     plan = _plan_for(node, ring_io, reader)
     if plan is None:
         return None
