@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from host_qemu_img import create_encrypted
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "amend_events.json"
 PASSWORDS = {"s0": "alpha", "s1": "bravo", "s2": "charlie"}
@@ -55,15 +57,7 @@ def make_image(path: Path, kind: str) -> None:
     """An image of the host's qemu-img with key slot 0 for s0 and known data."""
     opts = "key-secret=s0,iter-time=10" if kind == "luks" else (
         "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10")  # fmt: skip
-    for _attempt in range(5):  # a loaded machine: "Unable to get accurate CPU usage"
-        made = subprocess.run(
-            ["qemu-img", "create", "-q", "-f", kind, "--object", OBJECTS[0], "-o", opts,
-             str(path), "1M"], capture_output=True, text=True,
-        )  # fmt: skip
-        if made.returncode == 0:
-            return
-        assert "accurate CPU usage" in made.stderr, made.stderr
-    raise AssertionError(made.stderr)
+    create_encrypted(path, kind, OBJECTS[0], opts, "1M")
 
 
 def node_options(kind: str, path: Path) -> dict[str, Any]:

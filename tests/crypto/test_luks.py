@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from host_qemu_img import create_encrypted
 
 from qsd_py.block.graph import BlockGraph
 from qsd_py.errors import QMPError
@@ -32,17 +33,7 @@ SPECS = {
 
 def make_luks(path: Path, size: int = MiB, extra: str = "") -> bytes:
     """A LUKS image of qemu-img's with random plaintext written by qemu-img; the plaintext."""
-    for _attempt in range(5):  # a loaded machine: "Unable to get accurate CPU usage"
-        made = subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "luks", "--object", SECRET,
-             "-o", f"key-secret=s0,iter-time=50{extra}", str(path), str(size)],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if made.returncode == 0:
-            break
-        assert "accurate CPU usage" in made.stderr, made.stderr
-    else:
-        raise AssertionError(made.stderr)
+    create_encrypted(path, "luks", SECRET, f"key-secret=s0,iter-time=50{extra}", size)
     plain = os.urandom(size)
     src = path.with_suffix(".plain")
     src.write_bytes(plain)

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from host_qemu_img import create_encrypted
 
 from qsd_py.block.graph import BlockGraph
 from qsd_py.errors import QMPError
@@ -20,16 +21,7 @@ SECRET = "secret,id=s0,data=hunter2"
 
 def make_qcow2(path: Path, extra: str = "") -> None:
     opts = f"encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=50{extra}"
-    for _attempt in range(5):  # a loaded machine: "Unable to get accurate CPU usage"
-        made = subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "--object", SECRET, "-o", opts,
-             str(path), str(MiB)],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        if made.returncode == 0:
-            return
-        assert "accurate CPU usage" in made.stderr, made.stderr
-    raise AssertionError(made.stderr)
+    create_encrypted(path, "qcow2", SECRET, opts, MiB)
 
 
 def image_opts(path: Path) -> str:
