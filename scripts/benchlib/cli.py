@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", help=f"comma list of {','.join(matrix.JOBS)}")
     p.add_argument("--runtime", type=float, help="seconds measured per run (after the ramp)")
     p.add_argument("--ramp", type=float, help="seconds of unmeasured warm-up per run")
-    p.add_argument("--rounds", type=int, help="runs per target and job (A/B/A/B rounds)")
+    p.add_argument("--rounds", type=int, help="runs per target and job (A/B/B/A rounds)")
     p.add_argument("--startup-runs", type=int, help="start-up timings per daemon (0: skip)")
     p.add_argument("--reference", default=matrix.REFERENCE_TARGET, help="target ratios divide by")
     p.add_argument(
