@@ -1,10 +1,10 @@
 """Running the matrix: images, daemons, interleaved fio runs, start-up timing.
 
 Per backend, every target is brought up at once (one image each, since each daemon locks its
-image), then each job runs round by round over all targets, the order reversed every other round
-(A/B/B/A...), so slow drift of the machine and the place in a round hit every target alike; a fresh qcow2 image instead gets a new
-image and daemon for every run (the order is schedule.py's). Start-up is timed separately, on
-null-co, alternating the daemons the same way.
+image), then each job runs round by round over all targets, the order reversed every other
+round (A/B/B/A...), so slow drift of the machine and the place in a round hit every target
+alike; a fresh qcow2 image instead gets a new image and daemon for every run (the order is
+schedule.py's). Start-up is timed separately, on null-co, alternating the daemons the same way.
 """
 
 from __future__ import annotations
