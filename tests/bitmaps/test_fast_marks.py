@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from bitmap_support import dirty_runs
+from bitmap_support import dirty_runs, random_extent, wait_exports_gone
 
 SIZE = 64 << 20  # 1024 chunks: few are written twice, so a missed mark shows
 GRAN = 65536
@@ -67,20 +67,12 @@ def _check(qmp, url: str, name: str, must: list, written: list) -> None:
         marked = _marked(url, name)
     finally:
         qmp.cmd("block-export-del", id="view")
-        _wait_exports_gone(qmp, "view")
+        wait_exports_gone(qmp, "view")
     missed = [(o, n) for o, n, c in must if c and not _chunks(o, n) <= marked]
     assert not missed, f"bitmap {name} missed {len(missed)} writes: {missed[:5]}"
     assert marked <= set().union(*(_chunks(o, n) for o, n, _ in written)), (
         f"bitmap {name} marks chunks nobody wrote"
     )
-
-
-def _wait_exports_gone(qmp, only: str | None = None, timeout: float = 10.0) -> None:
-    """Until no export (or none with id ``only``) is left: block-export-del returns first."""
-    deadline = time.monotonic() + timeout
-    while [e for e in qmp.cmd("query-block-exports") if only in (None, e["id"])]:
-        assert time.monotonic() < deadline, "exports not gone"
-        time.sleep(0.02)
 
 
 def _fuse_writer(path: Path, seed: int, added: threading.Event, stop: threading.Event,
@@ -89,11 +81,7 @@ def _fuse_writer(path: Path, seed: int, added: threading.Event, stop: threading.
     fd = os.open(path, os.O_WRONLY)
     try:
         while not stop.is_set():
-            if rng.random() < 0.5:
-                offset, length = rng.randrange(SIZE // 4096) * 4096, 4096
-            else:
-                offset = rng.randrange(SIZE - 4096)
-                length = min(rng.randint(1, 40000), SIZE - offset)
+            offset, length = random_extent(rng, SIZE, 40000)
             counted = added.is_set()  # read before the write starts
             os.pwrite(fd, rng.randbytes(length), offset)
             log.append((offset, length, counted))
@@ -174,7 +162,7 @@ def test_dev_fuse_and_nbd_writes_mark_the_bitmap_on_their_fast_path(
         fuse_writes = [w for log in logs for w in log]
         assert engine < 20, f"{engine} of the fuse writes took the engine"
         qmp.cmd("block-export-del", id="e1")
-        _wait_exports_gone(qmp)
+        wait_exports_gone(qmp)
         _check(qmp, url, "b", fuse_writes, fuse_writes)
         # Phase 2: two NBD writers on export "w"; bitmap "b2" is added while they write.
         qmp.cmd("block-export-add", type="nbd", id="w", **{"node-name": "d0"}, name="w",

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from bitmap_support import dirty_runs
+from bitmap_support import dirty_runs, random_extent, wait_exports_gone
 
 SIZE = 32 << 20
 GRAN = 65536
@@ -54,11 +54,7 @@ def _fuse_writer(path: Path, seed: int, stop: threading.Event, count: list[int])
     fd = os.open(path, os.O_WRONLY)
     try:
         while not stop.is_set():
-            if rng.random() < 0.5:
-                offset, length = rng.randrange(SIZE // 4096) * 4096, 4096
-            else:
-                offset = rng.randrange(SIZE - 4096)
-                length = min(rng.randint(1, 70000), SIZE - offset)
+            offset, length = random_extent(rng, SIZE, 70000)
             os.pwrite(fd, rng.randbytes(length), offset)
             count[0] += 1
             time.sleep(0.005)
@@ -110,7 +106,7 @@ class Guest:
             t.join(30)
         writes += sum(c[0] for c in self.counts)
         self.qmp.cmd("block-export-del", id="g")
-        _wait_exports_gone(self.qmp)
+        wait_exports_gone(self.qmp)
         return writes
 
     def kill(self) -> None:
@@ -120,13 +116,6 @@ class Guest:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-
-
-def _wait_exports_gone(qmp, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while qmp.cmd("query-block-exports"):
-        assert time.monotonic() < deadline, "exports not gone"
-        time.sleep(0.02)
 
 
 def _wait_job(qmp, job: str, timeout: float = 60.0) -> None:
@@ -179,7 +168,7 @@ def test_writes_land_in_the_backup_or_in_the_bitmap(
                 writable=True, bitmaps=["b1"])  # fmt: skip
         runs = dirty_runs(f"nbd+unix:///v?socket={sock}", "b1")
         qmp.cmd("block-export-del", id="v")
-        _wait_exports_gone(qmp)
+        wait_exports_gone(qmp)
         src, full = (tmp_path / "src.img").read_bytes(), (tmp_path / "full.img").read_bytes()
         dirty = set()
         for start, length in runs:
