@@ -146,6 +146,14 @@ class UringTransfer:
 
     # --- completion -------------------------------------------------------------------------
     def _complete(self, res: int) -> None:
+        if res == self._len and not self._done and self._fut is None:
+            # All of it at once (nearly always): :meth:`_finish`'s work for a callback.
+            self._keep = None
+            self._ring = None
+            cb = self.callback
+            if cb is not None:
+                cb(res)
+            return
         if res > 0:
             done = self._done + res
             self._done = done

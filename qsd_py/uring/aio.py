@@ -193,8 +193,18 @@ class AsyncRing:
         buf_index: int = 0,
     ) -> None:
         """Queue a read/write-shaped SQE (see :meth:`Ring.prep_rw`); ``callback(res)`` later.
-        The memory at ``addr`` must stay valid until the callback ran."""
-        slot = self._slot()
+        The memory at ``addr`` must stay valid until the callback ran. (:meth:`_slot`'s
+        work inline: every file read and write of the fast paths comes here.)"""
+        if self.closed:
+            raise OSError(errno.EBADF, "io_uring ring is closed")
+        free = self._free
+        if not free:
+            self._grow()
+        self._inflight += 1
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._flush)
+        slot = free.pop()
         self._cbs[slot] = callback
         self.ring.prep_rw(op, fd, addr, length, off, slot, op_flags, sqe_flags, buf_index)
 
