@@ -143,6 +143,8 @@ class AsyncRing:
         self._pinned_free: list[int] = []
         self._inflight = 0
         self._scheduled = False
+        self._dispatching = False  # completions are being dispatched by _flush
+        self._after: list[Callable[[], object]] = []  # see after_dispatch
         self.closed = False
         #: Counters for tests and ``query-*`` introspection.
         self.stats = {"submit_calls": 0, "wakeups": 0, "completions": 0, "polled": 0}
@@ -293,6 +295,35 @@ class AsyncRing:
         """Submit now instead of at the end of this loop turn."""
         self._flush()
 
+    def claim_flush(self) -> bool:
+        """Promise to call :meth:`release_flush` before control returns to the loop: SQEs
+        queued meanwhile schedule no flush of their own (a loop turn, an ``epoll_wait``,
+        for a caller that can submit them itself, e.g. after reading a batch of requests).
+        False when a flush is scheduled already: it will submit them."""
+        if self._scheduled or self.closed:
+            return False
+        self._scheduled = True
+        return True
+
+    def release_flush(self) -> None:
+        """End a :meth:`claim_flush`: submit and reap now what was queued meanwhile (and
+        what completed), or nothing when there is nothing to do (no system call)."""
+        ring = self.ring
+        if not self.closed and (ring.unpublished() or ring.needs_enter()):
+            self._flush()
+        else:
+            self._scheduled = False
+
+    def after_dispatch(self, callback: Callable[[], object]) -> bool:
+        """From a completion callback: run ``callback()`` once this flush dispatched every
+        completion it reaped (e.g. send the replies they made, together, in this loop turn
+        rather than the next) and return True; False outside a dispatch (then it is not
+        called)."""
+        if not self._dispatching:
+            return False
+        self._after.append(callback)
+        return True
+
     # --- submission and completion ------------------------------------------------------------
     def _flush(self) -> None:
         """Submit everything queued (one io_uring_enter), then reap and dispatch; when that
@@ -314,7 +345,11 @@ class AsyncRing:
                 try:
                     ring.submit(getevents=self._defer)
                     self.stats["submit_calls"] += 1
-                    self.stats["completions"] += ring.reap(self._dispatch)
+                    self._dispatching = True
+                    try:
+                        self.stats["completions"] += ring.reap(self._dispatch)
+                    finally:
+                        self._dispatching = False
                     if ring.unpublished() and rounds < FLUSH_ROUNDS and not self.closed:
                         rounds += 1
                         continue
@@ -333,13 +368,21 @@ class AsyncRing:
                     break
         finally:
             self._scheduled = False
+            if self._after:
+                self._run_after()
         if self.closed:
             return
-        if ring.needs_enter() or ring.pending():
+        if (ring.needs_enter() or ring.pending()) and not self._scheduled:
             # Work arrived after the last submit (or the kernel pushed back with EAGAIN/EBUSY,
-            # or the rounds ran out): go again next turn, after the other callbacks.
+            # or the rounds ran out): go again next turn, after the other callbacks (unless
+            # an after_dispatch callback queued SQEs, which scheduled that already).
             self._scheduled = True
             self.loop.call_soon(self._flush)
+
+    def _run_after(self) -> None:
+        after, self._after = self._after, []
+        for callback in after:
+            callback()
 
     def _poll(self) -> bool:
         """Spin up to ``poll_ns`` for the kernel to flag new completions (deferred task work)

@@ -180,6 +180,35 @@ async def test_submissions_are_batched_per_loop_turn(aring: AsyncRing) -> None:
     assert aring.stats["submit_calls"] - before == 1
 
 
+async def test_claimed_flush_submits_in_the_callers_turn(aring: AsyncRing, fd: int) -> None:
+    """SQEs queued under claim_flush go out at release_flush, without a scheduled flush;
+    a callback's after_dispatch work runs right after that dispatch, not a loop turn later."""
+    order: list[str] = []
+
+    def cb(res: int) -> None:
+        order.append(f"cqe {res}")
+        assert aring.after_dispatch(lambda: order.append("after"))
+
+    assert aring.claim_flush()
+    before = aring.stats["submit_calls"]
+    buf = bytearray(4096)
+    aring.submit_rw(abi.OP_READ, fd, buffer_address(buf, True), 4096, 0, cb)
+    assert not aring.claim_flush()  # one claim (or scheduled flush) at a time
+    while not order:
+        aring.release_flush()  # the read may need a second enter to complete
+        assert aring.stats["submit_calls"] > before
+        if not order:
+            await asyncio.sleep(0.01)
+            assert aring.claim_flush() or order
+    assert order == ["cqe 4096", "after"]
+    assert buf == os.pread(fd, 4096, 0)
+    assert not aring.after_dispatch(lambda: None)  # outside a dispatch: refused
+    calls = aring.stats["submit_calls"]
+    assert aring.claim_flush()
+    aring.release_flush()  # nothing queued, nothing done: no system call
+    assert aring.stats["submit_calls"] == calls
+
+
 async def test_callbacks_dispatch_by_slot(aring: AsyncRing, fd: int) -> None:
     loop = asyncio.get_running_loop()
     done = loop.create_future()

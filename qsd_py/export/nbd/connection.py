@@ -600,9 +600,13 @@ class Connection:
         """Receive and serve what the socket holds; the replies that are ready by then
         leave together at the end (one ``sendmsg``), not in a loop turn of their own."""
         self._in_read = True
+        ring = self._ring
+        claimed = ring is not None and ring.claim_flush()
         try:
             self._receive()
         finally:
+            if claimed:  # the transfers of the requests just read go out now, and the
+                ring.release_flush()  # replies of those done join this callback's send
             self._in_read = False
         if not self._hard:
             self._flush()
@@ -995,7 +999,14 @@ class Connection:
         owners.append(buf)
         self._out_bytes += len(header) + length
         if not self._flush_scheduled and not self._in_read:
-            self._flush_scheduled = True
+            self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Send the queued replies soon: once the ring's completions being dispatched now
+        all are (their replies leave together, in this loop turn), else next turn."""
+        self._flush_scheduled = True
+        ring = self._ring
+        if ring is None or not ring.after_dispatch(self._flush):
             self.loop.call_soon(self._flush)
 
     def _queue_range(self, cookie: int, offset: int, length: int, pos: int) -> None:
@@ -1449,8 +1460,7 @@ class Connection:
         self._owners.append(owner)
         self._out_bytes += len(data)
         if not self._flush_scheduled and not self._in_read:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+            self._schedule_flush()
 
     def _queue_all(self, chunks: list[Any]) -> None:
         """A reply of several chunks: queued together, so no other reply comes between."""
