@@ -114,7 +114,13 @@ class UringTransfer:
         keep: object = None,
     ) -> None:
         """Read ``length`` bytes at ``offset`` into the memory at ``addr``."""
-        self._start(ring or ring_for_loop(), _OP_READ, fd, addr, length, offset, keep)
+        if ring is None or length <= 0 or length > MAX_RW_CHUNK:
+            self._start(ring or ring_for_loop(), _OP_READ, fd, addr, length, offset, keep)
+            return
+        # _start's work inline (every fast read of a file on disk comes here)
+        self._ring, self._op, self._fd, self._addr = ring, _OP_READ, fd, addr
+        self._len, self._off, self._done, self._keep = length, offset, 0, keep
+        ring.submit_rw(_OP_READ, fd, addr, length, offset, self._on_cqe)
 
     def write(
         self,
@@ -126,7 +132,12 @@ class UringTransfer:
         keep: object = None,
     ) -> None:
         """Write ``length`` bytes at ``offset`` from the memory at ``addr``."""
-        self._start(ring or ring_for_loop(), _OP_WRITE, fd, addr, length, offset, keep)
+        if ring is None or length <= 0 or length > MAX_RW_CHUNK:
+            self._start(ring or ring_for_loop(), _OP_WRITE, fd, addr, length, offset, keep)
+            return
+        self._ring, self._op, self._fd, self._addr = ring, _OP_WRITE, fd, addr
+        self._len, self._off, self._done, self._keep = length, offset, 0, keep
+        ring.submit_rw(_OP_WRITE, fd, addr, length, offset, self._on_cqe)
 
     def _start(
         self, ring: AsyncRing, op: int, fd: int, addr: int, length: int, offset: int, keep: object

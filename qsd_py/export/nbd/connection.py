@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
@@ -192,18 +193,17 @@ class _Transfer:
     """One READ or WRITE on the backend (the loop's ring, or the pool): what its reply
     needs once the I/O is done. Reused: a connection keeps the idle ones."""
 
-    __slots__ = ("conn", "xfer", "cookie", "offset", "length", "buf", "writing", "plan")
+    __slots__ = ("xfer", "cookie", "offset", "length", "buf", "writing", "plan")
 
     def __init__(self, conn: Connection, plan: FastPlan) -> None:
-        self.conn = conn
-        self.xfer: Any = plan.backend.transfer(self._done)  # type: ignore[union-attr]
+        # The backend calls conn._transfer_done(self, res) straight (a partial: no Python
+        # frame of its own between the ring's dispatch and the reply)
+        done = functools.partial(conn._transfer_done, self)
+        self.xfer: Any = plan.backend.transfer(done)  # type: ignore[union-attr]
         self.plan = plan  # the plan that routed it (a pivot may replace the connection's)
         self.cookie = self.offset = self.length = 0
         self.buf: AlignedBuffer | None = None
         self.writing = False
-
-    def _done(self, res: int) -> None:
-        self.conn._transfer_done(self, res)
 
 
 class Connection:
@@ -1504,8 +1504,10 @@ class Connection:
                 if size <= sent:
                     out.popleft()
                     owner = owners.popleft()
-                    if owner is not None:
-                        buffers.give(owner)
+                    if owner is not None:  # buffers.give(owner), inline: one per READ
+                        free = owner.free
+                        if len(free) < owner.keep:
+                            free.append(owner)
                     sent -= size
                 else:
                     out[0] = memoryview(first)[sent:]
