@@ -141,6 +141,10 @@ class PlainChannel:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        # The socket's own (C) methods in place of the two below: no Python frame per
+        # receive or send (the connection skips flush() and buffered() itself, _plain).
+        self.recv_into = sock.recv_into  # type: ignore[method-assign]
+        self.send = sock.sendmsg  # type: ignore[method-assign]
 
     def recv_into(self, view: memoryview) -> int:
         return self.sock.recv_into(view)
@@ -396,6 +400,7 @@ class Connection:
             raise QMPError(verify_error_text(err, None)) from err
         creds.check_peer(channel.ssl, self.server.resolve_authz())
         self.channel = channel
+        self._plain = False
 
     async def _tls_handshake(self, channel: Any) -> None:
         while not channel.handshake_step():
@@ -617,6 +622,7 @@ class Connection:
         submission among them, get their turn), else back to the loop without an EAGAIN
         round."""
         channel = self.channel
+        plain = self._plain  # nothing buffered in the channel: no buffered() call
         total = 0
         while self._reading:
             big = self._big
@@ -656,7 +662,7 @@ class Connection:
             # A deferred WRITE waits for one more receive, within bounds; after its copy the
             # client has likely refilled the socket: receive again rather than poll.
             enough = total >= RECV_SIZE and (self._deferred is None or total >= 4 * RECV_SIZE)
-            if (n < want and not copied or enough) and not channel.buffered():
+            if (n < want and not copied or enough) and (plain or not channel.buffered()):
                 break
         if self._deferred is not None:
             self._run_deferred()
@@ -1515,10 +1521,11 @@ class Connection:
             if out and type(out[0]) is not _FileRange:
                 self._arm_writer()
                 return
-        if not channel.flush():
+        if not self._plain and not channel.flush():
             self._arm_writer()
             return
-        self._disarm_writer()
+        if self._writer_armed:
+            self._disarm_writer()
         if self.closing and not self._reading:
             if not self._serving():
                 self._finish()
