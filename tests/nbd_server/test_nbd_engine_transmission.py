@@ -103,6 +103,37 @@ def test_length_limit_before_the_payload() -> None:
     assert t.check_length(0, Cmd.TRIM, 1 << 40) is None
 
 
+def test_plain_requests_are_those_every_check_passes() -> None:
+    """Transmission.plain is the connection's shortcut past check_length and check: True
+    only where both find nothing, for READ and WRITE without flags."""
+    t = transmission(Mode.STRUCTURED)
+    assert t.plain(0, Cmd.READ, SIZE - 4096, 4096)
+    assert t.plain(0, Cmd.WRITE, 0, 4096)
+    assert not t.plain(0, Cmd.READ, SIZE - 4096, 4097)  # past the end
+    assert not t.plain(CmdFlag.FUA, Cmd.WRITE, 0, 4096)  # a flag to honour
+    assert not t.plain(CmdFlag.DF, Cmd.READ, 0, 4096)
+    assert not t.plain(0, Cmd.TRIM, 0, 4096)  # other commands take the checks
+    assert not transmission(Mode.STRUCTURED, writable=False).plain(0, Cmd.WRITE, 0, 4096)
+    assert transmission(Mode.STRUCTURED, writable=False).plain(0, Cmd.READ, 0, 4096)
+    big = transmission(Mode.STRUCTURED)
+    big.size = 1 << 40
+    assert big.plain(0, Cmd.READ, 0, 32 << 20)
+    assert not big.plain(0, Cmd.READ, 0, (32 << 20) + 1)  # check_length's limit
+    for flags, cmd, offset, length in [(0, Cmd.READ, 0, 512), (0, Cmd.WRITE, SIZE, 1)]:
+        passes = t.check_length(flags, cmd, length) is None
+        passes = passes and t.check(flags, cmd, offset, length) is None
+        assert t.plain(flags, cmd, offset, length) == passes
+
+
+@pytest.mark.parametrize("mode", [Mode.SIMPLE, Mode.STRUCTURED, Mode.EXTENDED])
+def test_data_header_is_the_read_header_of_a_whole_read(mode: Mode) -> None:
+    t = transmission(mode)
+    header = t.data_header(9, 4096, 512)
+    assert isinstance(header, bytes)
+    assert header == t.read_header(9, 4096, 4096, 512)
+    assert len(header) == t.read_header_size
+
+
 def test_simple_replies() -> None:
     t = transmission(Mode.SIMPLE)
     assert t.reply_ok(5, 0) == struct.pack(">IIQ", 0x67446698, 0, 5)
