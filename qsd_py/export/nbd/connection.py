@@ -1190,8 +1190,13 @@ class Connection:
         if tr.writing:
             if plan.listed[0]:  # the node's recording bitmaps (shared_bits.py), before the reply
                 plan.mark(tr.offset, length)
-            buffers.give(buf)
-            self._write_done(tr.cookie, tr.offset, res)
+            free = buf.free  # buffers.give(buf), inline
+            if len(free) < buf.keep:
+                free.append(buf)
+            if res < 0:
+                self._write_done(tr.cookie, tr.offset, res)
+            else:  # _write_done's reply, without its frame
+                self._queue(self.t.reply_ok(tr.cookie, tr.offset))  # type: ignore[union-attr]
         elif res < 0:
             self._read_done(tr.cookie, tr.offset, length, buf, res)
         else:
