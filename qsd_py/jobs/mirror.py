@@ -107,9 +107,11 @@ class MirrorJob(BlockJob):
         on_target_error: str = "report",
         copy_mode: str = "background",
         unmap: bool = True,
+        target_is_zero: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(registry, job_id, **kwargs)
+        self.target_is_zero = target_is_zero
         self.graph = graph
         self.source = source
         self.target = target
@@ -316,19 +318,47 @@ class MirrorJob(BlockJob):
             raise QMPError("Source and target image have different sizes")
 
     async def _initial_dirty(self) -> None:
-        """Mark what the copy starts with (QEMU's mirror_dirty_init)."""
-        length = self.source.length()
-        if self.sync == "full":
+        """Mark what the copy starts with (QEMU 11.1's mirror_dirty_init). ``sync`` full
+        onto a target that reads as zeroes marks only what the source's chain holds, as
+        QEMU does: the rest reads as zeroes on both sides, so the job's ``len`` counts
+        only the held bytes (0 for a fresh qcow2); onto any other target, everything."""
+        if self.sync == "full" and not await self._target_is_zero():
             self.bitmap.mark_all()
+        elif self.sync == "full":
+            await self._mark_allocated(self._chain_allocated)
         elif self.sync == "top":
-            offset = 0
-            while offset < length:
-                n, allocated = await self.top_allocated(offset, length - offset)
-                if allocated:
-                    self.bitmap.mark(offset, n)
-                offset += n
-                await self.checkpoint()
+            await self._mark_allocated(self.top_allocated)
         self.set_remaining(self.bitmap.count)
+
+    async def _mark_allocated(self, allocated_at: Any) -> None:
+        """Mark every range ``allocated_at(offset, length)`` says is held."""
+        length = self.source.length()
+        offset = 0
+        while offset < length:
+            n, allocated = await allocated_at(offset, length - offset)
+            if allocated:
+                self.bitmap.mark(offset, n)
+            offset += n
+            await self.checkpoint()
+
+    async def _target_is_zero(self) -> bool:
+        """Whether the whole target reads as zeroes (``target-is-zero``, or its block
+        status says so throughout: QEMU's bdrv_co_is_all_zeroes)."""
+        if self.target_is_zero:
+            return True
+        length = self.target.length()
+        offset = 0
+        while offset < length:
+            status = await self.target.block_status_above(offset, length - offset)
+            if not status.flags & STATUS_ZERO:
+                return False
+            offset += status.length
+        return True
+
+    async def _chain_allocated(self, offset: int, length: int) -> tuple[int, bool]:
+        """For ``sync`` full: whether some node of the source's chain holds the range."""
+        status = await self.source.block_status_above(offset, length)
+        return status.length, bool(status.flags & STATUS_ALLOCATED)
 
     async def top_allocated(self, offset: int, length: int) -> tuple[int, bool]:
         """For ``sync`` top: how much from ``offset`` has one answer, and whether the top
@@ -569,6 +599,7 @@ async def start(
         on_target_error=args.get("on-target-error", "report"),
         copy_mode=args.get("copy-mode", "background"),
         unmap=args.get("unmap", True),
+        target_is_zero=args.get("target-is-zero", False),
         auto_finalize=args.get("auto-finalize", True),
         auto_dismiss=args.get("auto-dismiss", True),
     )
