@@ -158,7 +158,7 @@ class BlockGraph:
         if name is None:
             name = self._generate_name()
         else:
-            self._check_new_name(name)
+            self.check_new_name(name)
         check_base_options(opts)
         node = driver_class(opts["driver"])(self, {**opts, "node-name": name})
         node.implicit = implicit
@@ -183,7 +183,14 @@ class BlockGraph:
             raise QMPError(f"Duplicate nodes with node-name='{node.node_name}'")
         self._nodes[node.node_name] = node
 
-    def _check_new_name(self, name: str) -> None:
+    def unregister(self, node: BlockNode) -> None:
+        """Take ``node`` off the list (a job's filter that caches nothing and has let go
+        of its children)."""
+        if self._nodes.get(node.node_name) is node:
+            del self._nodes[node.node_name]
+
+    def check_new_name(self, name: str) -> None:
+        """Refuse a name a new node cannot take, with QEMU's texts."""
         check_node_name(name)
         if name in self._nodes:
             raise QMPError(f"Duplicate nodes with node-name='{name}'")

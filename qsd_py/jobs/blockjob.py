@@ -52,6 +52,11 @@ class BlockJob(Job):
         node.set_user(NodeUser(self._user_key(node), perm, shared, desc, quiesce=self._quiesce))
         self._used.append(node)
 
+    def nodes_used(self) -> list[BlockNode]:
+        """The nodes the job holds, in the order it took them (x-debug-query-block-graph
+        lists its edges so)."""
+        return list(self._used)
+
     def release_nodes(self) -> None:
         for node in self._used:
             node.remove_user(self._user_key(node))
