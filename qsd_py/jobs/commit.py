@@ -14,9 +14,11 @@ Two kinds, chosen as QEMU chooses:
   are those held above ``base``; it goes ``ready`` and pivots the users of ``top`` to
   ``base`` on job-complete, as QEMU's commit_active_start.
 
-QEMU inserts a filter node above ``top`` (``filter-node-name``); qsd-py inserts none, so its
-only trace is the name check. The nodes the job covers carry op blockers (``Node 'x' is
-busy``) and are no root nodes meanwhile (``Need a root block node``), as in QEMU.
+QEMU inserts a filter node above ``top`` (``filter-node-name``): an active commit puts the
+mirror's ``mirror_top`` there as QEMU does; an intermediate one (QEMU's ``commit_top``)
+inserts none yet, so its only trace is the name check. The nodes the job covers carry op
+blockers (``Node 'x' is busy``) and are no root nodes meanwhile (``Need a root block
+node``), as in QEMU.
 """
 
 from __future__ import annotations
@@ -200,6 +202,7 @@ class ActiveCommitJob(mirror.MirrorJob):
     copies what is held above ``base`` and pivots ``top``'s users to ``base``."""
 
     job_type = "commit"
+    filter_reads = False  # QEMU's filter takes no consistent read of the chain it commits
 
     def take_nodes(self) -> None:
         super().take_nodes()
@@ -237,6 +240,7 @@ class ActiveCommitJob(mirror.MirrorJob):
         """The base is a node of the chain: it stays open; read-only again if it was and the
         job was aborted (failed or cancelled while running). After the pivot the base is the
         active layer; a soft cancel in ready leaves it writable too, as QEMU's mirror exit."""
+        self.drop_filter()
         self.release_nodes()
         if self.base_read_only and self.error is not None:
             await make_read_only(self.target)
@@ -255,7 +259,8 @@ def root_node(graph: BlockGraph, name: str) -> BlockNode | None:
     node = graph.find(name)
     if node is None:
         return None
-    if node.parents() or node.blockers or any(u.is_parent for u in node.users.values()):
+    held = any(u.is_parent or k.startswith("job:") for k, u in node.users.items())
+    if node.parents() or node.blockers or held:  # a job's node is no root (its filter too)
         raise QMPError("Need a root block node")
     return node
 
@@ -404,6 +409,7 @@ async def _start_active(
         on_source_error=on_error,
         on_target_error=on_error,
         **common,
+        filter_node_name=name,
     )
     await _launch_writable(job, base, args)
     return job

@@ -159,10 +159,10 @@ class MirrorJob(BlockJob):
                 f"by {self.job_type} job '{self.id}' (uses node '{fil}' as 'main node' child)."
             )
         if self.uses_filter:
-            self.filter = self.top = mirror_top.insert(self.graph, src, fil)
+            self.filter = self.top = mirror_top.insert(self.graph, src, fil, self.filter_reads)
             self._hold(self.filter, Perm.CONSISTENT_READ, "main node", parent=False)
             self._hold(src, Perm(0), "source", parent=True, quiesce=False)
-        else:  # an active commit: QEMU's filter is not modelled there yet
+        else:
             self._hold(src, Perm.CONSISTENT_READ, "source", parent=True)
         desc = f"an unnamed block device (uses node '{tgt.node_name}' as 'root' child)"
         try:
@@ -206,8 +206,10 @@ class MirrorJob(BlockJob):
         node.set_user(user)
         self._used.append(node)
 
-    #: Whether the job puts QEMU's ``mirror_top`` filter above its source.
+    #: Whether the job puts QEMU's ``mirror_top`` filter above its source, and whether the
+    #: filter passes its parents' consistent read on to the source.
     uses_filter = True
+    filter_reads = True
 
     @property
     def _target_edge(self) -> str:
@@ -490,12 +492,17 @@ class MirrorJob(BlockJob):
     def type_info(self) -> dict[str, Any]:
         return {"actively-synced": self.copy_mode == "write-blocking" and self.is_ready}
 
+    def drop_filter(self) -> None:
+        """The filter's users go back to the source (a pivot moved them on already); the
+        filter leaves the graph with :meth:`release_nodes`."""
+        if self.filter is not None:
+            mirror_top.take_away(self.filter, self.source)
+
     async def clean(self) -> None:
         """Take the filter away (its exports go back to the source unless a pivot moved
         them on), let go of the nodes; a target drive-mirror opened and nobody uses is
         closed."""
-        if self.filter is not None:
-            mirror_top.take_away(self.filter, self.source)
+        self.drop_filter()
         self.release_nodes()
         await self.graph.drop_orphan(self.target)
 

@@ -2,8 +2,10 @@
 the job runs and after it ended (tests/jobs/test_mirror_filter.py): query-named-block-nodes
 (flat and not), x-debug-query-block-graph, query-block-exports (the exports move onto the
 filter, and back or on to the target), blockdev-del of the filter and of the source, the
-filter's name reused, mirrors of a node under a filter. ``python mirror_filter_script.py``
-records QEMU 11.1's transcript into data/mirror_filter_events.json (needs real-qsd).
+filter's name reused, mirrors of a node under a filter; then the same filter under an active
+commit (block-commit of the active layer, a mirror into its base).
+``python mirror_filter_script.py`` records QEMU 11.1's transcript into
+data/mirror_filter_events.json (needs real-qsd).
 
 The job is paused by the user while the graph is looked at, so that the drains of the
 commands in between say nothing and the progress numbers stay put (they are left out all
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,13 +27,26 @@ MIB = 1 << 20
 
 
 def make_images(workdir: Path) -> None:
-    """s: 4 MiB of data; t, t2: empty 4 MiB files."""
+    """s: 4 MiB of data; t, t2: empty 4 MiB files; a qcow2 chain base <- mid <- top with
+    data in each layer."""
     (workdir / "s.img").write_bytes(b"\x03" * (4 * MIB))
     for name in ("t", "t2"):
         path = workdir / f"{name}.img"
         path.unlink(missing_ok=True)
         with open(path, "wb") as f:
             f.truncate(4 * MIB)
+
+    def sh(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True, cwd=workdir)
+
+    for name in ("base", "mid", "top"):
+        (workdir / f"{name}.qcow2").unlink(missing_ok=True)
+    sh("qemu-img", "create", "-q", "-f", "qcow2", "base.qcow2", "4M")
+    sh("qemu-io", "-c", "write -P 1 0 4M", "base.qcow2")
+    for name, below, pattern in (("mid", "base", "2 0 2M"), ("top", "mid", "3 0 1M")):
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", f"{below}.qcow2", "-F", "qcow2",
+           f"{name}.qcow2")  # fmt: skip
+        sh("qemu-io", "-c", f"write -P {pattern}", f"{name}.qcow2")
 
 
 def _file(name: str) -> list[Any]:
@@ -40,6 +56,14 @@ def _file(name: str) -> list[Any]:
 def _mirror(job: str, device: str, target: str, **more: Any) -> list[Any]:
     return ["blockdev-mirror", {"job-id": job, "device": device, "target": target,
                                 "sync": "full", **more}]  # fmt: skip
+
+
+def _qcow2(name: str, backing: str | None = None) -> list[Any]:
+    opts: dict[str, Any] = {"driver": "qcow2", "node-name": name,
+                            "file": {"driver": "file", "filename": f"{name}.qcow2"}}  # fmt: skip
+    if backing is not None:
+        opts["backing"] = backing
+    return ["blockdev-add", opts]
 
 
 LOOK = [
@@ -89,6 +113,29 @@ SCRIPT: list[list[Any]] = [
     *LOOK,
     ["job-complete", {"id": "j3"}],
     ["settle-past-ready", "j3"],
+    *LOOK,
+    # an active commit: the filter above the active layer, its exports moved onto it
+    _qcow2("base"),
+    _qcow2("mid", "base"),
+    _qcow2("top", "mid"),
+    ["block-export-add", {"type": "nbd", "id": "c", "node-name": "top", "writable": True}],
+    [
+        "block-commit",
+        {"job-id": "a", "device": "top", "base-node": "mid", "speed": 1, "filter-node-name": "af"},
+    ],  # fmt: skip
+    ["block-job-pause", {"device": "a"}],
+    ["settle", "a"],
+    *LOOK,
+    ["blockdev-del", {"node-name": "af"}],
+    ["block-commit", {"job-id": "b", "device": "af", "base-node": "mid"}],
+    ["block-job-cancel", {"device": "a", "force": True}],
+    ["settle-gone", "a"],
+    *LOOK,
+    ["block-commit", {"job-id": "a2", "device": "top", "base-node": "mid"}],
+    ["settle", "a2"],
+    ["query-block-exports", {}],
+    ["job-complete", {"id": "a2"}],
+    ["settle-past-ready", "a2"],
     *LOOK,
 ]
 

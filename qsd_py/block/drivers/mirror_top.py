@@ -34,6 +34,7 @@ class MirrorTopNode(BlockNode):
     def __init__(self, graph: BlockGraph, opts: dict[str, Any]) -> None:
         super().__init__(graph, opts)
         self.job_bitmap: DirtyBitmap | None = None  # shown as QEMU shows the job's bitmap
+        self.passes_read = True  # False under an active commit, as QEMU's
 
     @property
     def backing(self) -> BlockNode:
@@ -41,6 +42,8 @@ class MirrorTopNode(BlockNode):
 
     # --- permissions: the parents' pass through to the source -------------------------------
     def apply_perms(self, perm: Perm, shared: Perm) -> None:
+        if not self.passes_read:
+            perm &= ~Perm.CONSISTENT_READ
         if "backing" in self.children:
             self.attach_child("backing", self.backing, perm, shared)
 
@@ -101,7 +104,12 @@ class MirrorTopNode(BlockNode):
         return self.backing.full_options()
 
     def image_extra(self) -> dict[str, Any]:
-        return {"dirty-flag": False}
+        """QEMU's filters answer for their child's clusters."""
+        extra: dict[str, Any] = {"dirty-flag": False}
+        cluster = self.backing.image_extra().get("cluster-size")
+        if cluster:
+            extra["cluster-size"] = cluster
+        return extra
 
     def limits(self) -> dict[str, int]:
         return {**super().limits(), "min-mem-alignment": 512}
@@ -124,12 +132,16 @@ class MirrorTopNode(BlockNode):
         return [*own, entry]
 
 
-def insert(graph: BlockGraph, source: BlockNode, name: str) -> MirrorTopNode:
+def insert(
+    graph: BlockGraph, source: BlockNode, name: str, passes_read: bool = True
+) -> MirrorTopNode:
     """A filter named ``name`` (checked by the caller: ``filter-node-name``, else a
     generated ``#blockNNN``) over ``source``, registered but not yet put above it
-    (:func:`put_above`)."""
+    (:func:`put_above`). ``passes_read`` False: its parents' consistent read stops here
+    (an active commit's chain is not consistent while it runs)."""
     node = MirrorTopNode(graph, {"driver": "mirror_top", "node-name": name})
     node.implicit = True
+    node.passes_read = passes_read
     node.attach_child("backing", source, Perm(0), PERM_ALL)
     graph.register(node)
     return node
