@@ -77,6 +77,8 @@ class CommitJob(BlockJob):
     the root node of the chain, ``overlay`` the node whose backing node ``top`` is."""
 
     job_type = "commit"
+    creation_drains = (0, 4)
+    end_drains = (4, 5)
 
     def __init__(
         self,
@@ -203,6 +205,8 @@ class ActiveCommitJob(mirror.MirrorJob):
 
     job_type = "commit"
     filter_reads = False  # QEMU's filter takes no consistent read of the chain it commits
+    creation_drains = (1, 2)
+    end_drains = (4, 4)  # its success not measured
 
     def take_nodes(self) -> None:
         super().take_nodes()
@@ -370,7 +374,7 @@ async def _launch_writable(job: CommitJob | ActiveCommitJob, base: BlockNode, ar
     job.base_read_only = base.read_only
     await make_writable(base)
     try:
-        job.launch(args.get("speed", 0))
+        await job.launch_drained(args.get("speed", 0))
     except BaseException:
         if job.base_read_only:
             await make_read_only(base)

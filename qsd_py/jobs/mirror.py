@@ -96,6 +96,8 @@ class MirrorJob(BlockJob):
     """One mirror from ``source`` to ``target``; ``replaces`` is the node whose users move."""
 
     job_type = "mirror"
+    creation_drains = (2, 2)
+    end_drains = (4, 4)  # a pivot not measured
 
     def __init__(
         self,
@@ -672,5 +674,5 @@ async def start(
         auto_finalize=args.get("auto-finalize", True),
         auto_dismiss=args.get("auto-dismiss", True),
     )
-    job.launch(args.get("speed", 0))
+    await job.launch_drained(args.get("speed", 0))
     return job

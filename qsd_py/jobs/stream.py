@@ -44,6 +44,8 @@ def chain_below(top: BlockNode, base: BlockNode | None) -> list[BlockNode]:
 
 class StreamJob(BlockJob):
     job_type = "stream"
+    creation_drains = (2, 2)
+    end_drains = (3, 2)
 
     def __init__(
         self,
@@ -240,5 +242,5 @@ async def start(graph: BlockGraph, jobs: JobRegistry, args: dict[str, Any]) -> S
         auto_finalize=args.get("auto-finalize", True),
         auto_dismiss=args.get("auto-dismiss", True),
     )
-    job.launch(args.get("speed", 0))
+    await job.launch_drained(args.get("speed", 0))
     return job

@@ -5,8 +5,8 @@ commands outright; a running block job pauses and goes on at each such section
 nothing. ``python drain_script.py`` records QEMU 11.1's transcript into
 data/drain_events.json (needs real-qsd).
 
-One job runs at a time here: QEMU also drains when a job is created or ends, which moves the
-others (qsd-py does not yet), and failed blockdev-adds drain a varying number of times.
+One job runs at a time here (drain_jobs_script.py: the drains of another job's creation and
+end); failed blockdev-adds, which QEMU drains a varying number of times, are left out.
 """
 
 from __future__ import annotations
