@@ -3,7 +3,8 @@ the job runs and after it ended (tests/jobs/test_mirror_filter.py): query-named-
 (flat and not), x-debug-query-block-graph, query-block-exports (the exports move onto the
 filter, and back or on to the target), blockdev-del of the filter and of the source, the
 filter's name reused, mirrors of a node under a filter; then the same filter under an active
-commit (block-commit of the active layer, a mirror into its base).
+commit (block-commit of the active layer, a mirror into its base), and block-stream's
+``copy-on-read`` filter.
 ``python mirror_filter_script.py`` records QEMU 11.1's transcript into
 data/mirror_filter_events.json (needs real-qsd).
 
@@ -137,6 +138,26 @@ SCRIPT: list[list[Any]] = [
     ["job-complete", {"id": "a2"}],
     ["settle-past-ready", "a2"],
     *LOOK,
+    # block-stream: a copy-on-read node above the top (now mid, whose chain is base)
+    ["block-stream", {"job-id": "st", "device": "mid", "speed": 1, "filter-node-name": "mid"}],
+    ["block-stream", {"job-id": "st", "device": "mid", "speed": 1, "filter-node-name": "sf"}],
+    ["block-job-pause", {"device": "st"}],
+    ["settle", "st"],
+    *LOOK,
+    ["blockdev-del", {"node-name": "sf"}],
+    ["blockdev-del", {"node-name": "mid"}],
+    ["block-stream", {"job-id": "x", "device": "sf"}],
+    ["block-job-cancel", {"device": "st", "force": True}],
+    ["settle-gone", "st"],
+    *LOOK,
+    ["block-stream", {"job-id": "st2", "device": "mid", "speed": 1}],
+    ["block-job-pause", {"device": "st2"}],
+    ["settle", "st2"],
+    *LOOK,
+    ["block-job-set-speed", {"device": "st2", "speed": 0}],
+    ["block-job-resume", {"device": "st2"}],
+    ["settle-gone", "st2"],
+    *LOOK,
 ]
 
 _GENERATED = re.compile(r"#block\d+")
@@ -144,9 +165,11 @@ _PROGRESS = ("len", "offset", "count", "actual-size")
 
 
 def _clean(item: Any) -> Any:
-    """Progress numbers and sizes on disk dropped, generated names made one."""
+    """Progress numbers and sizes on disk (a protocol node's length too: how far a stream
+    copied into it) dropped, generated names made one."""
     if isinstance(item, dict):
-        return {k: _clean(v) for k, v in item.items() if k not in _PROGRESS}
+        skip = _PROGRESS + (("virtual-size",) if item.get("format") == "file" else ())
+        return {k: _clean(v) for k, v in item.items() if k not in skip}
     if isinstance(item, list):
         return [_clean(v) for v in item]
     if isinstance(item, str):
