@@ -3,8 +3,8 @@ the job runs and after it ended (tests/jobs/test_mirror_filter.py): query-named-
 (flat and not), x-debug-query-block-graph, query-block-exports (the exports move onto the
 filter, and back or on to the target), blockdev-del of the filter and of the source, the
 filter's name reused, mirrors of a node under a filter; then the same filter under an active
-commit (block-commit of the active layer, a mirror into its base), and block-stream's
-``copy-on-read`` filter.
+commit (block-commit of the active layer, a mirror into its base), an intermediate commit's
+``commit_top`` and block-stream's ``copy-on-read`` filter.
 ``python mirror_filter_script.py`` records QEMU 11.1's transcript into
 data/mirror_filter_events.json (needs real-qsd).
 
@@ -115,11 +115,31 @@ SCRIPT: list[list[Any]] = [
     ["job-complete", {"id": "j3"}],
     ["settle-past-ready", "j3"],
     *LOOK,
-    # an active commit: the filter above the active layer, its exports moved onto it
     _qcow2("base"),
     _qcow2("mid", "base"),
     _qcow2("top", "mid"),
     ["block-export-add", {"type": "nbd", "id": "c", "node-name": "top", "writable": True}],
+    # an intermediate commit: commit_top between the top's overlay and the top
+    [
+        "block-commit",
+        {
+            "job-id": "i",
+            "device": "top",
+            "top-node": "mid",
+            "base-node": "base",
+            "speed": 1,
+            "filter-node-name": "cf",
+        },
+    ],  # fmt: skip
+    ["block-job-pause", {"device": "i"}],
+    ["settle", "i"],
+    *LOOK,
+    ["blockdev-del", {"node-name": "cf"}],
+    ["block-commit", {"job-id": "x", "device": "cf", "base-node": "base"}],
+    ["block-job-cancel", {"device": "i", "force": True}],
+    ["settle-gone", "i"],
+    ["query-named-block-nodes", {"flat": True}],
+    # an active commit: the filter above the active layer, its exports moved onto it
     [
         "block-commit",
         {"job-id": "a", "device": "top", "base-node": "mid", "speed": 1, "filter-node-name": "af"},

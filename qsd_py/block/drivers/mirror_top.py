@@ -132,14 +132,35 @@ class MirrorTopNode(BlockNode):
         return [*own, entry]
 
 
+class CommitTopNode(MirrorTopNode):
+    """QEMU's ``commit_top``: what an intermediate commit puts between the top's overlay
+    and the top. Read-only, it takes nothing of the node below and lets others do all
+    (the job copies from the top itself); the overlay reads through it."""
+
+    driver = "commit_top"
+    format_name = "commit_top"
+
+    def apply_perms(self, perm: Perm, shared: Perm) -> None:
+        if "backing" in self.children:
+            self.attach_child("backing", self.backing, Perm(0), PERM_ALL)
+
+    def dirty_bitmaps_info(self) -> list[dict[str, Any]]:
+        return []
+
+
 def insert(
-    graph: BlockGraph, source: BlockNode, name: str, passes_read: bool = True
+    graph: BlockGraph,
+    source: BlockNode,
+    name: str,
+    passes_read: bool = True,
+    cls: type[MirrorTopNode] = MirrorTopNode,
 ) -> MirrorTopNode:
     """A filter named ``name`` (checked by the caller: ``filter-node-name``, else a
     generated ``#blockNNN``) over ``source``, registered but not yet put above it
     (:func:`put_above`). ``passes_read`` False: its parents' consistent read stops here
     (an active commit's chain is not consistent while it runs)."""
-    node = MirrorTopNode(graph, {"driver": "mirror_top", "node-name": name})
+    opts = {"driver": cls.driver, "node-name": name, "read-only": cls is CommitTopNode}
+    node = cls(graph, opts)
     node.implicit = True
     node.passes_read = passes_read
     node.attach_child("backing", source, Perm(0), PERM_ALL)
