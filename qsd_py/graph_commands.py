@@ -9,8 +9,8 @@ an edge per node the job holds, named as the job names its use of it; what a job
 x-debug-query-block-graph numbers the vertices as QEMU does (``id`` in order of first
 mention: the BlockBackends and their root nodes, the jobs, then every node in creation order
 with its children) and lists vertices and edges newest first, as QEMU builds its lists by
-prepending. What QEMU shows and qsd-py has not: the filter node a mirror job inserts and the
-job's edges to its source and that filter.
+prepending. A job's users are its edges, those that stand for QEMU's parent-like links too
+(a mirror's ``source``, which must look like a parent to blockdev-del).
 
 x-blockdev-set-iothread: a qsd-py node serves requests from any loop (node.py's contract),
 so "moving" a node records which iothread its connected nodes belong to, after QEMU's checks:
@@ -77,15 +77,17 @@ async def x_debug_query_block_graph(daemon: Daemon, args: dict[str, Any]) -> dic
         user = export.node.users.get(export.id)
         if user is not None:
             backends.append((export, export.node, user))
+    held: dict[str, list[BlockNode]] = {}
     for job in _block_jobs(daemon):
         jobs[job.id] = []
+        held[job.id] = job.nodes_used()
     for node in daemon.graph:
         for key, user in node.users.items():
-            if user.is_parent or (node.node_name, key) in export_keys:
+            job_id = key.split(":")[1] if key.startswith("job:") else None
+            if (user.is_parent and job_id is None) or (node.node_name, key) in export_keys:
                 continue
             match = _ROLE.search(user.description)
             role = match.group(1) if match else ""
-            job_id = key.split(":")[1] if key.startswith("job:") else None
             if job_id is not None and role != "root":
                 jobs.setdefault(job_id, []).append((node, user, role))
             else:  # a job's own BlockBackend (its "root"), or a command's temporary user
@@ -95,6 +97,9 @@ async def x_debug_query_block_graph(daemon: Daemon, args: dict[str, Any]) -> dic
         g.edge(owner, node, "root", user.perm, user.shared)
     for job_id, used in jobs.items():
         g.vertex(job_id, "block-job", job_id)
+        order = held.get(job_id, [])
+        # QEMU lists a job's edges in the order it took the nodes: emitted newest first
+        used.sort(key=lambda e: -order.index(e[0]) if e[0] in order else 0)
         for node, user, role in used:
             g.edge(job_id, node, role, user.perm, user.shared)
     for node in daemon.graph:

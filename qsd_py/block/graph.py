@@ -7,9 +7,10 @@ generated ``#blockNNN`` name, owned by its parent and deleted with it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.drivers import driver_class
@@ -114,8 +115,19 @@ class BlockGraph:
         ``above``: drained sections of that node only, which reach the users of it and of
         the nodes above it (QEMU's bdrv_drained_begin; only the jobs take part here)."""
         for _ in range(times if self.drain_all_hooks else 0):
-            nodes = list(self._nodes.values()) if above is None else above.nodes_above()
-            ends = [await hook(nodes, above is None) for hook in list(self.drain_all_hooks)]
+            async with self.drained_all(above):
+                pass
+
+    @contextlib.asynccontextmanager
+    async def drained_all(self, above: BlockNode | None = None) -> AsyncIterator[None]:
+        """One drained section of every node (``above``: of that node), held while the
+        body runs: what QEMU does in the section (nested drains among it) happens with the
+        jobs paused once."""
+        nodes = list(self._nodes.values()) if above is None else above.nodes_above()
+        ends = [await hook(nodes, above is None) for hook in list(self.drain_all_hooks)]
+        try:
+            yield
+        finally:
             for end in reversed(ends):
                 await end()
 
@@ -158,7 +170,7 @@ class BlockGraph:
         if name is None:
             name = self._generate_name()
         else:
-            self._check_new_name(name)
+            self.check_new_name(name)
         check_base_options(opts)
         node = driver_class(opts["driver"])(self, {**opts, "node-name": name})
         node.implicit = implicit
@@ -183,7 +195,14 @@ class BlockGraph:
             raise QMPError(f"Duplicate nodes with node-name='{node.node_name}'")
         self._nodes[node.node_name] = node
 
-    def _check_new_name(self, name: str) -> None:
+    def unregister(self, node: BlockNode) -> None:
+        """Take ``node`` off the list (a job's filter that caches nothing and has let go
+        of its children)."""
+        if self._nodes.get(node.node_name) is node:
+            del self._nodes[node.node_name]
+
+    def check_new_name(self, name: str) -> None:
+        """Refuse a name a new node cannot take, with QEMU's texts."""
         check_node_name(name)
         if name in self._nodes:
             raise QMPError(f"Duplicate nodes with node-name='{name}'")

@@ -848,12 +848,10 @@ class BlockNode:
         return data if data is not None else self.child_node("file")
 
     def backing_depth(self) -> int:
-        """How many backing nodes lie below this one."""
-        depth, node = 0, self.child_node("backing")
-        while node is not None:
-            depth += 1
-            node = node.child_node("backing")
-        return depth
+        """How many backing nodes lie below this one (a filter below counts its child as
+        its backing node, as QEMU counts: :meth:`CopyOnReadNode.backing_depth`)."""
+        backing = self.child_node("backing")
+        return 0 if backing is None else 1 + backing.backing_depth()
 
     def info(self, flat: bool = False) -> dict[str, Any]:
         """The ``BlockDeviceInfo`` entry of ``query-named-block-nodes`` (``flat``: no

@@ -47,6 +47,7 @@ class ExportRegistry:
         self.daemon = daemon
         self._exports: dict[str, BlockExport] = {}
         self._going: dict[str, asyncio.Future[None]] = {}  # exports shutting down
+        self._quiet: set[str] = set()  # exports whose deletion event a caller sends later
 
     def __iter__(self):
         return iter(list(self._exports.values()))
@@ -121,7 +122,31 @@ class ExportRegistry:
 
     def _gone(self, export: BlockExport) -> None:
         del self._exports[export.id]
+        if export.id in self._quiet:  # the caller announces it later
+            self._quiet.discard(export.id)
+            return
         self.daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": export.id})
+
+    async def delete_all_of_type(self, kind: str) -> None:
+        """Delete every export of type ``kind`` (hard) and wait until each is gone, as
+        QEMU 11.1's nbd-server-stop (measured): the oldest export's release is one drained
+        section of every node, inside which the others go, newest first, each with its
+        event; the oldest's own event follows the section's end. Running jobs thus pause
+        and go on once, whatever the number of exports."""
+        exports = [e for e in self._exports.values() if e.type == kind]
+        if not exports:
+            return
+        oldest = exports[0]
+        self._quiet.add(oldest.id)
+        try:
+            async with self.daemon.graph.drained_all():
+                for export in reversed(exports[1:]):
+                    await self.finish_deleting(export)
+                await self.finish_deleting(oldest)
+        finally:
+            self._quiet.discard(oldest.id)
+        if oldest.id not in self._exports:
+            self.daemon.emit_event("BLOCK_EXPORT_DELETED", {"id": oldest.id})
 
     async def delete_all(self) -> None:
         """Delete every export, newest first, and wait until each is gone (quit, signals,

@@ -41,6 +41,8 @@ INT_MAX = (1 << 31) - 1
 
 class BackupJob(BlockJob):
     job_type = "backup"
+    creation_drains = (5, 1)
+    end_drains = (3, 3)  # its success not measured
 
     def __init__(
         self,
@@ -339,11 +341,12 @@ async def start(
         cbw = await insert_filter(graph, source, target, args)
         try:
             job = _new_job(graph, jobs, source, target, cbw, bitmap, args)
-            job.launch(args.get("speed", 0))
+            await job.register_drained(args.get("speed", 0))
         except BaseException:
             replace_node(cbw, source)
             await graph.drop_orphan(cbw)
             raise
+        job.start()
         job.pause()
     await job.wait_not_busy()
     job.resume()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from qsd_py.block.perm import NodeUser, Perm
 from qsd_py.errors import QMPError
@@ -26,6 +26,7 @@ from qsd_py.jobs.job import Job
 from qsd_py.jobs.ratelimit import RateLimit
 
 if TYPE_CHECKING:
+    from qsd_py.block.graph import BlockGraph
     from qsd_py.block.node import BlockNode
     from qsd_py.jobs.registry import JobRegistry
 
@@ -51,6 +52,11 @@ class BlockJob(Job):
         desc = f"block job '{self.id}' (uses node '{node.node_name}' as '{role}' child)"
         node.set_user(NodeUser(self._user_key(node), perm, shared, desc, quiesce=self._quiesce))
         self._used.append(node)
+
+    def nodes_used(self) -> list[BlockNode]:
+        """The nodes the job holds, in the order it took them (x-debug-query-block-graph
+        lists its edges so)."""
+        return list(self._used)
 
     def release_nodes(self) -> None:
         for node in self._used:
@@ -159,6 +165,37 @@ class BlockJob(Job):
 
     def take_nodes(self) -> None:
         """Become a user of the job's nodes (permissions); a job kind says which."""
+
+    #: QEMU 11.1's drained sections of every node as a job of this kind is created: how
+    #: many before the one it is created in, and after that one (measured: the events of
+    #: another running job); then as it ends, before its COMPLETED/CANCELLED event, when
+    #: its work succeeded and when it is aborted (one more follows once it is gone).
+    creation_drains: ClassVar[tuple[int, int]] = (0, 0)
+    end_drains: ClassVar[tuple[int, int]] = (0, 0)
+    graph: BlockGraph
+
+    async def launch_drained(self, speed: int) -> None:
+        """:meth:`launch` within QEMU's drained sections (:attr:`creation_drains`)."""
+        await self.register_drained(speed)
+        self.start()
+
+    async def register_drained(self, speed: int) -> None:
+        """:meth:`register` within QEMU's drained sections, the job created in one."""
+        before, after = self.creation_drains
+        await self.graph.drain_all(before)
+        async with self.graph.drained_all():
+            self.register(speed)
+        await self.graph.drain_all(after)
+
+    async def ending_drains(self) -> None:
+        done, aborted = self.end_drains
+        count = done if self.error is None and not self.is_cancelled else aborted
+        if count:  # a kind without drains needs no graph
+            await self.graph.drain_all(count)
+
+    async def gone_drains(self) -> None:
+        if any(self.end_drains):
+            await self.graph.drain_all()
 
     def launch(self, speed: int) -> None:
         """Register the job, then (as QEMU: the job exists first, so a refusal from here on

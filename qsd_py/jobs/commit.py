@@ -14,15 +14,18 @@ Two kinds, chosen as QEMU chooses:
   are those held above ``base``; it goes ``ready`` and pivots the users of ``top`` to
   ``base`` on job-complete, as QEMU's commit_active_start.
 
-QEMU inserts a filter node above ``top`` (``filter-node-name``); qsd-py inserts none, so its
-only trace is the name check. The nodes the job covers carry op blockers (``Node 'x' is
-busy``) and are no root nodes meanwhile (``Need a root block node``), as in QEMU.
+QEMU inserts a filter node above ``top`` (``filter-node-name``), and so does qsd-py: an
+active commit the mirror's ``mirror_top``, an intermediate one a ``commit_top`` node between
+the overlay and ``top`` (qsd_py/block/drivers/mirror_top.py). The nodes the job covers carry op
+blockers (``Node 'x' is busy``) and are no root nodes meanwhile (``Need a root block
+node``), as in QEMU.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qsd_py.block.drivers import mirror_top
 from qsd_py.block.node import STATUS_ALLOCATED
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
 from qsd_py.block.reopen import make_read_only, make_writable
@@ -75,6 +78,8 @@ class CommitJob(BlockJob):
     the root node of the chain, ``overlay`` the node whose backing node ``top`` is."""
 
     job_type = "commit"
+    creation_drains = (0, 4)
+    end_drains = (4, 5)
 
     def __init__(
         self,
@@ -102,6 +107,7 @@ class CommitJob(BlockJob):
         self.mask_protocol = mask_protocol
         self.on_error = on_error
         self.filter_node_name = filter_node_name
+        self.filter: BlockNode | None = None  # the commit_top node between overlay and top
         self.base_read_only = False  # reopened writable for the job: read-only again after
 
     # --- nodes ----------------------------------------------------------------------------
@@ -111,6 +117,10 @@ class CommitJob(BlockJob):
         name = self.filter_node_name
         if name is not None and self.graph.find(name) is not None:
             raise QMPError(f"Duplicate nodes with node-name='{name}'")
+        name = name or self.graph.generate_name()
+        cls = mirror_top.CommitTopNode
+        self.filter = mirror_top.insert(self.graph, self.top, name, cls=cls)
+        self.overlay.children["backing"].replace(self.filter)  # the overlay reads through it
         dev = self.device
         desc = f"commit job '{self.id}' (uses node '{dev.node_name}' as 'main node' child)"
         dev.set_user(NodeUser(self._user_key(dev), Perm(0), PERM_ALL, desc, is_parent=True))
@@ -127,12 +137,25 @@ class CommitJob(BlockJob):
         shared = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
         user = NodeUser(f"job:{self.id}:base-blk", perm, shared, desc, quiesce=self._quiesce)
         base.set_user(user)
+        # QEMU's job reads the top through a BlockBackend of its own that takes nothing
+        desc = f"an unnamed block device (uses node '{self.top.node_name}' as 'root' child)"
+        self.top.set_user(NodeUser(f"job:{self.id}:top-blk", Perm(0), PERM_ALL, desc))
 
     def release_nodes(self) -> None:
+        """Let go of the nodes; the filter goes (the overlay reads from the top again
+        unless the commit linked it to the base)."""
         self.base.remove_user(f"job:{self.id}:base-blk")
+        self.top.remove_user(f"job:{self.id}:top-blk")
         for node in self._used:
             node.blockers.pop(self.id, None)
         super().release_nodes()
+        fil = self.filter
+        if fil is not None:
+            link = self.overlay.children.get("backing")
+            if link is not None and link.node is fil:
+                link.replace(self.top)
+            mirror_top.discard(fil)  # type: ignore[arg-type]
+            self.filter = None
 
     async def clean(self) -> None:
         """Let go of the nodes; a base that was read-only is so again (QEMU's commit_clean);
@@ -200,6 +223,9 @@ class ActiveCommitJob(mirror.MirrorJob):
     copies what is held above ``base`` and pivots ``top``'s users to ``base``."""
 
     job_type = "commit"
+    filter_reads = False  # QEMU's filter takes no consistent read of the chain it commits
+    creation_drains = (1, 2)
+    end_drains = (4, 4)  # its success not measured
 
     def take_nodes(self) -> None:
         super().take_nodes()
@@ -237,6 +263,7 @@ class ActiveCommitJob(mirror.MirrorJob):
         """The base is a node of the chain: it stays open; read-only again if it was and the
         job was aborted (failed or cancelled while running). After the pivot the base is the
         active layer; a soft cancel in ready leaves it writable too, as QEMU's mirror exit."""
+        self.drop_filter()
         self.release_nodes()
         if self.base_read_only and self.error is not None:
             await make_read_only(self.target)
@@ -255,7 +282,8 @@ def root_node(graph: BlockGraph, name: str) -> BlockNode | None:
     node = graph.find(name)
     if node is None:
         return None
-    if node.parents() or node.blockers or any(u.is_parent for u in node.users.values()):
+    held = any(u.is_parent or k.startswith("job:") for k, u in node.users.items())
+    if node.parents() or node.blockers or held:  # a job's node is no root (its filter too)
         raise QMPError("Need a root block node")
     return node
 
@@ -365,7 +393,7 @@ async def _launch_writable(job: CommitJob | ActiveCommitJob, base: BlockNode, ar
     job.base_read_only = base.read_only
     await make_writable(base)
     try:
-        job.launch(args.get("speed", 0))
+        await job.launch_drained(args.get("speed", 0))
     except BaseException:
         if job.base_read_only:
             await make_read_only(base)
@@ -404,6 +432,7 @@ async def _start_active(
         on_source_error=on_error,
         on_target_error=on_error,
         **common,
+        filter_node_name=name,
     )
     await _launch_writable(job, base, args)
     return job

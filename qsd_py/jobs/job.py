@@ -428,6 +428,7 @@ class Job:
         finally:
             await self.clean()
         if self.started:
+            await self.ending_drains()
             if self.is_cancelled:
                 self.on_cancelled()
             else:
@@ -437,6 +438,15 @@ class Job:
         self.transition(st.CONCLUDED)
         if self.auto_dismiss or not self.started:
             self._dismiss()
+            if self.started:
+                await self.gone_drains()
+
+    async def ending_drains(self) -> None:
+        """The drained sections of every node QEMU goes through as a job of this kind ends,
+        before its COMPLETED/CANCELLED event (block jobs: :class:`BlockJob`)."""
+
+    async def gone_drains(self) -> None:
+        """The same once the job is gone (``null``)."""
 
     def drop(self) -> None:
         """A job that could not start (its nodes refused it): ``null`` and gone."""

@@ -1,6 +1,11 @@
 """The ``mirror`` block job (blockdev-mirror, drive-mirror): copy a node while it is written,
 then let its users carry on with the copy.
 
+As QEMU's, the job puts a ``mirror_top`` filter node above the source
+(qsd_py/block/drivers/mirror_top.py) and moves the source's exports onto it; the job's
+bitmap is on the filter (``self.top``), which the exports' fast path sees through to the
+source. The pivot moves the filter's users to the target; any other end moves them back.
+
 The job keeps a :class:`~qsd_py.block.dirty.DirtyBitmap` on the source from its creation on,
 so every write the source takes marks its chunks. In ``background`` copy mode the bitmap is
 a shared one (qsd_py/block/shared_bits.py), as a user's: the exports' fast paths (NBD, FUSE
@@ -29,7 +34,7 @@ pause would keep it going); :meth:`MirrorJob.commit` quiesces the exports that w
 catches up until nothing is dirty and nothing is in flight, then moves every user of the
 replaced node that can follow (exports, through ``NodeUser.repoint``) and every parent node
 (``Child.replace``) to the target, with no await between the last check and the move: no
-write is lost. (The source's users cannot be other nodes or jobs: it is a root node. QEMU
+write is lost. (The filter's users cannot be other nodes or jobs: the source was a root node. QEMU
 drains the whole node, which is why it emits ``standby``/``ready`` where qsd-py does not.)
 A soft cancel in ``ready`` (``block-job-cancel`` without force)
 completes the same way without the move, as QEMU's does.
@@ -48,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from qsd_py.block.child import replace_node
 from qsd_py.block.copybuf import BufferPool
 from qsd_py.block.dirty import DirtyBitmap
+from qsd_py.block.drivers import mirror_top
 from qsd_py.block.node import STATUS_ALLOCATED, STATUS_ZERO
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
 from qsd_py.errors import QMPError
@@ -90,6 +96,8 @@ class MirrorJob(BlockJob):
     """One mirror from ``source`` to ``target``; ``replaces`` is the node whose users move."""
 
     job_type = "mirror"
+    creation_drains = (2, 2)
+    end_drains = (4, 4)  # a pivot not measured
 
     def __init__(
         self,
@@ -107,9 +115,15 @@ class MirrorJob(BlockJob):
         on_target_error: str = "report",
         copy_mode: str = "background",
         unmap: bool = True,
+        target_is_zero: bool = False,
+        filter_node_name: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(registry, job_id, **kwargs)
+        self.target_is_zero = target_is_zero
+        self.filter_node_name = filter_node_name
+        self.filter: mirror_top.MirrorTopNode | None = None
+        self.top: BlockNode = source  # where the job's bitmap is: the filter once inserted
         self.graph = graph
         self.source = source
         self.target = target
@@ -135,28 +149,23 @@ class MirrorJob(BlockJob):
 
     # --- nodes ----------------------------------------------------------------------------
     def take_nodes(self) -> None:
-        """Hold the source (reading, letting others do all but resize, as QEMU's mirror) and
-        the target (writing, letting others only write unchanged), and start tracking."""
+        """Put the ``mirror_top`` filter above the source (its exports move to it), hold
+        the source and the target, and start tracking the filter's writes."""
         src, tgt = self.source, self.target
+        name = self.filter_node_name if self.uses_filter else None
+        fil = name or self.graph.generate_name()
         if any(u.perm & Perm.RESIZE for u in src.users.values()):
-            fil = self.graph.generate_name()
             raise QMPError(
                 f"Permission conflict on node '{fil}': permissions 'resize' are both required "
                 f"by an unnamed block device (uses node '{fil}' as 'root' child) and unshared "
                 f"by {self.job_type} job '{self.id}' (uses node '{fil}' as 'main node' child)."
             )
-        desc = f"{self.job_type} job '{self.id}' (uses node '{src.node_name}' as 'source' child)"
-        src.set_user(
-            NodeUser(
-                self._user_key(src),
-                Perm.CONSISTENT_READ,
-                PERM_ALL & ~Perm.RESIZE,
-                desc,
-                is_parent=True,  # QEMU's mirror_top filter node: a parent, not a device
-                quiesce=self._quiesce,
-            )
-        )
-        self._used.append(src)
+        if self.uses_filter:
+            self.filter = self.top = mirror_top.insert(self.graph, src, fil, self.filter_reads)
+            self._hold(self.filter, Perm.CONSISTENT_READ, "main node", parent=False)
+            self._hold(src, Perm(0), "source", parent=True, quiesce=False)
+        else:
+            self._hold(src, Perm.CONSISTENT_READ, "source", parent=True)
         desc = f"an unnamed block device (uses node '{tgt.node_name}' as 'root' child)"
         try:
             perm, shared = self.target_perms()
@@ -165,14 +174,50 @@ class MirrorJob(BlockJob):
             self.release_nodes()
             raise
         self._used.append(tgt)
+        if self.filter is not None:
+            edge = f"{self.job_type} job '{self.id}' (uses node '{tgt.node_name}' as 'target' "
+            edge += "child)"
+            tgt.set_user(NodeUser(self._target_edge, Perm(0), PERM_ALL, edge, is_parent=True))
+            mirror_top.put_above(self.filter)
         busy = f"block device is in use by block job: {self.job_type}"
         src.blockers[self.id] = busy
         tgt.blockers[self.id] = busy
         if self.copy_mode != "write-blocking":  # that one needs every write through the node
             self.bitmap.share()
-        src.add_dirty_bitmap(self.bitmap)
+        self.top.add_dirty_bitmap(self.bitmap)
+        if self.filter is not None:
+            self.filter.job_bitmap = self.bitmap
         if self.copy_mode == "write-blocking":
-            src.write_mirrors.append(self.target)
+            self.top.write_mirrors.append(self.target)
+
+    def _hold(
+        self, node: BlockNode, perm: Perm, role: str, parent: bool, quiesce: bool = True
+    ) -> None:
+        """A use of ``node`` that lets others do all but resize, as QEMU's mirror; the
+        source under a filter is held as QEMU's job does (no permission, a parent for
+        blockdev-del), the drain reaching the job through the filter above it."""
+        desc = f"{self.job_type} job '{self.id}' (uses node '{node.node_name}' as '{role}' child)"
+        user = NodeUser(
+            self._user_key(node),
+            perm,
+            PERM_ALL & ~Perm.RESIZE,
+            desc,
+            is_parent=parent,
+            quiesce=self._quiesce if quiesce else None,
+        )
+        node.set_user(user)
+        self._used.append(node)
+
+    #: Whether the job puts QEMU's ``mirror_top`` filter above its source, and whether the
+    #: filter passes its parents' consistent read on to the source.
+    uses_filter = True
+    filter_reads = True
+
+    @property
+    def _target_edge(self) -> str:
+        """The key of the job's own link to the target (QEMU's ``target`` child, beside the
+        BlockBackend it writes through), which the graph shows."""
+        return f"job:{self.id}:{self.target.node_name}:target"
 
     def target_perms(self) -> tuple[Perm, Perm]:
         """What the job takes on the target and lets others do there: it writes, others
@@ -180,14 +225,20 @@ class MirrorJob(BlockJob):
         return Perm.WRITE, Perm.WRITE_UNCHANGED
 
     def release_nodes(self) -> None:
-        src = self.source
-        src.remove_dirty_bitmap(self.bitmap)
-        src.open_fast_writes(self._seal_key)
-        if self.target in src.write_mirrors:
-            src.write_mirrors.remove(self.target)
-        src.blockers.pop(self.id, None)
+        """Let go of the nodes; a filter nobody uses any more (its exports moved back to
+        the source, or on to the target) leaves the graph."""
+        top = self.top
+        top.remove_dirty_bitmap(self.bitmap)
+        top.open_fast_writes(self._seal_key)
+        if self.target in top.write_mirrors:
+            top.write_mirrors.remove(self.target)
+        self.source.blockers.pop(self.id, None)
         self.target.blockers.pop(self.id, None)
+        self.target.remove_user(self._target_edge)
         super().release_nodes()
+        if self.filter is not None and not self.filter.users:
+            mirror_top.discard(self.filter)
+            self.filter = None
 
     def _on_mark(self) -> None:
         """A write dirtied the source: wake the job if it idles in ready (not if paused:
@@ -316,19 +367,47 @@ class MirrorJob(BlockJob):
             raise QMPError("Source and target image have different sizes")
 
     async def _initial_dirty(self) -> None:
-        """Mark what the copy starts with (QEMU's mirror_dirty_init)."""
-        length = self.source.length()
-        if self.sync == "full":
+        """Mark what the copy starts with (QEMU 11.1's mirror_dirty_init). ``sync`` full
+        onto a target that reads as zeroes marks only what the source's chain holds, as
+        QEMU does: the rest reads as zeroes on both sides, so the job's ``len`` counts
+        only the held bytes (0 for a fresh qcow2); onto any other target, everything."""
+        if self.sync == "full" and not await self._target_is_zero():
             self.bitmap.mark_all()
+        elif self.sync == "full":
+            await self._mark_allocated(self._chain_allocated)
         elif self.sync == "top":
-            offset = 0
-            while offset < length:
-                n, allocated = await self.top_allocated(offset, length - offset)
-                if allocated:
-                    self.bitmap.mark(offset, n)
-                offset += n
-                await self.checkpoint()
+            await self._mark_allocated(self.top_allocated)
         self.set_remaining(self.bitmap.count)
+
+    async def _mark_allocated(self, allocated_at: Any) -> None:
+        """Mark every range ``allocated_at(offset, length)`` says is held."""
+        length = self.source.length()
+        offset = 0
+        while offset < length:
+            n, allocated = await allocated_at(offset, length - offset)
+            if allocated:
+                self.bitmap.mark(offset, n)
+            offset += n
+            await self.checkpoint()
+
+    async def _target_is_zero(self) -> bool:
+        """Whether the whole target reads as zeroes (``target-is-zero``, or its block
+        status says so throughout: QEMU's bdrv_co_is_all_zeroes)."""
+        if self.target_is_zero:
+            return True
+        length = self.target.length()
+        offset = 0
+        while offset < length:
+            status = await self.target.block_status_above(offset, length - offset)
+            if not status.flags & STATUS_ZERO:
+                return False
+            offset += status.length
+        return True
+
+    async def _chain_allocated(self, offset: int, length: int) -> tuple[int, bool]:
+        """For ``sync`` full: whether some node of the source's chain holds the range."""
+        status = await self.source.block_status_above(offset, length)
+        return status.length, bool(status.flags & STATUS_ALLOCATED)
 
     async def top_allocated(self, offset: int, length: int) -> tuple[int, bool]:
         """For ``sync`` top: how much from ``offset`` has one answer, and whether the top
@@ -415,8 +494,17 @@ class MirrorJob(BlockJob):
     def type_info(self) -> dict[str, Any]:
         return {"actively-synced": self.copy_mode == "write-blocking" and self.is_ready}
 
+    def drop_filter(self) -> None:
+        """The filter's users go back to the source (a pivot moved them on already); the
+        filter leaves the graph with :meth:`release_nodes`."""
+        if self.filter is not None:
+            mirror_top.take_away(self.filter, self.source)
+
     async def clean(self) -> None:
-        """Let go of the nodes; a target drive-mirror opened and nobody uses is closed."""
+        """Take the filter away (its exports go back to the source unless a pivot moved
+        them on), let go of the nodes; a target drive-mirror opened and nobody uses is
+        closed."""
+        self.drop_filter()
         self.release_nodes()
         await self.graph.drop_orphan(self.target)
 
@@ -439,7 +527,7 @@ class MirrorJob(BlockJob):
             return
         resumes = await self._quiesce_followers()
         try:
-            if self.bitmap.count or self.source.in_flight.count:  # writes since prepare
+            if self.bitmap.count or self.top.in_flight.count:  # writes since prepare
                 try:
                     await self._catch_up(drained=True)
                     await self.target.flush()
@@ -455,7 +543,7 @@ class MirrorJob(BlockJob):
         """Drain the users that will follow the pivot (exports): a request of theirs that
         started before the move, on an iothread, would otherwise reach the source after it."""
         resumes = []
-        for user in list(self.replaces.users.values()):
+        for user in list(self.top.users.values()):
             if user.repoint is not None and user.quiesce is not None and not user.is_parent:
                 resumes.append(await user.quiesce())
         return resumes
@@ -468,8 +556,8 @@ class MirrorJob(BlockJob):
         if self._sealed:
             return
         self._sealed = True
-        self.source.close_fast_writes(self._seal_key)
-        await self.source.settle_fast_writes()
+        self.top.close_fast_writes(self._seal_key)
+        await self.top.settle_fast_writes()
 
     async def _catch_up(self, drained: bool = False) -> bool:
         """Copy what is dirty (errors fail the job now, no speed limit); whether anything had
@@ -479,27 +567,34 @@ class MirrorJob(BlockJob):
         self._final = True
         worked = False
         pos = 0
-        while self.bitmap.count or (drained and self.source.in_flight.count):
+        while self.bitmap.count or (drained and self.top.in_flight.count):
             worked = True
             run = self.bitmap.next_dirty(0 if drained else pos, self.copy_size)
             if run is not None:
                 await self._copy(*run)
                 pos = run[0] + run[1]
             elif drained:
-                await self.source.in_flight.wait_idle()
+                await self.top.in_flight.wait_idle()
             else:
                 break
         return worked
 
     def _pivot(self) -> None:
-        """Every parent and every user that can follow now uses the target (no await)."""
-        old, new = self.replaces, self.target
+        """Every parent and every user that can follow (those of the filter) now uses the
+        target (no await)."""
+        old, new = self.top, self.target
         # Removing the bitmap must not let an export write around ``old`` before it moved
         # (a FUSE queue worker, an iothread's NBD connection): closed until the end.
         old.close_fast_writes(self)
         try:
+            fil = self.filter
             self.release_nodes()
-            replace_node(old, new)
+            if fil is not None:
+                mirror_top.take_away(fil, new)
+                mirror_top.discard(fil)
+                self.filter = None
+            else:
+                replace_node(old, new)
         finally:
             old.open_fast_writes(self)
 
@@ -510,10 +605,12 @@ class _Retry(Exception):
 
 # --- starting a mirror (blockdev-mirror, drive-mirror) ---------------------------------------
 def lookup_source(graph: BlockGraph, jobs: JobRegistry, name: str) -> BlockNode:
-    """The node to mirror: a root node (QEMU's qmp_get_root_bs; a node some mirror already
-    copies sits under that job's filter node in QEMU, so it is no root either)."""
+    """The node to mirror: a root node (QEMU's qmp_get_root_bs). A node some mirror copies
+    has its filter above it; the filter has the job as a parent in QEMU (a job's child is
+    no root link), so it is no root either."""
     node = graph.lookup_device(name)
-    if node.parents() or any(isinstance(j, MirrorJob) and j.source is node for j in jobs):
+    held = any(isinstance(j, MirrorJob) and node in (j.source, j.filter) for j in jobs)
+    if node.parents() or held:
         raise QMPError("Need a root block node")
     return node
 
@@ -555,6 +652,9 @@ async def start(
             )
     if source is target:
         raise QMPError("Can't mirror node into itself")
+    name = args.get("filter-node-name")
+    if name is not None:  # QEMU names the filter after these checks, before the job exists
+        graph.check_new_name(name)
     job = MirrorJob(
         jobs,
         args.get("job-id", ""),  # no devices in a storage daemon: QEMU's default is ''
@@ -569,8 +669,10 @@ async def start(
         on_target_error=args.get("on-target-error", "report"),
         copy_mode=args.get("copy-mode", "background"),
         unmap=args.get("unmap", True),
+        target_is_zero=args.get("target-is-zero", False),
+        filter_node_name=name,
         auto_finalize=args.get("auto-finalize", True),
         auto_dismiss=args.get("auto-dismiss", True),
     )
-    job.launch(args.get("speed", 0))
+    await job.launch_drained(args.get("speed", 0))
     return job

@@ -97,11 +97,15 @@ class JobRegistry:
 
 def _by_oldest_node(jobs: JobRegistry, nodes: list[Any], every: bool) -> list[BlockJob]:
     """The block jobs, ordered by the oldest node each uses (a user whose ``quiesce`` is
-    the job's); jobs using none last, oldest first (``every`` False: left out)."""
+    the job's, or one keyed by the job: a mirror's source, drained through its filter);
+    jobs using none last, oldest first (``every`` False: left out)."""
+    by_id = {job.id: job for job in jobs}
     rank: dict[BlockJob, int] = {}
     for index, node in enumerate(nodes):
-        for user in node.users.values():
+        for key, user in node.users.items():
             job = getattr(user.quiesce, "__self__", None)
+            if job is None and key.startswith("job:"):
+                job = by_id.get(key.split(":")[1])
             if isinstance(job, BlockJob) and job not in rank:
                 rank[job] = index
     block_jobs = [job for job in jobs if isinstance(job, BlockJob) and (every or job in rank)]

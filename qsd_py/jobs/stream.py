@@ -7,7 +7,10 @@ ranges the top holds are skipped, the rest is read through the chain and written
 top, under a :class:`~qsd_py.block.rangelock.RangeGate` so that a guest write of the same
 range waits until the copy of it is done, and the copy waits for guest writes under way
 (else old bytes could land over new ones). While the job runs, the top's fast plans write
-through its coroutines, where the gate is. Nothing the guest sees changes, so the job goes
+through its coroutines, where the gate is. As QEMU's, the job puts a ``copy-on-read`` filter
+node above the top (``filter-node-name``, else ``#blockNNN``) and moves the top's parents and
+exports onto it; the exports' fast path reads through it (the job copies every range
+itself), and the filter goes when the job ends. Nothing the guest sees changes, so the job goes
 straight on to its end (no ``ready``). :meth:`StreamJob.commit` then drains the top node,
 writes the new backing file name into the image (qcow2) and points the ``backing`` child at
 ``base`` (``Child.replace``) or drops it; implicit intermediate nodes are closed.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from qsd_py.block.child import replace_node
 from qsd_py.block.node import STATUS_ALLOCATED
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
 from qsd_py.block.rangelock import RangeGate
@@ -44,6 +48,8 @@ def chain_below(top: BlockNode, base: BlockNode | None) -> list[BlockNode]:
 
 class StreamJob(BlockJob):
     job_type = "stream"
+    creation_drains = (2, 2)
+    end_drains = (3, 2)
 
     def __init__(
         self,
@@ -65,25 +71,26 @@ class StreamJob(BlockJob):
         self.on_error = on_error
         self.below = chain_below(top, base)
         self.gate = RangeGate()
+        self.filter: BlockNode | None = None  # the copy-on-read node above the top
 
     def do_change(self, opts: dict[str, Any]) -> None:
         raise QMPError("Job type does not support change")  # QEMU's driver has no change
 
     # --- nodes ----------------------------------------------------------------------------
     def take_nodes(self) -> None:
-        top = self.top
-        desc = f"stream job '{self.id}' (uses node '{top.node_name}' as 'main node' child)"
-        top.set_user(
-            NodeUser(
-                self._user_key(top),
-                Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED,
-                PERM_ALL & ~Perm.RESIZE,
-                desc,
-                is_parent=True,  # QEMU's copy-on-read filter node: a parent
-                quiesce=self._quiesce,
-            )
-        )
-        self._used.append(top)
+        """QEMU's: the job holds its filter (``main node``, and reads through it as its own
+        block device), the top (``active node``) and the streamed nodes."""
+        top, fil = self.top, self.filter
+        if fil is not None:
+            self._use(fil, Perm(0), PERM_ALL, "main node", parent=False)
+            desc = f"an unnamed block device (uses node '{fil.node_name}' as 'root' child)"
+            shared = PERM_ALL & ~Perm.RESIZE
+            fil.set_user(NodeUser(self._root_key, Perm.CONSISTENT_READ, shared, desc,
+                                  quiesce=self._quiesce))  # fmt: skip
+            self._use(top, Perm(0), PERM_ALL & ~Perm.RESIZE, "active node", parent=True)
+        else:
+            perm = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+            self._use(top, perm, PERM_ALL & ~Perm.RESIZE, "main node", parent=True)
         for node in self.below:  # QEMU's "intermediate node" children: nobody else writes
             node.set_user(
                 NodeUser(
@@ -97,13 +104,27 @@ class StreamJob(BlockJob):
                 )
             )
             self._used.append(node)
-        for node in (top, *self.below):
+        for node in (*([fil] if fil is not None else []), top, *self.below):
             node.blockers[self.id] = BUSY
         top.write_gates.append(self.gate)
         top.close_fast_writes(self)
 
+    def _use(self, node: BlockNode, perm: Perm, shared: Perm, role: str, parent: bool) -> None:
+        desc = f"stream job '{self.id}' (uses node '{node.node_name}' as '{role}' child)"
+        quiesce = self._quiesce if self.filter is None else None
+        node.set_user(NodeUser(self._user_key(node), perm, shared, desc, is_parent=parent,
+                               quiesce=quiesce))  # fmt: skip
+        self._used.append(node)
+
+    @property
+    def _root_key(self) -> str:
+        return f"job:{self.id}:root"
+
     def release_nodes(self) -> None:
         top = self.top
+        if self.filter is not None:
+            self.filter.remove_user(self._root_key)
+            self.filter.blockers.pop(self.id, None)
         if self.gate in top.write_gates:
             top.write_gates.remove(self.gate)
         top.open_fast_writes(self)
@@ -162,6 +183,17 @@ class StreamJob(BlockJob):
             if st.flags & STATUS_ALLOCATED:
                 return n, False
         return n, True
+
+    async def clean(self) -> None:
+        """The filter's users go back to the top and the filter leaves the graph."""
+        fil = self.filter
+        if fil is not None:
+            replace_node(fil, self.top)
+        self.release_nodes()
+        if fil is not None:
+            fil.implicit = True
+            await self.graph.drop_orphan(fil)
+            self.filter = None
 
     # --- the end --------------------------------------------------------------------------
     async def prepare(self) -> None:
@@ -240,5 +272,29 @@ async def start(graph: BlockGraph, jobs: JobRegistry, args: dict[str, Any]) -> S
         auto_finalize=args.get("auto-finalize", True),
         auto_dismiss=args.get("auto-dismiss", True),
     )
-    job.launch(args.get("speed", 0))
+    job.filter = await insert_filter(graph, top, args.get("filter-node-name"))
+    try:
+        await job.launch_drained(args.get("speed", 0))
+    except BaseException:
+        replace_node(job.filter, top)
+        await graph.drop_orphan(job.filter)
+        raise
     return job
+
+
+async def insert_filter(graph: BlockGraph, top: BlockNode, name: str | None) -> BlockNode:
+    """QEMU's stream_start: a copy-on-read node over ``top`` (named ``name``, else
+    ``#blockNNN``) takes the top's parents and exports."""
+    opts: dict[str, Any] = {"driver": "copy-on-read", "file": top.node_name}
+    try:
+        if name is not None:
+            fil = await graph.add({**opts, "node-name": name})
+        else:
+            fil = await graph.add_implicit(opts)
+    except QMPError as err:
+        raise QMPError(f"Could not create node: {err.desc}") from err
+    fil.job_owned = True  # type: ignore[attr-defined]
+    fil.named = name is not None  # type: ignore[attr-defined]
+    fil.implicit = True
+    replace_node(top, fil, skip=fil)
+    return fil

@@ -5,8 +5,8 @@ commands outright; a running block job pauses and goes on at each such section
 nothing. ``python drain_script.py`` records QEMU 11.1's transcript into
 data/drain_events.json (needs real-qsd).
 
-One job runs at a time here: QEMU also drains when a job is created or ends, which moves the
-others (qsd-py does not yet), and failed blockdev-adds drain a varying number of times.
+One job runs at a time here (drain_jobs_script.py: the drains of another job's creation and
+end); failed blockdev-adds, which QEMU drains a varying number of times, are left out.
 """
 
 from __future__ import annotations
@@ -92,6 +92,15 @@ SCRIPT: list[list[Any]] = [
     ["transaction", {"actions": [{"type": SYNC, "data": WS}]}],
     ["block_resize", {"node-name": "z", "size": 2 << 20}],
     ["block-export-del", {"id": "e"}],
+    # nbd-server-stop: one drained section, the exports go newest first, the oldest last
+    ["block-export-add", {"type": "nbd", "id": "e5", "node-name": "x"}],
+    ["block-export-add", {"type": "nbd", "id": "e6", "node-name": "y"}],
+    ["block-export-add", {"type": "nbd", "id": "e7", "node-name": "z"}],
+    ["nbd-server-stop", {}],
+    ["nbd-server-start", {"addr": NBD}],
+    ["block-export-add", {"type": "nbd", "id": "e8", "node-name": "x"}],
+    ["nbd-server-stop", {}],
+    ["nbd-server-start", {"addr": NBD}],
     ["query-jobs", {}],
     ["block-job-cancel", {"device": "s"}],
     ["settle-gone", "s"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import drain_jobs_script
 import drain_script
 import pytest
 from jobkit import StepJob, new_daemon, reply, until
@@ -52,3 +53,20 @@ def test_transcript_live_against_qemu() -> None:
     with shared_dir("drain-live") as work:
         real = drain_script.run_script(True, work)
         assert drain_script.run_script(False, work) == real
+
+
+def test_jobs_created_and_ended_drain_as_qemus(tmp_path: Path) -> None:
+    """Another job's creation and end pause and resume a running job as often as QEMU
+    11.1's drains do, the new job appearing within one section."""
+    want = json.loads(drain_jobs_script.DATA.read_text())
+    assert drain_jobs_script.run_script(False, tmp_path) == want
+
+
+@pytest.mark.realqsd
+def test_jobs_created_and_ended_live_against_qemu() -> None:
+    from realqsd_support import require_real_qsd, shared_dir
+
+    require_real_qsd()
+    with shared_dir("drain-jobs-live") as work:
+        real = drain_jobs_script.run_script(True, work)
+        assert drain_jobs_script.run_script(False, work) == real

@@ -460,3 +460,24 @@ def test_read_only_fuse_and_nbd_exports_follow_the_pivot(tmp_path: Path) -> None
     finally:
         d.close()
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+def test_full_mirror_len_is_qemus(tmp_path: Path) -> None:
+    """``sync`` full counts only what the source holds onto a target reading as zeroes (len
+    0 for a fresh qcow2), everything onto null-co or a target with data: QEMU 11.1's
+    numbers."""
+    import mirror_len_script
+
+    want = json.loads(mirror_len_script.DATA.read_text())
+    assert mirror_len_script.run_script(False, tmp_path) == want
+
+
+@pytest.mark.realqsd
+def test_full_mirror_len_live_against_qemu() -> None:
+    import mirror_len_script
+    from realqsd_support import require_real_qsd, shared_dir
+
+    require_real_qsd()
+    with shared_dir("mirror-len-live") as work:
+        real = mirror_len_script.run_script(True, work)
+        assert mirror_len_script.run_script(False, work) == real

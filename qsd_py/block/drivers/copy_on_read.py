@@ -31,6 +31,7 @@ from qsd_py.block.perm import PERM_ALL, Perm
 from qsd_py.errors import QMPError
 
 if TYPE_CHECKING:
+    from qsd_py.block.fast_map import FastTarget
     from qsd_py.block.graph import BlockGraph
 
 PERM_PASSTHROUGH = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
@@ -43,6 +44,11 @@ class CopyOnReadNode(BlockNode):
     def __init__(self, graph: BlockGraph, opts: dict[str, Any]) -> None:
         super().__init__(graph, opts)
         self.bottom_name: str | None = opts.get("bottom")
+        # A stream job's filter (jobs/stream.py): the job copies the whole range itself,
+        # so the exports' fast path may read the file around the filter's copy-up
+        # (fast_target is the file's), and QEMU names it as its file when unnamed.
+        self.job_owned = False
+        self.named = True
         self.bottom: BlockNode | None = None
         self._busy: list[tuple[int, int]] = []  # ranges being copied or written
 
@@ -186,7 +192,30 @@ class CopyOnReadNode(BlockNode):
 
     # --- introspection --------------------------------------------------------------------
     def filename(self) -> str:
+        if not self.named:
+            return self.file.filename()
         return "json:" + json.dumps(self.full_options())
+
+    def backing_depth(self) -> int:
+        """QEMU counts a filter's child as its backing image (query-named-block-nodes)."""
+        return 1 + self.file.backing_depth()
+
+    def image_info(self, flat: bool = False) -> dict[str, Any]:
+        image = super().image_info(flat)
+        if not flat:
+            image["backing-image"] = self.file.image_info()
+        return image
+
+    def fast_target(self) -> FastTarget | None:
+        """None (every read passes the copy-up), but for a stream's filter: the file's."""
+        if not self.job_owned:
+            return None
+        return self.file.fast_target()
+
+    async def prepare_fast_write(self, offset: int, length: int) -> bool:
+        if not self.job_owned:
+            return False
+        return await self.file.prepare_fast_write(offset, length)
 
     def full_options(self) -> dict[str, Any]:
         desc: dict[str, Any] = {"driver": self.driver, "file": self.file.full_options()}

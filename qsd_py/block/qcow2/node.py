@@ -433,9 +433,10 @@ class Qcow2Node(BlockNode):
 
     # --- permissions ----------------------------------------------------------------------
     def _storage_perms(self, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
-        """The ``file`` child holds data and metadata: QEMU's rule for storage children."""
+        """The ``file`` child holds data and metadata: QEMU's rule for storage children
+        (its users' write-unchanged passes down too: a stream's copy-on-read filter's)."""
         passthrough = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE
-        perm = (perm & passthrough) | Perm.CONSISTENT_READ
+        perm = (perm & (passthrough | Perm.WRITE_UNCHANGED)) | Perm.CONSISTENT_READ
         shared = (shared & passthrough) | Perm.WRITE_UNCHANGED
         if not self.read_only:
             perm |= Perm.WRITE | Perm.RESIZE

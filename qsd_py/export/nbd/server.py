@@ -180,8 +180,6 @@ async def stop_server(daemon: Daemon) -> None:
     server = daemon.nbd_server
     if server is None:
         raise QMPError("NBD server not running")
-    for export in list(daemon.exports):
-        if export.type == "nbd":
-            await daemon.exports.finish_deleting(export)
+    await daemon.exports.delete_all_of_type("nbd")
     daemon.nbd_server = None
     await server.close()
