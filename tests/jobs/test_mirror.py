@@ -249,7 +249,8 @@ def test_soft_cancel_in_ready_leaves_source_and_target_equal(tmp_path: Path) -> 
             wait_job(d, "m", "paused")
             writer.wait_for(20)  # dirtying a paused job
             assert d.cmd("block-job-resume", {"device": "m"}) == {"return": {}}
-            wait_job(d, "m", "ready")
+            # The writer goes on: ready waits for a pass that ends with nothing dirty.
+            wait_job(d, "m", "ready", timeout=90)
             written = writer.finish()
         finally:
             if writer.proc.poll() is None:
