@@ -215,9 +215,10 @@ async def _place(
 
 
 async def _place_locked(
-    node: Qcow2Node, clusters: range, entries: list[tuple[int, int]], expect: int
+    node: Qcow2Node, clusters: range, entries: list[tuple[int, int]], expect: int, hold: bool = True
 ) -> tuple[list[int], int]:
-    """:func:`_place` with the metadata lock held by the caller."""
+    """:func:`_place` with the metadata lock held by the caller; without ``hold`` the
+    clusters are not marked busy (the caller links them before the lock goes)."""
     assert node.map is not None and node.refcounts is not None
     cs = node.cluster_size
     hosts: list[int] = []
@@ -243,8 +244,9 @@ async def _place_locked(
             hosts += [rest + k * cs for k in range(run - got)]
         expect = hosts[-1] + cs
         i += run
-    for host in hosts:
-        node.refcounts.hold(host >> node.cluster_bits)
+    if hold:
+        for host in hosts:
+            node.refcounts.hold(host >> node.cluster_bits)
     return hosts, never_used
 
 
@@ -328,8 +330,67 @@ async def prepare_fast_write(node: Qcow2Node, offset: int, length: int, expect: 
     daemon). Where QEMU writes zeroes around the data, reused clusters get them here.
     False (nothing done) where a cluster needs its data copied, or another write is
     allocating it. ``expect``: the host end of the cluster before, as for
-    :class:`Pending`."""
-    return await _fresh(node, offset, length, expect, None)
+    :class:`Pending`.
+
+    No data passes here, so nothing waits between placing the clusters and linking them
+    (but a reused cluster's zeroes): the whole of it is one critical section under the
+    change and metadata locks, where a write of data (:func:`write_fresh`) registers its
+    clusters in ``node.allocations`` and takes the metadata lock three times. Every
+    allocation of these clusters and every change of many entries waits for those locks,
+    so nothing needs registering or holding busy: the entries point at the clusters before
+    the locks go, and the fast path's writes come after."""
+    if not _may_fill_fresh(node):
+        return False
+    assert node.map is not None
+    bits = node.cluster_bits
+    clusters = range(offset >> bits, ((offset + length - 1) >> bits) + 1)
+    async with node.allocations.change_lock, node.meta_lock:
+        if any(node.allocations.running(c) is not None for c in clusters):
+            return False
+        await node.mark_dirty()
+        entries = [await node.map.entry(c) for c in clusters]
+        for l2e, bitmap in entries:
+            if not _keeps_host(node, l2e) and (
+                node.allocated(l2e) or not _reads_zero_everywhere(node, l2e, bitmap)
+            ):
+                return False
+        for batch in _batches(node, offset, length, clusters, entries, None):
+            place = await _place_locked(node, batch.clusters, batch.entries, expect, False)
+            hosts, never_used = place
+            links = await _fresh_links(node, batch, hosts, never_used)
+            await _link_fresh(node, links)
+            expect = hosts[-1] + node.cluster_size
+        return True
+
+
+def _may_fill_fresh(node: Qcow2Node) -> bool:
+    """Whether fresh clusters can be filled in batches at all: a writable image whose data
+    clusters are counted here and whose zeroes need no cipher."""
+    if node.read_only or node.corrupt or node.map is None or "data-file" in node.children:
+        return False
+    return node.crypt is None  # fresh clusters need encrypted zeroes around the data
+
+
+def _batches(
+    node: Qcow2Node,
+    offset: int,
+    length: int,
+    clusters: range,
+    entries: list[tuple[int, int]],
+    data: memoryview | None,
+) -> list[_Batch]:
+    """The clusters of a fresh write split per L2 slice (QEMU allocates per slice)."""
+    assert node.map is not None
+    per_slice = node.map.slice_entries
+    batches = []
+    i = 0
+    while i < len(clusters):
+        j = i + 1
+        while j < len(clusters) and clusters[j] // per_slice == clusters[i] // per_slice:
+            j += 1
+        batches.append(_Batch(offset, length, clusters[i:j], entries[i:j], data))
+        i = j
+    return batches
 
 
 async def write_fresh(
@@ -344,14 +405,9 @@ async def write_fresh(
     return await _fresh(node, start, length, expect, buf[start - offset : start - offset + length])
 
 
-async def _fresh(
-    node: Qcow2Node, offset: int, length: int, expect: int, data: memoryview | None
-) -> bool:
-    """:func:`prepare_fast_write` (``data`` None: the entries linked before the caller
-    writes) or :func:`write_fresh` (``data`` at ``offset``: written, then linked)."""
-    if node.read_only or node.corrupt or node.map is None or "data-file" in node.children:
-        return False
-    if node.crypt is not None:  # fresh clusters need encrypted zeroes around the data
+async def _fresh(node: Qcow2Node, offset: int, length: int, expect: int, data: memoryview) -> bool:
+    """:func:`write_fresh`: ``data`` at ``offset`` written, then linked."""
+    if not _may_fill_fresh(node):
         return False
     bits = node.cluster_bits
     clusters = range(offset >> bits, ((offset + length - 1) >> bits) + 1)
@@ -360,24 +416,16 @@ async def _fresh(
         return False
     try:
         for guest_cluster, (l2e, bitmap) in zip(clusters, entries, strict=True):
-            if data is not None:  # QEMU's entry checks, as the planning pass makes them
-                base = guest_cluster << bits
-                n = min(offset + length, base + node.cluster_size) - max(offset, base)
-                await node.check_write_entry(max(offset, base), l2e, bitmap, n)
+            # QEMU's entry checks, as the planning pass makes them
+            base = guest_cluster << bits
+            n = min(offset + length, base + node.cluster_size) - max(offset, base)
+            await node.check_write_entry(max(offset, base), l2e, bitmap, n)
             if _keeps_host(node, l2e):
-                if data is not None:
-                    return False  # made writable meanwhile: the caller's plan is stale
-            elif node.allocated(l2e) or not _reads_zero_everywhere(node, l2e, bitmap):
+                return False  # made writable meanwhile: the caller's plan is stale
+            if node.allocated(l2e) or not _reads_zero_everywhere(node, l2e, bitmap):
                 return False
-        per_slice = node.map.slice_entries
-        i = 0
-        while i < len(clusters):
-            j = i + 1
-            while j < len(clusters) and clusters[j] // per_slice == clusters[i] // per_slice:
-                j += 1
-            batch = _Batch(offset, length, clusters[i:j], entries[i:j], data)
+        for batch in _batches(node, offset, length, clusters, entries, data):
             expect = await _fill_fresh(node, batch, expect)
-            i = j
         return True
     finally:
         node.allocations.end_many(clusters)
@@ -397,35 +445,43 @@ class _Batch:
 
 async def _fill_fresh(node: Qcow2Node, batch: _Batch, expect: int) -> int:
     """One L2 slice of :func:`_fresh`; returns the host end of its last cluster."""
-    assert node.refcounts is not None
     hosts, never_used = await _place(node, batch.clusters, batch.entries, expect)
-    cs = node.cluster_size
     try:
-        links = []
-        for guest_cluster, (l2e, bitmap), host in zip(
-            batch.clusters, batch.entries, hosts, strict=True
-        ):
-            if _keeps_host(node, l2e):
-                continue  # an earlier write got there first: written in place below
-            base = guest_cluster << node.cluster_bits
-            start = max(batch.offset, base)
-            end = min(batch.offset + batch.length, base + cs)
-            lo, hi = _cow_span(node, l2e, bitmap, False, start - base, end - start)
-            if (host >> node.cluster_bits) < never_used:  # a reused cluster: zero it
-                await _zero_around(node, host, lo, hi, start - base, end - base, batch.data)
-            node.refcounts.note_end(host + hi)
-            links.append((guest_cluster, l2e, bitmap, host, lo, hi))
-        if batch.data is not None:
-            try:
-                await _write_runs(node, batch, hosts)
-            except BaseException:
-                await _abort(node, links)
-                raise
+        links = await _fresh_links(node, batch, hosts, never_used)
+        try:
+            await _write_runs(node, batch, hosts)
+        except BaseException:
+            await _abort(node, links)
+            raise
         async with node.meta_lock:
             await _link_fresh(node, links)
     finally:
         _release(node, hosts)
-    return hosts[-1] + cs
+    return hosts[-1] + node.cluster_size
+
+
+async def _fresh_links(
+    node: Qcow2Node, batch: _Batch, hosts: list[int], never_used: int
+) -> list[tuple[int, int, int, int, int, int]]:
+    """What :func:`_link_fresh` links for a batch placed at ``hosts``: every cluster that
+    took a new host cluster, a reused one zeroed first where the data does not cover it."""
+    assert node.refcounts is not None
+    cs = node.cluster_size
+    links = []
+    for guest_cluster, (l2e, bitmap), host in zip(
+        batch.clusters, batch.entries, hosts, strict=True
+    ):
+        if _keeps_host(node, l2e):
+            continue  # an earlier write got there first: written in place
+        base = guest_cluster << node.cluster_bits
+        start = max(batch.offset, base)
+        end = min(batch.offset + batch.length, base + cs)
+        lo, hi = _cow_span(node, l2e, bitmap, False, start - base, end - start)
+        if (host >> node.cluster_bits) < never_used:  # a reused cluster: zero it
+            await _zero_around(node, host, lo, hi, start - base, end - base, batch.data)
+        node.refcounts.note_end(host + hi)
+        links.append((guest_cluster, l2e, bitmap, host, lo, hi))
+    return links
 
 
 async def _abort(node: Qcow2Node, links: list[tuple[int, int, int, int, int, int]]) -> None:

@@ -66,23 +66,28 @@ def publish(node: Qcow2Node, guest_cluster: int, l2e: int, bitmap: int) -> None:
 
 def publish_many(node: Qcow2Node, first: int, values: list[tuple[int, int]]) -> None:
     """:func:`publish` of consecutive entries (a batched allocation): where they map to
-    consecutive host clusters, the overlap check is asked once for the whole run."""
-    assert node.table is not None
+    consecutive writable host clusters, the overlap check is asked once for the whole run
+    (one pass, no per-entry generators: this runs once per allocating write)."""
+    table = node.table
+    assert table is not None
     cs = node.cluster_size
-    fast = [_fast_value(node, l2e, bitmap) for l2e, bitmap in values]
-    hosts = [v & fast_map.OFFSET_MASK for v in fast]
-    writable = all(v & fast_map.WRITABLE for v in fast)
-    if writable and all(hosts[i] == hosts[0] + i * cs for i in range(len(hosts))):
-        checks = node.checks
-        clean = node.overlap is None or not node.overlap.find(hosts[0], len(hosts) * cs)
-        if clean and (
-            checks is None
-            or not any(
-                checks.on_read(first + i, l2e, bitmap, 0) for i, (l2e, bitmap) in enumerate(values)
-            )
-        ):
+    checks = node.checks
+    fast = []
+    start = -1
+    for i, (l2e, bitmap) in enumerate(values):
+        value = _fast_value(node, l2e, bitmap)
+        host = value & fast_map.OFFSET_MASK
+        if i == 0:
+            start = host
+        if not value & fast_map.WRITABLE or host != start + i * cs:
+            break
+        if checks is not None and checks.on_read(first + i, l2e, bitmap, 0):
+            break
+        fast.append(value)
+    else:
+        if node.overlap is None or not node.overlap.find(start, len(values) * cs):
             for i, value in enumerate(fast):
-                node.table.publish(first + i, value)
+                table.publish(first + i, value)
             return
     for i, (l2e, bitmap) in enumerate(values):
         publish(node, first + i, l2e, bitmap)

@@ -138,7 +138,9 @@ class OverlapCheck:
                     self.inactive_l2.update(self._clusters(l2, self.cluster_size))
 
     def find(self, offset: int, size: int, ignore: int = 0) -> int:
-        """The kind of metadata ``[offset, offset + size)`` overlaps (0: none)."""
+        """The kind of metadata ``[offset, offset + size)`` overlaps (0: none). Every
+        allocating write asks (for its new cluster), so the ranges are compared one by one
+        without building a list first."""
         chk = self.checks & ~ignore
         if not size or not chk:
             return 0
@@ -148,23 +150,19 @@ class OverlapCheck:
         start = offset & ~mask
         end = (offset + size + mask) & ~mask
         state = self.state()
-        l1_offset, l1, reftable_offset, reftable = (
-            state.l1_offset,
-            state.l1,
-            state.reftable_offset,
-            state.reftable,
-        )
         meta = self.meta
-        ranges = [
-            (ACTIVE_L1, l1_offset, 8 * len(l1)),
-            (REFCOUNT_TABLE, reftable_offset, 8 * len(reftable)),
-            (SNAPSHOT_TABLE, meta.snapshots_offset, meta.snapshots_size),
-        ]
-        ranges += [(INACTIVE_L1, sn.l1_table_offset, 8 * sn.l1_size) for sn in meta.snapshots]
-        for kind, first, length in ranges:
-            if chk & kind and length and first < end and start < first + length:
-                return kind
-        if chk & ACTIVE_L2 and self._hits(start, end, self._active_l2(l1, state.l1_key)):
+        if chk & ACTIVE_L1 and _meets(start, end, state.l1_offset, 8 * len(state.l1)):
+            return ACTIVE_L1
+        reftable = state.reftable
+        if chk & REFCOUNT_TABLE and _meets(start, end, state.reftable_offset, 8 * len(reftable)):
+            return REFCOUNT_TABLE
+        if chk & SNAPSHOT_TABLE and _meets(start, end, meta.snapshots_offset, meta.snapshots_size):
+            return SNAPSHOT_TABLE
+        if chk & INACTIVE_L1:
+            for sn in meta.snapshots:
+                if _meets(start, end, sn.l1_table_offset, 8 * sn.l1_size):
+                    return INACTIVE_L1
+        if chk & ACTIVE_L2 and self._hits(start, end, self._active_l2(state.l1, state.l1_key)):
             return ACTIVE_L2
         if chk & REFCOUNT_BLOCK and self._hits(
             start, end, self._refblocks(reftable, state.reftable_key)
@@ -174,12 +172,14 @@ class OverlapCheck:
             return INACTIVE_L2
         if chk & BITMAP_DIRECTORY and self.bitmaps_in_use and meta.bitmap_directory:
             first, length = meta.bitmap_directory
-            if length and first < end and start < first + length:
+            if _meets(start, end, first, length):
                 return BITMAP_DIRECTORY
         return 0
 
     def _hits(self, start: int, end: int, clusters: set[int]) -> bool:
         first, last = start >> self.cluster_bits, end >> self.cluster_bits
+        if last - first == 1:
+            return first in clusters  # one cluster: most writes' new one
         if last - first <= len(clusters):
             return any(c in clusters for c in range(first, last))
         return any(first <= c < last for c in clusters)
@@ -209,6 +209,11 @@ class OverlapCheck:
                         self._clusters(entry & REFT_OFFSET_MASK, self.cluster_size)
                     )
         return self._refblock_clusters
+
+
+def _meets(start: int, end: int, first: int, length: int) -> bool:
+    """Whether ``[start, end)`` meets the table of ``length`` bytes at ``first``."""
+    return bool(length) and first < end and start < first + length
 
 
 def overlap_text(kind: int) -> str:

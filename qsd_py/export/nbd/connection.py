@@ -49,7 +49,7 @@ from qsd_py.block.fast_io import FILL, INLINE, NULL, TRANSFER, URING, copy_inlin
 from qsd_py.block.fast_settle import settle_on
 from qsd_py.block.node import STATUS_DATA, STATUS_ZERO
 from qsd_py.errors import QMPError
-from qsd_py.export.nbd import buffers
+from qsd_py.export.nbd import buffers, eager
 from qsd_py.export.nbd.buffers import AlignedBuffer
 from qsd_py.nbd.constants import STATE_HOLE, STATE_ZERO, Cmd, CmdFlag
 from qsd_py.nbd.server import (
@@ -1070,7 +1070,7 @@ class Connection:
             self._pins += 1
         if fresh:
             work = self._write_fresh(flags, cookie, offset, data, owner)
-            self._spawn(work, cookie, offset, WRITE_FAILED, length)
+            self._spawn_eager(work, cookie, offset, WRITE_FAILED, length)
         else:
             work = self._write_task(flags, cookie, offset, data, owner)
             self._spawn(work, cookie, offset, WRITE_FAILED, len(data))
@@ -1242,6 +1242,24 @@ class Connection:
         self._tasks[task] = (data, cookie, offset, failure)
         self._reserved += data
         task.add_done_callback(self._task_done)
+
+    def _spawn_eager(
+        self,
+        coro: Coroutine[Any, Any, None],
+        cookie: int,
+        offset: int,
+        failure: str,
+        data: int = 0,
+    ) -> None:
+        """:meth:`_spawn` for work that mostly finishes without waiting (a fresh qcow2
+        cluster's allocation): run at once, a task only for what is left after a wait."""
+        try:
+            rest = eager.start(coro)
+        except Exception as err:  # as _task_done reports a task's
+            self._request_failed(err, cookie, offset, failure)
+            return
+        if rest is not None:
+            self._spawn(rest, cookie, offset, failure, data)
 
     def _spawn_read(self, flags: int, cookie: int, offset: int, length: int) -> None:
         work = self._read_task(flags, cookie, offset, length)
