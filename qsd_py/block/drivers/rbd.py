@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from qsd_py.block.fast_map import FastTarget
 from qsd_py.block.node import (
     STATUS_DATA,
     STATUS_OFFSET_VALID,
@@ -186,6 +187,13 @@ class RbdNode(BlockNode):
         cluster, self._cluster = self._cluster, None
         if cluster is not None:
             cluster.shutdown()
+
+    def fast_target(self) -> FastTarget | None:
+        """The image itself: the exports in the daemon send READ and WRITE straight to
+        librbd (qsd_py/block/fast_io.py), without this node's coroutines."""
+        if self._image is None:
+            return None
+        return FastTarget(image=self._image, writable=not self.read_only)
 
     def _handle(self) -> capi.Image:
         if self._image is None:
