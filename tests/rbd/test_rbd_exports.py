@@ -189,11 +189,48 @@ def test_fio_at_depth_through_nbd(ceph, qsd, tmp_path: Path) -> None:
                "--do_verify=1")  # fmt: skip
     assert "err= 0" in out
     qmp = daemon.qmp()
-    (stats,) = [s for s in qmp.cmd("query-blockstats", {"query-nodes": True})
-                if s.get("node-name") == "r0"]  # fmt: skip
+    entries = qmp.cmd("query-blockstats", **{"query-nodes": True})
+    (stats,) = [s for s in entries if s.get("node-name") == "r0"]
     assert stats["stats"]["wr_operations"] >= 4096  # the fast road counts on every node
     qmp.close()
     _quit(daemon)
     exported = tmp_path / "exported.raw"
     exported.write_bytes(ceph.export(image))
     _fio(tmp_path, exported, "--verify_only")
+
+
+def _map(uri: str) -> list[list[str]]:
+    out = subprocess.run(["nbdinfo", "--map", uri], check=True, capture_output=True,
+                         text=True, timeout=60).stdout  # fmt: skip
+    return [line.split()[:3] for line in out.splitlines()]
+
+
+def test_block_status_learns_and_forgets_allocation(ceph, qsd, tmp_path: Path) -> None:
+    """Objects found allocated are answered from memory afterwards (node's cache), yet a
+    write that allocates another object shows at once, and a discard of a known one
+    makes it a hole again."""
+    image = ceph.import_image(_pattern(4096, 4) + bytes(16 * MiB - 4096))
+    sock = tmp_path / "nbd.sock"
+    qsd(
+        "--blockdev", ceph.blockdev("r0", image, discard="unmap"),
+        "--nbd-server", f"addr.type=unix,addr.path={sock}",
+        "--export", "type=nbd,id=e0,node-name=r0,writable=on",
+    )  # fmt: skip
+    uri = f"nbd+unix:///r0?socket={sock}"
+    assert _map(uri) == [["0", str(OBJECT), "0"], [str(OBJECT), str(12 * MiB), "3"]]
+    fio = ["fio", "--name=j", "--ioengine=nbd", f"--uri={uri}", "--bs=4k", "--size=4k"]
+    subprocess.run([*fio, "--rw=write", f"--offset={8 * MiB}"], check=True, timeout=60,
+                   capture_output=True, cwd=tmp_path)  # fmt: skip
+    assert _map(uri) == [
+        ["0", str(OBJECT), "0"],
+        [str(OBJECT), str(OBJECT), "3"],
+        [str(2 * OBJECT), str(OBJECT), "0"],
+        [str(3 * OBJECT), str(OBJECT), "3"],
+    ]
+    subprocess.run([*fio[:-2], f"--bs={OBJECT}", f"--size={OBJECT}", "--rw=trim"],
+                   check=True, timeout=60, capture_output=True, cwd=tmp_path)  # fmt: skip
+    assert _map(uri) == [
+        ["0", str(2 * OBJECT), "3"],
+        [str(2 * OBJECT), str(OBJECT), "0"],
+        [str(3 * OBJECT), str(OBJECT), "3"],
+    ]
