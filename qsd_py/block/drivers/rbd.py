@@ -19,7 +19,6 @@ import asyncio
 import errno
 import json
 import os
-import sys
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,8 +45,8 @@ T = TypeVar("T")
 
 #: What QEMU's diff-iterate callback returns to stop at the first allocated extent.
 _STOP = -9000
-# QEMU's request kinds, which its failure message names by number.
-_READ, _WRITE, _DISCARD, _FLUSH, _WRITE_ZEROES = range(5)
+_READ, _WRITE, _DISCARD = capi.CMD_READ, capi.CMD_WRITE, capi.CMD_DISCARD
+_FLUSH, _WRITE_ZEROES = capi.CMD_FLUSH, capi.CMD_WRITE_ZEROES
 #: The longest stretch one block status call asks librbd about.
 _STATUS_WINDOW = 1 << 30
 
@@ -244,12 +243,7 @@ class RbdNode(BlockNode):
         try:
             return await self._handle().io(fn, *args, keep=keep, tail=tail)
         except OSError as err:
-            print(
-                f"qsd-py: rbd request failed: cmd {cmd} offset {offset} bytes {length} "
-                f"flags 0 task.ret {-err.errno} ({os.strerror(err.errno)})",
-                file=sys.stderr,
-                flush=True,
-            )
+            capi.report_failure(cmd, offset, length, err.errno or errno.EIO)
             raise
 
     async def do_read(self, offset: int, buf: memoryview) -> None:

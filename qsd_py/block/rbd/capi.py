@@ -26,6 +26,7 @@ import ctypes
 import errno
 import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +45,8 @@ FEATURE_FAST_DIFF = 1 << 4
 FLAG_FAST_DIFF_INVALID = 1 << 1
 WRITE_ZEROES_FLAG_THICK_PROVISION = 1 << 0
 _EVENT_TYPE_EVENTFD = 2
+# QEMU's request kinds, which its failure message names by number.
+CMD_READ, CMD_WRITE, CMD_DISCARD, CMD_FLUSH, CMD_WRITE_ZEROES = range(5)
 #: Completions collected per ``rbd_poll_io_events`` call.
 _POLL_BATCH = 64
 
@@ -400,13 +403,15 @@ class Transfer:
     has the rest zeroed), or ``-errno``. No Task, future nor coroutine per request: the
     image's collector calls it back. Reusable: keep one per in-flight slot."""
 
-    __slots__ = ("image", "callback", "loop", "length", "addr", "reading", "_read", "_write")
+    __slots__ = (
+        "image", "callback", "loop", "offset", "length", "addr", "reading", "_read", "_write"
+    )  # fmt: skip
 
     def __init__(self, image: Image, callback: Callable[[int], object]) -> None:
         self.image = image
         self.callback = callback
         self.loop = asyncio.get_running_loop()
-        self.length = self.addr = 0
+        self.offset = self.length = self.addr = 0
         self.reading = False
         self._read = image.lib.rbd_aio_read
         self._write = image.lib.rbd_aio_write
@@ -423,23 +428,37 @@ class Transfer:
         self._go(self._write, addr, length, offset)
 
     def _go(self, fn: Callable[..., int], addr: int, length: int, offset: int) -> None:
-        self.length, self.addr = length, addr
+        self.offset, self.length, self.addr = offset, length, addr
         try:
             self.image._start(self, fn, (offset, length, addr), None)
         except OSError as err:  # refused at once: the callback still runs on the loop
             self.loop.call_soon(self.callback, -(err.errno or errno.EIO))
 
     def finish(self, ret: int) -> None:
-        """librbd is done: ``ret`` is ``-errno``, or the bytes read (the rest of the buffer
-        reads as zeroes), or 0 for a write that wrote everything."""
+        """librbd is done: ``ret`` is ``-errno`` (reported as QEMU's driver does), or the
+        bytes read (the rest of the buffer reads as zeroes), or 0 for a write that wrote
+        everything."""
         if ret >= 0:
             if self.reading and ret < self.length:
                 ctypes.memset(self.addr + ret, 0, self.length - ret)
             ret = self.length
+        else:
+            report_failure(CMD_READ if self.reading else CMD_WRITE, self.offset, self.length, -ret)
         try:
             self.callback(ret)
         except Exception:  # a bug of the caller's: the batch's other completions go on
             log.exception("rbd: a transfer's callback failed")
+
+
+def report_failure(cmd: int, offset: int, length: int, err: int) -> None:
+    """A request librbd failed, on stderr as QEMU's driver reports it (``cmd``: its request
+    kinds, :data:`CMD_READ`...)."""
+    print(
+        f"qsd-py: rbd request failed: cmd {cmd} offset {offset} bytes {length} "
+        f"flags 0 task.ret {-err} ({os.strerror(err)})",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _hand_over(results: list[tuple[asyncio.Future[int] | Transfer, int]]) -> None:
