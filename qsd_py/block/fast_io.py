@@ -21,6 +21,10 @@ READ or WRITE of a range the export already checked becomes:
   place); a range that reads as zeroes is answered by zeroing the buffer (or, for NBD, with
   a hole chunk); anything else (an unknown or unallocated cluster, a backing file,
   compression) takes the node;
+* ``rbd`` (alone or under ``raw``): the request goes to librbd as it is, between the
+  image and the request's buffer (:class:`~qsd_py.block.rbd.capi.Transfer`), and its
+  completion calls the caller back from the image's event socket: no Task nor coroutine
+  chain per request. Only in the daemon (:data:`DAEMON_ONLY`);
 * a file on tmpfs or ramfs (:func:`~qsd_py.block.drivers.file.held_in_memory`): requests up
   to :data:`INLINE_MAX` bytes are a ``preadv``/``pwritev`` on the loop (:func:`copy_inline`),
   a copy between page cache and the request's buffer that costs about a microsecond for
@@ -59,15 +63,23 @@ from qsd_py.block.stats import WR_OPS as _WR_OPS
 if TYPE_CHECKING:
     from qsd_py.block.aio import ThreadPoolBackend
     from qsd_py.block.drivers.file import FileNode
-    from qsd_py.block.fast_map import ClusterTable
+    from qsd_py.block.fast_map import ClusterTable, FastTarget
     from qsd_py.block.node import BlockNode
+    from qsd_py.block.rbd.capi import Image as RbdImage
     from qsd_py.block.uring_aio import IoUringBackend
 
 NULL = 1  #: answered inline
 URING = 2  #: one SQE on the loop's ring
 THREADS = 3  #: one ThreadTransfer in the aio=threads pool
+RBD = 4  #: one librbd request (capi.Transfer), completed on the image's event socket
 #: How ``x-query-fuse-queues`` names them ("none": every request takes the engine).
-KIND_NAMES = {NULL: "null", URING: "uring", THREADS: "threads"}
+KIND_NAMES = {NULL: "null", URING: "uring", THREADS: "threads", RBD: "rbd"}
+#: Kinds whose I/O completes off the loop's ring (a pool thread, librbd's event socket):
+#: polling the ring for them would only burn CPU.
+OFF_RING = frozenset({THREADS, RBD})
+#: Kinds a forked queue worker cannot serve (librbd's threads do not survive a fork; the
+#: image is the daemon's): their queues stay in the daemon.
+DAEMON_ONLY = frozenset({RBD})
 
 
 # What :func:`route` (and FUSE's ``decide``) makes of a READ or WRITE: (action, a, b).
@@ -131,7 +143,7 @@ class FastPlan:
         align: int = 1,
         read_zeroes: bool = False,
         writable: bool = True,
-        backend: IoUringBackend | ThreadPoolBackend | None = None,
+        backend: IoUringBackend | ThreadPoolBackend | RbdImage | None = None,
         inline_max: int = 0,
         table: ClusterTable | None = None,
         slot: int = -1,
@@ -271,6 +283,8 @@ def _plan_for(node: BlockNode, ring_io: bool, reader: int | None) -> FastPlan | 
     writable = target.writable and not node.read_only
     if target.null:
         return FastPlan(NULL, read_zeroes=target.read_zeroes, writable=writable)
+    if target.image is not None:
+        return FastPlan(RBD, base=target.base, writable=writable, backend=target.image)
     file = target.file
     if file is None or file.fd < 0:
         return None
@@ -335,10 +349,26 @@ def _set_marks(top: BlockNode, plan: FastPlan) -> None:
     plan.counted = plan.tally + plan.tally_below
 
 
+def forkable(node: BlockNode) -> bool:
+    """Whether queue workers forked from the daemon have a fast road to ``node``'s bytes:
+    not when every request takes the node (a worker would only forward each one to the
+    daemon, a hop for nothing), nor when the road is the daemon's alone (an RBD image)."""
+    target = node.fast_target()
+    return target is not None and target.image is None
+
+
+def _leads_to(target: FastTarget, kind: int) -> bool:
+    """Whether a child with ``target`` is on the way to what a plan of ``kind`` reaches."""
+    if kind == NULL:
+        return target.null
+    if kind == RBD:
+        return target.image is not None
+    return target.file is not None
+
+
 def _data_path(top: BlockNode, plan: FastPlan) -> list[BlockNode]:
     """The nodes from ``top`` down to the file (or null-co node) the plan reaches, through
     every child but ``backing``."""
-    want = plan.kind == NULL
     path = [top]
     node = top
     while node.children:
@@ -347,7 +377,7 @@ def _data_path(top: BlockNode, plan: FastPlan) -> list[BlockNode]:
             if role == "backing":
                 continue
             target = child.node.fast_target()
-            if target is not None and (target.null if want else target.file is not None):
+            if target is not None and _leads_to(target, plan.kind):
                 nxt = child.node
                 if role == "data-file":
                     break

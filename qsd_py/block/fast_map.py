@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from array import array
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from qsd_py.block.drivers.file import FileNode
@@ -78,7 +78,9 @@ def _memfd(name: str, size: int) -> int:
 class FastTarget(NamedTuple):
     """What a node's bytes are on the host. ``file`` and ``base``: node offset + base is
     the file offset (after ``table`` mapped it, for a format with clusters). ``null``: a
-    null-co node (``read_zeroes`` says what reads see). ``writable``: writes may go there."""
+    null-co node (``read_zeroes`` says what reads see). ``image``: an RBD image
+    (``capi.Image``; node offset + base is the image offset), reached through librbd in
+    the daemon only. ``writable``: writes may go there."""
 
     file: FileNode | None = None
     base: int = 0
@@ -86,6 +88,7 @@ class FastTarget(NamedTuple):
     null: bool = False
     read_zeroes: bool = False
     writable: bool = True
+    image: Any = None
 
 
 class ClusterTable:

@@ -4,6 +4,8 @@ Both daemons reach it through the same conf file, under /tmp/qsd-cmp so that QEM
 in the real-qsd chroot sees it at the same path (the cluster listens on loopback only, which
 the chroot shares). Each target gets its own RBD image (a daemon that writes must not share
 one), filled with the same non-zero data so that reads reach the OSD's store, not holes.
+The OSD's process is known (:meth:`BenchCluster.osd_pid`) so a run can charge its CPU too:
+on this one machine, what the OSD spends per request bounds what any client can reach.
 """
 
 from __future__ import annotations
@@ -55,8 +57,12 @@ class BenchCluster:
         subprocess.run([str(MINI_CEPH), "stop", str(self.dir)], capture_output=True, timeout=120)
         Path(FILL_SOURCE).unlink(missing_ok=True)
 
-    def make_image(self, name: str) -> None:
-        """``name`` full of data: the first one imported, the others copied from it."""
+    def make_image(self, name: str, shared: bool = False) -> None:
+        """``name`` full of data: the first one imported, the others copied from it.
+
+        ``shared``: without RBD's exclusive lock (and the object map and fast diff that need
+        it), for fio's rbd engine, whose jobs each open their own handle: with the lock, two
+        jobs writing would pass it back and forth on every write."""
         self.remove_image(name)
         if self.images:
             self._rbd("cp", "--no-progress", f"{POOL}/{self.images[0]}", f"{POOL}/{name}")
@@ -65,6 +71,21 @@ class BenchCluster:
                 fill_raw(FILL_SOURCE, IMAGE_SIZE)
             self._rbd("import", "--no-progress", FILL_SOURCE, f"{POOL}/{name}")
         self.images.append(name)
+        if shared:
+            self._rbd("feature", "disable", f"{POOL}/{name}", "fast-diff", "object-map",
+                      "exclusive-lock")  # fmt: skip
+
+    def osd_pid(self) -> int | None:
+        """The OSD's process id, from the ``pids`` file mini-ceph keeps (None if absent)."""
+        try:
+            lines = (self.dir / "pids").read_text().splitlines()
+        except FileNotFoundError:
+            return None
+        for line in lines:
+            name, _, pid = line.partition(" ")
+            if name.startswith("osd") and pid.strip().isdigit():
+                return int(pid)
+        return None
 
     def remove_image(self, name: str) -> None:
         subprocess.run(["rbd", "-c", str(self.conf), "rm", "--no-progress", f"{POOL}/{name}"],

@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +37,14 @@ class FioFigures:
 def fio_command(job: Job, path: str, runtime: float, ramp: float, output: str) -> list[str]:
     """Build the fio argv for ``job`` on ``path``, writing JSON to ``output``.
 
-    ``path`` is a file (read with O_DIRECT through io_uring) or an NBD URI (fio's ``nbd``
-    engine, libnbd, one connection per fio job)."""
+    ``path`` is a file (read with O_DIRECT through io_uring), an NBD URI (fio's ``nbd``
+    engine, libnbd, one connection per fio job) or ``rbd:POOL/IMAGE`` (fio's ``rbd`` engine,
+    librbd, one image handle per fio job; the cluster from ``$CEPH_CONF``)."""
     if path.startswith("nbd"):
         where = ["--ioengine=nbd", f"--uri={path}"]  # engine options after the engine
+    elif path.startswith("rbd:"):
+        pool, image = path[len("rbd:") :].split("/", 1)
+        where = ["--ioengine=rbd", "--clientname=admin", f"--pool={pool}", f"--rbdname={image}"]
     else:
         where = [f"--filename={path}", "--direct=1", "--ioengine=io_uring"]
     argv = [
@@ -70,11 +75,25 @@ def fio_command(job: Job, path: str, runtime: float, ramp: float, output: str) -
     return argv
 
 
-def run_fio(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run fio in its own process group, so an interrupt kills its forked job workers too."""
+def run_fio(
+    argv: list[str],
+    timeout: float,
+    env: dict[str, str] | None = None,
+    started: Callable[[int], object] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run fio in its own process group, so an interrupt kills its forked job workers too;
+    ``env`` is added to the environment (``CEPH_CONF`` for the rbd engine); ``started`` is
+    called with fio's pid once it runs (to sample its CPU when it is the client itself)."""
     proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, **env} if env else None,
     )
+    if started is not None:
+        started(proc.pid)
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException:

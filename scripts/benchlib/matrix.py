@@ -69,7 +69,9 @@ class Target:
     ``daemon`` is ``None`` (the bare file), ``"qsd-py"``, ``"qemu"`` or ``"libfuse"`` (libfuse's
     C ``passthrough_hp`` serving the image's directory, the reference FUSE server); ``export`` is
     ``fuse`` (fio reads the mounted file), ``nbd-unix`` or ``nbd-tcp`` (fio's ``nbd`` engine
-    and nbdcopy connect to the daemon's NBD server, over a UNIX socket or loopback TCP);
+    and nbdcopy connect to the daemon's NBD server, over a UNIX socket or loopback TCP), or
+    ``librbd`` (no daemon: fio's ``rbd`` engine reads the rbd backend's image itself, the
+    ceiling a daemon over librbd can reach on this machine);
     ``uring`` selects the FUSE-over-io_uring transport; ``iothreads`` > 0 adds that many
     iothread objects and spreads the export over them with ``iothread.N=``. ``versus`` names
     the target its ``x qemu`` ratio divides by when that is not the run's reference (an NBD
@@ -133,6 +135,8 @@ TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
         Target("file", None),
+        # fio's rbd engine on the rbd backend's image (not in the default set): librbd alone.
+        Target("librbd", None, export="librbd"),
         Target("qsd-py", "qsd-py"),
         Target("qsd-py-uring", "qsd-py", uring=True),
         Target("qemu", "qemu"),
@@ -189,9 +193,12 @@ def pick(names: str | None, table: dict, default: tuple[str, ...]) -> list:
 def applies(target: Target, backend: Backend) -> bool:
     """qsd-py and QEMU serve every backend; the bare file and libfuse's passthrough (which
     serves files as they are) only a raw image: on null-co there is nothing to read, and a
-    qcow2 file read as it is would be its metadata and clusters."""
+    qcow2 file read as it is would be its metadata and clusters. The bare ``librbd``
+    target only reads an RBD image."""
     if target.daemon in ("qsd-py", "qemu"):
         return True
+    if target.export == "librbd" or backend.kind == "rbd":
+        return target.export == "librbd" and backend.kind == "rbd"
     return backend.kind == "file" and backend.fmt == "raw"
 
 

@@ -22,6 +22,7 @@ FIGURES = (
     "daemon_util",
     "daemon_main_util",
     "fio_cpu_pct",
+    "osd_cpu_us_per_io",
 )
 
 NAN = float("nan")
@@ -44,6 +45,7 @@ class Sample:
     daemon_util: float = NAN  # daemon cores busy during the run
     daemon_main_util: float = NAN  # of which its first process (qsd-py: not its queue workers)
     fio_cpu_pct: float = NAN
+    osd_cpu_us_per_io: float = NAN  # the rbd backend's OSD: its CPU per I/O of this run
     error: str = ""
     # qsd-py io_uring exports: its queues' counters over the run (x-query-fuse-queues)
     fast_path: str = ""  # the queues' fast-path kinds ("uring", "threads", "none"...)
@@ -176,7 +178,8 @@ def format_table(
     """The text table printed at the end of a run (and saved next to the JSON).
 
     With ``raw_rows`` (qcow2 backends and their raw ones measured), a last column ``x raw``
-    gives each qcow2 row's IOPS over the raw image's, same target and job."""
+    gives each qcow2 row's IOPS over the raw image's, same target and job. When the rbd
+    backend's OSD was sampled, a last column ``OSD us/IO`` gives its CPU per request."""
     by_key = {(r["backend"], r["job"], r["target"]): r for r in ratio_rows}
     raw_by_key = {(r["backend"], r["job"], r["target"]): r for r in raw_rows or []}
     header = [
@@ -185,6 +188,9 @@ def format_table(
     lines = ["  ".join(header) + f"  {'x ' + reference:>8}  {'CPU x':>6}"]
     if raw_by_key:
         lines[0] += f"  {'x raw':>6}"
+    osd = any(_fmt(r.get("osd_cpu_us_per_io")) != "-" for r in summary)
+    if osd:
+        lines[0] += f"  {'OSD us/IO':>9}"
     previous = None
     for row in summary:
         if previous is not None and (row["backend"], row["job"]) != previous:
@@ -207,6 +213,8 @@ def format_table(
         if raw_by_key:
             raw = raw_by_key.get((row["backend"], row["job"], row["target"]))
             line += f"  {_fmt(raw['raw_ratio'], 2) if raw else '':>6}"
+        if osd:
+            line += f"  {_fmt(row.get('osd_cpu_us_per_io')):>9}"
         lines.append(line)
     if startup:
         lines += ["", "start-up, process start to mounted export (median, min-max, ms):"]

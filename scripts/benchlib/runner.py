@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib.ceph import BenchCluster
+from benchlib.ceph import POOL, BenchCluster
 from benchlib.cleanup import Janitor, set_uring_knob
 from benchlib.fio import fio_command, load_fio_json, parse_fio_json, run_fio
 from benchlib.images import copy_image, make_image, qemu_img_version
@@ -166,13 +166,13 @@ class Runner:
         suffix = "qcow2" if backend.fmt == "qcow2" else "img"
         return {t.name: str(Path(backend.root) / f"{t.name}.{suffix}") for t in targets}
 
-    def make_target_image(self, backend: Backend, images: dict[str, str], target: str) -> None:
+    def make_target_image(self, backend: Backend, images: dict[str, str], target: Target) -> None:
         """A fresh image is made anew each time; any other the first time, then copied."""
-        path = images[target]
+        path = images[target.name]
         if backend.kind == "rbd":
             assert self.ceph is not None
             t0 = time.perf_counter()
-            self.ceph.make_image(path)
+            self.ceph.make_image(path, shared=target.export == "librbd")
             say(f"rbd: image {path} of {IMAGE_SIZE >> 20} MiB made in "
                 f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
             return
@@ -268,7 +268,7 @@ class Runner:
         """Carry out one step of the backend's schedule."""
         name = target.name
         if step.action == IMAGE:
-            self.make_target_image(backend, images, name)
+            self.make_target_image(backend, images, target)
         elif step.action == START:
             daemon = self.make_daemon(target, backend, images.get(name, ""), backend.name)
             live[name] = daemon  # stopped on the way out even if it fails to start
@@ -279,6 +279,8 @@ class Runner:
             job = next(j for j in self.opts.jobs if j.name == step.job)
             daemon = live.get(name)
             path = daemon.fio_path if daemon is not None else images[name]
+            if target.export == "librbd":
+                path = f"rbd:{POOL}/{path}"
             counters = daemon is not None and target.daemon == "qsd-py" and target.uring
             self.run_one(backend, job, step.round, name, path, daemon, counters)
 
@@ -304,20 +306,31 @@ class Runner:
         elif daemon is not None:
             sampler = CpuSampler(daemon.pid, o.ramp + 0.3, max(o.runtime - 0.6, o.runtime / 2))
             sampler.start()
+        osd = self.osd_sampler(backend, job)
+        env, client = {}, None
+        if self.ceph is not None and path.startswith("rbd:"):
+            env = {"CEPH_CONF": str(self.ceph.conf)}
+
+        def fio_is_client(pid: int) -> None:  # no daemon: fio with librbd in it is the client
+            nonlocal client
+            client = CpuSampler(pid, o.ramp + 0.3, max(o.runtime - 0.6, o.runtime / 2)).start()
+
         try:
             if job.tool == "nbdcopy":
                 fig = run_nbdcopy(job, path, self.nbdcopy_source(), timeout=600)
             else:
                 argv = fio_command(job, path, o.runtime, o.ramp, str(out))
-                proc = run_fio(argv, timeout=o.ramp + o.runtime + 120)
+                started = fio_is_client if env else None
+                proc = run_fio(argv, o.ramp + o.runtime + 120, env=env, started=started)
                 if proc.returncode != 0:
                     raise RuntimeError(
                         f"fio exited {proc.returncode}: {proc.stderr.strip()[-300:]}"
                     )
                 fig = parse_fio_json(load_fio_json(out))
         except (RuntimeError, ValueError, KeyError, subprocess.TimeoutExpired) as exc:
-            if sampler is not None:
-                sampler.cancel()
+            for each in (sampler, osd, client):
+                if each is not None:
+                    each.cancel()
             sample.error = str(exc)
             self.outcome.samples.append(sample)
             self.note(f"{backend.name} {job.name} {target} round {rnd}: {exc}")
@@ -331,6 +344,14 @@ class Runner:
             sample.daemon_main_util = window.main_utilisation
             if fig.iops > 0:
                 sample.daemon_cpu_us_per_io = window.utilisation / fig.iops * 1e6
+        elif client is not None:
+            sample.daemon_util = client.finish().utilisation  # fio's and librbd's threads
+            if fig.iops > 0:
+                sample.daemon_cpu_us_per_io = sample.daemon_util / fig.iops * 1e6
+        if osd is not None:
+            osd_util = osd.finish().utilisation
+            if fig.iops > 0:
+                sample.osd_cpu_us_per_io = osd_util / fig.iops * 1e6
         queues = ""
         if before is not None and daemon is not None:
             after = self.queue_counters(daemon)
@@ -348,8 +369,21 @@ class Runner:
         if cpu == cpu:
             text += f"  daemon {cpu:6.1f} us/IO, {sample.daemon_util:.2f} cores"
             text += f" ({sample.daemon_main_util:.2f} in its first process)"
+        if sample.osd_cpu_us_per_io == sample.osd_cpu_us_per_io:
+            text += f"  OSD {sample.osd_cpu_us_per_io:6.1f} us/IO"
         say(text + queues)
         return sample
+
+    def osd_sampler(self, backend: Backend, job: Job) -> CpuSampler | None:
+        """The rbd backend's OSD, sampled over the same window as the daemon (None for
+        other backends): the OSD shares this machine's CPUs with the client."""
+        pid = self.ceph.osd_pid() if self.ceph is not None and backend.kind == "rbd" else None
+        if pid is None:
+            return None
+        o = self.opts
+        if job.tool == "nbdcopy":
+            return CpuSampler(pid, 0.0, None).start()
+        return CpuSampler(pid, o.ramp + 0.3, max(o.runtime - 0.6, o.runtime / 2)).start()
 
     def nbdcopy_source(self) -> str:
         """The file nbdcopy's write jobs copy onto an export (on tmpfs, made once)."""

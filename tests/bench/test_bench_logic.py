@@ -313,3 +313,31 @@ def test_baseline_targets_run_the_other_tree(
     old = runner.make_daemon(matrix.TARGETS["qsd-py-uring-base"], null, "", "t")
     assert old.cwd == str(base) and new.cwd != str(base)
     assert old.argv[1:3] == new.argv[1:3] == ["-m", "qsd_py"]
+
+
+def test_librbd_target_reads_rbd_images_only() -> None:
+    """fio's rbd engine is the client itself: it applies to the rbd backend alone, and no
+    bare file nor libfuse target is run against an RBD image."""
+    librbd, rbd = matrix.TARGETS["librbd"], matrix.BACKENDS["rbd"]
+    assert librbd.daemon is None and "librbd" not in matrix.DEFAULT_TARGETS
+    assert matrix.applies(librbd, rbd)
+    assert not matrix.applies(librbd, matrix.BACKENDS["tmpfs"])
+    assert not matrix.applies(matrix.TARGETS["file"], rbd)
+    assert not matrix.applies(matrix.TARGETS["libfuse-uring"], rbd)
+    assert matrix.applies(matrix.TARGETS["qemu"], rbd)
+    argv = fio_command(matrix.JOBS["randwrite-qd16x2"], "rbd:rbd/bench-librbd", 3, 1, "o")
+    engine = argv.index("--ioengine=rbd")
+    assert engine < argv.index("--pool=rbd") and engine < argv.index("--rbdname=bench-librbd")
+    assert not any(a.startswith(("--filename", "--direct")) for a in argv)
+
+
+def test_table_osd_column_only_when_sampled() -> None:
+    samples = _samples()
+    assert "OSD us/IO" not in format_table(summarise(samples), [], {}, "qemu")
+    for s in samples:
+        s.osd_cpu_us_per_io = 61.5 if s.target == "qemu" else math.nan
+    table = format_table(summarise(samples), [], {}, "qemu")
+    lines = table.splitlines()
+    assert lines[0].split()[-2:] == ["OSD", "us/IO"]
+    assert next(ln for ln in lines[1:] if " qemu " in ln).split()[-1] == "61.5"
+    assert next(ln for ln in lines[1:] if " qsd-py " in ln).split()[-1] == "-"

@@ -6,6 +6,7 @@ two loops (an iothread's and the main one) on one image at once."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -123,3 +124,43 @@ def test_two_loops_share_the_image(opened) -> None:
     for key in ("thread", "main"):
         assert results[key] == [b"\x11" * 4096] * 200
     assert image._pending == {}
+
+
+def test_transfers_call_back_without_a_task(ceph) -> None:
+    """The exports' fast road (capi.Transfer): a write reports all its bytes, a read
+    across the image's end (an image of 1 MiB + 100 bytes) reports the whole length with
+    the bytes past the end zeroed, and a read at a place librbd refuses reports -errno;
+    each through the callback on the loop that made the transfer."""
+    name = ceph.import_image(b"\x22" * (MiB + 100))
+    cluster = capi.Cluster(None)
+    cluster.conf_read_file(str(ceph.conf))
+    cluster.connect()
+    ioctx = cluster.open_ioctx("rbd")
+    image = capi.Image(ioctx, name, None, False)
+    buf = ctypes.create_string_buffer(b"\x33" * 4096, 4096)
+    addr = ctypes.addressof(buf)
+
+    async def one(start: str, offset: int) -> int:
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        xfer = image.transfer(done.set_result)
+        getattr(xfer, start)(-1, addr, 4096, offset)
+        return await done
+
+    async def run() -> list[int]:
+        wrote = await one("write", 8192)
+        ctypes.memset(addr, 0x44, 4096)
+        read_back = await one("read", 8192)
+        assert buf.raw == b"\x33" * 4096
+        tail = await one("read", MiB)
+        assert buf.raw == b"\x22" * 100 + bytes(4096 - 100)
+        beyond = await one("read", 4 * MiB)
+        return [wrote, read_back, tail, beyond]
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        image.close()
+        ioctx.close()
+        cluster.shutdown()
+    assert got[:3] == [4096, 4096, 4096] and got[3] < 0
+    assert ceph.export(name)[8192 : 8192 + 4096] == b"\x33" * 4096

@@ -24,11 +24,15 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import logging
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
 from qsd_py.errors import QMPError
+
+log = logging.getLogger("qsd_py.block.rbd")
 
 _vp = ctypes.c_void_p
 _u64 = ctypes.c_uint64
@@ -41,6 +45,8 @@ FEATURE_FAST_DIFF = 1 << 4
 FLAG_FAST_DIFF_INVALID = 1 << 1
 WRITE_ZEROES_FLAG_THICK_PROVISION = 1 << 0
 _EVENT_TYPE_EVENTFD = 2
+# QEMU's request kinds, which its failure message names by number.
+CMD_READ, CMD_WRITE, CMD_DISCARD, CMD_FLUSH, CMD_WRITE_ZEROES = range(5)
 #: Completions collected per ``rbd_poll_io_events`` call.
 _POLL_BATCH = 64
 
@@ -213,8 +219,8 @@ class Image:
         except OSError:
             self.close()
             raise
-        # completion -> (future of the request's waiter, what must live until it is done)
-        self._pending: dict[int, tuple[asyncio.Future[int], Any]] = {}
+        # completion -> (the request's future or Transfer, what must live until it is done)
+        self._pending: dict[int, tuple[asyncio.Future[int] | Transfer, Any]] = {}
         # the loops watching the event socket: every loop that has done I/O on the image
         self._watchers: set[asyncio.AbstractEventLoop] = set()
 
@@ -281,19 +287,26 @@ class Image:
         self.lib.rbd_close(self.handle)
         os.close(self.efd)
         pending, self._pending = self._pending, {}
-        _hand_over([(fut, -errno.EIO) for fut, _keep in pending.values()])
+        _hand_over([(waiter, -errno.EIO) for waiter, _keep in pending.values()])
 
     # --- asynchronous I/O -------------------------------------------------------------------
-    async def io(
-        self, fn: Callable[..., int], *args: Any, keep: Any = None, tail: tuple[int, ...] = ()
+    def transfer(self, callback: Callable[[int], object]) -> Transfer:
+        """A reusable :class:`Transfer` reporting to ``callback`` on the running loop: what
+        the exports' fast road (qsd_py/block/fast_io.py) starts a READ or WRITE with."""
+        return Transfer(self, callback)
+
+    def _start(
+        self,
+        waiter: asyncio.Future[int] | Transfer,
+        fn: Callable[..., int],
+        args: tuple[Any, ...],
+        keep: Any,
     ) -> int:
-        """Start ``fn(image, *args, completion, *tail)`` (one of librbd's ``rbd_aio_*``) and
-        wait for its result (a negative errno raises OSError). ``keep`` (the buffer) lives
-        until librbd is done with it: if the waiter is cancelled meanwhile, this still waits
-        for the completion before the cancellation goes on, since librbd may yet read or
-        write the buffer. The request is known as pending before librbd has it: another
+        """Hand ``fn(image, *args, completion)`` to librbd, ``waiter`` to be told its
+        result by :meth:`_collect`; return the completion, or raise OSError if librbd
+        refused it. The request is known as pending before librbd has it: another
         thread's loop may collect its completion at once."""
-        loop = asyncio.get_running_loop()
+        loop = waiter.loop if type(waiter) is Transfer else waiter.get_loop()
         if loop not in self._watchers:
             self._watch_from(loop)
         lib = self.lib
@@ -301,16 +314,28 @@ class Image:
         lib.rbd_aio_create_completion(None, None, ctypes.byref(out))  # always 0
         comp = out.value
         assert comp is not None
-        fut = loop.create_future()
-        self._pending[comp] = (fut, keep)
+        self._pending[comp] = (waiter, keep)
         ret = -errno.EINVAL
         try:
-            ret = fn(self.handle, *args, comp, *tail)
+            ret = fn(self.handle, *args, comp)
         finally:
             if ret < 0:  # librbd did not take it
                 del self._pending[comp]
                 lib.rbd_aio_release(comp)
         check(ret)
+        return comp
+
+    async def io(
+        self, fn: Callable[..., int], *args: Any, keep: Any = None, tail: tuple[int, ...] = ()
+    ) -> int:
+        """Start ``fn(image, *args, completion, *tail)`` (one of librbd's ``rbd_aio_*``) and
+        wait for its result (a negative errno raises OSError). ``keep`` (the buffer) lives
+        until librbd is done with it: if the waiter is cancelled meanwhile, this still waits
+        for the completion before the cancellation goes on, since librbd may yet read or
+        write the buffer."""
+        fut = asyncio.get_running_loop().create_future()
+        call = (lambda *a: fn(*a, *tail)) if tail else fn
+        comp = self._start(fut, call, args, keep)
         try:
             return check(await fut)
         except asyncio.CancelledError:
@@ -345,7 +370,7 @@ class Image:
             return
         lib, pending = self.lib, self._pending
         batch = (_vp * _POLL_BATCH)()  # one per call: two loops' threads may collect at once
-        foreign: list[tuple[asyncio.Future[int], int]] = []
+        foreign: list[tuple[asyncio.Future[int] | Transfer, int]] = []
         while n := lib.rbd_poll_io_events(self.handle, batch, _POLL_BATCH):
             if n < 0:
                 break
@@ -355,21 +380,93 @@ class Image:
                 entry = pending.pop(comp, None)
                 if entry is None:
                     continue
-                fut = entry[0]
-                if fut.get_loop() is here:
-                    if not fut.done():
-                        fut.set_result(ret)
+                waiter = entry[0]
+                if type(waiter) is Transfer:
+                    if waiter.loop is here:
+                        waiter.finish(ret)
+                    else:
+                        foreign.append((waiter, ret))
+                elif waiter.get_loop() is here:
+                    if not waiter.done():
+                        waiter.set_result(ret)
                 else:
-                    foreign.append((fut, ret))
+                    foreign.append((waiter, ret))
         if foreign:
             _hand_over(foreign)
 
 
-def _hand_over(results: list[tuple[asyncio.Future[int], int]]) -> None:
-    """Settle futures from any thread: each loop gets its share in one thread-safe call."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[int], int]]] = {}
-    for fut, ret in results:
-        by_loop.setdefault(fut.get_loop(), []).append((fut, ret))
+class Transfer:
+    """One READ or WRITE at a time between librbd and a caller's memory, then
+    ``callback(res)`` on the loop that made it: the exports' fast road to an RBD image, with
+    the signature and results of the file transfers it stands beside (``uring_aio.
+    UringTransfer``, ``aio.ThreadTransfer``): bytes done (a read short of the image's end
+    has the rest zeroed), or ``-errno``. No Task, future nor coroutine per request: the
+    image's collector calls it back. Reusable: keep one per in-flight slot."""
+
+    __slots__ = (
+        "image", "callback", "loop", "offset", "length", "addr", "reading", "_read", "_write"
+    )  # fmt: skip
+
+    def __init__(self, image: Image, callback: Callable[[int], object]) -> None:
+        self.image = image
+        self.callback = callback
+        self.loop = asyncio.get_running_loop()
+        self.offset = self.length = self.addr = 0
+        self.reading = False
+        self._read = image.lib.rbd_aio_read
+        self._write = image.lib.rbd_aio_write
+
+    def read(self, fd: int, addr: int, length: int, offset: int, ring: object = None) -> None:
+        """Read ``length`` bytes at image ``offset`` into the memory at ``addr`` (valid until
+        the callback ran; ``fd`` and ``ring`` are the file transfers' and unused)."""
+        self.reading = True
+        self._go(self._read, addr, length, offset)
+
+    def write(self, fd: int, addr: int, length: int, offset: int, ring: object = None) -> None:
+        """Write ``length`` bytes at image ``offset`` from the memory at ``addr``."""
+        self.reading = False
+        self._go(self._write, addr, length, offset)
+
+    def _go(self, fn: Callable[..., int], addr: int, length: int, offset: int) -> None:
+        self.offset, self.length, self.addr = offset, length, addr
+        try:
+            self.image._start(self, fn, (offset, length, addr), None)
+        except OSError as err:  # refused at once: the callback still runs on the loop
+            self.loop.call_soon(self.callback, -(err.errno or errno.EIO))
+
+    def finish(self, ret: int) -> None:
+        """librbd is done: ``ret`` is ``-errno`` (reported as QEMU's driver does), or the
+        bytes read (the rest of the buffer reads as zeroes), or 0 for a write that wrote
+        everything."""
+        if ret >= 0:
+            if self.reading and ret < self.length:
+                ctypes.memset(self.addr + ret, 0, self.length - ret)
+            ret = self.length
+        else:
+            report_failure(CMD_READ if self.reading else CMD_WRITE, self.offset, self.length, -ret)
+        try:
+            self.callback(ret)
+        except Exception:  # a bug of the caller's: the batch's other completions go on
+            log.exception("rbd: a transfer's callback failed")
+
+
+def report_failure(cmd: int, offset: int, length: int, err: int) -> None:
+    """A request librbd failed, on stderr as QEMU's driver reports it (``cmd``: its request
+    kinds, :data:`CMD_READ`...)."""
+    print(
+        f"qsd-py: rbd request failed: cmd {cmd} offset {offset} bytes {length} "
+        f"flags 0 task.ret {-err} ({os.strerror(err)})",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _hand_over(results: list[tuple[asyncio.Future[int] | Transfer, int]]) -> None:
+    """Settle waiters from any thread: each loop gets its share in one thread-safe call."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, int]]] = {}
+    for waiter, ret in results:
+        loop = waiter.loop if type(waiter) is Transfer else waiter.get_loop()
+        by_loop.setdefault(loop, []).append((waiter, ret))
     for loop, share in by_loop.items():
         try:
             loop.call_soon_threadsafe(_settle, share)
@@ -377,10 +474,12 @@ def _hand_over(results: list[tuple[asyncio.Future[int], int]]) -> None:
             pass
 
 
-def _settle(share: list[tuple[asyncio.Future[int], int]]) -> None:
-    for fut, ret in share:
-        if not fut.done():
-            fut.set_result(ret)
+def _settle(share: list[tuple[asyncio.Future[int] | Transfer, int]]) -> None:
+    for waiter, ret in share:
+        if type(waiter) is Transfer:
+            waiter.finish(ret)
+        elif not waiter.done():
+            waiter.set_result(ret)
 
 
 def buffer_address(buf: Any) -> tuple[int, Any]:

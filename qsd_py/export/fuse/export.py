@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from qsd_py.errors import QMPError
 from qsd_py.export.base import BlockExport
+from qsd_py.export.fuse import fastpath
 from qsd_py.export.fuse import mount as fmount
 from qsd_py.export.fuse import proto as p
 from qsd_py.export.fuse.devfuse import DevFuseQueue
@@ -172,16 +173,17 @@ class FuseExport(BlockExport):
     async def _start_uring(self) -> None:
         """After the INIT reply: register entries on every CPU's queue, spread round-robin
         over the iothreads, or (default) each served by a worker process bound to its CPU
-        (qsd_py/export/fuse/workers.py says why). A node with no fast path (rbd, nbd: every
-        request needs the node's coroutines) keeps its queues on the main loop instead: a
-        worker would only forward each request to the daemon, one more hop for nothing."""
+        (qsd_py/export/fuse/workers.py says why). A node with no fast path (nbd: every
+        request needs the node's coroutines), or one only the daemon can take (rbd: the
+        image's librbd handle is the daemon's), keeps its queues on the main loop instead:
+        a worker would only forward each request to the daemon, one more hop for nothing."""
         from qsd_py.export.fuse import uring as furing
         from qsd_py.export.fuse import uring_checks
 
         assert self.engine is not None and self.mounted is not None
         depth = uring_checks.queue_depth(self.opts)
         loops = [(t.loop, t.id) for t in self.iothreads]
-        if not loops and self.engine.node.fast_target() is None:
+        if not loops and not fastpath.forkable(self.engine.node):
             loops = [(asyncio.get_running_loop(), "main")]
         if loops:
             self.uring = furing.UringTransport(

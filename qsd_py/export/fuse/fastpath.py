@@ -24,6 +24,7 @@ from qsd_py.block.fast_io import (  # noqa: F401  (the FUSE transports use them 
     INLINE_MAX,
     KIND_NAMES,
     NULL,
+    OFF_RING,
     REPLY,
     THREADS,
     TRANSFER,
@@ -31,6 +32,7 @@ from qsd_py.block.fast_io import (  # noqa: F401  (the FUSE transports use them 
     FastPlan,
     all_zeroes,
     copy_inline,
+    forkable,
     plan_for,
     route,
 )

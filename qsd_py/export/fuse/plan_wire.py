@@ -23,7 +23,7 @@ import os
 import socket
 from typing import Any
 
-from qsd_py.block.fast_io import FastPlan
+from qsd_py.block.fast_io import DAEMON_ONLY, FastPlan
 from qsd_py.block.fast_map import _CELL, MAX_READERS
 
 _MAX_FDS = 3
@@ -77,12 +77,13 @@ def reaches(plan: FastPlan | None) -> tuple[Any, ...] | None:
 
 
 def pack_plan(plan: FastPlan | None, gen: int, slot: int) -> tuple[bytes, list[int]]:
-    """The message announcing generation ``gen``: ``plan`` (None: no fast path, every
-    request goes to the daemon) with the cluster-table reader ``slot`` claimed for the
-    worker it goes to. Its writes go to the daemon: the worker shares neither the fork
-    pages (write gates, bitmaps to mark) nor the statistics cells of nodes newer than
-    itself (docs/design.rst, *Plan changes under queue workers*)."""
-    if plan is None:
+    """The message announcing generation ``gen``: ``plan`` (None, or one only the daemon
+    can take, an RBD image's: no fast path, every request goes to the daemon) with the
+    cluster-table reader ``slot`` claimed for the worker it goes to. Its writes go to the
+    daemon: the worker shares neither the fork pages (write gates, bitmaps to mark) nor
+    the statistics cells of nodes newer than itself (docs/design.rst, *Plan changes under
+    queue workers*)."""
+    if plan is None or plan.kind in DAEMON_ONLY:
         return json.dumps({"gen": gen}).encode(), []
     desc: dict[str, Any] = {
         "gen": gen,

@@ -138,6 +138,7 @@ class _Entry:
         "task",
         "on_cqe",
         "xfer",
+        "xfer_backend",
         "size",
         "writing",
         "pos",
@@ -165,6 +166,7 @@ class _Entry:
         self.on_cqe: Callable[[int], None] = self._on_cqe
         # fast path state: the request being served by a backend SQE
         self.xfer: Any = None  # UringTransfer reporting to _io_done, made once per entry
+        self.xfer_backend: Any = None  # what xfer was made for (a pivot may change it)
         self.size = 0
         self.writing = False
         self.pos = 0  # file offset of a linked read (to redo it if the link breaks)
@@ -293,7 +295,8 @@ class UringQueue:
             for entry in self.entries:
                 if entry.xfer is None:
                     entry.xfer = plan.backend.transfer(entry._io_done)
-        if plan is not None and plan.kind != fastpath.THREADS and ring is not None:
+                    entry.xfer_backend = plan.backend
+        if plan is not None and plan.kind not in fastpath.OFF_RING and ring is not None:
             ring.enable_polling()  # nothing on this path waits for a pool thread
         self.link_reads = plan is not None and plan.kind == fastpath.URING
 
@@ -384,7 +387,11 @@ class UringQueue:
         self, entry: _Entry, plan: fastpath.FastPlan, pos: int, size: int, writing: bool
     ) -> None:
         """Start the backend read/write of a fast-path request through the entry's transfer;
-        its completion (:meth:`_fast_done`) replies."""
+        its completion (:meth:`_fast_done`) replies. An entry whose transfer was made for
+        another backend (before a pivot; idle now) gets one for this plan's."""
+        if entry.xfer_backend is not plan.backend:
+            entry.xfer = plan.backend.transfer(entry._io_done)  # type: ignore[union-attr]
+            entry.xfer_backend = plan.backend
         self._fast_start(entry, plan, size, writing)
         try:
             if writing:

@@ -45,7 +45,7 @@ from itertools import islice, takewhile
 from typing import TYPE_CHECKING, Any, Protocol
 
 from qsd_py.block import fast_io
-from qsd_py.block.fast_io import FILL, INLINE, NULL, TRANSFER, URING, copy_inline, route
+from qsd_py.block.fast_io import FILL, INLINE, NULL, RBD, TRANSFER, URING, copy_inline, route
 from qsd_py.block.fast_settle import settle_on
 from qsd_py.block.node import STATUS_DATA, STATUS_ZERO
 from qsd_py.errors import QMPError
@@ -510,7 +510,7 @@ class Connection:
             plan.settle = self._settle
         target = node.fast_target() if plan is not None and plan.kind != NULL else None
         self._page_cache = None
-        if target is not None and target.table is None:
+        if target is not None and target.table is None and target.file is not None:
             self._file = target.file
             if self._plain and target.file.in_memory and plan is not None:
                 with contextlib.suppress(OSError):  # then reads are copied
@@ -928,7 +928,8 @@ class Connection:
             self._spawn_read(flags, cookie, offset, length)
             return
         sparse = t.structured and length >= SPARSE_READ_MIN and not flags & _DF
-        if sparse and plan.kind == NULL:  # null-co's block status decides: the node's road
+        if sparse and (plan.kind == NULL or plan.kind == RBD):  # its block status decides:
+            # null-co's, librbd's diff iterate (QEMU's answer): the node's road
             self._spawn_read(flags, cookie, offset, length)
             return
         action, pos, size = route(plan, offset, length, False)
