@@ -55,6 +55,7 @@ FLUSH_ROUNDS = 8
 POLL_NS = int(os.environ.get("QSD_URING_POLL_NS", 50_000))
 
 _CQE_F_MORE = abi.CQE_F_MORE
+_PINNED_BASE, _IGNORED = PINNED_BASE, IGNORED_USER_DATA
 _monotonic_ns = time.monotonic_ns
 _OP_READ = abi.OP_READ
 _OP_WRITE = abi.OP_WRITE
@@ -370,16 +371,18 @@ class AsyncRing:
             self.stats["completions"] += self.ring.reap(self._dispatch)
 
     def _dispatch(self, slot: int, res: int, flags: int) -> None:
-        cbs = self._cbs
-        if slot >= len(cbs):
-            if slot >= PINNED_BASE and slot != IGNORED_USER_DATA:  # a pinned request
-                idx = slot - PINNED_BASE
+        if slot >= _PINNED_BASE:  # a pinned request first: every FUSE request is one
+            if slot != _IGNORED:
+                idx = slot - _PINNED_BASE
                 if not flags & _CQE_F_MORE:
                     self._inflight -= 1
                     self._pinned_busy[idx] = 0
                 cb = self._pinned[idx]
                 if cb is not None:
                     cb(res)
+            return
+        cbs = self._cbs
+        if slot >= len(cbs):
             return
         cb = cbs[slot]
         if flags & _CQE_F_MORE:  # multishot: the slot stays busy

@@ -238,8 +238,14 @@ class Ring:
     def prep_copy(self, sqe: bytes, patch_at: int = 0, patch: int = 0) -> int:
         """Queue a copy of a complete, prebuilt SQE (its first ``len(sqe)`` bytes; the rest of
         the slot keeps stale contents), with the 64-bit field at byte ``patch_at`` set to
-        ``patch`` when ``patch_at`` is given; return its byte offset in :attr:`sqes`."""
-        off = self.get_sqe()
+        ``patch`` when ``patch_at`` is given; return its byte offset in :attr:`sqes`.
+        (:meth:`get_sqe` written out: a call less for every FUSE reply.)"""
+        tail = self._tail
+        if tail - self._head >= self.sq_entries:
+            self._make_room()
+            tail = self._tail
+        self._tail = tail + 1
+        off = (tail & self._sq_mask) << self._sqe_shift
         sqes = self.sqes
         sqes[off : off + len(sqe)] = sqe
         if patch_at:
