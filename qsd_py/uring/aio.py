@@ -297,33 +297,34 @@ class AsyncRing:
             self._scheduled = False
             return
         ring = self.ring
+        stats = self.stats
         self._scheduled = True  # what callbacks queue meanwhile is ours to submit
         rounds = 0
+        # No eventfd signal for what our own submissions complete, nor while we poll (the
+        # spin reads the CQ); switched back on once, after the last round.
+        ring.set_eventfd_enabled(False)
         try:
             while True:
-                ring.set_eventfd_enabled(False)
-                try:
-                    ring.submit(getevents=self._defer)
-                    self.stats["submit_calls"] += 1
-                    self.stats["completions"] += ring.reap(self._dispatch)
-                    if ring.unpublished() and rounds < FLUSH_ROUNDS and not self.closed:
+                ring.submit(getevents=self._defer)
+                stats["submit_calls"] += 1
+                stats["completions"] += ring.reap(self._dispatch)
+                if ring.unpublished():
+                    if rounds < FLUSH_ROUNDS and not self.closed:
                         rounds += 1
                         continue
-                    polled = (
-                        self.poll_ns > 0
-                        and self._defer
-                        and not ring.unpublished()
-                        and self._inflight > 0
-                        and not self.closed
-                        and self._poll()
-                    )
-                finally:
-                    if not self.closed:
-                        ring.set_eventfd_enabled(True)
-                if not polled:
+                    break
+                if not (
+                    self.poll_ns > 0
+                    and self._defer
+                    and self._inflight > 0
+                    and not self.closed
+                    and self._poll()
+                ):
                     break
         finally:
             self._scheduled = False
+            if not self.closed:
+                ring.set_eventfd_enabled(True)
         if self.closed:
             return
         if ring.needs_enter() or ring.pending():
