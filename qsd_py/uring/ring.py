@@ -192,9 +192,6 @@ class Ring:
         self._head = self._tail
         self._flushed = self._tail
         self._kernel_head = self._sq32[self._sq_head_i]
-        #: CQEs in the batch :meth:`reap` is dispatching (its callbacks may look: 1 means
-        #: theirs came alone)
-        self.batch = 0
 
     @property
     def closed(self) -> bool:
@@ -461,7 +458,6 @@ class Ring:
                 n = entries - start  # what wraps round is the next batch
             batch = list(unpack(cqes[start * size : (start + n) * size]))
             cq32[head_i] = (head + n) & _U32
-            self.batch = n
             total += n
             for user_data, res, flags in batch:
                 callback(user_data, res, flags)

@@ -240,7 +240,6 @@ class UringQueue:
         self.link_reads = False  # READs go as a read SQE linked to their commit
         self.linked_reads = 0
         self.link_breaks = 0
-        self.big_copies = 0  # requests above inline_max copied on the loop (_alone)
         self.thread_id = 0  # the serving thread's, known once started
 
     # --- start -------------------------------------------------------------------------------
@@ -354,9 +353,6 @@ class UringQueue:
     def _fast(self, entry: _Entry, plan: fastpath.FastPlan, writing: bool) -> bool:
         """Serve a READ or WRITE as :func:`fastpath.decide` says; False = take the engine."""
         action, a, b = _decide(self.engine, plan, entry.arg, self.payload_size, writing)
-        if action == _TRANSFER and plan.inline_max and self._alone():
-            self.big_copies += 1
-            action = _INLINE  # a file held in memory, a request with no company: copy now
         if action == _INLINE:  # a file held in memory: copy now
             pay = entry.payload
             res = _copy_inline(plan.fd, pay, b, a, writing, entry.prefixes[b])
@@ -389,15 +385,6 @@ class UringQueue:
         else:
             return False
         return True
-
-    def _alone(self) -> bool:
-        """Whether the request just taken is the only one this queue has to serve: every
-        other entry is parked in the kernel and no other completion came with it. A big
-        copy from or to a file held in memory is then done on the loop (it delays nobody,
-        and costs less CPU than handing it to an io-wq thread); with company it goes to
-        io-wq, which spreads the copies over the CPUs."""
-        ring = self.ring
-        return self.live + 1 == self.depth and ring is not None and ring.ring.batch == 1
 
     def _fast_transfer(
         self, entry: _Entry, plan: fastpath.FastPlan, pos: int, size: int, writing: bool
@@ -587,7 +574,6 @@ class UringQueue:
             **self.stats.as_dict(),
             "linked-reads": self.linked_reads,
             "link-breaks": self.link_breaks,
-            "big-copies": self.big_copies,
             **fastpath.describe(self.plan),
         }
 
