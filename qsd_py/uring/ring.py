@@ -42,6 +42,7 @@ _U64 = struct.Struct("<Q")
 _CQE32 = struct.Struct("<QiI16x")
 _ENTER = abi.NR_IO_URING_ENTER
 _GETEVENTS = abi.ENTER_GETEVENTS
+_NEEDS_ENTER = abi.SQ_CQ_OVERFLOW | abi.SQ_TASKRUN  # SQ flags only ENTER_GETEVENTS clears
 _RETRY_ERRNOS = (errno.EINTR,)
 _BUSY_ERRNOS = (errno.EAGAIN, errno.EBUSY)
 
@@ -176,6 +177,10 @@ class Ring:
         self._cqes = self._view(cq_map, "B")[cq.cqes : cq_len]
         self._views.append(self._cqes)
         self._cqe_struct = abi.CQE if self.cqe_size == abi.CQE_SIZE else _CQE32
+        # What reap() reads on every call, in one attribute instead of ten.
+        self._reaping = (self._cq32, self._cqes, self._cqe_struct.iter_unpack, self._cq_mask,
+                         self.cqe_size, self.cq_entries, self._cq_head_i, self._cq_tail_i,
+                         self._sq32, self._sq_flags_i)  # fmt: skip
         self._sqe_shift = self.sqe_size.bit_length() - 1
         if not no_sqarray:
             base = sq.array >> 2
@@ -238,8 +243,14 @@ class Ring:
     def prep_copy(self, sqe: bytes, patch_at: int = 0, patch: int = 0) -> int:
         """Queue a copy of a complete, prebuilt SQE (its first ``len(sqe)`` bytes; the rest of
         the slot keeps stale contents), with the 64-bit field at byte ``patch_at`` set to
-        ``patch`` when ``patch_at`` is given; return its byte offset in :attr:`sqes`."""
-        off = self.get_sqe()
+        ``patch`` when ``patch_at`` is given; return its byte offset in :attr:`sqes`.
+        (:meth:`get_sqe` written out: a call less for every FUSE reply.)"""
+        tail = self._tail
+        if tail - self._head >= self.sq_entries:
+            self._make_room()
+            tail = self._tail
+        self._tail = tail + 1
+        off = (tail & self._sq_mask) << self._sqe_shift
         sqes = self.sqes
         sqes[off : off + len(sqe)] = sqe
         if patch_at:
@@ -419,7 +430,7 @@ class Ring:
     def needs_enter(self) -> bool:
         """True when the kernel holds work only an ENTER_GETEVENTS releases (overflowed CQEs,
         or task work flagged through IORING_SETUP_TASKRUN_FLAG)."""
-        return bool(self._sq32[self._sq_flags_i] & (abi.SQ_CQ_OVERFLOW | abi.SQ_TASKRUN))
+        return bool(self._sq32[self._sq_flags_i] & _NEEDS_ENTER)
 
     def reap(self, callback: Callable[[int, int, int], object]) -> int:
         """Call ``callback(user_data, res, flags)`` for each CQE in the ring; return the count.
@@ -431,21 +442,20 @@ class Ring:
         (ENTER_GETEVENTS) when the kernel flags them, and reaped too.
         """
         total = 0
-        cq32, cqes, unpack = self._cq32, self._cqes, self._cqe_struct.iter_unpack
-        mask, size, entries = self._cq_mask, self.cqe_size, self.cq_entries
-        head_i, tail_i = self._cq_head_i, self._cq_tail_i
+        cq32, cqes, unpack, mask, size, entries, head_i, tail_i, sq32, flags_i = self._reaping
         while True:
             head = cq32[head_i]
             n = (cq32[tail_i] - head) & _U32
             if n == 0:
-                if not self.needs_enter():
+                if not sq32[flags_i] & _NEEDS_ENTER:  # needs_enter(), a call less
                     return total
                 self.enter(0, 0, _GETEVENTS)
                 if cq32[tail_i] == head:
                     return total
                 continue
             start = head & mask
-            n = min(n, entries - start)  # what wraps round is the next batch
+            if n > entries - start:
+                n = entries - start  # what wraps round is the next batch
             batch = list(unpack(cqes[start * size : (start + n) * size]))
             cq32[head_i] = (head + n) & _U32
             total += n

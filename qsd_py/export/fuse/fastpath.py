@@ -30,6 +30,7 @@ from qsd_py.block.fast_io import (  # noqa: F401  (the FUSE transports use them 
     TRANSFER,
     URING,
     FastPlan,
+    Prefixes,
     all_zeroes,
     copy_inline,
     forkable,
@@ -82,11 +83,13 @@ def inline_io(
     size: int,
     pos: int,
     writing: bool,
+    iov: tuple[memoryview] | None = None,
 ) -> int:
     """Read or write ``size`` bytes at file offset ``pos`` into or from ``buf`` right now
-    (:func:`~qsd_py.block.fast_io.copy_inline`) and return the reply length or ``-errno``
-    as :func:`finish` does for a transfer."""
-    return finish(stats, copy_inline(fd, buf, size, pos, writing), size, writing, out)
+    (:func:`~qsd_py.block.fast_io.copy_inline`, ``iov`` its ``(buf[:size],)`` if the
+    caller keeps one) and return the reply length or ``-errno`` as :func:`finish` does for
+    a transfer."""
+    return finish(stats, copy_inline(fd, buf, size, pos, writing, iov), size, writing, out)
 
 
 def finish(stats: QueueStats, res: int, size: int, writing: bool, out: memoryview) -> int:

@@ -28,8 +28,9 @@ class SharedLength:
             cell.value = length
 
     def read(self) -> int:
-        assert self._cell is not None
-        return self._cell.value
+        """The length (a queue worker's ``node.length``: read for every READ and WRITE; after
+        :meth:`close` it raises AttributeError)."""
+        return self._cell.value  # type: ignore[union-attr]
 
     def close(self) -> None:
         self._cell = None  # the page cannot be unmapped while ctypes holds it

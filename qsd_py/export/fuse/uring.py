@@ -54,6 +54,7 @@ import struct
 import threading
 from array import array
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from qsd_py.block.fast_io import failed
@@ -92,7 +93,7 @@ _WRITE = p.WRITE
 _WRITE_OUT = p.WRITE_OUT
 _IO_EXTENT = p.IO_EXTENT  # a READ/WRITE's offset and size
 _decide = fastpath.decide
-_inline_io = fastpath.inline_io
+_copy_inline, _finish = fastpath.copy_inline, fastpath.finish
 _TRANSFER, _INLINE, _FILL = fastpath.TRANSFER, fastpath.INLINE, fastpath.FILL
 _ACCEPT, _REPLY = fastpath.ACCEPT, fastpath.REPLY
 _OP_READ_SQE = abi.OP_READ
@@ -137,6 +138,7 @@ class _Entry:
         "live",
         "task",
         "on_cqe",
+        "prefixes",
         "xfer",
         "xfer_backend",
         "size",
@@ -163,7 +165,11 @@ class _Entry:
         self.pay_addr: int = self.iov[1].iov_base
         self.live = False  # the kernel holds this entry (registered or committed)
         self.task: asyncio.Task[None] | None = None
-        self.on_cqe: Callable[[int], None] = self._on_cqe
+        # What the ring calls with each completion of the entry's command: the queue's
+        # handler with the entry bound (one Python frame per request, not two).
+        self.on_cqe: Callable[[int], None] = partial(queue._on_cqe, self)
+        # ``(payload[:n],)`` per request size n, made once: the inline copy's iovec.
+        self.prefixes = fastpath.Prefixes(payload)
         # fast path state: the request being served by a backend SQE
         self.xfer: Any = None  # UringTransfer reporting to _io_done, made once per entry
         self.xfer_backend: Any = None  # what xfer was made for (a pivot may change it)
@@ -175,24 +181,6 @@ class _Entry:
         self.commit_sqe = b""  # its COMMIT_AND_FETCH, built once; commit_id patched per reply
         self.read_ud = 0  # pinned user_data of its linked backend reads
         self.plan: Any = None  # the plan that routed the fast-path request in flight
-
-    def _on_cqe(self, res: int) -> None:
-        queue = self.queue
-        self.live = False  # the command completed: the entry is ours until the next commit
-        queue.live -= 1
-        if self.linked:
-            self.linked = False
-            if res == _ECANCELED:
-                if not queue.closing:
-                    queue._read_again(self)  # the linked read came up short or failed
-                    return
-                queue._fast_end()
-        if res == 0:
-            queue._request(self)
-        else:
-            queue._ended(self, res)
-        if queue.live == 0 and queue.closing:
-            queue._drained.set()
 
     def _linked_read_done(self, res: int) -> None:
         """The linked read finished; a full one already started the commit after it."""
@@ -327,10 +315,27 @@ class UringQueue:
         self.install(plan)
 
     # --- serving -----------------------------------------------------------------------------
-    def _request(self, entry: _Entry) -> None:
-        stats = self.stats
-        stats.requests += 1
+    def _on_cqe(self, entry: _Entry, res: int) -> None:
+        """The entry's command completed: a request arrived (``res`` 0), a linked read's
+        commit was cancelled, or the entry ended (``-errno``)."""
+        entry.live = False  # the entry is ours until the next commit
+        self.live -= 1
+        if entry.linked:
+            entry.linked = False
+            if res == _ECANCELED:
+                if not self.closing:
+                    self._read_again(entry)  # the linked read came up short or failed
+                    return
+                self._fast_end()
+        if res:
+            self._ended(entry, res)
+            if self.live == 0 and self.closing:
+                self._drained.set()
+            return
+        self.stats.requests += 1
         if self.closing:
+            if self.live == 0:
+                self._drained.set()
             return  # hard teardown: the connection is being aborted, do not answer
         plan = self.plan
         if plan is not None and plan.gen != self.gen_view[0]:
@@ -351,14 +356,10 @@ class UringQueue:
     def _fast(self, entry: _Entry, plan: fastpath.FastPlan, writing: bool) -> bool:
         """Serve a READ or WRITE as :func:`fastpath.decide` says; False = take the engine."""
         action, a, b = _decide(self.engine, plan, entry.arg, self.payload_size, writing)
-        if action == _TRANSFER:
-            if writing or not self.link_reads:
-                self._fast_transfer(entry, plan, a, b, writing)
-            else:
-                self._linked_read(entry, plan, a, b)
-        elif action == _INLINE:  # a file held in memory: copy now
+        if action == _INLINE:  # a file held in memory: copy now
             pay = entry.payload
-            res = _inline_io(plan.fd, self.stats, pay, pay, b, a, writing)
+            res = _copy_inline(plan.fd, pay, b, a, writing, entry.prefixes[b])
+            res = _finish(self.stats, res, b, writing, pay)  # fastpath.inline_io, a call less
             if plan.counts is not None:  # a cluster table's reader (a call less without)
                 plan.done()
             if res < 0:
@@ -366,6 +367,11 @@ class UringQueue:
             if writing and plan.listed[0]:
                 plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], b)
             self._commit(entry, res)
+        elif action == _TRANSFER:
+            if writing or not self.link_reads:
+                self._fast_transfer(entry, plan, a, b, writing)
+            else:
+                self._linked_read(entry, plan, a, b)
         elif action == _FILL:
             self.stats.bytes_read += a
             if b:
@@ -451,7 +457,7 @@ class UringQueue:
             plan.mark(_IO_EXTENT.unpack_from(entry.arg)[0], entry.size)
         if res < 0:
             failed(plan, entry.size, entry.writing)
-        res = fastpath.finish(stats, res, entry.size, entry.writing, entry.payload)
+        res = _finish(stats, res, entry.size, entry.writing, entry.payload)
         self._commit(entry, res)
 
     async def _serve(self, entry: _Entry) -> None:
@@ -546,6 +552,7 @@ class UringQueue:
                 if self.ring is not None and entry.ud:
                     self.ring.unpin(entry.ud)
                     self.ring.unpin(entry.read_ud)
+                entry.prefixes.release()
                 for view in (entry.in_hdr, entry.arg, entry.hdr, entry.payload):
                     view.release()
             for m in (self._hdr_map, self._pay_map):
