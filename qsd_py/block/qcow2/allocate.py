@@ -359,7 +359,10 @@ async def _fresh(
     if entries is None:
         return False
     try:
+        unbacked = node.backing is None
         for guest_cluster, (l2e, bitmap) in zip(clusters, entries, strict=True):
+            if unbacked and not (l2e or bitmap):
+                continue  # never allocated, reads as zeroes: no check can refuse it
             if data is not None:  # QEMU's entry checks, as the planning pass makes them
                 base = guest_cluster << bits
                 n = min(offset + length, base + node.cluster_size) - max(offset, base)
@@ -589,7 +592,7 @@ async def _begin_allocations(node: Qcow2Node, clusters: range) -> list[tuple[int
             return None
         node.allocations.start_many(clusters)
         await node.mark_dirty()
-        return [await node.map.entry(c) for c in clusters]
+        return await node.map.entries(clusters)
 
 
 def _reads_zero_everywhere(node: Qcow2Node, l2e: int, bitmap: int) -> bool:
