@@ -81,8 +81,7 @@ def publish_many(node: Qcow2Node, first: int, values: list[tuple[int, int]]) -> 
                 checks.on_read(first + i, l2e, bitmap, 0) for i, (l2e, bitmap) in enumerate(values)
             )
         ):
-            for i, value in enumerate(fast):
-                node.table.publish(first + i, value)
+            node.table.publish_run(first, fast)
             return
     for i, (l2e, bitmap) in enumerate(values):
         publish(node, first + i, l2e, bitmap)

@@ -228,11 +228,11 @@ class ClusterMap:
         if at + len(values) * self.entry_size > self.cache.entry_size:
             raise ValueError("set_entries: the entries span more than one L2 slice")
         buf = await self.cache.get(slice_off)
-        for i, (l2_entry, bitmap) in enumerate(values):
-            if self.extended:
-                _U64X2.pack_into(buf, at + i * 16, l2_entry, bitmap)
-            else:
-                _U64.pack_into(buf, at + i * 8, l2_entry)
+        if self.extended:
+            flat = [v for pair in values for v in pair]
+            struct.pack_into(f">{len(flat)}Q", buf, at, *flat)
+        else:
+            struct.pack_into(f">{len(values)}Q", buf, at, *(l2e for l2e, _ in values))
         self.cache.mark_dirty(slice_off)
         if self.publish_many is not None:
             self.publish_many(first, values)

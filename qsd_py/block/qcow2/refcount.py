@@ -414,7 +414,9 @@ class Refcounts:
         while run < count:
             index = self.free_index
             self.free_index += 1
-            run = run + 1 if await self._is_free(index) else 0
+            taken = self._taken(index)  # past the high water mark: no refcount to ask
+            free = await self.get(index) == 0 if taken is None else not taken
+            run = run + 1 if free else 0
         return self.free_index - count
 
     async def allocate(self, nbytes: int) -> int:
