@@ -76,18 +76,21 @@ class Allocations:
         self._clusters.pop(guest_cluster).leave()
         self._in_flight.leave()
 
+    def any_running(self, clusters: range) -> bool:
+        return not self._clusters.keys().isdisjoint(clusters)
+
     def start_many(self, clusters: range) -> None:
         """:meth:`start` of a batch's clusters, sharing one count (ended together)."""
         mine = InFlight()
         mine.enter()
         self._in_flight.enter()
-        for guest_cluster in clusters:
-            self._clusters[guest_cluster] = mine
+        self._clusters.update(dict.fromkeys(clusters, mine))
 
     def end_many(self, clusters: range) -> None:
+        pop = self._clusters.pop
         mine = None
         for guest_cluster in clusters:
-            mine = self._clusters.pop(guest_cluster)
+            mine = pop(guest_cluster)
         if mine is not None:
             mine.leave()
             self._in_flight.leave()
@@ -178,8 +181,7 @@ async def _write_group(
 def _release(node: Qcow2Node, hosts: list[int]) -> None:
     """End the busy marks :func:`_place` set."""
     assert node.refcounts is not None
-    for host in hosts:
-        node.refcounts.release(host >> node.cluster_bits)
+    node.refcounts.release_many([host >> node.cluster_bits for host in hosts])
 
 
 async def allocating_write(node: Qcow2Node, offset: int, part: memoryview) -> None:
@@ -223,18 +225,20 @@ async def _place_locked(
     hosts: list[int] = []
     await node.map.prepare_table(clusters[0])
     never_used = node.refcounts.high_water
+    data_file = "data-file" in node.children
+    keeps = [data_file or bool(l2e) and _keeps_host(node, l2e) for l2e, _ in entries]
     i = 0
     while i < len(entries):
-        if _keeps_host(node, entries[i][0]) or "data-file" in node.children:
+        if keeps[i]:
             kept = entries[i][0] & L2E_OFFSET_MASK
-            if "data-file" in node.children:
+            if data_file:
                 kept = clusters[i] << node.cluster_bits  # guest = host offsets there
             hosts.append(kept)
             expect = kept + cs
             i += 1
             continue
         run = 1
-        while i + run < len(entries) and not _keeps_host(node, entries[i + run][0]):
+        while i + run < len(entries) and not keeps[i + run]:
             run += 1
         got = await node.refcounts.allocate_at(expect, run) if expect >= 0 else 0
         hosts += [expect + k * cs for k in range(got)]
@@ -243,8 +247,7 @@ async def _place_locked(
             hosts += [rest + k * cs for k in range(run - got)]
         expect = hosts[-1] + cs
         i += run
-    for host in hosts:
-        node.refcounts.hold(host >> node.cluster_bits)
+    node.refcounts.hold_many([host >> node.cluster_bits for host in hosts])
     return hosts, never_used
 
 
@@ -401,20 +404,23 @@ class _Batch:
 async def _fill_fresh(node: Qcow2Node, batch: _Batch, expect: int) -> int:
     """One L2 slice of :func:`_fresh`; returns the host end of its last cluster."""
     assert node.refcounts is not None
+    assert node.map is not None and node.refcounts is not None
     hosts, never_used = await _place(node, batch.clusters, batch.entries, expect)
-    cs = node.cluster_size
+    cs, bits, extended = node.cluster_size, node.cluster_bits, node.map.extended
+    w_start, w_end = batch.offset, batch.offset + batch.length
     try:
         links = []
         for guest_cluster, (l2e, bitmap), host in zip(
             batch.clusters, batch.entries, hosts, strict=True
         ):
-            if _keeps_host(node, l2e):
+            if l2e and _keeps_host(node, l2e):
                 continue  # an earlier write got there first: written in place below
-            base = guest_cluster << node.cluster_bits
-            start = max(batch.offset, base)
-            end = min(batch.offset + batch.length, base + cs)
-            lo, hi = _cow_span(node, l2e, bitmap, False, start - base, end - start)
-            if (host >> node.cluster_bits) < never_used:  # a reused cluster: zero it
+            base = guest_cluster << bits
+            start, end = max(w_start, base), min(w_end, base + cs)
+            lo, hi = 0, cs  # the whole cluster without subclusters
+            if extended:
+                lo, hi = _cow_span(node, l2e, bitmap, False, start - base, end - start)
+            if (host >> bits) < never_used:  # a reused cluster: zero it
                 await _zero_around(node, host, lo, hi, start - base, end - base, batch.data)
             node.refcounts.note_end(host + hi)
             links.append((guest_cluster, l2e, bitmap, host, lo, hi))
@@ -588,7 +594,7 @@ async def _begin_allocations(node: Qcow2Node, clusters: range) -> list[tuple[int
     if one of them is being allocated already."""
     assert node.map is not None
     async with node.allocations.change_lock, node.meta_lock:
-        if any(node.allocations.running(c) is not None for c in clusters):
+        if node.allocations.any_running(clusters):
             return None
         node.allocations.start_many(clusters)
         await node.mark_dirty()

@@ -525,6 +525,20 @@ class Refcounts:
     def hold(self, index: int) -> None:
         self.busy[index] = self.busy.get(index, 0) + 1
 
+    def hold_many(self, indices: list[int]) -> None:
+        busy = self.busy
+        for index in indices:
+            busy[index] = busy.get(index, 0) + 1
+
+    def release_many(self, indices: list[int]) -> None:
+        busy = self.busy
+        for index in indices:
+            n = busy[index] - 1
+            if n:
+                busy[index] = n
+            else:
+                del busy[index]
+
     def release(self, index: int) -> None:
         n = self.busy[index] - 1
         if n:
