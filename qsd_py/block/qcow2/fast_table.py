@@ -70,17 +70,12 @@ def publish_many(node: Qcow2Node, first: int, values: list[tuple[int, int]]) -> 
     assert node.table is not None
     cs = node.cluster_size
     fast = [_fast_value(node, l2e, bitmap) for l2e, bitmap in values]
-    hosts = [v & fast_map.OFFSET_MASK for v in fast]
-    writable = all(v & fast_map.WRITABLE for v in fast)
-    if writable and all(hosts[i] == hosts[0] + i * cs for i in range(len(hosts))):
+    host = fast[0] & fast_map.OFFSET_MASK
+    rights = fast_map.VALID | fast_map.WRITABLE
+    if fast == [(host + i * cs) | rights for i in range(len(fast))]:  # writable, in a row
         checks = node.checks
-        clean = node.overlap is None or not node.overlap.find(hosts[0], len(hosts) * cs)
-        if clean and (
-            checks is None
-            or not any(
-                checks.on_read(first + i, l2e, bitmap, 0) for i, (l2e, bitmap) in enumerate(values)
-            )
-        ):
+        clean = node.overlap is None or not node.overlap.find(host, len(fast) * cs)
+        if clean and (checks is None or not checks.read_refuses_any(first, values)):
             node.table.publish_run(first, fast)
             return
     for i, (l2e, bitmap) in enumerate(values):
