@@ -127,6 +127,18 @@ class ClusterTable:
             self.dirty = True  # not just more rights on the same place
         self.entries[cluster] = value
 
+    def publish_run(self, first: int, values: list[int]) -> None:
+        """:meth:`publish` of consecutive entries from ``first`` (a batched allocation's
+        16) in one loop. Each entry is stored on its own, an aligned 8-byte store that a
+        reader never sees torn (a slice copy may move bytes in other widths)."""
+        end = min(first + len(values), self.capacity)
+        entries = self.entries
+        for cluster, value in zip(range(first, end), values, strict=False):
+            old = entries[cluster]
+            if old & VALID and (value & old != old or (value ^ old) & OFFSET_MASK):
+                self.dirty = True  # not just more rights on the same place
+            entries[cluster] = value
+
     def publish_range(self, first: int, count: int, value: int) -> None:
         """Set ``count`` entries from ``first`` that are still 0 (unknown) to ``value``: only
         ever raises entries (a range the node learned in one go, e.g. with no L2 table)."""

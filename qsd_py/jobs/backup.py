@@ -26,6 +26,7 @@ from qsd_py.block.drivers.copy_before_write import copy_dirty_chunks
 from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
 from qsd_py.errors import QMPError
 from qsd_py.jobs.blockjob import BlockJob
+from qsd_py.jobs.inflight import CopiesInFlight
 
 if TYPE_CHECKING:
     from qsd_py.block.blockcopy import BlockCopy
@@ -73,7 +74,7 @@ class BackupJob(BlockJob):
         self.on_target_error = on_target_error
         self._succ: Any = None  # writes during the job, for the bitmap at the end
         self.max_workers = MAX_WORKERS
-        self._ops: set[asyncio.Task[None]] = set()  # chunks in flight
+        self._ops = CopiesInFlight()  # chunks in flight
         self._failed: Exception | None = None  # an error of a chunk in flight, to raise
 
     # --- nodes ----------------------------------------------------------------------------
@@ -140,7 +141,7 @@ class BackupJob(BlockJob):
                 await self._wait_one()
                 continue
             cursor = run[0] + run[1]
-            self._ops.add(asyncio.get_running_loop().create_task(self._op(*run)))
+            self._ops.start(self._op(*run), run[0], run[0] + run[1])
             delay = self.limit.delay(run[1])  # charged as sent off, as QEMU's block-copy
             if delay:  # over the slice's quota: sleep it off with none in flight
                 await self._wait_ops()
@@ -162,12 +163,10 @@ class BackupJob(BlockJob):
 
     async def _wait_one(self) -> None:
         """Until a chunk in flight is done."""
-        done, _ = await asyncio.wait(self._ops, return_when=asyncio.FIRST_COMPLETED)
-        self._ops -= done
+        await self._ops.wait_one()
 
     async def _wait_ops(self) -> None:
-        while self._ops:
-            await self._wait_one()
+        await self._ops.wait_all()
 
     # --- the end --------------------------------------------------------------------------
     async def commit(self) -> None:

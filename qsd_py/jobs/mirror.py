@@ -46,7 +46,6 @@ keeps the loop's reads race-free at the cost of a second copy).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +58,7 @@ from qsd_py.block.perm import PERM_ALL, NodeUser, Perm
 from qsd_py.errors import QMPError
 from qsd_py.jobs import state as st
 from qsd_py.jobs.blockjob import BlockJob
+from qsd_py.jobs.inflight import CopiesInFlight
 
 if TYPE_CHECKING:
     from qsd_py.block.graph import BlockGraph
@@ -140,7 +140,7 @@ class MirrorJob(BlockJob):
         self.bitmap = DirtyBitmap(source.length(), granularity, on_mark=self._on_mark)
         self._idle = False
         self._final = False  # commit's catch-up: errors fail, no speed limit, no pause
-        self._ops: dict[asyncio.Task[None], tuple[int, int]] = {}  # copies in flight
+        self._ops = CopiesInFlight()  # copies in flight
         self._in_flight_bytes = 0
         self._cursor = 0
         self._failed: Exception | None = None  # an error of a copy in flight, to raise
@@ -306,7 +306,7 @@ class MirrorJob(BlockJob):
         """Whether a copy in flight overlaps the run (its chunks were dirtied again while
         it ran): the new copy must not overtake the old one's write."""
         end = offset + length
-        hit = any(s < end and offset < e for s, e in self._ops.values())
+        hit = any(s < end and offset < e for s, e in self._ops.ranges())
         if hit:
             self._cursor = offset  # come back to it once the old copy is done
         return hit
@@ -321,8 +321,7 @@ class MirrorJob(BlockJob):
             status = await self.source.block_status_above(pos, end - pos)
             n = status.length
             zero = bool(status.flags & STATUS_ZERO)
-            task = asyncio.get_running_loop().create_task(self._op(pos, n, zero))
-            self._ops[task] = (pos, pos + n)
+            self._ops.start(self._op(pos, n, zero), pos, pos + n)
             self._in_flight_bytes += n
             pos += n
             if not zero:
@@ -352,14 +351,11 @@ class MirrorJob(BlockJob):
         self.set_remaining(self.bitmap.count + self._in_flight_bytes)
 
     async def _wait_one(self) -> None:
-        done, _ = await asyncio.wait(self._ops, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            del self._ops[task]
+        await self._ops.wait_one()
 
     async def _wait_ops(self) -> None:
         """Until no copy is in flight."""
-        while self._ops:
-            await self._wait_one()
+        await self._ops.wait_all()
 
     async def check_lengths(self) -> None:
         """Source and target must be as long (an active commit grows its base instead)."""

@@ -16,6 +16,7 @@ import pytest
 from walk import Image
 
 from qsd_py.block.qcow2 import entries as e
+from qsd_py.block.qcow2.entry_checks import EntryChecks
 
 K = 1024
 M = 1024 * 1024
@@ -355,3 +356,19 @@ def test_corruption_texts_use_c_hex() -> None:
         "Cluster allocation offset 0x50200 unaligned (L2 offset: 0x40000, L2 index: 0x3)"
     )
     assert e.invalid_entry_text(0x40000, 0).startswith("Invalid cluster entry found  (L2")
+
+
+def test_read_refuses_any_in_a_run() -> None:
+    """A run of entries is told clean in one pass, and a refused one anywhere in it is
+    found as :meth:`EntryChecks.on_read` finds it (unaligned host offset; a v2 zero flag)."""
+    checks = EntryChecks(16, False, 3, False, lambda cluster: 0x50000)
+    good = [((0x100000 + i * 0x10000) | e.OFLAG_COPIED, 0) for i in range(16)]
+    assert not checks.read_refuses_any(0, good)
+    bad = list(good)
+    bad[9] = (0x100200 | e.OFLAG_COPIED, 0)  # not at a cluster boundary
+    assert checks.read_refuses_any(0, bad)
+    assert checks.on_read(9, *bad[9], 0) is not None
+    v2 = EntryChecks(16, False, 2, False, lambda cluster: 0x50000)
+    zero = [(0, 0)] * 3 + [(e.OFLAG_ZERO, 0)]
+    assert v2.read_refuses_any(0, zero)
+    assert not checks.read_refuses_any(0, zero)

@@ -178,3 +178,27 @@ async def test_prepare_fast_write(graph: BlockGraph, tmp_path: Path) -> None:
     )
     assert not await node.prepare_fast_write(0, 4096)
     assert base.exists()
+
+
+def test_publish_run_sets_entries_and_marks_lowered_ones() -> None:
+    """A run published in one go sets each entry as :meth:`publish` would, clips at the
+    table's end, and asks for a barrier only when an entry lost rights or moved."""
+    table = fast_map.ClusterTable(16, 8)
+    try:
+        ok = fast_map.VALID | fast_map.WRITABLE
+        zeroes = fast_map.VALID | fast_map.ZERO
+        table.publish_range(0, 4, zeroes)
+        table.dirty = False
+        table.publish_run(0, [ok | (1 << 16), ok | (2 << 16)])
+        assert list(table.entries[0:3]) == [ok | (1 << 16), ok | (2 << 16), zeroes]
+        assert table.dirty  # zeroes -> data: a reader may still answer zeroes
+        table.dirty = False
+        table.publish_run(5, [ok | (3 << 16), ok | (4 << 16)])
+        assert not table.dirty  # unknown -> data only raises
+        table.publish_run(0, [fast_map.VALID | (1 << 16)])
+        assert table.dirty  # write right taken away
+        end = table.capacity
+        table.publish_run(end - 1, [ok | (5 << 16), ok | (6 << 16)])
+        assert table.entries[end - 1] == ok | (5 << 16)
+    finally:
+        table.close()

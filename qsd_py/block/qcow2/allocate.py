@@ -76,18 +76,21 @@ class Allocations:
         self._clusters.pop(guest_cluster).leave()
         self._in_flight.leave()
 
+    def any_running(self, clusters: range) -> bool:
+        return not self._clusters.keys().isdisjoint(clusters)
+
     def start_many(self, clusters: range) -> None:
         """:meth:`start` of a batch's clusters, sharing one count (ended together)."""
         mine = InFlight()
         mine.enter()
         self._in_flight.enter()
-        for guest_cluster in clusters:
-            self._clusters[guest_cluster] = mine
+        self._clusters.update(dict.fromkeys(clusters, mine))
 
     def end_many(self, clusters: range) -> None:
+        pop = self._clusters.pop
         mine = None
         for guest_cluster in clusters:
-            mine = self._clusters.pop(guest_cluster)
+            mine = pop(guest_cluster)
         if mine is not None:
             mine.leave()
             self._in_flight.leave()
@@ -178,8 +181,7 @@ async def _write_group(
 def _release(node: Qcow2Node, hosts: list[int]) -> None:
     """End the busy marks :func:`_place` set."""
     assert node.refcounts is not None
-    for host in hosts:
-        node.refcounts.release(host >> node.cluster_bits)
+    node.refcounts.release_many([host >> node.cluster_bits for host in hosts])
 
 
 async def allocating_write(node: Qcow2Node, offset: int, part: memoryview) -> None:
@@ -224,18 +226,20 @@ async def _place_locked(
     hosts: list[int] = []
     await node.map.prepare_table(clusters[0])
     never_used = node.refcounts.high_water
+    data_file = "data-file" in node.children
+    keeps = [data_file or bool(l2e) and _keeps_host(node, l2e) for l2e, _ in entries]
     i = 0
     while i < len(entries):
-        if _keeps_host(node, entries[i][0]) or "data-file" in node.children:
+        if keeps[i]:
             kept = entries[i][0] & L2E_OFFSET_MASK
-            if "data-file" in node.children:
+            if data_file:
                 kept = clusters[i] << node.cluster_bits  # guest = host offsets there
             hosts.append(kept)
             expect = kept + cs
             i += 1
             continue
         run = 1
-        while i + run < len(entries) and not _keeps_host(node, entries[i + run][0]):
+        while i + run < len(entries) and not keeps[i + run]:
             run += 1
         got = await node.refcounts.allocate_at(expect, run) if expect >= 0 else 0
         hosts += [expect + k * cs for k in range(got)]
@@ -245,8 +249,7 @@ async def _place_locked(
         expect = hosts[-1] + cs
         i += run
     if hold:
-        for host in hosts:
-            node.refcounts.hold(host >> node.cluster_bits)
+        node.refcounts.hold_many([host >> node.cluster_bits for host in hosts])
     return hosts, never_used
 
 
@@ -415,7 +418,10 @@ async def _fresh(node: Qcow2Node, offset: int, length: int, expect: int, data: m
     if entries is None:
         return False
     try:
+        unbacked = node.backing is None
         for guest_cluster, (l2e, bitmap) in zip(clusters, entries, strict=True):
+            if unbacked and not (l2e or bitmap):
+                continue  # never allocated, reads as zeroes: no check can refuse it
             # QEMU's entry checks, as the planning pass makes them
             base = guest_cluster << bits
             n = min(offset + length, base + node.cluster_size) - max(offset, base)
@@ -465,18 +471,20 @@ async def _fresh_links(
 ) -> list[tuple[int, int, int, int, int, int]]:
     """What :func:`_link_fresh` links for a batch placed at ``hosts``: every cluster that
     took a new host cluster, a reused one zeroed first where the data does not cover it."""
-    assert node.refcounts is not None
-    cs = node.cluster_size
+    assert node.refcounts is not None and node.map is not None
+    cs, extended = node.cluster_size, node.map.extended
     links = []
     for guest_cluster, (l2e, bitmap), host in zip(
         batch.clusters, batch.entries, hosts, strict=True
     ):
-        if _keeps_host(node, l2e):
+        if l2e and _keeps_host(node, l2e):
             continue  # an earlier write got there first: written in place
         base = guest_cluster << node.cluster_bits
         start = max(batch.offset, base)
         end = min(batch.offset + batch.length, base + cs)
-        lo, hi = _cow_span(node, l2e, bitmap, False, start - base, end - start)
+        lo, hi = 0, cs  # the whole cluster without subclusters
+        if extended:
+            lo, hi = _cow_span(node, l2e, bitmap, False, start - base, end - start)
         if (host >> node.cluster_bits) < never_used:  # a reused cluster: zero it
             await _zero_around(node, host, lo, hi, start - base, end - base, batch.data)
         node.refcounts.note_end(host + hi)
@@ -641,11 +649,11 @@ async def _begin_allocations(node: Qcow2Node, clusters: range) -> list[tuple[int
     if one of them is being allocated already."""
     assert node.map is not None
     async with node.allocations.change_lock, node.meta_lock:
-        if any(node.allocations.running(c) is not None for c in clusters):
+        if node.allocations.any_running(clusters):
             return None
         node.allocations.start_many(clusters)
         await node.mark_dirty()
-        return [await node.map.entry(c) for c in clusters]
+        return await node.map.entries(clusters)
 
 
 def _reads_zero_everywhere(node: Qcow2Node, l2e: int, bitmap: int) -> bool:

@@ -73,6 +73,11 @@ class MetaCache:
         """The piece if it is cached, without reading or reordering (the fast path)."""
         return self._entries.get(offset)
 
+    def touch(self, offset: int) -> None:
+        """What :meth:`get` does to a cached piece: looked at, most recently used."""
+        self._used.add(offset)
+        self._entries.move_to_end(offset)
+
     async def put(self, offset: int, data: bytes | bytearray, dirty: bool = True) -> bytearray:
         """Cache a piece whose content is known (a new table) without reading it; ``dirty``
         unless it was just written."""

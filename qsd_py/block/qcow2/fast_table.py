@@ -71,23 +71,14 @@ def publish_many(node: Qcow2Node, first: int, values: list[tuple[int, int]]) -> 
     table = node.table
     assert table is not None
     cs = node.cluster_size
-    checks = node.checks
-    fast = []
-    start = -1
-    for i, (l2e, bitmap) in enumerate(values):
-        value = _fast_value(node, l2e, bitmap)
-        host = value & fast_map.OFFSET_MASK
-        if i == 0:
-            start = host
-        if not value & fast_map.WRITABLE or host != start + i * cs:
-            break
-        if checks is not None and checks.on_read(first + i, l2e, bitmap, 0):
-            break
-        fast.append(value)
-    else:
-        if node.overlap is None or not node.overlap.find(start, len(values) * cs):
-            for i, value in enumerate(fast):
-                table.publish(first + i, value)
+    fast = [_fast_value(node, l2e, bitmap) for l2e, bitmap in values]
+    host = fast[0] & fast_map.OFFSET_MASK
+    rights = fast_map.VALID | fast_map.WRITABLE
+    if fast == [(host + i * cs) | rights for i in range(len(fast))]:  # writable, in a row
+        checks = node.checks
+        clean = node.overlap is None or not node.overlap.find(host, len(fast) * cs)
+        if clean and (checks is None or not checks.read_refuses_any(first, values)):
+            table.publish_run(first, fast)
             return
     for i, (l2e, bitmap) in enumerate(values):
         publish(node, first + i, l2e, bitmap)

@@ -145,6 +145,40 @@ class ClusterMap:
             return _U64X2.unpack_from(buf, at)
         return _U64.unpack_from(buf, at)[0], 0
 
+    async def entries(self, clusters: range) -> list[tuple[int, int]]:
+        """:meth:`entry` of consecutive guest clusters: those of one cached L2 slice in one
+        unpack (a 1 MiB write's 16 entries cost one lookup, not sixteen)."""
+        out: list[tuple[int, int]] = []
+        i = 0
+        while i < len(clusters):
+            first = clusters[i]
+            n = min(len(clusters) - i, self.slice_entries - first % self.slice_entries)
+            got = self._cached_entries(first, n)
+            if got is None:
+                out.append(await self.entry(first))  # reads (and publishes) the slice
+                i += 1
+                continue
+            out += got
+            i += n
+        return out
+
+    def _cached_entries(self, first: int, n: int) -> list[tuple[int, int]] | None:
+        """``n`` entries from ``first`` (one slice), if no lookup needs I/O or a report."""
+        table = self.l2_table(first)
+        if not table:
+            return [(0, 0)] * n
+        if table & (self.cluster_size - 1):
+            return None
+        slice_off, at = self._slice_at(table, first & (self.l2_entries - 1))
+        buf = self.cache.peek(slice_off)
+        if buf is None:
+            return None
+        self.cache.touch(slice_off)
+        if self.extended:
+            flat = struct.unpack_from(f">{2 * n}Q", buf, at)
+            return list(zip(flat[0::2], flat[1::2], strict=True))
+        return [(v, 0) for v in struct.unpack_from(f">{n}Q", buf, at)]
+
     def _publish_slice(self, first_cluster: int, buf: bytearray) -> None:
         """Tell ``publish`` every entry of a slice just read from the image."""
         publish = self.publish
@@ -194,11 +228,11 @@ class ClusterMap:
         if at + len(values) * self.entry_size > self.cache.entry_size:
             raise ValueError("set_entries: the entries span more than one L2 slice")
         buf = await self.cache.get(slice_off)
-        for i, (l2_entry, bitmap) in enumerate(values):
-            if self.extended:
-                _U64X2.pack_into(buf, at + i * 16, l2_entry, bitmap)
-            else:
-                _U64.pack_into(buf, at + i * 8, l2_entry)
+        if self.extended:
+            flat = [v for pair in values for v in pair]
+            struct.pack_into(f">{len(flat)}Q", buf, at, *flat)
+        else:
+            struct.pack_into(f">{len(values)}Q", buf, at, *(l2e for l2e, _ in values))
         self.cache.mark_dirty(slice_off)
         if self.publish_many is not None:
             self.publish_many(first, values)
