@@ -170,7 +170,7 @@ def test_background_mirror_keeps_every_fast_write(tmp_path: Path, iothread: bool
             assert d.cmd("blockdev-mirror", mirror) == {"return": {}}
             writers.wait_for(128)  # racing the copy
             assert d.cmd("block-job-set-speed", {"device": "m", "speed": 0}) == {"return": {}}
-            wait_job(d, "m", "ready")
+            wait_job(d, "m", "ready", timeout=90)  # the writers never pause
             writers.wait_for(128)  # dirtied again while ready
             assert d.cmd("job-complete", {"id": "m"}) == {"return": {}}
             wait_job(d, "m", None)
