@@ -12,8 +12,6 @@ data/cbw_error_events.json (needs real-qsd)."""
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import random
 import subprocess
 import sys
@@ -118,7 +116,6 @@ def run_script(real: bool, workdir: Path) -> list[Any]:
 
 if __name__ == "__main__":
     sys.path[:0] = [str(HERE), str(HERE.parent)]
-    work = Path("/tmp/qsd-cmp/cbw-error-record")
-    os.makedirs(work, exist_ok=True)
-    DATA.write_text(json.dumps(run_script(True, work), indent=1) + "\n")
-    print(f"wrote {DATA}")
+    from conversation import record
+
+    record(run_script, DATA, "cbw-error")

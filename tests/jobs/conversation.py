@@ -167,3 +167,23 @@ if __name__ == "__main__":  # probe: conversation.py real|py 'JSON script'
             print(json.dumps(entry))
     finally:
         d.close()
+
+
+def run_once(workdir: Path, real: bool, script: list[list[Any]]) -> list[Any]:
+    """:func:`run` on a daemon started for it in ``workdir`` and stopped after it."""
+    daemon = Daemon(workdir, real)
+    try:
+        return run(daemon, script)
+    finally:
+        daemon.close()
+
+
+def record(run_script: Any, data: Path, name: str) -> None:
+    """Write what ``run_script(True, workdir)`` gives against QEMU 11.1 (real-qsd) to
+    ``data``: how a ``*_script.py`` module refreshes its recorded transcript."""
+    import json
+
+    work = Path(f"/tmp/qsd-cmp/{name}-record")  # the real-qsd chroot sees /tmp/qsd-cmp
+    os.makedirs(work, exist_ok=True)
+    data.write_text(json.dumps(run_script(True, work), indent=1) + "\n")
+    print(f"wrote {data}")

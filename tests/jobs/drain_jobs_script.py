@@ -9,8 +9,6 @@ running when it is cancelled."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,19 +99,14 @@ def normalise(transcript: list[Any]) -> list[Any]:
 
 
 def run_script(real: bool, workdir: Path) -> list[Any]:
-    from conversation import Daemon, run
+    from conversation import run_once
 
     make_images(workdir)
-    daemon = Daemon(workdir, real)
-    try:
-        return normalise(run(daemon, SCRIPT))
-    finally:
-        daemon.close()
+    return normalise(run_once(workdir, real, SCRIPT))
 
 
 if __name__ == "__main__":
     sys.path[:0] = [str(HERE), str(HERE.parent)]
-    work = Path("/tmp/qsd-cmp/drain-jobs-record")
-    os.makedirs(work, exist_ok=True)
-    DATA.write_text(json.dumps(run_script(True, work), indent=1) + "\n")
-    print(f"wrote {DATA}")
+    from conversation import record
+
+    record(run_script, DATA, "drain-jobs")

@@ -11,7 +11,6 @@ data/incremental_events.json (needs real-qsd)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -164,7 +163,6 @@ def run_script(real: bool, workdir: Path, modes: bool = True) -> list[Any]:
 
 if __name__ == "__main__":
     sys.path[:0] = [str(HERE), str(HERE.parent)]
-    work = Path("/tmp/qsd-cmp/incremental-record")
-    os.makedirs(work, exist_ok=True)
-    DATA.write_text(json.dumps(run_script(True, work), indent=1) + "\n")
-    print(f"wrote {DATA}")
+    from conversation import record
+
+    record(run_script, DATA, "incremental")

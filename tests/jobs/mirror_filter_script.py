@@ -14,8 +14,6 @@ the same, with the filter's generated names, which QEMU draws at random)."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
 import sys
@@ -211,20 +209,15 @@ def normalise(transcript: list[Any]) -> list[Any]:
 
 
 def run_script(real: bool, workdir: Path) -> list[Any]:
-    from conversation import Daemon, run
+    from conversation import run_once
 
     make_images(workdir)
     (workdir / "nbd.sock").unlink(missing_ok=True)
-    daemon = Daemon(workdir, real)
-    try:
-        return normalise(run(daemon, SCRIPT))
-    finally:
-        daemon.close()
+    return normalise(run_once(workdir, real, SCRIPT))
 
 
 if __name__ == "__main__":
     sys.path[:0] = [str(HERE), str(HERE.parent)]
-    work = Path("/tmp/qsd-cmp/mirror-filter-record")
-    os.makedirs(work, exist_ok=True)
-    DATA.write_text(json.dumps(run_script(True, work), indent=1) + "\n")
-    print(f"wrote {DATA}")
+    from conversation import record
+
+    record(run_script, DATA, "mirror-filter")

@@ -11,7 +11,6 @@ managers).
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -266,7 +265,6 @@ def run_script(real: bool, workdir: Path) -> dict[str, Any]:
 
 if __name__ == "__main__":
     sys.path[:0] = [str(HERE), str(HERE.parent)]
-    work = Path("/tmp/qsd-cmp/reopen-record")
-    os.makedirs(work, exist_ok=True)
-    DATA.write_text(json.dumps(run_script(True, work), indent=1) + "\n")
-    print(f"wrote {DATA}")
+    from conversation import record
+
+    record(run_script, DATA, "reopen")

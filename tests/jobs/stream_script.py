@@ -4,8 +4,6 @@ chain base <- mid <- top made with qemu-img/qemu-io; normalised as mirror_script
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,20 +76,15 @@ SCRIPT: list[list[Any]] = [
 
 
 def run_script(real: bool, workdir: Path) -> list[Any]:
-    from conversation import Daemon, run
+    from conversation import run_once
     from mirror_script import normalise
 
     make_chain(workdir)
-    daemon = Daemon(workdir, real)
-    try:
-        return normalise(run(daemon, SCRIPT))
-    finally:
-        daemon.close()
+    return normalise(run_once(workdir, real, SCRIPT))
 
 
 if __name__ == "__main__":
     sys.path[:0] = [str(HERE), str(HERE.parent)]
-    work = Path("/tmp/qsd-cmp/stream-record")
-    os.makedirs(work, exist_ok=True)
-    DATA.write_text(json.dumps(run_script(True, work), indent=1) + "\n")
-    print(f"wrote {DATA}")
+    from conversation import record
+
+    record(run_script, DATA, "stream")

@@ -6,8 +6,6 @@ into data/txn_snapshot_events.json (needs real-qsd)."""
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -99,7 +97,6 @@ def run_script(real: bool, workdir: Path) -> list[Any]:
 
 if __name__ == "__main__":
     sys.path[:0] = [str(HERE), str(HERE.parent)]
-    work = Path("/tmp/qsd-cmp/txn-snapshot-record")
-    os.makedirs(work, exist_ok=True)
-    DATA.write_text(json.dumps(run_script(True, work), indent=1) + "\n")
-    print(f"wrote {DATA}")
+    from conversation import record
+
+    record(run_script, DATA, "txn-snapshot")
